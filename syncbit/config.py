@@ -1,0 +1,109 @@
+"""Configuration models (pydantic, extra='forbid') and YAML loading.
+
+Every CLI flag is also a config key of the same name with `-` spelled `_`. This module
+only validates; it starts nothing. Errors name the offending key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from syncbit.chunks import DEFAULT_CHUNK_SIZE
+from syncbit.errors import ConfigError
+
+DEFAULT_SCHEDULER = "http://127.0.0.1:7900"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """'200GiB', '1.5TB', '4096' -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (use e.g. 200GiB, 500MB, 1048576)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_address(value: Any) -> str:
+    """'host:port' with a numeric port."""
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not a host:port address: {value!r}")
+    return str(value)
+
+
+M = TypeVar("M", bound=BaseModel)
+Size = Annotated[int, BeforeValidator(parse_size)]
+Address = Annotated[str, BeforeValidator(parse_address)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerConfig(_Strict):
+    """`syncbit scheduler` settings."""
+
+    listen: Address = "127.0.0.1:7900"
+    state_dir: Path = Path("/var/lib/syncbit/scheduler")
+    node_timeout: float = Field(10.0, gt=0, description="seconds without heartbeat -> down")
+    chunk_size: Size = DEFAULT_CHUNK_SIZE
+    log_level: str = "info"
+
+
+class DaemonConfig(_Strict):
+    """`syncbit daemon` settings."""
+
+    node: str = Field(default_factory=lambda: __import__("socket").gethostname())
+    scheduler: str | None = Field(None, description="URL; none runs the scheduler embedded")
+    scheduler_listen: Address = Field("127.0.0.1:7900", description="embedded scheduler")
+    scheduler_state_dir: Path | None = None
+    listen: Address = "127.0.0.1:7901"
+    advertise: str | None = Field(None, description="address peers dial; default listen")
+    cache_dir: Path = Path("/var/lib/syncbit/cache")
+    cache_size: Size = 200 * 2**30
+    mount: Path = Path("/syncbit")
+    labels: dict[str, str] = Field(default_factory=dict)
+    read_deadline: float = Field(60.0, gt=0, description="seconds before a read fails EIO")
+    readahead_chunks: int = Field(8, ge=0)
+    fetch_workers: int = Field(8, ge=1)
+    heartbeat_interval: float = Field(2.0, gt=0)
+    mount_readahead_kb: int = Field(1024, ge=0)
+    node_timeout: float = Field(10.0, gt=0)
+    log_level: str = "info"
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a ConfigError."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return data
+
+
+def build(model: type[M], file: Path | None, flags: dict[str, Any]) -> M:
+    """Config from YAML `file` (if any) overridden by non-None `flags`, validated."""
+    data = load_yaml(file) if file else {}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        where = f" in {file}" if file else ""
+        raise ConfigError(f"invalid config key '{key}'{where}: {err['msg']}") from None

@@ -1,0 +1,82 @@
+"""The one exception tree of syncbit; third-party errors are mapped onto it at the boundary.
+
+Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2, any other
+`SyncbitError` into a message and exit code 1; the FUSE layer turns every error into EIO.
+
+    SyncbitError
+    ├── UserError                 bad input from a person: message, exit 2, nothing changed
+    │   ├── ConfigError           invalid config file or flag (names the bad key)
+    │   ├── UnsafePathError       a listed name would escape the dataset root
+    │   ├── InvalidSourceError    unknown scheme, malformed URI, nothing at the URI
+    │   └── NotFoundError         unknown dataset / node
+    ├── SourceError               the dataset's source failed
+    │   ├── SourceUnavailableError  temporary (network, 5xx): retried with backoff
+    │   └── SourceChangedError      the recorded version is gone: never retried
+    ├── PeerError                 a peer failed to deliver a chunk (next peer is tried)
+    │   └── DigestMismatchError   a peer sent bytes that do not match the chunk digest
+    ├── ReadDeadlineError         neither peers nor source delivered before the deadline
+    ├── CacheLockedError          another daemon already owns the cache dir
+    └── SchedulerError            the scheduler is unreachable or answered an error
+"""
+
+from __future__ import annotations
+
+
+class SyncbitError(Exception):
+    """Base of every error syncbit raises on purpose."""
+
+
+class UserError(SyncbitError):
+    """A person gave bad input; shown as a message with exit code 2."""
+
+
+class ConfigError(UserError):
+    """Invalid configuration; the message names the offending key."""
+
+
+class UnsafePathError(UserError):
+    """A file name from a listing would escape the dataset root."""
+
+
+class InvalidSourceError(UserError):
+    """The source URI is malformed, of an unknown scheme, or names nothing."""
+
+
+class NotFoundError(UserError):
+    """An unknown dataset, node or object."""
+
+
+class SourceError(SyncbitError):
+    """The dataset's source failed to list or deliver."""
+
+
+class SourceUnavailableError(SourceError):
+    """A temporary source failure (connection refused, timeout, 5xx): worth retrying."""
+
+
+class SourceChangedError(SourceError):
+    """The source no longer holds the recorded version of a file; never retried."""
+
+
+class PeerError(SyncbitError):
+    """A peer failed to deliver a chunk."""
+
+
+class DigestMismatchError(PeerError):
+    """Bytes did not match the chunk's recorded digest."""
+
+
+class ReadDeadlineError(SyncbitError):
+    """Neither peers nor the source delivered a chunk before the read deadline."""
+
+
+class CacheLockedError(SyncbitError):
+    """Another daemon holds the cache directory."""
+
+
+class SchedulerError(SyncbitError):
+    """The scheduler is unreachable or rejected a request."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,88 @@
+"""The source interface and the scheme registry.
+
+A source lists a dataset at a fixed revision and reads byte ranges of the files it listed,
+checking that the recorded version still stands. It never stores anything; bulk reads are
+blocking and run in worker threads, listing is async and may be slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from syncbit.errors import InvalidSourceError
+from syncbit.manifest import FileEntry
+
+_REGISTRY: dict[str, type[Source]] = {}
+# Modules that register schemes; imported on first use so that optional clients (boto3,
+# huggingface_hub) load only when a dataset of that kind exists.
+_BUILTIN = {"http": "syncbit.sources.http", "https": "syncbit.sources.http",
+            "file": "syncbit.sources.file"}
+
+
+@dataclass
+class Listing:
+    """What a source resolved: files (with identities and pinned versions) and directories."""
+
+    files: list[FileEntry]
+    dirs: list[str] = field(default_factory=list)
+
+
+class Source(ABC):
+    """One kind of dataset source, bound to one source URI."""
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+        self.uri = uri
+        self.options = options or {}
+
+    @abstractmethod
+    async def list(self) -> Listing:
+        """Resolve the URI to a fixed revision: every file with size, mode, identity, version.
+
+        Raises InvalidSourceError when the URI names nothing, UnsafePathError for names that
+        would escape the root, SourceUnavailableError for temporary failures.
+        """
+
+    @abstractmethod
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with bytes [offset, offset+len(buf)) of `entry`. Blocking: thread only.
+
+        Raises SourceChangedError if the recorded version is gone (never retried) and
+        SourceUnavailableError for temporary failures.
+        """
+
+    def close(self) -> None:
+        """Release connections; the source may not be used afterwards."""
+
+    @staticmethod
+    def is_temp_failure(exc: BaseException) -> bool:
+        from syncbit.errors import SourceUnavailableError
+
+        return isinstance(exc, SourceUnavailableError)
+
+
+def register(cls: type[Source]) -> type[Source]:
+    """Class decorator: make `cls` the source for each of its schemes."""
+    for scheme in cls.schemes:
+        _REGISTRY[scheme] = cls
+    return cls
+
+
+def open_source(uri: str, options: dict[str, Any] | None = None) -> Source:
+    """Build the source for `uri` from the scheme registry."""
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme not in _REGISTRY and scheme in _BUILTIN:
+        importlib.import_module(_BUILTIN[scheme])
+    try:
+        cls = _REGISTRY[scheme]
+    except KeyError:
+        known = ", ".join(sorted(set(_REGISTRY) | set(_BUILTIN)))
+        raise InvalidSourceError(
+            f"unsupported source {uri!r}: scheme must be one of {known}"
+        ) from None
+    return cls(uri, options)
