@@ -1,0 +1,302 @@
+"""The `syncbit` command line (typer). The one place where errors become messages and exit
+codes: a user mistake is a one-line message and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import trio
+import typer
+
+from syncbit.config import (
+    DEFAULT_SCHEDULER,
+    DaemonConfig,
+    SchedulerConfig,
+    build,
+)
+from syncbit.errors import SyncbitError, UserError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="syncbit",
+    help="Peer-assisted distribution of large files through a lazy read-only FUSE mount.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dataset_app = typer.Typer(help="Register, list and remove datasets.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+SchedulerOpt = Annotated[
+    str,
+    typer.Option(
+        "--scheduler",
+        envvar="SYNCBIT_SCHEDULER",
+        help="Scheduler URL (else $SYNCBIT_SCHEDULER, else http://127.0.0.1:7900).",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file; flags override it.")
+]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def guarded(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn syncbit errors into `error: message` on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except SyncbitError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
+    from syncbit.scheduler.client import SchedulerClient
+
+    async def go() -> T:
+        async with SchedulerClient(url) as client:
+            return await call(client)
+
+    return trio.run(go)
+
+
+def _labels(values: list[str] | None) -> dict[str, str] | None:
+    if not values:
+        return None
+    labels: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise UserError(f"invalid label {value!r}: expected key=value")
+        labels[key] = val
+    return labels
+
+
+# -- services ---------------------------------------------------------------------------------
+
+
+@app.command()
+@guarded
+def scheduler(
+    config: ConfigOpt = None,
+    listen: Annotated[str | None, typer.Option(help="host:port to serve the API on.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Directory of the LMDB state.")] = None,
+    node_timeout: Annotated[
+        float | None, typer.Option(help="Seconds without heartbeat before a node is down.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run the central scheduler until SIGTERM/SIGINT."""
+    from syncbit.scheduler.server import SchedulerServer
+
+    cfg = build(
+        SchedulerConfig,
+        config,
+        {
+            "listen": listen,
+            "state_dir": state_dir,
+            "node_timeout": node_timeout,
+            "log_level": log_level,
+        },
+    )
+    _setup_logging(cfg.log_level)
+    server = SchedulerServer(cfg)
+    server.start()
+    logging.getLogger("syncbit.scheduler").info("scheduler listening on %s", server.url)
+
+    async def wait_for_signal() -> None:
+        import signal
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                return
+
+    try:
+        trio.run(wait_for_signal)
+    finally:
+        server.stop()
+
+
+@app.command()
+@guarded
+def daemon(
+    config: ConfigOpt = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Scheduler URL; without it the scheduler runs embedded.")
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="host:port of the peer service.")] = None,
+    advertise: Annotated[str | None, typer.Option(help="host:port peers dial.")] = None,
+    node: Annotated[str | None, typer.Option(help="Node name (default: hostname).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache directory.")] = None,
+    cache_size: Annotated[str | None, typer.Option(help="Cache budget, e.g. 200GiB.")] = None,
+    mount: Annotated[Path | None, typer.Option(help="Mount point (default /syncbit).")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Node label key=value (repeatable).")
+    ] = None,
+    read_deadline: Annotated[
+        float | None, typer.Option(help="Seconds before a read fails with EIO.")
+    ] = None,
+    scheduler_listen: Annotated[
+        str | None, typer.Option(help="host:port of the embedded scheduler.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run a node: FUSE mount, cache, peer service (and the scheduler, if none is given)."""
+    cfg = build(
+        DaemonConfig,
+        config,
+        {
+            "scheduler": scheduler,
+            "listen": listen,
+            "advertise": advertise,
+            "node": node,
+            "cache_dir": cache_dir,
+            "cache_size": cache_size,
+            "mount": mount,
+            "labels": _labels(label),
+            "read_deadline": read_deadline,
+            "scheduler_listen": scheduler_listen,
+            "log_level": log_level,
+        },
+    )
+    _setup_logging(cfg.log_level)
+    from syncbit import daemon as daemon_mod
+
+    daemon_mod.run(cfg)
+
+
+# -- client commands ----------------------------------------------------------------------------
+
+
+@dataset_app.command("add")
+@guarded
+def dataset_add(
+    name: Annotated[str, typer.Argument(help="Dataset name: /syncbit/<name>.")],
+    uri: Annotated[str, typer.Argument(help="Source: http(s)://..., file:///...")],
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Resolve a source to a fixed revision and register it (no bytes are downloaded)."""
+    result = _client_call(scheduler, lambda c: c.add_dataset(name, uri))
+    ds = result["dataset"]
+    verb = "added" if result.get("changed", True) else "unchanged"
+    typer.echo(
+        f"{verb} {ds['name']} revision {ds['revision']}: {ds['files']} files, {human(ds['size'])}"
+    )
+
+
+@dataset_app.command("ls")
+@guarded
+def dataset_ls(
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List registered datasets."""
+    listing = _client_call(scheduler, lambda c: c.datasets())
+    if as_json:
+        typer.echo(json.dumps(listing["datasets"], indent=2))
+        return
+    rows = [
+        [d["name"], d["revision"], str(d["files"]), human(d["size"]), d["source"]]
+        for d in listing["datasets"]
+    ]
+    typer.echo(table(["NAME", "REVISION", "FILES", "SIZE", "SOURCE"], rows))
+
+
+@dataset_app.command("rm")
+@guarded
+def dataset_rm(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Remove a dataset from the scheduler (cached bytes are evicted later)."""
+    _client_call(scheduler, lambda c: c.remove_dataset(name))
+    typer.echo(f"removed {name}")
+
+
+@app.command()
+@guarded
+def status(
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+    as_json: Annotated[bool, typer.Option("--json", help="Stable JSON (see README).")] = False,
+) -> None:
+    """Nodes, datasets and bytes cached per node."""
+    doc = _client_call(scheduler, lambda c: c.status())
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    nodes = [
+        [
+            n["name"],
+            n["address"],
+            ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())),
+            "up" if n["up"] else "down",
+            human(n.get("cache_bytes", 0)),
+        ]
+        for n in doc["nodes"]
+    ]
+    typer.echo(table(["NODE", "ADDRESS", "LABELS", "STATE", "CACHED"], nodes))
+    typer.echo("")
+    datasets = [
+        [
+            d["name"],
+            d["revision"],
+            str(d["files"]),
+            human(d["size"]),
+            " ".join(f"{n}:{human(b)}" for n, b in sorted(d.get("cached", {}).items())) or "-",
+            d["source"],
+        ]
+        for d in doc["datasets"]
+    ]
+    typer.echo(table(["DATASET", "REVISION", "FILES", "SIZE", "CACHED", "SOURCE"], datasets))
+
+
+def human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

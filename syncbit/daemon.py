@@ -1,0 +1,296 @@
+"""The node daemon's composition root: builds every component from config and runs them in
+one nursery; shutdown is cancelling that nursery (SIGTERM/SIGINT), then unmount and flush.
+
+Holds no logic of its own beyond wiring and the small control loops that keep the node in
+step with the scheduler (heartbeat, dataset list, chunk reports).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from syncbit.config import DaemonConfig, SchedulerConfig
+from syncbit.errors import SyncbitError, UserError
+from syncbit.fetcher import ChunkInfo, Fetcher, PeerRef
+from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
+from syncbit.fs.ops import SyncbitFS
+from syncbit.fs.tree import Tree
+from syncbit.manifest import Manifest
+from syncbit.peer import PeerClient, PeerServer
+from syncbit.scheduler.client import SchedulerClient
+from syncbit.scheduler.server import SchedulerServer
+from syncbit.sources.base import Source, open_source
+from syncbit.store import ObjectStore, StoredObject
+
+log = logging.getLogger("syncbit.daemon")
+
+_CHUNK_INFO_TTL = 1.0
+_REPORT_BATCH = 4096
+
+
+class SchedulerDirectory:
+    """The fetcher's view of the scheduler: chunk digests and holders, cached briefly and
+    fetched once per object however many workers ask at the same time."""
+
+    def __init__(self, client: SchedulerClient, node: str) -> None:
+        self.client = client
+        self.node = node
+        self._cache: dict[str, tuple[float, ChunkInfo]] = {}
+        self._pending: dict[str, trio.Event] = {}
+
+    async def chunk_info(self, object_id: str) -> ChunkInfo:
+        while True:
+            cached = self._cache.get(object_id)
+            if cached and cached[0] > trio.current_time():
+                return cached[1]
+            pending = self._pending.get(object_id)
+            if pending is None:
+                break
+            await pending.wait()
+        event = self._pending[object_id] = trio.Event()
+        try:
+            cmap = await self.client.chunk_map(object_id, self.node)
+            info = ChunkInfo(
+                digests=dict(cmap.digests),
+                peers={i: [PeerRef(p.node, p.address) for p in ps] for i, ps in cmap.peers.items()},
+            )
+            self._cache[object_id] = (trio.current_time() + _CHUNK_INFO_TTL, info)
+            return info
+        finally:
+            del self._pending[object_id]
+            event.set()
+
+    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
+        self._cache.pop(object_id, None)
+        await self.client.report_bad_peer(self.node, peer, object_id, index, reason)
+
+
+@dataclass
+class SourceCache:
+    """One open `Source` per source URI, shared by every file of every dataset version."""
+
+    sources: dict[str, Source] = field(default_factory=dict)
+
+    def __call__(self, manifest: Manifest) -> Source:
+        source = self.sources.get(manifest.source)
+        if source is None:
+            source = self.sources[manifest.source] = open_source(manifest.source)
+        return source
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
+        self.sources.clear()
+
+
+class Daemon:
+    """Every component of one node, wired from a `DaemonConfig`."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.store = ObjectStore.open(config.cache_dir, config.cache_size)
+        self.embedded: SchedulerServer | None = None
+        self.peer_server: PeerServer | None = None
+        self.peer_client = PeerClient()
+        self.sources = SourceCache()
+        self.tree = Tree()
+        self.manifests: dict[str, Manifest] = {}
+        self._generation = -1
+        self._warned: dict[str, float] = {}
+
+    def _start_services(self) -> str:
+        cfg = self.config
+        url = cfg.scheduler
+        if url is None:
+            state_dir = cfg.scheduler_state_dir or cfg.cache_dir / "scheduler"
+            self.embedded = SchedulerServer(
+                SchedulerConfig(
+                    listen=cfg.scheduler_listen, state_dir=state_dir, node_timeout=cfg.node_timeout
+                )
+            )
+            self.embedded.start()
+            url = self.embedded.url
+            log.info("embedded scheduler on %s", url)
+        self.peer_server = PeerServer(self.store, cfg.listen)
+        self.peer_server.start()
+        log.info("peer service on %s", self.peer_server.address)
+        return url
+
+    @property
+    def advertise(self) -> str:
+        assert self.peer_server is not None
+        return self.config.advertise or self.peer_server.address
+
+    async def run(self) -> None:
+        cfg = self.config
+        try:
+            url = self._start_services()
+            self.client = SchedulerClient(url)
+            self.directory = SchedulerDirectory(self.client, cfg.node)
+            self.fetcher = Fetcher(
+                self.store,
+                self.directory,
+                self.peer_client,
+                workers=cfg.fetch_workers,
+                read_deadline=cfg.read_deadline,
+                readahead_chunks=cfg.readahead_chunks,
+            )
+            self._load_local_manifests()
+            await self._sync_datasets(quiet=True)
+            fs = SyncbitFS(self.tree, self.fetcher, self.sources)
+            cfg.mount.mkdir(parents=True, exist_ok=True)
+            clean_stale(cfg.mount)
+            pyfuse3.init(fs, str(cfg.mount), set(MOUNT_OPTIONS))
+            try:
+                raise_readahead(cfg.mount, cfg.mount_readahead_kb)
+                log.info("node %s: mounted at %s", cfg.node, cfg.mount)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+                    await nursery.start(self.store.commit_loop)
+                    await nursery.start(self.fetcher.run)
+                    nursery.start_soon(pyfuse3.main)
+                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._dataset_loop)
+                    nursery.start_soon(self._report_loop)
+            finally:
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", cfg.mount)
+                with trio.CancelScope(shield=True):
+                    await self.store.flush()
+                    await self.client.aclose()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.peer_server is not None:
+            self.peer_server.stop()
+        if self.embedded is not None:
+            self.embedded.stop()
+        self.peer_client.close()
+        self.sources.close()
+        self.store.close()
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        """Log a recurring control-plane failure at most every 30 s."""
+        now = time.monotonic()
+        if now - self._warned.get(what, 0.0) > 30:
+            self._warned[what] = now
+            log.warning("%s: %s", what, exc)
+
+    # -- control loops -----------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        cfg = self.config
+        while True:
+            assert self.peer_server is not None
+            try:
+                await self.client.heartbeat(
+                    cfg.node,
+                    address=self.advertise,
+                    labels=cfg.labels,
+                    load=self.peer_server.load,
+                    cache_bytes=self.store.cached_bytes(),
+                    cache_size=cfg.cache_size,
+                )
+            except SyncbitError as exc:
+                self._warn("heartbeat failed", exc)
+            await trio.sleep(cfg.heartbeat_interval)
+
+    def _load_local_manifests(self) -> None:
+        """Datasets this node knew before a restart: readable even with no scheduler."""
+        for name, doc in self.store.load_manifests().items():
+            try:
+                self.manifests[name] = Manifest.model_validate_json(doc)
+            except ValueError as exc:
+                log.warning("ignoring stored manifest of %s: %s", name, exc)
+        self.tree.update(self.manifests)
+
+    async def _dataset_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            await self._sync_datasets()
+
+    async def _sync_datasets(self, quiet: bool = False) -> None:
+        try:
+            listing = await self.client.datasets()
+            if listing["generation"] == self._generation:
+                return
+            wanted: dict[str, Manifest] = {}
+            for summary in listing["datasets"]:
+                name = summary["name"]
+                current = self.manifests.get(name)
+                if current is not None and current.revision == summary["revision"]:
+                    wanted[name] = current
+                else:
+                    wanted[name] = await self.client.manifest(name)
+        except (SyncbitError, UserError) as exc:
+            if not quiet:
+                self._warn("dataset sync failed", exc)
+            return
+        self._generation = listing["generation"]
+        if wanted.keys() == self.manifests.keys() and all(
+            wanted[n].revision == self.manifests[n].revision for n in wanted
+        ):
+            return
+        self.manifests = wanted
+        changed = self.tree.update(wanted)
+        for name in changed:
+            try:
+                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode())
+            except (OSError, RuntimeError):
+                pass  # not mounted yet, or the kernel had nothing cached
+        docs = {n: m.model_dump_json() for n, m in wanted.items()}
+        await trio.to_thread.run_sync(self.store.save_manifests, docs)
+        log.info("datasets: %s", ", ".join(sorted(wanted)) or "(none)")
+
+    async def _report_loop(self) -> None:
+        """Tell the scheduler which chunks became durable here (with their digests)."""
+        backlog: list[tuple[StoredObject, int, str]] = [
+            (obj, i, obj.digests[i]) for obj in self.store.objects() for i in sorted(obj.durable)
+        ]
+        while True:
+            if not backlog:
+                await self.store.durable_event.wait()
+            self.store.durable_event = trio.Event()
+            backlog.extend(self.store.newly_durable)
+            self.store.newly_durable.clear()
+            batch, backlog = backlog[:_REPORT_BATCH], backlog[_REPORT_BATCH:]
+            try:
+                await self.client.report_chunks(self.config.node, add=_group(batch), remove=[])
+            except SyncbitError as exc:
+                self._warn("chunk report failed", exc)
+                backlog = batch + backlog
+                await trio.sleep(1.0)
+            else:
+                await trio.sleep(0.2)  # batch what arrives meanwhile
+
+
+def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:
+    by_object: dict[StoredObject, list[list[Any]]] = defaultdict(list)
+    for obj, index, digest in batch:
+        by_object[obj].append([index, digest])
+    return [
+        {"object": o.id, "size": o.size, "chunk_size": o.chunk_size, "chunks": chunks}
+        for o, chunks in by_object.items()
+    ]
+
+
+def run(config: DaemonConfig) -> None:
+    """Run a node until SIGTERM/SIGINT; raises SyncbitError for start-up failures."""
+    daemon = Daemon(config)
+    trio.run(daemon.run)

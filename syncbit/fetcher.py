@@ -1,0 +1,356 @@
+"""The node fetcher: makes chunks present, from peers when they have them, else the source.
+
+Owns single-flight (one transfer per missing chunk however many readers wait), priorities
+(foreground read > readahead > prefetch), peer fallback, digest verification, retries with
+backoff and per-read deadlines. It never serves FUSE itself and never trusts a peer's bytes
+without a digest the scheduler recorded from a source fetch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+import trio
+
+from syncbit.chunks import chunk_count, chunk_length, chunk_span, digest
+from syncbit.errors import (
+    DigestMismatchError,
+    PeerError,
+    ReadDeadlineError,
+    SourceChangedError,
+    SyncbitError,
+)
+from syncbit.manifest import FileEntry
+from syncbit.peer import PeerClient
+from syncbit.retry import backoff_delays
+from syncbit.sources.base import Source
+from syncbit.store import ObjectStore, StoredObject
+
+log = logging.getLogger("syncbit.fetcher")
+
+
+class Priority(IntEnum):
+    FOREGROUND = 0
+    READAHEAD = 1
+    PREFETCH = 2
+
+
+@dataclass(frozen=True)
+class PeerRef:
+    node: str
+    address: str
+
+
+@dataclass
+class ChunkInfo:
+    """What the scheduler knows of one object's chunks: digests and who holds them."""
+
+    digests: dict[int, str] = field(default_factory=dict)
+    peers: dict[int, list[PeerRef]] = field(default_factory=dict)
+
+
+class ChunkDirectory(Protocol):
+    """Where the fetcher learns digests and holders, and reports bad peers."""
+
+    async def chunk_info(self, object_id: str) -> ChunkInfo: ...
+
+    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Flight:
+    """One chunk transfer in progress, shared by every reader that needs the chunk."""
+
+    obj: StoredObject
+    entry: FileEntry
+    source: Source
+    index: int
+    priority: Priority
+    deadline: float
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+    last_error: str = ""
+    started: bool = False
+    bad_peers: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """A file opened through the mount: what to read, and where sequential reads were."""
+
+    entry: FileEntry
+    obj: StoredObject
+    source: Source
+    next_offset: int = 0
+    readahead_until: int = 0  # chunk index up to which readahead was scheduled
+
+
+class Fetcher:
+    """Single-flight, prioritised chunk fetching. Run `run()` in the node's nursery."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        directory: ChunkDirectory,
+        peers: PeerClient,
+        *,
+        workers: int = 8,
+        read_deadline: float = 60.0,
+        readahead_chunks: int = 8,
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        self.peers = peers
+        self.workers = workers
+        self.read_deadline = read_deadline
+        self.readahead_chunks = readahead_chunks
+        self._flights: dict[tuple[str, int], Flight] = {}
+        self._queue: list[tuple[int, int, Flight]] = []
+        self._seq = itertools.count()
+        self._work = trio.Semaphore(0)
+        self._buffers: list[bytearray] = []
+        self.stats = {"source": 0, "peer": 0, "cache": 0}  # bytes by where they came from
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.workers):
+                nursery.start_soon(self._worker)
+            task_status.started()
+
+    # -- the read path --------------------------------------------------------------------
+
+    def open(self, entry: FileEntry, chunk_size: int, source: Source) -> OpenFile:
+        obj = self.store.object(entry.object, entry.size, chunk_size)
+        return OpenFile(entry, obj, source)
+
+    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of an open file, fetching what is missing.
+
+        Raises ReadDeadlineError (with the last cause) when the chunks did not arrive within
+        the read deadline, SourceChangedError when the source lost the recorded version.
+        """
+        obj = handle.obj
+        length = max(0, min(length, obj.size - offset))
+        if length == 0:
+            return b""
+        span = chunk_span(offset, length, obj.size, obj.chunk_size)
+        sequential = offset == handle.next_offset
+        handle.next_offset = offset + length
+        missing = [i for i in span if not obj.has(i)]
+        if missing:
+            await self._wait_chunks(handle, missing, Priority.FOREGROUND)
+        if sequential and self.readahead_chunks:
+            self._readahead(handle, span.stop)
+        data = self.store.read_nowait(obj, offset, length)
+        if data is None:
+            data = await trio.to_thread.run_sync(self.store.read, obj, offset, length)
+        return data
+
+    def _readahead(self, handle: OpenFile, after: int) -> None:
+        """Sequential reader: keep the next `readahead_chunks` chunks coming."""
+        obj = handle.obj
+        stop = min(after + self.readahead_chunks, chunk_count(obj.size, obj.chunk_size))
+        start = max(after, handle.readahead_until)
+        local: list[int] = []
+        for index in range(start, stop):
+            if obj.has(index):
+                local.append(index)
+            else:
+                self._flight(handle, index, Priority.READAHEAD)
+        if local:
+            # Held chunks: let the kernel pull them from disk before the reader asks.
+            first = local[0] * obj.chunk_size
+            self.store.prefetch_local(obj, first, (local[-1] + 1) * obj.chunk_size - first)
+        handle.readahead_until = max(handle.readahead_until, stop)
+
+    async def _wait_chunks(self, handle: OpenFile, indexes: list[int], prio: Priority) -> None:
+        flights = [self._flight(handle, i, prio) for i in indexes]
+        with trio.move_on_after(self.read_deadline) as scope:
+            for flight in flights:
+                await flight.done.wait()
+                if flight.error is not None:
+                    # A fresh exception per waiter: one flight may fail many readers.
+                    kind = (
+                        SourceChangedError
+                        if isinstance(flight.error, SourceChangedError)
+                        else ReadDeadlineError
+                    )
+                    raise kind(str(flight.error)) from flight.error
+        if scope.cancelled_caught:
+            pending = next(f for f in flights if not f.done.is_set())
+            raise ReadDeadlineError(
+                f"read of {handle.entry.path} chunk {pending.index} timed out after "
+                f"{self.read_deadline:g}s: {pending.last_error or 'no answer yet'}"
+            )
+
+    async def ensure(
+        self, entry: FileEntry, chunk_size: int, source: Source, prio: Priority
+    ) -> None:
+        """Make every chunk of a file present (prefetch / pull), raising on failure."""
+        handle = self.open(entry, chunk_size, source)
+        missing = [i for i in range(handle.obj.chunks) if not handle.obj.has(i)]
+        if missing:
+            await self._wait_chunks(handle, missing, prio)
+
+    # -- single flight and the priority queue ----------------------------------------------
+
+    def _flight(self, handle: OpenFile, index: int, prio: Priority) -> Flight:
+        key = (handle.obj.id, index)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = Flight(
+                handle.obj,
+                handle.entry,
+                handle.source,
+                index,
+                prio,
+                trio.current_time() + self.read_deadline,
+            )
+            self._flights[key] = flight
+            self._push(flight)
+        elif prio < flight.priority and not flight.started:
+            flight.priority = prio
+            self._push(flight)  # the stale heap entry is skipped when popped
+        return flight
+
+    def _push(self, flight: Flight) -> None:
+        heapq.heappush(self._queue, (int(flight.priority), next(self._seq), flight))
+        self._work.release()
+
+    async def _worker(self) -> None:
+        while True:
+            await self._work.acquire()
+            _, _, flight = heapq.heappop(self._queue)
+            if flight.started:
+                continue
+            flight.started = True
+            ok = False
+            try:
+                await self._transfer(flight)
+                ok = True
+            except SyncbitError as exc:
+                flight.error = exc
+            except Exception as exc:
+                log.exception("chunk %d of %s: unexpected error", flight.index, flight.entry.path)
+                flight.error = exc
+            finally:
+                if not ok and flight.error is None:
+                    flight.error = SyncbitError("fetch cancelled")  # never report success
+                if self._flights.get((flight.obj.id, flight.index)) is flight:
+                    del self._flights[(flight.obj.id, flight.index)]
+                flight.done.set()
+
+    # -- one chunk transfer -----------------------------------------------------------------
+
+    async def _transfer(self, flight: Flight) -> None:
+        """Peers first (verified against the recorded digest), then the source; retry
+        temporary failures with backoff until the flight's deadline."""
+        delays = backoff_delays(base=0.05, cap=2.0)
+        while True:
+            try:
+                await self._transfer_once(flight)
+                return
+            except SourceChangedError as exc:
+                log.error("%s: %s", flight.entry.path, exc)
+                raise
+            except SyncbitError as exc:
+                flight.last_error = str(exc)
+                delay = next(delays)
+                if trio.current_time() + delay >= flight.deadline:
+                    log.error("chunk %d of %s failed: %s", flight.index, flight.entry.path, exc)
+                    raise ReadDeadlineError(
+                        f"chunk {flight.index} of {flight.entry.path}: {exc}"
+                    ) from exc
+                log.warning("chunk %d of %s: %s; retrying", flight.index, flight.entry.path, exc)
+                await trio.sleep(delay)
+
+    async def _transfer_once(self, flight: Flight) -> None:
+        obj, index = flight.obj, flight.index
+        if obj.has(index):
+            return
+        length = chunk_length(obj.size, obj.chunk_size, index)
+        buf = self._buffer(obj.chunk_size)
+        try:
+            view = memoryview(buf)[:length]
+            info = await self._chunk_info(obj.id)
+            expected = info.digests.get(index)
+            if expected is not None:
+                for peer in info.peers.get(index, []):
+                    if peer.node in flight.bad_peers:
+                        continue
+                    if await self._from_peer(flight, peer, view, expected):
+                        self.store.mark_written(obj, index, expected)
+                        self.stats["peer"] += length
+                        return
+            got = await trio.to_thread.run_sync(self._from_source_blocking, flight, view)
+            if expected is not None and got != expected:
+                log.warning(
+                    "source bytes of chunk %d of %s differ from the recorded digest",
+                    index,
+                    flight.entry.path,
+                )
+            self.store.mark_written(obj, index, got)
+            self.stats["source"] += length
+        finally:
+            self._buffers.append(buf)
+
+    async def _chunk_info(self, object_id: str) -> ChunkInfo:
+        try:
+            return await self.directory.chunk_info(object_id)
+        except SyncbitError as exc:
+            # No scheduler is no reason to fail a read: the source still has the bytes.
+            log.debug("no chunk info for %s: %s", object_id[:12], exc)
+            return ChunkInfo()
+
+    async def _from_peer(
+        self, flight: Flight, peer: PeerRef, view: memoryview, expected: str
+    ) -> bool:
+        try:
+            await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
+            return True
+        except DigestMismatchError as exc:
+            flight.bad_peers.add(peer.node)
+            log.warning("%s", exc)
+            await self._report(peer.node, flight, str(exc))
+        except PeerError as exc:
+            flight.bad_peers.add(peer.node)
+            flight.last_error = str(exc)
+            log.info("chunk %d of %s: %s; trying next", flight.index, flight.entry.path, exc)
+        return False
+
+    async def _report(self, peer: str, flight: Flight, reason: str) -> None:
+        try:
+            await self.directory.report_bad_peer(peer, flight.obj.id, flight.index, reason)
+        except SyncbitError as exc:
+            log.warning("could not report bad peer %s: %s", peer, exc)
+
+    def _from_peer_blocking(
+        self, flight: Flight, peer: PeerRef, view: memoryview, expected: str
+    ) -> None:
+        offset = flight.index * flight.obj.chunk_size
+        self.peers.get_into(peer.address, flight.obj.id, offset, view)
+        got = digest(view)
+        if got != expected:
+            raise DigestMismatchError(
+                f"peer {peer.node} ({peer.address}) sent bad bytes for chunk {flight.index} "
+                f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
+            )
+        self.store.write_chunk(flight.obj, flight.index, view)
+
+    def _from_source_blocking(self, flight: Flight, view: memoryview) -> str:
+        flight.source.read_into(flight.entry, flight.index * flight.obj.chunk_size, view)
+        got = digest(view)
+        self.store.write_chunk(flight.obj, flight.index, view)
+        return got
+
+    def _buffer(self, size: int) -> bytearray:
+        while self._buffers:
+            buf = self._buffers.pop()
+            if len(buf) >= size:
+                return buf
+        return bytearray(size)

@@ -1,0 +1,1 @@
+"""The read-only FUSE filesystem: inode tree, pyfuse3 operations, mount handling."""

@@ -1,0 +1,213 @@
+"""pyfuse3 Operations: translates FUSE requests into tree lookups and fetcher reads.
+
+Read-only. Knows no network and no disk layout. Every data access goes through `read()`,
+and `_fail()` is the one place where a domain error becomes an errno; nothing but
+`FUSEError` ever leaves a handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import count
+from typing import cast
+
+import pyfuse3
+
+from syncbit.errors import SourceChangedError, SyncbitError
+from syncbit.fetcher import Fetcher, OpenFile
+from syncbit.fs.tree import Node, Tree
+from syncbit.manifest import Manifest
+from syncbit.sources.base import Source
+
+log = logging.getLogger("syncbit.fs")
+
+# The root lists datasets, which come and go: the kernel may cache it only briefly.
+# Everything below a dataset directory is an immutable version: cache it for long.
+_ROOT_TTL = 1.0
+_IMMUTABLE_TTL = 3600.0
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+@contextmanager
+def _fail(what: str) -> Iterator[None]:
+    """Map every error of a handler to FUSEError (EIO unless it already is one)."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except SourceChangedError as exc:
+        log.error("%s: EIO: %s", what, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from exc
+    except SyncbitError as exc:
+        log.error("%s: EIO: %s", what, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from exc
+    except Exception as exc:
+        log.exception("%s: EIO: unexpected error", what)
+        raise pyfuse3.FUSEError(errno.EIO) from exc
+
+
+class SyncbitFS(pyfuse3.Operations):
+    """The read-only /syncbit filesystem."""
+
+    enable_writeback_cache = False
+
+    def __init__(
+        self, tree: Tree, fetcher: Fetcher, source_for: Callable[[Manifest], Source]
+    ) -> None:
+        super().__init__()
+        self.tree = tree
+        self.fetcher = fetcher
+        self.source_for = source_for
+        self._handles: dict[int, OpenFile] = {}
+        self._fh = count(1)
+        self.requests = 0
+        self.errors = 0
+
+    # -- attributes -------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = cast(pyfuse3.InodeT, node.inode)
+        attr.st_mode = cast(pyfuse3.ModeT, node.mode)
+        attr.st_nlink = 2 if node.is_dir else 1
+        attr.st_size = node.size
+        attr.st_blksize = 1 << 20
+        attr.st_blocks = (node.size + 511) // 512
+        ns = int(node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
+        attr.st_uid = attr.st_gid = 0
+        attr.attr_timeout = _ROOT_TTL if node.inode == self.tree.root.inode else _IMMUTABLE_TTL
+        # A dataset's name may come to mean a new version: its root entry expires quickly.
+        attr.entry_timeout = _ROOT_TTL if node.dataset_root else _IMMUTABLE_TTL
+        return attr
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(inode))
+
+    async def lookup(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._attr(self._node(parent_inode))
+        try:
+            text = os.fsdecode(name)
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = self.tree.lookup(parent_inode, text)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._node(inode)
+        return not mode & os.W_OK
+
+    # -- directories ----------------------------------------------------------------------
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return cast(pyfuse3.FileHandleT, inode)
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        node = self._node(fh)
+        names = sorted((node.children or {}).items())
+        # Offsets are positions in the sorted listing: stable while the version is.
+        for position, (name, inode) in enumerate(names[start_id:], start_id + 1):
+            child = self.tree.nodes[inode]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(child), position):
+                break
+
+    # -- files ----------------------------------------------------------------------------
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        assert node.entry is not None and node.manifest is not None
+        with _fail(f"open {node.manifest.dataset}/{node.entry.path}"):
+            handle = self.fetcher.open(
+                node.entry, node.manifest.chunk_size, self.source_for(node.manifest)
+            )
+        fh = next(self._fh)
+        self._handles[fh] = handle
+        # Content of a dataset version never changes: keep the page cache across opens.
+        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        self.requests += 1
+        try:
+            with _fail(f"read {handle.entry.path} @{off}+{size}"):
+                return await self.fetcher.read(handle, off, size)
+        except pyfuse3.FUSEError:
+            self.errors += 1
+            raise
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
+
+    # -- the rest of a read-only filesystem --------------------------------------------------
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        total = sum(n.size for n in self.tree.nodes.values() if n.entry is not None)
+        data.f_blocks = (total + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.tree.nodes)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode()
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> list[pyfuse3.XAttrNameT]:
+        return [cast(pyfuse3.XAttrNameT, k.encode()) for k in self._xattrs(self._node(inode))]
+
+    def _xattrs(self, node: Node) -> dict[str, str]:
+        if node.manifest is None:
+            return {}
+        attrs = {
+            "user.syncbit.dataset": node.manifest.dataset,
+            "user.syncbit.revision": node.manifest.revision,
+        }
+        if node.entry is not None:
+            attrs["user.syncbit.object"] = node.entry.object
+        return attrs
+
+    async def setxattr(self, *args: object, **kwargs: object) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)

@@ -1,0 +1,154 @@
+"""Peer service: serves durable chunks of this node's objects to other nodes, and the
+client side that pulls them. Never serves a byte that is not durable and indexed here;
+never returns a peer's bytes without the caller verifying them against a known digest.
+
+Wire format: `GET /v1/objects/<object>/data` with `Range: bytes=a-b` -> 206 and the bytes,
+sent with `sendfile` straight from the object file; 404 if any covered chunk is not held.
+Connections are thread-per-connection outside the trio loop, so serving never blocks FUSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler
+
+from syncbit.errors import PeerError
+from syncbit.store import ObjectStore
+from syncbit.wire import Pool, WireError, parse_content_range
+
+log = logging.getLogger("syncbit.peer")
+
+_DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s " + format, self.client_address[0], *args)
+
+    def _plain(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self._plain(200, "ok\n")
+            return
+        match = _DATA_PATH.match(self.path)
+        if not match:
+            self._plain(404, "no such endpoint\n")
+            return
+        obj = self.server.store.get(match.group(1))
+        rng = self.headers.get("Range", "")
+        span = re.fullmatch(r"bytes=(\d+)-(\d+)", rng.strip())
+        if obj is None or not span:
+            self._plain(404 if obj is None else 416, "not held\n" if obj is None else "range\n")
+            return
+        first, last = int(span.group(1)), int(span.group(2))
+        length = last - first + 1
+        if last >= obj.size or length <= 0 or not obj.has_range(first, length):
+            self._plain(404, "not held\n")
+            return
+        fd = self.server.store.fd(obj)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Content-Range", f"bytes {first}-{last}/{obj.size}")
+        self.end_headers()
+        self.server.enter()
+        try:
+            offset, end = first, last + 1
+            out = self.connection.fileno()
+            while offset < end:
+                sent = os.sendfile(out, fd, offset, end - offset)
+                if sent == 0:
+                    raise ConnectionError("peer closed the connection")
+                offset += sent
+            self.server.bytes_served += length
+        finally:
+            self.server.leave()
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], store: ObjectStore) -> None:
+        self.store = store
+        self.active = 0
+        self.bytes_served = 0
+        self._count_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def enter(self) -> None:
+        with self._count_lock:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self._count_lock:
+            self.active -= 1
+
+
+class PeerServer:
+    """The node's chunk server on `listen` ("host:port"), running in its own threads."""
+
+    def __init__(self, store: ObjectStore, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._server = _Server((host, int(port)), store)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    @property
+    def load(self) -> int:
+        """Transfers in progress: what the scheduler's peer policy balances on."""
+        return self._server.active
+
+    @property
+    def bytes_served(self) -> int:
+        return self._server.bytes_served
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="syncbit-peer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class PeerClient:
+    """Pulls byte ranges of objects from peers (blocking; worker threads only)."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self._pool = Pool(timeout=timeout)
+
+    def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+        url = f"http://{address}/v1/objects/{object_id}/data"
+        try:
+            resp = self._pool.get_into(url, offset, buf)
+        except WireError as exc:
+            raise PeerError(f"peer {address}: {exc}") from exc
+        if resp.status != 206:
+            raise PeerError(f"peer {address} answered HTTP {resp.status} for {object_id[:12]}")
+        first, last, _ = parse_content_range(resp.headers.get("content-range", ""))
+        if first != offset or last != offset + len(buf) - 1:
+            raise PeerError(f"peer {address} sent the wrong range")
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,305 @@
+"""The node's object store: one sparse file per content object plus an LMDB chunk index.
+
+Owns the cache directory (exclusively, through a lock file), chunk presence and digests.
+It never talks to the network and never decides where bytes come from.
+
+Layout: `<cache>/objects/<id[:2]>/<id>` is an ordinary file of the object's full size,
+filled chunk by chunk (sparse until complete), so a read is one `pread` and the peer
+service can `sendfile` from it. `<cache>/index.lmdb` records, per chunk, its digest; a
+chunk is in the index only once its bytes are durable.
+
+Chunk states and concurrency rules:
+- *written*: `pwrite` finished in a worker thread and the digest is known; readers in this
+  process may read it (the page cache holds it). Kept in memory only.
+- *durable*: the commit task fdatasync'ed the object file and then committed the index
+  entry. Only durable chunks are served to peers and reported to the scheduler. After a
+  crash (`kill -9`) a written-but-not-durable chunk is simply absent and is fetched again;
+  a chunk is never in the index with bytes that were not durable first.
+- In-memory state is mutated only on the trio thread; worker threads only do the blocking
+  I/O handed to them (pwrite, fdatasync, pread, LMDB commit) and peer-service threads only
+  read `durable` membership, which is safe under the GIL.
+- LMDB write transactions are short, run in a worker thread, and never span an `await`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import trio
+
+from syncbit.chunks import chunk_count, chunk_length
+from syncbit.errors import CacheLockedError
+
+log = logging.getLogger("syncbit.store")
+
+_MAP_SIZE = 1 << 36  # virtual; LMDB grows the file only as needed
+
+
+def _chunk_key(object_id: str, index: int) -> bytes:
+    return bytes.fromhex(object_id) + index.to_bytes(4, "big")
+
+
+@dataclass(eq=False)
+class StoredObject:
+    """One content object: its file, and which of its chunks this node holds."""
+
+    id: str
+    size: int
+    chunk_size: int
+    path: Path
+    fd: int = -1
+    written: set[int] = field(default_factory=set)  # readable here (includes durable)
+    durable: set[int] = field(default_factory=set)  # in the index; served to peers
+    digests: dict[int, str] = field(default_factory=dict)
+    last_used: float = 0.0
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+    def has(self, index: int) -> bool:
+        return index in self.written
+
+    def has_range(self, offset: int, length: int) -> bool:
+        """True if every chunk covering [offset, offset+length) is durable (peer service)."""
+        if length <= 0:
+            return True
+        first = offset // self.chunk_size
+        last = (offset + length - 1) // self.chunk_size
+        durable = self.durable
+        return all(i in durable for i in range(first, last + 1))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.written) == self.chunks
+
+    def held_bytes(self) -> int:
+        return sum(chunk_length(self.size, self.chunk_size, i) for i in self.durable)
+
+
+class ObjectStore:
+    """The cache directory: objects, index, lock. Build with `ObjectStore.open()`."""
+
+    def __init__(self, cache_dir: Path, cache_size: int) -> None:
+        self.cache_dir = cache_dir
+        self.cache_size = cache_size
+        self._objects: dict[str, StoredObject] = {}
+        self._lock_fd = -1
+        self._env: lmdb.Environment | None = None
+        self._pending: list[tuple[StoredObject, int, str]] = []
+        self._pending_event = trio.Event()
+        self._durable_waiters: list[trio.Event] = []
+        self._io_lock = threading.Lock()  # serialises lazy fd opening across threads
+        self.newly_durable: list[tuple[StoredObject, int, str]] = []  # for the reporter
+        self.durable_event = trio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cache_dir: Path, cache_size: int) -> ObjectStore:
+        """Lock `cache_dir` (CacheLockedError if another daemon has it) and load the index."""
+        store = cls(cache_dir, cache_size)
+        (cache_dir / "objects").mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CacheLockedError(
+                f"cache dir {cache_dir} is in use by another syncbit daemon (pid {holder or '?'})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        store._lock_fd = fd
+        store._env = lmdb.open(
+            str(cache_dir / "index.lmdb"), max_dbs=4, map_size=_MAP_SIZE, metasync=False
+        )
+        store._load()
+        return store
+
+    def _db(self, name: str) -> lmdb._Database:
+        assert self._env is not None
+        return self._env.open_db(name.encode())
+
+    def _load(self) -> None:
+        assert self._env is not None
+        objects_db, chunks_db = self._db("objects"), self._db("chunks")
+        with self._env.begin() as txn:
+            for key, value in txn.cursor(db=objects_db):
+                meta = json.loads(value)
+                oid = key.hex()
+                self._objects[oid] = StoredObject(
+                    oid,
+                    meta["size"],
+                    meta["chunk_size"],
+                    self._path(oid),
+                    last_used=meta.get("last_used", 0.0),
+                )
+            for key, value in txn.cursor(db=chunks_db):
+                obj = self._objects.get(key[:-4].hex())
+                if obj is None:
+                    continue
+                index = int.from_bytes(key[-4:], "big")
+                obj.written.add(index)
+                obj.durable.add(index)
+                obj.digests[index] = value.hex()
+        held = sum(len(o.durable) for o in self._objects.values())
+        log.info(
+            "cache %s: %d objects, %d chunks present", self.cache_dir, len(self._objects), held
+        )
+
+    def close(self) -> None:
+        """Close files and the index, release the lock. Pending (non-durable) chunks are
+        dropped: they were never marked present, so nothing is lost but the transfer."""
+        for obj in self._objects.values():
+            if obj.fd >= 0:
+                os.close(obj.fd)
+                obj.fd = -1
+        if self._env is not None:
+            self._env.sync(True)
+            self._env.close()
+            self._env = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- objects ------------------------------------------------------------------------
+
+    def _path(self, object_id: str) -> Path:
+        return self.cache_dir / "objects" / object_id[:2] / object_id
+
+    def object(self, object_id: str, size: int, chunk_size: int) -> StoredObject:
+        """The stored object for an identity, created empty on first use (trio thread)."""
+        obj = self._objects.get(object_id)
+        if obj is None:
+            obj = StoredObject(object_id, size, chunk_size, self._path(object_id))
+            self._objects[object_id] = obj
+        elif obj.size != size or obj.chunk_size != chunk_size:
+            raise ValueError(f"object {object_id} known with another size or chunk size")
+        obj.last_used = time.time()
+        return obj
+
+    def get(self, object_id: str) -> StoredObject | None:
+        return self._objects.get(object_id)
+
+    def objects(self) -> Iterator[StoredObject]:
+        return iter(list(self._objects.values()))
+
+    def cached_bytes(self) -> int:
+        return sum(o.held_bytes() for o in self._objects.values())
+
+    def fd(self, obj: StoredObject) -> int:
+        """The object's file descriptor, opening (and sizing) the file on first use."""
+        if obj.fd < 0:
+            with self._io_lock:
+                if obj.fd < 0:
+                    obj.path.parent.mkdir(exist_ok=True)
+                    fd = os.open(obj.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    if os.fstat(fd).st_size != obj.size:
+                        os.ftruncate(fd, obj.size)
+                    obj.fd = fd
+        return obj.fd
+
+    # -- chunk I/O (blocking parts run in worker threads) -------------------------------
+
+    def write_chunk(self, obj: StoredObject, index: int, data: memoryview) -> None:
+        """Blocking: write a verified chunk's bytes at its place in the object file."""
+        fd = self.fd(obj)
+        offset = index * obj.chunk_size
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
+    def read_nowait(self, obj: StoredObject, offset: int, length: int) -> bytes | None:
+        """Non-blocking read of page-cached bytes, or None if it would touch the disk."""
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd(obj), [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        if n != length:
+            return None
+        return bytes(buf)
+
+    def read(self, obj: StoredObject, offset: int, length: int) -> bytes:
+        """Blocking read of held bytes."""
+        return os.pread(self.fd(obj), length, offset)
+
+    def prefetch_local(self, obj: StoredObject, offset: int, length: int) -> None:
+        """Ask the kernel to start reading held bytes into the page cache (non-blocking)."""
+        if obj.fd >= 0:
+            os.posix_fadvise(obj.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    # -- presence (trio thread) ---------------------------------------------------------
+
+    def mark_written(self, obj: StoredObject, index: int, digest: str) -> None:
+        """Record a verified, written chunk; it becomes durable at the next commit."""
+        obj.written.add(index)
+        obj.digests[index] = digest
+        self._pending.append((obj, index, digest))
+        self._pending_event.set()
+
+    async def commit_loop(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Group commit: fdatasync touched objects, then index their chunks in one txn."""
+        task_status.started()
+        while True:
+            await self._pending_event.wait()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Make every written chunk durable now."""
+        self._pending_event = trio.Event()
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        await trio.to_thread.run_sync(self._commit_blocking, batch)
+        for obj, index, _digest in batch:
+            obj.durable.add(index)
+        self.newly_durable.extend(batch)
+        self.durable_event.set()
+
+    def _commit_blocking(self, batch: list[tuple[StoredObject, int, str]]) -> None:
+        for fd in {self.fd(obj) for obj, _, _ in batch}:
+            os.fdatasync(fd)
+        assert self._env is not None
+        objects_db, chunks_db = self._db("objects"), self._db("chunks")
+        with self._env.begin(write=True) as txn:
+            for obj in {obj for obj, _, _ in batch}:
+                meta = {"size": obj.size, "chunk_size": obj.chunk_size, "last_used": obj.last_used}
+                txn.put(bytes.fromhex(obj.id), json.dumps(meta).encode(), db=objects_db)
+            for obj, index, digest in batch:
+                txn.put(_chunk_key(obj.id, index), bytes.fromhex(digest), db=chunks_db)
+
+    # -- manifests known to this node (so a restart serves without the scheduler) -------
+
+    def save_manifests(self, manifests: dict[str, str]) -> None:
+        """Blocking: replace the stored manifest JSON documents (name -> JSON)."""
+        assert self._env is not None
+        db = self._db("manifests")
+        with self._env.begin(write=True) as txn:
+            txn.drop(db, delete=False)
+            for name, doc in manifests.items():
+                txn.put(name.encode(), doc.encode(), db=db)
+
+    def load_manifests(self) -> dict[str, str]:
+        assert self._env is not None
+        db = self._db("manifests")
+        with self._env.begin() as txn:
+            return {k.decode(): v.decode() for k, v in txn.cursor(db=db)}

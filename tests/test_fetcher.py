@@ -1,0 +1,235 @@
+"""Fetcher: single flight, peers verified against digests, fallback, deadlines (no network)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from syncbit.chunks import digest
+from syncbit.errors import (
+    PeerError,
+    ReadDeadlineError,
+    SourceChangedError,
+    SourceUnavailableError,
+)
+from syncbit.fetcher import ChunkInfo, Fetcher, PeerRef, Priority
+from syncbit.manifest import FileEntry
+from syncbit.sources.base import Listing, Source
+from syncbit.store import ObjectStore
+
+CS = 64 * 1024
+DATA = bytes((i * 7 + i // 251) % 256 for i in range(5 * CS + 123))
+ENTRY = FileEntry(path="f.bin", size=len(DATA), object="cd" * 32, locator="f.bin")
+
+
+class MemSource(Source):
+    """A source whose bytes are DATA; counts reads; can be down, slow or changed."""
+
+    def __init__(self) -> None:
+        super().__init__("mem://")
+        self.reads = 0
+        self.down = False
+        self.changed = False
+        self.gate: threading.Event | None = None
+        self.lock = threading.Lock()
+
+    async def list(self) -> Listing:
+        return Listing([ENTRY])
+
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        if self.gate is not None:
+            self.gate.wait(10)
+        with self.lock:
+            self.reads += 1
+        if self.down:
+            raise SourceUnavailableError("mem: connection refused")
+        if self.changed:
+            raise SourceChangedError("mem: version gone")
+        buf[:] = DATA[offset : offset + len(buf)]
+
+
+class Directory:
+    def __init__(self) -> None:
+        self.info = ChunkInfo()
+        self.reports: list[tuple[str, int]] = []
+
+    async def chunk_info(self, object_id: str) -> ChunkInfo:
+        return self.info
+
+    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
+        self.reports.append((peer, index))
+
+
+class Peers:
+    """Peer client double: `good` peers send DATA, `evil` peers flip bytes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+        self.calls.append(address)
+        if address == "dead":
+            raise PeerError("peer dead: connection refused")
+        buf[:] = DATA[offset : offset + len(buf)]
+        if address == "evil":
+            buf[0] ^= 0xFF
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = ObjectStore.open(tmp_path, 1 << 30)
+    yield s
+    s.close()
+
+
+async def _run(fetcher: Fetcher, nursery: trio.Nursery) -> None:
+    await nursery.start(fetcher.run)
+
+
+async def test_single_flight_ten_readers_one_transfer(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    source.gate = threading.Event()
+    fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    results: list[bytes] = []
+
+    async def reader(off: int) -> None:
+        results.append(await fetcher.read(fetcher.open(ENTRY, CS, source), off, 1000))
+
+    async with trio.open_nursery() as readers:
+        for i in range(10):
+            readers.start_soon(reader, CS + i * 1000)
+        await trio.sleep(0.2)
+        source.gate.set()
+    assert source.reads == 1
+    assert sorted(results) == sorted(DATA[CS + i * 1000 : CS + i * 1000 + 1000] for i in range(10))
+    assert await fetcher.read(handle, CS, 10) == DATA[CS : CS + 10]
+    assert source.reads == 1  # now cached
+
+
+async def test_whole_file_through_reads_across_chunks(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=2)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    out = bytearray()
+    while len(out) < len(DATA):
+        out += await fetcher.read(handle, len(out), 50_000)
+    assert bytes(out) == DATA
+    assert await fetcher.read(handle, len(DATA), 10) == b""
+    assert source.reads == 6  # each chunk once, readahead included
+    await store.flush()
+    assert store.get(ENTRY.object).durable == set(range(6))  # type: ignore[union-attr]
+
+
+async def test_bad_peer_detected_reported_and_reader_gets_right_bytes(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(), Directory(), Peers()
+    directory.info = ChunkInfo(
+        digests={0: digest(DATA[:CS])},
+        peers={0: [PeerRef("bad", "evil"), PeerRef("gone", "dead"), PeerRef("ok", "good")]},
+    )
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, CS) == DATA[:CS]
+    assert directory.reports == [("bad", 0)]
+    assert peers.calls == ["evil", "dead", "good"]
+    assert source.reads == 0
+    assert fetcher.stats["peer"] == CS
+
+
+async def test_peer_chunk_without_known_digest_is_never_used(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(), Directory(), Peers()
+    directory.info = ChunkInfo(digests={}, peers={0: [PeerRef("ok", "good")]})
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10) == DATA[:10]
+    assert peers.calls == []
+    assert source.reads == 1
+
+
+async def test_only_bad_peers_falls_back_to_source(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(), Directory(), Peers()
+    directory.info = ChunkInfo(
+        digests={1: digest(DATA[CS : 2 * CS])}, peers={1: [PeerRef("bad", "evil")]}
+    )
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    assert await fetcher.read(fetcher.open(ENTRY, CS, source), CS, CS) == DATA[CS : 2 * CS]
+    assert source.reads == 1 and directory.reports == [("bad", 1)]
+
+
+async def test_deadline_gives_read_error_with_cause_then_recovers(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    source.down = True
+    fetcher = Fetcher(store, Directory(), Peers(), read_deadline=0.5, readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    started = time.monotonic()
+    with pytest.raises(ReadDeadlineError, match="connection refused"):
+        await fetcher.read(handle, 0, 10)
+    assert time.monotonic() - started < 5
+    assert source.reads >= 2  # retried with backoff before giving up
+    source.down = False
+    assert await fetcher.read(handle, 0, 10) == DATA[:10]
+
+
+async def test_changed_source_fails_without_retry(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    source.changed = True
+    fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    with pytest.raises(SourceChangedError):
+        await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10)
+    assert source.reads == 1
+    assert not store.get(ENTRY.object).has(0)  # type: ignore[union-attr]
+
+
+async def test_foreground_goes_before_prefetch(store: ObjectStore, nursery: trio.Nursery) -> None:
+    source = MemSource()
+    order: list[int] = []
+    original = source.read_into
+
+    def recording(entry: FileEntry, offset: int, buf: memoryview) -> None:
+        order.append(offset // CS)
+        original(entry, offset, buf)
+
+    source.read_into = recording  # type: ignore[method-assign]
+    fetcher = Fetcher(store, Directory(), Peers(), workers=1, readahead_chunks=0)  # type: ignore[arg-type]
+    handle = fetcher.open(ENTRY, CS, source)
+    # Queue prefetch of everything, then a foreground read of the last chunk, before any
+    # worker runs: the foreground chunk must be transferred first.
+    nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
+    await trio.sleep(0)
+    reader = trio.Event()
+
+    async def read_last() -> None:
+        await fetcher.read(handle, 5 * CS, 10)
+        reader.set()
+
+    nursery.start_soon(read_last)
+    await trio.sleep(0)
+    await _run(fetcher, nursery)
+    await reader.wait()
+    assert order[0] == 5
