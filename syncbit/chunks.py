@@ -6,9 +6,8 @@ shorter. Never does I/O.
 
 from __future__ import annotations
 
-from typing_extensions import Buffer
-
 import blake3
+from typing_extensions import Buffer
 
 DIGEST_NAME = "blake3"
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024

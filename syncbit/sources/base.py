@@ -19,8 +19,11 @@ from syncbit.manifest import FileEntry
 _REGISTRY: dict[str, type[Source]] = {}
 # Modules that register schemes; imported on first use so that optional clients (boto3,
 # huggingface_hub) load only when a dataset of that kind exists.
-_BUILTIN = {"http": "syncbit.sources.http", "https": "syncbit.sources.http",
-            "file": "syncbit.sources.file"}
+_BUILTIN = {
+    "http": "syncbit.sources.http",
+    "https": "syncbit.sources.http",
+    "file": "syncbit.sources.file",
+}
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Source(ABC):
 
     def close(self) -> None:
         """Release connections; the source may not be used afterwards."""
+        return None  # sources without connections have nothing to release
 
     @staticmethod
     def is_temp_failure(exc: BaseException) -> bool:
