@@ -7,6 +7,7 @@ step with the scheduler (heartbeat, dataset list, chunk reports).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -250,10 +251,9 @@ class Daemon:
         self.manifests = wanted
         changed = self.tree.update(wanted)
         for name in changed:
-            try:
+            # Not mounted yet, or the kernel had nothing cached: nothing to invalidate.
+            with contextlib.suppress(OSError, RuntimeError):
                 pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode())
-            except (OSError, RuntimeError):
-                pass  # not mounted yet, or the kernel had nothing cached
         docs = {n: m.model_dump_json() for n, m in wanted.items()}
         await trio.to_thread.run_sync(self.store.save_manifests, docs)
         log.info("datasets: %s", ", ".join(sorted(wanted)) or "(none)")
