@@ -1,0 +1,134 @@
+"""FUSE operations called directly (no mount): tree from manifests, lookups, modes, errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from syncbit.errors import SourceUnavailableError
+from syncbit.fetcher import ChunkInfo, Fetcher
+from syncbit.fs.ops import SyncbitFS
+from syncbit.fs.tree import ROOT_INODE, Tree
+from syncbit.manifest import FileEntry, Manifest, build_manifest
+from syncbit.sources.base import Listing, Source
+from syncbit.store import ObjectStore
+
+BODY = b"0123456789" * 1000
+
+
+class Src(Source):
+    down = False
+
+    async def list(self) -> Listing:
+        return Listing([])
+
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        if self.down:
+            raise SourceUnavailableError("down")
+        buf[:] = BODY[offset : offset + len(buf)]
+
+
+class NoPeers:
+    async def chunk_info(self, object_id: str) -> ChunkInfo:
+        return ChunkInfo()
+
+    async def report_bad_peer(self, *args: object) -> None:
+        raise AssertionError("no peers here")
+
+
+def _manifest(name: str = "ds", size: int = len(BODY)) -> Manifest:
+    files = [
+        FileEntry(path="a/b/w.bin", size=size, object="ee" * 32, locator="w", mode=0o755),
+        FileEntry(path="empty", size=0, object="ff" * 32, locator="e"),
+    ]
+    return build_manifest(name, "mem://x", files, dirs=["void"], chunk_size=4096)
+
+
+@pytest.fixture
+async def fs(tmp_path: Path, nursery: trio.Nursery):  # type: ignore[no-untyped-def]
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    fetcher = Fetcher(store, NoPeers(), None, read_deadline=0.5)  # type: ignore[arg-type]
+    await nursery.start(fetcher.run)
+    tree = Tree()
+    tree.update({"ds": _manifest()})
+    src = Src("mem://x")
+    yield SyncbitFS(tree, fetcher, lambda m: src), src
+    store.close()
+
+
+async def _lookup_path(ops: SyncbitFS, path: str) -> pyfuse3.EntryAttributes:
+    inode = ROOT_INODE
+    attr = await ops.getattr(inode)  # type: ignore[arg-type]
+    for part in path.split("/"):
+        attr = await ops.lookup(inode, part.encode())  # type: ignore[arg-type]
+        inode = attr.st_ino
+    return attr
+
+
+async def test_tree_lookup_modes_sizes(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, _ = fs
+    top = await _lookup_path(ops, "ds")
+    assert stat.S_ISDIR(top.st_mode) and top.entry_timeout <= 1.0  # dataset names can move
+    f = await _lookup_path(ops, "ds/a/b/w.bin")
+    assert stat.S_ISREG(f.st_mode) and f.st_size == len(BODY)
+    assert stat.S_IMODE(f.st_mode) == 0o555  # exec kept, write stripped
+    assert (await _lookup_path(ops, "ds/empty")).st_size == 0
+    assert stat.S_ISDIR((await _lookup_path(ops, "ds/void")).st_mode)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await _lookup_path(ops, "ds/nope")
+    assert err.value.errno == errno.ENOENT
+
+
+async def test_open_for_write_is_erofs_and_read_returns_bytes(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, _ = fs
+    attr = await _lookup_path(ops, "ds/a/b/w.bin")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await ops.open(attr.st_ino, flags, None)  # type: ignore[arg-type]
+        assert err.value.errno == errno.EROFS
+    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+    assert fi.keep_cache
+    assert await ops.read(fi.fh, 4000, 200) == BODY[4000:4200]
+    assert await ops.read(fi.fh, len(BODY) - 5, 100) == BODY[-5:]
+    await ops.release(fi.fh)
+
+
+async def test_read_failure_is_eio_only(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, src = fs
+    src.down = True
+    attr = await _lookup_path(ops, "ds/a/b/w.bin")
+    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.read(fi.fh, 0, 10)
+    assert err.value.errno == errno.EIO
+    assert ops.errors == 1
+
+
+async def test_new_revision_gets_new_inodes_old_ones_stay_readable(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, _ = fs
+    old = await _lookup_path(ops, "ds/a/b/w.bin")
+    fi = await ops.open(old.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+    changed = ops.tree.update({"ds": _manifest(size=100), "other": _manifest("other")})
+    assert changed == ["ds"]
+    new = await _lookup_path(ops, "ds/a/b/w.bin")
+    assert new.st_ino != old.st_ino and new.st_size == 100
+    assert await ops.read(fi.fh, 0, 5) == BODY[:5]  # the open file keeps its version
+    assert ops.tree.update({}) == ["ds", "other"]
+    with pytest.raises(pyfuse3.FUSEError):
+        await _lookup_path(ops, "ds")
+
+
+async def test_xattrs_name_dataset_and_revision(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, _ = fs
+    attr = await _lookup_path(ops, "ds/a/b/w.bin")
+    names = await ops.listxattr(attr.st_ino, None)  # type: ignore[arg-type]
+    assert b"user.syncbit.revision" in names
+    assert await ops.getxattr(attr.st_ino, b"user.syncbit.dataset", None) == b"ds"  # type: ignore[arg-type]
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.getxattr(attr.st_ino, b"user.nope", None)  # type: ignore[arg-type]
