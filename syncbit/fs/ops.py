@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import count
-from typing import cast
 
 import pyfuse3
 
@@ -77,8 +76,8 @@ class SyncbitFS(pyfuse3.Operations):
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = cast(pyfuse3.InodeT, node.inode)
-        attr.st_mode = cast(pyfuse3.ModeT, node.mode)
+        attr.st_ino = node.inode
+        attr.st_mode = node.mode
         attr.st_nlink = 2 if node.is_dir else 1
         attr.st_size = node.size
         attr.st_blksize = 1 << 20
@@ -124,7 +123,7 @@ class SyncbitFS(pyfuse3.Operations):
     ) -> pyfuse3.FileHandleT:
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return cast(pyfuse3.FileHandleT, inode)
+        return inode
 
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
@@ -155,7 +154,7 @@ class SyncbitFS(pyfuse3.Operations):
         fh = next(self._fh)
         self._handles[fh] = handle
         # Content of a dataset version never changes: keep the page cache across opens.
-        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
@@ -196,7 +195,7 @@ class SyncbitFS(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> list[pyfuse3.XAttrNameT]:
-        return [cast(pyfuse3.XAttrNameT, k.encode()) for k in self._xattrs(self._node(inode))]
+        return [k.encode() for k in self._xattrs(self._node(inode))]
 
     def _xattrs(self, node: Node) -> dict[str, str]:
         if node.manifest is None:
