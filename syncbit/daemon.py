@@ -147,17 +147,17 @@ class Daemon:
             self._load_local_manifests()
             await self._sync_datasets(quiet=True)
             fs = SyncbitFS(self.tree, self.fetcher, self.sources)
+            clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
             cfg.mount.mkdir(parents=True, exist_ok=True)
-            clean_stale(cfg.mount)
             pyfuse3.init(fs, str(cfg.mount), set(MOUNT_OPTIONS))
             try:
-                raise_readahead(cfg.mount, cfg.mount_readahead_kb)
                 log.info("node %s: mounted at %s", cfg.node, cfg.mount)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     await nursery.start(self.store.commit_loop)
                     await nursery.start(self.fetcher.run)
                     nursery.start_soon(pyfuse3.main)
+                    nursery.start_soon(self._tune_mount, fs)
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._dataset_loop)
                     nursery.start_soon(self._report_loop)
@@ -169,6 +169,15 @@ class Daemon:
                     await self.client.aclose()
         finally:
             self._close()
+
+    async def _tune_mount(self, fs: SyncbitFS) -> None:
+        """Raise the mount's readahead once the kernel has applied the INIT reply (which
+        caps it at 128 KiB): reads then arrive as 1 MiB requests instead of 128 KiB."""
+        await fs.initialized.wait()
+        await trio.sleep(0.05)
+        await trio.to_thread.run_sync(
+            raise_readahead, self.config.mount, self.config.mount_readahead_kb
+        )
 
     def _close(self) -> None:
         if self.peer_server is not None:

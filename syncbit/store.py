@@ -99,6 +99,7 @@ class ObjectStore:
         self._pending: list[tuple[StoredObject, int, str]] = []
         self._pending_event = trio.Event()
         self._durable_waiters: list[trio.Event] = []
+        self._read_buf = bytearray(1 << 20)
         self._io_lock = threading.Lock()  # serialises lazy fd opening across threads
         self.newly_durable: list[tuple[StoredObject, int, str]] = []  # for the reporter
         self.durable_event = trio.Event()
@@ -222,10 +223,16 @@ class ObjectStore:
             done += os.pwrite(fd, data[done:], offset + done)
 
     def read_nowait(self, obj: StoredObject, offset: int, length: int) -> bytes | None:
-        """Non-blocking read of page-cached bytes, or None if it would touch the disk."""
-        buf = bytearray(length)
+        """Non-blocking read of page-cached bytes, or None if it would touch the disk.
+
+        Trio thread only: reads into one reused buffer, because a fresh 1 MiB bytearray
+        costs ~0.8 ms in page faults, 20x the read itself.
+        """
+        if len(self._read_buf) < length:
+            self._read_buf = bytearray(length)
+        view = memoryview(self._read_buf)[:length]
         try:
-            n = os.preadv(self.fd(obj), [buf], offset, os.RWF_NOWAIT)
+            n = os.preadv(self.fd(obj), [view], offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -234,16 +241,11 @@ class ObjectStore:
             raise
         if n != length:
             return None
-        return bytes(buf)
+        return bytes(view)
 
     def read(self, obj: StoredObject, offset: int, length: int) -> bytes:
         """Blocking read of held bytes."""
         return os.pread(self.fd(obj), length, offset)
-
-    def prefetch_local(self, obj: StoredObject, offset: int, length: int) -> None:
-        """Ask the kernel to start reading held bytes into the page cache (non-blocking)."""
-        if obj.fd >= 0:
-            os.posix_fadvise(obj.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     # -- presence (trio thread) ---------------------------------------------------------
 

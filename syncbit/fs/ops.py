@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from itertools import count
 
 import pyfuse3
+import trio
 
 from syncbit.errors import SourceChangedError, SyncbitError
 from syncbit.fetcher import Fetcher, OpenFile
@@ -65,6 +66,12 @@ class SyncbitFS(pyfuse3.Operations):
         self._fh = count(1)
         self.requests = 0
         self.errors = 0
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # Called when the kernel's INIT arrives, just before the reply: the kernel resets
+        # the mount's readahead from that reply, so tuning must wait for this moment.
+        self.initialized.set()
 
     # -- attributes -------------------------------------------------------------------
 
