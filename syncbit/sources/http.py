@@ -1,0 +1,456 @@
+"""HTTP(S) sources: one file URL, or a directory tree behind nginx/Apache autoindex pages.
+
+Owns parsing autoindex pages (stdlib html.parser, never regexes on HTML), pinning each file
+to its ETag/Last-Modified/size, and range reads that refuse any other version. It never
+puts query strings, credentials or Authorization headers into messages or logs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import httpx
+import trio
+
+from syncbit.chunks import identity_digest
+from syncbit.errors import (
+    InvalidSourceError,
+    SourceChangedError,
+    SourceError,
+    SourceUnavailableError,
+    SyncbitError,
+    UnsafePathError,
+)
+from syncbit.manifest import FileEntry, safe_relpath
+from syncbit.sources.base import Listing, Source, register
+from syncbit.wire import Pool, WireError, parse_content_range
+
+__all__ = ["HttpSource", "IndexLink", "parse_index", "redact_url"]
+
+DEFAULT_CONCURRENCY = 16
+DEFAULT_TIMEOUT = 30.0
+# Autoindex trees this deep are a symlink loop on the server, not a dataset.
+MAX_DEPTH = 64
+_TEMPORARY = frozenset({408, 429})
+_GONE = frozenset({404, 410})
+# Characters left as they are when a raw href is re-quoted into a request URL: existing
+# escapes and RFC 3986 reserved characters that are legal in a path.
+_PATH_SAFE = "/%:@!$&'()*+,;=~"
+_URL_IN_TEXT = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
+
+
+# -- URLs in messages ---------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """`url` without credentials, query string or fragment: safe for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _scrub(text: str) -> str:
+    """Redact every URL inside a free-text message (e.g. one from httpx or wire)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def _cause(exc: BaseException) -> str:
+    return _scrub(str(exc)) or type(exc).__name__
+
+
+# -- autoindex pages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexLink:
+    """One entry of a directory listing.
+
+    `name` is decoded and checked safe (may contain `/` only when the page linked deeper);
+    `url` is absolute and percent-encoded, ready for a request.
+    """
+
+    name: str
+    url: str
+    is_dir: bool
+
+
+class _LinkCollector(HTMLParser):
+    def __init__(self) -> None:
+        # Attribute values are always entity-decoded by HTMLParser (`&amp;` -> `&`).
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            for name, value in attrs:
+                if name == "href" and value is not None:
+                    self.hrefs.append(value)
+
+
+def _canonical_path(path: str) -> str:
+    return quote(unquote(path), safe="/")
+
+
+def _relative_href(href: str, base_scheme: str, base_netloc: str, base_path: str) -> str | None:
+    """The part of `href` below the listed directory, still percent-encoded; None to skip."""
+    if not href or href.startswith(("#", "?")):
+        return None  # anchors and column-sort links (`?C=N;O=D`)
+    parts = urlsplit(href)
+    if parts.query or parts.fragment:
+        return None  # names with '?' or '#' are percent-encoded, so these are not entries
+    if parts.scheme or parts.netloc or href.startswith("/"):
+        # An absolute link (Apache's "Parent Directory", a logo, a mirror): it is an entry
+        # only if it points inside the directory being listed.
+        if parts.scheme and parts.scheme.lower() != base_scheme.lower():
+            return None
+        if parts.netloc and parts.netloc.lower() != base_netloc.lower():
+            return None
+        path, base = _canonical_path(parts.path), _canonical_path(base_path)
+        if not path.startswith(base) or path == base:
+            return None
+        return path[len(base) :]
+    if href in ("../", "..", "./", "."):
+        return None  # parent and self links
+    if href.startswith("./"):
+        href = href[2:]  # Apache writes './a:b' so that a name never reads as a URL scheme
+    return href
+
+
+def parse_index(page: str, base_url: str) -> list[IndexLink]:
+    """The entries of an autoindex page listing the directory `base_url` (ending in `/`).
+
+    Skips parent, self and sort links, anchors, and absolute links outside the directory.
+    Raises UnsafePathError naming the entry when a decoded name would escape the root
+    (`..` components, absolute paths, NUL, `..%2f`, backslash traversal, non-UTF-8).
+    """
+    base = urlsplit(base_url)
+    prefix = urlunsplit((base.scheme, base.netloc, base.path, "", ""))
+    if not prefix.endswith("/"):
+        prefix += "/"
+    collector = _LinkCollector()
+    collector.feed(page)
+    collector.close()
+    links: dict[tuple[str, bool], IndexLink] = {}
+    for raw_href in collector.hrefs:
+        href = raw_href.strip()
+        rel = _relative_href(href, base.scheme, base.netloc, base.path)
+        if rel is None:
+            continue
+        is_dir = rel.endswith("/")
+        raw_name = rel[:-1] if is_dir else rel
+        try:
+            name = safe_relpath(unquote(raw_name, errors="strict"))
+        except UnicodeDecodeError:
+            raise UnsafePathError(
+                f"unsafe entry {href!r} in the listing of {redact_url(base_url)}: "
+                "the name is not valid UTF-8"
+            ) from None
+        except UnsafePathError as exc:
+            raise UnsafePathError(
+                f"unsafe entry {href!r} in the listing of {redact_url(base_url)}: {exc}"
+            ) from None
+        url = prefix + quote(rel, safe=_PATH_SAFE)
+        links.setdefault((name, is_dir), IndexLink(name, url, is_dir))
+    return list(links.values())
+
+
+# -- the source ---------------------------------------------------------------------------
+
+
+def _describe(version: dict[str, str]) -> str:
+    keys = ("etag", "last_modified", "size")
+    return " ".join(f"{k}={version[k]}" for k in keys if k in version) or "(unpinned)"
+
+
+def _opaque(tag: str) -> str:
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+@register
+class HttpSource(Source):
+    """A file URL, or a directory URL (ending in `/`) listed through autoindex pages.
+
+    Options: `headers` (dict, sent with every request, e.g. Authorization), `timeout`
+    (seconds per request), `concurrency` (parallel listing requests), `verify` (TLS).
+    """
+
+    schemes = ("http", "https")
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+        super().__init__(uri, options)
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError as exc:
+            raise InvalidSourceError(f"invalid HTTP source {redact_url(uri)!r}: {exc}") from exc
+        if parts.scheme.lower() not in self.schemes or not parts.hostname:
+            raise InvalidSourceError(
+                f"invalid HTTP source {redact_url(uri)!r}: expected http(s)://host/path"
+            )
+        self.timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
+        self.concurrency = int(self.options.get("concurrency", DEFAULT_CONCURRENCY))
+        self.verify = bool(self.options.get("verify", True))
+        self.headers: dict[str, str] = dict(self.options.get("headers", {}))
+        self._pool = Pool(timeout=self.timeout, verify=self.verify)
+
+    # -- listing ---------------------------------------------------------------------------
+
+    async def list(self) -> Listing:
+        async with httpx.AsyncClient(
+            follow_redirects=True,
+            timeout=self.timeout,
+            verify=self.verify,
+            # Reads go through wire.Pool, which uses no proxy; listing must see the same
+            # server. Sizes are of the identity encoding, which is what ranges address.
+            trust_env=False,
+            headers={**self.headers, "Accept-Encoding": "identity"},
+        ) as client:
+            walk = _Walk(client, trio.CapacityLimiter(self.concurrency))
+            if urlsplit(self.uri).path.endswith("/"):
+                await walk.run(walk.directory, self.uri, "", 0)
+            else:
+                await walk.run(walk.root_file, self.uri)
+        return Listing(
+            files=sorted(walk.files.values(), key=lambda e: e.path), dirs=sorted(walk.dirs)
+        )
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        want = len(buf)
+        if want == 0:
+            return
+        version = entry.version
+        size = int(version.get("size", entry.size))
+        if offset < 0 or offset + want > size:
+            raise ValueError(f"range {offset}+{want} outside {entry.path} ({size} bytes)")
+        url = redact_url(entry.locator)
+        headers = dict(self.headers)
+        etag = version.get("etag")
+        last_modified = version.get("last_modified")
+        if etag and not etag.startswith("W/"):
+            headers["If-Match"] = etag  # a weak ETag cannot be used for If-Match
+        elif last_modified:
+            headers["If-Unmodified-Since"] = last_modified
+        try:
+            resp = self._pool.get_into(entry.locator, offset, buf, headers)
+        except WireError as exc:
+            raise SourceUnavailableError(f"cannot read {url}: {_cause(exc)}") from exc
+
+        status = resp.status
+
+        def changed(why: str) -> SourceChangedError:
+            return SourceChangedError(
+                f"source changed: {url} no longer has version {_describe(version)} ({why})"
+            )
+
+        if status in _GONE or status in (412, 416):
+            raise changed(f"HTTP {status}")
+        if status in _TEMPORARY or status >= 500:
+            raise SourceUnavailableError(f"cannot read {url}: HTTP {status}")
+        if status not in (200, 206):
+            raise SourceError(f"cannot read {url}: HTTP {status}")
+        got_etag = resp.headers.get("etag")
+        if etag and got_etag and _opaque(got_etag) != _opaque(etag):
+            raise changed(f"now etag={got_etag}")
+        got_modified = resp.headers.get("last-modified")
+        if last_modified and got_modified and got_modified != last_modified:
+            raise changed(f"now last_modified={got_modified}")
+        length = resp.headers.get("content-length")
+        if status == 200:
+            if offset != 0 or want != size:
+                raise SourceError(f"cannot read {url}: the server ignores Range requests")
+            if length != str(size):
+                raise changed(f"now {length or 'unknown'} bytes")
+            return
+        content_range = resp.headers.get("content-range", "")
+        try:
+            first, last, total = parse_content_range(content_range)
+        except WireError as exc:
+            raise SourceError(f"cannot read {url}: {exc}") from exc
+        if total is not None and total != size:
+            raise changed(f"now {total} bytes")
+        if first != offset or last != offset + want - 1 or length != str(want):
+            raise SourceError(
+                f"cannot read {url}: asked for bytes {offset}-{offset + want - 1}, "
+                f"got {content_range!r} with Content-Length {length}"
+            )
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _Walk:
+    """One listing run: index pages and HEADs in one nursery, the first error cancels all."""
+
+    def __init__(self, client: httpx.AsyncClient, limiter: trio.CapacityLimiter) -> None:
+        self.client = client
+        self.limiter = limiter
+        self.files: dict[str, FileEntry] = {}
+        self.dirs: set[str] = set()
+        self._error: SyncbitError | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._spawn(fn, *args)
+        if self._error is not None:
+            raise self._error
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except SyncbitError as exc:
+            # Keep the first error as it is (no exception group) and stop the others.
+            if self._error is None:
+                self._error = exc
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+    async def directory(self, url: str, prefix: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise InvalidSourceError(
+                f"directories nested deeper than {MAX_DEPTH} at {redact_url(url)}: "
+                "a symlink loop on the server?"
+            )
+        async with self.limiter:
+            resp = await self._request("GET", url)
+        _check_status(resp, url)
+        ctype = resp.headers.get("content-type", "")
+        if "html" not in ctype.lower():
+            raise InvalidSourceError(
+                f"{redact_url(url)} is not an HTML directory listing "
+                f"(Content-Type: {ctype or 'none'})"
+            )
+        base = str(resp.url)
+        if not urlsplit(base).path.endswith("/"):
+            base = url
+        for link in parse_index(resp.text, base):
+            path = safe_relpath(prefix + link.name)
+            if link.is_dir:
+                self.dirs.add(path)
+                self._spawn(self.directory, link.url, path + "/", depth + 1)
+            else:
+                self._spawn(self.file, link.url, path)
+
+    async def root_file(self, url: str) -> None:
+        last = urlsplit(url).path.rsplit("/", 1)[-1]
+        try:
+            name = safe_relpath(unquote(last, errors="strict"))
+        except (UnsafePathError, UnicodeDecodeError) as exc:
+            raise UnsafePathError(
+                f"unsafe file name {last!r} in source {redact_url(url)}: {exc}"
+            ) from None
+        async with self.limiter:
+            resp = await self._request("HEAD", url)
+        final = urlsplit(str(resp.url)).path
+        if resp.status_code == 200 and final.endswith("/"):
+            # `http://host/dir` redirected to `http://host/dir/`: it is a directory after all.
+            await self.directory(str(resp.url), "", 0)
+            return
+        await self.file(url, name, resp)
+
+    async def file(self, url: str, path: str, resp: httpx.Response | None = None) -> None:
+        if resp is None:
+            async with self.limiter:
+                resp = await self._request("HEAD", url)
+        if resp.status_code in (405, 501):
+            resp = await self._probe(url)  # no HEAD support: ask for the first byte instead
+        _check_status(resp, url)
+        size = _size(resp, url)
+        encoding = resp.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise InvalidSourceError(
+                f"{redact_url(url)} is served with Content-Encoding {encoding}: "
+                "byte ranges would not address the file's bytes"
+            )
+        etag = resp.headers.get("etag")
+        last_modified = resp.headers.get("last-modified")
+        version = {"size": str(size)}
+        if etag:
+            version["etag"] = etag
+        if last_modified:
+            version["last_modified"] = last_modified
+        self.files[path] = FileEntry(
+            path=path,
+            size=size,
+            mode=0o444,
+            object=identity_digest("http", url, etag or "", last_modified or "", str(size)),
+            locator=url,
+            version=version,
+        )
+
+    async def _probe(self, url: str) -> httpx.Response:
+        async with self.limiter:
+            try:
+                async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+                    return resp  # headers only; leaving the block drops the body
+            except httpx.HTTPError as exc:
+                raise _map_httpx(exc, url) from exc
+
+    async def _request(self, method: str, url: str) -> httpx.Response:
+        try:
+            return await self.client.request(method, url)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _map_httpx(exc, url) from exc
+
+
+def _map_httpx(exc: Exception, url: str) -> SyncbitError:
+    where = redact_url(url)
+    if isinstance(exc, httpx.TimeoutException):
+        return SourceUnavailableError(f"cannot reach {where}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return InvalidSourceError(f"cannot request {where}: {_cause(exc)}")
+    if isinstance(exc, httpx.TooManyRedirects):
+        return InvalidSourceError(f"too many redirects from {where}")
+    if isinstance(exc, httpx.TransportError):
+        return SourceUnavailableError(f"cannot reach {where}: {_cause(exc)}")
+    return SourceError(f"request to {where} failed: {_cause(exc)}")
+
+
+def _check_status(resp: httpx.Response, url: str) -> None:
+    status = resp.status_code
+    if status in _GONE:
+        raise InvalidSourceError(f"nothing at {redact_url(url)}: HTTP {status}")
+    if status in _TEMPORARY or status >= 500:
+        raise SourceUnavailableError(
+            f"{redact_url(url)} is unavailable: HTTP {status} {resp.reason_phrase}".rstrip()
+        )
+    if not 200 <= status < 300:
+        raise InvalidSourceError(
+            f"cannot list {redact_url(url)}: HTTP {status} {resp.reason_phrase}".rstrip()
+        )
+
+
+def _size(resp: httpx.Response, url: str) -> int:
+    """The file's size from a HEAD (Content-Length) or a first-byte probe (Content-Range)."""
+    value: str | None
+    if resp.status_code == 206:
+        try:
+            value = str(parse_content_range(resp.headers.get("content-range", ""))[2])
+        except WireError:
+            value = None
+    else:
+        value = resp.headers.get("content-length")
+    try:
+        size = int(value) if value is not None else -1
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise InvalidSourceError(
+            f"{redact_url(url)} has no Content-Length: its size cannot be pinned"
+        )
+    return size
