@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import mmap
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -113,11 +114,13 @@ class Fetcher:
         self._queue: list[tuple[int, int, Flight]] = []
         self._seq = itertools.count()
         self._work = trio.Semaphore(0)
-        self._buffers: list[bytearray] = []
+        self._write_slots = trio.Semaphore(workers)
+        self._buffers: list[mmap.mmap] = []
         self.stats = {"source": 0, "peer": 0, "cache": 0}  # bytes by where they came from
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for _ in range(self.workers):
                 nursery.start_soon(self._worker)
             task_status.started()
@@ -146,10 +149,15 @@ class Fetcher:
             await self._wait_chunks(handle, missing, Priority.FOREGROUND)
         if sequential and self.readahead_chunks:
             self._readahead(handle, span.stop)
-        data = self.store.read_nowait(obj, offset, length)
-        if data is None:
-            data = await trio.to_thread.run_sync(self.store.read, obj, offset, length)
-        return data
+        parts = self.store.read_parts(obj, offset, length)
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        if any(isinstance(p, range) for p in parts):
+            parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, parts)
+        return b"".join(parts)  # type: ignore[arg-type]
+
+    def _read_disk_parts(self, obj: StoredObject, parts: list[bytes | range]) -> list[bytes]:
+        return [self.store.read(obj, p.start, len(p)) if isinstance(p, range) else p for p in parts]
 
     def _readahead(self, handle: OpenFile, after: int) -> None:
         """Sequential reader: keep the next `readahead_chunks` missing chunks coming.
@@ -225,32 +233,49 @@ class Fetcher:
             if flight.started:
                 continue
             flight.started = True
-            ok = False
+            staged: tuple[memoryview, str] | None = None
             try:
-                await self._transfer(flight)
-                ok = True
+                staged = await self._transfer(flight)
             except SyncbitError as exc:
                 flight.error = exc
             except Exception as exc:
                 log.exception("chunk %d of %s: unexpected error", flight.index, flight.entry.path)
                 flight.error = exc
             finally:
-                if not ok and flight.error is None:
+                if staged is None and flight.error is None:
                     flight.error = SyncbitError("fetch cancelled")  # never report success
                 if self._flights.get((flight.obj.id, flight.index)) is flight:
                     del self._flights[(flight.obj.id, flight.index)]
-                flight.done.set()
+                flight.done.set()  # readers go on from RAM while the chunk is written
+            if staged is not None:
+                # The write overlaps the next transfer; the slots bound staged RAM and let
+                # a disk slower than the network push back on fetching.
+                await self._write_slots.acquire()
+                self._nursery.start_soon(self._persist, flight, *staged)
+
+    async def _persist(self, flight: Flight, view: memoryview, digest_hex: str) -> None:
+        """Write a staged chunk to the object file; only then may it become durable."""
+        obj, index = flight.obj, flight.index
+        try:
+            await trio.to_thread.run_sync(self.store.write_chunk, obj, index, view)
+        except OSError as exc:
+            log.error("cannot store chunk %d of %s: %s", index, flight.entry.path, exc)
+            self.store.unstage(obj, index)
+            return
+        finally:
+            self._write_slots.release()
+        self.store.mark_written(obj, index, digest_hex)
 
     # -- one chunk transfer -----------------------------------------------------------------
 
-    async def _transfer(self, flight: Flight) -> None:
+    async def _transfer(self, flight: Flight) -> tuple[memoryview, str] | None:
         """Peers first (verified against the recorded digest), then the source; retry
-        temporary failures with backoff until the flight's deadline."""
+        temporary failures with backoff until the flight's deadline. Returns the staged
+        bytes and their digest, or None if the chunk was already here."""
         delays = backoff_delays(base=0.05, cap=2.0)
         while True:
             try:
-                await self._transfer_once(flight)
-                return
+                return await self._transfer_once(flight)
             except SourceChangedError as exc:
                 log.error("%s: %s", flight.entry.path, exc)
                 raise
@@ -265,35 +290,39 @@ class Fetcher:
                 log.warning("chunk %d of %s: %s; retrying", flight.index, flight.entry.path, exc)
                 await trio.sleep(delay)
 
-    async def _transfer_once(self, flight: Flight) -> None:
+    async def _transfer_once(self, flight: Flight) -> tuple[memoryview, str] | None:
         obj, index = flight.obj, flight.index
         if obj.has(index):
-            return
+            return None
         length = chunk_length(obj.size, obj.chunk_size, index)
         buf = self._buffer(obj.chunk_size)
+        view = memoryview(buf)[:length]
         try:
-            view = memoryview(buf)[:length]
             info = await self._chunk_info(obj.id)
             expected = info.digests.get(index)
+            got: str | None = None
             if expected is not None:
                 for peer in info.peers.get(index, []):
-                    if peer.node in flight.bad_peers:
-                        continue
-                    if await self._from_peer(flight, peer, view, expected):
-                        self.store.mark_written(obj, index, expected)
+                    if peer.node not in flight.bad_peers and await self._from_peer(
+                        flight, peer, view, expected
+                    ):
+                        got = expected
                         self.stats["peer"] += length
-                        return
-            got = await trio.to_thread.run_sync(self._from_source_blocking, flight, view)
-            if expected is not None and got != expected:
-                log.warning(
-                    "source bytes of chunk %d of %s differ from the recorded digest",
-                    index,
-                    flight.entry.path,
-                )
-            self.store.mark_written(obj, index, got)
-            self.stats["source"] += length
-        finally:
+                        break
+            if got is None:
+                got = await trio.to_thread.run_sync(self._from_source_blocking, flight, view)
+                self.stats["source"] += length
+                if expected is not None and got != expected:
+                    log.warning(
+                        "source bytes of chunk %d of %s differ from the recorded digest",
+                        index,
+                        flight.entry.path,
+                    )
+        except BaseException:
             self._buffers.append(buf)
+            raise
+        self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
+        return view, got
 
     async def _chunk_info(self, object_id: str) -> ChunkInfo:
         try:
@@ -336,17 +365,15 @@ class Fetcher:
                 f"peer {peer.node} ({peer.address}) sent bad bytes for chunk {flight.index} "
                 f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
             )
-        self.store.write_chunk(flight.obj, flight.index, view)
 
     def _from_source_blocking(self, flight: Flight, view: memoryview) -> str:
         flight.source.read_into(flight.entry, flight.index * flight.obj.chunk_size, view)
-        got = digest(view)
-        self.store.write_chunk(flight.obj, flight.index, view)
-        return got
+        return digest(view)
 
-    def _buffer(self, size: int) -> bytearray:
+    def _buffer(self, size: int) -> mmap.mmap:
+        """A page-aligned chunk buffer (O_DIRECT needs alignment), reused when free."""
         while self._buffers:
             buf = self._buffers.pop()
             if len(buf) >= size:
                 return buf
-        return bytearray(size)
+        return mmap.mmap(-1, size)

@@ -130,6 +130,11 @@ async def test_whole_file_through_reads_across_chunks(
     assert bytes(out) == DATA
     assert await fetcher.read(handle, len(DATA), 10) == b""
     assert source.reads == 6  # each chunk once, readahead included
+    obj = store.get(ENTRY.object)
+    assert obj is not None
+    with trio.fail_after(5):
+        while len(obj.written) < 6:  # staged chunks reach the object file in the background
+            await trio.sleep(0.01)
     await store.flush()
     assert store.get(ENTRY.object).durable == set(range(6))  # type: ignore[union-attr]
 
