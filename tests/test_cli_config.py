@@ -1,0 +1,79 @@
+"""CLI input errors: one clear line, exit code 2, no traceback (no daemon is started)."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from syncbit.cli import app, human
+from syncbit.config import DaemonConfig, build, parse_size
+from syncbit.errors import ConfigError
+
+runner = CliRunner()
+
+
+def test_unknown_config_key_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("node: n1\ncache_sise: 10GiB\n")
+    result = runner.invoke(app, ["daemon", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "cache_sise" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("listen: nowhere\n", "listen"),
+        ("cache_size: lots\n", "cache_size"),
+        ("read_deadline: -1\n", "read_deadline"),
+        ("labels: [a, b]\n", "labels"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=key):
+        build(DaemonConfig, cfg, {})
+
+
+def test_config_file_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        build(DaemonConfig, tmp_path / "missing.yaml", {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build(DaemonConfig, bad, {})
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        build(DaemonConfig, scalar, {})
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("node: fromfile\ncache_size: 1GiB\nlabels: {zone: a}\n")
+    built = build(DaemonConfig, cfg, {"node": "fromflag", "cache_size": None})
+    assert built.node == "fromflag"
+    assert built.cache_size == 2**30
+    assert built.labels == {"zone": "a"}
+
+
+def test_invalid_label_flag_exits_2() -> None:
+    result = runner.invoke(app, ["daemon", "--label", "novalue"])
+    assert result.exit_code == 2
+    assert "invalid label 'novalue'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("200GiB", 200 * 2**30), ("1.5TB", 1.5e12), ("4096", 4096), ("10 MiB", 10 * 2**20)],
+)
+def test_parse_size(text: str, value: float) -> None:
+    assert parse_size(text) == int(value)
+
+
+def test_human_sizes() -> None:
+    assert human(0) == "0 B"
+    assert human(1536) == "1.5 KiB"
+    assert human(3 * 2**30) == "3.0 GiB"
