@@ -83,7 +83,8 @@ def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
         async with SchedulerClient(url) as client:
             return await call(client)
 
-    return trio.run(go)
+    result: T = trio.run(go)
+    return result
 
 
 def _labels(values: list[str] | None) -> dict[str, str] | None:

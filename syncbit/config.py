@@ -48,7 +48,7 @@ def parse_size(value: Any) -> int:
 def parse_address(value: Any) -> str:
     """'host:port' with a numeric port."""
     host, sep, port = str(value).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"not a host:port address: {value!r}")
     return str(value)
 

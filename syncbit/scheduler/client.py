@@ -1,0 +1,257 @@
+"""Async client of the scheduler API (httpx under trio), one method per endpoint.
+
+Owns the mapping of HTTP and transport failures onto syncbit's error tree: no httpx
+exception ever leaves this module. It keeps no state beyond its connection pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from syncbit.errors import NotFoundError, SchedulerError, SourceError, UserError
+from syncbit.manifest import Manifest
+from syncbit.scheduler.server import RESOLVE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A node that holds a chunk, and the address its peer service listens on."""
+
+    node: str
+    address: str
+
+
+@dataclass
+class ChunkMap:
+    """What the scheduler knows of one object: chunk digests and, per chunk, ranked peers."""
+
+    digests: dict[int, str] = field(default_factory=dict)
+    peers: dict[int, list[Peer]] = field(default_factory=dict)
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+class SchedulerClient:
+    """Talks to the scheduler at `base_url` (e.g. http://127.0.0.1:7900).
+
+    Args:
+        base_url: scheduler URL; a bare "host:port" means http.
+        transport: an httpx transport to use instead of the network (tests).
+        timeout: seconds per request; adding a dataset waits for the source listing too.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 10,
+    ) -> None:
+        if "://" not in base_url:
+            base_url = f"http://{base_url}"
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        try:
+            # trust_env off: a proxy from the environment must not sit between nodes and
+            # their scheduler (cluster-internal addresses).
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url, transport=transport, timeout=timeout, trust_env=False
+            )
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UserError(f"invalid scheduler URL {base_url!r}: {exc}") from None
+
+    async def __aenter__(self) -> SchedulerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        try:
+            resp = await self._http.request(
+                method,
+                path,
+                json=body,
+                params=params,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise SchedulerError(
+                f"scheduler at {self.base_url} did not answer {method} {path} in time: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise SchedulerError(
+                f"scheduler at {self.base_url} unreachable: {exc or type(exc).__name__}"
+            ) from exc
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = None
+        if resp.status_code // 100 == 2:
+            if doc is None:
+                raise SchedulerError(
+                    f"scheduler at {self.base_url} sent a body that is not JSON "
+                    f"for {method} {path}",
+                    resp.status_code,
+                )
+            return doc
+        message = doc.get("error") if isinstance(doc, dict) else None
+        message = message or f"scheduler answered HTTP {resp.status_code} to {method} {path}"
+        if resp.status_code == 404:
+            raise NotFoundError(message)
+        if resp.status_code in (400, 409):
+            raise UserError(message)
+        if resp.status_code == 502:
+            raise SourceError(message)
+        raise SchedulerError(message, resp.status_code)
+
+    @contextmanager
+    def _shape(self, what: str) -> Iterator[None]:
+        """An answer of the wrong shape is the scheduler's fault, not a crash here."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SchedulerError(
+                f"scheduler at {self.base_url} sent a malformed answer to {what}: {exc!r}"
+            ) from None
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        """True when the scheduler answers `/healthz`."""
+        doc = await self._request("GET", "/healthz")
+        return bool(doc.get("ok"))
+
+    async def heartbeat(
+        self,
+        node: str,
+        *,
+        address: str,
+        labels: dict[str, str] | None = None,
+        load: int = 0,
+        cache_bytes: int = 0,
+        cache_size: int = 0,
+    ) -> dict[str, Any]:
+        """Register or refresh `node`; returns its record."""
+        body = {
+            "address": address,
+            "labels": labels or {},
+            "load": load,
+            "cache_bytes": cache_bytes,
+            "cache_size": cache_size,
+        }
+        result: dict[str, Any] = await self._request("PUT", f"/v1/nodes/{_segment(node)}", body)
+        return result
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every known node: name, address, labels, up, last_seen, load, cache_*, reports."""
+        doc = await self._request("GET", "/v1/nodes")
+        with self._shape("GET /v1/nodes"):
+            nodes: list[dict[str, Any]] = list(doc["nodes"])
+        return nodes
+
+    async def add_dataset(
+        self, name: str, source: str, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Resolve `source` to a fixed revision and register it as `name`.
+
+        Returns {"dataset": summary, "changed": bool}. Raises UserError for bad input or a
+        name taken by another source, SourceError when the source fails to list.
+        """
+        body = {"name": name, "source": source, "options": options or {}}
+        result: dict[str, Any] = await self._request(
+            "POST",
+            "/v1/datasets",
+            body,
+            timeout=max(self.timeout, RESOLVE_TIMEOUT + 30),
+        )
+        return result
+
+    async def datasets(self) -> dict[str, Any]:
+        """{"generation": int, "datasets": [summary, ...]}."""
+        result: dict[str, Any] = await self._request("GET", "/v1/datasets")
+        return result
+
+    async def manifest(self, name: str) -> Manifest:
+        """The resolved manifest of dataset `name` (NotFoundError if unknown)."""
+        doc = await self._request("GET", f"/v1/datasets/{_segment(name)}")
+        try:
+            return Manifest.model_validate(doc)
+        except ValueError as exc:
+            raise SchedulerError(f"scheduler sent an invalid manifest for {name}: {exc}") from None
+
+    async def remove_dataset(self, name: str) -> None:
+        """Forget dataset `name` (NotFoundError if unknown)."""
+        await self._request("DELETE", f"/v1/datasets/{_segment(name)}")
+
+    async def report_chunks(
+        self,
+        node: str,
+        add: list[dict[str, Any]],
+        remove: list[dict[str, Any]],
+    ) -> list[tuple[str, int]]:
+        """Tell the scheduler which chunks `node` gained and lost.
+
+        `add`: [{"object", "size", "chunk_size", "chunks": [[index, digest], ...]}];
+        `remove`: [{"object", "chunks": [index, ...]}]. Returns the (object, index) pairs
+        whose digest differed from the recorded one (not marked as held).
+        """
+        doc = await self._request(
+            "POST", f"/v1/nodes/{_segment(node)}/chunks", {"add": add, "remove": remove}
+        )
+        with self._shape("POST chunks"):
+            return [(str(obj), int(index)) for obj, index in doc["conflicts"]]
+        raise AssertionError("unreachable")
+
+    async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
+        """Digests and ranked up peers per chunk of `object_id`, excluding `node` itself."""
+        params = {"node": node} if node is not None else None
+        doc = await self._request("GET", f"/v1/objects/{_segment(object_id)}/chunks", params=params)
+        with self._shape("GET chunks"):
+            return ChunkMap(
+                digests={int(i): str(d) for i, d in doc["digests"].items()},
+                peers={
+                    int(i): [Peer(str(p["node"]), str(p["address"])) for p in peers]
+                    for i, peers in doc["peers"].items()
+                },
+            )
+        raise AssertionError("unreachable")
+
+    async def report_bad_peer(
+        self, reporter: str, peer: str, object_id: str, index: int, reason: str
+    ) -> None:
+        """`reporter` got no good chunk `index` of `object_id` from `peer`."""
+        body = {
+            "reporter": reporter,
+            "peer": peer,
+            "object": object_id,
+            "chunk": index,
+            "reason": reason,
+        }
+        await self._request("POST", "/v1/reports", body)
+
+    async def status(self) -> dict[str, Any]:
+        """{"nodes": [...], "datasets": [summary + "cached": {node: bytes}, ...]}."""
+        result: dict[str, Any] = await self._request("GET", "/v1/status")
+        return result
+
+
+__all__ = ["ChunkMap", "Peer", "SchedulerClient"]

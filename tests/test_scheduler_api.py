@@ -1,0 +1,489 @@
+"""A real SchedulerServer on 127.0.0.1 (port 0) driven by SchedulerClient: every endpoint,
+error mapping at the client boundary, and a restart on the same state dir."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+import trio
+
+from syncbit.config import SchedulerConfig
+from syncbit.errors import (
+    InvalidSourceError,
+    NotFoundError,
+    SchedulerError,
+    SourceError,
+    SourceUnavailableError,
+    UserError,
+)
+from syncbit.manifest import FileEntry, Manifest
+from syncbit.scheduler import ChunkMap, Peer, SchedulerClient, SchedulerServer
+from syncbit.sources import Listing, Source, register
+
+CHUNK = 4
+TIMEOUT = 10.0
+OBJ_A = "a" * 64
+OBJ_B = "b" * 64
+D1 = "1" * 64
+D2 = "2" * 64
+D3 = "3" * 64
+
+
+@register
+class MemSource(Source):
+    """A source whose listings live in this test module: no network, no files."""
+
+    schemes = ("memtest",)
+    listings: ClassVar[dict[str, Listing | Exception]] = {}
+    closed: ClassVar[list[str]] = []
+    options_seen: ClassVar[list[dict[str, Any]]] = []
+
+    async def list(self) -> Listing:
+        self.options_seen.append(self.options)
+        value = self.listings.get(self.uri)
+        if value is None:
+            raise InvalidSourceError(f"nothing at {self.uri}")
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError("the scheduler never reads file bodies")
+
+    def close(self) -> None:
+        self.closed.append(self.uri)
+
+
+def listing(uri: str, files: dict[str, tuple[int, str]]) -> Listing:
+    return Listing(
+        files=[
+            FileEntry(path=p, size=size, object=obj, locator=uri + p)
+            for p, (size, obj) in files.items()
+        ]
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def sources() -> Iterator[type[MemSource]]:
+    MemSource.listings.clear()
+    MemSource.closed.clear()
+    MemSource.options_seen.clear()
+    MemSource.listings["memtest://one/"] = listing(
+        "memtest://one/", {"a.bin": (10, OBJ_A), "dir/b.bin": (8, OBJ_B)}
+    )
+    yield MemSource
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> SchedulerConfig:
+    return any_port(
+        SchedulerConfig(state_dir=tmp_path / "state", node_timeout=TIMEOUT, chunk_size=CHUNK)
+    )
+
+
+def any_port(config: SchedulerConfig) -> SchedulerConfig:
+    # config.parse_address refuses port 0 (a person never means it); the server takes it.
+    return config.model_copy(update={"listen": "127.0.0.1:0"})
+
+
+@pytest.fixture
+def server(config: SchedulerConfig, clock: Clock) -> Iterator[SchedulerServer]:
+    srv = SchedulerServer(config, clock=clock)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+async def client(server: SchedulerServer) -> AsyncIterator[SchedulerClient]:
+    async with SchedulerClient(server.url) as c:
+        yield c
+
+
+@pytest.fixture
+async def raw(server: SchedulerServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, trust_env=False) as c:
+        yield c
+
+
+async def heartbeat(client: SchedulerClient, node: str, port: int, load: int = 0) -> None:
+    await client.heartbeat(
+        node,
+        address=f"127.0.0.1:{port}",
+        labels={"zone": "a"},
+        load=load,
+        cache_bytes=1,
+        cache_size=2,
+    )
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+def test_start_returns_the_bound_address(server: SchedulerServer) -> None:
+    host, _, port = server.address.rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    assert server.url == f"http://{server.address}"
+
+
+async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
+    assert await client.health() is True
+    assert await client.nodes() == []
+    record = await client.heartbeat(
+        "rack 1/n%1 ü",  # percent-encoded on the way, decoded by the server
+        address="127.0.0.1:7901",
+        labels={"zone": "a", "rack": "1"},
+        load=2,
+        cache_bytes=300,
+        cache_size=4000,
+    )
+    expected = {
+        "name": "rack 1/n%1 ü",
+        "address": "127.0.0.1:7901",
+        "labels": {"zone": "a", "rack": "1"},
+        "up": True,
+        "last_seen": clock.now,
+        "load": 2,
+        "cache_bytes": 300,
+        "cache_size": 4000,
+        "reports": 0,
+    }
+    assert record == expected
+    assert await client.nodes() == [expected]
+    clock.now += TIMEOUT + 1
+    (node,) = await client.nodes()
+    assert node["up"] is False
+
+
+async def test_dataset_add_list_manifest_remove(
+    client: SchedulerClient, server: SchedulerServer
+) -> None:
+    result = await client.add_dataset("ds", "memtest://one/", {"token": "t"})
+    assert result["changed"] is True
+    summary = result["dataset"]
+    assert {k: summary[k] for k in ("name", "source", "files", "size")} == {
+        "name": "ds",
+        "source": "memtest://one/",
+        "files": 2,
+        "size": 18,
+    }
+    assert isinstance(summary["revision"], str) and isinstance(summary["created"], float)
+    assert MemSource.options_seen == [{"token": "t"}]
+    assert MemSource.closed == ["memtest://one/"]  # the source is closed after listing
+
+    again = await client.add_dataset("ds", "memtest://one/")
+    assert again == {"dataset": summary, "changed": False}
+
+    listed = await client.datasets()
+    assert listed == {"generation": 1, "datasets": [summary]}
+
+    manifest = await client.manifest("ds")
+    assert isinstance(manifest, Manifest)
+    assert manifest.revision == summary["revision"]
+    assert manifest.chunk_size == CHUNK  # from the scheduler's config
+    assert [f.path for f in manifest.files] == ["a.bin", "dir/b.bin"]
+    assert manifest.dirs == ["dir"]
+    assert server.state is not None and manifest == server.state.get_dataset("ds")
+
+    # a new revision of the same source replaces the old one
+    MemSource.listings["memtest://one/"] = listing("memtest://one/", {"a.bin": (11, OBJ_B)})
+    replaced = await client.add_dataset("ds", "memtest://one/")
+    assert replaced["changed"] is True
+    assert replaced["dataset"]["revision"] != summary["revision"]
+    assert (await client.datasets())["generation"] == 2
+
+    await client.remove_dataset("ds")
+    assert await client.datasets() == {"generation": 3, "datasets": []}
+    with pytest.raises(NotFoundError, match="unknown dataset 'ds'"):
+        await client.manifest("ds")
+    with pytest.raises(NotFoundError, match="unknown dataset 'ds'"):
+        await client.remove_dataset("ds")
+
+
+async def test_chunks_chunk_map_reports_and_status(client: SchedulerClient, clock: Clock) -> None:
+    await client.add_dataset("ds", "memtest://one/")
+    await heartbeat(client, "n1", 1, load=5)
+    await heartbeat(client, "n2", 2, load=0)
+    await heartbeat(client, "n3", 3)
+
+    add_a = {"object": OBJ_A, "size": 10, "chunk_size": CHUNK}
+    conflicts = await client.report_chunks(
+        "n1", add=[{**add_a, "chunks": [[0, D1], [1, D2], [2, D3]]}], remove=[]
+    )
+    assert conflicts == []
+    conflicts = await client.report_chunks(
+        "n2", add=[{**add_a, "chunks": [[0, D1], [1, D3]]}], remove=[]
+    )
+    assert conflicts == [(OBJ_A, 1)]
+
+    cmap = await client.chunk_map(OBJ_A, "n3")
+    assert cmap == ChunkMap(
+        digests={0: D1, 1: D2, 2: D3},
+        peers={
+            0: [Peer("n2", "127.0.0.1:2"), Peer("n1", "127.0.0.1:1")],  # least loaded first
+            1: [Peer("n1", "127.0.0.1:1")],
+            2: [Peer("n1", "127.0.0.1:1")],
+        },
+    )
+    # the requester never gets itself; no requester gets everyone
+    assert Peer("n1", "127.0.0.1:1") not in (await client.chunk_map(OBJ_A, "n1")).peers[0]
+    assert len((await client.chunk_map(OBJ_A)).peers[0]) == 2
+    assert await client.chunk_map(OBJ_B, "n1") == ChunkMap()
+
+    await client.report_bad_peer("n3", "n2", OBJ_A, 0, "digest mismatch")
+    cmap = await client.chunk_map(OBJ_A, "n3")
+    assert cmap.peers[0] == [Peer("n1", "127.0.0.1:1")]
+    reports = {n["name"]: n["reports"] for n in await client.nodes()}
+    assert reports == {"n1": 0, "n2": 1, "n3": 0}
+
+    await client.report_chunks("n1", add=[], remove=[{"object": OBJ_A, "chunks": [2]}])
+    assert 2 not in (await client.chunk_map(OBJ_A, "n3")).peers
+
+    doc = await client.status()
+    assert [n["name"] for n in doc["nodes"]] == ["n1", "n2", "n3"]
+    (ds,) = doc["datasets"]
+    assert ds["name"] == "ds" and ds["files"] == 2 and ds["size"] == 18
+    assert ds["cached"] == {"n1": 8}  # chunks 0 and 1 of OBJ_A; n2's chunk 0 was reported
+
+    clock.now += TIMEOUT + 1  # everyone down: no peers at all
+    await heartbeat(client, "n3", 3)
+    assert (await client.chunk_map(OBJ_A, "n3")).peers == {}
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def test_dataset_errors_are_mapped(client: SchedulerClient, raw: httpx.AsyncClient) -> None:
+    await client.add_dataset("ds", "memtest://one/")
+    MemSource.listings["memtest://two/"] = listing("memtest://two/", {"x": (1, OBJ_A)})
+    with pytest.raises(UserError, match="ds already exists with source memtest://one/"):
+        await client.add_dataset("ds", "memtest://two/")
+    resp = await raw.post("/v1/datasets", json={"name": "ds", "source": "memtest://two/"})
+    assert resp.status_code == 409
+    assert resp.json()["kind"] == "DatasetExistsError"
+    # refused before listing: a source that does not even exist gets the same answer
+    with pytest.raises(UserError, match="ds already exists"):
+        await client.add_dataset("ds", "memtest://missing/")
+
+    with pytest.raises(UserError, match="nothing at memtest://missing/"):
+        await client.add_dataset("gone", "memtest://missing/")
+    with pytest.raises(UserError, match="unsupported source"):
+        await client.add_dataset("gone", "gopher://x/")
+    with pytest.raises(UserError, match="invalid dataset name"):
+        await client.add_dataset("../up", "memtest://one/")
+    MemSource.listings["memtest://evil/"] = listing("memtest://evil/", {"../x": (1, OBJ_A)})
+    with pytest.raises(UserError, match="unsafe file name"):
+        await client.add_dataset("evil", "memtest://evil/")
+
+    MemSource.listings["memtest://down/"] = SourceUnavailableError("origin refused: 503")
+    with pytest.raises(SourceError, match="origin refused: 503"):
+        await client.add_dataset("down", "memtest://down/")
+    resp = await raw.post("/v1/datasets", json={"name": "down", "source": "memtest://down/"})
+    assert resp.status_code == 502
+    assert resp.json() == {"error": "origin refused: 503", "kind": "SourceUnavailableError"}
+    assert [d["name"] for d in (await client.datasets())["datasets"]] == ["ds"]
+
+
+async def test_malformed_bodies_name_the_field(
+    client: SchedulerClient, raw: httpx.AsyncClient
+) -> None:
+    with pytest.raises(UserError, match="'address'"):
+        await client.heartbeat("n1", address="")
+    resp = await raw.put("/v1/nodes/n1", json={"labels": {}})
+    assert resp.status_code == 400
+    body = resp.json()
+    assert body["kind"] == "UserError" and "'address'" in body["error"]
+    resp = await raw.put("/v1/nodes/n1", json={"address": "h:1", "colour": "red"})
+    assert resp.status_code == 400 and "'colour'" in resp.json()["error"]
+    resp = await raw.put("/v1/nodes/n1", content=b"{not json")
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]
+    resp = await raw.put("/v1/nodes/n1", json=[1, 2])
+    assert resp.status_code == 400 and "JSON object" in resp.json()["error"]
+
+    with pytest.raises(UserError, match=r"'add\.0\.chunks\.0\.1'"):
+        await client.report_chunks(
+            "n1",
+            add=[{"object": OBJ_A, "size": 4, "chunk_size": CHUNK, "chunks": [[0, "zz"]]}],
+            remove=[],
+        )
+    with pytest.raises(UserError, match=r"'chunk'"):
+        await client.report_bad_peer("n1", "n2", OBJ_A, -1, "x")
+    with pytest.raises(UserError, match="out of range"):
+        await client.report_chunks(
+            "n1",
+            add=[{"object": OBJ_A, "size": 4, "chunk_size": CHUNK, "chunks": [[1, D1]]}],
+            remove=[],
+        )
+    with pytest.raises(UserError, match="invalid object id"):
+        await client.chunk_map("not-hex", "n1")
+
+
+async def test_unknown_routes_and_methods(raw: httpx.AsyncClient) -> None:
+    resp = await raw.get("/v1/nope")
+    assert resp.status_code == 404 and resp.json()["kind"] == "NotFoundError"
+    resp = await raw.delete("/v1/status")
+    assert resp.status_code == 405 and resp.headers["allow"] == "GET"
+    assert (await raw.get("/healthz")).json() == {"ok": True}
+
+
+async def test_internal_errors_send_no_traceback(
+    config: SchedulerConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(name: str, source: str, options: dict[str, Any], chunk_size: int) -> Manifest:
+        raise RuntimeError("secret detail")
+
+    with SchedulerServer(config, resolve=broken) as srv:
+        async with SchedulerClient(srv.url) as client:
+            with pytest.raises(SchedulerError) as info:
+                await client.add_dataset("ds", "memtest://one/")
+    assert info.value.status == 500
+    assert "secret detail" not in str(info.value) and "Traceback" not in str(info.value)
+    assert "RuntimeError" in str(info.value)
+    assert any("secret detail" in (r.exc_text or "") for r in caplog.records)
+
+
+async def test_unreachable_scheduler(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on any more
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with SchedulerClient(f"http://127.0.0.1:{port}", timeout=5) as client:
+        with pytest.raises(SchedulerError, match=f"127.0.0.1:{port} unreachable") as info:
+            await client.datasets()
+    assert not isinstance(info.value.__cause__, SchedulerError)
+    assert info.value.status is None
+
+
+async def test_transport_answers_are_mapped() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/status":
+            return httpx.Response(503, json={"error": "stopping", "kind": "SchedulerError"})
+        if path == "/v1/datasets":
+            return httpx.Response(200, content=b"<html>a proxy</html>")
+        if path == "/v1/nodes":
+            return httpx.Response(200, json={"unexpected": 1})
+        if path.endswith("/chunks"):
+            raise httpx.ReadTimeout("slow", request=request)
+        return httpx.Response(502, json={"error": "source down"})
+
+    transport = httpx.MockTransport(answer)
+    async with SchedulerClient("sched:7900", transport=transport) as client:
+        with pytest.raises(SchedulerError, match="stopping") as info:
+            await client.status()
+        assert info.value.status == 503
+        with pytest.raises(SchedulerError, match="not JSON"):
+            await client.datasets()
+        with pytest.raises(SchedulerError, match="malformed answer"):
+            await client.nodes()
+        with pytest.raises(SchedulerError, match="in time"):
+            await client.chunk_map(OBJ_A, "n1")
+        with pytest.raises(SourceError, match="source down"):
+            await client.manifest("x")
+
+
+# -- concurrency and lifecycle ----------------------------------------------------------------
+
+
+async def test_concurrent_clients(server: SchedulerServer) -> None:
+    async def one_node(i: int) -> None:
+        async with SchedulerClient(server.url) as c:
+            for _ in range(5):
+                await heartbeat(c, f"n{i}", 1000 + i)
+            await c.report_chunks(
+                f"n{i}",
+                add=[{"object": OBJ_A, "size": 64, "chunk_size": CHUNK, "chunks": [[i, D1]]}],
+                remove=[],
+            )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(one_node, i)
+    async with SchedulerClient(server.url) as c:
+        assert len(await c.nodes()) == 16
+        assert sorted((await c.chunk_map(OBJ_A)).peers) == list(range(16))
+
+
+async def test_restart_on_the_same_state_dir_loses_nothing(
+    config: SchedulerConfig, clock: Clock
+) -> None:
+    first = SchedulerServer(config, clock=clock)
+    first.start()
+    try:
+        async with SchedulerClient(first.url) as client:
+            await client.add_dataset("ds", "memtest://one/")
+            await heartbeat(client, "n1", 1)
+            await heartbeat(client, "n2", 2)
+            await client.report_chunks(
+                "n1",
+                add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D1]]}],
+                remove=[],
+            )
+            await client.report_bad_peer("n2", "n1", OBJ_B, 0, "refused")
+            before = (
+                await client.datasets(),
+                await client.manifest("ds"),
+                await client.nodes(),
+                await client.chunk_map(OBJ_A, "n2"),
+                await client.status(),
+            )
+            # an idle keep-alive connection stays open across the stop below
+            began = time.monotonic()
+            first.stop()
+            assert time.monotonic() - began < 5
+            with pytest.raises(SchedulerError, match="unreachable"):
+                await client.status()
+    finally:
+        first.stop()
+
+    second = SchedulerServer(config, clock=clock)
+    second.start()
+    try:
+        async with SchedulerClient(second.url) as client:
+            after = (
+                await client.datasets(),
+                await client.manifest("ds"),
+                await client.nodes(),
+                await client.chunk_map(OBJ_A, "n2"),
+                await client.status(),
+            )
+            assert after == before
+            assert after[3].peers == {0: [Peer("n1", "127.0.0.1:1")]}
+            assert (await client.add_dataset("ds", "memtest://one/"))["changed"] is False
+    finally:
+        second.stop()
+
+
+def test_listen_failure_is_a_scheduler_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        cfg = SchedulerConfig(
+            listen=f"127.0.0.1:{port}", state_dir=tmp_path / "s", node_timeout=TIMEOUT
+        )
+        with pytest.raises(SchedulerError, match="cannot listen"):
+            SchedulerServer(cfg).start()
+    # the state was closed again: a second server can open it
+    with SchedulerServer(any_port(SchedulerConfig(state_dir=tmp_path / "s", node_timeout=1))):
+        pass
