@@ -55,6 +55,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per control request is noise at info level; our own loggers say what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def guarded(fn: Callable[P, T]) -> Callable[P, T]:
