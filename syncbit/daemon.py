@@ -20,13 +20,13 @@ import trio
 
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.errors import SyncbitError, UserError
-from syncbit.fetcher import ChunkInfo, Fetcher, PeerRef
+from syncbit.fetcher import Fetcher
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
 from syncbit.manifest import Manifest
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.scheduler.client import SchedulerClient
+from syncbit.scheduler.client import ChunkMap, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
 from syncbit.sources.base import Source, open_source
 from syncbit.store import ObjectStore, StoredObject
@@ -44,10 +44,10 @@ class SchedulerDirectory:
     def __init__(self, client: SchedulerClient, node: str) -> None:
         self.client = client
         self.node = node
-        self._cache: dict[str, tuple[float, ChunkInfo]] = {}
+        self._cache: dict[str, tuple[float, ChunkMap]] = {}
         self._pending: dict[str, trio.Event] = {}
 
-    async def chunk_info(self, object_id: str) -> ChunkInfo:
+    async def chunk_info(self, object_id: str) -> ChunkMap:
         while True:
             cached = self._cache.get(object_id)
             if cached and cached[0] > trio.current_time():
@@ -58,11 +58,7 @@ class SchedulerDirectory:
             await pending.wait()
         event = self._pending[object_id] = trio.Event()
         try:
-            cmap = await self.client.chunk_map(object_id, self.node)
-            info = ChunkInfo(
-                digests=dict(cmap.digests),
-                peers={i: [PeerRef(p.node, p.address) for p in ps] for i, ps in cmap.peers.items()},
-            )
+            info = await self.client.chunk_map(object_id, self.node)
             self._cache[object_id] = (trio.current_time() + _CHUNK_INFO_TTL, info)
             return info
         finally:

@@ -29,6 +29,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
 from syncbit.retry import backoff_delays
+from syncbit.scheduler.client import ChunkMap, Peer
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
 
@@ -41,24 +42,10 @@ class Priority(IntEnum):
     PREFETCH = 2
 
 
-@dataclass(frozen=True)
-class PeerRef:
-    node: str
-    address: str
-
-
-@dataclass
-class ChunkInfo:
-    """What the scheduler knows of one object's chunks: digests and who holds them."""
-
-    digests: dict[int, str] = field(default_factory=dict)
-    peers: dict[int, list[PeerRef]] = field(default_factory=dict)
-
-
 class ChunkDirectory(Protocol):
     """Where the fetcher learns digests and holders, and reports bad peers."""
 
-    async def chunk_info(self, object_id: str) -> ChunkInfo: ...
+    async def chunk_info(self, object_id: str) -> ChunkMap: ...
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None: ...
 
@@ -324,17 +311,15 @@ class Fetcher:
         self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
         return view, got
 
-    async def _chunk_info(self, object_id: str) -> ChunkInfo:
+    async def _chunk_info(self, object_id: str) -> ChunkMap:
         try:
             return await self.directory.chunk_info(object_id)
         except SyncbitError as exc:
             # No scheduler is no reason to fail a read: the source still has the bytes.
             log.debug("no chunk info for %s: %s", object_id[:12], exc)
-            return ChunkInfo()
+            return ChunkMap()
 
-    async def _from_peer(
-        self, flight: Flight, peer: PeerRef, view: memoryview, expected: str
-    ) -> bool:
+    async def _from_peer(self, flight: Flight, peer: Peer, view: memoryview, expected: str) -> bool:
         try:
             await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
             return True
@@ -355,7 +340,7 @@ class Fetcher:
             log.warning("could not report bad peer %s: %s", peer, exc)
 
     def _from_peer_blocking(
-        self, flight: Flight, peer: PeerRef, view: memoryview, expected: str
+        self, flight: Flight, peer: Peer, view: memoryview, expected: str
     ) -> None:
         offset = flight.index * flight.obj.chunk_size
         self.peers.get_into(peer.address, flight.obj.id, offset, view)

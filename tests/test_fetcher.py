@@ -16,8 +16,9 @@ from syncbit.errors import (
     SourceChangedError,
     SourceUnavailableError,
 )
-from syncbit.fetcher import ChunkInfo, Fetcher, PeerRef, Priority
+from syncbit.fetcher import Fetcher, Priority
 from syncbit.manifest import FileEntry
+from syncbit.scheduler.client import ChunkMap, Peer
 from syncbit.sources.base import Listing, Source
 from syncbit.store import ObjectStore
 
@@ -54,10 +55,10 @@ class MemSource(Source):
 
 class Directory:
     def __init__(self) -> None:
-        self.info = ChunkInfo()
+        self.info = ChunkMap()
         self.reports: list[tuple[str, int]] = []
 
-    async def chunk_info(self, object_id: str) -> ChunkInfo:
+    async def chunk_info(self, object_id: str) -> ChunkMap:
         return self.info
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
@@ -143,9 +144,9 @@ async def test_bad_peer_detected_reported_and_reader_gets_right_bytes(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source, directory, peers = MemSource(), Directory(), Peers()
-    directory.info = ChunkInfo(
+    directory.info = ChunkMap(
         digests={0: digest(DATA[:CS])},
-        peers={0: [PeerRef("bad", "evil"), PeerRef("gone", "dead"), PeerRef("ok", "good")]},
+        peers={0: [Peer("bad", "evil"), Peer("gone", "dead"), Peer("ok", "good")]},
     )
     fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
     await _run(fetcher, nursery)
@@ -160,7 +161,7 @@ async def test_peer_chunk_without_known_digest_is_never_used(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source, directory, peers = MemSource(), Directory(), Peers()
-    directory.info = ChunkInfo(digests={}, peers={0: [PeerRef("ok", "good")]})
+    directory.info = ChunkMap(digests={}, peers={0: [Peer("ok", "good")]})
     fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
     await _run(fetcher, nursery)
     assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10) == DATA[:10]
@@ -172,8 +173,8 @@ async def test_only_bad_peers_falls_back_to_source(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source, directory, peers = MemSource(), Directory(), Peers()
-    directory.info = ChunkInfo(
-        digests={1: digest(DATA[CS : 2 * CS])}, peers={1: [PeerRef("bad", "evil")]}
+    directory.info = ChunkMap(
+        digests={1: digest(DATA[CS : 2 * CS])}, peers={1: [Peer("bad", "evil")]}
     )
     fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
     await _run(fetcher, nursery)

@@ -12,10 +12,11 @@ import pytest
 import trio
 
 from syncbit.errors import SourceUnavailableError
-from syncbit.fetcher import ChunkInfo, Fetcher
+from syncbit.fetcher import Fetcher
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import ROOT_INODE, Tree
 from syncbit.manifest import FileEntry, Manifest, build_manifest
+from syncbit.scheduler.client import ChunkMap
 from syncbit.sources.base import Listing, Source
 from syncbit.store import ObjectStore
 
@@ -35,8 +36,8 @@ class Src(Source):
 
 
 class NoPeers:
-    async def chunk_info(self, object_id: str) -> ChunkInfo:
-        return ChunkInfo()
+    async def chunk_info(self, object_id: str) -> ChunkMap:
+        return ChunkMap()
 
     async def report_bad_peer(self, *args: object) -> None:
         raise AssertionError("no peers here")
