@@ -145,7 +145,10 @@ class Daemon:
             fs = SyncbitFS(self.tree, self.fetcher, self.sources)
             clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
             cfg.mount.mkdir(parents=True, exist_ok=True)
-            pyfuse3.init(fs, str(cfg.mount), set(MOUNT_OPTIONS))
+            try:
+                pyfuse3.init(fs, str(cfg.mount), set(MOUNT_OPTIONS))
+            except RuntimeError as exc:
+                raise SyncbitError(f"cannot mount at {cfg.mount}: {exc}") from exc
             try:
                 log.info("node %s: mounted at %s", cfg.node, cfg.mount)
                 async with trio.open_nursery() as nursery:

@@ -9,6 +9,8 @@ import logging
 import subprocess
 from pathlib import Path
 
+from syncbit.errors import SyncbitError, UserError
+
 log = logging.getLogger("syncbit.fs")
 
 MOUNT_OPTIONS = ("fsname=syncbit", "subtype=syncbit", "ro", "allow_other", "default_permissions")
@@ -32,7 +34,7 @@ def clean_stale(path: Path) -> None:
     if not stale:
         return
     if not all(fs.startswith("fuse") for fs in stale):
-        raise RuntimeError(f"{path} is already a mount point of type {stale[0]}: refusing")
+        raise UserError(f"{path} is already a mount point of type {stale[0]}: refusing")
     log.warning("cleaning stale mount at %s", path)
     for cmd in (["fusermount3", "-u", "-z", target], ["umount", "-l", target]):
         try:
@@ -40,7 +42,7 @@ def clean_stale(path: Path) -> None:
             return
         except (OSError, subprocess.SubprocessError):
             continue
-    raise RuntimeError(f"could not unmount stale mount at {path}")
+    raise SyncbitError(f"could not unmount stale mount at {path}")
 
 
 def raise_readahead(path: Path, kb: int) -> None:
