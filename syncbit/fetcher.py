@@ -64,6 +64,7 @@ class Flight:
     error: BaseException | None = None
     last_error: str = ""
     started: bool = False
+    retry_after: float = 0.0  # until then a new flight for this chunk gets one attempt
     bad_peers: set[str] = field(default_factory=set)
 
 
@@ -90,6 +91,7 @@ class Fetcher:
         workers: int = 8,
         read_deadline: float = 60.0,
         readahead_chunks: int = 8,
+        failure_ttl: float = 1.0,
     ) -> None:
         self.store = store
         self.directory = directory
@@ -97,6 +99,7 @@ class Fetcher:
         self.workers = workers
         self.read_deadline = read_deadline
         self.readahead_chunks = readahead_chunks
+        self.failure_ttl = failure_ttl
         self._flights: dict[tuple[str, int], Flight] = {}
         self._queue: list[tuple[int, int, Flight]] = []
         self._seq = itertools.count()
@@ -193,15 +196,16 @@ class Fetcher:
     def _flight(self, handle: OpenFile, index: int, prio: Priority) -> Flight:
         key = (handle.obj.id, index)
         flight = self._flights.get(key)
+        deadline = trio.current_time() + self.read_deadline
+        if flight is not None and flight.done.is_set():
+            if trio.current_time() < flight.retry_after:
+                # Failed a moment ago (the kernel retries a failed readahead page at once):
+                # one more attempt, no new deadline's worth of retrying. A source that came
+                # back still answers it.
+                deadline = trio.current_time()
+            flight = None
         if flight is None:
-            flight = Flight(
-                handle.obj,
-                handle.entry,
-                handle.source,
-                index,
-                prio,
-                trio.current_time() + self.read_deadline,
-            )
+            flight = Flight(handle.obj, handle.entry, handle.source, index, prio, deadline)
             self._flights[key] = flight
             self._push(flight)
         elif prio < flight.priority and not flight.started:
@@ -231,8 +235,13 @@ class Fetcher:
             finally:
                 if staged is None and flight.error is None:
                     flight.error = SyncbitError("fetch cancelled")  # never report success
-                if self._flights.get((flight.obj.id, flight.index)) is flight:
-                    del self._flights[(flight.obj.id, flight.index)]
+                key = (flight.obj.id, flight.index)
+                if isinstance(flight.error, (ReadDeadlineError, SourceChangedError)):
+                    # Keep the failure briefly: the kernel retries a failed readahead page
+                    # at once, and that retry must fail now, not after another deadline.
+                    flight.retry_after = trio.current_time() + self.failure_ttl
+                elif self._flights.get(key) is flight:
+                    del self._flights[key]
                 flight.done.set()  # readers go on from RAM while the chunk is written
             if staged is not None:
                 # The write overlaps the next transfer; the slots bound staged RAM and let
