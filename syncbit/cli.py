@@ -89,16 +89,16 @@ def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
     return result
 
 
-def _labels(values: list[str] | None) -> dict[str, str] | None:
+def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
     if not values:
         return None
-    labels: dict[str, str] = {}
+    pairs: dict[str, str] = {}
     for value in values:
         key, sep, val = value.partition("=")
         if not sep or not key:
-            raise UserError(f"invalid label {value!r}: expected key=value")
-        labels[key] = val
-    return labels
+            raise UserError(f"invalid {what} {value!r}: expected key=value")
+        pairs[key] = val
+    return pairs
 
 
 # -- services ---------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def daemon(
             "cache_dir": cache_dir,
             "cache_size": cache_size,
             "mount": mount,
-            "labels": _labels(label),
+            "labels": _pairs(label, "label"),
             "read_deadline": read_deadline,
             "scheduler_listen": scheduler_listen,
             "log_level": log_level,
@@ -202,10 +202,15 @@ def daemon(
 def dataset_add(
     name: Annotated[str, typer.Argument(help="Dataset name: /syncbit/<name>.")],
     uri: Annotated[str, typer.Argument(help="Source: http(s)://..., file:///...")],
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Source option key=value (repeatable)."),
+    ] = None,
     scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
 ) -> None:
     """Resolve a source to a fixed revision and register it (no bytes are downloaded)."""
-    result = _client_call(scheduler, lambda c: c.add_dataset(name, uri))
+    options = _pairs(option, "option") or {}
+    result = _client_call(scheduler, lambda c: c.add_dataset(name, uri, options))
     ds = result["dataset"]
     verb = "added" if result.get("changed", True) else "unchanged"
     typer.echo(

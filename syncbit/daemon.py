@@ -8,6 +8,7 @@ step with the scheduler (heartbeat, dataset list, chunk reports).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -77,9 +78,11 @@ class SourceCache:
     sources: dict[str, Source] = field(default_factory=dict)
 
     def __call__(self, manifest: Manifest) -> Source:
-        source = self.sources.get(manifest.source)
+        key = manifest.source + json.dumps(manifest.source_options, sort_keys=True)
+        source = self.sources.get(key)
         if source is None:
-            source = self.sources[manifest.source] = open_source(manifest.source)
+            source = open_source(manifest.source, manifest.source_options)
+            self.sources[key] = source
         return source
 
     def close(self) -> None:

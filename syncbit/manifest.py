@@ -6,9 +6,11 @@ validates names (nothing may escape the dataset root) and never touches the netw
 
 from __future__ import annotations
 
+import json
 import posixpath
 import stat
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +38,11 @@ class Manifest(BaseModel):
 
     dataset: str
     source: str
+    source_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="non-secret options every node needs to open the source (endpoint, "
+        "region, include/exclude); credentials never go here",
+    )
     revision: str
     chunk_size: int = DEFAULT_CHUNK_SIZE
     created: float = Field(default_factory=time.time)
@@ -75,12 +82,24 @@ def validate_dataset_name(name: str) -> str:
     return name
 
 
+_SECRET_WORDS = ("token", "secret", "password", "credential", "access_key", "auth")
+
+
+def public_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """The source options a manifest may carry: secret-looking keys are dropped, so
+    credentials never reach the scheduler's state, status output or other nodes."""
+    return {
+        k: v for k, v in (options or {}).items() if not any(w in k.lower() for w in _SECRET_WORDS)
+    }
+
+
 def build_manifest(
     dataset: str,
     source: str,
     files: list[FileEntry],
     dirs: list[str] = (),  # type: ignore[assignment]
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    source_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Validate a listing and freeze it into a manifest with a content-derived revision."""
     validate_dataset_name(dataset)
@@ -103,6 +122,7 @@ def build_manifest(
     ordered = sorted(seen.values(), key=lambda e: e.path)
     revision = identity_digest(
         source,
+        json.dumps(public_options(source_options), sort_keys=True),
         str(chunk_size),
         *(f"{e.path}|{e.size}|{e.mode}|{e.object}" for e in ordered),
         *sorted(all_dirs),
@@ -110,6 +130,7 @@ def build_manifest(
     return Manifest(
         dataset=dataset,
         source=source,
+        source_options=public_options(source_options),
         revision=revision,
         chunk_size=chunk_size,
         files=ordered,

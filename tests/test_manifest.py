@@ -117,3 +117,13 @@ def test_revision_changes_with_empty_dir_and_source() -> None:
     base = build_manifest("ds", "s", [entry("b")])
     assert build_manifest("ds", "s", [entry("b")], dirs=["new"]).revision != base.revision
     assert build_manifest("ds", "other", [entry("b")]).revision != base.revision
+
+
+def test_manifest_keeps_public_source_options_only() -> None:
+    from syncbit.manifest import FileEntry, build_manifest
+
+    files = [FileEntry(path="a", size=1, object="0" * 64, locator="a")]
+    opts = {"endpoint_url": "http://s3.local", "aws_secret_access_key": "x", "token": "t"}
+    m = build_manifest("ds", "s3://b/p/", files, source_options=opts)
+    assert m.source_options == {"endpoint_url": "http://s3.local"}
+    assert build_manifest("ds", "s3://b/p/", files).revision != m.revision

@@ -127,7 +127,14 @@ def resolve_dataset(
             ) from None
         finally:
             src.close()
-        return build_manifest(name, source, result.files, result.dirs, chunk_size=chunk_size)
+        return build_manifest(
+            name,
+            source,
+            result.files,
+            result.dirs,
+            chunk_size=chunk_size,
+            source_options=options,
+        )
 
     manifest: Manifest = trio.run(listing)
     return manifest
