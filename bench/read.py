@@ -25,6 +25,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from statistics import median
 
 
 def free_port() -> int:
@@ -94,6 +95,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/syncbit-bench"))
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds; medians are shown")
     args = ap.parse_args()
     if os.geteuid() != 0 or not Path("/dev/fuse").exists():
         print("needs root and /dev/fuse", file=sys.stderr)
@@ -113,6 +115,12 @@ def main() -> int:
             for _ in range(args.size_mib // 16):
                 f.write(os.urandom(16 << 20))
             f.write(os.urandom(size % (16 << 20)))
+    # One name per round: each is a new object (the URL is part of its identity), so every
+    # round reads cold through syncbit; hard links cost no disk.
+    names = [f"big-{r}.bin" for r in range(args.rounds)]
+    for name in names:
+        (www / name).unlink(missing_ok=True)
+        os.link(big, www / name)
     for sub in ("n1", "n2", "sched"):
         shutil.rmtree(work / sub, ignore_errors=True)
 
@@ -129,7 +137,7 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
     origin = f"http://127.0.0.1:{port}"
     sched_port = free_port()
     sched = f"http://127.0.0.1:{sched_port}"
-    results: dict[str, float] = {}
+    rounds: list[dict[str, float]] = []
 
     def origin_bytes() -> int:
         return sum(int(x) for x in access.read_text().split() if x.isdigit())
@@ -137,12 +145,6 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
     with contextlib.ExitStack() as stack:
         stack.enter_context(process(["nginx", "-c", str(conf)], work / "nginx.out"))
         wait_http(f"{origin}/bench/")
-        drop_caches()
-        results["curl"] = size / timed(["curl", "-sf", "-o", "/dev/null", f"{origin}/bench/big.bin"])
-        drop_caches()
-        results["dd_cold"] = size / dd(big)
-        results["dd_hot"] = size / min(dd(big) for _ in range(2))
-
         stack.enter_context(
             process(["syncbit", "scheduler", "--listen", f"127.0.0.1:{sched_port}",
                      "--state-dir", str(work / "sched")], work / "sched.log")
@@ -159,38 +161,50 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
             )
             stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)],
                            capture_output=True)
-            nodes[name] = (proc, mnt / "bench" / "big.bin")
+            nodes[name] = (proc, mnt / "bench")
         subprocess.run(["syncbit", "dataset", "add", "bench", f"{origin}/bench/",
                         "--scheduler", sched], check=True)
         for _, path in nodes.values():
-            wait_file(path)
-        access.write_text("")
-        drop_caches()
-        results["cold"] = size / dd(nodes["n1"][1])
-        cold_origin = origin_bytes()
-        time.sleep(1.5)  # chunk reports reach the scheduler
-        drop_caches()
-        results["peer"] = size / dd(nodes["n2"][1])
-        peer_origin = origin_bytes() - cold_origin
-        drop_caches()
-        results["warm"] = size / dd(nodes["n1"][1])
-        results["hot"] = size / min(dd(nodes["n1"][1]) for _ in range(2))
+            wait_file(path / names[-1])
+        n1, n2 = nodes["n1"][1], nodes["n2"][1]
+        for name in names:
+            r: dict[str, float] = {}
+            drop_caches()
+            r["curl"] = size / timed(["curl", "-sf", "-o", "/dev/null", f"{origin}/bench/{name}"])
+            access.write_text("")
+            drop_caches()
+            r["cold"] = size / dd(n1 / name)
+            r["cold_origin"] = origin_bytes() / size
+            time.sleep(1.5)  # chunk reports reach the scheduler
+            drop_caches()
+            r["peer"] = size / dd(n2 / name)
+            r["peer_origin"] = origin_bytes() / size - r["cold_origin"]
+            drop_caches()
+            r["dd_cold"] = size / dd(www / name)
+            drop_caches()
+            r["warm"] = size / dd(n1 / name)
+            r["dd_hot"] = size / min(dd(www / name) for _ in range(2))
+            r["hot"] = size / min(dd(n1 / name) for _ in range(2))
+            rounds.append(r)
         rss = {n: peak_rss_mib(p.pid) for n, (p, _) in nodes.items()}
 
     gb = 1e9
-    print(f"\nfile {size / 2**20:.0f} MiB; origin nginx on loopback; 2 daemons + scheduler\n")
+    print(f"\nfile {size / 2**20:.0f} MiB; origin nginx on loopback; 2 daemons + scheduler; "
+          f"{len(rounds)} paired rounds, medians (per-round ratios in brackets)\n")
     rows = [
         ("cold (origin only)", "cold", "curl"),
         ("peer (node 1 has it)", "peer", "curl"),
         ("warm (node cache, no page cache)", "warm", "dd_cold"),
         ("hot (page cache)", "hot", "dd_hot"),
     ]
-    print(f"{'read':36} {'syncbit':>10} {'reference':>22} {'ratio':>7}")
+    print(f"{'read':34} {'syncbit':>10} {'reference':>20} {'ratio':>6}  rounds")
     for label, key, ref in rows:
-        print(f"{label:36} {results[key] / gb:7.2f} GB/s {ref:>12} {results[ref] / gb:5.2f} GB/s"
-              f" {results[key] / results[ref]:6.2f}x")
-    print(f"\norigin bytes: cold read {cold_origin / size:.3f}x file, peer read "
-          f"{peer_origin / size:.3f}x file")
+        ratios = [r[key] / r[ref] for r in rounds]
+        print(f"{label:34} {median(r[key] for r in rounds) / gb:5.2f} GB/s {ref:>9} "
+              f"{median(r[ref] for r in rounds) / gb:5.2f} GB/s {median(ratios):5.2f}x  "
+              f"[{' '.join(f'{x:.2f}' for x in ratios)}]")
+    print(f"\norigin bytes per file: cold read {max(r['cold_origin'] for r in rounds):.3f}x, "
+          f"peer read {max(r['peer_origin'] for r in rounds):.3f}x (worst round)")
     print("daemon peak RSS: " + ", ".join(f"{n} {v:.0f} MiB" for n, v in rss.items()))
     return 0
 

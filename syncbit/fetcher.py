@@ -92,6 +92,7 @@ class Fetcher:
         read_deadline: float = 60.0,
         readahead_chunks: int = 8,
         failure_ttl: float = 1.0,
+        write_backlog: int = 8,
     ) -> None:
         self.store = store
         self.directory = directory
@@ -104,7 +105,9 @@ class Fetcher:
         self._queue: list[tuple[int, int, Flight]] = []
         self._seq = itertools.count()
         self._work = trio.Semaphore(0)
-        self._write_slots = trio.Semaphore(workers)
+        # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
+        # bounded so RAM stays bounded (each slot pins one chunk buffer).
+        self._write_slots = trio.Semaphore(write_backlog)
         self._buffers: list[mmap.mmap] = []
         self.stats = {"source": 0, "peer": 0, "cache": 0}  # bytes by where they came from
 
