@@ -23,6 +23,7 @@ _BUILTIN = {
     "http": "syncbit.sources.http",
     "https": "syncbit.sources.http",
     "file": "syncbit.sources.file",
+    "s3": "syncbit.sources.s3",
 }
 
 
