@@ -275,17 +275,22 @@ class Daemon:
             (obj, i, obj.digests[i]) for obj in self.store.objects() for i in sorted(obj.durable)
         ]
         while True:
-            if not backlog:
+            if not backlog and not self.store.newly_removed:
                 await self.store.durable_event.wait()
             self.store.durable_event = trio.Event()
             backlog.extend(self.store.newly_durable)
             self.store.newly_durable.clear()
+            removed, self.store.newly_removed = self.store.newly_removed, []
+            gone = {(o, i) for o, idx in removed for i in idx}
+            backlog = [b for b in backlog if (b[0], b[1]) not in gone]
             batch, backlog = backlog[:_REPORT_BATCH], backlog[_REPORT_BATCH:]
+            remove = [{"object": o.id, "chunks": idx} for o, idx in removed]
             try:
-                await self.client.report_chunks(self.config.node, add=_group(batch), remove=[])
+                await self.client.report_chunks(self.config.node, add=_group(batch), remove=remove)
             except SyncbitError as exc:
                 self._warn("chunk report failed", exc)
                 backlog = batch + backlog
+                self.store.newly_removed = removed + self.store.newly_removed
                 await trio.sleep(1.0)
             else:
                 await trio.sleep(0.2)  # batch what arrives meanwhile

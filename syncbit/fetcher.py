@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import mmap
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -65,6 +66,7 @@ class Flight:
     last_error: str = ""
     started: bool = False
     retry_after: float = 0.0  # until then a new flight for this chunk gets one attempt
+    one_shot: bool = False  # such a flight: one attempt, no retries
     bad_peers: set[str] = field(default_factory=set)
 
 
@@ -109,7 +111,9 @@ class Fetcher:
         # bounded so RAM stays bounded (each slot pins one chunk buffer).
         self._write_slots = trio.Semaphore(write_backlog)
         self._buffers: list[mmap.mmap] = []
-        self.stats = {"source": 0, "peer": 0, "cache": 0}  # bytes by where they came from
+        self.stats = {"source": 0, "peer": 0, "verify_failures": 0}  # bytes by origin
+        self._verified: set[str] = set()  # objects whose whole-file digest checked out
+        self._verifying: set[str] = set()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -165,9 +169,13 @@ class Fetcher:
                 self._flight(handle, index, Priority.READAHEAD)
         handle.readahead_until = max(handle.readahead_until, stop)
 
-    async def _wait_chunks(self, handle: OpenFile, indexes: list[int], prio: Priority) -> None:
+    async def _wait_chunks(
+        self, handle: OpenFile, indexes: list[int], prio: Priority, bounded: bool = True
+    ) -> None:
+        """Wait for the chunks' flights; a reader (`bounded`) gives up after the read
+        deadline, a prefetch relies on each flight's own deadline."""
         flights = [self._flight(handle, i, prio) for i in indexes]
-        with trio.move_on_after(self.read_deadline) as scope:
+        with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
                 await flight.done.wait()
                 if flight.error is not None:
@@ -188,11 +196,20 @@ class Fetcher:
     async def ensure(
         self, entry: FileEntry, chunk_size: int, source: Source, prio: Priority
     ) -> None:
-        """Make every chunk of a file present (prefetch / pull), raising on failure."""
+        """Make every chunk of a file present (prefetch / pull), raising on failure.
+        Returns once every chunk is written to the object file."""
         handle = self.open(entry, chunk_size, source)
-        missing = [i for i in range(handle.obj.chunks) if not handle.obj.has(i)]
+        obj = handle.obj
+        discards = obj.discards
+        missing = [i for i in range(obj.chunks) if not obj.has(i)]
         if missing:
-            await self._wait_chunks(handle, missing, prio)
+            await self._wait_chunks(handle, missing, prio, bounded=False)
+        while len(obj.written) < obj.chunks or obj.id in self._verifying:
+            if obj.discards != discards:
+                raise SourceChangedError(f"{entry.path}: content failed verification")
+            await self.store.written_event.wait()
+        if obj.discards != discards:
+            raise SourceChangedError(f"{entry.path}: content failed verification")
 
     # -- single flight and the priority queue ----------------------------------------------
 
@@ -209,6 +226,7 @@ class Fetcher:
             flight = None
         if flight is None:
             flight = Flight(handle.obj, handle.entry, handle.source, index, prio, deadline)
+            flight.one_shot = deadline <= trio.current_time()
             self._flights[key] = flight
             self._push(flight)
         elif prio < flight.priority and not flight.started:
@@ -227,6 +245,9 @@ class Fetcher:
             if flight.started:
                 continue
             flight.started = True
+            if not flight.one_shot:
+                # A queued prefetch must not spend its deadline waiting in the queue.
+                flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
             staged: tuple[memoryview, str] | None = None
             try:
                 staged = await self._transfer(flight)
@@ -264,6 +285,32 @@ class Fetcher:
         finally:
             self._write_slots.release()
         self.store.mark_written(obj, index, digest_hex)
+        expected = flight.entry.version.get("sha256")
+        if expected and obj.complete and len(obj.written) == obj.chunks:
+            await self._verify_whole(obj, flight.entry.path, expected)
+
+    async def _verify_whole(self, obj: StoredObject, path: str, expected: str) -> None:
+        """The source published the whole file's SHA-256 (HF LFS): check the assembled
+        object once, and discard it on mismatch so no reader gets those bytes again."""
+        if obj.id in self._verified or obj.id in self._verifying:
+            return
+        self._verifying.add(obj.id)
+        try:
+            got = await trio.to_thread.run_sync(self.store.sha256, obj)
+            if got == expected:
+                self._verified.add(obj.id)
+            else:
+                log.error(
+                    "%s: whole-file SHA-256 %s does not match the source's %s: discarding it",
+                    path,
+                    got[:16],
+                    expected[:16],
+                )
+                self.stats["verify_failures"] += 1
+                await self.store.discard(obj)
+        finally:
+            self._verifying.discard(obj.id)
+            self.store.notify()  # wake ensure(): verified, or discarded
 
     # -- one chunk transfer -----------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -75,6 +76,7 @@ class StoredObject:
     durable: set[int] = field(default_factory=set)  # in the index; served to peers
     digests: dict[int, str] = field(default_factory=dict)
     last_used: float = 0.0
+    discards: int = 0  # bumped when the content is thrown away (failed verification)
 
     @property
     def chunks(self) -> int:
@@ -125,6 +127,8 @@ class ObjectStore:
         self._io_lock = threading.Lock()  # serialises lazy fd opening across threads
         self.newly_durable: list[tuple[StoredObject, int, str]] = []  # for the reporter
         self.durable_event = trio.Event()
+        self.written_event = trio.Event()  # set (and replaced) whenever a chunk is written
+        self.newly_removed: list[tuple[StoredObject, list[int]]] = []  # for the reporter
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -357,6 +361,7 @@ class ObjectStore:
         obj.written.add(index)
         self._pinned.discard((obj, index))
         self._trim()
+        self.notify()
         obj.digests[index] = digest
         self._pending.append((obj, index, digest))
         self._pending_event.set()
@@ -393,6 +398,51 @@ class ObjectStore:
                 txn.put(bytes.fromhex(obj.id), json.dumps(meta).encode(), db=objects_db)
             for obj, index, digest in batch:
                 txn.put(_chunk_key(obj.id, index), bytes.fromhex(digest), db=chunks_db)
+
+    def notify(self) -> None:
+        """Wake everyone waiting on `written_event` (a chunk or object state changed)."""
+        self.written_event.set()
+        self.written_event = trio.Event()
+
+    def sha256(self, obj: StoredObject) -> str:
+        """Blocking: SHA-256 of the whole object file (hashlib releases the GIL)."""
+        h = hashlib.sha256()
+        fd = self.fd(obj)
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        offset = 0
+        while offset < obj.size:
+            n = os.preadv(fd, [view[: min(len(buf), obj.size - offset)]], offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short read of object {obj.id[:12]}")
+            h.update(view[:n])
+            offset += n
+        return h.hexdigest()
+
+    async def discard(self, obj: StoredObject) -> None:
+        """Forget every chunk of an object and free its space; readers fetch it anew."""
+        held = sorted(obj.written | obj.durable)
+        for index in list(obj.staged):
+            self.unstage(obj, index)
+        obj.written.clear()
+        obj.durable.clear()
+        obj.digests.clear()
+        obj.discards += 1
+        self._pending = [p for p in self._pending if p[0] is not obj]
+        await trio.to_thread.run_sync(self._discard_blocking, obj)
+        self.newly_removed.append((obj, held))
+        self.durable_event.set()
+        self.notify()
+
+    def _discard_blocking(self, obj: StoredObject) -> None:
+        assert self._env is not None
+        chunks_db = self._db("chunks")
+        with self._env.begin(write=True) as txn:
+            for index in range(obj.chunks):
+                txn.delete(_chunk_key(obj.id, index), db=chunks_db)
+        fd = self.fd(obj)
+        os.ftruncate(fd, 0)  # frees the blocks
+        os.ftruncate(fd, obj.size)
 
     # -- manifests known to this node (so a restart serves without the scheduler) -------
 

@@ -246,3 +246,35 @@ async def test_foreground_goes_before_prefetch(store: ObjectStore, nursery: trio
     await _run(fetcher, nursery)
     await reader.wait()
     assert order[0] == 5
+
+
+async def test_ensure_brings_whole_file_and_checks_published_sha256(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    import hashlib
+
+    source = MemSource()
+    fetcher = Fetcher(store, Directory(), Peers())  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    entry = ENTRY.model_copy(update={"version": {"sha256": hashlib.sha256(DATA).hexdigest()}})
+    await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    obj = store.get(ENTRY.object)
+    assert obj is not None and obj.complete and len(obj.written) == obj.chunks
+    assert store.read(obj, 0, len(DATA)) == DATA
+    assert fetcher.stats["verify_failures"] == 0
+
+
+async def test_whole_file_sha256_mismatch_discards_content(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    fetcher = Fetcher(store, Directory(), Peers())  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    entry = ENTRY.model_copy(update={"version": {"sha256": "0" * 64}})
+    with pytest.raises(SourceChangedError, match="failed verification"):
+        await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    obj = store.get(ENTRY.object)
+    assert obj is not None and not obj.written and not obj.durable
+    assert fetcher.stats["verify_failures"] == 1
+    await store.flush()
+    assert store.newly_removed and store.newly_removed[0][0] is obj  # told to the scheduler
