@@ -247,6 +247,65 @@ def dataset_rm(
     typer.echo(f"removed {name}")
 
 
+def default_name(uri: str) -> str:
+    """The dataset name `pull` uses without --name: the URI's last path element."""
+    rest = uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/")
+    name = rest.rsplit("/", 1)[-1]
+    if not name or name.startswith("."):
+        raise UserError(f"cannot derive a dataset name from {uri!r}: give --name")
+    return name
+
+
+@app.command()
+@guarded
+def pull(
+    uri: Annotated[str, typer.Argument(help="Source URI: http(s)://, file://, s3://, hf://")],
+    name: Annotated[
+        str | None, typer.Option(help="Dataset name (default: last path element of URI).")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch, tag or commit (hf:// sources).")
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Source option key=value (repeatable)."),
+    ] = None,
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+    daemon_addr: Annotated[
+        str,
+        typer.Option(
+            "--daemon", envvar="SYNCBIT_DAEMON", help="This node's daemon (its --listen)."
+        ),
+    ] = "127.0.0.1:7901",
+) -> None:
+    """Register a dataset and bring every byte of it to this node; resumable."""
+    options: dict[str, Any] = _pairs(option, "option") or {}
+    if revision is not None:
+        if not uri.startswith("hf://"):
+            raise UserError("--revision applies to hf:// sources only")
+        options["revision"] = revision
+    if include:
+        options["include"] = include
+    if exclude:
+        options["exclude"] = exclude
+    dataset = name or default_name(uri)
+    result = _client_call(scheduler, lambda c: c.add_dataset(dataset, uri, options))
+    ds = result["dataset"]
+    typer.echo(
+        f"{dataset}: revision {ds['revision']}, {ds['files']} files, {human(ds['size'])}",
+        err=True,
+    )
+    from syncbit.pull import follow
+
+    follow(daemon_addr, dataset)
+
+
 @app.command()
 @guarded
 def status(

@@ -15,17 +15,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import pyfuse3
 import trio
 
+from syncbit.chunks import chunk_length
 from syncbit.config import DaemonConfig, SchedulerConfig
-from syncbit.errors import SyncbitError, UserError
-from syncbit.fetcher import Fetcher
+from syncbit.errors import NotFoundError, SyncbitError, UserError
+from syncbit.fetcher import Fetcher, Priority
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
-from syncbit.manifest import Manifest
+from syncbit.manifest import FileEntry, Manifest
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
@@ -91,6 +93,15 @@ class SourceCache:
         self.sources.clear()
 
 
+@dataclass(eq=False)
+class PullJob:
+    """Bringing every byte of one dataset version to this node (`syncbit pull`)."""
+
+    manifest: Manifest
+    done: bool = False
+    error: str | None = None
+
+
 class Daemon:
     """Every component of one node, wired from a `DaemonConfig`."""
 
@@ -105,6 +116,7 @@ class Daemon:
         self.manifests: dict[str, Manifest] = {}
         self._generation = -1
         self._warned: dict[str, float] = {}
+        self.pulls: dict[str, PullJob] = {}
 
     def _start_services(self) -> str:
         cfg = self.config
@@ -155,6 +167,14 @@ class Daemon:
             try:
                 log.info("node %s: mounted at %s", cfg.node, cfg.mount)
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    token = trio.lowlevel.current_trio_token()
+                    assert self.peer_server is not None
+                    self.peer_server.set_control(
+                        lambda m, path, body: trio.from_thread.run(
+                            self._control, m, path, body, trio_token=token
+                        )
+                    )
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     await nursery.start(self.store.commit_loop)
                     await nursery.start(self.fetcher.run)
@@ -203,6 +223,84 @@ class Daemon:
         if now - self._warned.get(what, 0.0) > 30:
             self._warned[what] = now
             log.warning("%s: %s", what, exc)
+
+    # -- node-local control: pull and progress ------------------------------------------------
+
+    async def _control(
+        self, method: str, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        parts = [unquote(p) for p in path.split("?")[0].split("/") if p]
+        try:
+            if method == "POST" and parts == ["v1", "local", "pull"]:
+                return 200, await self.pull(str(body.get("dataset", "")))
+            if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
+                return 200, self.progress(parts[3])
+        except NotFoundError as exc:
+            return 404, {"error": str(exc)}
+        return 404, {"error": f"no such endpoint {method} {path}"}
+
+    async def pull(self, name: str) -> dict[str, Any]:
+        """Start bringing every byte of dataset `name` here (idempotent); its progress."""
+        self._generation = -1  # the dataset may have been added a moment ago
+        await self._sync_datasets()
+        manifest = self.manifests.get(name)
+        if manifest is None:
+            raise NotFoundError(f"no dataset {name!r} on this node's scheduler")
+        job = self.pulls.get(name)
+        if job is None or job.manifest.revision != manifest.revision or job.error:
+            job = self.pulls[name] = PullJob(manifest)
+            self._nursery.start_soon(self._run_pull, job)
+        return self.progress(name)
+
+    async def _run_pull(self, job: PullJob) -> None:
+        manifest = job.manifest
+        source = self.sources(manifest)
+        limit = trio.CapacityLimiter(4)  # a few files at once: small files are latency-bound
+
+        async def one(entry: FileEntry) -> None:
+            async with limit:
+                try:
+                    await self.fetcher.ensure(entry, manifest.chunk_size, source, Priority.PREFETCH)
+                except SyncbitError as exc:
+                    job.error = job.error or f"{entry.path}: {exc}"
+
+        async with trio.open_nursery() as nursery:
+            for entry in manifest.files:
+                nursery.start_soon(one, entry)
+        if job.error is None:
+            await self.store.flush()  # complete means durable
+        job.done = True
+        log.info("pull of %s: %s", manifest.dataset, job.error or "complete")
+
+    def progress(self, name: str) -> dict[str, Any]:
+        """How much of a dataset this node holds: the document `syncbit pull` polls."""
+        manifest = self.manifests.get(name)
+        if manifest is None:
+            raise NotFoundError(f"no dataset {name!r} on this node")
+        objects = {f.object: f.size for f in manifest.files}
+        present = 0
+        durable = True
+        for oid, size in objects.items():
+            obj = self.store.get(oid)
+            if obj is not None:
+                present += sum(chunk_length(size, manifest.chunk_size, i) for i in obj.written)
+                durable = durable and len(obj.durable) == obj.chunks
+            elif size:
+                durable = False
+        total = sum(objects.values())
+        job = self.pulls.get(name)
+        return {
+            "dataset": name,
+            "revision": manifest.revision,
+            "files": len(manifest.files),
+            "size": total,
+            "present_bytes": present,
+            "complete": present == total
+            and durable
+            and (job is None or (job.done and job.error is None)),
+            "pulling": job is not None and not job.done,
+            "error": job.error if job else None,
+        }
 
     # -- control loops -----------------------------------------------------------------------
 

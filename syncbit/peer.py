@@ -5,22 +5,31 @@ never returns a peer's bytes without the caller verifying them against a known d
 Wire format: `GET /v1/objects/<object>/data` with `Range: bytes=a-b` -> 206 and the bytes,
 sent with `sendfile` straight from the object file; 404 if any covered chunk is not held.
 Connections are thread-per-connection outside the trio loop, so serving never blocks FUSE.
+The same port answers node-local control requests (`/v1/local/...`, loopback only) by
+handing them to the daemon's `Control` callback.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import re
 import socketserver
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 from syncbit.errors import PeerError
 from syncbit.store import ObjectStore
 from syncbit.wire import Pool, WireError, parse_content_range
 
 log = logging.getLogger("syncbit.peer")
+
+# (method, path, JSON body) -> (HTTP status, JSON document); runs in a server thread.
+Control = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
 
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
 
@@ -40,9 +49,41 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _local(self, method: str) -> None:
+        """Node-local control (pull, progress): loopback clients only, JSON both ways."""
+        control = self.server.control
+        if control is None or not ipaddress.ip_address(self.client_address[0]).is_loopback:
+            self._plain(403 if control else 404, "local control is for this host only\n")
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            self._json(400, {"error": "request body is not JSON"})
+            return
+        status, doc = control(method, self.path, body)
+        self._json(status, doc)
+
+    def _json(self, status: int, doc: dict[str, Any]) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        if self.path.startswith("/v1/local/"):
+            self._local("POST")
+        else:
+            self._plain(404, "no such endpoint\n")
+
     def do_GET(self) -> None:
         if self.path == "/healthz":
             self._plain(200, "ok\n")
+            return
+        if self.path.startswith("/v1/local/"):
+            self._local("GET")
             return
         match = _DATA_PATH.match(self.path)
         if not match:
@@ -85,6 +126,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, address: tuple[str, int], store: ObjectStore) -> None:
         self.store = store
+        self.control: Control | None = None
         self.active = 0
         self.bytes_served = 0
         self._count_lock = threading.Lock()
@@ -111,6 +153,10 @@ class PeerServer:
     def address(self) -> str:
         host, port = self._server.server_address[:2]
         return f"{host!s}:{port}"
+
+    def set_control(self, control: Control) -> None:
+        """Serve node-local control requests (`/v1/local/...`) with `control`."""
+        self._server.control = control
 
     @property
     def load(self) -> int:

@@ -77,3 +77,19 @@ def test_human_sizes() -> None:
     assert human(0) == "0 B"
     assert human(1536) == "1.5 KiB"
     assert human(3 * 2**30) == "3.0 GiB"
+
+
+@pytest.mark.parametrize(
+    ("uri", "name"),
+    [
+        ("http://origin/models/llama/", "llama"),
+        ("s3://bucket/weights/v2", "v2"),
+        ("hf://meta/llama-3@main", "llama-3"),
+        ("hf://datasets/org/squad", "squad"),
+        ("file:///srv/data/", "data"),
+    ],
+)
+def test_pull_default_name_is_last_path_element(uri: str, name: str) -> None:
+    from syncbit.cli import default_name
+
+    assert default_name(uri) == name

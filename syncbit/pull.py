@@ -1,0 +1,85 @@
+"""`syncbit pull`'s client side: asks this node's daemon to bring a dataset here and shows
+progress until it is complete and verified. Never fetches bytes itself: the daemon does,
+so an interrupted pull keeps going there and a second pull simply reattaches.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from syncbit.errors import NotFoundError, SyncbitError
+
+_POLL = 0.5
+_PLAIN_EVERY = 5.0
+
+
+def _call(client: httpx.Client, method: str, url: str, **kw: Any) -> dict[str, Any]:
+    try:
+        resp = client.request(method, url, **kw)
+    except httpx.HTTPError as exc:
+        raise SyncbitError(
+            f"no syncbit daemon answers at {url.split('/v1')[0]} ({exc.__class__.__name__}): "
+            "start one with `syncbit daemon` or pass --daemon host:port"
+        ) from exc
+    doc: dict[str, Any] = resp.json() if resp.content else {}
+    if resp.status_code == 404:
+        raise NotFoundError(doc.get("error", f"not found: {url}"))
+    if resp.status_code != 200:
+        raise SyncbitError(doc.get("error", f"daemon answered HTTP {resp.status_code}"))
+    return doc
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _line(doc: dict[str, Any], rate: float) -> str:
+    total, have = doc["size"], doc["present_bytes"]
+    pct = 100.0 if total == 0 else 100.0 * have / total
+    eta = f"{(total - have) / rate:.0f}s" if rate > 0 else "?"
+    return (
+        f"{doc['dataset']}: {pct:5.1f}%  {_size(have)} / {_size(total)}  {_size(rate)}/s  ETA {eta}"
+    )
+
+
+def follow(daemon: str, dataset: str, out: Any = None) -> dict[str, Any]:
+    """Start (or rejoin) the pull of `dataset` on the daemon at `daemon` and wait for it.
+
+    Returns the final progress document; raises SyncbitError with the daemon's reason if
+    the dataset cannot be completed.
+    """
+    out = out or sys.stderr
+    tty = out.isatty()
+    base = f"http://{daemon}/v1/local"
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        doc = _call(client, "POST", f"{base}/pull", json={"dataset": dataset})
+        started, first = time.monotonic(), doc["present_bytes"]
+        last_plain = 0.0
+        while not doc["complete"]:
+            if doc.get("error") and not doc.get("pulling"):
+                raise SyncbitError(f"pull of {dataset} failed: {doc['error']}")
+            elapsed = time.monotonic() - started
+            rate = (doc["present_bytes"] - first) / elapsed if elapsed > 0 else 0.0
+            if tty:
+                out.write("\r" + _line(doc, rate).ljust(78))
+                out.flush()
+            elif elapsed - last_plain >= _PLAIN_EVERY:
+                last_plain = elapsed
+                print(_line(doc, rate), file=out, flush=True)
+            time.sleep(_POLL)
+            doc = _call(client, "GET", f"{base}/datasets/{dataset}")
+        elapsed = time.monotonic() - started
+        rate = (doc["present_bytes"] - first) / elapsed if elapsed > 0 else 0.0
+        end = "\n" if tty else ""
+        print(("\r" if tty else "") + _line(doc, rate) + "  complete" + end, file=out, end="")
+        if not tty:
+            print(file=out)
+        return doc
