@@ -71,6 +71,15 @@ class Flight:
 
 
 @dataclass(eq=False)
+class Staged:
+    """A chunk a transfer made readable from RAM, still to be written to disk."""
+
+    flight: Flight
+    view: memoryview
+    digest: str
+
+
+@dataclass(eq=False)
 class OpenFile:
     """A file opened through the mount: what to read, and where sequential reads were."""
 
@@ -95,6 +104,7 @@ class Fetcher:
         readahead_chunks: int = 8,
         failure_ttl: float = 1.0,
         write_backlog: int = 8,
+        source_batch: int = 16 << 20,
     ) -> None:
         self.store = store
         self.directory = directory
@@ -103,6 +113,7 @@ class Fetcher:
         self.read_deadline = read_deadline
         self.readahead_chunks = readahead_chunks
         self.failure_ttl = failure_ttl
+        self.source_batch = source_batch  # bytes one source request may bring at most
         self._flights: dict[tuple[str, int], Flight] = {}
         self._queue: list[tuple[int, int, Flight]] = []
         self._seq = itertools.count()
@@ -248,7 +259,7 @@ class Fetcher:
             if not flight.one_shot:
                 # A queued prefetch must not spend its deadline waiting in the queue.
                 flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
-            staged: tuple[memoryview, str] | None = None
+            staged: list[Staged] | None = None
             try:
                 staged = await self._transfer(flight)
             except SyncbitError as exc:
@@ -259,19 +270,27 @@ class Fetcher:
             finally:
                 if staged is None and flight.error is None:
                     flight.error = SyncbitError("fetch cancelled")  # never report success
-                key = (flight.obj.id, flight.index)
                 if isinstance(flight.error, (ReadDeadlineError, SourceChangedError)):
                     # Keep the failure briefly: the kernel retries a failed readahead page
                     # at once, and that retry must fail now, not after another deadline.
                     flight.retry_after = trio.current_time() + self.failure_ttl
-                elif self._flights.get(key) is flight:
-                    del self._flights[key]
-                flight.done.set()  # readers go on from RAM while the chunk is written
-            if staged is not None:
+                    flight.done.set()
+                else:
+                    self._finish(flight)
+                for done in staged or []:
+                    if done.flight is not flight:
+                        self._finish(done.flight)  # readers go on from RAM while written
+            for done in staged or []:
                 # The write overlaps the next transfer; the slots bound staged RAM and let
                 # a disk slower than the network push back on fetching.
                 await self._write_slots.acquire()
-                self._nursery.start_soon(self._persist, flight, *staged)
+                self._nursery.start_soon(self._persist, done.flight, done.view, done.digest)
+
+    def _finish(self, flight: Flight) -> None:
+        key = (flight.obj.id, flight.index)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.done.set()
 
     async def _persist(self, flight: Flight, view: memoryview, digest_hex: str) -> None:
         """Write a staged chunk to the object file; only then may it become durable."""
@@ -314,10 +333,11 @@ class Fetcher:
 
     # -- one chunk transfer -----------------------------------------------------------------
 
-    async def _transfer(self, flight: Flight) -> tuple[memoryview, str] | None:
+    async def _transfer(self, flight: Flight) -> list[Staged]:
         """Peers first (verified against the recorded digest), then the source; retry
-        temporary failures with backoff until the flight's deadline. Returns the staged
-        bytes and their digest, or None if the chunk was already here."""
+        temporary failures with backoff until the flight's deadline. Returns what was
+        staged: this flight's chunk, and queued chunks right after it that a source read
+        brought along (empty if the chunk was already here)."""
         delays = backoff_delays(base=0.05, cap=2.0)
         while True:
             try:
@@ -336,39 +356,83 @@ class Fetcher:
                 log.warning("chunk %d of %s: %s; retrying", flight.index, flight.entry.path, exc)
                 await trio.sleep(delay)
 
-    async def _transfer_once(self, flight: Flight) -> tuple[memoryview, str] | None:
+    async def _transfer_once(self, flight: Flight) -> list[Staged]:
         obj, index = flight.obj, flight.index
         if obj.has(index):
-            return None
-        length = chunk_length(obj.size, obj.chunk_size, index)
-        buf = self._buffer(obj.chunk_size)
-        view = memoryview(buf)[:length]
+            return []
+        info = await self._chunk_info(obj.id)
+        expected = info.digests.get(index)
+        if expected is not None and info.peers.get(index):
+            buf = self._buffer(obj.chunk_size)
+            view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
+            for peer in info.peers[index]:
+                if peer.node not in flight.bad_peers and await self._from_peer(
+                    flight, peer, view, expected
+                ):
+                    self.stats["peer"] += len(view)
+                    self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
+                    return [Staged(flight, view, expected)]
+            self._buffers.append(buf)
+        return await self._from_source(flight, info)
+
+    def _followers(self, flight: Flight, info: ChunkMap) -> list[Flight]:
+        """Queued flights for the chunks right after `flight` that no peer can serve:
+        claimed so one source request brings them all (object stores and CDNs charge per
+        request, and some, like moto, cost a whole-object read per request)."""
+        obj = flight.obj
+        claimed: list[Flight] = []
+        budget = self.source_batch - obj.chunk_size
+        index = flight.index + 1
+        while budget >= obj.chunk_size and index < obj.chunks:
+            nxt = self._flights.get((obj.id, index))
+            if nxt is None or nxt.started or nxt.done.is_set() or info.peers.get(index):
+                break
+            nxt.started = True
+            nxt.deadline = flight.deadline
+            claimed.append(nxt)
+            budget -= obj.chunk_size
+            index += 1
+        return claimed
+
+    async def _from_source(self, flight: Flight, info: ChunkMap) -> list[Staged]:
+        obj = flight.obj
+        followers = self._followers(flight, info)
+        batch = [flight, *followers]
+        span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
+        buf = self._buffer(span)
         try:
-            info = await self._chunk_info(obj.id)
-            expected = info.digests.get(index)
-            got: str | None = None
-            if expected is not None:
-                for peer in info.peers.get(index, []):
-                    if peer.node not in flight.bad_peers and await self._from_peer(
-                        flight, peer, view, expected
-                    ):
-                        got = expected
-                        self.stats["peer"] += length
-                        break
-            if got is None:
-                got = await trio.to_thread.run_sync(self._from_source_blocking, flight, view)
-                self.stats["source"] += length
-                if expected is not None and got != expected:
-                    log.warning(
-                        "source bytes of chunk %d of %s differ from the recorded digest",
-                        index,
-                        flight.entry.path,
-                    )
+            digests = await trio.to_thread.run_sync(
+                self._from_source_blocking, flight, memoryview(buf)[:span], len(batch)
+            )
         except BaseException:
             self._buffers.append(buf)
+            for f in followers:  # back in the queue, on their own
+                f.started = False
+                self._push(f)
             raise
-        self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
-        return view, got
+        self.stats["source"] += span
+        pending = [len(batch)]
+
+        def release() -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                self._buffers.append(buf)
+
+        staged = []
+        for i, f in enumerate(batch):
+            start = i * obj.chunk_size
+            length = chunk_length(obj.size, obj.chunk_size, f.index)
+            view = memoryview(buf)[start : start + length]
+            expected = info.digests.get(f.index)
+            if expected is not None and digests[i] != expected:
+                log.warning(
+                    "source bytes of chunk %d of %s differ from the recorded digest",
+                    f.index,
+                    f.entry.path,
+                )
+            self.store.stage(obj, f.index, view, release)
+            staged.append(Staged(f, view, digests[i]))
+        return staged
 
     async def _chunk_info(self, object_id: str) -> ChunkMap:
         try:
@@ -410,14 +474,18 @@ class Fetcher:
                 f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
             )
 
-    def _from_source_blocking(self, flight: Flight, view: memoryview) -> str:
-        flight.source.read_into(flight.entry, flight.index * flight.obj.chunk_size, view)
-        return digest(view)
+    def _from_source_blocking(self, flight: Flight, view: memoryview, chunks: int) -> list[str]:
+        """One range read of `chunks` consecutive chunks; their digests."""
+        cs = flight.obj.chunk_size
+        flight.source.read_into(flight.entry, flight.index * cs, view)
+        return [digest(view[i * cs : (i + 1) * cs]) for i in range(chunks)]
 
     def _buffer(self, size: int) -> mmap.mmap:
-        """A page-aligned chunk buffer (O_DIRECT needs alignment), reused when free."""
-        while self._buffers:
-            buf = self._buffers.pop()
-            if len(buf) >= size:
-                return buf
+        """A page-aligned buffer (O_DIRECT needs alignment), reused when free: the
+        smallest free one that fits, so a chunk does not take a batch-sized buffer."""
+        fits = [b for b in self._buffers if len(b) >= size]
+        if fits:
+            buf = min(fits, key=len)
+            self._buffers.remove(buf)
+            return buf
         return mmap.mmap(-1, size)

@@ -33,6 +33,7 @@ class MemSource(Source):
     def __init__(self) -> None:
         super().__init__("mem://")
         self.reads = 0
+        self.bytes = 0
         self.down = False
         self.changed = False
         self.gate: threading.Event | None = None
@@ -46,6 +47,7 @@ class MemSource(Source):
             self.gate.wait(10)
         with self.lock:
             self.reads += 1
+            self.bytes += len(buf)
         if self.down:
             raise SourceUnavailableError("mem: connection refused")
         if self.changed:
@@ -130,7 +132,7 @@ async def test_whole_file_through_reads_across_chunks(
         out += await fetcher.read(handle, len(out), 50_000)
     assert bytes(out) == DATA
     assert await fetcher.read(handle, len(DATA), 10) == b""
-    assert source.reads == 6  # each chunk once, readahead included
+    assert source.bytes == len(DATA)  # each byte once, readahead included
     obj = store.get(ENTRY.object)
     assert obj is not None
     with trio.fail_after(5):
@@ -278,3 +280,31 @@ async def test_whole_file_sha256_mismatch_discards_content(
     assert fetcher.stats["verify_failures"] == 1
     await store.flush()
     assert store.newly_removed and store.newly_removed[0][0] is obj  # told to the scheduler
+
+
+async def test_source_reads_coalesce_queued_neighbours(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    fetcher = Fetcher(store, Directory(), Peers(), source_batch=3 * CS)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    assert source.reads == 2  # 6 chunks, 3 per request
+    assert source.bytes == len(DATA)
+    handle = fetcher.open(ENTRY, CS, source)
+    assert await fetcher.read(handle, 0, len(DATA)) == DATA
+
+
+async def test_failed_batch_puts_neighbours_back_on_their_own(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource()
+    source.down = True
+    fetcher = Fetcher(store, Directory(), Peers(), source_batch=6 * CS, read_deadline=0.3)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    with pytest.raises(ReadDeadlineError):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    source.down = False
+    await trio.sleep(fetcher.failure_ttl)
+    await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
