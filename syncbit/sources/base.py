@@ -24,6 +24,7 @@ _BUILTIN = {
     "https": "syncbit.sources.http",
     "file": "syncbit.sources.file",
     "s3": "syncbit.sources.s3",
+    "hf": "syncbit.sources.hf",
 }
 
 
