@@ -54,8 +54,13 @@ def wait_http(url: str, timeout: float = 30) -> None:
 @contextlib.contextmanager
 def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     try:
         yield
     finally:
@@ -81,17 +86,47 @@ def syncbit_pull(work: Path, uri: str, options: list[str], env: dict[str, str]) 
     sched, listen = free_port(), free_port()
     mnt = node / "mnt"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process(
-            [PY, "-m", "syncbit.cli", "daemon", "--mount", str(mnt), "--cache-dir",
-             str(node / "cache"), "--listen", f"127.0.0.1:{listen}", "--scheduler-listen",
-             f"127.0.0.1:{sched}", "--node", "bench"], work / "daemon.log", env))
-        stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)],
-                       capture_output=True)
+        stack.enter_context(
+            process(
+                [
+                    PY,
+                    "-m",
+                    "syncbit.cli",
+                    "daemon",
+                    "--mount",
+                    str(mnt),
+                    "--cache-dir",
+                    str(node / "cache"),
+                    "--listen",
+                    f"127.0.0.1:{listen}",
+                    "--scheduler-listen",
+                    f"127.0.0.1:{sched}",
+                    "--node",
+                    "bench",
+                ],
+                work / "daemon.log",
+                env,
+            )
+        )
+        stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         wait_http(f"http://127.0.0.1:{sched}/healthz")
-        argv = [PY, "-m", "syncbit.cli", "pull", uri, *options, "--scheduler",
-                f"http://127.0.0.1:{sched}", "--daemon", f"127.0.0.1:{listen}"]
-        return timed(lambda: subprocess.run(argv, check=True, env={**os.environ, **env},
-                                            stderr=subprocess.DEVNULL))
+        argv = [
+            PY,
+            "-m",
+            "syncbit.cli",
+            "pull",
+            uri,
+            *options,
+            "--scheduler",
+            f"http://127.0.0.1:{sched}",
+            "--daemon",
+            f"127.0.0.1:{listen}",
+        ]
+        return timed(
+            lambda: subprocess.run(
+                argv, check=True, env={**os.environ, **env}, stderr=subprocess.DEVNULL
+            )
+        )
 
 
 def bench_s3(work: Path, size: int) -> tuple[float, float]:
@@ -101,8 +136,7 @@ def bench_s3(work: Path, size: int) -> tuple[float, float]:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(AWS)
-    with process([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                 work / "moto.log"):
+    with process([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], work / "moto.log"):
         wait_http(f"{endpoint}/moto-api/data.json")
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket="bench")
@@ -110,19 +144,24 @@ def bench_s3(work: Path, size: int) -> tuple[float, float]:
         with src.open("wb") as f:
             for _ in range(size // (16 << 20)):
                 f.write(os.urandom(16 << 20))
-        client.upload_file(str(src), "bench", "data/weights.bin",
-                           Config=TransferConfig(multipart_chunksize=64 << 20))
+        client.upload_file(
+            str(src),
+            "bench",
+            "data/weights.bin",
+            Config=TransferConfig(multipart_chunksize=64 << 20),
+        )
         with tempfile.TemporaryDirectory(dir=work) as out:
-            plain = timed(lambda: client.download_file(
-                "bench", "data/weights.bin", f"{out}/weights.bin"))
+            plain = timed(
+                lambda: client.download_file("bench", "data/weights.bin", f"{out}/weights.bin")
+            )
         client.close()
-        ours = syncbit_pull(work, "s3://bench/data/", ["--option", f"endpoint_url={endpoint}"],
-                            AWS)
+        ours = syncbit_pull(work, "s3://bench/data/", ["--option", f"endpoint_url={endpoint}"], AWS)
     return plain, ours
 
 
 def bench_hf(work: Path, size: int) -> tuple[float, float]:
     from huggingface_hub import snapshot_download
+
     from syncbit.testing.hub import Hub  # the loopback Hub-compatible server
 
     root = work / "hub"
@@ -135,12 +174,17 @@ def bench_hf(work: Path, size: int) -> tuple[float, float]:
             f.write(os.urandom(16 << 20))
     hub.add_commit("bench/model", {"model.safetensors": shard, "config.json": b"{}"})
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HOME": str(work / "hf-home")}
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(work / "hf-home"),
+    }
     os.environ.update(env)
     with hub:
         with tempfile.TemporaryDirectory(dir=work) as out:
-            plain = timed(lambda: snapshot_download("bench/model", local_dir=out))
+            plain = timed(
+                lambda: snapshot_download("bench/model", local_dir=out, endpoint=endpoint)
+            )
         ours = syncbit_pull(work, "hf://bench/model", [], env)
     return plain, ours
 
@@ -157,8 +201,10 @@ def main() -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     size = args.size_mib << 20
     rows = []
-    for kind, fn, ref in (("s3", bench_s3, "boto3 download_file"),
-                          ("hf", bench_hf, "snapshot_download")):
+    for kind, fn, ref in (
+        ("s3", bench_s3, "boto3 download_file"),
+        ("hf", bench_hf, "snapshot_download"),
+    ):
         if args.only and args.only != kind:
             continue
         plain, ours = fn(args.dir, size)
@@ -166,8 +212,10 @@ def main() -> int:
     print(f"\ndataset {args.size_mib} MiB, loopback servers, fresh node cache per pull\n")
     print(f"{'source':6} {'plain client':22} {'plain':>9} {'syncbit pull':>13} {'ratio':>7}")
     for kind, ref, plain, ours in rows:
-        print(f"{kind:6} {ref:22} {size / plain / 1e9:6.2f} GB/s {size / ours / 1e9:9.2f} GB/s"
-              f" {plain / ours:6.2f}x")
+        print(
+            f"{kind:6} {ref:22} {size / plain / 1e9:6.2f} GB/s {size / ours / 1e9:9.2f} GB/s"
+            f" {plain / ours:6.2f}x"
+        )
     return 0
 
 

@@ -26,6 +26,7 @@ from syncbit.errors import (
     ReadDeadlineError,
     SourceChangedError,
     SyncbitError,
+    UserError,
 )
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
@@ -193,7 +194,7 @@ class Fetcher:
                     # A fresh exception per waiter: one flight may fail many readers.
                     kind = (
                         SourceChangedError
-                        if isinstance(flight.error, SourceChangedError)
+                        if isinstance(flight.error, SourceChangedError | UserError)
                         else ReadDeadlineError
                     )
                     raise kind(str(flight.error)) from flight.error
@@ -270,7 +271,7 @@ class Fetcher:
             finally:
                 if staged is None and flight.error is None:
                     flight.error = SyncbitError("fetch cancelled")  # never report success
-                if isinstance(flight.error, (ReadDeadlineError, SourceChangedError)):
+                if isinstance(flight.error, (ReadDeadlineError, SourceChangedError, UserError)):
                     # Keep the failure briefly: the kernel retries a failed readahead page
                     # at once, and that retry must fail now, not after another deadline.
                     flight.retry_after = trio.current_time() + self.failure_ttl
@@ -342,7 +343,8 @@ class Fetcher:
         while True:
             try:
                 return await self._transfer_once(flight)
-            except SourceChangedError as exc:
+            except (SourceChangedError, UserError) as exc:
+                # Permanent: the version is gone, or access/config is wrong (no token...).
                 log.error("%s: %s", flight.entry.path, exc)
                 raise
             except SyncbitError as exc:

@@ -308,3 +308,19 @@ async def test_failed_batch_puts_neighbours_back_on_their_own(
     await trio.sleep(fetcher.failure_ttl)
     await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+async def test_access_errors_are_not_retried(store: ObjectStore, nursery: trio.Nursery) -> None:
+    from syncbit.errors import InvalidSourceError
+
+    class Gated(MemSource):
+        def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+            self.reads += 1
+            raise InvalidSourceError("gated repo: set HF_TOKEN")
+
+    source = Gated()
+    fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=0)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    with pytest.raises(SourceChangedError, match="HF_TOKEN"):
+        await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10)
+    assert source.reads == 1
