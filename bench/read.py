@@ -146,24 +146,49 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
         stack.enter_context(process(["nginx", "-c", str(conf)], work / "nginx.out"))
         wait_http(f"{origin}/bench/")
         stack.enter_context(
-            process(["syncbit", "scheduler", "--listen", f"127.0.0.1:{sched_port}",
-                     "--state-dir", str(work / "sched")], work / "sched.log")
+            process(
+                [
+                    "syncbit",
+                    "scheduler",
+                    "--listen",
+                    f"127.0.0.1:{sched_port}",
+                    "--state-dir",
+                    str(work / "sched"),
+                ],
+                work / "sched.log",
+            )
         )
         wait_http(f"{sched}/healthz")
         nodes = {}
         for name in ("n1", "n2"):
             mnt = work / name / "mnt"
             proc = stack.enter_context(
-                process(["syncbit", "daemon", "--scheduler", sched, "--node", name,
-                         "--listen", f"127.0.0.1:{free_port()}", "--cache-dir",
-                         str(work / name / "cache"), "--mount", str(mnt)],
-                        work / f"{name}.log")
+                process(
+                    [
+                        "syncbit",
+                        "daemon",
+                        "--scheduler",
+                        sched,
+                        "--node",
+                        name,
+                        "--listen",
+                        f"127.0.0.1:{free_port()}",
+                        "--cache-dir",
+                        str(work / name / "cache"),
+                        "--mount",
+                        str(mnt),
+                    ],
+                    work / f"{name}.log",
+                )
             )
-            stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)],
-                           capture_output=True)
+            stack.callback(
+                subprocess.run, ["fusermount3", "-u", "-z", str(mnt)], capture_output=True
+            )
             nodes[name] = (proc, mnt / "bench")
-        subprocess.run(["syncbit", "dataset", "add", "bench", f"{origin}/bench/",
-                        "--scheduler", sched], check=True)
+        subprocess.run(
+            ["syncbit", "dataset", "add", "bench", f"{origin}/bench/", "--scheduler", sched],
+            check=True,
+        )
         for _, path in nodes.values():
             wait_file(path / names[-1])
         n1, n2 = nodes["n1"][1], nodes["n2"][1]
@@ -189,8 +214,10 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
         rss = {n: peak_rss_mib(p.pid) for n, (p, _) in nodes.items()}
 
     gb = 1e9
-    print(f"\nfile {size / 2**20:.0f} MiB; origin nginx on loopback; 2 daemons + scheduler; "
-          f"{len(rounds)} paired rounds, medians (per-round ratios in brackets)\n")
+    print(
+        f"\nfile {size / 2**20:.0f} MiB; origin nginx on loopback; 2 daemons + scheduler; "
+        f"{len(rounds)} paired rounds, medians (per-round ratios in brackets)\n"
+    )
     rows = [
         ("cold (origin only)", "cold", "curl"),
         ("peer (node 1 has it)", "peer", "curl"),
@@ -200,11 +227,15 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
     print(f"{'read':34} {'syncbit':>10} {'reference':>20} {'ratio':>6}  rounds")
     for label, key, ref in rows:
         ratios = [r[key] / r[ref] for r in rounds]
-        print(f"{label:34} {median(r[key] for r in rounds) / gb:5.2f} GB/s {ref:>9} "
-              f"{median(r[ref] for r in rounds) / gb:5.2f} GB/s {median(ratios):5.2f}x  "
-              f"[{' '.join(f'{x:.2f}' for x in ratios)}]")
-    print(f"\norigin bytes per file: cold read {max(r['cold_origin'] for r in rounds):.3f}x, "
-          f"peer read {max(r['peer_origin'] for r in rounds):.3f}x (worst round)")
+        print(
+            f"{label:34} {median(r[key] for r in rounds) / gb:5.2f} GB/s {ref:>9} "
+            f"{median(r[ref] for r in rounds) / gb:5.2f} GB/s {median(ratios):5.2f}x  "
+            f"[{' '.join(f'{x:.2f}' for x in ratios)}]"
+        )
+    print(
+        f"\norigin bytes per file: cold read {max(r['cold_origin'] for r in rounds):.3f}x, "
+        f"peer read {max(r['peer_origin'] for r in rounds):.3f}x (worst round)"
+    )
     print("daemon peak RSS: " + ", ".join(f"{n} {v:.0f} MiB" for n, v in rss.items()))
     return 0
 
