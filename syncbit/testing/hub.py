@@ -53,19 +53,18 @@ import json
 import os
 import shutil
 import signal
-import socket
-import socketserver
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, BinaryIO, Literal
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from syncbit.testing._http import LoopbackServer, TrackedHandler
 
 __all__ = ["DEFAULT_LFS_THRESHOLD", "Hub", "RepoType", "git_blob_oid", "lfs_pointer", "main"]
 
@@ -362,49 +361,11 @@ def _commit_sha(parent: str | None, files: Mapping[str, str], title: str) -> str
 # -- HTTP ---------------------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    request_queue_size = 256  # the default 5 drops SYNs when clients open many connections
-
+class _Server(LoopbackServer):
     def __init__(self, address: tuple[str, int], state: _State, storage: bool) -> None:
         self.state = state
         self.storage = storage
-        self._conns: dict[socket.socket, threading.Thread] = {}
-        self._conns_lock = threading.Lock()
         super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host name (getfqdn), which can stall for
-        # seconds without DNS; a loopback server needs none of it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def track(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns[conn] = threading.current_thread()
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns.pop(conn, None)
-
-    def drop_connections(self, timeout: float = 5.0) -> None:
-        """Wake every handler blocked on a keep-alive connection and wait for it to end."""
-        with self._conns_lock:
-            conns = dict(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for thread in conns.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return  # the client went away mid-request
-        super().handle_error(request, client_address)
 
 
 class _HubError(Exception):
@@ -418,26 +379,9 @@ class _HubError(Exception):
         self.commit = commit
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(TrackedHandler):
     server_version = "syncbit-hub"
-    sys_version = ""
-    timeout = 120.0
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
 
     @property
     def state(self) -> _State:

@@ -16,24 +16,22 @@ once listening, serves `GET /__stats` (JSON) and `POST /__reset`, stops on SIGTE
 from __future__ import annotations
 
 import argparse
-import contextlib
 import email.utils
 import html
 import json
 import mimetypes
 import os
 import signal
-import socket
-import socketserver
 import stat
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, BinaryIO, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
+
+from syncbit.testing._http import LoopbackServer, TrackedHandler
 
 Style = Literal["nginx", "apache"]
 STYLES: tuple[Style, ...] = ("nginx", "apache")
@@ -75,74 +73,15 @@ class _State:
             return {"bytes_served": self.bytes_served, "by_path": dict(self.by_path)}
 
 
-class _Server(ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    # socketserver's default backlog of 5 drops SYNs when a client opens many connections
-    # at once, and each drop costs a 1 s retransmit.
-    request_queue_size = 256
-
+class _Server(LoopbackServer):
     def __init__(self, address: tuple[str, int], state: _State) -> None:
         self.state = state
-        self._conns: dict[socket.socket, threading.Thread] = {}
-        self._conns_lock = threading.Lock()
         super().__init__(address, _Handler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host name (getfqdn), which can stall for
-        # seconds on machines without DNS; a loopback origin needs none of it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
 
-    def track(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns[conn] = threading.current_thread()
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns.pop(conn, None)
-
-    def drop_connections(self, timeout: float = 5.0) -> None:
-        """Wake every handler blocked on a keep-alive connection and wait for it to end."""
-        with self._conns_lock:
-            conns = dict(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for thread in conns.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return  # the client went away mid-request: nothing to report
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(TrackedHandler):
     server_version = "syncbit-origin"
-    sys_version = ""
-    timeout = 120.0  # idle keep-alive connections end after this
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in separate writes; without NODELAY small responses can
-        # wait for a delayed ACK (40 ms per request).
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None  # quiet: tests and benchmarks read their own output
 
     # -- methods ---------------------------------------------------------------------------
 
