@@ -88,3 +88,11 @@ def test_pull_errors_are_clear(up: Cluster, origin: Origin) -> None:
     assert no_daemon.returncode == 1 and "no syncbit daemon" in no_daemon.stderr
     wrong = up.cli("pull", f"{origin.url}/pullds/", "--revision", "v1")
     assert wrong.returncode == 2 and "hf://" in wrong.stderr
+
+
+def test_pull_from_a_local_directory(up: Cluster, origin_root: Path) -> None:
+    ds = fresh_dataset(origin_root, "filepull", {"x/a.bin": 5 * MiB + 1, "b.txt": 10})
+    done = _pull(up, "n1", f"file://{ds.root}")
+    assert done.returncode == 0, done.stderr
+    for rel, facts in ds.files.items():
+        assert sha256_file(up.node("n1").path("filepull", rel)) == facts.sha256

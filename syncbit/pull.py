@@ -41,12 +41,17 @@ def _size(n: float) -> str:
     return ""
 
 
-def _line(doc: dict[str, Any], rate: float) -> str:
+def _line(doc: dict[str, Any], rate: float, bar: bool = False) -> str:
     total, have = doc["size"], doc["present_bytes"]
     pct = 100.0 if total == 0 else 100.0 * have / total
     eta = f"{(total - have) / rate:.0f}s" if rate > 0 else "?"
+    shown = ""
+    if bar:
+        filled = int(pct / 100 * 24)
+        shown = "[" + "#" * filled + "." * (24 - filled) + "] "
     return (
-        f"{doc['dataset']}: {pct:5.1f}%  {_size(have)} / {_size(total)}  {_size(rate)}/s  ETA {eta}"
+        f"{doc['dataset']}: {shown}{pct:5.1f}%  {_size(have)} / {_size(total)}  "
+        f"{_size(rate)}/s  ETA {eta}"
     )
 
 
@@ -69,7 +74,7 @@ def follow(daemon: str, dataset: str, out: Any = None) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             rate = (doc["present_bytes"] - first) / elapsed if elapsed > 0 else 0.0
             if tty:
-                out.write("\r" + _line(doc, rate).ljust(78))
+                out.write("\r" + _line(doc, rate, bar=True).ljust(100))
                 out.flush()
             elif elapsed - last_plain >= _PLAIN_EVERY:
                 last_plain = elapsed
@@ -79,7 +84,8 @@ def follow(daemon: str, dataset: str, out: Any = None) -> dict[str, Any]:
         elapsed = time.monotonic() - started
         rate = (doc["present_bytes"] - first) / elapsed if elapsed > 0 else 0.0
         end = "\n" if tty else ""
-        print(("\r" if tty else "") + _line(doc, rate) + "  complete" + end, file=out, end="")
+        final = _line(doc, rate, bar=tty) + "  complete"
+        print(("\r" + final.ljust(100) if tty else final) + end, file=out, end="")
         if not tty:
             print(file=out)
         return doc
