@@ -72,6 +72,14 @@ class Source(ABC):
         return isinstance(exc, SourceUnavailableError)
 
 
+def pinned_size(entry: FileEntry, offset: int, want: int) -> int:
+    """The recorded size of `entry`; ValueError if [offset, offset+want) is outside it."""
+    size = int(entry.version.get("size", entry.size))
+    if offset < 0 or offset + want > size:
+        raise ValueError(f"range {offset}+{want} outside {entry.path} ({size} bytes)")
+    return size
+
+
 def register(cls: type[Source]) -> type[Source]:
     """Class decorator: make `cls` the source for each of its schemes."""
     for scheme in cls.schemes:

@@ -27,7 +27,7 @@ from syncbit.errors import (
     UnsafePathError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
-from syncbit.sources.base import Listing, Source, register
+from syncbit.sources.base import Listing, Source, pinned_size, register
 from syncbit.wire import Pool, WireError, parse_content_range
 
 __all__ = ["HttpSource", "IndexLink", "parse_index", "redact_url"]
@@ -229,9 +229,7 @@ class HttpSource(Source):
         if want == 0:
             return
         version = entry.version
-        size = int(version.get("size", entry.size))
-        if offset < 0 or offset + want > size:
-            raise ValueError(f"range {offset}+{want} outside {entry.path} ({size} bytes)")
+        size = pinned_size(entry, offset, want)
         url = redact_url(entry.locator)
         headers = dict(self.headers)
         etag = version.get("etag")

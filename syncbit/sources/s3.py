@@ -31,7 +31,7 @@ from syncbit.errors import (
     UnsafePathError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
-from syncbit.sources.base import Listing, Source, register
+from syncbit.sources.base import Listing, Source, pinned_size, register
 from syncbit.wire import WireError, parse_content_range
 
 __all__ = ["OPTION_KEYS", "S3Source", "map_error"]
@@ -414,9 +414,7 @@ class S3Source(Source):
         if want == 0:
             return
         version = entry.version
-        size = int(version.get("size", entry.size))
-        if offset < 0 or offset + want > size:
-            raise ValueError(f"range {offset}+{want} outside {entry.path} ({size} bytes)")
+        size = pinned_size(entry, offset, want)
         key = entry.locator
         where = self._where(key)
         last = offset + want - 1

@@ -5,13 +5,15 @@ nothing in the product imports this."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import socketserver
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from types import FrameType
+from typing import Any, Protocol
 
 
 class LoopbackServer(ThreadingHTTPServer):
@@ -78,3 +80,27 @@ class TrackedHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None  # quiet: tests and benchmarks read their own output
+
+
+class _Stoppable(Protocol):
+    port: int
+
+    def stop(self) -> None: ...
+
+
+def serve_until_signal(server: _Stoppable) -> int:
+    """The `python -m` entry points: announce `READY <port>`, run until SIGTERM/SIGINT."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"READY {server.port}", flush=True)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return 0

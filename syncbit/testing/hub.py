@@ -52,7 +52,6 @@ import hmac
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -60,11 +59,11 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, BinaryIO, Literal
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from syncbit.testing._http import LoopbackServer, TrackedHandler
+from syncbit.testing._http import LoopbackServer, TrackedHandler, serve_until_signal
 
 __all__ = ["DEFAULT_LFS_THRESHOLD", "Hub", "RepoType", "git_blob_oid", "lfs_pointer", "main"]
 
@@ -1107,20 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    print(f"READY {hub.port}", flush=True)
-    try:
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        hub.stop()
-    return 0
+    return serve_until_signal(hub)
 
 
 if __name__ == "__main__":

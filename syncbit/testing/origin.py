@@ -21,17 +21,16 @@ import html
 import json
 import mimetypes
 import os
-import signal
 import stat
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, BinaryIO, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
-from syncbit.testing._http import LoopbackServer, TrackedHandler
+from syncbit.testing._http import LoopbackServer, TrackedHandler, serve_until_signal
 
 Style = Literal["nginx", "apache"]
 STYLES: tuple[Style, ...] = ("nginx", "apache")
@@ -540,20 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    print(f"READY {origin.port}", flush=True)
-    try:
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        origin.stop()
-    return 0
+    return serve_until_signal(origin)
 
 
 if __name__ == "__main__":
