@@ -58,6 +58,11 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[str, BeforeValidator(parse_address)]
 
 
+# URI prefix -> options for sources under it, e.g. {"s3://models/": {"endpoint_url": ...}};
+# the longest matching prefix applies, and a dataset's own options override it.
+SourceOptions = dict[str, dict[str, Any]]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +74,7 @@ class SchedulerConfig(_Strict):
     state_dir: Path = Path("/var/lib/syncbit/scheduler")
     node_timeout: float = Field(10.0, gt=0, description="seconds without heartbeat -> down")
     chunk_size: Size = DEFAULT_CHUNK_SIZE
+    source_options: SourceOptions = Field(default_factory=dict)
     log_level: str = "info"
 
 
@@ -91,6 +97,7 @@ class DaemonConfig(_Strict):
     heartbeat_interval: float = Field(2.0, gt=0)
     mount_readahead_kb: int = Field(1024, ge=0)
     node_timeout: float = Field(10.0, gt=0)
+    source_options: SourceOptions = Field(default_factory=dict)
     log_level: str = "info"
 
 

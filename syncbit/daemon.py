@@ -31,7 +31,7 @@ from syncbit.manifest import FileEntry, Manifest
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
-from syncbit.sources.base import Source, open_source
+from syncbit.sources.base import Source, open_source, options_for
 from syncbit.store import ObjectStore, StoredObject
 
 log = logging.getLogger("syncbit.daemon")
@@ -77,13 +77,15 @@ class SchedulerDirectory:
 class SourceCache:
     """One open `Source` per source URI, shared by every file of every dataset version."""
 
+    configured: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
 
     def __call__(self, manifest: Manifest) -> Source:
         key = manifest.source + json.dumps(manifest.source_options, sort_keys=True)
         source = self.sources.get(key)
         if source is None:
-            source = open_source(manifest.source, manifest.source_options)
+            options = options_for(manifest.source, self.configured, manifest.source_options)
+            source = open_source(manifest.source, options)
             self.sources[key] = source
         return source
 
@@ -111,7 +113,7 @@ class Daemon:
         self.embedded: SchedulerServer | None = None
         self.peer_server: PeerServer | None = None
         self.peer_client = PeerClient()
-        self.sources = SourceCache()
+        self.sources = SourceCache(config.source_options)
         self.tree = Tree()
         self.manifests: dict[str, Manifest] = {}
         self._generation = -1
@@ -125,7 +127,10 @@ class Daemon:
             state_dir = cfg.scheduler_state_dir or cfg.cache_dir / "scheduler"
             self.embedded = SchedulerServer(
                 SchedulerConfig(
-                    listen=cfg.scheduler_listen, state_dir=state_dir, node_timeout=cfg.node_timeout
+                    listen=cfg.scheduler_listen,
+                    state_dir=state_dir,
+                    node_timeout=cfg.node_timeout,
+                    source_options=cfg.source_options,
                 )
             )
             self.embedded.start()

@@ -127,3 +127,22 @@ def test_manifest_keeps_public_source_options_only() -> None:
     m = build_manifest("ds", "s3://b/p/", files, source_options=opts)
     assert m.source_options == {"endpoint_url": "http://s3.local"}
     assert build_manifest("ds", "s3://b/p/", files).revision != m.revision
+
+
+def test_source_options_from_config_longest_prefix_then_dataset() -> None:
+    from syncbit.sources.base import options_for
+
+    configured = {
+        "s3://": {"region": "us-east-1"},
+        "s3://models/": {"endpoint_url": "http://minio:9000", "region": "eu-1"},
+    }
+    assert options_for("s3://models/llama/", configured) == {
+        "endpoint_url": "http://minio:9000",
+        "region": "eu-1",
+    }
+    assert options_for("s3://other/x/", configured, {"profile": "p"}) == {
+        "region": "us-east-1",
+        "profile": "p",
+    }
+    assert options_for("s3://models/a/", configured, {"region": "ap-2"})["region"] == "ap-2"
+    assert options_for("hf://org/m", configured) == {}

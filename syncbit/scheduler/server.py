@@ -33,7 +33,7 @@ from syncbit.errors import (
 from syncbit.manifest import Manifest, build_manifest
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
 from syncbit.scheduler.state import DatasetExistsError, SchedulerState
-from syncbit.sources.base import open_source
+from syncbit.sources.base import open_source, options_for
 
 log = logging.getLogger("syncbit.scheduler")
 
@@ -306,8 +306,10 @@ class Api:
         chunk_size: int,
         policy: PeerPolicy,
         resolve: Callable[[str, str, dict[str, Any], int], Manifest] = resolve_dataset,
+        source_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.state = state
+        self.source_options = source_options or {}
         self.chunk_size = chunk_size
         self.policy = policy
         self.resolve = resolve
@@ -376,7 +378,8 @@ class Api:
                     f"dataset {req.name} already exists with source {existing['source']}; "
                     "remove it first"
                 )
-        manifest = self.resolve(req.name, req.source, req.options, self.chunk_size)
+        options = options_for(req.source, self.source_options, req.options)
+        manifest = self.resolve(req.name, req.source, options, self.chunk_size)
         summary, changed = self.state.put_dataset(manifest)
         return _json({"dataset": summary, "changed": changed})
 
@@ -483,7 +486,13 @@ class SchedulerServer:
             raise SchedulerError("scheduler server is already started")
         state = SchedulerState(self.config.state_dir, self.config.node_timeout, self._clock)
         host, port, family = _split_listen(self.config.listen)
-        api = Api(state, self.config.chunk_size, self.policy, self._resolve)
+        api = Api(
+            state,
+            self.config.chunk_size,
+            self.policy,
+            self._resolve,
+            self.config.source_options,
+        )
         try:
             server = _Server((host, port), family, api)
         except OSError as exc:

@@ -80,6 +80,16 @@ def pinned_size(entry: FileEntry, offset: int, want: int) -> int:
     return size
 
 
+def options_for(
+    uri: str, configured: dict[str, dict[str, Any]], given: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Options for opening `uri`: the config's longest matching URI prefix, then the
+    dataset's own options on top."""
+    matches = [prefix for prefix in configured if uri.startswith(prefix)]
+    base = dict(configured[max(matches, key=len)]) if matches else {}
+    return {**base, **(given or {})}
+
+
 def register(cls: type[Source]) -> type[Source]:
     """Class decorator: make `cls` the source for each of its schemes."""
     for scheme in cls.schemes:
