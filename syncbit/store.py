@@ -27,6 +27,7 @@ Chunk states and concurrency rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -124,7 +125,9 @@ class ObjectStore:
         self._pinned: set[tuple[StoredObject, int]] = set()
         self.staged_chunks = staged_chunks
         self.direct_io = True
-        self._io_lock = threading.Lock()  # serialises lazy fd opening across threads
+        self._io_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._dbs: dict[str, lmdb._Database] = {}  # serialises lazy fd opening across threads
         self.newly_durable: list[tuple[StoredObject, int, str]] = []  # for the reporter
         self.durable_event = trio.Event()
         self.written_event = trio.Event()  # set (and replaced) whenever a chunk is written
@@ -152,12 +155,26 @@ class ObjectStore:
         store._env = lmdb.open(
             str(cache_dir / "index.lmdb"), max_dbs=4, map_size=_MAP_SIZE, metasync=False
         )
+        for name in ("objects", "chunks", "manifests"):  # all handles before any thread runs
+            store._db(name)
         store._load()
         return store
 
     def _db(self, name: str) -> lmdb._Database:
+        """A named database handle, opened once: `open_db` starts its own transaction and,
+        racing a write transaction in another thread, deadlocked on the GIL."""
+        db = self._dbs.get(name)
+        if db is None:
+            assert self._env is not None
+            db = self._dbs[name] = self._env.open_db(name.encode())
+        return db
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[lmdb.Transaction]:
+        """One writer at a time, queued in Python rather than inside LMDB."""
         assert self._env is not None
-        return self._env.open_db(name.encode())
+        with self._write_lock, self._env.begin(write=True) as txn:
+            yield txn
 
     def _load(self) -> None:
         assert self._env is not None
@@ -392,7 +409,7 @@ class ObjectStore:
             os.fdatasync(fd)
         assert self._env is not None
         objects_db, chunks_db = self._db("objects"), self._db("chunks")
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             for obj in {obj for obj, _, _ in batch}:
                 meta = {"size": obj.size, "chunk_size": obj.chunk_size, "last_used": obj.last_used}
                 txn.put(bytes.fromhex(obj.id), json.dumps(meta).encode(), db=objects_db)
@@ -437,7 +454,7 @@ class ObjectStore:
     def _discard_blocking(self, obj: StoredObject) -> None:
         assert self._env is not None
         chunks_db = self._db("chunks")
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             for index in range(obj.chunks):
                 txn.delete(_chunk_key(obj.id, index), db=chunks_db)
         fd = self.fd(obj)
@@ -450,7 +467,7 @@ class ObjectStore:
         """Blocking: replace the stored manifest JSON documents (name -> JSON)."""
         assert self._env is not None
         db = self._db("manifests")
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.drop(db, delete=False)
             for name, doc in manifests.items():
                 txn.put(name.encode(), doc.encode(), db=db)
