@@ -33,6 +33,7 @@ from integration.cluster import (
     probe_errno,
     sha256_file,
     snapshot_tree,
+    wait_until,
 )
 
 READ_TIMEOUT = 120.0  # a whole-file read that takes longer than this is a hang
@@ -329,7 +330,9 @@ def test_restart_after_kill9_cleans_the_stale_mount(
     assert is_mounted(n3.mount), "kill -9 should leave the mount behind"
     assert probe_errno(n3.mount) == errno.ENOTCONN
     n3.start()
-    assert len(mount_entries(n3.mount)) == 1, mount_entries(n3.mount)
+    # The lazy unmount of the stale mount and the new mount settle in /proc/mounts
+    # asynchronously; exactly one live mount must remain.
+    wait_until(lambda: len(mount_entries(n3.mount)) == 1, 10, "exactly one mount at n3")
     assert "ds" in os.listdir(n3.mount)
     assert read_sha(n3, "ds", "README.txt") == dataset.files["README.txt"].sha256
     assert "stale" in n3.log_text()
