@@ -9,7 +9,6 @@ from __future__ import annotations
 import blake3
 from typing_extensions import Buffer
 
-DIGEST_NAME = "blake3"
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
 

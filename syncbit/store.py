@@ -118,7 +118,6 @@ class ObjectStore:
         self._env: lmdb.Environment | None = None
         self._pending: list[tuple[StoredObject, int, str]] = []
         self._pending_event = trio.Event()
-        self._durable_waiters: list[trio.Event] = []
         self._read_buf = bytearray(1 << 20)
         # Recently staged chunks kept in RAM, oldest first; value: release callback.
         self._recent: OrderedDict[tuple[StoredObject, int], Callable[[], None]] = OrderedDict()

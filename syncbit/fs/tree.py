@@ -123,10 +123,3 @@ class Tree:
             return None
         inode = node.children.get(name)
         return None if inode is None else self.nodes[inode]
-
-    def resolve(self, path: str) -> Node | None:
-        """A node by its path below the mount root ('' is the root)."""
-        node: Node | None = self.root
-        for part in filter(None, path.split("/")):
-            node = self.lookup(node.inode, part) if node else None
-        return node
