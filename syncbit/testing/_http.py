@@ -13,7 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 
 class LoopbackServer(ThreadingHTTPServer):
@@ -59,6 +59,37 @@ class LoopbackServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+UNSATISFIABLE = "unsatisfiable"
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """One `bytes=` range -> (first, last); None to ignore the header (send the whole
+    body); or UNSATISFIABLE."""
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # multipart ranges are not supported: a full 200 is allowed instead
+    first, sep, last = spec.strip().partition("-")
+    if not sep:
+        return None
+    try:
+        if not first:
+            suffix = int(last)
+            if suffix <= 0 or size == 0:
+                return UNSATISFIABLE
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0 or (last and end < start):
+        return None  # syntactically invalid: ignored, as RFC 9110 14.2 allows
+    if start >= size:
+        return UNSATISFIABLE
+    return start, min(end, size - 1)
+
+
 class TrackedHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     sys_version = ""
@@ -80,6 +111,57 @@ class TrackedHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None  # quiet: tests and benchmarks read their own output
+
+    def _count(self, key: str, n: int) -> None:
+        """Record `n` body bytes served for `key` (negative: taken back)."""
+        raise NotImplementedError
+
+    def _simple(
+        self,
+        status: int,
+        body: str | bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        head: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            try:
+                self.wfile.write(data)
+            except OSError:
+                self.close_connection = True
+
+    def _send_body(self, f: BinaryIO, start: int, length: int, key: str) -> None:
+        # Counted before sending, so a client that has received the whole body always sees
+        # it counted; whatever did not go out is taken back below.
+        self._count(key, length)
+        f.seek(start)
+        try:
+            self.connection.sendfile(f, start, length)
+        except OSError:
+            self.close_connection = True
+        finally:
+            # socket.sendfile leaves the file position after the last byte actually sent,
+            # also when it fails half-way.
+            unsent = length - (f.tell() - start)
+            if unsent:
+                self._count(key, -unsent)
+                # The file shrank or the client left: the promised Content-Length was not met.
+                self.close_connection = True
+
+    def _drain_body(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = 0
+        if length > 0:
+            self.rfile.read(length)
 
 
 class _Stoppable(Protocol):

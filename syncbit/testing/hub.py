@@ -60,10 +60,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from syncbit.testing._http import LoopbackServer, TrackedHandler, serve_until_signal
+from syncbit.testing._http import (
+    UNSATISFIABLE,
+    LoopbackServer,
+    TrackedHandler,
+    parse_range,
+    serve_until_signal,
+)
 
 __all__ = ["DEFAULT_LFS_THRESHOLD", "Hub", "RepoType", "git_blob_oid", "lfs_pointer", "main"]
 
@@ -77,7 +83,6 @@ _PLURAL: dict[str, RepoType] = {"models": "model", "datasets": "dataset"}
 _URL_PREFIX: dict[str, str] = {"model": "", "dataset": "datasets/"}
 _API_ACTIONS = frozenset({"revision", "tree", "refs"})
 _HASH_BLOCK = 8 * 1024 * 1024
-_UNSATISFIABLE = "unsatisfiable"
 _EPOCH = "2024-01-01T00:00:00.000Z"
 
 
@@ -385,6 +390,9 @@ class _Handler(TrackedHandler):
     @property
     def state(self) -> _State:
         return self.server.state
+
+    def _count(self, key: str, n: int) -> None:
+        self.state.count(key, n)
 
     # -- methods ---------------------------------------------------------------------------
 
@@ -706,9 +714,9 @@ class _Handler(TrackedHandler):
                 tags = [t.strip() for t in if_match.split(",")]
                 if "*" not in tags and etag not in tags:
                     raise _HubError(412, "Precondition failed")
-            span = _parse_range(self.headers.get("Range"), size)
+            span = parse_range(self.headers.get("Range"), size)
             headers = {**headers, "ETag": etag, "Accept-Ranges": "bytes"}
-            if span == _UNSATISFIABLE:
+            if span == UNSATISFIABLE:
                 headers["Content-Range"] = f"bytes */{size}"
                 self._simple(416, b"Range not satisfiable", "text/plain", head, headers)
                 return
@@ -727,21 +735,6 @@ class _Handler(TrackedHandler):
             if not head and length:
                 self._send_body(f, start, length, key)
 
-    def _send_body(self, f: BinaryIO, start: int, length: int, key: str) -> None:
-        # Counted before sending, so a client that has the whole body always sees it
-        # counted; whatever did not go out is taken back below.
-        self.state.count(key, length)
-        f.seek(start)
-        try:
-            self.connection.sendfile(f, start, length)
-        except OSError:
-            self.close_connection = True
-        finally:
-            unsent = length - (f.tell() - start)
-            if unsent:
-                self.state.count(key, -unsent)
-                self.close_connection = True
-
     def _json(self, body: Any, head: bool, extra: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self._simple(200, data, "application/json; charset=utf-8", head, extra)
@@ -754,61 +747,6 @@ class _Handler(TrackedHandler):
             headers["X-Repo-Commit"] = exc.commit
         data = json.dumps({"error": exc.message}).encode()
         self._simple(exc.status, data, "application/json; charset=utf-8", head, headers)
-
-    def _simple(
-        self,
-        status: int,
-        data: bytes,
-        content_type: str,
-        head: bool = False,
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            try:
-                self.wfile.write(data)
-            except OSError:
-                self.close_connection = True
-
-    def _drain_body(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = 0
-        if length > 0:
-            self.rfile.read(length)
-
-
-def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
-    """One `bytes=` range -> (first, last); None to send the whole body; or unsatisfiable."""
-    if header is None:
-        return None
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, sep, last = spec.strip().partition("-")
-    if not sep:
-        return None
-    try:
-        if not first:
-            suffix = int(last)
-            if suffix <= 0 or size == 0:
-                return _UNSATISFIABLE
-            return max(0, size - suffix), size - 1
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if start < 0 or end < start:
-        return None
-    if start >= size:
-        return _UNSATISFIABLE
-    return start, min(end, size - 1)
 
 
 # -- the owner ----------------------------------------------------------------------------

@@ -27,16 +27,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
-from syncbit.testing._http import LoopbackServer, TrackedHandler, serve_until_signal
+from syncbit.testing._http import (
+    UNSATISFIABLE,
+    LoopbackServer,
+    TrackedHandler,
+    parse_range,
+    serve_until_signal,
+)
 
 Style = Literal["nginx", "apache"]
 STYLES: tuple[Style, ...] = ("nginx", "apache")
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_UNSATISFIABLE = "unsatisfiable"
 # Apache's ap_escape_path leaves RFC 3986 sub-delims and ':' '@' unescaped in hrefs.
 _APACHE_SAFE = "!$&'()*+,;=:@~"
 
@@ -81,6 +86,9 @@ class _Server(LoopbackServer):
 class _Handler(TrackedHandler):
     server_version = "syncbit-origin"
     server: _Server
+
+    def _count(self, key: str, n: int) -> None:
+        self.server.state.count(key, n)
 
     # -- methods ---------------------------------------------------------------------------
 
@@ -153,7 +161,7 @@ class _Handler(TrackedHandler):
                 self._simple(412, "precondition failed\n", head=head)
                 return
             span = self._range(size, etag, last_modified)
-            if span == _UNSATISFIABLE:
+            if span == UNSATISFIABLE:
                 self._simple(
                     416,
                     "range not satisfiable\n",
@@ -179,24 +187,6 @@ class _Handler(TrackedHandler):
             if not head and length:
                 self._send_body(f, start, length, relpath)
 
-    def _send_body(self, f: BinaryIO, start: int, length: int, relpath: str) -> None:
-        # Counted before sending, so a client that has received the whole body always sees
-        # it counted; whatever did not go out is taken back below.
-        self.server.state.count(relpath, length)
-        f.seek(start)
-        try:
-            self.connection.sendfile(f, start, length)
-        except OSError:
-            self.close_connection = True
-        finally:
-            # socket.sendfile leaves the file position after the last byte actually sent,
-            # also when it fails half-way.
-            unsent = length - (f.tell() - start)
-            if unsent:
-                self.server.state.count(relpath, -unsent)
-                # The file shrank or the client left: the promised Content-Length was not met.
-                self.close_connection = True
-
     def _preconditions_hold(self, etag: str, mtime: float) -> bool:
         if_match = self.headers.get("If-Match")
         if if_match is not None:
@@ -221,7 +211,7 @@ class _Handler(TrackedHandler):
             matches = if_range == etag if if_range[:1] in ('"', "W") else if_range == last_modified
             if not matches:
                 return None  # the client's copy is stale: send the whole current body
-        return _parse_range(header, size)
+        return parse_range(header, size)
 
     def _index(self, real: str, urlpath: str, head: bool) -> None:
         entries = _scan(self.server.state.root, real)
@@ -233,35 +223,6 @@ class _Handler(TrackedHandler):
         self._simple(200, page, head=head, content_type="text/html; charset=utf-8")
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _simple(
-        self,
-        status: int,
-        body: str | bytes,
-        head: bool = False,
-        content_type: str = "text/plain; charset=utf-8",
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        data = body.encode() if isinstance(body, str) else body
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            try:
-                self.wfile.write(data)
-            except OSError:
-                self.close_connection = True
-
-    def _drain_body(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = 0
-        if length > 0:
-            self.rfile.read(length)
 
 
 @dataclass(frozen=True)
@@ -285,31 +246,6 @@ def _request_parts(path: str) -> list[str]:
 
 def _inside(root: str, real: str) -> bool:
     return real == root or real.startswith(root.rstrip("/") + "/")
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
-    """One `bytes=` range -> (first, last); None to ignore the header; or unsatisfiable."""
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None  # multipart ranges are not supported: a full 200 is allowed instead
-    first, sep, last = spec.strip().partition("-")
-    if not sep:
-        return None
-    try:
-        if not first:
-            suffix = int(last)
-            if suffix <= 0 or size == 0:
-                return _UNSATISFIABLE
-            return max(0, size - suffix), size - 1
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if start < 0 or (last and end < start):
-        return None  # syntactically invalid: ignored, as RFC 9110 14.2 allows
-    if start >= size:
-        return _UNSATISFIABLE
-    return start, min(end, size - 1)
 
 
 def _scan(root: str, directory: str) -> list[_Entry]:
