@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from syncbit.errors import InvalidSourceError
+from syncbit.errors import InvalidSourceError, SourceChangedError, SourceError
 from syncbit.manifest import FileEntry
+from syncbit.wire import Response, WireError, parse_content_range
 
 _REGISTRY: dict[str, type[Source]] = {}
 # Modules that register schemes; imported on first use so that optional clients (boto3,
@@ -88,6 +90,37 @@ def options_for(
     matches = [prefix for prefix in configured if uri.startswith(prefix)]
     base = dict(configured[max(matches, key=len)]) if matches else {}
     return {**base, **(given or {})}
+
+
+def check_range_body(
+    resp: Response,
+    offset: int,
+    want: int,
+    size: int,
+    what: str,
+    changed: Callable[[str], SourceChangedError],
+) -> None:
+    """After a 200 or 206 to a range GET of a `size`-byte file: the body received is
+    exactly bytes [offset, offset+want) of that same file, else the right error."""
+    length = resp.headers.get("content-length")
+    if resp.status == 200:
+        if offset != 0 or want != size:
+            raise SourceError(f"cannot read {what}: the server ignores Range requests")
+        if length != str(size):
+            raise changed(f"now {length or 'unknown'} bytes")
+        return
+    content_range = resp.headers.get("content-range", "")
+    try:
+        first, last, total = parse_content_range(content_range)
+    except WireError as exc:
+        raise SourceError(f"cannot read {what}: {exc}") from exc
+    if total is not None and total != size:
+        raise changed(f"now {total} bytes")
+    if first != offset or last != offset + want - 1 or length != str(want):
+        raise SourceError(
+            f"cannot read {what}: asked for bytes {offset}-{offset + want - 1}, "
+            f"got {content_range!r} with Content-Length {length}"
+        )
 
 
 def register(cls: type[Source]) -> type[Source]:

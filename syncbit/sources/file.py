@@ -29,7 +29,7 @@ from syncbit.errors import (
     UnsafePathError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
-from syncbit.sources.base import Listing, Source, register
+from syncbit.sources.base import Listing, Source, pinned_size, register
 
 __all__ = ["FileSource"]
 
@@ -165,9 +165,7 @@ class FileSource(Source):
         want = len(buf)
         if want == 0:
             return
-        size = int(entry.version.get("size", entry.size))
-        if offset < 0 or offset + want > size:
-            raise ValueError(f"range {offset}+{want} outside {entry.path} ({size} bytes)")
+        pinned_size(entry, offset, want)  # a range outside the pinned size is a bug
         path = self._path_of(entry)
         try:
             handle = self._fds.acquire(entry.locator, lambda: self._open(entry, path))

@@ -30,9 +30,9 @@ from syncbit.errors import (
     SyncbitError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
-from syncbit.sources.base import Listing, Source, register
+from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
 from syncbit.sources.http import redact_url
-from syncbit.wire import Pool, WireError, parse_content_range
+from syncbit.wire import Pool, WireError
 
 __all__ = ["DEFAULT_ENDPOINT", "OPTION_KEYS", "HfSource", "parse_hf_uri", "split_globs"]
 
@@ -345,9 +345,7 @@ class HfSource(Source):
         want = len(buf)
         if want == 0:
             return
-        size = int(entry.version.get("size", entry.size))
-        if offset < 0 or offset + want > size:
-            raise ValueError(f"range {offset}+{want} outside {entry.path} ({size} bytes)")
+        size = pinned_size(entry, offset, want)
         commit = entry.version.get("commit", "?")
         what = f"{entry.path} at {commit[:12]} in {self.where}"
         headers = {"Accept-Encoding": "identity"}
@@ -386,30 +384,14 @@ class HfSource(Source):
             raise SourceUnavailableError(f"cannot read {what}: HTTP {status}")
         if status not in (200, 206):
             raise SourceError(f"cannot read {what}: HTTP {status}")
-        length = resp.headers.get("content-length")
-        if status == 200:
-            if offset != 0 or want != size:
-                raise SourceError(f"cannot read {what}: the server ignored the Range request")
-            if length != str(size):
-                raise SourceChangedError(
-                    f"source changed: {what} is now {length or 'of unknown size'} bytes, not {size}"
-                )
-            return
-        content_range = resp.headers.get("content-range", "")
-        try:
-            first, last, total = parse_content_range(content_range)
-        except WireError as exc:
-            raise SourceError(f"cannot read {what}: {exc}") from exc
-        if total != size:
-            raise SourceChangedError(
-                f"source changed: {what} is now {total if total is not None else '?'} bytes, "
-                f"not {size}"
-            )
-        if first != offset or last != offset + want - 1 or length != str(want):
-            raise SourceError(
-                f"cannot read {what}: asked for bytes {offset}-{offset + want - 1}, "
-                f"got {content_range!r} with Content-Length {length}"
-            )
+        check_range_body(
+            resp,
+            offset,
+            want,
+            size,
+            what,
+            lambda why: SourceChangedError(f"source changed: {what} is {why}, not {size}"),
+        )
 
     def close(self) -> None:
         self._pool.close()

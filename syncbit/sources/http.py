@@ -27,7 +27,7 @@ from syncbit.errors import (
     UnsafePathError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
-from syncbit.sources.base import Listing, Source, pinned_size, register
+from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
 from syncbit.wire import Pool, WireError, parse_content_range
 
 __all__ = ["HttpSource", "IndexLink", "parse_index", "redact_url"]
@@ -262,25 +262,7 @@ class HttpSource(Source):
         got_modified = resp.headers.get("last-modified")
         if last_modified and got_modified and got_modified != last_modified:
             raise changed(f"now last_modified={got_modified}")
-        length = resp.headers.get("content-length")
-        if status == 200:
-            if offset != 0 or want != size:
-                raise SourceError(f"cannot read {url}: the server ignores Range requests")
-            if length != str(size):
-                raise changed(f"now {length or 'unknown'} bytes")
-            return
-        content_range = resp.headers.get("content-range", "")
-        try:
-            first, last, total = parse_content_range(content_range)
-        except WireError as exc:
-            raise SourceError(f"cannot read {url}: {exc}") from exc
-        if total is not None and total != size:
-            raise changed(f"now {total} bytes")
-        if first != offset or last != offset + want - 1 or length != str(want):
-            raise SourceError(
-                f"cannot read {url}: asked for bytes {offset}-{offset + want - 1}, "
-                f"got {content_range!r} with Content-Length {length}"
-            )
+        check_range_body(resp, offset, want, size, url, changed)
 
     def close(self) -> None:
         self._pool.close()
