@@ -20,9 +20,8 @@ from urllib.parse import unquote
 import pyfuse3
 import trio
 
-from syncbit.chunks import chunk_length
 from syncbit.config import DaemonConfig, SchedulerConfig
-from syncbit.errors import NotFoundError, SyncbitError, UserError
+from syncbit.errors import NotFoundError, SyncbitError
 from syncbit.fetcher import Fetcher, Priority
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
@@ -288,7 +287,7 @@ class Daemon:
         for oid, size in objects.items():
             obj = self.store.get(oid)
             if obj is not None:
-                present += sum(chunk_length(size, manifest.chunk_size, i) for i in obj.written)
+                present += obj.bytes_in(obj.written)
                 durable = durable and len(obj.durable) == obj.chunks
             elif size:
                 durable = False
@@ -353,7 +352,7 @@ class Daemon:
                     wanted[name] = current
                 else:
                     wanted[name] = await self.client.manifest(name)
-        except (SyncbitError, UserError) as exc:
+        except SyncbitError as exc:
             if not quiet:
                 self._warn("dataset sync failed", exc)
             return

@@ -90,3 +90,15 @@ def test_manifests_persist(tmp_path: Path) -> None:
         assert again.load_manifests() == {"b": "{}"}
     finally:
         again.close()
+
+
+def test_bytes_in_counts_the_short_last_chunk(tmp_path: Path) -> None:
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    try:
+        obj = store.object(OID, 2500, CS)  # chunks of 1024, 1024, 452
+        assert obj.bytes_in(set()) == 0
+        assert obj.bytes_in({0}) == CS
+        assert obj.bytes_in({2}) == 452
+        assert obj.bytes_in({0, 1, 2}) == 2500
+    finally:
+        store.close()
