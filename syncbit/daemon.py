@@ -245,8 +245,7 @@ class Daemon:
 
     async def pull(self, name: str) -> dict[str, Any]:
         """Start bringing every byte of dataset `name` here (idempotent); its progress."""
-        self._generation = -1  # the dataset may have been added a moment ago
-        await self._sync_datasets()
+        await self._sync_datasets(force=True)  # it may have been added a moment ago
         manifest = self.manifests.get(name)
         if manifest is None:
             raise NotFoundError(f"no dataset {name!r} on this node's scheduler")
@@ -339,10 +338,10 @@ class Daemon:
             await trio.sleep(1.0)
             await self._sync_datasets()
 
-    async def _sync_datasets(self, quiet: bool = False) -> None:
+    async def _sync_datasets(self, quiet: bool = False, force: bool = False) -> None:
         try:
             listing = await self.client.datasets()
-            if listing["generation"] == self._generation:
+            if listing["generation"] == self._generation and not force:
                 return
             wanted: dict[str, Manifest] = {}
             for summary in listing["datasets"]:

@@ -93,3 +93,14 @@ def test_pull_default_name_is_last_path_element(uri: str, name: str) -> None:
     from syncbit.cli import default_name
 
     assert default_name(uri) == name
+
+
+def test_pull_progress_line_shows_bar_bytes_rate_eta() -> None:
+    from syncbit.pull import _line
+
+    doc = {"dataset": "llama", "size": 4 * 2**30, "present_bytes": 2**30}
+    bar = _line(doc, rate=512 * 2**20, bar=True)
+    assert bar.startswith("llama: [######..................]  25.0%")
+    assert "1.0 GiB / 4.0 GiB" in bar and "512.0 MiB/s" in bar and "ETA 6s" in bar
+    plain = _line(doc, rate=0.0)
+    assert "[" not in plain and "ETA ?" in plain
