@@ -168,8 +168,12 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
         "cache_bytes": 300,
         "cache_size": 4000,
         "reports": 0,
+        "label_overrides": {},
+        "ready": {},
+        "pinned_bytes": 0,
+        "pinned_over_budget": False,
     }
-    assert record == expected
+    assert record == {**expected, "plan": []}
     assert await client.nodes() == [expected]
     clock.now += TIMEOUT + 1
     (node,) = await client.nodes()

@@ -90,6 +90,10 @@ def test_heartbeat_registers_and_updates(state: SchedulerState, clock: Clock) ->
         "cache_bytes",
         "cache_size",
         "reports",
+        "label_overrides",
+        "ready",
+        "pinned_bytes",
+        "pinned_over_budget",
     }
 
 

@@ -33,6 +33,17 @@ class ChunkMap:
 
     digests: dict[int, str] = field(default_factory=dict)
     peers: dict[int, list[Peer]] = field(default_factory=dict)
+    fetching: dict[int, str] = field(default_factory=dict)  # chunk -> node reading the source
+
+
+@dataclass
+class ClaimResult:
+    """The answer to a source-fetch claim: what this node may read from the source now,
+    what another node is reading (wait for it), what a peer already holds."""
+
+    granted: list[int] = field(default_factory=list)
+    busy: dict[int, str] = field(default_factory=dict)
+    held: list[int] = field(default_factory=list)
 
 
 def _segment(value: str) -> str:
@@ -149,17 +160,83 @@ class SchedulerClient:
         load: int = 0,
         cache_bytes: int = 0,
         cache_size: int = 0,
+        ready: dict[str, str] | None = None,
+        pinned_bytes: int = 0,
+        pinned_over_budget: bool = False,
     ) -> dict[str, Any]:
-        """Register or refresh `node`; returns its record."""
+        """Register or refresh `node`; returns its record plus `plan`, what it must hold."""
         body = {
             "address": address,
             "labels": labels or {},
             "load": load,
             "cache_bytes": cache_bytes,
             "cache_size": cache_size,
+            "ready": ready or {},
+            "pinned_bytes": pinned_bytes,
+            "pinned_over_budget": pinned_over_budget,
         }
         result: dict[str, Any] = await self._request("PUT", f"/v1/nodes/{_segment(node)}", body)
         return result
+
+    async def plan(self, node: str) -> dict[str, Any]:
+        """{"generation", "plan": [{"dataset", "revision", "members": [node, ...]}, ...]}:
+        the datasets assigned to `node` and the up nodes that share each assignment."""
+        result: dict[str, Any] = await self._request("GET", f"/v1/nodes/{_segment(node)}/plan")
+        return result
+
+    async def edit_labels(
+        self, node: str, set_: dict[str, str], remove: list[str]
+    ) -> dict[str, Any]:
+        """Set and remove operator labels on `node`; its record with the labels in effect."""
+        body = {"set": set_, "remove": remove}
+        result: dict[str, Any] = await self._request(
+            "POST", f"/v1/nodes/{_segment(node)}/labels", body
+        )
+        return result
+
+    async def assignments(self) -> dict[str, list[dict[str, Any]]]:
+        """{dataset: [target, ...]} where a target is {"node": n} or {"selector": {k: v}}."""
+        doc = await self._request("GET", "/v1/assignments")
+        with self._shape("GET /v1/assignments"):
+            result: dict[str, list[dict[str, Any]]] = dict(doc["assignments"])
+        return result
+
+    async def assign(self, dataset: str, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add assignment targets to `dataset` (none: every node); all its targets."""
+        doc = await self._request(
+            "POST", f"/v1/datasets/{_segment(dataset)}/targets", {"targets": targets}
+        )
+        with self._shape("POST targets"):
+            result: list[dict[str, Any]] = list(doc["targets"])
+        return result
+
+    async def unassign(
+        self, dataset: str, targets: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]]:
+        """Drop assignment targets of `dataset` (None: all); the targets left."""
+        doc = await self._request(
+            "DELETE", f"/v1/datasets/{_segment(dataset)}/targets", {"targets": targets}
+        )
+        with self._shape("DELETE targets"):
+            result: list[dict[str, Any]] = list(doc["targets"])
+        return result
+
+    async def claim(self, node: str, object_id: str, chunks: list[int], ttl: float) -> ClaimResult:
+        """Ask to read `chunks` of an object from the source (see `scheduler.claims`)."""
+        body = {"node": node, "chunks": chunks, "ttl": ttl}
+        doc = await self._request("POST", f"/v1/objects/{_segment(object_id)}/claims", body)
+        with self._shape("POST claims"):
+            return ClaimResult(
+                granted=[int(i) for i in doc["granted"]],
+                busy={int(i): str(n) for i, n in doc["busy"].items()},
+                held=[int(i) for i in doc["held"]],
+            )
+        raise AssertionError("unreachable")
+
+    async def release(self, node: str, object_id: str, chunks: list[int]) -> None:
+        """Give up claims on `chunks` (the source fetch failed)."""
+        body = {"node": node, "chunks": chunks}
+        await self._request("POST", f"/v1/objects/{_segment(object_id)}/release", body)
 
     async def nodes(self) -> list[dict[str, Any]]:
         """Every known node: name, address, labels, up, last_seen, load, cache_*, reports."""
@@ -232,6 +309,7 @@ class SchedulerClient:
                     int(i): [Peer(str(p["node"]), str(p["address"])) for p in peers]
                     for i, peers in doc["peers"].items()
                 },
+                fetching={int(i): str(n) for i, n in doc.get("fetching", {}).items()},
             )
         raise AssertionError("unreachable")
 
@@ -254,4 +332,4 @@ class SchedulerClient:
         return result
 
 
-__all__ = ["ChunkMap", "Peer", "SchedulerClient"]
+__all__ = ["ChunkMap", "ClaimResult", "Peer", "SchedulerClient"]

@@ -31,6 +31,7 @@ from syncbit.errors import (
     UserError,
 )
 from syncbit.manifest import Manifest, build_manifest
+from syncbit.scheduler.claims import Claims
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
 from syncbit.scheduler.state import DatasetExistsError, SchedulerState
 from syncbit.sources.base import open_source, options_for
@@ -60,6 +61,34 @@ class HeartbeatBody(_Body):
     load: int = Field(0, ge=0)
     cache_bytes: int = Field(0, ge=0)
     cache_size: int = Field(0, ge=0)
+    ready: dict[str, str] = Field(default_factory=dict)
+    pinned_bytes: int = Field(0, ge=0)
+    pinned_over_budget: bool = False
+
+
+class LabelsBody(_Body):
+    set: dict[Name, str] = Field(default_factory=dict)
+    remove: list[Name] = Field(default_factory=list)
+
+
+class Target(_Body):
+    node: Name | None = None
+    selector: dict[Name, str] | None = None
+
+    def doc(self) -> dict[str, Any]:
+        if (self.node is None) == (self.selector is None):
+            raise UserError("a target is either {'node': name} or {'selector': {key: value}}")
+        return {"node": self.node} if self.node is not None else {"selector": self.selector}
+
+
+class TargetsBody(_Body):
+    targets: list[Target] | None = None
+
+
+class ClaimBody(_Body):
+    node: Name
+    chunks: list[Annotated[int, Field(ge=0)]]
+    ttl: float = Field(30.0, gt=0, le=3600)
 
 
 class DatasetBody(_Body):
@@ -73,6 +102,10 @@ class AddedObject(_Body):
     size: int = Field(ge=0)
     chunk_size: int = Field(gt=0)
     chunks: list[tuple[Annotated[int, Field(ge=0)], Hex64]]
+
+
+class ObjectRef(_Body):
+    object: Hex64
 
 
 class RemovedObject(_Body):
@@ -313,6 +346,7 @@ class Api:
         self.chunk_size = chunk_size
         self.policy = policy
         self.resolve = resolve
+        self.claims = Claims()
 
     def handle(self, method: str, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         route = self._route(method, seg)
@@ -329,6 +363,18 @@ class Api:
                 table = {"GET": self._nodes}
             case ["v1", "nodes", _]:
                 table = {"PUT": self._heartbeat}
+            case ["v1", "nodes", _, "labels"]:
+                table = {"POST": self._labels}
+            case ["v1", "nodes", _, "plan"]:
+                table = {"GET": self._plan}
+            case ["v1", "assignments"]:
+                table = {"GET": self._assignments}
+            case ["v1", "datasets", _, "targets"]:
+                table = {"POST": self._add_targets, "DELETE": self._remove_targets}
+            case ["v1", "objects", _, "claims"]:
+                table = {"POST": self._claim}
+            case ["v1", "objects", _, "release"]:
+                table = {"POST": self._release}
             case ["v1", "nodes", _, "chunks"]:
                 table = {"POST": self._chunks}
             case ["v1", "datasets"]:
@@ -359,9 +405,60 @@ class Api:
     def _heartbeat(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: HeartbeatBody = _parse(HeartbeatBody, _decode(body))
         info = self.state.heartbeat(
-            seg[2], req.address, req.labels, req.load, req.cache_bytes, req.cache_size
+            seg[2],
+            req.address,
+            req.labels,
+            req.load,
+            req.cache_bytes,
+            req.cache_size,
+            req.ready,
+            req.pinned_bytes,
+            req.pinned_over_budget,
         )
-        return _json(info.to_json())
+        return _json({**info.to_json(), "plan": self.state.plan(seg[2])})
+
+    def _labels(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        req: LabelsBody = _parse(LabelsBody, _decode(body))
+        return _json(self.state.edit_labels(seg[2], req.set, req.remove).to_json())
+
+    def _plan(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        generation = self.state.generation()
+        return _json({"generation": generation, "plan": self.state.plan(seg[2])})
+
+    def _assignments(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        return _json({"assignments": self.state.targets()})
+
+    def _add_targets(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        req: TargetsBody = _parse(TargetsBody, _decode(body))
+        targets = [t.doc() for t in req.targets or []]
+        if not targets:
+            targets = [{"selector": {}}]  # no target named: every node
+        return _json({"dataset": seg[2], "targets": self.state.add_targets(seg[2], targets)})
+
+    def _remove_targets(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        req: TargetsBody = _parse(TargetsBody, _decode(body) if body else {})
+        targets = None if req.targets is None else [t.doc() for t in req.targets]
+        return _json({"dataset": seg[2], "targets": self.state.remove_targets(seg[2], targets)})
+
+    def _up(self) -> set[str]:
+        return {n.name for n in self.state.nodes() if n.up}
+
+    def _claim(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """Grant source fetches of chunks no peer holds and no other node is fetching."""
+        req: ClaimBody = _parse(ClaimBody, _decode(body))
+        object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
+        held = self.state.chunk_map(object_id, req.node, self.policy)["peers"]
+        wanted = [i for i in req.chunks if i not in held]
+        granted, busy = self.claims.claim(req.node, object_id, wanted, req.ttl, self._up())
+        return _json(
+            {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
+        )
+
+    def _release(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        req: ClaimBody = _parse(ClaimBody, _decode(body))
+        object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
+        self.claims.release(req.node, object_id, req.chunks)
+        return _json({})
 
     def _nodes(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return _json({"nodes": [n.to_json() for n in self.state.nodes()]})
@@ -404,12 +501,16 @@ class Api:
                 node, added.object.lower(), added.size, added.chunk_size, added.chunks
             )
             conflicts.extend([added.object, i] for i in bad)
+            self.claims.release(node, added.object.lower(), [i for i, _ in added.chunks])
         for removed in req.remove:
             self.state.remove_chunks(node, removed.object.lower(), removed.chunks)
         return _json({"conflicts": conflicts})
 
     def _chunk_map(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
-        return _json(self.state.chunk_map(seg[2].lower(), query.get("node"), self.policy))
+        object_id = seg[2].lower()
+        doc = self.state.chunk_map(object_id, query.get("node"), self.policy)
+        doc["fetching"] = self.claims.fetching(object_id, self._up(), query.get("node"))
+        return _json(doc)
 
     def _report(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: ReportBody = _parse(ReportBody, _decode(body))

@@ -11,7 +11,11 @@ Layout (named databases of one environment, `<state_dir>/state.lmdb`):
     objects    object id (32 bytes)              -> size, chunk_size (2 x u64 big-endian)
     digests    object id + chunk index (u32 BE)  -> 32-byte chunk digest
     holders    object id + node name             -> bitmap, bit i (little-endian) = chunk i
+    targets    dataset name                      -> assignment targets (JSON list)
     meta       b"generation"                     -> u64 big-endian
+
+The generation counts every change that alters what a node should hold: datasets, their
+revisions, assignments and label edits. Nodes poll it and look closer only when it moves.
 
 Concurrency: LMDB allows one writer at a time; a process-local lock serialises writers
 before LMDB's own mutex so a thread never waits for it while holding the GIL. Readers never
@@ -64,10 +68,41 @@ class NodeInfo:
     cache_bytes: int = 0
     cache_size: int = 0
     reports: int = 0
+    label_overrides: dict[str, str | None] = field(default_factory=dict)
+    ready: dict[str, str] = field(default_factory=dict)  # dataset -> revision ready here
+    pinned_bytes: int = 0
+    pinned_over_budget: bool = False
     up: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def effective_labels(base: dict[str, str], overrides: dict[str, str | None]) -> dict[str, str]:
+    """The daemon's own labels with operator edits applied (None removes a label)."""
+    labels = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            labels.pop(key, None)
+        else:
+            labels[key] = value
+    return labels
+
+
+def matches(target: dict[str, Any], node: NodeInfo) -> bool:
+    """Whether an assignment target names `node`: {"node": name} or {"selector": {k: v}}
+    (every pair must match; an empty selector matches every node)."""
+    if "node" in target:
+        return bool(target["node"] == node.name)
+    selector: dict[str, str] = target.get("selector", {})
+    return all(node.labels.get(k) == v for k, v in selector.items())
+
+
+def describe_target(target: dict[str, Any]) -> str:
+    if "node" in target:
+        return f"node {target['node']}"
+    selector = target.get("selector", {})
+    return "selector " + (",".join(f"{k}={v}" for k, v in selector.items()) or "(all nodes)")
 
 
 def dataset_summary(manifest: Manifest) -> dict[str, Any]:
@@ -164,7 +199,7 @@ class SchedulerState:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(
-                str(self.state_dir / "state.lmdb"), max_dbs=8, map_size=_MAP_SIZE, metasync=False
+                str(self.state_dir / "state.lmdb"), max_dbs=16, map_size=_MAP_SIZE, metasync=False
             )
         except (OSError, lmdb.Error) as exc:
             raise ConfigError(f"cannot open scheduler state in {self.state_dir}: {exc}") from exc
@@ -175,6 +210,7 @@ class SchedulerState:
         self._digests = self._env.open_db(b"digests")
         self._holders = self._env.open_db(b"holders")
         self._meta = self._env.open_db(b"meta")
+        self._targets = self._env.open_db(b"targets")
         # Last liveness seen per node, only to log up/down transitions once.
         self._liveness = {n.name: n.up for n in self.nodes()}
 
@@ -223,6 +259,7 @@ class SchedulerState:
     def _node(self, raw: bytes, now: float) -> NodeInfo:
         doc = json.loads(raw)
         doc["up"] = now - doc["last_seen"] <= self.node_timeout
+        doc["labels"] = effective_labels(doc["labels"], doc.get("label_overrides", {}))
         return NodeInfo(**doc)
 
     @staticmethod
@@ -242,8 +279,12 @@ class SchedulerState:
         load: int = 0,
         cache_bytes: int = 0,
         cache_size: int = 0,
+        ready: dict[str, str] | None = None,
+        pinned_bytes: int = 0,
+        pinned_over_budget: bool = False,
     ) -> NodeInfo:
-        """Register or refresh a node and stamp `last_seen`; returns its record."""
+        """Register or refresh a node and stamp `last_seen`; returns its record (labels as
+        the daemon configured them, with operator edits from `edit_labels` on top)."""
         key = _name_key("node", name)
         if not address:
             raise UserError(f"node {name!r} sent an empty address")
@@ -251,6 +292,7 @@ class SchedulerState:
         with self._write() as txn:
             raw = txn.get(key, db=self._nodes)
             old = json.loads(raw) if raw else None
+            overrides = old.get("label_overrides", {}) if old else {}
             info = NodeInfo(
                 name=name,
                 address=address,
@@ -260,11 +302,17 @@ class SchedulerState:
                 cache_bytes=cache_bytes,
                 cache_size=cache_size,
                 reports=old["reports"] if old else 0,
+                label_overrides=overrides,
+                ready=dict(ready or {}),
+                pinned_bytes=pinned_bytes,
+                pinned_over_budget=pinned_over_budget,
                 up=True,
             )
             doc = info.to_json()
             del doc["up"]  # derived on every read, never stored
             txn.put(key, json.dumps(doc).encode(), db=self._nodes)
+            if old is None or old["labels"] != doc["labels"]:
+                self._bump(txn, self._meta)  # assignments by selector may now match
         with self._use_cond:
             was_up = self._liveness.get(name)
             self._liveness[name] = True
@@ -274,6 +322,30 @@ class SchedulerState:
             log.info("node %s is up at %s", name, address)
         elif old["address"] != address:
             log.info("node %s moved from %s to %s", name, old["address"], address)
+        return self._node(json.dumps(doc).encode(), now)
+
+    def edit_labels(self, name: str, set_: dict[str, str], remove: list[str]) -> NodeInfo:
+        """Operator label edits on a node (`syncbit node label`): they apply on top of the
+        daemon's own labels and survive its heartbeats and restarts. NotFoundError if the
+        node never registered."""
+        key = _name_key("node", name)
+        for label in [*set_, *remove]:
+            if not label or any(c in label for c in "=,") or any(ord(c) < 33 for c in label):
+                raise UserError(f"invalid label key {label!r}")
+        now = self.clock()
+        with self._write() as txn:
+            raw = txn.get(key, db=self._nodes)
+            if raw is None:
+                raise NotFoundError(f"unknown node {name!r}")
+            doc = json.loads(raw)
+            overrides: dict[str, str | None] = doc.get("label_overrides", {})
+            overrides.update(set_)
+            overrides.update({k: None for k in remove})
+            doc["label_overrides"] = overrides
+            txn.put(key, json.dumps(doc).encode(), db=self._nodes)
+            self._bump(txn, self._meta)
+            info = self._node(json.dumps(doc).encode(), now)
+        log.info("node %s labels now %s", name, info.labels or "{}")
         return info
 
     def nodes(self) -> list[NodeInfo]:
@@ -387,8 +459,96 @@ class SchedulerState:
             if not txn.delete(key, db=self._summaries):
                 raise NotFoundError(f"unknown dataset {name!r}")
             txn.delete(key, db=self._datasets)
+            txn.delete(key, db=self._targets)
             generation = self._bump(txn, self._meta)
         log.info("dataset %s removed (generation %d)", name, generation)
+
+    # -- assignments --------------------------------------------------------------------------
+
+    def add_targets(self, name: str, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Assign dataset `name` to more nodes: each target is {"node": n} or
+        {"selector": {k: v}}; nodes that register later match too. Returns all targets."""
+        key = _name_key("dataset", name)
+        for target in targets:
+            if "node" in target:
+                _name_key("node", str(target["node"]))
+        with self._write() as txn:
+            if txn.get(key, db=self._summaries) is None:
+                raise NotFoundError(f"unknown dataset {name!r}")
+            raw = txn.get(key, db=self._targets)
+            current: list[dict[str, Any]] = json.loads(raw) if raw else []
+            added = [t for t in targets if t not in current]
+            if added:
+                current.extend(added)
+                txn.put(key, json.dumps(current).encode(), db=self._targets)
+                generation = self._bump(txn, self._meta)
+        for target in added:
+            log.info(
+                "dataset %s assigned to %s (generation %d)",
+                name,
+                describe_target(target),
+                generation,
+            )
+        return current
+
+    def remove_targets(
+        self, name: str, targets: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]]:
+        """Drop assignment targets of `name` (None: all of them); returns what is left.
+        NotFoundError when a given target is not assigned."""
+        key = _name_key("dataset", name)
+        with self._write() as txn:
+            if txn.get(key, db=self._summaries) is None:
+                raise NotFoundError(f"unknown dataset {name!r}")
+            raw = txn.get(key, db=self._targets)
+            current: list[dict[str, Any]] = json.loads(raw) if raw else []
+            drop = current if targets is None else targets
+            for target in drop:
+                if target not in current:
+                    raise NotFoundError(
+                        f"dataset {name} is not assigned to {describe_target(target)}"
+                    )
+            left = [t for t in current if t not in drop]
+            if left:
+                txn.put(key, json.dumps(left).encode(), db=self._targets)
+            else:
+                txn.delete(key, db=self._targets)
+            generation = self._bump(txn, self._meta)
+        log.info(
+            "dataset %s unassigned from %s (generation %d)",
+            name,
+            ", ".join(describe_target(t) for t in drop) or "nothing",
+            generation,
+        )
+        return left
+
+    def targets(self) -> dict[str, list[dict[str, Any]]]:
+        """Every dataset's assignment targets."""
+        with self._read() as txn:
+            return {k.decode(): json.loads(v) for k, v in txn.cursor(db=self._targets)}
+
+    def plan(self, node: str) -> list[dict[str, Any]]:
+        """What `node` must hold: per assigned dataset, its revision and the sorted up nodes
+        assigned it (`members`). Members split the source fetches between them (each chunk
+        from the source by one member, by position), so the origin sends each byte once."""
+        nodes = {n.name: n for n in self.nodes()}
+        me = nodes.get(node)
+        if me is None:
+            return []
+        summaries = {d["name"]: d for d in self.datasets()}
+        plans = []
+        for dataset, targets in sorted(self.targets().items()):
+            if dataset not in summaries or not any(matches(t, me) for t in targets):
+                continue
+            members = sorted(
+                n.name
+                for n in nodes.values()
+                if (n.up or n.name == node) and any(matches(t, n) for t in targets)
+            )
+            plans.append(
+                {"dataset": dataset, "revision": summaries[dataset]["revision"], "members": members}
+            )
+        return plans
 
     # -- chunks -------------------------------------------------------------------------------
 
@@ -540,8 +700,11 @@ class SchedulerState:
 
     def status(self) -> dict[str, Any]:
         """Nodes and datasets; each dataset with `cached: {node: bytes}` over its distinct
-        objects, computed from holder bitmaps."""
-        nodes = [n.to_json() for n in self.nodes()]
+        objects (from holder bitmaps), its assignment `targets`, the nodes `assigned` it and
+        the nodes where it is `ready` (complete and verified at its current revision)."""
+        infos = self.nodes()
+        nodes = [n.to_json() for n in infos]
+        all_targets = self.targets()
         datasets: list[dict[str, Any]] = []
         with self._read() as txn:
             for _, raw in txn.cursor(db=self._datasets):
@@ -564,5 +727,11 @@ class SchedulerState:
                             name = hkey[_OID_LEN:].decode()
                             cached[name] = cached.get(name, 0) + held
                 summary["cached"] = cached
+                targets = all_targets.get(manifest.dataset, [])
+                summary["targets"] = targets
+                summary["assigned"] = [n.name for n in infos if any(matches(t, n) for t in targets)]
+                summary["ready"] = [
+                    n.name for n in infos if n.ready.get(manifest.dataset) == manifest.revision
+                ]
                 datasets.append(summary)
         return {"nodes": nodes, "datasets": datasets}

@@ -1,0 +1,225 @@
+"""Assignments, operator labels, prefetch plans and source-fetch claims, through a real
+SchedulerServer on loopback driven by SchedulerClient."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from syncbit.config import SchedulerConfig
+from syncbit.errors import NotFoundError, UserError
+from syncbit.manifest import FileEntry
+from syncbit.scheduler import SchedulerClient, SchedulerServer
+from syncbit.scheduler.claims import Claims
+from syncbit.sources import Listing, Source, register
+
+CHUNK = 4
+TIMEOUT = 10.0
+OBJ_A = "a" * 64
+D1 = "1" * 64
+D2 = "2" * 64
+
+
+@register
+class FixedSource(Source):
+    """Lists one fixed file; the scheduler never reads bodies."""
+
+    schemes = ("memassign",)
+
+    async def list(self) -> Listing:
+        return Listing(files=[FileEntry(path="a.bin", size=10, object=OBJ_A, locator="a.bin")])
+
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def any_port(config: SchedulerConfig) -> SchedulerConfig:
+    return config.model_copy(update={"listen": "127.0.0.1:0"})
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> SchedulerConfig:
+    return any_port(
+        SchedulerConfig(state_dir=tmp_path / "state", node_timeout=TIMEOUT, chunk_size=CHUNK)
+    )
+
+
+@pytest.fixture
+def server(config: SchedulerConfig, clock: Clock) -> Iterator[SchedulerServer]:
+    srv = SchedulerServer(config, clock=clock)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+async def client(server: SchedulerServer) -> AsyncIterator[SchedulerClient]:
+    async with SchedulerClient(server.url) as c:
+        yield c
+
+
+async def beat(client: SchedulerClient, node: str, **labels: str) -> dict[str, object]:
+    return await client.heartbeat(node, address=f"127.0.0.1:1{len(node)}", labels=labels)
+
+
+async def test_assignment_by_selector_and_node_name(client: SchedulerClient) -> None:
+    await client.add_dataset("one", "memassign://one/")
+    await beat(client, "n1", gpu="h100")
+    await beat(client, "n2", gpu="a10")
+    await beat(client, "n3", gpu="h100")
+    before = (await client.datasets())["generation"]
+    targets = await client.assign("one", [{"selector": {"gpu": "h100"}}, {"node": "n2"}])
+    assert targets == [{"selector": {"gpu": "h100"}}, {"node": "n2"}]
+    assert (await client.datasets())["generation"] > before  # nodes notice at once
+
+    plan = (await client.plan("n1"))["plan"]
+    assert [(p["dataset"], p["members"]) for p in plan] == [("one", ["n1", "n2", "n3"])]
+    status = await client.status()
+    (ds,) = status["datasets"]
+    assert ds["assigned"] == ["n1", "n2", "n3"]
+    assert ds["ready"] == []
+
+    # A node registering later that matches the selector is assigned too.
+    record = await beat(client, "n4", gpu="h100")
+    assert [p["dataset"] for p in record["plan"]] == ["one"]  # type: ignore[attr-defined]
+    await beat(client, "n5", gpu="t4")
+    assert (await client.plan("n5"))["plan"] == []
+
+    assert await client.unassign("one", [{"node": "n2"}]) == [{"selector": {"gpu": "h100"}}]
+    assert (await client.plan("n2"))["plan"] == []
+    with pytest.raises(NotFoundError, match="not assigned to node n2"):
+        await client.unassign("one", [{"node": "n2"}])
+    assert await client.unassign("one", None) == []
+    assert (await client.plan("n1"))["plan"] == []
+
+
+async def test_assignment_errors(client: SchedulerClient) -> None:
+    with pytest.raises(NotFoundError, match="unknown dataset 'nope'"):
+        await client.assign("nope", [{"node": "n1"}])
+    await client.add_dataset("one", "memassign://one/")
+    with pytest.raises(UserError, match="either"):
+        await client.assign("one", [{"node": "n1", "selector": {"a": "b"}}])
+    # No target at all means every node.
+    assert await client.assign("one", []) == [{"selector": {}}]
+    await beat(client, "anything")
+    assert [p["dataset"] for p in (await client.plan("anything"))["plan"]] == ["one"]
+
+
+async def test_plan_members_are_up_nodes_only(client: SchedulerClient, clock: Clock) -> None:
+    await client.add_dataset("one", "memassign://one/")
+    await client.assign("one", [{"selector": {"role": "gpu"}}])
+    await beat(client, "a", role="gpu")
+    await beat(client, "b", role="gpu")
+    clock.now += TIMEOUT + 1  # both go quiet; only a comes back
+    await beat(client, "a", role="gpu")
+    assert (await client.plan("a"))["plan"][0]["members"] == ["a"]
+
+
+async def test_labels_edits_survive_heartbeats_and_restart(
+    client: SchedulerClient, server: SchedulerServer, config: SchedulerConfig, clock: Clock
+) -> None:
+    await client.add_dataset("one", "memassign://one/")
+    await client.assign("one", [{"selector": {"gpu": "h100"}}])
+    await beat(client, "n1", zone="a")
+    assert (await client.plan("n1"))["plan"] == []
+    before = (await client.datasets())["generation"]
+    record = await client.edit_labels("n1", {"gpu": "h100"}, ["zone"])
+    assert record["labels"] == {"gpu": "h100"}
+    assert (await client.datasets())["generation"] > before
+    await beat(client, "n1", zone="a")  # the daemon's own labels do not undo the edit
+    (node,) = await client.nodes()
+    assert node["labels"] == {"gpu": "h100"}
+    assert [p["dataset"] for p in (await client.plan("n1"))["plan"]] == ["one"]
+    with pytest.raises(NotFoundError, match="unknown node"):
+        await client.edit_labels("ghost", {"a": "b"}, [])
+    with pytest.raises(UserError, match="invalid label key"):
+        await client.edit_labels("n1", {"a=b": "c"}, [])
+
+    server.stop()
+    again = SchedulerServer(config, clock=clock)
+    again.start()
+    try:
+        async with SchedulerClient(again.url) as fresh:
+            (node,) = await fresh.nodes()
+            assert node["labels"] == {"gpu": "h100"}
+            assert await fresh.assignments() == {"one": [{"selector": {"gpu": "h100"}}]}
+    finally:
+        again.stop()
+
+
+async def test_removing_a_dataset_drops_its_assignments(client: SchedulerClient) -> None:
+    await client.add_dataset("one", "memassign://one/")
+    await client.assign("one", [{"node": "n1"}])
+    await client.remove_dataset("one")
+    assert await client.assignments() == {}
+    await client.add_dataset("one", "memassign://one/")
+    assert await client.assignments() == {}
+
+
+async def test_ready_reported_by_heartbeat_shows_in_status(client: SchedulerClient) -> None:
+    summary = (await client.add_dataset("one", "memassign://one/"))["dataset"]
+    await client.heartbeat("n1", address="127.0.0.1:1", ready={"one": summary["revision"]})
+    await client.heartbeat("n2", address="127.0.0.1:2", ready={"one": "an-old-revision"})
+    (ds,) = (await client.status())["datasets"]
+    assert ds["ready"] == ["n1"]
+
+
+async def test_claims_give_each_chunk_to_one_fetcher(client: SchedulerClient) -> None:
+    await beat(client, "a")
+    await beat(client, "b")
+    first = await client.claim("a", OBJ_A, [0, 1, 2], ttl=30)
+    assert (first.granted, first.busy) == ([0, 1, 2], {})
+    second = await client.claim("b", OBJ_A, [1, 2, 3], ttl=30)
+    assert (second.granted, second.busy) == ([3], {1: "a", 2: "a"})
+    assert (await client.chunk_map(OBJ_A, "b")).fetching == {0: "a", 1: "a", 2: "a"}
+    assert (await client.chunk_map(OBJ_A, "a")).fetching == {3: "b"}
+
+    # Reporting a chunk ends its claim; the chunk is then held, not claimable.
+    await client.report_chunks(
+        "a", add=[{"object": OBJ_A, "size": 16, "chunk_size": CHUNK, "chunks": [[1, D1]]}], remove=[]
+    )
+    third = await client.claim("b", OBJ_A, [1], ttl=30)
+    assert (third.granted, third.busy, third.held) == ([], {}, [1])
+
+    # A failed fetch releases its claim for someone else.
+    await client.release("a", OBJ_A, [2])
+    assert (await client.claim("b", OBJ_A, [2], ttl=30)).granted == [2]
+
+
+async def test_claims_of_a_down_node_do_not_block(client: SchedulerClient, clock: Clock) -> None:
+    await beat(client, "a")
+    assert (await client.claim("a", OBJ_A, [0], ttl=300)).granted == [0]
+    clock.now += TIMEOUT + 1  # a stops heartbeating while holding a claim
+    await beat(client, "b")
+    assert (await client.claim("b", OBJ_A, [0], ttl=30)).granted == [0]
+    # And the digest-conflict path of reports is unchanged by claims.
+    await client.report_chunks(
+        "b", add=[{"object": OBJ_A, "size": 8, "chunk_size": CHUNK, "chunks": [[0, D2]]}], remove=[]
+    )
+
+
+def test_claims_expire() -> None:
+    now = [100.0]
+    claims = Claims(clock=lambda: now[0])
+    assert claims.claim("a", OBJ_A, [0], ttl=5, up={"a", "b"}) == ([0], {})
+    assert claims.claim("b", OBJ_A, [0], ttl=5, up={"a", "b"}) == ([], {0: "a"})
+    now[0] += 6
+    assert claims.fetching(OBJ_A, {"a", "b"}, "b") == {}
+    assert claims.claim("b", OBJ_A, [0], ttl=5, up={"a", "b"}) == ([0], {})
