@@ -193,7 +193,9 @@ async def test_claims_give_each_chunk_to_one_fetcher(client: SchedulerClient) ->
 
     # Reporting a chunk ends its claim; the chunk is then held, not claimable.
     await client.report_chunks(
-        "a", add=[{"object": OBJ_A, "size": 16, "chunk_size": CHUNK, "chunks": [[1, D1]]}], remove=[]
+        "a",
+        add=[{"object": OBJ_A, "size": 16, "chunk_size": CHUNK, "chunks": [[1, D1]]}],
+        remove=[],
     )
     third = await client.claim("b", OBJ_A, [1], ttl=30)
     assert (third.granted, third.busy, third.held) == ([], {}, [1])
