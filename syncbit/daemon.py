@@ -28,7 +28,7 @@ from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.scheduler.client import ChunkMap, SchedulerClient
+from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
 from syncbit.sources.base import Source, open_source, options_for
 from syncbit.store import ObjectStore, StoredObject
@@ -49,10 +49,10 @@ class SchedulerDirectory:
         self._cache: dict[str, tuple[float, ChunkMap]] = {}
         self._pending: dict[str, trio.Event] = {}
 
-    async def chunk_info(self, object_id: str) -> ChunkMap:
+    async def chunk_info(self, object_id: str, max_age: float = _CHUNK_INFO_TTL) -> ChunkMap:
         while True:
             cached = self._cache.get(object_id)
-            if cached and cached[0] > trio.current_time():
+            if cached and cached[0] + max_age > trio.current_time():
                 return cached[1]
             pending = self._pending.get(object_id)
             if pending is None:
@@ -61,11 +61,17 @@ class SchedulerDirectory:
         event = self._pending[object_id] = trio.Event()
         try:
             info = await self.client.chunk_map(object_id, self.node)
-            self._cache[object_id] = (trio.current_time() + _CHUNK_INFO_TTL, info)
+            self._cache[object_id] = (trio.current_time(), info)
             return info
         finally:
             del self._pending[object_id]
             event.set()
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        return await self.client.claim(self.node, object_id, indexes, ttl)
+
+    async def release(self, object_id: str, indexes: list[int]) -> None:
+        await self.client.release(self.node, object_id, indexes)
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
         self._cache.pop(object_id, None)

@@ -8,11 +8,13 @@ without a digest the scheduler recorded from a source fetch.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
 import math
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -31,7 +33,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
 from syncbit.retry import backoff_delays
-from syncbit.scheduler.client import ChunkMap, Peer
+from syncbit.scheduler.client import ChunkMap, ClaimResult, Peer
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
 
@@ -45,11 +47,26 @@ class Priority(IntEnum):
 
 
 class ChunkDirectory(Protocol):
-    """Where the fetcher learns digests and holders, and reports bad peers."""
+    """Where the fetcher learns digests and holders, claims source reads (so the cluster
+    reads each chunk from the source once), and reports bad peers."""
 
-    async def chunk_info(self, object_id: str) -> ChunkMap: ...
+    async def chunk_info(self, object_id: str, max_age: float = ...) -> ChunkMap: ...
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult: ...
+
+    async def release(self, object_id: str, indexes: list[int]) -> None: ...
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None: ...
+
+
+class _Wait(Exception):
+    """Another node is reading this chunk from the source (or is the planned reader):
+    park the flight until a peer holds it, instead of reading the source a second time."""
+
+    def __init__(self, holder: str, backlog: bool = False) -> None:
+        super().__init__(holder)
+        self.holder = holder
+        self.backlog = backlog  # not another node: this node's own source-read limit
 
 
 @dataclass(eq=False)
@@ -69,6 +86,10 @@ class Flight:
     retry_after: float = 0.0  # until then a new flight for this chunk gets one attempt
     one_shot: bool = False  # such a flight: one attempt, no retries
     bad_peers: set[str] = field(default_factory=set)
+    # Prefetch of a chunk another node is planned to read from the source: False while
+    # that node is expected to (see `daemon.PrefetchJob`). None: anyone may.
+    may_source: Callable[[], bool] | None = None
+    waiting_for: str = ""  # the node this parked flight waits for
 
 
 @dataclass(eq=False)
@@ -106,6 +127,10 @@ class Fetcher:
         failure_ttl: float = 1.0,
         write_backlog: int = 8,
         source_batch: int = 16 << 20,
+        prefetch_concurrency: int = 6,
+        prefetch_bandwidth: int = 0,
+        claim_ttl: float = 30.0,
+        park_poll: float = 0.2,
     ) -> None:
         self.store = store
         self.directory = directory
@@ -115,15 +140,30 @@ class Fetcher:
         self.readahead_chunks = readahead_chunks
         self.failure_ttl = failure_ttl
         self.source_batch = source_batch  # bytes one source request may bring at most
+        self.prefetch_concurrency = prefetch_concurrency  # prefetch transfers at once
+        self.prefetch_bandwidth = prefetch_bandwidth  # bytes/s for prefetch; 0: no cap
+        self.claim_ttl = max(claim_ttl, read_deadline)
+        self.park_poll = park_poll
         self._flights: dict[tuple[str, int], Flight] = {}
-        self._queue: list[tuple[int, int, Flight]] = []
+        # Reads and readahead; prefetch waits in its own queue and takes a worker only
+        # while fewer than `prefetch_concurrency` prefetch transfers run, so a reader
+        # always finds a free worker. Entries: (priority, 0 if a peer has it, seq, flight).
+        self._queue: list[tuple[int, int, int, Flight]] = []
+        self._prefetch_queue: list[tuple[int, int, int, Flight]] = []
+        self._prefetching = 0
+        self._prefetch_sources = trio.Semaphore(max(1, prefetch_concurrency // 2))
+        self._bandwidth_next = 0.0  # token bucket: when the next prefetch byte may go
         self._seq = itertools.count()
-        self._work = trio.Semaphore(0)
+        self._changed = trio.Event()
+        # Flights parked while another node reads their chunk from the source, by object.
+        self._parked: dict[str, dict[int, Flight]] = {}
+        self._watching: set[str] = set()
+        self._source_backlog: list[Flight] = []  # prefetch source reads over the limit
         # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
         # bounded so RAM stays bounded (each slot pins one chunk buffer).
         self._write_slots = trio.Semaphore(write_backlog)
         self._buffers: list[mmap.mmap] = []
-        self.stats = {"source": 0, "peer": 0, "verify_failures": 0}  # bytes by origin
+        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0}
         self._verified: set[str] = set()  # objects whose whole-file digest checked out
         self._verifying: set[str] = set()
 
@@ -182,11 +222,16 @@ class Fetcher:
         handle.readahead_until = max(handle.readahead_until, stop)
 
     async def _wait_chunks(
-        self, handle: OpenFile, indexes: list[int], prio: Priority, bounded: bool = True
+        self,
+        handle: OpenFile,
+        indexes: list[int],
+        prio: Priority,
+        bounded: bool = True,
+        may_source: Callable[[int], bool] | None = None,
     ) -> None:
         """Wait for the chunks' flights; a reader (`bounded`) gives up after the read
         deadline, a prefetch relies on each flight's own deadline."""
-        flights = [self._flight(handle, i, prio) for i in indexes]
+        flights = [self._flight(handle, i, prio, may_source) for i in indexes]
         with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
                 await flight.done.wait()
@@ -206,16 +251,24 @@ class Fetcher:
             )
 
     async def ensure(
-        self, entry: FileEntry, chunk_size: int, source: Source, prio: Priority
+        self,
+        entry: FileEntry,
+        chunk_size: int,
+        source: Source,
+        prio: Priority,
+        may_source: Callable[[int], bool] | None = None,
     ) -> None:
         """Make every chunk of a file present (prefetch / pull), raising on failure.
-        Returns once every chunk is written to the object file."""
+        Returns once every chunk is written to the object file.
+
+        `may_source(i)`: whether this node should read chunk i from the source itself now
+        (a prefetch plan gives each chunk one reader); the others wait for a peer."""
         handle = self.open(entry, chunk_size, source)
         obj = handle.obj
         discards = obj.discards
         missing = [i for i in range(obj.chunks) if not obj.has(i)]
         if missing:
-            await self._wait_chunks(handle, missing, prio, bounded=False)
+            await self._wait_chunks(handle, missing, prio, bounded=False, may_source=may_source)
         while len(obj.written) < obj.chunks or obj.id in self._verifying:
             if obj.discards != discards:
                 raise SourceChangedError(f"{entry.path}: content failed verification")
@@ -225,7 +278,13 @@ class Fetcher:
 
     # -- single flight and the priority queue ----------------------------------------------
 
-    def _flight(self, handle: OpenFile, index: int, prio: Priority) -> Flight:
+    def _flight(
+        self,
+        handle: OpenFile,
+        index: int,
+        prio: Priority,
+        may_source: Callable[[int], bool] | None = None,
+    ) -> Flight:
         key = (handle.obj.id, index)
         flight = self._flights.get(key)
         deadline = trio.current_time() + self.read_deadline
@@ -239,53 +298,98 @@ class Fetcher:
         if flight is None:
             flight = Flight(handle.obj, handle.entry, handle.source, index, prio, deadline)
             flight.one_shot = deadline <= trio.current_time()
+            if may_source is not None and prio >= Priority.PREFETCH:
+                flight.may_source = functools.partial(may_source, index)
             self._flights[key] = flight
             self._push(flight)
         elif prio < flight.priority and not flight.started:
             flight.priority = prio
+            flight.may_source = None  # a reader needs it now: no waiting for a plan
             self._push(flight)  # the stale heap entry is skipped when popped
         return flight
 
-    def _push(self, flight: Flight) -> None:
-        heapq.heappush(self._queue, (int(flight.priority), next(self._seq), flight))
-        self._work.release()
+    def _push(self, flight: Flight, peer_ready: bool = False) -> None:
+        """Queue a flight; one a peer can serve goes before source reads of its priority."""
+        parked = self._parked.get(flight.obj.id)
+        if parked is not None and parked.get(flight.index) is flight:
+            del parked[flight.index]
+        queue = self._prefetch_queue if flight.priority >= Priority.PREFETCH else self._queue
+        entry = (int(flight.priority), 0 if peer_ready else 1, next(self._seq), flight)
+        heapq.heappush(queue, entry)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _next(self) -> Flight | None:
+        """The most urgent runnable flight, or None; skips stale heap entries."""
+        while self._queue:
+            flight = heapq.heappop(self._queue)[3]
+            if not flight.started and flight.priority < Priority.PREFETCH:
+                return flight
+        while self._prefetch_queue and self._prefetching < self.prefetch_concurrency:
+            flight = heapq.heappop(self._prefetch_queue)[3]
+            if not flight.started and flight.priority >= Priority.PREFETCH:
+                return flight
+        return None
 
     async def _worker(self) -> None:
         while True:
-            await self._work.acquire()
-            _, _, flight = heapq.heappop(self._queue)
-            if flight.started:
+            flight = self._next()
+            if flight is None:
+                await self._changed.wait()
                 continue
             flight.started = True
+            prefetch = flight.priority >= Priority.PREFETCH
+            if prefetch:
+                self._prefetching += 1
             if not flight.one_shot:
                 # A queued prefetch must not spend its deadline waiting in the queue.
                 flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
             staged: list[Staged] | None = None
+            parked: _Wait | None = None
             try:
                 staged = await self._transfer(flight)
+            except _Wait as wait:
+                parked = wait
             except SyncbitError as exc:
                 flight.error = exc
             except Exception as exc:
                 log.exception("chunk %d of %s: unexpected error", flight.index, flight.entry.path)
                 flight.error = exc
             finally:
-                if staged is None and flight.error is None:
-                    flight.error = SyncbitError("fetch cancelled")  # never report success
-                if isinstance(flight.error, (ReadDeadlineError, SourceChangedError, UserError)):
-                    # Keep the failure briefly: the kernel retries a failed readahead page
-                    # at once, and that retry must fail now, not after another deadline.
-                    flight.retry_after = trio.current_time() + self.failure_ttl
-                    flight.done.set()
-                else:
-                    self._finish(flight)
-                for done in staged or []:
-                    if done.flight is not flight:
-                        self._finish(done.flight)  # readers go on from RAM while written
+                if prefetch:
+                    self._prefetching -= 1
+                    self._wake()
+                self._settle(flight, staged, parked)
             for done in staged or []:
                 # The write overlaps the next transfer; the slots bound staged RAM and let
                 # a disk slower than the network push back on fetching.
                 await self._write_slots.acquire()
                 self._nursery.start_soon(self._persist, done.flight, done.view, done.digest)
+
+    def _settle(self, flight: Flight, staged: list[Staged] | None, parked: _Wait | None) -> None:
+        """After a transfer attempt: park the flight, or complete it (and the chunks its
+        source read brought along), keeping a failure briefly for the kernel's retry."""
+        if parked is not None:
+            if parked.backlog:
+                flight.started = False  # requeued when a source read finishes
+            else:
+                self._park(flight, parked.holder)
+            return
+        if staged is None and flight.error is None:
+            flight.error = SyncbitError("fetch cancelled")  # never report success
+        if isinstance(flight.error, (ReadDeadlineError, SourceChangedError, UserError)):
+            # Keep the failure briefly: the kernel retries a failed readahead page at once,
+            # and that retry must fail now, not after another deadline.
+            flight.retry_after = trio.current_time() + self.failure_ttl
+            flight.done.set()
+        else:
+            self._finish(flight)
+        for done in staged or []:
+            if done.flight is not flight:
+                self._finish(done.flight)  # readers go on from RAM while it is written
 
     def _finish(self, flight: Flight) -> None:
         key = (flight.obj.id, flight.index)
@@ -375,32 +479,171 @@ class Fetcher:
                     self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
                     return [Staged(flight, view, expected)]
             self._buffers.append(buf)
+        if flight.may_source is not None and not flight.may_source():
+            raise _Wait("the node planned to read it")
+        holder = info.fetching.get(index)
+        if holder is not None:
+            raise _Wait(holder)
         return await self._from_source(flight, info)
 
+    # -- parked flights: waiting for another node's source read ----------------------------
+
+    def _park(self, flight: Flight, holder: str) -> None:
+        """Hold a flight (no worker, no queue) until a peer has its chunk, the claim on it
+        lapses, or, for a reader, its deadline passes."""
+        flight.started = False
+        flight.waiting_for = holder
+        self.stats["parked"] += 1
+        self._parked.setdefault(flight.obj.id, {})[flight.index] = flight
+        if flight.obj.id not in self._watching:
+            self._watching.add(flight.obj.id)
+            self._nursery.start_soon(self._watch_parked, flight.obj.id)
+
+    async def _watch_parked(self, object_id: str) -> None:
+        """One poll of the chunk map per object and interval, however many flights wait."""
+        try:
+            while self._parked.get(object_id):
+                await trio.sleep(self.park_poll)
+                parked = self._parked.get(object_id, {})
+                if not parked:
+                    break
+                info = await self._chunk_info(object_id, max_age=self.park_poll / 2)
+                now = trio.current_time()
+                for index, flight in list(parked.items()):
+                    if flight.started or flight.done.is_set():
+                        del parked[index]  # taken along by a source read, or requeued
+                    elif info.peers.get(index):
+                        self._push(flight, peer_ready=True)
+                    elif index not in info.fetching and (
+                        flight.may_source is None or flight.may_source()
+                    ):
+                        self._push(flight)  # nobody is reading it: this node will
+                    elif flight.priority < Priority.PREFETCH and now > flight.deadline:
+                        del parked[index]
+                        flight.error = ReadDeadlineError(
+                            f"chunk {index} of {flight.entry.path}: {flight.waiting_for} was "
+                            f"reading it from the source and did not deliver within "
+                            f"{self.read_deadline:g}s"
+                        )
+                        flight.retry_after = now + self.failure_ttl
+                        flight.done.set()
+        finally:
+            self._watching.discard(object_id)
+            if not self._parked.get(object_id):
+                self._parked.pop(object_id, None)
+
     def _followers(self, flight: Flight, info: ChunkMap) -> list[Flight]:
-        """Queued flights for the chunks right after `flight` that no peer can serve:
-        claimed so one source request brings them all (object stores and CDNs charge per
-        request, and some, like moto, cost a whole-object read per request)."""
+        """Queued flights for the chunks right after `flight` that no peer can serve and no
+        one else is reading: candidates for one source request that brings them all
+        (object stores and CDNs charge per request, and some, like moto, cost a
+        whole-object read per request)."""
         obj = flight.obj
-        claimed: list[Flight] = []
+        found: list[Flight] = []
         budget = self.source_batch - obj.chunk_size
         index = flight.index + 1
         while budget >= obj.chunk_size and index < obj.chunks:
             nxt = self._flights.get((obj.id, index))
-            if nxt is None or nxt.started or nxt.done.is_set() or info.peers.get(index):
+            if (
+                nxt is None
+                or nxt.started
+                or nxt.done.is_set()
+                or info.peers.get(index)
+                or index in info.fetching
+                or (nxt.may_source is not None and not nxt.may_source())
+            ):
                 break
-            nxt.started = True
-            nxt.deadline = flight.deadline
-            claimed.append(nxt)
+            found.append(nxt)
             budget -= obj.chunk_size
             index += 1
-        return claimed
+        return found
+
+    async def _claim(self, flight: Flight, followers: list[Flight]) -> list[Flight]:
+        """Claim the source read of `flight`'s chunk (and its followers, already marked
+        started) cluster-wide; returns the followers granted in an unbroken run and puts
+        the rest back in the queue. Raises _Wait if another node has the chunk. Without an
+        answer from the scheduler the read goes ahead: the source has the bytes."""
+        obj = flight.obj
+        wanted = [flight.index, *(f.index for f in followers)]
+        try:
+            claim = await self.directory.claim(obj.id, wanted, self.claim_ttl)
+        except SyncbitError as exc:
+            log.debug("no claim on %s: %s", obj.id[:12], exc)
+            return followers
+        granted = set(claim.granted)
+        run: list[Flight] = []
+        if flight.index in granted:
+            for f in followers:
+                if f.index not in granted:
+                    break
+                run.append(f)
+        self._unclaim(followers[len(run) :])
+        unused = sorted(granted - {flight.index} - {f.index for f in run})
+        if flight.index not in granted:
+            unused = sorted(granted)
+        if unused:
+            await self._release(obj.id, unused)
+        if flight.index not in granted:
+            raise _Wait(claim.busy.get(flight.index, "a peer"))
+        return run
+
+    def _unclaim(self, followers: list[Flight]) -> None:
+        for f in followers:  # back in the queue, on their own
+            f.started = False
+            self._push(f)
+
+    async def _release(self, object_id: str, indexes: list[int]) -> None:
+        try:
+            await self.directory.release(object_id, indexes)
+        except SyncbitError as exc:
+            log.debug("could not release claims on %s: %s", object_id[:12], exc)
+
+    async def _throttle(self, nbytes: int) -> None:
+        """The prefetch bandwidth cap: a token bucket shared by every prefetch transfer."""
+        if self.prefetch_bandwidth <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._bandwidth_next)
+        self._bandwidth_next = start + nbytes / self.prefetch_bandwidth
+        await trio.sleep_until(start)
 
     async def _from_source(self, flight: Flight, info: ChunkMap) -> list[Staged]:
-        obj = flight.obj
+        prefetch = flight.priority >= Priority.PREFETCH
+        if prefetch and self._prefetch_sources.value == 0:
+            # Source reads are slow; past the limit a prefetch waits without a worker, so
+            # the rest of the prefetch keeps flowing from peers.
+            self._source_backlog.append(flight)
+            raise _Wait("", backlog=True)
+        # Taken now, before any checkpoint, so no other worker starts them meanwhile.
         followers = self._followers(flight, info)
+        for f in followers:
+            f.started = True
+        if not prefetch:
+            return await self._read_source(flight, info, followers)
+        try:
+            async with self._prefetch_sources:
+                return await self._read_source(flight, info, followers)
+        finally:
+            while self._source_backlog:
+                waiting = self._source_backlog.pop(0)
+                if not waiting.started and not waiting.done.is_set():
+                    self._push(waiting)
+                    break
+
+    async def _read_source(
+        self, flight: Flight, info: ChunkMap, followers: list[Flight]
+    ) -> list[Staged]:
+        obj = flight.obj
+        try:
+            followers = await self._claim(flight, followers)
+        except BaseException:
+            self._unclaim([f for f in followers if f.started and not f.done.is_set()])
+            raise
+        for f in followers:
+            f.deadline = flight.deadline
         batch = [flight, *followers]
         span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
+        if flight.priority >= Priority.PREFETCH:
+            await self._throttle(span)
         buf = self._buffer(span)
         try:
             digests = await trio.to_thread.run_sync(
@@ -408,9 +651,9 @@ class Fetcher:
             )
         except BaseException:
             self._buffers.append(buf)
-            for f in followers:  # back in the queue, on their own
-                f.started = False
-                self._push(f)
+            self._unclaim(followers)
+            with trio.CancelScope(shield=True):
+                await self._release(obj.id, [f.index for f in batch])
             raise
         self.stats["source"] += span
         pending = [len(batch)]
@@ -436,9 +679,9 @@ class Fetcher:
             staged.append(Staged(f, view, digests[i]))
         return staged
 
-    async def _chunk_info(self, object_id: str) -> ChunkMap:
+    async def _chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
         try:
-            return await self.directory.chunk_info(object_id)
+            return await self.directory.chunk_info(object_id, max_age)
         except SyncbitError as exc:
             # No scheduler is no reason to fail a read: the source still has the bytes.
             log.debug("no chunk info for %s: %s", object_id[:12], exc)

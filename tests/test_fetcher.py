@@ -18,7 +18,7 @@ from syncbit.errors import (
 )
 from syncbit.fetcher import Fetcher, Priority
 from syncbit.manifest import FileEntry
-from syncbit.scheduler.client import ChunkMap, Peer
+from syncbit.scheduler.client import ChunkMap, ClaimResult, Peer
 from syncbit.sources.base import Listing, Source
 from syncbit.store import ObjectStore
 
@@ -56,12 +56,25 @@ class MemSource(Source):
 
 
 class Directory:
+    """Scheduler double: a settable chunk map; claims granted unless another node is in
+    `info.fetching` for the chunk; claims and releases recorded."""
+
     def __init__(self) -> None:
         self.info = ChunkMap()
         self.reports: list[tuple[str, int]] = []
+        self.claims: list[list[int]] = []
+        self.released: list[list[int]] = []
 
-    async def chunk_info(self, object_id: str) -> ChunkMap:
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
         return self.info
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        self.claims.append(indexes)
+        busy = {i: self.info.fetching[i] for i in indexes if i in self.info.fetching}
+        return ClaimResult(granted=[i for i in indexes if i not in busy], busy=busy)
+
+    async def release(self, object_id: str, indexes: list[int]) -> None:
+        self.released.append(indexes)
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
         self.reports.append((peer, index))
@@ -324,3 +337,162 @@ async def test_access_errors_are_not_retried(store: ObjectStore, nursery: trio.N
     with pytest.raises(SourceChangedError, match="HF_TOKEN"):
         await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10)
     assert source.reads == 1
+
+
+# -- coordination: one source read per chunk across the cluster ------------------------------
+
+
+def _chunk(i: int) -> bytes:
+    return DATA[i * CS : (i + 1) * CS]
+
+
+def _deliver(directory: Directory, *indexes: int) -> None:
+    """A peer ("ok" at address "good") now holds these chunks, with their digests."""
+    for i in indexes:
+        directory.info.digests[i] = digest(_chunk(i))
+        directory.info.peers[i] = [Peer("ok", "good")]
+        directory.info.fetching.pop(i, None)
+
+
+async def test_chunk_another_node_is_reading_is_waited_for_and_taken_from_it(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(), Directory(), Peers()
+    directory.info = ChunkMap(fetching={0: "n2"})
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0, park_poll=0.01)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100))
+
+    nursery.start_soon(read)
+    await trio.sleep(0.2)
+    assert got == [] and source.reads == 0  # waiting for n2, not reading the source
+    assert fetcher.stats["parked"] >= 1
+    _deliver(directory, 0)
+    with trio.fail_after(5):
+        while not got:
+            await trio.sleep(0.01)
+    assert got == [DATA[:100]]
+    assert source.reads == 0 and peers.calls == ["good"]
+
+
+async def test_lapsed_claim_lets_this_node_read_the_source(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(), Directory()
+    directory.info = ChunkMap(fetching={0: "n2"})
+    fetcher = Fetcher(store, directory, Peers(), readahead_chunks=0, park_poll=0.01)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+
+    async def n2_gives_up() -> None:
+        await trio.sleep(0.2)
+        directory.info.fetching.clear()  # n2 went down or released its claim
+
+    nursery.start_soon(n2_gives_up)
+    assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100) == DATA[:100]
+    assert source.reads == 1
+    assert directory.claims[-1][0] == 0
+
+
+async def test_waiting_reader_fails_at_its_deadline_naming_the_node(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(), Directory()
+    directory.info = ChunkMap(fetching={0: "n2"})
+    fetcher = Fetcher(  # type: ignore[arg-type]
+        store, directory, Peers(), readahead_chunks=0, park_poll=0.01, read_deadline=0.3
+    )
+    await _run(fetcher, nursery)
+    with pytest.raises(ReadDeadlineError, match="timed out"):
+        await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100)
+    with trio.fail_after(5):  # the parked flight itself fails too, with the cause
+        while fetcher._flights.get((ENTRY.object, 0)) and not (
+            fetcher._flights[(ENTRY.object, 0)].error
+        ):
+            await trio.sleep(0.01)
+    assert "n2 was reading it from the source" in str(fetcher._flights[(ENTRY.object, 0)].error)
+    assert source.reads == 0
+
+
+async def test_prefetch_plan_reads_own_chunks_and_takes_the_rest_from_peers(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(), Directory(), Peers()
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    mine = {0, 2, 4}
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i in mine)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    await trio.sleep(0.3)
+    assert not done.is_set()
+    assert source.bytes == 3 * CS  # only the chunks planned for this node
+    _deliver(directory, 1, 3, 5)  # the other member read them
+    with trio.fail_after(5):
+        await done.wait()
+    assert sorted(peers.calls) == ["good"] * 3
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+async def test_planned_owner_gone_means_this_node_reads_it(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(), Directory()
+    fetcher = Fetcher(store, directory, Peers(), park_poll=0.01)  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+    members = ["me", "other"]
+
+    def may_source(i: int) -> bool:
+        return members[i % len(members)] == "me"
+
+    async def other_goes_down() -> None:
+        await trio.sleep(0.2)
+        members.remove("other")  # the plan no longer has it
+
+    nursery.start_soon(other_goes_down)
+    with trio.fail_after(5):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, may_source)
+    assert source.bytes == len(DATA)
+
+
+async def test_foreground_read_is_not_starved_by_slow_prefetch(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    slow = MemSource()
+    slow.gate = threading.Event()  # prefetch source reads hang until set
+    other = ENTRY.model_copy(update={"object": "ef" * 32})
+    fetcher = Fetcher(  # type: ignore[arg-type]
+        store, Directory(), Peers(), workers=4, prefetch_concurrency=2, readahead_chunks=0
+    )
+    await _run(fetcher, nursery)
+    nursery.start_soon(fetcher.ensure, ENTRY, CS, slow, Priority.PREFETCH)
+    await trio.sleep(0.1)
+    try:
+        with trio.fail_after(5):
+            got = await fetcher.read(fetcher.open(other, CS, MemSource()), 0, 100)
+        assert got == DATA[:100]
+    finally:
+        slow.gate.set()
+
+
+async def test_prefetch_bandwidth_cap(
+    store: ObjectStore, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemSource()
+    rate = CS * 10  # bytes per (virtual) second
+    fetcher = Fetcher(  # type: ignore[arg-type]
+        store, Directory(), Peers(), prefetch_bandwidth=rate, source_batch=CS
+    )
+    await _run(fetcher, nursery)
+    start = trio.current_time()
+    await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    elapsed = trio.current_time() - start
+    # Six chunk-sized reads through the bucket: the first goes at once.
+    assert elapsed >= 5 * CS / rate
+    assert source.bytes == len(DATA)

@@ -16,7 +16,7 @@ from syncbit.fetcher import Fetcher
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import ROOT_INODE, Tree
 from syncbit.manifest import FileEntry, Manifest, build_manifest
-from syncbit.scheduler.client import ChunkMap
+from syncbit.scheduler.client import ChunkMap, ClaimResult
 from syncbit.sources.base import Listing, Source
 from syncbit.store import ObjectStore
 
@@ -36,8 +36,16 @@ class Src(Source):
 
 
 class NoPeers:
-    async def chunk_info(self, object_id: str) -> ChunkMap:
+    """A single node: nobody else holds or reads anything."""
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
         return ChunkMap()
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        return ClaimResult(granted=indexes)
+
+    async def release(self, object_id: str, indexes: list[int]) -> None:
+        pass
 
     async def report_bad_peer(self, *args: object) -> None:
         raise AssertionError("no peers here")
