@@ -16,6 +16,7 @@ import trio
 import typer
 
 from syncbit.config import (
+    DEFAULT_DAEMON,
     DEFAULT_SCHEDULER,
     DaemonConfig,
     SchedulerConfig,
@@ -35,6 +36,8 @@ app = typer.Typer(
 )
 dataset_app = typer.Typer(help="Register, list and remove datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+node_app = typer.Typer(help="Nodes as the scheduler knows them.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
 
 SchedulerOpt = Annotated[
     str,
@@ -42,6 +45,14 @@ SchedulerOpt = Annotated[
         "--scheduler",
         envvar="SYNCBIT_SCHEDULER",
         help="Scheduler URL (else $SYNCBIT_SCHEDULER, else http://127.0.0.1:7900).",
+    ),
+]
+DaemonOpt = Annotated[
+    str,
+    typer.Option(
+        "--daemon",
+        envvar="SYNCBIT_DAEMON",
+        help="This node's daemon, its --listen address (else $SYNCBIT_DAEMON).",
     ),
 ]
 ConfigOpt = Annotated[
@@ -168,6 +179,12 @@ def daemon(
     scheduler_listen: Annotated[
         str | None, typer.Option(help="host:port of the embedded scheduler.")
     ] = None,
+    prefetch_concurrency: Annotated[
+        int | None, typer.Option(help="Prefetch chunk transfers at once.")
+    ] = None,
+    prefetch_bandwidth: Annotated[
+        str | None, typer.Option(help="Prefetch bandwidth cap in bytes/s, e.g. 100MB (0: none).")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run a node: FUSE mount, cache, peer service (and the scheduler, if none is given)."""
@@ -185,6 +202,8 @@ def daemon(
             "labels": _pairs(label, "label"),
             "read_deadline": read_deadline,
             "scheduler_listen": scheduler_listen,
+            "prefetch_concurrency": prefetch_concurrency,
+            "prefetch_bandwidth": prefetch_bandwidth,
             "log_level": log_level,
         },
     )
@@ -277,12 +296,7 @@ def pull(
         typer.Option("--option", "-o", help="Source option key=value (repeatable)."),
     ] = None,
     scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
-    daemon_addr: Annotated[
-        str,
-        typer.Option(
-            "--daemon", envvar="SYNCBIT_DAEMON", help="This node's daemon (its --listen)."
-        ),
-    ] = "127.0.0.1:7901",
+    daemon_addr: DaemonOpt = DEFAULT_DAEMON,
 ) -> None:
     """Register a dataset and bring every byte of it to this node; resumable."""
     options: dict[str, Any] = _pairs(option, "option") or {}
@@ -306,6 +320,131 @@ def pull(
     follow(daemon_addr, dataset)
 
 
+def parse_duration(value: str) -> float:
+    """'30m', '1h', '90s', '1h30m', '45' (seconds) -> seconds."""
+    import re
+
+    text = value.strip().lower()
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        return float(text)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise UserError(f"not a duration: {value!r} (use e.g. 30m, 1h, 90s)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def _targets(selector: str | None, nodes: str | None) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+    if selector is not None:
+        pairs = _pairs([p for p in selector.split(",") if p], "selector") or {}
+        targets.append({"selector": pairs})
+    for node in (nodes or "").split(","):
+        if node.strip():
+            targets.append({"node": node.strip()})
+    return targets
+
+
+@app.command()
+@guarded
+def prefetch(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    selector: Annotated[
+        str | None,
+        typer.Option(help="Nodes whose labels match all of k=v,k2=v2 (now and later)."),
+    ] = None,
+    nodes: Annotated[str | None, typer.Option(help="Node names n1,n2,...")] = None,
+    remove: Annotated[
+        bool, typer.Option("--remove", help="Drop these targets (no target: all of them).")
+    ] = False,
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Assign a dataset to nodes: they fetch it in the background and keep it cached.
+
+    Without --selector or --nodes the dataset is assigned to every node.
+    """
+    targets = _targets(selector, nodes)
+    if remove:
+        left = _client_call(scheduler, lambda c: c.unassign(name, targets or None))
+        typer.echo(f"{name}: removed {_describe(targets) if targets else 'all targets'}")
+    else:
+        left = _client_call(scheduler, lambda c: c.assign(name, targets))
+    typer.echo(f"{name}: assigned to {_describe(left) if left else 'no nodes'}")
+
+
+def _describe(targets: list[dict[str, Any]]) -> str:
+    from syncbit.scheduler.state import describe_target
+
+    return "; ".join(describe_target(t) for t in targets)
+
+
+@node_app.command("label")
+@guarded
+def node_label(
+    node: Annotated[str, typer.Argument(help="Node name.")],
+    labels: Annotated[
+        list[str], typer.Argument(help="key=value to set, key- to remove (kubectl style).")
+    ],
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Change a node's labels without restarting it; assignments by selector follow."""
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for item in labels:
+        if item.endswith("-") and "=" not in item:
+            remove.append(item[:-1])
+        else:
+            set_.update(_pairs([item], "label") or {})
+    record = _client_call(scheduler, lambda c: c.edit_labels(node, set_, remove))
+    shown = ",".join(f"{k}={v}" for k, v in sorted(record["labels"].items())) or "(none)"
+    typer.echo(f"{node}: {shown}")
+
+
+@node_app.command("ls")
+@guarded
+def node_ls(
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List nodes with their labels and the datasets ready on them."""
+    nodes = _client_call(scheduler, lambda c: c.nodes())
+    if as_json:
+        typer.echo(json.dumps(nodes, indent=2, sort_keys=True))
+        return
+    typer.echo(table(["NODE", "ADDRESS", "LABELS", "STATE", "READY"], _node_rows(nodes)))
+
+
+def _node_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            n["name"],
+            n["address"],
+            ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())) or "-",
+            "up" if n["up"] else "down",
+            ",".join(sorted(n.get("ready", {}))) or "-",
+        ]
+        for n in nodes
+    ]
+
+
+@app.command()
+@guarded
+def wait(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    timeout: Annotated[
+        str | None, typer.Option(help="Give up after this long, e.g. 30m (default: never).")
+    ] = None,
+    daemon_addr: DaemonOpt = DEFAULT_DAEMON,
+) -> None:
+    """Wait until a dataset is complete and verified on this node (an initContainer gate).
+
+    Exit 0 when ready; 1 on timeout; 2 if the dataset does not exist.
+    """
+    from syncbit.pull import follow
+
+    seconds = parse_duration(timeout) if timeout is not None else None
+    follow(daemon_addr, name, start=False, timeout=seconds)
+
+
 @app.command()
 @guarded
 def status(
@@ -318,16 +457,16 @@ def status(
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
     nodes = [
-        [
-            n["name"],
-            n["address"],
-            ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())),
-            "up" if n["up"] else "down",
-            human(n.get("cache_bytes", 0)),
-        ]
-        for n in doc["nodes"]
+        [*row[:4], human(n.get("cache_bytes", 0)), row[4]]
+        for n, row in zip(doc["nodes"], _node_rows(doc["nodes"]), strict=True)
     ]
-    typer.echo(table(["NODE", "ADDRESS", "LABELS", "STATE", "CACHED"], nodes))
+    typer.echo(table(["NODE", "ADDRESS", "LABELS", "STATE", "CACHED", "READY"], nodes))
+    for n in doc["nodes"]:
+        if n.get("pinned_over_budget"):
+            typer.echo(
+                f"warning: {n['name']}: assigned datasets need {human(n['pinned_bytes'])}, more "
+                f"than its cache budget of {human(n['cache_size'])}; they cannot all stay cached"
+            )
     typer.echo("")
     datasets = [
         [
@@ -336,11 +475,23 @@ def status(
             str(d["files"]),
             human(d["size"]),
             " ".join(f"{n}:{human(b)}" for n, b in sorted(d.get("cached", {}).items())) or "-",
+            _readiness(d),
             d["source"],
         ]
         for d in doc["datasets"]
     ]
-    typer.echo(table(["DATASET", "REVISION", "FILES", "SIZE", "CACHED", "SOURCE"], datasets))
+    typer.echo(
+        table(["DATASET", "REVISION", "FILES", "SIZE", "CACHED", "READY", "SOURCE"], datasets)
+    )
+
+
+def _readiness(d: dict[str, Any]) -> str:
+    """'2/3 assigned' and who is ready: the at-a-glance answer to "is it there yet?"."""
+    assigned, ready = d.get("assigned", []), d.get("ready", [])
+    if not assigned:
+        return ",".join(ready) or "-"
+    done = [n for n in assigned if n in ready]
+    return f"{len(done)}/{len(assigned)}" + (f" ({','.join(done)})" if done else "")
 
 
 def human(n: int) -> str:

@@ -17,6 +17,7 @@ from syncbit.chunks import DEFAULT_CHUNK_SIZE
 from syncbit.errors import ConfigError
 
 DEFAULT_SCHEDULER = "http://127.0.0.1:7900"
+DEFAULT_DAEMON = "127.0.0.1:7901"  # a daemon's default --listen: where local commands go
 _UNITS = {
     "": 1,
     "b": 1,
@@ -94,6 +95,8 @@ class DaemonConfig(_Strict):
     read_deadline: float = Field(60.0, gt=0, description="seconds before a read fails EIO")
     readahead_chunks: int = Field(8, ge=0)
     fetch_workers: int = Field(8, ge=1)
+    prefetch_concurrency: int = Field(6, ge=1, description="prefetch chunk transfers at once")
+    prefetch_bandwidth: Size = Field(0, ge=0, description="bytes/s for prefetch; 0: no cap")
     heartbeat_interval: float = Field(2.0, gt=0)
     mount_readahead_kb: int = Field(1024, ge=0)
     node_timeout: float = Field(10.0, gt=0)

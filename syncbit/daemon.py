@@ -22,11 +22,12 @@ import trio
 
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.errors import NotFoundError, SyncbitError
-from syncbit.fetcher import Fetcher, Priority
+from syncbit.fetcher import Fetcher
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
-from syncbit.manifest import FileEntry, Manifest
+from syncbit.jobs import Jobs
+from syncbit.manifest import Manifest
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
@@ -100,15 +101,6 @@ class SourceCache:
         self.sources.clear()
 
 
-@dataclass(eq=False)
-class PullJob:
-    """Bringing every byte of one dataset version to this node (`syncbit pull`)."""
-
-    manifest: Manifest
-    done: bool = False
-    error: str | None = None
-
-
 class Daemon:
     """Every component of one node, wired from a `DaemonConfig`."""
 
@@ -123,7 +115,7 @@ class Daemon:
         self.manifests: dict[str, Manifest] = {}
         self._generation = -1
         self._warned: dict[str, float] = {}
-        self.pulls: dict[str, PullJob] = {}
+        self.plan: dict[str, dict[str, Any]] = {}  # assigned dataset -> its plan entry
 
     def _start_services(self) -> str:
         cfg = self.config
@@ -164,10 +156,13 @@ class Daemon:
                 workers=cfg.fetch_workers,
                 read_deadline=cfg.read_deadline,
                 readahead_chunks=cfg.readahead_chunks,
+                prefetch_concurrency=cfg.prefetch_concurrency,
+                prefetch_bandwidth=cfg.prefetch_bandwidth,
             )
+            self.jobs = Jobs(cfg.node, self.fetcher, self.sources, self.is_ready, self.store.flush)
             self._load_local_manifests()
             await self._sync_datasets(quiet=True)
-            fs = SyncbitFS(self.tree, self.fetcher, self.sources)
+            fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.dataset_attrs)
             clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
             cfg.mount.mkdir(parents=True, exist_ok=True)
             try:
@@ -188,6 +183,7 @@ class Daemon:
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     await nursery.start(self.store.commit_loop)
                     await nursery.start(self.fetcher.run)
+                    self.jobs.bind(nursery)
                     nursery.start_soon(pyfuse3.main)
                     nursery.start_soon(self._tune_mount, fs)
                     nursery.start_soon(self._heartbeat_loop)
@@ -234,7 +230,7 @@ class Daemon:
             self._warned[what] = now
             log.warning("%s: %s", what, exc)
 
-    # -- node-local control: pull and progress ------------------------------------------------
+    # -- node-local control: pull, progress, readiness ----------------------------------------
 
     async def _control(
         self, method: str, path: str, body: dict[str, Any]
@@ -243,7 +239,11 @@ class Daemon:
         try:
             if method == "POST" and parts == ["v1", "local", "pull"]:
                 return 200, await self.pull(str(body.get("dataset", "")))
+            if method == "GET" and parts == ["v1", "local", "datasets"]:
+                return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
             if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
+                if parts[3] not in self.manifests:
+                    await self._sync_datasets(force=True)  # added a moment ago?
                 return 200, self.progress(parts[3])
         except NotFoundError as exc:
             return 404, {"error": str(exc)}
@@ -255,61 +255,84 @@ class Daemon:
         manifest = self.manifests.get(name)
         if manifest is None:
             raise NotFoundError(f"no dataset {name!r} on this node's scheduler")
-        job = self.pulls.get(name)
-        if job is None or job.manifest.revision != manifest.revision or job.error:
-            job = self.pulls[name] = PullJob(manifest)
-            self._nursery.start_soon(self._run_pull, job)
+        self.jobs.start(manifest, "pull")
         return self.progress(name)
 
-    async def _run_pull(self, job: PullJob) -> None:
-        manifest = job.manifest
-        source = self.sources(manifest)
-        limit = trio.CapacityLimiter(4)  # a few files at once: small files are latency-bound
+    def is_ready(self, manifest: Manifest) -> bool:
+        """Every byte of this dataset version is here, durable, and whole-file verified
+        where the source published a digest: what `syncbit wait` waits for."""
+        for entry in manifest.files:
+            if not entry.size:
+                continue
+            obj = self.store.get(entry.object)
+            if obj is None or len(obj.durable) != obj.chunks:
+                return False
+            if entry.version.get("sha256") and not self.fetcher.is_verified(obj.id):
+                return False
+        return True
 
-        async def one(entry: FileEntry) -> None:
-            async with limit:
-                try:
-                    await self.fetcher.ensure(entry, manifest.chunk_size, source, Priority.PREFETCH)
-                except SyncbitError as exc:
-                    job.error = job.error or f"{entry.path}: {exc}"
-
-        async with trio.open_nursery() as nursery:
-            for entry in manifest.files:
-                nursery.start_soon(one, entry)
-        if job.error is None:
-            await self.store.flush()  # complete means durable
-        job.done = True
-        log.info("pull of %s: %s", manifest.dataset, job.error or "complete")
-
-    def progress(self, name: str) -> dict[str, Any]:
-        """How much of a dataset this node holds: the document `syncbit pull` polls."""
-        manifest = self.manifests.get(name)
-        if manifest is None:
-            raise NotFoundError(f"no dataset {name!r} on this node")
-        objects = {f.object: f.size for f in manifest.files}
+    def _present(self, manifest: Manifest) -> int:
         present = 0
-        durable = True
-        for oid, size in objects.items():
+        for oid in {f.object for f in manifest.files if f.size}:
             obj = self.store.get(oid)
             if obj is not None:
                 present += obj.bytes_in(obj.written)
-                durable = durable and len(obj.durable) == obj.chunks
-            elif size:
-                durable = False
-        total = sum(objects.values())
-        job = self.pulls.get(name)
+        return present
+
+    def progress(self, name: str) -> dict[str, Any]:
+        """How much of a dataset this node holds: the document `pull` and `wait` poll."""
+        manifest = self.manifests.get(name)
+        if manifest is None:
+            raise NotFoundError(f"no dataset {name!r} on this node")
+        job = self.jobs.jobs.get(name)
+        if job is not None and job.manifest.revision != manifest.revision:
+            job = None
+        ready = self.is_ready(manifest)
         return {
             "dataset": name,
             "revision": manifest.revision,
             "files": len(manifest.files),
-            "size": total,
-            "present_bytes": present,
-            "complete": present == total
-            and durable
-            and (job is None or (job.done and job.error is None)),
+            "size": sum({f.object: f.size for f in manifest.files}.values()),
+            "present_bytes": self._present(manifest),
+            "ready": ready,
+            "complete": ready,  # the name `syncbit pull` has always read
+            "assigned": name in self.plan,
             "pulling": job is not None and not job.done,
             "error": job.error if job else None,
         }
+
+    def dataset_attrs(self, name: str) -> dict[str, str]:
+        """Extended attributes of /<mount>/<dataset>, for scripts (`getfattr`)."""
+        manifest = self.manifests.get(name)
+        if manifest is None:
+            return {}
+        return {
+            "user.syncbit.ready": "1" if self.is_ready(manifest) else "0",
+            "user.syncbit.cached_bytes": str(self._present(manifest)),
+            "user.syncbit.assigned": "1" if name in self.plan else "0",
+        }
+
+    def ready_datasets(self) -> dict[str, str]:
+        """Dataset -> revision for every dataset version ready here (for the scheduler)."""
+        return {n: m.revision for n, m in self.manifests.items() if self.is_ready(m)}
+
+    # -- assignments -------------------------------------------------------------------------
+
+    async def _apply_plan(self, plan: list[dict[str, Any]]) -> None:
+        """Prefetch what the scheduler assigned here; stop what it no longer does."""
+        wanted = {p["dataset"]: p for p in plan}
+        if any(
+            n not in self.manifests or self.manifests[n].revision != p["revision"]
+            for n, p in wanted.items()
+        ):
+            await self._sync_datasets(force=True)
+        for name in set(self.plan) - set(wanted):
+            self.jobs.stop(name)
+        self.plan = wanted
+        for name, entry in wanted.items():
+            manifest = self.manifests.get(name)
+            if manifest is not None and manifest.revision == entry["revision"]:
+                self.jobs.start(manifest, "prefetch", list(entry["members"]))
 
     # -- control loops -----------------------------------------------------------------------
 
@@ -318,14 +341,16 @@ class Daemon:
         while True:
             assert self.peer_server is not None
             try:
-                await self.client.heartbeat(
+                record = await self.client.heartbeat(
                     cfg.node,
                     address=self.advertise,
                     labels=cfg.labels,
                     load=self.peer_server.load,
                     cache_bytes=self.store.cached_bytes(),
                     cache_size=cfg.cache_size,
+                    ready=self.ready_datasets(),
                 )
+                await self._apply_plan(list(record.get("plan", [])))
             except SyncbitError as exc:
                 self._warn("heartbeat failed", exc)
             await trio.sleep(cfg.heartbeat_interval)
@@ -342,7 +367,13 @@ class Daemon:
     async def _dataset_loop(self) -> None:
         while True:
             await trio.sleep(1.0)
+            generation = self._generation
             await self._sync_datasets()
+            if self._generation != generation:  # datasets, assignments or labels changed
+                try:
+                    await self._apply_plan((await self.client.plan(self.config.node))["plan"])
+                except SyncbitError as exc:
+                    self._warn("plan refresh failed", exc)
 
     async def _sync_datasets(self, quiet: bool = False, force: bool = False) -> None:
         try:

@@ -273,8 +273,18 @@ class Fetcher:
             if obj.discards != discards:
                 raise SourceChangedError(f"{entry.path}: content failed verification")
             await self.store.written_event.wait()
+        expected = entry.version.get("sha256")
+        if expected and obj.id not in self._verified and obj.discards == discards:
+            # Complete before this process started (a restart): check it once now.
+            await self._verify_whole(obj, entry.path, expected)
+            while obj.id in self._verifying:  # another caller's check of the same object
+                await self.store.written_event.wait()
         if obj.discards != discards:
             raise SourceChangedError(f"{entry.path}: content failed verification")
+
+    def is_verified(self, object_id: str) -> bool:
+        """The object's whole-file digest (where the source publishes one) checked out."""
+        return object_id in self._verified
 
     # -- single flight and the priority queue ----------------------------------------------
 

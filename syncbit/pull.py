@@ -55,30 +55,44 @@ def _line(doc: dict[str, Any], rate: float, bar: bool = False) -> str:
     )
 
 
-def follow(daemon: str, dataset: str, out: Any = None) -> dict[str, Any]:
-    """Start (or rejoin) the pull of `dataset` on the daemon at `daemon` and wait for it.
+def follow(
+    daemon: str,
+    dataset: str,
+    out: Any = None,
+    *,
+    start: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Wait until `dataset` is complete and verified on the daemon at `daemon`, showing
+    progress; with `start`, first ask the daemon to pull it (or rejoin that pull).
 
-    Returns the final progress document; raises SyncbitError with the daemon's reason if
-    the dataset cannot be completed.
+    Returns the final progress document. Raises SyncbitError with the daemon's reason if
+    the dataset cannot be completed, WaitTimeoutError after `timeout` seconds.
     """
     out = out or sys.stderr
     tty = out.isatty()
     base = f"http://{daemon}/v1/local"
+    verb = "pull" if start else "wait"
     with httpx.Client(timeout=30, trust_env=False) as client:
-        doc = _call(client, "POST", f"{base}/pull", json={"dataset": dataset})
+        if start:
+            doc = _call(client, "POST", f"{base}/pull", json={"dataset": dataset})
+        else:
+            doc = _call(client, "GET", f"{base}/datasets/{dataset}")
         started, first = time.monotonic(), doc["present_bytes"]
-        last_plain = 0.0
+        last_plain = -_PLAIN_EVERY
         while not doc["complete"]:
-            if doc.get("error") and not doc.get("pulling"):
+            if start and doc.get("error") and not doc.get("pulling"):
                 raise SyncbitError(f"pull of {dataset} failed: {doc['error']}")
             elapsed = time.monotonic() - started
+            if timeout is not None and elapsed >= timeout:
+                raise WaitTimeoutError(_timeout_message(doc, timeout))
             rate = (doc["present_bytes"] - first) / elapsed if elapsed > 0 else 0.0
             if tty:
                 out.write("\r" + _line(doc, rate, bar=True).ljust(100))
                 out.flush()
             elif elapsed - last_plain >= _PLAIN_EVERY:
                 last_plain = elapsed
-                print(_line(doc, rate), file=out, flush=True)
+                print(_line(doc, rate) + _hint(doc, verb), file=out, flush=True)
             time.sleep(_POLL)
             doc = _call(client, "GET", f"{base}/datasets/{dataset}")
         elapsed = time.monotonic() - started
@@ -89,3 +103,26 @@ def follow(daemon: str, dataset: str, out: Any = None) -> dict[str, Any]:
         if not tty:
             print(file=out)
         return doc
+
+
+class WaitTimeoutError(SyncbitError):
+    """`syncbit wait` ran out of time before the dataset was ready."""
+
+
+def _hint(doc: dict[str, Any], verb: str) -> str:
+    """Why a wait may never end: nothing is bringing the dataset to this node."""
+    if verb == "wait" and not doc.get("assigned") and not doc.get("pulling"):
+        return "  (not assigned to this node: run `syncbit prefetch` or `syncbit pull`)"
+    if doc.get("error"):
+        return f"  (retrying: {doc['error']})"
+    return ""
+
+
+def _timeout_message(doc: dict[str, Any], timeout: float) -> str:
+    total, have = doc["size"], doc["present_bytes"]
+    pct = 100.0 if total == 0 else 100.0 * have / total
+    why = _hint(doc, "wait").strip(" ()")
+    return (
+        f"{doc['dataset']} is not ready after {timeout:g}s: {pct:.1f}% "
+        f"({_size(have)} of {_size(total)}) on this node" + (f"; {why}" if why else "")
+    )

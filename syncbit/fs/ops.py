@@ -56,12 +56,18 @@ class SyncbitFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, tree: Tree, fetcher: Fetcher, source_for: Callable[[Manifest], Source]
+        self,
+        tree: Tree,
+        fetcher: Fetcher,
+        source_for: Callable[[Manifest], Source],
+        dataset_attrs: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
         self.fetcher = fetcher
         self.source_for = source_for
+        # Live attributes of a dataset directory (readiness, cached bytes), by dataset name.
+        self.dataset_attrs = dataset_attrs
         self._handles: dict[int, OpenFile] = {}
         self._fh = count(1)
         self.requests = 0
@@ -213,6 +219,8 @@ class SyncbitFS(pyfuse3.Operations):
         }
         if node.entry is not None:
             attrs["user.syncbit.object"] = node.entry.object
+        if node.dataset_root and self.dataset_attrs is not None:
+            attrs.update(self.dataset_attrs(node.manifest.dataset))
         return attrs
 
     async def setxattr(self, *args: object, **kwargs: object) -> None:

@@ -1,0 +1,200 @@
+"""Scheduler-driven prefetch and readiness with real daemons: four labelled nodes, the
+real CLI (`prefetch`, `wait`, `node label`, `status`), a loopback origin that counts the
+bytes it sends."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from integration.cluster import (
+    Cluster,
+    Dataset,
+    Origin,
+    fresh_dataset,
+    sha256_file,
+    wait_until,
+)
+
+CLUSTER_NODES = 4
+MiB = 1 << 20
+
+
+def CLUSTER_LABELS(i: int) -> dict[str, str]:
+    return {"gpu": "h100" if i <= 3 else "t4", "zone": "a"}
+
+
+def _wait(cluster: Cluster, node: str, name: str, timeout: str = "90s") -> tuple[int, str]:
+    done = cluster.cli(
+        "wait",
+        name,
+        "--timeout",
+        timeout,
+        "--daemon",
+        cluster.node(node).address,
+        scheduler=False,
+        timeout=200,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def _progress(cluster: Cluster, node: str, name: str) -> dict[str, object]:
+    import httpx
+
+    url = f"http://{cluster.node(node).address}/v1/local/datasets/{name}"
+    doc: dict[str, object] = httpx.get(url, timeout=10, trust_env=False).json()
+    return doc
+
+
+def _served(origin: Origin, ds: Dataset) -> int:
+    return sum(origin.served(f"{ds.name}/{rel}") for rel in ds.files)
+
+
+def _status(cluster: Cluster) -> dict[str, dict[str, object]]:
+    done = cluster.cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return {d["name"]: d for d in json.loads(done.stdout)["datasets"]}
+
+
+def _check_bytes(cluster: Cluster, node: str, ds: Dataset) -> None:
+    for rel, facts in ds.files.items():
+        assert sha256_file(cluster.node(node).path(ds.name, rel)) == facts.sha256, (node, rel)
+
+
+@pytest.mark.timeout(300)
+def test_prefetch_to_a_selector_fills_matching_nodes_with_each_byte_from_the_origin_once(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    ds = fresh_dataset(
+        origin_root, "pf", {"model/w1.bin": 40 * MiB, "model/w2.bin": 24 * MiB, "cfg.json": 999}
+    )
+    origin.reset()
+    up.add_dataset("pf", f"{origin.url}/pf/")
+
+    # Not assigned yet: `wait` times out with a clear message and a non-zero exit.
+    code, out = _wait(up, "n1", "pf", timeout="1s")
+    assert code == 1, out
+    assert "not ready after 1s" in out and "not assigned to this node" in out
+    assert "Traceback" not in out
+    code, out = _wait(up, "n1", "nope", timeout="1s")
+    assert code == 2 and "no dataset 'nope'" in out, out
+
+    done = up.cli("prefetch", "pf", "--selector", "gpu=h100")
+    assert done.returncode == 0, done.stderr
+    assert "selector gpu=h100" in done.stdout
+
+    for node in ("n1", "n2", "n3"):
+        code, out = _wait(up, node, "pf")
+        assert code == 0, out
+        doc = _progress(up, node, "pf")
+        # `wait` returned only once everything was here.
+        assert doc["ready"] is True and doc["present_bytes"] == ds.total_size
+    assert _served(origin, ds) <= ds.total_size * 1.1  # each byte about once, for 3 nodes
+    for node in ("n1", "n2", "n3"):
+        _check_bytes(up, node, ds)
+        assert os.getxattr(up.node(node).path("pf"), "user.syncbit.ready") == b"1"
+        cached = os.getxattr(up.node(node).path("pf"), "user.syncbit.cached_bytes")
+        assert int(cached) == ds.total_size
+
+    # n4 does not match the selector: nothing was fetched there.
+    assert _progress(up, "n4", "pf")["present_bytes"] == 0
+    assert os.getxattr(up.node("n4").path("pf"), "user.syncbit.ready") == b"0"
+    wait_until(
+        lambda: sorted(_status(up)["pf"]["ready"]) == ["n1", "n2", "n3"],  # type: ignore[arg-type]
+        15,
+        "the scheduler to see pf ready on n1-n3",
+    )
+    status = _status(up)["pf"]
+    assert sorted(status["assigned"]) == ["n1", "n2", "n3"]  # type: ignore[arg-type]
+    table = up.cli("status")
+    assert "3/3" in table.stdout, table.stdout
+
+    # A label change on n4 assigns it without a restart; it fills from its peers.
+    before = _served(origin, ds)
+    done = up.cli("node", "label", "n4", "gpu=h100", "zone-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "n4: gpu=h100"
+    code, out = _wait(up, "n4", "pf")
+    assert code == 0, out
+    _check_bytes(up, "n4", ds)
+    assert _served(origin, ds) - before <= ds.total_size * 0.05
+
+    # Dropping the assignment stops nothing that is done, and status follows.
+    done = up.cli("prefetch", "pf", "--remove")
+    assert done.returncode == 0, done.stderr
+    assert "assigned to no nodes" in done.stdout
+    up.cli("node", "label", "n4", "gpu=t4")
+
+
+@pytest.mark.timeout(300)
+def test_a_foreground_read_completes_while_prefetch_runs(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    n2 = up.node("n2")
+    n2.stop()
+    n2.extra_args = ["--prefetch-bandwidth", "4MB"]  # 48 MiB of prefetch takes ~12 s
+    n2.start()
+    try:
+        ds = fresh_dataset(origin_root, "busy", {"big.bin": 48 * MiB})
+        up.add_dataset("busy", f"{origin.url}/busy/")
+        assert up.cli("prefetch", "busy", "--nodes", "n2").returncode == 0
+        wait_until(
+            lambda: int(_progress(up, "n2", "busy")["present_bytes"]) > 0,  # type: ignore[call-overload]
+            30,
+            "prefetch to start on n2",
+        )
+        start = time.monotonic()
+        with open(n2.path("busy", "big.bin"), "rb") as f:
+            f.seek(40 * MiB)
+            tail = f.read(2 * MiB)
+        took = time.monotonic() - start
+        doc = _progress(up, "n2", "busy")
+        assert doc["ready"] is False, f"prefetch finished before the read ({took:.1f}s)"
+        with open(ds.root / "big.bin", "rb") as f:
+            f.seek(40 * MiB)
+            assert tail == f.read(2 * MiB)
+        code, out = _wait(up, "n2", "busy")
+        assert code == 0, out
+        _check_bytes(up, "n2", ds)
+    finally:
+        n2.stop()
+        n2.extra_args = []
+        n2.start()
+
+
+@pytest.mark.timeout(300)
+def test_restart_resumes_prefetch_without_fetching_again(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    n3 = up.node("n3")
+    n3.stop()
+    n3.extra_args = ["--prefetch-bandwidth", "8MB"]
+    n3.start()
+    try:
+        ds = fresh_dataset(origin_root, "resumepf", {"big.bin": 64 * MiB})
+        up.add_dataset("resumepf", f"{origin.url}/resumepf/")
+        assert up.cli("prefetch", "resumepf", "--nodes", "n3").returncode == 0
+        wait_until(
+            lambda: int(_progress(up, "n3", "resumepf")["present_bytes"]) > 16 * MiB,  # type: ignore[call-overload]
+            60,
+            "prefetch to be under way on n3",
+        )
+        n3.stop()  # SIGTERM mid-prefetch
+        held = origin.served("resumepf/big.bin")
+        assert held < ds.total_size
+        n3.extra_args = []
+        n3.start()
+        code, out = _wait(up, "n3", "resumepf")
+        assert code == 0, out
+        _check_bytes(up, "n3", ds)
+        # What n3 had before the restart was not fetched again (a few chunks in flight
+        # at the stop may be).
+        assert origin.served("resumepf/big.bin") <= ds.total_size + 8 * 4 * MiB
+    finally:
+        if not n3.alive:
+            n3.extra_args = []
+            n3.start()

@@ -1,0 +1,155 @@
+"""Background jobs that bring whole datasets to this node: `syncbit pull` and scheduler
+assignments (prefetch).
+
+A job walks a dataset version's files through `Fetcher.ensure` at prefetch priority, a few
+files at a time. A prefetch job follows the scheduler's plan: every member of an assignment
+reads a different share of the chunks from the source (chunk k of the dataset, counted
+across its files in manifest order, belongs to member k mod N) and takes the rest from the
+other members, so the origin sends each byte about once however many nodes prefetch.
+A member that leaves the plan (down, unassigned) hands its share to the others at the
+next plan refresh. A prefetch that fails is retried with backoff for as long as the
+dataset stays assigned; a pull reports its error to the CLI and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from syncbit.chunks import chunk_count
+from syncbit.errors import SyncbitError
+from syncbit.fetcher import Fetcher, Priority
+from syncbit.manifest import FileEntry, Manifest
+from syncbit.retry import backoff_delays
+from syncbit.sources.base import Source
+
+log = logging.getLogger("syncbit.jobs")
+
+FILES_AT_ONCE = 4  # small files are latency-bound; a few at a time keep the pipe full
+
+
+@dataclass(eq=False)
+class Job:
+    """Bringing every byte of one dataset version here."""
+
+    manifest: Manifest
+    kind: str  # "pull" or "prefetch"
+    node: str = ""
+    members: list[str] = field(default_factory=list)  # prefetch: the plan's nodes, sorted
+    done: bool = False
+    error: str | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    def may_source(self, position: int) -> bool:
+        """Whether this node reads the chunk at `position` (across the dataset) from the
+        source itself; with no plan, or when it is not a member, it reads anything."""
+        members = self.members
+        if not members or self.node not in members:
+            return True
+        return members[position % len(members)] == self.node
+
+
+class Jobs:
+    """The running pull and prefetch jobs of a node, one per dataset."""
+
+    def __init__(
+        self,
+        node: str,
+        fetcher: Fetcher,
+        source_for: Callable[[Manifest], Source],
+        is_ready: Callable[[Manifest], bool],
+        flush: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.node = node
+        self.fetcher = fetcher
+        self.source_for = source_for
+        self.is_ready = is_ready  # every byte here, durable and verified
+        self.flush = flush  # makes written chunks durable
+        self.jobs: dict[str, Job] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def bind(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def start(self, manifest: Manifest, kind: str, members: list[str] | None = None) -> Job:
+        """Run a job for this dataset version unless one is running, or finished and the
+        data is still all here (eviction may have taken an unpinned pull's bytes since).
+        A prefetch's members are refreshed in place when only they changed."""
+        name = manifest.dataset
+        job = self.jobs.get(name)
+        if (
+            job is not None
+            and job.manifest.revision == manifest.revision
+            and (not job.done or (job.error is None and self.is_ready(manifest)))
+        ):
+            if kind == "prefetch":
+                job.members = list(members or [])
+                job.kind = "prefetch"  # an assignment outranks a pull of the same data
+            return job
+        if job is not None:
+            job.scope.cancel()  # an older revision: what it fetched stays, shared content too
+        job = Job(manifest, kind, self.node, list(members or []))
+        self.jobs[name] = job
+        assert self._nursery is not None, "Jobs.bind() first"
+        self._nursery.start_soon(self._run, job)
+        return job
+
+    def stop(self, name: str) -> None:
+        """The dataset is no longer assigned here: stop fetching it (kept bytes stay)."""
+        job = self.jobs.get(name)
+        if job is not None and job.kind == "prefetch":
+            job.scope.cancel()
+            del self.jobs[name]
+            log.info("prefetch of %s stopped: no longer assigned", name)
+
+    async def _run(self, job: Job) -> None:
+        delays = backoff_delays(base=2.0, cap=60.0)
+        name = job.manifest.dataset
+        with job.scope:
+            while True:
+                job.error = None
+                await self._fetch_all(job)
+                if job.error is None:
+                    await self.flush()  # complete means durable
+                    job.done = True
+                    log.info("%s of %s: complete", job.kind, name)
+                    break
+                if job.kind == "pull":
+                    job.done = True
+                    log.warning("pull of %s failed: %s", name, job.error)
+                    break
+                delay = next(delays)
+                log.warning("prefetch of %s failed: %s; retrying in %.0fs", name, job.error, delay)
+                await trio.sleep(delay)
+        job.finished.set()
+
+    async def _fetch_all(self, job: Job) -> None:
+        manifest = job.manifest
+        source = self.source_for(manifest)
+        limit = trio.CapacityLimiter(FILES_AT_ONCE)
+        position = 0
+        placed: list[tuple[FileEntry, int]] = []
+        for entry in manifest.files:
+            placed.append((entry, position))
+            position += chunk_count(entry.size, manifest.chunk_size)
+
+        async def one(entry: FileEntry, base: int) -> None:
+            async with limit:
+                try:
+                    await self.fetcher.ensure(
+                        entry,
+                        manifest.chunk_size,
+                        source,
+                        Priority.PREFETCH,
+                        may_source=lambda i: job.may_source(base + i),
+                    )
+                except SyncbitError as exc:
+                    job.error = job.error or f"{entry.path}: {exc}"
+
+        async with trio.open_nursery() as nursery:
+            for entry, base in placed:
+                nursery.start_soon(one, entry, base)
