@@ -198,3 +198,34 @@ def test_restart_resumes_prefetch_without_fetching_again(
         if not n3.alive:
             n3.extra_args = []
             n3.start()
+
+
+@pytest.mark.timeout(300)
+def test_new_revision_prefetches_only_changed_content_and_open_files_keep_old_bytes(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    ds = fresh_dataset(origin_root, "upd", {"a.bin": 16 * MiB, "b.bin": 16 * MiB})
+    up.add_dataset("upd", f"{origin.url}/upd/")
+    assert up.cli("prefetch", "upd", "--nodes", "n1,n2").returncode == 0
+    for node in ("n1", "n2"):
+        code, out = _wait(up, node, "upd")
+        assert code == 0, out
+    old_a = (ds.root / "a.bin").read_bytes()
+    held = open(up.node("n1").path("upd", "a.bin"), "rb")  # noqa: SIM115  (open across the update)
+    try:
+        update = fresh_dataset(origin_root, "upd", {"a.bin": 16 * MiB})  # a.bin changes
+        origin.reset()
+        done = up.cli("dataset", "add", "upd", f"{origin.url}/upd/")
+        assert done.returncode == 0 and "added" in done.stdout, done.stdout + done.stderr
+        for node in ("n1", "n2"):
+            code, out = _wait(up, node, "upd")
+            assert code == 0, out
+            assert sha256_file(up.node(node).path("upd", "a.bin")) == update.files["a.bin"].sha256
+            assert sha256_file(up.node(node).path("upd", "b.bin")) == ds.files["b.bin"].sha256
+        # Only the changed file came from the origin, about once for both nodes.
+        assert origin.served("upd/b.bin") == 0
+        assert origin.served("upd/a.bin") <= 16 * MiB * 1.1
+        assert held.read() == old_a  # the file opened before the update: old bytes
+    finally:
+        held.close()
+    up.cli("prefetch", "upd", "--remove")

@@ -242,8 +242,8 @@ class Daemon:
             if method == "GET" and parts == ["v1", "local", "datasets"]:
                 return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
             if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
-                if parts[3] not in self.manifests:
-                    await self._sync_datasets(force=True)  # added a moment ago?
+                # Added or updated a moment ago? A waiter must see the current revision.
+                await self._sync_datasets(quiet=True, force=parts[3] not in self.manifests)
                 return 200, self.progress(parts[3])
         except NotFoundError as exc:
             return 404, {"error": str(exc)}
