@@ -38,6 +38,10 @@ dataset_app = typer.Typer(help="Register, list and remove datasets.", no_args_is
 app.add_typer(dataset_app, name="dataset")
 node_app = typer.Typer(help="Nodes as the scheduler knows them.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
+volume_app = typer.Typer(
+    help="CSI-like volumes: read-only bind mounts of datasets.", no_args_is_help=True
+)
+app.add_typer(volume_app, name="volume")
 
 SchedulerOpt = Annotated[
     str,
@@ -443,6 +447,86 @@ def wait(
 
     seconds = parse_duration(timeout) if timeout is not None else None
     follow(daemon_addr, name, start=False, timeout=seconds)
+
+
+MountOpt = Annotated[
+    Path,
+    typer.Option("--mount", envvar="SYNCBIT_MOUNT", help="The daemon's mount point."),
+]
+StateOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state", envvar="SYNCBIT_VOLUME_STATE", help="Record of what this host published."
+    ),
+]
+
+
+@volume_app.command("publish")
+@guarded
+def volume_publish(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    target: Annotated[Path, typer.Argument(help="Where to mount it (created if missing).")],
+    wait_ready: Annotated[
+        bool, typer.Option("--wait", help="Publish only once the dataset is ready here.")
+    ] = False,
+    timeout: Annotated[
+        str | None, typer.Option(help="With --wait: give up after this long, e.g. 30m.")
+    ] = None,
+    mount: MountOpt = Path("/syncbit"),
+    state: StateOpt = Path("/run/syncbit/volumes.json"),
+    daemon_addr: DaemonOpt = DEFAULT_DAEMON,
+) -> None:
+    """Bind-mount /syncbit/NAME read-only at TARGET (idempotent, like CSI NodePublish)."""
+    from syncbit.volume import Volumes
+
+    if wait_ready:
+        from syncbit.pull import follow
+
+        seconds = parse_duration(timeout) if timeout is not None else None
+        follow(daemon_addr, name, start=False, timeout=seconds)
+    pub = Volumes(mount, state).publish(name, target)
+    typer.echo(f"published {pub.dataset} at {pub.target} (read-only)")
+
+
+@volume_app.command("unpublish")
+@guarded
+def volume_unpublish(
+    target: Annotated[Path, typer.Argument(help="A target `volume publish` mounted.")],
+    mount: MountOpt = Path("/syncbit"),
+    state: StateOpt = Path("/run/syncbit/volumes.json"),
+) -> None:
+    """Unmount a published target (idempotent; refuses mounts syncbit did not make)."""
+    from syncbit.volume import Volumes
+
+    if Volumes(mount, state).unpublish(target):
+        typer.echo(f"unpublished {target}")
+    else:
+        typer.echo(f"{target} is not published (nothing to do)")
+
+
+@volume_app.command("ls")
+@guarded
+def volume_ls(
+    mount: MountOpt = Path("/syncbit"),
+    state: StateOpt = Path("/run/syncbit/volumes.json"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the volumes this host published."""
+    from syncbit.volume import Volumes
+
+    rows = Volumes(mount, state).list()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    typer.echo(
+        table(
+            ["TARGET", "DATASET", "STATE"],
+            [
+                [str(r["target"]), str(r["dataset"]), "mounted" if r["mounted"] else "stale"]
+                for r in rows
+            ],
+        )
+    )
 
 
 @app.command()

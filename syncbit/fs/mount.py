@@ -6,7 +6,9 @@ Owns nothing but the mount point; never serves requests (that is `ops`).
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from syncbit.errors import SyncbitError, UserError
@@ -16,10 +18,45 @@ log = logging.getLogger("syncbit.fs")
 MOUNT_OPTIONS = ("fsname=syncbit", "subtype=syncbit", "ro", "allow_other", "default_permissions")
 
 
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo."""
+
+    point: str  # where it is mounted
+    root: str  # the directory of its filesystem mounted there (bind mounts)
+    options: tuple[str, ...]  # per-mount options (ro, nosuid, ...)
+    device: str  # major:minor
+    fstype: str
+
+
+def _unescape(field_: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def mountinfo() -> list[MountInfo]:
+    """Every mount of this mount namespace, in mount order (later ones on top)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            point, root = _unescape(fields[4]), _unescape(fields[3])
+            out.append(MountInfo(point, root, tuple(fields[5].split(",")), fields[2], fstype))
+    return out
+
+
+def mounted_at(path: Path) -> MountInfo | None:
+    """The topmost mount at exactly `path` (made absolute), or None."""
+    target = str(path.absolute())
+    found = None
+    for entry in mountinfo():
+        if entry.point == target:
+            found = entry
+    return found
+
+
 def _mounts() -> list[tuple[str, str]]:
-    with open("/proc/self/mounts") as f:
-        rows = [line.split() for line in f]
-    return [(row[1].replace("\\040", " "), row[2]) for row in rows if len(row) > 2]
+    return [(m.point, m.fstype) for m in mountinfo()]
 
 
 def is_mounted(path: Path) -> bool:
@@ -53,13 +90,11 @@ def raise_readahead(path: Path, kb: int) -> None:
     """
     if kb <= 0:
         return
-    target = str(path.absolute())
-    with open("/proc/self/mountinfo") as f:
-        devs = [row.split()[2] for row in f if row.split()[4].replace("\\040", " ") == target]
-    if not devs:
+    entry = mounted_at(path)
+    if entry is None:
         log.warning("could not raise readahead: %s not in mountinfo", path)
         return
-    knob = Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb")
+    knob = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
     try:
         knob.write_text(str(kb))
     except OSError as exc:
