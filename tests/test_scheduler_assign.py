@@ -225,3 +225,29 @@ def test_claims_expire() -> None:
     now[0] += 6
     assert claims.fetching(OBJ_A, {"a", "b"}, "b") == {}
     assert claims.claim("b", OBJ_A, [0], ttl=5, up={"a", "b"}) == ([0], {})
+
+
+async def test_health_readiness_and_metrics(
+    client: SchedulerClient, server: SchedulerServer
+) -> None:
+    import httpx
+
+    summary = (await client.add_dataset("one", "memassign://one/"))["dataset"]
+    await client.assign("one", [{"selector": {}}])
+    await client.heartbeat("n1", address="127.0.0.1:1", ready={"one": summary["revision"]})
+    await client.heartbeat("n2", address="127.0.0.1:2")
+    await client.claim("n2", OBJ_A, [0, 1], ttl=30)
+    async with httpx.AsyncClient(base_url=server.url, trust_env=False) as raw:
+        assert (await raw.get("/healthz")).json()["ok"] is True
+        ready = await raw.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ok"] is True
+        resp = await raw.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    assert 'syncbit_scheduler_nodes{state="up"} 2.0' in text
+    assert "syncbit_scheduler_datasets 1.0" in text
+    assert 'syncbit_scheduler_dataset_assigned_nodes{dataset="one"} 2.0' in text
+    assert 'syncbit_scheduler_dataset_ready_nodes{dataset="one"} 1.0' in text
+    assert "syncbit_scheduler_claims 2.0" in text
+    assert 'syncbit_scheduler_requests_total{method="PUT",route="heartbeat"} 2.0' in text

@@ -77,6 +77,11 @@ class Claims:
             if not held:
                 del self._by_object[object_id]
 
+    def active(self) -> int:
+        """Claims held now (expired ones included until next looked at)."""
+        with self._lock:
+            return len(self._claims)
+
     def fetching(self, object_id: str, up: set[str], requester: str | None) -> dict[int, str]:
         """Chunks of an object that an up node other than `requester` is fetching now."""
         now = self.clock()

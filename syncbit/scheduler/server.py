@@ -14,12 +14,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from syncbit.config import SchedulerConfig
@@ -31,6 +33,7 @@ from syncbit.errors import (
     UserError,
 )
 from syncbit.manifest import Manifest, build_manifest
+from syncbit.metrics import Snapshot, counter, gauge, render
 from syncbit.scheduler.claims import Claims
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
 from syncbit.scheduler.state import DatasetExistsError, SchedulerState
@@ -265,12 +268,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         status, payload, headers = 200, b"", {}
+        content_type = "application/json"
         try:
             raw = self._read_body()
             split = urlsplit(self.path)
             segments = [unquote(s) for s in split.path.strip("/").split("/")]
             query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-            payload = self.server.api.handle(method, segments, query, raw)
+            if method == "GET" and segments == ["metrics"]:
+                payload, content_type = self.server.api.metrics()
+            else:
+                payload = self.server.api.handle(method, segments, query, raw)
         except _HTTPError as exc:
             status, headers = exc.status, exc.headers
             payload = _error(str(exc), exc.kind)
@@ -283,7 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
                 message = str(exc)
             payload = _error(message, type(exc).__name__)
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         for key, value in headers.items():
             self.send_header(key, value)
@@ -347,9 +354,49 @@ class Api:
         self.policy = policy
         self.resolve = resolve
         self.claims = Claims()
+        self.requests: dict[tuple[str, str], int] = {}  # (method, route) -> count
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(Snapshot(self._collect))
+
+    def metrics(self) -> tuple[bytes, str]:
+        return render(self.registry)
+
+    def _collect(self) -> Iterator[Metric]:
+        nodes = self.state.nodes()
+        status = self.state.status()
+        yield gauge(
+            "syncbit_scheduler_nodes",
+            "Registered nodes by liveness.",
+            {("up",): sum(n.up for n in nodes), ("down",): sum(not n.up for n in nodes)},
+            ["state"],
+        )
+        yield gauge(
+            "syncbit_scheduler_datasets", "Registered datasets.", {(): len(status["datasets"])}, []
+        )
+        for key, doc in (
+            ("assigned", "Nodes a dataset is assigned to."),
+            ("ready", "Nodes where a dataset's current revision is ready."),
+        ):
+            yield gauge(
+                f"syncbit_scheduler_dataset_{key}_nodes",
+                doc,
+                {(d["name"],): len(d[key]) for d in status["datasets"]},
+                ["dataset"],
+            )
+        yield gauge(
+            "syncbit_scheduler_claims", "Source reads claimed now.", {(): self.claims.active()}, []
+        )
+        yield counter(
+            "syncbit_scheduler_requests",
+            "API requests by method and route.",
+            {k: float(v) for k, v in self.requests.items()},
+            ["method", "route"],
+        )
 
     def handle(self, method: str, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         route = self._route(method, seg)
+        key = (method, route.__name__.lstrip("_"))
+        self.requests[key] = self.requests.get(key, 0) + 1  # GIL-atomic enough for a count
         return route(seg, query, body)
 
     def _route(
@@ -359,6 +406,8 @@ class Api:
         match seg:
             case ["healthz"]:
                 table = {"GET": self._healthz}
+            case ["readyz"]:
+                table = {"GET": self._readyz}
             case ["v1", "nodes"]:
                 table = {"GET": self._nodes}
             case ["v1", "nodes", _]:
@@ -401,6 +450,10 @@ class Api:
 
     def _healthz(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return _json({"ok": True})
+
+    def _readyz(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """Ready when the state answers a read (a closed or broken state raises: 503)."""
+        return _json({"ok": True, "generation": self.state.generation()})
 
     def _heartbeat(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: HeartbeatBody = _parse(HeartbeatBody, _decode(body))
