@@ -21,6 +21,7 @@ from syncbit.config import (
     DaemonConfig,
     SchedulerConfig,
     build,
+    client_token,
 )
 from syncbit.errors import SyncbitError, UserError
 
@@ -96,8 +97,10 @@ def guarded(fn: Callable[P, T]) -> Callable[P, T]:
 def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
     from syncbit.scheduler.client import SchedulerClient
 
+    token = client_token()
+
     async def go() -> T:
-        async with SchedulerClient(url) as client:
+        async with SchedulerClient(url, token=token) as client:
             return await call(client)
 
     result: T = trio.run(go)

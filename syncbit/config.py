@@ -76,6 +76,7 @@ class SchedulerConfig(_Strict):
     node_timeout: float = Field(10.0, gt=0, description="seconds without heartbeat -> down")
     chunk_size: Size = DEFAULT_CHUNK_SIZE
     source_options: SourceOptions = Field(default_factory=dict)
+    token_file: Path | None = Field(None, description="shared cluster token; none: open")
     log_level: str = "info"
 
 
@@ -101,7 +102,31 @@ class DaemonConfig(_Strict):
     mount_readahead_kb: int = Field(1024, ge=0)
     node_timeout: float = Field(10.0, gt=0)
     source_options: SourceOptions = Field(default_factory=dict)
+    token_file: Path | None = Field(None, description="shared cluster token; none: open")
     log_level: str = "info"
+
+
+def read_token(path: Path | None) -> str | None:
+    """The cluster token in `path` (surrounding whitespace dropped), None without a path."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token_file {path}: {exc.strerror}") from exc
+    if not token:
+        raise ConfigError(f"token_file {path} is empty")
+    return token
+
+
+def client_token() -> str | None:
+    """The token client commands send: $SYNCBIT_TOKEN, else the file $SYNCBIT_TOKEN_FILE."""
+    import os
+
+    if os.environ.get("SYNCBIT_TOKEN"):
+        return os.environ["SYNCBIT_TOKEN"].strip()
+    path = os.environ.get("SYNCBIT_TOKEN_FILE")
+    return read_token(Path(path)) if path else None
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import pyfuse3
 import trio
 
-from syncbit.config import DaemonConfig, SchedulerConfig
+from syncbit.config import DaemonConfig, SchedulerConfig, read_token
 from syncbit.errors import NotFoundError, SyncbitError
 from syncbit.fetcher import Fetcher
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
@@ -106,6 +106,7 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.token = read_token(config.token_file)  # before the cache lock: fail early
         self.store = ObjectStore.open(config.cache_dir, config.cache_size)
         self.embedded: SchedulerServer | None = None
         self.peer_server: PeerServer | None = None
@@ -128,6 +129,7 @@ class Daemon:
                     state_dir=state_dir,
                     node_timeout=cfg.node_timeout,
                     source_options=cfg.source_options,
+                    token_file=cfg.token_file,
                 )
             )
             self.embedded.start()
@@ -147,7 +149,7 @@ class Daemon:
         cfg = self.config
         try:
             url = self._start_services()
-            self.client = SchedulerClient(url)
+            self.client = SchedulerClient(url, token=self.token)
             self.directory = SchedulerDirectory(self.client, cfg.node)
             self.fetcher = Fetcher(
                 self.store,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from syncbit.config import SchedulerConfig
-from syncbit.errors import NotFoundError, UserError
+from syncbit.errors import NotFoundError, UnauthorizedError, UserError
 from syncbit.manifest import FileEntry
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.claims import Claims
@@ -251,3 +251,32 @@ async def test_health_readiness_and_metrics(
     assert 'syncbit_scheduler_dataset_ready_nodes{dataset="one"} 1.0' in text
     assert "syncbit_scheduler_claims 2.0" in text
     assert 'syncbit_scheduler_requests_total{method="PUT",route="heartbeat"} 2.0' in text
+
+
+async def test_cluster_token_guards_every_route_but_the_probes(
+    tmp_path: Path, config: SchedulerConfig
+) -> None:
+    import httpx
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    server = SchedulerServer(config.model_copy(update={"token_file": token_file}))
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, trust_env=False) as raw:
+            assert (await raw.get("/healthz")).status_code == 200
+            assert (await raw.get("/readyz")).status_code == 200
+            denied = await raw.get("/v1/status")
+            assert denied.status_code == 401
+            assert "token" in denied.json()["error"]
+            assert (
+                await raw.get("/v1/status", headers={"Authorization": "Bearer wrong"})
+            ).status_code == 401
+        async with SchedulerClient(server.url, token="wrong") as bad:
+            with pytest.raises(UnauthorizedError, match="missing or wrong cluster token"):
+                await bad.status()
+        async with SchedulerClient(server.url, token="s3cret-token") as good:
+            await good.heartbeat("n1", address="127.0.0.1:1")
+            assert [n["name"] for n in await good.nodes()] == ["n1"]
+    finally:
+        server.stop()

@@ -14,7 +14,13 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbit.errors import NotFoundError, SchedulerError, SourceError, UserError
+from syncbit.errors import (
+    NotFoundError,
+    SchedulerError,
+    SourceError,
+    UnauthorizedError,
+    UserError,
+)
 from syncbit.manifest import Manifest
 from syncbit.scheduler.server import RESOLVE_TIMEOUT
 
@@ -57,6 +63,7 @@ class SchedulerClient:
         base_url: scheduler URL; a bare "host:port" means http.
         transport: an httpx transport to use instead of the network (tests).
         timeout: seconds per request; adding a dataset waits for the source listing too.
+        token: the cluster token, sent as a bearer token (see `token_file`).
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class SchedulerClient:
         base_url: str,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10,
+        token: str | None = None,
     ) -> None:
         if "://" not in base_url:
             base_url = f"http://{base_url}"
@@ -72,8 +80,13 @@ class SchedulerClient:
         try:
             # trust_env off: a proxy from the environment must not sit between nodes and
             # their scheduler (cluster-internal addresses).
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
             self._http = httpx.AsyncClient(
-                base_url=self.base_url, transport=transport, timeout=timeout, trust_env=False
+                base_url=self.base_url,
+                transport=transport,
+                timeout=timeout,
+                trust_env=False,
+                headers=headers,
             )
         except (httpx.InvalidURL, ValueError) as exc:
             raise UserError(f"invalid scheduler URL {base_url!r}: {exc}") from None
@@ -128,6 +141,8 @@ class SchedulerClient:
         message = message or f"scheduler answered HTTP {resp.status_code} to {method} {path}"
         if resp.status_code == 404:
             raise NotFoundError(message)
+        if resp.status_code == 401:
+            raise UnauthorizedError(f"scheduler at {self.base_url}: {message}")
         if resp.status_code in (400, 409):
             raise UserError(message)
         if resp.status_code == 502:

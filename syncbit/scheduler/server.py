@@ -8,6 +8,7 @@ mapping of errors to status codes. It never keeps state of its own (all of it li
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import socket
@@ -24,12 +25,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from syncbit.config import SchedulerConfig
+from syncbit.config import SchedulerConfig, read_token
 from syncbit.errors import (
     NotFoundError,
     SchedulerError,
     SourceError,
     SourceUnavailableError,
+    UnauthorizedError,
     UserError,
 )
 from syncbit.manifest import Manifest, build_manifest
@@ -277,6 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and segments == ["metrics"]:
                 payload, content_type = self.server.api.metrics()
             else:
+                self.server.api.authorize(segments, self.headers.get("Authorization"))
                 payload = self.server.api.handle(method, segments, query, raw)
         except _HTTPError as exc:
             status, headers = exc.status, exc.headers
@@ -301,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _status_of(exc: Exception) -> int:
+    if isinstance(exc, UnauthorizedError):
+        return 401
     if isinstance(exc, DatasetExistsError):
         return 409
     if isinstance(exc, NotFoundError):
@@ -312,6 +317,14 @@ def _status_of(exc: Exception) -> int:
     if isinstance(exc, SchedulerError):
         return 503  # the state is closed: this server is stopping
     return 500
+
+
+def check_bearer(header: str | None, token: str) -> bool:
+    """`Authorization: Bearer <token>` with the right token, compared in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
 
 
 def _error(message: str, kind: str) -> bytes:
@@ -347,8 +360,10 @@ class Api:
         policy: PeerPolicy,
         resolve: Callable[[str, str, dict[str, Any], int], Manifest] = resolve_dataset,
         source_options: dict[str, dict[str, Any]] | None = None,
+        token: str | None = None,
     ) -> None:
         self.state = state
+        self.token = token
         self.source_options = source_options or {}
         self.chunk_size = chunk_size
         self.policy = policy
@@ -357,6 +372,13 @@ class Api:
         self.requests: dict[tuple[str, str], int] = {}  # (method, route) -> count
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Snapshot(self._collect))
+
+    def authorize(self, seg: list[str], header: str | None) -> None:
+        """With a cluster token configured, every route but the probes needs it."""
+        if self.token is None or seg in (["healthz"], ["readyz"]):
+            return
+        if not check_bearer(header, self.token):
+            raise UnauthorizedError("missing or wrong cluster token (see token_file)")
 
     def metrics(self) -> tuple[bytes, str]:
         return render(self.registry)
@@ -646,6 +668,7 @@ class SchedulerServer:
             self.policy,
             self._resolve,
             self.config.source_options,
+            read_token(self.config.token_file),
         )
         try:
             server = _Server((host, port), family, api)
