@@ -8,7 +8,8 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     │   ├── ConfigError           invalid config file or flag (names the bad key)
     │   ├── UnsafePathError       a listed name would escape the dataset root
     │   ├── InvalidSourceError    unknown scheme, malformed URI, nothing at the URI
-    │   └── NotFoundError         unknown dataset / node
+    │   ├── NotFoundError         unknown dataset / node
+    │   └── UnauthorizedError     missing or wrong cluster token
     ├── SourceError               the dataset's source failed
     │   ├── SourceUnavailableError  temporary (network, 5xx): retried with backoff
     │   └── SourceChangedError      the recorded version is gone: never retried
@@ -16,6 +17,7 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     │   └── DigestMismatchError   a peer sent bytes that do not match the chunk digest
     ├── ReadDeadlineError         neither peers nor source delivered before the deadline
     ├── CacheLockedError          another daemon already owns the cache dir
+    ├── CacheFullError            a chunk does not fit: the budget is pinned or in use
     └── SchedulerError            the scheduler is unreachable or answered an error
 """
 
@@ -74,9 +76,19 @@ class CacheLockedError(SyncbitError):
     """Another daemon holds the cache directory."""
 
 
+class CacheFullError(SyncbitError):
+    """A chunk cannot be stored: the cache budget (or the disk) is full of data that may
+    not be evicted now (pinned to this node, or in use). The message says how much is
+    pinned against the budget."""
+
+
 class SchedulerError(SyncbitError):
     """The scheduler is unreachable or rejected a request."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class UnauthorizedError(UserError):
+    """A request without the cluster token, or with a wrong one (`token_file`)."""
