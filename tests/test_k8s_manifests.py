@@ -1,0 +1,749 @@
+"""deploy/k8s and the Dockerfile, checked without a cluster or a network: every manifest
+against the Kubernetes API schemas, the kustomize composition, and the deployment's
+requirements (privileges, propagation, probes, RBAC, examples) so that a regression fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import kubernetes_validate
+import pytest
+import typer.main
+import yaml
+
+from syncbit.cli import app
+from syncbit.config import DaemonConfig, SchedulerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+EXAMPLES = K8S / "examples"
+KUSTOMIZATIONS = [K8S, EXAMPLES]
+NAMESPACE = "syncbit"
+IMAGE = "ghcr.io/syncbit/syncbit"
+# The floor (admissionregistration.k8s.io/v1 and the node name in pod-bound tokens arrive
+# in 1.30) and the newest release whose schemas kubernetes-validate>=1.37 bundles.
+KUBERNETES_VERSIONS = ["1.30", "1.37"]
+# Keys and flags of the daemon/scheduler contract for Kubernetes that may not have landed
+# in syncbit/ yet; a check that needs them skips until they exist, then holds.
+PENDING_KEYS = {"token_file", "kubernetes"}
+PENDING_FLAGS = {"--kubernetes", "--token-file"}
+
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PriorityClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+NAMESPACED = {
+    "ServiceAccount",
+    "ConfigMap",
+    "Secret",
+    "Service",
+    "StatefulSet",
+    "DaemonSet",
+    "Deployment",
+    "Job",
+    "Pod",
+}
+
+Obj = dict[str, Any]
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def load_docs(path: Path) -> list[Obj]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def kustomization(directory: Path) -> Obj:
+    doc: Obj = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return doc
+
+
+def manifest_files() -> list[Path]:
+    """Every YAML file of Kubernetes objects (not kustomizations, not config payloads)."""
+    return sorted(
+        p
+        for p in K8S.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and p.parent.name != "config"
+    )
+
+
+def generated(directory: Path) -> list[Obj]:
+    """The ConfigMaps and Secrets a kustomization's generators make (name before hash)."""
+    kust = kustomization(directory)
+    out: list[Obj] = []
+    for kind, key in (("ConfigMap", "configMapGenerator"), ("Secret", "secretGenerator")):
+        for gen in kust.get(key, []):
+            data: dict[str, str] = {}
+            for entry in gen.get("files", []):
+                name, _, path = entry.rpartition("=")
+                data[name or Path(path).name] = (directory / path).read_text()
+            data.update(dict(lit.split("=", 1) for lit in gen.get("literals", [])))
+            meta = {"name": gen["name"]}
+            if "namespace" in gen:
+                meta["namespace"] = gen["namespace"]
+            out.append({"apiVersion": "v1", "kind": kind, "metadata": meta, "data": data})
+    return out
+
+
+def rendered(directory: Path) -> list[Obj]:
+    """What the kustomization yields, modelled in Python: its resources (recursively),
+    its generated objects, and its `namespace:` on every namespaced object."""
+    kust = kustomization(directory)
+    objs: list[Obj] = []
+    for res in kust.get("resources", []):
+        path = directory / res
+        objs += rendered(path) if path.is_dir() else load_docs(path)
+    objs += generated(directory)
+    if "namespace" in kust:
+        for obj in objs:
+            if obj["kind"] not in CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = kust["namespace"]
+    return objs
+
+
+def installed() -> list[Obj]:
+    """Base and examples together, as an operator installs them."""
+    return rendered(K8S) + rendered(EXAMPLES)
+
+
+def find(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    hits = [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    return hits[0]
+
+
+def pod_spec(obj: Obj) -> Obj | None:
+    if obj["kind"] == "Pod":
+        spec: Obj = obj["spec"]
+        return spec
+    if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+        spec = obj["spec"]["template"]["spec"]
+        return spec
+    return None
+
+
+def containers(spec: Obj) -> Iterator[Obj]:
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def workloads(objs: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
+    for obj in objs:
+        spec = pod_spec(obj)
+        if spec is not None:
+            yield obj, spec
+
+
+def volume(spec: Obj, name: str) -> Obj:
+    hits = [v for v in spec.get("volumes", []) if v["name"] == name]
+    assert len(hits) == 1, f"volume {name}"
+    found: Obj = hits[0]
+    return found
+
+
+def mount_at(spec: Obj, container: Obj, path: str) -> tuple[Obj, Obj]:
+    """The volumeMount of `container` at `path` and the volume behind it."""
+    hits = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+    assert len(hits) == 1, f"{container['name']}: no single mount at {path}"
+    return hits[0], volume(spec, hits[0]["name"])
+
+
+def env(container: Obj, name: str) -> Obj:
+    hits = [e for e in container.get("env", []) if e["name"] == name]
+    assert len(hits) == 1, f"{container['name']}: env {name}"
+    found: Obj = hits[0]
+    return found
+
+
+def port_number(container: Obj, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    numbers = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
+    assert len(numbers) == 1, f"{container['name']}: no port named {port}"
+    return int(numbers[0])
+
+
+def projected_file(spec: Obj, container: Obj, path: str) -> tuple[str, str, str]:
+    """(kind, object name, key) of the ConfigMap/Secret item mounted at file `path`."""
+    for m in container.get("volumeMounts", []):
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        rel = path[len(prefix) :]
+        vol = volume(spec, m["name"])
+        sources = vol["projected"]["sources"] if "projected" in vol else [vol]
+        for src in sources:
+            for kind, ref in (("ConfigMap", "configMap"), ("Secret", "secret")):
+                if ref not in src:
+                    continue
+                name = src[ref].get("name") or src[ref].get("secretName")
+                for item in src[ref].get("items", []):
+                    if item["path"] == rel:
+                        return kind, name, item["key"]
+    raise AssertionError(f"{container['name']}: nothing mounted at {path}")
+
+
+def option_value(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+def only_container(objs: list[Obj], kind: str, name: str) -> tuple[Obj, Obj]:
+    spec = pod_spec(find(objs, kind, name))
+    assert spec is not None
+    assert len(spec["containers"]) == 1
+    return spec, spec["containers"][0]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[Obj]:
+    return rendered(K8S)
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[Obj]:
+    return rendered(EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def daemon(base: list[Obj]) -> tuple[Obj, Obj]:
+    return only_container(base, "DaemonSet", "syncbit-daemon")
+
+
+@pytest.fixture(scope="module")
+def scheduler(base: list[Obj]) -> tuple[Obj, Obj]:
+    return only_container(base, "StatefulSet", "syncbit-scheduler")
+
+
+def config_file(name: str) -> Obj:
+    doc: Obj = yaml.safe_load((K8S / "config" / name).read_text())
+    return doc
+
+
+# -- schemas --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_manifest_validates_against_the_kubernetes_schemas(path: Path, version: str) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path} holds no object"
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.path)
+            pytest.fail(f"{path.name} {doc['kind']} {where}: {exc.message}")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_generated_objects_validate(version: str) -> None:
+    for directory in KUSTOMIZATIONS:
+        for doc in generated(directory):
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_every_object_kind_is_known_to_these_checks() -> None:
+    # The namespace checks rely on knowing which kinds are cluster-scoped.
+    for obj in installed() + load_docs(K8S / "secret.example.yaml"):
+        assert obj["kind"] in CLUSTER_SCOPED | NAMESPACED, obj["kind"]
+
+
+# -- composition ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=["base", "examples"])
+def test_kustomization_entries_exist(directory: Path) -> None:
+    kust = kustomization(directory)
+    assert kust["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kust["kind"] == "Kustomization"
+    resources = kust.get("resources", [])
+    assert len(resources) == len(set(resources)), "a resource is listed twice"
+    for res in resources:
+        assert (directory / res).exists(), f"{directory.name}: missing resource {res}"
+    for key in ("configMapGenerator", "secretGenerator"):
+        for gen in kust.get(key, []):
+            for entry in gen.get("files", []) + gen.get("envs", []):
+                path = entry.rpartition("=")[2]
+                assert (directory / path).is_file(), f"{directory.name}: missing {path}"
+
+
+def test_every_manifest_is_installed_except_the_secret_example() -> None:
+    listed: set[Path] = set()
+    for directory in KUSTOMIZATIONS:
+        listed |= {(directory / r).resolve() for r in kustomization(directory)["resources"]}
+    unlisted = {p.resolve() for p in manifest_files()} - listed
+    assert unlisted == {(K8S / "secret.example.yaml").resolve()}
+
+
+def test_no_secret_is_committed() -> None:
+    # The token is made per install (README); the example only shows the shape.
+    example = find(load_docs(K8S / "secret.example.yaml"), "Secret", "syncbit-token")
+    assert example["stringData"]["token"].startswith("REPLACE")
+    for obj in installed():
+        assert obj["kind"] != "Secret", f"a Secret is installed: {obj['metadata']['name']}"
+    for directory in KUSTOMIZATIONS:
+        assert "secretGenerator" not in kustomization(directory)
+
+
+def test_every_namespaced_object_lands_in_the_syncbit_namespace() -> None:
+    for obj in installed():
+        ns = obj["metadata"].get("namespace")
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert ns is None, f"{obj['kind']} {obj['metadata']['name']} is cluster-scoped"
+        else:
+            assert ns == NAMESPACE, f"{obj['kind']} {obj['metadata']['name']} in {ns}"
+    assert find(rendered(K8S), "Namespace")["metadata"]["name"] == NAMESPACE
+
+
+def test_names_are_unique_per_kind() -> None:
+    keys = Counter(
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in installed()
+    )
+    assert [k for k, n in keys.items() if n > 1] == []
+
+
+def test_service_accounts_exist(base: list[Obj]) -> None:
+    accounts = {o["metadata"]["name"] for o in load_docs(K8S / "rbac.yaml")}
+    for obj, spec in workloads(base):
+        name = spec.get("serviceAccountName")
+        assert name in accounts, f"{obj['metadata']['name']}: service account {name}"
+
+
+def test_referenced_configmaps_and_secrets_are_defined() -> None:
+    objs = installed() + load_docs(K8S / "secret.example.yaml")
+    defined: dict[tuple[str, str], set[str]] = {
+        (o["kind"], o["metadata"]["name"]): set(o.get("data", {})) | set(o.get("stringData", {}))
+        for o in objs
+        if o["kind"] in {"ConfigMap", "Secret"}
+    }
+    refs: list[tuple[str, str, str | None]] = []
+    for _, spec in workloads(objs):
+        for vol in spec.get("volumes", []):
+            sources = vol["projected"]["sources"] if "projected" in vol else [vol]
+            for src in sources:
+                for kind, field, name_key in (
+                    ("ConfigMap", "configMap", "name"),
+                    ("Secret", "secret", "name" if "projected" in vol else "secretName"),
+                ):
+                    if field in src:
+                        items = src[field].get("items") or [{"key": None}]
+                        refs += [(kind, src[field][name_key], i["key"]) for i in items]
+        for c in containers(spec):
+            for ef in c.get("envFrom", []):
+                for kind, field in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                    if field in ef:
+                        refs.append((kind, ef[field]["name"], None))
+            for e in c.get("env", []):
+                source = e.get("valueFrom", {})
+                for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                    if field in source:
+                        refs.append((kind, source[field]["name"], source[field]["key"]))
+    assert refs
+    for kind, name, key in refs:
+        assert (kind, name) in defined, f"{kind} {name} is referenced but not defined"
+        assert key is None or key in defined[kind, name], f"{kind} {name} has no key {key}"
+
+
+def test_selectors_match_pod_labels(base: list[Obj], examples: list[Obj]) -> None:
+    for obj, _ in workloads(base + examples):
+        if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet"}:
+            wanted = obj["spec"]["selector"]["matchLabels"].items()
+            assert wanted <= obj["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_scheduler_service_fronts_the_statefulset(base: list[Obj]) -> None:
+    service = find(base, "Service", "syncbit-scheduler")
+    sts = find(base, "StatefulSet", "syncbit-scheduler")
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert port["port"] == port_number(container, port["targetPort"]) == 7900
+
+
+def test_images_follow_the_kustomization(base: list[Obj], examples: list[Obj]) -> None:
+    for directory, objs in ((K8S, base), (EXAMPLES, examples)):
+        images = {i["name"]: i for i in kustomization(directory)["images"]}
+        assert set(images) == {IMAGE}
+        seen = 0
+        for _, spec in workloads(objs):
+            for c in containers(spec):
+                name, _, tag = c["image"].rpartition(":")
+                if name == IMAGE:
+                    seen += 1
+                    assert tag == images[IMAGE]["newTag"], c["image"]
+        assert seen
+    tags = {kustomization(d)["images"][0]["newTag"] for d in KUSTOMIZATIONS}
+    assert len(tags) == 1, "base and examples name different image tags"
+
+
+def kustomize_command() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@pytest.mark.skipif(
+    kustomize_command() is None,
+    reason="neither kustomize nor kubectl (which embeds it) is installed; "
+    "the Python model of the composition above still ran",
+)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=["base", "examples"])
+def test_kustomize_builds_what_the_python_model_says(directory: Path) -> None:
+    cmd = kustomize_command()
+    assert cmd is not None
+    out = subprocess.run(
+        [*cmd, str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    model = rendered(directory)
+    gen_names = {g["metadata"]["name"] for g in generated(directory)}
+
+    def key(o: Obj) -> tuple[str, str | None, str]:
+        name = o["metadata"]["name"]
+        for g in gen_names:  # generated names get a content hash: name-<hash>
+            if re.fullmatch(re.escape(g) + r"-[a-z0-9]{10}", name):
+                name = g
+        return o["kind"], o["metadata"].get("namespace"), name
+
+    assert sorted(map(key, built), key=str) == sorted(map(key, model), key=str)
+    text = json.dumps(built)
+    for g in gen_names:  # every reference follows the hashed name
+        assert not re.search(rf'"name": "{re.escape(g)}"', text), f"unrewritten {g}"
+    for doc in built:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+# -- the node daemon ------------------------------------------------------------------------
+
+
+def test_daemon_runs_on_opted_in_nodes_and_tolerates_gpu_taints(base: list[Obj]) -> None:
+    spec = pod_spec(find(base, "DaemonSet", "syncbit-daemon"))
+    assert spec is not None
+    assert spec["nodeSelector"] == {"syncbit.io/enabled": "true"}
+    tolerations = {t["key"]: t for t in spec["tolerations"]}
+    for taint in ("nvidia.com/gpu", "syncbit.io/warming"):
+        assert tolerations[taint]["operator"] == "Exists", taint
+        assert tolerations[taint].get("effect") in (None, "NoSchedule"), taint
+    assert spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["priorityClassName"] == find(base, "PriorityClass")["metadata"]["name"]
+
+
+def test_daemon_command_follows_the_contract(daemon: tuple[Obj, Obj]) -> None:
+    spec, c = daemon
+    assert "command" not in c, "the image's entrypoint (tini -- syncbit) must stay"
+    assert c["args"] == [
+        "daemon",
+        "--config",
+        "/etc/syncbit/config.yaml",
+        "--node",
+        "$(NODE_NAME)",
+        "--advertise",
+        "$(HOST_IP):7901",
+        "--kubernetes",
+    ]
+    assert env(c, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env(c, "HOST_IP")["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert projected_file(spec, c, "/etc/syncbit/config.yaml") == (
+        "ConfigMap",
+        "syncbit-config",
+        "config.yaml",
+    )
+    assert port_number(c, "http") == 7901
+
+
+def test_daemon_has_fuse_and_propagates_its_mount_to_the_node(daemon: tuple[Obj, Obj]) -> None:
+    spec, c = daemon
+    security = c["securityContext"]
+    assert "SYS_ADMIN" in security["capabilities"]["add"]
+    _, fuse = mount_at(spec, c, "/dev/fuse")
+    assert fuse["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+    mount, vol = mount_at(spec, c, config_file("config.yaml")["mount"])
+    assert vol["hostPath"]["path"] == "/syncbit"
+    assert mount["mountPropagation"] == "Bidirectional"
+    # The API server admits Bidirectional only in privileged containers.
+    assert security["privileged"] is True
+    _, cache = mount_at(spec, c, config_file("config.yaml")["cache_dir"])
+    assert cache["hostPath"]["path"] == "/var/lib/syncbit/cache"
+
+
+def test_privilege_is_confined_to_the_daemon() -> None:
+    privileged = []
+    for obj, spec in workloads(installed()):
+        for c in containers(spec):
+            security = c.get("securityContext", {})
+            mounts = c.get("volumeMounts", [])
+            if any(m.get("mountPropagation") == "Bidirectional" for m in mounts):
+                assert security.get("privileged") is True, "Bidirectional needs privileged"
+            if security.get("privileged"):
+                # The API server rejects privileged with allowPrivilegeEscalation: false.
+                assert security.get("allowPrivilegeEscalation") is not False
+                privileged.append((obj["metadata"]["name"], c["name"]))
+            else:
+                assert security.get("allowPrivilegeEscalation") is False, c["name"]
+                assert security["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert security.get("readOnlyRootFilesystem") is True, c["name"]
+    assert privileged == [("syncbit-daemon", "daemon")]
+
+
+def test_daemon_probes_hit_its_health_endpoints(daemon: tuple[Obj, Obj]) -> None:
+    _, c = daemon
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert (get["path"], port_number(c, get["port"])) == (path, 7901), probe
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_daemon_stops_cleanly(base: list[Obj], daemon: tuple[Obj, Obj]) -> None:
+    spec, c = daemon
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    script = shlex.split(command[-1])
+    # A lazy unmount (readers keep their open files), never failing the stop.
+    assert script[:4] == ["fusermount3", "-u", "-z", "/syncbit"]
+    assert command[-1].endswith("|| true")
+    assert 20 <= spec["terminationGracePeriodSeconds"] <= 120
+    strategy = find(base, "DaemonSet", "syncbit-daemon")["spec"]["updateStrategy"]
+    assert strategy["type"] == "OnDelete"  # a restart breaks readers: upgrades are by hand
+
+
+def test_every_container_has_requests_and_limits() -> None:
+    for _, spec in workloads(installed()):
+        for c in containers(spec):
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][part]), (c["name"], part)
+
+
+def test_daemon_config_matches_the_manifests(
+    daemon: tuple[Obj, Obj], scheduler: tuple[Obj, Obj], base: list[Obj]
+) -> None:
+    cfg = config_file("config.yaml")
+    service = find(base, "Service", "syncbit-scheduler")
+    url = urlsplit(cfg["scheduler"])
+    assert url.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc"
+    assert url.port == service["spec"]["ports"][0]["port"]
+    assert cfg["listen"] == "0.0.0.0:7901"
+    for spec, c in (daemon, scheduler):
+        token = cfg["token_file"]
+        assert projected_file(spec, c, token) == ("Secret", "syncbit-token", "token")
+
+
+def pending_or_fail(missing: set[str], what: str) -> None:
+    if missing - PENDING_KEYS - PENDING_FLAGS:
+        pytest.fail(f"{what}: not known to syncbit: {sorted(missing)}")
+    if missing:
+        pytest.skip(f"{what}: the contract's {sorted(missing)} has not landed in syncbit yet")
+
+
+@pytest.mark.parametrize(
+    ("name", "model"), [("config.yaml", DaemonConfig), ("scheduler.yaml", SchedulerConfig)]
+)
+def test_config_files_are_valid_for_syncbit(name: str, model: Any) -> None:
+    data = config_file(name)
+    pending_or_fail(set(data) - set(model.model_fields), name)
+    model.model_validate(data)
+
+
+def cli_options(*path: str) -> set[str]:
+    group: Any = typer.main.get_command(app)
+    ctx = click.Context(group)
+    for part in path:
+        group = group.get_command(ctx, part)
+    return {o for p in group.params for o in p.opts if o.startswith("--")}
+
+
+def test_container_args_are_known_to_the_cli(base: list[Obj], examples: list[Obj]) -> None:
+    for _, spec in workloads(base + examples):
+        for c in containers(spec):
+            if not c["image"].startswith(IMAGE + ":"):
+                continue
+            words = [a for a in c["args"] if not a.startswith("-")]
+            path = words[:2] if words[0] in {"dataset", "node", "volume"} else words[:1]
+            flags = {a for a in c["args"] if a.startswith("--")}
+            pending_or_fail(flags - cli_options(*path), f"syncbit {' '.join(path)}")
+
+
+# -- RBAC -----------------------------------------------------------------------------------
+
+
+def test_daemon_may_only_get_and_patch_nodes(base: list[Obj], daemon: tuple[Obj, Obj]) -> None:
+    spec, _ = daemon
+    account = spec["serviceAccountName"]
+    role = find(base, "ClusterRole", "syncbit-daemon")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    binding = find(base, "ClusterRoleBinding", "syncbit-daemon")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "syncbit-daemon",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    ]
+    bound = [o for o in base if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}]
+    assert bound == [binding], "no other account gets API rights"
+
+
+def test_scheduler_holds_no_api_token(scheduler: tuple[Obj, Obj], base: list[Obj]) -> None:
+    spec, _ = scheduler
+    assert spec["automountServiceAccountToken"] is False
+    account = find(base, "ServiceAccount", spec["serviceAccountName"])
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_node_policy_confines_the_daemon_to_its_own_node(daemon: tuple[Obj, Obj]) -> None:
+    spec, _ = daemon
+    policy, binding = load_docs(K8S / "node-policy.yaml")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    username = f"system:serviceaccount:{NAMESPACE}:{spec['serviceAccountName']}"
+    (condition,) = policy["spec"]["matchConditions"]
+    assert f"'{username}'" in condition["expression"]
+    text = json.dumps(policy["spec"]["validations"] + policy["spec"]["variables"])
+    for needle in (
+        "authentication.kubernetes.io/node-name",
+        "syncbit.io/ds.",
+        "syncbit.io/warming",
+    ):
+        assert needle in text
+
+
+# -- the scheduler --------------------------------------------------------------------------
+
+
+def test_scheduler_is_one_replica_with_state_on_a_claim(
+    base: list[Obj], scheduler: tuple[Obj, Obj]
+) -> None:
+    spec, c = scheduler
+    sts = find(base, "StatefulSet", "syncbit-scheduler")
+    assert sts["spec"]["replicas"] == 1  # LMDB: one writer
+    assert "command" not in c
+    assert c["args"] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
+    assert projected_file(spec, c, "/etc/syncbit/scheduler.yaml")[2] == "scheduler.yaml"
+    cfg = config_file("scheduler.yaml")
+    mount = [m for m in c["volumeMounts"] if m["mountPath"] == cfg["state_dir"]]
+    assert len(mount) == 1
+    claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    assert mount[0]["name"] in claims
+    assert cfg["listen"] == "0.0.0.0:7900"
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert (get["path"], port_number(c, get["port"])) == (path, 7900), probe
+
+
+# -- examples -------------------------------------------------------------------------------
+
+
+def dataset_mount(spec: Obj, c: Obj) -> tuple[Obj, Obj]:
+    mount, vol = mount_at(spec, c, "/syncbit/llama")
+    assert vol["hostPath"]["path"] == "/syncbit/llama"
+    assert mount["readOnly"] is True
+    assert mount["mountPropagation"] == "HostToContainer"
+    return mount, vol
+
+
+def test_example_pod_waits_then_reads_the_dataset(examples: list[Obj]) -> None:
+    spec = pod_spec(find(examples, "Pod", "llama-reader"))
+    assert spec is not None
+    assert spec["nodeSelector"] == {"syncbit.io/enabled": "true"}
+    (init,) = spec["initContainers"]
+    assert init["args"][:4] == ["wait", "llama", "--timeout", "30m"]
+    assert option_value(init["args"], "--daemon") == "$(HOST_IP):7901"
+    assert env(init, "HOST_IP")["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    token = env(init, "SYNCBIT_TOKEN_FILE")["value"]
+    assert projected_file(spec, init, token) == ("Secret", "syncbit-token", "token")
+    (reader,) = spec["containers"]
+    dataset_mount(spec, reader)
+
+
+def test_example_deployment_lands_only_where_the_dataset_is_ready(examples: list[Obj]) -> None:
+    spec = pod_spec(find(examples, "Deployment", "llama-server"))
+    assert spec is not None
+    required = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    for term in required["nodeSelectorTerms"]:  # terms are ORed: each must demand it
+        assert {"key": "syncbit.io/ds.llama", "operator": "In", "values": ["ready"]} in term[
+            "matchExpressions"
+        ]
+    (server,) = spec["containers"]
+    dataset_mount(spec, server)
+
+
+def test_example_job_prefetches_to_a_selector(examples: list[Obj]) -> None:
+    job = find(examples, "Job", "syncbit-prefetch-llama")
+    spec = pod_spec(job)
+    assert spec is not None
+    assert spec["restartPolicy"] in {"OnFailure", "Never"}
+    (add,) = spec["initContainers"]
+    assert add["args"][:3] == ["dataset", "add", "llama"]
+    (prefetch,) = spec["containers"]
+    assert prefetch["args"][:2] == ["prefetch", "llama"]
+    assert "=" in option_value(prefetch["args"], "--selector")
+    for c in containers(spec):
+        url = urlsplit(env(c, "SYNCBIT_SCHEDULER")["value"])
+        assert url.hostname == f"syncbit-scheduler.{NAMESPACE}.svc"
+        token = env(c, "SYNCBIT_TOKEN_FILE")["value"]
+        assert projected_file(spec, c, token) == ("Secret", "syncbit-token", "token")
+
+
+# -- the image ------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """Dockerfile instructions as (INSTRUCTION, rest) per build stage."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stages.append([])
+        assert stages, "an instruction before FROM"
+        stages[-1].append((word.upper(), rest.strip()))
+    return stages
+
+
+def test_dockerfile_builds_a_slim_debian_image_with_fuse3() -> None:
+    stages = dockerfile_stages()
+    final = stages[-1]
+    assert re.fullmatch(r"python:3\.1\d+-slim-(bookworm|trixie)", final[0][1].split()[0])
+    runs = [rest for word, rest in final if word == "RUN"]
+    installs = [r for r in runs if "apt-get install" in r]
+    assert any("fuse3" in shlex.split(r) for r in installs), "fuse3 must be in the image"
+    assert any("pip install" in r for r in runs), "the package must be installed"
+    built = [rest for stage in stages for word, rest in stage if word == "RUN"]
+    assert any(re.search(r"pip (wheel|install)\b.* \.$", r) for r in built), "from this repo"
+    (entrypoint,) = [rest for word, rest in final if word == "ENTRYPOINT"]
+    assert json.loads(entrypoint)[-1] == "syncbit"
+    assert "USER" not in {w for w, _ in final}  # the daemon mounts FUSE as root
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    rules = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*"
+    for needed in ("!pyproject.toml", "!README.md", "!syncbit/"):
+        assert needed in rules
