@@ -169,6 +169,19 @@ def test_unreachable_scheduler_is_one_line(tmp_path: Path) -> None:
     one_error(run_cli([*SYNCBIT, "dataset", "ls", "--scheduler", url]), 1)
 
 
+@pytest.mark.timeout(60)
+def test_wait_keeps_trying_for_a_daemon_until_its_timeout(tmp_path: Path) -> None:
+    daemon = f"127.0.0.1:{free_port()}"  # nobody listens: the daemon is not up yet
+    done = run_cli([*SYNCBIT, "wait", "llama", "--timeout", "2s", "--daemon", daemon])
+    assert done.returncode == 1, done.stderr
+    assert "waiting for the daemon" in done.stderr
+    assert "error: gave up after 2s: no syncbit daemon answers" in done.stderr
+    assert "Traceback" not in done.stderr
+    bad = run_cli([*SYNCBIT, "wait", "llama", "--timeout", "soon", "--daemon", daemon])
+    one_error(bad, 2)
+    assert "not a duration: 'soon'" in bad.stderr
+
+
 def _daemon(tmp_path: Path, *args: str) -> list[str]:
     return [
         *SYNCBIT,

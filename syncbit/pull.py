@@ -17,11 +17,15 @@ _POLL = 0.5
 _PLAIN_EVERY = 5.0
 
 
+class DaemonUnreachableError(SyncbitError):
+    """No daemon answers at the given address (yet)."""
+
+
 def _call(client: httpx.Client, method: str, url: str, **kw: Any) -> dict[str, Any]:
     try:
         resp = client.request(method, url, **kw)
     except httpx.HTTPError as exc:
-        raise SyncbitError(
+        raise DaemonUnreachableError(
             f"no syncbit daemon answers at {url.split('/v1')[0]} ({exc.__class__.__name__}): "
             "start one with `syncbit daemon` or pass --daemon host:port"
         ) from exc
@@ -74,11 +78,12 @@ def follow(
     base = f"http://{daemon}/v1/local"
     verb = "pull" if start else "wait"
     with httpx.Client(timeout=30, trust_env=False) as client:
+        started = time.monotonic()
         if start:
             doc = _call(client, "POST", f"{base}/pull", json={"dataset": dataset})
         else:
-            doc = _call(client, "GET", f"{base}/datasets/{dataset}")
-        started, first = time.monotonic(), doc["present_bytes"]
+            doc = _first_answer(client, f"{base}/datasets/{dataset}", started, timeout, out)
+        first = doc["present_bytes"]
         last_plain = -_PLAIN_EVERY
         while not doc["complete"]:
             if start and doc.get("error") and not doc.get("pulling"):
@@ -107,6 +112,24 @@ def follow(
 
 class WaitTimeoutError(SyncbitError):
     """`syncbit wait` ran out of time before the dataset was ready."""
+
+
+def _first_answer(
+    client: httpx.Client, url: str, started: float, timeout: float | None, out: Any
+) -> dict[str, Any]:
+    """The first progress document, retrying while no daemon answers: an initContainer
+    may start before the node's daemon does. An unknown dataset fails at once."""
+    told = False
+    while True:
+        try:
+            return _call(client, "GET", url)
+        except DaemonUnreachableError as exc:
+            if timeout is not None and time.monotonic() - started >= timeout:
+                raise WaitTimeoutError(f"gave up after {timeout:g}s: {exc}") from None
+            if not told:
+                print(f"waiting for the daemon: {exc}", file=out, flush=True)
+                told = True
+            time.sleep(_POLL)
 
 
 def _hint(doc: dict[str, Any], verb: str) -> str:
