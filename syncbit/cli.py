@@ -131,6 +131,9 @@ def scheduler(
     node_timeout: Annotated[
         float | None, typer.Option(help="Seconds without heartbeat before a node is down.")
     ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File with the shared cluster token.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run the central scheduler until SIGTERM/SIGINT."""
@@ -143,6 +146,7 @@ def scheduler(
             "listen": listen,
             "state_dir": state_dir,
             "node_timeout": node_timeout,
+            "token_file": token_file,
             "log_level": log_level,
         },
     )
@@ -192,6 +196,19 @@ def daemon(
     prefetch_bandwidth: Annotated[
         str | None, typer.Option(help="Prefetch bandwidth cap in bytes/s, e.g. 100MB (0: none).")
     ] = None,
+    kubernetes: Annotated[
+        bool | None,
+        typer.Option(
+            "--kubernetes/--no-kubernetes",
+            help="Keep this Node's syncbit.io/ds.* labels and warm-up taint in step.",
+        ),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubeconfig (default: in-cluster service account).")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File with the shared cluster token.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run a node: FUSE mount, cache, peer service (and the scheduler, if none is given)."""
@@ -211,6 +228,9 @@ def daemon(
             "scheduler_listen": scheduler_listen,
             "prefetch_concurrency": prefetch_concurrency,
             "prefetch_bandwidth": prefetch_bandwidth,
+            "kubernetes": kubernetes,
+            "kubeconfig": kubeconfig,
+            "token_file": token_file,
             "log_level": log_level,
         },
     )

@@ -103,6 +103,9 @@ class DaemonConfig(_Strict):
     node_timeout: float = Field(10.0, gt=0)
     source_options: SourceOptions = Field(default_factory=dict)
     token_file: Path | None = Field(None, description="shared cluster token; none: open")
+    kubernetes: bool = Field(False, description="keep this Node's labels/taint in step")
+    kubeconfig: Path | None = Field(None, description="none: in-cluster service account")
+    kubernetes_interval: float = Field(5.0, gt=0)
     log_level: str = "info"
 
 

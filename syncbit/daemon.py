@@ -27,6 +27,7 @@ from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
 from syncbit.jobs import Jobs
+from syncbit.kube import NodeSync
 from syncbit.manifest import Manifest
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
@@ -117,6 +118,10 @@ class Daemon:
         self._generation = -1
         self._warned: dict[str, float] = {}
         self.plan: dict[str, dict[str, Any]] = {}  # assigned dataset -> its plan entry
+        self.plan_received = False  # until the first plan arrives, assignments are unknown
+        self.kube: NodeSync | None = None
+        if config.kubernetes:  # a bad kubeconfig fails start-up, before the mount
+            self.kube = NodeSync(config.node, kubeconfig=config.kubeconfig)
 
     def _start_services(self) -> str:
         cfg = self.config
@@ -191,6 +196,8 @@ class Daemon:
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._dataset_loop)
                     nursery.start_soon(self._report_loop)
+                    if self.kube is not None:
+                        nursery.start_soon(self.kube.run, self._kube_state, cfg.kubernetes_interval)
             finally:
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", cfg.mount)
@@ -318,6 +325,13 @@ class Daemon:
         """Dataset -> revision for every dataset version ready here (for the scheduler)."""
         return {n: m.revision for n, m in self.manifests.items() if self.is_ready(m)}
 
+    def _kube_state(self) -> tuple[set[str], set[str] | None]:
+        """What the Node's labels should say: datasets ready here that this node was asked
+        to hold (assigned, or pulled); and the assignments, None until the first plan."""
+        wanted = set(self.plan) | set(self.jobs.jobs)
+        ready = {n for n in self.ready_datasets() if n in wanted}
+        return ready, (set(self.plan) if self.plan_received else None)
+
     # -- assignments -------------------------------------------------------------------------
 
     async def _apply_plan(self, plan: list[dict[str, Any]]) -> None:
@@ -331,6 +345,7 @@ class Daemon:
         for name in set(self.plan) - set(wanted):
             self.jobs.stop(name)
         self.plan = wanted
+        self.plan_received = True
         for name, entry in wanted.items():
             manifest = self.manifests.get(name)
             if manifest is not None and manifest.revision == entry["revision"]:
