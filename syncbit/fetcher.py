@@ -23,6 +23,7 @@ import trio
 
 from syncbit.chunks import chunk_count, chunk_length, chunk_span, digest
 from syncbit.errors import (
+    CacheFullError,
     DigestMismatchError,
     PeerError,
     ReadDeadlineError,
@@ -184,7 +185,8 @@ class Fetcher:
         """Bytes [offset, offset+length) of an open file, fetching what is missing.
 
         Raises ReadDeadlineError (with the last cause) when the chunks did not arrive within
-        the read deadline, SourceChangedError when the source lost the recorded version.
+        the read deadline, SourceChangedError when the source lost the recorded version,
+        CacheFullError when a chunk arrived twice but the cache could not keep it.
         """
         obj = handle.obj
         length = max(0, min(length, obj.size - offset))
@@ -193,16 +195,31 @@ class Fetcher:
         span = chunk_span(offset, length, obj.size, obj.chunk_size)
         sequential = offset == handle.next_offset
         handle.next_offset = offset + length
-        missing = [i for i in span if not obj.has(i)]
-        if missing:
-            await self._wait_chunks(handle, missing, Priority.FOREGROUND)
-        if sequential and self.readahead_chunks:
-            self._readahead(handle, span.stop)
-        parts = self.store.read_parts(obj, offset, length)
-        if len(parts) == 1 and isinstance(parts[0], bytes):
-            return parts[0]
-        if any(isinstance(p, range) for p in parts):
-            parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, parts)
+        self.store.touch(obj)
+        # In use from the presence check to the end of the pread: the cache does not evict
+        # the object meanwhile (a hole punched under a pread reads as zeros).
+        with self.store.in_use(obj):
+            missing = [i for i in span if not obj.has(i)]
+            for _attempt in range(2):
+                if not missing:
+                    break
+                await self._wait_chunks(handle, missing, Priority.FOREGROUND)
+                # Fetched, yet gone before this reader ran: the cache could not store it
+                # (full of pinned or in-use data, disk full). Fetch once more, then fail.
+                missing = [i for i in span if not obj.has(i)]
+            if missing:
+                cause = obj.unstored.get(missing[0], "dropped again before it was read")
+                raise CacheFullError(
+                    f"chunk {missing[0]} of {handle.entry.path} arrived but could not be "
+                    f"kept: {cause}"
+                )
+            if sequential and self.readahead_chunks:
+                self._readahead(handle, span.stop)
+            parts = self.store.read_parts(obj, offset, length)
+            if len(parts) == 1 and isinstance(parts[0], bytes):
+                return parts[0]
+            if any(isinstance(p, range) for p in parts):
+                parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, parts)
         return b"".join(parts)  # type: ignore[arg-type]
 
     def _read_disk_parts(self, obj: StoredObject, parts: list[bytes | range]) -> list[bytes]:
@@ -408,20 +425,22 @@ class Fetcher:
         flight.done.set()
 
     async def _persist(self, flight: Flight, view: memoryview, digest_hex: str) -> None:
-        """Write a staged chunk to the object file; only then may it become durable."""
+        """Write a staged chunk to the object file within the cache budget; only then may
+        it become durable. A chunk the cache cannot keep (full of pinned or in-use data,
+        disk full after eviction, a write error) is dropped from RAM with its cause: the
+        readers that had it from RAM are served, a later read fetches it again."""
         obj, index = flight.obj, flight.index
         try:
-            await trio.to_thread.run_sync(self.store.write_chunk, obj, index, view)
-        except OSError as exc:
+            await self.store.store_chunk(obj, index, view, digest_hex)
+        except (CacheFullError, OSError) as exc:
             log.error("cannot store chunk %d of %s: %s", index, flight.entry.path, exc)
-            self.store.unstage(obj, index)
             return
         finally:
             self._write_slots.release()
-        self.store.mark_written(obj, index, digest_hex)
         expected = flight.entry.version.get("sha256")
         if expected and obj.complete and len(obj.written) == obj.chunks:
-            await self._verify_whole(obj, flight.entry.path, expected)
+            with self.store.in_use(obj):  # no eviction under the hash
+                await self._verify_whole(obj, flight.entry.path, expected)
 
     async def _verify_whole(self, obj: StoredObject, path: str, expected: str) -> None:
         """The source published the whole file's SHA-256 (HF LFS): check the assembled

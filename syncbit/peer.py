@@ -97,14 +97,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         first, last = int(span.group(1)), int(span.group(2))
         length = last - first + 1
-        if last >= obj.size or length <= 0 or not obj.has_range(first, length):
-            self._plain(404, "not held\n")
-            return
-        fd = self.server.store.fd(obj)
+        # In use from the presence check to the last byte sent: the cache does not evict
+        # the object meanwhile (a hole punched under sendfile would send zeros).
+        with self.server.store.in_use(obj):
+            if last >= obj.size or length <= 0 or not obj.has_range(first, length):
+                self._plain(404, "not held\n")
+                return
+            self._send(self.server.store.fd(obj), first, last, obj.size)
+
+    def _send(self, fd: int, first: int, last: int, size: int) -> None:
+        length = last - first + 1
         self.send_response(206)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
-        self.send_header("Content-Range", f"bytes {first}-{last}/{obj.size}")
+        self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
         self.server.enter()
         try:

@@ -20,9 +20,35 @@ Chunk states and concurrency rules:
   crash (`kill -9`) a written-but-not-durable chunk is simply absent and is fetched again;
   a chunk is never in the index with bytes that were not durable first.
 - In-memory state is mutated only on the trio thread; worker threads only do the blocking
-  I/O handed to them (pwrite, fdatasync, pread, LMDB commit) and peer-service threads only
-  read `durable` membership, which is safe under the GIL.
+  I/O handed to them (pwrite, fdatasync, pread, LMDB commit, unlink) and peer-service
+  threads only read `durable` membership, which is safe under the GIL, and count their
+  reads in `readers` under the use lock. File descriptors are opened and closed under the
+  I/O lock.
 - LMDB write transactions are short, run in a worker thread, and never span an `await`.
+
+Cache lifecycle (the budget is `cache_size`, a hard limit):
+- `used_bytes()` counts written chunks, reservations of writes in progress and evictions
+  still deleting their files: an O(1) counter. Every chunk write goes through
+  `store_chunk`, which first reserves its bytes with `make_room`; that evicts whole
+  objects, least recently used first, until the write fits, so disk use never exceeds the
+  budget. A disk that fills before the budget does (ENOSPC) gets the same LRU eviction and
+  one retry; a chunk that still cannot be stored is unstaged (missing again), never indexed.
+- Pinned objects (`set_pins`: the datasets assigned to this node) are never evicted by the
+  LRU. When they alone fill the budget `make_room` raises CacheFullError saying so, and
+  `usage()` reports `pinned_over_budget`, instead of evicting and refetching in a loop.
+- An object *in use* is never evicted: reads in progress (`in_use`, counted under a lock
+  because peer-service threads take it too), chunks staged for writing or written but not
+  yet durable, an eviction already running. A read holds `in_use` from its presence check
+  to the end of its pread, so no hole is punched under it; a chunk evicted between two reads
+  is simply missing and is fetched again.
+- Evicting: claim the object under the use lock (its presence is cleared at once, so a peer
+  thread that looks afterwards finds nothing), then, in a worker thread, delete its index
+  entries in one txn and only then close and unlink its file. A crash in between leaves an
+  orphan file for `gc`, never an index entry without bytes. Writes to an object wait in
+  `make_room` until its eviction has finished.
+- `last_used` is set in memory by `touch` (cheap: no txn per read) and written with the next
+  commit (the commit loop also wakes every `touch_interval` seconds for touches alone), with
+  evictions, and at `close`, so LRU order survives restarts.
 """
 
 from __future__ import annotations
@@ -37,15 +63,16 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import trio
 
 from syncbit.chunks import chunk_count, chunk_length
-from syncbit.errors import CacheLockedError
+from syncbit.errors import CacheFullError, CacheLockedError
 
 log = logging.getLogger("syncbit.store")
 
@@ -62,6 +89,31 @@ def _chunk_key(object_id: str, index: int) -> bytes:
     return bytes.fromhex(object_id) + index.to_bytes(4, "big")
 
 
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _enospc(exc: BaseException) -> bool:
+    """A full disk, as the OS or LMDB reports it."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return "No space left" in str(exc)
+
+
+@dataclass
+class EvictResult:
+    """What `ObjectStore.evict` did: bytes freed, objects evicted, objects in use (kept)."""
+
+    freed: int = 0
+    evicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class StoredObject:
     """One content object: its file, and which of its chunks this node holds."""
@@ -76,8 +128,15 @@ class StoredObject:
     written: set[int] = field(default_factory=set)  # readable here (includes durable)
     durable: set[int] = field(default_factory=set)  # in the index; served to peers
     digests: dict[int, str] = field(default_factory=dict)
-    last_used: float = 0.0
+    last_used: float = 0.0  # epoch seconds; the LRU order
     discards: int = 0  # bumped when the content is thrown away (failed verification)
+    # Cache lifecycle (see the module docstring): reads in progress (under the store's use
+    # lock), staged chunks not yet written, the running eviction, and chunks fetched but
+    # not stored (chunk -> why), for the reader that finds them missing.
+    readers: int = 0
+    writing: int = 0
+    evicting: trio.Event | None = None
+    unstored: dict[int, str] = field(default_factory=dict)
 
     @property
     def chunks(self) -> int:
@@ -116,6 +175,24 @@ class StoredObject:
 _ALIGN = 4096
 
 
+class _InUse:
+    """`with store.in_use(obj):` a read in progress; blocks eviction of the object."""
+
+    __slots__ = ("_lock", "_obj")
+
+    def __init__(self, lock: threading.Lock, obj: StoredObject) -> None:
+        self._lock = lock
+        self._obj = obj
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._obj.readers += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._obj.readers -= 1
+
+
 class ObjectStore:
     """The cache directory: objects, index, lock. Build with `ObjectStore.open()`."""
 
@@ -130,7 +207,7 @@ class ObjectStore:
         self._read_buf = bytearray(1 << 20)
         # Recently staged chunks kept in RAM, oldest first; value: release callback.
         self._recent: OrderedDict[tuple[StoredObject, int], Callable[[], None]] = OrderedDict()
-        self._pinned: set[tuple[StoredObject, int]] = set()
+        self._writing: set[tuple[StoredObject, int]] = set()  # staged, write not finished
         self.staged_chunks = staged_chunks
         self.direct_io = True
         self._io_lock = threading.Lock()
@@ -140,6 +217,22 @@ class ObjectStore:
         self.durable_event = trio.Event()
         self.written_event = trio.Event()  # set (and replaced) whenever a chunk is written
         self.newly_removed: list[tuple[StoredObject, list[int]]] = []  # for the reporter
+        # Cache lifecycle: see the module docstring.
+        self._pins: set[str] = set()
+        self._pin_sizes: dict[str, int] = {}
+        self._held = 0  # bytes of written chunks (durable ones included)
+        self._reserved = 0  # bytes `make_room` reserved for writes in progress
+        self._freeing = 0  # bytes of evicted objects whose files are still being deleted
+        self._use_lock = threading.Lock()  # readers counts: trio and peer-service threads
+        self._index_lock = trio.Lock()  # a commit vs. a discard of the same object
+        self._touched: set[StoredObject] = set()  # last_used not yet written to the index
+        self.touch_interval = 30.0  # seconds between commits of last_used alone
+        self._commit_enospc = False  # the last commit failed on a full disk
+        self.busy_wait = 5.0  # how long make_room waits for in-use objects to become idle
+        self.disk_headroom = 1 << 20  # bytes of disk left free for the index (0: none)
+        self._commit_failures = 0
+        self.evicted_bytes = 0
+        self.evictions = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -166,6 +259,15 @@ class ObjectStore:
         for name in ("objects", "chunks", "manifests"):  # all handles before any thread runs
             store._db(name)
         store._load()
+        disk = os.statvfs(cache_dir)
+        room = store._held + disk.f_bavail * disk.f_frsize
+        if cache_size > room:
+            log.warning(
+                "cache size %s exceeds what %s can hold (%s): a full disk will evict early",
+                _size(cache_size),
+                cache_dir,
+                _size(room),
+            )
         return store
 
     def _db(self, name: str) -> lmdb._Database:
@@ -207,13 +309,28 @@ class ObjectStore:
                 obj.durable.add(index)
                 obj.digests[index] = value.hex()
         held = sum(len(o.durable) for o in self._objects.values())
+        self._held = sum(o.bytes_in(o.written) for o in self._objects.values())
         log.info(
-            "cache %s: %d objects, %d chunks present", self.cache_dir, len(self._objects), held
+            "cache %s: %d objects, %d chunks present (%s of a %s budget)",
+            self.cache_dir,
+            len(self._objects),
+            held,
+            _size(self._held),
+            _size(self.cache_size),
         )
 
     def close(self) -> None:
         """Close files and the index, release the lock. Pending (non-durable) chunks are
-        dropped: they were never marked present, so nothing is lost but the transfer."""
+        dropped: they were never marked present, so nothing is lost but the transfer.
+        Blocking (one short txn for `last_used` of objects read since the last commit)."""
+        if self._env is not None:
+            metas = self._touched_metas(set())
+            try:
+                if metas:
+                    with self._write() as txn:
+                        self._put_metas(txn, metas)
+            except (OSError, lmdb.Error) as exc:
+                log.warning("could not record when cached objects were last used: %s", exc)
         for obj in self._objects.values():
             for fd in (obj.fd, obj.direct_fd):
                 if fd >= 0:
@@ -240,8 +357,19 @@ class ObjectStore:
             self._objects[object_id] = obj
         elif obj.size != size or obj.chunk_size != chunk_size:
             raise ValueError(f"object {object_id} known with another size or chunk size")
-        obj.last_used = time.time()
+        self.touch(obj)
         return obj
+
+    def touch(self, obj: StoredObject) -> None:
+        """Mark an object used now (trio thread; call it on every read). In memory only:
+        written to the index with the next commit, eviction or `close`."""
+        obj.last_used = time.time()
+        self._touched.add(obj)
+
+    def in_use(self, obj: StoredObject) -> _InUse:
+        """`with store.in_use(obj):` around a read (presence check through pread or
+        sendfile): the object is not evicted meanwhile. Any thread; two lock round trips."""
+        return _InUse(self._use_lock, obj)
 
     def get(self, object_id: str) -> StoredObject | None:
         return self._objects.get(object_id)
@@ -251,6 +379,12 @@ class ObjectStore:
 
     def cached_bytes(self) -> int:
         return sum(o.held_bytes() for o in self._objects.values())
+
+    def used_bytes(self) -> int:
+        """Bytes the cache holds on disk against the budget, in O(1): written chunks (durable
+        ones included), space reserved for chunk writes in progress, and evicted objects
+        whose files are still being deleted."""
+        return self._held + self._reserved + self._freeing
 
     def fd(self, obj: StoredObject) -> int:
         """The object's file descriptor, opening (and sizing) the file on first use."""
@@ -276,10 +410,20 @@ class ObjectStore:
         """Blocking: write a verified chunk's bytes at its place in the object file.
 
         Page-aligned buffers of whole 4 KiB blocks (the fetcher's mmap buffers) go through
-        O_DIRECT; anything else (a short last chunk) through the page cache.
+        O_DIRECT; anything else (a short last chunk) through the page cache. Raises ENOSPC
+        without writing when the disk would keep less than `disk_headroom` free: a disk
+        filled to the last block could not commit the index that records the chunk.
         """
         fd = self.fd(obj)
         offset = index * obj.chunk_size
+        if self.disk_headroom:
+            disk = os.fstatvfs(fd)
+            if disk.f_bavail * disk.f_frsize < len(data) + self.disk_headroom:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No space left under {self.cache_dir} (keeping "
+                    f"{_size(self.disk_headroom)} free for the index)",
+                )
         if obj.direct_fd >= 0 and len(data) % _ALIGN == 0 and offset % _ALIGN == 0:
             try:
                 _pwrite_all(obj.direct_fd, data, offset)
@@ -331,7 +475,7 @@ class ObjectStore:
             view = obj.staged.get(index)
             if view is not None:
                 parts.append(bytes(view[pos - index * cs : stop - index * cs]))
-                self._touch(obj, index)
+                self._touch_staged(obj, index)
             else:
                 while stop < end and (stop // cs) not in obj.staged:
                     stop = min(end, stop + cs)  # one pread for a run of written chunks
@@ -349,20 +493,32 @@ class ObjectStore:
         `release` gives the buffer back once the chunk leaves RAM."""
         obj.staged[index] = data
         key = (obj, index)
-        self._pinned.add(key)
+        if key not in self._writing:
+            self._writing.add(key)
+            obj.writing += 1
         self._recent[key] = release
         self._trim()
 
-    def unstage(self, obj: StoredObject, index: int) -> None:
-        """Drop a staged chunk whose write failed (it is simply missing again)."""
+    def unstage(self, obj: StoredObject, index: int, cause: str = "") -> None:
+        """Drop a staged chunk (its write failed: it is simply missing again). `cause`, if
+        given, is kept in `obj.unstored` for a reader that then finds the chunk missing."""
         key = (obj, index)
-        self._pinned.discard(key)
+        self._unpin(obj, index)
         release = self._recent.pop(key, None)
         obj.staged.pop(index, None)
         if release is not None:
             release()
+        if cause:
+            obj.unstored[index] = cause
+            self.notify()  # whoever waits for the chunk to be written learns it won't be
 
-    def _touch(self, obj: StoredObject, index: int) -> None:
+    def _unpin(self, obj: StoredObject, index: int) -> None:
+        key = (obj, index)
+        if key in self._writing:
+            self._writing.discard(key)
+            obj.writing -= 1
+
+    def _touch_staged(self, obj: StoredObject, index: int) -> None:
         key = (obj, index)
         if key in self._recent:
             self._recent.move_to_end(key)
@@ -374,7 +530,7 @@ class ObjectStore:
         for key in list(self._recent):
             if excess <= 0:
                 break
-            if key in self._pinned:
+            if key in self._writing:
                 continue
             release = self._recent.pop(key)
             key[0].staged.pop(key[1], None)
@@ -383,8 +539,11 @@ class ObjectStore:
 
     def mark_written(self, obj: StoredObject, index: int, digest: str) -> None:
         """Record a verified, written chunk; it becomes durable at the next commit."""
-        obj.written.add(index)
-        self._pinned.discard((obj, index))
+        if index not in obj.written:
+            self._held += chunk_length(obj.size, obj.chunk_size, index)
+            obj.written.add(index)
+        obj.unstored.pop(index, None)
+        self._unpin(obj, index)
         self._trim()
         self.notify()
         obj.digests[index] = digest
@@ -394,35 +553,113 @@ class ObjectStore:
     async def commit_loop(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Group commit: fdatasync touched objects, then index their chunks in one txn."""
+        """Group commit: fdatasync touched objects, then index their chunks in one txn.
+        Also writes `last_used` of objects only read, every `touch_interval` seconds. A
+        failed commit is retried a second later; on a full disk, after an LRU eviction."""
         task_status.started()
         while True:
-            await self._pending_event.wait()
-            await self.flush()
+            with trio.move_on_after(self.touch_interval):
+                await self._pending_event.wait()
+            if not await self._commit():
+                if self._commit_enospc:
+                    await self.evict_lru(1)
+                await trio.sleep(1.0)
+                self._pending_event.set()
 
     async def flush(self) -> None:
-        """Make every written chunk durable now."""
-        self._pending_event = trio.Event()
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        await trio.to_thread.run_sync(self._commit_blocking, batch)
-        for obj, index, _digest in batch:
-            obj.durable.add(index)
-        self.newly_durable.extend(batch)
-        self.durable_event.set()
+        """Make every written chunk durable now. If the index cannot be written (logged),
+        the chunks stay written-not-durable and the commit loop retries them."""
+        await self._commit()
 
-    def _commit_blocking(self, batch: list[tuple[StoredObject, int, str]]) -> None:
-        for fd in {self.fd(obj) for obj, _, _ in batch}:
-            os.fdatasync(fd)
+    async def _commit(self) -> bool:
+        """One group commit; False if it failed (the batch is queued again)."""
+        async with self._index_lock:  # a discard never runs between batch and commit
+            self._pending_event = trio.Event()
+            batch, self._pending = self._pending, []
+            metas = self._touched_metas({obj for obj, _, _ in batch})
+            if not batch and not metas:
+                return True
+            try:
+                lost = await trio.to_thread.run_sync(self._commit_blocking, batch, metas)
+            except (OSError, lmdb.Error) as exc:
+                self._commit_enospc = _enospc(exc)
+                if self._commit_failures % 60 == 0:  # once a minute while it lasts
+                    log.error("cannot commit %d chunks to the cache index: %s", len(batch), exc)
+                self._commit_failures += 1
+                self._pending[:0] = batch
+                return False
+            if self._commit_failures:
+                log.info("cache index commits work again")
+            self._commit_enospc = False
+            self._commit_failures = 0
+            done = []
+            for item in batch:
+                obj, index, _digest = item
+                if obj in lost:
+                    self._forget_chunk(obj, index)
+                elif index in obj.written:
+                    obj.durable.add(index)
+                    done.append(item)
+        if batch:
+            self.newly_durable.extend(done)
+            self.durable_event.set()
+            self.notify()
+        return True
+
+    def _forget_chunk(self, obj: StoredObject, index: int) -> None:
+        """A written chunk whose bytes did not reach the disk: missing again."""
+        if index in obj.written:
+            self._held -= chunk_length(obj.size, obj.chunk_size, index)
+            obj.written.discard(index)
+        obj.digests.pop(index, None)
+
+    def _commit_blocking(
+        self, batch: list[tuple[StoredObject, int, str]], metas: list[tuple[bytes, bytes]]
+    ) -> set[StoredObject]:
+        """fdatasync, then one txn. Returns the objects whose fdatasync failed: their chunks
+        of the batch are not indexed (writeback errors are reported once, so a later sync
+        would succeed over lost bytes)."""
+        lost: set[StoredObject] = set()
+        for obj in {obj for obj, _, _ in batch}:
+            try:
+                os.fdatasync(self.fd(obj))
+            except OSError as exc:
+                log.error(
+                    "fdatasync of object %s failed, its new chunks are dropped: %s",
+                    obj.id[:12],
+                    exc,
+                )
+                lost.add(obj)
         assert self._env is not None
-        objects_db, chunks_db = self._db("objects"), self._db("chunks")
+        chunks_db = self._db("chunks")
         with self._write() as txn:
-            for obj in {obj for obj, _, _ in batch}:
-                meta = {"size": obj.size, "chunk_size": obj.chunk_size, "last_used": obj.last_used}
-                txn.put(bytes.fromhex(obj.id), json.dumps(meta).encode(), db=objects_db)
+            self._put_metas(
+                txn, [m for m in metas if m[0] not in {bytes.fromhex(o.id) for o in lost}]
+            )
             for obj, index, digest in batch:
-                txn.put(_chunk_key(obj.id, index), bytes.fromhex(digest), db=chunks_db)
+                if obj not in lost:
+                    txn.put(_chunk_key(obj.id, index), bytes.fromhex(digest), db=chunks_db)
+        return lost
+
+    def _touched_metas(self, extra: set[StoredObject]) -> list[tuple[bytes, bytes]]:
+        """Index records (key, JSON) of `extra` and of objects touched since the last write
+        that still have an index record; forgets the touches (trio thread)."""
+        objs = extra | {o for o in self._touched if o.durable and o.evicting is None}
+        self._touched.clear()
+        return [
+            (
+                bytes.fromhex(obj.id),
+                json.dumps(
+                    {"size": obj.size, "chunk_size": obj.chunk_size, "last_used": obj.last_used}
+                ).encode(),
+            )
+            for obj in objs
+        ]
+
+    def _put_metas(self, txn: lmdb.Transaction, metas: list[tuple[bytes, bytes]]) -> None:
+        objects_db = self._db("objects")
+        for key, value in metas:
+            txn.put(key, value, db=objects_db)
 
     def notify(self) -> None:
         """Wake everyone waiting on `written_event` (a chunk or object state changed)."""
@@ -446,28 +683,425 @@ class ObjectStore:
 
     async def discard(self, obj: StoredObject) -> None:
         """Forget every chunk of an object and free its space; readers fetch it anew."""
-        held = sorted(obj.written | obj.durable)
-        for index in list(obj.staged):
-            self.unstage(obj, index)
-        obj.written.clear()
-        obj.durable.clear()
-        obj.digests.clear()
-        obj.discards += 1
-        self._pending = [p for p in self._pending if p[0] is not obj]
-        await trio.to_thread.run_sync(self._discard_blocking, obj)
+        async with self._index_lock:  # not between a commit's batch and its txn
+            while obj.evicting is not None:
+                await obj.evicting.wait()
+            held = sorted(obj.written | obj.durable)
+            for index in list(obj.staged):
+                self.unstage(obj, index)
+            self._held -= obj.bytes_in(obj.written)
+            with self._use_lock:
+                obj.written.clear()
+                obj.durable.clear()
+            obj.digests.clear()
+            obj.discards += 1
+            self._pending = [p for p in self._pending if p[0] is not obj]
+            done = obj.evicting = trio.Event()  # writes to it wait for the truncation
+            try:
+                await trio.to_thread.run_sync(self._discard_blocking, obj)
+            finally:
+                obj.evicting = None
+                done.set()
         self.newly_removed.append((obj, held))
         self.durable_event.set()
         self.notify()
 
     def _discard_blocking(self, obj: StoredObject) -> None:
         assert self._env is not None
-        chunks_db = self._db("chunks")
         with self._write() as txn:
-            for index in range(obj.chunks):
-                txn.delete(_chunk_key(obj.id, index), db=chunks_db)
+            self._delete_chunks(txn, obj)
         fd = self.fd(obj)
         os.ftruncate(fd, 0)  # frees the blocks
         os.ftruncate(fd, obj.size)
+
+    def _delete_chunks(self, txn: lmdb.Transaction, obj: StoredObject) -> None:
+        """Delete every index entry of an object's chunks (they sort together)."""
+        prefix = bytes.fromhex(obj.id)
+        cursor = txn.cursor(db=self._db("chunks"))
+        if not cursor.set_range(prefix):
+            return
+        while cursor.key()[:-4] == prefix:
+            if not cursor.delete():
+                break
+
+    # -- cache lifecycle: budget, pins, LRU eviction, gc (trio thread) -------------------
+
+    def set_pins(self, object_ids: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
+        """The objects of the datasets assigned to this node: never evicted by the LRU.
+        `sizes` (object -> bytes) lets `usage()` tell that pinned data alone exceeds the
+        budget before those objects are fetched."""
+        self._pins = set(object_ids)
+        self._pin_sizes = {k: v for k, v in (sizes or {}).items() if k in self._pins}
+
+    def pinned(self, obj: StoredObject) -> bool:
+        return obj.id in self._pins
+
+    def _busy(self, obj: StoredObject) -> bool:
+        """In use (see the module docstring); the caller holds the use lock."""
+        return (
+            obj.readers > 0
+            or obj.writing > 0
+            or obj.evicting is not None
+            or len(obj.written) != len(obj.durable)
+        )
+
+    def _victim(self, keep: StoredObject | None) -> StoredObject | None:
+        """The least recently used unpinned object that holds bytes and is idle."""
+        best: StoredObject | None = None
+        for obj in self._objects.values():
+            if obj is keep or not obj.written or obj.id in self._pins or self._busy(obj):
+                continue  # readers read without the lock: `_claim` checks again
+            if best is None or obj.last_used < best.last_used:
+                best = obj
+        return best
+
+    def _claim(self, obj: StoredObject) -> tuple[int, list[int]] | None:
+        """Take an idle object for eviction: clears its presence at once (under the use
+        lock, so a reader in another thread either holds it first or finds nothing).
+        Returns (bytes held, durable chunks), or None if it is in use."""
+        with self._use_lock:
+            if self._busy(obj):
+                return None
+            obj.evicting = trio.Event()
+            held = obj.bytes_in(obj.written)
+            durable = sorted(obj.durable)
+            obj.written.clear()
+            obj.durable.clear()
+        obj.digests.clear()
+        obj.unstored.clear()
+        for index in list(obj.staged):  # RAM copies of written chunks: idle means none pinned
+            self.unstage(obj, index)
+        self._touched.discard(obj)
+        if durable:  # not yet reported as held: now never will be
+            self.newly_durable = [d for d in self.newly_durable if d[0] is not obj]
+        self._held -= held
+        self._freeing += held
+        return held, durable
+
+    async def _evict(self, objs: list[StoredObject], why: str) -> tuple[int, list[StoredObject]]:
+        """Evict the idle ones of `objs` in one txn plus file deletions (a worker thread).
+        Returns (bytes freed, objects evicted); objects in use are left alone."""
+        claimed: list[tuple[StoredObject, int, list[int]]] = []
+        for obj in objs:
+            got = self._claim(obj)
+            if got is not None:
+                claimed.append((obj, *got))
+        if not claimed:
+            return 0, []
+        metas = self._touched_metas(set())
+        freeing = sum(held for _, held, _ in claimed)
+        ok = False
+        try:
+            await trio.to_thread.run_sync(self._evict_blocking, [o for o, _, _ in claimed], metas)
+            ok = True
+        except (OSError, lmdb.Error) as exc:
+            # Index untouched or file left behind: both safe (absent here, refetched on use;
+            # gc or the next eviction removes the file).
+            log.error("eviction of %d objects failed: %s", len(claimed), exc)
+        finally:
+            self._freeing -= freeing
+            for obj, held, durable in claimed:
+                done, obj.evicting = obj.evicting, None
+                if done is not None:
+                    done.set()
+                if durable:
+                    self.newly_removed.append((obj, durable))
+                if held and ok:
+                    self.evictions += 1
+                    self.evicted_bytes += held
+                    log.info("evicted object %s (%s): %s", obj.id[:12], _size(held), why)
+            self.durable_event.set()
+            self.notify()
+        return (freeing if ok else 0), [o for o, _, _ in claimed]
+
+    def _evict_blocking(self, objs: list[StoredObject], metas: list[tuple[bytes, bytes]]) -> None:
+        """Index first, then files: a crash in between leaves only orphan files."""
+        assert self._env is not None
+        objects_db = self._db("objects")
+        with self._write() as txn:
+            for obj in objs:
+                self._delete_chunks(txn, obj)
+                txn.delete(bytes.fromhex(obj.id), db=objects_db)
+            gone = {bytes.fromhex(o.id) for o in objs}
+            self._put_metas(txn, [m for m in metas if m[0] not in gone])
+        for obj in objs:
+            self._unlink(obj)
+
+    def _unlink(self, obj: StoredObject) -> int:
+        """Close and delete an object's file (a later write creates it anew); the blocks
+        it held. Under the I/O lock, so `fd()` never opens the file being deleted."""
+        with self._io_lock:
+            fds = (obj.fd, obj.direct_fd)
+            obj.fd = obj.direct_fd = -1
+            try:
+                blocks = os.stat(obj.path).st_blocks * 512
+                os.unlink(obj.path)
+            except FileNotFoundError:
+                blocks = 0
+            finally:
+                for fd in fds:
+                    if fd >= 0:
+                        os.close(fd)
+        return blocks
+
+    async def make_room(self, nbytes: int, obj: StoredObject | None = None) -> None:
+        """Reserve `nbytes` for a chunk write, evicting least recently used unpinned idle
+        objects (whole objects) until used + nbytes <= cache_size. Release the reservation
+        with `release_reservation(nbytes)` once the write is done or failed.
+
+        `obj` is the object about to be written: never evicted here, and if it is being
+        evicted this waits until that finished. Objects busy only for a moment (commit or
+        write in progress, a read) are waited for up to `busy_wait` seconds.
+
+        Raises:
+            CacheFullError: what is left is pinned or in use; the message says how much is
+                pinned against the budget.
+        """
+        while obj is not None and obj.evicting is not None:
+            await obj.evicting.wait()
+        if nbytes > self.cache_size:
+            raise CacheFullError(
+                f"a chunk of {_size(nbytes)} is larger than the whole cache budget of "
+                f"{_size(self.cache_size)}: raise --cache-size"
+            )
+        give_up = trio.current_time() + self.busy_wait
+        while self.used_bytes() + nbytes > self.cache_size:
+            if self._held + self._reserved + nbytes <= self.cache_size:
+                await self._changed(1.0)  # evictions under way free enough: wait for them
+                continue
+            victim = self._victim(obj)
+            if victim is not None:
+                await self._evict([victim], "least recently used, making room")
+                continue
+            if (self._freeing or self._waitable(obj)) and trio.current_time() < give_up:
+                await self._changed(0.05)
+                continue
+            raise CacheFullError(self._full_message(nbytes))
+        self._reserved += nbytes
+
+    def release_reservation(self, nbytes: int) -> None:
+        """Give back a `make_room` reservation (after `mark_written`, or on failure)."""
+        self._reserved -= nbytes
+        assert self._reserved >= 0, "released more than was reserved"
+
+    def _waitable(self, keep: StoredObject | None) -> bool:
+        """Some unpinned object other than `keep` holds bytes but is in use right now."""
+        return any(
+            o is not keep and o.written and o.id not in self._pins and self._busy(o)
+            for o in self._objects.values()
+        )
+
+    async def _changed(self, timeout: float) -> None:
+        """Wait for a chunk or object state change (readers in other threads don't signal:
+        hence the timeout)."""
+        with trio.move_on_after(timeout):
+            await self.written_event.wait()
+
+    def _full_message(self, nbytes: int) -> str:
+        u = self.usage()
+        other = self._held - u["pinned"]
+        msg = (
+            f"cache full: {_size(u['pinned'])} pinned (assigned datasets) and {_size(other)} "
+            f"in use of a {_size(self.cache_size)} budget; cannot store {_size(nbytes)} more"
+        )
+        if u["pinned_over_budget"]:
+            msg += (
+                f" (the assigned datasets need {_size(u['pinned_size'])}, more than the budget:"
+                " raise --cache-size or assign less to this node)"
+            )
+        return msg
+
+    async def store_chunk(
+        self, obj: StoredObject, index: int, data: memoryview, digest: str
+    ) -> None:
+        """Write a staged chunk within the budget and mark it written: `make_room`, the
+        write in a thread, on ENOSPC an LRU eviction and one retry, then `mark_written`.
+
+        On failure the chunk is unstaged (simply missing again; `obj.unstored[index]` says
+        why) and the error raised: CacheFullError (budget or disk full of what may not be
+        evicted), or OSError (another write error).
+        """
+        nbytes = len(data)
+        try:
+            await self.make_room(nbytes, obj)
+            try:
+                await self._write_retrying(obj, index, data)
+                self.mark_written(obj, index, digest)
+            finally:
+                self.release_reservation(nbytes)
+        except (CacheFullError, OSError) as exc:
+            self.unstage(obj, index, cause=str(exc))
+            raise
+
+    async def _write_retrying(self, obj: StoredObject, index: int, data: memoryview) -> None:
+        try:
+            await trio.to_thread.run_sync(self.write_chunk, obj, index, data)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            first = exc
+        # The disk filled before the budget did (a budget above the disk, or other files
+        # on it): free twice the chunk by LRU eviction and try once more.
+        freed = await self.evict_lru(2 * len(data), keep=obj)
+        log.warning(
+            "disk full writing chunk %d of object %s; evicted %s, retrying",
+            index,
+            obj.id[:12],
+            _size(freed),
+        )
+        if not freed:
+            raise CacheFullError(
+                f"disk full under {self.cache_dir} and nothing left to evict: {first}"
+            ) from first
+        try:
+            await trio.to_thread.run_sync(self.write_chunk, obj, index, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise CacheFullError(
+                f"disk full under {self.cache_dir} even after evicting {_size(freed)}: {exc}"
+            ) from exc
+
+    async def evict_lru(self, nbytes: int, keep: StoredObject | None = None) -> int:
+        """Evict least recently used unpinned idle objects (never `keep`) until `nbytes`
+        are freed or none is left, whatever the budget (a full disk). Bytes freed."""
+        freed = 0
+        while freed < nbytes:
+            victim = self._victim(keep)
+            if victim is None:
+                break
+            got, _ = await self._evict([victim], "least recently used, disk full")
+            freed += got
+        return freed
+
+    async def enforce(self) -> int:
+        """Evict least recently used unpinned idle objects until the cache is within its
+        budget (after the budget was lowered across a restart, or pins changed). Logs
+        when pinned or in-use data alone is over budget. Bytes freed."""
+        freed = 0
+        while self.used_bytes() > self.cache_size:
+            victim = self._victim(None)
+            if victim is None:
+                log.warning("%s", self._full_message(0))
+                break
+            got, _ = await self._evict([victim], "over the cache budget")
+            freed += got
+        return freed
+
+    async def evict(self, object_ids: Iterable[str]) -> EvictResult:
+        """Evict these objects now, pinned or not (the caller decides policy): their index
+        entries and files go, readers fetch them anew. Objects in use are skipped."""
+        result = EvictResult()
+        for oid in object_ids:
+            obj = self._objects.get(oid)
+            if obj is None:
+                continue
+            freed, done = await self._evict([obj], "on request")
+            if done:
+                result.freed += freed
+                result.evicted.append(oid)
+            else:
+                result.skipped.append(oid)
+        return result
+
+    async def gc(self, referenced: set[str]) -> int:
+        """Remove what nothing needs: objects that no known manifest references and that
+        are not pinned, files of objects holding nothing, files under objects/ that the
+        index does not know (a crash between eviction's txn and its unlink) and index
+        entries of unknown objects. Objects in use are left alone. Bytes freed."""
+        unreferenced, empty = [], []
+        for obj in list(self._objects.values()):
+            if obj.written and obj.id not in referenced and obj.id not in self._pins:
+                unreferenced.append(obj)
+            elif not obj.written and not obj.staged:
+                empty.append(obj)
+        freed, _ = await self._evict(unreferenced, "not referenced by any dataset")
+        if empty:
+            _, _ = await self._evict(empty, "holds nothing")
+        files: int = await trio.to_thread.run_sync(self._gc_blocking)
+        return freed + files
+
+    def _gc_blocking(self) -> int:
+        freed = 0
+        root = self.cache_dir / "objects"
+        for sub in list(root.iterdir()):
+            paths = list(sub.iterdir()) if sub.is_dir() else [sub]
+            for path in paths:
+                with self._io_lock:  # `fd()` opens files under this lock
+                    known = self._objects.get(path.name)
+                    if known is not None and known.path == path:
+                        continue
+                    if path.is_dir() and not path.is_symlink():
+                        continue  # not a file we wrote: not ours to guess at
+                    with contextlib.suppress(FileNotFoundError):
+                        blocks = path.lstat().st_blocks * 512
+                        path.unlink()
+                        freed += blocks
+                        log.info("gc: removed %s (not in the index)", path)
+            if sub.is_dir():
+                with self._io_lock, contextlib.suppress(OSError):
+                    sub.rmdir()  # only if empty
+        assert self._env is not None
+        objects_db, chunks_db = self._db("objects"), self._db("chunks")
+        with self._write() as txn:
+            cursor = txn.cursor(db=chunks_db)
+            orphans = 0
+            if cursor.first():
+                while cursor.key():
+                    if txn.get(cursor.key()[:-4], db=objects_db) is None:
+                        orphans += 1
+                        if not cursor.delete():
+                            break
+                    elif not cursor.next():
+                        break
+            if orphans:
+                log.info("gc: removed %d index entries of unknown objects", orphans)
+        return freed
+
+    def usage(self) -> dict[str, Any]:
+        """Counters for status and metrics: bytes used against the budget, bytes held of
+        pinned objects and the size they need, whether pinned data alone exceeds the
+        budget, and evictions so far."""
+        pinned = pinned_size = 0
+        for oid in self._pins:
+            obj = self._objects.get(oid)
+            held = obj.bytes_in(obj.written) if obj is not None else 0
+            pinned += held
+            size = self._pin_sizes.get(oid, obj.size if obj is not None else 0)
+            pinned_size += max(size, held)
+        return {
+            "used": self.used_bytes(),
+            "budget": self.cache_size,
+            "reserved": self._reserved,
+            "pinned": pinned,
+            "pinned_size": pinned_size,
+            "pinned_over_budget": pinned_size > self.cache_size,
+            "evicted_bytes": self.evicted_bytes,
+            "evictions": self.evictions,
+        }
+
+    def listing(self) -> list[dict[str, Any]]:
+        """What is cached (`cache ls`): per object holding bytes or pinned, most recently
+        used first: id, size, held bytes, complete, pinned, in use, last used (epoch s)."""
+        rows: list[dict[str, Any]] = []
+        for obj in self._objects.values():
+            pinned = obj.id in self._pins
+            if not obj.written and not pinned:
+                continue
+            rows.append(
+                {
+                    "id": obj.id,
+                    "size": obj.size,
+                    "held": obj.bytes_in(obj.written),
+                    "complete": obj.complete,
+                    "pinned": pinned,
+                    "in_use": self._busy(obj),
+                    "last_used": obj.last_used,
+                }
+            )
+        rows.sort(key=lambda r: r["last_used"], reverse=True)
+        return rows
 
     # -- manifests known to this node (so a restart serves without the scheduler) -------
 
