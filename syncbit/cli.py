@@ -39,6 +39,8 @@ dataset_app = typer.Typer(help="Register, list and remove datasets.", no_args_is
 app.add_typer(dataset_app, name="dataset")
 node_app = typer.Typer(help="Nodes as the scheduler knows them.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
+cache_app = typer.Typer(help="This node's cache: list, evict, collect.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 volume_app = typer.Typer(
     help="CSI-like volumes: read-only bind mounts of datasets.", no_args_is_help=True
 )
@@ -470,6 +472,81 @@ def wait(
 
     seconds = parse_duration(timeout) if timeout is not None else None
     follow(daemon_addr, name, start=False, timeout=seconds)
+
+
+@cache_app.command("ls")
+@guarded
+def cache_ls(
+    daemon_addr: DaemonOpt = DEFAULT_DAEMON,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What this node caches: objects, the files they back, pinned, last used."""
+    import time as _time
+
+    from syncbit.pull import local
+
+    doc = local(daemon_addr, "GET", "cache")
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    u = doc["usage"]
+    typer.echo(
+        f"cache: {human(u['used'])} of {human(u['budget'])} used, {human(u['pinned'])} pinned, "
+        f"{u['evictions']} evictions ({human(u['evicted_bytes'])})"
+    )
+    if u["pinned_over_budget"]:
+        typer.echo(
+            f"warning: assigned datasets need {human(u['pinned_size'])}, more than the budget"
+        )
+    rows = []
+    for o in doc["objects"]:
+        files = o["files"]
+        shown = files[0] + (f" (+{len(files) - 1})" if len(files) > 1 else "") if files else "-"
+        ago = _time.time() - o["last_used"] if o["last_used"] else None
+        rows.append(
+            [
+                shown,
+                f"{human(o['held'])}/{human(o['size'])}",
+                "yes" if o["pinned"] else "-",
+                "-" if ago is None else f"{ago:.0f}s ago",
+                o["id"][:12],
+            ]
+        )
+    typer.echo(table(["FILE", "CACHED", "PINNED", "LAST USED", "OBJECT"], rows))
+
+
+@cache_app.command("evict")
+@guarded
+def cache_evict(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Evict even if assigned here (fetched again).")
+    ] = False,
+    daemon_addr: DaemonOpt = DEFAULT_DAEMON,
+) -> None:
+    """Drop a dataset's cached bytes on this node (content other assigned datasets share
+    stays; files being read stay until closed)."""
+    from syncbit.pull import local
+
+    doc = local(daemon_addr, "POST", "cache/evict", {"dataset": name, "force": force})
+    extra = []
+    if doc["shared"]:
+        extra.append(f"{doc['shared']} objects kept (shared with assigned datasets)")
+    if doc["in_use"]:
+        extra.append(f"{doc['in_use']} objects kept (in use)")
+    typer.echo(
+        f"evicted {name}: {human(doc['freed'])} freed" + (f"; {'; '.join(extra)}" if extra else "")
+    )
+
+
+@cache_app.command("gc")
+@guarded
+def cache_gc(daemon_addr: DaemonOpt = DEFAULT_DAEMON) -> None:
+    """Remove cached objects no known dataset uses and files left by crashes."""
+    from syncbit.pull import local
+
+    doc = local(daemon_addr, "POST", "cache/gc", {})
+    typer.echo(f"gc: {human(doc['freed'])} freed; {human(doc['usage']['used'])} in use")
 
 
 MountOpt = Annotated[

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from syncbit.config import DaemonConfig, SchedulerConfig, read_token
-from syncbit.errors import NotFoundError, SyncbitError
+from syncbit.errors import NotFoundError, SyncbitError, UserError
 from syncbit.fetcher import Fetcher
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
@@ -119,6 +119,7 @@ class Daemon:
         self._warned: dict[str, float] = {}
         self.plan: dict[str, dict[str, Any]] = {}  # assigned dataset -> its plan entry
         self.plan_received = False  # until the first plan arrives, assignments are unknown
+        self._over_budget_told = False
         self.kube: NodeSync | None = None
         if config.kubernetes:  # a bad kubeconfig fails start-up, before the mount
             self.kube = NodeSync(config.node, kubeconfig=config.kubeconfig)
@@ -168,6 +169,8 @@ class Daemon:
             )
             self.jobs = Jobs(cfg.node, self.fetcher, self.sources, self.is_ready, self.store.flush)
             self._load_local_manifests()
+            self._load_plan()
+            self._pin()  # before any write can make room: the last plan's data stays
             await self._sync_datasets(quiet=True)
             fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.dataset_attrs)
             clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
@@ -248,6 +251,8 @@ class Daemon:
         try:
             if method == "POST" and parts == ["v1", "local", "pull"]:
                 return 200, await self.pull(str(body.get("dataset", "")))
+            if parts[:3] == ["v1", "local", "cache"]:
+                return 200, await self._cache_control(method, parts[3:], body)
             if method == "GET" and parts == ["v1", "local", "datasets"]:
                 return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
             if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
@@ -256,7 +261,59 @@ class Daemon:
                 return 200, self.progress(parts[3])
         except NotFoundError as exc:
             return 404, {"error": str(exc)}
+        except UserError as exc:
+            return 400, {"error": str(exc)}
         return 404, {"error": f"no such endpoint {method} {path}"}
+
+    async def _cache_control(
+        self, method: str, rest: list[str], body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """`syncbit cache ls | evict NAME | gc`."""
+        if method == "GET" and not rest:
+            return {"usage": self.store.usage(), "objects": self._cache_listing()}
+        if method == "POST" and rest == ["evict"]:
+            return await self._evict(str(body.get("dataset", "")), bool(body.get("force")))
+        if method == "POST" and rest == ["gc"]:
+            referenced = {f.object for m in self.manifests.values() for f in m.files}
+            freed = await self.store.gc(referenced)
+            return {"freed": freed, "usage": self.store.usage()}
+        raise NotFoundError(f"no such cache endpoint {method} /{'/'.join(rest)}")
+
+    def _cache_listing(self) -> list[dict[str, Any]]:
+        """The store's objects, each with the dataset files it backs."""
+        files: dict[str, list[str]] = defaultdict(list)
+        for name, manifest in sorted(self.manifests.items()):
+            for entry in manifest.files:
+                files[entry.object].append(f"{name}/{entry.path}")
+        return [{**row, "files": files.get(row["id"], [])} for row in self.store.listing()]
+
+    async def _evict(self, name: str, force: bool) -> dict[str, Any]:
+        manifest = self.manifests.get(name)
+        if manifest is None:
+            raise NotFoundError(f"no dataset {name!r} on this node")
+        if name in self.plan and not force:
+            raise UserError(
+                f"{name} is assigned to this node (pinned): remove the assignment with "
+                "`syncbit prefetch --remove`, or evict anyway with --force (it is fetched again)"
+            )
+        keep = {
+            f.object
+            for other, m in self.manifests.items()
+            if other != name and other in self.plan
+            for f in m.files
+        }
+        ids = {f.object for f in manifest.files} - keep
+        result = await self.store.evict(ids)
+        if name in self.plan:
+            self.jobs.stop(name)  # forced: fetch it again from scratch
+            self.jobs.start(manifest, "prefetch", list(self.plan[name]["members"]))
+        return {
+            "dataset": name,
+            "freed": result.freed,
+            "evicted": len(result.evicted),
+            "in_use": len(result.skipped),
+            "shared": len({f.object for f in manifest.files} & keep),
+        }
 
     async def pull(self, name: str) -> dict[str, Any]:
         """Start bringing every byte of dataset `name` here (idempotent); its progress."""
@@ -334,6 +391,37 @@ class Daemon:
 
     # -- assignments -------------------------------------------------------------------------
 
+    def _pin(self) -> None:
+        """Assigned datasets' objects are never evicted; the plan is kept on disk so a
+        restart without the scheduler still knows what not to evict."""
+        sizes: dict[str, int] = {}
+        for name, entry in self.plan.items():
+            manifest = self.manifests.get(name)
+            if manifest is not None and manifest.revision == entry["revision"]:
+                sizes.update({f.object: f.size for f in manifest.files if f.size})
+        self.store.set_pins(sizes, sizes)
+        usage = self.store.usage()
+        if usage["pinned_over_budget"] and not self._over_budget_told:
+            log.warning(
+                "assigned datasets need %d bytes, more than the cache budget of %d: they "
+                "cannot all stay cached (raise --cache-size or assign less)",
+                usage["pinned_size"],
+                usage["budget"],
+            )
+        self._over_budget_told = usage["pinned_over_budget"]
+
+    def _save_plan(self) -> None:
+        path = self.config.cache_dir / "plan.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.plan))
+        tmp.replace(path)
+
+    def _load_plan(self) -> None:
+        try:
+            self.plan = json.loads((self.config.cache_dir / "plan.json").read_text())
+        except (OSError, ValueError):
+            self.plan = {}
+
     async def _apply_plan(self, plan: list[dict[str, Any]]) -> None:
         """Prefetch what the scheduler assigned here; stop what it no longer does."""
         wanted = {p["dataset"]: p for p in plan}
@@ -344,8 +432,15 @@ class Daemon:
             await self._sync_datasets(force=True)
         for name in set(self.plan) - set(wanted):
             self.jobs.stop(name)
+        first = not self.plan_received
+        changed = wanted != self.plan
         self.plan = wanted
         self.plan_received = True
+        if changed or first:
+            self._pin()
+            await trio.to_thread.run_sync(self._save_plan)
+        if first:
+            await self.store.enforce()  # a budget lowered across a restart
         for name, entry in wanted.items():
             manifest = self.manifests.get(name)
             if manifest is not None and manifest.revision == entry["revision"]:
@@ -357,6 +452,7 @@ class Daemon:
         cfg = self.config
         while True:
             assert self.peer_server is not None
+            usage = self.store.usage()
             try:
                 record = await self.client.heartbeat(
                     cfg.node,
@@ -366,6 +462,8 @@ class Daemon:
                     cache_bytes=self.store.cached_bytes(),
                     cache_size=cfg.cache_size,
                     ready=self.ready_datasets(),
+                    pinned_bytes=usage["pinned_size"],
+                    pinned_over_budget=usage["pinned_over_budget"],
                 )
                 await self._apply_plan(list(record.get("plan", [])))
             except SyncbitError as exc:
@@ -436,10 +534,15 @@ class Daemon:
             backlog.extend(self.store.newly_durable)
             self.store.newly_durable.clear()
             removed, self.store.newly_removed = self.store.newly_removed, []
-            gone = {(o, i) for o, idx in removed for i in idx}
-            backlog = [b for b in backlog if (b[0], b[1]) not in gone]
+            # Say what is true now: a chunk evicted and fetched again since the last report
+            # is held (added, not removed); one evicted after it became durable is not.
+            backlog = [b for b in backlog if b[1] in b[0].durable]
             batch, backlog = backlog[:_REPORT_BATCH], backlog[_REPORT_BATCH:]
-            remove = [{"object": o.id, "chunks": idx} for o, idx in removed]
+            remove = [
+                {"object": o.id, "chunks": gone}
+                for o, idx in removed
+                if (gone := [i for i in idx if i not in o.durable])
+            ]
             try:
                 await self.client.report_chunks(self.config.node, add=_group(batch), remove=remove)
             except SyncbitError as exc:

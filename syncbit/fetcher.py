@@ -113,6 +113,19 @@ class OpenFile:
     readahead_until: int = 0  # chunk index up to which readahead was scheduled
 
 
+def _raise_for(flight: Flight) -> None:
+    """A failed flight's error, as a fresh exception per waiter (one flight may fail many
+    readers): permanent causes stay SourceChangedError, the rest ReadDeadlineError."""
+    if flight.error is None:
+        return
+    kind = (
+        SourceChangedError
+        if isinstance(flight.error, SourceChangedError | UserError)
+        else ReadDeadlineError
+    )
+    raise kind(str(flight.error)) from flight.error
+
+
 class Fetcher:
     """Single-flight, prioritised chunk fetching. Run `run()` in the node's nursery."""
 
@@ -180,6 +193,15 @@ class Fetcher:
     def open(self, entry: FileEntry, chunk_size: int, source: Source) -> OpenFile:
         obj = self.store.object(entry.object, entry.size, chunk_size)
         return OpenFile(entry, obj, source)
+
+    def hold(self, handle: OpenFile) -> None:
+        """A file opened through the mount: its object is evicted only when nothing else
+        can go, so a file open across a dataset update keeps reading the old revision's
+        bytes while there is room. Until `release`."""
+        handle.obj.opened += 1
+
+    def release(self, handle: OpenFile) -> None:
+        handle.obj.opened -= 1
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of an open file, fetching what is missing.
@@ -252,16 +274,13 @@ class Fetcher:
         with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
                 await flight.done.wait()
-                if flight.error is not None:
-                    # A fresh exception per waiter: one flight may fail many readers.
-                    kind = (
-                        SourceChangedError
-                        if isinstance(flight.error, SourceChangedError | UserError)
-                        else ReadDeadlineError
-                    )
-                    raise kind(str(flight.error)) from flight.error
+                _raise_for(flight)
         if scope.cancelled_caught:
-            pending = next(f for f in flights if not f.done.is_set())
+            pending = next((f for f in flights if not f.done.is_set()), None)
+            if pending is None:  # every flight finished just as the deadline fired
+                for flight in flights:
+                    _raise_for(flight)
+                return
             raise ReadDeadlineError(
                 f"read of {handle.entry.path} chunk {pending.index} timed out after "
                 f"{self.read_deadline:g}s: {pending.last_error or 'no answer yet'}"
@@ -282,22 +301,28 @@ class Fetcher:
         (a prefetch plan gives each chunk one reader); the others wait for a peer."""
         handle = self.open(entry, chunk_size, source)
         obj = handle.obj
-        discards = obj.discards
-        missing = [i for i in range(obj.chunks) if not obj.has(i)]
-        if missing:
-            await self._wait_chunks(handle, missing, prio, bounded=False, may_source=may_source)
-        while len(obj.written) < obj.chunks or obj.id in self._verifying:
+        with self.store.in_use(obj):  # not evicted between its chunks, nor under the hash
+            discards = obj.discards
+            missing = [i for i in range(obj.chunks) if not obj.has(i)]
+            if missing:
+                await self._wait_chunks(handle, missing, prio, bounded=False, may_source=may_source)
+            while len(obj.written) < obj.chunks or obj.id in self._verifying:
+                if obj.discards != discards:
+                    raise SourceChangedError(f"{entry.path}: content failed verification")
+                lost = next((i for i in obj.unstored if not obj.has(i)), None)
+                if lost is not None:
+                    raise CacheFullError(
+                        f"{entry.path}: chunk {lost} could not be stored: {obj.unstored[lost]}"
+                    )
+                await self.store.written_event.wait()
+            expected = entry.version.get("sha256")
+            if expected and obj.id not in self._verified and obj.discards == discards:
+                # Complete before this process started (a restart): check it once now.
+                await self._verify_whole(obj, entry.path, expected)
+                while obj.id in self._verifying:  # another caller's check of the same object
+                    await self.store.written_event.wait()
             if obj.discards != discards:
                 raise SourceChangedError(f"{entry.path}: content failed verification")
-            await self.store.written_event.wait()
-        expected = entry.version.get("sha256")
-        if expected and obj.id not in self._verified and obj.discards == discards:
-            # Complete before this process started (a restart): check it once now.
-            await self._verify_whole(obj, entry.path, expected)
-            while obj.id in self._verifying:  # another caller's check of the same object
-                await self.store.written_event.wait()
-        if obj.discards != discards:
-            raise SourceChangedError(f"{entry.path}: content failed verification")
 
     def is_verified(self, object_id: str) -> bool:
         """The object's whole-file digest (where the source publishes one) checked out."""

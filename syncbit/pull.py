@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from syncbit.errors import NotFoundError, SyncbitError
+from syncbit.errors import NotFoundError, SyncbitError, UserError
 
 _POLL = 0.5
 _PLAIN_EVERY = 5.0
@@ -32,6 +32,8 @@ def _call(client: httpx.Client, method: str, url: str, **kw: Any) -> dict[str, A
     doc: dict[str, Any] = resp.json() if resp.content else {}
     if resp.status_code == 404:
         raise NotFoundError(doc.get("error", f"not found: {url}"))
+    if resp.status_code == 400:
+        raise UserError(doc.get("error", f"bad request: {url}"))
     if resp.status_code != 200:
         raise SyncbitError(doc.get("error", f"daemon answered HTTP {resp.status_code}"))
     return doc
@@ -149,3 +151,9 @@ def _timeout_message(doc: dict[str, Any], timeout: float) -> str:
         f"{doc['dataset']} is not ready after {timeout:g}s: {pct:.1f}% "
         f"({_size(have)} of {_size(total)}) on this node" + (f"; {why}" if why else "")
     )
+
+
+def local(daemon: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to the daemon's node-local control API (`/v1/local/<path>`)."""
+    with httpx.Client(timeout=120, trust_env=False) as client:
+        return _call(client, method, f"http://{daemon}/v1/local/{path}", json=body)

@@ -134,6 +134,7 @@ class StoredObject:
     # lock), staged chunks not yet written, the running eviction, and chunks fetched but
     # not stored (chunk -> why), for the reader that finds them missing.
     readers: int = 0
+    opened: int = 0  # open through the mount (trio thread): evicted only as a last resort
     writing: int = 0
     evicting: trio.Event | None = None
     unstored: dict[int, str] = field(default_factory=dict)
@@ -746,12 +747,14 @@ class ObjectStore:
         )
 
     def _victim(self, keep: StoredObject | None) -> StoredObject | None:
-        """The least recently used unpinned object that holds bytes and is idle."""
+        """The least recently used unpinned object that holds bytes and is idle; objects of
+        files open through the mount only when no other object can go (a file open across
+        a dataset update keeps its old bytes as long as there is room)."""
         best: StoredObject | None = None
         for obj in self._objects.values():
             if obj is keep or not obj.written or obj.id in self._pins or self._busy(obj):
                 continue  # readers read without the lock: `_claim` checks again
-            if best is None or obj.last_used < best.last_used:
+            if best is None or (obj.opened > 0, obj.last_used) < (best.opened > 0, best.last_used):
                 best = obj
         return best
 

@@ -164,6 +164,7 @@ class SyncbitFS(pyfuse3.Operations):
             handle = self.fetcher.open(
                 node.entry, node.manifest.chunk_size, self.source_for(node.manifest)
             )
+        self.fetcher.hold(handle)
         fh = next(self._fh)
         self._handles[fh] = handle
         # Content of a dataset version never changes: keep the page cache across opens.
@@ -182,7 +183,9 @@ class SyncbitFS(pyfuse3.Operations):
             raise
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self.fetcher.release(handle)
 
     # -- the rest of a read-only filesystem --------------------------------------------------
 
