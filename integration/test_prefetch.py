@@ -229,3 +229,29 @@ def test_new_revision_prefetches_only_changed_content_and_open_files_keep_old_by
     finally:
         held.close()
     up.cli("prefetch", "upd", "--remove")
+
+
+@pytest.mark.timeout(300)
+def test_lazy_reads_on_several_nodes_at_once_fetch_each_byte_from_the_origin_once(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    import threading
+
+    ds = fresh_dataset(origin_root, "together", {"big.bin": 48 * MiB})
+    up.add_dataset("together", f"{origin.url}/together/")
+    results: dict[str, str] = {}
+    start = threading.Barrier(3)
+
+    def read(node: str) -> None:
+        start.wait()
+        results[node] = sha256_file(up.node(node).path("together", "big.bin"))
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in ("n1", "n2", "n3")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {n: ds.files["big.bin"].sha256 for n in ("n1", "n2", "n3")}
+    # The three readers claimed chunks at the scheduler: each chunk was read from the
+    # origin by one node and taken from it by the others.
+    assert origin.served("together/big.bin") <= ds.total_size * 1.15
