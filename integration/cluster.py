@@ -406,12 +406,17 @@ class Scheduler(ManagedProcess):
         log_dir: Path,
         node_timeout: float | None = None,
         port: int | None = None,
+        token_file: Path | None = None,
     ) -> None:
         super().__init__("scheduler", log_dir / "scheduler.log")
         self.state_dir = state_dir
         self.node_timeout = node_timeout
         self.port = port or free_port()
-        self._http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+        self.token_file = token_file
+        headers = (
+            {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
+        )
+        self._http = httpx.Client(base_url=self.url, timeout=10, trust_env=False, headers=headers)
 
     @property
     def url(self) -> str:
@@ -422,6 +427,8 @@ class Scheduler(ManagedProcess):
         argv += ["--state-dir", str(self.state_dir), "--log-level", "debug"]
         if self.node_timeout is not None:
             argv += ["--node-timeout", str(self.node_timeout)]
+        if self.token_file is not None:
+            argv += ["--token-file", str(self.token_file)]
         self._spawn(argv)
         wait_until(self._healthy, timeout, "scheduler /healthz", evidence=self.log_tail)
         return self
@@ -669,17 +676,26 @@ class Cluster:
         read_deadline: float = 8.0,
         heartbeat_interval: float = 0.5,
         labels: Callable[[int], dict[str, str]] | None = None,
+        token: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.origin = origin
-        self.scheduler = Scheduler(workdir / "scheduler", workdir / "logs", node_timeout)
+        self.token_file: Path | None = None
+        if token is not None:  # the shared cluster token, as a Kubernetes Secret would hold it
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.token_file = workdir / "token"
+            self.token_file.write_text(token + "\n")
+        self.scheduler = Scheduler(
+            workdir / "scheduler", workdir / "logs", node_timeout, token_file=self.token_file
+        )
         self.nodes = [
             Node(
                 f"n{i}",
                 workdir,
                 self.scheduler.url,
                 read_deadline=read_deadline,
-                config={"heartbeat_interval": heartbeat_interval},
+                config={"heartbeat_interval": heartbeat_interval}
+                | ({"token_file": str(self.token_file)} if self.token_file else {}),
                 labels=labels(i) if labels else None,
             )
             for i in range(1, nodes + 1)
@@ -740,6 +756,8 @@ class Cluster:
         argv = [*SYNCBIT, *args]
         if scheduler:
             argv += ["--scheduler", self.scheduler.url]
+        if self.token_file is not None:
+            env = {"SYNCBIT_TOKEN_FILE": str(self.token_file), **(env or {})}
         return run_cli(argv, env=env, timeout=timeout)
 
     def add_dataset(self, name: str, url: str, timeout: float = 15.0) -> float:

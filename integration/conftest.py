@@ -111,7 +111,8 @@ def origin(origin_root: Path, workdir: Path, dataset: Dataset) -> Iterator[Origi
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> Iterator[Cluster]:
     """Scheduler + nodes for one test module. A module may set CLUSTER_NODES,
-    NODE_TIMEOUT and CLUSTER_LABELS (a function: node number -> labels)."""
+    NODE_TIMEOUT, CLUSTER_LABELS (a function: node number -> labels) and CLUSTER_TOKEN
+    (a shared cluster token every process then requires and sends)."""
     module = request.module
     name = module.__name__.rsplit(".", 1)[-1]
     where = workdir / name
@@ -122,6 +123,7 @@ def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> It
         nodes=getattr(module, "CLUSTER_NODES", 3),
         node_timeout=getattr(module, "NODE_TIMEOUT", 4.0),
         labels=getattr(module, "CLUSTER_LABELS", None),
+        token=getattr(module, "CLUSTER_TOKEN", None),
     )
     try:
         cl.start()

@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import pyfuse3
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 
 from syncbit.config import DaemonConfig, SchedulerConfig, read_token
 from syncbit.errors import NotFoundError, SyncbitError, UserError
@@ -29,6 +33,7 @@ from syncbit.fs.tree import Tree
 from syncbit.jobs import Jobs
 from syncbit.kube import NodeSync
 from syncbit.manifest import Manifest
+from syncbit.metrics import Snapshot, counter, fetch_latency, gauge, render
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
@@ -111,7 +116,7 @@ class Daemon:
         self.store = ObjectStore.open(config.cache_dir, config.cache_size)
         self.embedded: SchedulerServer | None = None
         self.peer_server: PeerServer | None = None
-        self.peer_client = PeerClient()
+        self.peer_client = PeerClient(token=self.token)
         self.sources = SourceCache(config.source_options)
         self.tree = Tree()
         self.manifests: dict[str, Manifest] = {}
@@ -120,6 +125,7 @@ class Daemon:
         self.plan: dict[str, dict[str, Any]] = {}  # assigned dataset -> its plan entry
         self.plan_received = False  # until the first plan arrives, assignments are unknown
         self._over_budget_told = False
+        self._heartbeat_ok = -math.inf
         self.kube: NodeSync | None = None
         if config.kubernetes:  # a bad kubeconfig fails start-up, before the mount
             self.kube = NodeSync(config.node, kubeconfig=config.kubeconfig)
@@ -141,7 +147,7 @@ class Daemon:
             self.embedded.start()
             url = self.embedded.url
             log.info("embedded scheduler on %s", url)
-        self.peer_server = PeerServer(self.store, cfg.listen)
+        self.peer_server = PeerServer(self.store, cfg.listen, self.token)
         self.peer_server.start()
         log.info("peer service on %s", self.peer_server.address)
         return url
@@ -172,7 +178,8 @@ class Daemon:
             self._load_plan()
             self._pin()  # before any write can make room: the last plan's data stays
             await self._sync_datasets(quiet=True)
-            fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.dataset_attrs)
+            fs = self.fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.dataset_attrs)
+            self._setup_metrics()
             clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
             cfg.mount.mkdir(parents=True, exist_ok=True)
             try:
@@ -189,6 +196,10 @@ class Daemon:
                         lambda m, path, body: trio.from_thread.run(
                             self._control, m, path, body, trio_token=token
                         )
+                    )
+                    self.peer_server.set_probes(
+                        lambda: trio.from_thread.run_sync(self._readiness, trio_token=token),
+                        lambda: trio.from_thread.run_sync(render, self.registry, trio_token=token),
                     )
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     await nursery.start(self.store.commit_loop)
@@ -209,6 +220,90 @@ class Daemon:
                     await self.client.aclose()
         finally:
             self._close()
+
+    # -- health and metrics ------------------------------------------------------------------
+
+    def _readiness(self) -> tuple[bool, str]:
+        """`/readyz`: the mount answers and the scheduler heard from this node lately."""
+        if not self.fs.initialized.is_set():
+            return False, "not mounted yet"
+        quiet = trio.current_time() - self._heartbeat_ok
+        if quiet > 3 * self.config.heartbeat_interval + 5:
+            return False, f"no answer from the scheduler for {quiet:.0f}s"
+        return True, "ok"
+
+    def _setup_metrics(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        latency = fetch_latency(self.registry)
+        self.fetcher.on_transfer = lambda origin, s: latency.labels(origin or "unknown").observe(s)
+        self.registry.register(Snapshot(self._collect))
+
+    def _collect(self) -> Iterator[Metric]:
+        """Node metrics, read from the components at scrape time (trio thread)."""
+        f, usage = self.fetcher, self.store.usage()
+        yield counter(
+            "syncbit_read_bytes",
+            "Bytes served to readers through the mount, by where their chunk came from.",
+            {(k,): float(v) for k, v in f.read_bytes.items()},
+            ["origin"],
+        )
+        yield counter(
+            "syncbit_fetched_bytes",
+            "Bytes brought into the cache, by origin.",
+            {("peer",): f.stats["peer"], ("source",): f.stats["source"]},
+            ["origin"],
+        )
+        assert self.peer_server is not None
+        yield counter(
+            "syncbit_peer_served_bytes",
+            "Bytes served to other nodes.",
+            {(): self.peer_server.bytes_served},
+            [],
+        )
+        yield gauge(
+            "syncbit_cache_bytes",
+            "Cache bytes used, pinned (held of assigned datasets), and the budget.",
+            {(k,): usage[k] for k in ("used", "pinned", "budget")},
+            ["kind"],
+        )
+        yield gauge(
+            "syncbit_cache_pinned_over_budget",
+            "1 when the datasets assigned here need more than the cache budget.",
+            {(): float(usage["pinned_over_budget"])},
+            [],
+        )
+        yield counter("syncbit_evictions", "Objects evicted.", {(): usage["evictions"]}, [])
+        yield counter("syncbit_evicted_bytes", "Bytes evicted.", {(): usage["evicted_bytes"]}, [])
+        yield counter(
+            "syncbit_verify_failures",
+            "Chunks from peers and whole files that failed verification.",
+            {(): f.stats["verify_failures"]},
+            [],
+        )
+        yield gauge(
+            "syncbit_dataset_ready",
+            "1 when the dataset is complete and verified here.",
+            {(n,): float(self.is_ready(m)) for n, m in self.manifests.items()},
+            ["dataset"],
+        )
+        yield gauge(
+            "syncbit_dataset_cached_bytes",
+            "Bytes of the dataset held here.",
+            {(n,): float(self._present(m)) for n, m in self.manifests.items()},
+            ["dataset"],
+        )
+        yield counter(
+            "syncbit_fuse_requests",
+            "FUSE requests by operation.",
+            {(op,): float(n) for op, n in self.fs.requests.items()},
+            ["op"],
+        )
+        yield counter(
+            "syncbit_fuse_errors",
+            "FUSE requests answered with an error, by operation and errno.",
+            {key: float(n) for key, n in self.fs.errors.items()},
+            ["op", "errno"],
+        )
 
     async def _tune_mount(self, fs: SyncbitFS) -> None:
         """Raise the mount's readahead once the kernel has applied the INIT reply (which
@@ -465,6 +560,7 @@ class Daemon:
                     pinned_bytes=usage["pinned_size"],
                     pinned_over_budget=usage["pinned_over_budget"],
                 )
+                self._heartbeat_ok = trio.current_time()
                 await self._apply_plan(list(record.get("plan", [])))
             except SyncbitError as exc:
                 self._warn("heartbeat failed", exc)

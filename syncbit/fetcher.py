@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import mmap
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -91,6 +92,7 @@ class Flight:
     # that node is expected to (see `daemon.PrefetchJob`). None: anyone may.
     may_source: Callable[[], bool] | None = None
     waiting_for: str = ""  # the node this parked flight waits for
+    origin: str = ""  # where the bytes came from: "peer" or "source" (metrics)
 
 
 @dataclass(eq=False)
@@ -178,6 +180,10 @@ class Fetcher:
         self._write_slots = trio.Semaphore(write_backlog)
         self._buffers: list[mmap.mmap] = []
         self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0}
+        self.read_bytes: Counter[str] = Counter()  # bytes served to readers, by origin
+        self._came_from: dict[tuple[str, int], str] = {}  # fetched for readers, not yet read
+        # Called with (origin, seconds) after every transfer: the daemon's latency histogram.
+        self.on_transfer: Callable[[str, float], None] = lambda origin, seconds: None
         self._verified: set[str] = set()  # objects whose whole-file digest checked out
         self._verifying: set[str] = set()
 
@@ -237,12 +243,29 @@ class Fetcher:
                 )
             if sequential and self.readahead_chunks:
                 self._readahead(handle, span.stop)
+            self._count_read(obj, offset, length)
             parts = self.store.read_parts(obj, offset, length)
             if len(parts) == 1 and isinstance(parts[0], bytes):
                 return parts[0]
             if any(isinstance(p, range) for p in parts):
                 parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, parts)
         return b"".join(parts)  # type: ignore[arg-type]
+
+    def _count_read(self, obj: StoredObject, offset: int, length: int) -> None:
+        """Bytes served to readers, by where their chunk came from (for /metrics): a chunk
+        fetched for a reader (or its readahead) counts as peer or source bytes until a
+        read reaches its end; every other byte was already in the cache."""
+        came_from = self._came_from
+        if not came_from:
+            self.read_bytes["cache"] += length
+            return
+        cs, end = obj.chunk_size, offset + length
+        for index in chunk_span(offset, length, obj.size, cs):
+            chunk_end = min(obj.size, (index + 1) * cs)
+            part = min(end, chunk_end) - max(offset, index * cs)
+            key = (obj.id, index)
+            origin = came_from.pop(key, "cache") if end >= chunk_end else came_from.get(key)
+            self.read_bytes[origin or "cache"] += part
 
     def _read_disk_parts(self, obj: StoredObject, parts: list[bytes | range]) -> list[bytes]:
         return [self.store.read(obj, p.start, len(p)) if isinstance(p, range) else p for p in parts]
@@ -267,9 +290,9 @@ class Fetcher:
         prio: Priority,
         bounded: bool = True,
         may_source: Callable[[int], bool] | None = None,
-    ) -> None:
-        """Wait for the chunks' flights; a reader (`bounded`) gives up after the read
-        deadline, a prefetch relies on each flight's own deadline."""
+    ) -> list[Flight]:
+        """Wait for the chunks' flights (returned); a reader (`bounded`) gives up after the
+        read deadline, a prefetch relies on each flight's own deadline."""
         flights = [self._flight(handle, i, prio, may_source) for i in indexes]
         with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
@@ -280,11 +303,12 @@ class Fetcher:
             if pending is None:  # every flight finished just as the deadline fired
                 for flight in flights:
                     _raise_for(flight)
-                return
+                return flights
             raise ReadDeadlineError(
                 f"read of {handle.entry.path} chunk {pending.index} timed out after "
                 f"{self.read_deadline:g}s: {pending.last_error or 'no answer yet'}"
             )
+        return flights
 
     async def ensure(
         self,
@@ -401,8 +425,11 @@ class Fetcher:
                 flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
             staged: list[Staged] | None = None
             parked: _Wait | None = None
+            began = trio.current_time()
             try:
                 staged = await self._transfer(flight)
+                if staged:
+                    self.on_transfer(flight.origin, trio.current_time() - began)
             except _Wait as wait:
                 parked = wait
             except SyncbitError as exc:
@@ -440,6 +467,10 @@ class Fetcher:
         else:
             self._finish(flight)
         for done in staged or []:
+            if done.flight.priority < Priority.PREFETCH:
+                if len(self._came_from) > 100_000:  # chunks read ahead but never read
+                    self._came_from.clear()
+                self._came_from[(done.flight.obj.id, done.flight.index)] = done.flight.origin
             if done.flight is not flight:
                 self._finish(done.flight)  # readers go on from RAM while it is written
 
@@ -530,6 +561,7 @@ class Fetcher:
                     flight, peer, view, expected
                 ):
                     self.stats["peer"] += len(view)
+                    flight.origin = "peer"
                     self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
                     return [Staged(flight, view, expected)]
             self._buffers.append(buf)
@@ -729,6 +761,7 @@ class Fetcher:
                     f.index,
                     f.entry.path,
                 )
+            f.origin = "source"
             self.store.stage(obj, f.index, view, release)
             staged.append(Staged(f, view, digests[i]))
         return staged
@@ -746,6 +779,7 @@ class Fetcher:
             await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
             return True
         except DigestMismatchError as exc:
+            self.stats["verify_failures"] += 1
             flight.bad_peers.add(peer.node)
             log.warning("%s", exc)
             await self._report(peer.node, flight, str(exc))

@@ -5,8 +5,11 @@ never returns a peer's bytes without the caller verifying them against a known d
 Wire format: `GET /v1/objects/<object>/data` with `Range: bytes=a-b` -> 206 and the bytes,
 sent with `sendfile` straight from the object file; 404 if any covered chunk is not held.
 Connections are thread-per-connection outside the trio loop, so serving never blocks FUSE.
-The same port answers node-local control requests (`/v1/local/...`, loopback only) by
-handing them to the daemon's `Control` callback.
+The same port answers node-local control requests (`/v1/local/...`) by handing them to
+the daemon's `Control` callback: from loopback anything, from elsewhere only reading a
+dataset's progress (what `syncbit wait` in a pod's initContainer asks), and with a cluster
+token configured only with it. Probes (`/healthz`, `/readyz`) and `/metrics` are open.
+With a token, chunk data is served only to requests that carry it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from syncbit.auth import bearer, check_bearer
 from syncbit.errors import PeerError
 from syncbit.store import ObjectStore
 from syncbit.wire import Pool, WireError, parse_content_range
@@ -32,6 +36,7 @@ log = logging.getLogger("syncbit.peer")
 Control = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
 
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
+_PROGRESS_PATH = re.compile(r"^/v1/local/datasets/[^/?]+$")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -49,11 +54,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _authorized(self) -> bool:
+        token = self.server.token
+        if token is None or check_bearer(self.headers.get("Authorization"), token):
+            return True
+        self._plain(401, "missing or wrong cluster token (see token_file)\n")
+        return False
+
     def _local(self, method: str) -> None:
-        """Node-local control (pull, progress): loopback clients only, JSON both ways."""
+        """Node-local control (pull, progress, cache): JSON both ways. Loopback clients may
+        do anything; others may only read a dataset's progress."""
         control = self.server.control
-        if control is None or not ipaddress.ip_address(self.client_address[0]).is_loopback:
-            self._plain(403 if control else 404, "local control is for this host only\n")
+        if control is None:
+            self._plain(404, "no such endpoint\n")
+            return
+        loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
+        if not loopback and not (method == "GET" and _PROGRESS_PATH.match(self.path)):
+            self._plain(403, "local control is for this host only\n")
+            return
+        if not loopback and not self._authorized():
             return
         length = int(self.headers.get("Content-Length") or 0)
         try:
@@ -82,12 +101,26 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             self._plain(200, "ok\n")
             return
+        if self.path == "/readyz":
+            ready, why = self.server.readiness()
+            self._plain(200 if ready else 503, f"{why}\n")
+            return
+        if self.path == "/metrics" and self.server.metrics is not None:
+            body, content_type = self.server.metrics()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path.startswith("/v1/local/"):
             self._local("GET")
             return
         match = _DATA_PATH.match(self.path)
         if not match:
             self._plain(404, "no such endpoint\n")
+            return
+        if not self._authorized():
             return
         obj = self.server.store.get(match.group(1))
         rng = self.headers.get("Range", "")
@@ -130,9 +163,12 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], store: ObjectStore) -> None:
+    def __init__(self, address: tuple[str, int], store: ObjectStore, token: str | None) -> None:
         self.store = store
+        self.token = token
         self.control: Control | None = None
+        self.readiness: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
+        self.metrics: Callable[[], tuple[bytes, str]] | None = None
         self.active = 0
         self.bytes_served = 0
         self._count_lock = threading.Lock()
@@ -150,9 +186,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 class PeerServer:
     """The node's chunk server on `listen` ("host:port"), running in its own threads."""
 
-    def __init__(self, store: ObjectStore, listen: str) -> None:
+    def __init__(self, store: ObjectStore, listen: str, token: str | None = None) -> None:
         host, _, port = listen.rpartition(":")
-        self._server = _Server((host, int(port)), store)
+        self._server = _Server((host, int(port)), store, token)
         self._thread: threading.Thread | None = None
 
     @property
@@ -163,6 +199,15 @@ class PeerServer:
     def set_control(self, control: Control) -> None:
         """Serve node-local control requests (`/v1/local/...`) with `control`."""
         self._server.control = control
+
+    def set_probes(
+        self,
+        readiness: Callable[[], tuple[bool, str]],
+        metrics: Callable[[], tuple[bytes, str]],
+    ) -> None:
+        """`/readyz` answers `readiness()` (ready?, why); `/metrics` serves `metrics()`."""
+        self._server.readiness = readiness
+        self._server.metrics = metrics
 
     @property
     def load(self) -> int:
@@ -187,13 +232,14 @@ class PeerServer:
 class PeerClient:
     """Pulls byte ranges of objects from peers (blocking; worker threads only)."""
 
-    def __init__(self, timeout: float = 10.0) -> None:
+    def __init__(self, timeout: float = 10.0, token: str | None = None) -> None:
         self._pool = Pool(timeout=timeout)
+        self._headers = bearer(token)
 
     def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
         url = f"http://{address}/v1/objects/{object_id}/data"
         try:
-            resp = self._pool.get_into(url, offset, buf)
+            resp = self._pool.get_into(url, offset, buf, self._headers)
         except WireError as exc:
             raise PeerError(f"peer {address}: {exc}") from exc
         if resp.status != 206:

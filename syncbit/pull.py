@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 
-from syncbit.errors import NotFoundError, SyncbitError, UserError
+from syncbit.auth import bearer
+from syncbit.config import client_token
+from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
 
 _POLL = 0.5
 _PLAIN_EVERY = 5.0
@@ -32,6 +34,11 @@ def _call(client: httpx.Client, method: str, url: str, **kw: Any) -> dict[str, A
     doc: dict[str, Any] = resp.json() if resp.content else {}
     if resp.status_code == 404:
         raise NotFoundError(doc.get("error", f"not found: {url}"))
+    if resp.status_code == 401:
+        raise UnauthorizedError(
+            f"daemon at {url.split('/v1')[0]}: missing or wrong cluster token "
+            "(set SYNCBIT_TOKEN_FILE)"
+        )
     if resp.status_code == 400:
         raise UserError(doc.get("error", f"bad request: {url}"))
     if resp.status_code != 200:
@@ -79,7 +86,7 @@ def follow(
     tty = out.isatty()
     base = f"http://{daemon}/v1/local"
     verb = "pull" if start else "wait"
-    with httpx.Client(timeout=30, trust_env=False) as client:
+    with httpx.Client(timeout=30, trust_env=False, headers=bearer(client_token())) as client:
         started = time.monotonic()
         if start:
             doc = _call(client, "POST", f"{base}/pull", json={"dataset": dataset})
@@ -155,5 +162,5 @@ def _timeout_message(doc: dict[str, Any], timeout: float) -> str:
 
 def local(daemon: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One request to the daemon's node-local control API (`/v1/local/<path>`)."""
-    with httpx.Client(timeout=120, trust_env=False) as client:
+    with httpx.Client(timeout=120, trust_env=False, headers=bearer(client_token())) as client:
         return _call(client, method, f"http://{daemon}/v1/local/{path}", json=body)

@@ -116,7 +116,8 @@ async def test_read_failure_is_eio_only(fs) -> None:  # type: ignore[no-untyped-
     with pytest.raises(pyfuse3.FUSEError) as err:
         await ops.read(fi.fh, 0, 10)
     assert err.value.errno == errno.EIO
-    assert ops.errors == 1
+    assert ops.errors == {("read", "EIO"): 1}  # counted for /metrics
+    assert ops.requests["read"] == 1 and ops.requests["open"] == 1
 
 
 async def test_new_revision_gets_new_inodes_old_ones_stay_readable(fs) -> None:  # type: ignore[no-untyped-def]

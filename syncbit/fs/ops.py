@@ -8,11 +8,14 @@ and `_fail()` is the one place where a domain error becomes an errno; nothing bu
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from itertools import count
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -22,6 +25,9 @@ from syncbit.fetcher import Fetcher, OpenFile
 from syncbit.fs.tree import Node, Tree
 from syncbit.manifest import Manifest
 from syncbit.sources.base import Source
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 log = logging.getLogger("syncbit.fs")
 
@@ -50,6 +56,24 @@ def _fail(what: str) -> Iterator[None]:
         raise pyfuse3.FUSEError(errno.EIO) from exc
 
 
+def _counted(op: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Count a FUSE operation and its errors by errno (for /metrics)."""
+    name = op.__name__
+
+    @functools.wraps(op)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        fs = args[0]
+        assert isinstance(fs, SyncbitFS)
+        fs.requests[name] += 1
+        try:
+            return await op(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            fs.errors[(name, errno.errorcode.get(exc.errno, str(exc.errno)))] += 1
+            raise
+
+    return wrapper
+
+
 class SyncbitFS(pyfuse3.Operations):
     """The read-only /syncbit filesystem."""
 
@@ -70,8 +94,8 @@ class SyncbitFS(pyfuse3.Operations):
         self.dataset_attrs = dataset_attrs
         self._handles: dict[int, OpenFile] = {}
         self._fh = count(1)
-        self.requests = 0
-        self.errors = 0
+        self.requests: Counter[str] = Counter()  # by operation
+        self.errors: Counter[tuple[str, str]] = Counter()  # by operation and errno name
         self.initialized = trio.Event()
 
     def init(self) -> None:
@@ -103,11 +127,13 @@ class SyncbitFS(pyfuse3.Operations):
         attr.entry_timeout = _ROOT_TTL if node.dataset_root else _IMMUTABLE_TTL
         return attr
 
+    @_counted
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         return self._attr(self._node(inode))
 
+    @_counted
     async def lookup(
         self,
         parent_inode: pyfuse3.InodeT,
@@ -125,12 +151,14 @@ class SyncbitFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(node)
 
+    @_counted
     async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self._node(inode)
         return not mode & os.W_OK
 
     # -- directories ----------------------------------------------------------------------
 
+    @_counted
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
@@ -138,6 +166,7 @@ class SyncbitFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_counted
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
@@ -151,6 +180,7 @@ class SyncbitFS(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------
 
+    @_counted
     async def open(
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
@@ -170,18 +200,15 @@ class SyncbitFS(pyfuse3.Operations):
         # Content of a dataset version never changes: keep the page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    @_counted
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        self.requests += 1
-        try:
-            with _fail(f"read {handle.entry.path} @{off}+{size}"):
-                return await self.fetcher.read(handle, off, size)
-        except pyfuse3.FUSEError:
-            self.errors += 1
-            raise
+        with _fail(f"read {handle.entry.path} @{off}+{size}"):
+            return await self.fetcher.read(handle, off, size)
 
+    @_counted
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
@@ -189,6 +216,7 @@ class SyncbitFS(pyfuse3.Operations):
 
     # -- the rest of a read-only filesystem --------------------------------------------------
 
+    @_counted
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
@@ -200,6 +228,7 @@ class SyncbitFS(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    @_counted
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
@@ -208,6 +237,7 @@ class SyncbitFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode()
 
+    @_counted
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> list[pyfuse3.XAttrNameT]:

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from syncbit.auth import bearer
 from syncbit.errors import (
     NotFoundError,
     SchedulerError,
@@ -80,13 +81,12 @@ class SchedulerClient:
         try:
             # trust_env off: a proxy from the environment must not sit between nodes and
             # their scheduler (cluster-internal addresses).
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
             self._http = httpx.AsyncClient(
                 base_url=self.base_url,
                 transport=transport,
                 timeout=timeout,
                 trust_env=False,
-                headers=headers,
+                headers=bearer(token),
             )
         except (httpx.InvalidURL, ValueError) as exc:
             raise UserError(f"invalid scheduler URL {base_url!r}: {exc}") from None

@@ -8,7 +8,6 @@ mapping of errors to status codes. It never keeps state of its own (all of it li
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import socket
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from syncbit.auth import check_bearer
 from syncbit.config import SchedulerConfig, read_token
 from syncbit.errors import (
     NotFoundError,
@@ -317,14 +317,6 @@ def _status_of(exc: Exception) -> int:
     if isinstance(exc, SchedulerError):
         return 503  # the state is closed: this server is stopping
     return 500
-
-
-def check_bearer(header: str | None, token: str) -> bool:
-    """`Authorization: Bearer <token>` with the right token, compared in constant time."""
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    )
 
 
 def _error(message: str, kind: str) -> bytes:
