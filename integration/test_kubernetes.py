@@ -84,3 +84,15 @@ def test_daemon_keeps_serving_when_the_api_server_is_down(
         n1.extra_args = []
         n1.config.pop("kubernetes_interval", None)
         n1.start()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_after_the_prestop_detach_exits_cleanly(up: Cluster) -> None:
+    """The DaemonSet's preStop detaches /syncbit lazily before the kubelet's SIGTERM; the
+    daemon must still exit 0 and leave nothing mounted (the next pod mounts there)."""
+    import subprocess
+
+    n1 = up.node("n1")
+    subprocess.run(["fusermount3", "-u", "-z", str(n1.mount)], check=True)
+    n1.stop()  # asserts exit code 0 and no mount left
+    n1.start()  # and the next daemon mounts there again
