@@ -46,6 +46,15 @@ def test_node_labels_follow_readiness_and_the_warmup_taint_goes_once_ready(
         wait_until(lambda: WARMING["key"] not in {t["key"] for t in api.taints("n1")}, 30, "taint")
         assert {t["key"] for t in api.taints("n1")} == {GPU["key"]}  # other taints kept
         assert api.labels("n1")["kubernetes.io/hostname"] == "n1"
+        # The Node's own labels reach the scheduler: selectors can use Kubernetes labels.
+        wait_until(
+            lambda: (
+                (up.node_state("n1") or {}).get("labels", {}).get("kubernetes.io/hostname") == "n1"
+            ),
+            30,
+            "the Node's labels in the scheduler",
+        )
+        assert key not in (up.node_state("n1") or {})["labels"]  # not our own readiness labels
 
         # Unassigned: the label goes (the bytes may stay cached, but no promise is made).
         assert up.cli("prefetch", "kmodel", "--remove").returncode == 0

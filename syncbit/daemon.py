@@ -477,6 +477,13 @@ class Daemon:
         """Dataset -> revision for every dataset version ready here (for the scheduler)."""
         return {n: m.revision for n, m in self.manifests.items() if self.is_ready(m)}
 
+    def labels(self) -> dict[str, str]:
+        """This node's labels for the scheduler: with --kubernetes its Node's labels (so
+        selectors can use topology.kubernetes.io/zone, GPU product labels, ...), overridden
+        by the labels configured here."""
+        node = self.kube.node_labels if self.kube is not None else {}
+        return {**node, **self.config.labels}
+
     def _kube_state(self) -> tuple[set[str], set[str] | None]:
         """What the Node's labels should say: datasets ready here that this node was asked
         to hold (assigned, or pulled); and the assignments, None until the first plan."""
@@ -552,7 +559,7 @@ class Daemon:
                 record = await self.client.heartbeat(
                     cfg.node,
                     address=self.advertise,
-                    labels=cfg.labels,
+                    labels=self.labels(),
                     load=self.peer_server.load,
                     cache_bytes=self.store.cached_bytes(),
                     cache_size=cfg.cache_size,

@@ -174,6 +174,10 @@ class NodeSync:
         self.warn_interval = warn_interval
         self.conflict_attempts = conflict_attempts
         self.last_error: str | None = None  # why the last sync failed; None: in step
+        # The Node's own labels as last read (syncbit's readiness labels left out): the
+        # daemon offers them to the scheduler, so `prefetch --selector` can match
+        # Kubernetes labels such as topology.kubernetes.io/zone. Refreshed every resync.
+        self.node_labels: dict[str, str] = {}
         self._lock = trio.Lock()
         self._applied: tuple[frozenset[str], frozenset[str] | None] | None = None
         self._applied_at = float("-inf")
@@ -250,6 +254,11 @@ class NodeSync:
         delays = backoff_delays(base=0.05, cap=1.0)
         for attempt in range(1, self.conflict_attempts + 1):
             node = await self._call(functools.partial(self._client.get, Node, self.node))
+            self.node_labels = {
+                k: v
+                for k, v in ((node.metadata and node.metadata.labels) or {}).items()
+                if not k.startswith(LABEL_PREFIX)
+            }
             patch, changes = plan_patch(node, wanted_labels, ready, assigned)
             if patch is None:
                 return
