@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 FAMILY = "sbnet"
@@ -90,14 +91,14 @@ def _namespaces() -> list[str]:
     return [line.split()[0] for line in _run("ip", "netns", "list").splitlines() if line.strip()]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a killed run whose parent has not
+    reaped it yet is gone for our purposes)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _delete_namespace(name: str) -> None:
@@ -119,7 +120,7 @@ def reap_stale() -> list[str]:
     reaped = []
     for name in _namespaces():
         match = _STALE.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             _delete_namespace(name)
             reaped.append(name)
     return reaped

@@ -40,7 +40,7 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import process
-from netns import Host, NetnsError, Topology, parse_rate, reap_stale, unusable
+from netns import Host, NetnsError, Topology, parse_rate, pid_alive, reap_stale, unusable
 
 REPO = Path(__file__).resolve().parent.parent
 SYNCBIT = [sys.executable, "-m", "syncbit.cli"]
@@ -78,7 +78,9 @@ class Sample:
     """Where the bytes were `t` seconds into a phase (as the scheduler knew it)."""
 
     t: float
-    origin_bytes: int  # sent since the phase started
+    origin_bytes: int  # body bytes the origin counted since the phase started (a request's
+    # whole body is counted when it starts: these run ahead of the link)
+    origin_link: int  # bytes that left the origin's interface since then, headers included
     held: dict[str, int]  # node -> bytes of the dataset it holds
 
 
@@ -102,7 +104,7 @@ class Result:
     cache: str
     t_min: float
     link_goodput_bits: float
-    plain: Phase
+    plain: Phase | None  # None with --no-plain
     syncbit: Phase
 
 
@@ -155,7 +157,7 @@ def reap_stale_workdirs(base: Path) -> None:
     """Strip the workdirs of killed earlier runs (the PID is in the name) to their logs."""
     for path in base.glob(f"{WORKDIR_PREFIX}*-*"):
         pid = path.name[len(WORKDIR_PREFIX) :].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             strip_workdir(path)
 
 
@@ -262,32 +264,39 @@ class CpuMeter:
 # less CPU than a client process per sample. Stamps are CLOCK_MONOTONIC, shared by all
 # processes, so they line up with the benchmark's own clock.
 _SAMPLER = """
-import json, sys, time, urllib.request
-stats, status, name = sys.argv[1:4]
+import json, subprocess, sys, time, urllib.request
+stats, status, name, origin_ns = sys.argv[1:5]
+link = ["ip", "-n", origin_ns, "-j", "-s", "link", "show", "dev", "eth0"]
 def get(url):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.load(r)
 while True:
     t = time.monotonic()
     sent = get(stats)["bytes_served"]
+    wire = json.loads(subprocess.check_output(link))[0]["stats64"]["tx"]["bytes"]
     held = [d.get("cached", {}) for d in get(status)["datasets"] if d["name"] == name]
-    print(json.dumps([t, sent, held[0] if held else {}]), flush=True)
+    print(json.dumps([t, sent, wire, held[0] if held else {}]), flush=True)
     time.sleep(max(0.0, t + 0.5 - time.monotonic()))
 """
 
 
-def read_timeline(log: Path, start: float, origin_before: int) -> list[Sample]:
-    samples = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            t, sent, held = json.loads(line)
-            if t >= start:
-                samples.append(Sample(round(t - start, 2), sent - origin_before, held))
-    return samples
+def read_timeline(log: Path, start: float) -> list[Sample]:
+    """The samples taken from `start` on, counted from the last one before it."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("[")]
+    before = [r for r in rows if r[0] < start]
+    if not before:
+        raise BenchError(f"the sampler took no sample before the phase started: {log}")
+    _, sent0, wire0, _ = before[-1]
+    return [
+        Sample(round(t - start, 2), sent - sent0, wire - wire0, held)
+        for t, sent, wire, held in rows
+        if t >= start
+    ]
 
 
 def milestones(timeline: list[Sample], size: int, nodes: int) -> str:
-    """When the origin had sent all of D, and the nodes together held each quarter of N*D."""
+    """When the origin's link had carried half and all of D, and the nodes together held
+    each quarter of N*D."""
 
     def first(what: str, done: Callable[[Sample], bool]) -> str:
         t = next((s.t for s in timeline if done(s)), None)
@@ -296,7 +305,11 @@ def milestones(timeline: list[Sample], size: int, nodes: int) -> str:
     def holding(share: int) -> Callable[[Sample], bool]:
         return lambda s: sum(s.held.values()) >= share
 
-    marks = [first("origin sent D", lambda s: s.origin_bytes >= size)]
+    marks = [
+        first("origin link D/2", lambda s: s.origin_link >= size // 2),
+        first("D", lambda s: s.origin_link >= size),
+        "| nodes hold N*D:",
+    ]
     marks += [first(f"{25 * q}%", holding(q * nodes * size // 4)) for q in (1, 2, 3, 4)]
     return "  ".join(marks)
 
@@ -417,9 +430,9 @@ def run(args: argparse.Namespace, work: Path) -> Result:
 
         poll("the origin", origin_up)
 
-        print("measuring the link, then the plain downloads", file=sys.stderr)
+        print("measuring the link and the plain downloads", file=sys.stderr)
         goodput = link_goodput(origin, nodes[0], file_url, min(size, 64 * MiB))
-        plain = plain_http(origin, nodes, file_url, logs, timeout)
+        plain = None if args.no_plain else plain_http(origin, nodes, file_url, logs, timeout)
 
         print(f"starting the scheduler and {n} daemons", file=sys.stderr)
         sched_url = f"http://{sched.address}:{SCHED_PORT}"
@@ -441,7 +454,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
             argv += ["--listen", f"0.0.0.0:{PEER_PORT}"]
             argv += ["--advertise", f"{host.address}:{PEER_PORT}"]
             argv += ["--cache-dir", str(where / "cache"), "--mount", str(work / host.name)]
-            argv += ["--label", LABEL, "--log-level", args.log_level]
+            argv += ["--label", LABEL, "--log-level", args.log_level, *args.daemon_arg]
             stack.callback(unmount_all, work / host.name)  # unwound after the daemon stops
             daemons[host.name] = launch(host, host.name, argv)
 
@@ -470,14 +483,15 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         )
         before = origin_sent(origin)
         stats = f"http://{origin.address}:{ORIGIN_PORT}/__stats"
-        sample = [sys.executable, "-c", _SAMPLER, stats, f"{sched_url}/v1/status"]
-        with process(sched.argv([*sample, DATASET]), logs / "timeline.log"):
+        sample = [sys.executable, "-c", _SAMPLER, stats, f"{sched_url}/v1/status", DATASET]
+        with process(sched.argv([*sample, origin.netns]), logs / "timeline.log"):
+            poll("the first sample", lambda: "\n[" in "\n" + (logs / "timeline.log").read_text())
             meter.start()
             start = time.monotonic()
             seconds, ready = syncbit_ready(args.mode, sched, nodes, base, logs, timeout, start)
             cpu = meter.report(seconds)
             time.sleep(0.6)  # one more sample: the last reports reach the scheduler
-        timeline = read_timeline(logs / "timeline.log", start, before)
+        timeline = read_timeline(logs / "timeline.log", start)
         syncbit = Phase(seconds, origin_sent(origin) - before, ready, cpu, timeline)
 
     rate = parse_rate(args.rate)
@@ -505,9 +519,11 @@ def report(r: Result) -> None:
     print(f"T_min = max(D/u_origin, D/d_node, N*D/(u_origin+N*u_node)) = {r.t_min:.2f} s\n")
     print(f"{'':24} {'last node':>10} {'/T_min':>8} {'origin egress':>14} {'/D':>7}")
     print(row(f"syncbit ({r.mode})", r.syncbit))
-    print(row("plain HTTP (N x curl)", r.plain))
+    if r.plain is not None:
+        print(row("plain HTTP (N x curl)", r.plain))
     print(f"{'target':24} {'':10} {TARGET_TIME:7.2f}x {'':14} {TARGET_EGRESS:6.2f}x")
-    for label, p in (("syncbit", r.syncbit), ("plain", r.plain)):
+    phases = [("syncbit", r.syncbit)] + ([("plain", r.plain)] if r.plain else [])
+    for label, p in phases:
         times = "  ".join(f"{k} {v:.1f}" for k, v in sorted(p.per_node.items(), key=_node_order))
         print(f"\n{label} per-node ready (s): {times}")
     print(f"\nsyncbit progress (s): {milestones(r.syncbit.timeline, r.size, r.nodes)}")
@@ -538,6 +554,13 @@ def main() -> int:
     ap.add_argument("--cache-tmpfs", action="store_true", help="node caches in RAM, not disk")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--log-level", default="info", help="the daemons' (debug to investigate)")
+    ap.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        help="extra daemon flag, repeatable (e.g. --daemon-arg=--prefetch-concurrency=12)",
+    )
+    ap.add_argument("--no-plain", action="store_true", help="skip the reference (tuning runs)")
     args = ap.parse_args()
     parse_rate(args.rate)
     why = unusable() or (None if Path("/dev/fuse").exists() else "/dev/fuse is missing")
@@ -550,6 +573,8 @@ def main() -> int:
         raise SystemExit(128 + signum)  # unwinds through every cleanup below
 
     signal.signal(signal.SIGTERM, stop)
+    # Also when started in the background, where the shell hands it SIGINT ignored.
+    signal.signal(signal.SIGINT, stop)
     reap_stale()  # first: it ends the daemons of a killed run, which frees their mounts
     reap_stale_workdirs(args.dir)
     work = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=args.dir))
