@@ -1,8 +1,9 @@
 """A shaped virtual LAN of network namespaces, so a multi-node run on one machine is bound by
 its links rather than by loopback: one "hub" namespace holds a bridge, every host (origin,
 scheduler, node1..N) gets its own namespace and a veth to the bridge, and `tc` caps each link
-in both directions. Owns creating and always deleting those namespaces; it never touches the
-root namespace's interfaces, and starts no process of its own beyond `ip`/`tc`.
+in both directions. Owns creating and always deleting those namespaces (and ending what still
+runs inside them); it never touches the root namespace's interfaces and leaves no process of
+its own running.
 
     with Topology(rate="400mbit") as topo:
         origin = topo.add_host("origin")
