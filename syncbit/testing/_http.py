@@ -1,4 +1,4 @@
-"""The HTTP server plumbing shared by the test origin and the test Hub: keep-alive
+"""The HTTP server plumbing shared by the test servers (origin, Hub, Kubernetes API): keep-alive
 connections tracked so `stop()` ends them, no DNS at bind, quiet logs. Test servers only;
 nothing in the product imports this."""
 
@@ -13,7 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, Self
 
 
 class LoopbackServer(ThreadingHTTPServer):
@@ -162,6 +162,52 @@ class TrackedHandler(BaseHTTPRequestHandler):
             length = 0
         if length > 0:
             self.rfile.read(length)
+
+
+class ServedInThread:
+    """One `LoopbackServer` served from a background thread: `start()` (idempotent; a
+    stopped server starts again on the same port), `stop()` (ends open connections too),
+    and a context manager. Subclasses set `host`/`port` and build the server."""
+
+    host: str
+    port: int
+    _server: LoopbackServer | None = None
+    _thread: threading.Thread | None = None
+
+    def _make_server(self) -> LoopbackServer:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        server = self._make_server()
+        self.port = server.server_port
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"{type(self).__name__.lower()}-{self.port}",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and end every open connection; the object's state remains."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        server.server_close()
+        server.drop_connections()
+        thread.join()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class _Stoppable(Protocol):

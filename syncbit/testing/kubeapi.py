@@ -64,11 +64,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from syncbit.testing._http import LoopbackServer, TrackedHandler, serve_until_signal
+from syncbit.testing._http import (
+    LoopbackServer,
+    ServedInThread,
+    TrackedHandler,
+    serve_until_signal,
+)
 
 DEFAULT_TOKEN = "syncbit-test-token"
 JSON_PATCH = "application/json-patch+json"
@@ -576,7 +580,7 @@ def write_kubeconfig(
     return path
 
 
-class KubeAPI:
+class KubeAPI(ServedInThread):
     """A fake Kubernetes API server holding Nodes, on `host:port` (0 = any free port).
 
     Every request needs `Authorization: Bearer <token>` (`token=None` turns auth off).
@@ -594,8 +598,6 @@ class KubeAPI:
         self.port = port
         self.control = control
         self._state = _State(token)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -707,42 +709,8 @@ class KubeAPI:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> KubeAPI:
-        if self._server is not None:
-            return self
-        server = _Server((self.host, self.port), self._state, self.control)
-        self.port = server.server_port
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"kubeapi-{self.port}",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and end every open connection; Nodes and counts remain."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        server.server_close()
-        server.drop_connections()
-        thread.join()
-
-    def __enter__(self) -> KubeAPI:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _make_server(self) -> _Server:
+        return _Server((self.host, self.port), self._state, self.control)
 
 
 def main(argv: list[str] | None = None) -> int:

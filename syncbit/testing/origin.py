@@ -26,13 +26,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from syncbit.testing._http import (
     UNSATISFIABLE,
     LoopbackServer,
+    ServedInThread,
     TrackedHandler,
     parse_range,
     serve_until_signal,
@@ -361,7 +361,7 @@ def _apache_index(urlpath: str, entries: list[_Entry], address: str) -> str:
     return "\n".join(rows)
 
 
-class Origin:
+class Origin(ServedInThread):
     """An HTTP/1.1 origin serving the files under `root` on `host:port` (0 = any free port).
 
     `bytes_served` and `bytes_by_path` count file body bytes actually sent (index pages and
@@ -385,8 +385,6 @@ class Origin:
         self.host = host
         self.port = port
         self._state = _State(real, style, control)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def root(self) -> str:
@@ -422,42 +420,8 @@ class Origin:
     def fail_with(self, status: int | None) -> None:
         self._state.fail_with = status
 
-    def start(self) -> Origin:
-        if self._server is not None:
-            return self
-        server = _Server((self.host, self.port), self._state)
-        self.port = server.server_port
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"origin-{self.port}",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and end every open connection; the stats remain readable."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        server.server_close()
-        server.drop_connections()
-        thread.join()
-
-    def __enter__(self) -> Origin:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _make_server(self) -> _Server:
+        return _Server((self.host, self.port), self._state)
 
 
 def main(argv: list[str] | None = None) -> int:
