@@ -95,7 +95,7 @@ class DaemonConfig(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     read_deadline: float = Field(60.0, gt=0, description="seconds before a read fails EIO")
     readahead_chunks: int = Field(8, ge=0)
-    fetch_workers: int = Field(8, ge=1)
+    fetch_workers: int = Field(12, ge=1, description="more than both prefetch lanes")
     prefetch_concurrency: int = Field(6, ge=1, description="prefetch chunk transfers at once")
     prefetch_bandwidth: Size = Field(0, ge=0, description="bytes/s for prefetch; 0: no cap")
     heartbeat_interval: float = Field(2.0, gt=0)

@@ -61,14 +61,18 @@ class ChunkDirectory(Protocol):
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None: ...
 
 
+class _ToPeerLane(Exception):
+    """A prefetch taken from the source lane whose chunk a peer has: it belongs in the
+    peer lane, so a slow peer never holds up this node's source reads."""
+
+
 class _Wait(Exception):
     """Another node is reading this chunk from the source (or is the planned reader):
     park the flight until a peer holds it, instead of reading the source a second time."""
 
-    def __init__(self, holder: str, backlog: bool = False) -> None:
+    def __init__(self, holder: str) -> None:
         super().__init__(holder)
         self.holder = holder
-        self.backlog = backlog  # not another node: this node's own source-read limit
 
 
 @dataclass(eq=False)
@@ -93,6 +97,7 @@ class Flight:
     may_source: Callable[[], bool] | None = None
     waiting_for: str = ""  # the node this parked flight waits for
     origin: str = ""  # where the bytes came from: "peer" or "source" (metrics)
+    lane: str = ""  # the prefetch lane running it ("peer", "source"; "" for reads)
 
 
 @dataclass(eq=False)
@@ -137,7 +142,7 @@ class Fetcher:
         directory: ChunkDirectory,
         peers: PeerClient,
         *,
-        workers: int = 8,
+        workers: int = 12,
         read_deadline: float = 60.0,
         readahead_chunks: int = 8,
         failure_ttl: float = 1.0,
@@ -161,20 +166,26 @@ class Fetcher:
         self.claim_ttl = max(claim_ttl, read_deadline)
         self.park_poll = park_poll
         self._flights: dict[tuple[str, int], Flight] = {}
-        # Reads and readahead; prefetch waits in its own queue and takes a worker only
-        # while fewer than `prefetch_concurrency` prefetch transfers run, so a reader
-        # always finds a free worker. Entries: (priority, 0 if a peer has it, seq, flight).
-        self._queue: list[tuple[int, int, int, Flight]] = []
-        self._prefetch_queue: list[tuple[int, int, int, Flight]] = []
-        self._prefetching = 0
-        self._prefetch_sources = trio.Semaphore(max(1, prefetch_concurrency // 2))
+        # Reads and readahead go first, in `_queue`. Prefetch runs in two lanes of its own:
+        # flights a peer can serve now (up to `prefetch_concurrency` at once) and the rest,
+        # mostly source reads (up to half that). Separate lanes keep this node's share of
+        # the origin's bytes flowing while peer transfers run, and the source reads from
+        # starving the peer transfers. With more workers than both lanes (the default) a
+        # reader always finds a free one. Entries: (priority, seq, flight).
+        self._queue: list[tuple[int, int, Flight]] = []
+        self._lanes: dict[str, list[tuple[int, int, Flight]]] = {"peer": [], "source": []}
+        self._lane_limit = {
+            "peer": prefetch_concurrency,
+            "source": max(1, prefetch_concurrency // 2),
+        }
+        self._lane_running = {"peer": 0, "source": 0}
+
         self._bandwidth_next = 0.0  # token bucket: when the next prefetch byte may go
         self._seq = itertools.count()
         self._changed = trio.Event()
         # Flights parked while another node reads their chunk from the source, by object.
         self._parked: dict[str, dict[int, Flight]] = {}
         self._watching: set[str] = set()
-        self._source_backlog: list[Flight] = []  # prefetch source reads over the limit
         # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
         # bounded so RAM stays bounded (each slot pins one chunk buffer).
         self._write_slots = trio.Semaphore(write_backlog)
@@ -385,52 +396,58 @@ class Fetcher:
         return flight
 
     def _push(self, flight: Flight, peer_ready: bool = False) -> None:
-        """Queue a flight; one a peer can serve goes before source reads of its priority."""
+        """Queue a flight: a read's, or a prefetch in its lane (peer-ready or the rest)."""
         parked = self._parked.get(flight.obj.id)
         if parked is not None and parked.get(flight.index) is flight:
             del parked[flight.index]
-        queue = self._prefetch_queue if flight.priority >= Priority.PREFETCH else self._queue
-        entry = (int(flight.priority), 0 if peer_ready else 1, next(self._seq), flight)
-        heapq.heappush(queue, entry)
+        if flight.priority < Priority.PREFETCH:
+            queue = self._queue
+        else:
+            queue = self._lanes["peer" if peer_ready else "source"]
+        heapq.heappush(queue, (int(flight.priority), next(self._seq), flight))
         self._wake()
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _next(self) -> Flight | None:
-        """The most urgent runnable flight, or None; skips stale heap entries."""
+    def _next(self) -> tuple[Flight, str] | None:
+        """The most urgent runnable flight and its lane ("" for reads), or None; skips
+        stale heap entries (flights started meanwhile or moved to another queue)."""
         while self._queue:
-            flight = heapq.heappop(self._queue)[3]
+            flight = heapq.heappop(self._queue)[2]
             if not flight.started and flight.priority < Priority.PREFETCH:
-                return flight
-        while self._prefetch_queue and self._prefetching < self.prefetch_concurrency:
-            flight = heapq.heappop(self._prefetch_queue)[3]
-            if not flight.started and flight.priority >= Priority.PREFETCH:
-                return flight
+                return flight, ""
+        for lane in ("peer", "source"):
+            queue = self._lanes[lane]
+            while queue and self._lane_running[lane] < self._lane_limit[lane]:
+                flight = heapq.heappop(queue)[2]
+                if not flight.started and flight.priority >= Priority.PREFETCH:
+                    return flight, lane
         return None
 
     async def _worker(self) -> None:
         while True:
-            flight = self._next()
-            if flight is None:
+            picked = self._next()
+            if picked is None:
                 await self._changed.wait()
                 continue
+            flight, lane = picked
             flight.started = True
-            prefetch = flight.priority >= Priority.PREFETCH
-            if prefetch:
-                self._prefetching += 1
+            flight.lane = lane
+            if lane:
+                self._lane_running[lane] += 1
             if not flight.one_shot:
                 # A queued prefetch must not spend its deadline waiting in the queue.
                 flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
             staged: list[Staged] | None = None
-            parked: _Wait | None = None
+            parked: _Wait | _ToPeerLane | None = None
             began = trio.current_time()
             try:
                 staged = await self._transfer(flight)
                 if staged:
                     self.on_transfer(flight.origin, trio.current_time() - began)
-            except _Wait as wait:
+            except (_Wait, _ToPeerLane) as wait:
                 parked = wait
             except SyncbitError as exc:
                 flight.error = exc
@@ -438,8 +455,8 @@ class Fetcher:
                 log.exception("chunk %d of %s: unexpected error", flight.index, flight.entry.path)
                 flight.error = exc
             finally:
-                if prefetch:
-                    self._prefetching -= 1
+                if lane:
+                    self._lane_running[lane] -= 1
                     self._wake()
                 self._settle(flight, staged, parked)
             for done in staged or []:
@@ -448,14 +465,18 @@ class Fetcher:
                 await self._write_slots.acquire()
                 self._nursery.start_soon(self._persist, done.flight, done.view, done.digest)
 
-    def _settle(self, flight: Flight, staged: list[Staged] | None, parked: _Wait | None) -> None:
-        """After a transfer attempt: park the flight, or complete it (and the chunks its
-        source read brought along), keeping a failure briefly for the kernel's retry."""
+    def _settle(
+        self, flight: Flight, staged: list[Staged] | None, parked: _Wait | _ToPeerLane | None
+    ) -> None:
+        """After a transfer attempt: park or requeue the flight, or complete it (and the
+        chunks its source read brought along), keeping a failure briefly for the kernel's
+        retry."""
+        if isinstance(parked, _ToPeerLane):
+            flight.started = False
+            self._push(flight, peer_ready=True)
+            return
         if parked is not None:
-            if parked.backlog:
-                flight.started = False  # requeued when a source read finishes
-            else:
-                self._park(flight, parked.holder)
+            self._park(flight, parked.holder)
             return
         if staged is None and flight.error is None:
             flight.error = SyncbitError("fetch cancelled")  # never report success
@@ -554,6 +575,8 @@ class Fetcher:
         info = await self._chunk_info(obj.id)
         expected = info.digests.get(index)
         if expected is not None and info.peers.get(index):
+            if flight.lane == "source":
+                raise _ToPeerLane()
             buf = self._buffer(obj.chunk_size)
             view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
             for peer in info.peers[index]:
@@ -693,27 +716,11 @@ class Fetcher:
         await trio.sleep_until(start)
 
     async def _from_source(self, flight: Flight, info: ChunkMap) -> list[Staged]:
-        prefetch = flight.priority >= Priority.PREFETCH
-        if prefetch and self._prefetch_sources.value == 0:
-            # Source reads are slow; past the limit a prefetch waits without a worker, so
-            # the rest of the prefetch keeps flowing from peers.
-            self._source_backlog.append(flight)
-            raise _Wait("", backlog=True)
         # Taken now, before any checkpoint, so no other worker starts them meanwhile.
         followers = self._followers(flight, info)
         for f in followers:
             f.started = True
-        if not prefetch:
-            return await self._read_source(flight, info, followers)
-        try:
-            async with self._prefetch_sources:
-                return await self._read_source(flight, info, followers)
-        finally:
-            while self._source_backlog:
-                waiting = self._source_backlog.pop(0)
-                if not waiting.started and not waiting.done.is_set():
-                    self._push(waiting)
-                    break
+        return await self._read_source(flight, info, followers)
 
     async def _read_source(
         self, flight: Flight, info: ChunkMap, followers: list[Flight]

@@ -406,7 +406,7 @@ async def test_waiting_reader_fails_at_its_deadline_naming_the_node(
     )
     await _run(fetcher, nursery)
     # The reader's deadline and the parked flight's are the same moment: either says so.
-    with pytest.raises(ReadDeadlineError, match="timed out|n2 was reading it"):
+    with pytest.raises(ReadDeadlineError, match=r"timed out|n2 was reading it"):
         await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100)
     with trio.fail_after(5):  # the parked flight itself fails too, with the cause
         while fetcher._flights.get((ENTRY.object, 0)) and not (
@@ -498,3 +498,40 @@ async def test_prefetch_bandwidth_cap(
     # is; the file's short last chunk may go at any point).
     assert elapsed >= (len(DATA) - CS) / rate
     assert source.bytes == len(DATA)
+
+
+async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The node's share of the origin's bytes is the cluster's bottleneck: peer transfers
+    that hang must not hold it back (they run in a lane of their own)."""
+    gate = threading.Event()
+
+    class SlowPeers(Peers):
+        def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+            gate.wait(10)
+            super().get_into(address, object_id, offset, buf)
+
+    source, directory, peers = MemSource(), Directory(), SlowPeers()
+    fetcher = Fetcher(  # type: ignore[arg-type]
+        store, directory, peers, park_poll=0.01, source_batch=CS, prefetch_concurrency=2
+    )
+    await _run(fetcher, nursery)
+    _deliver(directory, 1, 3, 5)  # the other member already holds its share
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    try:
+        with trio.fail_after(5):
+            while source.bytes < 3 * CS:  # chunks 0, 2, 4 from the source
+                await trio.sleep(0.01)
+        assert not done.is_set()  # the peer transfers are still hanging
+    finally:
+        gate.set()
+    with trio.fail_after(5):
+        await done.wait()
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
