@@ -654,7 +654,7 @@ class Daemon:
                 self.store.newly_removed = removed + self.store.newly_removed
                 await trio.sleep(1.0)
             else:
-                await trio.sleep(0.2)  # batch what arrives meanwhile
+                await trio.sleep(0.05)  # batch what arrives meanwhile
 
 
 def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:

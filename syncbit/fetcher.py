@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import mmap
+import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +121,15 @@ class OpenFile:
     readahead_until: int = 0  # chunk index up to which readahead was scheduled
 
 
+def _spread(peers: list[Peer]) -> list[Peer]:
+    """The scheduler's ranked holders with the best few shuffled: its load figures are a
+    heartbeat old, and many nodes asking for a fresh chunk at once must not all pick the
+    same holder (the rest are fallbacks, in rank order)."""
+    head = peers[:3]
+    random.shuffle(head)
+    return head + peers[3:]
+
+
 def _raise_for(flight: Flight) -> None:
     """A failed flight's error, as a fresh exception per waiter (one flight may fail many
     readers): permanent causes stay SourceChangedError, the rest ReadDeadlineError."""
@@ -151,7 +161,7 @@ class Fetcher:
         prefetch_concurrency: int = 6,
         prefetch_bandwidth: int = 0,
         claim_ttl: float = 30.0,
-        park_poll: float = 0.2,
+        park_poll: float = 0.1,
     ) -> None:
         self.store = store
         self.directory = directory
@@ -579,7 +589,7 @@ class Fetcher:
                 raise _ToPeerLane()
             buf = self._buffer(obj.chunk_size)
             view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
-            for peer in info.peers[index]:
+            for peer in _spread(info.peers[index]):
                 if peer.node not in flight.bad_peers and await self._from_peer(
                     flight, peer, view, expected
                 ):
@@ -618,7 +628,11 @@ class Fetcher:
                     break
                 info = await self._chunk_info(object_id, max_age=self.park_poll / 2)
                 now = trio.current_time()
-                for index, flight in list(parked.items()):
+                # In random order: nodes that wait for the same chunks would otherwise all
+                # ask the same holder for the same chunk at once while others sit idle.
+                waiting = list(parked.items())
+                random.shuffle(waiting)
+                for index, flight in waiting:
                     if flight.started or flight.done.is_set():
                         del parked[index]  # taken along by a source read, or requeued
                     elif info.peers.get(index):

@@ -161,13 +161,21 @@ async def test_bad_peer_detected_reported_and_reader_gets_right_bytes(
     source, directory, peers = MemSource(), Directory(), Peers()
     directory.info = ChunkMap(
         digests={0: digest(DATA[:CS])},
-        peers={0: [Peer("bad", "evil"), Peer("gone", "dead"), Peer("ok", "good")]},
+        peers={
+            0: [
+                Peer("bad", "evil"),
+                Peer("gone", "dead"),
+                Peer("bad2", "evil"),
+                Peer("ok", "good"),
+            ]
+        },
     )
     fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
     await _run(fetcher, nursery)
     assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, CS) == DATA[:CS]
-    assert directory.reports == [("bad", 0)]
-    assert peers.calls == ["evil", "dead", "good"]
+    # The best three are tried in random order (load spreading), then the rest in rank.
+    assert sorted(directory.reports) == [("bad", 0), ("bad2", 0)]
+    assert sorted(peers.calls[:3]) == ["dead", "evil", "evil"] and peers.calls[3:] == ["good"]
     assert source.reads == 0
     assert fetcher.stats["peer"] == CS
 
