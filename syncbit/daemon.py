@@ -654,6 +654,10 @@ class Daemon:
                 self.store.newly_removed = removed + self.store.newly_removed
                 await trio.sleep(1.0)
             else:
+                if batch or remove:
+                    log.debug(
+                        "reported %d chunks held, %d objects lost chunks", len(batch), len(remove)
+                    )
                 await trio.sleep(0.05)  # batch what arrives meanwhile
 
 

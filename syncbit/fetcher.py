@@ -693,6 +693,7 @@ class Fetcher:
             log.debug("no claim on %s: %s", obj.id[:12], exc)
             return followers
         granted = set(claim.granted)
+        log.debug("claim on chunks %s of %s: granted %s", wanted, obj.id[:12], sorted(granted))
         run: list[Flight] = []
         if flight.index in granted:
             for f in followers:
@@ -763,6 +764,13 @@ class Fetcher:
                 await self._release(obj.id, [f.index for f in batch])
             raise
         self.stats["source"] += span
+        log.debug(
+            "chunks %d-%d of %s read from the source (%d bytes)",
+            flight.index,
+            batch[-1].index,
+            flight.entry.path,
+            span,
+        )
         pending = [len(batch)]
 
         def release() -> None:
