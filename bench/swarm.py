@@ -561,6 +561,7 @@ def main() -> int:
         help="extra daemon flag, repeatable (e.g. --daemon-arg=--prefetch-concurrency=12)",
     )
     ap.add_argument("--no-plain", action="store_true", help="skip the reference (tuning runs)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the logs after a success too")
     args = ap.parse_args()
     parse_rate(args.rate)
     why = unusable() or (None if Path("/dev/fuse").exists() else "/dev/fuse is missing")
@@ -576,6 +577,7 @@ def main() -> int:
     # Also when started in the background, where the shell hands it SIGINT ignored.
     signal.signal(signal.SIGINT, stop)
     reap_stale()  # first: it ends the daemons of a killed run, which frees their mounts
+    args.dir.mkdir(parents=True, exist_ok=True)
     reap_stale_workdirs(args.dir)
     work = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=args.dir))
     ok = False
@@ -588,9 +590,9 @@ def main() -> int:
         return 1
     finally:
         strip_workdir(work)
-        if ok:
+        if ok and not args.keep_logs:
             shutil.rmtree(work, ignore_errors=True)
-        else:
+        if not ok or args.keep_logs:
             print(f"logs kept in {work / 'logs'}", file=sys.stderr)
     if args.json:
         print(json.dumps(asdict(result), indent=2, sort_keys=True))
