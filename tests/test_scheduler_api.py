@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 import trio
+from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.errors import (
@@ -26,8 +27,6 @@ from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler import ChunkMap, Peer, SchedulerClient, SchedulerServer
 from syncbit.sources import Listing, Source, register
 
-CHUNK = 4
-TIMEOUT = 10.0
 OBJ_A = "a" * 64
 OBJ_B = "b" * 64
 D1 = "1" * 64
@@ -69,14 +68,6 @@ def listing(uri: str, files: dict[str, tuple[int, str]]) -> Listing:
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(autouse=True)
 def sources() -> Iterator[type[MemSource]]:
     MemSource.listings.clear()
@@ -86,39 +77,6 @@ def sources() -> Iterator[type[MemSource]]:
         "memtest://one/", {"a.bin": (10, OBJ_A), "dir/b.bin": (8, OBJ_B)}
     )
     yield MemSource
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> SchedulerConfig:
-    return any_port(
-        SchedulerConfig(state_dir=tmp_path / "state", node_timeout=TIMEOUT, chunk_size=CHUNK)
-    )
-
-
-def any_port(config: SchedulerConfig) -> SchedulerConfig:
-    # config.parse_address refuses port 0 (a person never means it); the server takes it.
-    return config.model_copy(update={"listen": "127.0.0.1:0"})
-
-
-@pytest.fixture
-def server(config: SchedulerConfig, clock: Clock) -> Iterator[SchedulerServer]:
-    srv = SchedulerServer(config, clock=clock)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-async def client(server: SchedulerServer) -> AsyncIterator[SchedulerClient]:
-    async with SchedulerClient(server.url) as c:
-        yield c
 
 
 @pytest.fixture

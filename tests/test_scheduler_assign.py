@@ -3,10 +3,10 @@ SchedulerServer on loopback driven by SchedulerClient."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from schedulerfixtures import CHUNK, TIMEOUT, Clock
 
 from syncbit.config import SchedulerConfig
 from syncbit.errors import NotFoundError, UnauthorizedError, UserError
@@ -15,8 +15,6 @@ from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.claims import Claims
 from syncbit.sources import Listing, Source, register
 
-CHUNK = 4
-TIMEOUT = 10.0
 OBJ_A = "a" * 64
 D1 = "1" * 64
 D2 = "2" * 64
@@ -33,46 +31,6 @@ class FixedSource(Source):
 
     def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
         raise NotImplementedError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def any_port(config: SchedulerConfig) -> SchedulerConfig:
-    return config.model_copy(update={"listen": "127.0.0.1:0"})
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> SchedulerConfig:
-    return any_port(
-        SchedulerConfig(state_dir=tmp_path / "state", node_timeout=TIMEOUT, chunk_size=CHUNK)
-    )
-
-
-@pytest.fixture
-def server(config: SchedulerConfig, clock: Clock) -> Iterator[SchedulerServer]:
-    srv = SchedulerServer(config, clock=clock)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-async def client(server: SchedulerServer) -> AsyncIterator[SchedulerClient]:
-    async with SchedulerClient(server.url) as c:
-        yield c
 
 
 async def beat(client: SchedulerClient, node: str, **labels: str) -> dict[str, object]:
