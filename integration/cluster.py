@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -549,6 +549,26 @@ class Node(ManagedProcess):
     def cleanup(self) -> None:
         super().cleanup()
         unmount_lazy(self.mount)
+
+    @contextlib.contextmanager
+    def restarted_with(
+        self, args: Iterable[str] = (), config: dict[str, Any] | None = None
+    ) -> Iterator[Node]:
+        """Run the block with this daemon restarted on extra flags / config keys; the
+        usual daemon again afterwards (also when the block failed or stopped it)."""
+        saved_args, saved_config = self.extra_args, dict(self.config)
+        if self.alive:
+            self.stop()
+        self.extra_args = [*saved_args, *args]
+        self.config.update(config or {})
+        self.start()
+        try:
+            yield self
+        finally:
+            if self.alive:
+                self.stop()
+            self.extra_args, self.config = saved_args, saved_config
+            self.start()
 
 
 # -- the dataset ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,18 +63,12 @@ def _drop_page_cache(cluster: Cluster, ds: Dataset) -> None:
 
 
 @pytest.fixture
-def small(up: Cluster) -> Cluster:
+def small(up: Cluster) -> Iterator[Cluster]:
     """n1 restarted with a 40 MiB cache budget (restored afterwards)."""
-    n1 = up.node("n1")
-    n1.stop()
-    n1.config["cache_size"] = "40MiB"
-    n1.start()
-    yield up  # type: ignore[misc]
-    up.cli("prefetch", "c_pin", "--remove")  # whatever a test left assigned goes
-    up.cli("prefetch", "c_big", "--remove")
-    n1.stop()
-    n1.config.pop("cache_size", None)
-    n1.start()
+    with up.node("n1").restarted_with(config={"cache_size": "40MiB"}):
+        yield up
+        up.cli("prefetch", "c_pin", "--remove")  # whatever a test left assigned goes
+        up.cli("prefetch", "c_big", "--remove")
 
 
 @pytest.mark.timeout(300)

@@ -31,12 +31,8 @@ def test_node_labels_follow_readiness_and_the_warmup_taint_goes_once_ready(
     up: Cluster, origin: Origin, origin_root: Path, kube: tuple[KubeAPI, Path]
 ) -> None:
     api, kubeconfig = kube
-    n1 = up.node("n1")
-    n1.stop()
-    n1.extra_args = ["--kubernetes", "--kubeconfig", str(kubeconfig)]
-    n1.config["kubernetes_interval"] = 0.3
-    n1.start()
-    try:
+    args = ["--kubernetes", "--kubeconfig", str(kubeconfig)]
+    with up.node("n1").restarted_with(args, {"kubernetes_interval": 0.3}):
         fresh_dataset(origin_root, "kmodel", {"w.bin": 6 * MiB})
         up.add_dataset("kmodel", f"{origin.url}/kmodel/")
         assert up.cli("prefetch", "kmodel", "--nodes", "n1").returncode == 0
@@ -60,11 +56,6 @@ def test_node_labels_follow_readiness_and_the_warmup_taint_goes_once_ready(
         assert up.cli("prefetch", "kmodel", "--remove").returncode == 0
         wait_until(lambda: key not in api.labels("n1"), 30, "the label to go")
         assert WARMING["key"] not in {t["key"] for t in api.taints("n1")}  # never re-added
-    finally:
-        n1.stop()
-        n1.extra_args = []
-        n1.config.pop("kubernetes_interval", None)
-        n1.start()
 
 
 @pytest.mark.timeout(300)
@@ -73,12 +64,8 @@ def test_daemon_keeps_serving_when_the_api_server_is_down(
 ) -> None:
     api, kubeconfig = kube
     api.stop()  # gone before the daemon even starts
-    n1 = up.node("n1")
-    n1.stop()
-    n1.extra_args = ["--kubernetes", "--kubeconfig", str(kubeconfig)]
-    n1.config["kubernetes_interval"] = 0.3
-    n1.start()
-    try:
+    args = ["--kubernetes", "--kubeconfig", str(kubeconfig)]
+    with up.node("n1").restarted_with(args, {"kubernetes_interval": 0.3}) as n1:
         ds = fresh_dataset(origin_root, "kdown", {"a.bin": 2 * MiB})
         up.add_dataset("kdown", f"{origin.url}/kdown/")
         assert (n1.path("kdown", "a.bin")).read_bytes() == (ds.root / "a.bin").read_bytes()
@@ -88,11 +75,6 @@ def test_daemon_keeps_serving_when_the_api_server_is_down(
             "one warning about the API server",
         )
         assert n1.alive
-    finally:
-        n1.stop()
-        n1.extra_args = []
-        n1.config.pop("kubernetes_interval", None)
-        n1.start()
 
 
 @pytest.mark.timeout(120)

@@ -134,11 +134,8 @@ def test_prefetch_to_a_selector_fills_matching_nodes_with_each_byte_from_the_ori
 def test_a_foreground_read_completes_while_prefetch_runs(
     up: Cluster, origin: Origin, origin_root: Path
 ) -> None:
-    n2 = up.node("n2")
-    n2.stop()
-    n2.extra_args = ["--prefetch-bandwidth", "4MB"]  # 48 MiB of prefetch takes ~12 s
-    n2.start()
-    try:
+    # 48 MiB of prefetch at 4 MB/s takes ~12 s
+    with up.node("n2").restarted_with(["--prefetch-bandwidth", "4MB"]) as n2:
         ds = fresh_dataset(origin_root, "busy", {"big.bin": 48 * MiB})
         up.add_dataset("busy", f"{origin.url}/busy/")
         assert up.cli("prefetch", "busy", "--nodes", "n2").returncode == 0
@@ -160,21 +157,13 @@ def test_a_foreground_read_completes_while_prefetch_runs(
         code, out = _wait(up, "n2", "busy")
         assert code == 0, out
         _check_bytes(up, "n2", ds)
-    finally:
-        n2.stop()
-        n2.extra_args = []
-        n2.start()
 
 
 @pytest.mark.timeout(300)
 def test_restart_resumes_prefetch_without_fetching_again(
     up: Cluster, origin: Origin, origin_root: Path
 ) -> None:
-    n3 = up.node("n3")
-    n3.stop()
-    n3.extra_args = ["--prefetch-bandwidth", "8MB"]
-    n3.start()
-    try:
+    with up.node("n3").restarted_with(["--prefetch-bandwidth", "8MB"]) as n3:
         ds = fresh_dataset(origin_root, "resumepf", {"big.bin": 64 * MiB})
         up.add_dataset("resumepf", f"{origin.url}/resumepf/")
         assert up.cli("prefetch", "resumepf", "--nodes", "n3").returncode == 0
@@ -186,7 +175,7 @@ def test_restart_resumes_prefetch_without_fetching_again(
         n3.stop()  # SIGTERM mid-prefetch
         held = origin.served("resumepf/big.bin")
         assert held < ds.total_size
-        n3.extra_args = []
+        n3.extra_args = []  # restarted without the cap (restored after the block)
         n3.start()
         code, out = _wait(up, "n3", "resumepf")
         assert code == 0, out
@@ -194,10 +183,6 @@ def test_restart_resumes_prefetch_without_fetching_again(
         # What n3 had before the restart was not fetched again (a few chunks in flight
         # at the stop may be).
         assert origin.served("resumepf/big.bin") <= ds.total_size + 8 * 4 * MiB
-    finally:
-        if not n3.alive:
-            n3.extra_args = []
-            n3.start()
 
 
 @pytest.mark.timeout(300)
