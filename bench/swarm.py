@@ -438,6 +438,10 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         sched_url = f"http://{sched.address}:{SCHED_PORT}"
         schedule = [*SYNCBIT, "scheduler", "--listen", f"{sched.address}:{SCHED_PORT}"]
         schedule += ["--state-dir", str(work / "scheduler")]
+        if args.chunk_size:
+            conf = work / "scheduler.yaml"
+            conf.write_text(f"chunk_size: {args.chunk_size}\n")
+            schedule += ["--config", str(conf)]
         sched_proc = launch(sched, "scheduler", schedule)
 
         def scheduler_up() -> bool:
@@ -561,6 +565,7 @@ def main() -> int:
         help="extra daemon flag, repeatable (e.g. --daemon-arg=--prefetch-concurrency=12)",
     )
     ap.add_argument("--no-plain", action="store_true", help="skip the reference (tuning runs)")
+    ap.add_argument("--chunk-size", type=parse_size, default=0, help="chunk size (default 4 MiB)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the logs after a success too")
     args = ap.parse_args()
     parse_rate(args.rate)
