@@ -7,9 +7,12 @@ finalizers, also when a test fails. Skips everything when FUSE cannot run here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from integration.cluster import (
     ALL_PROCESSES,
     Cluster,
     Dataset,
+    Node,
     Origin,
     build_dataset,
     fuse_unavailable,
@@ -56,6 +60,11 @@ def pytest_runtest_makereport(
     """On failure, attach the log tail of every process the harness started."""
     report = yield
     if report.failed and _HERE in Path(item.path).parents:
+        for proc in list(ALL_PROCESSES):  # daemons dump their threads' stacks to their log
+            if proc.alive and isinstance(proc, Node):
+                with contextlib.suppress(Exception):
+                    proc.kill(signal.SIGUSR1)
+        time.sleep(0.5)
         tails = [p.log_tail(60) for p in list(ALL_PROCESSES) if p.proc is not None]
         if tails:
             report.sections.append(("syncbit process logs", "\n\n".join(tails)))

@@ -8,6 +8,7 @@ step with the scheduler (heartbeat, dataset list, chunk reports).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import math
@@ -672,6 +673,9 @@ def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:
 
 
 def run(config: DaemonConfig) -> None:
-    """Run a node until SIGTERM/SIGINT; raises SyncbitError for start-up failures."""
+    """Run a node until SIGTERM/SIGINT; raises SyncbitError for start-up failures.
+    `kill -USR1 <pid>` writes every thread's stack to stderr (the log): what a stuck
+    daemon is doing, without stopping it."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     daemon = Daemon(config)
     trio.run(daemon.run)
