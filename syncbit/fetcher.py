@@ -99,6 +99,7 @@ class Flight:
     waiting_for: str = ""  # the node this parked flight waits for
     origin: str = ""  # where the bytes came from: "peer" or "source" (metrics)
     lane: str = ""  # the prefetch lane running it ("peer", "source"; "" for reads)
+    ran: bool = False  # a worker started it at least once
 
 
 @dataclass(eq=False)
@@ -447,9 +448,12 @@ class Fetcher:
             flight.lane = lane
             if lane:
                 self._lane_running[lane] += 1
-            if not flight.one_shot:
-                # A queued prefetch must not spend its deadline waiting in the queue.
+            if not flight.one_shot and not flight.ran:
+                # A queued prefetch must not spend its deadline waiting in the queue; a
+                # flight back from parking keeps the deadline it had (a reader's wait
+                # must not outlast its own deadline by a retry of the kernel's).
                 flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
+            flight.ran = True
             staged: list[Staged] | None = None
             parked: _Wait | _ToPeerLane | None = None
             began = trio.current_time()
@@ -680,7 +684,7 @@ class Fetcher:
             index += 1
         return found
 
-    async def _claim(self, flight: Flight, followers: list[Flight]) -> list[Flight]:
+    async def _claim(self, flight: Flight, followers: list[Flight], info: ChunkMap) -> list[Flight]:
         """Claim the source read of `flight`'s chunk (and its followers, already marked
         started) cluster-wide; returns the followers granted in an unbroken run and puts
         the rest back in the queue. Raises _Wait if another node has the chunk. Without an
@@ -707,6 +711,15 @@ class Fetcher:
         if unused:
             await self._release(obj.id, unused)
         if flight.index not in granted:
+            holders = info.peers.get(flight.index, [])
+            if (
+                flight.index in claim.held
+                and holders
+                and all(p.node in flight.bad_peers for p in holders)
+            ):
+                # Held only by peers that just failed this node (gone, not down yet in
+                # the scheduler's eyes): nobody is reading it, so the source it is.
+                return []
             raise _Wait(claim.busy.get(flight.index, "a peer"))
         return run
 
@@ -742,7 +755,7 @@ class Fetcher:
     ) -> list[Staged]:
         obj = flight.obj
         try:
-            followers = await self._claim(flight, followers)
+            followers = await self._claim(flight, followers, info)
         except BaseException:
             self._unclaim([f for f in followers if f.started and not f.done.is_set()])
             raise

@@ -69,9 +69,12 @@ class Directory:
         return self.info
 
     async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        """Like the scheduler: a chunk a peer holds or another node reads is not granted."""
         self.claims.append(indexes)
+        held = [i for i in indexes if self.info.peers.get(i) and i in self.info.digests]
         busy = {i: self.info.fetching[i] for i in indexes if i in self.info.fetching}
-        return ClaimResult(granted=[i for i in indexes if i not in busy], busy=busy)
+        granted = [i for i in indexes if i not in busy and i not in held]
+        return ClaimResult(granted=granted, busy=busy, held=held)
 
     async def release(self, object_id: str, indexes: list[int]) -> None:
         self.released.append(indexes)
@@ -201,8 +204,11 @@ async def test_only_bad_peers_falls_back_to_source(
     )
     fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
     await _run(fetcher, nursery)
-    assert await fetcher.read(fetcher.open(ENTRY, CS, source), CS, CS) == DATA[CS : 2 * CS]
+    with trio.fail_after(2):  # at once: the only holder failed, nobody else reads it
+        got = await fetcher.read(fetcher.open(ENTRY, CS, source), CS, CS)
+    assert got == DATA[CS : 2 * CS]
     assert source.reads == 1 and directory.reports == [("bad", 1)]
+    assert fetcher.stats["parked"] == 0
 
 
 async def test_deadline_gives_read_error_with_cause_then_recovers(
