@@ -64,6 +64,7 @@ def pytest_runtest_makereport(
             if proc.alive and isinstance(proc, Node):
                 with contextlib.suppress(Exception):
                     proc.kill(signal.SIGUSR1)
+                    proc.kill(signal.SIGUSR2)
         time.sleep(0.5)
         tails = [p.log_tail(60) for p in list(ALL_PROCESSES) if p.proc is not None]
         if tails:

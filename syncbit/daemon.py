@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -672,10 +673,37 @@ def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:
     ]
 
 
+def _dump_tasks(signum: int, frame: object) -> None:
+    """`kill -USR2 <pid>`: every trio task and where it waits, to stderr (the log)."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        where = []
+        coro: Any = task.coro
+        while coro is not None:
+            frame_ = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame_ is not None:
+                where.append(f"{frame_.f_code.co_name}:{frame_.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append(f"{'  ' * depth}{task.name} @ {' > '.join(where)}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(root, 0)
+    sys.stderr.write("trio tasks:\n" + "\n".join(lines) + "\n")
+    sys.stderr.flush()
+
+
 def run(config: DaemonConfig) -> None:
     """Run a node until SIGTERM/SIGINT; raises SyncbitError for start-up failures.
-    `kill -USR1 <pid>` writes every thread's stack to stderr (the log): what a stuck
-    daemon is doing, without stopping it."""
+    `kill -USR1 <pid>` writes every thread's stack to stderr (the log), `kill -USR2` every
+    trio task and where it waits: what a stuck daemon is doing, without stopping it."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGUSR2, _dump_tasks)
     daemon = Daemon(config)
     trio.run(daemon.run)
