@@ -560,12 +560,16 @@ class ObjectStore:
         task_status.started()
         while True:
             with trio.move_on_after(self.touch_interval):
-                await self._pending_event.wait()
+                # Only this loop replaces the event, and only when nothing is pending: a
+                # `flush()` elsewhere that took the batch can never leave it waiting on an
+                # event no one sets any more (chunks written but not durable for 30 s).
+                while not self._pending:
+                    self._pending_event = trio.Event()
+                    await self._pending_event.wait()
             if not await self._commit():
                 if self._commit_enospc:
                     await self.evict_lru(1)
-                await trio.sleep(1.0)
-                self._pending_event.set()
+                await trio.sleep(1.0)  # the batch is pending again: the next turn retries
 
     async def flush(self) -> None:
         """Make every written chunk durable now. If the index cannot be written (logged),
@@ -575,7 +579,6 @@ class ObjectStore:
     async def _commit(self) -> bool:
         """One group commit; False if it failed (the batch is queued again)."""
         async with self._index_lock:  # a discard never runs between batch and commit
-            self._pending_event = trio.Event()
             batch, self._pending = self._pending, []
             metas = self._touched_metas({obj for obj, _, _ in batch})
             if not batch and not metas:

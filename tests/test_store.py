@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import trio
 
 from syncbit.chunks import digest
 from syncbit.errors import CacheLockedError
@@ -101,4 +102,27 @@ def test_bytes_in_counts_the_short_last_chunk(tmp_path: Path) -> None:
         assert obj.bytes_in({2}) == 452
         assert obj.bytes_in({0, 1, 2}) == 2500
     finally:
+        store.close()
+
+
+async def test_commit_loop_keeps_committing_after_a_flush_elsewhere(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A `flush()` from another task (a finished prefetch) takes the pending batch while
+    the commit loop waits: chunks written afterwards must still become durable at once,
+    not after the loop's 30 s timer (other nodes wait for them)."""
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    try:
+        await nursery.start(store.commit_loop)
+        await trio.sleep(0.05)  # the loop waits for work
+        await store.flush()  # elsewhere, e.g. a finished prefetch job: nothing pending
+        await trio.sleep(0.05)
+        _write(store, 1, b"b" * CS)
+        obj = store.get(OID)
+        assert obj is not None
+        with trio.fail_after(5):
+            while 1 not in obj.durable:
+                await trio.sleep(0.01)
+    finally:
+        nursery.cancel_scope.cancel()
         store.close()
