@@ -8,7 +8,9 @@ across its files in manifest order, belongs to member k mod N) and takes the res
 other members, so the origin sends each byte about once however many nodes prefetch.
 A member that leaves the plan (down, unassigned) hands its share to the others at the
 next plan refresh. A prefetch that fails is retried with backoff for as long as the
-dataset stays assigned; a pull reports its error to the CLI and stops.
+dataset stays assigned, unless the cache cannot hold it (assigned data over the budget):
+then what fits stays and nothing is fetched again and again; a pull reports its error to
+the CLI and stops.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import trio
 
 from syncbit.chunks import chunk_count
-from syncbit.errors import SyncbitError
+from syncbit.errors import CacheFullError, SyncbitError
 from syncbit.fetcher import Fetcher, Priority
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.retry import backoff_delays
@@ -41,6 +43,7 @@ class Job:
     members: list[str] = field(default_factory=list)  # prefetch: the plan's nodes, sorted
     done: bool = False
     error: str | None = None
+    full: bool = False  # failed because the cache cannot hold it: no retry loop
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
 
@@ -84,7 +87,11 @@ class Jobs:
         if (
             job is not None
             and job.manifest.revision == manifest.revision
-            and (not job.done or (job.error is None and self.is_ready(manifest)))
+            and (
+                not job.done
+                or (job.error is None and self.is_ready(manifest))
+                or (job.full and kind == "prefetch")
+            )
         ):
             if kind == "prefetch":
                 job.members = list(members or [])
@@ -118,9 +125,11 @@ class Jobs:
                     job.done = True
                     log.info("%s of %s: complete", job.kind, name)
                     break
-                if job.kind == "pull":
+                if job.kind == "pull" or job.full:
+                    # A dataset the cache cannot hold is not fetched again and again: what
+                    # fits stays; status says the node is over budget.
                     job.done = True
-                    log.warning("pull of %s failed: %s", name, job.error)
+                    log.warning("%s of %s failed: %s", job.kind, name, job.error)
                     break
                 delay = next(delays)
                 log.warning("prefetch of %s failed: %s; retrying in %.0fs", name, job.error, delay)
@@ -149,6 +158,7 @@ class Jobs:
                     )
                 except SyncbitError as exc:
                     job.error = job.error or f"{entry.path}: {exc}"
+                    job.full = job.full or isinstance(exc, CacheFullError)
 
         async with trio.open_nursery() as nursery:
             for entry, base in placed:
