@@ -4,6 +4,7 @@ SchedulerServer on loopback driven by SchedulerClient."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from schedulerfixtures import CHUNK, TIMEOUT, Clock
@@ -238,3 +239,30 @@ async def test_cluster_token_guards_every_route_but_the_probes(
             assert [n["name"] for n in await good.nodes()] == ["n1"]
     finally:
         server.stop()
+
+
+async def test_chunk_maps_and_heartbeats_do_not_reread_every_node(
+    client: SchedulerClient, server: SchedulerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a thousand nodes, a node list per chunk-map poll or heartbeat would dominate the
+    scheduler: up nodes and plans are computed once and reused briefly."""
+    await client.add_dataset("one", "memassign://one/")
+    await client.assign("one", [{"selector": {}}])
+    for i in range(5):
+        await beat(client, f"n{i}")
+    assert server.state is not None
+    reads = [0]
+    nodes = server.state.nodes
+
+    def counted() -> list[Any]:
+        reads[0] += 1
+        return nodes()
+
+    monkeypatch.setattr(server.state, "nodes", counted)
+    for _ in range(20):
+        await client.chunk_map(OBJ_A, "n1")
+        await client.heartbeat("n1", address="127.0.0.1:12", labels={})
+    assert reads[0] <= 6  # 20 of each, with the clock standing still
+    assert [p["members"] for p in (await client.plan("n3"))["plan"]] == [
+        ["n0", "n1", "n2", "n3", "n4"]
+    ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 
@@ -37,7 +38,7 @@ class Claims:
         object_id: str,
         indexes: Iterable[int],
         ttl: float,
-        up: set[str],
+        up: AbstractSet[str],
     ) -> tuple[list[int], dict[int, str]]:
         """Grant `node` the chunks nobody else (up, unexpired) is fetching.
 
@@ -82,7 +83,9 @@ class Claims:
         with self._lock:
             return len(self._claims)
 
-    def fetching(self, object_id: str, up: set[str], requester: str | None) -> dict[int, str]:
+    def fetching(
+        self, object_id: str, up: AbstractSet[str], requester: str | None
+    ) -> dict[int, str]:
         """Chunks of an object that an up node other than `requester` is fetching now."""
         now = self.clock()
         out: dict[int, str] = {}

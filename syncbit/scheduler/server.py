@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -42,6 +43,8 @@ from syncbit.scheduler.state import DatasetExistsError, SchedulerState
 from syncbit.sources.base import open_source, options_for
 
 log = logging.getLogger("syncbit.scheduler")
+
+_UP_TTL = 0.5  # seconds a list of up nodes is reused by claims and chunk maps
 
 RESOLVE_TIMEOUT = 300.0
 """Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502."""
@@ -361,6 +364,8 @@ class Api:
         self.policy = policy
         self.resolve = resolve
         self.claims = Claims()
+        self._up_cache: tuple[float, frozenset[str]] | None = None
+        self._plans: tuple[tuple[int, int], dict[str, list[dict[str, Any]]]] | None = None
         self.requests: dict[tuple[str, str], int] = {}  # (method, route) -> count
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Snapshot(self._collect))
@@ -482,7 +487,7 @@ class Api:
             req.pinned_bytes,
             req.pinned_over_budget,
         )
-        return _json({**info.to_json(), "plan": self.state.plan(seg[2])})
+        return _json({**info.to_json(), "plan": self.plan(seg[2])})
 
     def _labels(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: LabelsBody = _parse(LabelsBody, _decode(body))
@@ -490,7 +495,7 @@ class Api:
 
     def _plan(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         generation = self.state.generation()
-        return _json({"generation": generation, "plan": self.state.plan(seg[2])})
+        return _json({"generation": generation, "plan": self.plan(seg[2])})
 
     def _assignments(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return _json({"assignments": self.state.targets()})
@@ -507,8 +512,26 @@ class Api:
         targets = None if req.targets is None else [t.doc() for t in req.targets]
         return _json({"dataset": seg[2], "targets": self.state.remove_targets(seg[2], targets)})
 
-    def _up(self) -> set[str]:
-        return {n.name for n in self.state.nodes() if n.up}
+    def _up(self) -> AbstractSet[str]:
+        """Names of the nodes up now, read at most twice a second: claims and chunk maps
+        ask for every request, and a node list is one JSON parse per registered node."""
+        now = self.state.clock()
+        cached = self._up_cache
+        if cached is None or cached[0] <= now:
+            cached = self._up_cache = (
+                now + _UP_TTL,
+                frozenset(n.name for n in self.state.nodes() if n.up),
+            )
+        return cached[1]
+
+    def plan(self, node: str) -> list[dict[str, Any]]:
+        """`node`'s plan, from all nodes' plans computed once per generation and second:
+        every heartbeat carries one, and computing it reads every node and dataset."""
+        key = (self.state.generation(), int(self.state.clock()))
+        cached = self._plans
+        if cached is None or cached[0] != key:
+            cached = self._plans = (key, self.state.plans())
+        return cached[1].get(node, [])
 
     def _claim(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         """Grant source fetches of chunks no peer holds and no other node is fetching."""

@@ -527,27 +527,28 @@ class SchedulerState:
         with self._read() as txn:
             return {k.decode(): json.loads(v) for k, v in txn.cursor(db=self._targets)}
 
-    def plan(self, node: str) -> list[dict[str, Any]]:
-        """What `node` must hold: per assigned dataset, its revision and the sorted up nodes
-        assigned it (`members`). Members split the source fetches between them (each chunk
-        from the source by one member, by position), so the origin sends each byte once."""
-        nodes = {n.name: n for n in self.nodes()}
-        me = nodes.get(node)
-        if me is None:
-            return []
+    def plans(self) -> dict[str, list[dict[str, Any]]]:
+        """What every node must hold: per node, per assigned dataset, its revision and the
+        sorted up nodes assigned it (`members`, the node itself always included). Members
+        split the source fetches between them (each chunk from the source by one member,
+        by position), so the origin sends each byte once. One pass for all nodes: the API
+        serves every heartbeat from one such result (see `Api.plan`)."""
+        nodes = self.nodes()
         summaries = {d["name"]: d for d in self.datasets()}
-        plans = []
+        plans: dict[str, list[dict[str, Any]]] = {n.name: [] for n in nodes}
         for dataset, targets in sorted(self.targets().items()):
-            if dataset not in summaries or not any(matches(t, me) for t in targets):
+            if dataset not in summaries:
                 continue
-            members = sorted(
-                n.name
-                for n in nodes.values()
-                if (n.up or n.name == node) and any(matches(t, n) for t in targets)
-            )
-            plans.append(
-                {"dataset": dataset, "revision": summaries[dataset]["revision"], "members": members}
-            )
+            assigned = [n for n in nodes if any(matches(t, n) for t in targets)]
+            up = {n.name for n in assigned if n.up}
+            for node in assigned:
+                plans[node.name].append(
+                    {
+                        "dataset": dataset,
+                        "revision": summaries[dataset]["revision"],
+                        "members": sorted(up | {node.name}),
+                    }
+                )
         return plans
 
     # -- chunks -------------------------------------------------------------------------------
