@@ -103,6 +103,8 @@ def test_prefetch_to_a_selector_fills_matching_nodes_with_each_byte_from_the_ori
     # n4 does not match the selector: nothing was fetched there.
     assert _progress(up, "n4", "pf")["present_bytes"] == 0
     assert os.getxattr(up.node("n4").path("pf"), "user.syncbit.ready") == b"0"
+    assert os.getxattr(up.node("n1").path("pf"), "user.syncbit.assigned") == b"1"
+    assert os.getxattr(up.node("n4").path("pf"), "user.syncbit.assigned") == b"0"
     wait_until(
         lambda: sorted(_status(up)["pf"]["ready"]) == ["n1", "n2", "n3"],  # type: ignore[arg-type]
         15,
@@ -112,6 +114,10 @@ def test_prefetch_to_a_selector_fills_matching_nodes_with_each_byte_from_the_ori
     assert sorted(status["assigned"]) == ["n1", "n2", "n3"]  # type: ignore[arg-type]
     table = up.cli("status")
     assert "3/3" in table.stdout, table.stdout
+    listed = up.cli("node", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    ready = {n["name"]: sorted(n["ready"]) for n in json.loads(listed.stdout)}
+    assert ready == {"n1": ["pf"], "n2": ["pf"], "n3": ["pf"], "n4": []}
 
     # A label change on n4 assigns it without a restart; it fills from its peers.
     before = _served(origin, ds)
