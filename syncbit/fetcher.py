@@ -231,8 +231,10 @@ class Fetcher:
     def release(self, handle: OpenFile) -> None:
         handle.obj.opened -= 1
 
-    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of an open file, fetching what is missing.
+    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset+length) of an open file, fetching what is missing. A
+        memoryview result is valid only until the caller's next checkpoint (see
+        `ObjectStore.read_parts`).
 
         Raises ReadDeadlineError (with the last cause) when the chunks did not arrive within
         the read deadline, SourceChangedError when the source lost the recorded version,
@@ -267,10 +269,15 @@ class Fetcher:
                 self._readahead(handle, span.stop)
             self._count_read(obj, offset, length)
             parts = self.store.read_parts(obj, offset, length)
-            if len(parts) == 1 and isinstance(parts[0], bytes):
+            if len(parts) == 1 and not isinstance(parts[0], range):
+                # A view of a staged chunk's buffer goes to the kernel as it is: pyfuse3
+                # replies before the trio thread yields, so the buffer cannot be recycled
+                # first, and the reader's bytes skip one 1 MiB copy.
                 return parts[0]
             if any(isinstance(p, range) for p in parts):
-                parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, parts)
+                # Staged views must not outlive this checkpoint: copy them first.
+                held = [bytes(p) if isinstance(p, memoryview) else p for p in parts]
+                parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, held)
         return b"".join(parts)  # type: ignore[arg-type]
 
     def _count_read(self, obj: StoredObject, offset: int, length: int) -> None:
@@ -289,7 +296,9 @@ class Fetcher:
             origin = came_from.pop(key, "cache") if end >= chunk_end else came_from.get(key)
             self.read_bytes[origin or "cache"] += part
 
-    def _read_disk_parts(self, obj: StoredObject, parts: list[bytes | range]) -> list[bytes]:
+    def _read_disk_parts(
+        self, obj: StoredObject, parts: list[bytes | memoryview | range]
+    ) -> list[bytes | memoryview]:
         return [self.store.read(obj, p.start, len(p)) if isinstance(p, range) else p for p in parts]
 
     def _readahead(self, handle: OpenFile, after: int) -> None:

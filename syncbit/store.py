@@ -459,23 +459,27 @@ class ObjectStore:
         """Blocking read of held bytes."""
         return os.pread(self.fd(obj), length, offset)
 
-    def read_parts(self, obj: StoredObject, offset: int, length: int) -> list[bytes | range]:
+    def read_parts(
+        self, obj: StoredObject, offset: int, length: int
+    ) -> list[bytes | memoryview | range]:
         """Bytes of [offset, offset+length) of a held range, without blocking (trio thread).
 
-        Staged chunks are copied from RAM here, where nothing can recycle their buffers;
-        page-cached runs are read with RWF_NOWAIT. What would need the disk comes back as a
-        `range` of file offsets for the caller to `pread` in a thread: those chunks are
-        written, so the file has them.
+        Staged chunks come back as views of their RAM buffers, not copies: valid only until
+        the trio thread next yields (a buffer is recycled only from the trio thread), so
+        the caller must use or copy them before any checkpoint. Page-cached runs are read
+        with RWF_NOWAIT. What would need the disk comes back as a `range` of file offsets
+        for the caller to `pread` in a thread: those chunks are written, so the file has
+        them.
         """
         cs = obj.chunk_size
-        parts: list[bytes | range] = []
+        parts: list[bytes | memoryview | range] = []
         pos, end = offset, offset + length
         while pos < end:
             index = pos // cs
             stop = min(end, (index + 1) * cs)
             view = obj.staged.get(index)
             if view is not None:
-                parts.append(bytes(view[pos - index * cs : stop - index * cs]))
+                parts.append(view[pos - index * cs : stop - index * cs])
                 self._touch_staged(obj, index)
             else:
                 while stop < end and (stop // cs) not in obj.staged:
