@@ -308,6 +308,11 @@ class Fetcher:
         them ahead of the reader (an explicit fadvise(WILLNEED) measured slower).
         """
         obj = handle.obj
+        if handle.readahead_until - after > self.readahead_chunks // 2:
+            # Like the kernel's async readahead, top the window up only once half of it is
+            # consumed: the new chunks queue together and go out as one source request and
+            # one claim, not one of each per chunk.
+            return
         stop = min(after + self.readahead_chunks, chunk_count(obj.size, obj.chunk_size))
         for index in range(max(after, handle.readahead_until), stop):
             if not obj.has(index):
