@@ -214,7 +214,29 @@ class Fetcher:
             self._nursery = nursery
             for _ in range(self.workers):
                 nursery.start_soon(self._worker)
+            if log.isEnabledFor(logging.DEBUG):
+                nursery.start_soon(self._log_queues)
             task_status.started()
+
+    async def _log_queues(self) -> None:
+        """Debug aid: once a second while anything is in flight, what each lane holds."""
+        while True:
+            await trio.sleep(1)
+            parked = sum(len(p) for p in self._parked.values())
+            if not (self._flights or parked):
+                continue
+            log.debug(
+                "flights %d; reads queued %d; peer lane %d running, %d queued; source lane "
+                "%d running, %d queued; parked %d; waiting to write %d",
+                len(self._flights),
+                len(self._queue),
+                self._lane_running["peer"],
+                len(self._lanes["peer"]),
+                self._lane_running["source"],
+                len(self._lanes["source"]),
+                parked,
+                self._write_slots.statistics().tasks_waiting,
+            )
 
     # -- the read path --------------------------------------------------------------------
 
@@ -831,8 +853,16 @@ class Fetcher:
             return ChunkMap()
 
     async def _from_peer(self, flight: Flight, peer: Peer, view: memoryview, expected: str) -> bool:
+        began = trio.current_time()
         try:
             await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
+            log.debug(
+                "chunk %d of %s from %s in %.2fs",
+                flight.index,
+                flight.entry.path,
+                peer.node,
+                trio.current_time() - began,
+            )
             return True
         except DigestMismatchError as exc:
             self.stats["verify_failures"] += 1
