@@ -74,6 +74,14 @@ class Jobs:
         self.flush = flush  # makes written chunks durable
         self.jobs: dict[str, Job] = {}
         self._nursery: trio.Nursery | None = None
+        fetcher.source_sharers = self._source_sharers
+
+    def _source_sharers(self) -> int:
+        """Nodes sharing the source reads: the largest running prefetch plan."""
+        return max(
+            (len(j.members) for j in self.jobs.values() if j.kind == "prefetch" and not j.done),
+            default=1,
+        )
 
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery

@@ -17,7 +17,8 @@ from syncbit.errors import (
     SourceUnavailableError,
 )
 from syncbit.fetcher import Fetcher, Priority
-from syncbit.manifest import FileEntry
+from syncbit.jobs import Jobs
+from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler.client import ChunkMap, ClaimResult, Peer
 from syncbit.sources.base import Listing, Source
 from syncbit.store import ObjectStore
@@ -583,3 +584,76 @@ async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
     with trio.fail_after(5):
         await done.wait()
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("sharers", "at_once"), [(1, 3), (2, 2), (8, 1)])
+async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
+    store: ObjectStore, nursery: trio.Nursery, sharers: int, at_once: int
+) -> None:
+    """About prefetch_concurrency/2 source reads across the plan's nodes, at least one per
+    node: with many nodes each reads its share one chunk at a time, so every chunk is
+    complete (and can be forwarded) as soon as possible."""
+    gate = threading.Event()
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    class CountingSource(MemSource):
+        def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                gate.wait(10)
+                super().read_into(entry, offset, buf)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    source = CountingSource()
+    fetcher = Fetcher(  # type: ignore[arg-type]
+        store, Directory(), Peers(), source_batch=CS, prefetch_concurrency=6
+    )
+    fetcher.source_sharers = lambda: sharers
+    await _run(fetcher, nursery)
+    nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
+    with trio.fail_after(5):
+        while running[0] < at_once:
+            await trio.sleep(0.01)
+    await trio.sleep(0.2)  # room for more to start, if the limit let them
+    assert peak[0] == at_once
+    gate.set()
+    handle = fetcher.open(ENTRY, CS, source)
+    with trio.fail_after(5):
+        assert await fetcher.read(handle, 0, len(DATA)) == DATA
+
+
+async def test_prefetch_jobs_tell_the_fetcher_how_many_nodes_share_the_source(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    gate = threading.Event()
+
+    class GatedSource(MemSource):
+        def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+            gate.wait(10)
+            super().read_into(entry, offset, buf)
+
+    source = GatedSource()
+    fetcher = Fetcher(store, Directory(), Peers())  # type: ignore[arg-type]
+    await _run(fetcher, nursery)
+
+    async def flush() -> None:
+        await store.flush()
+
+    jobs = Jobs("me", fetcher, lambda m: source, lambda m: False, flush)
+    jobs.bind(nursery)
+    manifest = Manifest(dataset="d", source="mem://", revision="r1", chunk_size=CS, files=[ENTRY])
+    assert fetcher.source_sharers() == 1
+    job = jobs.start(manifest, "prefetch", ["a", "me", "z"])
+    assert fetcher.source_sharers() == 3
+    jobs.start(manifest, "prefetch", ["a", "me"])  # the plan lost a member
+    assert fetcher.source_sharers() == 2
+    jobs.start(manifest, "prefetch", ["me"])  # alone: it reads everything itself
+    gate.set()
+    with trio.fail_after(5):
+        await job.finished.wait()
+    assert fetcher.source_sharers() == 1  # nothing running: a read has the whole budget
