@@ -45,6 +45,7 @@ from syncbit.store import ObjectStore, StoredObject
 log = logging.getLogger("syncbit.daemon")
 
 _CHUNK_INFO_TTL = 1.0
+_GENERATION_WAIT = 25.0  # seconds a long poll for a new scheduler generation may wait
 _REPORT_BATCH = 4096
 
 
@@ -585,8 +586,15 @@ class Daemon:
         self.tree.update(self.manifests)
 
     async def _dataset_loop(self) -> None:
+        """Follow the scheduler's generation with a long poll: a dataset added, an
+        assignment or a label change reaches this node at once (prefetch starts within
+        milliseconds of `syncbit prefetch`, not at the next poll)."""
         while True:
-            await trio.sleep(1.0)
+            seen: int | None = None
+            try:
+                seen = await self.client.wait_generation(self._generation, _GENERATION_WAIT)
+            except SyncbitError:
+                await trio.sleep(1.0)  # unreachable, or a scheduler without the long poll
             generation = self._generation
             await self._sync_datasets()
             if self._generation != generation:  # datasets, assignments or labels changed
@@ -594,6 +602,8 @@ class Daemon:
                     await self._apply_plan((await self.client.plan(self.config.node))["plan"])
                 except SyncbitError as exc:
                     self._warn("plan refresh failed", exc)
+            elif seen is not None and seen != generation:
+                await trio.sleep(1.0)  # changed, but the sync failed: not in a tight loop
 
     async def _sync_datasets(self, quiet: bool = False, force: bool = False) -> None:
         try:

@@ -21,6 +21,7 @@ from syncbit.errors import (
     SchedulerError,
     SourceError,
     SourceUnavailableError,
+    SyncbitError,
     UserError,
 )
 from syncbit.manifest import FileEntry, Manifest
@@ -449,3 +450,51 @@ def test_listen_failure_is_a_scheduler_error(tmp_path: Path) -> None:
     # the state was closed again: a second server can open it
     with SchedulerServer(any_port(SchedulerConfig(state_dir=tmp_path / "s", node_timeout=1))):
         pass
+
+
+async def test_generation_long_poll_answers_on_change_or_timeout(
+    client: SchedulerClient, server: SchedulerServer, raw: httpx.AsyncClient
+) -> None:
+    start = (await raw.get("/v1/generation")).json()["generation"]
+    # Nothing changes: the poll waits its timeout and answers the same generation.
+    began = time.monotonic()
+    assert await client.wait_generation(start, timeout=0.3) == start
+    assert time.monotonic() - began >= 0.3
+    # A change answers a waiting poll at once, long before its timeout.
+    got: list[int] = []
+
+    async def poll() -> None:
+        got.append(await client.wait_generation(start, timeout=20))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            await trio.sleep(0.2)
+            assert not got  # still waiting
+            await client.add_dataset("ds", "memtest://one/")
+    assert got == [start + 1]
+    # A poll behind the current generation answers at once.
+    with trio.fail_after(2):
+        assert await client.wait_generation(start, timeout=20) == start + 1
+    for bad in ("after=x", "after=1&timeout=nan", "after=1&timeout=soon"):
+        resp = await raw.get(f"/v1/generation?{bad}")
+        assert resp.status_code == 400 and "after must be an integer" in resp.json()["error"]
+
+
+async def test_stopping_the_scheduler_ends_long_polls(server: SchedulerServer) -> None:
+    async with SchedulerClient(server.url) as client:
+        generation = await client.wait_generation(-1, timeout=0)
+        failed: list[Exception] = []
+
+        async def poll() -> None:
+            try:
+                await client.wait_generation(generation, timeout=50)
+            except SyncbitError as exc:
+                failed.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await trio.sleep(0.2)
+                await trio.to_thread.run_sync(server.stop)
+        assert failed  # answered (or dropped) at once, not after 50 s

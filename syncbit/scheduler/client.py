@@ -199,6 +199,17 @@ class SchedulerClient:
         result: dict[str, Any] = await self._request("GET", f"/v1/nodes/{_segment(node)}/plan")
         return result
 
+    async def wait_generation(self, after: int, timeout: float = 30.0) -> int:
+        """The scheduler's generation once it is no longer `after`, or after `timeout`
+        seconds (a long poll)."""
+        result: dict[str, Any] = await self._request(
+            "GET",
+            "/v1/generation",
+            params={"after": str(after), "timeout": f"{timeout:g}"},
+            timeout=timeout + self.timeout,
+        )
+        return int(result["generation"])
+
     async def edit_labels(
         self, node: str, set_: dict[str, str], remove: list[str]
     ) -> dict[str, Any]:

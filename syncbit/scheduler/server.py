@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 import sys
 import threading
@@ -455,6 +456,8 @@ class Api:
                 table = {"POST": self._report}
             case ["v1", "status"]:
                 table = {"GET": self._status}
+            case ["v1", "generation"]:
+                table = {"GET": self._generation}
         if not table:
             raise _HTTPError(404, f"no such endpoint: /{'/'.join(seg)}", "NotFoundError", {})
         if method not in table:
@@ -492,6 +495,23 @@ class Api:
     def _labels(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: LabelsBody = _parse(LabelsBody, _decode(body))
         return _json(self.state.edit_labels(seg[2], req.set, req.remove).to_json())
+
+    def _generation(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """`?after=G&timeout=S`: answers when the generation is no longer G, or after S
+        seconds (at most 60); without `after`, at once."""
+        try:
+            after = int(query["after"]) if "after" in query else None
+            timeout = float(query.get("timeout", "30"))
+            if not math.isfinite(timeout):
+                raise ValueError(timeout)
+        except ValueError:
+            raise _HTTPError(
+                400, "after must be an integer, timeout a number of seconds", "UserError", {}
+            ) from None
+        timeout = min(max(timeout, 0.0), 60.0)
+        if after is None:
+            return _json({"generation": self.state.generation()})
+        return _json({"generation": self.state.wait_generation(after, timeout)})
 
     def _plan(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         generation = self.state.generation()

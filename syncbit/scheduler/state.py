@@ -193,6 +193,9 @@ class SchedulerState:
         self.node_timeout = node_timeout
         self.clock = clock
         self._write_lock = threading.Lock()
+        # Wakes `wait_generation` callers once a write that bumped the generation commits.
+        self._generation_cond = threading.Condition()
+        self._bumped = False  # under _write_lock: the current write bumped the generation
         self._use_cond = threading.Condition()
         self._active = 0
         self._closed = False
@@ -238,8 +241,13 @@ class SchedulerState:
 
     @contextmanager
     def _write(self) -> Iterator[lmdb.Transaction[bytes]]:
-        with self._use(), self._write_lock, self._env.begin(write=True) as txn:
-            yield txn
+        with self._use(), self._write_lock:
+            self._bumped = False
+            with self._env.begin(write=True) as txn:
+                yield txn
+            if self._bumped:  # committed: waiters may now read the new generation
+                with self._generation_cond:
+                    self._generation_cond.notify_all()
 
     def close(self) -> None:
         """Wait for operations in flight, then close the environment. Idempotent."""
@@ -247,6 +255,9 @@ class SchedulerState:
             if self._closed:
                 return
             self._closed = True
+        with self._generation_cond:  # not under _use_cond: a waiter takes them the other way
+            self._generation_cond.notify_all()  # long polls answer now
+        with self._use_cond:
             self._use_cond.wait_for(lambda: self._active == 0)
         self._env.close()
 
@@ -262,8 +273,8 @@ class SchedulerState:
         doc["labels"] = effective_labels(doc["labels"], doc.get("label_overrides", {}))
         return NodeInfo(**doc)
 
-    @staticmethod
-    def _bump(txn: lmdb.Transaction[bytes], db: lmdb._Database) -> int:
+    def _bump(self, txn: lmdb.Transaction[bytes], db: lmdb._Database) -> int:
+        self._bumped = True
         raw = txn.get(_GENERATION, db=db)
         generation = (int.from_bytes(raw, "big") if raw else 0) + 1
         txn.put(_GENERATION, generation.to_bytes(8, "big"), db=db)
@@ -451,6 +462,19 @@ class SchedulerState:
         with self._read() as txn:
             raw = txn.get(_GENERATION, db=self._meta)
         return int.from_bytes(raw, "big") if raw else 0
+
+    def wait_generation(self, after: int, timeout: float) -> int:
+        """The generation once it differs from `after`, or after `timeout` seconds (a
+        long poll: nodes see new datasets, assignments and labels at once, not on their
+        next poll). Blocking: for the HTTP server's request threads."""
+        deadline = time.monotonic() + timeout
+        with self._generation_cond:
+            while True:
+                generation = self.generation()
+                left = deadline - time.monotonic()
+                if generation != after or left <= 0 or self._closed:
+                    return generation
+                self._generation_cond.wait(left)
 
     def remove_dataset(self, name: str) -> None:
         """Forget a dataset (NotFoundError if unknown). Chunk facts stay: nodes still hold them."""
