@@ -198,6 +198,9 @@ def daemon(
     prefetch_bandwidth: Annotated[
         str | None, typer.Option(help="Prefetch bandwidth cap in bytes/s, e.g. 100MB (0: none).")
     ] = None,
+    upload_slots: Annotated[
+        int | None, typer.Option(help="Prefetch transfers this node serves at once (0: any).")
+    ] = None,
     kubernetes: Annotated[
         bool | None,
         typer.Option(
@@ -230,6 +233,7 @@ def daemon(
             "scheduler_listen": scheduler_listen,
             "prefetch_concurrency": prefetch_concurrency,
             "prefetch_bandwidth": prefetch_bandwidth,
+            "upload_slots": upload_slots,
             "kubernetes": kubernetes,
             "kubeconfig": kubeconfig,
             "token_file": token_file,

@@ -150,7 +150,7 @@ class Daemon:
             self.embedded.start()
             url = self.embedded.url
             log.info("embedded scheduler on %s", url)
-        self.peer_server = PeerServer(self.store, cfg.listen, self.token)
+        self.peer_server = PeerServer(self.store, cfg.listen, self.token, cfg.upload_slots)
         self.peer_server.start()
         log.info("peer service on %s", self.peer_server.address)
         return url
@@ -261,6 +261,12 @@ class Daemon:
             "syncbit_peer_served_bytes",
             "Bytes served to other nodes.",
             {(): self.peer_server.bytes_served},
+            [],
+        )
+        yield counter(
+            "syncbit_peer_busy_refusals",
+            "Prefetch transfers this node turned away: every upload slot was taken.",
+            {(): self.peer_server.refused},
             [],
         )
         yield gauge(

@@ -64,6 +64,10 @@ class PeerError(SyncbitError):
     """A peer failed to deliver a chunk."""
 
 
+class PeerBusyError(PeerError):
+    """A peer had no free upload slot for a prefetch transfer: ask another holder."""
+
+
 class DigestMismatchError(PeerError):
     """Bytes did not match the chunk's recorded digest."""
 

@@ -27,6 +27,7 @@ from syncbit.chunks import chunk_count, chunk_length, chunk_span, digest
 from syncbit.errors import (
     CacheFullError,
     DigestMismatchError,
+    PeerBusyError,
     PeerError,
     ReadDeadlineError,
     SourceChangedError,
@@ -200,7 +201,7 @@ class Fetcher:
         # bounded so RAM stays bounded (each slot pins one chunk buffer).
         self._write_slots = trio.Semaphore(write_backlog)
         self._buffers: list[mmap.mmap] = []
-        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0}
+        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0, "busy": 0}
         self.read_bytes: Counter[str] = Counter()  # bytes served to readers, by origin
         self._came_from: dict[tuple[str, int], str] = {}  # fetched for readers, not yet read
         # Called with (origin, seconds) after every transfer: the daemon's latency histogram.
@@ -640,15 +641,23 @@ class Fetcher:
                 raise _ToPeerLane()
             buf = self._buffer(obj.chunk_size)
             view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
+            busy = False
             for peer in _spread(info.peers[index]):
-                if peer.node not in flight.bad_peers and await self._from_peer(
-                    flight, peer, view, expected
-                ):
+                if peer.node in flight.bad_peers:
+                    continue
+                got = await self._from_peer(flight, peer, view, expected)
+                if got == "ok":
                     self.stats["peer"] += len(view)
                     flight.origin = "peer"
                     self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
                     return [Staged(flight, view, expected)]
+                busy = busy or got == "busy"
             self._buffers.append(buf)
+            if busy:
+                # Every holder that could serve it is at its upload limit: wait briefly
+                # (parked, no worker held) while this node's other transfers go on.
+                self.stats["busy"] += 1
+                raise _Wait("holders busy")
         if flight.may_source is not None and not flight.may_source():
             raise _Wait("the node planned to read it")
         holder = info.fetching.get(index)
@@ -863,7 +872,9 @@ class Fetcher:
             log.debug("no chunk info for %s: %s", object_id[:12], exc)
             return ChunkMap()
 
-    async def _from_peer(self, flight: Flight, peer: Peer, view: memoryview, expected: str) -> bool:
+    async def _from_peer(self, flight: Flight, peer: Peer, view: memoryview, expected: str) -> str:
+        """ "ok" (view filled and verified), "busy" (no upload slot free: not a fault), or
+        "failed" (the peer is not asked again for this chunk)."""
         began = trio.current_time()
         try:
             await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
@@ -874,7 +885,9 @@ class Fetcher:
                 peer.node,
                 trio.current_time() - began,
             )
-            return True
+            return "ok"
+        except PeerBusyError:
+            return "busy"
         except DigestMismatchError as exc:
             self.stats["verify_failures"] += 1
             flight.bad_peers.add(peer.node)
@@ -884,7 +897,7 @@ class Fetcher:
             flight.bad_peers.add(peer.node)
             flight.last_error = str(exc)
             log.info("chunk %d of %s: %s; trying next", flight.index, flight.entry.path, exc)
-        return False
+        return "failed"
 
     async def _report(self, peer: str, flight: Flight, reason: str) -> None:
         try:
@@ -896,7 +909,8 @@ class Fetcher:
         self, flight: Flight, peer: Peer, view: memoryview, expected: str
     ) -> None:
         offset = flight.index * flight.obj.chunk_size
-        self.peers.get_into(peer.address, flight.obj.id, offset, view)
+        prefetch = flight.priority >= Priority.PREFETCH
+        self.peers.get_into(peer.address, flight.obj.id, offset, view, prefetch=prefetch)
         got = digest(view)
         if got != expected:
             raise DigestMismatchError(

@@ -4,6 +4,10 @@ never returns a peer's bytes without the caller verifying them against a known d
 
 Wire format: `GET /v1/objects/<object>/data` with `Range: bytes=a-b` -> 206 and the bytes,
 sent with `sendfile` straight from the object file; 404 if any covered chunk is not held.
+A prefetch transfer says so (`X-Syncbit-Priority: prefetch`) and gets 503 when the node
+already serves `upload_slots` transfers: the asker tries another holder, so uploads spread
+over the holders of a chunk instead of piling onto one. A reader's transfer is never
+refused.
 Connections are thread-per-connection outside the trio loop, so serving never blocks FUSE.
 The same port answers node-local control requests (`/v1/local/...`) by handing them to
 the daemon's `Control` callback: from loopback anything, from elsewhere only reading a
@@ -26,7 +30,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from syncbit.auth import bearer, check_bearer
-from syncbit.errors import PeerError
+from syncbit.errors import PeerBusyError, PeerError
 from syncbit.store import ObjectStore
 from syncbit.wire import Pool, WireError, parse_content_range
 
@@ -35,6 +39,7 @@ log = logging.getLogger("syncbit.peer")
 # (method, path, JSON body) -> (HTTP status, JSON document); runs in a server thread.
 Control = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
 
+PRIORITY_HEADER = "X-Syncbit-Priority"
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
 _PROGRESS_PATH = re.compile(r"^/v1/local/datasets/[^/?]+$")
 
@@ -136,7 +141,15 @@ class _Handler(BaseHTTPRequestHandler):
             if last >= obj.size or length <= 0 or not obj.has_range(first, length):
                 self._plain(404, "not held\n")
                 return
-            self._send(self.server.store.fd(obj), first, last, obj.size)
+            prefetch = self.headers.get(PRIORITY_HEADER, "") == "prefetch"
+            if not self.server.enter(prefetch):
+                self.server.refused += 1
+                self._plain(503, "busy: every upload slot is taken\n")
+                return
+            try:
+                self._send(self.server.store.fd(obj), first, last, obj.size)
+            finally:
+                self.server.leave()
 
     def _send(self, fd: int, first: int, last: int, size: int) -> None:
         length = last - first + 1
@@ -145,27 +158,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
-        self.server.enter()
-        try:
-            offset, end = first, last + 1
-            out = self.connection.fileno()
-            while offset < end:
-                sent = os.sendfile(out, fd, offset, end - offset)
-                if sent == 0:
-                    raise ConnectionError("peer closed the connection")
-                offset += sent
-            self.server.bytes_served += length
-        finally:
-            self.server.leave()
+        offset, end = first, last + 1
+        out = self.connection.fileno()
+        while offset < end:
+            sent = os.sendfile(out, fd, offset, end - offset)
+            if sent == 0:
+                raise ConnectionError("peer closed the connection")
+            offset += sent
+        self.server.bytes_served += length
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], store: ObjectStore, token: str | None) -> None:
+    def __init__(
+        self, address: tuple[str, int], store: ObjectStore, token: str | None, upload_slots: int
+    ) -> None:
         self.store = store
         self.token = token
+        self.upload_slots = upload_slots  # prefetch transfers served at once; 0: any number
+        self.refused = 0  # prefetch transfers answered 503 (busy)
         self.control: Control | None = None
         self.readiness: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
         self.metrics: Callable[[], tuple[bytes, str]] | None = None
@@ -174,9 +187,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._count_lock = threading.Lock()
         super().__init__(address, _Handler)
 
-    def enter(self) -> None:
+    def enter(self, prefetch: bool) -> bool:
+        """Take an upload slot; a prefetch transfer gets none when all are taken."""
         with self._count_lock:
+            if prefetch and self.upload_slots and self.active >= self.upload_slots:
+                return False
             self.active += 1
+            return True
 
     def leave(self) -> None:
         with self._count_lock:
@@ -186,9 +203,11 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 class PeerServer:
     """The node's chunk server on `listen` ("host:port"), running in its own threads."""
 
-    def __init__(self, store: ObjectStore, listen: str, token: str | None = None) -> None:
+    def __init__(
+        self, store: ObjectStore, listen: str, token: str | None = None, upload_slots: int = 0
+    ) -> None:
         host, _, port = listen.rpartition(":")
-        self._server = _Server((host, int(port)), store, token)
+        self._server = _Server((host, int(port)), store, token, upload_slots)
         self._thread: threading.Thread | None = None
 
     @property
@@ -218,6 +237,11 @@ class PeerServer:
     def bytes_served(self) -> int:
         return self._server.bytes_served
 
+    @property
+    def refused(self) -> int:
+        """Prefetch transfers turned away because every upload slot was taken."""
+        return self._server.refused
+
     def start(self) -> None:
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="syncbit-peer", daemon=True
@@ -236,12 +260,19 @@ class PeerClient:
         self._pool = Pool(timeout=timeout)
         self._headers = bearer(token)
 
-    def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+    def get_into(
+        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+    ) -> None:
+        """Fill `buf` with the object's bytes at `offset` from the peer. A `prefetch`
+        transfer may be refused (PeerBusyError) when the peer's upload slots are taken."""
         url = f"http://{address}/v1/objects/{object_id}/data"
+        headers = {**self._headers, PRIORITY_HEADER: "prefetch"} if prefetch else self._headers
         try:
-            resp = self._pool.get_into(url, offset, buf, self._headers)
+            resp = self._pool.get_into(url, offset, buf, headers)
         except WireError as exc:
             raise PeerError(f"peer {address}: {exc}") from exc
+        if resp.status == 503:
+            raise PeerBusyError(f"peer {address} is busy")
         if resp.status != 206:
             raise PeerError(f"peer {address} answered HTTP {resp.status} for {object_id[:12]}")
         first, last, _ = parse_content_range(resp.headers.get("content-range", ""))

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from syncbit.chunks import chunk_length, digest
-from syncbit.errors import CacheFullError, PeerError
+from syncbit.errors import CacheFullError, PeerBusyError, PeerError
 from syncbit.fetcher import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient, PeerServer
@@ -381,6 +381,35 @@ async def test_peer_serves_until_evicted_then_answers_not_held(store: ObjectStor
         server.stop()
 
 
+async def test_peer_turns_prefetch_away_when_its_upload_slots_are_taken(
+    store: ObjectStore,
+) -> None:
+    a = await _fill(store, 1)
+    server = PeerServer(store, "127.0.0.1:0", upload_slots=1)
+    server.start()
+    client = PeerClient(timeout=5)
+    buf = bytearray(CS)
+
+    def get(prefetch: bool) -> None:
+        client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
+
+    try:
+        assert server._server.enter(False)  # a transfer in progress takes the one slot
+        with pytest.raises(PeerBusyError):
+            await trio.to_thread.run_sync(get, True)
+        assert server.refused == 1
+        await trio.to_thread.run_sync(get, False)  # a reader is served all the same
+        assert bytes(buf) == _bytes(1, OBJ)[:CS]
+        server._server.leave()
+        buf[:] = bytes(CS)
+        await trio.to_thread.run_sync(get, True)  # the slot is free again
+        assert bytes(buf) == _bytes(1, OBJ)[:CS]
+        assert server.load == 0
+    finally:
+        client.close()
+        server.stop()
+
+
 # -- reads through the fetcher with a budget smaller than the data -------------------------
 
 
@@ -424,7 +453,9 @@ class NoScheduler:
 
 
 class NoPeers:
-    def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+    def get_into(
+        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+    ) -> None:
         raise AssertionError("no peers here")
 
     def close(self) -> None:

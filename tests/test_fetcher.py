@@ -11,6 +11,7 @@ import trio
 
 from syncbit.chunks import digest
 from syncbit.errors import (
+    PeerBusyError,
     PeerError,
     ReadDeadlineError,
     SourceChangedError,
@@ -90,7 +91,9 @@ class Peers:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+    def get_into(
+        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+    ) -> None:
         self.calls.append(address)
         if address == "dead":
             raise PeerError("peer dead: connection refused")
@@ -342,7 +345,11 @@ async def test_sequential_readahead_goes_out_in_batches(
     source = BigSource()
     directory = Directory()
     fetcher = Fetcher(
-        store, directory, Peers(), readahead_chunks=8, source_batch=4 * CS  # type: ignore[arg-type]
+        store,
+        directory,
+        Peers(),
+        readahead_chunks=8,
+        source_batch=4 * CS,  # type: ignore[arg-type]
     )
     await _run(fetcher, nursery)
     handle = fetcher.open(entry, CS, source)
@@ -557,7 +564,9 @@ async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
     gate = threading.Event()
 
     class SlowPeers(Peers):
-        def get_into(self, address: str, object_id: str, offset: int, buf: memoryview) -> None:
+        def get_into(
+            self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+        ) -> None:
             gate.wait(10)
             super().get_into(address, object_id, offset, buf)
 
@@ -657,3 +666,47 @@ async def test_prefetch_jobs_tell_the_fetcher_how_many_nodes_share_the_source(
     with trio.fail_after(5):
         await job.finished.wait()
     assert fetcher.source_sharers() == 1  # nothing running: a read has the whole budget
+
+
+async def test_busy_holders_are_waited_for_not_blamed(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A holder at its upload limit turns a prefetch transfer away: the fetcher asks the
+    other holders, and when all are busy it waits and asks again (a busy peer is not a
+    bad one). A reader's transfer is never turned away."""
+    busy = {"a": True, "b": True}
+
+    class BusyPeers(Peers):
+        def get_into(
+            self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+        ) -> None:
+            self.calls.append(address)
+            if prefetch and busy.get(address):
+                raise PeerBusyError(f"peer {address} is busy")
+            buf[:] = DATA[offset : offset + len(buf)]
+
+    directory, peers = Directory(), BusyPeers()
+    for i in range(len(DATA) // CS + 1):
+        directory.info.digests[i] = digest(_chunk(i))
+        directory.info.peers[i] = [Peer("na", "a"), Peer("nb", "b")]
+    fetcher = Fetcher(  # type: ignore[arg-type]
+        store, directory, peers, park_poll=0.01, readahead_chunks=0
+    )
+    await _run(fetcher, nursery)
+    # A reader is served by a busy holder at once.
+    with trio.fail_after(5):
+        assert await fetcher.read(fetcher.open(ENTRY, CS, MemSource()), 0, 10) == DATA[:10]
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, MemSource(), Priority.PREFETCH)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    await trio.sleep(0.3)
+    assert not done.is_set() and fetcher.stats["busy"] > 0  # both holders busy: waiting
+    busy["b"] = False  # one holder frees a slot
+    with trio.fail_after(5):
+        await done.wait()
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+    assert fetcher.stats["source"] == 0  # nothing from the source: busy is not gone
