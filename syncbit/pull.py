@@ -15,7 +15,7 @@ from syncbit.auth import bearer
 from syncbit.config import client_token
 from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
 
-_POLL = 0.5
+_POLL = 0.2  # seconds between progress checks: `wait` returns this soon after ready
 _PLAIN_EVERY = 5.0
 
 
