@@ -710,10 +710,37 @@ class Fetcher:
                         )
                         flight.retry_after = now + self.failure_ttl
                         flight.done.set()
+                self._steal(parked, info)
         finally:
             self._watching.discard(object_id)
             if not self._parked.get(object_id):
                 self._parked.pop(object_id, None)
+
+    def _steal(self, parked: dict[int, Flight], info: ChunkMap) -> None:
+        """This node's share of a prefetch's source reads is done (its source lane is
+        idle): read one chunk planned for another node that nobody holds or reads yet,
+        the last such chunk, since owners read their share from the front. Nodes finish
+        their shares seconds apart, and the origin's link is the swarm's scarcest: it
+        must not sit waiting on the slowest node's last reads. The claim still gives
+        each chunk one reader, so the origin sends it once."""
+        if self._lane_running["source"] or any(
+            not f.started and f.priority >= Priority.PREFETCH for _, _, f in self._lanes["source"]
+        ):
+            return
+        spare = [
+            (index, flight)
+            for index, flight in parked.items()
+            if flight.may_source is not None
+            and not flight.started
+            and not flight.done.is_set()
+            and not info.peers.get(index)
+            and index not in info.fetching
+        ]
+        if spare:
+            index, flight = max(spare, key=lambda item: item[0])
+            log.debug("taking over the source read of chunk %d of %s", index, flight.entry.path)
+            flight.may_source = None  # from now on this node may read it
+            self._push(flight)
 
     def _followers(self, flight: Flight, info: ChunkMap) -> list[Flight]:
         """Queued flights for the chunks right after `flight` that no peer can serve and no

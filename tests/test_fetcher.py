@@ -480,6 +480,7 @@ async def test_prefetch_plan_reads_own_chunks_and_takes_the_rest_from_peers(
     fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
     await _run(fetcher, nursery)
     mine = {0, 2, 4}
+    directory.info.fetching.update({1: "n2", 3: "n2", 5: "n2"})  # the other member's reads
     done = trio.Event()
 
     async def prefetch() -> None:
@@ -494,6 +495,25 @@ async def test_prefetch_plan_reads_own_chunks_and_takes_the_rest_from_peers(
     with trio.fail_after(5):
         await done.wait()
     assert sorted(peers.calls) == ["good"] * 3
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+async def test_node_done_with_its_share_takes_over_unread_chunks_from_the_end(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The other member has not got to chunks 3 and 5 yet (nobody holds or reads them):
+    once this node's own share is in, it reads them itself, the last one first (owners
+    read from the front), one at a time, each under a claim."""
+    source, directory, peers = MemSource(), Directory(), Peers()
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
+    fetcher.source_sharers = lambda: 2
+    await _run(fetcher, nursery)
+    _deliver(directory, 1)  # the other member's first chunk is in
+    with trio.fail_after(5):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
+    assert source.bytes == len(DATA) - CS  # its own three, then 5 and 3; chunk 1 from the peer
+    assert directory.claims[3:] == [[5], [3]]
+    assert peers.calls == ["good"]
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
 
 
