@@ -23,7 +23,10 @@ from syncbit.errors import (
     UserError,
 )
 from syncbit.manifest import Manifest
-from syncbit.scheduler.server import RESOLVE_TIMEOUT
+
+RESOLVE_TIMEOUT = 300.0
+"""Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502
+(the server's limit; the client waits a little longer)."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from syncbit.errors import (
 from syncbit.manifest import Manifest, build_manifest
 from syncbit.metrics import Snapshot, counter, gauge, render
 from syncbit.scheduler.claims import Claims
+from syncbit.scheduler.client import RESOLVE_TIMEOUT
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
 from syncbit.scheduler.state import DatasetExistsError, SchedulerState
 from syncbit.sources.base import open_source, options_for
@@ -47,8 +48,6 @@ log = logging.getLogger("syncbit.scheduler")
 
 _UP_TTL = 0.5  # seconds a list of up nodes is reused by claims and chunk maps
 
-RESOLVE_TIMEOUT = 300.0
-"""Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502."""
 
 _IDLE_TIMEOUT = 120.0  # an idle keep-alive connection is dropped after this many seconds
 _MAX_BODY = 256 * 2**20
