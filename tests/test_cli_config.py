@@ -104,3 +104,18 @@ def test_pull_progress_line_shows_bar_bytes_rate_eta() -> None:
     assert "1.0 GiB / 4.0 GiB" in bar and "512.0 MiB/s" in bar and "ETA 6s" in bar
     plain = _line(doc, rate=0.0)
     assert "[" not in plain and "ETA ?" in plain
+
+
+def test_every_daemon_flag_is_a_config_key() -> None:
+    import typer.main
+
+    command = typer.main.get_command(app).commands["daemon"]  # type: ignore[attr-defined]
+    flags = {p.name for p in command.params} - {"config", "help", "label"}
+    assert flags <= set(DaemonConfig.model_fields), flags - set(DaemonConfig.model_fields)
+    assert {"upload_slots", "prefetch_concurrency", "prefetch_bandwidth"} <= flags
+
+
+def test_negative_upload_slots_names_the_key() -> None:
+    result = runner.invoke(app, ["daemon", "--upload-slots", "-1"])
+    assert result.exit_code == 2
+    assert "upload_slots" in result.output and "Traceback" not in result.output
