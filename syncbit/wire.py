@@ -46,10 +46,20 @@ class Pool:
         self.max_idle = max_idle
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._lock = threading.Lock()
-        self._ssl = ssl.create_default_context()
-        if not verify:
-            self._ssl.check_hostname = False
-            self._ssl.verify_mode = ssl.CERT_NONE
+        self._verify = verify
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def _ssl(self) -> ssl.SSLContext:
+        """The TLS context, made on first use: loading the CA store costs tens of
+        milliseconds, paid by the first open of a file otherwise, even for http://."""
+        with self._lock:
+            if self._ssl_context is None:
+                context = ssl.create_default_context()
+                if not self._verify:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                self._ssl_context = context
+            return self._ssl_context
 
     def _get(self, key: tuple[str, str, int]) -> _Conn:
         with self._lock:
@@ -63,7 +73,7 @@ class Pool:
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
-                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+                sock = self._ssl().wrap_socket(sock, server_hostname=host)
         except OSError as exc:
             raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
         return _Conn(sock, key)
