@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import ssl
 import subprocess
 import sys
 import threading
@@ -605,3 +606,58 @@ async def test_origin_process_mode(tree: Path) -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert err == ""
+
+
+def _self_signed(tmp: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "syncbit test origin")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    return context
+
+
+async def test_https_origin_lists_and_reads_and_checks_its_certificate(
+    tree: Path, tmp_path: Path, make_source: Callable[..., HttpSource]
+) -> None:
+    with Origin(tree, tls=_self_signed(tmp_path)) as origin:
+        assert origin.url.startswith("https://")
+        # An untrusted certificate is refused with a clear error, not a traceback.
+        with pytest.raises(SourceError, match="(?i)certificate"):
+            await make_source(origin.url).list()
+        # verify=false (a private CA one has not installed) lists and reads over TLS.
+        source = make_source(origin.url, verify=False)
+        files = by_path((await source.list()).files)
+        data = FILES["top.bin"]
+        assert await read(source, files["top.bin"], 1000, 70000) == data[1000:71000]

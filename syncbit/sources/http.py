@@ -63,7 +63,16 @@ def _scrub(text: str) -> str:
 
 
 def _cause(exc: BaseException) -> str:
-    return _scrub(str(exc)) or type(exc).__name__
+    """The error's message, else the first message down its cause chain (httpx raises
+    an empty ConnectError for a TLS failure; the ssl error below it says what failed)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if text := _scrub(str(seen)):
+            return text
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 # -- autoindex pages ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import html
 import json
 import mimetypes
 import os
+import ssl
 import stat
 import sys
 import threading
@@ -376,6 +377,7 @@ class Origin(ServedInThread):
         style: Style = "nginx",
         host: str = "127.0.0.1",
         control: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if style not in STYLES:
             raise ValueError(f"style must be one of {', '.join(STYLES)}, not {style!r}")
@@ -384,6 +386,7 @@ class Origin(ServedInThread):
             raise ValueError(f"origin root {os.fspath(root)!r} is not a directory")
         self.host = host
         self.port = port
+        self.tls = tls  # a server-side context: serve https:// instead of http://
         self._state = _State(real, style, control)
 
     @property
@@ -397,7 +400,8 @@ class Origin(ServedInThread):
     @property
     def url(self) -> str:
         """Base URL with a trailing slash, e.g. `http://127.0.0.1:41234/`."""
-        return f"http://{self.host}:{self.port}/"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}/"
 
     @property
     def bytes_served(self) -> int:
@@ -421,7 +425,10 @@ class Origin(ServedInThread):
         self._state.fail_with = status
 
     def _make_server(self) -> _Server:
-        return _Server((self.host, self.port), self._state)
+        server = _Server((self.host, self.port), self._state)
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
+        return server
 
 
 def main(argv: list[str] | None = None) -> int:
