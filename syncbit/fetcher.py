@@ -227,7 +227,7 @@ class Fetcher:
                 continue
             log.debug(
                 "flights %d; reads queued %d; peer lane %d running, %d queued; source lane "
-                "%d running, %d queued; parked %d; waiting to write %d",
+                "%d running, %d queued; parked %d; waiting to write %d; busy holders %d",
                 len(self._flights),
                 len(self._queue),
                 self._lane_running["peer"],
@@ -236,6 +236,7 @@ class Fetcher:
                 len(self._lanes["source"]),
                 parked,
                 self._write_slots.statistics().tasks_waiting,
+                self.stats["busy"],
             )
 
     # -- the read path --------------------------------------------------------------------
