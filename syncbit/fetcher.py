@@ -468,6 +468,8 @@ class Fetcher:
                 return flight, ""
         for lane in ("peer", "source"):
             queue = self._lanes[lane]
+            if not queue:
+                continue  # every worker wake-up comes here: skip the limit's job scan
             limit = self.prefetch_concurrency if lane == "peer" else self._source_limit()
             while queue and self._lane_running[lane] < limit:
                 flight = heapq.heappop(queue)[2]

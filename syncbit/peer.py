@@ -143,7 +143,6 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             prefetch = self.headers.get(PRIORITY_HEADER, "") == "prefetch"
             if not self.server.enter(prefetch):
-                self.server.refused += 1
                 self._plain(503, "busy: every upload slot is taken\n")
                 return
             try:
@@ -191,6 +190,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """Take an upload slot; a prefetch transfer gets none when all are taken."""
         with self._count_lock:
             if prefetch and self.upload_slots and self.active >= self.upload_slots:
+                self.refused += 1  # under the lock: handler threads refuse concurrently
                 return False
             self.active += 1
             return True
