@@ -361,3 +361,41 @@ def test_concurrent_writers_lose_nothing(state: SchedulerState) -> None:
     for t in threads:
         t.join()
     assert sorted(state.chunk_map(OBJ_A, None)["peers"]) == list(range(count))
+
+
+def test_wait_generation_wakes_on_a_bump_and_on_close(state: SchedulerState) -> None:
+    """Only writes that bump the generation wake a waiter (a repeated heartbeat does not),
+    and closing the state ends every wait at once instead of at its timeout."""
+    beat(state, "n1")  # registering may bump the generation; a repeat does not
+    start = state.generation()
+    got: list[object] = []
+
+    def wait(after: int) -> threading.Thread:
+        def run() -> None:
+            try:
+                got.append(state.wait_generation(after, 30))
+            except SchedulerError as exc:
+                got.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    waiter = wait(start)
+    beat(state, "n1")  # a write, but no new generation
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got
+    state.put_dataset(manifest("ds", "mem://a/", {"f": (10, "aa" * 32)}))
+    waiter.join(5)
+    assert got == [start + 1]
+
+    behind = wait(start)  # the generation moved since: answers at once
+    behind.join(5)
+    assert got == [start + 1, start + 1]
+
+    closing = wait(start + 1)
+    closing.join(0.3)
+    assert closing.is_alive()
+    state.close()
+    closing.join(5)
+    assert not closing.is_alive() and len(got) == 3  # answered at once, not after 30 s
