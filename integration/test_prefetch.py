@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +135,41 @@ def test_prefetch_to_a_selector_fills_matching_nodes_with_each_byte_from_the_ori
     assert done.returncode == 0, done.stderr
     assert "assigned to no nodes" in done.stdout
     up.cli("node", "label", "n4", "gpu=t4")
+
+
+@pytest.mark.timeout(300)
+def test_progress_long_poll_answers_when_the_dataset_becomes_ready(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    import httpx
+
+    ds = fresh_dataset(origin_root, "lpoll", {"w.bin": 8 * MiB + 5})
+    up.add_dataset("lpoll", f"{origin.url}/lpoll/")
+    url = f"http://{up.node('n2').address}/v1/local/datasets/lpoll"
+    with httpx.Client(timeout=45, trust_env=False) as client:
+        # Not ready: the daemon holds the request for the whole wait, then says so.
+        start = time.monotonic()
+        doc = client.get(url, params={"wait": "1.5"}).json()
+        assert doc["ready"] is False and doc["present_bytes"] == 0
+        assert time.monotonic() - start >= 1.5
+        bad = client.get(url, params={"wait": "61"})
+        assert bad.status_code == 400 and "wait must be 0-60 seconds" in bad.json()["error"]
+
+        # A 60 s long poll is answered as soon as the prefetch completes: well inside the
+        # client's 45 s timeout, which it would hit if the daemon only answered at the end.
+        answers: list[dict[str, object]] = []
+        poll = threading.Thread(
+            target=lambda: answers.append(client.get(url, params={"wait": "60"}).json())
+        )
+        poll.start()
+        try:
+            time.sleep(0.5)  # the poll is waiting before anything is assigned
+            assert up.cli("prefetch", "lpoll", "--nodes", "n2").returncode == 0
+        finally:
+            poll.join(50)
+        assert answers and answers[0]["ready"] is True, answers
+        assert answers[0]["present_bytes"] == ds.total_size
+    _check_bytes(up, "n2", ds)
 
 
 @pytest.mark.timeout(300)

@@ -12,17 +12,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-import trio
 import typer
 
-from syncbit.config import (
-    DEFAULT_DAEMON,
-    DEFAULT_SCHEDULER,
-    DaemonConfig,
-    SchedulerConfig,
-    build,
-    client_token,
-)
+# Client commands import only what they use: `syncbit wait` runs in every initContainer
+# and in loops, so trio, pydantic (the config models) and the scheduler client are
+# imported by the commands that need them.
+from syncbit.auth import DEFAULT_DAEMON, DEFAULT_SCHEDULER, client_token
 from syncbit.errors import SyncbitError, UserError
 
 P = ParamSpec("P")
@@ -97,6 +92,8 @@ def guarded(fn: Callable[P, T]) -> Callable[P, T]:
 
 
 def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
+    import trio
+
     from syncbit.scheduler.client import SchedulerClient
 
     token = client_token()
@@ -139,6 +136,9 @@ def scheduler(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run the central scheduler until SIGTERM/SIGINT."""
+    import trio
+
+    from syncbit.config import SchedulerConfig, build
     from syncbit.scheduler.server import SchedulerServer
 
     cfg = build(
@@ -217,6 +217,8 @@ def daemon(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run a node: FUSE mount, cache, peer service (and the scheduler, if none is given)."""
+    from syncbit.config import DaemonConfig, build
+
     cfg = build(
         DaemonConfig,
         config,

@@ -16,8 +16,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from syncbit.chunks import DEFAULT_CHUNK_SIZE
 from syncbit.errors import ConfigError
 
-DEFAULT_SCHEDULER = "http://127.0.0.1:7900"
-DEFAULT_DAEMON = "127.0.0.1:7901"  # a daemon's default --listen: where local commands go
 _UNITS = {
     "": 1,
     "b": 1,
@@ -110,29 +108,6 @@ class DaemonConfig(_Strict):
     kubeconfig: Path | None = Field(None, description="none: in-cluster service account")
     kubernetes_interval: float = Field(5.0, gt=0)
     log_level: str = "info"
-
-
-def read_token(path: Path | None) -> str | None:
-    """The cluster token in `path` (surrounding whitespace dropped), None without a path."""
-    if path is None:
-        return None
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token_file {path}: {exc.strerror}") from exc
-    if not token:
-        raise ConfigError(f"token_file {path} is empty")
-    return token
-
-
-def client_token() -> str | None:
-    """The token client commands send: $SYNCBIT_TOKEN, else the file $SYNCBIT_TOKEN_FILE."""
-    import os
-
-    if os.environ.get("SYNCBIT_TOKEN"):
-        return os.environ["SYNCBIT_TOKEN"].strip()
-    path = os.environ.get("SYNCBIT_TOKEN_FILE")
-    return read_token(Path(path)) if path else None
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -19,14 +19,15 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from syncbit.config import DaemonConfig, SchedulerConfig, read_token
+from syncbit.auth import read_token
+from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.errors import NotFoundError, SyncbitError, UserError
 from syncbit.fetcher import Fetcher
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
@@ -47,6 +48,8 @@ log = logging.getLogger("syncbit.daemon")
 _CHUNK_INFO_TTL = 1.0
 _GENERATION_WAIT = 25.0  # seconds a long poll for a new scheduler generation may wait
 _REPORT_BATCH = 4096
+_PROGRESS_WAIT_MAX = 60.0  # seconds `GET /v1/local/datasets/NAME?wait=S` may hold a request
+_PROGRESS_RECHECK = 1.0  # changes nothing announces (a failed pull, a new plan) show this soon
 
 
 class SchedulerDirectory:
@@ -351,7 +354,8 @@ class Daemon:
     async def _control(
         self, method: str, path: str, body: dict[str, Any]
     ) -> tuple[int, dict[str, Any]]:
-        parts = [unquote(p) for p in path.split("?")[0].split("/") if p]
+        route, _, query = path.partition("?")
+        parts = [unquote(p) for p in route.split("/") if p]
         try:
             if method == "POST" and parts == ["v1", "local", "pull"]:
                 return 200, await self.pull(str(body.get("dataset", "")))
@@ -361,8 +365,9 @@ class Daemon:
                 return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
             if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
                 # Added or updated a moment ago? A waiter must see the current revision.
+                wait = _wait_seconds(query)
                 await self._sync_datasets(quiet=True, force=parts[3] not in self.manifests)
-                return 200, self.progress(parts[3])
+                return 200, await self._progress_within(parts[3], wait)
         except NotFoundError as exc:
             return 404, {"error": str(exc)}
         except UserError as exc:
@@ -470,6 +475,20 @@ class Daemon:
             "pulling": job is not None and not job.done,
             "error": job.error if job else None,
         }
+
+    async def _progress_within(self, name: str, wait: float) -> dict[str, Any]:
+        """`progress(name)` once the dataset is ready here (or its pull failed for good), or
+        after `wait` seconds: a long poll, so `syncbit wait` returns the moment the data is
+        ready without polling the daemon (and, through it, the scheduler) several times a
+        second. Wakes on every chunk commit, verification and discard."""
+        with trio.move_on_after(wait):
+            while True:
+                doc = self.progress(name)
+                if doc["ready"] or (doc["error"] and not doc["pulling"]):
+                    return doc
+                with trio.move_on_after(_PROGRESS_RECHECK):
+                    await self.store.written_event.wait()
+        return self.progress(name)
 
     def dataset_attrs(self, name: str) -> dict[str, str]:
         """Extended attributes of /<mount>/<dataset>, for scripts (`getfattr`)."""
@@ -677,6 +696,20 @@ class Daemon:
                         "reported %d chunks held, %d objects lost chunks", len(batch), len(remove)
                     )
                 await trio.sleep(0.05)  # batch what arrives meanwhile
+
+
+def _wait_seconds(query: str) -> float:
+    """The `wait=S` of a progress request: 0 (answer at once) when absent."""
+    values = parse_qs(query).get("wait")
+    if not values:
+        return 0.0
+    try:
+        wait = float(values[-1])
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= _PROGRESS_WAIT_MAX:  # also rejects nan
+        raise UserError(f"wait must be 0-{_PROGRESS_WAIT_MAX:g} seconds, not {values[-1]!r}")
+    return wait
 
 
 def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:

@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from syncbit.auth import check_bearer
-from syncbit.config import SchedulerConfig, read_token
+from syncbit.auth import check_bearer, read_token
+from syncbit.config import SchedulerConfig
 from syncbit.errors import (
     NotFoundError,
     SchedulerError,
