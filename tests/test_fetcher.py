@@ -615,6 +615,40 @@ async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
 
 
+async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The other node's chunks do not queue behind this node's source read (one at a
+    time with 2 sharers): they wait parked and go to the peer lane as soon as a holder
+    has them, while the node's own read from the origin still runs."""
+    source, directory, peers = MemSource(), Directory(), Peers()
+    source.gate = threading.Event()  # this node's own source read hangs until set
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
+    fetcher.source_sharers = lambda: 2
+    await _run(fetcher, nursery)
+    _deliver(directory, 1, 3)  # the other member's first chunks are in
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    try:
+        with trio.fail_after(5):
+            while len(peers.calls) < 2:
+                await trio.sleep(0.01)
+        assert source.reads == 0  # chunk 0's source read is still hanging
+        assert fetcher.stats["parked"] >= 1  # chunk 5 waits for its holder, parked
+    finally:
+        source.gate.set()
+    _deliver(directory, 5)
+    with trio.fail_after(5):
+        await done.wait()
+    assert sorted(peers.calls) == ["good"] * 3 and source.bytes == 3 * CS
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("sharers", "at_once"), [(1, 3), (2, 2), (8, 1)])
 async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     store: ObjectStore, nursery: trio.Nursery, sharers: int, at_once: int
