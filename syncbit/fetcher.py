@@ -692,24 +692,18 @@ class Fetcher:
             self._nursery.start_soon(self._watch_parked, flight.obj.id)
 
     async def _watch_parked(self, object_id: str) -> None:
-        """One poll of the chunk map per object and interval, however many flights wait:
-        every `park_poll` while a reader waits, twice that for prefetch alone (8 nodes
-        polling 10 times a second cost the shared CPU more than the earlier notice
-        gained: bench/swarm.py 1.58x T_min median at 0.1 s, 1.51x at 0.2 s, 6 pairs)."""
+        """One poll of the chunk map per object every `park_poll`, however many flights
+        wait. Prefetch once polled half as often, to spare the shared CPU (1.58x -> 1.51x
+        T_min median, 6 pairs, when other nodes' chunks queued behind the source lane);
+        since they wait here from the start, the quicker notice wins: bench/swarm.py
+        1.49x -> 1.44x mean of 6 pairs, 1.58x -> 1.46x worst run."""
         try:
             while self._parked.get(object_id):
-                # Wake every park_poll, poll when a reader waits or the prefetch interval
-                # is up: a reader parked meanwhile is not kept waiting for the latter.
-                waited = 0.0
-                while waited < 2 * self.park_poll:
-                    await trio.sleep(self.park_poll)
-                    waited += self.park_poll
-                    parked = self._parked.get(object_id, {})
-                    if any(f.priority < Priority.PREFETCH for f in parked.values()):
-                        break
+                await trio.sleep(self.park_poll)
+                parked = self._parked.get(object_id, {})
                 if not parked:
                     break
-                info = await self._chunk_info(object_id, max_age=waited / 2)
+                info = await self._chunk_info(object_id, max_age=self.park_poll / 2)
                 now = trio.current_time()
                 # In random order: nodes that wait for the same chunks would otherwise all
                 # ask the same holder for the same chunk at once while others sit idle.
