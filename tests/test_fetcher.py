@@ -410,6 +410,19 @@ def _deliver(directory: Directory, *indexes: int) -> None:
         directory.info.fetching.pop(i, None)
 
 
+def _prefetch_evens(fetcher: Fetcher, source: Source, nursery: trio.Nursery) -> trio.Event:
+    """Start a prefetch of ENTRY in which this node is planned to read the even chunks
+    (of two members); the event is set once it completes."""
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    return done
+
+
 async def test_chunk_another_node_is_reading_is_waited_for_and_taken_from_it(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
@@ -596,13 +609,7 @@ async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
     )
     await _run(fetcher, nursery)
     _deliver(directory, 1, 3, 5)  # the other member already holds its share
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
-        done.set()
-
-    nursery.start_soon(prefetch)
+    done = _prefetch_evens(fetcher, source, nursery)
     try:
         with trio.fail_after(5):
             while source.bytes < 3 * CS:  # chunks 0, 2, 4 from the source
@@ -627,13 +634,7 @@ async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
     fetcher.source_sharers = lambda: 2
     await _run(fetcher, nursery)
     _deliver(directory, 1, 3)  # the other member's first chunks are in
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
-        done.set()
-
-    nursery.start_soon(prefetch)
+    done = _prefetch_evens(fetcher, source, nursery)
     try:
         with trio.fail_after(5):
             while len(peers.calls) < 2:
