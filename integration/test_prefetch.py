@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from integration.cluster import (
+    SYNCBIT,
     Cluster,
     Dataset,
     Origin,
@@ -225,6 +227,36 @@ def test_restart_resumes_prefetch_without_fetching_again(
         # What n3 had before the restart was not fetched again (a few chunks in flight
         # at the stop may be).
         assert origin.served("resumepf/big.bin") <= ds.total_size + 8 * 4 * MiB
+
+
+@pytest.mark.timeout(300)
+def test_wait_rides_out_a_daemon_restart(up: Cluster, origin: Origin, origin_root: Path) -> None:
+    """A DaemonSet rollout restarts the daemon under a pod's `syncbit wait`: the wait
+    keeps going (within its timeout) and exits 0 once the dataset is ready."""
+    with up.node("n3").restarted_with(["--prefetch-bandwidth", "8MB"]) as n3:
+        ds = fresh_dataset(origin_root, "rollwait", {"big.bin": 48 * MiB})
+        up.add_dataset("rollwait", f"{origin.url}/rollwait/")
+        assert up.cli("prefetch", "rollwait", "--nodes", "n3").returncode == 0
+        argv = [*SYNCBIT, "wait", "rollwait", "--timeout", "120s", "--daemon", n3.address]
+        waiter = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert waiter.stdout is not None
+            first = waiter.stdout.readline()  # its first progress line: it is waiting
+            assert first.startswith("rollwait:") and "complete" not in first, first
+            n3.stop()  # the rollout: SIGTERM, a moment down, then the new daemon
+            time.sleep(1.0)
+            assert waiter.poll() is None, waiter.communicate()[0]  # still waiting
+            n3.extra_args = []
+            n3.start()
+            out = first + waiter.communicate(timeout=120)[0]
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
+        assert waiter.returncode == 0, out
+        assert "waiting for it to come back" in out and "complete" in out, out
+        assert "Traceback" not in out
+        _check_bytes(up, "n3", ds)
 
 
 @pytest.mark.timeout(300)

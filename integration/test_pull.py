@@ -80,6 +80,36 @@ def test_interrupted_pull_resumes_without_downloading_again(
     assert sha256_file(n1.path("resume", "big.bin")) == ds.files["big.bin"].sha256
 
 
+@pytest.mark.timeout(300)
+def test_pull_rides_out_a_daemon_restart(up: Cluster, origin: Origin, origin_root: Path) -> None:
+    """The daemon restarts under a running `syncbit pull`: the client waits for it, asks
+    again (a restarted daemon has forgotten the pull) and completes."""
+    ds = fresh_dataset(origin_root, "rollpull", {"big.bin": 200 * MiB})
+    origin.reset()
+    n2 = up.node("n2")
+    argv = [*SYNCBIT, "pull", f"{origin.url}/rollpull/", "--scheduler", up.scheduler.url]
+    client = subprocess.Popen(
+        [*argv, "--daemon", n2.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: origin.served() > 8 * MiB, 30, "the pull to start", interval=0.01)
+        n2.stop()
+        before_restart = origin.served()
+        assert client.poll() is None  # still there, waiting for the daemon
+        n2.start()
+        _, err = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err
+    assert "waiting for it to come back" in err and "complete" in err, err
+    # Chunks in flight at the stop (RAM only) are fetched again, the rest is not:
+    # after the restart the origin sends at most what the file lacks.
+    assert origin.served() - before_restart <= ds.total_size
+    assert sha256_file(n2.path("rollpull", "big.bin")) == ds.files["big.bin"].sha256
+
+
 def test_pull_errors_are_clear(up: Cluster, origin: Origin) -> None:
     missing = _pull(up, "n1", f"{origin.url}/no-such-dir/")
     assert missing.returncode == 2 and "error:" in missing.stderr

@@ -71,7 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
         do anything; others may only read a dataset's progress."""
         control = self.server.control
         if control is None:
-            self._plain(404, "no such endpoint\n")
+            # Listening already, not serving yet: the daemon is starting. 503 tells
+            # `syncbit wait` (an initContainer racing the daemon) to try again.
+            self._plain(503, "daemon starting\n")
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
         if not loopback and not (method == "GET" and _PROGRESS_PATH.match(self.path)):

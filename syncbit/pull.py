@@ -9,6 +9,7 @@ import http.client
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -74,6 +75,8 @@ class _Daemon:
                 f"no syncbit daemon answers at http://{self.address} ({type(exc).__name__}): "
                 "start one with `syncbit daemon` or pass --daemon host:port"
             ) from exc
+        if resp.status == 503:  # listening, but still starting up
+            raise DaemonUnreachableError(f"the syncbit daemon at http://{self.address} is starting")
         try:
             doc: dict[str, Any] = json.loads(raw) if raw else {}
         except ValueError:
@@ -133,11 +136,19 @@ def follow(
     progress = f"datasets/{dataset}"
     verb = "pull" if start else "wait"
     with _Daemon(daemon, timeout=30) as client:
+
+        def ask() -> dict[str, Any]:
+            # After a restart the daemon has forgotten the pull: asking again is harmless
+            # (it keeps what it has, so nothing is fetched twice).
+            if start:
+                return client.call("POST", "pull", {"dataset": dataset})
+            return client.call("GET", progress)
+
         started = time.monotonic()
         if start:
-            doc = client.call("POST", "pull", {"dataset": dataset})
+            doc = ask()
         else:
-            doc = _first_answer(client, progress, started, timeout, out)
+            doc = _until_answered(ask, started, timeout, out, "waiting for the daemon")
         first = doc["present_bytes"]
         last_plain = -_PLAIN_EVERY
         while not doc["complete"]:
@@ -155,7 +166,14 @@ def follow(
                 print(_line(doc, rate) + _hint(doc, verb), file=out, flush=True)
             wait = _LONG_POLL if timeout is None else max(0.0, min(_LONG_POLL, timeout - elapsed))
             asked = time.monotonic()
-            doc = client.call("GET", progress, params={"wait": f"{wait:.3f}"})
+            try:
+                doc = client.call("GET", progress, params={"wait": f"{wait:.3f}"})
+            except DaemonUnreachableError:
+                # The daemon restarted (a DaemonSet rollout) or is briefly gone: wait for
+                # it within the timeout instead of failing the pod's initContainer.
+                note = "the daemon stopped answering; waiting for it to come back"
+                doc = _until_answered(ask, started, timeout, out, note)
+                continue
             if not doc["complete"]:
                 # A daemon from before the long poll answers at once: do not spin on it.
                 time.sleep(max(0.0, min(_POLL, wait) - (time.monotonic() - asked)))
@@ -173,20 +191,25 @@ class WaitTimeoutError(SyncbitError):
     """`syncbit wait` ran out of time before the dataset was ready."""
 
 
-def _first_answer(
-    client: _Daemon, path: str, started: float, timeout: float | None, out: Any
+def _until_answered(
+    call: Callable[[], dict[str, Any]],
+    started: float,
+    timeout: float | None,
+    out: Any,
+    note: str,
 ) -> dict[str, Any]:
-    """The first progress document, retrying while no daemon answers: an initContainer
-    may start before the node's daemon does. An unknown dataset fails at once."""
+    """`call()`'s answer, retrying while no daemon answers (saying `note` once): an
+    initContainer may start before the node's daemon does, or see it restart. An unknown
+    dataset or any other error from a daemon that answers fails at once."""
     told = False
     while True:
         try:
-            return client.call("GET", path)
+            return call()
         except DaemonUnreachableError as exc:
             if timeout is not None and time.monotonic() - started >= timeout:
                 raise WaitTimeoutError(f"gave up after {timeout:g}s: {exc}") from None
             if not told:
-                print(f"waiting for the daemon: {exc}", file=out, flush=True)
+                print(f"{note}: {exc}", file=out, flush=True)
                 told = True
             time.sleep(_POLL)
 

@@ -1,0 +1,41 @@
+"""`syncbit wait`'s client side (syncbit.pull.follow) against a real peer server on
+loopback: a daemon that is listening but not serving yet answers 503, and the wait keeps
+trying instead of calling the dataset unknown."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from syncbit.peer import PeerServer
+from syncbit.pull import follow
+from syncbit.store import ObjectStore
+
+
+def _done(method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    return 200, {"dataset": "d", "size": 10, "present_bytes": 10, "complete": True}
+
+
+def test_wait_retries_while_the_daemon_is_still_starting(tmp_path: Path) -> None:
+    store = ObjectStore.open(tmp_path, 1 << 20)
+    server = PeerServer(store, "127.0.0.1:0")
+    server.start()
+    out = io.StringIO()
+    result: list[dict[str, Any]] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(follow(server.address, "d", out, start=False, timeout=20))
+    )
+    try:
+        waiter.start()
+        time.sleep(0.5)  # several attempts while the control API is not set up
+        assert not result
+        server.set_control(_done)  # the daemon finished starting
+        waiter.join(20)
+    finally:
+        server.stop()
+        store.close()
+    assert result and result[0]["complete"] is True
+    assert f"the syncbit daemon at http://{server.address} is starting" in out.getvalue()
