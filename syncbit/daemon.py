@@ -222,6 +222,9 @@ class Daemon:
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", cfg.mount)
                 with trio.CancelScope(shield=True):
+                    kept = await self.store.keep_staged()
+                    if kept:
+                        log.info("kept %d verified chunks that were still in RAM", kept)
                     await self.store.flush()
                     await self.client.aclose()
         finally:

@@ -662,7 +662,7 @@ class Fetcher:
                 if got == "ok":
                     self.stats["peer"] += len(view)
                     flight.origin = "peer"
-                    self.store.stage(obj, index, view, lambda: self._buffers.append(buf))
+                    self.store.stage(obj, index, view, lambda: self._buffers.append(buf), expected)
                     return [Staged(flight, view, expected)]
                 busy = busy or got == "busy"
             self._buffers.append(buf)
@@ -904,7 +904,7 @@ class Fetcher:
                     f.entry.path,
                 )
             f.origin = "source"
-            self.store.stage(obj, f.index, view, release)
+            self.store.stage(obj, f.index, view, release, digests[i])
             staged.append(Staged(f, view, digests[i]))
         return staged
 

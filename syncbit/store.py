@@ -208,7 +208,8 @@ class ObjectStore:
         self._read_buf = bytearray(1 << 20)
         # Recently staged chunks kept in RAM, oldest first; value: release callback.
         self._recent: OrderedDict[tuple[StoredObject, int], Callable[[], None]] = OrderedDict()
-        self._writing: set[tuple[StoredObject, int]] = set()  # staged, write not finished
+        # Staged chunks whose write has not finished, with their digests.
+        self._writing: dict[tuple[StoredObject, int], str] = {}
         self.staged_chunks = staged_chunks
         self.direct_io = True
         self._io_lock = threading.Lock()
@@ -492,17 +493,39 @@ class ObjectStore:
     # -- presence (trio thread) ---------------------------------------------------------
 
     def stage(
-        self, obj: StoredObject, index: int, data: memoryview, release: Callable[[], None]
+        self,
+        obj: StoredObject,
+        index: int,
+        data: memoryview,
+        release: Callable[[], None],
+        digest: str,
     ) -> None:
-        """Make verified bytes readable from RAM now; pinned until `mark_written`.
-        `release` gives the buffer back once the chunk leaves RAM."""
+        """Make verified bytes (of this digest) readable from RAM now; pinned until
+        `mark_written`. `release` gives the buffer back once the chunk leaves RAM."""
         obj.staged[index] = data
         key = (obj, index)
         if key not in self._writing:
-            self._writing.add(key)
+            self._writing[key] = digest
             obj.writing += 1
         self._recent[key] = release
         self._trim()
+
+    async def keep_staged(self) -> int:
+        """At shutdown: write the verified chunks still only in RAM (their writes never
+        ran, or were cut short), so a restarted daemon need not fetch them again; `flush`
+        then makes them durable. Returns how many were written."""
+        kept = 0
+        for (obj, index), digest in list(self._writing.items()):
+            data = obj.staged.get(index)
+            if data is None or index in obj.written:
+                continue
+            try:
+                await self.store_chunk(obj, index, data, digest)
+            except (CacheFullError, OSError) as exc:
+                log.warning("chunk %d of object %s not kept: %s", index, obj.id[:12], exc)
+                continue
+            kept += 1
+        return kept
 
     def unstage(self, obj: StoredObject, index: int, cause: str = "") -> None:
         """Drop a staged chunk (its write failed: it is simply missing again). `cause`, if
@@ -519,8 +542,7 @@ class ObjectStore:
 
     def _unpin(self, obj: StoredObject, index: int) -> None:
         key = (obj, index)
-        if key in self._writing:
-            self._writing.discard(key)
+        if self._writing.pop(key, None) is not None:
             obj.writing -= 1
 
     def _touch_staged(self, obj: StoredObject, index: int) -> None:

@@ -56,6 +56,31 @@ async def test_written_but_not_committed_is_absent_after_restart(tmp_path: Path)
         again.close()
 
 
+async def test_chunks_still_in_ram_are_kept_at_shutdown(tmp_path: Path) -> None:
+    # A clean shutdown cancels writes still queued: verified chunks staged in RAM are
+    # written then, so the restarted daemon has them without any network.
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    obj = store.object(OID, 2500, CS)
+    chunk0, last = b"a" * CS, b"z" * (2500 - 2 * CS)
+    released: list[int] = []
+    store.stage(obj, 0, memoryview(chunk0), lambda: released.append(0), digest(chunk0))
+    store.stage(obj, 2, memoryview(last), lambda: released.append(2), digest(last))
+    assert obj.has(0) and not obj.written  # readable from RAM, not on disk yet
+    assert await store.keep_staged() == 2
+    assert await store.keep_staged() == 0  # nothing left in RAM only
+    await store.flush()
+    store.close()
+
+    again = ObjectStore.open(tmp_path, 1 << 30)
+    try:
+        kept = again.get(OID)
+        assert kept is not None and kept.durable == {0, 2}
+        assert again.read(kept, 0, CS) == chunk0 and again.read(kept, 2 * CS, len(last)) == last
+        assert kept.digests[2] == digest(last)
+    finally:
+        again.close()
+
+
 async def test_last_chunk_short_and_range_presence(tmp_path: Path) -> None:
     store = ObjectStore.open(tmp_path, 1 << 30)
     try:
