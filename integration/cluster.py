@@ -80,6 +80,19 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def background(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """`argv` running while the block does, stdout and stderr piped apart (text); killed
+    by its PID if it is still running when the block ends, failed or not."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 def wait_until(
     predicate: Callable[[], T],
     timeout: float,

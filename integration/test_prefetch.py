@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from integration.cluster import (
     Cluster,
     Dataset,
     Origin,
+    background,
     fresh_dataset,
     sha256_file,
     wait_until,
@@ -238,21 +238,16 @@ def test_wait_rides_out_a_daemon_restart(up: Cluster, origin: Origin, origin_roo
         up.add_dataset("rollwait", f"{origin.url}/rollwait/")
         assert up.cli("prefetch", "rollwait", "--nodes", "n3").returncode == 0
         argv = [*SYNCBIT, "wait", "rollwait", "--timeout", "120s", "--daemon", n3.address]
-        waiter = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert waiter.stdout is not None
-            first = waiter.stdout.readline()  # its first progress line: it is waiting
+        with background(argv) as waiter:
+            assert waiter.stdout is not None and waiter.stderr is not None
+            first = waiter.stderr.readline()  # its first progress line: it is waiting
             assert first.startswith("rollwait:") and "complete" not in first, first
             n3.stop()  # the rollout: SIGTERM, a moment down, then the new daemon
             time.sleep(1.0)
-            assert waiter.poll() is None, waiter.communicate()[0]  # still waiting
+            assert waiter.poll() is None  # still waiting
             n3.extra_args = []
             n3.start()
-            out = first + waiter.communicate(timeout=120)[0]
-        finally:
-            if waiter.poll() is None:
-                waiter.kill()
-                waiter.wait()
+            out = first + waiter.communicate(timeout=120)[1]
         assert waiter.returncode == 0, out
         assert "waiting for it to come back" in out and "complete" in out, out
         assert "Traceback" not in out

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from integration.cluster import SYNCBIT, Cluster, Origin, fresh_dataset, sha256_file, wait_until
+from integration.cluster import (
+    SYNCBIT,
+    Cluster,
+    Origin,
+    background,
+    fresh_dataset,
+    sha256_file,
+    wait_until,
+)
 
 CLUSTER_NODES = 2
 MiB = 1 << 20
@@ -88,20 +96,13 @@ def test_pull_rides_out_a_daemon_restart(up: Cluster, origin: Origin, origin_roo
     origin.reset()
     n2 = up.node("n2")
     argv = [*SYNCBIT, "pull", f"{origin.url}/rollpull/", "--scheduler", up.scheduler.url]
-    client = subprocess.Popen(
-        [*argv, "--daemon", n2.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with background([*argv, "--daemon", n2.address]) as client:
         wait_until(lambda: origin.served() > 8 * MiB, 30, "the pull to start", interval=0.01)
         n2.stop()
         before_restart = origin.served()
         assert client.poll() is None  # still there, waiting for the daemon
         n2.start()
         _, err = client.communicate(timeout=120)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
     assert client.returncode == 0, err
     assert "waiting for it to come back" in err and "complete" in err, err
     # Chunks in flight at the stop (RAM only) are fetched again, the rest is not:
