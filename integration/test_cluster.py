@@ -318,6 +318,26 @@ def test_restart_serves_the_cache_without_any_network(
         up.ensure_up()
 
 
+@pytest.mark.timeout(120)
+def test_restart_after_an_object_file_was_lost_refetches_instead_of_reading_zeros(
+    up: Cluster, dataset: Dataset, ds_added: float
+) -> None:
+    n2 = up.node("n2")
+    odd = dataset.files["odd.bin"]
+    assert read_sha(n2, "ds", "odd.bin") == odd.sha256
+    oid = os.getxattr(n2.path("ds", "odd.bin"), "user.syncbit.object").decode()
+    n2.stop()  # clean: what it read is durable in its index
+    lost = n2.cache_dir / "objects" / oid[:2] / oid
+    assert lost.stat().st_size == odd.size
+    lost.unlink()  # an operator's cleanup, a filesystem repair
+    try:
+        n2.start()
+        assert read_sha(n2, "ds", "odd.bin") == odd.sha256  # not zeros: fetched again
+        assert "is missing or short" in n2.log_text()
+    finally:
+        up.ensure_up()
+
+
 # -- 8 ---------------------------------------------------------------------------------------
 
 

@@ -310,6 +310,7 @@ class ObjectStore:
                 obj.written.add(index)
                 obj.durable.add(index)
                 obj.digests[index] = value.hex()
+        self._forget_lost_files()
         held = sum(len(o.durable) for o in self._objects.values())
         self._held = sum(o.bytes_in(o.written) for o in self._objects.values())
         log.info(
@@ -320,6 +321,39 @@ class ObjectStore:
             _size(self._held),
             _size(self.cache_size),
         )
+
+    def _forget_lost_files(self) -> None:
+        """Objects whose file is gone or shorter than the object (deleted by hand, lost in
+        a filesystem repair) lose their chunks from the index: opened anew, such a file
+        would read as zeros where the index promised verified bytes. They are fetched
+        again when needed, and the next chunk report withdraws them from the scheduler."""
+        lost = []
+        for obj in self._objects.values():
+            if not obj.durable:
+                continue
+            try:
+                ok = obj.path.stat().st_size >= obj.size
+            except FileNotFoundError:
+                ok = False
+            if not ok:
+                log.warning(
+                    "object %s: its file %s is missing or short; its %d chunks are fetched "
+                    "again when needed",
+                    obj.id[:12],
+                    obj.path,
+                    len(obj.durable),
+                )
+                lost.append(obj)
+        if not lost:
+            return
+        with self._write() as txn:
+            for obj in lost:
+                self._delete_chunks(txn, obj)
+        for obj in lost:
+            self.newly_removed.append((obj, sorted(obj.durable)))  # the scheduler hears it
+            obj.written.clear()
+            obj.durable.clear()
+            obj.digests.clear()
 
     def close(self) -> None:
         """Close files and the index, release the lock. Pending (non-durable) chunks are
@@ -393,7 +427,7 @@ class ObjectStore:
         if obj.fd < 0:
             with self._io_lock:
                 if obj.fd < 0:
-                    obj.path.parent.mkdir(exist_ok=True)
+                    obj.path.parent.mkdir(parents=True, exist_ok=True)
                     fd = os.open(obj.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                     if os.fstat(fd).st_size != obj.size:
                         os.ftruncate(fd, obj.size)

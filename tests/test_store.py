@@ -1,5 +1,6 @@
 """Object store: exclusive cache dir, chunk presence, durability order, persistence."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,37 @@ async def test_chunks_still_in_ram_are_kept_at_shutdown(tmp_path: Path) -> None:
         assert kept.digests[2] == digest(last)
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+async def test_chunks_of_a_lost_object_file_are_forgotten_at_start(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The index must not outlive the bytes: a file recreated empty would read as zeros
+    # where the index promised verified chunks.
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    _write(store, 0, b"k" * CS)
+    await store.flush()
+    path = store.get(OID).path  # type: ignore[union-attr]
+    store.close()
+    if damage == "deleted":
+        path.unlink()
+    else:
+        os.truncate(path, CS)
+    again = ObjectStore.open(tmp_path, 1 << 30)
+    try:
+        obj = again.get(OID)
+        assert obj is not None and not obj.has(0) and not obj.durable
+        assert again.cached_bytes() == 0
+        assert "is missing or short" in caplog.text
+        assert [(o.id, idx) for o, idx in again.newly_removed] == [(OID, [0])]  # to report
+    finally:
+        again.close()
+    third = ObjectStore.open(tmp_path, 1 << 30)  # and the index says so from now on
+    try:
+        assert not third.get(OID).durable  # type: ignore[union-attr]
+    finally:
+        third.close()
 
 
 async def test_last_chunk_short_and_range_presence(tmp_path: Path) -> None:
