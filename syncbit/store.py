@@ -428,7 +428,19 @@ class ObjectStore:
             with self._io_lock:
                 if obj.fd < 0:
                     obj.path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(obj.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    # An object with chunks must find its file: created anew it would read
+                    # as zeros where the index promised verified bytes (FileNotFoundError
+                    # instead: the read fails, a restart forgets the chunks).
+                    create = 0 if obj.written else os.O_CREAT
+                    try:
+                        fd = os.open(obj.path, os.O_RDWR | create | os.O_CLOEXEC, 0o644)
+                    except FileNotFoundError:
+                        raise FileNotFoundError(
+                            errno.ENOENT,
+                            f"the file of cached object {obj.id[:12]} is gone (deleted under "
+                            "the running daemon?); a restart fetches its chunks again",
+                            str(obj.path),
+                        ) from None
                     if os.fstat(fd).st_size != obj.size:
                         os.ftruncate(fd, obj.size)
                     if self.direct_io:

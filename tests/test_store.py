@@ -113,6 +113,25 @@ async def test_chunks_of_a_lost_object_file_are_forgotten_at_start(
         third.close()
 
 
+async def test_an_object_file_lost_while_running_fails_reads_instead_of_zeros(
+    tmp_path: Path,
+) -> None:
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    _write(store, 0, b"k" * CS)
+    await store.flush()
+    store.close()
+    again = ObjectStore.open(tmp_path, 1 << 30)  # file there at start: chunks kept
+    try:
+        obj = again.get(OID)
+        assert obj is not None and obj.has(0)
+        obj.path.unlink()  # gone before this run opened it
+        with pytest.raises(FileNotFoundError, match="a restart fetches its chunks again"):
+            again.read(obj, 0, CS)
+        assert not obj.path.exists()  # not recreated empty
+    finally:
+        again.close()
+
+
 async def test_last_chunk_short_and_range_presence(tmp_path: Path) -> None:
     store = ObjectStore.open(tmp_path, 1 << 30)
     try:

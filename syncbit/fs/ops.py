@@ -48,7 +48,7 @@ def _fail(what: str) -> Iterator[None]:
     except SourceChangedError as exc:
         log.error("%s: EIO: %s", what, exc)
         raise pyfuse3.FUSEError(errno.EIO) from exc
-    except SyncbitError as exc:
+    except (SyncbitError, OSError) as exc:  # OSError: the cache disk (one line, no trace)
         log.error("%s: EIO: %s", what, exc)
         raise pyfuse3.FUSEError(errno.EIO) from exc
     except Exception as exc:
