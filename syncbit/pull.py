@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -103,9 +104,15 @@ def _size(n: float) -> str:
     return ""
 
 
+def _percent(have: int, total: int) -> float:
+    """Share held, rounded down to 0.1%: 100.0% only when every byte is here (two small
+    files missing from 64 MiB must not read as done)."""
+    return 100.0 if total == 0 or have >= total else math.floor(1000.0 * have / total) / 10
+
+
 def _line(doc: dict[str, Any], rate: float, bar: bool = False) -> str:
     total, have = doc["size"], doc["present_bytes"]
-    pct = 100.0 if total == 0 else 100.0 * have / total
+    pct = _percent(have, total)
     eta = f"{(total - have) / rate:.0f}s" if rate > 0 else "?"
     shown = ""
     if bar:
@@ -225,7 +232,7 @@ def _hint(doc: dict[str, Any], verb: str) -> str:
 
 def _timeout_message(doc: dict[str, Any], timeout: float) -> str:
     total, have = doc["size"], doc["present_bytes"]
-    pct = 100.0 if total == 0 else 100.0 * have / total
+    pct = _percent(have, total)
     why = _hint(doc, "wait").strip(" ()")
     return (
         f"{doc['dataset']} is not ready after {timeout:g}s: {pct:.1f}% "
