@@ -367,9 +367,13 @@ class Daemon:
             if method == "GET" and parts == ["v1", "local", "datasets"]:
                 return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
             if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
-                # Added or updated a moment ago? A waiter must see the current revision.
+                # Added or updated a moment ago? A waiter's first request must see the
+                # current revision. Its long polls that follow need no scheduler call:
+                # `_dataset_loop` follows the generation and applies updates at once.
                 wait = _wait_seconds(query)
-                await self._sync_datasets(quiet=True, force=parts[3] not in self.manifests)
+                unknown = parts[3] not in self.manifests
+                if unknown or not wait:
+                    await self._sync_datasets(quiet=True, force=unknown)
                 return 200, await self._progress_within(parts[3], wait)
         except NotFoundError as exc:
             return 404, {"error": str(exc)}

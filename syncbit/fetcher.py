@@ -180,11 +180,11 @@ class Fetcher:
         self._flights: dict[tuple[str, int], Flight] = {}
         # Reads and readahead go first, in `_queue`. Prefetch runs in two lanes of its own:
         # flights a peer can serve now (up to `prefetch_concurrency` at once) and the rest,
-        # mostly source reads (see `_source_limit`); chunks a plan gives to other nodes
-        # wait parked, outside both, until a peer has them. Separate lanes keep this node's share
-        # of the origin's bytes flowing while peer transfers run, and the source reads from
-        # starving the peer transfers. With more workers than both lanes (the default) a
-        # reader always finds a free one. Entries: (priority, seq, flight).
+        # mostly source reads (see `_source_limit`); chunks a plan gives to other nodes wait
+        # parked, outside both, until a peer has them. Separate lanes keep this node's
+        # share of the origin's bytes flowing while peer transfers run, and the source
+        # reads from starving the peer transfers. With more workers than both lanes (the
+        # default) a reader always finds a free one. Entries: (priority, seq, flight).
         self._queue: list[tuple[int, int, Flight]] = []
         self._lanes: dict[str, list[tuple[int, int, Flight]]] = {"peer": [], "source": []}
         self._lane_running = {"peer": 0, "source": 0}
