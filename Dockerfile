@@ -7,21 +7,18 @@
 # One image for every role (`syncbit daemon`, `syncbit scheduler`, the client commands);
 # deploy/k8s picks the role with the container's args. It runs as root by default
 # because the node daemon mounts FUSE; every other pod in deploy/k8s sets a non-root user.
-# Debian 12 (bookworm) and Python 3.11, as on the project's own machines, where pyfuse3
-# is built and tested against bookworm's libfuse 3.14.
+# Debian 12 (bookworm) and Python 3.11, as on the project's own machines. syncbit speaks
+# the FUSE kernel protocol itself: no libfuse headers, no compiler.
 
-# -- build: wheels for the package and every dependency (pyfuse3 compiles against libfuse3)
+# -- build: wheels for the package and every dependency (all pure Python or manylinux)
 FROM python:3.11-slim-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev libfuse3-dev pkg-config \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY syncbit ./syncbit
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-# -- runtime: no compiler; fuse3 brings libfuse3 and fusermount3 (the daemon's preStop
-# and its stale-mount cleanup use it); tini is PID 1, forwards SIGTERM and reaps.
+# -- runtime: fuse3 brings fusermount3 (the daemon's preStop and its stale-mount cleanup
+# use it); tini is PID 1, forwards SIGTERM and reaps.
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fuse3 tini \

@@ -8,7 +8,7 @@ Measures on the same file (default 1 GiB), page cache dropped before each cold r
   hot    node 1 again, page cache warm                                 vs dd of a cached file
 and the daemons' peak RSS. Needs root, /dev/fuse, nginx and curl. Not a test: it prints.
 
-    python bench/read.py [--size-mib 1024] [--dir /var/tmp/syncbit-bench]
+    python bench/read.py [--size-mib 1024] [--dir /var/tmp/syncbit-bench] [--no-passthrough]
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/syncbit-bench"))
     ap.add_argument("--rounds", type=int, default=3, help="paired rounds; medians are shown")
+    ap.add_argument(
+        "--no-passthrough",
+        action="store_true",
+        help="daemons serve every read themselves (FUSE passthrough off), for comparison",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0 or not Path("/dev/fuse").exists():
         print("needs root and /dev/fuse", file=sys.stderr)
@@ -145,6 +150,7 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
                         str(work / name / "cache"),
                         "--mount",
                         str(mnt),
+                        *(["--no-passthrough"] if args.no_passthrough else []),
                     ],
                     work / f"{name}.log",
                 )

@@ -98,7 +98,9 @@ def test_probes_and_metrics_move_with_the_bytes_read(
     served = _get(_scrape(n1.address), "syncbit_peer_served_bytes_total")
     assert sha256_file(n2.path("metered", "m.bin")) == ds.files["m.bin"].sha256
     m2 = _scrape(n2.address)
-    assert _get(m2, 'syncbit_read_bytes_total{origin="peer"}') >= size
+    # Fetched from peers, all of it (what the reader found already landed reads as "cache").
+    assert _get(m2, 'syncbit_fetched_bytes_total{origin="peer"}') == size
+    assert _get(m2, 'syncbit_fetched_bytes_total{origin="source"}') == 0
     assert _get(_scrape(n1.address), "syncbit_peer_served_bytes_total") - served >= size
 
     metrics = httpx.get(f"{up.scheduler.url}/metrics", trust_env=False).text

@@ -1,8 +1,12 @@
 """The mount itself: options for shared read-only use, raised kernel readahead, page cache
-kept across opens (a second read of the same file never reaches the daemon)."""
+kept across opens (a second read of the same file never reaches the daemon), passthrough
+for cached files."""
 
 from __future__ import annotations
 
+import hashlib
+import mmap
+import os
 import time
 from pathlib import Path
 
@@ -49,4 +53,24 @@ def test_page_cache_is_kept_across_opens(
     replied = _wchar(node.pid)
     assert sha256_file(path) == ds.files["w.bin"].sha256  # a new open, same bytes
     # keep_cache: the kernel serves the second pass; the daemon answers no read.
+    assert _wchar(node.pid) - replied < 1 * MiB
+
+
+def test_a_cached_file_is_read_by_the_kernel_from_the_cache_file(
+    cluster: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    """Passthrough: once every chunk is here, opens hand the kernel the object file, so
+    reads (and mmap faults) after the page cache was dropped still never reach the daemon."""
+    ds = fresh_dataset(origin_root, "passthrough", {"p.bin": 12 * MiB + 5})
+    cluster.add_dataset("passthrough", f"{origin.url}/passthrough/")
+    node = cluster.node("n1")
+    path = node.path("passthrough", "p.bin")
+    assert sha256_file(path) == ds.files["p.bin"].sha256
+    time.sleep(1.0)  # the chunks reach the object file
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    replied = _wchar(node.pid)
+    assert sha256_file(path) == ds.files["p.bin"].sha256
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert hashlib.sha256(m).hexdigest() == ds.files["p.bin"].sha256
     assert _wchar(node.pid) - replied < 1 * MiB

@@ -201,6 +201,13 @@ def daemon(
     upload_slots: Annotated[
         int | None, typer.Option(help="Prefetch transfers this node serves at once (0: any).")
     ] = None,
+    passthrough: Annotated[
+        bool | None,
+        typer.Option(
+            "--passthrough/--no-passthrough",
+            help="Let the kernel read fully cached files directly (FUSE passthrough).",
+        ),
+    ] = None,
     kubernetes: Annotated[
         bool | None,
         typer.Option(
@@ -236,6 +243,7 @@ def daemon(
             "prefetch_concurrency": prefetch_concurrency,
             "prefetch_bandwidth": prefetch_bandwidth,
             "upload_slots": upload_slots,
+            "passthrough": passthrough,
             "kubernetes": kubernetes,
             "kubeconfig": kubeconfig,
             "token_file": token_file,

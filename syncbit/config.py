@@ -101,6 +101,7 @@ class DaemonConfig(_Strict):
     )
     heartbeat_interval: float = Field(2.0, gt=0)
     mount_readahead_kb: int = Field(1024, ge=0)
+    passthrough: bool = Field(True, description="kernel reads fully cached files directly")
     node_timeout: float = Field(10.0, gt=0)
     source_options: SourceOptions = Field(default_factory=dict)
     token_file: Path | None = Field(None, description="shared cluster token; none: open")

@@ -7,7 +7,6 @@ step with the scheduler (heartbeat, dataset list, chunk reports).
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import json
 import logging
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -30,6 +28,7 @@ from syncbit.auth import read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.errors import NotFoundError, SyncbitError, UserError
 from syncbit.fetcher import Fetcher
+from syncbit.fs.kernel import ROOT_INODE, Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
@@ -133,6 +132,7 @@ class Daemon:
         self._over_budget_told = False
         self._heartbeat_ok = -math.inf
         self.kube: NodeSync | None = None
+        self.session: Session | None = None  # the FUSE mount, once mounted
         if config.kubernetes:  # a bad kubeconfig fails start-up, before the mount
             self.kube = NodeSync(config.node, kubeconfig=config.kubeconfig)
 
@@ -188,10 +188,8 @@ class Daemon:
             self._setup_metrics()
             clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
             cfg.mount.mkdir(parents=True, exist_ok=True)
-            try:
-                pyfuse3.init(fs, str(cfg.mount), set(MOUNT_OPTIONS))
-            except RuntimeError as exc:
-                raise SyncbitError(f"cannot mount at {cfg.mount}: {exc}") from exc
+            session = self.session = Session(fs, cfg.mount, passthrough=cfg.passthrough)
+            session.mount(MOUNT_OPTIONS)
             try:
                 log.info("node %s: mounted at %s", cfg.node, cfg.mount)
                 async with trio.open_nursery() as nursery:
@@ -211,15 +209,15 @@ class Daemon:
                     await nursery.start(self.store.commit_loop)
                     await nursery.start(self.fetcher.run)
                     self.jobs.bind(nursery)
-                    nursery.start_soon(pyfuse3.main)
-                    nursery.start_soon(self._tune_mount, fs)
+                    nursery.start_soon(session.run)
+                    nursery.start_soon(self._tune_mount)
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._dataset_loop)
                     nursery.start_soon(self._report_loop)
                     if self.kube is not None:
                         nursery.start_soon(self.kube.run, self._kube_state, cfg.kubernetes_interval)
             finally:
-                pyfuse3.close(unmount=True)
+                session.close(unmount=True)
                 log.info("unmounted %s", cfg.mount)
                 with trio.CancelScope(shield=True):
                     kept = await self.store.keep_staged()
@@ -234,7 +232,7 @@ class Daemon:
 
     def _readiness(self) -> tuple[bool, str]:
         """`/readyz`: the mount answers and the scheduler heard from this node lately."""
-        if not self.fs.initialized.is_set():
+        if self.session is None or not self.session.initialized.is_set():
             return False, "not mounted yet"
         quiet = trio.current_time() - self._heartbeat_ok
         if quiet > 3 * self.config.heartbeat_interval + 5:
@@ -320,10 +318,11 @@ class Daemon:
             ["op", "errno"],
         )
 
-    async def _tune_mount(self, fs: SyncbitFS) -> None:
+    async def _tune_mount(self) -> None:
         """Raise the mount's readahead once the kernel has applied the INIT reply (which
         caps it at 128 KiB): reads then arrive as 1 MiB requests instead of 128 KiB."""
-        await fs.initialized.wait()
+        assert self.session is not None
+        await self.session.initialized.wait()
         await trio.sleep(0.05)
         await trio.to_thread.run_sync(
             raise_readahead, self.config.mount, self.config.mount_readahead_kb
@@ -661,10 +660,9 @@ class Daemon:
             return
         self.manifests = wanted
         changed = self.tree.update(wanted)
-        for name in changed:
-            # Not mounted yet, or the kernel had nothing cached: nothing to invalidate.
-            with contextlib.suppress(OSError, RuntimeError):
-                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode())
+        if self.session is not None:  # else: not mounted yet, nothing cached
+            for name in changed:
+                self.session.invalidate_entry(ROOT_INODE, name.encode())
         docs = {n: m.model_dump_json() for n, m in wanted.items()}
         await trio.to_thread.run_sync(self.store.save_manifests, docs)
         log.info("datasets: %s", ", ".join(sorted(wanted)) or "(none)")

@@ -294,8 +294,8 @@ class Fetcher:
             self._count_read(obj, offset, length)
             parts = self.store.read_parts(obj, offset, length)
             if len(parts) == 1 and not isinstance(parts[0], range):
-                # A view of a staged chunk's buffer goes to the kernel as it is: pyfuse3
-                # replies before the trio thread yields, so the buffer cannot be recycled
+                # A view of a staged chunk's buffer goes to the kernel as it is: the FUSE
+                # session replies before the trio thread yields, so the buffer cannot be recycled
                 # first, and the reader's bytes skip one 1 MiB copy.
                 return parts[0]
             if any(isinstance(p, range) for p in parts):

@@ -7,12 +7,12 @@ import os
 import stat
 from pathlib import Path
 
-import pyfuse3
 import pytest
 import trio
 
 from syncbit.errors import SourceUnavailableError
 from syncbit.fetcher import Fetcher
+from syncbit.fs.kernel import EntryAttributes, FUSEError
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import ROOT_INODE, Tree
 from syncbit.manifest import FileEntry, Manifest, build_manifest
@@ -71,11 +71,11 @@ async def fs(tmp_path: Path, nursery: trio.Nursery):  # type: ignore[no-untyped-
     store.close()
 
 
-async def _lookup_path(ops: SyncbitFS, path: str) -> pyfuse3.EntryAttributes:
+async def _lookup_path(ops: SyncbitFS, path: str) -> EntryAttributes:
     inode = ROOT_INODE
-    attr = await ops.getattr(inode)  # type: ignore[arg-type]
+    attr = await ops.getattr(inode)
     for part in path.split("/"):
-        attr = await ops.lookup(inode, part.encode())  # type: ignore[arg-type]
+        attr = await ops.lookup(inode, part.encode())
         inode = attr.st_ino
     return attr
 
@@ -89,7 +89,7 @@ async def test_tree_lookup_modes_sizes(fs) -> None:  # type: ignore[no-untyped-d
     assert stat.S_IMODE(f.st_mode) == 0o555  # exec kept, write stripped
     assert (await _lookup_path(ops, "ds/empty")).st_size == 0
     assert stat.S_ISDIR((await _lookup_path(ops, "ds/void")).st_mode)
-    with pytest.raises(pyfuse3.FUSEError) as err:
+    with pytest.raises(FUSEError) as err:
         await _lookup_path(ops, "ds/nope")
     assert err.value.errno == errno.ENOENT
 
@@ -98,10 +98,10 @@ async def test_open_for_write_is_erofs_and_read_returns_bytes(fs) -> None:  # ty
     ops, _ = fs
     attr = await _lookup_path(ops, "ds/a/b/w.bin")
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
-        with pytest.raises(pyfuse3.FUSEError) as err:
-            await ops.open(attr.st_ino, flags, None)  # type: ignore[arg-type]
+        with pytest.raises(FUSEError) as err:
+            await ops.open(attr.st_ino, flags)
         assert err.value.errno == errno.EROFS
-    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+    fi = await ops.open(attr.st_ino, os.O_RDONLY)
     assert fi.keep_cache
     assert await ops.read(fi.fh, 4000, 200) == BODY[4000:4200]
     assert await ops.read(fi.fh, len(BODY) - 5, 100) == BODY[-5:]
@@ -112,8 +112,8 @@ async def test_read_failure_is_eio_only(fs) -> None:  # type: ignore[no-untyped-
     ops, src = fs
     src.down = True
     attr = await _lookup_path(ops, "ds/a/b/w.bin")
-    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
-    with pytest.raises(pyfuse3.FUSEError) as err:
+    fi = await ops.open(attr.st_ino, os.O_RDONLY)
+    with pytest.raises(FUSEError) as err:
         await ops.read(fi.fh, 0, 10)
     assert err.value.errno == errno.EIO
     assert ops.errors == {("read", "EIO"): 1}  # counted for /metrics
@@ -123,22 +123,50 @@ async def test_read_failure_is_eio_only(fs) -> None:  # type: ignore[no-untyped-
 async def test_new_revision_gets_new_inodes_old_ones_stay_readable(fs) -> None:  # type: ignore[no-untyped-def]
     ops, _ = fs
     old = await _lookup_path(ops, "ds/a/b/w.bin")
-    fi = await ops.open(old.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+    fi = await ops.open(old.st_ino, os.O_RDONLY)
     changed = ops.tree.update({"ds": _manifest(size=100), "other": _manifest("other")})
     assert changed == ["ds"]
     new = await _lookup_path(ops, "ds/a/b/w.bin")
     assert new.st_ino != old.st_ino and new.st_size == 100
     assert await ops.read(fi.fh, 0, 5) == BODY[:5]  # the open file keeps its version
     assert ops.tree.update({}) == ["ds", "other"]
-    with pytest.raises(pyfuse3.FUSEError):
+    with pytest.raises(FUSEError):
         await _lookup_path(ops, "ds")
 
 
 async def test_xattrs_name_dataset_and_revision(fs) -> None:  # type: ignore[no-untyped-def]
     ops, _ = fs
     attr = await _lookup_path(ops, "ds/a/b/w.bin")
-    names = await ops.listxattr(attr.st_ino, None)  # type: ignore[arg-type]
+    names = await ops.listxattr(attr.st_ino)
     assert b"user.syncbit.revision" in names
-    assert await ops.getxattr(attr.st_ino, b"user.syncbit.dataset", None) == b"ds"  # type: ignore[arg-type]
-    with pytest.raises(pyfuse3.FUSEError):
-        await ops.getxattr(attr.st_ino, b"user.nope", None)  # type: ignore[arg-type]
+    assert await ops.getxattr(attr.st_ino, b"user.syncbit.dataset") == b"ds"
+    with pytest.raises(FUSEError):
+        await ops.getxattr(attr.st_ino, b"user.nope")
+
+
+async def test_a_complete_file_offers_its_object_file_for_passthrough(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, _ = fs
+    attr = await _lookup_path(ops, "ds/a/b/w.bin")
+    first = await ops.open(attr.st_ino, os.O_RDONLY)
+    assert first.backing_fd is None  # not all here: reads come to us
+    assert await ops.read(first.fh, 0, len(BODY)) == BODY
+    with trio.fail_after(5):
+        while not ops._handles[first.fh].obj.complete:  # chunks reach the file a bit later
+            await trio.sleep(0.01)
+    second = await ops.open(attr.st_ino, os.O_RDONLY)
+    assert second.backing_fd is not None
+    assert os.pread(second.backing_fd, len(BODY), 0) == BODY
+    empty = await ops.open((await _lookup_path(ops, "ds/empty")).st_ino, os.O_RDONLY)
+    assert empty.backing_fd is None  # nothing to read, no object file
+    for fi in (first, second, empty):
+        await ops.release(fi.fh)
+
+
+async def test_readdir_resumes_at_an_offset(fs) -> None:  # type: ignore[no-untyped-def]
+    ops, _ = fs
+    ds = await _lookup_path(ops, "ds")
+    fh = await ops.opendir(ds.st_ino)
+    listing = list(ops.readdir(fh, 0))
+    assert [(n, off) for n, _, off in listing] == [(b"a", 1), (b"empty", 2), (b"void", 3)]
+    assert [n for n, _, _ in ops.readdir(fh, 2)] == [b"void"]
+    assert stat.S_ISDIR(listing[0][1].st_mode)

@@ -1,1 +1,1 @@
-"""The read-only FUSE filesystem: inode tree, pyfuse3 operations, mount handling."""
+"""The read-only FUSE filesystem: inode tree, operations, the kernel protocol, mount handling."""

@@ -15,7 +15,8 @@ from syncbit.errors import SyncbitError, UserError
 
 log = logging.getLogger("syncbit.fs")
 
-MOUNT_OPTIONS = ("fsname=syncbit", "subtype=syncbit", "ro", "allow_other", "default_permissions")
+# Besides ro, nosuid, nodev, fsname and subtype, which the session always sets.
+MOUNT_OPTIONS = "allow_other,default_permissions"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""pyfuse3 Operations: translates FUSE requests into tree lookups and fetcher reads.
+"""FUSE operations: translates FUSE requests into tree lookups and fetcher reads.
 
 Read-only. Knows no network and no disk layout. Every data access goes through `read()`,
 and `_fail()` is the one place where a domain error becomes an errno; nothing but
@@ -17,11 +17,9 @@ from contextlib import contextmanager
 from itertools import count
 from typing import Any, ParamSpec, TypeVar
 
-import pyfuse3
-import trio
-
 from syncbit.errors import SourceChangedError, SyncbitError
 from syncbit.fetcher import Fetcher, OpenFile
+from syncbit.fs.kernel import ENOATTR, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from syncbit.fs.tree import Node, Tree
 from syncbit.manifest import Manifest
 from syncbit.sources.base import Source
@@ -43,17 +41,17 @@ def _fail(what: str) -> Iterator[None]:
     """Map every error of a handler to FUSEError (EIO unless it already is one)."""
     try:
         yield
-    except pyfuse3.FUSEError:
+    except FUSEError:
         raise
     except SourceChangedError as exc:
         log.error("%s: EIO: %s", what, exc)
-        raise pyfuse3.FUSEError(errno.EIO) from exc
+        raise FUSEError(errno.EIO) from exc
     except (SyncbitError, OSError) as exc:  # OSError: the cache disk (one line, no trace)
         log.error("%s: EIO: %s", what, exc)
-        raise pyfuse3.FUSEError(errno.EIO) from exc
+        raise FUSEError(errno.EIO) from exc
     except Exception as exc:
         log.exception("%s: EIO: unexpected error", what)
-        raise pyfuse3.FUSEError(errno.EIO) from exc
+        raise FUSEError(errno.EIO) from exc
 
 
 def _counted(op: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -67,17 +65,15 @@ def _counted(op: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[A
         fs.requests[name] += 1
         try:
             return await op(*args, **kwargs)
-        except pyfuse3.FUSEError as exc:
+        except FUSEError as exc:
             fs.errors[(name, errno.errorcode.get(exc.errno, str(exc.errno)))] += 1
             raise
 
     return wrapper
 
 
-class SyncbitFS(pyfuse3.Operations):
+class SyncbitFS:
     """The read-only /syncbit filesystem."""
-
-    enable_writeback_cache = False
 
     def __init__(
         self,
@@ -86,7 +82,6 @@ class SyncbitFS(pyfuse3.Operations):
         source_for: Callable[[Manifest], Source],
         dataset_attrs: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
-        super().__init__()
         self.tree = tree
         self.fetcher = fetcher
         self.source_for = source_for
@@ -96,23 +91,17 @@ class SyncbitFS(pyfuse3.Operations):
         self._fh = count(1)
         self.requests: Counter[str] = Counter()  # by operation
         self.errors: Counter[tuple[str, str]] = Counter()  # by operation and errno name
-        self.initialized = trio.Event()
-
-    def init(self) -> None:
-        # Called when the kernel's INIT arrives, just before the reply: the kernel resets
-        # the mount's readahead from that reply, so tuning must wait for this moment.
-        self.initialized.set()
 
     # -- attributes -------------------------------------------------------------------
 
     def _node(self, inode: int) -> Node:
         node = self.tree.nodes.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FUSEError(errno.ENOENT)
         return node
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
+    def _attr(self, node: Node) -> EntryAttributes:
+        attr = EntryAttributes()
         attr.st_ino = node.inode
         attr.st_mode = node.mode
         attr.st_nlink = 2 if node.is_dir else 1
@@ -128,90 +117,81 @@ class SyncbitFS(pyfuse3.Operations):
         return attr
 
     @_counted
-    async def getattr(
-        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
-    ) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int) -> EntryAttributes:
         return self._attr(self._node(inode))
 
     @_counted
     async def lookup(
         self,
-        parent_inode: pyfuse3.InodeT,
-        name: pyfuse3.FileNameT,
-        ctx: pyfuse3.RequestContext | None = None,
-    ) -> pyfuse3.EntryAttributes:
+        parent_inode: int,
+        name: bytes,
+    ) -> EntryAttributes:
         if name == b".":
             return self._attr(self._node(parent_inode))
         try:
             text = os.fsdecode(name)
         except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise FUSEError(errno.ENOENT) from None
         node = self.tree.lookup(parent_inode, text)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FUSEError(errno.ENOENT)
         return self._attr(node)
 
     @_counted
-    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    async def access(self, inode: int, mode: int) -> bool:
         self._node(inode)
         return not mode & os.W_OK
 
     # -- directories ----------------------------------------------------------------------
 
     @_counted
-    async def opendir(
-        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.FileHandleT:
+    async def opendir(self, inode: int) -> int:
         if not self._node(inode).is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FUSEError(errno.ENOTDIR)
         return inode
 
-    @_counted
-    async def readdir(
-        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
-    ) -> None:
+    def readdir(self, fh: int, start_id: int) -> Iterator[tuple[bytes, EntryAttributes, int]]:
+        """Entries after position `start_id`, each with the position that follows it."""
+        self.requests["readdir"] += 1
         node = self._node(fh)
         names = sorted((node.children or {}).items())
         # Offsets are positions in the sorted listing: stable while the version is.
         for position, (name, inode) in enumerate(names[start_id:], start_id + 1):
-            child = self.tree.nodes[inode]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(child), position):
-                break
+            yield os.fsencode(name), self._attr(self.tree.nodes[inode]), position
 
     # -- files ----------------------------------------------------------------------------
 
     @_counted
-    async def open(
-        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int) -> FileInfo:
         node = self._node(inode)
         if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise FUSEError(errno.EISDIR)
         if flags & _WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FUSEError(errno.EROFS)
         assert node.entry is not None and node.manifest is not None
         with _fail(f"open {node.manifest.dataset}/{node.entry.path}"):
             handle = self.fetcher.open(
                 node.entry, node.manifest.chunk_size, self.source_for(node.manifest)
             )
+            # Every byte here: the kernel may read the object file itself (passthrough).
+            complete = handle.obj.complete and handle.entry.size > 0
+            backing = self.fetcher.store.fd(handle.obj) if complete else None
         self.fetcher.hold(handle)
         fh = next(self._fh)
         self._handles[fh] = handle
         # Content of a dataset version never changes: keep the page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return FileInfo(fh=fh, keep_cache=True, backing_fd=backing)
 
     @_counted
-    async def read(  # type: ignore[override]  # pyfuse3 replies from any buffer, not just bytes
-        self, fh: pyfuse3.FileHandleT, off: int, size: int
-    ) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise FUSEError(errno.EBADF)
         with _fail(f"read {handle.entry.path} @{off}+{size}"):
             return await self.fetcher.read(handle, off, size)
 
     @_counted
-    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+    async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self.fetcher.release(handle)
@@ -219,30 +199,26 @@ class SyncbitFS(pyfuse3.Operations):
     # -- the rest of a read-only filesystem --------------------------------------------------
 
     @_counted
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        data = pyfuse3.StatvfsData()
+    async def statfs(self) -> StatvfsData:
+        data = StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         total = sum(n.size for n in self.tree.nodes.values() if n.entry is not None)
         data.f_blocks = (total + 4095) // 4096
         data.f_bfree = data.f_bavail = 0
         data.f_files = len(self.tree.nodes)
-        data.f_ffree = data.f_favail = 0
+        data.f_ffree = 0
         data.f_namemax = 255
         return data
 
     @_counted
-    async def getxattr(
-        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
-    ) -> bytes:
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
         value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
         if value is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FUSEError(ENOATTR)
         return value.encode()
 
     @_counted
-    async def listxattr(
-        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
-    ) -> list[pyfuse3.XAttrNameT]:
+    async def listxattr(self, inode: int) -> list[bytes]:
         return [k.encode() for k in self._xattrs(self._node(inode))]
 
     def _xattrs(self, node: Node) -> dict[str, str]:
@@ -259,4 +235,4 @@ class SyncbitFS(pyfuse3.Operations):
         return attrs
 
     async def setxattr(self, *args: object, **kwargs: object) -> None:
-        raise pyfuse3.FUSEError(errno.EROFS)
+        raise FUSEError(errno.EROFS)
