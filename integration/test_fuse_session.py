@@ -174,6 +174,26 @@ async def test_opens_of_one_inode_stay_in_the_mode_of_the_first(tmp_path: Path) 
         assert toy.reads == reads and session.passthrough_opens == 1
 
 
+async def test_a_backing_file_the_kernel_refuses_means_reads_come_to_the_ops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with mounted(tmp_path) as (toy, session, mnt):
+        if not session.kernel_passthrough:
+            pytest.skip("this kernel offers no FUSE passthrough")
+        pipe_r, pipe_w = os.pipe()  # not a regular file: FUSE_DEV_IOC_BACKING_OPEN says EINVAL
+        real, toy.backing_fd = toy.backing_fd, pipe_r
+        try:
+            for _ in range(2):
+                assert await _in_thread(_read, mnt / "f") == BODY
+        finally:
+            toy.backing_fd = real
+            os.close(pipe_r)
+            os.close(pipe_w)
+        assert toy.reads > 0 and session.passthrough_opens == 0 and not session.passthrough
+        warned = [r for r in caplog.records if "passthrough unavailable" in r.getMessage()]
+        assert len(warned) == 1  # said once, then not asked again
+
+
 @pytest.mark.parametrize("options", [{"passthrough": False}, {"use_helper": True}])
 async def test_without_passthrough_reads_come_to_the_ops(
     tmp_path: Path, options: dict[str, bool]

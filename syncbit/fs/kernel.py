@@ -317,14 +317,16 @@ class Session:
         _, opcode, unique, nodeid, *_ = _IN.unpack_from(self._buf)
         return (unique, opcode, nodeid, n, bytes(self._buf[_IN.size : n]))
 
-    def _reply(self, unique: int, error: int, *parts: bytes | memoryview) -> None:
+    def _reply(self, unique: int, error: int, *parts: bytes | memoryview) -> bool:
         size = _OUT.size + sum(len(p) for p in parts)
         try:
             os.writev(self.fd, [_OUT.pack(size, -error, unique), *parts])
+            return True
         except OSError as exc:
             # ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
             if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 log.warning("FUSE reply failed: %s", exc)
+            return False
 
     def _init(self, request: tuple[int, int, int, int, bytes]) -> None:
         unique, _, _, _, body = request
@@ -386,10 +388,14 @@ class Session:
             log.exception("FUSE opcode %d: unexpected error", opcode)
             self._reply(unique, errno.EIO)
         else:
-            if parts is not None:
-                self._reply(unique, 0, *parts)
+            if not self._reply(unique, 0, *parts) and opcode == _OPEN:
+                # The opener was interrupted: the kernel never saw this handle, and will
+                # send no RELEASE for it.
+                (fh,) = struct.unpack_from("<Q", parts[0])
+                await self.ops.release(fh)
+                self._released(fh)
 
-    async def _dispatch(self, opcode: int, nodeid: int, body: bytes) -> list[bytes] | None:
+    async def _dispatch(self, opcode: int, nodeid: int, body: bytes) -> list[bytes]:
         ops = self.ops
         if opcode == _LOOKUP:
             return [_entry(await ops.lookup(nodeid, body.split(b"\0", 1)[0]))]
@@ -498,10 +504,13 @@ class Session:
         backing = _libc.ioctl(self.fd, _BACKING_OPEN, arg)
         if backing > 0:
             return int(backing)
-        err = ctypes.get_errno()
-        log.warning("passthrough unavailable (%s): serving reads through FUSE", os.strerror(err))
-        if err in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-            self.passthrough = False  # will not get better: stop asking
+        # No CAP_SYS_ADMIN, a cache on a stacked filesystem (overlayfs: ELOOP), a kernel
+        # without it: none of that gets better, so say it once and stop asking.
+        log.warning(
+            "FUSE passthrough unavailable (%s): the daemon serves every read",
+            os.strerror(ctypes.get_errno()),
+        )
+        self.passthrough = False
         return 0
 
     def _close_backing(self, backing: int) -> None:
