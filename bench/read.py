@@ -178,10 +178,14 @@ http {{ log_format b '$body_bytes_sent'; access_log {access} b; sendfile on; tcp
             drop_caches()
             r["peer"] = size / dd(n2 / name)
             r["peer_origin"] = origin_bytes() / size - r["cold_origin"]
+            # The local-file reference both before and after the warm read, the faster one
+            # counting: right after the peer read the disk may still be busy with its writes.
             drop_caches()
-            r["dd_cold"] = size / dd(www / name)
+            dd_before = dd(www / name)
             drop_caches()
             r["warm"] = size / dd(n1 / name)
+            drop_caches()
+            r["dd_cold"] = size / min(dd_before, dd(www / name))
             r["dd_hot"] = size / min(dd(www / name) for _ in range(2))
             r["hot"] = size / min(dd(n1 / name) for _ in range(2))
             rounds.append(r)
