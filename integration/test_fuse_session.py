@@ -28,6 +28,7 @@ from syncbit.fs.kernel import (
 T = TypeVar("T")
 BODY = os.urandom(3 * 2**20 + 123)
 FILE_INODE, DIR_INODE = 2, 3
+MANY = 600
 
 
 class Toy:
@@ -49,6 +50,8 @@ class Toy:
 
     async def lookup(self, parent: int, name: bytes) -> EntryAttributes:
         found = {b"f": FILE_INODE, b"d": DIR_INODE}.get(name) if parent == ROOT_INODE else None
+        if parent == DIR_INODE and name.endswith(b"x" * 200):
+            found = FILE_INODE
         if found is None:
             raise FUSEError(errno.ENOENT)
         return self._attr(found)
@@ -64,6 +67,8 @@ class Toy:
 
     def readdir(self, fh: int, start: int) -> Iterable[tuple[bytes, EntryAttributes, int]]:
         names = [(b"d", DIR_INODE), (b"f", FILE_INODE)] if fh == ROOT_INODE else []
+        if fh == DIR_INODE:  # many entries with long names: READDIR takes several rounds
+            names = [(b"%04d-" % i + b"x" * 200, FILE_INODE) for i in range(MANY)]
         for position, (name, inode) in enumerate(names[start:], start + 1):
             yield name, self._attr(inode), position
 
@@ -205,7 +210,10 @@ async def test_without_passthrough_reads_come_to_the_ops(
 
         def system_calls() -> None:
             assert sorted(os.listdir(mnt)) == ["d", "f"]
-            assert os.listdir(mnt / "d") == []
+            many = os.listdir(mnt / "d")
+            assert many == [f"{i:04d}-" + "x" * 200 for i in range(MANY)]
+            with os.scandir(mnt / "d") as entries:  # READDIRPLUS: attributes come along
+                assert all(e.is_file() and e.stat().st_size == len(BODY) for e in entries)
             st = os.stat(mnt / "f")
             assert stat.S_ISREG(st.st_mode) and st.st_size == len(BODY)
             assert os.getxattr(mnt / "f", "user.toy") == b"yes"
