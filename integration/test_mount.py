@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 import time
 from pathlib import Path
+
+import httpx
 
 from integration.cluster import Cluster, Origin, fresh_dataset, sha256_file, wait_until
 
@@ -74,3 +77,6 @@ def test_a_cached_file_is_read_by_the_kernel_from_the_cache_file(
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert hashlib.sha256(m).hexdigest() == ds.files["p.bin"].sha256
     assert _wchar(node.pid) - replied < 1 * MiB
+    metrics = httpx.get(f"http://{node.address}/metrics", timeout=10, trust_env=False).text
+    opens = re.search(r"^syncbit_fuse_passthrough_opens_total (\S+)$", metrics, re.M)
+    assert opens is not None and float(opens.group(1)) >= 2  # the sha256 pass and the mmap

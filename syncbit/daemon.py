@@ -311,6 +311,13 @@ class Daemon:
             {(op,): float(n) for op, n in self.fs.requests.items()},
             ["op"],
         )
+        if self.session is not None:
+            yield counter(
+                "syncbit_fuse_passthrough_opens",
+                "Opens the kernel serves from the cache file itself (FUSE passthrough).",
+                {(): float(self.session.passthrough_opens)},
+                [],
+            )
         yield counter(
             "syncbit_fuse_errors",
             "FUSE requests answered with an error, by operation and errno.",
