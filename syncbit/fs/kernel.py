@@ -311,6 +311,9 @@ class Session:
                     nursery.start_soon(self._read, request)
                 elif opcode not in _NO_REPLY:
                     nursery.start_soon(self._serve, request)
+                # A queue that never empties must not starve the other tasks (and the
+                # handlers just started) of the event loop.
+                await trio.lowlevel.checkpoint()
 
     def _receive(self) -> tuple[int, int, int, int, bytes]:
         n = os.readv(self.fd, [self._buf])
