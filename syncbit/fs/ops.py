@@ -200,15 +200,8 @@ class SyncbitFS:
 
     @_counted
     async def statfs(self) -> StatvfsData:
-        data = StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
         total = sum(n.size for n in self.tree.nodes.values() if n.entry is not None)
-        data.f_blocks = (total + 4095) // 4096
-        data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self.tree.nodes)
-        data.f_ffree = 0
-        data.f_namemax = 255
-        return data
+        return StatvfsData(f_blocks=(total + 4095) // 4096, f_files=len(self.tree.nodes))
 
     @_counted
     async def getxattr(self, inode: int, name: bytes) -> bytes:
@@ -233,6 +226,3 @@ class SyncbitFS:
         if node.dataset_root and self.dataset_attrs is not None:
             attrs.update(self.dataset_attrs(node.manifest.dataset))
         return attrs
-
-    async def setxattr(self, *args: object, **kwargs: object) -> None:
-        raise FUSEError(errno.EROFS)
