@@ -69,6 +69,8 @@ def test_a_cached_file_is_read_by_the_kernel_from_the_cache_file(
     node = cluster.node("n1")
     path = node.path("passthrough", "p.bin")
     assert sha256_file(path) == ds.files["p.bin"].sha256
+    st = os.statvfs(node.mount)  # the size of what the mount shows, nothing free to write
+    assert st.f_blocks * st.f_frsize >= 12 * MiB and st.f_files > 2 and st.f_bfree == 0
     time.sleep(1.0)  # the chunks reach the object file
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
