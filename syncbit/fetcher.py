@@ -295,8 +295,8 @@ class Fetcher:
             parts = self.store.read_parts(obj, offset, length)
             if len(parts) == 1 and not isinstance(parts[0], range):
                 # A view of a staged chunk's buffer goes to the kernel as it is: the FUSE
-                # session replies before the trio thread yields, so the buffer cannot be recycled
-                # first, and the reader's bytes skip one 1 MiB copy.
+                # session replies before the trio thread yields, so the buffer cannot be
+                # recycled first, and the reader's bytes skip one 1 MiB copy.
                 return parts[0]
             if any(isinstance(p, range) for p in parts):
                 # Staged views must not outlive this checkpoint: copy them first.

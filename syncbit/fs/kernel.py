@@ -206,7 +206,7 @@ def _mount_fusermount(target: str, options: str) -> int:
             capture_output=True,
             timeout=30,
         )
-        theirs.close()
+        theirs.close()  # ours: without the helper's end, recv below sees EOF, never hangs
         if proc.returncode != 0:
             raise OSError(errno.EPERM, proc.stderr.decode(errors="replace").strip())
         _, fds, _, _ = socket.recv_fds(ours, 1, 1)
@@ -215,8 +215,7 @@ def _mount_fusermount(target: str, options: str) -> int:
         return fds[0]
     finally:
         ours.close()
-        if theirs.fileno() >= 0:
-            theirs.close()
+        theirs.close()  # closing twice is a no-op
 
 
 class Session:
@@ -279,10 +278,7 @@ class Session:
                 err = ctypes.get_errno()
                 if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
                     log.warning("unmount %s: %s", self.mountpoint, os.strerror(err))
-        for backing in {b for _, b in self._modes.values() if b}:
-            self._close_backing(backing)
-        self._modes.clear()
-        os.close(self.fd)
+        os.close(self.fd)  # the connection goes, and its backing files with it
         self.fd = -1
 
     # -- serving -------------------------------------------------------------------------
@@ -307,8 +303,6 @@ class Session:
                 opcode = request[1]
                 if opcode == _INIT:
                     self._init(request)
-                elif opcode == _READ:  # the hot path: no dispatch table
-                    nursery.start_soon(self._read, request)
                 elif opcode not in _NO_REPLY:
                     nursery.start_soon(self._serve, request)
                 # A queue that never empties must not starve the other tasks (and the
@@ -318,7 +312,7 @@ class Session:
     def _receive(self) -> tuple[int, int, int, int, bytes]:
         n = os.readv(self.fd, [self._buf])
         _, opcode, unique, nodeid, *_ = _IN.unpack_from(self._buf)
-        return (unique, opcode, nodeid, n, bytes(self._buf[_IN.size : n]))
+        return (unique, opcode, nodeid, n, bytes(memoryview(self._buf)[_IN.size : n]))
 
     def _reply(self, unique: int, error: int, *parts: bytes | memoryview) -> bool:
         size = _OUT.size + sum(len(p) for p in parts)
@@ -368,19 +362,6 @@ class Session:
         log.info("FUSE protocol 7.%d, passthrough %s", minor, "on" if self.passthrough else "off")
         self.initialized.set()
 
-    async def _read(self, request: tuple[int, int, int, int, bytes]) -> None:
-        unique, _, _, _, body = request
-        fh, offset, size = _READ_IN.unpack_from(body)
-        try:
-            data = await self.ops.read(fh, offset, size)
-        except FUSEError as exc:
-            self._reply(unique, exc.errno)
-        except Exception:
-            log.exception("read: unexpected error")
-            self._reply(unique, errno.EIO)
-        else:
-            self._reply(unique, 0, data)
-
     async def _serve(self, request: tuple[int, int, int, int, bytes]) -> None:
         unique, opcode, nodeid, _, body = request
         try:
@@ -398,8 +379,11 @@ class Session:
                 await self.ops.release(fh)
                 self._released(fh)
 
-    async def _dispatch(self, opcode: int, nodeid: int, body: bytes) -> list[bytes]:
+    async def _dispatch(self, opcode: int, nodeid: int, body: bytes) -> list[bytes | memoryview]:
         ops = self.ops
+        if opcode == _READ:  # the hot path: first
+            fh, offset, size = _READ_IN.unpack_from(body)
+            return [await ops.read(fh, offset, size)]
         if opcode == _LOOKUP:
             return [_entry(await ops.lookup(nodeid, body.split(b"\0", 1)[0]))]
         if opcode == _GETATTR:
@@ -455,7 +439,7 @@ class Session:
         raise FUSEError(errno.ENOSYS)  # FLUSH, FSYNC, locks, ...: the kernel stops asking
 
     @staticmethod
-    def _sized(value: bytes, size: int) -> list[bytes]:
+    def _sized(value: bytes, size: int) -> list[bytes | memoryview]:
         if size == 0:  # the caller asks how big
             return [_GETXATTR.pack(len(value), 0)]
         if len(value) > size:
