@@ -124,16 +124,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._plain(503, "daemon starting\n")
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
-        progress = method == "GET" and bool(_PROGRESS_PATH.match(self.path))
+        route = self.path.split("?", 1)[0]  # `syncbit wait` long-polls with ?wait=S
+        progress = method == "GET" and bool(_PROGRESS_PATH.match(route))
         if not loopback and not progress:
             self._refuse(403, "local control is for this host only\n")
             return
         if not self._secure():
             return
-        if progress or (method == "GET" and self.path.split("?")[0] == "/v1/local/datasets"):
+        if progress or (method == "GET" and route in ("/v1/local/datasets", "/v1/local/cache")):
             roles: tuple[Role, ...] = (Role.READER,)
-        elif method == "GET" and self.path.split("?")[0] == "/v1/local/cache":
-            roles = (Role.READER,)
         else:
             roles = ()  # pull, evict, gc: admin
         if not self._authorized(*roles):

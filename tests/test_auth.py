@@ -336,6 +336,7 @@ PEER_ROUTES: list[tuple[str, str, set[str] | None]] = [
     ("GET", "/metrics", OPEN),
     ("GET", f"/v1/objects/{OID}/data", NODES),
     ("GET", "/v1/local/datasets/d", READERS),
+    ("GET", "/v1/local/datasets/d?wait=0.1", READERS),  # the long poll of `syncbit wait`
     ("GET", "/v1/local/datasets", READERS),
     ("GET", "/v1/local/cache", READERS),
     ("POST", "/v1/local/pull", ADMIN),
