@@ -45,12 +45,13 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def client_context(ca: Path | None) -> ssl.SSLContext:
     """A verifying client context: trusts `ca` (PEM) only, else the system's CAs."""
+    what = "CA file (tls_ca, $SYNCBIT_TLS_CA)"
     if ca is not None:
-        _load(ca, "tls_ca")
+        _load(ca, what)
     try:
         context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"cannot load tls_ca {ca}: {exc}") from None
+        raise ConfigError(f"cannot load {what} {ca}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
