@@ -277,6 +277,7 @@ def test_a_restarted_daemon_renews_its_own_credential(up: Cluster) -> None:
 # -- refusing to listen beyond loopback without a token ----------------------------------------
 
 
+@pytest.mark.timeout(120)
 def test_nothing_listens_beyond_loopback_without_a_token(tmp_path: Path) -> None:
     port = free_port()
     sched = run_cli(
@@ -302,6 +303,7 @@ def test_nothing_listens_beyond_loopback_without_a_token(tmp_path: Path) -> None
     assert not (tmp_path / "cache").exists()  # refused before touching anything
 
 
+@pytest.mark.timeout(120)
 def test_insecure_starts_open_beyond_loopback_with_a_warning(tmp_path: Path) -> None:
     """In a network namespace of its own (only its loopback exists), so that the open port
     is reachable from nowhere."""

@@ -121,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         if control is None:
             # Listening already, not serving yet: the daemon is starting. 503 tells
             # `syncbit wait` (an initContainer racing the daemon) to try again.
-            self._plain(503, "daemon starting\n")
+            self._refuse(503, "daemon starting\n")
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
         route = self.path.split("?", 1)[0]  # `syncbit wait` long-polls with ?wait=S
