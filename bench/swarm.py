@@ -436,8 +436,9 @@ def run(args: argparse.Namespace, work: Path) -> Result:
 
         print(f"starting the scheduler and {n} daemons", file=sys.stderr)
         sched_url = f"http://{sched.address}:{SCHED_PORT}"
+        # --insecure: open on purpose, on a LAN of network namespaces nothing else reaches.
         schedule = [*SYNCBIT, "scheduler", "--listen", f"{sched.address}:{SCHED_PORT}"]
-        schedule += ["--state-dir", str(work / "scheduler")]
+        schedule += ["--state-dir", str(work / "scheduler"), "--insecure"]
         if args.chunk_size:
             conf = work / "scheduler.yaml"
             conf.write_text(f"chunk_size: {args.chunk_size}\n")
@@ -455,7 +456,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         for host in nodes:
             where = caches / host.name
             argv = [*SYNCBIT, "daemon", "--scheduler", sched_url, "--node", host.name]
-            argv += ["--listen", f"0.0.0.0:{PEER_PORT}"]
+            argv += ["--listen", f"0.0.0.0:{PEER_PORT}", "--insecure"]
             argv += ["--advertise", f"{host.address}:{PEER_PORT}"]
             argv += ["--cache-dir", str(where / "cache"), "--mount", str(work / host.name)]
             argv += ["--label", LABEL, "--log-level", args.log_level, *args.daemon_arg]

@@ -23,6 +23,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -406,8 +407,35 @@ class Origin(ManagedProcess):
         httpx.post(self.url + "__reset", timeout=10, trust_env=False).raise_for_status()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A private CA and the scheduler's and daemons' certificates (`syncbit tls init`)."""
+
+    directory: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        from syncbit import certs
+
+        if not (directory / "ca.crt").exists():
+            certs.init(directory)
+        return cls(directory)
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.crt"
+
+    def pair(self, who: str) -> tuple[Path, Path]:
+        """(cert, key) of "scheduler" or "daemon"."""
+        return self.directory / f"{who}.crt", self.directory / f"{who}.key"
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
 class Scheduler(ManagedProcess):
-    """`syncbit scheduler` with its own state dir on a free loopback port."""
+    """`syncbit scheduler` with its own state dir on a free loopback port (https:// with
+    `tls`, its certificate checked against the test CA)."""
 
     def __init__(
         self,
@@ -416,20 +444,25 @@ class Scheduler(ManagedProcess):
         node_timeout: float | None = None,
         port: int | None = None,
         token_file: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__("scheduler", log_dir / "scheduler.log")
         self.state_dir = state_dir
         self.node_timeout = node_timeout
         self.port = port or free_port()
         self.token_file = token_file
+        self.tls = tls
         headers = (
             {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
         )
-        self._http = httpx.Client(base_url=self.url, timeout=10, trust_env=False, headers=headers)
+        verify: ssl.SSLContext | bool = tls.context() if tls else True
+        self._http = httpx.Client(
+            base_url=self.url, timeout=10, trust_env=False, headers=headers, verify=verify
+        )
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Scheduler:
         argv = [*SYNCBIT, "scheduler", "--listen", f"{HOST}:{self.port}"]
@@ -438,6 +471,9 @@ class Scheduler(ManagedProcess):
             argv += ["--node-timeout", str(self.node_timeout)]
         if self.token_file is not None:
             argv += ["--token-file", str(self.token_file)]
+        if self.tls is not None:
+            cert, key = self.tls.pair("scheduler")
+            argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
         self._spawn(argv)
         wait_until(self._healthy, timeout, "scheduler /healthz", evidence=self.log_tail)
         return self
@@ -706,16 +742,44 @@ class Cluster:
         heartbeat_interval: float = 0.5,
         labels: Callable[[int], dict[str, str]] | None = None,
         token: str | None = None,
+        bootstrap: bool = False,
+        tls: bool = False,
     ) -> None:
+        """With `token` (the cluster secret, as a Kubernetes Secret would hold it) every
+        process requires credentials; the CLI runs with an admin credential. The daemons'
+        token_file holds the secret itself, or with `bootstrap` a bootstrap credential they
+        trade for their own node credential. With `tls` everything speaks TLS, checked
+        against a test CA; daemons share one certificate (`peer_tls_name`)."""
         self.workdir = workdir
         self.origin = origin
         self.token_file: Path | None = None
-        if token is not None:  # the shared cluster token, as a Kubernetes Secret would hold it
+        self.admin_token_file: Path | None = None
+        self.tls = TlsFiles.make(workdir / "tls") if tls else None
+        node_config: dict[str, Any] = {"heartbeat_interval": heartbeat_interval}
+        if token is not None:
+            from syncbit.credentials import Issuer, Role
+
             workdir.mkdir(parents=True, exist_ok=True)
             self.token_file = workdir / "token"
             self.token_file.write_text(token + "\n")
+            issuer = Issuer(token)
+            self.admin_token_file = workdir / "admin.token"
+            self.admin_token_file.write_text(issuer.issue(Role.ADMIN)[0] + "\n")
+            node_token = self.token_file
+            if bootstrap:
+                node_token = workdir / "bootstrap.token"
+                node_token.write_text(issuer.issue(Role.BOOTSTRAP)[0] + "\n")
+            node_config["token_file"] = str(node_token)
+        if self.tls is not None:
+            cert, key = self.tls.pair("daemon")
+            node_config |= {"tls_cert": str(cert), "tls_key": str(key)}
+            node_config |= {"tls_ca": str(self.tls.ca), "peer_tls_name": "syncbit-daemon"}
         self.scheduler = Scheduler(
-            workdir / "scheduler", workdir / "logs", node_timeout, token_file=self.token_file
+            workdir / "scheduler",
+            workdir / "logs",
+            node_timeout,
+            token_file=self.token_file,
+            tls=self.tls,
         )
         self.nodes = [
             Node(
@@ -723,8 +787,7 @@ class Cluster:
                 workdir,
                 self.scheduler.url,
                 read_deadline=read_deadline,
-                config={"heartbeat_interval": heartbeat_interval}
-                | ({"token_file": str(self.token_file)} if self.token_file else {}),
+                config=dict(node_config),
                 labels=labels(i) if labels else None,
             )
             for i in range(1, nodes + 1)
@@ -785,8 +848,10 @@ class Cluster:
         argv = [*SYNCBIT, *args]
         if scheduler:
             argv += ["--scheduler", self.scheduler.url]
-        if self.token_file is not None:
-            env = {"SYNCBIT_TOKEN_FILE": str(self.token_file), **(env or {})}
+        if self.admin_token_file is not None:
+            env = {"SYNCBIT_TOKEN_FILE": str(self.admin_token_file), **(env or {})}
+        if self.tls is not None:
+            env = {"SYNCBIT_TLS_CA": str(self.tls.ca), **(env or {})}
         return run_cli(argv, env=env, timeout=timeout)
 
     def add_dataset(self, name: str, url: str, timeout: float = 15.0) -> float:

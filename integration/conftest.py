@@ -121,8 +121,9 @@ def origin(origin_root: Path, workdir: Path, dataset: Dataset) -> Iterator[Origi
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> Iterator[Cluster]:
     """Scheduler + nodes for one test module. A module may set CLUSTER_NODES,
-    NODE_TIMEOUT, CLUSTER_LABELS (a function: node number -> labels) and CLUSTER_TOKEN
-    (a shared cluster token every process then requires and sends)."""
+    NODE_TIMEOUT, CLUSTER_LABELS (a function: node number -> labels), CLUSTER_TOKEN (the
+    cluster secret: every process then requires credentials), CLUSTER_BOOTSTRAP (daemons
+    get a bootstrap credential instead of the secret) and CLUSTER_TLS (TLS everywhere)."""
     module = request.module
     name = module.__name__.rsplit(".", 1)[-1]
     where = workdir / name
@@ -134,6 +135,8 @@ def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> It
         node_timeout=getattr(module, "NODE_TIMEOUT", 4.0),
         labels=getattr(module, "CLUSTER_LABELS", None),
         token=getattr(module, "CLUSTER_TOKEN", None),
+        bootstrap=getattr(module, "CLUSTER_BOOTSTRAP", False),
+        tls=getattr(module, "CLUSTER_TLS", False),
     )
     try:
         cl.start()

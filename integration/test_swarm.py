@@ -73,7 +73,9 @@ class NsScheduler(ManagedProcess):
         self.state_dir = state_dir
 
     def start(self) -> NsScheduler:
+        # --insecure: open on purpose, on a LAN of network namespaces nothing else reaches.
         argv = [*SYNCBIT, "scheduler", "--listen", f"{self.ns.address}:{SCHED_PORT}"]
+        argv += ["--insecure"]
         self._spawn(self.ns.argv([*argv, "--state-dir", str(self.state_dir)]))
 
         def healthy() -> bool:
@@ -92,7 +94,7 @@ class NsNode(Node):
     requests must come from loopback) and tells peers its LAN address."""
 
     def __init__(self, host: Host, workdir: Path, scheduler_url: str) -> None:
-        advertise = ["--advertise", f"{host.address}:{PEER_PORT}"]
+        advertise = ["--advertise", f"{host.address}:{PEER_PORT}", "--insecure"]
         super().__init__(
             host.name, workdir, scheduler_url, labels={"swarm": "1"}, extra_args=advertise
         )

@@ -1,19 +1,23 @@
-"""The shared cluster token (`token_file`): who may talk to schedulers and peers, and where
-client commands find them by default.
+"""What clients send and servers require: the bearer value (`token_file`, $SYNCBIT_TOKEN),
+the client-side TLS settings from the environment, where client commands find services by
+default, and the rule that nothing listens beyond loopback without a token.
 
-One secret for the whole cluster, sent as `Authorization: Bearer <token>`. Probes
-(`/healthz`, `/readyz`) and `/metrics` stay open so kubelets and scrapers need no secret.
-Standard library only: client commands (`syncbit wait` in every initContainer) import this
-instead of the pydantic config models, which cost ~70 ms of start-up.
+A `token_file` holds either the cluster secret (the scheduler's; admin wherever it is
+known) or a signed credential (`syncbit.credentials`), sent as `Authorization: Bearer`.
+Probes (`/healthz`, `/readyz`) and `/metrics` stay open so kubelets and scrapers need
+none. Standard library only: client commands (`syncbit wait` in every initContainer)
+import this instead of the pydantic config models, which cost ~70 ms of start-up.
 """
 
 from __future__ import annotations
 
-import hmac
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from syncbit.errors import ConfigError
+from syncbit.tls import is_loopback
 
 DEFAULT_SCHEDULER = "http://127.0.0.1:7900"
 DEFAULT_DAEMON = "127.0.0.1:7901"  # a daemon's default --listen: where local commands go
@@ -22,14 +26,6 @@ DEFAULT_DAEMON = "127.0.0.1:7901"  # a daemon's default --listen: where local co
 def bearer(token: str | None) -> dict[str, str]:
     """The header that carries `token` (none without a token)."""
     return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def check_bearer(header: str | None, token: str) -> bool:
-    """`Authorization: Bearer <token>` with the right token, compared in constant time."""
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    )
 
 
 def read_token(path: Path | None) -> str | None:
@@ -51,3 +47,61 @@ def client_token() -> str | None:
         return os.environ["SYNCBIT_TOKEN"].strip()
     path = os.environ.get("SYNCBIT_TOKEN_FILE")
     return read_token(Path(path)) if path else None
+
+
+def client_ca() -> Path | None:
+    """The CA file client commands trust for https:// services: $SYNCBIT_TLS_CA (else the
+    system's CAs)."""
+    path = os.environ.get("SYNCBIT_TLS_CA")
+    return Path(path) if path else None
+
+
+def client_tls_name() -> str | None:
+    """$SYNCBIT_TLS_NAME: the name a daemon's certificate carries (`peer_tls_name`), checked
+    instead of the address dialled (a pod dials its node's IP)."""
+    return os.environ.get("SYNCBIT_TLS_NAME") or None
+
+
+def check_exposure(
+    what: str, listen: str, token: str | None, insecure: bool, log: logging.Logger
+) -> None:
+    """Refuse to serve beyond loopback without a token, unless told `insecure` (then say
+    so loudly). Loopback-only without a token stays open: a single-node setup."""
+    host = listen.rpartition(":")[0]
+    if token is not None or is_loopback(host):
+        return
+    if not insecure:
+        raise ConfigError(
+            f"{what} would listen on {listen}, beyond this host, without a token_file: anyone "
+            "who reaches it could register nodes, add datasets and read every chunk. Set "
+            'token_file (README "Security and reliability"), listen on 127.0.0.1, or pass '
+            "--insecure (config `insecure: true`) to run it open anyway"
+        )
+    log.warning(
+        "INSECURE: %s listens on %s without a token_file (--insecure): anyone who reaches "
+        "it can register nodes, add and remove datasets and read every chunk",
+        what,
+        listen,
+    )
+
+
+_DRAIN = 64 * 1024  # a refused request's body up to this size is read and dropped
+
+
+def drain_refused(handler: Any) -> bool:
+    """Read and drop the body of a request refused before its body was read (an
+    `http.server` handler), if it is at most 64 KiB: closing a connection with unread
+    bytes resets it, and the client may lose the answer. False when it is larger, not
+    sized, or the client went away: the caller then closes the connection."""
+    if handler.headers.get("Transfer-Encoding"):
+        return False
+    try:
+        length = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        return False
+    if not 0 <= length <= _DRAIN:
+        return False
+    try:
+        return len(handler.rfile.read(length)) == length
+    except OSError:
+        return False

@@ -17,7 +17,7 @@ import typer
 # Client commands import only what they use: `syncbit wait` runs in every initContainer
 # and in loops, so trio, pydantic (the config models) and the scheduler client are
 # imported by the commands that need them.
-from syncbit.auth import DEFAULT_DAEMON, DEFAULT_SCHEDULER, client_token
+from syncbit.auth import DEFAULT_DAEMON, DEFAULT_SCHEDULER, client_ca, client_token
 from syncbit.errors import SyncbitError, UserError
 
 P = ParamSpec("P")
@@ -40,6 +40,10 @@ volume_app = typer.Typer(
     help="CSI-like volumes: read-only bind mounts of datasets.", no_args_is_help=True
 )
 app.add_typer(volume_app, name="volume")
+token_app = typer.Typer(help="Credentials: issue one for a role.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+tls_app = typer.Typer(help="Certificates for TLS between all parts.", no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
 
 SchedulerOpt = Annotated[
     str,
@@ -54,9 +58,19 @@ DaemonOpt = Annotated[
     typer.Option(
         "--daemon",
         envvar="SYNCBIT_DAEMON",
-        help="This node's daemon, its --listen address (else $SYNCBIT_DAEMON).",
+        help="This node's daemon, its --listen address, https://host:port for TLS "
+        "(else $SYNCBIT_DAEMON).",
     ),
 ]
+InsecureOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--insecure",
+        help="Serve beyond loopback without a token_file: anyone who reaches it may do anything.",
+    ),
+]
+TlsCertOpt = Annotated[Path | None, typer.Option(help="PEM certificate (chain) to serve TLS with.")]
+TlsKeyOpt = Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file; flags override it.")
 ]
@@ -99,7 +113,7 @@ def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
     token = client_token()
 
     async def go() -> T:
-        async with SchedulerClient(url, token=token) as client:
+        async with SchedulerClient(url, token=token, ca=client_ca()) as client:
             return await call(client)
 
     result: T = trio.run(go)
@@ -130,9 +144,10 @@ def scheduler(
     node_timeout: Annotated[
         float | None, typer.Option(help="Seconds without heartbeat before a node is down.")
     ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(help="File with the shared cluster token.")
-    ] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File with the cluster secret.")] = None,
+    insecure: InsecureOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run the central scheduler until SIGTERM/SIGINT."""
@@ -149,6 +164,9 @@ def scheduler(
             "state_dir": state_dir,
             "node_timeout": node_timeout,
             "token_file": token_file,
+            "insecure": insecure,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
             "log_level": log_level,
         },
     )
@@ -219,7 +237,14 @@ def daemon(
         Path | None, typer.Option(help="Kubeconfig (default: in-cluster service account).")
     ] = None,
     token_file: Annotated[
-        Path | None, typer.Option(help="File with the shared cluster token.")
+        Path | None,
+        typer.Option(help="File with a bootstrap or node credential, or the cluster secret."),
+    ] = None,
+    insecure: InsecureOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA file the scheduler's and peers' certificates match.")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
@@ -247,6 +272,10 @@ def daemon(
             "kubernetes": kubernetes,
             "kubeconfig": kubeconfig,
             "token_file": token_file,
+            "insecure": insecure,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_ca": tls_ca,
             "log_level": log_level,
         },
     )
@@ -364,16 +393,16 @@ def pull(
 
 
 def parse_duration(value: str) -> float:
-    """'30m', '1h', '90s', '1h30m', '45' (seconds) -> seconds."""
+    """'30m', '1h', '90s', '1h30m', '7d', '45' (seconds) -> seconds."""
     import re
 
     text = value.strip().lower()
     if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
         return float(text)
-    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)([hms])", text)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)([dhms])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise UserError(f"not a duration: {value!r} (use e.g. 30m, 1h, 90s)")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+        raise UserError(f"not a duration: {value!r} (use e.g. 30m, 1h, 90s, 7d)")
+    return sum(float(n) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
 def _targets(selector: str | None, nodes: str | None) -> list[dict[str, Any]]:
@@ -641,6 +670,95 @@ def volume_ls(
             ],
         )
     )
+
+
+@token_app.command("create")
+@guarded
+def token_create(
+    role: Annotated[str, typer.Option(help="admin, node, reader or bootstrap.")],
+    node: Annotated[str | None, typer.Option(help="With --role node: the node it is for.")] = None,
+    ttl: Annotated[
+        str | None,
+        typer.Option(
+            help="Valid for this long, e.g. 30d, 12h (default: until the cluster secret changes)."
+        ),
+    ] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(help="Sign here with the cluster secret in this file, no scheduler."),
+    ] = None,
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Issue a credential and print it. Needs an admin credential or the cluster secret
+    ($SYNCBIT_TOKEN[_FILE]), or --secret-file to sign offline.
+
+    Roles: reader (status, progress, wait: for workloads); node (one node's daemon);
+    bootstrap (daemons trade it for their own node credential); admin (everything).
+    """
+    from syncbit.credentials import Role
+
+    try:
+        wanted = Role(role)
+    except ValueError:
+        raise UserError(
+            f"unknown role {role!r}: one of {', '.join(r.value for r in Role)}"
+        ) from None
+    if (wanted is Role.NODE) != (node is not None):
+        raise UserError("--node goes with --role node, and only with it")
+    seconds = parse_duration(ttl) if ttl is not None else None
+    if seconds is not None and seconds <= 0:
+        raise UserError(f"--ttl must be positive, not {ttl!r}")
+    if secret_file is not None:
+        from syncbit.auth import read_token
+        from syncbit.credentials import Issuer, is_credential
+
+        secret = read_token(secret_file)
+        assert secret is not None
+        if is_credential(secret):
+            raise UserError(f"{secret_file} holds a credential, not the cluster secret")
+        token, _ = Issuer(secret).issue(wanted, node or "", seconds)
+    else:
+        doc = _client_call(scheduler, lambda c: c.issue_token(wanted.value, node, seconds))
+        token = str(doc["token"])
+    typer.echo(token)
+
+
+@tls_app.command("init")
+@guarded
+def tls_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the PEM files.")],
+    scheduler_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A name clients reach the scheduler by (repeatable; default: "
+            "the Kubernetes Service's names, localhost, 127.0.0.1)."
+        ),
+    ] = None,
+    daemon_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="The daemons' certificate name, peer_tls_name (repeatable; "
+            "default: syncbit-daemon, localhost, 127.0.0.1)."
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of the server certificates.")] = 825,
+) -> None:
+    """Make a private CA and the scheduler's and daemons' certificates (never overwrites).
+
+    ca.crt goes to every client (tls_ca, SYNCBIT_TLS_CA); ca.key stays offline.
+    """
+    from syncbit import certs
+
+    if days <= 0:
+        raise UserError(f"--days must be positive, not {days}")
+    written = certs.init(
+        directory,
+        tuple(scheduler_name or certs.SCHEDULER_NAMES),
+        tuple(daemon_name or (certs.DAEMON_NAME, "localhost", "127.0.0.1")),
+        days,
+    )
+    for path in written:
+        typer.echo(str(path))
 
 
 @app.command()

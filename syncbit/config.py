@@ -74,7 +74,12 @@ class SchedulerConfig(_Strict):
     node_timeout: float = Field(10.0, gt=0, description="seconds without heartbeat -> down")
     chunk_size: Size = DEFAULT_CHUNK_SIZE
     source_options: SourceOptions = Field(default_factory=dict)
-    token_file: Path | None = Field(None, description="shared cluster token; none: open")
+    token_file: Path | None = Field(
+        None, description="the cluster secret; none: open (loopback only, unless insecure)"
+    )
+    insecure: bool = Field(False, description="serve beyond loopback without a token_file")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     log_level: str = "info"
 
 
@@ -104,7 +109,19 @@ class DaemonConfig(_Strict):
     passthrough: bool = Field(True, description="kernel reads fully cached files directly")
     node_timeout: float = Field(10.0, gt=0)
     source_options: SourceOptions = Field(default_factory=dict)
-    token_file: Path | None = Field(None, description="shared cluster token; none: open")
+    token_file: Path | None = Field(
+        None, description="a bootstrap or node credential, or the cluster secret; none: open"
+    )
+    insecure: bool = Field(False, description="serve beyond loopback without a token_file")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(None, description="CA to verify the scheduler and peers")
+    peer_tls_name: str | None = Field(
+        None, description="name in every daemon's certificate; default: the address dialled"
+    )
+    peer_data_tls: bool = Field(
+        True, description="chunk transfers over TLS too (with tls_cert); false: plain"
+    )
     kubernetes: bool = Field(False, description="keep this Node's labels/taint in step")
     kubeconfig: Path | None = Field(None, description="none: in-cluster service account")
     kubernetes_interval: float = Field(5.0, gt=0)

@@ -24,9 +24,10 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from syncbit.auth import read_token
+from syncbit import tls
+from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
-from syncbit.errors import NotFoundError, SyncbitError, UserError
+from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
 from syncbit.fetcher import Fetcher
 from syncbit.fs.kernel import ROOT_INODE, Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
@@ -36,6 +37,7 @@ from syncbit.jobs import Jobs
 from syncbit.kube import NodeSync
 from syncbit.manifest import Manifest
 from syncbit.metrics import Snapshot, counter, fetch_latency, gauge, render
+from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
@@ -117,11 +119,25 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.token = read_token(config.token_file)  # before the cache lock: fail early
+        # Before the cache lock: a bad token, TLS file or exposure fails start-up early.
+        self.token = read_token(config.token_file)
+        check_exposure("the daemon", config.listen, self.token, config.insecure, log)
+        if config.scheduler is None:
+            where = config.scheduler_listen
+            check_exposure("the embedded scheduler", where, self.token, config.insecure, log)
+        self.server_tls = tls.config_pair(config.tls_cert, config.tls_key)
+        peer_tls = None
+        if self.server_tls is not None and config.peer_data_tls:
+            peer_tls = tls.client_context(config.tls_ca)
         self.store = ObjectStore.open(config.cache_dir, config.cache_size)
         self.embedded: SchedulerServer | None = None
         self.peer_server: PeerServer | None = None
-        self.peer_client = PeerClient(token=self.token)
+        self.credentials = NodeCredentials(
+            config.node, self.token, config.cache_dir / "credential.json"
+        )
+        self.peer_client = PeerClient(
+            token=self.credentials.peer_token, tls_context=peer_tls, tls_name=config.peer_tls_name
+        )
         self.sources = SourceCache(config.source_options)
         self.tree = Tree()
         self.manifests: dict[str, Manifest] = {}
@@ -148,12 +164,25 @@ class Daemon:
                     node_timeout=cfg.node_timeout,
                     source_options=cfg.source_options,
                     token_file=cfg.token_file,
+                    insecure=cfg.insecure,
+                    tls_cert=cfg.tls_cert,
+                    tls_key=cfg.tls_key,
                 )
             )
             self.embedded.start()
-            url = self.embedded.url
-            log.info("embedded scheduler on %s", url)
-        self.peer_server = PeerServer(self.store, cfg.listen, self.token, cfg.upload_slots)
+            # This daemon talks to it over loopback: plain HTTP, whatever it serves others.
+            url = f"http://{self.embedded.address}"
+            log.info("embedded scheduler on %s", self.embedded.url)
+        self.peer_server = PeerServer(
+            self.store,
+            cfg.listen,
+            cfg.upload_slots,
+            auth_required=self.credentials.required,
+            tls_context=self.server_tls,
+            plain_data=not cfg.peer_data_tls,
+        )
+        if self.credentials.verifier is not None:
+            self.peer_server.set_verifier(self.credentials.verifier)
         self.peer_server.start()
         log.info("peer service on %s", self.peer_server.address)
         return url
@@ -167,7 +196,8 @@ class Daemon:
         cfg = self.config
         try:
             url = self._start_services()
-            self.client = SchedulerClient(url, token=self.token)
+            self.client = SchedulerClient(url, token=self.credentials.token, ca=cfg.tls_ca)
+            await self._refresh_credentials(quiet=True)
             self.directory = SchedulerDirectory(self.client, cfg.node)
             self.fetcher = Fetcher(
                 self.store,
@@ -591,10 +621,29 @@ class Daemon:
 
     # -- control loops -----------------------------------------------------------------------
 
+    async def _refresh_credentials(self, quiet: bool = False) -> None:
+        """Obtain or renew this node's credentials when due, and use them everywhere."""
+        creds = self.credentials
+        try:
+            changed = await creds.refresh(self.client)
+        except SyncbitError as exc:
+            if not quiet:
+                self._warn("node credentials", exc)
+            return
+        if changed:
+            self.client.set_token(creds.token)
+            self.peer_client.set_token(creds.peer_token)
+            if creds.verifier is not None and self.peer_server is not None:
+                self.peer_server.set_verifier(creds.verifier)
+
     async def _heartbeat_loop(self) -> None:
         cfg = self.config
         while True:
             assert self.peer_server is not None
+            await self._refresh_credentials()
+            if self.credentials.required and self.credentials.token is None:
+                await trio.sleep(cfg.heartbeat_interval)  # no credential yet: nothing to send
+                continue
             usage = self.store.usage()
             try:
                 record = await self.client.heartbeat(
@@ -610,6 +659,9 @@ class Daemon:
                 )
                 self._heartbeat_ok = trio.current_time()
                 await self._apply_plan(list(record.get("plan", [])))
+            except UnauthorizedError as exc:
+                self._warn("heartbeat refused", exc)
+                self.credentials.invalidate()  # expired or revoked: ask again
             except SyncbitError as exc:
                 self._warn("heartbeat failed", exc)
             await trio.sleep(cfg.heartbeat_interval)

@@ -9,7 +9,9 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     │   ├── UnsafePathError       a listed name would escape the dataset root
     │   ├── InvalidSourceError    unknown scheme, malformed URI, nothing at the URI
     │   ├── NotFoundError         unknown dataset / node
-    │   └── UnauthorizedError     missing or wrong cluster token
+    │   ├── UnauthorizedError     missing, wrong or expired token or credential (401)
+    │   ├── ForbiddenError        a valid credential whose role may not do this (403)
+    │   └── TrustError            a server's TLS certificate is not accepted (tls_ca)
     ├── SourceError               the dataset's source failed
     │   ├── SourceUnavailableError  temporary (network, 5xx): retried with backoff
     │   └── SourceChangedError      the recorded version is gone: never retried
@@ -96,3 +98,13 @@ class SchedulerError(SyncbitError):
 
 class UnauthorizedError(UserError):
     """A request without the cluster token, or with a wrong one (`token_file`)."""
+
+
+class ForbiddenError(UserError):
+    """A valid credential whose role may not do this: a reader writing, a node acting for
+    another node (403)."""
+
+
+class TrustError(UserError):
+    """A server's TLS certificate is not accepted: wrong or missing CA (`tls_ca`,
+    $SYNCBIT_TLS_CA) or a name the certificate does not carry."""

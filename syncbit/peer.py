@@ -11,9 +11,15 @@ refused.
 Connections are thread-per-connection outside the trio loop, so serving never blocks FUSE.
 The same port answers node-local control requests (`/v1/local/...`) by handing them to
 the daemon's `Control` callback: from loopback anything, from elsewhere only reading a
-dataset's progress (what `syncbit wait` in a pod's initContainer asks), and with a cluster
-token configured only with it. Probes (`/healthz`, `/readyz`) and `/metrics` are open.
-With a token, chunk data is served only to requests that carry it.
+dataset's progress (what `syncbit wait` in a pod's initContainer asks).
+
+Who may ask what, when the daemon has a `token_file` (`_authorized`): chunk data only a
+node (or admin) credential, never a reader's or none; reading progress and the cache
+listing a reader credential or better; anything that changes the node (pull, evict, gc)
+admin. Credentials are checked with the cluster's public key, which this node learns when
+it registers (it never needs the cluster secret). Probes (`/healthz`, `/readyz`) and
+`/metrics` are open. With `tls_cert`, the port speaks TLS; plain HTTP is then admitted only
+from loopback, for probes and metrics, and for chunk data if `peer_data_tls` is off.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import logging
 import os
 import re
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from syncbit.auth import bearer, check_bearer
-from syncbit.errors import PeerBusyError, PeerError
+from syncbit import tls
+from syncbit.auth import bearer, drain_refused
+from syncbit.credentials import Role, Verifier
+from syncbit.errors import PeerBusyError, PeerError, UnauthorizedError
 from syncbit.store import ObjectStore
 from syncbit.wire import Pool, WireError, parse_content_range
 
@@ -40,6 +49,7 @@ log = logging.getLogger("syncbit.peer")
 Control = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
 
 PRIORITY_HEADER = "X-Syncbit-Priority"
+_TLS_BLOCK = 1 << 20  # bytes per write of chunk data over TLS
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
 _PROGRESS_PATH = re.compile(r"^/v1/local/datasets/[^/?]+$")
 
@@ -59,12 +69,50 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _authorized(self) -> bool:
-        token = self.server.token
-        if token is None or check_bearer(self.headers.get("Authorization"), token):
+    def _refuse(self, status: int, text: str) -> None:
+        """An error answer before the request's body was read: a small body is read and
+        dropped (closing on unread bytes resets the connection, and the client may lose
+        this answer); a larger one ends the connection instead."""
+        if not drain_refused(self):
+            self.close_connection = True
+        self._plain(status, text)
+
+    def _secure(self, data: bool = False) -> bool:
+        """TLS, or no TLS needed: none configured, a client on this host, or chunk data
+        with `peer_data_tls` off. Answers 403 itself when not."""
+        server = self.server
+        if server.tls is None or tls.is_tls(self.connection) or (data and server.plain_data):
             return True
-        self._plain(401, "missing or wrong cluster token (see token_file)\n")
+        if ipaddress.ip_address(self.client_address[0]).is_loopback:
+            return True
+        self._refuse(403, "this daemon requires TLS: use https://\n")
         return False
+
+    def _authorized(self, *roles: Role) -> bool:
+        """Whether the request's credential has one of `roles` (admin has all); answers
+        401, 403 or 503 itself when not. Open when the daemon has no token_file."""
+        server = self.server
+        if not server.auth_required:
+            return True
+        verifier = server.verifier
+        if verifier is None:  # registered with no scheduler yet: nothing to check with
+            self._refuse(503, "daemon starting: it does not know the cluster's key yet\n")
+            return False
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        try:
+            if scheme.lower() != "bearer" or not value.strip():
+                raise UnauthorizedError("missing or wrong cluster token (see token_file)")
+            principal = verifier.verify(value.strip())
+        except UnauthorizedError as exc:
+            self._refuse(401, f"{exc}\n")
+            return False
+        if not principal.allows(*roles):
+            need = " or ".join(r.value for r in roles) or "admin"
+            self._refuse(
+                403, f"a {principal.role.value} credential may not do this (needs {need})\n"
+            )
+            return False
+        return True
 
     def _local(self, method: str) -> None:
         """Node-local control (pull, progress, cache): JSON both ways. Loopback clients may
@@ -73,13 +121,21 @@ class _Handler(BaseHTTPRequestHandler):
         if control is None:
             # Listening already, not serving yet: the daemon is starting. 503 tells
             # `syncbit wait` (an initContainer racing the daemon) to try again.
-            self._plain(503, "daemon starting\n")
+            self._refuse(503, "daemon starting\n")
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
-        if not loopback and not (method == "GET" and _PROGRESS_PATH.match(self.path)):
-            self._plain(403, "local control is for this host only\n")
+        route = self.path.split("?", 1)[0]  # `syncbit wait` long-polls with ?wait=S
+        progress = method == "GET" and bool(_PROGRESS_PATH.match(route))
+        if not loopback and not progress:
+            self._refuse(403, "local control is for this host only\n")
             return
-        if not loopback and not self._authorized():
+        if not self._secure():
+            return
+        if progress or (method == "GET" and route in ("/v1/local/datasets", "/v1/local/cache")):
+            roles: tuple[Role, ...] = (Role.READER,)
+        else:
+            roles = ()  # pull, evict, gc: admin
+        if not self._authorized(*roles):
             return
         length = int(self.headers.get("Content-Length") or 0)
         try:
@@ -127,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not match:
             self._plain(404, "no such endpoint\n")
             return
-        if not self._authorized():
+        if not self._secure(data=True) or not self._authorized(Role.NODE):
             return
         obj = self.server.store.get(match.group(1))
         rng = self.headers.get("Range", "")
@@ -159,14 +215,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
-        offset, end = first, last + 1
-        out = self.connection.fileno()
-        while offset < end:
-            sent = os.sendfile(out, fd, offset, end - offset)
-            if sent == 0:
-                raise ConnectionError("peer closed the connection")
-            offset += sent
+        if tls.is_tls(self.connection):
+            self._send_tls(fd, first, length)
+        else:
+            offset, end = first, last + 1
+            out = self.connection.fileno()
+            while offset < end:
+                sent = os.sendfile(out, fd, offset, end - offset)
+                if sent == 0:
+                    raise ConnectionError("peer closed the connection")
+                offset += sent
         self.server.bytes_served += length
+
+    def _send_tls(self, fd: int, offset: int, length: int) -> None:
+        """The bytes through the TLS session: no sendfile (the kernel cannot encrypt them
+        for Python's ssl), so pread into one reused buffer and write."""
+        self.wfile.flush()
+        buf = bytearray(min(length, _TLS_BLOCK))
+        view = memoryview(buf)
+        end = offset + length
+        while offset < end:
+            n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
+            if n <= 0:
+                raise ConnectionError("object file shorter than its index says")
+            self.connection.sendall(view[:n])
+            offset += n
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -174,10 +247,19 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], store: ObjectStore, token: str | None, upload_slots: int
+        self,
+        address: tuple[str, int],
+        store: ObjectStore,
+        upload_slots: int,
+        auth_required: bool,
+        tls_context: ssl.SSLContext | None,
+        plain_data: bool,
     ) -> None:
         self.store = store
-        self.token = token
+        self.auth_required = auth_required
+        self.verifier: Verifier | None = None
+        self.tls = tls_context
+        self.plain_data = plain_data
         self.upload_slots = upload_slots  # prefetch transfers served at once; 0: any number
         self.refused = 0  # prefetch transfers answered 503 (busy)
         self.control: Control | None = None
@@ -201,16 +283,54 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._count_lock:
             self.active -= 1
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, over TLS when the client opens it so (`syncbit.tls`)."""
+        try:
+            conn = tls.accept(request, self.tls)
+        except OSError as exc:  # ssl.SSLError too: a failed handshake is the client's
+            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            _Handler(conn, client_address, self)
+        finally:
+            if conn is not request:
+                tls.close_quietly(conn)
+
 
 class PeerServer:
-    """The node's chunk server on `listen` ("host:port"), running in its own threads."""
+    """The node's chunk server on `listen` ("host:port"), running in its own threads.
+
+    Args:
+        auth_required: every route but the probes needs a credential (the daemon has a
+            token_file); they are checked once `set_verifier` gave the cluster's key.
+        tls_context: serve TLS (plain HTTP stays for probes, metrics and loopback).
+        plain_data: with TLS, also serve chunk data over plain HTTP (`peer_data_tls: false`).
+    """
 
     def __init__(
-        self, store: ObjectStore, listen: str, token: str | None = None, upload_slots: int = 0
+        self,
+        store: ObjectStore,
+        listen: str,
+        upload_slots: int = 0,
+        *,
+        auth_required: bool = False,
+        tls_context: ssl.SSLContext | None = None,
+        plain_data: bool = False,
     ) -> None:
         host, _, port = listen.rpartition(":")
-        self._server = _Server((host, int(port)), store, token, upload_slots)
+        self._server = _Server(
+            (host.strip("[]"), int(port)),
+            store,
+            upload_slots,
+            auth_required,
+            tls_context,
+            plain_data,
+        )
         self._thread: threading.Thread | None = None
+
+    def set_verifier(self, verifier: Verifier) -> None:
+        """Check credentials with `verifier` (the cluster's public key) from now on."""
+        self._server.verifier = verifier
 
     @property
     def address(self) -> str:
@@ -256,10 +376,27 @@ class PeerServer:
 
 
 class PeerClient:
-    """Pulls byte ranges of objects from peers (blocking; worker threads only)."""
+    """Pulls byte ranges of objects from peers (blocking; worker threads only).
 
-    def __init__(self, timeout: float = 10.0, token: str | None = None) -> None:
-        self._pool = Pool(timeout=timeout)
+    Args:
+        token: the node's peer credential (`set_token` replaces it when renewed).
+        tls_context: dial peers over TLS, verifying their certificates with it.
+        tls_name: the name peers' certificates carry (`peer_tls_name`); default: the
+            address dialled.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 10.0,
+        token: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        tls_name: str | None = None,
+    ) -> None:
+        self._pool = Pool(timeout=timeout, ssl_context=tls_context, server_name=tls_name)
+        self._scheme = "https" if tls_context is not None else "http"
+        self._headers = bearer(token)
+
+    def set_token(self, token: str | None) -> None:
         self._headers = bearer(token)
 
     def get_into(
@@ -267,7 +404,7 @@ class PeerClient:
     ) -> None:
         """Fill `buf` with the object's bytes at `offset` from the peer. A `prefetch`
         transfer may be refused (PeerBusyError) when the peer's upload slots are taken."""
-        url = f"http://{address}/v1/objects/{object_id}/data"
+        url = f"{self._scheme}://{address}/v1/objects/{object_id}/data"
         headers = {**self._headers, PRIORITY_HEADER: "prefetch"} if prefetch else self._headers
         try:
             resp = self._pool.get_into(url, offset, buf, headers)

@@ -8,14 +8,22 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import ssl
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
-from syncbit.auth import bearer, client_token
-from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
+from syncbit import tls
+from syncbit.auth import bearer, client_ca, client_tls_name, client_token
+from syncbit.errors import (
+    ForbiddenError,
+    NotFoundError,
+    SyncbitError,
+    UnauthorizedError,
+    UserError,
+)
 
 _POLL = 0.2  # seconds between attempts while no daemon answers (an initContainer)
 # Each progress request is a long poll: the daemon answers once the dataset is ready or
@@ -29,20 +37,48 @@ class DaemonUnreachableError(SyncbitError):
     """No daemon answers at the given address (yet)."""
 
 
+class _TLSConnection(http.client.HTTPSConnection):
+    """https to a daemon, its certificate checked for `name` (every daemon's certificate
+    carries the same one, `peer_tls_name`) instead of the address dialled."""
+
+    def __init__(
+        self, host: str, port: int, timeout: float, context: ssl.SSLContext, name: str | None
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._name = name
+        self._tls = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._name or self.host)
+
+
 class _Daemon:
     """JSON requests to a node's daemon (`/v1/local/...`) over one keep-alive connection.
 
     The standard library's http.client, not httpx: `syncbit wait` runs in every
     initContainer and in scripts' loops, and importing httpx (with httpcore and trio) and
     building its TLS context cost ~0.15 s of CPU per start for a plain-HTTP loopback call.
+    `https://host:port` speaks TLS, trusting $SYNCBIT_TLS_CA (one file: no system bundle
+    to load) and checking the name $SYNCBIT_TLS_NAME when set.
     """
 
     def __init__(self, address: str, timeout: float) -> None:
-        self.address = address
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise UserError(f"--daemon must be host:port, not {address!r}")
-        self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+        scheme, sep, rest = address.partition("://")
+        if not sep:
+            scheme, rest = "http", address
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if scheme not in ("http", "https") or not host or not port.isdigit():
+            raise UserError(f"--daemon must be host:port or https://host:port, not {address!r}")
+        self.address = f"{scheme}://{rest.rstrip('/')}"
+        self._conn: http.client.HTTPConnection
+        if scheme == "https":
+            context = tls.client_context(client_ca())
+            self._conn = _TLSConnection(
+                host.strip("[]"), int(port), timeout, context, client_tls_name()
+            )
+        else:
+            self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
         self._headers = {"Accept": "application/json", **bearer(client_token())}
 
     def __enter__(self) -> _Daemon:
@@ -70,14 +106,22 @@ class _Daemon:
             self._conn.request(method, url, body=payload, headers=headers)
             resp = self._conn.getresponse()
             raw = resp.read()
+        except ssl.SSLCertVerificationError as exc:
+            self._conn.close()  # not worth retrying: the same certificate comes back
+            raise tls.trust_error(
+                f"daemon at {self.address}",
+                exc,
+                "set SYNCBIT_TLS_CA to the cluster's CA file (and SYNCBIT_TLS_NAME to the "
+                "daemons' certificate name, peer_tls_name)",
+            ) from None
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()  # the next call dials again
             raise DaemonUnreachableError(
-                f"no syncbit daemon answers at http://{self.address} ({type(exc).__name__}): "
+                f"no syncbit daemon answers at {self.address} ({type(exc).__name__}): "
                 "start one with `syncbit daemon` or pass --daemon host:port"
             ) from exc
         if resp.status == 503:  # listening, but still starting up
-            raise DaemonUnreachableError(f"the syncbit daemon at http://{self.address} is starting")
+            raise DaemonUnreachableError(f"the syncbit daemon at {self.address} is starting")
         try:
             doc: dict[str, Any] = json.loads(raw) if raw else {}
         except ValueError:
@@ -85,10 +129,13 @@ class _Daemon:
         if resp.status == 404:
             raise NotFoundError(doc.get("error", f"not found: {url}"))
         if resp.status == 401:
+            reason = raw.decode(errors="replace").strip() or "missing or wrong cluster token"
             raise UnauthorizedError(
-                f"daemon at http://{self.address}: missing or wrong cluster token "
-                "(set SYNCBIT_TOKEN_FILE)"
+                f"daemon at {self.address}: {reason} (set SYNCBIT_TOKEN_FILE)"[:500]
             )
+        if resp.status == 403:
+            reason = raw.decode(errors="replace").strip() or "forbidden"
+            raise ForbiddenError(f"daemon at {self.address}: {reason}"[:500])
         if resp.status == 400:
             raise UserError(doc.get("error", f"bad request: {url}"))
         if resp.status != 200:

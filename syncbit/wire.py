@@ -39,15 +39,27 @@ class _Conn:
 
 
 class Pool:
-    """Keep-alive connections per (scheme, host, port); safe to share between threads."""
+    """Keep-alive connections per (scheme, host, port); safe to share between threads.
 
-    def __init__(self, timeout: float = 30.0, max_idle: int = 16, verify: bool = True) -> None:
+    https:// uses `ssl_context` (default: the system's CAs, made on first use) and checks
+    certificates for `server_name` when given (peers share one name) else the URL's host.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 30.0,
+        max_idle: int = 16,
+        verify: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._lock = threading.Lock()
         self._verify = verify
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_context: ssl.SSLContext | None = ssl_context
+        self._server_name = server_name
 
     def _ssl(self) -> ssl.SSLContext:
         """The TLS context, made on first use: loading the CA store costs tens of
@@ -73,7 +85,7 @@ class Pool:
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
-                sock = self._ssl().wrap_socket(sock, server_hostname=host)
+                sock = self._ssl().wrap_socket(sock, server_hostname=self._server_name or host)
         except OSError as exc:
             raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
         return _Conn(sock, key)

@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -293,11 +294,61 @@ def test_every_manifest_is_installed_except_the_secret_example() -> None:
 
 
 def test_no_secret_is_committed() -> None:
-    # The token is made per install (README); the example only shows the shape.
-    example = find(load_docs(K8S / "secret.example.yaml"), "Secret", "syncbit-token")
-    assert example["stringData"]["token"].startswith("REPLACE")
+    # Secrets are made per install (README); the example only shows their shapes.
+    for doc in load_docs(K8S / "secret.example.yaml"):
+        values = doc.get("stringData") or doc.get("data")
+        assert values and all(v.startswith("REPLACE") for v in values.values()), doc
     for obj in installed():
         assert obj["kind"] != "Secret", f"a Secret is installed: {obj['metadata']['name']}"
+
+
+def references(objs: list[Obj]) -> dict[tuple[str, str], set[str]]:
+    """(kind, name) of every ConfigMap/Secret the workloads mount -> the keys they use."""
+    refs: dict[tuple[str, str], set[str]] = {}
+    for _, spec in workloads(objs):
+        for vol in spec.get("volumes", []):
+            sources = vol["projected"]["sources"] if "projected" in vol else [vol]
+            for src in sources:
+                for kind, ref in (("ConfigMap", "configMap"), ("Secret", "secret")):
+                    if ref in src:
+                        name = src[ref].get("name") or src[ref].get("secretName")
+                        keys = {item["key"] for item in src[ref].get("items", [])}
+                        refs.setdefault((kind, name), set()).update(keys)
+    return refs
+
+
+def test_the_secret_example_shows_every_object_an_install_must_create() -> None:
+    made_here = {("ConfigMap", g["metadata"]["name"]) for g in generated(K8S)}
+    needed = {k: v for k, v in references(installed()).items() if k not in made_here}
+    shown = {
+        (d["kind"], d["metadata"]["name"]): set(d.get("stringData") or d.get("data"))
+        for d in load_docs(K8S / "secret.example.yaml")
+    }
+    assert set(needed) == set(shown)
+    for key, keys in needed.items():
+        assert keys <= shown[key], key
+
+
+def mounts_of(objs: list[Obj], kind: str, name: str) -> set[str]:
+    """Names of the workloads whose pods can read ConfigMap/Secret `name`."""
+    holders = set()
+    for obj, _ in workloads(objs):
+        if (kind, name) in references([obj]):
+            holders.add(obj["metadata"]["name"])
+    return holders
+
+
+def test_each_credential_goes_only_where_it_is_needed() -> None:
+    objs = installed()
+    # The cluster secret signs every credential: the scheduler alone holds it.
+    assert mounts_of(objs, "Secret", "syncbit-token") == {"syncbit-scheduler"}
+    assert mounts_of(objs, "Secret", "syncbit-scheduler-tls") == {"syncbit-scheduler"}
+    # Daemons trade the bootstrap credential for their own; they never see the secret.
+    assert mounts_of(objs, "Secret", "syncbit-bootstrap") == {"syncbit-daemon"}
+    assert mounts_of(objs, "Secret", "syncbit-daemon-tls") == {"syncbit-daemon"}
+    # Workloads get the reader credential only; registering datasets is an admin task.
+    assert mounts_of(objs, "Secret", "syncbit-reader") == {"llama-reader"}
+    assert mounts_of(objs, "Secret", "syncbit-admin") == {"syncbit-prefetch-llama"}
     for directory in KUSTOMIZATIONS:
         assert "secretGenerator" not in kustomization(directory)
 
@@ -544,9 +595,20 @@ def test_daemon_config_matches_the_manifests(
     assert url.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc"
     assert url.port == service["spec"]["ports"][0]["port"]
     assert cfg["listen"] == "0.0.0.0:7901"
-    for spec, c in (daemon, scheduler):
-        token = cfg["token_file"]
-        assert projected_file(spec, c, token) == ("Secret", "syncbit-token", "token")
+    d_spec, d_c = daemon
+    assert projected_file(d_spec, d_c, cfg["token_file"]) == (
+        "Secret",
+        "syncbit-bootstrap",
+        "token",
+    )
+    for key, item in (("tls_cert", "tls.crt"), ("tls_key", "tls.key"), ("tls_ca", "ca.crt")):
+        assert projected_file(d_spec, d_c, cfg[key]) == ("Secret", "syncbit-daemon-tls", item)
+    assert url.scheme == "https" and cfg["peer_tls_name"] == "syncbit-daemon"
+    s_spec, s_c = scheduler
+    sched = config_file("scheduler.yaml")
+    assert projected_file(s_spec, s_c, sched["token_file"]) == ("Secret", "syncbit-token", "token")
+    for key, item in (("tls_cert", "tls.crt"), ("tls_key", "tls.key")):
+        assert projected_file(s_spec, s_c, sched[key]) == ("Secret", "syncbit-scheduler-tls", item)
 
 
 def pending_or_fail(missing: set[str], what: str) -> None:
@@ -670,10 +732,13 @@ def test_example_pod_waits_then_reads_the_dataset(examples: list[Obj]) -> None:
     assert spec["nodeSelector"] == {"syncbit.io/enabled": "true"}
     (init,) = spec["initContainers"]
     assert init["args"][:4] == ["wait", "llama", "--timeout", "30m"]
-    assert option_value(init["args"], "--daemon") == "$(HOST_IP):7901"
+    assert option_value(init["args"], "--daemon") == "https://$(HOST_IP):7901"
     assert env(init, "HOST_IP")["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     token = env(init, "SYNCBIT_TOKEN_FILE")["value"]
-    assert projected_file(spec, init, token) == ("Secret", "syncbit-token", "token")
+    assert projected_file(spec, init, token) == ("Secret", "syncbit-reader", "token")
+    ca = env(init, "SYNCBIT_TLS_CA")["value"]
+    assert projected_file(spec, init, ca) == ("ConfigMap", "syncbit-ca", "ca.crt")
+    assert env(init, "SYNCBIT_TLS_NAME")["value"] == config_file("config.yaml")["peer_tls_name"]
     (reader,) = spec["containers"]
     dataset_mount(spec, reader)
 
@@ -703,8 +768,11 @@ def test_example_job_prefetches_to_a_selector(examples: list[Obj]) -> None:
     for c in containers(spec):
         url = urlsplit(env(c, "SYNCBIT_SCHEDULER")["value"])
         assert url.hostname == f"syncbit-scheduler.{NAMESPACE}.svc"
+        assert url.scheme == "https"
         token = env(c, "SYNCBIT_TOKEN_FILE")["value"]
-        assert projected_file(spec, c, token) == ("Secret", "syncbit-token", "token")
+        assert projected_file(spec, c, token) == ("Secret", "syncbit-admin", "token")
+        ca = env(c, "SYNCBIT_TLS_CA")["value"]
+        assert projected_file(spec, c, ca) == ("ConfigMap", "syncbit-ca", "ca.crt")
 
 
 # -- the image ------------------------------------------------------------------------------
@@ -747,3 +815,120 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     assert rules[0] == "*"
     for needed in ("!pyproject.toml", "!README.md", "!syncbit/"):
         assert needed in rules
+
+
+# -- make-secrets.sh ------------------------------------------------------------------------
+
+
+FAKE_KUBECTL = """#!{python}
+import json, sys
+args = sys.argv[1:]
+assert args[:3] == ["-n", "syncbit", "create"], args
+kind = {{"secret": "Secret", "configmap": "ConfigMap"}}[args[3]]
+name = args[5] if kind == "Secret" else args[4]
+data = {{}}
+for arg in args:
+    if arg.startswith("--from-file="):
+        key, _, path = arg[len("--from-file="):].partition("=")
+        data[key] = open(path).read()
+with open({log!r}, "a") as log:
+    log.write(json.dumps({{"kind": kind, "name": name, "data": data}}) + "\\n")
+"""
+
+
+def test_make_secrets_creates_what_the_manifests_mount_and_it_works(tmp_path: Path) -> None:
+    """The install's one script, run with a stand-in kubectl that records what it would
+    create: exactly the objects and keys the manifests mount, and they work together (a
+    real scheduler and peer service on loopback, reached by the names in the manifests)."""
+    import os
+    import sys
+
+    import httpx
+
+    from syncbit.config import SchedulerConfig
+    from syncbit.peer import PeerServer
+    from syncbit.scheduler import SchedulerServer
+    from syncbit.store import ObjectStore
+    from syncbit.tls import server_context
+
+    log = tmp_path / "created.jsonl"
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable, log=str(log)))
+    kubectl.chmod(0o755)
+    env = {
+        **os.environ,
+        "SYNCBIT": f"{sys.executable} -m syncbit.cli",
+        "KUBECTL": str(kubectl),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    script = str(K8S / "make-secrets.sh")
+    done = subprocess.run(
+        ["sh", script, str(tmp_path / "ca")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    created = {(o["kind"], o["name"]): o["data"] for o in map(json.loads, lines)}
+    made_here = {("ConfigMap", g["metadata"]["name"]) for g in generated(K8S)}
+    needed = {k: v for k, v in references(installed()).items() if k not in made_here}
+    assert set(created) == set(needed)
+    for key, keys in needed.items():
+        assert keys <= set(created[key]), key
+    # Only the CA stays on disk; the secret and the credentials are gone.
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == ["ca.crt", "ca.key"]
+    again = subprocess.run(["sh", script, str(tmp_path / "ca")], env=env, capture_output=True)
+    assert again.returncode == 2  # one set per install
+
+    files = tmp_path / "installed"
+    files.mkdir()
+    for (_, name), data in created.items():
+        for key, value in data.items():
+            (files / f"{name}.{key}").write_text(value)
+    config = SchedulerConfig(
+        listen="127.0.0.1:7900",
+        state_dir=tmp_path / "state",
+        token_file=files / "syncbit-token.token",
+        tls_cert=files / "syncbit-scheduler-tls.tls.crt",
+        tls_key=files / "syncbit-scheduler-tls.tls.key",
+    ).model_copy(update={"listen": "127.0.0.1:0"})
+    scheduler = SchedulerServer(config)
+    scheduler.start()
+    ca = ssl.create_default_context(cafile=str(files / "syncbit-ca.ca.crt"))
+    service = urlsplit(config_file("config.yaml")["scheduler"]).hostname
+    try:
+        with httpx.Client(verify=ca, trust_env=False) as http:
+
+            def call(method: str, path: str, role: str, body: Any = None) -> int:
+                token = (files / f"syncbit-{role}.token").read_text().strip()
+                resp = http.request(
+                    method,
+                    f"https://{scheduler.address}{path}",
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                    extensions={"sni_hostname": service},
+                )
+                return resp.status_code
+
+            assert call("GET", "/v1/status", "reader") == 200
+            assert call("POST", "/v1/datasets", "reader", {"name": "x", "source": "y"}) == 403
+            assert call("POST", "/v1/nodes/gpu-1/credential", "bootstrap", {}) == 200
+            assert call("POST", "/v1/tokens", "admin", {"role": "reader"}) == 200
+    finally:
+        scheduler.stop()
+    store = ObjectStore.open(tmp_path / "cache", 1 << 20)
+    daemon = PeerServer(
+        store,
+        "127.0.0.1:0",
+        tls_context=server_context(
+            files / "syncbit-daemon-tls.tls.crt", files / "syncbit-daemon-tls.tls.key"
+        ),
+    )
+    daemon.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+    daemon.start()
+    try:
+        name = config_file("config.yaml")["peer_tls_name"]
+        with httpx.Client(verify=ca, trust_env=False) as http:
+            resp = http.get(f"https://{daemon.address}/healthz", extensions={"sni_hostname": name})
+            assert resp.status_code == 200
+    finally:
+        daemon.stop()
+        store.close()

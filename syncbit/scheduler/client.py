@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
+from syncbit import tls
 from syncbit.auth import bearer
 from syncbit.errors import (
+    ForbiddenError,
     NotFoundError,
     SchedulerError,
     SourceError,
@@ -69,7 +72,9 @@ class SchedulerClient:
         base_url: scheduler URL; a bare "host:port" means http.
         transport: an httpx transport to use instead of the network (tests).
         timeout: seconds per request; adding a dataset waits for the source listing too.
-        token: the cluster token, sent as a bearer token (see `token_file`).
+        token: the bearer value: the cluster secret or a credential (see `token_file`).
+        ca: the CA file that https:// scheduler certificates must chain to (None: the
+            system's CAs).
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class SchedulerClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10,
         token: str | None = None,
+        ca: Path | None = None,
     ) -> None:
         if "://" not in base_url:
             base_url = f"http://{base_url}"
@@ -88,13 +94,14 @@ class SchedulerClient:
             # their scheduler (cluster-internal addresses).
             # Plain http never uses a TLS context, and building the verifying one (the CA
             # bundle) costs ~50 ms of every CLI command's start.
+            https = self.base_url.lower().startswith("https://")
             self._http = httpx.AsyncClient(
                 base_url=self.base_url,
                 transport=transport,
                 timeout=timeout,
                 trust_env=False,
                 headers=bearer(token),
-                verify=self.base_url.lower().startswith("https://"),
+                verify=tls.client_context(ca) if https else False,
             )
         except (httpx.InvalidURL, ValueError) as exc:
             raise UserError(f"invalid scheduler URL {base_url!r}: {exc}") from None
@@ -108,6 +115,11 @@ class SchedulerClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def set_token(self, token: str | None) -> None:
+        """Send `token` from now on (a node's credential once issued or renewed)."""
+        self._http.headers.pop("Authorization", None)
+        self._http.headers.update(bearer(token))
+
     async def _request(
         self,
         method: str,
@@ -115,6 +127,7 @@ class SchedulerClient:
         body: Any = None,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> Any:
         try:
             resp = await self._http.request(
@@ -123,6 +136,7 @@ class SchedulerClient:
                 json=body,
                 params=params,
                 timeout=timeout if timeout is not None else self.timeout,
+                headers=bearer(token) if token is not None else None,
             )
         except httpx.TimeoutException as exc:
             raise SchedulerError(
@@ -130,6 +144,13 @@ class SchedulerClient:
                 f"{exc or type(exc).__name__}"
             ) from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            cert = tls.untrusted(exc)
+            if cert is not None:
+                raise tls.trust_error(
+                    f"scheduler at {self.base_url}",
+                    cert,
+                    "point tls_ca (daemon) or $SYNCBIT_TLS_CA (CLI) at the cluster's CA file",
+                ) from None
             raise SchedulerError(
                 f"scheduler at {self.base_url} unreachable: {exc or type(exc).__name__}"
             ) from exc
@@ -151,6 +172,8 @@ class SchedulerClient:
             raise NotFoundError(message)
         if resp.status_code == 401:
             raise UnauthorizedError(f"scheduler at {self.base_url}: {message}")
+        if resp.status_code == 403:
+            raise ForbiddenError(f"scheduler at {self.base_url}: {message}")
         if resp.status_code in (400, 409):
             raise UserError(message)
         if resp.status_code == 502:
@@ -361,6 +384,27 @@ class SchedulerClient:
             "reason": reason,
         }
         await self._request("POST", "/v1/reports", body)
+
+    async def credential(self, node: str, using: str | None = None) -> dict[str, Any]:
+        """This node's credentials, asked for with `using` (a bootstrap credential, or the
+        node's own to renew it; default: the client's token): {"token", "peer_token",
+        "expires", "public_key", "key_id", "node"}."""
+        doc = await self._request("POST", f"/v1/nodes/{_segment(node)}/credential", {}, token=using)
+        with self._shape("POST credential"):
+            for key in ("token", "peer_token", "public_key"):
+                if not isinstance(doc[key], str):
+                    raise TypeError(key)
+            float(doc["expires"])
+        result: dict[str, Any] = doc
+        return result
+
+    async def issue_token(
+        self, role: str, node: str | None = None, ttl: float | None = None
+    ) -> dict[str, Any]:
+        """A new credential (admin only): {"token", "role", "node", "expires"}."""
+        body = {"role": role, "node": node, "ttl": ttl}
+        result: dict[str, Any] = await self._request("POST", "/v1/tokens", body)
+        return result
 
     async def status(self) -> dict[str, Any]:
         """{"nodes": [...], "datasets": [summary + "cached": {node: bytes}, ...]}."""

@@ -1,8 +1,9 @@
 """The scheduler's JSON HTTP API over `SchedulerState`, on stdlib `ThreadingHTTPServer`.
 
-Owns routing, request-body validation, source resolution for `POST /v1/datasets` and the
+Owns routing, authorization (who may call which route, `_RULES`), request-body
+validation, source resolution for `POST /v1/datasets`, issuing credentials, and the
 mapping of errors to status codes. It never keeps state of its own (all of it lives in
-`SchedulerState`) and never sends a traceback to a client.
+`SchedulerState`), never sends a traceback to a client and never logs a credential.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 import logging
 import math
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,9 +29,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from syncbit.auth import check_bearer, read_token
+from syncbit import tls
+from syncbit.auth import check_exposure, drain_refused, read_token
 from syncbit.config import SchedulerConfig
+from syncbit.credentials import PEER, Issuer, Principal, Role, is_credential, public_key_text
 from syncbit.errors import (
+    ConfigError,
+    ForbiddenError,
     NotFoundError,
     SchedulerError,
     SourceError,
@@ -116,6 +123,10 @@ class ObjectRef(_Body):
     object: Hex64
 
 
+class ObjectName(_Body):
+    name: Name
+
+
 class RemovedObject(_Body):
     object: Hex64
     chunks: list[Annotated[int, Field(ge=0)]]
@@ -132,6 +143,12 @@ class ReportBody(_Body):
     object: Hex64
     chunk: int = Field(ge=0)
     reason: str = ""
+
+
+class TokenBody(_Body):
+    role: Role
+    node: Name | None = None
+    ttl: float | None = Field(None, gt=0, le=10 * 365 * 86400)
 
 
 def _parse(model: type[_Body], body: Any) -> Any:
@@ -181,6 +198,59 @@ def resolve_dataset(
     return manifest
 
 
+# -- authorization ----------------------------------------------------------------------------
+
+NODE_CREDENTIAL_TTL = 24 * 3600.0
+"""Seconds a node credential issued at registration is valid; the daemon renews it with
+itself at half-life, so a copy taken from a node stops working within a day of that
+node's leaving (rotating the cluster secret revokes every credential at once)."""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """Who may call a route (admin always may). `own` binds a node credential to the node
+    the request acts for: "path" is the node name in the path (`/v1/nodes/<name>/...`), any
+    other value a field of the JSON body."""
+
+    roles: tuple[Role, ...] = ()
+    own: str = ""
+
+
+_OPEN = None  # probes: no credential needed
+# Every route by its handler's name. A route missing here is admin-only (the test of the
+# table fails first): new routes are closed until someone decides who may call them.
+_RULES: dict[str, _Rule | None] = {
+    "_healthz": _OPEN,
+    "_readyz": _OPEN,
+    "_nodes": _Rule((Role.READER,)),
+    "_heartbeat": _Rule((Role.NODE,), own="path"),
+    "_credential": _Rule((Role.NODE, Role.BOOTSTRAP), own="path"),
+    "_labels": _Rule(),
+    "_plan": _Rule((Role.NODE,), own="path"),
+    "_assignments": _Rule((Role.READER,)),
+    "_add_targets": _Rule(),
+    "_remove_targets": _Rule(),
+    "_claim": _Rule((Role.NODE,), own="node"),
+    "_release": _Rule((Role.NODE,), own="node"),
+    "_chunks": _Rule((Role.NODE,), own="path"),
+    "_datasets": _Rule((Role.READER,)),
+    "_add_dataset": _Rule(),
+    "_manifest": _Rule((Role.READER,)),
+    "_remove_dataset": _Rule(),
+    "_chunk_map": _Rule((Role.NODE,)),
+    "_report": _Rule((Role.NODE,), own="reporter"),
+    "_status": _Rule((Role.READER,)),
+    "_generation": _Rule((Role.READER,)),
+    "_issue": _Rule(),
+}
+
+
+def _bearer_value(header: str | None) -> str | None:
+    scheme, _, value = (header or "").partition(" ")
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and value else None
+
+
 # -- HTTP plumbing ----------------------------------------------------------------------------
 
 
@@ -200,9 +270,16 @@ class _Server(ThreadingHTTPServer):
     # Every node connects at start-up; socketserver's default backlog of 5 drops SYNs.
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, api: Api) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        api: Api,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.address_family = family
         self.api = api
+        self.tls = tls_context
         self._connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -216,6 +293,26 @@ class _Server(ThreadingHTTPServer):
         with self._conn_lock:
             self._connections.discard(request)
         super().shutdown_request(request)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, over TLS when the client opens it so (`syncbit.tls`)."""
+        try:
+            conn = tls.accept(request, self.tls)
+        except OSError as exc:  # ssl.SSLError too: a failed handshake is the client's
+            log.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        if conn is request:
+            _Handler(conn, client_address, self)
+            return
+        with self._conn_lock:  # the TLS socket now owns the descriptor
+            self._connections.discard(request)
+            self._connections.add(conn)
+        try:
+            _Handler(conn, client_address, self)
+        finally:
+            with self._conn_lock:
+                self._connections.discard(conn)
+            tls.close_quietly(conn)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that vanished mid-request is routine; anything else is logged once."""
@@ -271,19 +368,33 @@ class _Handler(BaseHTTPRequestHandler):
             raise UserError(f"invalid Content-Length {self.headers.get('Content-Length')!r}")
         return self.rfile.read(length) if length else b""
 
+    def _secure(self) -> bool:
+        """TLS, or no TLS needed: none configured, or a client on this host."""
+        if self.server.tls is None or tls.is_tls(self.connection):
+            return True
+        return tls.is_loopback(str(self.client_address[0]))
+
     def _dispatch(self, method: str) -> None:
         status, payload, headers = 200, b"", {}
         content_type = "application/json"
+        read = False
         try:
-            raw = self._read_body()
             split = urlsplit(self.path)
             segments = [unquote(s) for s in split.path.strip("/").split("/")]
             query = {k: v[-1] for k, v in parse_qs(split.query).items()}
             if method == "GET" and segments == ["metrics"]:
+                raw, read = self._read_body(), True
                 payload, content_type = self.server.api.metrics()
             else:
-                self.server.api.authorize(segments, self.headers.get("Authorization"))
-                payload = self.server.api.handle(method, segments, query, raw)
+                if not self._secure() and segments not in (["healthz"], ["readyz"]):
+                    raise ForbiddenError("this scheduler requires TLS: use https://")
+                # Who asks, before a byte of the body is read: an unauthorized client
+                # cannot make the scheduler read (or hold) its body.
+                principal = self.server.api.authorize(
+                    method, segments, self.headers.get("Authorization")
+                )
+                raw, read = self._read_body(), True
+                payload = self.server.api.handle(method, segments, query, raw, principal)
         except _HTTPError as exc:
             status, headers = exc.status, exc.headers
             payload = _error(str(exc), exc.kind)
@@ -295,6 +406,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 message = str(exc)
             payload = _error(message, type(exc).__name__)
+        if not read and not drain_refused(self):
+            # An unread body would be parsed as the next request: a small one is dropped,
+            # a larger one ends the connection.
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
@@ -309,6 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
 def _status_of(exc: Exception) -> int:
     if isinstance(exc, UnauthorizedError):
         return 401
+    if isinstance(exc, ForbiddenError):
+        return 403
     if isinstance(exc, DatasetExistsError):
         return 409
     if isinstance(exc, NotFoundError):
@@ -355,10 +472,11 @@ class Api:
         policy: PeerPolicy,
         resolve: Callable[[str, str, dict[str, Any], int], Manifest] = resolve_dataset,
         source_options: dict[str, dict[str, Any]] | None = None,
-        token: str | None = None,
+        auth: Issuer | None = None,
     ) -> None:
         self.state = state
-        self.token = token
+        self.auth = auth  # None: no cluster secret, every route open (loopback only)
+        self._request = threading.local()  # the principal of the request this thread serves
         self.source_options = source_options or {}
         self.chunk_size = chunk_size
         self.policy = policy
@@ -370,12 +488,51 @@ class Api:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Snapshot(self._collect))
 
-    def authorize(self, seg: list[str], header: str | None) -> None:
-        """With a cluster token configured, every route but the probes needs it."""
-        if self.token is None or seg in (["healthz"], ["readyz"]):
-            return
-        if not check_bearer(header, self.token):
+    def authorize(self, method: str, seg: list[str], header: str | None) -> Principal | None:
+        """Who sends this request, and whether they may call the route (`_RULES`); None
+        without a cluster secret (or for a probe). Body-bound rules are checked by `handle`.
+
+        Raises UnauthorizedError (401) for a missing or bad credential, before the route is
+        even looked up; ForbiddenError (403) for a role or node that may not call it.
+        """
+        if self.auth is None or seg in (["healthz"], ["readyz"]):
+            return None
+        value = _bearer_value(header)
+        if value is None:
             raise UnauthorizedError("missing or wrong cluster token (see token_file)")
+        principal = self.auth.verify(value)
+        if principal.audience == PEER:
+            raise UnauthorizedError("this credential is for the peer API only")
+        route = self._route(method, seg).__name__
+        rule = _RULES.get(route, _Rule())
+        if rule is None:
+            return principal
+        if not principal.allows(*rule.roles):
+            raise ForbiddenError(
+                f"a {principal.role.value} credential may not {method} /{'/'.join(seg)}"
+            )
+        if rule.own == "path" and principal.role is Role.NODE:
+            self._own(principal, seg[2])
+        return principal
+
+    @staticmethod
+    def _own(principal: Principal, node: Any) -> None:
+        if principal.role is Role.NODE and node != principal.subject:
+            raise ForbiddenError(
+                f"the credential of node {principal.subject} may not act for node {node}"
+            )
+
+    def _check_body(self, route: str, principal: Principal, body: bytes) -> None:
+        """A node's credential binds the node named in the body too (claims, reports)."""
+        rule = _RULES.get(route)
+        if rule is None or not rule.own or rule.own == "path" or principal.role is not Role.NODE:
+            return
+        self._own(principal, _decode(body).get(rule.own))
+
+    def principal(self) -> Principal | None:
+        """The principal of the request being handled in this thread."""
+        current: Principal | None = getattr(self._request, "principal", None)
+        return current
 
     def metrics(self) -> tuple[bytes, str]:
         return render(self.registry)
@@ -412,11 +569,24 @@ class Api:
             ["method", "route"],
         )
 
-    def handle(self, method: str, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+    def handle(
+        self,
+        method: str,
+        seg: list[str],
+        query: dict[str, str],
+        body: bytes,
+        principal: Principal | None = None,
+    ) -> bytes:
         route = self._route(method, seg)
         key = (method, route.__name__.lstrip("_"))
         self.requests[key] = self.requests.get(key, 0) + 1  # GIL-atomic enough for a count
-        return route(seg, query, body)
+        if principal is not None:
+            self._check_body(route.__name__, principal, body)
+        self._request.principal = principal
+        try:
+            return route(seg, query, body)
+        finally:
+            self._request.principal = None
 
     def _route(
         self, method: str, seg: list[str]
@@ -435,6 +605,10 @@ class Api:
                 table = {"POST": self._labels}
             case ["v1", "nodes", _, "plan"]:
                 table = {"GET": self._plan}
+            case ["v1", "nodes", _, "credential"]:
+                table = {"POST": self._credential}
+            case ["v1", "tokens"]:
+                table = {"POST": self._issue}
             case ["v1", "assignments"]:
                 table = {"GET": self._assignments}
             case ["v1", "datasets", _, "targets"]:
@@ -631,6 +805,55 @@ class Api:
     def _status(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return _json(self.state.status())
 
+    def _issuer(self) -> Issuer:
+        if self.auth is None:
+            raise UserError(
+                "this scheduler has no cluster secret (token_file): it issues no credentials"
+            )
+        return self.auth
+
+    def _credential(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """A node's credentials: one for the scheduler, one for its peers (audience "peer":
+        a peer that receives it cannot use it here). A node renews its own; a bootstrap
+        credential gets one only for a name that is not registered and up, so that it cannot
+        take over a running node."""
+        issuer = self._issuer()
+        name = _parse(ObjectName, {"name": seg[2]}).name
+        principal = self.principal()
+        bootstrap = principal is not None and principal.role is Role.BOOTSTRAP
+        if bootstrap and any(n.name == name and n.up for n in self.state.nodes()):
+            raise ForbiddenError(
+                f"node {name} is registered and up: a bootstrap credential cannot take "
+                "its name (it renews its own credential; a new daemon of that name gets "
+                "one once the old one is down)"
+            )
+        token, expires = issuer.issue(Role.NODE, name, NODE_CREDENTIAL_TTL)
+        peer_token, _ = issuer.issue(Role.NODE, name, NODE_CREDENTIAL_TTL, audience=PEER)
+        log.info(
+            "issued node credentials of %s (%s)",
+            name,
+            principal.describe() if principal else "open",
+        )
+        return _json(
+            {
+                "node": name,
+                "token": token,
+                "peer_token": peer_token,
+                "expires": expires,
+                "public_key": public_key_text(issuer.public),
+                "key_id": issuer.key_id,
+            }
+        )
+
+    def _issue(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """`syncbit token create`: a credential of any role (admin only)."""
+        req: TokenBody = _parse(TokenBody, _decode(body))
+        if (req.role is Role.NODE) != (req.node is not None):
+            raise UserError("--node goes with --role node, and only with it")
+        token, expires = self._issuer().issue(req.role, req.node or "", req.ttl)
+        log.info("issued a %s credential%s", req.role.value, f" for {req.node}" * bool(req.node))
+        return _json({"token": token, "role": req.role.value, "node": req.node, "expires": expires})
+
 
 # -- the server -------------------------------------------------------------------------------
 
@@ -684,8 +907,9 @@ class SchedulerServer:
 
     @property
     def url(self) -> str:
-        """Base URL clients use, e.g. http://127.0.0.1:7900."""
-        return f"http://{self.address}"
+        """Base URL clients use, e.g. http://127.0.0.1:7900 (https:// with tls_cert)."""
+        scheme = "https" if self.config.tls_cert is not None else "http"
+        return f"{scheme}://{self.address}"
 
     def start(self) -> str:
         """Open the state, bind `config.listen` (port 0 picks one) and serve in the background.
@@ -694,6 +918,14 @@ class SchedulerServer:
         """
         if self._server is not None:
             raise SchedulerError("scheduler server is already started")
+        secret = read_token(self.config.token_file)
+        if secret is not None and is_credential(secret):
+            raise ConfigError(
+                f"token_file {self.config.token_file} holds a credential: a scheduler's "
+                "token_file holds the cluster secret (e.g. `openssl rand -hex 32`)"
+            )
+        check_exposure("the scheduler", self.config.listen, secret, self.config.insecure, log)
+        context = tls.config_pair(self.config.tls_cert, self.config.tls_key)
         state = SchedulerState(self.config.state_dir, self.config.node_timeout, self._clock)
         host, port, family = _split_listen(self.config.listen)
         api = Api(
@@ -702,10 +934,10 @@ class SchedulerServer:
             self.policy,
             self._resolve,
             self.config.source_options,
-            read_token(self.config.token_file),
+            Issuer(secret, self._clock) if secret is not None else None,
         )
         try:
-            server = _Server((host, port), family, api)
+            server = _Server((host, port), family, api, context)
         except OSError as exc:
             state.close()
             raise SchedulerError(
