@@ -109,6 +109,20 @@ def wait_until(
         time.sleep(interval)
 
 
+def scrape(address: str) -> dict[str, float]:
+    """A daemon's or the scheduler's `/metrics` as {'name{labels}': value} (no token:
+    scrapers need none)."""
+    resp = httpx.get(f"http://{address}/metrics", timeout=10, trust_env=False)
+    if resp.status_code != 200 or not resp.headers["content-type"].startswith("text/plain"):
+        raise HarnessError(f"/metrics of {address}: HTTP {resp.status_code} {resp.text[:200]}")
+    values: dict[str, float] = {}
+    for line in resp.text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
 def in_thread(fn: Callable[[], T], timeout: float, what: str) -> T:
     """Run `fn` in a daemon thread; HarnessError if it takes longer than `timeout`.
 

@@ -11,24 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from integration.cluster import Cluster, Origin, fresh_dataset, sha256_file, wait_until
+from integration.cluster import Cluster, Origin, fresh_dataset, scrape, sha256_file, wait_until
 
 CLUSTER_NODES = 2
 CLUSTER_TOKEN = "health-test-token-0123456789"
 MiB = 1 << 20
-
-
-def _scrape(address: str) -> dict[str, float]:
-    """`/metrics` as {'name{labels}': value} (no token: scrapers need none)."""
-    resp = httpx.get(f"http://{address}/metrics", timeout=10, trust_env=False)
-    assert resp.status_code == 200
-    assert resp.headers["content-type"].startswith("text/plain")
-    values: dict[str, float] = {}
-    for line in resp.text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
 
 
 def _get(values: dict[str, float], key: str) -> float:
@@ -54,7 +41,7 @@ def test_probes_and_metrics_move_with_the_bytes_read(
 
     ds = fresh_dataset(origin_root, "metered", {"m.bin": 24 * MiB})
     up.add_dataset("metered", f"{origin.url}/metered/")
-    before = _scrape(n1.address)
+    before = scrape(n1.address)
 
     # Scrape while the read runs: the endpoint answers under load.
     scrapes: list[dict[str, float]] = []
@@ -69,10 +56,10 @@ def test_probes_and_metrics_move_with_the_bytes_read(
     )
     reading.start()
     while reading.is_alive():
-        scrapes.append(_scrape(n1.address))
+        scrapes.append(scrape(n1.address))
         reading.join(0.05)
     assert {"sha": 1.0} in scrapes
-    after = _scrape(n1.address)
+    after = scrape(n1.address)
     size = ds.total_size
     read = sum(
         _get(after, f'syncbit_read_bytes_total{{origin="{o}"}}')
@@ -95,13 +82,13 @@ def test_probes_and_metrics_move_with_the_bytes_read(
 
     # n2 reads the same file from n1: n2's peer bytes and n1's served bytes move by it.
     wait_until(lambda: up.cached("metered").get("n1", 0) >= size, 20, "n1's chunks reported")
-    served = _get(_scrape(n1.address), "syncbit_peer_served_bytes_total")
+    served = _get(scrape(n1.address), "syncbit_peer_served_bytes_total")
     assert sha256_file(n2.path("metered", "m.bin")) == ds.files["m.bin"].sha256
-    m2 = _scrape(n2.address)
+    m2 = scrape(n2.address)
     # Fetched from peers, all of it (what the reader found already landed reads as "cache").
     assert _get(m2, 'syncbit_fetched_bytes_total{origin="peer"}') == size
     assert _get(m2, 'syncbit_fetched_bytes_total{origin="source"}') == 0
-    assert _get(_scrape(n1.address), "syncbit_peer_served_bytes_total") - served >= size
+    assert _get(scrape(n1.address), "syncbit_peer_served_bytes_total") - served >= size
 
     metrics = httpx.get(f"{up.scheduler.url}/metrics", trust_env=False).text
     assert re.search(r'syncbit_scheduler_nodes\{state="up"\} 2\.0', metrics)

@@ -34,7 +34,9 @@ dataset_app = typer.Typer(help="Register, list and remove datasets.", no_args_is
 app.add_typer(dataset_app, name="dataset")
 node_app = typer.Typer(help="Nodes as the scheduler knows them.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
-cache_app = typer.Typer(help="This node's cache: list, evict, collect.", no_args_is_help=True)
+cache_app = typer.Typer(
+    help="This node's cache: list, evict, collect, verify.", no_args_is_help=True
+)
 app.add_typer(cache_app, name="cache")
 volume_app = typer.Typer(
     help="CSI-like volumes: read-only bind mounts of datasets.", no_args_is_help=True
@@ -77,11 +79,13 @@ ConfigOpt = Annotated[
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from syncbit.diskspace import LogHandler
+
+    # Written straight to stderr's descriptor, and a full disk under the log loses lines
+    # (counted, and said so once it can write again) instead of raising.
+    handler = LogHandler(sys.stderr.fileno())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # One line per control request is noise at info level; our own loggers say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -535,8 +539,11 @@ def cache_ls(
     u = doc["usage"]
     typer.echo(
         f"cache: {human(u['used'])} of {human(u['budget'])} used, {human(u['pinned'])} pinned, "
-        f"{u['evictions']} evictions ({human(u['evicted_bytes'])})"
+        f"{u['evictions']} evictions ({human(u['evicted_bytes'])}), "
+        f"{human(u['disk_free'])} free on disk"
     )
+    if u["disk_full"]:
+        typer.echo(_disk_full_warning("this node", u["disk_free"]))
     if u["pinned_over_budget"]:
         typer.echo(
             f"warning: assigned datasets need {human(u['pinned_size'])}, more than the budget"
@@ -580,6 +587,42 @@ def cache_evict(
     typer.echo(
         f"evicted {name}: {human(doc['freed'])} freed" + (f"; {'; '.join(extra)}" if extra else "")
     )
+
+
+@cache_app.command("verify")
+@guarded
+def cache_verify(
+    daemon_addr: DaemonOpt = DEFAULT_DAEMON,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Re-read every cached chunk and check it against its digest; drop the bad ones
+    (fetched again when needed). Exit 0 if all were good, 1 if some were dropped."""
+    from syncbit.pull import local
+
+    runs = []
+    while True:
+        doc = local(daemon_addr, "POST", "cache/verify", {})  # joins a pass under way
+        while doc["running"]:
+            doc = local(daemon_addr, "GET", "cache/verify?wait=30")
+        runs.append(doc)
+        if doc["reason"] == "requested":  # a pass over everything, not one after a crash
+            break
+    dropped = [d for run in runs for d in run["dropped"]]
+    if as_json:
+        typer.echo(json.dumps(runs[-1] | {"dropped": dropped}, indent=2, sort_keys=True))
+    else:
+        for run in runs:
+            took = (run["finished"] or run["started"]) - run["started"]
+            typer.echo(
+                f"verify ({run['reason']}): {run['checked']} chunks ({human(run['checked_bytes'])})"
+                f" of {run['objects']} objects checked in {took:.0f}s, "
+                f"{len(run['dropped'])} dropped"
+            )
+        for d in dropped:
+            files = ", ".join(d["files"]) or "no known dataset"
+            typer.echo(f"dropped: chunk {d['chunk']} of object {d['object'][:12]} ({files})")
+    if dropped:
+        raise typer.Exit(1)
 
 
 @cache_app.command("gc")
@@ -778,6 +821,8 @@ def status(
     ]
     typer.echo(table(["NODE", "ADDRESS", "LABELS", "STATE", "CACHED", "READY"], nodes))
     for n in doc["nodes"]:
+        if n.get("disk_full"):
+            typer.echo(_disk_full_warning(n["name"], n.get("disk_free", 0)))
         if n.get("pinned_over_budget"):
             typer.echo(
                 f"warning: {n['name']}: assigned datasets need {human(n['pinned_bytes'])}, more "
@@ -798,6 +843,13 @@ def status(
     ]
     typer.echo(
         table(["DATASET", "REVISION", "FILES", "SIZE", "CACHED", "READY", "SOURCE"], datasets)
+    )
+
+
+def _disk_full_warning(node: str, free: int) -> str:
+    return (
+        f"warning: {node}: cache filesystem full ({human(free)} free): new chunks are not "
+        "cached there until space is freed; cached data is still served"
     )
 
 

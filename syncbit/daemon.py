@@ -7,10 +7,12 @@ step with the scheduler (heartbeat, dataset list, chunk reports).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -27,6 +29,7 @@ from prometheus_client.core import Metric
 from syncbit import tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
+from syncbit.diskspace import is_enospc
 from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
 from syncbit.fetcher import Fetcher
 from syncbit.fs.kernel import ROOT_INODE, Session
@@ -42,7 +45,7 @@ from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
 from syncbit.sources.base import Source, open_source, options_for
-from syncbit.store import ObjectStore, StoredObject
+from syncbit.store import ObjectStore, StoredObject, VerifyRun
 
 log = logging.getLogger("syncbit.daemon")
 
@@ -149,6 +152,10 @@ class Daemon:
         self._heartbeat_ok = -math.inf
         self.kube: NodeSync | None = None
         self.session: Session | None = None  # the FUSE mount, once mounted
+        # Written when possible: a full disk leaves them unsaved until space is back.
+        self._plan_unsaved = False
+        self._manifests_unsaved = False
+        self.verify_run: VerifyRun | None = None  # the current or last `cache verify` pass
         if config.kubernetes:  # a bad kubeconfig fails start-up, before the mount
             self.kube = NodeSync(config.node, kubeconfig=config.kubeconfig)
 
@@ -239,6 +246,10 @@ class Daemon:
                     await nursery.start(self.store.commit_loop)
                     await nursery.start(self.fetcher.run)
                     self.jobs.bind(nursery)
+                    await nursery.start(self.store.disk.run)
+                    nursery.start_soon(self._disk_loop)
+                    if self.store.unverified_chunks():
+                        self._start_verify("after an unclean shutdown", only_unverified=True)
                     nursery.start_soon(session.run)
                     nursery.start_soon(self._tune_mount)
                     nursery.start_soon(self._heartbeat_loop)
@@ -315,6 +326,7 @@ class Daemon:
             {(): float(usage["pinned_over_budget"])},
             [],
         )
+        yield from self._disk_metrics(usage)
         yield counter("syncbit_evictions", "Objects evicted.", {(): usage["evictions"]}, [])
         yield counter("syncbit_evicted_bytes", "Bytes evicted.", {(): usage["evicted_bytes"]}, [])
         yield counter(
@@ -353,6 +365,46 @@ class Daemon:
             "FUSE requests answered with an error, by operation and errno.",
             {key: float(n) for key, n in self.fs.errors.items()},
             ["op", "errno"],
+        )
+
+    def _disk_metrics(self, usage: dict[str, Any]) -> Iterator[Metric]:
+        """The cache filesystem and verification of what it holds."""
+        yield gauge(
+            "syncbit_cache_disk_full",
+            "1 while the cache filesystem has no space left and nothing can be evicted: new "
+            "chunks are not cached.",
+            {(): float(usage["disk_full"])},
+            [],
+        )
+        yield gauge(
+            "syncbit_cache_disk_free_bytes",
+            "Free bytes on the cache filesystem (last sample).",
+            {(): float(usage["disk_free"])},
+            [],
+        )
+        yield counter(
+            "syncbit_cache_disk_refusals",
+            "Writes (chunks, index, plan, manifests) refused for lack of space.",
+            {(): float(usage["disk_refusals"])},
+            [],
+        )
+        yield gauge(
+            "syncbit_cache_unverified_chunks",
+            "Cached chunks not yet re-verified since an unclean shutdown.",
+            {(): float(usage["unverified"])},
+            [],
+        )
+        yield counter(
+            "syncbit_cache_verified_chunks",
+            "Cached chunks re-read and found to match their digest (cache verify).",
+            {(): float(usage["verified_chunks"])},
+            [],
+        )
+        yield counter(
+            "syncbit_cache_dropped_chunks",
+            "Cached chunks dropped because their bytes on disk did not match their digest.",
+            {(): float(usage["dropped_chunks"])},
+            [],
         )
 
     async def _tune_mount(self) -> None:
@@ -399,7 +451,7 @@ class Daemon:
             if method == "POST" and parts == ["v1", "local", "pull"]:
                 return 200, await self.pull(str(body.get("dataset", "")))
             if parts[:3] == ["v1", "local", "cache"]:
-                return 200, await self._cache_control(method, parts[3:], body)
+                return 200, await self._cache_control(method, parts[3:], body, query)
             if method == "GET" and parts == ["v1", "local", "datasets"]:
                 return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
             if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
@@ -418,9 +470,9 @@ class Daemon:
         return 404, {"error": f"no such endpoint {method} {path}"}
 
     async def _cache_control(
-        self, method: str, rest: list[str], body: dict[str, Any]
+        self, method: str, rest: list[str], body: dict[str, Any], query: str = ""
     ) -> dict[str, Any]:
-        """`syncbit cache ls | evict NAME | gc`."""
+        """`syncbit cache ls | evict NAME | gc | verify`."""
         if method == "GET" and not rest:
             return {"usage": self.store.usage(), "objects": self._cache_listing()}
         if method == "POST" and rest == ["evict"]:
@@ -429,7 +481,69 @@ class Daemon:
             referenced = {f.object for m in self.manifests.values() for f in m.files}
             freed = await self.store.gc(referenced)
             return {"freed": freed, "usage": self.store.usage()}
+        if method == "POST" and rest == ["verify"]:
+            run = self.verify_run
+            if run is None or run.done.is_set():
+                run = self._start_verify("requested", only_unverified=False)
+            return self._verify_doc(run)
+        if method == "GET" and rest == ["verify"]:
+            if self.verify_run is None:
+                raise NotFoundError("no verification has run since the daemon started")
+            run = self.verify_run
+            with trio.move_on_after(_wait_seconds(query)):
+                await run.done.wait()
+            return self._verify_doc(run)
         raise NotFoundError(f"no such cache endpoint {method} /{'/'.join(rest)}")
+
+    def _start_verify(self, reason: str, only_unverified: bool) -> VerifyRun:
+        """Re-read the cached chunks against their digests in the background (one pass at
+        a time); see `ObjectStore.verify`."""
+        run = self.verify_run = VerifyRun(reason, only_unverified)
+        if only_unverified:
+            log.warning(
+                "re-verifying %d cached chunks %s, in the background (a read checks a chunk "
+                "first if the pass has not reached it yet)",
+                self.store.unverified_chunks(),
+                reason,
+            )
+        self._nursery.start_soon(self._verify, run)
+        return run
+
+    async def _verify(self, run: VerifyRun) -> None:
+        await self.store.verify(run)
+        log.info(
+            "verification (%s): %d chunks of %d objects checked in %.0fs, %d dropped",
+            run.reason,
+            run.checked,
+            run.objects,
+            (run.finished or run.started) - run.started,
+            len(run.dropped),
+        )
+        if run.dropped:
+            self._resume_prefetch()  # fetch what was dropped of the assigned datasets
+
+    def _verify_doc(self, run: VerifyRun) -> dict[str, Any]:
+        """A verification pass for `syncbit cache verify`: progress, and each dropped
+        chunk with the dataset files it belongs to."""
+        files: dict[str, list[str]] = defaultdict(list)
+        for name, manifest in sorted(self.manifests.items()):
+            for entry in manifest.files:
+                files[entry.object].append(f"{name}/{entry.path}")
+        return {
+            "reason": run.reason,
+            "running": not run.done.is_set(),
+            "started": run.started,
+            "finished": run.finished,
+            "total": run.total,
+            "checked": run.checked,
+            "checked_bytes": run.checked_bytes,
+            "objects": run.objects,
+            "dropped": [
+                {"object": oid, "chunk": index, "files": files.get(oid, [])}
+                for oid, index in run.dropped
+            ],
+            "usage": self.store.usage(),
+        }
 
     def _cache_listing(self) -> list[dict[str, Any]]:
         """The store's objects, each with the dataset files it backs."""
@@ -584,10 +698,66 @@ class Daemon:
         self._over_budget_told = usage["pinned_over_budget"]
 
     def _save_plan(self) -> None:
+        """Blocking; a failed write leaves the previous plan.json whole (and no tmp file)."""
         path = self.config.cache_dir / "plan.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.plan))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.plan))
+            tmp.replace(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    async def _persist_plan(self) -> None:
+        """Keep the plan on disk; on a full disk (or another write error) the daemon goes
+        on with the plan in memory and saves it once it can."""
+        try:
+            await trio.to_thread.run_sync(self._save_plan)
+        except OSError as exc:
+            self._plan_unsaved = True
+            self._write_failed("the plan", exc)
+        else:
+            self._plan_unsaved = False
+
+    async def _persist_manifests(self) -> None:
+        """Keep the manifests in the cache index (see `_persist_plan`)."""
+        docs = {n: m.model_dump_json() for n, m in self.manifests.items()}
+        try:
+            await trio.to_thread.run_sync(self.store.save_manifests, docs)
+        except OSError as exc:
+            self._manifests_unsaved = True
+            self._write_failed("the manifests", exc)
+        else:
+            self._manifests_unsaved = False
+
+    def _write_failed(self, what: str, exc: OSError) -> None:
+        if is_enospc(exc):
+            self.store.disk.refused(what, exc)  # logged once per episode
+        else:
+            self._warn(f"saving {what} failed", exc)
+
+    async def _disk_loop(self) -> None:
+        """When space is back on the cache filesystem: save what could not be saved and
+        resume the prefetches that stopped for lack of space."""
+        while True:
+            await self.store.disk.changed.wait()
+            if self.store.disk.full:
+                continue
+            if self._manifests_unsaved:
+                await self._persist_manifests()
+            if self._plan_unsaved:
+                await self._persist_plan()
+            self._resume_prefetch()
+
+    def _resume_prefetch(self) -> None:
+        """Start again the assigned datasets' prefetches that stopped because the cache
+        could not hold them (and any whose data is no longer all here)."""
+        self.jobs.forget_full()
+        for name, entry in self.plan.items():
+            manifest = self.manifests.get(name)
+            if manifest is not None and manifest.revision == entry["revision"]:
+                self.jobs.start(manifest, "prefetch", list(entry["members"]))
 
     def _load_plan(self) -> None:
         try:
@@ -611,7 +781,8 @@ class Daemon:
         self.plan_received = True
         if changed or first:
             self._pin()
-            await trio.to_thread.run_sync(self._save_plan)
+        if changed or first or self._plan_unsaved:
+            await self._persist_plan()
         if first:
             await self.store.enforce()  # a budget lowered across a restart
         for name, entry in wanted.items():
@@ -656,6 +827,8 @@ class Daemon:
                     ready=self.ready_datasets(),
                     pinned_bytes=usage["pinned_size"],
                     pinned_over_budget=usage["pinned_over_budget"],
+                    disk_full=usage["disk_full"],
+                    disk_free=usage["disk_free"],
                 )
                 self._heartbeat_ok = trio.current_time()
                 await self._apply_plan(list(record.get("plan", [])))
@@ -722,8 +895,7 @@ class Daemon:
         if self.session is not None:  # else: not mounted yet, nothing cached
             for name in changed:
                 self.session.invalidate_entry(ROOT_INODE, name.encode())
-        docs = {n: m.model_dump_json() for n, m in wanted.items()}
-        await trio.to_thread.run_sync(self.store.save_manifests, docs)
+        await self._persist_manifests()
         log.info("datasets: %s", ", ".join(sorted(wanted)) or "(none)")
 
     async def _report_loop(self) -> None:

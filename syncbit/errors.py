@@ -20,6 +20,7 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     ├── ReadDeadlineError         neither peers nor source delivered before the deadline
     ├── CacheLockedError          another daemon already owns the cache dir
     ├── CacheFullError            a chunk does not fit: the budget is pinned or in use
+    │   └── DiskFullError         the cache filesystem has no space and nothing could go
     └── SchedulerError            the scheduler is unreachable or answered an error
 """
 
@@ -86,6 +87,12 @@ class CacheFullError(SyncbitError):
     """A chunk cannot be stored: the cache budget (or the disk) is full of data that may
     not be evicted now (pinned to this node, or in use). The message says how much is
     pinned against the budget."""
+
+
+class DiskFullError(CacheFullError):
+    """The cache filesystem has no space left (whatever the budget says) and nothing could
+    be evicted to make room; also a start-up that cannot create the index for lack of
+    space."""
 
 
 class SchedulerError(SyncbitError):

@@ -27,6 +27,7 @@ from syncbit.chunks import chunk_count, chunk_length, chunk_span, digest
 from syncbit.errors import (
     CacheFullError,
     DigestMismatchError,
+    DiskFullError,
     PeerBusyError,
     PeerError,
     ReadDeadlineError,
@@ -275,6 +276,8 @@ class Fetcher:
         # In use from the presence check to the end of the pread: the cache does not evict
         # the object meanwhile (a hole punched under a pread reads as zeros).
         with self.store.in_use(obj):
+            if obj.unverified:  # after an unclean shutdown: checked before first use
+                await self.store.verify_chunks(obj, span)
             missing = [i for i in span if not obj.has(i)]
             for _attempt in range(2):
                 if not missing:
@@ -585,7 +588,8 @@ class Fetcher:
         try:
             await self.store.store_chunk(obj, index, view, digest_hex)
         except (CacheFullError, OSError) as exc:
-            log.error("cannot store chunk %d of %s: %s", index, flight.entry.path, exc)
+            if not isinstance(exc, DiskFullError):  # the store logs a full disk once
+                log.error("cannot store chunk %d of %s: %s", index, flight.entry.path, exc)
             return
         finally:
             self._write_slots.release()

@@ -113,6 +113,15 @@ class Jobs:
         self._nursery.start_soon(self._run, job)
         return job
 
+    def forget_full(self) -> list[str]:
+        """Forget the finished prefetches that stopped because the cache could not hold
+        their data (space came back on the disk): the next `start` runs them again. Their
+        dataset names. (A pull that failed so is run again by its user.)"""
+        names = [n for n, j in self.jobs.items() if j.kind == "prefetch" and j.done and j.full]
+        for name in names:
+            del self.jobs[name]
+        return names
+
     def stop(self, name: str) -> None:
         """The dataset is no longer assigned here: stop fetching it (kept bytes stay)."""
         job = self.jobs.get(name)

@@ -49,6 +49,25 @@ Cache lifecycle (the budget is `cache_size`, a hard limit):
 - `last_used` is set in memory by `touch` (cheap: no txn per read) and written with the next
   commit (the commit loop also wakes every `touch_interval` seconds for touches alone), with
   evictions, and at `close`, so LRU order survives restarts.
+
+A full filesystem (see `syncbit.diskspace`):
+- The index keeps a reserve of allocated blocks past its data file, so the commits that
+  record chunks and the ones that free space (evictions, drops) succeed on a 100% full
+  filesystem; a chunk write leaves `disk_headroom` free besides (counting the writes in
+  flight in other threads). A chunk write refused for lack of space evicts least recently
+  used unpinned data and retries once (the free space is then the effective budget), else
+  fails with DiskFullError: the chunk is unstaged (missing again), never indexed, and
+  `disk` starts a disk-full episode (logged once, reported in `usage()`).
+- Nothing at start-up needs a free block: a store whose files exist opens on a 100% full
+  filesystem (the lock file's pid is best effort).
+
+Verification (`verify`, `verify_chunks`): re-read durable chunks from their files and
+check them against their digests; a chunk that does not match is dropped (index entry
+deleted, reported through `newly_removed`) and fetched again when needed. `close` leaves a
+clean-shutdown marker only when the index is known to match the files; a store opened
+without one (a crash, a kill -9, a power loss) marks every chunk `unverified`: such a
+chunk is served only after it was re-verified (a read checks it first, the daemon sweeps
+the rest in the background), never to peers and never through passthrough before that.
 """
 
 from __future__ import annotations
@@ -59,24 +78,29 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import trio
 
-from syncbit.chunks import chunk_count, chunk_length
-from syncbit.errors import CacheFullError, CacheLockedError
+from syncbit.chunks import chunk_count, chunk_length, digest
+from syncbit.diskspace import DiskWatch, IndexReserve, is_enospc, open_env
+from syncbit.diskspace import size_text as _size
+from syncbit.errors import CacheFullError, CacheLockedError, DiskFullError
 
 log = logging.getLogger("syncbit.store")
 
 _MAP_SIZE = 1 << 36  # virtual; LMDB grows the file only as needed
+_CLEAN = "clean-shutdown"  # marker file: the last `close` left index and files consistent
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -89,20 +113,28 @@ def _chunk_key(object_id: str, index: int) -> bytes:
     return bytes.fromhex(object_id) + index.to_bytes(4, "big")
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+class ChunkCheck(Enum):
+    """What re-reading one stored chunk found."""
+
+    GOOD = "good"  # its bytes match its digest
+    DROPPED = "dropped"  # they did not: dropped from the index and from memory
+    GONE = "gone"  # no longer held (evicted or discarded meanwhile)
 
 
-def _enospc(exc: BaseException) -> bool:
-    """A full disk, as the OS or LMDB reports it."""
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return "No space left" in str(exc)
+@dataclass
+class VerifyRun:
+    """One pass of `ObjectStore.verify`: what it covers and what it found so far."""
+
+    reason: str  # why it runs, for logs and `cache verify`
+    only_unverified: bool  # only chunks not re-verified since an unclean shutdown
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    total: int = 0  # chunks to check (known once the pass starts)
+    checked: int = 0
+    checked_bytes: int = 0
+    objects: int = 0
+    dropped: list[tuple[str, int]] = field(default_factory=list)  # (object id, chunk)
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -138,6 +170,8 @@ class StoredObject:
     writing: int = 0
     evicting: trio.Event | None = None
     unstored: dict[int, str] = field(default_factory=dict)
+    # Durable chunks not re-read since an unclean shutdown: checked before any use.
+    unverified: set[int] = field(default_factory=set)
 
     @property
     def chunks(self) -> int:
@@ -148,13 +182,14 @@ class StoredObject:
         return index in self.written or index in self.staged
 
     def has_range(self, offset: int, length: int) -> bool:
-        """True if every chunk covering [offset, offset+length) is durable (peer service)."""
+        """True if every chunk covering [offset, offset+length) is durable and verified
+        (peer service)."""
         if length <= 0:
             return True
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
-        durable = self.durable
-        return all(i in durable for i in range(first, last + 1))
+        durable, unverified = self.durable, self.unverified
+        return all(i in durable and i not in unverified for i in range(first, last + 1))
 
     @property
     def complete(self) -> bool:
@@ -197,7 +232,15 @@ class _InUse:
 class ObjectStore:
     """The cache directory: objects, index, lock. Build with `ObjectStore.open()`."""
 
-    def __init__(self, cache_dir: Path, cache_size: int, staged_chunks: int = 32) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        cache_size: int,
+        staged_chunks: int = 32,
+        pwrite: Callable[[int, memoryview, int], None] = _pwrite_all,
+    ) -> None:
+        """`pwrite(fd, data, offset)` writes a chunk's bytes (injectable: tests make it
+        fail like a full disk)."""
         self.cache_dir = cache_dir
         self.cache_size = cache_size
         self._objects: dict[str, StoredObject] = {}
@@ -235,15 +278,41 @@ class ObjectStore:
         self._commit_failures = 0
         self.evicted_bytes = 0
         self.evictions = 0
+        # A full filesystem: see the module docstring and `syncbit.diskspace`.
+        self._pwrite = pwrite
+        self.disk = DiskWatch(cache_dir)
+        self._reserve = IndexReserve(cache_dir / "index.lmdb" / "data.mdb", 0)  # see open()
+        self._space_lock = threading.Lock()
+        self._inflight = 0  # bytes of chunk writes in progress (worker threads)
+        self._disk_limited_told = False
+        # Verification: the index may not match the files (a txn that removes chunks
+        # failed): no clean-shutdown marker then, so the next start re-verifies everything.
+        self._index_unclean = False
+        self.clean_start = True  # the last run left the clean-shutdown marker
+        self._checking: dict[tuple[StoredObject, int], trio.Event] = {}
+        self.verified_chunks = 0
+        self.dropped_chunks = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, cache_dir: Path, cache_size: int, staged_chunks: int = 32) -> ObjectStore:
-        """Lock `cache_dir` (CacheLockedError if another daemon has it) and load the index."""
-        store = cls(cache_dir, cache_size, staged_chunks)
-        (cache_dir / "objects").mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def open(
+        cls,
+        cache_dir: Path,
+        cache_size: int,
+        staged_chunks: int = 32,
+        pwrite: Callable[[int, memoryview, int], None] = _pwrite_all,
+    ) -> ObjectStore:
+        """Lock `cache_dir` (CacheLockedError if another daemon has it) and load the index.
+        Works on a 100% full filesystem once the cache dir exists; a new one that cannot
+        be created for lack of space raises DiskFullError."""
+        try:
+            (cache_dir / "objects").mkdir(parents=True, exist_ok=True)
+            fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if is_enospc(exc):
+                raise DiskFullError(f"no space left to create cache dir {cache_dir}") from exc
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -252,15 +321,23 @@ class ObjectStore:
             raise CacheLockedError(
                 f"cache dir {cache_dir} is in use by another syncbit daemon (pid {holder or '?'})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        store = cls(cache_dir, cache_size, staged_chunks, pwrite)
         store._lock_fd = fd
-        store._env = lmdb.open(
-            str(cache_dir / "index.lmdb"), max_dbs=4, map_size=_MAP_SIZE, metasync=False
-        )
-        for name in ("objects", "chunks", "manifests"):  # all handles before any thread runs
-            store._db(name)
-        store._load()
+        store._write_pid()
+        try:
+            store.clean_start = (cache_dir / _CLEAN).exists()
+            store._env, store._reserve = open_env(
+                cache_dir / "index.lmdb", max_dbs=4, map_size=_MAP_SIZE, metasync=False
+            )
+            for name in ("objects", "chunks", "manifests"):  # all handles before any thread
+                store._db(name)
+            store._load()
+            if store.clean_start:
+                store._take_clean_marker()
+        except BaseException:
+            store._index_unclean = True  # never leave a marker for a run that did not run
+            store.close()
+            raise
         disk = os.statvfs(cache_dir)
         room = store._held + disk.f_bavail * disk.f_frsize
         if cache_size > room:
@@ -271,6 +348,48 @@ class ObjectStore:
                 _size(room),
             )
         return store
+
+    def _write_pid(self) -> None:
+        """Who holds the lock, for the error of a second daemon: written over the old pid
+        before truncating (no new block needed), and skipped on a full disk."""
+        data = f"{os.getpid()}\n".encode()
+        try:
+            os.pwrite(self._lock_fd, data, 0)
+            os.ftruncate(self._lock_fd, len(data))
+        except OSError as exc:
+            log.debug("cannot record the pid in %s/lock: %s", self.cache_dir, exc)
+
+    def _take_clean_marker(self) -> None:
+        """Remove the clean-shutdown marker, durably: a crash of this run must never pass
+        for a clean shutdown."""
+        os.unlink(self.cache_dir / _CLEAN)
+        dir_fd = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _leave_clean_marker(self) -> None:
+        """Blocking: record a clean shutdown (after the index was synced and closed). A
+        failure only costs the next start a verification pass."""
+        marker = self.cache_dir / _CLEAN
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dir_fd = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            log.warning(
+                "cannot record a clean shutdown in %s (%s): the next start re-verifies the cache",
+                self.cache_dir,
+                exc,
+            )
 
     def _db(self, name: str) -> lmdb._Database:
         """A named database handle, opened once: `open_db` starts its own transaction and,
@@ -285,8 +404,10 @@ class ObjectStore:
     def _write(self) -> Iterator[lmdb.Transaction]:
         """One writer at a time, queued in Python rather than inside LMDB."""
         assert self._env is not None
-        with self._write_lock, self._env.begin(write=True) as txn:
-            yield txn
+        with self._write_lock:
+            with self._env.begin(write=True) as txn:
+                yield txn
+            self._reserve.top_up()  # the commit may have used part of the reserve
 
     def _load(self) -> None:
         assert self._env is not None
@@ -313,6 +434,15 @@ class ObjectStore:
         self._forget_lost_files()
         held = sum(len(o.durable) for o in self._objects.values())
         self._held = sum(o.bytes_in(o.written) for o in self._objects.values())
+        if held and not self.clean_start:
+            for obj in self._objects.values():
+                obj.unverified = set(obj.durable)
+            log.warning(
+                "cache %s was not shut down cleanly: its %d chunks are re-read and checked "
+                "against their digests before they are used",
+                self.cache_dir,
+                held,
+            )
         log.info(
             "cache %s: %d objects, %d chunks present (%s of a %s budget)",
             self.cache_dir,
@@ -346,9 +476,13 @@ class ObjectStore:
                 lost.append(obj)
         if not lost:
             return
-        with self._write() as txn:
-            for obj in lost:
-                self._delete_chunks(txn, obj)
+        try:
+            with self._write() as txn:
+                for obj in lost:
+                    self._delete_chunks(txn, obj)
+        except lmdb.Error as exc:  # forgotten here all the same; the next start looks again
+            log.warning("cannot remove the lost chunks from the index: %s", exc)
+            self._index_unclean = True
         for obj in lost:
             self.newly_removed.append((obj, sorted(obj.durable)))  # the scheduler hears it
             obj.written.clear()
@@ -373,9 +507,16 @@ class ObjectStore:
                     os.close(fd)
             obj.fd = obj.direct_fd = -1
         if self._env is not None:
-            self._env.sync(True)
+            try:
+                self._env.sync(True)
+            except lmdb.Error as exc:
+                log.warning("cannot sync the cache index: %s", exc)
+                self._index_unclean = True
             self._env.close()
             self._env = None
+            # Chunks still unverified since an unclean shutdown stay so for the next run.
+            if not self._index_unclean and not self.unverified_chunks():
+                self._leave_clean_marker()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -459,27 +600,35 @@ class ObjectStore:
 
         Page-aligned buffers of whole 4 KiB blocks (the fetcher's mmap buffers) go through
         O_DIRECT; anything else (a short last chunk) through the page cache. Raises ENOSPC
-        without writing when the disk would keep less than `disk_headroom` free: a disk
-        filled to the last block could not commit the index that records the chunk.
+        without writing when the disk would keep less than `disk_headroom` free, counting
+        the writes other threads have in flight: a disk filled to the last block leaves
+        nothing for anything else on it (the index has its own reserve).
         """
         fd = self.fd(obj)
         offset = index * obj.chunk_size
-        if self.disk_headroom:
-            disk = os.fstatvfs(fd)
-            if disk.f_bavail * disk.f_frsize < len(data) + self.disk_headroom:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"No space left under {self.cache_dir} (keeping "
-                    f"{_size(self.disk_headroom)} free for the index)",
-                )
-        if obj.direct_fd >= 0 and len(data) % _ALIGN == 0 and offset % _ALIGN == 0:
-            try:
-                _pwrite_all(obj.direct_fd, data, offset)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: buffer not aligned after all
-                    raise
-        _pwrite_all(fd, data, offset)
+        with self._space_lock:
+            if self.disk_headroom:
+                disk = os.fstatvfs(fd)
+                free = disk.f_bavail * disk.f_frsize - self._inflight
+                if free < len(data) + self.disk_headroom:
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"No space left under {self.cache_dir} (keeping "
+                        f"{_size(self.disk_headroom)} free)",
+                    )
+            self._inflight += len(data)
+        try:
+            if obj.direct_fd >= 0 and len(data) % _ALIGN == 0 and offset % _ALIGN == 0:
+                try:
+                    self._pwrite(obj.direct_fd, data, offset)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: buffer not aligned after all
+                        raise
+            self._pwrite(fd, data, offset)
+        finally:
+            with self._space_lock:
+                self._inflight -= len(data)
 
     def read_nowait(self, obj: StoredObject, offset: int, length: int) -> bytes | None:
         """Non-blocking read of page-cached bytes, or None if it would touch the disk.
@@ -560,15 +709,17 @@ class ObjectStore:
         """At shutdown: write the verified chunks still only in RAM (their writes never
         ran, or were cut short), so a restarted daemon need not fetch them again; `flush`
         then makes them durable. Returns how many were written."""
-        kept = 0
-        for (obj, index), digest in list(self._writing.items()):
+        kept, failed = 0, 0
+        for (obj, index), digest_hex in list(self._writing.items()):
             data = obj.staged.get(index)
             if data is None or index in obj.written:
                 continue
             try:
-                await self.store_chunk(obj, index, data, digest)
+                await self.store_chunk(obj, index, data, digest_hex)
             except (CacheFullError, OSError) as exc:
-                log.warning("chunk %d of object %s not kept: %s", index, obj.id[:12], exc)
+                if not failed:  # one line, not one per chunk (a full disk fails them all)
+                    log.warning("verified chunks in RAM not kept: %s", exc)
+                failed += 1
                 continue
             kept += 1
         return kept
@@ -658,8 +809,10 @@ class ObjectStore:
             try:
                 lost = await trio.to_thread.run_sync(self._commit_blocking, batch, metas)
             except (OSError, lmdb.Error) as exc:
-                self._commit_enospc = _enospc(exc)
-                if self._commit_failures % 60 == 0:  # once a minute while it lasts
+                self._commit_enospc = is_enospc(exc)
+                if self._commit_enospc:
+                    self.disk.refused("the cache index", exc)
+                elif self._commit_failures % 60 == 0:  # once a minute while it lasts
                     log.error("cannot commit %d chunks to the cache index: %s", len(batch), exc)
                 self._commit_failures += 1
                 self._pending[:0] = batch
@@ -770,11 +923,17 @@ class ObjectStore:
                 obj.written.clear()
                 obj.durable.clear()
             obj.digests.clear()
+            obj.unverified.clear()
             obj.discards += 1
             self._pending = [p for p in self._pending if p[0] is not obj]
             done = obj.evicting = trio.Event()  # writes to it wait for the truncation
             try:
                 await trio.to_thread.run_sync(self._discard_blocking, obj)
+            except (OSError, lmdb.Error) as exc:
+                # Gone from memory all the same; the index may still list the chunks, so
+                # no clean-shutdown marker: the next start re-verifies them.
+                log.error("cannot remove object %s from the cache index: %s", obj.id[:12], exc)
+                self._index_unclean = True
             finally:
                 obj.evicting = None
                 done.set()
@@ -799,6 +958,138 @@ class ObjectStore:
         while cursor.key()[:-4] == prefix:
             if not cursor.delete():
                 break
+
+    # -- verification: stored chunks re-read against their digests (trio thread) --------
+
+    def unverified_chunks(self) -> int:
+        """Chunks not re-verified since an unclean shutdown."""
+        return sum(len(o.unverified) for o in self._objects.values())
+
+    async def verify_chunks(self, obj: StoredObject, indexes: Iterable[int]) -> None:
+        """Re-verify the chunks of `indexes` that are still unverified since an unclean
+        shutdown, now (a read waits for this before it uses them); a bad one is dropped
+        and so simply missing afterwards."""
+        for index in indexes:
+            if index in obj.unverified:
+                await self.check_chunk(obj, index, direct=False)
+
+    async def verify(self, run: VerifyRun) -> None:
+        """Re-read every durable chunk (or, with `run.only_unverified`, those not yet
+        re-verified since an unclean shutdown), most recently used objects first, and
+        drop the ones whose bytes do not match their digest. One chunk at a time in a
+        worker thread: reads and writes go on meanwhile. Progress and findings in `run`;
+        `run.done` is set at the end (also if cancelled)."""
+        try:
+            objs = sorted(self._objects.values(), key=lambda o: o.last_used, reverse=True)
+            work = [
+                (obj, sorted(obj.unverified if run.only_unverified else obj.durable))
+                for obj in objs
+            ]
+            work = [(obj, indexes) for obj, indexes in work if indexes]
+            run.total = sum(len(indexes) for _, indexes in work)
+            for obj, indexes in work:
+                run.objects += 1
+                for index in indexes:
+                    if run.only_unverified and index not in obj.unverified:
+                        continue  # a read checked it first
+                    found = await self.check_chunk(obj, index, direct=True)
+                    if found is ChunkCheck.GONE:
+                        continue
+                    run.checked += 1
+                    run.checked_bytes += chunk_length(obj.size, obj.chunk_size, index)
+                    if found is ChunkCheck.DROPPED:
+                        run.dropped.append((obj.id, index))
+        finally:
+            run.finished = time.time()
+            run.done.set()
+
+    async def check_chunk(self, obj: StoredObject, index: int, direct: bool) -> ChunkCheck:
+        """Re-read one durable chunk and compare it with its digest; drop it if it does
+        not match. `direct`: read the disk with O_DIRECT where the filesystem allows (a
+        sweep: no page-cache pollution, the bytes the disk holds), else through the page
+        cache (a reader about to read the same bytes)."""
+        key = (obj, index)
+        while (other := self._checking.get(key)) is not None:
+            await other.wait()  # one check per chunk at a time
+        expected = obj.digests.get(index)
+        if index not in obj.durable or expected is None:
+            return ChunkCheck.GONE
+        done = self._checking[key] = trio.Event()
+        try:
+            with self.in_use(obj):  # not evicted under the read
+                good = await trio.to_thread.run_sync(
+                    self._chunk_matches, obj, index, expected, direct
+                )
+        finally:
+            del self._checking[key]
+            done.set()
+        if index not in obj.durable or obj.digests.get(index) != expected:
+            return ChunkCheck.GONE  # evicted or discarded meanwhile
+        if good:
+            obj.unverified.discard(index)
+            self.verified_chunks += 1
+            return ChunkCheck.GOOD
+        await self._drop_chunk(obj, index)
+        return ChunkCheck.DROPPED
+
+    def _chunk_matches(self, obj: StoredObject, index: int, expected: str, direct: bool) -> bool:
+        """Blocking: whether the object file holds the chunk's bytes (a read error or a
+        short file is a mismatch)."""
+        length = chunk_length(obj.size, obj.chunk_size, index)
+        offset = index * obj.chunk_size
+        try:
+            fd = self.fd(obj)
+            if direct and obj.direct_fd >= 0 and offset % _ALIGN == 0:
+                buf = mmap.mmap(-1, -(-length // _ALIGN) * _ALIGN)  # page-aligned
+                try:
+                    n = os.preadv(obj.direct_fd, [buf], offset)
+                    with memoryview(buf) as view, view[:length] as part:
+                        return n >= length and digest(part) == expected
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here after all
+                        raise
+                finally:
+                    buf.close()
+            data = os.pread(fd, length, offset)
+        except OSError as exc:
+            log.error("cannot re-read chunk %d of object %s: %s", index, obj.id[:12], exc)
+            return False
+        return len(data) == length and digest(data) == expected
+
+    async def _drop_chunk(self, obj: StoredObject, index: int) -> None:
+        """A durable chunk whose bytes on disk do not match its digest: out of memory at
+        once, out of the index in a worker thread; reported as removed. Fetched again
+        when needed (it is then simply missing)."""
+        async with self._index_lock:
+            if index not in obj.durable:
+                return
+            with self._use_lock:
+                obj.written.discard(index)
+                obj.durable.discard(index)
+            self._held -= chunk_length(obj.size, obj.chunk_size, index)
+            obj.digests.pop(index, None)
+            obj.unverified.discard(index)
+            if index in obj.staged:  # a RAM copy kept after the write: missing means missing
+                self.unstage(obj, index)
+            self.dropped_chunks += 1
+            log.error(
+                "chunk %d of object %s does not match its digest on disk: dropped (fetched "
+                "again when needed)",
+                index,
+                obj.id[:12],
+            )
+            try:
+                await trio.to_thread.run_sync(self._delete_chunk_blocking, obj, index)
+            except (OSError, lmdb.Error) as exc:
+                log.error("cannot remove the bad chunk from the cache index: %s", exc)
+                self._index_unclean = True  # the next start re-verifies it
+        self.newly_removed.append((obj, [index]))
+        self.durable_event.set()
+        self.notify()
+
+    def _delete_chunk_blocking(self, obj: StoredObject, index: int) -> None:
+        with self._write() as txn:
+            txn.delete(_chunk_key(obj.id, index), db=self._db("chunks"))
 
     # -- cache lifecycle: budget, pins, LRU eviction, gc (trio thread) -------------------
 
@@ -847,6 +1138,7 @@ class ObjectStore:
             obj.durable.clear()
         obj.digests.clear()
         obj.unstored.clear()
+        obj.unverified.clear()
         for index in list(obj.staged):  # RAM copies of written chunks: idle means none pinned
             self.unstage(obj, index)
         self._touched.discard(obj)
@@ -996,8 +1288,8 @@ class ObjectStore:
         write in a thread, on ENOSPC an LRU eviction and one retry, then `mark_written`.
 
         On failure the chunk is unstaged (simply missing again; `obj.unstored[index]` says
-        why) and the error raised: CacheFullError (budget or disk full of what may not be
-        evicted), or OSError (another write error).
+        why) and the error raised: CacheFullError (budget full of what may not be
+        evicted), DiskFullError (the filesystem, likewise), or OSError (another write error).
         """
         nbytes = len(data)
         try:
@@ -1016,30 +1308,44 @@ class ObjectStore:
             await trio.to_thread.run_sync(self.write_chunk, obj, index, data)
             return
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+            if not is_enospc(exc):
                 raise
             first = exc
         # The disk filled before the budget did (a budget above the disk, or other files
         # on it): free twice the chunk by LRU eviction and try once more.
         freed = await self.evict_lru(2 * len(data), keep=obj)
-        log.warning(
-            "disk full writing chunk %d of object %s; evicted %s, retrying",
-            index,
-            obj.id[:12],
-            _size(freed),
-        )
+        if not freed and self._freeing:  # another write's eviction is freeing space: wait
+            freed = self._freeing
+            with trio.move_on_after(self.busy_wait):
+                while self._freeing:
+                    await self._changed(1.0)
         if not freed:
-            raise CacheFullError(
-                f"disk full under {self.cache_dir} and nothing left to evict: {first}"
+            raise self._disk_full(
+                f"disk full under {self.cache_dir} and nothing left to evict: {first}", first
             ) from first
+        if not self._disk_limited_told:  # the normal state of a budget above the disk
+            self._disk_limited_told = True
+            log.info(
+                "the disk under %s fills before the cache budget of %s: least recently used "
+                "data is evicted to make room (the free space is the effective budget)",
+                self.cache_dir,
+                _size(self.cache_size),
+            )
+        log.debug("disk full writing chunk %d of %s: evicted %s", index, obj.id[:12], _size(freed))
         try:
             await trio.to_thread.run_sync(self.write_chunk, obj, index, data)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+            if not is_enospc(exc):
                 raise
-            raise CacheFullError(
-                f"disk full under {self.cache_dir} even after evicting {_size(freed)}: {exc}"
+            raise self._disk_full(
+                f"disk full under {self.cache_dir} even after evicting {_size(freed)}: {exc}", exc
             ) from exc
+
+    def _disk_full(self, message: str, cause: OSError) -> DiskFullError:
+        """A chunk write refused for lack of space, with nothing left to evict: the
+        disk-full episode (logged once) and the error for this chunk."""
+        self.disk.refused("a chunk", cause)
+        return DiskFullError(message)
 
     async def evict_lru(self, nbytes: int, keep: StoredObject | None = None) -> int:
         """Evict least recently used unpinned idle objects (never `keep`) until `nbytes`
@@ -1140,7 +1446,8 @@ class ObjectStore:
     def usage(self) -> dict[str, Any]:
         """Counters for status and metrics: bytes used against the budget, bytes held of
         pinned objects and the size they need, whether pinned data alone exceeds the
-        budget, and evictions so far."""
+        budget, evictions so far, the filesystem's state (`DiskWatch.state`) and
+        verification (chunks not yet re-verified, re-verified, dropped)."""
         pinned = pinned_size = 0
         for oid in self._pins:
             obj = self._objects.get(oid)
@@ -1157,6 +1464,10 @@ class ObjectStore:
             "pinned_over_budget": pinned_size > self.cache_size,
             "evicted_bytes": self.evicted_bytes,
             "evictions": self.evictions,
+            **self.disk.state(),
+            "unverified": self.unverified_chunks(),
+            "verified_chunks": self.verified_chunks,
+            "dropped_chunks": self.dropped_chunks,
         }
 
     def listing(self) -> list[dict[str, Any]]:
@@ -1184,13 +1495,18 @@ class ObjectStore:
     # -- manifests known to this node (so a restart serves without the scheduler) -------
 
     def save_manifests(self, manifests: dict[str, str]) -> None:
-        """Blocking: replace the stored manifest JSON documents (name -> JSON)."""
+        """Blocking: replace the stored manifest JSON documents (name -> JSON). Raises
+        OSError (ENOSPC on a full disk) when they cannot be written."""
         assert self._env is not None
         db = self._db("manifests")
-        with self._write() as txn:
-            txn.drop(db, delete=False)
-            for name, doc in manifests.items():
-                txn.put(name.encode(), doc.encode(), db=db)
+        try:
+            with self._write() as txn:
+                txn.drop(db, delete=False)
+                for name, doc in manifests.items():
+                    txn.put(name.encode(), doc.encode(), db=db)
+        except lmdb.Error as exc:
+            code = errno.ENOSPC if is_enospc(exc) else errno.EIO
+            raise OSError(code, f"cannot save the manifests in the cache index: {exc}") from exc
 
     def load_manifests(self) -> dict[str, str]:
         assert self._env is not None

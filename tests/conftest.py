@@ -1,5 +1,6 @@
 """Fixtures of the unit tests: a real SchedulerServer on 127.0.0.1 (any free port) with
-an injectable clock, and a SchedulerClient on it (the scheduler API tests)."""
+an injectable clock, and a SchedulerClient on it (the scheduler API tests); a small real
+tmpfs (the full-disk tests)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.scheduler import SchedulerClient, SchedulerServer
+from syncbit.testing.smallfs import CannotMount
+from syncbit.testing.smallfs import small_fs as mount_small_fs
 
 
 @pytest.fixture
@@ -39,3 +42,13 @@ def server(config: SchedulerConfig, clock: Clock) -> Iterator[SchedulerServer]:
 async def client(server: SchedulerServer) -> AsyncIterator[SchedulerClient]:
     async with SchedulerClient(server.url) as c:
         yield c
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB tmpfs, unmounted afterwards (skipped where it cannot be mounted)."""
+    try:
+        with mount_small_fs("tmpfs", tmp_path / "small", 8) as mnt:
+            yield mnt
+    except CannotMount as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")

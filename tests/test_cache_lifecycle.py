@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,25 +288,7 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
         store.close()
 
 
-# -- a full disk (a real 8 MiB tmpfs) ------------------------------------------------------
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+# -- a full disk (a real 8 MiB tmpfs: the `small_fs` fixture) --------------------------------
 
 
 async def test_disk_full_evicts_and_retries_without_corrupting_the_index(small_fs: Path) -> None:

@@ -116,6 +116,8 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
         load=2,
         cache_bytes=300,
         cache_size=4000,
+        disk_full=True,
+        disk_free=123,
     )
     expected = {
         "name": "rack 1/n%1 ü",
@@ -131,6 +133,8 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
         "ready": {},
         "pinned_bytes": 0,
         "pinned_over_budget": False,
+        "disk_full": True,
+        "disk_free": 123,
     }
     assert record == {**expected, "plan": []}
     assert await client.nodes() == [expected]

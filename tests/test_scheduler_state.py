@@ -94,6 +94,8 @@ def test_heartbeat_registers_and_updates(state: SchedulerState, clock: Clock) ->
         "ready",
         "pinned_bytes",
         "pinned_over_budget",
+        "disk_full",
+        "disk_free",
     }
 
 

@@ -209,6 +209,8 @@ class SchedulerClient:
         ready: dict[str, str] | None = None,
         pinned_bytes: int = 0,
         pinned_over_budget: bool = False,
+        disk_full: bool = False,
+        disk_free: int = 0,
     ) -> dict[str, Any]:
         """Register or refresh `node`; returns its record plus `plan`, what it must hold."""
         body = {
@@ -220,6 +222,8 @@ class SchedulerClient:
             "ready": ready or {},
             "pinned_bytes": pinned_bytes,
             "pinned_over_budget": pinned_over_budget,
+            "disk_full": disk_full,
+            "disk_free": disk_free,
         }
         result: dict[str, Any] = await self._request("PUT", f"/v1/nodes/{_segment(node)}", body)
         return result

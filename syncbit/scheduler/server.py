@@ -79,6 +79,8 @@ class HeartbeatBody(_Body):
     ready: dict[str, str] = Field(default_factory=dict)
     pinned_bytes: int = Field(0, ge=0)
     pinned_over_budget: bool = False
+    disk_full: bool = False  # the node's cache filesystem has no space left
+    disk_free: int = Field(0, ge=0)
 
 
 class LabelsBody(_Body):
@@ -662,6 +664,8 @@ class Api:
             req.ready,
             req.pinned_bytes,
             req.pinned_over_budget,
+            disk_full=req.disk_full,
+            disk_free=req.disk_free,
         )
         return _json({**info.to_json(), "plan": self.plan(seg[2])})
 

@@ -38,6 +38,7 @@ from typing import Any
 import lmdb
 
 from syncbit.chunks import chunk_count
+from syncbit.diskspace import open_env
 from syncbit.errors import ConfigError, NotFoundError, SchedulerError, UserError
 from syncbit.manifest import Manifest
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
@@ -72,6 +73,8 @@ class NodeInfo:
     ready: dict[str, str] = field(default_factory=dict)  # dataset -> revision ready here
     pinned_bytes: int = 0
     pinned_over_budget: bool = False
+    disk_full: bool = False  # its cache filesystem has no space left (new chunks not cached)
+    disk_free: int = 0
     up: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -201,8 +204,9 @@ class SchedulerState:
         self._closed = False
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(
-                str(self.state_dir / "state.lmdb"), max_dbs=16, map_size=_MAP_SIZE, metasync=False
+            # Survives a full filesystem (an embedded scheduler's state sits in the cache dir).
+            self._env, self._reserve = open_env(
+                self.state_dir / "state.lmdb", max_dbs=16, map_size=_MAP_SIZE, metasync=False
             )
         except (OSError, lmdb.Error) as exc:
             raise ConfigError(f"cannot open scheduler state in {self.state_dir}: {exc}") from exc
@@ -245,6 +249,7 @@ class SchedulerState:
             self._bumped = False
             with self._env.begin(write=True) as txn:
                 yield txn
+            self._reserve.top_up()
             if self._bumped:  # committed: waiters may now read the new generation
                 with self._generation_cond:
                     self._generation_cond.notify_all()
@@ -293,6 +298,8 @@ class SchedulerState:
         ready: dict[str, str] | None = None,
         pinned_bytes: int = 0,
         pinned_over_budget: bool = False,
+        disk_full: bool = False,
+        disk_free: int = 0,
     ) -> NodeInfo:
         """Register or refresh a node and stamp `last_seen`; returns its record (labels as
         the daemon configured them, with operator edits from `edit_labels` on top)."""
@@ -317,6 +324,8 @@ class SchedulerState:
                 ready=dict(ready or {}),
                 pinned_bytes=pinned_bytes,
                 pinned_over_budget=pinned_over_budget,
+                disk_full=disk_full,
+                disk_free=disk_free,
                 up=True,
             )
             doc = info.to_json()

@@ -1,0 +1,279 @@
+"""Living with a full filesystem: LMDB environments that can always commit, the disk-full
+episode of the cache filesystem, and a log that never dies of ENOSPC.
+
+Owns three rules. An LMDB environment opened here never gets SIGBUS from its lock file on
+a full filesystem (the file is allocated before LMDB maps it) and keeps a reserve of
+blocks allocated past the end of its data file, so the small commits that free space
+(evictions, drops) and record state still succeed when the filesystem is 100% full. The
+cache filesystem's "disk full" state is one episode, entered by a refused write, left
+when free space is back, logged once each way and counted for status and metrics. Log
+records that cannot be written are counted, never raised. Decides nothing about what to
+evict or fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import trio
+
+from syncbit.errors import DiskFullError
+
+log = logging.getLogger("syncbit.disk")
+
+# LMDB's lock file for its default 126 readers is 8 KiB (64-byte reader slots after a
+# header): allocated in full before LMDB maps it, since a write fault on a hole of a
+# mapped file on a full tmpfs or ext4 is SIGBUS, which kills the process.
+_LOCK_BYTES = 8192
+INDEX_RESERVE = 8 << 20  # blocks kept allocated past an environment's data, for commits;
+# at most this share of the filesystem (a test's 64 MiB filesystem gets 4 MiB)
+_RESERVE_SHARE = 16
+_FALLOC_FL_KEEP_SIZE = 1
+
+_libc: Any = None
+
+
+def is_enospc(exc: BaseException) -> bool:
+    """A full disk, as the OS or LMDB reports it (LMDB errors carry only the message)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left" in str(exc) or "quota exceeded" in str(exc).lower()
+
+
+def size_text(n: int) -> str:
+    """Bytes for people: 512 B, 4.0 MiB, 1.2 TiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def free_bytes(path: Path | int) -> int:
+    """Blocking: bytes an unprivileged writer may still allocate on the filesystem."""
+    st = os.fstatvfs(path) if isinstance(path, int) else os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def allocate_past_end(fd: int, nbytes: int) -> bool:
+    """Blocking: make sure `nbytes` past the end of the file are allocated, without
+    changing its size (fallocate KEEP_SIZE), so later appends need no free block. False
+    when the filesystem has no room for all of it or cannot do this."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    end = os.fstat(fd).st_size
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, end, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err not in (errno.ENOSPC, errno.EDQUOT, errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    return False
+
+
+class IndexReserve:
+    """The blocks kept allocated past the end of an LMDB data file (see the module
+    docstring). `top_up()` after each write transaction: one fstat, and one fallocate
+    only when the file grew into the reserve. Any thread; callers serialise writes."""
+
+    def __init__(self, data_file: Path, nbytes: int = INDEX_RESERVE) -> None:
+        self.data_file = data_file
+        self.nbytes = nbytes
+        self._size = -1  # the data file's size at the last successful top-up
+
+    def top_up(self) -> None:
+        if not self.nbytes:
+            return
+        try:
+            fd = os.open(self.data_file, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size != self._size and allocate_past_end(fd, self.nbytes):
+                self._size = size
+        except OSError as exc:  # the reserve is a safety margin, never a reason to fail
+            log.debug("cannot keep a reserve for %s: %s", self.data_file, exc)
+        finally:
+            os.close(fd)
+
+
+def open_env(
+    path: Path, reserve: int = INDEX_RESERVE, **kwargs: Any
+) -> tuple[lmdb.Environment, IndexReserve]:
+    """Blocking: `lmdb.open(path, **kwargs)` that survives a full filesystem: its lock file
+    allocated before LMDB maps it (never SIGBUS), and up to `reserve` bytes allocated past
+    the end of its data file: the returned `IndexReserve`, to top up after each write
+    transaction. Raises DiskFullError when the filesystem has no room to create the
+    environment; other errors as lmdb.Error or OSError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _allocate_lock_file(path / "lock.mdb")
+        env = lmdb.open(str(path), **kwargs)
+    except (OSError, lmdb.Error) as exc:
+        if is_enospc(exc):
+            raise DiskFullError(f"no space left under {path} to open the index: {exc}") from exc
+        raise
+    with contextlib.suppress(OSError):
+        _allocate_lock_file(path / "lock.mdb")  # in case LMDB made it larger
+    st = os.statvfs(path)
+    share = st.f_blocks * st.f_frsize // _RESERVE_SHARE
+    keep = IndexReserve(path / "data.mdb", min(reserve, share))
+    keep.top_up()
+    return env, keep
+
+
+def _allocate_lock_file(lock: Path) -> None:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(_LOCK_BYTES, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+class DiskWatch:
+    """The cache filesystem's free space and its disk-full episodes (trio thread only).
+
+    An episode starts when a write that needs space is refused (`refused`) and nothing
+    could be evicted to make room: one ERROR line, then only counts. It ends when
+    `recover_bytes` are free again (`check`, polled by `run`): one line, and `changed` is
+    set so the daemon saves what it could not and resumes prefetch. Free space is sampled
+    in a worker thread; `free` is the last sample.
+    """
+
+    def __init__(self, path: Path, recover_bytes: int = 9 << 20, interval: float = 5.0) -> None:
+        self.path = path
+        # Free space that ends an episode: two chunks of the default size and the store's
+        # headroom (a margin, so that one freed chunk does not end and restart it).
+        self.recover_bytes = recover_bytes
+        self.interval = interval  # seconds between samples; 1 s during an episode
+        self.full = False
+        self.since: float | None = None  # epoch seconds the current episode began
+        self.refusals = 0  # writes refused for lack of space, ever
+        self.episodes = 0
+        self._episode_refusals = 0
+        self.free = 0
+        self.changed = trio.Event()  # set (and replaced) when an episode begins or ends
+        self.sample()
+
+    def sample(self) -> int:
+        """Blocking: read the free space now."""
+        with contextlib.suppress(OSError):  # keep the last sample; a write says what is wrong
+            self.free = free_bytes(self.path)
+        return self.free
+
+    def refused(self, what: str, exc: BaseException) -> None:
+        """A write (`what`: "a chunk", "the plan", ...) failed for lack of space."""
+        self.refusals += 1
+        self._episode_refusals += 1
+        if self.full:
+            log.debug("no space for %s: %s", what, exc)
+            return
+        self.full = True
+        self.since = time.time()
+        self.episodes += 1
+        self._episode_refusals = 1
+        log.error(
+            "cache filesystem full under %s (writing %s: %s): new chunks are not cached here "
+            "until space is freed; cached data is still served; `syncbit status` and "
+            "/metrics show the state (logged once until space is back)",
+            self.path,
+            what,
+            exc,
+        )
+        self._changed()
+
+    def check(self) -> bool:
+        """End the episode if enough space is free now (last sample); True if it ended."""
+        if not self.full or self.free < self.recover_bytes:
+            return False
+        lasted = time.time() - (self.since or time.time())
+        log.warning(
+            "space is back under %s (%s free) after %.0fs full; %d writes were refused "
+            "meanwhile; caching resumes",
+            self.path,
+            size_text(self.free),
+            lasted,
+            self._episode_refusals,
+        )
+        self.full = False
+        self.since = None
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sample free space every `interval` seconds (every second during an episode) and
+        end episodes when space is back."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(1.0 if self.full else self.interval):
+                await self.changed.wait()
+            await trio.to_thread.run_sync(self.sample)
+            self.check()
+
+    def state(self) -> dict[str, Any]:
+        """For status, metrics and `cache ls`."""
+        return {
+            "disk_full": self.full,
+            "disk_full_since": self.since,
+            "disk_free": self.free,
+            "disk_refusals": self.refusals,
+        }
+
+
+class LogHandler(logging.Handler):
+    """Log records to a file descriptor (stderr), surviving a full disk: a record that
+    cannot be written is counted, never raised nor reported with a traceback (which
+    could not be written either); the next record that can be written is preceded by a
+    line saying how many were lost (on a line of its own, after a record cut short).
+    Unbuffered, so nothing half-written waits in a buffer to surface later out of order."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self.fd = fd
+        self.lost = 0
+        self._cut = False  # the last record was written in part: end its line first
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        if self.lost:
+            notice = logging.LogRecord(
+                "syncbit.log",
+                logging.WARNING,
+                __file__,
+                0,
+                "%d log records were lost: no space left to write them",
+                (self.lost,),
+                None,
+            )
+            line = self.format(notice) + "\n" + line
+        data = (("\n" if self._cut else "") + line).encode(errors="replace")
+        whole = len(data)
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except OSError:
+            self.lost += 1
+            self._cut = self._cut or len(data) < whole
+            return
+        self.lost = 0
+        self._cut = False
