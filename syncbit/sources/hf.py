@@ -30,8 +30,10 @@ from syncbit.errors import (
     SyncbitError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
+from syncbit.redact import redact_url, scrub
 from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
-from syncbit.sources.http import redact_url
+from syncbit.sources.fences import Fences, RedirectPolicy
+from syncbit.sources.options import SCHEMES
 from syncbit.wire import Pool, WireError
 
 __all__ = ["DEFAULT_ENDPOINT", "OPTION_KEYS", "HfSource", "parse_hf_uri", "split_globs"]
@@ -39,12 +41,18 @@ __all__ = ["DEFAULT_ENDPOINT", "OPTION_KEYS", "HfSource", "parse_hf_uri", "split
 T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-OPTION_KEYS = frozenset({"revision", "include", "exclude", "endpoint", "timeout"})
+OPTION_KEYS = frozenset(SCHEMES["hf"])
 DEFAULT_TIMEOUT = 30.0
 _PREFIXES = {"models": "model", "datasets": "dataset"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/"}
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEMPORARY = frozenset({408, 429})
+# What a node lacking a token must be told: its reads never see the user's shell.
+_NODE_TOKEN = (
+    "the syncbit daemon on this node has no Hub token: set HF_TOKEN in its environment "
+    "(or token in source_options['hf://'] of its config); a token given to `syncbit pull` "
+    "or `dataset add` only resolves the revision and is never stored"
+)
 # trio >= 0.23 renamed `cancellable` (now deprecated) to `abandon_on_cancel`.
 _ABANDON: dict[str, Any] = (
     {"abandon_on_cancel": True}
@@ -143,12 +151,16 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 class HfSource(Source):
     """Every file of a HuggingFace model or dataset repo at one commit.
 
-    Options (none secret): `revision` (branch, tag or commit; overrides `@revision`,
-    default `main`), `include` / `exclude` (globs on the path in the repo, as a list or one
+    Options: `revision` (branch, tag or commit; overrides `@revision`, default `main`),
+    `include` / `exclude` (globs on the path in the repo, as a list or one
     comma-separated string: a file is kept if it matches an include, or none is given, and
     no exclude), `endpoint` (default HF_ENDPOINT, else https://huggingface.co), `timeout`
-    (seconds per read request). The token comes from HF_TOKEN or huggingface_hub's token
-    file; a `token` option is accepted in-process but taken out of `options` at once.
+    (seconds per read request), `token` (secret: taken out of `options` at once and never
+    stored; an empty one is an error). Without a `token` option the token comes from
+    HF_TOKEN or huggingface_hub's token file of the process that opens the source: the
+    scheduler's listing may get the token of the user's shell with the request (`syncbit
+    pull`), but a node's reads use the node's own. Reads follow the Hub's redirects to its
+    storage on any host, over the same scheme, without the token.
 
     The version of every file is the commit sha the revision resolved to. Identity:
     `identity_digest("sha256", <LFS sha256>)` for LFS files, so one shard in two revisions
@@ -159,10 +171,11 @@ class HfSource(Source):
 
     schemes = ("hf",)
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        options = dict(options or {})
-        explicit_token = options.pop("token", None)
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
+        super().__init__(uri, options, fences)
+        explicit_token = self.options.pop("token", None)
         self.repo_type, self.repo_id, uri_revision = parse_hf_uri(uri)
         opts = self.options
         self.revision = str(opts.get("revision") or uri_revision or "main")
@@ -175,6 +188,14 @@ class HfSource(Source):
                 f"invalid HuggingFace endpoint {redact_url(endpoint)!r}: expected http(s)://host"
             )
         self.endpoint = endpoint.rstrip("/")
+        # The Hub redirects downloads to its storage (another host): followed over the
+        # same scheme only, with the token dropped, never to a link-local address.
+        self.redirects = RedirectPolicy(
+            follow="any",
+            allow_link_local=bool(opts.get("allow_link_local", False)),
+            private_headers=frozenset({"authorization"}),
+        )
+        self.redirects.check_url(self.endpoint)
         try:
             self.timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
         except (TypeError, ValueError):
@@ -354,16 +375,16 @@ class HfSource(Source):
             headers["Authorization"] = f"Bearer {token}"
         url = self.file_url(entry)
         try:
-            resp = self._pool.get_into(url, offset, buf, headers)
+            resp = self._pool.get_into(url, offset, buf, headers, self.redirects)
         except WireError as exc:
-            raise SourceUnavailableError(f"cannot read {what}: {_scrub(str(exc))}") from exc
+            raise SourceUnavailableError(f"cannot read {what}: {scrub(str(exc))}") from exc
         status = resp.status
         code = resp.headers.get("x-error-code", "")
         if code == "RepoNotFound":
             if token is None:
                 raise InvalidSourceError(
                     f"cannot read {what}: the Hub hides it from anonymous requests; "
-                    "if the repo is private, set HF_TOKEN on this node"
+                    f"if the repo is private, {_NODE_TOKEN}"
                 )
             raise SourceChangedError(
                 f"source changed: {what} is gone (the repo was deleted, or HF_TOKEN cannot "
@@ -371,8 +392,13 @@ class HfSource(Source):
             )
         if status in (401, 403):
             if code == "GatedRepo":
+                if token is None:
+                    raise InvalidSourceError(
+                        f"cannot read {what}: the repo is gated; {_NODE_TOKEN}"
+                    )
                 raise InvalidSourceError(
-                    f"cannot read {what}: the repo is gated; set HF_TOKEN to a token with access"
+                    f"cannot read {what}: the repo is gated and this node's token (HF_TOKEN) "
+                    "has no access to it"
                 )
             if status == 401:
                 raise InvalidSourceError(f"cannot read {what}: the Hub refused HF_TOKEN")
@@ -395,11 +421,3 @@ class HfSource(Source):
 
     def close(self) -> None:
         self._pool.close()
-
-
-_URL_IN_TEXT = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
-
-
-def _scrub(text: str) -> str:
-    """Redact URLs in a message: signed storage URLs carry credentials in their query."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)

@@ -32,6 +32,8 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry, safe_relpath
 from syncbit.sources.base import Listing, Source, pinned_size, register
+from syncbit.sources.fences import Fences
+from syncbit.sources.options import SCHEMES
 from syncbit.wire import WireError, parse_content_range
 
 __all__ = ["OPTION_KEYS", "S3Source", "map_error"]
@@ -47,9 +49,7 @@ for _name in ("botocore", "boto3", "s3transfer"):
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(logging.WARNING)
 
-OPTION_KEYS = frozenset(
-    {"endpoint_url", "region", "addressing_style", "profile", "max_attempts", "max_connections"}
-)
+OPTION_KEYS = frozenset(SCHEMES["s3"])
 DEFAULT_MAX_ATTEMPTS = 4  # botocore counts the first try: three retries with backoff
 DEFAULT_MAX_CONNECTIONS = 16  # the fetcher runs about this many range reads at once
 CONNECT_TIMEOUT = 10.0
@@ -219,8 +219,10 @@ class S3Source(Source):
 
     schemes = ("s3",)
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
+        super().__init__(uri, options, fences)
         self.bucket, self.prefix = _parse_uri(uri)
         opts = self.options
         style = opts.get("addressing_style")
