@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from syncbit.auth import bearer, client_token
 from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
@@ -40,8 +40,8 @@ class _Daemon:
     def __init__(self, address: str, timeout: float) -> None:
         self.address = address
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise UserError(f"--daemon must be host:port, not {address!r}")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--daemon must be host:port (port 1-65535), not {address!r}")
         self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
         self._headers = {"Accept": "application/json", **bearer(client_token())}
 
@@ -140,7 +140,7 @@ def follow(
     """
     out = out or sys.stderr
     tty = out.isatty()
-    progress = f"datasets/{dataset}"
+    progress = f"datasets/{quote(dataset, safe='')}"
     verb = "pull" if start else "wait"
     with _Daemon(daemon, timeout=30) as client:
 
