@@ -36,7 +36,14 @@ from syncbit.sources.fences import Fences, RedirectPolicy
 from syncbit.sources.options import SCHEMES
 from syncbit.wire import Pool, WireError
 
-__all__ = ["DEFAULT_ENDPOINT", "OPTION_KEYS", "HfSource", "parse_hf_uri", "split_globs"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "OPTION_KEYS",
+    "HfSource",
+    "parse_hf_uri",
+    "split_globs",
+    "tree_entries",
+]
 
 T = TypeVar("T")
 
@@ -113,6 +120,47 @@ def split_globs(value: Any, name: str) -> list[str]:
 def _matches(path: str, globs: list[str]) -> bool:
     # fnmatchcase: `*` also crosses `/`, so `*.safetensors` selects shards in any folder.
     return any(fnmatch.fnmatchcase(path, g) for g in globs)
+
+
+def tree_entries(
+    items: Iterable[Any], commit: str, include: list[str], exclude: list[str]
+) -> list[FileEntry]:
+    """The entries of the files (`RepoFile`-like: path, size, blob_id, lfs) of a repo tree
+    at `commit` that the globs keep, sorted by path.
+
+    Whatever the tree says, every entry has a safe path: UnsafePathError otherwise, and
+    SourceError for an item that is not what the Hub sends.
+    """
+    files: list[FileEntry] = []
+    for item in items:
+        path = safe_relpath(str(getattr(item, "path", "")))
+        if include and not _matches(path, include):
+            continue
+        if _matches(path, exclude):
+            continue
+        files.append(_entry(path, item, commit))
+    return sorted(files, key=lambda e: e.path)
+
+
+def _entry(path: str, item: Any, commit: str) -> FileEntry:
+    size = getattr(item, "size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise SourceError(f"the Hub listed {path!r} without a valid size ({size!r})")
+    version = {"commit": commit, "size": str(size)}
+    lfs = getattr(item, "lfs", None)
+    if lfs is not None:
+        sha256 = str(getattr(lfs, "sha256", "")).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise SourceError(f"the Hub listed {path!r} with an invalid LFS sha256")
+        version["sha256"] = sha256
+        identity = identity_digest("sha256", sha256)
+    else:
+        oid = str(getattr(item, "blob_id", ""))
+        version["oid"] = oid
+        identity = identity_digest("hf-git", oid)
+    return FileEntry(
+        path=path, size=size, mode=0o444, object=identity, locator=path, version=version
+    )
 
 
 def _token_from_env() -> str | None:
@@ -324,35 +372,17 @@ class HfSource(Source):
                 )
             )
         )
-        files: list[FileEntry] = []
-        for item in tree:
-            if not isinstance(item, RepoFile):
-                continue  # folders follow from the files' paths
-            path = safe_relpath(item.path)
-            if self.include and not _matches(path, self.include):
-                continue
-            if _matches(path, self.exclude):
-                continue
-            files.append(self._entry(path, item, commit))
+        files = tree_entries(
+            [item for item in tree if isinstance(item, RepoFile)],  # folders follow from paths
+            commit,
+            self.include,
+            self.exclude,
+        )
         if files and getattr(info, "gated", False) is not False:
             # Info and tree of a gated repo are public; only downloads need access. Ask
             # for one file's metadata now so that a missing grant fails here, clearly.
             await self._probe(files[0], token)
-        return Listing(files=sorted(files, key=lambda e: e.path))
-
-    def _entry(self, path: str, item: Any, commit: str) -> FileEntry:
-        size = int(item.size)
-        version = {"commit": commit, "size": str(size)}
-        if item.lfs is not None:
-            sha256 = str(item.lfs.sha256).lower()
-            version["sha256"] = sha256
-            identity = identity_digest("sha256", sha256)
-        else:
-            version["oid"] = str(item.blob_id)
-            identity = identity_digest("hf-git", str(item.blob_id))
-        return FileEntry(
-            path=path, size=size, mode=0o444, object=identity, locator=path, version=version
-        )
+        return Listing(files=files)
 
     async def _probe(self, entry: FileEntry, token: str | None) -> None:
         from huggingface_hub import get_hf_file_metadata

@@ -143,6 +143,12 @@ def parse_index(page: str, base_url: str) -> list[IndexLink]:
     links: dict[tuple[str, bool], IndexLink] = {}
     for raw_href in collector.hrefs:
         href = raw_href.strip()
+        try:
+            href.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: not text any request could carry
+            raise UnsafePathError(
+                f"unsafe entry {href!r} in the listing of {redact_url(base_url)}: not valid Unicode"
+            ) from None
         rel = _relative_href(href, base.scheme, base.netloc, base.path)
         if rel is None:
             continue
@@ -150,7 +156,8 @@ def parse_index(page: str, base_url: str) -> list[IndexLink]:
         raw_name = rel[:-1] if is_dir else rel
         try:
             name = safe_relpath(unquote(raw_name, errors="strict"))
-        except UnicodeDecodeError:
+            name.encode("utf-8")
+        except UnicodeError:
             raise UnsafePathError(
                 f"unsafe entry {href!r} in the listing of {redact_url(base_url)}: "
                 "the name is not valid UTF-8"
