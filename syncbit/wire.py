@@ -87,14 +87,22 @@ class Pool:
                 conn.reused = True
                 return conn
         scheme, host, port = key
+        if rules is not None:
+            # A name that resolves to a refused address is refused before any connect.
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise WireError(f"cannot resolve {host}: {exc}") from exc
+            for info in infos:
+                rules.check_address(url, str(info[4][0]))
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
         if rules is not None:
-            # The address actually connected to, not a name resolved earlier: a DNS answer
-            # that changes between a check and the connect cannot lead anywhere else.
+            # And the address actually connected to: a DNS answer that changed since the
+            # check above cannot lead anywhere else.
             try:
                 rules.check_address(url, str(sock.getpeername()[0]))
             except BaseException:
