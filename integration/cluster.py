@@ -416,12 +416,14 @@ class Scheduler(ManagedProcess):
         node_timeout: float | None = None,
         port: int | None = None,
         token_file: Path | None = None,
+        file_roots: Iterable[Path] = (),
     ) -> None:
         super().__init__("scheduler", log_dir / "scheduler.log")
         self.state_dir = state_dir
         self.node_timeout = node_timeout
         self.port = port or free_port()
         self.token_file = token_file
+        self.file_roots = list(file_roots)
         headers = (
             {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
         )
@@ -438,6 +440,8 @@ class Scheduler(ManagedProcess):
             argv += ["--node-timeout", str(self.node_timeout)]
         if self.token_file is not None:
             argv += ["--token-file", str(self.token_file)]
+        for root in self.file_roots:
+            argv += ["--file-roots", str(root)]
         self._spawn(argv)
         wait_until(self._healthy, timeout, "scheduler /healthz", evidence=self.log_tail)
         return self
@@ -706,16 +710,23 @@ class Cluster:
         heartbeat_interval: float = 0.5,
         labels: Callable[[int], dict[str, str]] | None = None,
         token: str | None = None,
+        file_roots: Iterable[Path] | None = None,
     ) -> None:
         self.workdir = workdir
         self.origin = origin
+        # file:// datasets: under the origin's root, as if it were an NFS export.
+        roots = [origin.root] if file_roots is None else list(file_roots)
         self.token_file: Path | None = None
         if token is not None:  # the shared cluster token, as a Kubernetes Secret would hold it
             workdir.mkdir(parents=True, exist_ok=True)
             self.token_file = workdir / "token"
             self.token_file.write_text(token + "\n")
         self.scheduler = Scheduler(
-            workdir / "scheduler", workdir / "logs", node_timeout, token_file=self.token_file
+            workdir / "scheduler",
+            workdir / "logs",
+            node_timeout,
+            token_file=self.token_file,
+            file_roots=roots,
         )
         self.nodes = [
             Node(
@@ -723,7 +734,10 @@ class Cluster:
                 workdir,
                 self.scheduler.url,
                 read_deadline=read_deadline,
-                config={"heartbeat_interval": heartbeat_interval}
+                config={
+                    "heartbeat_interval": heartbeat_interval,
+                    "file_roots": list(map(str, roots)),
+                }
                 | ({"token_file": str(self.token_file)} if self.token_file else {}),
                 labels=labels(i) if labels else None,
             )
