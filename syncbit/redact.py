@@ -55,6 +55,12 @@ _BEARER = re.compile(
     r"(?i)\b(?:(bearer|basic)(\s+)([A-Za-z0-9._~+/-]{8,}=*)|(token|access_token)(=)([^\s&'\"]+))"
 )
 _AUTH_HEADER = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)([^'\"\r\n,}]+)")
+# `X-Amz-Signature=...` outside a full URL: a relative Location header, a library's repr.
+_SIGNED_PAIR = re.compile(
+    r"(?i)(?<![A-Za-z0-9_.-])("
+    + "|".join(re.escape(k) for k in sorted(SIGNED_QUERY_KEYS, key=len, reverse=True))
+    + r"|x-amz-[a-z-]+|x-goog-[a-z-]+)=([^&\s'\"<>]+)"
+)
 _MIN_SECRET = 6  # shorter registered values would mask ordinary words
 _MAX_SECRETS = 1024
 
@@ -139,6 +145,7 @@ def scrub(text: str) -> str:
     """`text` with credentials masked: URL userinfo and signed query values, bearer and
     basic credentials, Authorization header values, and every registered secret."""
     text = _URL_IN_TEXT.sub(lambda m: _scrub_url(m.group(0)), text)
+    text = _SIGNED_PAIR.sub(lambda m: f"{m.group(1)}={_MASK}", text)
     text = _AUTH_HEADER.sub(lambda m: m.group(1) + _MASK, text)
     text = _BEARER.sub(_mask_credential, text)
     with _secrets_lock:

@@ -91,14 +91,14 @@ class Pool:
             # A name that resolves to a refused address is refused before any connect.
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:
                 raise WireError(f"cannot resolve {host}: {exc}") from exc
             for info in infos:
                 rules.check_address(url, str(info[4][0]))
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
         if rules is not None:
             # And the address actually connected to: a DNS answer that changed since the

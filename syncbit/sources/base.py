@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from syncbit.errors import InvalidSourceError, SourceChangedError, SourceError
 from syncbit.manifest import FileEntry, Perm
+from syncbit.redact import redact_url
 from syncbit.sources.fences import Fences
 from syncbit.sources.options import validate_options
 from syncbit.wire import Response, WireError, parse_content_range
@@ -146,7 +147,10 @@ def open_source(
     uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
 ) -> Source:
     """Build the source for `uri` from the scheme registry, inside `fences`."""
-    scheme = urlsplit(uri).scheme.lower()
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise InvalidSourceError(f"invalid source URI {redact_url(uri)!r}: {exc}") from None
     if scheme not in _REGISTRY and scheme in _BUILTIN:
         importlib.import_module(_BUILTIN[scheme])
     try:
@@ -154,6 +158,6 @@ def open_source(
     except KeyError:
         known = ", ".join(sorted(set(_REGISTRY) | set(_BUILTIN)))
         raise InvalidSourceError(
-            f"unsupported source {uri!r}: scheme must be one of {known}"
+            f"unsupported source {redact_url(uri)!r}: scheme must be one of {known}"
         ) from None
     return cls(uri, options, fences=fences)

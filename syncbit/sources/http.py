@@ -209,6 +209,12 @@ class HttpSource(Source):
             raise InvalidSourceError(
                 f"invalid HTTP source {redact_url(uri)!r}: expected http(s)://host/path"
             )
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError as exc:
+            raise InvalidSourceError(
+                f"invalid HTTP source {redact_url(uri)[:200]!r}: bad host name ({exc})"
+            ) from None
         super().__init__(strip_userinfo(uri), options, fences)
         opts = self.options
         self.timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
@@ -473,7 +479,7 @@ class _Walk:
         if addresses is None:
             try:
                 infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            except OSError:
+            except (OSError, UnicodeError):
                 infos = []  # the request itself reports a name that does not resolve
             addresses = self._resolved[host] = [str(info[4][0]) for info in infos]
         for address in addresses:
