@@ -42,7 +42,7 @@ from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
 from syncbit.sources.base import Source, open_source, options_for
 from syncbit.sources.fences import Fences, default_file_roots
-from syncbit.sources.options import register_secrets
+from syncbit.sources.options import public_options, register_secrets
 from syncbit.store import ObjectStore, StoredObject
 
 log = logging.getLogger("syncbit.daemon")
@@ -114,7 +114,10 @@ class SourceCache:
         key = manifest.source + json.dumps(manifest.source_options, sort_keys=True)
         source = self.sources.get(key)
         if source is None:
-            options = options_for(manifest.source, self.configured, manifest.source_options)
+            # What a manifest may not decide for this node (secrets, operator-only
+            # options) comes from this node's config alone.
+            given = public_options(manifest.source, manifest.source_options)
+            options = options_for(manifest.source, self.configured, given)
             source = open_source(manifest.source, options, self.fences)
             self.sources[key] = source
         return source

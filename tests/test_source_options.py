@@ -124,6 +124,10 @@ def test_public_options_drop_every_secret() -> None:
     options = {"headers": {"Authorization": "Bearer x"}, "timeout": 3.0, "include": ["*"]}
     assert public_options("https://o/", options) == {"timeout": 3.0, "include": ["*"]}
     assert public_options("hf://o/m", {"token": "hf_x", "revision": "v1"}) == {"revision": "v1"}
+    # operator-only options are each node's own decision, never a manifest's
+    assert public_options("https://o/", {"allow_link_local": True, "verify": True}) == {
+        "verify": True
+    }
     # a scheme without a table: secret-looking keys go all the same
     assert public_options("memtest://x", {"api_token": "t", "n": 1}) == {"n": 1}
 
@@ -164,3 +168,31 @@ def test_the_scrubber_masks_credentials_in_free_text() -> None:
     for secret in ("pw123456", "deadbeef", "abcdefghij", "zzzzzz"):
         assert secret not in out, out
     assert "part=1" in out and "https://h/x" in out
+
+
+def test_a_node_opens_sources_with_its_own_credentials_and_fences(tmp_path: Path) -> None:
+    from syncbit.daemon import SourceCache
+    from syncbit.manifest import Manifest
+    from syncbit.sources.fences import Fences
+
+    cache = SourceCache(
+        {"https://origin/": {"headers": {"X-Key": "the-node-s-own"}}},
+        fences=Fences.for_roots([tmp_path]),
+    )
+    try:
+        # A manifest (from a scheduler, possibly a hostile one) cannot set either.
+        sent = Manifest(
+            dataset="ds",
+            source="https://origin/data/",
+            source_options={"headers": {"X-Key": "from-the-scheduler"}, "allow_link_local": True},
+            revision="r",
+            files=[],
+        )
+        source: Any = cache(sent)
+        assert source.headers == {"X-Key": "the-node-s-own"}
+        assert source.redirects.allow_link_local is False
+        outside = sent.model_copy(update={"source": "file:///etc", "source_options": {}})
+        with pytest.raises(InvalidSourceError, match="file_roots"):
+            cache(outside)
+    finally:
+        cache.close()

@@ -271,13 +271,14 @@ def validate_options(
 
 
 def public_options(uri: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The options a manifest may carry: every secret one dropped. Keys of unknown schemes
-    that look secret are dropped too."""
+    """The options a manifest may carry: no secret, and no operator-only option (each node
+    takes those from its own config, never from what a scheduler sends). Keys of unknown
+    schemes that look secret are dropped too."""
     table = SCHEMES.get(scheme_of(uri))
     kept: dict[str, Any] = {}
     for key, value in (options or {}).items():
         option = table.get(key) if table is not None else None
-        if option is not None and option.secret:
+        if option is not None and (option.secret or option.operator_only):
             continue
         if option is None and any(w in str(key).lower() for w in _SECRET_WORDS):
             continue
