@@ -157,9 +157,9 @@ def _source_options(uri: str, given: dict[str, Any]) -> dict[str, Any]:
     if uri.lower().startswith("hf://"):
         import os
 
-        from syncbit.sources.hf import _token_from_env
+        from syncbit.sources.hf import token_from_env
 
-        if "token" not in options and (token := _token_from_env()):
+        if "token" not in options and (token := token_from_env()):
             options["token"] = token
         endpoint = os.environ.get("HF_ENDPOINT", "").strip()
         if "endpoint" not in options and endpoint:

@@ -56,9 +56,10 @@ _BEARER = re.compile(
 )
 _AUTH_HEADER = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)([^'\"\r\n,}]+)")
 # `X-Amz-Signature=...` outside a full URL: a relative Location header, a library's repr.
+# Not a bare `key=`: in free text that is mostly prose ("expected key=value").
 _SIGNED_PAIR = re.compile(
     r"(?i)(?<![A-Za-z0-9_.-])("
-    + "|".join(re.escape(k) for k in sorted(SIGNED_QUERY_KEYS, key=len, reverse=True))
+    + "|".join(re.escape(k) for k in sorted(SIGNED_QUERY_KEYS - {"key"}, key=len, reverse=True))
     + r"|x-amz-[a-z-]+|x-goog-[a-z-]+)=([^&\s'\"<>]+)"
 )
 _MIN_SECRET = 6  # shorter registered values would mask ordinary words

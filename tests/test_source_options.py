@@ -168,6 +168,9 @@ def test_the_scrubber_masks_credentials_in_free_text() -> None:
     for secret in ("pw123456", "deadbeef", "abcdefghij", "zzzzzz"):
         assert secret not in out, out
     assert "part=1" in out and "https://h/x" in out
+    # prose stays prose
+    for text in ("invalid option 'x': expected key=value", "the token cannot read it"):
+        assert scrub(text) == text
 
 
 def test_a_node_opens_sources_with_its_own_credentials_and_fences(tmp_path: Path) -> None:

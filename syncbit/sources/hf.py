@@ -42,6 +42,7 @@ __all__ = [
     "HfSource",
     "parse_hf_uri",
     "split_globs",
+    "token_from_env",
     "tree_entries",
 ]
 
@@ -163,7 +164,7 @@ def _entry(path: str, item: Any, commit: str) -> FileEntry:
     )
 
 
-def _token_from_env() -> str | None:
+def token_from_env() -> str | None:
     """HF_TOKEN, else the token file as huggingface_hub finds it (read now, not at import)."""
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         value = os.environ.get(var, "").strip()
@@ -267,7 +268,7 @@ class HfSource(Source):
         own lookup (OIDC, refreshed logins). Never logged."""
         with self._token_lock:
             if not self._token_read:
-                self._token = _token_from_env()
+                self._token = token_from_env()
                 if self._token is None:
                     with contextlib.suppress(Exception):
                         from huggingface_hub import get_token
