@@ -459,6 +459,7 @@ class Scheduler(ManagedProcess):
         port: int | None = None,
         token_file: Path | None = None,
         tls: TlsFiles | None = None,
+        file_roots: Iterable[Path] = (),
     ) -> None:
         super().__init__("scheduler", log_dir / "scheduler.log")
         self.state_dir = state_dir
@@ -466,6 +467,7 @@ class Scheduler(ManagedProcess):
         self.port = port or free_port()
         self.token_file = token_file
         self.tls = tls
+        self.file_roots = list(file_roots)
         headers = (
             {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
         )
@@ -488,6 +490,8 @@ class Scheduler(ManagedProcess):
         if self.tls is not None:
             cert, key = self.tls.pair("scheduler")
             argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        for root in self.file_roots:
+            argv += ["--file-roots", str(root)]
         self._spawn(argv)
         wait_until(self._healthy, timeout, "scheduler /healthz", evidence=self.log_tail)
         return self
@@ -758,6 +762,7 @@ class Cluster:
         token: str | None = None,
         bootstrap: bool = False,
         tls: bool = False,
+        file_roots: Iterable[Path] | None = None,
     ) -> None:
         """With `token` (the cluster secret, as a Kubernetes Secret would hold it) every
         process requires credentials; the CLI runs with an admin credential. The daemons'
@@ -766,10 +771,15 @@ class Cluster:
         against a test CA; daemons share one certificate (`peer_tls_name`)."""
         self.workdir = workdir
         self.origin = origin
+        # file:// datasets: under the origin's root, as if it were an NFS export.
+        roots = [origin.root] if file_roots is None else list(file_roots)
         self.token_file: Path | None = None
         self.admin_token_file: Path | None = None
         self.tls = TlsFiles.make(workdir / "tls") if tls else None
-        node_config: dict[str, Any] = {"heartbeat_interval": heartbeat_interval}
+        node_config: dict[str, Any] = {
+            "heartbeat_interval": heartbeat_interval,
+            "file_roots": list(map(str, roots)),
+        }
         if token is not None:
             from syncbit.credentials import Issuer, Role
 
@@ -794,6 +804,7 @@ class Cluster:
             node_timeout,
             token_file=self.token_file,
             tls=self.tls,
+            file_roots=roots,
         )
         self.nodes = [
             Node(

@@ -76,15 +76,25 @@ TlsKeyOpt = Annotated[Path | None, typer.Option(help="PEM private key of --tls-c
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file; flags override it.")
 ]
+FileRootsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--file-roots",
+        help="A directory file:// datasets may name (repeatable; default: "
+        "/var/lib/syncbit/datasets with a loopback-only scheduler, else none).",
+    ),
+]
 
 
 def _setup_logging(level: str) -> None:
     from syncbit.diskspace import LogHandler
+    from syncbit.redact import ScrubbingFormatter
 
     # Written straight to stderr's descriptor, and a full disk under the log loses lines
     # (counted, and said so once it can write again) instead of raising.
     handler = LogHandler(sys.stderr.fileno())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Every line scrubbed: a library's debug line with a signed URL or a header leaks nothing.
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # One line per control request is noise at info level; our own loggers say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -98,15 +108,23 @@ def guarded(fn: Callable[P, T]) -> Callable[P, T]:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {_shown(exc)}", err=True)
             raise typer.Exit(2) from None
         except SyncbitError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {_shown(exc)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _shown(exc: BaseException) -> str:
+    """An error's message on one line, credentials masked (a URL the user typed with a
+    password in it is not echoed back into a terminal log)."""
+    from syncbit.redact import scrub
+
+    return " ".join(scrub(str(exc)).split()) or type(exc).__name__
 
 
 def _client_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
@@ -136,6 +154,43 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
     return pairs
 
 
+def _name(name: str) -> str:
+    """A dataset name as the scheduler accepts new ones (README, "Dataset names")."""
+    from syncbit.manifest import validate_dataset_name
+
+    return validate_dataset_name(name)
+
+
+def _any_name(name: str) -> str:
+    """A dataset name to remove: also one from before the name rules, if printable."""
+    if not name or not name.isprintable() or "/" in name or len(name) > 255:
+        return _name(name)  # the same message as everywhere else
+    return name
+
+
+def _source_options(uri: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options `pull`/`dataset add` send: for hf:// sources, the Hub token and endpoint
+    of the user's shell (HF_TOKEN or the token file, HF_ENDPOINT) unless given with -o.
+    The scheduler uses the token for this listing only and never stores it."""
+    options = dict(given)
+    if uri.lower().startswith("hf://"):
+        import os
+
+        from syncbit.sources.hf import token_from_env
+
+        if "token" not in options and (token := token_from_env()):
+            options["token"] = token
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip()
+        if "endpoint" not in options and endpoint:
+            options["endpoint"] = endpoint
+    return options
+
+
+def _print_warnings(result: dict[str, Any]) -> None:
+    for warning in result.get("warnings") or []:
+        typer.echo(f"warning: {warning}", err=True)
+
+
 # -- services ---------------------------------------------------------------------------------
 
 
@@ -152,6 +207,7 @@ def scheduler(
     insecure: InsecureOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
+    file_roots: FileRootsOpt = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run the central scheduler until SIGTERM/SIGINT."""
@@ -171,6 +227,7 @@ def scheduler(
             "insecure": insecure,
             "tls_cert": tls_cert,
             "tls_key": tls_key,
+            "file_roots": file_roots,
             "log_level": log_level,
         },
     )
@@ -250,6 +307,7 @@ def daemon(
     tls_ca: Annotated[
         Path | None, typer.Option(help="CA file the scheduler's and peers' certificates match.")
     ] = None,
+    file_roots: FileRootsOpt = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run a node: FUSE mount, cache, peer service (and the scheduler, if none is given)."""
@@ -280,6 +338,7 @@ def daemon(
             "tls_cert": tls_cert,
             "tls_key": tls_key,
             "tls_ca": tls_ca,
+            "file_roots": file_roots,
             "log_level": log_level,
         },
     )
@@ -304,8 +363,10 @@ def dataset_add(
     scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
 ) -> None:
     """Resolve a source to a fixed revision and register it (no bytes are downloaded)."""
-    options = _pairs(option, "option") or {}
+    _name(name)
+    options = _source_options(uri, _pairs(option, "option") or {})
     result = _client_call(scheduler, lambda c: c.add_dataset(name, uri, options))
+    _print_warnings(result)
     ds = result["dataset"]
     verb = "added" if result.get("changed", True) else "unchanged"
     typer.echo(
@@ -338,16 +399,32 @@ def dataset_rm(
     scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
 ) -> None:
     """Remove a dataset from the scheduler (cached bytes are evicted later)."""
+    _any_name(name)
     _client_call(scheduler, lambda c: c.remove_dataset(name))
     typer.echo(f"removed {name}")
 
 
 def default_name(uri: str) -> str:
-    """The dataset name `pull` uses without --name: the URI's last path element."""
-    rest = uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/")
-    name = rest.rsplit("/", 1)[-1]
-    if not name or name.startswith("."):
-        raise UserError(f"cannot derive a dataset name from {uri!r}: give --name")
+    """The dataset name `pull` uses without --name: the URI's last path element (the
+    bucket or host when the path is empty), characters outside the name rules replaced
+    by `-` (`my%20model` -> `my-model`). Never a part of URL credentials."""
+    import re
+    from urllib.parse import unquote, urlsplit
+
+    from syncbit.redact import redact_url
+
+    if uri.lower().startswith("hf://"):
+        rest = uri.split("://", 1)[1].split("@", 1)[0]
+    else:
+        try:
+            parts = urlsplit(uri)
+        except ValueError:
+            parts = urlsplit("")
+        rest = parts.path if parts.path.strip("/") else parts.hostname or ""
+    last = unquote(rest.rstrip("/").rsplit("/", 1)[-1])
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", last).lstrip("._-")[:128].rstrip("-")
+    if not name:
+        raise UserError(f"cannot derive a dataset name from {redact_url(uri)!r}: give --name")
     return name
 
 
@@ -384,8 +461,10 @@ def pull(
         options["include"] = include
     if exclude:
         options["exclude"] = exclude
-    dataset = name or default_name(uri)
+    dataset = _name(name) if name is not None else default_name(uri)
+    options = _source_options(uri, options)
     result = _client_call(scheduler, lambda c: c.add_dataset(dataset, uri, options))
+    _print_warnings(result)
     ds = result["dataset"]
     typer.echo(
         f"{dataset}: revision {ds['revision']}, {ds['files']} files, {human(ds['size'])}",
@@ -438,6 +517,7 @@ def prefetch(
 
     Without --selector or --nodes the dataset is assigned to every node.
     """
+    _name(name)
     targets = _targets(selector, nodes)
     if remove:
         left = _client_call(scheduler, lambda c: c.unassign(name, targets or None))
@@ -517,6 +597,7 @@ def wait(
     """
     from syncbit.pull import follow
 
+    _name(name)
     seconds = parse_duration(timeout) if timeout is not None else None
     follow(daemon_addr, name, start=False, timeout=seconds)
 
@@ -578,6 +659,7 @@ def cache_evict(
     stays; files being read stay until closed)."""
     from syncbit.pull import local
 
+    _any_name(name)
     doc = local(daemon_addr, "POST", "cache/evict", {"dataset": name, "force": force})
     extra = []
     if doc["shared"]:
@@ -665,6 +747,7 @@ def volume_publish(
     """Bind-mount /syncbit/NAME read-only at TARGET (idempotent, like CSI NodePublish)."""
     from syncbit.volume import Volumes
 
+    _name(name)
     if wait_ready:
         from syncbit.pull import follow
 
@@ -881,7 +964,27 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main() -> None:
-    app()
+    """The `syncbit` command: every failure is one `error:` line and an exit code, usage
+    mistakes (a missing argument, an unknown flag) included: exit 2, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+        format_message = getattr(exc, "format_message", None)
+        message = " ".join(str(format_message() if format_message else exc).split())
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        if message:  # none: the help was shown (a group called without a command)
+            typer.echo(f"error: {message}{where}", err=True)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line here, the traceback only in a debug log
+        logging.getLogger("syncbit").debug("unexpected error", exc_info=True)
+        typer.echo(
+            f"error: unexpected {type(exc).__name__} (a bug in syncbit): {_shown(exc)}", err=True
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

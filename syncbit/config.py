@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE
-from syncbit.errors import ConfigError
+from syncbit.errors import ConfigError, InvalidSourceError
 
 _UNITS = {
     "": 1,
@@ -57,9 +57,33 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[str, BeforeValidator(parse_address)]
 
 
+def check_source_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every prefix names a scheme and every option is one that scheme takes (unknown keys
+    and bad values fail at start-up, not at the first read)."""
+    from syncbit.sources.options import SCHEMES, scheme_of, validate_options
+
+    for prefix, options in value.items():
+        if scheme_of(prefix) not in SCHEMES:
+            raise ValueError(
+                f"{prefix!r} is not a URI prefix of a known scheme (e.g. 's3://bucket/', "
+                f"'hf://', 'https://host/'; schemes: {', '.join(sorted(SCHEMES))})"
+            )
+        try:
+            validate_options(prefix, options)
+        except InvalidSourceError as exc:
+            raise ValueError(f"{prefix!r}: {exc}") from None
+    return value
+
+
 # URI prefix -> options for sources under it, e.g. {"s3://models/": {"endpoint_url": ...}};
-# the longest matching prefix applies, and a dataset's own options override it.
-SourceOptions = dict[str, dict[str, Any]]
+# the longest matching prefix applies, and a dataset's own options override it. This is
+# where the secrets of sources live (HTTP `headers`, a Hub `token`): never in a manifest.
+SourceOptions = Annotated[dict[str, dict[str, Any]], AfterValidator(check_source_options)]
+FileRoots = list[Path] | None
+_FILE_ROOTS_DOC = (
+    "directories file:// datasets may name (real paths); none: /var/lib/syncbit/datasets "
+    "when the scheduler listens on loopback only, else no file:// datasets"
+)
 
 
 class _Strict(BaseModel):
@@ -74,6 +98,7 @@ class SchedulerConfig(_Strict):
     node_timeout: float = Field(10.0, gt=0, description="seconds without heartbeat -> down")
     chunk_size: Size = DEFAULT_CHUNK_SIZE
     source_options: SourceOptions = Field(default_factory=dict)
+    file_roots: FileRoots = Field(None, description=_FILE_ROOTS_DOC)
     token_file: Path | None = Field(
         None, description="the cluster secret; none: open (loopback only, unless insecure)"
     )
@@ -109,6 +134,7 @@ class DaemonConfig(_Strict):
     passthrough: bool = Field(True, description="kernel reads fully cached files directly")
     node_timeout: float = Field(10.0, gt=0)
     source_options: SourceOptions = Field(default_factory=dict)
+    file_roots: FileRoots = Field(None, description=_FILE_ROOTS_DOC)
     token_file: Path | None = Field(
         None, description="a bootstrap or node credential, or the cluster secret; none: open"
     )

@@ -19,8 +19,9 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -38,13 +39,15 @@ from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
 from syncbit.jobs import Jobs
 from syncbit.kube import NodeSync
-from syncbit.manifest import Manifest
+from syncbit.manifest import Manifest, validate_dataset_name
 from syncbit.metrics import Snapshot, counter, fetch_latency, gauge, render
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
 from syncbit.sources.base import Source, open_source, options_for
+from syncbit.sources.fences import Fences, default_file_roots
+from syncbit.sources.options import public_options, register_secrets
 from syncbit.store import ObjectStore, StoredObject, VerifyRun
 
 log = logging.getLogger("syncbit.daemon")
@@ -97,17 +100,30 @@ class SchedulerDirectory:
 
 @dataclass
 class SourceCache:
-    """One open `Source` per source URI, shared by every file of every dataset version."""
+    """One open `Source` per source URI, shared by every file of every dataset version.
+
+    Sources open inside this node's own fences (`file_roots`) and with this node's own
+    credentials (`source_options` of its config, its environment): a manifest carries
+    neither, whatever the scheduler that sent it.
+    """
 
     configured: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
+    fences: Fences = field(default_factory=Fences)
+
+    def __post_init__(self) -> None:
+        for prefix, options in self.configured.items():
+            register_secrets(prefix, options)  # masked in every log line of this process
 
     def __call__(self, manifest: Manifest) -> Source:
         key = manifest.source + json.dumps(manifest.source_options, sort_keys=True)
         source = self.sources.get(key)
         if source is None:
-            options = options_for(manifest.source, self.configured, manifest.source_options)
-            source = open_source(manifest.source, options)
+            # What a manifest may not decide for this node (secrets, operator-only
+            # options) comes from this node's config alone.
+            given = public_options(manifest.source, manifest.source_options)
+            options = options_for(manifest.source, self.configured, given)
+            source = open_source(manifest.source, options, self.fences)
             self.sources[key] = source
         return source
 
@@ -115,6 +131,17 @@ class SourceCache:
         for source in self.sources.values():
             source.close()
         self.sources.clear()
+
+
+def daemon_file_roots(config: DaemonConfig) -> tuple[Path, ...]:
+    """The directories this node reads `file://` datasets from: the configured ones, else
+    the default for where its scheduler listens (embedded, or the one it talks to)."""
+    if config.file_roots is not None:
+        return tuple(config.file_roots)
+    if config.scheduler is None:
+        return default_file_roots(config.scheduler_listen.rpartition(":")[0].strip("[]"))
+    url = config.scheduler if "://" in config.scheduler else f"http://{config.scheduler}"
+    return default_file_roots(urlsplit(url).hostname)
 
 
 class Daemon:
@@ -141,7 +168,8 @@ class Daemon:
         self.peer_client = PeerClient(
             token=self.credentials.peer_token, tls_context=peer_tls, tls_name=config.peer_tls_name
         )
-        self.sources = SourceCache(config.source_options)
+        self.file_roots = daemon_file_roots(config)
+        self.sources = SourceCache(config.source_options, fences=Fences.for_roots(self.file_roots))
         self.tree = Tree()
         self.manifests: dict[str, Manifest] = {}
         self._generation = -1
@@ -170,6 +198,7 @@ class Daemon:
                     state_dir=state_dir,
                     node_timeout=cfg.node_timeout,
                     source_options=cfg.source_options,
+                    file_roots=list(self.file_roots),
                     token_file=cfg.token_file,
                     insecure=cfg.insecure,
                     tls_cert=cfg.tls_cert,
@@ -449,7 +478,7 @@ class Daemon:
         parts = [unquote(p) for p in route.split("/") if p]
         try:
             if method == "POST" and parts == ["v1", "local", "pull"]:
-                return 200, await self.pull(str(body.get("dataset", "")))
+                return 200, await self.pull(validate_dataset_name(str(body.get("dataset", ""))))
             if parts[:3] == ["v1", "local", "cache"]:
                 return 200, await self._cache_control(method, parts[3:], body, query)
             if method == "GET" and parts == ["v1", "local", "datasets"]:
@@ -458,6 +487,7 @@ class Daemon:
                 # Added or updated a moment ago? A waiter's first request must see the
                 # current revision. Its long polls that follow need no scheduler call:
                 # `_dataset_loop` follows the generation and applies updates at once.
+                validate_dataset_name(parts[3])
                 wait = _wait_seconds(query)
                 unknown = parts[3] not in self.manifests
                 if unknown or not wait:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import stat
 import time
 from typing import Any
@@ -19,16 +20,33 @@ from syncbit.errors import UnsafePathError
 
 
 class FileEntry(BaseModel):
-    """One regular file of a dataset version."""
+    """One regular file of a dataset version.
+
+    `uid`/`gid` are set by sources whose files have owners (`file://`): the mount then
+    shows the source's owner and permission bits, so a file only root may read at the
+    source is one only root may read on the mount. Without them a file is world-readable.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
     size: int = Field(ge=0)
     mode: int = 0o444
+    uid: int | None = Field(default=None, ge=0)
+    gid: int | None = Field(default=None, ge=0)
     object: str = Field(description="content identity: the key of the stored object")
     locator: str = Field(description="where the source finds the bytes (URL, key, path)")
     version: dict[str, str] = Field(default_factory=dict, description="pinned version facts")
+
+
+class Perm(BaseModel):
+    """Owner and permission bits of a directory (sources whose directories have them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: int = Field(ge=0, le=0o7777)
+    uid: int = Field(ge=0)
+    gid: int = Field(ge=0)
 
 
 class Manifest(BaseModel):
@@ -48,6 +66,11 @@ class Manifest(BaseModel):
     created: float = Field(default_factory=time.time)
     files: list[FileEntry]
     dirs: list[str] = Field(default_factory=list)
+    dir_perms: dict[str, Perm] = Field(
+        default_factory=dict,
+        description="owner and mode by directory ('' is the dataset's top directory); "
+        "directories without an entry are world-readable",
+    )
 
     @property
     def total_size(self) -> int:
@@ -75,14 +98,21 @@ def safe_relpath(name: str) -> str:
     return "/".join(parts)
 
 
+# Dataset names: one path component under the mount, a URL path segment, a label value
+# and a shell word without quoting. Documented in the README ("Dataset names").
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
 def validate_dataset_name(name: str) -> str:
-    """A dataset name is one path component under the mount."""
-    if not name or "/" in name or name in (".", "..") or "\x00" in name or name.startswith("."):
-        raise UnsafePathError(f"invalid dataset name {name!r}: must be one path component")
+    """`name` if it is a valid dataset name (`DATASET_NAME`), else UnsafePathError."""
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        shown = repr(name) if len(name) <= 140 else repr(name[:137] + "...")
+        raise UnsafePathError(f"invalid dataset name {shown}: use {NAME_RULE}")
     return name
 
 
-_SECRET_WORDS = ("token", "secret", "password", "credential", "access_key", "auth")
+_SECRET_WORDS = ("token", "secret", "password", "credential", "access_key", "auth", "header")
 
 
 def public_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,16 +130,27 @@ def build_manifest(
     dirs: list[str] = (),  # type: ignore[assignment]
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     source_options: dict[str, Any] | None = None,
+    dir_perms: dict[str, Perm] | None = None,
 ) -> Manifest:
-    """Validate a listing and freeze it into a manifest with a content-derived revision."""
+    """Validate a listing and freeze it into a manifest with a content-derived revision.
+
+    Modes lose their write and set-id bits (the mount is read-only, nosuid). A file with an
+    owner keeps its read and execute bits as they are; one without is world-readable.
+    """
     validate_dataset_name(dataset)
     seen: dict[str, FileEntry] = {}
     for entry in files:
         path = safe_relpath(entry.path)
         if path in seen:
             raise UnsafePathError(f"duplicate file name {path!r} in listing of {source}")
-        mode = stat.S_IMODE(entry.mode) & 0o555 | 0o444
+        mode = stat.S_IMODE(entry.mode) & 0o555
+        if entry.uid is None or entry.gid is None:
+            mode |= 0o444
         seen[path] = entry.model_copy(update={"path": path, "mode": mode})
+    perms = {
+        (safe_relpath(d) if d else ""): p.model_copy(update={"mode": p.mode & 0o555})
+        for d, p in (dir_perms or {}).items()
+    }
     all_dirs = {safe_relpath(d) for d in dirs}
     for path in seen:
         parent = posixpath.dirname(path)
@@ -119,13 +160,17 @@ def build_manifest(
     clash = all_dirs & seen.keys()
     if clash:
         raise UnsafePathError(f"name used as both file and directory: {sorted(clash)[0]!r}")
+    stray = perms.keys() - all_dirs - {""}
+    if stray:
+        raise UnsafePathError(f"permissions for a directory not listed: {sorted(stray)[0]!r}")
     ordered = sorted(seen.values(), key=lambda e: e.path)
     revision = identity_digest(
         source,
         json.dumps(public_options(source_options), sort_keys=True),
         str(chunk_size),
-        *(f"{e.path}|{e.size}|{e.mode}|{e.object}" for e in ordered),
+        *(f"{e.path}|{e.size}|{e.mode}|{e.object}{_owner(e.uid, e.gid)}" for e in ordered),
         *sorted(all_dirs),
+        *(f"{d}|{p.mode}{_owner(p.uid, p.gid)}" for d, p in sorted(perms.items())),
     )[:16]
     return Manifest(
         dataset=dataset,
@@ -135,4 +180,10 @@ def build_manifest(
         chunk_size=chunk_size,
         files=ordered,
         dirs=sorted(all_dirs),
+        dir_perms=perms,
     )
+
+
+def _owner(uid: int | None, gid: int | None) -> str:
+    # Absent for sources without owners, so their revisions are what they always were.
+    return "" if uid is None else f"|{uid}:{gid}"

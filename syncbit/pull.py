@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from syncbit import tls
 from syncbit.auth import bearer, client_ca, client_tls_name, client_token
@@ -68,8 +68,15 @@ class _Daemon:
         if not sep:
             scheme, rest = "http", address
         host, _, port = rest.rstrip("/").rpartition(":")
-        if scheme not in ("http", "https") or not host or not port.isdigit():
-            raise UserError(f"--daemon must be host:port or https://host:port, not {address!r}")
+        if (
+            scheme not in ("http", "https")
+            or not host
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+        ):
+            raise UserError(
+                f"--daemon must be host:port or https://host:port (port 1-65535), not {address!r}"
+            )
         self.address = f"{scheme}://{rest.rstrip('/')}"
         self._conn: http.client.HTTPConnection
         if scheme == "https":
@@ -187,7 +194,7 @@ def follow(
     """
     out = out or sys.stderr
     tty = out.isatty()
-    progress = f"datasets/{dataset}"
+    progress = f"datasets/{quote(dataset, safe='')}"
     verb = "pull" if start else "wait"
     with _Daemon(daemon, timeout=30) as client:
 

@@ -308,6 +308,9 @@ class ObjectStore:
         be created for lack of space raises DiskFullError."""
         try:
             (cache_dir / "objects").mkdir(parents=True, exist_ok=True)
+            # Cached bytes of a root-only source file are root-only here too: only the
+            # daemon (passthrough hands the kernel its own descriptors) reads object files.
+            os.chmod(cache_dir / "objects", 0o700)
             fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if is_enospc(exc):
@@ -574,7 +577,7 @@ class ObjectStore:
                     # instead: the read fails, a restart forgets the chunks).
                     create = 0 if obj.written else os.O_CREAT
                     try:
-                        fd = os.open(obj.path, os.O_RDWR | create | os.O_CLOEXEC, 0o644)
+                        fd = os.open(obj.path, os.O_RDWR | create | os.O_CLOEXEC, 0o600)
                     except FileNotFoundError:
                         raise FileNotFoundError(
                             errno.ENOENT,

@@ -11,9 +11,11 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from typing import Protocol
+from urllib.parse import urlsplit
 
 from syncbit.errors import SyncbitError
+from syncbit.redact import redact_url
 
 _HEAD_LIMIT = 64 * 1024
 _MAX_REDIRECTS = 5
@@ -21,6 +23,20 @@ _MAX_REDIRECTS = 5
 
 class WireError(SyncbitError):
     """The connection failed or the peer spoke something other than HTTP/1.1."""
+
+
+class RedirectRules(Protocol):
+    """What a caller allows of redirects and connections (`sources.fences.RedirectPolicy`)."""
+
+    def next_hop(
+        self, current: str, location: str, headers: dict[str, str]
+    ) -> tuple[str, dict[str, str]]:
+        """The next URL and the headers to send there; raises if the redirect is refused."""
+        ...
+
+    def check_address(self, url: str, address: str) -> None:
+        """Raise if a connection for `url` may not go to the peer address `address`."""
+        ...
 
 
 @dataclass
@@ -73,7 +89,9 @@ class Pool:
                 self._ssl_context = context
             return self._ssl_context
 
-    def _get(self, key: tuple[str, str, int]) -> _Conn:
+    def _get(
+        self, key: tuple[str, str, int], url: str, rules: RedirectRules | None = None
+    ) -> _Conn:
         with self._lock:
             idle = self._idle.get(key)
             if idle:
@@ -81,12 +99,32 @@ class Pool:
                 conn.reused = True
                 return conn
         scheme, host, port = key
+        if rules is not None:
+            # A name that resolves to a refused address is refused before any connect.
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                raise WireError(f"cannot resolve {host}: {exc}") from exc
+            for info in infos:
+                rules.check_address(url, str(info[4][0]))
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
+            raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
+        if rules is not None:
+            # And the address actually connected to: a DNS answer that changed since the
+            # check above cannot lead anywhere else.
+            try:
+                rules.check_address(url, str(sock.getpeername()[0]))
+            except BaseException:
+                sock.close()
+                raise
+        try:
             if scheme == "https":
                 sock = self._ssl().wrap_socket(sock, server_hostname=self._server_name or host)
         except OSError as exc:
+            sock.close()
             raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
         return _Conn(sock, key)
 
@@ -106,26 +144,41 @@ class Pool:
             conn.sock.close()
 
     def get_into(
-        self, url: str, offset: int, buf: memoryview, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        offset: int,
+        buf: memoryview,
+        headers: dict[str, str] | None = None,
+        redirects: RedirectRules | None = None,
     ) -> Response:
-        """GET bytes [offset, offset+len(buf)) of `url` into `buf`, following redirects.
+        """GET bytes [offset, offset+len(buf)) of `url` into `buf`.
 
-        Returns the final response for the caller to check version headers. Statuses other
-        than 206 (or 200 for a whole-body request) are returned with `buf` untouched, so
-        the caller maps them to its own errors.
+        With `redirects`, redirects are followed as those rules allow (they also vet every
+        new connection's peer address); without, a redirect is returned like any other
+        status. Returns the final response for the caller to check version headers.
+        Statuses other than 206 (or 200 for a whole-body request) are returned with `buf`
+        untouched, so the caller maps them to its own errors.
         """
+        sent = dict(headers or {})
         for _ in range(_MAX_REDIRECTS + 1):
-            resp = self._get_once(url, offset, buf, headers or {})
-            if resp.status in (301, 302, 303, 307, 308) and "location" in resp.headers:
-                url = urljoin(url, resp.headers["location"])
-                # Authorization must not follow a redirect to another host (signed URLs).
-                headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+            resp = self._get_once(url, offset, buf, sent, redirects)
+            if (
+                redirects is not None
+                and resp.status in (301, 302, 303, 307, 308)
+                and "location" in resp.headers
+            ):
+                url, sent = redirects.next_hop(url, resp.headers["location"], sent)
                 continue
             return resp
-        raise WireError(f"too many redirects for {url}")
+        raise WireError(f"too many redirects for {redact_url(url)}")
 
     def _get_once(
-        self, url: str, offset: int, buf: memoryview, headers: dict[str, str]
+        self,
+        url: str,
+        offset: int,
+        buf: memoryview,
+        headers: dict[str, str],
+        rules: RedirectRules | None = None,
     ) -> Response:
         parts = urlsplit(url)
         scheme = parts.scheme
@@ -140,7 +193,7 @@ class Pool:
         lines.append("Connection: keep-alive")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         while True:
-            conn = self._get((scheme, host, port))
+            conn = self._get((scheme, host, port), url, rules)
             try:
                 conn.sock.sendall(request)
                 status, resp_headers = _read_head(conn)
@@ -148,7 +201,7 @@ class Pool:
                 conn.sock.close()
                 if conn.reused:
                     continue  # the server closed an idle keep-alive connection: redial
-                raise WireError(f"GET {url}: {exc}") from exc
+                raise WireError(f"GET {redact_url(url)}: {exc}") from exc
             break
         resp = Response(status, resp_headers, url)
         try:
@@ -163,7 +216,7 @@ class Pool:
                 return resp
         except (OSError, WireError) as exc:
             conn.sock.close()
-            raise WireError(f"GET {url}: body: {exc}") from exc
+            raise WireError(f"GET {redact_url(url)}: body: {exc}") from exc
         if resp_headers.get("connection", "").lower() == "close":
             conn.sock.close()
         else:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import stat
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -22,6 +26,7 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import open_source
+from syncbit.sources.fences import Fences
 from syncbit.sources.file import FileSource, _map_oserror
 
 RNG = random.Random(99)
@@ -266,15 +271,155 @@ async def test_nfs_errors_are_temporary() -> None:
     )
 
 
+# Lists `argv[1]` with FileSource and prints the error class and message (or "ok").
+_LIST_AS_USER = """
+import sys, trio
+from syncbit.sources.file import FileSource
+try:
+    trio.run(FileSource("file://" + sys.argv[1]).list)
+    print("ok")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
 async def test_unreadable_subdirectory_is_reported(
     tree: Path, make_source: Callable[..., FileSource]
 ) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads every directory")
     locked = tree / "sub" / "deeper"
     locked.chmod(0)
     try:
-        with pytest.raises(InvalidSourceError, match="cannot list"):
-            await make_source(tree).list()
+        if os.geteuid() != 0:
+            with pytest.raises(InvalidSourceError, match="cannot list"):
+                await make_source(tree).list()
+            return
+        # Root reads every directory: list in a child that keeps uid 0 (so it can run
+        # this interpreter) but loses the capabilities that override permissions.
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to list without root's capabilities")
+        done = await trio.run_process(
+            [
+                "setpriv",
+                "--bounding-set=-dac_override,-dac_read_search",
+                sys.executable,
+                "-c",
+                _LIST_AS_USER,
+                str(tree),
+            ],
+            capture_stdout=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        out = done.stdout.decode()
+        assert out.startswith("InvalidSourceError cannot list"), out
+        assert "Permission denied" in out and "deeper" in out
     finally:
         locked.chmod(stat.S_IRWXU)
+
+
+# -- fences and owners ------------------------------------------------------------------------
+
+
+def test_file_roots_are_a_fence(tmp_path: Path) -> None:
+    root, outside = tmp_path / "export", tmp_path / "private"
+    (root / "data").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    (root / "escape").symlink_to(outside)
+    fences = Fences.for_roots([root])
+    FileSource(uri_of(root / "data"), fences=fences).close()
+    for uri in (
+        uri_of(outside),
+        "file://" + str(root) + "/../private",  # `..` is resolved before the check
+        uri_of(root / "escape"),  # so is a symlink
+        uri_of(root / "escape" / "secret"),
+        "file:///etc",
+    ):
+        with pytest.raises(InvalidSourceError, match="file_roots"):
+            FileSource(uri, fences=fences)
+    with pytest.raises(InvalidSourceError, match="file_roots: none"):
+        FileSource(uri_of(root), fences=Fences(()))
+
+
+async def test_a_source_path_swapped_for_a_link_out_of_the_roots_is_refused(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "export"
+    (root / "ds").mkdir(parents=True)
+    (root / "ds" / "f").write_text("inside")
+    source = FileSource(uri_of(root / "ds"), fences=Fences.for_roots([root]))
+    try:
+        (entry,) = (await source.list()).files
+        (root / "ds").rename(root / "old")
+        (root / "ds").symlink_to(tmp_path)  # now leads out of every root
+        with pytest.raises(InvalidSourceError, match="file_roots"):
+            await source.list()
+        with pytest.raises(InvalidSourceError, match="file_roots"):
+            await read(source, entry, 0, 1)
+    finally:
+        source.close()
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A directory everyone may pass, below directories everyone may pass (pytest's own
+    tmp_path is below a 0700 directory, which narrows every mode listed under it)."""
+    path = Path(tempfile.mkdtemp(prefix="syncbit-owners-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting another owner needs root")
+async def test_owners_and_modes_are_those_of_the_source(open_tmp: Path) -> None:
+    tmp_path = open_tmp
+    root = tmp_path / "ds"
+    (root / "private").mkdir(parents=True)
+    (root / "open.txt").write_text("o")
+    (root / "root-only.txt").write_text("r")
+    (root / "private" / "inner.txt").write_text("i")
+    (root / "link").symlink_to(root / "private" / "inner.txt")
+    os.chown(root / "open.txt", 1234, 5678)
+    os.chmod(root / "open.txt", 0o644)
+    os.chmod(root / "root-only.txt", 0o600)
+    os.chown(root / "private", 1234, 1234)
+    os.chmod(root / "private", 0o700)
+    os.chmod(root / "private" / "inner.txt", 0o644)
+    os.chmod(root, 0o755)
+    listing = await FileSource(uri_of(root)).list()
+    manifest = build_manifest("ds", uri_of(root), listing.files, listing.dirs, **_perms(listing))
+    files = {f.path: f for f in manifest.files}
+    assert (files["open.txt"].uid, files["open.txt"].gid, files["open.txt"].mode) == (
+        1234,
+        5678,
+        0o444,  # write bits never reach the read-only mount
+    )
+    assert (files["root-only.txt"].uid, files["root-only.txt"].mode) == (0, 0o400)
+    # The link shows inner.txt where the link is; at the source it is behind a directory
+    # only uid 1234 may pass, so on the mount nobody but root may read it.
+    assert files["link"].mode == 0 and files["private/inner.txt"].mode == 0o444
+    assert manifest.dir_perms["private"].mode == 0o500
+    assert manifest.dir_perms["private"].uid == 1234
+    assert manifest.dir_perms[""].mode == 0o555
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting another owner needs root")
+async def test_a_directory_above_the_source_narrows_what_the_mount_shows(open_tmp: Path) -> None:
+    tmp_path = open_tmp
+    for owner, expected in ((1234, 0o700 & 0o755), (4321, 0)):
+        gate = tmp_path / f"gate{owner}"
+        (gate / "ds").mkdir(parents=True)
+        (gate / "ds" / "f").write_text("x")
+        os.chmod(gate, 0o700)
+        os.chown(gate, owner, owner)
+        os.chown(gate / "ds", 1234, 1234)
+        os.chown(gate / "ds" / "f", 1234, 1234)
+        listing = await FileSource(uri_of(gate / "ds")).list()
+        # Only uid `owner` may pass `gate`: the dataset keeps its owner's bits when that is
+        # its own owner, and none otherwise.
+        assert listing.dir_perms[""].mode == expected
+        one = await FileSource(uri_of(gate / "ds" / "f")).list()
+        assert one.files[0].mode == 0o644 & expected
+
+
+def _perms(listing: Any) -> dict[str, Any]:
+    return {"dir_perms": listing.dir_perms}

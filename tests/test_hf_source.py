@@ -283,7 +283,7 @@ async def test_manifest_carries_no_token(hub: Hub) -> None:
     assert "token" not in source.options
     manifest = build_manifest("secret", source.uri, listing.files, source_options=source.options)
     assert TOKEN not in manifest.model_dump_json()
-    assert manifest.source_options == {"include": "*.bin"}
+    assert manifest.source_options == {"include": ["*.bin"]}
 
 
 # -- reads --------------------------------------------------------------------------------

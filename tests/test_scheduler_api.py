@@ -160,7 +160,7 @@ async def test_dataset_add_list_manifest_remove(
     assert MemSource.closed == ["memtest://one/"]  # the source is closed after listing
 
     again = await client.add_dataset("ds", "memtest://one/")
-    assert again == {"dataset": summary, "changed": False}
+    assert again == {"dataset": summary, "changed": False, "warnings": []}
 
     listed = await client.datasets()
     assert listed == {"generation": 1, "datasets": [summary]}

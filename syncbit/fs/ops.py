@@ -110,7 +110,8 @@ class SyncbitFS:
         attr.st_blocks = (node.size + 511) // 512
         ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
-        attr.st_uid = attr.st_gid = 0
+        # With `default_permissions` the kernel checks these against the reader itself.
+        attr.st_uid, attr.st_gid = node.uid, node.gid
         attr.attr_timeout = _ROOT_TTL if node.inode == self.tree.root.inode else _IMMUTABLE_TTL
         # A dataset's name may come to mean a new version: its root entry expires quickly.
         attr.entry_timeout = _ROOT_TTL if node.dataset_root else _IMMUTABLE_TTL

@@ -2,7 +2,9 @@
 
 Pure data, no FUSE and no I/O. Dataset versions are immutable, so an inode's attributes
 never change; a new revision of a dataset gets new inodes and the old ones stay valid for
-files still open on it.
+files still open on it. Owners and modes are the manifest's: a directory or file the
+source recorded them for (`file://`) keeps them; anything else is root's and readable
+by all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class Node:
     name: str
     mode: int
     size: int = 0
+    uid: int = 0
+    gid: int = 0
     mtime: float = 0.0
     children: dict[str, int] | None = None  # directories only, name -> inode
     entry: FileEntry | None = None  # files only
@@ -50,8 +54,8 @@ class Tree:
     def root(self) -> Node:
         return self.nodes[ROOT_INODE]
 
-    def _new(self, name: str, mode: int, **kw: object) -> Node:
-        node = Node(self._next, name, mode, **kw)  # type: ignore[arg-type]
+    def _new(self, name: str, **kw: object) -> Node:
+        node = Node(self._next, name, **kw)  # type: ignore[arg-type]
         self.nodes[node.inode] = node
         self._next += 1
         return node
@@ -77,13 +81,21 @@ class Tree:
 
     def _add_dataset(self, manifest: Manifest) -> Node:
         mtime = manifest.created
+        perms = manifest.dir_perms
+
+        def owner(path: str) -> dict[str, int]:
+            perm = perms.get(path)
+            if perm is None:
+                return {"mode": stat.S_IFDIR | 0o555, "uid": 0, "gid": 0}
+            return {"mode": stat.S_IFDIR | perm.mode, "uid": perm.uid, "gid": perm.gid}
+
         top = self._new(
             manifest.dataset,
-            stat.S_IFDIR | 0o555,
             mtime=mtime,
             children={},
             manifest=manifest,
             dataset_root=True,
+            **owner(""),
         )
         dirs: dict[str, Node] = {"": top}
 
@@ -92,9 +104,7 @@ class Tree:
             if node is None:
                 parent_path, _, name = path.rpartition("/")
                 parent = directory(parent_path)
-                node = self._new(
-                    name, stat.S_IFDIR | 0o555, mtime=mtime, children={}, manifest=manifest
-                )
+                node = self._new(name, mtime=mtime, children={}, manifest=manifest, **owner(path))
                 assert parent.children is not None
                 parent.children[name] = node.inode
                 dirs[path] = node
@@ -107,8 +117,10 @@ class Tree:
             parent = directory(parent_path)
             node = self._new(
                 name,
-                stat.S_IFREG | entry.mode,
+                mode=stat.S_IFREG | entry.mode,
                 size=entry.size,
+                uid=entry.uid or 0,
+                gid=entry.gid or 0,
                 mtime=mtime,
                 entry=entry,
                 manifest=manifest,

@@ -9,6 +9,8 @@ mapping of errors to status codes. It never keeps state of its own (all of it li
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 import json
 import logging
 import math
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -43,13 +46,22 @@ from syncbit.errors import (
     UnauthorizedError,
     UserError,
 )
-from syncbit.manifest import Manifest, build_manifest
+from syncbit.manifest import Manifest, build_manifest, validate_dataset_name
 from syncbit.metrics import Snapshot, counter, gauge, render
 from syncbit.scheduler.claims import Claims
 from syncbit.scheduler.client import RESOLVE_TIMEOUT
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
 from syncbit.scheduler.state import DatasetExistsError, SchedulerState
-from syncbit.sources.base import open_source, options_for
+from syncbit.sources.base import Listing, open_source, options_for
+from syncbit.sources.fences import Fences, default_file_roots
+from syncbit.sources.options import (
+    SCHEMES,
+    public_options,
+    public_source,
+    register_secrets,
+    scheme_of,
+    validate_options,
+)
 
 log = logging.getLogger("syncbit.scheduler")
 
@@ -171,29 +183,36 @@ def resolve_dataset(
     options: dict[str, Any],
     chunk_size: int,
     timeout: float = RESOLVE_TIMEOUT,
+    fences: Fences | None = None,
 ) -> Manifest:
-    """List `source` (blocking: runs its own trio loop in the calling thread) and freeze the
-    listing into a manifest. Raises UserError for bad input, SourceError for source failures.
+    """List `source` (blocking: runs its own trio loop in the calling thread) inside
+    `fences` and freeze the listing into a manifest. The manifest keeps the source without
+    credentials and no secret option: those serve this listing only. Raises UserError for
+    bad input, SourceError for source failures.
     """
+    public, _ = public_source(source)
 
     async def listing() -> Manifest:
-        src = open_source(source, options)
+        src = open_source(source, options, fences)
         try:
             with trio.fail_after(timeout):
                 result = await src.list()
         except trio.TooSlowError:
             raise SourceUnavailableError(
-                f"source {source} did not finish listing within {timeout:.0f}s"
+                f"source {public} did not finish listing within {timeout:.0f}s"
             ) from None
         finally:
             src.close()
+        parsed = validate_options(source, options)
+        result = _filtered(result, parsed.get("include") or [], parsed.get("exclude") or [])
         return build_manifest(
             name,
-            source,
+            public,
             result.files,
             result.dirs,
             chunk_size=chunk_size,
-            source_options=options,
+            source_options=public_options(source, parsed),
+            dir_perms=result.dir_perms,
         )
 
     manifest: Manifest = trio.run(listing)
@@ -251,6 +270,28 @@ def _bearer_value(header: str | None) -> str | None:
     scheme, _, value = (header or "").partition(" ")
     value = value.strip()
     return value if scheme.lower() == "bearer" and value else None
+
+
+def _filtered(listing: Listing, include: list[str], exclude: list[str]) -> Listing:
+    """The files a dataset's `include`/`exclude` globs keep (for every scheme; `*` also
+    crosses `/`). With a filter, directories are those of the files kept."""
+    if not include and not exclude:
+        return listing
+
+    def keep(path: str) -> bool:
+        if include and not any(fnmatch.fnmatchcase(path, g) for g in include):
+            return False
+        return not any(fnmatch.fnmatchcase(path, g) for g in exclude)
+
+    files = [f for f in listing.files if keep(f.path)]
+    dirs = {parent for f in files for parent in _parents(f.path)}
+    perms = {d: p for d, p in listing.dir_perms.items() if d == "" or d in dirs}
+    return Listing(files=files, dirs=sorted(dirs), dir_perms=perms)
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 # -- HTTP plumbing ----------------------------------------------------------------------------
@@ -421,6 +462,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(payload)
+
+
+def _is_secret(source: str, key: str) -> bool:
+    option = SCHEMES.get(scheme_of(source), {}).get(key)
+    return option is not None and option.secret
 
 
 def _status_of(exc: Exception) -> int:
@@ -751,21 +797,39 @@ class Api:
         return _json({"nodes": [n.to_json() for n in self.state.nodes()]})
 
     def _add_dataset(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """Resolve and register a dataset. Credentials that come with the request (URL
+        user:password, secret options such as `headers` or a Hub `token`) serve this
+        listing only: the manifest keeps the source without them, and nodes read with
+        the credentials of their own config or environment."""
         req: DatasetBody = _parse(DatasetBody, _decode(body))
+        validate_dataset_name(req.name)
+        register_secrets(req.source, req.options)  # masked in any log line from now on
+        public, had_userinfo = public_source(req.source)
+        given = validate_options(req.source, req.options, from_dataset=True)
         try:
             existing = self.state.summary(req.name)
         except NotFoundError:
             pass
         else:  # refuse before a possibly slow listing; put_dataset checks again atomically
-            if existing["source"] != req.source:
+            if existing["source"] != public:
                 raise DatasetExistsError(
                     f"dataset {req.name} already exists with source {existing['source']}; "
                     "remove it first"
                 )
-        options = options_for(req.source, self.source_options, req.options)
+        options = options_for(public, self.source_options, req.options)
         manifest = self.resolve(req.name, req.source, options, self.chunk_size)
         summary, changed = self.state.put_dataset(manifest)
-        return _json({"dataset": summary, "changed": changed})
+        secret = sorted(k for k in given if _is_secret(req.source, k))
+        if had_userinfo:
+            secret.insert(0, "user:password in the URL")
+        warnings = []
+        if secret:
+            warnings.append(
+                f"the credentials given with this request ({', '.join(secret)}) served the "
+                f"listing only and are not stored: nodes read {public} with their own "
+                "(source_options in their config, or their environment)"
+            )
+        return _json({"dataset": summary, "changed": changed, "warnings": warnings})
 
     def _datasets(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         # generation first: a change between the two reads makes a client look again
@@ -862,6 +926,14 @@ class Api:
 # -- the server -------------------------------------------------------------------------------
 
 
+def file_roots(config: SchedulerConfig) -> tuple[Path, ...]:
+    """The directories `file://` datasets may name: the configured ones, else the default
+    for where the scheduler listens (`sources.fences.default_file_roots`)."""
+    if config.file_roots is not None:
+        return tuple(config.file_roots)
+    return default_file_roots(_split_listen(config.listen)[0])
+
+
 def _split_listen(listen: str) -> tuple[str, int, socket.AddressFamily]:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
@@ -879,7 +951,8 @@ class SchedulerServer:
     Args:
         config: listen address, state dir, node timeout, chunk size of new manifests.
         policy: peer ranking for chunk maps (default `LeastLoaded`).
-        resolve: lists a source into a manifest (default `resolve_dataset`; tests inject).
+        resolve: lists a source into a manifest (default `resolve_dataset` inside the
+            config's `file_roots`; tests inject).
         clock: wall-clock seconds for liveness (tests inject).
     """
 
@@ -888,12 +961,15 @@ class SchedulerServer:
         config: SchedulerConfig,
         *,
         policy: PeerPolicy | None = None,
-        resolve: Callable[[str, str, dict[str, Any], int], Manifest] = resolve_dataset,
+        resolve: Callable[[str, str, dict[str, Any], int], Manifest] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.policy: PeerPolicy = policy or LeastLoaded()
-        self._resolve = resolve
+        self.fences = Fences.for_roots(file_roots(config))
+        for prefix, options in config.source_options.items():
+            register_secrets(prefix, options)  # masked in every log line of this process
+        self._resolve = resolve or functools.partial(resolve_dataset, fences=self.fences)
         self._clock = clock
         self.state: SchedulerState | None = None
         self._server: _Server | None = None

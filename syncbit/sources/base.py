@@ -15,7 +15,10 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from syncbit.errors import InvalidSourceError, SourceChangedError, SourceError
-from syncbit.manifest import FileEntry
+from syncbit.manifest import FileEntry, Perm
+from syncbit.redact import redact_url
+from syncbit.sources.fences import Fences
+from syncbit.sources.options import validate_options
 from syncbit.wire import Response, WireError, parse_content_range
 
 _REGISTRY: dict[str, type[Source]] = {}
@@ -32,20 +35,30 @@ _BUILTIN = {
 
 @dataclass
 class Listing:
-    """What a source resolved: files (with identities and pinned versions) and directories."""
+    """What a source resolved: files (with identities and pinned versions), directories, and
+    the owners and modes of directories for sources that have them ('' is the top)."""
 
     files: list[FileEntry]
     dirs: list[str] = field(default_factory=list)
+    dir_perms: dict[str, Perm] = field(default_factory=dict)
 
 
 class Source(ABC):
-    """One kind of dataset source, bound to one source URI."""
+    """One kind of dataset source, bound to one source URI.
+
+    `options` are checked and parsed against the scheme's table (`sources.options`):
+    an unknown key or a bad value is an InvalidSourceError naming it. `fences` are the
+    limits of the process that opens the source (its config), never the dataset's.
+    """
 
     schemes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
         self.uri = uri
-        self.options = options or {}
+        self.options = validate_options(uri, options)
+        self.fences = fences or Fences()
 
     @abstractmethod
     async def list(self) -> Listing:
@@ -130,9 +143,14 @@ def register(cls: type[Source]) -> type[Source]:
     return cls
 
 
-def open_source(uri: str, options: dict[str, Any] | None = None) -> Source:
-    """Build the source for `uri` from the scheme registry."""
-    scheme = urlsplit(uri).scheme.lower()
+def open_source(
+    uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+) -> Source:
+    """Build the source for `uri` from the scheme registry, inside `fences`."""
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise InvalidSourceError(f"invalid source URI {redact_url(uri)!r}: {exc}") from None
     if scheme not in _REGISTRY and scheme in _BUILTIN:
         importlib.import_module(_BUILTIN[scheme])
     try:
@@ -140,6 +158,6 @@ def open_source(uri: str, options: dict[str, Any] | None = None) -> Source:
     except KeyError:
         known = ", ".join(sorted(set(_REGISTRY) | set(_BUILTIN)))
         raise InvalidSourceError(
-            f"unsupported source {uri!r}: scheme must be one of {known}"
+            f"unsupported source {redact_url(uri)!r}: scheme must be one of {known}"
         ) from None
-    return cls(uri, options)
+    return cls(uri, options, fences=fences)

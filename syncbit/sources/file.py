@@ -1,8 +1,10 @@
 """Local and NFS sources: `file:///dir` (walked recursively) or `file:///dir/one.file`.
 
-Owns pinning each file to its size and mtime_ns and reading ranges with `preadv` through a
-small thread-safe cache of open descriptors. It never follows a symlink out of the root and
-never reads a file whose size or mtime differs from the recorded version.
+Owns pinning each file to its size and mtime_ns, recording owners and modes (so the mount
+is never more readable than the source), and reading ranges with `preadv` through a small
+thread-safe cache of open descriptors. It never opens anything outside the process's
+`file_roots` (real paths: no symlink or `..` leads out), never follows a symlink out of the
+source's root, and never reads a file whose size or mtime differs from the recorded version.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,8 +30,9 @@ from syncbit.errors import (
     SourceUnavailableError,
     UnsafePathError,
 )
-from syncbit.manifest import FileEntry, safe_relpath
+from syncbit.manifest import FileEntry, Perm, safe_relpath
 from syncbit.sources.base import Listing, Source, pinned_size, register
+from syncbit.sources.fences import Fences, inside
 
 __all__ = ["FileSource"]
 
@@ -40,10 +43,6 @@ DEFAULT_MAX_OPEN = 64
 _TEMPORARY_ERRNOS = frozenset(
     {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.ENOTCONN, errno.EHOSTDOWN}
 )
-
-
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 @dataclass(eq=False)
@@ -116,13 +115,17 @@ class _FdCache:
 class FileSource(Source):
     """A local or NFS directory tree (or one file) named by a `file:///abs/path` URI.
 
-    Options: `max_open_files` (descriptors kept open between reads).
+    Options: `max_open_files` (descriptors kept open between reads). Every entry carries
+    the owner and mode of its file, and the listing those of its directories; a
+    directory above the source that not everyone may pass narrows them further.
     """
 
     schemes = ("file",)
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
+        super().__init__(uri, options, fences)
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise InvalidSourceError(
@@ -132,6 +135,7 @@ class FileSource(Source):
         if not path.startswith("/"):
             raise InvalidSourceError(f"invalid file source {uri!r}: the path must be absolute")
         self.path = os.path.abspath(path)
+        self.fences.check_file(self.path, uri)
         self._fds = _FdCache(int(self.options.get("max_open_files", DEFAULT_MAX_OPEN)))
         self._root_real: str | None = None
 
@@ -148,16 +152,20 @@ class FileSource(Source):
             raise InvalidSourceError(f"nothing at {self.uri}: {self.path} does not exist") from None
         except OSError as exc:
             raise _map_oserror(exc, self.path, listing=True) from exc
-        real = os.path.realpath(self.path)
-        if stat.S_ISREG(st.st_mode):
-            name = _checked_name(os.path.basename(self.path), self.path)
-            return Listing(files=[_entry(name, self.path, real, st)])
-        if not stat.S_ISDIR(st.st_mode):
-            raise InvalidSourceError(f"{self.path} is neither a regular file nor a directory")
+        # Again now: the path may have become a symlink out of the roots since it was named.
+        real = self.fences.check_file(self.path, self.uri)
         try:
-            return _walk(real)
+            above = _reach_mask(st.st_uid, _parents(os.path.dirname(real), "/"))
+            if stat.S_ISREG(st.st_mode):
+                name = _checked_name(os.path.basename(self.path), self.path)
+                return Listing(files=[_entry(name, self.path, real, st, above)])
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidSourceError(f"{self.path} is neither a regular file nor a directory")
+            listing = _walk(real)
         except OSError as exc:
             raise _map_oserror(exc, getattr(exc, "filename", None) or real, True) from exc
+        listing.dir_perms[""] = _perm(st, above)
+        return listing
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -206,14 +214,15 @@ class FileSource(Source):
         return os.path.join(self.path, safe_relpath(entry.locator))
 
     def _open(self, entry: FileEntry, path: str) -> int:
-        real = os.path.realpath(path)
+        real = self.fences.check_file(path, self.uri)
         if entry.locator != self.path:
             if self._root_real is None:
                 self._root_real = os.path.realpath(self.path)
-            if not _inside(self._root_real, real):
+            if not inside(self._root_real, real):
                 # A symlink was swapped to point out of the root since the listing.
                 raise self._changed(entry, path, "it now leads outside the source root")
-        return os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NOFOLLOW: a swap of the last component between the check and the open fails.
+        return os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
     @staticmethod
     def _changed(entry: FileEntry, path: str, why: str) -> SourceChangedError:
@@ -248,16 +257,52 @@ def _checked_name(name: str, where: str) -> str:
     return safe_relpath(name)
 
 
-def _entry(path: str, locator: str, real: str, st: os.stat_result) -> FileEntry:
+def _entry(path: str, locator: str, real: str, st: os.stat_result, mask: int = 0o7777) -> FileEntry:
     size, mtime_ns = st.st_size, st.st_mtime_ns
     return FileEntry(
         path=path,
         size=size,
-        mode=stat.S_IMODE(st.st_mode),
+        mode=stat.S_IMODE(st.st_mode) & mask,
+        uid=st.st_uid,
+        gid=st.st_gid,
         object=identity_digest("file", real, str(size), str(mtime_ns), str(st.st_ino)),
         locator=locator,
         version={"size": str(size), "mtime_ns": str(mtime_ns)},
     )
+
+
+def _perm(st: os.stat_result, mask: int = 0o7777) -> Perm:
+    return Perm(mode=stat.S_IMODE(st.st_mode) & mask, uid=st.st_uid, gid=st.st_gid)
+
+
+def _parents(directory: str, stop: str) -> Iterable[os.stat_result]:
+    """The stat of `directory` and of each directory above it, up to `stop` (exclusive
+    unless it is `/`)."""
+    current = directory
+    while True:
+        if current == stop and stop != "/":
+            return
+        yield os.stat(current)
+        if current in ("/", stop):
+            return
+        current = os.path.dirname(current)
+
+
+def _reach_mask(uid: int, passed: Iterable[os.stat_result]) -> int:
+    """The permission bits an object owned by `uid` may keep on the mount, where the
+    directories `passed` on its way at the source are not: all of them when everyone may
+    pass each (`--x--x--x`), only the owner's when one of them only its owner (being
+    `uid`) may pass, none otherwise. Stricter than the kernel where groups decide, never
+    looser."""
+    mask = 0o7777
+    for st in passed:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o111 == 0o111:
+            continue
+        mask &= 0o700
+        if st.st_uid != uid or not mode & stat.S_IXUSR:
+            return 0
+    return mask
 
 
 def _walk(root: str) -> Listing:
@@ -269,6 +314,7 @@ def _walk(root: str) -> Listing:
     root_st = os.stat(root)
     files: list[FileEntry] = []
     dirs: list[str] = []
+    perms: dict[str, Perm] = {}
     # (real directory, relative prefix, (dev, ino) of the directories above it)
     stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
         (root, "", frozenset({(root_st.st_dev, root_st.st_ino)}))
@@ -280,13 +326,21 @@ def _walk(root: str) -> Listing:
         for item in items:
             rel = safe_relpath(prefix + _checked_name(item.name, item.path))
             target = item.path
-            if item.is_symlink():
+            linked = item.is_symlink()
+            if linked:
                 target = os.path.realpath(item.path)
-                if not _inside(root, target):
+                if not inside(root, target):
                     log.info("skipping %s: the symlink leads outside %s", item.path, root)
                     continue
             try:
                 st = os.stat(target)
+                # A link shows its target where the link is: the directories between the
+                # root and the target, which the mount does not show, still count.
+                mask = (
+                    _reach_mask(st.st_uid, _parents(os.path.dirname(target), root))
+                    if linked
+                    else 0o7777
+                )
             except FileNotFoundError:
                 continue  # removed while we walked, or a dangling link
             if stat.S_ISDIR(st.st_mode):
@@ -295,7 +349,8 @@ def _walk(root: str) -> Listing:
                     log.info("skipping %s: a symlink loop", item.path)
                     continue
                 dirs.append(rel)
+                perms[rel] = _perm(st, mask)
                 stack.append((target, rel + "/", ancestors | {key}))
             elif stat.S_ISREG(st.st_mode):
-                files.append(_entry(rel, rel, target, st))
-    return Listing(files=sorted(files, key=lambda e: e.path), dirs=sorted(dirs))
+                files.append(_entry(rel, rel, target, st, mask))
+    return Listing(files=sorted(files, key=lambda e: e.path), dirs=sorted(dirs), dir_perms=perms)

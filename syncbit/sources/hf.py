@@ -30,21 +30,37 @@ from syncbit.errors import (
     SyncbitError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
+from syncbit.redact import redact_url, scrub
 from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
-from syncbit.sources.http import redact_url
+from syncbit.sources.fences import Fences, RedirectPolicy
+from syncbit.sources.options import SCHEMES
 from syncbit.wire import Pool, WireError
 
-__all__ = ["DEFAULT_ENDPOINT", "OPTION_KEYS", "HfSource", "parse_hf_uri", "split_globs"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "OPTION_KEYS",
+    "HfSource",
+    "parse_hf_uri",
+    "split_globs",
+    "token_from_env",
+    "tree_entries",
+]
 
 T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-OPTION_KEYS = frozenset({"revision", "include", "exclude", "endpoint", "timeout"})
+OPTION_KEYS = frozenset(SCHEMES["hf"])
 DEFAULT_TIMEOUT = 30.0
 _PREFIXES = {"models": "model", "datasets": "dataset"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/"}
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEMPORARY = frozenset({408, 429})
+# What a node lacking a token must be told: its reads never see the user's shell.
+_NODE_TOKEN = (
+    "the syncbit daemon on this node has no Hub token: set HF_TOKEN in its environment "
+    "(or token in source_options['hf://'] of its config); a token given to `syncbit pull` "
+    "or `dataset add` only resolves the revision and is never stored"
+)
 # trio >= 0.23 renamed `cancellable` (now deprecated) to `abandon_on_cancel`.
 _ABANDON: dict[str, Any] = (
     {"abandon_on_cancel": True}
@@ -107,7 +123,48 @@ def _matches(path: str, globs: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, g) for g in globs)
 
 
-def _token_from_env() -> str | None:
+def tree_entries(
+    items: Iterable[Any], commit: str, include: list[str], exclude: list[str]
+) -> list[FileEntry]:
+    """The entries of the files (`RepoFile`-like: path, size, blob_id, lfs) of a repo tree
+    at `commit` that the globs keep, sorted by path.
+
+    Whatever the tree says, every entry has a safe path: UnsafePathError otherwise, and
+    SourceError for an item that is not what the Hub sends.
+    """
+    files: list[FileEntry] = []
+    for item in items:
+        path = safe_relpath(str(getattr(item, "path", "")))
+        if include and not _matches(path, include):
+            continue
+        if _matches(path, exclude):
+            continue
+        files.append(_entry(path, item, commit))
+    return sorted(files, key=lambda e: e.path)
+
+
+def _entry(path: str, item: Any, commit: str) -> FileEntry:
+    size = getattr(item, "size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise SourceError(f"the Hub listed {path!r} without a valid size ({size!r})")
+    version = {"commit": commit, "size": str(size)}
+    lfs = getattr(item, "lfs", None)
+    if lfs is not None:
+        sha256 = str(getattr(lfs, "sha256", "")).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise SourceError(f"the Hub listed {path!r} with an invalid LFS sha256")
+        version["sha256"] = sha256
+        identity = identity_digest("sha256", sha256)
+    else:
+        oid = str(getattr(item, "blob_id", ""))
+        version["oid"] = oid
+        identity = identity_digest("hf-git", oid)
+    return FileEntry(
+        path=path, size=size, mode=0o444, object=identity, locator=path, version=version
+    )
+
+
+def token_from_env() -> str | None:
     """HF_TOKEN, else the token file as huggingface_hub finds it (read now, not at import)."""
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         value = os.environ.get(var, "").strip()
@@ -143,12 +200,16 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 class HfSource(Source):
     """Every file of a HuggingFace model or dataset repo at one commit.
 
-    Options (none secret): `revision` (branch, tag or commit; overrides `@revision`,
-    default `main`), `include` / `exclude` (globs on the path in the repo, as a list or one
+    Options: `revision` (branch, tag or commit; overrides `@revision`, default `main`),
+    `include` / `exclude` (globs on the path in the repo, as a list or one
     comma-separated string: a file is kept if it matches an include, or none is given, and
     no exclude), `endpoint` (default HF_ENDPOINT, else https://huggingface.co), `timeout`
-    (seconds per read request). The token comes from HF_TOKEN or huggingface_hub's token
-    file; a `token` option is accepted in-process but taken out of `options` at once.
+    (seconds per read request), `token` (secret: taken out of `options` at once and never
+    stored; an empty one is an error). Without a `token` option the token comes from
+    HF_TOKEN or huggingface_hub's token file of the process that opens the source: the
+    scheduler's listing may get the token of the user's shell with the request (`syncbit
+    pull`), but a node's reads use the node's own. Reads follow the Hub's redirects to its
+    storage on any host, over the same scheme, without the token.
 
     The version of every file is the commit sha the revision resolved to. Identity:
     `identity_digest("sha256", <LFS sha256>)` for LFS files, so one shard in two revisions
@@ -159,10 +220,11 @@ class HfSource(Source):
 
     schemes = ("hf",)
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        options = dict(options or {})
-        explicit_token = options.pop("token", None)
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
+        super().__init__(uri, options, fences)
+        explicit_token = self.options.pop("token", None)
         self.repo_type, self.repo_id, uri_revision = parse_hf_uri(uri)
         opts = self.options
         self.revision = str(opts.get("revision") or uri_revision or "main")
@@ -175,6 +237,14 @@ class HfSource(Source):
                 f"invalid HuggingFace endpoint {redact_url(endpoint)!r}: expected http(s)://host"
             )
         self.endpoint = endpoint.rstrip("/")
+        # The Hub redirects downloads to its storage (another host): followed over the
+        # same scheme only, with the token dropped, never to a link-local address.
+        self.redirects = RedirectPolicy(
+            follow="any",
+            allow_link_local=bool(opts.get("allow_link_local", False)),
+            private_headers=frozenset({"authorization"}),
+        )
+        self.redirects.check_url(self.endpoint)
         try:
             self.timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
         except (TypeError, ValueError):
@@ -198,7 +268,7 @@ class HfSource(Source):
         own lookup (OIDC, refreshed logins). Never logged."""
         with self._token_lock:
             if not self._token_read:
-                self._token = _token_from_env()
+                self._token = token_from_env()
                 if self._token is None:
                     with contextlib.suppress(Exception):
                         from huggingface_hub import get_token
@@ -303,35 +373,17 @@ class HfSource(Source):
                 )
             )
         )
-        files: list[FileEntry] = []
-        for item in tree:
-            if not isinstance(item, RepoFile):
-                continue  # folders follow from the files' paths
-            path = safe_relpath(item.path)
-            if self.include and not _matches(path, self.include):
-                continue
-            if _matches(path, self.exclude):
-                continue
-            files.append(self._entry(path, item, commit))
+        files = tree_entries(
+            [item for item in tree if isinstance(item, RepoFile)],  # folders follow from paths
+            commit,
+            self.include,
+            self.exclude,
+        )
         if files and getattr(info, "gated", False) is not False:
             # Info and tree of a gated repo are public; only downloads need access. Ask
             # for one file's metadata now so that a missing grant fails here, clearly.
             await self._probe(files[0], token)
-        return Listing(files=sorted(files, key=lambda e: e.path))
-
-    def _entry(self, path: str, item: Any, commit: str) -> FileEntry:
-        size = int(item.size)
-        version = {"commit": commit, "size": str(size)}
-        if item.lfs is not None:
-            sha256 = str(item.lfs.sha256).lower()
-            version["sha256"] = sha256
-            identity = identity_digest("sha256", sha256)
-        else:
-            version["oid"] = str(item.blob_id)
-            identity = identity_digest("hf-git", str(item.blob_id))
-        return FileEntry(
-            path=path, size=size, mode=0o444, object=identity, locator=path, version=version
-        )
+        return Listing(files=files)
 
     async def _probe(self, entry: FileEntry, token: str | None) -> None:
         from huggingface_hub import get_hf_file_metadata
@@ -354,16 +406,16 @@ class HfSource(Source):
             headers["Authorization"] = f"Bearer {token}"
         url = self.file_url(entry)
         try:
-            resp = self._pool.get_into(url, offset, buf, headers)
+            resp = self._pool.get_into(url, offset, buf, headers, self.redirects)
         except WireError as exc:
-            raise SourceUnavailableError(f"cannot read {what}: {_scrub(str(exc))}") from exc
+            raise SourceUnavailableError(f"cannot read {what}: {scrub(str(exc))}") from exc
         status = resp.status
         code = resp.headers.get("x-error-code", "")
         if code == "RepoNotFound":
             if token is None:
                 raise InvalidSourceError(
                     f"cannot read {what}: the Hub hides it from anonymous requests; "
-                    "if the repo is private, set HF_TOKEN on this node"
+                    f"if the repo is private, {_NODE_TOKEN}"
                 )
             raise SourceChangedError(
                 f"source changed: {what} is gone (the repo was deleted, or HF_TOKEN cannot "
@@ -371,8 +423,13 @@ class HfSource(Source):
             )
         if status in (401, 403):
             if code == "GatedRepo":
+                if token is None:
+                    raise InvalidSourceError(
+                        f"cannot read {what}: the repo is gated; {_NODE_TOKEN}"
+                    )
                 raise InvalidSourceError(
-                    f"cannot read {what}: the repo is gated; set HF_TOKEN to a token with access"
+                    f"cannot read {what}: the repo is gated and this node's token (HF_TOKEN) "
+                    "has no access to it"
                 )
             if status == 401:
                 raise InvalidSourceError(f"cannot read {what}: the Hub refused HF_TOKEN")
@@ -395,11 +452,3 @@ class HfSource(Source):
 
     def close(self) -> None:
         self._pool.close()
-
-
-_URL_IN_TEXT = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
-
-
-def _scrub(text: str) -> str:
-    """Redact URLs in a message: signed storage URLs carry credentials in their query."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)

@@ -1,14 +1,18 @@
 """HTTP(S) sources: one file URL, or a directory tree behind nginx/Apache autoindex pages.
 
 Owns parsing autoindex pages (stdlib html.parser, never regexes on HTML), pinning each file
-to its ETag/Last-Modified/size, and range reads that refuse any other version. It never
-puts query strings, credentials or Authorization headers into messages or logs.
+to its ETag/Last-Modified/size, range reads that refuse any other version, and following
+redirects only as the dataset's `RedirectPolicy` allows (same scheme, same host unless
+`follow_redirects=any`, its headers only to the same origin, never a link-local address).
+It never puts query strings, credentials or header values into messages, logs or entries.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
+import base64
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any
@@ -27,7 +31,9 @@ from syncbit.errors import (
     UnsafePathError,
 )
 from syncbit.manifest import FileEntry, safe_relpath
+from syncbit.redact import redact_url, scrub, strip_userinfo
 from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
+from syncbit.sources.fences import Fences, RedirectPolicy
 from syncbit.wire import Pool, WireError, parse_content_range
 
 __all__ = ["HttpSource", "IndexLink", "parse_index", "redact_url"]
@@ -36,30 +42,17 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_TIMEOUT = 30.0
 # Autoindex trees this deep are a symlink loop on the server, not a dataset.
 MAX_DEPTH = 64
+MAX_REDIRECTS = 10
+MAX_PAGE = 256 * 2**20  # bytes of one autoindex page: far above any real directory
 _TEMPORARY = frozenset({408, 429})
 _GONE = frozenset({404, 410})
 # Characters left as they are when a raw href is re-quoted into a request URL: existing
 # escapes and RFC 3986 reserved characters that are legal in a path.
 _PATH_SAFE = "/%:@!$&'()*+,;=~"
-_URL_IN_TEXT = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 # -- URLs in messages ---------------------------------------------------------------------
-
-
-def redact_url(url: str) -> str:
-    """`url` without credentials, query string or fragment: safe for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid URL>"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _scrub(text: str) -> str:
-    """Redact every URL inside a free-text message (e.g. one from httpx or wire)."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
 def _cause(exc: BaseException) -> str:
@@ -69,7 +62,7 @@ def _cause(exc: BaseException) -> str:
     for _ in range(8):
         if seen is None:
             break
-        if text := _scrub(str(seen)):
+        if text := scrub(str(seen)):
             return text
         seen = seen.__cause__ or seen.__context__
     return type(exc).__name__
@@ -150,6 +143,12 @@ def parse_index(page: str, base_url: str) -> list[IndexLink]:
     links: dict[tuple[str, bool], IndexLink] = {}
     for raw_href in collector.hrefs:
         href = raw_href.strip()
+        try:
+            href.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: not text any request could carry
+            raise UnsafePathError(
+                f"unsafe entry {href!r} in the listing of {redact_url(base_url)}: not valid Unicode"
+            ) from None
         rel = _relative_href(href, base.scheme, base.netloc, base.path)
         if rel is None:
             continue
@@ -157,7 +156,8 @@ def parse_index(page: str, base_url: str) -> list[IndexLink]:
         raw_name = rel[:-1] if is_dir else rel
         try:
             name = safe_relpath(unquote(raw_name, errors="strict"))
-        except UnicodeDecodeError:
+            name.encode("utf-8")
+        except UnicodeError:
             raise UnsafePathError(
                 f"unsafe entry {href!r} in the listing of {redact_url(base_url)}: "
                 "the name is not valid UTF-8"
@@ -187,14 +187,19 @@ def _opaque(tag: str) -> str:
 class HttpSource(Source):
     """A file URL, or a directory URL (ending in `/`) listed through autoindex pages.
 
-    Options: `headers` (dict, sent with every request, e.g. Authorization), `timeout`
-    (seconds per request), `concurrency` (parallel listing requests), `verify` (TLS).
+    Options (see `sources.options`): `headers` (a mapping, sent with every request to the
+    source's own origin, e.g. Authorization; secret: never stored in a manifest),
+    `timeout` (seconds per request), `concurrency` (parallel listing requests), `verify`
+    (TLS certificate check, a boolean), `follow_redirects` (none, same-host: the default,
+    or any), `allow_link_local` (config only). Credentials in the URL (`user:pw@`) become
+    a Basic Authorization header and leave the URL, so no entry's locator carries them.
     """
 
     schemes = ("http", "https")
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
         try:
             parts = urlsplit(uri)
             parts.port  # noqa: B018 - raises ValueError for a malformed port
@@ -204,25 +209,47 @@ class HttpSource(Source):
             raise InvalidSourceError(
                 f"invalid HTTP source {redact_url(uri)!r}: expected http(s)://host/path"
             )
-        self.timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
-        self.concurrency = int(self.options.get("concurrency", DEFAULT_CONCURRENCY))
-        self.verify = bool(self.options.get("verify", True))
-        self.headers: dict[str, str] = dict(self.options.get("headers", {}))
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError as exc:
+            raise InvalidSourceError(
+                f"invalid HTTP source {redact_url(uri)[:200]!r}: bad host name ({exc})"
+            ) from None
+        super().__init__(strip_userinfo(uri), options, fences)
+        opts = self.options
+        self.timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
+        self.concurrency = int(opts.get("concurrency", DEFAULT_CONCURRENCY))
+        self.verify = bool(opts.get("verify", True))
+        self.headers: dict[str, str] = dict(opts.get("headers", {}))
+        if parts.username is not None and not any(
+            k.lower() == "authorization" for k in self.headers
+        ):
+            userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self.headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode(
+                "ascii"
+            )
+        self.redirects = RedirectPolicy(
+            follow=str(opts.get("follow_redirects", "same-host")),
+            allow_link_local=bool(opts.get("allow_link_local", False)),
+            private_headers=frozenset(k.lower() for k in self.headers),
+        )
+        self.redirects.check_url(self.uri)
         self._pool = Pool(timeout=self.timeout, verify=self.verify)
 
     # -- listing ---------------------------------------------------------------------------
 
     async def list(self) -> Listing:
         async with httpx.AsyncClient(
-            follow_redirects=True,
+            # Redirects are followed by `_Walk.send`, hop by hop, as the policy allows.
+            follow_redirects=False,
             timeout=self.timeout,
             verify=self.verify,
             # Reads go through wire.Pool, which uses no proxy; listing must see the same
             # server. Sizes are of the identity encoding, which is what ranges address.
             trust_env=False,
-            headers={**self.headers, "Accept-Encoding": "identity"},
+            headers={"Accept-Encoding": "identity"},
         ) as client:
-            walk = _Walk(client, trio.CapacityLimiter(self.concurrency))
+            walk = _Walk(client, trio.CapacityLimiter(self.concurrency), self)
             if urlsplit(self.uri).path.endswith("/"):
                 await walk.run(walk.directory, self.uri, "", 0)
             else:
@@ -248,7 +275,7 @@ class HttpSource(Source):
         elif last_modified:
             headers["If-Unmodified-Since"] = last_modified
         try:
-            resp = self._pool.get_into(entry.locator, offset, buf, headers)
+            resp = self._pool.get_into(entry.locator, offset, buf, headers, self.redirects)
         except WireError as exc:
             raise SourceUnavailableError(f"cannot read {url}: {_cause(exc)}") from exc
 
@@ -263,6 +290,13 @@ class HttpSource(Source):
             raise changed(f"HTTP {status}")
         if status in _TEMPORARY or status >= 500:
             raise SourceUnavailableError(f"cannot read {url}: HTTP {status}")
+        if status in (401, 403):
+            raise SourceError(
+                f"cannot read {url}: HTTP {status}: the origin refused this node's "
+                "credentials (headers in source_options of this node's config for "
+                f"{redact_url(self.uri)}; credentials given with `dataset add` serve the "
+                "listing only)"
+            )
         if status not in (200, 206):
             raise SourceError(f"cannot read {url}: HTTP {status}")
         got_etag = resp.headers.get("etag")
@@ -280,9 +314,14 @@ class HttpSource(Source):
 class _Walk:
     """One listing run: index pages and HEADs in one nursery, the first error cancels all."""
 
-    def __init__(self, client: httpx.AsyncClient, limiter: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, limiter: trio.CapacityLimiter, source: HttpSource
+    ) -> None:
         self.client = client
         self.limiter = limiter
+        self.headers = source.headers
+        self.redirects = source.redirects
+        self._resolved: dict[str, list[str]] = {}  # host -> addresses, once per listing
         self.files: dict[str, FileEntry] = {}
         self.dirs: set[str] = set()
         self._error: SyncbitError | None = None
@@ -316,7 +355,7 @@ class _Walk:
                 "a symlink loop on the server?"
             )
         async with self.limiter:
-            resp = await self._request("GET", url)
+            resp, page = await self._page(url)
         _check_status(resp, url)
         ctype = resp.headers.get("content-type", "")
         if "html" not in ctype.lower():
@@ -327,7 +366,7 @@ class _Walk:
         base = str(resp.url)
         if not urlsplit(base).path.endswith("/"):
             base = url
-        for link in parse_index(resp.text, base):
+        for link in parse_index(page, base):
             path = safe_relpath(prefix + link.name)
             if link.is_dir:
                 self.dirs.add(path)
@@ -344,7 +383,7 @@ class _Walk:
                 f"unsafe file name {last!r} in source {redact_url(url)}: {exc}"
             ) from None
         async with self.limiter:
-            resp = await self._request("HEAD", url)
+            resp = await self._head(url)
         final = urlsplit(str(resp.url)).path
         if resp.status_code == 200 and final.endswith("/"):
             # `http://host/dir` redirected to `http://host/dir/`: it is a directory after all.
@@ -355,7 +394,7 @@ class _Walk:
     async def file(self, url: str, path: str, resp: httpx.Response | None = None) -> None:
         if resp is None:
             async with self.limiter:
-                resp = await self._request("HEAD", url)
+                resp = await self._head(url)
         if resp.status_code in (405, 501):
             resp = await self._probe(url)  # no HEAD support: ask for the first byte instead
         _check_status(resp, url)
@@ -383,18 +422,79 @@ class _Walk:
         )
 
     async def _probe(self, url: str) -> httpx.Response:
-        async with self.limiter:
+        async with self.limiter, self._send("GET", url, {"Range": "bytes=0-0"}) as resp:
+            return resp  # headers only; leaving the block drops the body
+
+    async def _head(self, url: str) -> httpx.Response:
+        async with self._send("HEAD", url) as resp:
+            return resp
+
+    async def _page(self, url: str) -> tuple[httpx.Response, str]:
+        """A GET of a listing page: the final response and its text (at most MAX_PAGE)."""
+        async with self._send("GET", url) as resp:
+            body = bytearray()
             try:
-                async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
-                    return resp  # headers only; leaving the block drops the body
+                async for piece in resp.aiter_bytes():
+                    body += piece
+                    if len(body) > MAX_PAGE:
+                        raise InvalidSourceError(
+                            f"{redact_url(url)} sent more than {MAX_PAGE >> 20} MiB for one "
+                            "listing page"
+                        )
             except httpx.HTTPError as exc:
                 raise _map_httpx(exc, url) from exc
+            return resp, body.decode(resp.encoding or "utf-8", errors="replace")
 
-    async def _request(self, method: str, url: str) -> httpx.Response:
+    @asynccontextmanager
+    async def _send(
+        self, method: str, url: str, extra: dict[str, str] | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        """`method url` with the dataset's headers, following redirects as its policy
+        allows; inside the block, the final response with its body unread."""
+        headers = {**self.headers, **(extra or {})}
+        for _ in range(MAX_REDIRECTS + 1):
+            await self._check_host(url)
+            try:
+                request = self.client.build_request(method, url, headers=headers)
+                resp = await self.client.send(request, stream=True)
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise _map_httpx(exc, url) from exc
+            try:
+                self._check_peer(resp, url)
+                if resp.status_code in _REDIRECTS and "location" in resp.headers:
+                    url, headers = self.redirects.next_hop(url, resp.headers["location"], headers)
+                    continue
+                yield resp
+                return
+            finally:
+                await resp.aclose()
+        raise InvalidSourceError(f"too many redirects, last to {redact_url(url)}")
+
+    async def _check_host(self, url: str) -> None:
+        """Refuse a host whose name resolves to a link-local address, before connecting."""
+        if self.redirects.allow_link_local:
+            return
+        host = urlsplit(url).hostname or ""
+        addresses = self._resolved.get(host)
+        if addresses is None:
+            try:
+                infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                infos = []  # the request itself reports a name that does not resolve
+            addresses = self._resolved[host] = [str(info[4][0]) for info in infos]
+        for address in addresses:
+            self.redirects.check_address(url, address)
+
+    def _check_peer(self, resp: httpx.Response, url: str) -> None:
+        """Refuse an answer from a link-local peer (a name that resolved elsewhere when
+        `_check_host` asked): its body is never read."""
+        stream = resp.extensions.get("network_stream")
         try:
-            return await self.client.request(method, url)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise _map_httpx(exc, url) from exc
+            peer = stream.get_extra_info("server_addr") if stream is not None else None
+        except Exception:  # a transport that cannot say: the check before connecting stands
+            peer = None
+        if peer:
+            self.redirects.check_address(url, str(peer[0]))
 
 
 def _map_httpx(exc: Exception, url: str) -> SyncbitError:

@@ -32,9 +32,11 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry, safe_relpath
 from syncbit.sources.base import Listing, Source, pinned_size, register
+from syncbit.sources.fences import Fences
+from syncbit.sources.options import SCHEMES
 from syncbit.wire import WireError, parse_content_range
 
-__all__ = ["OPTION_KEYS", "S3Source", "map_error"]
+__all__ = ["OPTION_KEYS", "S3Source", "map_error", "page_entries"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,9 +49,7 @@ for _name in ("botocore", "boto3", "s3transfer"):
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(logging.WARNING)
 
-OPTION_KEYS = frozenset(
-    {"endpoint_url", "region", "addressing_style", "profile", "max_attempts", "max_connections"}
-)
+OPTION_KEYS = frozenset(SCHEMES["s3"])
 DEFAULT_MAX_ATTEMPTS = 4  # botocore counts the first try: three retries with backoff
 DEFAULT_MAX_CONNECTIONS = 16  # the fetcher runs about this many range reads at once
 CONNECT_TIMEOUT = 10.0
@@ -219,8 +219,10 @@ class S3Source(Source):
 
     schemes = ("s3",)
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
+        super().__init__(uri, options, fences)
         self.bucket, self.prefix = _parse_uri(uri)
         opts = self.options
         style = opts.get("addressing_style")
@@ -326,21 +328,13 @@ class S3Source(Source):
                 page = await self._call(
                     where, _list_versions_page, Bucket=self.bucket, Prefix=prefix, **token
                 )
-                objects = [v for v in page.get("Versions", ()) if v.get("IsLatest")]
             else:
                 page = await self._call(
                     where, _list_page, Bucket=self.bucket, Prefix=prefix, **token
                 )
-                objects = page.get("Contents", [])
-            for obj in objects:
-                key: str = obj["Key"]
-                name = key[len(prefix) :]
-                if not name:
-                    continue  # the folder marker of the listed prefix itself
-                if name.endswith("/"):
-                    dirs.add(_safe_name(name[:-1], key, self.bucket))
-                    continue
-                files.append(self._entry(_safe_name(name, key, self.bucket), obj, versioned))
+            page_files, page_dirs = page_entries(page, self.bucket, prefix, versioned)
+            files += page_files
+            dirs |= page_dirs
             token = _next_token(page, versioned)
             if not token:
                 break
@@ -387,25 +381,7 @@ class S3Source(Source):
         return Listing(files=[self._entry(name, obj, versioned)])
 
     def _entry(self, name: str, obj: dict[str, Any], versioned: bool) -> FileEntry:
-        etag: str = obj.get("ETag") or ""
-        if not etag.strip('"'):
-            raise InvalidSourceError(
-                f"s3://{self.bucket}/{obj['Key']} has no ETag: its version cannot be pinned"
-            )
-        size = int(obj["Size"])
-        version = {"etag": etag, "size": str(size)}
-        version_id = obj.get("VersionId")
-        if versioned and version_id:
-            version["version_id"] = str(version_id)
-        return FileEntry(
-            path=name,
-            size=size,
-            mode=0o444,
-            # Quotes are transport syntax; some S3 clones omit them.
-            object=identity_digest("s3-etag", etag.strip('"'), str(size)),
-            locator=obj["Key"],
-            version=version,
-        )
+        return _entry(self.bucket, name, obj, versioned)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -531,6 +507,65 @@ def _next_token(page: dict[str, Any], versioned: bool) -> dict[str, str]:
     if not page.get("NextContinuationToken"):
         raise SourceError("S3 listing truncated without a continuation token")
     return {"ContinuationToken": page["NextContinuationToken"]}
+
+
+def page_entries(
+    page: Any, bucket: str, prefix: str, versioned: bool
+) -> tuple[list[FileEntry], set[str]]:
+    """The files and directory markers one ListObjectsV2 (or, `versioned`, one
+    ListObjectVersions: latest versions only) page holds under `prefix`.
+
+    Whatever the page says, the result is only safe names below `prefix`; a page that is
+    not what S3 sends raises SourceError, an unsafe key UnsafePathError, an object
+    without an ETag InvalidSourceError.
+    """
+    if not isinstance(page, dict):
+        raise SourceError(f"S3 listing of s3://{bucket}/{prefix} is not a listing")
+    raw = page.get("Versions" if versioned else "Contents") or []
+    if not isinstance(raw, list):
+        raise SourceError(f"S3 listing of s3://{bucket}/{prefix} is not a listing")
+    files: list[FileEntry] = []
+    dirs: set[str] = set()
+    for obj in raw:
+        if not isinstance(obj, dict) or not isinstance(obj.get("Key"), str):
+            raise SourceError(f"S3 listing of s3://{bucket}/{prefix} has an entry without a key")
+        if versioned and not obj.get("IsLatest"):
+            continue
+        key: str = obj["Key"]
+        if not key.startswith(prefix):
+            raise SourceError(f"S3 listing of s3://{bucket}/{prefix} has key {key!r} outside it")
+        name = key[len(prefix) :]
+        if not name:
+            continue  # the folder marker of the listed prefix itself
+        if name.endswith("/"):
+            dirs.add(_safe_name(name[:-1], key, bucket))
+            continue
+        files.append(_entry(bucket, _safe_name(name, key, bucket), obj, versioned))
+    return files, dirs
+
+
+def _entry(bucket: str, name: str, obj: dict[str, Any], versioned: bool) -> FileEntry:
+    etag = obj.get("ETag") or ""
+    if not isinstance(etag, str) or not etag.strip('"'):
+        raise InvalidSourceError(
+            f"s3://{bucket}/{obj['Key']} has no ETag: its version cannot be pinned"
+        )
+    size = obj.get("Size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise SourceError(f"s3://{bucket}/{obj['Key']} has no valid size: {size!r}")
+    version = {"etag": etag, "size": str(size)}
+    version_id = obj.get("VersionId")
+    if versioned and version_id:
+        version["version_id"] = str(version_id)
+    return FileEntry(
+        path=name,
+        size=size,
+        mode=0o444,
+        # Quotes are transport syntax; some S3 clones omit them.
+        object=identity_digest("s3-etag", etag.strip('"'), str(size)),
+        locator=obj["Key"],
+        version=version,
+    )
 
 
 def _safe_name(name: str, key: str, bucket: str) -> str:
