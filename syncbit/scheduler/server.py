@@ -134,6 +134,15 @@ class ReportBody(_Body):
     reason: str = ""
 
 
+class CheckBody(_Body):
+    """What a node read from the source for one chunk: its digest, or what changed."""
+
+    node: Name
+    chunk: int = Field(ge=0)
+    digest: Hex64 | None = None
+    changed: Annotated[str, StringConstraints(max_length=2000)] = ""
+
+
 def _parse(model: type[_Body], body: Any) -> Any:
     try:
         return model.model_validate(body)
@@ -365,6 +374,8 @@ class Api:
         self.resolve = resolve
         self.claims = Claims()
         self._up_cache: tuple[float, frozenset[str]] | None = None
+        self._quarantine_cache: tuple[float, frozenset[str]] | None = None
+        self.refused: dict[str, int] = {}  # digests not recorded, by why (for /metrics)
         self._plans: tuple[tuple[int, int], dict[str, list[dict[str, Any]]]] | None = None
         self.requests: dict[tuple[str, str], int] = {}  # (method, route) -> count
         self.registry = CollectorRegistry(auto_describe=False)
@@ -405,6 +416,37 @@ class Api:
         yield gauge(
             "syncbit_scheduler_claims", "Source reads claimed now.", {(): self.claims.active()}, []
         )
+        quarantined = self.state.quarantined()
+        yield gauge(
+            "syncbit_scheduler_quarantined_nodes",
+            "Nodes quarantined for a false report (not offered as peers, reports dropped).",
+            {(): len(quarantined)},
+            [],
+        )
+        yield gauge(
+            "syncbit_scheduler_node_quarantined",
+            "1 for each quarantined node.",
+            {(name,): 1.0 for name in quarantined},
+            ["node"],
+        )
+        yield gauge(
+            "syncbit_scheduler_disputes",
+            "Chunk digests under dispute, waiting for a re-check against the source.",
+            {(): len(status["disputes"])},
+            [],
+        )
+        yield gauge(
+            "syncbit_scheduler_broken_files",
+            "Files of current dataset revisions whose source changed under their version.",
+            {(d["name"],): len(d["broken"]) for d in status["datasets"]},
+            ["dataset"],
+        )
+        yield counter(
+            "syncbit_scheduler_refused_digests",
+            "Reported chunk digests not recorded, by why.",
+            {(k,): float(v) for k, v in self.refused.items()},
+            ["reason"],
+        )
         yield counter(
             "syncbit_scheduler_requests",
             "API requests by method and route.",
@@ -435,6 +477,10 @@ class Api:
                 table = {"POST": self._labels}
             case ["v1", "nodes", _, "plan"]:
                 table = {"GET": self._plan}
+            case ["v1", "nodes", _, "quarantine"]:
+                table = {"DELETE": self._lift_quarantine}
+            case ["v1", "objects", _, "checks"]:
+                table = {"POST": self._check}
             case ["v1", "assignments"]:
                 table = {"GET": self._assignments}
             case ["v1", "datasets", _, "targets"]:
@@ -489,7 +535,14 @@ class Api:
             req.pinned_bytes,
             req.pinned_over_budget,
         )
-        return _json({**info.to_json(), "plan": self.plan(seg[2])})
+        return _json(
+            {
+                **info.to_json(),
+                "plan": self.plan(seg[2]),
+                "rechecks": self.state.rechecks_for(seg[2]),
+                "discard": self.state.take_notices(seg[2]),
+            }
+        )
 
     def _labels(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: LabelsBody = _parse(LabelsBody, _decode(body))
@@ -552,13 +605,30 @@ class Api:
             cached = self._plans = (key, self.state.plans())
         return cached[1].get(node, [])
 
+    def _quarantined(self) -> AbstractSet[str]:
+        """Quarantined node names, read at most twice a second (as `_up`)."""
+        now = self.state.clock()
+        cached = self._quarantine_cache
+        if cached is None or cached[0] <= now:
+            cached = self._quarantine_cache = (now + _UP_TTL, frozenset(self.state.quarantined()))
+        return cached[1]
+
     def _claim(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
-        """Grant source fetches of chunks no peer holds and no other node is fetching."""
+        """Grant source fetches of chunks no peer holds and no other node is fetching; the
+        grant is also the right to establish those chunks' digests (not for a quarantined
+        node: it reads for its own readers, but its word is not recorded)."""
         req: ClaimBody = _parse(ClaimBody, _decode(body))
         object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
         held = self.state.chunk_map(object_id, req.node, self.policy)["peers"]
         wanted = [i for i in req.chunks if i not in held]
-        granted, busy = self.claims.claim(req.node, object_id, wanted, req.ttl, self._up())
+        granted, busy = self.claims.claim(
+            req.node,
+            object_id,
+            wanted,
+            req.ttl,
+            self._up(),
+            establish=req.node not in self._quarantined(),
+        )
         return _json(
             {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
         )
@@ -602,18 +672,32 @@ class Api:
         return _json({"removed": seg[2]})
 
     def _chunks(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """Chunks a node now holds (recorded only as `SchedulerState.add_chunks` allows:
+        a new digest only from the node granted the source read) and chunks it dropped."""
         req: ChunksBody = _parse(ChunksBody, _decode(body))
         node = seg[2]
         conflicts: list[list[Any]] = []
+        refused: list[list[Any]] = []
         for added in req.add:
-            bad = self.state.add_chunks(
-                node, added.object.lower(), added.size, added.chunk_size, added.chunks
+            object_id = added.object.lower()
+            indexes = [i for i, _ in added.chunks]
+            report = self.state.add_chunks(
+                node,
+                object_id,
+                added.size,
+                added.chunk_size,
+                added.chunks,
+                establish=self.claims.may_establish(node, object_id, indexes),
             )
-            conflicts.extend([added.object, i] for i in bad)
-            self.claims.release(node, added.object.lower(), [i for i, _ in added.chunks])
+            conflicts.extend([added.object, i] for i in report.conflicts)
+            refused.extend([added.object, i] for i in report.refused)
+            for why, count in (("conflict", report.conflicts), ("not granted", report.refused)):
+                if count:
+                    self.refused[why] = self.refused.get(why, 0) + len(count)
+            self.claims.release(node, object_id, indexes)
         for removed in req.remove:
             self.state.remove_chunks(node, removed.object.lower(), removed.chunks)
-        return _json({"conflicts": conflicts})
+        return _json({"conflicts": conflicts, "refused": refused})
 
     def _chunk_map(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         object_id = seg[2].lower()
@@ -627,6 +711,20 @@ class Api:
             req.reporter, req.peer, req.object.lower(), req.chunk, req.reason
         )
         return _json({})
+
+    def _check(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """A node's source read of one chunk: a re-check it was asked for, or a read that
+        disagreed with the recorded digest (which opens a dispute)."""
+        req: CheckBody = _parse(CheckBody, _decode(body))
+        object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
+        digest = req.digest.lower() if req.digest else None
+        outcome = self.state.check(req.node, object_id, req.chunk, digest, req.changed)
+        return _json({"outcome": outcome})
+
+    def _lift_quarantine(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        self.state.lift_quarantine(seg[2])
+        self._quarantine_cache = None
+        return _json({"node": seg[2], "quarantined": False})
 
     def _status(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return _json(self.state.status())
