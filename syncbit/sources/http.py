@@ -1,8 +1,10 @@
 """HTTP(S) sources: one file URL, or a directory tree behind nginx/Apache autoindex pages.
 
 Owns parsing autoindex pages (stdlib html.parser, never regexes on HTML), pinning each file
-to its ETag/Last-Modified/size, and range reads that refuse any other version. It never
-puts query strings, credentials or Authorization headers into messages or logs.
+to its ETag/Last-Modified/size and a digest of its first bytes (`version["head"]`: an ETag
+proves nothing about content, the fetcher checks the head on every source read), and range
+reads that refuse any other version. It never puts query strings, credentials or
+Authorization headers into messages or logs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import httpx
 import trio
 
-from syncbit.chunks import identity_digest
+from syncbit.chunks import digest, head_length, identity_digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -373,14 +375,46 @@ class _Walk:
             version["etag"] = etag
         if last_modified:
             version["last_modified"] = last_modified
+        head = await self._head_sample(url, size, etag) if size else ""
+        if head:
+            version["head"] = head
         self.files[path] = FileEntry(
             path=path,
             size=size,
             mode=0o444,
-            object=identity_digest("http", url, etag or "", last_modified or "", str(size)),
+            # The head is part of the identity: a server that changes a file but not its
+            # ETag gives new content a new identity at the next listing, when the head moved.
+            object=identity_digest("http", url, etag or "", last_modified or "", str(size), head),
             locator=url,
             version=version,
         )
+
+    async def _head_sample(self, url: str, size: int, etag: str | None) -> str:
+        """Digest of the file's first `head_length(size)` bytes (one small ranged GET); ""
+        when the server ignores Range on a larger file (it can serve only whole-file reads,
+        which the fetcher then checks against nothing but the size)."""
+        n = head_length(size)
+        async with self.limiter:
+            try:
+                headers = {"Range": f"bytes=0-{n - 1}"}
+                async with self.client.stream("GET", url, headers=headers) as resp:
+                    _check_status(resp, url)
+                    got = resp.headers.get("etag")
+                    if etag and got and _opaque(got) != _opaque(etag):
+                        raise SourceUnavailableError(f"{redact_url(url)} changed while listed")
+                    length = resp.headers.get("content-length", "")
+                    whole = resp.status_code == 200 and length == str(size) == str(n)
+                    ranged = resp.status_code == 206 and length == str(n)
+                    if ranged and not resp.headers.get("content-range", "").startswith("bytes 0-"):
+                        raise SourceError(f"cannot read the start of {redact_url(url)}")
+                    if not (whole or ranged):
+                        return ""  # headers only: leaving the block drops the body
+                    data = await resp.aread()
+            except httpx.HTTPError as exc:
+                raise _map_httpx(exc, url) from exc
+        if len(data) != n:
+            raise SourceUnavailableError(f"{redact_url(url)}: short read of its first {n} bytes")
+        return digest(data)
 
     async def _probe(self, url: str) -> httpx.Response:
         async with self.limiter:
