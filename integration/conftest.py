@@ -121,8 +121,9 @@ def origin(origin_root: Path, workdir: Path, dataset: Dataset) -> Iterator[Origi
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> Iterator[Cluster]:
     """Scheduler + nodes for one test module. A module may set CLUSTER_NODES,
-    NODE_TIMEOUT, CLUSTER_LABELS (a function: node number -> labels) and CLUSTER_TOKEN
-    (a shared cluster token every process then requires and sends)."""
+    NODE_TIMEOUT, CLUSTER_LABELS (a function: node number -> labels), CLUSTER_TOKEN
+    (a shared cluster token every process then requires and sends) and NODE_CONFIG
+    (node name -> config keys of that daemon)."""
     module = request.module
     name = module.__name__.rsplit(".", 1)[-1]
     where = workdir / name
@@ -135,6 +136,8 @@ def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> It
         labels=getattr(module, "CLUSTER_LABELS", None),
         token=getattr(module, "CLUSTER_TOKEN", None),
     )
+    for node, config in getattr(module, "NODE_CONFIG", {}).items():
+        cl.node(node).config.update(config)
     try:
         cl.start()
         yield cl

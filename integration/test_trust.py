@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -41,25 +40,9 @@ from syncbit.chunks import digest
 READ_TIMEOUT = 120.0
 
 
-@pytest.fixture(scope="module")
-def trust(workdir: Path, origin: Origin) -> Iterator[Cluster]:
-    """Three nodes; n1 reads no further ahead than asked (a reader that took chunk 0 of a
-    file, then the rest later, as in the mixed-versions report)."""
-    where = workdir / "trust"
-    shutil.rmtree(where, ignore_errors=True)
-    cluster = Cluster(where, origin, nodes=3)
-    cluster.node("n1").config["readahead_chunks"] = 0
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture
-def up(trust: Cluster) -> Cluster:
-    trust.ensure_up()
-    return trust
+# n1 reads no further ahead than asked: a reader that took chunk 0 of a file, then the
+# rest later, as in the mixed-versions report.
+NODE_CONFIG = {"n1": {"readahead_chunks": 0}}
 
 
 def read_sha(node: Node, *parts: str) -> str:
@@ -96,6 +79,18 @@ def recorded(cluster: Cluster, object_id: str) -> dict[int, str]:
 
 def quarantined(cluster: Cluster) -> dict[str, str]:
     return {q["node"]: q["reason"] for q in cluster.scheduler.status().get("quarantined", [])}
+
+
+def wait_quarantined(cluster: Cluster, node: str) -> str:
+    """Until the scheduler quarantined `node` (a third node re-checked the source); why."""
+    wait_until(
+        lambda: node in quarantined(cluster),
+        60,
+        f"{node} quarantined",
+        interval=0.2,
+        evidence=lambda: cluster.scheduler.log_tail(30),
+    )
+    return quarantined(cluster)[node]
 
 
 def poison_and_read(cluster: Cluster, origin: Origin, origin_root: Path, name: str) -> None:
@@ -167,14 +162,8 @@ def test_a_conflicting_report_is_rechecked_and_the_liar_quarantined(
         answer = evil.report(object_id, size, {0: lie[0], 1: lie[1]})
         assert answer["conflicts"] == [[object_id, 0], [object_id, 1]], answer
         # Never settled by counting: a third node (not n1, not evil2) re-reads the source.
-        wait_until(
-            lambda: "evil2" in quarantined(up),
-            60,
-            "evil2 quarantined",
-            interval=0.2,
-            evidence=lambda: up.scheduler.log_tail(30),
-        )
-        assert quarantined(up)["evil2"].startswith("false report on chunk 0 of dispute/model.bin")
+        why = wait_quarantined(up, "evil2")
+        assert why.startswith("false report on chunk 0 of dispute/model.bin")
         assert "n1" not in quarantined(up)
         checker_log = n2.log_text() + up.node("n3").log_text()
         assert "re-checked chunk 0 of dispute/model.bin against the source" in checker_log
@@ -240,14 +229,8 @@ def test_a_source_read_that_disagrees_fails_stores_nothing_and_catches_the_estab
         rows = [r for r in json.loads(held.stdout)["objects"] if r["id"] == object_id]
         assert sum(r["held"] for r in rows) == 0, rows  # nothing of it was stored
 
-        wait_until(
-            lambda: "evil3" in quarantined(up),
-            60,
-            "evil3 quarantined",
-            interval=0.2,
-            evidence=lambda: up.scheduler.log_tail(30),
-        )
-        assert quarantined(up)["evil3"].startswith("false digest for chunk 0 of liar/model.bin")
+        why = wait_quarantined(up, "evil3")
+        assert why.startswith("false digest for chunk 0 of liar/model.bin")
         assert "n2" not in quarantined(up)
         # Its digests are forgotten: the next read establishes the source's and succeeds.
         wait_until(lambda: read_errno(n2, "liar", "model.bin") == 0, 30, "n2 reads liar/model.bin")
