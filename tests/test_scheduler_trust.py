@@ -370,3 +370,27 @@ async def test_routes_grant_record_dispute_and_lift(
     with pytest.raises(NotFoundError, match="not quarantined"):
         await client.lift_quarantine("n2")
     assert (await client.status())["quarantined"] == []
+
+
+def test_an_establisher_contradicting_itself_means_the_source_changed(
+    state: SchedulerState,
+) -> None:
+    """n1 recorded chunk 0, its cache lost it, and its new source read differs: both reads
+    were n1's, so the third node agreeing with the new one proves a change, not a lie."""
+    state.put_dataset(dataset())
+    nodes(state, "n1", "n2")
+    establish(state, "n1", OBJ_A, {0: TRUE})
+    assert state.check("n1", OBJ_A, 0, OTHER) == "disputed"
+    assert state.rechecks_for("n2") != []
+    assert state.check("n2", OBJ_A, 0, OTHER) == "source-changed"
+    assert state.quarantined() == {}
+    assert "n1 and n2 now read other bytes" in state.broken()[OBJ_A]["reason"]
+
+
+def test_checks_are_bounded(state: SchedulerState) -> None:
+    with pytest.raises(UserError, match="invalid chunk index"):
+        state.check("n1", OBJ_A, 2**32, TRUE)
+    state.put_dataset(dataset())
+    assert state.check("n1", OBJ_A, 3, None, "head differs") == "ok"  # past its end
+    assert state.check("n1", OBJ_C, 0, None, "head differs") == "ok"  # in no dataset
+    assert state.disputes() == []

@@ -138,7 +138,7 @@ class CheckBody(_Body):
     """What a node read from the source for one chunk: its digest, or what changed."""
 
     node: Name
-    chunk: int = Field(ge=0)
+    chunk: int = Field(ge=0, lt=2**32)
     digest: Hex64 | None = None
     changed: Annotated[str, StringConstraints(max_length=2000)] = ""
 

@@ -201,6 +201,11 @@ def _name_key(kind: str, name: str) -> bytes:
     return raw
 
 
+def _ask(dispute: dict[str, Any]) -> dict[str, Any]:
+    """What a node asked to re-check a disputed chunk is told."""
+    return {k: dispute[k] for k in ("object", "chunk", "dataset", "path")}
+
+
 def _mask(raw: bytes | None) -> int:
     return int.from_bytes(raw, "little") if raw else 0
 
@@ -871,7 +876,7 @@ class SchedulerState:
         raw = _digest(index, digest) if digest else None
         if raw is None and not changed:
             raise UserError("a check needs a digest or what changed")
-        if index < 0:
+        if not 0 <= index < 2**32:
             raise UserError(f"invalid chunk index {index}")
         dkey = oid + index.to_bytes(4, "big")
         with self._write() as txn:
@@ -905,9 +910,22 @@ class SchedulerState:
         against the record: ask a third node to read it from the source. Returns
         "disputed", or "ok" when there is nothing to dispute (no dataset has the object
         any more, or too many disputes are open: logged)."""
-        where = self._locate(object_id)
         oid = _oid(object_id)
         dkey = oid + index.to_bytes(4, "big")
+        with self._read() as txn:  # cheap refusals before reading every manifest
+            if next(_prefix(txn, self._disputes, oid), None) is not None:
+                return "disputed"
+            if txn.stat(self._disputes)["entries"] >= MAX_DISPUTES:
+                log.error(
+                    "node %s disputes chunk %d of object %s, but %d disputes are open "
+                    "already: not recorded",
+                    reporter,
+                    index,
+                    object_id[:16],
+                    MAX_DISPUTES,
+                )
+                return "ok"
+        where = self._locate(object_id)
         if where is None or not 0 <= index < chunk_count(where[2], where[3]):
             log.warning(
                 "node %s disputes chunk %d of object %s, which no dataset has: ignored",
@@ -920,15 +938,7 @@ class SchedulerState:
             if next(_prefix(txn, self._disputes, oid), None) is not None:
                 return "disputed"  # one at a time per object (see `add_chunks`)
             if txn.stat(self._disputes)["entries"] >= MAX_DISPUTES:
-                log.error(
-                    "node %s disputes chunk %d of object %s, but %d disputes are open "
-                    "already: not recorded",
-                    reporter,
-                    index,
-                    object_id[:16],
-                    MAX_DISPUTES,
-                )
-                return "ok"
+                return "ok"  # filled up meanwhile (logged above when it is so already)
             recorded = txn.get(dkey, db=self._digests)
             dispute: dict[str, Any] = {
                 "object": object_id,
@@ -991,7 +1001,7 @@ class SchedulerState:
         if raw is not None and (raw == recorded or (recorded is None and claim == _CHANGED)):
             self._quarantine_in(txn, reporter, f"false report on {where}, re-checked by {checker}")
             return "reporter-lied"
-        if raw is not None and claim != _CHANGED and raw.hex() == claim:
+        if raw is not None and claim != _CHANGED and raw.hex() == claim and establisher != reporter:
             assert recorded is not None  # a digest claim is only ever against a record
             self._revoke(txn, dkey, recorded, raw, checker)
             if establisher:
@@ -1003,7 +1013,13 @@ class SchedulerState:
                     "%s: the recorded digest was false (established before provenance)", where
                 )
             return "establisher-lied"
-        why = changed or f"re-read by {checker} matches neither the record nor {reporter}"
+        # Matches neither, or the establisher itself now reads otherwise: the source changed.
+        if changed:
+            why = changed
+        elif establisher == reporter:
+            why = f"{reporter} and {checker} now read other bytes than {reporter} recorded"
+        else:
+            why = f"{checker}'s re-read matches neither the record nor {reporter}"
         self._break(txn, dkey[:_OID_LEN], f"source changed: {why}")
         return "source-changed"
 
@@ -1126,12 +1142,20 @@ class SchedulerState:
             return []
         now = self.clock()
         eligible = {n.name for n in self.nodes() if n.up} - quarantined
+
+        def stale(dispute: dict[str, Any]) -> bool:
+            return dispute["checker"] not in eligible or now - dispute["asked"] > RECHECK_TIMEOUT
+
+        with self._read() as txn:
+            disputes = [json.loads(raw) for _, raw in txn.cursor(db=self._disputes)]
+        if not any(stale(d) for d in disputes):
+            return [_ask(d) for d in disputes if d["checker"] == node]
         asks: list[dict[str, Any]] = []
         with self._write() as txn:
             for dkey, raw in list(txn.cursor(db=self._disputes)):
                 dispute = json.loads(raw)
                 checker = dispute["checker"]
-                if checker not in eligible or now - dispute["asked"] > RECHECK_TIMEOUT:
+                if stale(dispute):
                     choices = sorted(eligible - {dispute["establisher"], dispute["reporter"]})
                     checker = secrets.choice(choices) if choices else None
                     if checker != dispute["checker"] or checker is not None:
@@ -1146,7 +1170,7 @@ class SchedulerState:
                             dispute["path"],
                         )
                 if checker == node:
-                    asks.append({k: dispute[k] for k in ("object", "chunk", "dataset", "path")})
+                    asks.append(_ask(dispute))
         return asks
 
     def disputes(self) -> list[dict[str, Any]]:
