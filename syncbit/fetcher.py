@@ -908,8 +908,7 @@ class Fetcher:
             await self._throttle(span)
         buf = self._buffer(span)
         try:
-            digests, head_ok = await trio.to_thread.run_sync(
-                self._from_source_blocking,
+            digests, head_ok = await read_checked(
                 flight.source,
                 flight.entry,
                 flight.index,
@@ -1002,10 +1001,7 @@ class Fetcher:
         dispute), and return its digest; nothing is stored. SourceChangedError when the
         source no longer has the recorded version (head sample included)."""
         buf = bytearray(chunk_length(entry.size, chunk_size, index))
-        digests: list[str]
-        digests, head_ok = await trio.to_thread.run_sync(
-            self._from_source_blocking, source, entry, index, chunk_size, memoryview(buf), 1
-        )
+        digests, head_ok = await read_checked(source, entry, index, chunk_size, memoryview(buf), 1)
         if not head_ok:
             raise SourceChangedError(
                 f"source changed: the first {head_length(entry.size)} bytes of {entry.path} "
@@ -1067,27 +1063,6 @@ class Fetcher:
                 f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
             )
 
-    @staticmethod
-    def _from_source_blocking(
-        source: Source, entry: FileEntry, first: int, cs: int, view: memoryview, chunks: int
-    ) -> tuple[list[str], bool]:
-        """One range read of `chunks` consecutive chunks from chunk `first` (of `cs` bytes):
-        their digests, and whether the file's head still matches its recorded sample (True
-        when none is recorded). The head is read after the batch (a tiny second request,
-        unless the batch holds it), so a change of the head before or during the batch
-        read shows."""
-        source.read_into(entry, first * cs, view)
-        digests = [digest(view[i * cs : (i + 1) * cs]) for i in range(chunks)]
-        expected = entry.version.get("head")
-        if not expected:
-            return digests, True
-        n = head_length(entry.size)
-        if first == 0 and len(view) >= n:
-            return digests, digest(view[:n]) == expected
-        head = bytearray(n)
-        source.read_into(entry, 0, memoryview(head))
-        return digests, digest(head) == expected
-
     def _buffer(self, size: int) -> mmap.mmap:
         """A page-aligned buffer (O_DIRECT needs alignment), reused when free: the
         smallest free one that fits, so a chunk does not take a batch-sized buffer."""
@@ -1097,3 +1072,52 @@ class Fetcher:
             self._buffers.remove(buf)
             return buf
         return mmap.mmap(-1, size)
+
+
+async def read_checked(
+    source: Source, entry: FileEntry, first: int, cs: int, view: memoryview, chunks: int
+) -> tuple[list[str], bool]:
+    """One range read of `chunks` consecutive chunks from chunk `first` (of `cs` bytes), in
+    a worker thread: their digests, and whether the file's head still matches its recorded
+    sample (True when none is recorded). A batch that starts at 0 holds the head; any other
+    reads the head alongside, on a second connection: in sequence it would cost a round
+    trip per batch on a distant origin. A change of the head before the batch's read began
+    shows; one while it was read may not."""
+    expected = entry.version.get("head")
+    n = head_length(entry.size)
+
+    def batch() -> list[str]:
+        source.read_into(entry, first * cs, view)
+        return [digest(view[i * cs : (i + 1) * cs]) for i in range(chunks)]
+
+    def head() -> bool:
+        sample = bytearray(n)
+        source.read_into(entry, 0, memoryview(sample))
+        return digest(sample) == expected
+
+    if not expected or (first == 0 and len(view) >= n):
+        return await trio.to_thread.run_sync(batch), not expected or digest(view[:n]) == expected
+    digests: list[str] = []
+    head_ok = False
+    errors: list[SyncbitError] = []  # kept, so one failure does not cancel the other read
+
+    async def read_batch() -> None:
+        nonlocal digests
+        try:
+            digests = await trio.to_thread.run_sync(batch)
+        except SyncbitError as exc:
+            errors.insert(0, exc)  # the batch's own error is the one to report
+
+    async def read_head() -> None:
+        nonlocal head_ok
+        try:
+            head_ok = await trio.to_thread.run_sync(head)
+        except SyncbitError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_batch)
+        nursery.start_soon(read_head)
+    if errors:
+        raise errors[0]
+    return digests, head_ok

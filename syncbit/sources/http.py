@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import httpx
 import trio
 
-from syncbit.chunks import digest, head_length, identity_digest
+from syncbit.chunks import HEAD_SAMPLE, digest, head_length, identity_digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -355,9 +355,14 @@ class _Walk:
         await self.file(url, name, resp)
 
     async def file(self, url: str, path: str, resp: httpx.Response | None = None) -> None:
+        head: bytes | None = None
         if resp is None:
-            async with self.limiter:
-                resp = await self._request("HEAD", url)
+            # A ranged GET of the head answers what a HEAD would (size, validators) and
+            # brings the head sample with it: one request per file, as before the sample.
+            resp, head = await self._first_bytes(url)
+            if resp.status_code == 416:  # an empty file has no byte 0 to ask for
+                async with self.limiter:
+                    resp = await self._request("HEAD", url)
         if resp.status_code in (405, 501):
             resp = await self._probe(url)  # no HEAD support: ask for the first byte instead
         _check_status(resp, url)
@@ -375,19 +380,41 @@ class _Walk:
             version["etag"] = etag
         if last_modified:
             version["last_modified"] = last_modified
-        head = await self._head_sample(url, size, etag) if size else ""
-        if head:
-            version["head"] = head
+        if head is not None and len(head) == head_length(size):
+            sample = digest(head) if size else ""
+        else:
+            sample = await self._head_sample(url, size, etag) if size else ""
+        if sample:
+            version["head"] = sample
         self.files[path] = FileEntry(
             path=path,
             size=size,
             mode=0o444,
             # The head is part of the identity: a server that changes a file but not its
             # ETag gives new content a new identity at the next listing, when the head moved.
-            object=identity_digest("http", url, etag or "", last_modified or "", str(size), head),
+            object=identity_digest("http", url, etag or "", last_modified or "", str(size), sample),
             locator=url,
             version=version,
         )
+
+    async def _first_bytes(self, url: str) -> tuple[httpx.Response, bytes | None]:
+        """A GET of the first HEAD_SAMPLE bytes: the response (its headers say what a HEAD
+        says) and the body when it is the file's start (a 206, or a 200 of a small file);
+        None when the server sends more (it ignores Range) or an error: not read."""
+        async with self.limiter:
+            try:
+                headers = {"Range": f"bytes=0-{HEAD_SAMPLE - 1}"}
+                async with self.client.stream("GET", url, headers=headers) as resp:
+                    length = resp.headers.get("content-length", "")
+                    small = length.isdigit() and int(length) <= HEAD_SAMPLE
+                    start = resp.status_code == 200 or resp.headers.get(
+                        "content-range", ""
+                    ).startswith("bytes 0-")
+                    if resp.status_code in (200, 206) and small and start:
+                        return resp, await resp.aread()
+                    return resp, None  # headers only: leaving the block drops the body
+            except httpx.HTTPError as exc:
+                raise _map_httpx(exc, url) from exc
 
     async def _head_sample(self, url: str, size: int, etag: str | None) -> str:
         """Digest of the file's first `head_length(size)` bytes (one small ranged GET); ""
