@@ -364,7 +364,7 @@ async def test_routes_grant_record_dispute_and_lift(
         assert resp.status_code == 400 and "'digest'" in resp.json()["error"]
     assert "syncbit_scheduler_quarantined_nodes 1.0" in metrics
     assert 'syncbit_scheduler_node_quarantined{node="n2"} 1.0' in metrics
-    assert 'syncbit_scheduler_refused_digests_total{reason="not granted"} 3.0' in metrics
+    assert 'syncbit_scheduler_refused_digests_total{reason="refused"} 3.0' in metrics
 
     await client.lift_quarantine("n2")
     with pytest.raises(NotFoundError, match="not quarantined"):

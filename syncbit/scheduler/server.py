@@ -443,7 +443,8 @@ class Api:
         )
         yield counter(
             "syncbit_scheduler_refused_digests",
-            "Reported chunk digests not recorded, by why.",
+            "Reported chunk digests not recorded: refused (no source read granted, a "
+            "quarantined reporter, a revoked digest) or in conflict with the record.",
             {(k,): float(v) for k, v in self.refused.items()},
             ["reason"],
         )
@@ -691,7 +692,7 @@ class Api:
             )
             conflicts.extend([added.object, i] for i in report.conflicts)
             refused.extend([added.object, i] for i in report.refused)
-            for why, count in (("conflict", report.conflicts), ("not granted", report.refused)):
+            for why, count in (("conflict", report.conflicts), ("refused", report.refused)):
                 if count:
                     self.refused[why] = self.refused.get(why, 0) + len(count)
             self.claims.release(node, object_id, indexes)
