@@ -465,7 +465,7 @@ class Daemon:
             if not entry.size:
                 continue
             obj = self.store.get(entry.object)
-            if obj is None or len(obj.durable) != obj.chunks or obj.id in self.fetcher.broken:
+            if obj is None or len(obj.durable) != obj.chunks or self.fetcher.is_broken(obj.id):
                 return False
             if entry.version.get("sha256") and not self.fetcher.is_verified(obj.id):
                 return False
@@ -762,24 +762,19 @@ class Daemon:
     ) -> None:
         """Files the scheduler found broken (their source changed under the recorded version)
         are refused by the fetcher from now on, cached or not; each is logged once."""
-        broken: dict[str, str] = {}
         for summary in summaries:
             manifest = manifests.get(summary["name"])
             if manifest is None or manifest.revision != summary["revision"]:
                 continue
             for item in summary.get("broken", []):
-                object_id, reason = str(item["object"]), str(item["reason"])
-                broken[object_id] = reason
-                if object_id not in self.fetcher.broken:
+                if self.fetcher.mark_broken(str(item["object"]), str(item["reason"])):
                     log.error(
                         "%s/%s: this revision is broken (%s): reads fail with EIO until "
                         "`syncbit dataset add` picks up the source's current content",
                         summary["name"],
                         item["path"],
-                        reason,
+                        item["reason"],
                     )
-        # Keep marks learnt from chunk maps too: they are the scheduler's word as well.
-        self.fetcher.broken.update(broken)
 
     async def _report_loop(self) -> None:
         """Tell the scheduler which chunks became durable here (with their digests)."""

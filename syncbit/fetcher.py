@@ -233,8 +233,8 @@ class Fetcher:
         self._verified: set[str] = set()  # objects whose whole-file digest checked out
         self._verifying: set[str] = set()
         # Objects whose version is broken (the source changed under it): object -> why.
-        # Set from the scheduler's word (`Daemon`), and from chunk maps that say so.
-        self.broken: dict[str, str] = {}
+        # The scheduler's word, from the dataset listing (`mark_broken`) or a chunk map.
+        self._broken: dict[str, str] = {}
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -273,10 +273,20 @@ class Fetcher:
         obj = self.store.object(entry.object, entry.size, chunk_size)
         return OpenFile(entry, obj, source)
 
+    def mark_broken(self, object_id: str, reason: str) -> bool:
+        """The scheduler found this object's version broken: refuse it from now on, cached
+        or not. True if it was not known to be broken yet."""
+        new = object_id not in self._broken
+        self._broken[object_id] = reason
+        return new
+
+    def is_broken(self, object_id: str) -> bool:
+        return object_id in self._broken
+
     def _refuse_broken(self, entry: FileEntry) -> None:
         """SourceChangedError for a file whose version the cluster found broken: what is
         cached of it may be one version and what the source sends another."""
-        reason = self.broken.get(entry.object)
+        reason = self._broken.get(entry.object)
         if reason is not None:
             raise SourceChangedError(
                 f"{entry.path}: this revision is broken ({reason}); run `syncbit dataset add` "
@@ -687,7 +697,7 @@ class Fetcher:
             return []
         info = await self._chunk_info(obj.id)
         if info.broken is not None:
-            self.broken[obj.id] = info.broken
+            self.mark_broken(obj.id, info.broken)
             self._refuse_broken(flight.entry)
         expected = info.digests.get(index)
         if expected is not None and info.peers.get(index):

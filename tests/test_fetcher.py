@@ -339,7 +339,7 @@ async def test_broken_files_are_refused_cached_or_not(
     await _run(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     assert await fetcher.read(handle, 0, 10) == DATA[:10]
-    fetcher.broken[ENTRY.object] = "source changed: head differs"
+    assert fetcher.mark_broken(ENTRY.object, "source changed: head differs")
     with pytest.raises(SourceChangedError, match=r"revision is broken \(source changed"):
         await fetcher.read(handle, 0, 10)  # cached, and still refused
     with pytest.raises(SourceChangedError, match="syncbit dataset add"):
@@ -351,7 +351,8 @@ async def test_broken_files_are_refused_cached_or_not(
     directory.info = ChunkMap(broken="source changed: elsewhere")
     with pytest.raises(SourceChangedError, match="elsewhere"):
         await fetcher.read(fetcher.open(other, CS, source), 0, 10)
-    assert fetcher.broken[other.object] == "source changed: elsewhere"
+    assert fetcher.is_broken(other.object)
+    assert not fetcher.mark_broken(other.object, "source changed: elsewhere")
     assert source.reads == 1
 
 
