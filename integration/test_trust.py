@@ -232,11 +232,20 @@ def test_a_source_read_that_disagrees_fails_stores_nothing_and_catches_the_estab
         why = wait_quarantined(up, "evil3")
         assert why.startswith("false digest for chunk 0 of liar/model.bin")
         assert "n2" not in quarantined(up)
-        # Its digests are forgotten: the next read establishes the source's and succeeds.
+        assert recorded(up, object_id) == {0: chunk_digests(true_bytes)[0]}  # rest forgotten
+        # An HTTP origin cannot prove content: the source might as well have changed since
+        # evil3's read, so the file is broken until it is resolved again, then read whole.
+        doc = json.loads(up.cli("status", "--json").stdout)
+        (summary,) = [d for d in doc["datasets"] if d["name"] == "liar"]
+        assert [b["path"] for b in summary["broken"]] == ["model.bin"]
+        assert read_errno(n2, "liar", "model.bin") == errno.EIO
+        assert up.cli("dataset", "add", "liar", origin.url + "liar/").returncode == 0
         wait_until(lambda: read_errno(n2, "liar", "model.bin") == 0, 30, "n2 reads liar/model.bin")
         assert read_sha(n2, "liar", "model.bin") == ds.files["model.bin"].sha256
+        new_id, _ = object_of(up, "liar", "model.bin")
+        assert new_id != object_id  # a new identity: none of the old records is reused
         up.wait_cached(n2, "liar", size)
-        assert recorded(up, object_id) == chunk_digests(true_bytes)
+        assert recorded(up, new_id) == chunk_digests(true_bytes)
     finally:
         evil.stop()
         up.cli("node", "trust", "evil3")

@@ -394,3 +394,21 @@ def test_checks_are_bounded(state: SchedulerState) -> None:
     assert state.check("n1", OBJ_A, 3, None, "head differs") == "ok"  # past its end
     assert state.check("n1", OBJ_C, 0, None, "head differs") == "ok"  # in no dataset
     assert state.disputes() == []
+
+
+def test_a_lie_about_a_source_that_cannot_prove_content_also_breaks_the_file(
+    state: SchedulerState,
+) -> None:
+    """With only a head sample to go by (HTTP), a re-read that agrees with the reporter may
+    as well mean the source changed outside the head since the establisher's read: the
+    establisher is quarantined, and the file breaks so that no two versions ever mix."""
+    entry = FileEntry(path="a.bin", size=3 * CHUNK, object=OBJ_A, locator="a.bin")
+    unproven = entry.model_copy(update={"version": {"etag": '"x"', "head": OTHER}})
+    state.put_dataset(build_manifest("web", "memtrust://web/", [unproven], chunk_size=CHUNK))
+    nodes(state, "n1", "n2", "n3")
+    establish(state, "n1", OBJ_A, {0: FALSE})
+    assert state.check("n2", OBJ_A, 0, TRUE) == "disputed"
+    assert state.rechecks_for("n3") != []  # the only one left to ask
+    assert state.check("n3", OBJ_A, 0, TRUE) == "establisher-lied"
+    assert set(state.quarantined()) == {"n1"}
+    assert "the source may have changed" in state.broken()[OBJ_A]["reason"]

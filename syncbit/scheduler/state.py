@@ -950,6 +950,7 @@ class SchedulerState:
                 "reason": reason,
                 "dataset": where[0],
                 "path": where[1],
+                "unproven": where[4],
                 "opened": self.clock(),
                 "checker": None,
                 "asked": 0.0,
@@ -970,14 +971,22 @@ class SchedulerState:
         )
         return "disputed"
 
-    def _locate(self, object_id: str) -> tuple[str, str, int, int] | None:
-        """(dataset, path, size, chunk size) of a file whose content is `object_id`."""
+    def _locate(self, object_id: str) -> tuple[str, str, int, int, bool] | None:
+        """(dataset, path, size, chunk size, unproven) of a file whose content is
+        `object_id`; unproven: its source cannot prove content (a head sample stands in)."""
         with self._read() as txn:
             for key, raw in txn.cursor(db=self._datasets):
                 doc = json.loads(raw)
                 for entry in doc["files"]:
                     if entry["object"] == object_id:
-                        return key.decode(), entry["path"], entry["size"], doc["chunk_size"]
+                        unproven = "head" in entry.get("version", {})
+                        return (
+                            key.decode(),
+                            entry["path"],
+                            entry["size"],
+                            doc["chunk_size"],
+                            unproven,
+                        )
         return None
 
     def _settle(
@@ -1011,6 +1020,17 @@ class SchedulerState:
             else:
                 log.error(
                     "%s: the recorded digest was false (established before provenance)", where
+                )
+            if dispute.get("unproven"):
+                # The source cannot prove content: a change outside the head since the
+                # establisher's read looks the same as its lie, and the file's other
+                # recorded chunks may then be of the old version. Only a new resolution
+                # of the source guarantees one version.
+                self._break(
+                    txn,
+                    dkey[:_OID_LEN],
+                    f"{where} differs from what {establisher or 'a node'} recorded; the source "
+                    "may have changed",
                 )
             return "establisher-lied"
         # Matches neither, or the establisher itself now reads otherwise: the source changed.
