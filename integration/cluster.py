@@ -959,7 +959,8 @@ def run_cli(
 
 class CorruptPeer:
     """A test double of a node: registers with the scheduler, claims chunks with the right
-    digests, keeps heartbeating, and serves every requested byte flipped.
+    digests (or reports digests of its own), keeps heartbeating, and serves every requested
+    byte flipped (`flipped()`: the bytes a poisoner would want readers to get).
 
     The peer wire format is the one of `syncbit.peer`: `GET /v1/objects/<object>/data` with
     `Range: bytes=a-b` -> 206.
@@ -1067,6 +1068,33 @@ class CorruptPeer:
             raise HarnessError(f"the scheduler refused the claim: {answer}")
         return digests
 
+    def report(
+        self,
+        object_id: str,
+        size: int,
+        chunks: dict[int, str],
+        remove: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """Report holding `chunks` (index -> digest) of an object, as a node does; the
+        scheduler's answer ({"conflicts", "refused"})."""
+        held = [[i, d] for i, d in sorted(chunks.items())]
+        add = {"object": object_id, "size": size, "chunk_size": CHUNK_SIZE, "chunks": held}
+        body = {
+            "add": [add] if held else [],
+            "remove": [{"object": object_id, "chunks": remove}] if remove else [],
+        }
+        answer: dict[str, Any] = self.scheduler.request(
+            "POST", f"/v1/nodes/{self.name}/chunks", body
+        )
+        return answer
+
+    def claim_source(self, object_id: str, indexes: list[int]) -> list[int]:
+        """Ask for the source reads of chunks, as a node does; the chunks granted."""
+        answer = self.scheduler.request(
+            "POST", f"/v1/objects/{object_id}/claims", {"node": self.name, "chunks": indexes}
+        )
+        return [int(i) for i in answer["granted"]]
+
     def stop(self) -> None:
         self._stop.set()
         self._server.shutdown()
@@ -1076,6 +1104,11 @@ class CorruptPeer:
 
 
 _FLIP = bytes(255 - i for i in range(256))  # every bit of every byte inverted
+
+
+def flipped(data: bytes) -> bytes:
+    """`data` as a CorruptPeer serves it."""
+    return data.translate(_FLIP)
 
 
 def _digests(doc: Any) -> dict[str, str]:

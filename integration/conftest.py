@@ -123,7 +123,8 @@ def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> It
     """Scheduler + nodes for one test module. A module may set CLUSTER_NODES,
     NODE_TIMEOUT, CLUSTER_LABELS (a function: node number -> labels), CLUSTER_TOKEN (the
     cluster secret: every process then requires credentials), CLUSTER_BOOTSTRAP (daemons
-    get a bootstrap credential instead of the secret) and CLUSTER_TLS (TLS everywhere)."""
+    get a bootstrap credential instead of the secret), CLUSTER_TLS (TLS everywhere) and
+    NODE_CONFIG (node name -> config keys of that daemon)."""
     module = request.module
     name = module.__name__.rsplit(".", 1)[-1]
     where = workdir / name
@@ -138,6 +139,8 @@ def cluster(request: pytest.FixtureRequest, workdir: Path, origin: Origin) -> It
         bootstrap=getattr(module, "CLUSTER_BOOTSTRAP", False),
         tls=getattr(module, "CLUSTER_TLS", False),
     )
+    for node, config in getattr(module, "NODE_CONFIG", {}).items():
+        cl.node(node).config.update(config)
     try:
         cl.start()
         yield cl

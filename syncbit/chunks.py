@@ -40,3 +40,14 @@ def digest(data: Buffer) -> str:
 def identity_digest(*parts: str) -> str:
     """Stable content identity from the parts that prove two files hold the same bytes."""
     return blake3.blake3("\x00".join(parts).encode()).hexdigest()
+
+
+HEAD_SAMPLE = 64 * 1024
+"""Bytes at the start of a file whose digest a listing records (`version["head"]`) for
+sources that cannot prove a file's content by themselves (an HTTP ETag may stay the same
+while the bytes change): every source read of such a file checks the head still matches."""
+
+
+def head_length(size: int) -> int:
+    """How many bytes of a `size`-byte file the head sample covers."""
+    return min(HEAD_SAMPLE, size)

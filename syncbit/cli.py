@@ -555,6 +555,18 @@ def node_label(
     typer.echo(f"{node}: {shown}")
 
 
+@node_app.command("trust")
+@guarded
+def node_trust(
+    node: Annotated[str, typer.Argument(help="Node name.")],
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Lift a node's quarantine: it is offered as a peer and heard again. The digests it
+    established before were forgotten and stay so."""
+    _client_call(scheduler, lambda c: c.lift_quarantine(node))
+    typer.echo(f"{node}: quarantine lifted")
+
+
 @node_app.command("ls")
 @guarded
 def node_ls(
@@ -575,7 +587,7 @@ def _node_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
             n["name"],
             n["address"],
             ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())) or "-",
-            "up" if n["up"] else "down",
+            ("up" if n["up"] else "down") + (" quarantined" if n.get("quarantined") else ""),
             ",".join(sorted(n.get("ready", {}))) or "-",
         ]
         for n in nodes
@@ -910,6 +922,23 @@ def status(
             typer.echo(
                 f"warning: {n['name']}: assigned datasets need {human(n['pinned_bytes'])}, more "
                 f"than its cache budget of {human(n['cache_size'])}; they cannot all stay cached"
+            )
+    for q in doc.get("quarantined", []):
+        typer.echo(
+            f"warning: node {q['node']} is quarantined: {q['reason']} (not offered as a peer, "
+            f"its reports ignored; `syncbit node trust {q['node']}` lifts it)"
+        )
+    for d in doc.get("disputes", []):
+        typer.echo(
+            f"note: chunk {d['chunk']} of {d['dataset']}/{d['path']} is disputed "
+            f"({d['reporter']} vs {d['establisher'] or 'the record'}); "
+            f"{d['checker'] or 'a third node (none up yet)'} re-checks it against the source"
+        )
+    for d in doc["datasets"]:
+        for b in d.get("broken", []):
+            typer.echo(
+                f"warning: {d['name']}/{b['path']} is broken: {b['reason']}; reads fail until "
+                f"`syncbit dataset add {d['name']} {d['source']}` picks up the current content"
             )
     typer.echo("")
     datasets = [

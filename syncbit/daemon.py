@@ -31,7 +31,13 @@ from syncbit import tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.diskspace import is_enospc
-from syncbit.errors import NotFoundError, SyncbitError, UnauthorizedError, UserError
+from syncbit.errors import (
+    NotFoundError,
+    SourceChangedError,
+    SyncbitError,
+    UnauthorizedError,
+    UserError,
+)
 from syncbit.fetcher import Fetcher
 from syncbit.fs.kernel import ROOT_INODE, Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
@@ -96,6 +102,16 @@ class SchedulerDirectory:
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
         self._cache.pop(object_id, None)
         await self.client.report_bad_peer(self.node, peer, object_id, index, reason)
+
+    async def report_check(
+        self, object_id: str, index: int, digest: str | None, changed: str
+    ) -> str:
+        self.forget(object_id)  # the chunk is disputed now: no stale peers
+        return await self.client.check(self.node, object_id, index, digest, changed)
+
+    def forget(self, object_id: str) -> None:
+        """Ask the scheduler afresh next time (what it said of the object changed)."""
+        self._cache.pop(object_id, None)
 
 
 @dataclass
@@ -178,6 +194,8 @@ class Daemon:
         self.plan_received = False  # until the first plan arrives, assignments are unknown
         self._over_budget_told = False
         self._heartbeat_ok = -math.inf
+        self._rechecking: set[tuple[str, int]] = set()  # re-checks running (object, chunk)
+        self._quarantine_told = False
         self.kube: NodeSync | None = None
         self.session: Session | None = None  # the FUSE mount, once mounted
         # Written when possible: a full disk leaves them unsaved until space is back.
@@ -627,7 +645,7 @@ class Daemon:
             if not entry.size:
                 continue
             obj = self.store.get(entry.object)
-            if obj is None or len(obj.durable) != obj.chunks:
+            if obj is None or len(obj.durable) != obj.chunks or self.fetcher.is_broken(obj.id):
                 return False
             if entry.version.get("sha256") and not self.fetcher.is_verified(obj.id):
                 return False
@@ -861,6 +879,7 @@ class Daemon:
                     disk_free=usage["disk_free"],
                 )
                 self._heartbeat_ok = trio.current_time()
+                self._heard(record)
                 await self._apply_plan(list(record.get("plan", [])))
             except UnauthorizedError as exc:
                 self._warn("heartbeat refused", exc)
@@ -868,6 +887,75 @@ class Daemon:
             except SyncbitError as exc:
                 self._warn("heartbeat failed", exc)
             await trio.sleep(cfg.heartbeat_interval)
+
+    def _heard(self, record: dict[str, Any]) -> None:
+        """What the scheduler's heartbeat answer asks of this node beyond its plan: chunks
+        to re-check against the source, objects to discard; and whether it is quarantined."""
+        quarantined = record.get("quarantined")
+        if quarantined and not self._quarantine_told:
+            log.error(
+                "the scheduler quarantined this node: %s (its reports are ignored and it is not "
+                "offered as a peer until an operator runs `syncbit node trust %s`)",
+                quarantined.get("reason"),
+                self.config.node,
+            )
+        self._quarantine_told = bool(quarantined)
+        for ask in record.get("rechecks", []):
+            key = (str(ask["object"]), int(ask["chunk"]))
+            if key not in self._rechecking:
+                self._rechecking.add(key)
+                self._nursery.start_soon(self._recheck, ask, key)
+        for object_id in record.get("discard", []):
+            self._nursery.start_soon(self._discard, str(object_id))
+
+    async def _recheck(self, ask: dict[str, Any], key: tuple[str, int]) -> None:
+        """Read one disputed chunk from the source and tell the scheduler what it holds."""
+        object_id, index = key
+        try:
+            manifest = self.manifests.get(str(ask["dataset"]))
+            entry = None
+            if manifest is not None:
+                entry = next((f for f in manifest.files if f.object == object_id), None)
+            if manifest is None or entry is None:
+                log.info(
+                    "asked to re-check %s/%s, which this node does not list",
+                    ask["dataset"],
+                    ask["path"],
+                )
+                return  # not synced yet: the scheduler asks again, or someone else
+            digest: str | None = None
+            changed = ""
+            try:
+                digest = await self.fetcher.recheck(
+                    entry, manifest.chunk_size, self.sources(manifest), index
+                )
+            except SourceChangedError as exc:
+                changed = str(exc)
+            outcome = await self.client.check(self.config.node, object_id, index, digest, changed)
+            log.warning(
+                "re-checked chunk %d of %s/%s against the source for the scheduler: %s",
+                index,
+                manifest.dataset,
+                entry.path,
+                outcome,
+            )
+        except SyncbitError as exc:
+            log.warning("re-check of chunk %d of object %s failed: %s", index, object_id[:16], exc)
+        finally:
+            self._rechecking.discard(key)
+
+    async def _discard(self, object_id: str) -> None:
+        """The scheduler found digests of this object false: drop this node's copy."""
+        obj = self.store.get(object_id)
+        if obj is None:
+            return
+        self.directory.forget(object_id)
+        log.warning(
+            "discarding cached object %s: the scheduler revoked digests its chunks were "
+            "checked against",
+            object_id[:16],
+        )
+        await self.store.discard(obj)
 
     def _load_local_manifests(self) -> None:
         """Datasets this node knew before a restart: readable even with no scheduler."""
@@ -916,6 +1004,7 @@ class Daemon:
                 self._warn("dataset sync failed", exc)
             return
         self._generation = listing["generation"]
+        self._learn_broken(listing["datasets"], wanted)
         if wanted.keys() == self.manifests.keys() and all(
             wanted[n].revision == self.manifests[n].revision for n in wanted
         ):
@@ -927,6 +1016,25 @@ class Daemon:
                 self.session.invalidate_entry(ROOT_INODE, name.encode())
         await self._persist_manifests()
         log.info("datasets: %s", ", ".join(sorted(wanted)) or "(none)")
+
+    def _learn_broken(
+        self, summaries: list[dict[str, Any]], manifests: dict[str, Manifest]
+    ) -> None:
+        """Files the scheduler found broken (their source changed under the recorded version)
+        are refused by the fetcher from now on, cached or not; each is logged once."""
+        for summary in summaries:
+            manifest = manifests.get(summary["name"])
+            if manifest is None or manifest.revision != summary["revision"]:
+                continue
+            for item in summary.get("broken", []):
+                if self.fetcher.mark_broken(str(item["object"]), str(item["reason"])):
+                    log.error(
+                        "%s/%s: this revision is broken (%s): reads fail with EIO until "
+                        "`syncbit dataset add` picks up the source's current content",
+                        summary["name"],
+                        item["path"],
+                        item["reason"],
+                    )
 
     async def _report_loop(self) -> None:
         """Tell the scheduler which chunks became durable here (with their digests)."""
@@ -950,7 +1058,18 @@ class Daemon:
                 if (gone := [i for i in idx if i not in o.durable])
             ]
             try:
-                await self.client.report_chunks(self.config.node, add=_group(batch), remove=remove)
+                answer = await self.client.report_chunks(
+                    self.config.node, add=_group(batch), remove=remove
+                )
+                if answer.refused or answer.conflicts:
+                    # Kept here for this node's readers; not offered to other nodes.
+                    self._warn(
+                        "chunk digests not recorded",
+                        SyncbitError(
+                            f"the scheduler refused {len(answer.refused)} chunk digests (no "
+                            f"source read granted) and disputes {len(answer.conflicts)}"
+                        ),
+                    )
             except SyncbitError as exc:
                 self._warn("chunk report failed", exc)
                 backlog = batch + backlog

@@ -4,6 +4,13 @@ Owns single-flight (one transfer per missing chunk however many readers wait), p
 (foreground read > readahead > prefetch), peer fallback, digest verification, retries with
 backoff and per-read deadlines. It never serves FUSE itself and never trusts a peer's bytes
 without a digest the scheduler recorded from a source fetch.
+
+What is verified here: a peer's bytes against the recorded digest; the source's bytes
+against the recorded digest where there is one (a mismatch fails the read, stores nothing
+and is reported to the scheduler, which has a third node re-check it); the head sample of a
+file whose source cannot prove its content (`version["head"]`), on every source read; a
+published whole-file SHA-256 before a file counts as ready. An object the scheduler marked
+broken (its source changed under the same version) is never read, cached or not.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from syncbit.chunks import chunk_count, chunk_length, chunk_span, digest
+from syncbit.chunks import chunk_count, chunk_length, chunk_span, digest, head_length
 from syncbit.errors import (
     CacheFullError,
     DigestMismatchError,
@@ -62,6 +69,22 @@ class ChunkDirectory(Protocol):
     async def release(self, object_id: str, indexes: list[int]) -> None: ...
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None: ...
+
+    async def report_check(
+        self, object_id: str, index: int, digest: str | None, changed: str
+    ) -> str: ...
+
+
+class _SourceDisagrees(Exception):
+    """A source read whose bytes may not be kept (see `Fetcher._check_source`): `digest`
+    of chunk `index` differs from the record, or (digest None) the file's head changed."""
+
+    def __init__(self, index: int, digest: str | None, why: str) -> None:
+        super().__init__(why)
+        self.index = index
+        self.digest = digest
+        self.why = why
+        self.error = SourceChangedError(why)
 
 
 class _ToPeerLane(Exception):
@@ -210,6 +233,9 @@ class Fetcher:
         self.on_transfer: Callable[[str, float], None] = lambda origin, seconds: None
         self._verified: set[str] = set()  # objects whose whole-file digest checked out
         self._verifying: set[str] = set()
+        # Objects whose version is broken (the source changed under it): object -> why.
+        # The scheduler's word, from the dataset listing (`mark_broken`) or a chunk map.
+        self._broken: dict[str, str] = {}
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -244,8 +270,29 @@ class Fetcher:
     # -- the read path --------------------------------------------------------------------
 
     def open(self, entry: FileEntry, chunk_size: int, source: Source) -> OpenFile:
+        self._refuse_broken(entry)
         obj = self.store.object(entry.object, entry.size, chunk_size)
         return OpenFile(entry, obj, source)
+
+    def mark_broken(self, object_id: str, reason: str) -> bool:
+        """The scheduler found this object's version broken: refuse it from now on, cached
+        or not. True if it was not known to be broken yet."""
+        new = object_id not in self._broken
+        self._broken[object_id] = reason
+        return new
+
+    def is_broken(self, object_id: str) -> bool:
+        return object_id in self._broken
+
+    def _refuse_broken(self, entry: FileEntry) -> None:
+        """SourceChangedError for a file whose version the cluster found broken: what is
+        cached of it may be one version and what the source sends another."""
+        reason = self._broken.get(entry.object)
+        if reason is not None:
+            raise SourceChangedError(
+                f"{entry.path}: this revision is broken ({reason}); run `syncbit dataset add` "
+                "again to pick up the source's current content"
+            )
 
     def hold(self, handle: OpenFile) -> None:
         """A file opened through the mount: its object is evicted only when nothing else
@@ -266,6 +313,7 @@ class Fetcher:
         CacheFullError when a chunk arrived twice but the cache could not keep it.
         """
         obj = handle.obj
+        self._refuse_broken(handle.entry)
         length = max(0, min(length, obj.size - offset))
         if length == 0:
             return b""
@@ -386,7 +434,7 @@ class Fetcher:
 
         `may_source(i)`: whether this node should read chunk i from the source itself now
         (a prefetch plan gives each chunk one reader); the others wait for a peer."""
-        handle = self.open(entry, chunk_size, source)
+        handle = self.open(entry, chunk_size, source)  # refuses a broken file
         obj = handle.obj
         with self.store.in_use(obj):  # not evicted between its chunks, nor under the hash
             discards = obj.discards
@@ -652,6 +700,9 @@ class Fetcher:
         if obj.has(index):
             return []
         info = await self._chunk_info(obj.id)
+        if info.broken is not None:
+            self.mark_broken(obj.id, info.broken)
+            self._refuse_broken(flight.entry)
         expected = info.digests.get(index)
         if expected is not None and info.peers.get(index):
             if flight.lane == "source":
@@ -871,9 +922,19 @@ class Fetcher:
             await self._throttle(span)
         buf = self._buffer(span)
         try:
-            digests = await trio.to_thread.run_sync(
-                self._from_source_blocking, flight, memoryview(buf)[:span], len(batch)
+            digests, head_ok = await read_checked(
+                flight.source,
+                flight.entry,
+                flight.index,
+                obj.chunk_size,
+                memoryview(buf)[:span],
+                len(batch),
             )
+            self._check_source(batch, info, digests, head_ok)
+        except _SourceDisagrees as disagree:
+            self._buffers.append(buf)
+            await self._refuse_batch(batch, disagree)
+            raise disagree.error from None
         except BaseException:
             self._buffers.append(buf)
             self._unclaim(followers)
@@ -900,17 +961,67 @@ class Fetcher:
             start = i * obj.chunk_size
             length = chunk_length(obj.size, obj.chunk_size, f.index)
             view = memoryview(buf)[start : start + length]
-            expected = info.digests.get(f.index)
-            if expected is not None and digests[i] != expected:
-                log.warning(
-                    "source bytes of chunk %d of %s differ from the recorded digest",
-                    f.index,
-                    f.entry.path,
-                )
             f.origin = "source"
             self.store.stage(obj, f.index, view, release, digests[i])
             staged.append(Staged(f, view, digests[i]))
         return staged
+
+    def _check_source(
+        self, batch: list[Flight], info: ChunkMap, digests: list[str], head_ok: bool
+    ) -> None:
+        """Raise _SourceDisagrees unless the source's bytes of a batch may be kept: the
+        file's head still matches the one recorded at `dataset add`, and every chunk with a
+        recorded digest matches it (a chunk without one is established by this read)."""
+        entry = batch[0].entry
+        if not head_ok:
+            why = (
+                f"the first {head_length(entry.size)} bytes of {entry.path} at the source differ "
+                "from those recorded at `dataset add` (the source changed under the same "
+                "version facts)"
+            )
+            raise _SourceDisagrees(batch[0].index, None, why)
+        for f, got in zip(batch, digests, strict=True):
+            expected = info.digests.get(f.index)
+            if expected is not None and got != expected:
+                raise _SourceDisagrees(
+                    f.index,
+                    got,
+                    f"the source's bytes of chunk {f.index} of {entry.path} differ from the "
+                    f"recorded digest ({got[:16]} != {expected[:16]}): not served, nothing "
+                    "stored; the scheduler has another node re-check the source",
+                )
+
+    async def _refuse_batch(self, batch: list[Flight], disagree: _SourceDisagrees) -> None:
+        """A source read that disagreed: every chunk it brought fails (the source may have
+        changed under all of them), its claims end, and the scheduler hears what was read."""
+        obj = batch[0].obj
+        self.stats["verify_failures"] += 1
+        now = trio.current_time()
+        for f in batch[1:]:  # the first is failed by its worker with the same error
+            f.error = disagree.error
+            f.retry_after = now + self.failure_ttl
+            f.done.set()
+        with trio.CancelScope(shield=True):
+            await self._release(obj.id, [f.index for f in batch])
+            try:
+                await self.directory.report_check(
+                    obj.id, disagree.index, disagree.digest, "" if disagree.digest else disagree.why
+                )
+            except SyncbitError as exc:
+                log.warning("could not tell the scheduler about %s: %s", batch[0].entry.path, exc)
+
+    async def recheck(self, entry: FileEntry, chunk_size: int, source: Source, index: int) -> str:
+        """Read chunk `index` of a file from the source, as the scheduler asked (to settle a
+        dispute), and return its digest; nothing is stored. SourceChangedError when the
+        source no longer has the recorded version (head sample included)."""
+        buf = bytearray(chunk_length(entry.size, chunk_size, index))
+        digests, head_ok = await read_checked(source, entry, index, chunk_size, memoryview(buf), 1)
+        if not head_ok:
+            raise SourceChangedError(
+                f"source changed: the first {head_length(entry.size)} bytes of {entry.path} "
+                "differ from those recorded at `dataset add`"
+            )
+        return digests[0]
 
     async def _chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
         try:
@@ -966,12 +1077,6 @@ class Fetcher:
                 f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
             )
 
-    def _from_source_blocking(self, flight: Flight, view: memoryview, chunks: int) -> list[str]:
-        """One range read of `chunks` consecutive chunks; their digests."""
-        cs = flight.obj.chunk_size
-        flight.source.read_into(flight.entry, flight.index * cs, view)
-        return [digest(view[i * cs : (i + 1) * cs]) for i in range(chunks)]
-
     def _buffer(self, size: int) -> mmap.mmap:
         """A page-aligned buffer (O_DIRECT needs alignment), reused when free: the
         smallest free one that fits, so a chunk does not take a batch-sized buffer."""
@@ -981,3 +1086,52 @@ class Fetcher:
             self._buffers.remove(buf)
             return buf
         return mmap.mmap(-1, size)
+
+
+async def read_checked(
+    source: Source, entry: FileEntry, first: int, cs: int, view: memoryview, chunks: int
+) -> tuple[list[str], bool]:
+    """One range read of `chunks` consecutive chunks from chunk `first` (of `cs` bytes), in
+    a worker thread: their digests, and whether the file's head still matches its recorded
+    sample (True when none is recorded). A batch that starts at 0 holds the head; any other
+    reads the head alongside, on a second connection: in sequence it would cost a round
+    trip per batch on a distant origin. A change of the head before the batch's read began
+    shows; one while it was read may not."""
+    expected = entry.version.get("head")
+    n = head_length(entry.size)
+
+    def batch() -> list[str]:
+        source.read_into(entry, first * cs, view)
+        return [digest(view[i * cs : (i + 1) * cs]) for i in range(chunks)]
+
+    def head() -> bool:
+        sample = bytearray(n)
+        source.read_into(entry, 0, memoryview(sample))
+        return digest(sample) == expected
+
+    if not expected or (first == 0 and len(view) >= n):
+        return await trio.to_thread.run_sync(batch), not expected or digest(view[:n]) == expected
+    digests: list[str] = []
+    head_ok = False
+    errors: list[SyncbitError] = []  # kept, so one failure does not cancel the other read
+
+    async def read_batch() -> None:
+        nonlocal digests
+        try:
+            digests = await trio.to_thread.run_sync(batch)
+        except SyncbitError as exc:
+            errors.insert(0, exc)  # the batch's own error is the one to report
+
+    async def read_head() -> None:
+        nonlocal head_ok
+        try:
+            head_ok = await trio.to_thread.run_sync(head)
+        except SyncbitError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_batch)
+        nursery.start_soon(read_head)
+    if errors:
+        raise errors[0]
+    return digests, head_ok

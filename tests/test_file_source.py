@@ -17,6 +17,7 @@ from urllib.parse import quote
 import pytest
 import trio
 
+from syncbit.chunks import HEAD_SAMPLE, digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -98,7 +99,8 @@ async def test_list_matches_tree(tree: Path, make_source: Callable[..., FileSour
     top = files["top.bin"]
     st = (tree / "top.bin").stat()
     assert top.locator == "top.bin"
-    assert top.version == {"size": str(st.st_size), "mtime_ns": str(st.st_mtime_ns)}
+    head = digest((tree / "top.bin").read_bytes()[:HEAD_SAMPLE])
+    assert top.version == {"size": str(st.st_size), "mtime_ns": str(st.st_mtime_ns), "head": head}
     assert top.mode == 0o755
     assert len({f.object for f in listing.files}) == len(listing.files)
     manifest = build_manifest("ds", uri_of(tree), listing.files, listing.dirs)

@@ -26,6 +26,7 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler import ChunkMap, Peer, SchedulerClient, SchedulerServer
+from syncbit.scheduler.client import ChunkReportResult
 from syncbit.sources import Listing, Source, register
 
 OBJ_A = "a" * 64
@@ -135,8 +136,9 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
         "pinned_over_budget": False,
         "disk_full": True,
         "disk_free": 123,
+        "quarantined": None,
     }
-    assert record == {**expected, "plan": []}
+    assert record == {**expected, "plan": [], "rechecks": [], "discard": []}
     assert await client.nodes() == [expected]
     clock.now += TIMEOUT + 1
     (node,) = await client.nodes()
@@ -195,23 +197,24 @@ async def test_chunks_chunk_map_reports_and_status(client: SchedulerClient, cloc
     await heartbeat(client, "n3", 3)
 
     add_a = {"object": OBJ_A, "size": 10, "chunk_size": CHUNK}
-    conflicts = await client.report_chunks(
+    assert (await client.claim("n1", OBJ_A, [0, 1, 2], ttl=30)).granted == [0, 1, 2]
+    answer = await client.report_chunks(
         "n1", add=[{**add_a, "chunks": [[0, D1], [1, D2], [2, D3]]}], remove=[]
     )
-    assert conflicts == []
-    conflicts = await client.report_chunks(
+    assert answer == ChunkReportResult(conflicts=[], refused=[])
+    answer = await client.report_chunks(
         "n2", add=[{**add_a, "chunks": [[0, D1], [1, D3]]}], remove=[]
     )
-    assert conflicts == [(OBJ_A, 1)]
+    assert answer == ChunkReportResult(conflicts=[(OBJ_A, 1)], refused=[])
 
     cmap = await client.chunk_map(OBJ_A, "n3")
     assert cmap == ChunkMap(
         digests={0: D1, 1: D2, 2: D3},
         peers={
             0: [Peer("n2", "127.0.0.1:2"), Peer("n1", "127.0.0.1:1")],  # least loaded first
-            1: [Peer("n1", "127.0.0.1:1")],
             2: [Peer("n1", "127.0.0.1:1")],
         },
+        disputed={1},  # no peer for it until a third node re-checked the source
     )
     # the requester never gets itself; no requester gets everyone
     assert Peer("n1", "127.0.0.1:1") not in (await client.chunk_map(OBJ_A, "n1")).peers[0]
@@ -377,6 +380,7 @@ async def test_concurrent_clients(server: SchedulerServer) -> None:
         async with SchedulerClient(server.url) as c:
             for _ in range(5):
                 await heartbeat(c, f"n{i}", 1000 + i)
+            assert (await c.claim(f"n{i}", OBJ_A, [i], ttl=30)).granted == [i]
             await c.report_chunks(
                 f"n{i}",
                 add=[{"object": OBJ_A, "size": 64, "chunk_size": CHUNK, "chunks": [[i, D1]]}],
@@ -401,6 +405,7 @@ async def test_restart_on_the_same_state_dir_loses_nothing(
             await client.add_dataset("ds", "memtest://one/")
             await heartbeat(client, "n1", 1)
             await heartbeat(client, "n2", 2)
+            await client.claim("n1", OBJ_A, [0], ttl=30)
             await client.report_chunks(
                 "n1",
                 add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D1]]}],

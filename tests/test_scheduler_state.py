@@ -51,6 +51,15 @@ def manifest(name: str, source: str, files: dict[str, tuple[int, str]]) -> Manif
     return build_manifest(name, source, entries, chunk_size=CHUNK)
 
 
+def add(
+    state: SchedulerState, node: str, obj: str, size: int, cs: int, chunks: list[tuple[int, str]]
+) -> list[int]:
+    """A chunk report from the node granted the source read of every chunk in it (the
+    provenance rules have tests of their own, below); its conflicts."""
+    granted = frozenset(i for i, _ in chunks)
+    return state.add_chunks(node, obj, size, cs, chunks, establish=granted).conflicts
+
+
 def beat(state: SchedulerState, name: str, load: int = 0, port: int = 1) -> NodeInfo:
     return state.heartbeat(name, f"127.0.0.1:{port}", {"zone": "a"}, load, 100, 1000)
 
@@ -96,6 +105,7 @@ def test_heartbeat_registers_and_updates(state: SchedulerState, clock: Clock) ->
         "pinned_over_budget",
         "disk_full",
         "disk_free",
+        "quarantined",
     }
 
 
@@ -199,9 +209,9 @@ def test_datasets_are_listed_by_name(state: SchedulerState) -> None:
 def test_first_digest_wins_and_conflicts_are_not_held(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
-    assert state.add_chunks("n1", OBJ_A, 10, CHUNK, [(0, D1), (1, D2)]) == []
+    assert add(state, "n1", OBJ_A, 10, CHUNK, [(0, D1), (1, D2)]) == []
     # n2 agrees on chunk 0, disagrees on chunk 1, brings chunk 2 first
-    assert state.add_chunks("n2", OBJ_A, 10, CHUNK, [(0, D1), (1, D3), (2, D3)]) == [1]
+    assert add(state, "n2", OBJ_A, 10, CHUNK, [(0, D1), (1, D3), (2, D3)]) == [1]
     cmap = state.chunk_map(OBJ_A, None)
     assert cmap["digests"] == {0: D1, 1: D2, 2: D3}
     holders = {i: sorted(p["node"] for p in ps) for i, ps in cmap["peers"].items()}
@@ -210,19 +220,19 @@ def test_first_digest_wins_and_conflicts_are_not_held(state: SchedulerState) -> 
 
 def test_chunk_input_is_validated(state: SchedulerState) -> None:
     with pytest.raises(UserError, match="out of range"):
-        state.add_chunks("n1", OBJ_A, 10, CHUNK, [(3, D1)])
+        add(state, "n1", OBJ_A, 10, CHUNK, [(3, D1)])
     with pytest.raises(UserError, match="invalid object id"):
-        state.add_chunks("n1", "xyz", 10, CHUNK, [(0, D1)])
+        add(state, "n1", "xyz", 10, CHUNK, [(0, D1)])
     with pytest.raises(UserError, match="invalid digest"):
-        state.add_chunks("n1", OBJ_A, 10, CHUNK, [(0, "00")])
-    state.add_chunks("n1", OBJ_A, 10, CHUNK, [(0, D1)])
+        add(state, "n1", OBJ_A, 10, CHUNK, [(0, "00")])
+    add(state, "n1", OBJ_A, 10, CHUNK, [(0, D1)])
     with pytest.raises(UserError, match="chunk size"):
-        state.add_chunks("n1", OBJ_A, 10, 8, [(0, D1)])
+        add(state, "n1", OBJ_A, 10, 8, [(0, D1)])
 
 
 def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
     beat(state, "n1")
-    state.add_chunks("n1", OBJ_A, 100, CHUNK, [(i, D1) for i in range(25)])
+    add(state, "n1", OBJ_A, 100, CHUNK, [(i, D1) for i in range(25)])
     state.remove_chunks("n1", OBJ_A, [0, 7, 24, 99])
     cmap = state.chunk_map(OBJ_A, None)
     assert sorted(cmap["peers"]) == [i for i in range(25) if i not in (0, 7, 24)]
@@ -235,8 +245,8 @@ def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
 def test_bad_peer_report_removes_the_holder_and_counts(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
-    state.add_chunks("n1", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
-    state.add_chunks("n2", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
+    add(state, "n1", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
+    add(state, "n2", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     state.report_bad_peer("n2", "n1", OBJ_A, 1, "digest mismatch")
     cmap = state.chunk_map(OBJ_A, None)
     assert [p["node"] for p in cmap["peers"][1]] == ["n2"]
@@ -260,22 +270,22 @@ def test_chunk_map_excludes_down_nodes_and_the_requester(
     beat(state, "n1")
     beat(state, "n2")
     for node in ("old", "n1", "n2"):
-        state.add_chunks(node, OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
+        add(state, node, OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     # a node that reports chunks before its first heartbeat is not handed out
-    state.add_chunks("unregistered", OBJ_A, 8, CHUNK, [(0, D1)])
+    add(state, "unregistered", OBJ_A, 8, CHUNK, [(0, D1)])
     cmap = state.chunk_map(OBJ_A, "n1")
     assert cmap["digests"] == {0: D1, 1: D2}
     assert cmap["peers"] == {
         0: [{"node": "n2", "address": "127.0.0.1:1"}],
         1: [{"node": "n2", "address": "127.0.0.1:1"}],
     }
-    assert state.chunk_map(OBJ_B, "n1") == {"digests": {}, "peers": {}}
+    assert state.chunk_map(OBJ_B, "n1") == {"digests": {}, "peers": {}, "disputed": []}
 
 
 def test_chunk_map_orders_by_load(state: SchedulerState) -> None:
     for name, load in (("busy", 9), ("idle", 0), ("some", 3)):
         beat(state, name, load=load)
-        state.add_chunks(name, OBJ_A, 4, CHUNK, [(0, D1)])
+        add(state, name, OBJ_A, 4, CHUNK, [(0, D1)])
     order = [p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]]
     assert order == ["idle", "some", "busy"]
 
@@ -293,7 +303,7 @@ def test_ties_spread_chunks_of_one_object_over_peers(state: SchedulerState) -> N
     beat(state, "n1")
     beat(state, "n2")
     for node in ("n1", "n2"):
-        state.add_chunks(node, OBJ_A, 64 * CHUNK, CHUNK, [(i, D1) for i in range(64)])
+        add(state, node, OBJ_A, 64 * CHUNK, CHUNK, [(i, D1) for i in range(64)])
     cmap = state.chunk_map(OBJ_A, None, LeastLoaded(random.Random(7)))
     firsts = [ps[0]["node"] for ps in cmap["peers"].values()]
     assert 10 < firsts.count("n1") < 54
@@ -317,9 +327,9 @@ def test_status_cached_bytes_over_distinct_objects(state: SchedulerState, clock:
     ds = manifest("ds", "memtest://x/", {"a": (10, OBJ_B), "copy/a": (10, OBJ_B), "e": (0, D3)})
     state.put_dataset(ds)
     state.put_dataset(manifest("other", "memtest://y/", {"z": (8, OBJ_A)}))
-    state.add_chunks("n1", OBJ_B, 10, CHUNK, [(0, D1), (1, D2), (2, D3)])
-    state.add_chunks("n2", OBJ_B, 10, CHUNK, [(2, D3)])
-    state.add_chunks("n2", OBJ_A, 8, CHUNK, [(0, D1)])
+    add(state, "n1", OBJ_B, 10, CHUNK, [(0, D1), (1, D2), (2, D3)])
+    add(state, "n2", OBJ_B, 10, CHUNK, [(2, D3)])
+    add(state, "n2", OBJ_A, 8, CHUNK, [(0, D1)])
     clock.now += TIMEOUT + 1  # down nodes still hold what they hold
     doc = state.status()
     assert [n["name"] for n in doc["nodes"]] == ["n1", "n2"]
@@ -336,7 +346,7 @@ def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
         beat(st, "n1", load=2)
         beat(st, "n2")
         st.put_dataset(ds)
-        st.add_chunks("n1", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
+        add(st, "n1", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
         st.report_bad_peer("n2", "n1", OBJ_A, 1, "bad")
         before = (st.status(), st.chunk_map(OBJ_A, None), st.generation(), st.nodes())
     with pytest.raises(SchedulerError, match="closed"):
@@ -345,7 +355,7 @@ def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
         after = (st.status(), st.chunk_map(OBJ_A, None), st.generation(), st.nodes())
         assert after == before
         assert st.get_dataset("ds") == ds
-        assert st.add_chunks("n2", OBJ_A, 8, CHUNK, [(0, D2)]) == [0]  # digests persisted
+        assert add(st, "n2", OBJ_A, 8, CHUNK, [(0, D2)]) == [0]  # digests persisted
 
 
 def test_concurrent_writers_lose_nothing(state: SchedulerState) -> None:
@@ -354,7 +364,7 @@ def test_concurrent_writers_lose_nothing(state: SchedulerState) -> None:
 
     def report(part: int) -> None:
         for i in range(part, count, 4):
-            state.add_chunks("n1", OBJ_A, count * CHUNK, CHUNK, [(i, D1)])
+            add(state, "n1", OBJ_A, count * CHUNK, CHUNK, [(i, D1)])
             beat(state, "n1")
 
     threads = [threading.Thread(target=report, args=(p,)) for p in range(4)]

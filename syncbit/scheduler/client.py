@@ -49,6 +49,18 @@ class ChunkMap:
     digests: dict[int, str] = field(default_factory=dict)
     peers: dict[int, list[Peer]] = field(default_factory=dict)
     fetching: dict[int, str] = field(default_factory=dict)  # chunk -> node reading the source
+    disputed: set[int] = field(default_factory=set)  # re-checked against the source now
+    broken: str | None = None  # why the object's version is broken (never served), if it is
+
+
+@dataclass
+class ChunkReportResult:
+    """The scheduler's answer to a chunk report: (object, index) pairs whose digest differed
+    from the recorded one, and pairs refused (nobody recorded a digest and this node was not
+    granted their source read, or it is quarantined). Neither counts as held."""
+
+    conflicts: list[tuple[str, int]] = field(default_factory=list)
+    refused: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -347,19 +359,39 @@ class SchedulerClient:
         node: str,
         add: list[dict[str, Any]],
         remove: list[dict[str, Any]],
-    ) -> list[tuple[str, int]]:
+    ) -> ChunkReportResult:
         """Tell the scheduler which chunks `node` gained and lost.
 
         `add`: [{"object", "size", "chunk_size", "chunks": [[index, digest], ...]}];
-        `remove`: [{"object", "chunks": [index, ...]}]. Returns the (object, index) pairs
-        whose digest differed from the recorded one (not marked as held).
+        `remove`: [{"object", "chunks": [index, ...]}]. A digest nobody recorded yet is
+        recorded only if this node was granted the chunk's source read (`claim`).
         """
         doc = await self._request(
             "POST", f"/v1/nodes/{_segment(node)}/chunks", {"add": add, "remove": remove}
         )
         with self._shape("POST chunks"):
-            return [(str(obj), int(index)) for obj, index in doc["conflicts"]]
+            return ChunkReportResult(
+                conflicts=[(str(obj), int(index)) for obj, index in doc["conflicts"]],
+                refused=[(str(obj), int(index)) for obj, index in doc.get("refused", [])],
+            )
         raise AssertionError("unreachable")
+
+    async def check(
+        self, node: str, object_id: str, chunk: int, digest: str | None, changed: str = ""
+    ) -> str:
+        """Tell the scheduler what `node` read from the source for `chunk`: its digest, or
+        what changed (a re-check it was asked for, or a read that disagreed with the
+        record). The outcome: "ok", "disputed", "dropped", "reporter-lied",
+        "establisher-lied" or "source-changed" (see `SchedulerState.check`)."""
+        body = {"node": node, "chunk": chunk, "digest": digest, "changed": changed}
+        doc = await self._request("POST", f"/v1/objects/{_segment(object_id)}/checks", body)
+        with self._shape("POST checks"):
+            return str(doc["outcome"])
+        raise AssertionError("unreachable")
+
+    async def lift_quarantine(self, node: str) -> None:
+        """Trust a quarantined node again (NotFoundError if it is not quarantined)."""
+        await self._request("DELETE", f"/v1/nodes/{_segment(node)}/quarantine")
 
     async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
         """Digests and ranked up peers per chunk of `object_id`, excluding `node` itself."""
@@ -373,6 +405,8 @@ class SchedulerClient:
                     for i, peers in doc["peers"].items()
                 },
                 fetching={int(i): str(n) for i, n in doc.get("fetching", {}).items()},
+                disputed={int(i) for i in doc.get("disputed", [])},
+                broken=str(doc["broken"]) if doc.get("broken") else None,
             )
         raise AssertionError("unreachable")
 
@@ -416,4 +450,4 @@ class SchedulerClient:
         return result
 
 
-__all__ = ["ChunkMap", "ClaimResult", "Peer", "SchedulerClient"]
+__all__ = ["ChunkMap", "ChunkReportResult", "ClaimResult", "Peer", "SchedulerClient"]

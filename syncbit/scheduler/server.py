@@ -165,6 +165,15 @@ class TokenBody(_Body):
     ttl: float | None = Field(None, gt=0, le=10 * 365 * 86400)
 
 
+class CheckBody(_Body):
+    """What a node read from the source for one chunk: its digest, or what changed."""
+
+    node: Name
+    chunk: int = Field(ge=0, lt=2**32)
+    digest: Hex64 | None = None
+    changed: Annotated[str, StringConstraints(max_length=2000)] = ""
+
+
 def _parse(model: type[_Body], body: Any) -> Any:
     try:
         return model.model_validate(body)
@@ -263,6 +272,8 @@ _RULES: dict[str, _Rule | None] = {
     "_status": _Rule((Role.READER,)),
     "_generation": _Rule((Role.READER,)),
     "_issue": _Rule(),
+    "_check": _Rule((Role.NODE,), own="node"),
+    "_lift_quarantine": _Rule(),
 }
 
 
@@ -531,6 +542,8 @@ class Api:
         self.resolve = resolve
         self.claims = Claims()
         self._up_cache: tuple[float, frozenset[str]] | None = None
+        self._quarantine_cache: tuple[float, frozenset[str]] | None = None
+        self.refused: dict[str, int] = {}  # digests not recorded, by why (for /metrics)
         self._plans: tuple[tuple[int, int], dict[str, list[dict[str, Any]]]] | None = None
         self.requests: dict[tuple[str, str], int] = {}  # (method, route) -> count
         self.registry = CollectorRegistry(auto_describe=False)
@@ -610,6 +623,38 @@ class Api:
         yield gauge(
             "syncbit_scheduler_claims", "Source reads claimed now.", {(): self.claims.active()}, []
         )
+        quarantined = self.state.quarantined()
+        yield gauge(
+            "syncbit_scheduler_quarantined_nodes",
+            "Nodes quarantined for a false report (not offered as peers, reports dropped).",
+            {(): len(quarantined)},
+            [],
+        )
+        yield gauge(
+            "syncbit_scheduler_node_quarantined",
+            "1 for each quarantined node.",
+            {(name,): 1.0 for name in quarantined},
+            ["node"],
+        )
+        yield gauge(
+            "syncbit_scheduler_disputes",
+            "Chunk digests under dispute, waiting for a re-check against the source.",
+            {(): len(status["disputes"])},
+            [],
+        )
+        yield gauge(
+            "syncbit_scheduler_broken_files",
+            "Files of current dataset revisions whose source changed under their version.",
+            {(d["name"],): len(d["broken"]) for d in status["datasets"]},
+            ["dataset"],
+        )
+        yield counter(
+            "syncbit_scheduler_refused_digests",
+            "Reported chunk digests not recorded: refused (no source read granted, a "
+            "quarantined reporter, a revoked digest) or in conflict with the record.",
+            {(k,): float(v) for k, v in self.refused.items()},
+            ["reason"],
+        )
         yield counter(
             "syncbit_scheduler_requests",
             "API requests by method and route.",
@@ -657,6 +702,10 @@ class Api:
                 table = {"POST": self._credential}
             case ["v1", "tokens"]:
                 table = {"POST": self._issue}
+            case ["v1", "nodes", _, "quarantine"]:
+                table = {"DELETE": self._lift_quarantine}
+            case ["v1", "objects", _, "checks"]:
+                table = {"POST": self._check}
             case ["v1", "assignments"]:
                 table = {"GET": self._assignments}
             case ["v1", "datasets", _, "targets"]:
@@ -713,7 +762,14 @@ class Api:
             disk_full=req.disk_full,
             disk_free=req.disk_free,
         )
-        return _json({**info.to_json(), "plan": self.plan(seg[2])})
+        return _json(
+            {
+                **info.to_json(),
+                "plan": self.plan(seg[2]),
+                "rechecks": self.state.rechecks_for(seg[2]),
+                "discard": self.state.take_notices(seg[2]),
+            }
+        )
 
     def _labels(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: LabelsBody = _parse(LabelsBody, _decode(body))
@@ -776,13 +832,30 @@ class Api:
             cached = self._plans = (key, self.state.plans())
         return cached[1].get(node, [])
 
+    def _quarantined(self) -> AbstractSet[str]:
+        """Quarantined node names, read at most twice a second (as `_up`)."""
+        now = self.state.clock()
+        cached = self._quarantine_cache
+        if cached is None or cached[0] <= now:
+            cached = self._quarantine_cache = (now + _UP_TTL, frozenset(self.state.quarantined()))
+        return cached[1]
+
     def _claim(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
-        """Grant source fetches of chunks no peer holds and no other node is fetching."""
+        """Grant source fetches of chunks no peer holds and no other node is fetching; the
+        grant is also the right to establish those chunks' digests (not for a quarantined
+        node: it reads for its own readers, but its word is not recorded)."""
         req: ClaimBody = _parse(ClaimBody, _decode(body))
         object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
         held = self.state.chunk_map(object_id, req.node, self.policy)["peers"]
         wanted = [i for i in req.chunks if i not in held]
-        granted, busy = self.claims.claim(req.node, object_id, wanted, req.ttl, self._up())
+        granted, busy = self.claims.claim(
+            req.node,
+            object_id,
+            wanted,
+            req.ttl,
+            self._up(),
+            establish=req.node not in self._quarantined(),
+        )
         return _json(
             {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
         )
@@ -844,18 +917,32 @@ class Api:
         return _json({"removed": seg[2]})
 
     def _chunks(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """Chunks a node now holds (recorded only as `SchedulerState.add_chunks` allows:
+        a new digest only from the node granted the source read) and chunks it dropped."""
         req: ChunksBody = _parse(ChunksBody, _decode(body))
         node = seg[2]
         conflicts: list[list[Any]] = []
+        refused: list[list[Any]] = []
         for added in req.add:
-            bad = self.state.add_chunks(
-                node, added.object.lower(), added.size, added.chunk_size, added.chunks
+            object_id = added.object.lower()
+            indexes = [i for i, _ in added.chunks]
+            report = self.state.add_chunks(
+                node,
+                object_id,
+                added.size,
+                added.chunk_size,
+                added.chunks,
+                establish=self.claims.may_establish(node, object_id, indexes),
             )
-            conflicts.extend([added.object, i] for i in bad)
-            self.claims.release(node, added.object.lower(), [i for i, _ in added.chunks])
+            conflicts.extend([added.object, i] for i in report.conflicts)
+            refused.extend([added.object, i] for i in report.refused)
+            for why, count in (("conflict", report.conflicts), ("refused", report.refused)):
+                if count:
+                    self.refused[why] = self.refused.get(why, 0) + len(count)
+            self.claims.release(node, object_id, indexes)
         for removed in req.remove:
             self.state.remove_chunks(node, removed.object.lower(), removed.chunks)
-        return _json({"conflicts": conflicts})
+        return _json({"conflicts": conflicts, "refused": refused})
 
     def _chunk_map(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         object_id = seg[2].lower()
@@ -869,6 +956,20 @@ class Api:
             req.reporter, req.peer, req.object.lower(), req.chunk, req.reason
         )
         return _json({})
+
+    def _check(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """A node's source read of one chunk: a re-check it was asked for, or a read that
+        disagreed with the recorded digest (which opens a dispute)."""
+        req: CheckBody = _parse(CheckBody, _decode(body))
+        object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
+        digest = req.digest.lower() if req.digest else None
+        outcome = self.state.check(req.node, object_id, req.chunk, digest, req.changed)
+        return _json({"outcome": outcome})
+
+    def _lift_quarantine(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        self.state.lift_quarantine(seg[2])
+        self._quarantine_cache = None
+        return _json({"node": seg[2], "quarantined": False})
 
     def _status(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return _json(self.state.status())

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from syncbit.chunks import identity_digest
+from syncbit.chunks import digest, head_length, identity_digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -259,15 +259,21 @@ def _checked_name(name: str, where: str) -> str:
 
 def _entry(path: str, locator: str, real: str, st: os.stat_result, mask: int = 0o7777) -> FileEntry:
     size, mtime_ns = st.st_size, st.st_mtime_ns
+    version = {"size": str(size), "mtime_ns": str(mtime_ns)}
+    # Size and mtime can stay while the bytes change (a rewrite in place that restores the
+    # mtime): the head sample, checked on every source read, catches most such changes.
+    head = _head_sample(real, size)
+    if head:
+        version["head"] = head
     return FileEntry(
         path=path,
         size=size,
         mode=stat.S_IMODE(st.st_mode) & mask,
         uid=st.st_uid,
         gid=st.st_gid,
-        object=identity_digest("file", real, str(size), str(mtime_ns), str(st.st_ino)),
+        object=identity_digest("file", real, str(size), str(mtime_ns), str(st.st_ino), head),
         locator=locator,
-        version={"size": str(size), "mtime_ns": str(mtime_ns)},
+        version=version,
     )
 
 
@@ -303,6 +309,27 @@ def _reach_mask(uid: int, passed: Iterable[os.stat_result]) -> int:
         if st.st_uid != uid or not mode & stat.S_IXUSR:
             return 0
     return mask
+
+
+def _head_sample(real: str, size: int) -> str:
+    """Digest of the first `head_length(size)` bytes of a file; "" for an empty file, or
+    one this process may not read (its nodes may; they then read it unchecked)."""
+    n = head_length(size)
+    if not n:
+        return ""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.info("no head sample of %s: %s", real, exc.strerror or exc)
+        return ""
+    try:
+        data = os.pread(fd, n, 0)
+    except OSError as exc:
+        log.info("no head sample of %s: %s", real, exc.strerror or exc)
+        return ""
+    finally:
+        os.close(fd)
+    return digest(data) if len(data) == n else ""
 
 
 def _walk(root: str) -> Listing:

@@ -1,10 +1,12 @@
 """HTTP(S) sources: one file URL, or a directory tree behind nginx/Apache autoindex pages.
 
 Owns parsing autoindex pages (stdlib html.parser, never regexes on HTML), pinning each file
-to its ETag/Last-Modified/size, range reads that refuse any other version, and following
-redirects only as the dataset's `RedirectPolicy` allows (same scheme, same host unless
-`follow_redirects=any`, its headers only to the same origin, never a link-local address).
-It never puts query strings, credentials or header values into messages, logs or entries.
+to its ETag/Last-Modified/size and a digest of its first bytes (`version["head"]`: an ETag
+proves nothing about content, the fetcher checks the head on every source read), range
+reads that refuse any other version, and following redirects only as the dataset's
+`RedirectPolicy` allows (same scheme, same host unless `follow_redirects=any`, its headers
+only to the same origin, never a link-local address). It never puts query strings,
+credentials or header values into messages, logs or entries.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import httpx
 import trio
 
-from syncbit.chunks import identity_digest
+from syncbit.chunks import HEAD_SAMPLE, digest, head_length, identity_digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -392,9 +394,14 @@ class _Walk:
         await self.file(url, name, resp)
 
     async def file(self, url: str, path: str, resp: httpx.Response | None = None) -> None:
+        head: bytes | None = None
         if resp is None:
-            async with self.limiter:
-                resp = await self._head(url)
+            # A ranged GET of the head answers what a HEAD would (size, validators) and
+            # brings the head sample with it: one request per file, as before the sample.
+            resp, head = await self._first_bytes(url)
+            if resp.status_code == 416:  # an empty file has no byte 0 to ask for
+                async with self.limiter:
+                    resp = await self._head(url)
         if resp.status_code in (405, 501):
             resp = await self._probe(url)  # no HEAD support: ask for the first byte instead
         _check_status(resp, url)
@@ -412,14 +419,65 @@ class _Walk:
             version["etag"] = etag
         if last_modified:
             version["last_modified"] = last_modified
+        if head is not None and len(head) == head_length(size):
+            sample = digest(head) if size else ""
+        else:
+            sample = await self._head_sample(url, size, etag) if size else ""
+        if sample:
+            version["head"] = sample
         self.files[path] = FileEntry(
             path=path,
             size=size,
             mode=0o444,
-            object=identity_digest("http", url, etag or "", last_modified or "", str(size)),
+            # The head is part of the identity: a server that changes a file but not its
+            # ETag gives new content a new identity at the next listing, when the head moved.
+            object=identity_digest("http", url, etag or "", last_modified or "", str(size), sample),
             locator=url,
             version=version,
         )
+
+    async def _first_bytes(self, url: str) -> tuple[httpx.Response, bytes | None]:
+        """A GET of the first HEAD_SAMPLE bytes: the response (its headers say what a HEAD
+        says) and the body when it is the file's start (a 206, or a 200 of a small file);
+        None when the server sends more (it ignores Range) or an error: not read."""
+        range_ = {"Range": f"bytes=0-{HEAD_SAMPLE - 1}"}
+        async with self.limiter, self._send("GET", url, range_) as resp:
+            length = resp.headers.get("content-length", "")
+            small = length.isdigit() and int(length) <= HEAD_SAMPLE
+            start = resp.status_code == 200 or resp.headers.get("content-range", "").startswith(
+                "bytes 0-"
+            )
+            if resp.status_code in (200, 206) and small and start:
+                try:
+                    return resp, await resp.aread()
+                except httpx.HTTPError as exc:
+                    raise _map_httpx(exc, url) from exc
+            return resp, None  # headers only: leaving the block drops the body
+
+    async def _head_sample(self, url: str, size: int, etag: str | None) -> str:
+        """Digest of the file's first `head_length(size)` bytes (one small ranged GET); ""
+        when the server ignores Range on a larger file (it can serve only whole-file reads,
+        which the fetcher then checks against nothing but the size)."""
+        n = head_length(size)
+        async with self.limiter, self._send("GET", url, {"Range": f"bytes=0-{n - 1}"}) as resp:
+            _check_status(resp, url)
+            got = resp.headers.get("etag")
+            if etag and got and _opaque(got) != _opaque(etag):
+                raise SourceUnavailableError(f"{redact_url(url)} changed while listed")
+            length = resp.headers.get("content-length", "")
+            whole = resp.status_code == 200 and length == str(size) == str(n)
+            ranged = resp.status_code == 206 and length == str(n)
+            if ranged and not resp.headers.get("content-range", "").startswith("bytes 0-"):
+                raise SourceError(f"cannot read the start of {redact_url(url)}")
+            if not (whole or ranged):
+                return ""  # headers only: leaving the block drops the body
+            try:
+                data = await resp.aread()
+            except httpx.HTTPError as exc:
+                raise _map_httpx(exc, url) from exc
+        if len(data) != n:
+            raise SourceUnavailableError(f"{redact_url(url)}: short read of its first {n} bytes")
+        return digest(data)
 
     async def _probe(self, url: str) -> httpx.Response:
         async with self.limiter, self._send("GET", url, {"Range": "bytes=0-0"}) as resp:
