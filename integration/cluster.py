@@ -509,9 +509,11 @@ class Scheduler(ManagedProcess):
         if rc != 0:
             raise HarnessError(f"scheduler exited with {rc}\n{self.log_tail()}")
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """One JSON API call; HarnessError unless it answers 2xx."""
-        resp = self._http.request(method, path, json=body)
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        """One JSON API call (with `token` instead of the harness's own credential);
+        HarnessError unless it answers 2xx."""
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        resp = self._http.request(method, path, json=body, headers=headers)
         if resp.status_code // 100 != 2:
             raise HarnessError(f"{method} {path} -> HTTP {resp.status_code}: {resp.text[:500]}")
         return resp.json() if resp.content else None
@@ -966,9 +968,12 @@ class CorruptPeer:
     `Range: bytes=a-b` -> 206.
     """
 
-    def __init__(self, scheduler: Scheduler, name: str = "evil") -> None:
+    def __init__(self, scheduler: Scheduler, name: str = "evil", token: str | None = None) -> None:
+        """With `token` (e.g. a node credential of its own) every scheduler call carries it
+        instead of the harness's credential."""
         self.scheduler = scheduler
         self.name = name
+        self.token = token
         self.files: dict[str, Path] = {}  # object id -> the true bytes on disk
         self.requests = 0
         self.bytes_served = 0
@@ -1012,12 +1017,15 @@ class CorruptPeer:
         self.port = int(self._server.server_address[1])
         self._threads: list[threading.Thread] = []
 
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        return self.scheduler.request(method, path, body, token=self.token)
+
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
     def heartbeat(self) -> None:
-        self.scheduler.request(
+        self._call(
             "PUT",
             f"/v1/nodes/{self.name}",
             {
@@ -1045,11 +1053,11 @@ class CorruptPeer:
 
     def claim(self, object_id: str, true_bytes: Path) -> dict[int, str]:
         """Claim every chunk of `object_id` with the digests the scheduler recorded."""
-        chunks = self.scheduler.get(f"/v1/objects/{object_id}/chunks")
+        chunks = self._call("GET", f"/v1/objects/{object_id}/chunks")
         digests = {int(i): d for i, d in _digests(chunks).items()}
         size = true_bytes.stat().st_size
         self.files[object_id] = true_bytes
-        answer = self.scheduler.request(
+        answer = self._call(
             "POST",
             f"/v1/nodes/{self.name}/chunks",
             {
@@ -1083,14 +1091,12 @@ class CorruptPeer:
             "add": [add] if held else [],
             "remove": [{"object": object_id, "chunks": remove}] if remove else [],
         }
-        answer: dict[str, Any] = self.scheduler.request(
-            "POST", f"/v1/nodes/{self.name}/chunks", body
-        )
+        answer: dict[str, Any] = self._call("POST", f"/v1/nodes/{self.name}/chunks", body)
         return answer
 
     def claim_source(self, object_id: str, indexes: list[int]) -> list[int]:
         """Ask for the source reads of chunks, as a node does; the chunks granted."""
-        answer = self.scheduler.request(
+        answer = self._call(
             "POST", f"/v1/objects/{object_id}/claims", {"node": self.name, "chunks": indexes}
         )
         return [int(i) for i in answer["granted"]]

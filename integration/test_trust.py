@@ -93,14 +93,17 @@ def wait_quarantined(cluster: Cluster, node: str) -> str:
     return quarantined(cluster)[node]
 
 
-def poison_and_read(cluster: Cluster, origin: Origin, origin_root: Path, name: str) -> None:
-    """A client registers as node "evil" and reports digests of its own (flipped) bytes
-    first, for every chunk of a file nobody read yet, and serves those bytes as a peer."""
+def poison_and_read(
+    cluster: Cluster, origin: Origin, origin_root: Path, name: str, token: str | None = None
+) -> None:
+    """A client registers as node "evil" (with `token`: a credential of its own) and reports
+    digests of its own (flipped) bytes first, for every chunk of a file nobody read yet,
+    and serves those bytes as a peer."""
     ds = fresh_dataset(origin_root, name, {"model.bin": 4 * CHUNK_SIZE})
     cluster.add_dataset(name, origin.url + f"{name}/")
     object_id, size = object_of(cluster, name, "model.bin")
     true_bytes = (ds.root / "model.bin").read_bytes()
-    evil = CorruptPeer(cluster.scheduler, "evil").start()
+    evil = CorruptPeer(cluster.scheduler, "evil", token=token).start()
     try:
         evil.files[object_id] = ds.root / "model.bin"
         answer = evil.report(object_id, size, chunk_digests(flipped(true_bytes)))
@@ -129,15 +132,20 @@ def test_digests_reported_first_by_a_node_nobody_granted_are_refused(
 
 
 @pytest.mark.timeout(300)
-def test_a_node_with_the_cluster_token_cannot_establish_what_it_was_not_granted(
+def test_a_node_with_its_own_credential_cannot_establish_what_it_was_not_granted(
     workdir: Path, origin: Origin, origin_root: Path
 ) -> None:
-    """The same attempt with a credential: the cluster token today (a per-node credential
-    once nodes have their own: the attacker then uses its own node's)."""
+    """The same attempt by a node with a valid node credential of its own (issued for the
+    name "evil", as a compromised node of the cluster would hold): a credential lets it act
+    as itself, never establish a digest it was not granted the source read of."""
     where = workdir / "trust-token"
     shutil.rmtree(where, ignore_errors=True)
-    with Cluster(where, origin, nodes=1, token="s3cret-cluster-token") as cluster:
-        poison_and_read(cluster, origin, origin_root, "poison-token")
+    secret = "s3cret-cluster-token"
+    with Cluster(where, origin, nodes=1, token=secret, bootstrap=True) as cluster:
+        from syncbit.credentials import Issuer, Role
+
+        evil_credential = Issuer(secret).issue(Role.NODE, "evil")[0]
+        poison_and_read(cluster, origin, origin_root, "poison-token", token=evil_credential)
 
 
 # -- 2: a conflicting report ----------------------------------------------------------------
