@@ -27,6 +27,7 @@ from integration.cluster import (
     sha256_file,
     wait_until,
 )
+from syncbit.chunks import head_length
 from syncbit.testing.smallfs import CannotMount, fill, small_fs, takes_no_block
 
 CLUSTER_NODES = 1  # the module cluster (verify tests); the full-disk tests build their own
@@ -234,18 +235,20 @@ def test_cache_verify_drops_rotten_chunks_and_a_crash_checks_before_serving(
     # the scheduler hears of it, and the assigned dataset fetches that chunk again.
     before = origin.served(f"{ds.name}/v.bin")
     _rot(path, CHUNK_SIZE + 1000)
+    # That chunk, and the file's head sample read alongside (every source read checks it).
+    refetch = CHUNK_SIZE + head_length(size)
     code, out = _cache(up, n1, "verify")
     assert code == 1, out
     assert f"dropped: chunk 1 of object {oid[:12]} ({ds.name}/v.bin)" in out
     wait_until(
-        lambda: origin.served(f"{ds.name}/v.bin") - before == CHUNK_SIZE,
+        lambda: origin.served(f"{ds.name}/v.bin") - before == refetch,
         30,
         "n1 to fetch the dropped chunk again",
         evidence=n1.log_tail,
     )
     up.wait_cached(n1, ds.name, size)
     assert sha256_file(n1.path(ds.name, "v.bin")) == ds.files["v.bin"].sha256
-    assert origin.served(f"{ds.name}/v.bin") - before == CHUNK_SIZE  # that chunk only
+    assert origin.served(f"{ds.name}/v.bin") - before == refetch  # that chunk only
     assert _verify(up, n1) == 4
 
     # A crash, then rot: the next start re-checks every chunk before it serves it

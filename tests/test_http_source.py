@@ -435,7 +435,8 @@ async def test_server_without_head_is_probed_with_a_range(
         if method == "HEAD":
             return 405, {"Content-Length": "0"}, b""
         first, last = (int(x) for x in headers["Range"].removeprefix("bytes=").split("-"))
-        assert first == 0 and last in (0, len(body) - 1)  # the probe, then the head sample
+        assert first == 0  # the listing's ranged GET of the head
+        last = min(last, len(body) - 1)
         part = body[: last + 1]
         return (
             206,

@@ -384,17 +384,25 @@ class _Walk:
             raise UnsafePathError(
                 f"unsafe file name {last!r} in source {redact_url(url)}: {exc}"
             ) from None
-        async with self.limiter:
-            resp = await self._head(url)
+        # The ranged GET answers what a HEAD would, and brings the head sample along.
+        resp, head = await self._first_bytes(url)
+        if resp.status_code == 416:  # an empty file has no byte 0 to ask for
+            async with self.limiter:
+                resp = await self._head(url)
         final = urlsplit(str(resp.url)).path
         if resp.status_code == 200 and final.endswith("/"):
             # `http://host/dir` redirected to `http://host/dir/`: it is a directory after all.
             await self.directory(str(resp.url), "", 0)
             return
-        await self.file(url, name, resp)
+        await self.file(url, name, resp, head)
 
-    async def file(self, url: str, path: str, resp: httpx.Response | None = None) -> None:
-        head: bytes | None = None
+    async def file(
+        self,
+        url: str,
+        path: str,
+        resp: httpx.Response | None = None,
+        head: bytes | None = None,
+    ) -> None:
         if resp is None:
             # A ranged GET of the head answers what a HEAD would (size, validators) and
             # brings the head sample with it: one request per file, as before the sample.
