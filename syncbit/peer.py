@@ -14,6 +14,11 @@ the daemon's `Control` callback: from loopback anything, from elsewhere only rea
 dataset's progress (what `syncbit wait` in a pod's initContainer asks), and with a cluster
 token configured only with it. Probes (`/healthz`, `/readyz`) and `/metrics` are open.
 With a token, chunk data is served only to requests that carry it.
+
+Bounded: connections are capped in all and per client, and dropped when idle
+(`syncbit.serving`); a control body is judged by its Content-Length, after the caller is
+known to be allowed, and refused (413) unread over `_CONTROL_BODY`; a JSON body nests at
+most a few levels; a Range names at most 19-digit offsets.
 """
 
 from __future__ import annotations
@@ -23,14 +28,21 @@ import json
 import logging
 import os
 import re
-import socketserver
+import select
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from syncbit.auth import bearer, check_bearer
 from syncbit.errors import PeerBusyError, PeerError
+from syncbit.serving import (
+    BodyError,
+    BoundedHandler,
+    BoundedServer,
+    Limits,
+    body_length,
+    loads_bounded,
+)
 from syncbit.store import ObjectStore
 from syncbit.wire import Pool, WireError, parse_content_range
 
@@ -42,22 +54,71 @@ Control = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
 PRIORITY_HEADER = "X-Syncbit-Priority"
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
 _PROGRESS_PATH = re.compile(r"^/v1/local/datasets/[^/?]+$")
+# One range, offsets of at most 19 digits (a longer number is no file offset, and parsing
+# thousands of digits costs CPU and raises ValueError).
+_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+_CONTROL_BODY = 64 * 2**10  # a control request body: {"dataset": name, "force": bool}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
 
+    def parse_request(self) -> bool:
+        self._body_done = False  # per request: whether its body was read
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` is answered once the body is accepted (`_body`)."""
+        return True
+
+    def _close_if_body_unread(self) -> None:
+        """A refusal leaves the request's body unread: it cannot be skipped safely, so the
+        connection ends with this answer."""
+        if self._body_done:
+            return
+        length = self.headers.get("Content-Length", "").strip()
+        if length not in ("", "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
     def _plain(self, status: int, text: str) -> None:
         body = text.encode()
+        self._close_if_body_unread()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    def _body(self) -> dict[str, Any] | None:
+        """The JSON object of a control request, read only within `_CONTROL_BODY`; None
+        once a refusal (400/411/413) has been sent."""
+        try:
+            length = body_length(self.headers, _CONTROL_BODY)
+        except BodyError as exc:
+            self._json(exc.status, {"error": str(exc)})
+            return None
+        if length and self.headers.get("Expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) != length:
+            raise ConnectionError(f"client sent {len(raw)} of {length} body bytes")
+        self._body_done = True
+        try:
+            body = loads_bounded(raw) if raw else {}
+        except ValueError as exc:
+            self._json(400, {"error": f"request body is not valid JSON: {exc}"})
+            return None
+        if not isinstance(body, dict):
+            self._json(400, {"error": "request body must be a JSON object"})
+            return None
+        return body
 
     def _authorized(self) -> bool:
         token = self.server.token
@@ -76,25 +137,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._plain(503, "daemon starting\n")
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
-        if not loopback and not (method == "GET" and _PROGRESS_PATH.match(self.path)):
+        route = self.path.partition("?")[0]
+        if not loopback and not (method == "GET" and _PROGRESS_PATH.match(route)):
             self._plain(403, "local control is for this host only\n")
             return
         if not loopback and not self._authorized():
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            self._json(400, {"error": "request body is not JSON"})
+        body = self._body()  # only now: the caller may make this request
+        if body is None:
             return
-        status, doc = control(method, self.path, body)
+        try:
+            status, doc = control(method, self.path, body)
+        except Exception:  # one request's failure must not drop the connection
+            log.exception("control request %s %s failed", method, route)
+            status, doc = 500, {"error": "internal daemon error; see the daemon log"}
         self._json(status, doc)
 
     def _json(self, status: int, doc: dict[str, Any]) -> None:
         body = json.dumps(doc).encode()
+        self._close_if_body_unread()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -103,6 +169,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._local("POST")
         else:
             self._plain(404, "no such endpoint\n")
+
+    def do_PUT(self) -> None:
+        self._plain(405, "method not allowed\n")
+
+    def do_DELETE(self) -> None:
+        self._plain(405, "method not allowed\n")
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
@@ -131,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         obj = self.server.store.get(match.group(1))
         rng = self.headers.get("Range", "")
-        span = re.fullmatch(r"bytes=(\d+)-(\d+)", rng.strip())
+        span = _RANGE.fullmatch(rng.strip())
         if obj is None or not span:
             self._plain(404 if obj is None else 416, "not held\n" if obj is None else "range\n")
             return
@@ -161,20 +233,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         offset, end = first, last + 1
         out = self.connection.fileno()
+        writable = select.poll()
+        writable.register(out, select.POLLOUT)
         while offset < end:
-            sent = os.sendfile(out, fd, offset, end - offset)
+            try:
+                sent = os.sendfile(out, fd, offset, end - offset)
+            except BlockingIOError:
+                # The socket has a timeout (so it is non-blocking underneath): wait for room,
+                # at most the idle timeout for a peer that stopped reading.
+                if not writable.poll(self.server.limits.idle_timeout * 1000):
+                    raise TimeoutError("peer stopped reading") from None
+                continue
             if sent == 0:
                 raise ConnectionError("peer closed the connection")
             offset += sent
         self.server.bytes_served += length
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
+# A node's readers and prefetch, every other node's fetchers and the pods' `syncbit wait`s;
+# one address may hold a quarter.
+LIMITS = Limits(max_connections=1024, max_per_client=256)
 
+
+class _Server(BoundedServer):
     def __init__(
-        self, address: tuple[str, int], store: ObjectStore, token: str | None, upload_slots: int
+        self,
+        address: tuple[str, int],
+        store: ObjectStore,
+        token: str | None,
+        upload_slots: int,
+        limits: Limits,
     ) -> None:
         self.store = store
         self.token = token
@@ -186,7 +274,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.active = 0
         self.bytes_served = 0
         self._count_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, limits)
 
     def enter(self, prefetch: bool) -> bool:
         """Take an upload slot; a prefetch transfer gets none when all are taken."""
@@ -206,10 +294,15 @@ class PeerServer:
     """The node's chunk server on `listen` ("host:port"), running in its own threads."""
 
     def __init__(
-        self, store: ObjectStore, listen: str, token: str | None = None, upload_slots: int = 0
+        self,
+        store: ObjectStore,
+        listen: str,
+        token: str | None = None,
+        upload_slots: int = 0,
+        limits: Limits = LIMITS,
     ) -> None:
         host, _, port = listen.rpartition(":")
-        self._server = _Server((host, int(port)), store, token, upload_slots)
+        self._server = _Server((host, int(port)), store, token, upload_slots, limits)
         self._thread: threading.Thread | None = None
 
     @property

@@ -51,6 +51,11 @@ def manifest(name: str, source: str, files: dict[str, tuple[int, str]]) -> Manif
     return build_manifest(name, source, entries, chunk_size=CHUNK)
 
 
+def named(state: SchedulerState, size: int, obj: str = OBJ_A) -> None:
+    """A dataset names `obj` with `size` bytes: only then are its chunks recorded."""
+    state.put_dataset(manifest(f"named-{obj[:4]}", f"memtest://{obj[:4]}/", {"f": (size, obj)}))
+
+
 def beat(state: SchedulerState, name: str, load: int = 0, port: int = 1) -> NodeInfo:
     return state.heartbeat(name, f"127.0.0.1:{port}", {"zone": "a"}, load, 100, 1000)
 
@@ -197,6 +202,7 @@ def test_datasets_are_listed_by_name(state: SchedulerState) -> None:
 def test_first_digest_wins_and_conflicts_are_not_held(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 10)
     assert state.add_chunks("n1", OBJ_A, 10, CHUNK, [(0, D1), (1, D2)]) == []
     # n2 agrees on chunk 0, disagrees on chunk 1, brings chunk 2 first
     assert state.add_chunks("n2", OBJ_A, 10, CHUNK, [(0, D1), (1, D3), (2, D3)]) == [1]
@@ -207,6 +213,7 @@ def test_first_digest_wins_and_conflicts_are_not_held(state: SchedulerState) -> 
 
 
 def test_chunk_input_is_validated(state: SchedulerState) -> None:
+    named(state, 10)
     with pytest.raises(UserError, match="out of range"):
         state.add_chunks("n1", OBJ_A, 10, CHUNK, [(3, D1)])
     with pytest.raises(UserError, match="invalid object id"):
@@ -220,6 +227,7 @@ def test_chunk_input_is_validated(state: SchedulerState) -> None:
 
 def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
     beat(state, "n1")
+    named(state, 100)
     state.add_chunks("n1", OBJ_A, 100, CHUNK, [(i, D1) for i in range(25)])
     state.remove_chunks("n1", OBJ_A, [0, 7, 24, 99])
     cmap = state.chunk_map(OBJ_A, None)
@@ -233,6 +241,7 @@ def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
 def test_bad_peer_report_removes_the_holder_and_counts(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 8)
     state.add_chunks("n1", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     state.add_chunks("n2", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     state.report_bad_peer("n2", "n1", OBJ_A, 1, "digest mismatch")
@@ -257,6 +266,7 @@ def test_chunk_map_excludes_down_nodes_and_the_requester(
     clock.now += TIMEOUT + 1
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 8)
     for node in ("old", "n1", "n2"):
         state.add_chunks(node, OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     # a node that reports chunks before its first heartbeat is not handed out
@@ -271,6 +281,7 @@ def test_chunk_map_excludes_down_nodes_and_the_requester(
 
 
 def test_chunk_map_orders_by_load(state: SchedulerState) -> None:
+    named(state, 4)
     for name, load in (("busy", 9), ("idle", 0), ("some", 3)):
         beat(state, name, load=load)
         state.add_chunks(name, OBJ_A, 4, CHUNK, [(0, D1)])
@@ -290,6 +301,7 @@ def test_least_loaded_breaks_ties_at_random() -> None:
 def test_ties_spread_chunks_of_one_object_over_peers(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 64 * CHUNK)
     for node in ("n1", "n2"):
         state.add_chunks(node, OBJ_A, 64 * CHUNK, CHUNK, [(i, D1) for i in range(64)])
     cmap = state.chunk_map(OBJ_A, None, LeastLoaded(random.Random(7)))
@@ -349,6 +361,7 @@ def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
 def test_concurrent_writers_lose_nothing(state: SchedulerState) -> None:
     beat(state, "n1")
     count = 400
+    named(state, count * CHUNK)
 
     def report(part: int) -> None:
         for i in range(part, count, 4):

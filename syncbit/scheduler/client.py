@@ -30,6 +30,11 @@ RESOLVE_TIMEOUT = 300.0
 """Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502
 (the server's limit; the client waits a little longer)."""
 
+# What one request may carry; the server refuses more (400), so this client splits.
+MAX_REPORT_CHUNKS = 4096  # chunks added by one chunk report
+MAX_REPORT_REMOVALS = 65536  # chunk indexes removed by one chunk report
+MAX_CLAIM_CHUNKS = 4096  # chunks one claim or release names
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -60,6 +65,26 @@ class ClaimResult:
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
+
+
+def _batches(entries: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """Per-object chunk lists (`{"object", "chunks": [...], ...}`) cut into requests of at
+    most `limit` chunks each; an object with more is split over several."""
+    batches: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    room = limit
+    for entry in entries:
+        chunks = list(entry["chunks"])
+        while chunks:
+            if room == 0:
+                batches.append(current)
+                current, room = [], limit
+            part, chunks = chunks[:room], chunks[room:]
+            current.append({**entry, "chunks": part})
+            room -= len(part)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class SchedulerClient:
@@ -327,12 +352,18 @@ class SchedulerClient:
         `remove`: [{"object", "chunks": [index, ...]}]. Returns the (object, index) pairs
         whose digest differed from the recorded one (not marked as held).
         """
-        doc = await self._request(
-            "POST", f"/v1/nodes/{_segment(node)}/chunks", {"add": add, "remove": remove}
-        )
-        with self._shape("POST chunks"):
-            return [(str(obj), int(index)) for obj, index in doc["conflicts"]]
-        raise AssertionError("unreachable")
+        adds = _batches(add, MAX_REPORT_CHUNKS)
+        removes = _batches(remove, MAX_REPORT_REMOVALS)
+        conflicts: list[tuple[str, int]] = []
+        for i in range(max(len(adds), len(removes), 1)):
+            body = {
+                "add": adds[i] if i < len(adds) else [],
+                "remove": removes[i] if i < len(removes) else [],
+            }
+            doc = await self._request("POST", f"/v1/nodes/{_segment(node)}/chunks", body)
+            with self._shape("POST chunks"):
+                conflicts += [(str(obj), int(index)) for obj, index in doc["conflicts"]]
+        return conflicts
 
     async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
         """Digests and ranked up peers per chunk of `object_id`, excluding `node` itself."""
