@@ -614,10 +614,7 @@ class Fetcher:
             # never report success
             flight.error = SyncbitError(flight.abandoned or "fetch cancelled")
         if isinstance(flight.error, (ReadDeadlineError, SourceError, UserError)):
-            # Keep the failure briefly: the kernel retries a failed readahead page at once,
-            # and that retry must fail now, not after another deadline.
-            flight.retry_after = trio.current_time() + self.failure_ttl
-            flight.done.set()
+            self._keep_failure(flight)
         else:
             self._finish(flight)
         for done in staged or []:
@@ -627,6 +624,13 @@ class Fetcher:
                 self._came_from[(done.flight.obj.id, done.flight.index)] = done.flight.origin
             if done.flight is not flight:
                 self._finish(done.flight)  # readers go on from RAM while it is written
+
+    def _keep_failure(self, flight: Flight) -> None:
+        """End a failed flight but keep its failure briefly: the kernel retries a failed
+        readahead page at once, and that retry must fail now, not after another
+        deadline."""
+        flight.retry_after = trio.current_time() + self.failure_ttl
+        flight.done.set()
 
     def _finish(self, flight: Flight) -> None:
         key = (flight.obj.id, flight.index)
@@ -933,9 +937,16 @@ class Fetcher:
             digests = await trio.to_thread.run_sync(
                 self._from_source_blocking, flight, memoryview(buf)[:span], len(batch)
             )
-        except BaseException:
+        except BaseException as exc:
             self._buffers.append(buf)
-            self._unclaim(followers)
+            if isinstance(exc, SyncbitError) and not _is_temp_failure(flight.source, exc):
+                # The same refusal awaits the chunks after it: they fail with it now rather
+                # than each asking the source again.
+                for f in followers:
+                    f.error = exc
+                    self._keep_failure(f)
+            else:
+                self._unclaim(followers)
             with trio.CancelScope(shield=True):
                 await self._release(obj.id, [f.index for f in batch])
             raise

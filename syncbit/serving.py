@@ -107,6 +107,9 @@ class BoundedHandler(BaseHTTPRequestHandler):
     `idle_timeout` (a timeout on every socket read and write)."""
 
     server: BoundedServer
+    # What a request line too broken to name a version is answered in: with the stdlib's
+    # HTTP/0.9 the refusal would go out without a status line.
+    default_request_version = "HTTP/1.1"
 
     def setup(self) -> None:
         self.timeout = self.server.limits.idle_timeout  # type: ignore[misc]  # per connection
@@ -119,6 +122,9 @@ class BoundedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     allow_reuse_address = True
     daemon_threads = True
+    # Many clients connect at once (every node at start-up, a flood that is refused here):
+    # socketserver's default backlog of 5 drops their SYNs, costing each a second's retry.
+    request_queue_size = 1024
     # What a refused connection reads before it is closed; servers may say it in JSON.
     refusal_body = b"too many connections\n"
     refusal_type = "text/plain"

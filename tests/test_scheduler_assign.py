@@ -175,7 +175,9 @@ async def test_claims_of_a_down_node_do_not_block(client: SchedulerClient, clock
     assert (await client.claim("b", OBJ_A, [0], ttl=30)).granted == [0]
     # And the digest-conflict path of reports is unchanged by claims.
     await client.report_chunks(
-        "b", add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D2]]}], remove=[]
+        "b",
+        add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D2]]}],
+        remove=[],
     )
 
 

@@ -249,8 +249,6 @@ class _HTTPError(Exception):
 class _Server(BoundedServer):
     refusal_type = "application/json"
     refusal_body = b'{"error":"too many connections","kind":"TooManyConnections"}'
-    # Every node connects at start-up; socketserver's default backlog of 5 drops SYNs.
-    request_queue_size = 1024
 
     def __init__(
         self, address: tuple[str, int], family: socket.AddressFamily, api: Api, limits: Limits
@@ -296,6 +294,9 @@ class _Handler(BoundedHandler):
     def do_OPTIONS(self) -> None:
         self._dispatch("OPTIONS")
 
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     def handle_expect_100(self) -> bool:
         """`Expect: 100-continue` is answered only once the request is authorized and its
         body within the route's limit (`_read_body`): refused clients never send it."""
@@ -306,10 +307,9 @@ class _Handler(BoundedHandler):
         unknown method) in JSON too, and the connection closed: after a request that
         could not be parsed, the rest of the stream cannot be trusted."""
         self.close_connection = True
-        try:
-            short, _ = self.responses.get(code, ("error", ""))
-        except AttributeError:
-            short = "error"
+        if code == 501:  # a method no handler exists for: it is the client's mistake
+            code, message = 405, f"method {self.command!r} not allowed"
+        short, _ = self.responses.get(code, ("error", ""))
         payload = _error(message or short, "BadRequest" if code < 500 else "ServerError")
         self.send_response(code, message)
         self.send_header("Content-Type", "application/json")
@@ -390,7 +390,8 @@ class _Handler(BoundedHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(payload)
+        if method != "HEAD":
+            self.wfile.write(payload)
 
 
 def _has_body(headers: Any) -> bool:
