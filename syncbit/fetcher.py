@@ -214,6 +214,7 @@ class Fetcher:
         self._bandwidth_next = 0.0  # token bucket: when the next prefetch byte may go
         self._seq = itertools.count()
         self._changed = trio.Event()
+        self._failure = trio.Event()  # set and replaced whenever a flight fails
         # Flights parked while another node reads their chunk from the source, by object.
         self._parked: dict[str, dict[int, Flight]] = {}
         self._watching: set[str] = set()
@@ -371,11 +372,18 @@ class Fetcher:
         may_source: Callable[[int], bool] | None = None,
     ) -> list[Flight]:
         """Wait for the chunks' flights (returned); a reader (`bounded`) gives up after the
-        read deadline, a prefetch relies on each flight's own deadline."""
+        read deadline, a prefetch relies on each flight's own deadline. The first flight
+        to fail fails the wait at once, whichever it is: a prefetch must not go on asking
+        the source for later chunks while it waits for an earlier one (parked for a
+        peer, say) after a refusal that holds for all of them."""
         flights = [self._flight(handle, i, prio, may_source) for i in indexes]
         with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
-                await flight.done.wait()
+                while not flight.done.is_set():
+                    await self._done_or_failure(flight.done)
+                    failed = next((f for f in flights if f.done.is_set() and f.error), None)
+                    if failed is not None:
+                        _raise_for(failed)
                 _raise_for(flight)
         if scope.cancelled_caught:
             pending = next((f for f in flights if not f.done.is_set()), None)
@@ -388,6 +396,25 @@ class Fetcher:
                 f"{self.read_deadline:g}s: {pending.last_error or 'no answer yet'}"
             )
         return flights
+
+    async def _done_or_failure(self, done: trio.Event) -> None:
+        """Until `done` is set or any flight fails (failures are rare: the caller then
+        looks whether one of its own flights failed)."""
+        failure = self._failure
+        if done.is_set():
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, done)
+            nursery.start_soon(until, failure)
+
+    def _signal_failure(self) -> None:
+        self._failure.set()
+        self._failure = trio.Event()
 
     async def ensure(
         self,
@@ -631,12 +658,15 @@ class Fetcher:
         deadline."""
         flight.retry_after = trio.current_time() + self.failure_ttl
         flight.done.set()
+        self._signal_failure()
 
     def _finish(self, flight: Flight) -> None:
         key = (flight.obj.id, flight.index)
         if self._flights.get(key) is flight:
             del self._flights[key]
         flight.done.set()
+        if flight.error is not None:
+            self._signal_failure()
 
     async def _persist(self, flight: Flight, view: memoryview, digest_hex: str) -> None:
         """Write a staged chunk to the object file within the cache budget; only then may
@@ -792,8 +822,7 @@ class Fetcher:
                             f"reading it from the source and did not deliver within "
                             f"{self.read_deadline:g}s"
                         )
-                        flight.retry_after = now + self.failure_ttl
-                        flight.done.set()
+                        self._keep_failure(flight)
                 self._steal(parked, info)
         finally:
             self._watching.discard(object_id)

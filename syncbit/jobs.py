@@ -110,7 +110,9 @@ class Jobs:
     def start(self, manifest: Manifest, kind: str, members: list[str] | None = None) -> Job:
         """Run a job for this dataset version unless one is running, or finished and the
         data is still all here (eviction may have taken an unpinned pull's bytes since).
-        A prefetch's members are refreshed in place when only they changed."""
+        A prefetch's members are refreshed in place when only they changed. A prefetch
+        that failed for good, or does not fit, is not started again by the plan (every
+        heartbeat brings it): only a new revision, a new assignment or a pull does."""
         name = manifest.dataset
         job = self.jobs.get(name)
         if (
@@ -119,7 +121,7 @@ class Jobs:
             and (
                 not job.done
                 or (job.error is None and self.is_ready(manifest))
-                or (job.full and kind == "prefetch")
+                or ((job.full or job.permanent) and kind == "prefetch")
             )
         ):
             if kind == "prefetch":

@@ -105,7 +105,8 @@ async def test_a_source_that_refuses_for_good_ends_the_job_at_once(
 ) -> None:
     source = NoRange()
     _, jobs = await start(store, source, nursery)
-    job = jobs.start(dataset("ds", files=8), kind, ["me"] if kind == "prefetch" else None)
+    members = ["me"] if kind == "prefetch" else None
+    job = jobs.start(dataset("ds", files=8), kind, members)
     await within(60, job.finished.is_set)
     assert job.done and job.permanent
     assert job.error is not None and "ignores Range" in job.error
@@ -115,6 +116,8 @@ async def test_a_source_that_refuses_for_good_ends_the_job_at_once(
     assert 1 <= first <= 8
     settled = await settled_reads(source)
     assert settled <= first + 3
+    if kind == "prefetch":  # the plan, with every heartbeat, does not start it again
+        assert jobs.start(dataset("ds", files=8), kind, members) is job
     assert await settled_reads(source) == settled
 
 
