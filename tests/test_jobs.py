@@ -130,14 +130,15 @@ async def test_temporary_failures_are_retried_at_a_bounded_rate_until_stopped(
     job = jobs.start(dataset("ds", files=4), "prefetch", ["me"])
     window = 1200.0
     await trio.sleep(window)
-    assert not job.done  # still assigned: it keeps trying
+    assert not job.done, job.error  # still assigned: it keeps trying
     # A round ends at the first chunk out of its deadline (each of the three source reads
     # at once retrying about once a second by then), then backs off for up to a minute:
     # under one read a second on average, whatever the number of chunks.
     assert source.reads / window < 1.0, source.reads
     jobs.stop("ds")  # unassigned (or removed): it stops, and so do its transfers
     stopped = source.reads
-    assert await settled_reads(source) <= stopped + 3  # at most the reads in flight
+    settled = await settled_reads(source)
+    assert settled <= stopped + 3, (stopped, settled)  # at most the reads in flight
     assert source.reads == await settled_reads(source)
 
 

@@ -203,7 +203,7 @@ def test_claims_are_capped_and_bounded_by_the_object(server: SchedulerServer) ->
 
 
 def test_label_counts_and_sizes_are_capped(server: SchedulerServer) -> None:
-    many = {f"k{i}": "v" for i in range(257)}
+    many = {f"k{i}": "v" for i in range(1025)}
     for doc in (
         {"address": "h:1", "labels": many},
         {"address": "h:1", "labels": {"k": "v" * 1025}},

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -83,7 +82,7 @@ _HEARTBEAT_BODY = 2 * 2**20  # labels, and every dataset ready on the node (MAX_
 _CHUNKS_BODY = 4 * 2**20
 
 # Counts and sizes inside bodies: what one node or one request may make the state hold.
-MAX_LABELS = 256
+MAX_LABELS = 1024  # a Kubernetes node with feature discovery carries a few hundred
 MAX_READY = 10_000  # datasets one heartbeat says are ready on the node
 MAX_TARGETS = 1024
 MAX_OPTIONS = 64
@@ -255,14 +254,6 @@ class _Server(BoundedServer):
     ) -> None:
         self.api = api
         super().__init__(address, _Handler, limits, family)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that vanished mid-request is routine; anything else is logged once."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError | TimeoutError):
-            log.debug("connection from %s dropped: %s", client_address, exc)
-        else:
-            log.exception("unexpected error serving %s", client_address)
 
 
 class _Handler(BoundedHandler):
