@@ -420,6 +420,17 @@ class Origin(ManagedProcess):
     def reset(self) -> None:
         httpx.post(self.url + "__reset", timeout=10, trust_env=False).raise_for_status()
 
+    def gets(self, relpath: str) -> int:
+        """GET requests for the file at `relpath` since the last reset (failed ones too)."""
+        return int(self.stats()["gets"].get(relpath, 0))
+
+    def fail_reads(self, status: int | None) -> None:
+        """From now on every GET of a file answers `status` (None: serve them again);
+        listings and HEADs are unaffected, so datasets can still be added."""
+        query = f"?status={status}" if status is not None else ""
+        resp = httpx.post(self.url + "__fail_reads" + query, timeout=10, trust_env=False)
+        resp.raise_for_status()
+
 
 @dataclass(frozen=True)
 class TlsFiles:

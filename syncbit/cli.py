@@ -431,7 +431,9 @@ def default_name(uri: str) -> str:
 @app.command()
 @guarded
 def pull(
-    uri: Annotated[str, typer.Argument(help="Source URI: http(s)://, file://, s3://, hf://")],
+    uri: Annotated[
+        str | None, typer.Argument(help="Source URI: http(s)://, file://, s3://, hf://")
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Dataset name (default: last path element of URI).")
     ] = None,
@@ -448,10 +450,34 @@ def pull(
         list[str] | None,
         typer.Option("--option", "-o", help="Source option key=value (repeatable)."),
     ] = None,
+    cancel: Annotated[
+        str | None,
+        typer.Option(
+            "--cancel",
+            metavar="NAME",
+            help="Stop the pull of dataset NAME on this node's daemon (what it has stays).",
+        ),
+    ] = None,
     scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
     daemon_addr: DaemonOpt = DEFAULT_DAEMON,
 ) -> None:
-    """Register a dataset and bring every byte of it to this node; resumable."""
+    """Register a dataset and bring every byte of it to this node; resumable.
+
+    The daemon does the work: Ctrl-C asks whether to cancel it there too (without a
+    terminal it goes on); `syncbit pull --cancel NAME` stops it."""
+    from syncbit import pull as pulling
+
+    if cancel is not None:
+        if uri is not None:
+            raise UserError("give a source URI to pull, or --cancel NAME, not both")
+        doc = pulling.cancel(daemon_addr, cancel)
+        typer.echo(
+            f"cancelled the pull of {cancel} ({human(doc['present_bytes'])} of "
+            f"{human(doc['size'])} here stay cached)"
+        )
+        return
+    if uri is None:
+        raise UserError("missing the source URI to pull (or --cancel NAME)")
     options: dict[str, Any] = _pairs(option, "option") or {}
     if revision is not None:
         if not uri.startswith("hf://"):
@@ -470,9 +496,11 @@ def pull(
         f"{dataset}: revision {ds['revision']}, {ds['files']} files, {human(ds['size'])}",
         err=True,
     )
-    from syncbit.pull import follow
-
-    follow(daemon_addr, dataset)
+    try:
+        pulling.follow(daemon_addr, dataset)
+    except KeyboardInterrupt:
+        pulling.interrupted(daemon_addr, dataset)
+        raise typer.Exit(130) from None
 
 
 def parse_duration(value: str) -> float:

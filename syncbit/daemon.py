@@ -249,6 +249,10 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.config
         try:
+            # First: a mount point another live daemon serves is refused before this one
+            # binds a port or tells the scheduler anything; a stale one is cleaned (it
+            # fails even mkdir with ENOTCONN).
+            await trio.to_thread.run_sync(clean_stale, cfg.mount)
             url = self._start_services()
             self.client = SchedulerClient(url, token=self.credentials.token, ca=cfg.tls_ca)
             await self._refresh_credentials(quiet=True)
@@ -270,7 +274,6 @@ class Daemon:
             await self._sync_datasets(quiet=True)
             fs = self.fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.dataset_attrs)
             self._setup_metrics()
-            clean_stale(cfg.mount)  # first: a stale mount point fails even mkdir (ENOTCONN)
             cfg.mount.mkdir(parents=True, exist_ok=True)
             session = self.session = Session(fs, cfg.mount, passthrough=cfg.passthrough)
             session.mount(MOUNT_OPTIONS)
@@ -497,6 +500,8 @@ class Daemon:
         try:
             if method == "POST" and parts == ["v1", "local", "pull"]:
                 return 200, await self.pull(validate_dataset_name(str(body.get("dataset", ""))))
+            if method == "POST" and parts == ["v1", "local", "pull", "cancel"]:
+                return 200, self.cancel_pull(validate_dataset_name(str(body.get("dataset", ""))))
             if parts[:3] == ["v1", "local", "cache"]:
                 return 200, await self._cache_control(method, parts[3:], body, query)
             if method == "GET" and parts == ["v1", "local", "datasets"]:
@@ -638,6 +643,20 @@ class Daemon:
         self.jobs.start(manifest, "pull")
         return self.progress(name)
 
+    def cancel_pull(self, name: str) -> dict[str, Any]:
+        """`syncbit pull --cancel NAME`: stop the pull of `name` here (what it brought
+        stays); its progress. An assignment is not a pull: `syncbit prefetch --remove`."""
+        job = self.jobs.jobs.get(name)
+        if job is None or job.done:
+            raise NotFoundError(f"no pull of {name!r} is running on this node")
+        if job.kind != "pull":
+            raise UserError(
+                f"{name} is assigned to this node, not pulled: remove the assignment with "
+                "`syncbit prefetch --remove`"
+            )
+        self.jobs.cancel(name, f"cancelled by `syncbit pull --cancel {name}`")
+        return self.progress(name)
+
     def is_ready(self, manifest: Manifest) -> bool:
         """Every byte of this dataset version is here, durable, and whole-file verified
         where the source published a digest: what `syncbit wait` waits for."""
@@ -679,6 +698,7 @@ class Daemon:
             "assigned": name in self.plan,
             "pulling": job is not None and not job.done,
             "error": job.error if job else None,
+            "cancelled": job is not None and job.cancelled,
         }
 
     async def _progress_within(self, name: str, wait: float) -> dict[str, Any]:
@@ -1009,6 +1029,7 @@ class Daemon:
             wanted[n].revision == self.manifests[n].revision for n in wanted
         ):
             return
+        self._follow_jobs(wanted)
         self.manifests = wanted
         changed = self.tree.update(wanted)
         if self.session is not None:  # else: not mounted yet, nothing cached
@@ -1035,6 +1056,17 @@ class Daemon:
                         item["path"],
                         item["reason"],
                     )
+
+    def _follow_jobs(self, wanted: dict[str, Manifest]) -> None:
+        """Jobs follow the datasets: a removed dataset's job stops at once, whatever its
+        kind (no request reaches its source after `dataset rm`); a pull of a dataset that
+        got a new revision goes on with that revision (prefetch follows the plan)."""
+        for name, job in list(self.jobs.jobs.items()):
+            manifest = wanted.get(name)
+            if manifest is None:
+                self.jobs.cancel(name, f"dataset {name} was removed", forget=True)
+            elif job.kind == "pull" and not job.done and manifest.revision != job.manifest.revision:
+                self.jobs.start(manifest, "pull")
 
     async def _report_loop(self) -> None:
         """Tell the scheduler which chunks became durable here (with their digests)."""
@@ -1071,6 +1103,10 @@ class Daemon:
                         ),
                     )
             except SyncbitError as exc:
+                if isinstance(exc, UserError) and not isinstance(exc, UnauthorizedError):
+                    # Refused as it is (4xx): sending it again gets the same answer forever.
+                    log.warning("scheduler refused a chunk report (%s); not sending it again", exc)
+                    continue
                 self._warn("chunk report failed", exc)
                 backlog = batch + backlog
                 self.store.newly_removed = removed + self.store.newly_removed

@@ -14,7 +14,9 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     │   └── TrustError            a server's TLS certificate is not accepted (tls_ca)
     ├── SourceError               the dataset's source failed
     │   ├── SourceUnavailableError  temporary (network, 5xx): retried with backoff
-    │   └── SourceChangedError      the recorded version is gone: never retried
+    │   └── SourcePermanentError    retrying cannot help (no Range support, 401/403):
+    │       │                       never retried; a job that meets it stops
+    │       └── SourceChangedError  the recorded version is gone
     ├── PeerError                 a peer failed to deliver a chunk (next peer is tried)
     │   └── DigestMismatchError   a peer sent bytes that do not match the chunk digest
     ├── ReadDeadlineError         neither peers nor source delivered before the deadline
@@ -59,7 +61,12 @@ class SourceUnavailableError(SourceError):
     """A temporary source failure (connection refused, timeout, 5xx): worth retrying."""
 
 
-class SourceChangedError(SourceError):
+class SourcePermanentError(SourceError):
+    """The source refuses a read in a way no retry changes (it ignores Range requests,
+    access is denied): never retried, and a pull or prefetch that meets it stops."""
+
+
+class SourceChangedError(SourcePermanentError):
     """The source no longer holds the recorded version of a file; never retried."""
 
 

@@ -24,6 +24,7 @@ import mmap
 import random
 from collections import Counter
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -39,12 +40,14 @@ from syncbit.errors import (
     PeerError,
     ReadDeadlineError,
     SourceChangedError,
+    SourceError,
+    SourcePermanentError,
     SyncbitError,
     UserError,
 )
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
-from syncbit.retry import backoff_delays
+from syncbit.retry import retrying
 from syncbit.scheduler.client import ChunkMap, ClaimResult, Peer
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
@@ -125,6 +128,8 @@ class Flight:
     origin: str = ""  # where the bytes came from: "peer" or "source" (metrics)
     lane: str = ""  # the prefetch lane running it ("peer", "source"; "" for reads)
     ran: bool = False  # a worker started it at least once
+    scope: trio.CancelScope | None = None  # its transfer, while a worker runs it
+    abandoned: str = ""  # why `Fetcher.abandon` stopped it
 
 
 @dataclass(eq=False)
@@ -158,15 +163,29 @@ def _spread(peers: list[Peer]) -> list[Peer]:
 
 def _raise_for(flight: Flight) -> None:
     """A failed flight's error, as a fresh exception per waiter (one flight may fail many
-    readers): permanent causes stay SourceChangedError, the rest ReadDeadlineError."""
-    if flight.error is None:
+    readers): a lost version (or access a person must fix) is SourceChangedError, any
+    other source error that was not worth a retry SourcePermanentError, the rest (a
+    temporary failure that outlasted its deadline, an abandoned flight)
+    ReadDeadlineError."""
+    error = flight.error
+    if error is None:
         return
-    kind = (
-        SourceChangedError
-        if isinstance(flight.error, SourceChangedError | UserError)
-        else ReadDeadlineError
-    )
-    raise kind(str(flight.error)) from flight.error
+    kind: type[SyncbitError] = ReadDeadlineError
+    if isinstance(error, SourceChangedError | UserError):
+        kind = SourceChangedError
+    elif isinstance(error, SourceError) and not flight.source.is_temp_failure(error):
+        kind = SourcePermanentError
+    raise kind(str(error)) from error
+
+
+def _is_temp_failure(source: Source, exc: BaseException) -> bool:
+    """Whether a chunk transfer that failed with `exc` is worth another attempt: source
+    errors as the source classifies them, a person's mistake (UserError) never, other
+    syncbit errors (a peer or the scheduler failing) always. Anything else is not ours
+    to retry (the parking signals, bugs)."""
+    if isinstance(exc, SourceError):
+        return source.is_temp_failure(exc)
+    return isinstance(exc, SyncbitError) and not isinstance(exc, UserError)
 
 
 class Fetcher:
@@ -219,6 +238,7 @@ class Fetcher:
         self._bandwidth_next = 0.0  # token bucket: when the next prefetch byte may go
         self._seq = itertools.count()
         self._changed = trio.Event()
+        self._failure = trio.Event()  # set and replaced whenever a flight fails
         # Flights parked while another node reads their chunk from the source, by object.
         self._parked: dict[str, dict[int, Flight]] = {}
         self._watching: set[str] = set()
@@ -403,11 +423,18 @@ class Fetcher:
         may_source: Callable[[int], bool] | None = None,
     ) -> list[Flight]:
         """Wait for the chunks' flights (returned); a reader (`bounded`) gives up after the
-        read deadline, a prefetch relies on each flight's own deadline."""
+        read deadline, a prefetch relies on each flight's own deadline. The first flight
+        to fail fails the wait at once, whichever it is: a prefetch must not go on asking
+        the source for later chunks while it waits for an earlier one (parked for a
+        peer, say) after a refusal that holds for all of them."""
         flights = [self._flight(handle, i, prio, may_source) for i in indexes]
         with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
-                await flight.done.wait()
+                while not flight.done.is_set():
+                    await self._done_or_failure(flight.done)
+                    failed = next((f for f in flights if f.done.is_set() and f.error), None)
+                    if failed is not None:
+                        _raise_for(failed)
                 _raise_for(flight)
         if scope.cancelled_caught:
             pending = next((f for f in flights if not f.done.is_set()), None)
@@ -420,6 +447,25 @@ class Fetcher:
                 f"{self.read_deadline:g}s: {pending.last_error or 'no answer yet'}"
             )
         return flights
+
+    async def _done_or_failure(self, done: trio.Event) -> None:
+        """Until `done` is set or any flight fails (failures are rare: the caller then
+        looks whether one of its own flights failed)."""
+        failure = self._failure
+        if done.is_set():
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, done)
+            nursery.start_soon(until, failure)
+
+    def _signal_failure(self) -> None:
+        self._failure.set()
+        self._failure = trio.Event()
 
     async def ensure(
         self,
@@ -462,6 +508,34 @@ class Fetcher:
     def is_verified(self, object_id: str) -> bool:
         """The object's whole-file digest (where the source publishes one) checked out."""
         return object_id in self._verified
+
+    def abandon(self, object_ids: AbstractSet[str], why: str) -> int:
+        """Stop the prefetch flights of these objects: nobody wants them any more (their
+        dataset was removed, its pull cancelled, its job failed). Queued and parked ones
+        end at once, running ones are cancelled (a blocking source read in a thread
+        finishes first: at most one more request each). A flight a reader or readahead
+        waits on is left alone: its own deadline bounds it. Returns how many stopped."""
+        stopped = 0
+        for key, flight in list(self._flights.items()):
+            if key[0] not in object_ids or flight.priority < Priority.PREFETCH:
+                continue
+            if flight.done.is_set():
+                continue
+            stopped += 1
+            flight.abandoned = why
+            if flight.scope is not None:
+                flight.scope.cancel()  # the worker settles it
+                continue
+            parked = self._parked.get(flight.obj.id)
+            if parked is not None and parked.get(flight.index) is flight:
+                del parked[flight.index]
+            # Queued (its heap entry is skipped from now on), parked, or carried along by
+            # another flight's source read (which still stores it if it arrives).
+            flight.error = SyncbitError(why)
+            self._finish(flight)
+        if stopped:
+            log.info("stopped %d prefetch transfers: %s", stopped, why)
+        return stopped
 
     # -- single flight and the priority queue ----------------------------------------------
 
@@ -525,7 +599,11 @@ class Fetcher:
         stale heap entries (flights started meanwhile or moved to another queue)."""
         while self._queue:
             flight = heapq.heappop(self._queue)[2]
-            if not flight.started and flight.priority < Priority.PREFETCH:
+            if (
+                not flight.started
+                and not flight.done.is_set()
+                and flight.priority < Priority.PREFETCH
+            ):
                 return flight, ""
         for lane in ("peer", "source"):
             queue = self._lanes[lane]
@@ -534,7 +612,11 @@ class Fetcher:
             limit = self.prefetch_concurrency if lane == "peer" else self._source_limit()
             while queue and self._lane_running[lane] < limit:
                 flight = heapq.heappop(queue)[2]
-                if not flight.started and flight.priority >= Priority.PREFETCH:
+                if (
+                    not flight.started
+                    and not flight.done.is_set()
+                    and flight.priority >= Priority.PREFETCH
+                ):
                     return flight, lane
         return None
 
@@ -570,7 +652,8 @@ class Fetcher:
             parked: _Wait | _ToPeerLane | None = None
             began = trio.current_time()
             try:
-                staged = await self._transfer(flight)
+                with trio.CancelScope() as flight.scope:  # `abandon` may end it
+                    staged = await self._transfer(flight)
                 if staged:
                     self.on_transfer(flight.origin, trio.current_time() - began)
             except (_Wait, _ToPeerLane) as wait:
@@ -581,6 +664,7 @@ class Fetcher:
                 log.exception("chunk %d of %s: unexpected error", flight.index, flight.entry.path)
                 flight.error = exc
             finally:
+                flight.scope = None
                 if lane:
                     self._lane_running[lane] -= 1
                     self._wake()
@@ -605,12 +689,10 @@ class Fetcher:
             self._park(flight, parked.holder)
             return
         if staged is None and flight.error is None:
-            flight.error = SyncbitError("fetch cancelled")  # never report success
-        if isinstance(flight.error, (ReadDeadlineError, SourceChangedError, UserError)):
-            # Keep the failure briefly: the kernel retries a failed readahead page at once,
-            # and that retry must fail now, not after another deadline.
-            flight.retry_after = trio.current_time() + self.failure_ttl
-            flight.done.set()
+            # never report success
+            flight.error = SyncbitError(flight.abandoned or "fetch cancelled")
+        if isinstance(flight.error, (ReadDeadlineError, SourceError, UserError)):
+            self._keep_failure(flight)
         else:
             self._finish(flight)
         for done in staged or []:
@@ -621,11 +703,21 @@ class Fetcher:
             if done.flight is not flight:
                 self._finish(done.flight)  # readers go on from RAM while it is written
 
+    def _keep_failure(self, flight: Flight) -> None:
+        """End a failed flight but keep its failure briefly: the kernel retries a failed
+        readahead page at once, and that retry must fail now, not after another
+        deadline."""
+        flight.retry_after = trio.current_time() + self.failure_ttl
+        flight.done.set()
+        self._signal_failure()
+
     def _finish(self, flight: Flight) -> None:
         key = (flight.obj.id, flight.index)
         if self._flights.get(key) is flight:
             del self._flights[key]
         flight.done.set()
+        if flight.error is not None:
+            self._signal_failure()
 
     async def _persist(self, flight: Flight, view: memoryview, digest_hex: str) -> None:
         """Write a staged chunk to the object file within the cache budget; only then may
@@ -673,27 +765,32 @@ class Fetcher:
 
     async def _transfer(self, flight: Flight) -> list[Staged]:
         """Peers first (verified against the recorded digest), then the source; retry
-        temporary failures with backoff until the flight's deadline. Returns what was
-        staged: this flight's chunk, and queued chunks right after it that a source read
-        brought along (empty if the chunk was already here)."""
-        delays = backoff_delays(base=0.05, cap=2.0)
-        while True:
-            try:
-                return await self._transfer_once(flight)
-            except (SourceChangedError, UserError) as exc:
-                # Permanent: the version is gone, or access/config is wrong (no token...).
+        temporary failures with backoff until the flight's deadline. A permanent failure
+        (the source's `is_temp_failure` says so: no Range support, access denied, the
+        version gone; or a UserError) is not retried at all. Returns what was staged:
+        this flight's chunk, and queued chunks right after it that a source read brought
+        along (empty if the chunk was already here)."""
+
+        def retried(exc: Exception, delay: float) -> None:
+            flight.last_error = str(exc)
+            log.warning("chunk %d of %s: %s; retrying", flight.index, flight.entry.path, exc)
+
+        try:
+            return await retrying(
+                functools.partial(self._transfer_once, flight),
+                functools.partial(_is_temp_failure, flight.source),
+                deadline=flight.deadline,
+                base=0.05,
+                cap=2.0,
+                on_retry=retried,
+            )
+        except SyncbitError as exc:
+            flight.last_error = str(exc)
+            if not _is_temp_failure(flight.source, exc):
                 log.error("%s: %s", flight.entry.path, exc)
                 raise
-            except SyncbitError as exc:
-                flight.last_error = str(exc)
-                delay = next(delays)
-                if trio.current_time() + delay >= flight.deadline:
-                    log.error("chunk %d of %s failed: %s", flight.index, flight.entry.path, exc)
-                    raise ReadDeadlineError(
-                        f"chunk {flight.index} of {flight.entry.path}: {exc}"
-                    ) from exc
-                log.warning("chunk %d of %s: %s; retrying", flight.index, flight.entry.path, exc)
-                await trio.sleep(delay)
+            log.error("chunk %d of %s failed: %s", flight.index, flight.entry.path, exc)
+            raise ReadDeadlineError(f"chunk {flight.index} of {flight.entry.path}: {exc}") from exc
 
     async def _transfer_once(self, flight: Flight) -> list[Staged]:
         obj, index = flight.obj, flight.index
@@ -780,8 +877,7 @@ class Fetcher:
                             f"reading it from the source and did not deliver within "
                             f"{self.read_deadline:g}s"
                         )
-                        flight.retry_after = now + self.failure_ttl
-                        flight.done.set()
+                        self._keep_failure(flight)
                 self._steal(parked, info)
         finally:
             self._watching.discard(object_id)
@@ -935,9 +1031,16 @@ class Fetcher:
             self._buffers.append(buf)
             await self._refuse_batch(batch, disagree)
             raise disagree.error from None
-        except BaseException:
+        except BaseException as exc:
             self._buffers.append(buf)
-            self._unclaim(followers)
+            if isinstance(exc, SyncbitError) and not _is_temp_failure(flight.source, exc):
+                # The same refusal awaits the chunks after it: they fail with it now rather
+                # than each asking the source again.
+                for f in followers:
+                    f.error = exc
+                    self._keep_failure(f)
+            else:
+                self._unclaim(followers)
             with trio.CancelScope(shield=True):
                 await self._release(obj.id, [f.index for f in batch])
             raise

@@ -7,10 +7,17 @@ reads a different share of the chunks from the source (chunk k of the dataset, c
 across its files in manifest order, belongs to member k mod N) and takes the rest from the
 other members, so the origin sends each byte about once however many nodes prefetch.
 A member that leaves the plan (down, unassigned) hands its share to the others at the
-next plan refresh. A prefetch that fails is retried with backoff for as long as the
-dataset stays assigned, unless the cache cannot hold it (assigned data over the budget):
-then what fits stays and nothing is fetched again and again; a pull reports its error to
-the CLI and stops.
+next plan refresh.
+
+Every job's requests to the source are bounded. Within a round, each chunk transfer
+retries temporary failures until its deadline, and a permanent source error (no Range
+support, access denied) ends the round at once. A prefetch whose round failed
+temporarily (the source is down) tries again after a jittered backoff of up to a minute,
+for as long as the dataset stays assigned; one that failed permanently, or that the cache
+cannot hold (assigned data over the budget: what fits stays), is not tried again until
+the dataset changes. A pull reports its error to the CLI and stops. A job that ends
+(done, failed, cancelled by `syncbit pull --cancel`, its dataset removed or unassigned)
+abandons the transfers only it wanted, so nothing keeps asking the source on its behalf.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ from dataclasses import dataclass, field
 import trio
 
 from syncbit.chunks import chunk_count
-from syncbit.errors import CacheFullError, SyncbitError
+from syncbit.errors import (
+    CacheFullError,
+    SourceChangedError,
+    SourcePermanentError,
+    SyncbitError,
+    UserError,
+)
 from syncbit.fetcher import Fetcher, Priority
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.retry import backoff_delays
@@ -44,6 +57,8 @@ class Job:
     done: bool = False
     error: str | None = None
     full: bool = False  # failed because the cache cannot hold it: no retry loop
+    permanent: bool = False  # failed for good (see `_is_permanent`): no retry loop
+    cancelled: bool = False  # stopped by `Jobs.cancel`
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
 
@@ -54,6 +69,12 @@ class Job:
         if not members or self.node not in members:
             return True
         return members[position % len(members)] == self.node
+
+
+def _is_permanent(exc: SyncbitError) -> bool:
+    """A failure no later round can fix: the source refused for good (no Range support,
+    access denied, the version gone) or a person must act (UserError)."""
+    return isinstance(exc, SourcePermanentError | UserError)
 
 
 class Jobs:
@@ -89,7 +110,9 @@ class Jobs:
     def start(self, manifest: Manifest, kind: str, members: list[str] | None = None) -> Job:
         """Run a job for this dataset version unless one is running, or finished and the
         data is still all here (eviction may have taken an unpinned pull's bytes since).
-        A prefetch's members are refreshed in place when only they changed."""
+        A prefetch's members are refreshed in place when only they changed. A prefetch
+        that failed for good, or does not fit, is not started again by the plan (every
+        heartbeat brings it): only a new revision, a new assignment or a pull does."""
         name = manifest.dataset
         job = self.jobs.get(name)
         if (
@@ -98,7 +121,7 @@ class Jobs:
             and (
                 not job.done
                 or (job.error is None and self.is_ready(manifest))
-                or (job.full and kind == "prefetch")
+                or ((job.full or job.permanent) and kind == "prefetch")
             )
         ):
             if kind == "prefetch":
@@ -130,28 +153,64 @@ class Jobs:
             del self.jobs[name]
             log.info("prefetch of %s stopped: no longer assigned", name)
 
+    def cancel(self, name: str, why: str, *, forget: bool = False) -> Job | None:
+        """Stop the job of dataset `name`, whatever its kind, with `why` as its error
+        (what `syncbit pull` shows); `forget` drops it too (the dataset is gone). Kept
+        bytes stay. Returns the job, None if there was none."""
+        job = self.jobs.get(name)
+        if job is None:
+            return None
+        if not job.done:
+            job.scope.cancel()
+            job.done = job.cancelled = True
+            job.error = why
+            log.info("%s of %s stopped: %s", job.kind, name, why)
+        if forget:
+            del self.jobs[name]
+        return job
+
+    def _abandon(self, job: Job, why: str) -> None:
+        """Stop the transfers of `job`'s objects that no other running job needs."""
+        needed = {
+            f.object
+            for other in self.jobs.values()
+            if other is not job and not other.done
+            for f in other.manifest.files
+        }
+        mine = {f.object for f in job.manifest.files if f.size} - needed
+        self.fetcher.abandon(mine, why)
+
     async def _run(self, job: Job) -> None:
         delays = backoff_delays(base=2.0, cap=60.0)
         name = job.manifest.dataset
-        with job.scope:
-            while True:
-                job.error = None
-                await self._fetch_all(job)
-                if job.error is None:
-                    await self.flush()  # complete means durable
-                    job.done = True
-                    log.info("%s of %s: complete", job.kind, name)
-                    break
-                if job.kind == "pull" or job.full:
-                    # A dataset the cache cannot hold is not fetched again and again: what
-                    # fits stays; status says the node is over budget.
-                    job.done = True
-                    log.warning("%s of %s failed: %s", job.kind, name, job.error)
-                    break
-                delay = next(delays)
-                log.warning("prefetch of %s failed: %s; retrying in %.0fs", name, job.error, delay)
-                await trio.sleep(delay)
-        job.finished.set()
+        try:
+            with job.scope:
+                while True:
+                    job.error = None
+                    await self._fetch_all(job)
+                    if job.error is None:
+                        await self.flush()  # complete means durable
+                        job.done = True
+                        log.info("%s of %s: complete", job.kind, name)
+                        break
+                    # Nothing of this round may keep asking the source during the wait.
+                    self._abandon(job, f"{job.kind} of {name} failed")
+                    if job.kind == "pull" or job.full or job.permanent:
+                        # A dataset the cache cannot hold is not fetched again and again:
+                        # what fits stays; status says the node is over budget. A source
+                        # that refused for good is not asked again until the dataset changes.
+                        job.done = True
+                        log.warning("%s of %s failed: %s", job.kind, name, job.error)
+                        break
+                    delay = next(delays)
+                    log.warning(
+                        "prefetch of %s failed: %s; retrying in %.0fs", name, job.error, delay
+                    )
+                    await trio.sleep(delay)
+        finally:
+            if not job.done or job.cancelled:  # cancelled: by `cancel`, `stop`, a new revision
+                self._abandon(job, f"{job.kind} of {name} stopped")
+            job.finished.set()
 
     async def _fetch_all(self, job: Job) -> None:
         manifest = job.manifest
@@ -176,6 +235,12 @@ class Jobs:
                 except SyncbitError as exc:
                     job.error = job.error or f"{entry.path}: {exc}"
                     job.full = job.full or isinstance(exc, CacheFullError)
+                    job.permanent = job.permanent or _is_permanent(exc)
+                    if not isinstance(exc, SourceChangedError | CacheFullError):
+                        # The source refused for good, or is down past the deadline: the
+                        # next file would meet the same. One file whose version is gone,
+                        # or that does not fit, does not stop the others.
+                        nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for entry, base in placed:

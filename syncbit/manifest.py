@@ -80,11 +80,17 @@ class Manifest(BaseModel):
 def safe_relpath(name: str) -> str:
     """Normalise a listed relative path, rejecting anything that could escape the root.
 
-    Rejects empty names, NUL bytes, absolute paths, `.`/`..` components and backslashes
-    used as separators. Returns the path with single `/` separators.
+    Rejects empty names, NUL bytes, names that are not valid UTF-8 (lone surrogates: no
+    reader could decode them, and the kernel protocol could not carry them), absolute
+    paths, `.`/`..` components and backslashes used as separators. Returns the path with
+    single `/` separators.
     """
     if not name or "\x00" in name:
         raise UnsafePathError(f"unsafe file name {name!r}: empty or contains NUL")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"unsafe file name {name!r}: not valid UTF-8") from None
     if name.startswith("/"):
         raise UnsafePathError(f"unsafe file name {name!r}: absolute path")
     parts = name.split("/")

@@ -20,6 +20,11 @@ admin. Credentials are checked with the cluster's public key, which this node le
 it registers (it never needs the cluster secret). Probes (`/healthz`, `/readyz`) and
 `/metrics` are open. With `tls_cert`, the port speaks TLS; plain HTTP is then admitted only
 from loopback, for probes and metrics, and for chunk data if `peer_data_tls` is off.
+
+Bounded: connections are capped in all and per client, and dropped when idle
+(`syncbit.serving`); a control body is judged by its Content-Length, after the caller is
+known to be allowed, and refused (413) unread over `_CONTROL_BODY`; a JSON body nests at
+most a few levels; a Range names at most 19-digit offsets.
 """
 
 from __future__ import annotations
@@ -29,17 +34,24 @@ import json
 import logging
 import os
 import re
-import socketserver
+import select
 import ssl
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from syncbit import tls
 from syncbit.auth import bearer, drain_refused
 from syncbit.credentials import Role, Verifier
 from syncbit.errors import PeerBusyError, PeerError, UnauthorizedError
+from syncbit.serving import (
+    BodyError,
+    BoundedHandler,
+    BoundedServer,
+    Limits,
+    body_length,
+    loads_bounded,
+)
 from syncbit.store import ObjectStore
 from syncbit.wire import Pool, WireError, parse_content_range
 
@@ -52,29 +64,78 @@ PRIORITY_HEADER = "X-Syncbit-Priority"
 _TLS_BLOCK = 1 << 20  # bytes per write of chunk data over TLS
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
 _PROGRESS_PATH = re.compile(r"^/v1/local/datasets/[^/?]+$")
+# One range, offsets of at most 19 digits (a longer number is no file offset, and parsing
+# thousands of digits costs CPU and raises ValueError).
+_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+_CONTROL_BODY = 64 * 2**10  # a control request body: {"dataset": name, "force": bool}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
 
+    def parse_request(self) -> bool:
+        self._body_done = False  # per request: whether its body was read
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` is answered once the body is accepted (`_body`)."""
+        return True
+
+    def _close_if_body_unread(self) -> None:
+        """A refusal leaves the request's body unread: it cannot be skipped safely, so the
+        connection ends with this answer."""
+        if self._body_done:
+            return
+        length = self.headers.get("Content-Length", "").strip()
+        if length not in ("", "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
     def _plain(self, status: int, text: str) -> None:
         body = text.encode()
+        self._close_if_body_unread()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    def _body(self) -> dict[str, Any] | None:
+        """The JSON object of a control request, read only within `_CONTROL_BODY`; None
+        once a refusal (400/411/413) has been sent."""
+        try:
+            length = body_length(self.headers, _CONTROL_BODY)
+        except BodyError as exc:
+            self._json(exc.status, {"error": str(exc)})
+            return None
+        if length and self.headers.get("Expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) != length:
+            raise ConnectionError(f"client sent {len(raw)} of {length} body bytes")
+        self._body_done = True
+        try:
+            body = loads_bounded(raw) if raw else {}
+        except ValueError as exc:
+            self._json(400, {"error": f"request body is not valid JSON: {exc}"})
+            return None
+        if not isinstance(body, dict):
+            self._json(400, {"error": "request body must be a JSON object"})
+            return None
+        return body
 
     def _refuse(self, status: int, text: str) -> None:
         """An error answer before the request's body was read: a small body is read and
         dropped (closing on unread bytes resets the connection, and the client may lose
         this answer); a larger one ends the connection instead."""
-        if not drain_refused(self):
-            self.close_connection = True
+        if drain_refused(self):
+            self._body_done = True
         self._plain(status, text)
 
     def _secure(self, data: bool = False) -> bool:
@@ -124,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(503, "daemon starting\n")
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
-        route = self.path.split("?", 1)[0]  # `syncbit wait` long-polls with ?wait=S
+        route = self.path.partition("?")[0]  # `syncbit wait` long-polls with ?wait=S
         progress = method == "GET" and bool(_PROGRESS_PATH.match(route))
         if not loopback and not progress:
             self._refuse(403, "local control is for this host only\n")
@@ -134,23 +195,27 @@ class _Handler(BaseHTTPRequestHandler):
         if progress or (method == "GET" and route in ("/v1/local/datasets", "/v1/local/cache")):
             roles: tuple[Role, ...] = (Role.READER,)
         else:
-            roles = ()  # pull, evict, gc: admin
+            roles = ()  # pull, cancel, evict, gc, verify: admin
         if not self._authorized(*roles):
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            self._json(400, {"error": "request body is not JSON"})
+        body = self._body()  # only now: the caller may make this request
+        if body is None:
             return
-        status, doc = control(method, self.path, body)
+        try:
+            status, doc = control(method, self.path, body)
+        except Exception:  # one request's failure must not drop the connection
+            log.exception("control request %s %s failed", method, route)
+            status, doc = 500, {"error": "internal daemon error; see the daemon log"}
         self._json(status, doc)
 
     def _json(self, status: int, doc: dict[str, Any]) -> None:
         body = json.dumps(doc).encode()
+        self._close_if_body_unread()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -159,6 +224,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._local("POST")
         else:
             self._plain(404, "no such endpoint\n")
+
+    def do_PUT(self) -> None:
+        self._plain(405, "method not allowed\n")
+
+    def do_DELETE(self) -> None:
+        self._plain(405, "method not allowed\n")
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
@@ -187,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         obj = self.server.store.get(match.group(1))
         rng = self.headers.get("Range", "")
-        span = re.fullmatch(r"bytes=(\d+)-(\d+)", rng.strip())
+        span = _RANGE.fullmatch(rng.strip())
         if obj is None or not span:
             self._plain(404 if obj is None else 416, "not held\n" if obj is None else "range\n")
             return
@@ -218,14 +289,25 @@ class _Handler(BaseHTTPRequestHandler):
         if tls.is_tls(self.connection):
             self._send_tls(fd, first, length)
         else:
-            offset, end = first, last + 1
-            out = self.connection.fileno()
-            while offset < end:
-                sent = os.sendfile(out, fd, offset, end - offset)
-                if sent == 0:
-                    raise ConnectionError("peer closed the connection")
-                offset += sent
+            self._sendfile(fd, first, last + 1)
         self.server.bytes_served += length
+
+    def _sendfile(self, fd: int, offset: int, end: int) -> None:
+        out = self.connection.fileno()
+        writable = select.poll()
+        writable.register(out, select.POLLOUT)
+        while offset < end:
+            try:
+                sent = os.sendfile(out, fd, offset, end - offset)
+            except BlockingIOError:
+                # The socket has a timeout (so it is non-blocking underneath): wait for room,
+                # at most the idle timeout for a peer that stopped reading.
+                if not writable.poll(self.server.limits.idle_timeout * 1000):
+                    raise TimeoutError("peer stopped reading") from None
+                continue
+            if sent == 0:
+                raise ConnectionError("peer closed the connection")
+            offset += sent
 
     def _send_tls(self, fd: int, offset: int, length: int) -> None:
         """The bytes through the TLS session: no sendfile (the kernel cannot encrypt them
@@ -242,15 +324,18 @@ class _Handler(BaseHTTPRequestHandler):
             offset += n
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
+# A node's readers and prefetch, every other node's fetchers and the pods' `syncbit wait`s;
+# one address may hold a quarter.
+LIMITS = Limits(max_connections=1024, max_per_client=256)
 
+
+class _Server(BoundedServer):
     def __init__(
         self,
         address: tuple[str, int],
         store: ObjectStore,
         upload_slots: int,
+        limits: Limits,
         auth_required: bool,
         tls_context: ssl.SSLContext | None,
         plain_data: bool,
@@ -268,7 +353,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.active = 0
         self.bytes_served = 0
         self._count_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, limits)
 
     def enter(self, prefetch: bool) -> bool:
         """Take an upload slot; a prefetch transfer gets none when all are taken."""
@@ -283,24 +368,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._count_lock:
             self.active -= 1
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Serve one connection, over TLS when the client opens it so (`syncbit.tls`)."""
-        try:
-            conn = tls.accept(request, self.tls)
-        except OSError as exc:  # ssl.SSLError too: a failed handshake is the client's
-            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
-            return
-        try:
-            _Handler(conn, client_address, self)
-        finally:
-            if conn is not request:
-                tls.close_quietly(conn)
-
 
 class PeerServer:
     """The node's chunk server on `listen` ("host:port"), running in its own threads.
 
     Args:
+        upload_slots: prefetch transfers served at once (0: any number).
+        limits: connection caps and the idle timeout.
         auth_required: every route but the probes needs a credential (the daemon has a
             token_file); they are checked once `set_verifier` gave the cluster's key.
         tls_context: serve TLS (plain HTTP stays for probes, metrics and loopback).
@@ -313,6 +387,7 @@ class PeerServer:
         listen: str,
         upload_slots: int = 0,
         *,
+        limits: Limits = LIMITS,
         auth_required: bool = False,
         tls_context: ssl.SSLContext | None = None,
         plain_data: bool = False,
@@ -322,6 +397,7 @@ class PeerServer:
             (host.strip("[]"), int(port)),
             store,
             upload_slots,
+            limits,
             auth_required,
             tls_context,
             plain_data,

@@ -1,6 +1,7 @@
 """`syncbit pull`'s client side: asks this node's daemon to bring a dataset here and shows
 progress until it is complete and verified. Never fetches bytes itself: the daemon does,
-so an interrupted pull keeps going there and a second pull simply reattaches.
+so an interrupted pull keeps going there (unless the person at the terminal asks to
+cancel it, or runs `syncbit pull --cancel NAME`) and a second pull simply reattaches.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def follow(
         last_plain = -_PLAIN_EVERY
         while not doc["complete"]:
             if start and doc.get("error") and not doc.get("pulling"):
-                raise SyncbitError(f"pull of {dataset} failed: {doc['error']}")
+                how = "stopped" if doc.get("cancelled") else "failed"
+                raise SyncbitError(f"pull of {dataset} {how}: {doc['error']}")
             elapsed = time.monotonic() - started
             if timeout is not None and elapsed >= timeout:
                 raise WaitTimeoutError(_timeout_message(doc, timeout))
@@ -229,6 +231,10 @@ def follow(
             asked = time.monotonic()
             try:
                 doc = client.call("GET", progress, params={"wait": f"{wait:.3f}"})
+            except NotFoundError:
+                raise SyncbitError(
+                    f"{verb} of {dataset} stopped: the dataset was removed from the scheduler"
+                ) from None
             except DaemonUnreachableError:
                 # The daemon restarted (a DaemonSet rollout) or is briefly gone: wait for
                 # it within the timeout instead of failing the pod's initContainer.
@@ -292,6 +298,42 @@ def _timeout_message(doc: dict[str, Any], timeout: float) -> str:
         f"{doc['dataset']} is not ready after {timeout:g}s: {pct:.1f}% "
         f"({_size(have)} of {_size(total)}) on this node" + (f"; {why}" if why else "")
     )
+
+
+def cancel(daemon: str, dataset: str) -> dict[str, Any]:
+    """Stop the pull of `dataset` on the daemon (what it brought stays); its progress."""
+    doc: dict[str, Any] = local(daemon, "POST", "pull/cancel", {"dataset": dataset})
+    return doc
+
+
+def interrupted(daemon: str, dataset: str, stdin: Any = None, out: Any = None) -> bool:
+    """Ctrl-C during `syncbit pull`: the daemon goes on pulling unless the person at the
+    terminal says to cancel it (y/N, default no). Without a terminal on stdin (a script,
+    a pipe) nobody is asked and the pull goes on. Returns whether it was cancelled."""
+    stdin = stdin or sys.stdin
+    out = out or sys.stderr
+    goes_on = (
+        f"the pull of {dataset} goes on in the daemon: `syncbit pull --cancel {dataset}` "
+        f"stops it, `syncbit wait {dataset}` follows it"
+    )
+    answer = ""
+    if stdin.isatty():
+        print(f"\ncancel the pull of {dataset} on the daemon? [y/N] ", end="", file=out, flush=True)
+        try:
+            answer = stdin.readline().strip().lower()
+        except KeyboardInterrupt:  # a second Ctrl-C: no
+            print(file=out)
+    if answer not in ("y", "yes"):
+        print(("" if stdin.isatty() else "\n") + goes_on, file=out, flush=True)
+        return False
+    doc = cancel(daemon, dataset)
+    print(
+        f"cancelled the pull of {dataset} ({_size(doc['present_bytes'])} of "
+        f"{_size(doc['size'])} here stay cached)",
+        file=out,
+        flush=True,
+    )
+    return True
 
 
 def local(daemon: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

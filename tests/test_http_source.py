@@ -609,7 +609,14 @@ async def test_origin_process_mode(tree: Path) -> None:
             assert r.content == b"hello"
             assert "Parent Directory" in (await client.get("sub/")).text
             stats = (await client.get("__stats")).json()
-            assert stats == {"bytes_served": 5, "by_path": {"sub/a b.txt": 5}}
+            expected = {"sub/a b.txt": 5}
+            assert stats == {"bytes_served": 5, "by_path": expected, "gets": {"sub/a b.txt": 1}}
+            # File reads can be made to fail (listings and HEADs still work), then served again.
+            assert (await client.post("__fail_reads?status=503")).status_code == 200
+            assert (await client.get("sub/a%20b.txt")).status_code == 503
+            assert (await client.head("sub/a%20b.txt")).status_code == 200
+            assert (await client.post("__fail_reads")).status_code == 200
+            assert (await client.get("sub/a%20b.txt")).status_code == 200
             assert (await client.post("__reset")).status_code == 200
             assert json.loads((await client.get("__stats")).content)["bytes_served"] == 0
     finally:

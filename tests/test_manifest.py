@@ -146,3 +146,11 @@ def test_source_options_from_config_longest_prefix_then_dataset() -> None:
     }
     assert options_for("s3://models/a/", configured, {"region": "ap-2"})["region"] == "ap-2"
     assert options_for("hf://org/m", configured) == {}
+
+
+def test_names_that_are_not_utf8_are_refused() -> None:
+    """A lone surrogate (what a listing's undecodable bytes become) is no name a reader can
+    decode: refused for every source, not only where a parser happens to check (found by
+    the Hub listing property test)."""
+    with pytest.raises(UnsafePathError, match="not valid UTF-8"):
+        safe_relpath("dir/\udcff.bin")

@@ -376,6 +376,10 @@ async def test_transport_answers_are_mapped() -> None:
 
 
 async def test_concurrent_clients(server: SchedulerServer) -> None:
+    MemSource.listings["memtest://sixteen/"] = listing("memtest://sixteen/", {"a": (64, OBJ_A)})
+    async with SchedulerClient(server.url) as c:
+        await c.add_dataset("sixteen", "memtest://sixteen/")  # names OBJ_A: 64 bytes
+
     async def one_node(i: int) -> None:
         async with SchedulerClient(server.url) as c:
             for _ in range(5):

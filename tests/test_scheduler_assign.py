@@ -141,19 +141,21 @@ async def test_ready_reported_by_heartbeat_shows_in_status(client: SchedulerClie
 
 
 async def test_claims_give_each_chunk_to_one_fetcher(client: SchedulerClient) -> None:
+    await client.add_dataset("one", "memassign://one/")  # names OBJ_A: 10 bytes, 3 chunks
     await beat(client, "a")
     await beat(client, "b")
     first = await client.claim("a", OBJ_A, [0, 1, 2], ttl=30)
     assert (first.granted, first.busy) == ([0, 1, 2], {})
-    second = await client.claim("b", OBJ_A, [1, 2, 3], ttl=30)
-    assert (second.granted, second.busy) == ([3], {1: "a", 2: "a"})
-    assert (await client.chunk_map(OBJ_A, "b")).fetching == {0: "a", 1: "a", 2: "a"}
-    assert (await client.chunk_map(OBJ_A, "a")).fetching == {3: "b"}
+    await client.release("a", OBJ_A, [0])
+    second = await client.claim("b", OBJ_A, [0, 1, 2], ttl=30)
+    assert (second.granted, second.busy) == ([0], {1: "a", 2: "a"})
+    assert (await client.chunk_map(OBJ_A, "b")).fetching == {1: "a", 2: "a"}
+    assert (await client.chunk_map(OBJ_A, "a")).fetching == {0: "b"}
 
     # Reporting a chunk ends its claim; the chunk is then held, not claimable.
     await client.report_chunks(
         "a",
-        add=[{"object": OBJ_A, "size": 16, "chunk_size": CHUNK, "chunks": [[1, D1]]}],
+        add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[1, D1]]}],
         remove=[],
     )
     third = await client.claim("b", OBJ_A, [1], ttl=30)
@@ -165,6 +167,7 @@ async def test_claims_give_each_chunk_to_one_fetcher(client: SchedulerClient) ->
 
 
 async def test_claims_of_a_down_node_do_not_block(client: SchedulerClient, clock: Clock) -> None:
+    await client.add_dataset("one", "memassign://one/")
     await beat(client, "a")
     assert (await client.claim("a", OBJ_A, [0], ttl=300)).granted == [0]
     clock.now += TIMEOUT + 1  # a stops heartbeating while holding a claim
@@ -172,7 +175,9 @@ async def test_claims_of_a_down_node_do_not_block(client: SchedulerClient, clock
     assert (await client.claim("b", OBJ_A, [0], ttl=30)).granted == [0]
     # And the digest-conflict path of reports is unchanged by claims.
     await client.report_chunks(
-        "b", add=[{"object": OBJ_A, "size": 8, "chunk_size": CHUNK, "chunks": [[0, D2]]}], remove=[]
+        "b",
+        add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D2]]}],
+        remove=[],
     )
 
 

@@ -60,6 +60,11 @@ def add(
     return state.add_chunks(node, obj, size, cs, chunks, establish=granted).conflicts
 
 
+def named(state: SchedulerState, size: int, obj: str = OBJ_A) -> None:
+    """A dataset names `obj` with `size` bytes: only then are its chunks recorded."""
+    state.put_dataset(manifest(f"named-{obj[:4]}", f"memtest://{obj[:4]}/", {"f": (size, obj)}))
+
+
 def beat(state: SchedulerState, name: str, load: int = 0, port: int = 1) -> NodeInfo:
     return state.heartbeat(name, f"127.0.0.1:{port}", {"zone": "a"}, load, 100, 1000)
 
@@ -209,16 +214,21 @@ def test_datasets_are_listed_by_name(state: SchedulerState) -> None:
 def test_first_digest_wins_and_conflicts_are_not_held(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 10)
     assert add(state, "n1", OBJ_A, 10, CHUNK, [(0, D1), (1, D2)]) == []
     # n2 agrees on chunk 0, disagrees on chunk 1, brings chunk 2 first
     assert add(state, "n2", OBJ_A, 10, CHUNK, [(0, D1), (1, D3), (2, D3)]) == [1]
     cmap = state.chunk_map(OBJ_A, None)
     assert cmap["digests"] == {0: D1, 1: D2, 2: D3}
+    # The conflict opened a dispute (a dataset names the object, so a third node can
+    # re-read it): chunk 1 is offered by nobody until it is settled.
+    assert cmap["disputed"] == [1]
     holders = {i: sorted(p["node"] for p in ps) for i, ps in cmap["peers"].items()}
-    assert holders == {0: ["n1", "n2"], 1: ["n1"], 2: ["n2"]}
+    assert holders == {0: ["n1", "n2"], 2: ["n2"]}
 
 
 def test_chunk_input_is_validated(state: SchedulerState) -> None:
+    named(state, 10)
     with pytest.raises(UserError, match="out of range"):
         add(state, "n1", OBJ_A, 10, CHUNK, [(3, D1)])
     with pytest.raises(UserError, match="invalid object id"):
@@ -232,6 +242,7 @@ def test_chunk_input_is_validated(state: SchedulerState) -> None:
 
 def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
     beat(state, "n1")
+    named(state, 100)
     add(state, "n1", OBJ_A, 100, CHUNK, [(i, D1) for i in range(25)])
     state.remove_chunks("n1", OBJ_A, [0, 7, 24, 99])
     cmap = state.chunk_map(OBJ_A, None)
@@ -245,6 +256,7 @@ def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
 def test_bad_peer_report_removes_the_holder_and_counts(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 8)
     add(state, "n1", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     add(state, "n2", OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     state.report_bad_peer("n2", "n1", OBJ_A, 1, "digest mismatch")
@@ -269,6 +281,7 @@ def test_chunk_map_excludes_down_nodes_and_the_requester(
     clock.now += TIMEOUT + 1
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 8)
     for node in ("old", "n1", "n2"):
         add(state, node, OBJ_A, 8, CHUNK, [(0, D1), (1, D2)])
     # a node that reports chunks before its first heartbeat is not handed out
@@ -283,6 +296,7 @@ def test_chunk_map_excludes_down_nodes_and_the_requester(
 
 
 def test_chunk_map_orders_by_load(state: SchedulerState) -> None:
+    named(state, 4)
     for name, load in (("busy", 9), ("idle", 0), ("some", 3)):
         beat(state, name, load=load)
         add(state, name, OBJ_A, 4, CHUNK, [(0, D1)])
@@ -302,6 +316,7 @@ def test_least_loaded_breaks_ties_at_random() -> None:
 def test_ties_spread_chunks_of_one_object_over_peers(state: SchedulerState) -> None:
     beat(state, "n1")
     beat(state, "n2")
+    named(state, 64 * CHUNK)
     for node in ("n1", "n2"):
         add(state, node, OBJ_A, 64 * CHUNK, CHUNK, [(i, D1) for i in range(64)])
     cmap = state.chunk_map(OBJ_A, None, LeastLoaded(random.Random(7)))
@@ -361,6 +376,7 @@ def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
 def test_concurrent_writers_lose_nothing(state: SchedulerState) -> None:
     beat(state, "n1")
     count = 400
+    named(state, count * CHUNK)
 
     def report(part: int) -> None:
         for i in range(part, count, 4):

@@ -1,13 +1,17 @@
 """Mount-point housekeeping: stale-mount cleanup, mount options, kernel readahead.
 
-Owns nothing but the mount point; never serves requests (that is `ops`).
+Owns nothing but the mount point; never serves requests (that is `ops`), and never
+unmounts a mount something still serves: only a stale one, whose server is gone.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +69,46 @@ def is_mounted(path: Path) -> bool:
     return any(mnt == target for mnt, _ in _mounts())
 
 
-def clean_stale(path: Path) -> None:
-    """Unmount a FUSE mount left at `path` by a crashed daemon (ENOTCONN) before we mount."""
+_PROBE_TIMEOUT = 5.0  # seconds a live FUSE server gets to answer one stat
+
+
+def probe_mount(path: Path, timeout: float = _PROBE_TIMEOUT) -> int | None:
+    """stat() the mount at `path` from a helper thread: 0 when it answers, the errno when
+    it fails (ENOTCONN: its FUSE server is gone), None when it does not answer within
+    `timeout` (its server is alive but stuck; the thread is left behind, blocked)."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.stat(path)
+            result.append(0)
+        except OSError as exc:
+            result.append(exc.errno or errno.EIO)
+
+    thread = threading.Thread(target=probe, name="syncbit-mount-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else None
+
+
+def clean_stale(path: Path, probe_timeout: float = _PROBE_TIMEOUT) -> None:
+    """Before mounting at `path`: unmount a FUSE mount left there by a crashed daemon
+    (its server is gone: ENOTCONN), and refuse (SyncbitError) a mount that something
+    still serves, such as another live daemon: taking it over would pull the data from
+    under that daemon's readers."""
     target = str(path.absolute())
     stale = [fs for mnt, fs in _mounts() if mnt == target]
     if not stale:
         return
     if not all(fs.startswith("fuse") for fs in stale):
         raise UserError(f"{path} is already a mount point of type {stale[0]}: refusing")
+    answer = probe_mount(path, probe_timeout)
+    if answer != errno.ENOTCONN:
+        state = "does not answer" if answer is None else "is in use"
+        raise SyncbitError(
+            f"{path} is already mounted ({stale[-1]}) and {state}: another syncbit daemon "
+            "serves it? Give this daemon its own --mount (or stop the other one first)"
+        )
     log.warning("cleaning stale mount at %s", path)
     for cmd in (["fusermount3", "-u", "-z", target], ["umount", "-l", target]):
         try:

@@ -33,6 +33,11 @@ RESOLVE_TIMEOUT = 300.0
 """Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502
 (the server's limit; the client waits a little longer)."""
 
+# What one request may carry; the server refuses more (400), so this client splits.
+MAX_REPORT_CHUNKS = 4096  # chunks added by one chunk report
+MAX_REPORT_REMOVALS = 65536  # chunk indexes removed by one chunk report
+MAX_CLAIM_CHUNKS = 4096  # chunks one claim or release names
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -75,6 +80,26 @@ class ClaimResult:
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
+
+
+def _batches(entries: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """Per-object chunk lists (`{"object", "chunks": [...], ...}`) cut into requests of at
+    most `limit` chunks each; an object with more is split over several."""
+    batches: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    room = limit
+    for entry in entries:
+        chunks = list(entry["chunks"])
+        while chunks:
+            if room == 0:
+                batches.append(current)
+                current, room = [], limit
+            part, chunks = chunks[:room], chunks[room:]
+            current.append({**entry, "chunks": part})
+            room -= len(part)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class SchedulerClient:
@@ -366,15 +391,19 @@ class SchedulerClient:
         `remove`: [{"object", "chunks": [index, ...]}]. A digest nobody recorded yet is
         recorded only if this node was granted the chunk's source read (`claim`).
         """
-        doc = await self._request(
-            "POST", f"/v1/nodes/{_segment(node)}/chunks", {"add": add, "remove": remove}
-        )
-        with self._shape("POST chunks"):
-            return ChunkReportResult(
-                conflicts=[(str(obj), int(index)) for obj, index in doc["conflicts"]],
-                refused=[(str(obj), int(index)) for obj, index in doc.get("refused", [])],
-            )
-        raise AssertionError("unreachable")
+        adds = _batches(add, MAX_REPORT_CHUNKS)
+        removes = _batches(remove, MAX_REPORT_REMOVALS)
+        result = ChunkReportResult(conflicts=[], refused=[])
+        for i in range(max(len(adds), len(removes), 1)):
+            body = {
+                "add": adds[i] if i < len(adds) else [],
+                "remove": removes[i] if i < len(removes) else [],
+            }
+            doc = await self._request("POST", f"/v1/nodes/{_segment(node)}/chunks", body)
+            with self._shape("POST chunks"):
+                result.conflicts += [(str(obj), int(index)) for obj, index in doc["conflicts"]]
+                result.refused += [(str(obj), int(index)) for obj, index in doc.get("refused", [])]
+        return result
 
     async def check(
         self, node: str, object_id: str, chunk: int, digest: str | None, changed: str = ""

@@ -1,14 +1,17 @@
-"""The scheduler's JSON HTTP API over `SchedulerState`, on stdlib `ThreadingHTTPServer`.
+"""The scheduler's JSON HTTP API over `SchedulerState`, on a thread-per-connection server
+with bounded connections (`syncbit.serving`).
 
 Owns routing, authorization (who may call which route, `_RULES`), request-body
 validation, source resolution for `POST /v1/datasets`, issuing credentials, and the
-mapping of errors to status codes. It never keeps state of its own (all of it lives in
-`SchedulerState`), never sends a traceback to a client and never logs a credential.
+mapping of errors to status codes. Every request is handled in three steps, each before
+the next costs anything: authorize it from its headers, find its route (which sets the
+body limit), then read at most that limit; a body over it is refused (413) unread. It
+never keeps state of its own (all of it lives in `SchedulerState`), never sends a
+traceback to a client and never logs a credential.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import json
@@ -16,24 +19,30 @@ import logging
 import math
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from syncbit import tls
 from syncbit.auth import check_exposure, drain_refused, read_token
+from syncbit.chunks import chunk_count
 from syncbit.config import SchedulerConfig
 from syncbit.credentials import PEER, Issuer, Principal, Role, is_credential, public_key_text
 from syncbit.errors import (
@@ -49,9 +58,22 @@ from syncbit.errors import (
 from syncbit.manifest import Manifest, build_manifest, validate_dataset_name
 from syncbit.metrics import Snapshot, counter, gauge, render
 from syncbit.scheduler.claims import Claims
-from syncbit.scheduler.client import RESOLVE_TIMEOUT
+from syncbit.scheduler.client import (
+    MAX_CLAIM_CHUNKS,
+    MAX_REPORT_CHUNKS,
+    MAX_REPORT_REMOVALS,
+    RESOLVE_TIMEOUT,
+)
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
-from syncbit.scheduler.state import DatasetExistsError, SchedulerState
+from syncbit.scheduler.state import MAX_CHUNK_INDEX, DatasetExistsError, SchedulerState
+from syncbit.serving import (
+    BodyError,
+    BoundedHandler,
+    BoundedServer,
+    Limits,
+    body_length,
+    loads_bounded,
+)
 from syncbit.sources.base import Listing, open_source, options_for
 from syncbit.sources.fences import Fences, default_file_roots
 from syncbit.sources.options import (
@@ -68,11 +90,31 @@ log = logging.getLogger("syncbit.scheduler")
 _UP_TTL = 0.5  # seconds a list of up nodes is reused by claims and chunk maps
 
 
-_IDLE_TIMEOUT = 120.0  # an idle keep-alive connection is dropped after this many seconds
-_MAX_BODY = 256 * 2**20
+# Request body limits by route, checked against Content-Length before anything is read.
+# Each is a few times what the largest valid body of that route can be.
+_NO_BODY = 0
+_SMALL_BODY = 64 * 2**10  # labels, claims (MAX_CLAIM_CHUNKS), targets, datasets, reports
+_HEARTBEAT_BODY = 2 * 2**20  # labels, and every dataset ready on the node (MAX_READY)
+# A chunk report: MAX_REPORT_CHUNKS [index, digest] pairs added (~80 bytes each, plus a
+# header per object) and MAX_REPORT_REMOVALS indexes removed (~11 bytes each).
+_CHUNKS_BODY = 4 * 2**20
+
+# Counts and sizes inside bodies: what one node or one request may make the state hold.
+MAX_LABELS = 1024  # a Kubernetes node with feature discovery carries a few hundred
+MAX_READY = 10_000  # datasets one heartbeat says are ready on the node
+MAX_TARGETS = 1024
+MAX_OPTIONS = 64
+_MAX_INT = 2**63 - 1
+
+# Connections: every node keeps a few (heartbeats, the generation long poll, chunk maps,
+# claims); one client address may hold a quarter of them.
+LIMITS = Limits(max_connections=4096, max_per_client=1024)
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Short = Annotated[str, StringConstraints(max_length=1024)]
+Count = Annotated[int, Field(ge=0, le=_MAX_INT)]
+ChunkIndex = Annotated[int, Field(ge=0, le=MAX_CHUNK_INDEX)]
 
 
 # -- request bodies ---------------------------------------------------------------------------
@@ -83,26 +125,26 @@ class _Body(BaseModel):
 
 
 class HeartbeatBody(_Body):
-    address: Annotated[str, StringConstraints(min_length=1)]
-    labels: dict[str, str] = Field(default_factory=dict)
-    load: int = Field(0, ge=0)
-    cache_bytes: int = Field(0, ge=0)
-    cache_size: int = Field(0, ge=0)
-    ready: dict[str, str] = Field(default_factory=dict)
-    pinned_bytes: int = Field(0, ge=0)
+    address: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    labels: dict[Name, Short] = Field(default_factory=dict, max_length=MAX_LABELS)
+    load: Count = 0
+    cache_bytes: Count = 0
+    cache_size: Count = 0
+    ready: dict[Name, Short] = Field(default_factory=dict, max_length=MAX_READY)
+    pinned_bytes: Count = 0
     pinned_over_budget: bool = False
     disk_full: bool = False  # the node's cache filesystem has no space left
     disk_free: int = Field(0, ge=0)
 
 
 class LabelsBody(_Body):
-    set: dict[Name, str] = Field(default_factory=dict)
-    remove: list[Name] = Field(default_factory=list)
+    set: dict[Name, Short] = Field(default_factory=dict, max_length=MAX_LABELS)
+    remove: list[Name] = Field(default_factory=list, max_length=MAX_LABELS)
 
 
 class Target(_Body):
     node: Name | None = None
-    selector: dict[Name, str] | None = None
+    selector: dict[Name, Short] | None = Field(None, max_length=MAX_LABELS)
 
     def doc(self) -> dict[str, Any]:
         if (self.node is None) == (self.selector is None):
@@ -111,26 +153,26 @@ class Target(_Body):
 
 
 class TargetsBody(_Body):
-    targets: list[Target] | None = None
+    targets: list[Target] | None = Field(None, max_length=MAX_TARGETS)
 
 
 class ClaimBody(_Body):
     node: Name
-    chunks: list[Annotated[int, Field(ge=0)]]
+    chunks: list[ChunkIndex] = Field(max_length=MAX_CLAIM_CHUNKS)
     ttl: float = Field(30.0, gt=0, le=3600)
 
 
 class DatasetBody(_Body):
     name: Name
-    source: Annotated[str, StringConstraints(min_length=1)]
-    options: dict[str, Any] = Field(default_factory=dict)
+    source: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    options: dict[str, Any] = Field(default_factory=dict, max_length=MAX_OPTIONS)
 
 
 class AddedObject(_Body):
     object: Hex64
-    size: int = Field(ge=0)
-    chunk_size: int = Field(gt=0)
-    chunks: list[tuple[Annotated[int, Field(ge=0)], Hex64]]
+    size: Count
+    chunk_size: int = Field(gt=0, le=_MAX_INT)
+    chunks: list[tuple[ChunkIndex, Hex64]] = Field(max_length=MAX_REPORT_CHUNKS)
 
 
 class ObjectRef(_Body):
@@ -143,20 +185,28 @@ class ObjectName(_Body):
 
 class RemovedObject(_Body):
     object: Hex64
-    chunks: list[Annotated[int, Field(ge=0)]]
+    chunks: list[ChunkIndex] = Field(max_length=MAX_REPORT_REMOVALS)
 
 
 class ChunksBody(_Body):
-    add: list[AddedObject] = Field(default_factory=list)
-    remove: list[RemovedObject] = Field(default_factory=list)
+    add: list[AddedObject] = Field(default_factory=list, max_length=MAX_REPORT_CHUNKS)
+    remove: list[RemovedObject] = Field(default_factory=list, max_length=MAX_REPORT_REMOVALS)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ChunksBody:
+        if sum(len(a.chunks) for a in self.add) > MAX_REPORT_CHUNKS:
+            raise ValueError(f"at most {MAX_REPORT_CHUNKS} chunks may be added per report")
+        if sum(len(r.chunks) for r in self.remove) > MAX_REPORT_REMOVALS:
+            raise ValueError(f"at most {MAX_REPORT_REMOVALS} chunks may be removed per report")
+        return self
 
 
 class ReportBody(_Body):
     reporter: Name
     peer: Name
     object: Hex64
-    chunk: int = Field(ge=0)
-    reason: str = ""
+    chunk: ChunkIndex
+    reason: Short = ""
 
 
 class TokenBody(_Body):
@@ -318,77 +368,26 @@ class _HTTPError(Exception):
         self.headers = headers
 
 
-class _Server(ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    # Every node connects at start-up; socketserver's default backlog of 5 drops SYNs.
-    request_queue_size = 1024
+class _Server(BoundedServer):
+    refusal_type = "application/json"
+    refusal_body = b'{"error":"too many connections","kind":"TooManyConnections"}'
 
     def __init__(
         self,
         address: tuple[str, int],
         family: socket.AddressFamily,
         api: Api,
+        limits: Limits,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.address_family = family
         self.api = api
         self.tls = tls_context
-        self._connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conn_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conn_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Serve one connection, over TLS when the client opens it so (`syncbit.tls`)."""
-        try:
-            conn = tls.accept(request, self.tls)
-        except OSError as exc:  # ssl.SSLError too: a failed handshake is the client's
-            log.debug("TLS handshake with %s failed: %s", client_address, exc)
-            return
-        if conn is request:
-            _Handler(conn, client_address, self)
-            return
-        with self._conn_lock:  # the TLS socket now owns the descriptor
-            self._connections.discard(request)
-            self._connections.add(conn)
-        try:
-            _Handler(conn, client_address, self)
-        finally:
-            with self._conn_lock:
-                self._connections.discard(conn)
-            tls.close_quietly(conn)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that vanished mid-request is routine; anything else is logged once."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError | TimeoutError):
-            log.debug("connection from %s dropped: %s", client_address, exc)
-        else:
-            log.exception("unexpected error serving %s", client_address)
-
-    def drop_connections(self) -> None:
-        """Wake handler threads parked on idle keep-alive connections so they exit."""
-        with self._conn_lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):  # already closed by the peer
-                conn.shutdown(socket.SHUT_RDWR)
+        super().__init__(address, _Handler, limits, family)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "syncbit-scheduler"
-    timeout = _IDLE_TIMEOUT
     # Headers and body go out as two writes; with Nagle on, the body waits for the client's
     # delayed ACK (~40 ms per request).
     disable_nagle_algorithm = True
@@ -409,18 +408,61 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            self.close_connection = True
-            raise _HTTPError(411, "request bodies need a Content-Length", "LengthRequired", {})
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")  # no route takes it: 405, in JSON like every answer
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` is answered only once the request is authorized and its
+        body within the route's limit (`_read_body`): refused clients never send it."""
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (a malformed request line, headers too long, an
+        unknown method) in JSON too, and the connection closed: after a request that
+        could not be parsed, the rest of the stream cannot be trusted."""
+        self.close_connection = True
+        if code == 501:  # a method no handler exists for: it is the client's mistake
+            code, message = 405, f"method {self.command!r} not allowed"
+        short, _ = self.responses.get(code, ("error", ""))
+        payload = _error(message or short, "BadRequest" if code < 500 else "ServerError")
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        else:
+            self.end_headers()
+
+    def _read_body(self, limit: int) -> bytes:
+        """At most `limit` bytes of body, judged by Content-Length before reading any:
+        a body over the limit (or without a length) is refused and never read, and the
+        connection closes, since its unread bytes cannot be skipped safely."""
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= _MAX_BODY:
+            length = body_length(self.headers, limit)
+        except BodyError as exc:
             self.close_connection = True
-            raise UserError(f"invalid Content-Length {self.headers.get('Content-Length')!r}")
-        return self.rfile.read(length) if length else b""
+            kind = {411: "LengthRequired", 413: "PayloadTooLarge"}.get(exc.status, "UserError")
+            raise _HTTPError(exc.status, str(exc), kind, {}) from None
+        if not length:
+            self._body_done = True
+            return b""
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+        raw = self.rfile.read(length)
+        if len(raw) != length:
+            self.close_connection = True
+            raise ConnectionError(f"client sent {len(raw)} of {length} body bytes")
+        self._body_done = True
+        return raw
 
     def _secure(self) -> bool:
         """TLS, or no TLS needed: none configured, or a client on this host."""
@@ -431,27 +473,33 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         status, payload, headers = 200, b"", {}
         content_type = "application/json"
-        read = False
+        api = self.server.api
+        self._body_done = False
         try:
-            split = urlsplit(self.path)
-            segments = [unquote(s) for s in split.path.strip("/").split("/")]
-            query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+            # The target is a path, never parsed as a URL: `//host` is a path here too.
+            target, _, query_string = self.path.partition("?")
+            query_string = query_string.partition("#")[0]
+            segments = [unquote(s) for s in target.partition("#")[0].strip("/").split("/")]
+            query = {k: v[-1] for k, v in parse_qs(query_string).items()}
             if method == "GET" and segments == ["metrics"]:
-                raw, read = self._read_body(), True
-                payload, content_type = self.server.api.metrics()
+                self._read_body(_NO_BODY)
+                payload, content_type = api.metrics()
             else:
                 if not self._secure() and segments not in (["healthz"], ["readyz"]):
                     raise ForbiddenError("this scheduler requires TLS: use https://")
-                # Who asks, before a byte of the body is read: an unauthorized client
-                # cannot make the scheduler read (or hold) its body.
-                principal = self.server.api.authorize(
-                    method, segments, self.headers.get("Authorization")
-                )
-                raw, read = self._read_body(), True
-                payload = self.server.api.handle(method, segments, query, raw, principal)
+                # 1. Who asks, from the headers alone: nothing of the body is read for a
+                # client that may not make this request.
+                principal = api.authorize(method, segments, self.headers.get("Authorization"))
+                # 2. Where to: an unknown route or method costs no body either.
+                route = api.route(method, segments)
+                # 3. What: at most the route's limit, else 413 unread.
+                raw = self._read_body(route.body_limit)
+                payload = api.call(route, method, segments, query, raw, principal)
         except _HTTPError as exc:
             status, headers = exc.status, exc.headers
             payload = _error(str(exc), exc.kind)
+        except (ConnectionError, TimeoutError):
+            raise  # the client is gone or stalled: nobody to answer
         except Exception as exc:
             status = _status_of(exc)
             if status == 500:
@@ -460,9 +508,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 message = str(exc)
             payload = _error(message, type(exc).__name__)
-        if not read and not drain_refused(self):
-            # An unread body would be parsed as the next request: a small one is dropped,
-            # a larger one ends the connection.
+        if not self._body_done and _has_body(self.headers) and not drain_refused(self):
+            # Refused before its body was read: an unread body would be parsed as the next
+            # request, so a small one is dropped and a larger one ends the connection.
             self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -472,7 +520,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(payload)
+        if method != "HEAD":
+            self.wfile.write(payload)
+
+
+def _has_body(headers: Any) -> bool:
+    """Whether a request announced a body (a length other than 0, or chunked)."""
+    length = headers.get("Content-Length", "").strip()
+    return length not in ("", "0") or bool(headers.get("Transfer-Encoding"))
 
 
 def _is_secret(source: str, key: str) -> bool:
@@ -510,7 +565,7 @@ def _decode(raw: bytes) -> Any:
     if not raw:
         raise UserError("request body is missing: expected a JSON object")
     try:
-        doc = json.loads(raw)
+        doc = loads_bounded(raw)
     except ValueError as exc:
         raise UserError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -518,7 +573,35 @@ def _decode(raw: bytes) -> Any:
     return doc
 
 
+Handler = Callable[[list[str], dict[str, str], bytes], bytes]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes, and how large a body it may bring."""
+
+    name: str
+    handler: Handler
+    body_limit: int
+
+
 # -- the API ----------------------------------------------------------------------------------
+
+# Body limits by route (handler name); a route not listed takes no body.
+_BODY_LIMITS = {
+    "heartbeat": _HEARTBEAT_BODY,
+    "labels": _SMALL_BODY,
+    "add_targets": _SMALL_BODY,
+    "remove_targets": _SMALL_BODY,
+    "claim": _SMALL_BODY,
+    "release": _SMALL_BODY,
+    "chunks": _CHUNKS_BODY,
+    "add_dataset": _SMALL_BODY,
+    "report": _SMALL_BODY,
+    "credential": _SMALL_BODY,
+    "issue": _SMALL_BODY,
+    "check": _SMALL_BODY,
+}
 
 
 class Api:
@@ -670,21 +753,38 @@ class Api:
         body: bytes,
         principal: Principal | None = None,
     ) -> bytes:
-        route = self._route(method, seg)
-        key = (method, route.__name__.lstrip("_"))
+        return self.call(self.route(method, seg), method, seg, query, body, principal)
+
+    def call(
+        self,
+        route: Route,
+        method: str,
+        seg: list[str],
+        query: dict[str, str],
+        body: bytes,
+        principal: Principal | None = None,
+    ) -> bytes:
+        """Run a request whose body was read within `route.body_limit`, on behalf of
+        `principal` (None without a cluster secret)."""
+        key = (method, route.name)
         self.requests[key] = self.requests.get(key, 0) + 1  # GIL-atomic enough for a count
         if principal is not None:
-            self._check_body(route.__name__, principal, body)
+            self._check_body(route.handler.__name__, principal, body)
         self._request.principal = principal
         try:
-            return route(seg, query, body)
+            return route.handler(seg, query, body)
         finally:
             self._request.principal = None
 
-    def _route(
-        self, method: str, seg: list[str]
-    ) -> Callable[[list[str], dict[str, str], bytes], bytes]:
-        table: dict[str, Callable[[list[str], dict[str, str], bytes], bytes]] = {}
+    def route(self, method: str, seg: list[str]) -> Route:
+        """The route of a request, from its method and path alone (no body needed):
+        _HTTPError 404 for an unknown path, 405 for a method the path does not take."""
+        handler = self._route(method, seg)
+        name = handler.__name__.lstrip("_")
+        return Route(name, handler, _BODY_LIMITS.get(name, _NO_BODY))
+
+    def _route(self, method: str, seg: list[str]) -> Handler:
+        table: dict[str, Handler] = {}
         match seg:
             case ["healthz"]:
                 table = {"GET": self._healthz}
@@ -846,6 +946,7 @@ class Api:
         node: it reads for its own readers, but its word is not recorded)."""
         req: ClaimBody = _parse(ClaimBody, _decode(body))
         object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
+        self._check_indexes(object_id, req.chunks)
         held = self.state.chunk_map(object_id, req.node, self.policy)["peers"]
         wanted = [i for i in req.chunks if i not in held]
         granted, busy = self.claims.claim(
@@ -859,6 +960,17 @@ class Api:
         return _json(
             {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
         )
+
+    def _check_indexes(self, object_id: str, indexes: list[int]) -> None:
+        """Claims name chunks of objects a manifest named, within the object's size: what
+        the claims table holds is then bounded by the registered datasets."""
+        geometry = self.state.object_geometry(object_id)
+        if geometry is None:
+            raise NotFoundError(f"unknown object {object_id}: no dataset names it")
+        count = chunk_count(*geometry)
+        bad = next((i for i in indexes if i >= count), None)
+        if bad is not None:
+            raise UserError(f"object {object_id}: chunk {bad} out of range (object has {count})")
 
     def _release(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         req: ClaimBody = _parse(ClaimBody, _decode(body))
@@ -923,17 +1035,24 @@ class Api:
         node = seg[2]
         conflicts: list[list[Any]] = []
         refused: list[list[Any]] = []
+        unknown: list[str] = []
         for added in req.add:
             object_id = added.object.lower()
             indexes = [i for i, _ in added.chunks]
-            report = self.state.add_chunks(
-                node,
-                object_id,
-                added.size,
-                added.chunk_size,
-                added.chunks,
-                establish=self.claims.may_establish(node, object_id, indexes),
-            )
+            try:
+                report = self.state.add_chunks(
+                    node,
+                    object_id,
+                    added.size,
+                    added.chunk_size,
+                    added.chunks,
+                    establish=self.claims.may_establish(node, object_id, indexes),
+                )
+            except NotFoundError:
+                # No dataset names it (any more, or this state was lost): nothing to record,
+                # and no reason to refuse the rest of the report.
+                unknown.append(added.object)
+                continue
             conflicts.extend([added.object, i] for i in report.conflicts)
             refused.extend([added.object, i] for i in report.refused)
             for why, count in (("conflict", report.conflicts), ("refused", report.refused)):
@@ -942,7 +1061,9 @@ class Api:
             self.claims.release(node, object_id, indexes)
         for removed in req.remove:
             self.state.remove_chunks(node, removed.object.lower(), removed.chunks)
-        return _json({"conflicts": conflicts, "refused": refused})
+        if unknown:
+            log.debug("node %s reported chunks of unknown objects %s", node, unknown[:5])
+        return _json({"conflicts": conflicts, "refused": refused, "unknown": unknown})
 
     def _chunk_map(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         object_id = seg[2].lower()
@@ -1055,6 +1176,7 @@ class SchedulerServer:
         resolve: lists a source into a manifest (default `resolve_dataset` inside the
             config's `file_roots`; tests inject).
         clock: wall-clock seconds for liveness (tests inject).
+        limits: connections open at once, per client, and their idle timeout.
     """
 
     def __init__(
@@ -1064,8 +1186,10 @@ class SchedulerServer:
         policy: PeerPolicy | None = None,
         resolve: Callable[[str, str, dict[str, Any], int], Manifest] | None = None,
         clock: Callable[[], float] = time.time,
+        limits: Limits = LIMITS,
     ) -> None:
         self.config = config
+        self.limits = limits
         self.policy: PeerPolicy = policy or LeastLoaded()
         self.fences = Fences.for_roots(file_roots(config))
         for prefix, options in config.source_options.items():
@@ -1118,7 +1242,7 @@ class SchedulerServer:
             Issuer(secret, self._clock) if secret is not None else None,
         )
         try:
-            server = _Server((host, port), family, api, context)
+            server = _Server((host, port), family, api, self.limits, context)
         except OSError as exc:
             state.close()
             raise SchedulerError(

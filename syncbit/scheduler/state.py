@@ -10,7 +10,8 @@ Layout (named databases of one environment, `<state_dir>/state.lmdb`):
     nodes       node name                         -> node record (JSON, without `up`)
     datasets    dataset name                      -> manifest (JSON)
     summaries   dataset name                      -> summary (JSON; listing without parsing)
-    objects     object id (32 bytes)              -> size, chunk_size (2 x u64 big-endian)
+    objects     object id (32 bytes)              -> size, chunk_size (2 x u64 big-endian),
+                                                     from the manifests that name the object
     digests     object id + chunk index (u32 BE)  -> 32-byte chunk digest + establisher name
     established node name + NUL + object id + chunk index -> b"" (digests a node established)
     holders     object id + node name             -> bitmap, bit i (little-endian) = chunk i
@@ -21,6 +22,11 @@ Layout (named databases of one environment, `<state_dir>/state.lmdb`):
     notices     node name + NUL + object id       -> b"": the node must drop its copy
     targets     dataset name                      -> assignment targets (JSON list)
     meta        b"generation"                     -> u64 big-endian
+
+Chunk facts are kept only for objects some manifest named (`put_dataset` records their
+size and chunk size; they stay after the dataset is removed, since nodes still hold
+them): a chunk index is then bounded by its object's size, so no report can make a
+holder bitmap, a digest key or a claim larger than the datasets an admin registered.
 
 The generation counts every change that alters what a node should hold or serve: datasets,
 their revisions, assignments, label edits, quarantines and broken files. Nodes poll it and
@@ -75,11 +81,13 @@ _OID_LEN = 32
 _DIGEST_LEN = 32
 _MAX_NAME_BYTES = 255  # LMDB keys are at most 511 bytes; holders keys are 32 + name
 _GENERATION = b"generation"
+_GEOMETRY_MIGRATED = b"objects-from-manifests"  # state written before objects came from them
 _OBJECT = struct.Struct(">QQ")
 MAX_DISPUTES = 256  # open disputes; more conflicts wait (logged) until some are settled
 RECHECK_TIMEOUT = 60.0  # seconds a node asked to re-check a chunk has before another is
 _MAX_NOTICES = 256  # objects to discard handed to a node per heartbeat
 _CHANGED = "changed"  # a dispute claim: the source no longer has the recorded version
+MAX_CHUNK_INDEX = 2**32 - 1  # digests keys hold the index as a u32
 
 
 class DatasetExistsError(UserError):
@@ -276,6 +284,7 @@ class SchedulerState:
         self._quarantine = self._env.open_db(b"quarantine")
         self._broken = self._env.open_db(b"broken")
         self._notices = self._env.open_db(b"notices")
+        self._register_stored_objects()
         # Last liveness seen per node, only to log up/down transitions once.
         self._liveness = {n.name: n.up for n in self.nodes()}
 
@@ -336,6 +345,59 @@ class SchedulerState:
         doc["labels"] = effective_labels(doc["labels"], doc.get("label_overrides", {}))
         doc["quarantined"] = json.loads(quarantined) if quarantined else None
         return NodeInfo(**doc)
+
+    def _register_stored_objects(self) -> None:
+        """Once per state dir: record the objects of manifests stored before objects were
+        recorded from manifests, so their chunks stay reportable."""
+        with self._write() as txn:
+            if txn.get(_GEOMETRY_MIGRATED, db=self._meta) is not None:
+                return
+            for _, raw in txn.cursor(db=self._datasets):
+                self._register_objects(txn, Manifest.model_validate_json(raw))
+            txn.put(_GEOMETRY_MIGRATED, b"1", db=self._meta)
+
+    def _register_objects(self, txn: lmdb.Transaction[bytes], manifest: Manifest) -> None:
+        """Record the size and chunk size of every object `manifest` names. A record that
+        disagrees came from reports before any manifest named the object (or a manifest
+        of another chunk size): the manifest wins, and the chunk facts recorded against
+        the other layout are dropped."""
+        for entry in manifest.files:
+            if not entry.size:
+                continue
+            try:
+                oid = _oid(entry.object)
+            except UserError:
+                continue  # not an object id this scheduler could have chunks of
+            packed = _OBJECT.pack(entry.size, manifest.chunk_size)
+            known = txn.get(oid, db=self._objects)
+            if known == packed:
+                continue
+            if known is not None:
+                was = _OBJECT.unpack(known)
+                log.warning(
+                    "object %s was recorded with size %d and chunk size %d; dataset %s "
+                    "says %d and %d: its chunk records are dropped",
+                    entry.object[:16],
+                    was[0],
+                    was[1],
+                    manifest.dataset,
+                    entry.size,
+                    manifest.chunk_size,
+                )
+                for db in (self._digests, self._holders):
+                    for key in [k for k, _ in _prefix(txn, db, oid)]:
+                        txn.delete(key, db=db)
+            txn.put(oid, packed, db=self._objects)
+
+    def object_geometry(self, object_id: str) -> tuple[int, int] | None:
+        """(size, chunk size) of an object a manifest named, else None."""
+        oid = _oid(object_id)
+        with self._read() as txn:
+            known = txn.get(oid, db=self._objects)
+        if known is None:
+            return None
+        size, chunk_size = _OBJECT.unpack(known)
+        return int(size), int(chunk_size)
 
     def _bump(self, txn: lmdb.Transaction[bytes], db: lmdb._Database) -> int:
         self._bumped = True
@@ -481,6 +543,7 @@ class SchedulerState:
                 return old, False
             txn.put(key, manifest.model_dump_json().encode(), db=self._datasets)
             txn.put(key, json.dumps(summary).encode(), db=self._summaries)
+            self._register_objects(txn, manifest)
             generation = self._bump(txn, self._meta)
             self._prune_disputes(txn)
         if old is None:
@@ -695,6 +758,9 @@ class SchedulerState:
     ) -> ChunkReport:
         """Record that `node` holds `chunks` (index, digest) of an object.
 
+        The object must be one a manifest named (NotFoundError otherwise) and `size` and
+        `chunk_size` must be its recorded ones (UserError): every index is then bounded
+        by the object's size.
         A chunk without a recorded digest is recorded only if its index is in `establish`
         (the node was granted its source read, see `Claims.may_establish`), else refused.
         A digest that differs from the recorded one is a conflict and opens a dispute
@@ -720,8 +786,8 @@ class SchedulerState:
                 return report  # nothing of a liar's is recorded (no log: it reports often)
             known = txn.get(oid, db=self._objects)
             if known is None:
-                txn.put(oid, _OBJECT.pack(size, chunk_size), db=self._objects)
-            elif _OBJECT.unpack(known) != (size, chunk_size):
+                raise NotFoundError(f"unknown object {object_id}: no dataset names it")
+            if _OBJECT.unpack(known) != (size, chunk_size):
                 was = _OBJECT.unpack(known)
                 raise UserError(
                     f"object {object_id} is known with size {was[0]} and chunk size {was[1]}, "
@@ -774,7 +840,7 @@ class SchedulerState:
         with self._write() as txn:
             mask = old_mask = _mask(txn.get(hkey, db=self._holders))
             for index in indexes:
-                if index >= 0:
+                if 0 <= index < old_mask.bit_length():  # a bit beyond is not set anyway
                     mask &= ~(1 << index)
             if mask == old_mask:
                 return

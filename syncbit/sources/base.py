@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from syncbit.errors import InvalidSourceError, SourceChangedError, SourceError
+from syncbit.errors import (
+    InvalidSourceError,
+    SourceChangedError,
+    SourceError,
+    SourcePermanentError,
+)
 from syncbit.manifest import FileEntry, Perm
 from syncbit.redact import redact_url
 from syncbit.sources.fences import Fences
@@ -82,6 +87,10 @@ class Source(ABC):
 
     @staticmethod
     def is_temp_failure(exc: BaseException) -> bool:
+        """Whether a read that failed with `exc` may succeed if tried again: only
+        `SourceUnavailableError` (network, timeouts, 5xx, 429). Anything else a source
+        raises (SourcePermanentError, SourceChangedError, a refused credential) is never
+        retried."""
         from syncbit.errors import SourceUnavailableError
 
         return isinstance(exc, SourceUnavailableError)
@@ -118,7 +127,8 @@ def check_range_body(
     length = resp.headers.get("content-length")
     if resp.status == 200:
         if offset != 0 or want != size:
-            raise SourceError(f"cannot read {what}: the server ignores Range requests")
+            # Every retry would fetch the whole file again and fail the same way.
+            raise SourcePermanentError(f"cannot read {what}: the server ignores Range requests")
         if length != str(size):
             raise changed(f"now {length or 'unknown'} bytes")
         return

@@ -28,6 +28,7 @@ from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
     SourceError,
+    SourcePermanentError,
     SourceUnavailableError,
     SyncbitError,
     UnsafePathError,
@@ -292,15 +293,15 @@ class HttpSource(Source):
             raise changed(f"HTTP {status}")
         if status in _TEMPORARY or status >= 500:
             raise SourceUnavailableError(f"cannot read {url}: HTTP {status}")
-        if status in (401, 403):
-            raise SourceError(
+        if status in (401, 403):  # asking again gets the same answer
+            raise SourcePermanentError(
                 f"cannot read {url}: HTTP {status}: the origin refused this node's "
                 "credentials (headers in source_options of this node's config for "
                 f"{redact_url(self.uri)}; credentials given with `dataset add` serve the "
                 "listing only)"
             )
         if status not in (200, 206):
-            raise SourceError(f"cannot read {url}: HTTP {status}")
+            raise SourcePermanentError(f"cannot read {url}: HTTP {status}")
         got_etag = resp.headers.get("etag")
         if etag and got_etag and _opaque(got_etag) != _opaque(etag):
             raise changed(f"now etag={got_etag}")

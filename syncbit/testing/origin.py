@@ -10,7 +10,9 @@ In-process::
         httpx.get(origin.url + "dir/")
 
 As a process (`python -m syncbit.testing.origin --root DIR --port 0`): prints `READY <port>`
-once listening, serves `GET /__stats` (JSON) and `POST /__reset`, stops on SIGTERM/SIGINT.
+once listening, serves `GET /__stats` (JSON: bytes served, and GETs of files, by path),
+`POST /__reset` and `POST /__fail_reads?status=503` (file GETs answer that status until
+`POST /__fail_reads` without one; listings and HEADs still work), stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ class _State:
     style: Style
     control: bool
     fail_with: int | None = None
+    fail_reads_with: int | None = None  # file GETs only
     bytes_served: int = 0
     by_path: dict[str, int] = field(default_factory=dict)
+    gets: dict[str, int] = field(default_factory=dict)  # GETs of files, by path
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, path: str, n: int) -> None:
@@ -68,14 +72,23 @@ class _State:
             else:
                 self.by_path.pop(path, None)
 
+    def got(self, path: str) -> None:
+        with self.lock:
+            self.gets[path] = self.gets.get(path, 0) + 1
+
     def reset(self) -> None:
         with self.lock:
             self.bytes_served = 0
             self.by_path = {}
+            self.gets = {}
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"bytes_served": self.bytes_served, "by_path": dict(self.by_path)}
+            return {
+                "bytes_served": self.bytes_served,
+                "by_path": dict(self.by_path),
+                "gets": dict(self.gets),
+            }
 
 
 class _Server(LoopbackServer):
@@ -102,9 +115,14 @@ class _Handler(TrackedHandler):
     def do_POST(self) -> None:
         self._drain_body()
         state = self.server.state
-        if state.control and urlsplit(self.path).path == "/__reset":
+        url = urlsplit(self.path)
+        if state.control and url.path == "/__reset":
             state.reset()
             self._simple(200, "reset\n")
+        elif state.control and url.path == "/__fail_reads":
+            status = dict(p.partition("=")[::2] for p in url.query.split("&") if p).get("status")
+            state.fail_reads_with = int(status) if status else None
+            self._simple(200, f"file reads answer {status or 'normally'}\n")
         else:
             self._simple(405, "method not allowed\n")
 
@@ -143,7 +161,14 @@ class _Handler(TrackedHandler):
             else:
                 self._index(real, url.path, head)
         elif stat.S_ISREG(st.st_mode):
-            self._file(real, "/".join(parts), head)
+            relpath = "/".join(parts)
+            if not head:
+                state.got(relpath)
+                if state.fail_reads_with is not None:
+                    status = state.fail_reads_with
+                    self._simple(status, f"injected read failure: HTTP {status}\n")
+                    return
+            self._file(real, relpath, head)
         else:
             self._simple(404, "not found\n", head=head)
 
