@@ -73,14 +73,17 @@ _PROBE_TIMEOUT = 5.0  # seconds a live FUSE server gets to answer one stat
 
 
 def probe_mount(path: Path, timeout: float = _PROBE_TIMEOUT) -> int | None:
-    """stat() the mount at `path` from a helper thread: 0 when it answers, the errno when
-    it fails (ENOTCONN: its FUSE server is gone), None when it does not answer within
-    `timeout` (its server is alive but stuck; the thread is left behind, blocked)."""
+    """statvfs() the mount at `path` from a helper thread: 0 when it answers, the errno
+    when it fails (ENOTCONN: its FUSE server is gone), None when it does not answer within
+    `timeout` (its server is alive but stuck; the thread is left behind, blocked).
+
+    statvfs, not stat: the kernel answers a stat of the root from its attribute cache for
+    a while even after the server died, while every STATFS goes to the server."""
     result: list[int] = []
 
     def probe() -> None:
         try:
-            os.stat(path)
+            os.statvfs(path)
             result.append(0)
         except OSError as exc:
             result.append(exc.errno or errno.EIO)

@@ -430,6 +430,8 @@ class _Walk:
             version["last_modified"] = last_modified
         if head is not None and len(head) == head_length(size):
             sample = digest(head) if size else ""
+        elif resp.request.headers.get("range") and resp.status_code == 200:
+            sample = ""  # the listing's ranged GET got the whole file: Range is ignored
         else:
             sample = await self._head_sample(url, size, etag) if size else ""
         if sample:

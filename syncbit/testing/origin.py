@@ -12,7 +12,8 @@ In-process::
 As a process (`python -m syncbit.testing.origin --root DIR --port 0`): prints `READY <port>`
 once listening, serves `GET /__stats` (JSON: bytes served, and GETs of files, by path),
 `POST /__reset` and `POST /__fail_reads?status=503` (file GETs answer that status until
-`POST /__fail_reads` without one; listings and HEADs still work), stops on SIGTERM/SIGINT.
+`POST /__fail_reads` without one; listings, HEADs and the ranged GET of a file's first
+64 KiB that a listing takes for its head sample still work), stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
+from syncbit.chunks import HEAD_SAMPLE
 from syncbit.testing._http import (
     UNSATISFIABLE,
     LoopbackServer,
@@ -164,7 +166,9 @@ class _Handler(TrackedHandler):
             relpath = "/".join(parts)
             if not head:
                 state.got(relpath)
-                if state.fail_reads_with is not None:
+                # The GET of the head sample is also how a listing learns a file's size.
+                sample = self.headers.get("Range") == f"bytes=0-{HEAD_SAMPLE - 1}"
+                if state.fail_reads_with is not None and not sample:
                     status = state.fail_reads_with
                     self._simple(status, f"injected read failure: HTTP {status}\n")
                     return
