@@ -43,7 +43,7 @@ from typing import Any
 from syncbit import tls
 from syncbit.auth import bearer, drain_refused
 from syncbit.credentials import Role, Verifier
-from syncbit.errors import PeerBusyError, PeerError, UnauthorizedError
+from syncbit.errors import PeerBusyError, PeerError, SyncbitError, UnauthorizedError
 from syncbit.serving import (
     BodyError,
     BoundedHandler,
@@ -393,15 +393,20 @@ class PeerServer:
         plain_data: bool = False,
     ) -> None:
         host, _, port = listen.rpartition(":")
-        self._server = _Server(
-            (host.strip("[]"), int(port)),
-            store,
-            upload_slots,
-            limits,
-            auth_required,
-            tls_context,
-            plain_data,
-        )
+        try:
+            self._server = _Server(
+                (host.strip("[]"), int(port)),
+                store,
+                upload_slots,
+                limits,
+                auth_required,
+                tls_context,
+                plain_data,
+            )
+        except OSError as exc:  # address in use, not ours to bind: one line, no traceback
+            raise SyncbitError(
+                f"the daemon cannot listen on {listen}: {exc.strerror or exc}"
+            ) from exc
         self._thread: threading.Thread | None = None
 
     def set_verifier(self, verifier: Verifier) -> None:

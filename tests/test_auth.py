@@ -25,6 +25,7 @@ from syncbit.errors import (
     ConfigError,
     ForbiddenError,
     PeerError,
+    SyncbitError,
     TrustError,
     UnauthorizedError,
 )
@@ -503,3 +504,17 @@ def test_a_client_that_never_finishes_its_handshake_costs_one_thread(
             assert http.get(f"https://{peer.address}/healthz").status_code == 200
     finally:
         stalled.close()
+
+
+def test_a_daemon_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    """Another process on the daemon's --listen address: a SyncbitError naming it (the
+    CLI prints one line), not an OSError traceback."""
+    store = ObjectStore.open(tmp_path / "cache", 1 << 20)
+    first = PeerServer(store, "127.0.0.1:0")
+    first.start()
+    try:
+        with pytest.raises(SyncbitError, match=r"cannot listen on 127\.0\.0\.1:\d+: Address"):
+            PeerServer(store, first.address)
+    finally:
+        first.stop()
+        store.close()
