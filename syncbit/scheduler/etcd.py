@@ -417,6 +417,26 @@ def _classify(code: int, message: str) -> _Failed:
     return _Failed(_Outcome.UNKNOWN, message or f"gRPC code {code}")
 
 
+class _Body(httpx.AsyncByteStream):
+    """A request body that is an iterator object, not an async generator.
+
+    httpx's own body streams are async generators; a request cancelled while its body is
+    being sent leaves one suspended for the garbage collector to finalise, and trio
+    warns. This one holds no frame: nothing is left behind."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
+
+
 # -- the client ------------------------------------------------------------------------------
 
 
@@ -499,6 +519,19 @@ class EtcdClient:
             headers["Authorization"] = self._token
         return headers
 
+    def _request(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], timeout: httpx.Timeout
+    ) -> httpx.Request:
+        request = self._http.build_request(
+            "POST",
+            url,
+            content=json.dumps(body).encode(),
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=timeout,
+        )
+        request.stream = _Body(request.content)
+        return request
+
     async def _attempt(
         self,
         endpoint: str,
@@ -511,15 +544,16 @@ class EtcdClient:
     ) -> dict[str, Any] | _Failed:
         """One POST to one endpoint: the answer, or how it failed (permanent errors raise)."""
         resp: httpx.Response | None = None
+        request = self._request(
+            endpoint + path,
+            body,
+            self._headers(stale_ok),
+            httpx.Timeout(read_timeout, connect=self.connect_timeout),
+        )
         # httpx bounds each socket operation; this bounds the attempt as a whole.
         with trio.move_on_after(self.connect_timeout + read_timeout):
             try:
-                resp = await self._http.post(
-                    endpoint + path,
-                    json=body,
-                    headers=self._headers(stale_ok),
-                    timeout=httpx.Timeout(read_timeout, connect=self.connect_timeout),
-                )
+                resp = await self._http.send(request)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 return _Failed(_Outcome.REFUSED, f"cannot connect: {exc or type(exc).__name__}")
             except httpx.TimeoutException:
@@ -893,12 +927,11 @@ class Watch:
             create["range_end"] = _b64(self._range_end)
         if self._next:
             create["start_revision"] = str(self._next)
-        request = client._http.build_request(
-            "POST",
+        request = client._request(
             endpoint + "/v3/watch",
-            json={"create_request": create},
-            headers=client._headers(stale_ok=False),
-            timeout=httpx.Timeout(client.attempt_timeout, read=None),
+            {"create_request": create},
+            client._headers(stale_ok=False),
+            httpx.Timeout(client.attempt_timeout, read=None),
         )
         resp: httpx.Response | None = None
         with trio.move_on_after(client.connect_timeout + client.attempt_timeout):
