@@ -47,6 +47,7 @@ class EtcdMember(ManagedProcess):
         super().__init__(f"etcd-{name}", workdir / "logs" / f"etcd-{name}.log")
         self.member_name = name
         self.extra_args = list(extra_args or [])
+        self.paused = False
         self.data_dir = workdir / name
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -81,6 +82,7 @@ class EtcdMember(ManagedProcess):
 
     def spawn(self, initial_cluster: str, token: str) -> None:
         self._spawn(self.command(initial_cluster, token))
+        self.paused = False
 
     def healthy(self) -> bool:
         """True when this member answers /health with a leader and a quorum behind it."""
@@ -107,9 +109,11 @@ class EtcdMember(ManagedProcess):
     def pause(self) -> None:
         """SIGSTOP: the process stays, its sockets stay open, it answers nothing."""
         self.kill(signal.SIGSTOP)
+        self.paused = True
 
     def resume(self) -> None:
         self.kill(signal.SIGCONT)
+        self.paused = False
 
     def cleanup(self) -> None:
         if self.alive:
@@ -159,6 +163,16 @@ class EtcdCluster:
         member.spawn(self.initial_cluster, self.token)
         self.wait_healthy(index, timeout=timeout)
 
+    def ensure_up(self, timeout: float = 60.0) -> None:
+        """Every member running again (resumed, or started with its data dir) and healthy:
+        what a test that stopped some leaves behind for the next one."""
+        for member in self.members:
+            if member.alive and member.paused:
+                member.resume()
+            elif not member.alive:
+                member.spawn(self.initial_cluster, self.token)
+        self.wait_healthy(*range(len(self.members)), timeout=timeout)
+
     def wait_healthy(self, *indexes: int, timeout: float = 60.0) -> None:
         """Until members `indexes` (all running ones when none given) report healthy."""
         chosen = [self.members[i] for i in indexes] or [m for m in self.members if m.alive]
@@ -198,6 +212,20 @@ class EtcdCluster:
         found = wait_until(find, timeout, "one etcd leader", interval=0.1)
         assert found is not None
         return found[0]
+
+    def move_leader_away(self, index: int, timeout: float = 30.0) -> None:
+        """If member `index` is the raft leader, hand leadership to another running member.
+
+        Before pausing a member: etcd 3.4.23 (Debian's) has a bug where a raft leader that
+        stalls and resumes still revokes the leases it saw expire while stalled, although
+        the new leader renewed them (etcd issue 15247, fixed upstream in late 2023)."""
+        if self.leader(timeout) != index:
+            return
+        target = next(m for i, m in enumerate(self.members) if i != index and m.alive)
+        target_id = target.status()["header"]["member_id"]
+        url = self.members[index].client_url + "/v3/maintenance/transfer-leadership"
+        httpx.post(url, json={"targetID": target_id}, timeout=10).raise_for_status()
+        wait_until(lambda: self.leader(timeout) != index, timeout, "etcd leadership moved")
 
     def log_tails(self, lines: int = 30) -> str:
         return "\n\n".join(m.log_tail(lines) for m in self.members if m.proc is not None)
