@@ -818,10 +818,10 @@ class EtcdClient:
         start_revision: int = 0,
         idle_timeout: float = 30.0,
     ) -> Watch:
-        """Changes to `key` (or [key, range_end)) from `start_revision` (0: from now on),
-        as an async context manager and iterator of `WatchBatch`es. It reconnects to
-        another endpoint by itself and resumes where it stopped; a gap in history (the
-        revision was compacted) arrives as a batch with `compacted=True`."""
+        """Changes to `key` (or [key, range_end)) from `start_revision` (0: those after
+        the watch is entered), as an async context manager and iterator of `WatchBatch`es.
+        It reconnects to another endpoint by itself and resumes where it stopped; a gap in
+        history (the revision was compacted) arrives as a batch with `compacted=True`."""
         return Watch(self, key, range_end, start_revision, idle_timeout)
 
 
@@ -876,7 +876,7 @@ class Watch:
         self._client = client
         self._key = key
         self._range_end = range_end
-        self._next = start_revision  # first revision not yet delivered (0: from now)
+        self._next = start_revision  # the first revision not delivered yet
         self._idle = idle_timeout
         self._stream: _Stream | None = None
         self._nursery: trio.Nursery | None = None
@@ -886,6 +886,8 @@ class Watch:
     async def __aenter__(self) -> Watch:
         if self._lifetime is not None:
             raise RuntimeError("a Watch is entered once")
+        if not self._next:  # "from now" is now, not when the stream happens to open
+            self._next = await self._client.revision() + 1
         self._lifetime = self._open_nursery()
         return await self._lifetime.__aenter__()
 
@@ -908,7 +910,7 @@ class Watch:
 
     @property
     def next_revision(self) -> int:
-        """The first revision this watch has not delivered yet (0 before it knows)."""
+        """The first revision this watch has not delivered yet."""
         return self._next
 
     def _close(self) -> None:
@@ -1035,8 +1037,6 @@ class Watch:
                 continue
             self._delays = backoff_delays(base=0.05, cap=2.0)  # connected: reset the backoff
             if result.get("created"):
-                if not self._next:
-                    self._next = header_rev + 1
                 continue
             events = [
                 Event(EventType(ev.get("type", "PUT")), KeyValue.from_json(ev.get("kv", {})))
