@@ -649,14 +649,12 @@ class EtcdClient:
                         )
                     errors[endpoint] = found.reason
                 await trio.sleep(next(delays))
-        if sent_write:
-            raise StateUnavailableError(
-                f"etcd did not confirm {what} within {budget:g}s; it may or may not have happened"
-            )
         detail = "; ".join(f"{ep}: {why}" for ep, why in errors.items()) or "no answer"
+        # The deadline can fall while a write is on its way: then nobody knows its fate.
+        fate = "; the last attempt may or may not have happened" if sent_write else ""
         raise StateUnavailableError(
             f"etcd is unavailable (down or without quorum): {what} failed within "
-            f"{budget:g}s: {detail}"
+            f"{budget:g}s: {detail}{fate}"
         )
 
     # -- key-value -----------------------------------------------------------------------------
