@@ -24,6 +24,12 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     ├── CacheFullError            a chunk does not fit: the budget is pinned or in use
     │   └── DiskFullError         the cache filesystem has no space and nothing could go
     └── SchedulerError            the scheduler is unreachable or answered an error
+        ├── StateUnavailableError   the state store (etcd) did not answer in time, or has
+        │                           no quorum: temporary; a write may or may not have happened
+        ├── StateLimitError         a value is larger than the state store accepts
+        ├── RevisionCompactedError  an etcd revision asked for was compacted away: re-read
+        ├── LeaseExpiredError       an etcd lease is gone (expired or revoked)
+        └── NotLeaderError          only the leading scheduler writes; names the leader
 """
 
 from __future__ import annotations
@@ -122,3 +128,38 @@ class ForbiddenError(UserError):
 class TrustError(UserError):
     """A server's TLS certificate is not accepted: wrong or missing CA (`tls_ca`,
     $SYNCBIT_TLS_CA) or a name the certificate does not carry."""
+
+
+class StateUnavailableError(SchedulerError):
+    """The scheduler's state store (etcd) did not answer in time or has no quorum.
+
+    Temporary. The message says whether a write's outcome is unknown (sent, unconfirmed)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
+
+
+class StateLimitError(SchedulerError):
+    """A value is larger than the state store accepts (the message names the limit)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=413)
+
+
+class RevisionCompactedError(SchedulerError):
+    """An etcd revision asked for is older than the store's compaction: read current state."""
+
+
+class LeaseExpiredError(SchedulerError):
+    """An etcd lease is gone: it expired or was revoked."""
+
+
+class NotLeaderError(SchedulerError):
+    """A write reached a scheduler replica that does not lead (or no longer does).
+
+    `leader` is the address of the leader as this replica last saw it (None: unknown);
+    the caller redirects there or retries."""
+
+    def __init__(self, message: str, leader: str | None = None) -> None:
+        super().__init__(message, status=421)
+        self.leader = leader
