@@ -696,7 +696,9 @@ class RegistryProxy(ServedInThread):
     - `redirect_to`: blob GETs answer 307 to that `BlobStorage` (another host), with a
       signature in the query as object stores use;
     - `manifests[(repo, reference)] = (body, content type)`: served instead of upstream's;
-    - `flip`: digests whose blob bytes go out with their first byte changed.
+    - `flip`: digests whose blob bytes go out with their first byte changed;
+    - `drop_auth`: how many of the next requests go upstream without their Authorization
+      (so the registry refuses a token that is still good, as after a key rotation).
     """
 
     def __init__(self, registry: Registry, host: str = HOST) -> None:
@@ -706,6 +708,8 @@ class RegistryProxy(ServedInThread):
         self.redirect_to: BlobStorage | None = None
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.flip: set[str] = set()
+        self.drop_auth = 0
+        self.lock = threading.Lock()
         self.client = httpx.Client(trust_env=False, timeout=30, follow_redirects=False)
 
     @property
@@ -751,6 +755,10 @@ class _ProxyHandler(TrackedHandler):
             self._simple(307, "", extra={"Location": location})
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        with proxy.lock:
+            if proxy.drop_auth > 0 and "Authorization" in headers:
+                proxy.drop_auth -= 1
+                del headers["Authorization"]
         method = "HEAD" if head else "GET"
         resp = proxy.client.request(method, proxy.registry.url + self.path, headers=headers)
         body = resp.content

@@ -391,6 +391,21 @@ def test_reads_from_many_threads_share_one_token(
     assert token.tokens.requests["alice"] == asked  # the listing's token served every read
 
 
+def test_a_refused_token_is_renewed_once(
+    token: Registry, images: Images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert token.tokens is not None
+    with RegistryProxy(token) as proxy:
+        _alice(monkeypatch, proxy.hostport)
+        source, listing = _listing(f"oci://{proxy.hostport}/team/app:v1.4")
+        entry = _files(listing)[f"blobs/sha256/{images.base.hex}"]
+        asked = token.tokens.requests["alice"]
+        proxy.drop_auth = 1  # the registry refuses the kept token once
+        with closing(source):
+            assert _read(source, entry) == images.layout.data[images.base.digest]
+        assert token.tokens.requests["alice"] == asked + 1
+
+
 def test_wrong_bytes_from_the_registry_are_refused(anon: Registry, images: Images) -> None:
     source, listing = _listing(f"oci://{anon.host}/team/app:v1.4")
     source.close()
