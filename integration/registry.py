@@ -96,6 +96,15 @@ def canonical_json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def docker_config(config_dir: Path, host: str, user: str, password: str) -> str:
+    """Write `<config_dir>/config.json` as `docker login host` would (the `auth` entry:
+    base64 of user:password, which is returned)."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (config_dir / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    return auth
+
+
 # -- images as OCI layouts ----------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ new revision that fetches only the new blobs; bad input is one clear error."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import random
@@ -23,6 +22,7 @@ from integration.registry import (
     MiB,
     Registry,
     RegistryProxy,
+    docker_config,
     registry_unavailable,
 )
 
@@ -95,9 +95,7 @@ def registry(workdir: Path, images: Images) -> Iterator[Registry]:
 def node(workdir: Path, registry: Registry) -> Iterator[EmbeddedNode]:
     """One daemon whose Docker config holds alice's password for the registry."""
     config = workdir / "oci-docker-config"
-    config.mkdir()
-    auth = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
-    (config / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+    docker_config(config, registry.host, "alice", PASSWORD)
     daemon = EmbeddedNode("oci1", workdir, {"DOCKER_CONFIG": str(config)})
     try:
         daemon.start()
@@ -250,9 +248,7 @@ def test_auth_failure_names_the_registry_and_echoes_no_credential(
     workdir: Path, registry: Registry
 ) -> None:
     config = workdir / "oci-wrong-config"
-    config.mkdir()
-    auth = base64.b64encode(f"alice:{WRONG}".encode()).decode()
-    (config / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+    auth = docker_config(config, registry.host, "alice", WRONG)
     daemon = EmbeddedNode("oci2", workdir, {"DOCKER_CONFIG": str(config)})
     try:
         daemon.start()

@@ -34,6 +34,7 @@ from integration.registry import (
     Registry,
     RegistryProxy,
     TokenServer,
+    docker_config,
     make_tls,
     registry_unavailable,
 )
@@ -456,15 +457,10 @@ def test_redirect_rules() -> None:
 # -- auth ---------------------------------------------------------------------------------------
 
 
-def _docker_config(config_dir: Path, host: str, user: str, password: str) -> None:
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    (config_dir / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
-
-
-def test_basic_auth_from_a_docker_config(
+def test_basic_auth_from_adocker_config(
     basic: Registry, images: Images, no_ambient_credentials: Path
 ) -> None:
-    _docker_config(no_ambient_credentials, basic.host, "alice", PASSWORD)
+    docker_config(no_ambient_credentials, basic.host, "alice", PASSWORD)
     source, listing = _listing(f"oci://{basic.host}/team/app:v1.4")
     with closing(source):
         entry = _files(listing)[f"blobs/sha256/{images.base.hex}"]
@@ -508,7 +504,7 @@ def test_auth_failure_names_the_registry_and_echoes_no_credential(
 ) -> None:
     registry = basic if kind == "basic" else token
     wrong = "wrong-password-do-not-print-99"
-    _docker_config(no_ambient_credentials, registry.host, "alice", wrong)
+    docker_config(no_ambient_credentials, registry.host, "alice", wrong)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(SourceError) as info:
         _listing(f"oci://{registry.host}/team/app:v1.4")
@@ -542,7 +538,7 @@ def test_credentials_for_another_registry_are_not_sent(
 def test_token_without_access_to_the_repository(
     token: Registry, no_ambient_credentials: Path
 ) -> None:
-    _docker_config(no_ambient_credentials, token.host, "bob", "bob-password-1234")
+    docker_config(no_ambient_credentials, token.host, "bob", "bob-password-1234")
     with pytest.raises(SourceError, match="refused the credentials") as info:
         _listing(f"oci://{token.host}/team/app:v1.4")
     assert "insufficient scope" in str(info.value)
