@@ -135,6 +135,11 @@ def test_platforms() -> None:
     assert Platform.parse("linux/arm").matches(Platform("linux", "arm", "v6"))
     assert not Platform.parse("linux/amd64").matches(Platform("windows", "amd64"))
     assert str(Platform.parse("Linux/ARM/v7")) == "linux/arm/v7"
+    # Names from a registry end up in messages and index.json: plain words only.
+    assert Platform.of({"os": "linux\nERROR forged", "architecture": "amd64"}) is None
+    assert Platform.of({"os": "linux", "architecture": "amd64", "variant": 7}) == Platform(
+        "linux", "amd64"
+    )
 
 
 # -- credentials -----------------------------------------------------------------------------

@@ -448,9 +448,20 @@ def test_redirect_rules() -> None:
     other, dropped = client._next_hop(here, "https://storage.example/b?sig=1", auth)
     assert other == "https://storage.example/b?sig=1"
     assert dropped == {"Accept-Encoding": "identity"}
-    for bad in ("http://storage.example/b", "ftp://storage.example/b", "https://169.254.169.254/x"):
-        with pytest.raises(SourceError):
+    for bad in (
+        "http://storage.example/b",
+        "ftp://storage.example/b",
+        "https://169.254.169.254/x",
+        "https://[fe80::1]/x",
+        "https://user:pw@storage.example/b",
+    ):
+        with pytest.raises(SourceError, match="refused"):
             client._next_hop(here, bad, auth)
+    # The token realm the registry names is held to the same rules.
+    for realm in ("http://auth.example/token", "https://169.254.169.254/token"):
+        with pytest.raises(SourceError, match="refused"):
+            client._check_target(realm, "realm")
+    client._check_target("https://auth.example/token", "realm")
     source.close()
 
 
@@ -513,6 +524,21 @@ def test_auth_failure_names_the_registry_and_echoes_no_credential(
     assert registry.host in message
     assert str(no_ambient_credentials / "config.json") in message  # where they came from
     _assert_no_secret(message + caplog.text, wrong, PASSWORD, TOKEN_PASSWORD)
+
+
+def test_fixed_credentials_count_without_a_new_source(
+    basic: Registry, images: Images, no_ambient_credentials: Path
+) -> None:
+    docker_config(no_ambient_credentials, basic.host, "alice", "not-the-password")
+    source = open_source(f"oci://{basic.host}/team/app:v1.4", {"insecure": "true"})
+    with closing(source):
+        with pytest.raises(SourceError, match="refused the credentials"):
+            trio.run(source.list)
+        # As on a node whose config.json is fixed while its daemon runs.
+        docker_config(no_ambient_credentials, basic.host, "alice", PASSWORD)
+        listing = trio.run(source.list)
+        entry = _files(listing)[f"blobs/sha256/{images.base.hex}"]
+        assert _read(source, entry) == images.layout.data[images.base.digest]
 
 
 @pytest.mark.parametrize("kind", ["basic", "token"])

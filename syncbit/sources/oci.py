@@ -82,6 +82,7 @@ DEFAULT_TIMEOUT = 30.0
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's own limit on a manifest's size
 MAX_MANIFESTS = 256  # manifests and indexes one listing may walk
 MAX_DEPTH = 4  # indexes within indexes
+MAX_BLOBS = 10_000  # files of one listing
 MAX_BLOB_SIZE = 1 << 44  # 16 TiB: a descriptor claiming more is not a real blob
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_REDIRECTS = 5
@@ -100,6 +101,7 @@ _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ANY_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]+$")
+_PLATFORM_WORD = re.compile(r"^[a-z0-9_.-]{1,32}$")
 _PLATFORM = re.compile(r"^[a-z0-9_.-]+/[a-z0-9_.-]+(?:/[a-z0-9_.-]+)?$")
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")  # what may go into a request header or line
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
@@ -240,13 +242,14 @@ class Platform:
         """The platform of a descriptor's `platform` field or an image config."""
         if not isinstance(doc, dict):
             return None
-        os_name, arch = doc.get("os"), doc.get("architecture")
-        if not isinstance(os_name, str) or not isinstance(arch, str):
+        # Only plain words: these names end up in messages and in index.json.
+        parts = [doc.get("os"), doc.get("architecture"), doc.get("variant") or ""]
+        if not all(isinstance(p, str) and _PLATFORM_WORD.match(p.lower()) for p in parts[:2]):
             return None
-        variant = doc.get("variant")
-        return cls(
-            os_name.lower(), arch.lower(), variant.lower() if isinstance(variant, str) else ""
+        variant = (
+            parts[2] if isinstance(parts[2], str) and _PLATFORM_WORD.match(parts[2].lower()) else ""
         )
+        return cls(str(parts[0]).lower(), str(parts[1]).lower(), variant.lower())
 
     def _variant(self) -> str:
         # arm64 images rarely name their variant; v8 is the only one there is.
@@ -397,7 +400,7 @@ class _Parsed:
 def _unsupported(media_type: str, where: str) -> InvalidSourceError:
     kind = _UNSUPPORTED.get(media_type, "this")
     return InvalidSourceError(
-        f"{where} is a {kind} manifest ({media_type}), which syncbit does not support: "
+        f"{where} is a {kind} manifest ({media_type[:100]}), which syncbit does not support: "
         "OCI image manifests and indexes and Docker v2 schema 2 manifests and lists are"
     )
 
@@ -415,7 +418,7 @@ def parse_manifest(body: bytes, content_type: str | None, where: str) -> _Parsed
     if not isinstance(doc, dict):
         raise SourceError(f"{where}: the manifest is not a JSON object")
     declared = doc.get("mediaType")
-    if declared is not None and not isinstance(declared, str):
+    if declared is not None and (not isinstance(declared, str) or not _PRINTABLE.match(declared)):
         raise SourceError(f"{where}: invalid mediaType in the manifest")
     if doc.get("schemaVersion") == 1 or declared in _UNSUPPORTED:
         raise _unsupported(
@@ -632,10 +635,10 @@ class RegistryClient:
                 "(HTTP 401) without saying how to authenticate"
             )
         creds = self.credentials()
-        if sent is not None and fresh:
+        if (sent is not None and fresh) or (challenge.scheme == "basic" and creds is None):
+            with self._lock:
+                self._creds_read = False  # fixed credentials count from the next request on
             raise self._refused(creds, challenge.params.get("error"))
-        if challenge.scheme == "basic" and creds is None:
-            raise self._refused(None, None)
         with self._lock:
             self._challenge = challenge
             if sent is not None and sent == f"Bearer {self._token}":
@@ -667,18 +670,38 @@ class RegistryClient:
             "repository"
         )
 
+    def _check_target(self, url: str, where: str, downgrade: bool = True) -> None:
+        """A URL the registry sends us to (token realm, redirect) may be followed: http(s)
+        without userinfo; plain HTTP only with insecure=true (when `downgrade` says it
+        would leave HTTPS); no link-local, multicast or unspecified address literal."""
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError:
+            host = None
+        if (
+            parts.scheme.lower() not in ("http", "https")
+            or not host
+            or "@" in parts.netloc
+            or not _PRINTABLE.match(url)
+        ):
+            raise SourceError(f"{where} to an invalid URL {redact_url(url)[:200]!r}: refused")
+        if parts.scheme.lower() == "http" and downgrade and not self.insecure:
+            raise SourceError(
+                f"{where} to plain HTTP ({redact_url(url)}): refused unless the dataset sets "
+                "insecure=true"
+            )
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if address.is_link_local or address.is_unspecified or address.is_multicast:
+            raise SourceError(f"{where} to {address}: link-local and unspecified addresses refused")
+
     def _fetch_token(self, challenge: _Challenge, creds: Credentials | None) -> tuple[str, float]:
         realm = challenge.params.get("realm", "")
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-            raise SourceError(
-                f"registry {self.ref.registry} names an invalid token realm {redact_url(realm)!r}"
-            )
-        if parts.scheme == "http" and not self.insecure:
-            raise SourceError(
-                f"registry {self.ref.registry} asks for tokens from {redact_url(realm)} over "
-                "plain HTTP: refused unless the dataset sets insecure=true"
-            )
+        self._check_target(realm, f"the token realm of registry {self.ref.registry}")
         params = {"scope": self.scope}
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
@@ -728,21 +751,8 @@ class RegistryClient:
         down to http (unless insecure), never to a link-local or unspecified address, and
         without the registry's Authorization once it leaves the registry's host."""
         target = urljoin(url, location)
-        parts = urlsplit(target)
-        scheme = parts.scheme.lower()
         where = f"a redirect from registry {self.ref.registry}"
-        if scheme not in ("http", "https") or not parts.hostname or not _PRINTABLE.match(target):
-            raise SourceError(f"{where} to an invalid URL {redact_url(target)!r}")
-        if scheme == "http" and urlsplit(url).scheme == "https" and not self.insecure:
-            raise SourceError(f"{where} to plain HTTP ({redact_url(target)}): refused")
-        try:
-            address = ipaddress.ip_address(parts.hostname)
-        except ValueError:
-            address = None
-        if address is not None and (
-            address.is_link_local or address.is_unspecified or address.is_multicast
-        ):
-            raise SourceError(f"{where} to {address}: link-local and unspecified addresses refused")
+        self._check_target(target, where, downgrade=urlsplit(url).scheme.lower() == "https")
         if _origin(target) != self.origin:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         return target, headers
@@ -972,6 +982,8 @@ class _Walk:
 
     def add(self, desc: Descriptor, locator: str) -> None:
         path = f"blobs/sha256/{desc.hex}"
+        if len(self.files) >= MAX_BLOBS:
+            raise InvalidSourceError(f"{self.client.ref}: more than {MAX_BLOBS} blobs in one image")
         known = self.files.get(path)
         if known is not None:
             if known.size != desc.size:
