@@ -157,16 +157,16 @@ class SourceConcurrency:
     exactly one of `finished`, `throttled`, `failed` or `cancelled` when it ends.
 
     The search: from `initial`, double while each doubling raises the total by at least
-    `gain` (START); then hold the best level, and every `hold_epochs` measurements probe one
-    step (a quarter of the level) up or down, alternately, keeping the step only if it
+    `gain` (START); then hold the best level, and every `hold_epochs` measurements probe
+    one step (a quarter of the level) up or down, alternately, keeping a step only if it
     pays (up: `gain` more; down: `keep` of the total with fewer streams) and then trying
-    the next step the same way. A throttling
-    answer multiplies the level by `throttle_factor` (once per transfer time, however many
-    answers arrive together), makes the throttled level a ceiling for `ceiling_memory`
-    seconds, and blocks new requests until its Retry-After; a failure multiplies it by
-    `error_factor`. The total is measured by Little's law: average requests in flight
-    times the bytes per second of the requests that finished, so a measurement needs no
-    more than about one transfer time per stream.
+    the next step the same way. Only measurements in which demand kept the slots busy
+    judge a level. A throttling answer multiplies the level by `throttle_factor` (once per
+    transfer time, however many answers arrive together), makes the throttled level a
+    ceiling for `ceiling_memory` seconds, and blocks new requests until its Retry-After;
+    a failure multiplies it by `error_factor`. The total is measured by Little's law:
+    average requests in flight times the bytes per second of the requests that finished,
+    so a measurement needs no more than about one transfer time per stream.
     """
 
     def __init__(self, policy: ConcurrencyPolicy | None = None, clock: Clock = time.monotonic):
