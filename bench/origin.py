@@ -560,15 +560,15 @@ def report(bench: Bench, parts: list[Part]) -> None:
     for part in parts:
         ref = part.rows.get(part.reference)
         ref_s = median(ref.seconds) if ref and ref.seconds else None
-        print(f"{part.title}")
-        print(f"  {'reader':46} {'seconds':>8} {'GB/s':>6} {'vs ' + part.reference:>24}")
+        print(f"{part.title}; ratio = {part.reference} seconds / reader seconds")
+        print(f"  {'reader':46} {'seconds':>8} {'GB/s':>6} {'ratio':>7}")
         for row in part.rows.values():
             if not row.seconds:
                 print(f"  {row.reader:46} {row.note}")
                 continue
             s = median(row.seconds)
             ratio = f"{ref_s / s:.2f}x" if ref_s else "-"
-            print(f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>24}")
+            print(f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7}")
         print()
 
 
