@@ -53,3 +53,41 @@ def process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def drop_caches() -> None:
+    """Flush dirty pages and drop the page cache (root): the next read comes from disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@contextlib.contextmanager
+def syncbit_node(
+    work: Path,
+    env: dict[str, str] | None = None,
+    config: dict[str, object] | None = None,
+) -> Iterator[tuple[Path, str, str]]:
+    """A fresh single-node syncbit (daemon with its embedded scheduler, empty cache, its own
+    mount under `work`) for the block: yields (mount, scheduler URL, daemon host:port).
+    `config`: DaemonConfig keys written to a YAML file given with --config. Unmounted and
+    stopped by PID afterwards."""
+    import shutil
+    import sys
+
+    import yaml
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    mnt = work / "mnt"
+    sched, listen = free_port(), free_port()
+    argv = [sys.executable, "-m", "syncbit.cli", "daemon", "--mount", str(mnt)]
+    argv += ["--cache-dir", str(work / "cache"), "--listen", f"127.0.0.1:{listen}"]
+    argv += ["--scheduler-listen", f"127.0.0.1:{sched}", "--node", "bench"]
+    if config:
+        (work / "daemon.yaml").write_text(yaml.safe_dump(config))
+        argv += ["--config", str(work / "daemon.yaml")]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process(argv, work / "daemon.log", env))
+        stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        wait_http(f"http://127.0.0.1:{sched}/healthz")
+        yield mnt, f"http://127.0.0.1:{sched}", f"127.0.0.1:{listen}"
