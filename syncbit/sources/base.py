@@ -35,6 +35,7 @@ _BUILTIN = {
     "file": "syncbit.sources.file",
     "s3": "syncbit.sources.s3",
     "hf": "syncbit.sources.hf",
+    "oci": "syncbit.sources.oci",
 }
 
 

@@ -42,6 +42,7 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry
 from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
+from syncbit.sources.fences import Fences
 from syncbit.sources.http import redact_url
 from syncbit.wire import Pool, Response, WireError
 
@@ -1048,8 +1049,10 @@ class OciSource(Source):
 
     schemes = ("oci",)
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
-        super().__init__(uri, options)
+    def __init__(
+        self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
+    ) -> None:
+        super().__init__(uri, options, fences)
         self.ref = parse_oci_uri(uri)
         unknown = sorted(set(self.options) - OPTION_KEYS)
         if unknown:

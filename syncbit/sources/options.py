@@ -221,6 +221,13 @@ SCHEMES: dict[str, dict[str, Option]] = {
             parse_bool, "allow an endpoint on a link-local address", operator_only=True
         ),
     },
+    # No include/exclude: an image layout is whole or not at all.
+    "oci": {
+        "platform": Option(_text, "os/arch[/variant]: only that image of an index"),
+        "insecure": Option(parse_bool, "plain HTTP to the registry (as skopeo's --tls-verify)"),
+        "ca": Option(_text, "a CA bundle trusted besides the system's"),
+        "timeout": Option(_number(float, 0.1, 3600), "seconds per request"),
+    },
 }
 
 
