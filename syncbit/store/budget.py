@@ -1,7 +1,5 @@
-"""The cache budget's rules as pure functions of the store's state: which objects are
-pinned, which object the LRU evicts next, and what a full cache says.
-
-No I/O, no waiting, and it never changes an object: the evictor acts on its answers.
+"""The cache budget's rules as pure functions: pins, which object the LRU evicts next,
+what a full cache says. No I/O, no waiting; never changes an object.
 """
 
 from __future__ import annotations

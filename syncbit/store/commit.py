@@ -1,9 +1,6 @@
-"""Group commit: chunks written since the last commit become durable together, their
-object files fdatasync'ed first and then indexed in one txn; objects only read get their
-`last_used` written too. Emits the durable chunks on the change feed.
-
-The batch and the feed live on the trio thread; fdatasync and the txn run in a worker
-thread. Never indexes a chunk whose bytes were not synced first.
+"""Group commit: chunks written since the last commit are fdatasync'ed and then indexed in
+one txn (with `last_used` of objects only read), and emitted as durable. Trio thread, the
+I/O in a worker thread; never indexes bytes that were not synced first.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""What the store tells the rest of the node: chunks that became durable (with their
-digests) or were removed, for the one consumer that reports them to the scheduler, and a
-wake-up for anyone waiting on a chunk or object state change.
-
-Trio thread only. The store appends and fires; consumers only take and wait.
+"""What the store tells the node: durable and removed chunks, for the one consumer that
+reports them, and a wake-up on any chunk or object change. Trio thread; the store appends
+and fires, consumers only take and wait.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Keeping the cache within its budget, and taking content out of it: reservations for
-chunk writes, LRU eviction of whole objects, eviction on request, gc, and the discard of
-content that failed verification. Every removal goes through one path: `claim` (presence
-gone at once), the index txn and the file's removal in a worker thread, then `release`.
-
-Trio thread. Evicts only idle objects (see `ObjectTable.busy`); a discard takes an object
-in use too, and waits for reads in progress before it touches the file.
+"""Every removal from the cache: reservations for writes, LRU eviction, eviction on
+request, gc and discard, all through one claim (presence gone at once, index and file in a
+worker thread). Evicts only idle objects; a discard waits for reads in progress.
 """
 
 from __future__ import annotations

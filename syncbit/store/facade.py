@@ -1,9 +1,6 @@
-"""`ObjectStore`: the one entry to the node's store. It composes the pieces of this
-package and is what the fetch layer, the peer service and the node call; its context
-managers are the only way to be "in use" (see the package docstring).
-
-Owns no state of its own but the pieces and the shared read buffer; never blocks the trio
-thread (each method says which context may call it).
+"""`ObjectStore`, the one entry to the node's store: composes the pieces of this package;
+its context managers are the only way to be "in use". Owns no state but the pieces; never
+blocks the trio thread (each method says which context may call it).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""The cache directory on disk: object files (descriptors, O_DIRECT, reads, writes,
-truncation, unlink), the lock file and the clean-shutdown marker.
-
-Every call here may block: worker threads and peer-service threads call them, the trio
-thread only `ObjectFile.fd_nowait` and `read_nowait`. Never decides what a file holds,
-whether a byte is present, or when a file goes.
+"""The cache directory on disk: object files (descriptors, O_DIRECT, pread, pwrite,
+truncation, unlink), the lock file and the clean-shutdown marker. Blocking calls for worker
+and peer threads, but `*_nowait` (trio thread); never decides what a file holds or keeps.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""The cache index (LMDB): chunk presence and digests, object records (size, chunk size,
-when last used) and the manifests a node keeps for restarts.
-
-Every method blocks: worker threads call them (start-up and shutdown too). Write
-transactions are short, one at a time (queued in Python, not inside LMDB), and keep the
-environment's reserve topped up so they succeed on a 100% full filesystem (see
-`syncbit.diskspace.open_env`). Knows nothing of files, RAM or budgets.
+"""The cache index (LMDB): chunk presence and digests, object records, the manifests a
+node keeps for restarts. Blocking, for worker threads; short write txns, one at a time,
+that succeed on a full disk (`syncbit.diskspace.open_env`). Knows no files, RAM or budget.
 """
 
 from __future__ import annotations

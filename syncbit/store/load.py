@@ -1,9 +1,6 @@
-"""Start-up: the index read into the object table, with the chunks of object files that
-went missing or short (deleted by hand, lost in a filesystem repair) forgotten, and every
-chunk marked unverified after an unclean shutdown.
-
-Blocking; runs once, inside `ObjectStore.open`. Never trusts an index entry whose file
-cannot hold its bytes.
+"""Start-up: the index read into the object table; chunks of missing or short object
+files forgotten, every chunk unverified after an unclean shutdown. Blocking, once, inside
+`ObjectStore.open`; never trusts an index entry whose file cannot hold its bytes.
 """
 
 from __future__ import annotations

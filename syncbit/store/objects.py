@@ -1,9 +1,6 @@
-"""The objects a node stores: one record per content object, what it holds of it (chunks
-written, durable, their digests, those not re-verified since an unclean shutdown) and who
-uses it (reads, keeps, open files, writes, a removal).
-
-`ObjectTable` makes every change to presence and use, and keeps the byte counters they
-imply; `StoredObject` is read-only to everyone else. No I/O, no policy.
+"""The objects a node stores: what it holds of each (chunks written, durable, digests,
+unverified) and who uses it. This module makes every change to presence and use, and keeps
+the counters they imply; nothing here does I/O or decides policy.
 """
 
 from __future__ import annotations

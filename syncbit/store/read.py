@@ -1,10 +1,6 @@
-"""Reading an object's held bytes: from RAM (staged chunks), the page cache without
-blocking, or the disk in a worker thread; and the descriptors that the peer service's
-sendfile and the FUSE passthrough need.
-
-Only inside a reading section (`with store.reading(obj) as reader:`), which keeps the
-object's file from being removed or truncated underneath. Never checks presence itself:
-the caller does, inside the section.
+"""Reading an object's bytes (RAM, page cache without blocking, disk in a thread) and the
+descriptors sendfile and FUSE passthrough need, only inside a reading section. Never
+checks presence itself: the caller does, inside the section.
 """
 
 from __future__ import annotations

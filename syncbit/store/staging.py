@@ -1,9 +1,6 @@
-"""Chunks in RAM: verified bytes readable at once while a worker thread writes them to
-the object file, a small LRU of recently staged chunks kept after their write (a
-sequential reader just behind the fetch front never waits for the disk), and the pool
-of page-aligned buffers they live in.
-
-Trio thread only. Never writes, never decides presence on disk.
+"""Chunks in RAM: verified bytes readable at once while their write is pending, a small
+LRU of recent ones after it, and the pool of page-aligned buffers they live in. Trio
+thread only; never writes a file, never decides presence on disk.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Re-verification of stored chunks: re-read from their files and checked against their
-digests, on request (`cache verify`) and after an unclean shutdown (before any use); a
-chunk that does not match is dropped (missing again, reported as removed).
-
-Trio thread; the reads run in worker threads inside a reading section. Never repairs a
-chunk itself: a dropped chunk is fetched again when needed.
+"""Re-verification: stored chunks re-read against their digests, on request and after an
+unclean shutdown; a bad one is dropped (missing again, reported as removed). Trio thread,
+reads in worker threads; never repairs a chunk itself.
 """
 
 from __future__ import annotations

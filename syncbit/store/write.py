@@ -1,10 +1,6 @@
-"""Chunk writes: a verified chunk goes from RAM to its place in the object file within
-the budget, then to the commit. A disk that fills before the budget does gets an LRU
-eviction and one retry; a chunk that still cannot be stored is missing again, never
-indexed.
-
-Trio thread; the write itself runs in a worker thread. Never marks a chunk written
-before its bytes are in the file, nor one whose object was discarded meanwhile.
+"""Chunk writes: verified bytes from RAM to the object file within the budget (a full disk:
+LRU eviction and one retry), then to the commit. Trio thread, the write in a worker thread;
+never marks a chunk written before its bytes are in the file, nor a discarded one.
 """
 
 from __future__ import annotations
