@@ -5,9 +5,8 @@ worker thread). Evicts only idle objects; a discard waits for reads in progress.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,24 @@ class EvictResult:
     freed: int = 0
     evicted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+
+
+class Room:
+    """A reservation of budget for one chunk write (see `Evictor.room`)."""
+
+    __slots__ = ("_evictor", "_nbytes", "_obj")
+
+    def __init__(self, evictor: Evictor, nbytes: int, obj: StoredObject) -> None:
+        self._evictor = evictor
+        self._nbytes = nbytes
+        self._obj = obj
+
+    async def __aenter__(self) -> None:
+        await self._evictor.make_room(self._nbytes, self._obj)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._evictor.reserved -= self._nbytes
+        assert self._evictor.reserved >= 0, "released more than was reserved"
 
 
 class Evictor:
@@ -85,16 +102,10 @@ class Evictor:
 
     # -- room for writes --------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def room(self, nbytes: int, obj: StoredObject) -> AsyncIterator[None]:
+    def room(self, nbytes: int, obj: StoredObject) -> Room:
         """`async with evictor.room(n, obj):` around a chunk write: `make_room`, and the
         reservation given back however the block ends."""
-        await self.make_room(nbytes, obj)
-        try:
-            yield
-        finally:
-            self.reserved -= nbytes
-            assert self.reserved >= 0, "released more than was reserved"
+        return Room(self, nbytes, obj)
 
     async def make_room(self, nbytes: int, obj: StoredObject | None = None) -> None:
         """Reserve `nbytes`, evicting least recently used unpinned idle objects until

@@ -71,6 +71,7 @@ class ObjectStore:
             pwrite,
         )
         self._read_buffer = ReadBuffer()
+        self._use_lock = self._table.use_lock
         self.clean_start = True  # the last run left the clean-shutdown marker
 
     # -- lifecycle (blocking: before the trio loop runs, or in a worker thread) --------------
@@ -164,7 +165,7 @@ class ObjectStore:
         """`with store.reading(obj) as reader:` from a presence check to the end of the
         read (pread, sendfile): the object is not removed meanwhile, and its bytes are
         reached through `reader`. Any thread; two lock round trips."""
-        return ObjectReader(self._table.use_lock, obj, self._staging, self._read_buffer)
+        return ObjectReader(self._use_lock, obj, self._staging, self._read_buffer)
 
     def keeping(self, obj: StoredObject) -> Keeping:
         """`with store.keeping(obj):` the object must stay while a read or prefetch waits
@@ -179,7 +180,7 @@ class ObjectStore:
 
     def backing(self, obj: StoredObject) -> BackingFile:
         """The capability to hand the kernel the object's file (FUSE passthrough)."""
-        return BackingFile(self._table.use_lock, obj)
+        return BackingFile(self._use_lock, obj)
 
     def read(self, obj: StoredObject, offset: int, length: int) -> bytes:
         """Blocking (worker thread): held bytes of the object file."""

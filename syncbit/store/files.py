@@ -12,7 +12,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from syncbit.diskspace import is_enospc, size_text
@@ -178,6 +178,22 @@ class ObjectFile:
                 os.close(fd)
 
 
+class SpaceTaken:
+    """Bytes of a chunk write in flight (see `CacheDir.room_for`), given back on exit."""
+
+    __slots__ = ("_cache", "_nbytes")
+
+    def __init__(self, cache: CacheDir, nbytes: int) -> None:
+        self._cache = cache
+        self._nbytes = nbytes
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        self._cache._give_back(self._nbytes)
+
+
 def _aside(path: Path) -> Path:
     """Where a file goes between its rename and its unlink (gc removes leftovers: no
     object has such a name)."""
@@ -285,12 +301,11 @@ class CacheDir:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    @contextlib.contextmanager
-    def room_for(self, fd: int, nbytes: int) -> Iterator[None]:
-        """Blocking: around a chunk write of `nbytes` to `fd`. Raises ENOSPC without
-        writing when the disk would keep less than `headroom` free, counting the writes
-        other threads have in flight: a disk filled to the last block leaves nothing for
-        anything else on it (the index has its own reserve)."""
+    def room_for(self, fd: int, nbytes: int) -> SpaceTaken:
+        """Blocking: `with cache.room_for(fd, n):` around a chunk write of `n` bytes to
+        `fd`. Raises ENOSPC without writing when the disk would keep less than `headroom`
+        free, counting the writes other threads have in flight: a disk filled to the last
+        block leaves nothing for anything else on it (the index has its own reserve)."""
         with self._space_lock:
             if self.headroom:
                 disk = os.fstatvfs(fd)
@@ -302,11 +317,11 @@ class CacheDir:
                         f"{size_text(self.headroom)} free)",
                     )
             self._inflight += nbytes
-        try:
-            yield
-        finally:
-            with self._space_lock:
-                self._inflight -= nbytes
+        return SpaceTaken(self, nbytes)
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._space_lock:
+            self._inflight -= nbytes
 
     # -- gc ----------------------------------------------------------------------------------
 

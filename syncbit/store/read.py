@@ -42,7 +42,9 @@ class ObjectReader(Reading):
     def __init__(
         self, lock: threading.Lock, obj: StoredObject, staging: Staging, buffer: ReadBuffer
     ) -> None:
-        super().__init__(lock, obj)
+        # Reading.__init__ inlined: one of these per read of the mount.
+        self._lock = lock
+        self.obj = obj
         self._staging = staging
         self._buffer = buffer
 

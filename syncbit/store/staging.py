@@ -43,9 +43,12 @@ class Staging:
         """Make verified bytes readable now, pinned until `written`. A chunk staged again
         keeps the old buffer unreleased: its pending write may still read it."""
         key = (obj, index)
-        self._chunks[key] = StagedChunk(view, release, digest)
-        self._chunks.move_to_end(key)
-        self._trim()
+        chunks = self._chunks
+        if key in chunks:
+            del chunks[key]  # to the end: the newest
+        chunks[key] = StagedChunk(view, release, digest)
+        if len(chunks) > self.keep:
+            self._trim()
 
     def view(self, obj: StoredObject, index: int) -> memoryview | None:
         """The chunk's RAM bytes if staged (and marks it recently used)."""
@@ -71,7 +74,8 @@ class Staging:
         chunk = self._chunks.get((obj, index))
         if chunk is not None:
             chunk.writing = False
-            self._trim()
+            if len(self._chunks) > self.keep:
+                self._trim()
 
     def unstage(self, obj: StoredObject, index: int, view: memoryview | None = None) -> None:
         """The chunk leaves RAM (with `view`: only if staged with this very buffer)."""
@@ -108,17 +112,17 @@ class Staging:
         return [i for (o, i), c in self._chunks.items() if o is obj and not c.stale]
 
     def _trim(self) -> None:
+        """Release the oldest chunks not pinned for their write, down to `keep`."""
         excess = len(self._chunks) - self.keep
-        if excess <= 0:
-            return
-        for key, chunk in list(self._chunks.items()):
-            if excess <= 0:
+        victims: list[tuple[tuple[StoredObject, int], StagedChunk]] = []
+        for key, chunk in self._chunks.items():
+            if len(victims) >= excess:
                 break
-            if chunk.writing:
-                continue
+            if not chunk.writing:
+                victims.append((key, chunk))
+        for key, chunk in victims:
             del self._chunks[key]
             chunk.release()
-            excess -= 1
 
 
 class BufferPool:
