@@ -7,7 +7,9 @@ blocking and run in worker threads, listing is async and may be slow.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +97,17 @@ class Source(ABC):
         from syncbit.errors import SourceUnavailableError
 
         return isinstance(exc, SourceUnavailableError)
+
+
+@functools.cache
+def abandon_on_cancel() -> dict[str, Any]:
+    """Keyword arguments for `trio.to_thread.run_sync` that let a caller's deadline walk
+    away from a thread that only reads (a listing). trio 0.23 renamed `cancellable` to
+    `abandon_on_cancel`; both are supported. trio loads here, not with this module."""
+    import trio
+
+    parameters = inspect.signature(trio.to_thread.run_sync).parameters
+    return {"abandon_on_cancel" if "abandon_on_cancel" in parameters else "cancellable": True}
 
 
 def pinned_size(entry: FileEntry, offset: int, want: int) -> int:
