@@ -128,6 +128,15 @@ def options_for(
     return {**base, **(given or {})}
 
 
+def changed_error(
+    where: str, version: dict[str, str], keys: tuple[str, ...], why: str
+) -> SourceChangedError:
+    """The error for a read that found `where` no longer at its pinned `version` (the
+    `keys` of it that identify a version at this kind of source, in that order)."""
+    pinned = " ".join(f"{k}={version[k]}" for k in keys if k in version) or "(unpinned)"
+    return SourceChangedError(f"source changed: {where} no longer has version {pinned} ({why})")
+
+
 def check_range_body(
     resp: Response,
     offset: int,

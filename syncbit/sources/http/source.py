@@ -7,6 +7,7 @@ Never puts query strings, credentials or header values into messages, logs or en
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -15,13 +16,19 @@ import trio
 
 from syncbit.errors import (
     InvalidSourceError,
-    SourceChangedError,
     SourcePermanentError,
     SourceUnavailableError,
 )
 from syncbit.manifest import FileEntry
 from syncbit.redact import redact_url, strip_userinfo
-from syncbit.sources.base import Listing, Source, check_range_body, pinned_size, register
+from syncbit.sources.base import (
+    Listing,
+    Source,
+    changed_error,
+    check_range_body,
+    pinned_size,
+    register,
+)
 from syncbit.sources.fences import Fences, RedirectPolicy
 from syncbit.sources.http.client import GONE, TEMPORARY, ListingClient, cause_text, opaque_etag
 from syncbit.sources.http.walk import Walk
@@ -31,9 +38,7 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_TIMEOUT = 30.0
 
 
-def _describe(version: dict[str, str]) -> str:
-    keys = ("etag", "last_modified", "size")
-    return " ".join(f"{k}={version[k]}" for k in keys if k in version) or "(unpinned)"
+_VERSION_KEYS = ("etag", "last_modified", "size")  # what pins a file, in messages
 
 
 @register
@@ -136,10 +141,7 @@ class HttpSource(Source):
 
         status = resp.status
 
-        def changed(why: str) -> SourceChangedError:
-            return SourceChangedError(
-                f"source changed: {url} no longer has version {_describe(version)} ({why})"
-            )
+        changed = functools.partial(changed_error, url, version, _VERSION_KEYS)
 
         if status in GONE or status in (412, 416):
             raise changed(f"HTTP {status}")
