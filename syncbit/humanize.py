@@ -1,8 +1,6 @@
-"""Text for people: byte counts, seconds and tables as the CLI and log lines show them,
-and durations as people type them (`30m`, `1h30m`). The one formatter of the code base.
-
-Stdlib only and free of I/O: `syncbit wait` imports it on its fast path and the node core
-formats log lines with it. Never used for machine output (JSON keeps raw numbers).
+"""Text for people, the one formatter of the code base: byte counts, seconds and tables as
+the CLI and log lines show them, and durations as people type them (`30m`). Stdlib only,
+no I/O (`syncbit wait` imports it); never used for machine output (JSON keeps numbers).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """The client side of `syncbit pull` and `wait`: asks this node's daemon to bring a dataset
-here (or only watches) and shows progress until it is complete and verified. Never
-fetches bytes itself: the daemon does, so an interrupted pull keeps going there (unless
-the person at the terminal asks to cancel it, or runs `syncbit pull --cancel NAME`) and
-a second pull simply reattaches. Stdlib only, like `cli.daemon_client`.
+here (or only watches) and shows progress until it is complete and verified. Never fetches
+bytes itself (an interrupted pull goes on in the daemon, a second one reattaches); stdlib only.
 """
 
 from __future__ import annotations

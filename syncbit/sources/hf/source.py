@@ -1,8 +1,6 @@
-"""`HfSource`: a HuggingFace model or dataset repo at one commit. Resolves the revision and
-lists the tree with huggingface_hub (in worker threads), and reads ranges of `resolve`
-URLs at that commit through `wire.Pool`, following the Hub's redirects to its storage
-without the token. The token is read from the environment of the process that opens the
-source and is never put in options, messages or logs.
+"""`HfSource`: a Hub repo at one commit, listed with huggingface_hub (worker threads) and
+read by ranges of `resolve` URLs through `wire.Pool`, the Hub's redirects to its storage
+followed without the token. The token never enters options, messages or logs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Registry auth for one repository: the first request goes out anonymous; a 401's
-`WWW-Authenticate` says what the registry wants (Basic: the credentials; Bearer: a token
-from its realm for `repository:<name>:pull`, asked with the credentials if there are any),
-and the request is sent once more. Tokens are kept until they expire. Thread-safe. Never
-logs or words a message with a credential or a token, only where credentials came from.
+"""Registry auth for one repository: anonymous first, then what a 401's `WWW-Authenticate`
+asks (Basic credentials, or a Bearer token from its realm, kept until it expires).
+Thread-safe. Never puts a credential or a token in a message or log, only their origin.
 """
 
 from __future__ import annotations
@@ -53,7 +51,12 @@ def parse_challenge(header: str) -> Challenge | None:
 class RegistryAuth:
     """The Authorization header of the next request to one repository's registry, and
     what a 401 teaches. `http` is the client that asks a token realm (its redirects not
-    followed); `insecure` allows a plain-HTTP realm."""
+    followed); `insecure` allows a plain-HTTP realm.
+
+    The first request goes out anonymous; a 401's `WWW-Authenticate` says what the
+    registry wants (Basic: the credentials; Bearer: a token from its realm, asked with the
+    credentials if there are any, for `repository:<name>:pull`), and the request is sent
+    once more. Tokens are kept until they expire."""
 
     def __init__(
         self,
