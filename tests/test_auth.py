@@ -19,6 +19,8 @@ from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
 
 from syncbit import certs
 from syncbit.auth import check_exposure
+from syncbit.cli.daemon_client import local
+from syncbit.cli.progress import follow
 from syncbit.config import SchedulerConfig
 from syncbit.credentials import PEER, Issuer, Principal, Role, Verifier, peek
 from syncbit.errors import (
@@ -32,7 +34,6 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.pull import follow, local
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.server import _RULES
 from syncbit.sources import Listing, Source, register

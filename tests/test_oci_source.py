@@ -49,6 +49,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import Listing, open_source
 from syncbit.sources.oci import INLINE_LIMIT, OciSource
+from syncbit.sources.oci.transport import check_target
 
 _WHY = registry_unavailable()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"no registry: {_WHY}")
@@ -463,6 +464,13 @@ def test_redirect_rules() -> None:
             client._check_target(realm, "realm")
     client._check_target("https://auth.example/token", "realm")
     source.close()
+
+
+@pytest.mark.parametrize("bad", ["https://[abc/token", "https://[::1/x", "https://h:99999/t"])
+def test_a_malformed_realm_or_redirect_is_refused(bad: str) -> None:
+    # URLs the parser itself rejects: refused as invalid, never a crash of the listing.
+    with pytest.raises(SourceError, match="invalid URL"):
+        check_target(bad, "the token realm", insecure=False)
 
 
 # -- auth ---------------------------------------------------------------------------------------

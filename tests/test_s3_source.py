@@ -149,7 +149,7 @@ def test_open_source_finds_the_s3_class_lazily() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
-    assert out.stdout.split() == ["syncbit.sources.s3", "S3Source", "some-bucket", "prefix/"]
+    assert out.stdout.split() == ["syncbit.sources.s3.source", "S3Source", "some-bucket", "prefix/"]
     source = open_source("s3://b-k-t/x")
     assert isinstance(source, S3Source)
     source.close()

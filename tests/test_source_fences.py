@@ -157,6 +157,19 @@ async def test_redirect_to_another_scheme_is_refused(
             await read(source, entry_for(hop.url + "f.bin"), 0, 10)
 
 
+@pytest.mark.parametrize("location", ["http://[abc/f.bin", "http://127.0.0.1:99999/f.bin"])
+async def test_redirect_to_a_malformed_url_is_refused(
+    location: str, make_source: Callable[..., HttpSource]
+) -> None:
+    # Locations the URL parser itself rejects: a clear refusal, never an unexpected error.
+    with redirector(lambda p: location) as hop:
+        source = make_source(hop.url + "f.bin", follow_redirects="any")
+        with pytest.raises(InvalidSourceError, match="redirects to an invalid URL"):
+            await source.list()
+        with pytest.raises(InvalidSourceError, match="redirects to an invalid URL"):
+            await read(source, entry_for(hop.url + "f.bin"), 0, 10)
+
+
 def tls(server: Scripted, tmp: Path) -> Scripted:
     """`server` speaking TLS (self-signed for 127.0.0.1), before it starts."""
     context: ssl.SSLContext = _self_signed(tmp)

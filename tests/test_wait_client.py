@@ -1,4 +1,4 @@
-"""`syncbit wait`'s client side (syncbit.pull.follow) against a real peer server on
+"""`syncbit wait`'s client side (syncbit.cli.progress.follow) against a real peer server on
 loopback: a daemon that is listening but not serving yet answers 503, and the wait keeps
 trying instead of calling the dataset unknown."""
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from syncbit.cli.progress import WaitTimeoutError, follow
 from syncbit.peer import PeerServer
-from syncbit.pull import WaitTimeoutError, follow
 from syncbit.store import ObjectStore
 
 
