@@ -37,7 +37,7 @@ from integration.registry import (
     docker_config,
     registry_unavailable,
 )
-from syncbit.mirror import MirrorConfig
+from syncbit.mirror import BlobCache, MirrorConfig, Repository, UpstreamSource
 
 _WHY = registry_unavailable()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"no registry: {_WHY}")
@@ -347,3 +347,28 @@ def test_skopeo_copies_an_image_through_the_mirror(
     for digest in images.layout.blobs_of(images.multi):
         path = dest / "blobs" / "sha256" / digest.partition(":")[2]
         assert path.read_bytes() == images.layout.data[digest]
+
+
+async def test_clients_beyond_the_limit_are_closed_least_recently_used_first(
+    tmp_path: Path, images: Images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each repository's client keeps its own token: a client made again asks for one."""
+    tokens = TokenServer(
+        tmp_path / "tokens", users={"alice": PASSWORD}, grants={"alice": {"*": ["pull", "push"]}}
+    )
+    with Registry(tmp_path / "registry", "token", tokens=tokens) as registry:
+        for repo in ("team/a", "team/b"):
+            registry.push(images.layout, "v1", f"{repo}:v1", creds=("alice", PASSWORD))
+        monkeypatch.setenv("SYNCBIT_OCI_REGISTRY", registry.host)
+        monkeypatch.setenv("SYNCBIT_OCI_USERNAME", "alice")
+        monkeypatch.setenv("SYNCBIT_OCI_PASSWORD", PASSWORD)
+        config = _config(tmp_path, registry.host)
+        cache = await BlobCache.open(tmp_path / "cache", 64 * MiB)
+        for limit, asked in ((2, 2), (1, 3)):
+            source = UpstreamSource(config, cache, max_clients=limit)
+            before = tokens.requests["alice"]
+            for repo in ("team/a", "team/b", "team/a"):
+                content = await source.resolve_tag(Repository(registry.host, repo), "v1", None)
+                assert content.digest == images.v1.digest
+            await source.close()
+            assert tokens.requests["alice"] - before == asked

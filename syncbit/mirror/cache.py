@@ -60,8 +60,8 @@ class Sink:
     def write(self, data: bytes | memoryview) -> None:
         if self.written + len(data) > self.limit:
             raise RegistryError(
-                f"{self._what}: the registry sent more than the {self.limit} bytes expected: "
-                "rejected, nothing served",
+                f"{self._what}: the registry sends more than {self.limit} bytes (its size, or "
+                "the cache's budget): rejected, nothing served",
                 "SIZE_INVALID",
                 502,
             )

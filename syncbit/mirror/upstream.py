@@ -180,9 +180,12 @@ def _refusal(answer: Answer, what: str, registry: str, missing: str) -> Registry
 class UpstreamSource:
     """`BlobSource` over the upstream registries, with a `BlobCache` of its own."""
 
-    def __init__(self, config: MirrorConfig, cache: BlobCache) -> None:
+    def __init__(
+        self, config: MirrorConfig, cache: BlobCache, max_clients: int = MAX_CLIENTS
+    ) -> None:
         self.config = config
         self.cache = cache
+        self.max_clients = max_clients
         self._limiter = trio.CapacityLimiter(config.fetch_concurrency)
         self._clients: OrderedDict[Repository, tuple[UpstreamClient, int]] = OrderedDict()
 
@@ -275,7 +278,8 @@ class UpstreamSource:
                 for piece in resp.iter_raw(PIECE):
                     sink.write(piece)
 
-            answer = client.exchange("GET", f"{kind}/{digest}", ACCEPT, what, consume)
+            # By digest, any media type: the digest decides what it is, not the Accept.
+            answer = client.exchange("GET", f"{kind}/{digest}", f"{ACCEPT}, */*", what, consume)
             if answer.status != 200:
                 raise _refusal(answer, what, repo.registry, kind.upper()[:-1] + "_UNKNOWN")
             return found[0] if manifest else None
@@ -292,7 +296,8 @@ class UpstreamSource:
 
     @contextlib.asynccontextmanager
     async def _using(self, repo: Repository) -> AsyncIterator[UpstreamClient]:
-        """The client of `repo` (made on first use; idle ones beyond MAX_CLIENTS closed)."""
+        """The client of `repo` (made on first use; idle ones beyond `max_clients` closed,
+        least recently used first)."""
         if repo in self._clients:
             client, users = self._clients.pop(repo)
         else:
@@ -310,9 +315,11 @@ class UpstreamSource:
             client, users = self._clients.pop(repo, (client, 1))
             self._clients[repo] = (client, users - 1)
             idle = [r for r, (_, n) in self._clients.items() if n == 0]
-            victims = [self._clients.pop(r)[0] for r in idle[: len(self._clients) - MAX_CLIENTS]]
-            for victim in victims:
-                await trio.to_thread.run_sync(victim.close)
+            excess = max(0, len(self._clients) - self.max_clients)
+            victims = [self._clients.pop(r)[0] for r in idle[:excess]]
+            with trio.CancelScope(shield=True):
+                for victim in victims:
+                    await trio.to_thread.run_sync(victim.close)
 
 
 def _put(sink: Sink, body: bytes, media_type: str) -> str:
