@@ -37,6 +37,9 @@ from integration.cluster import (
     unmount_lazy,
     wait_until,
 )
+from syncbit.mirror.hosts import hosts_toml
+
+MIRROR = [sys.executable, "-m", "syncbit.mirror"]
 
 # Plugins that need what a test machine may lack (block devices, special filesystems, a
 # CNI setup): off, so that containerd starts the same everywhere.
@@ -195,21 +198,14 @@ class Containerd(ManagedProcess):
         self.cleanup()
 
 
-def write_hosts_toml(
-    hosts_dir: Path, registry: str, server: str, mirrors: list[str], skip_verify: bool = True
-) -> Path:
-    """`<hosts_dir>/<registry>/hosts.toml`: the mirrors first (pull and resolve), then
-    `server` (the registry itself, e.g. http://127.0.0.1:5000) as the fallback. Returns
-    `hosts_dir`, what `ctr --hosts-dir` and containerd's `config_path` name."""
-    lines = [f'server = "{server}"', ""]
-    for mirror in mirrors:
-        lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]']
-        if skip_verify and mirror.startswith("https://"):
-            lines.append("  skip_verify = true")
-        lines.append("")
+def write_hosts_toml(hosts_dir: Path, registry: str, server: str, mirrors: list[str]) -> Path:
+    """`<hosts_dir>/<registry>/hosts.toml` as syncbit writes it (`syncbit.mirror.hosts`):
+    the mirrors first (pull and resolve), then `server` (the registry itself, e.g.
+    http://127.0.0.1:5000) as the fallback. Returns `hosts_dir`, what `ctr --hosts-dir`
+    and containerd's `config_path` name."""
     directory = hosts_dir / registry
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "hosts.toml").write_text("\n".join(lines))
+    (directory / "hosts.toml").write_text(hosts_toml(server, mirrors))
     return hosts_dir
 
 
@@ -238,7 +234,7 @@ class MirrorProcess(ManagedProcess):
 
     def start(self, timeout: float = 30.0) -> MirrorProcess:
         self.port = self.port or free_port()
-        argv = [sys.executable, "-m", "syncbit.mirror", "--listen", f"{HOST}:{self.port}"]
+        argv = [*MIRROR, "serve", "--listen", f"{HOST}:{self.port}"]
         argv += ["--cache-dir", str(self.cache)]
         for registry in self.insecure:
             argv += ["--insecure-registry", registry]

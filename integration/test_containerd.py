@@ -13,6 +13,7 @@ of its own, sharing nothing but the registry.
 from __future__ import annotations
 
 import random
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from integration.containerd import (
+    MIRROR,
     Containerd,
     MirrorProcess,
     containerd_unavailable,
@@ -174,3 +176,33 @@ def test_a_corrupted_blob_is_never_served_and_containerd_falls_back(
             log = mirror.log_text()
             assert f"rejected {base}" in log or f"rejected sha256:{base[7:]}" in log
             assert "502 DIGEST_INVALID" in log
+
+
+def test_the_hosts_files_syncbit_writes_are_what_containerd_reads(
+    node_dir: Path, registry: Registry, images: Images
+) -> None:
+    """`python -m syncbit.mirror hosts` (what the DaemonSet's init container runs): a
+    file for the registry named in the config, and `_default` for every other one."""
+    config = node_dir / "mirror.yaml"
+    config.write_text('registries:\n  "*": {}\n')
+    with (
+        RegistryProxy(registry) as elsewhere,  # another registry: no file of its own
+        MirrorProcess(node_dir / "mirror", [registry.host, elsewhere.hostport]) as mirror,
+        Containerd(node_dir / "containerd") as ctrd,
+    ):
+        certs_d = node_dir / "certs.d"
+        argv = [*MIRROR, "hosts", "--certs-d", str(certs_d), "--config", str(config)]
+        argv += ["--insecure-registry", registry.host, "--mirror", mirror.url]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.parent.name for p in certs_d.glob("*/hosts.toml")) == sorted(
+            ["_default", registry.host]
+        )
+        named = f"{registry.host}/team/app:v1"
+        ctrd.pull(named, certs_d)
+        _unpacked(ctrd, named, images.files, node_dir / "mnt1")
+        # `_default` names no server: --plain-http makes the fallback plain HTTP.
+        other = f"{elsewhere.hostport}/team/app:v1"
+        ctrd.pull(other, certs_d, "--plain-http")
+        _unpacked(ctrd, other, images.files, node_dir / "mnt2")
+        assert mirror.cached() == images.layout.blobs_of(images.v1)
