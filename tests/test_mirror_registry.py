@@ -372,3 +372,40 @@ async def test_clients_beyond_the_limit_are_closed_least_recently_used_first(
                 assert content.digest == images.v1.digest
             await source.close()
             assert tokens.requests["alice"] - before == asked
+
+
+def test_registries_conf_sends_a_containers_image_client_through_the_mirror(
+    tmp_path: Path, images: Images
+) -> None:
+    """CRI-O, podman and skopeo read the same registries.conf (containers/image): with the
+    mirror as the registry's mirror they pull through it. They send no ?ns=, so this
+    mirror's default registry is that registry."""
+    with Registry(tmp_path / "registry") as registry:
+        registry.push(images.layout, "v1", "team/app:v1")
+        config = _config(tmp_path, registry.host, default_registry=registry.host)
+        with ServedMirror(config) as served:
+            conf = tmp_path / "registries.conf"
+            conf.write_text(
+                "[[registry]]\n"
+                f'prefix = "{registry.host}"\n'
+                f'location = "{registry.host}"\n'
+                "insecure = true\n"
+                "[[registry.mirror]]\n"
+                f'location = "{served.url.removeprefix("http://")}"\n'
+                "insecure = true\n"
+            )
+            dest = tmp_path / "copy"
+            done = subprocess.run(
+                [
+                    "skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy",
+                    f"docker://{registry.host}/team/app:v1", f"oci:{dest}:v1",
+                ],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+        blobs = images.layout.blobs_of(images.v1)
+        cached = {f"sha256:{p.name}" for p in (tmp_path / "mirror-cache/blobs/sha256").iterdir()}
+        assert cached == blobs  # everything came through the mirror
+        assert set(registry.blob_gets("team/app").values()) == {1}
+        index = json.loads((dest / "index.json").read_bytes())
+        assert index["manifests"][0]["digest"] == images.v1.digest

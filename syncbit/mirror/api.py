@@ -7,8 +7,8 @@ Owns request parsing, the response headers (`Docker-Content-Digest`, `Content-Ty
 resolved by the `BlobSource` (the upstream's answer); everything by digest is served from
 what the source verified. Never serves a byte the source did not hand out as verified,
 never echoes a request header, and never answers a write (405). Bodies stream with trio
-directly (not anyio, whose trio backend needs a newer trio than this project pins), and
-a client that goes away stops its stream.
+directly (not anyio, whose trio backend needs trio >= 0.32, newer than some machines
+have), and a client that goes away stops its stream.
 """
 
 from __future__ import annotations
@@ -148,25 +148,22 @@ class _Request:
     def _registry(request: Request, config: MirrorConfig) -> str:
         """The upstream a request is for: containerd's ?ns=, else the configured default."""
         ns = request.query_params.get("ns")
-        if ns is None:
-            if config.default_registry is None:
-                raise RegistryError(
-                    "no upstream registry: ask with ?ns=<registry> (containerd does) or set "
-                    "the mirror's default_registry",
-                    "NAME_UNKNOWN",
-                    404,
-                )
-            return config.default_registry
-        try:
-            registry = registry_host(ns)
-        except ValueError:
-            raise RegistryError(f"invalid ns {ns[:100]!r}", "NAME_INVALID", 400) from None
+        if ns is not None:
+            try:
+                registry = registry_host(ns)
+            except ValueError:
+                raise RegistryError(f"invalid ns {ns[:100]!r}", "NAME_INVALID", 400) from None
+        elif config.default_registry is not None:
+            registry = config.default_registry
+        else:
+            raise RegistryError(
+                "no upstream registry: ask with ?ns=<registry> (containerd does) or set "
+                "the mirror's default_registry",
+                "NAME_UNKNOWN",
+                404,
+            )
         config.upstream(registry)  # refuses registries this mirror does not serve
         return registry
-
-    def __str__(self) -> str:
-        kind = "manifests" if self.manifest else "blobs"
-        return f"{self.repo}/{kind}/{self.reference}"
 
 
 class _Mirror:
@@ -217,6 +214,8 @@ class _Mirror:
             async with self.source.manifest(req.repo, digest) as blob:
                 await self._send(blob, None, req.head, receive, send)
             return
+        # A HEAD too is answered from the verified blob (fetched if need be): this mirror
+        # states nothing about a blob it has not checked.
         async with self.source.blob(req.repo, req.reference) as blob:
             await self._send(blob, request.headers.get("range"), req.head, receive, send)
 

@@ -210,7 +210,9 @@ class UpstreamSource:
             if not _MEDIA_TYPE.match(media_type):
                 raise RegistryError(f"{what}: the registry names no media type", "UNKNOWN", 502)
             return Content(digest, int(length), media_type)
-        # No digest in the HEAD answer (or an error without a body to say why): a GET.
+        if answer.status not in (200, 404):
+            raise _refusal(answer, what, repo.registry, "MANIFEST_UNKNOWN")
+        # No digest in the HEAD answer, or a 404 without a body to say why: a GET.
         answer = await self._call(
             repo, lambda c: c.exchange("GET", f"manifests/{tag}", accept, what)
         )
