@@ -168,3 +168,11 @@ def test_hosts_command_writes_the_files_and_says_which(tmp_path: Path) -> None:
     unwritable.write_text("")
     done = _run("hosts", "--certs-d", str(unwritable))
     assert done.returncode == 1 and done.stderr.startswith("error: cannot write under")
+
+
+def test_the_documented_hosts_toml_is_what_syncbit_writes() -> None:
+    readme = (Path(__file__).parents[1] / "deploy" / "k8s" / "README.md").read_text()
+    after = readme.split("e.g. `/etc/containerd/certs.d/docker.io/hosts.toml`:", 1)[1]
+    shown = after.split("```toml\n", 1)[1].split("```", 1)[0]
+    options = UpstreamOptions.model_validate({})
+    assert shown == hosts_toml(server_url("docker.io", options), [mirror_url("127.0.0.1:5050")])
