@@ -20,6 +20,8 @@ Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2,
     ├── PeerError                 a peer failed to deliver a chunk (next peer is tried)
     │   └── DigestMismatchError   a peer sent bytes that do not match the chunk digest
     ├── ReadDeadlineError         neither peers nor source delivered before the deadline
+    ├── RegistryError             the registry mirror cannot answer an image request: the
+    │                             distribution API's error code and status (404, 502...)
     ├── CacheLockedError          another daemon already owns the cache dir
     ├── CacheFullError            a chunk does not fit: the budget is pinned or in use
     │   └── DiskFullError         the cache filesystem has no space and nothing could go
@@ -163,3 +165,15 @@ class NotLeaderError(SchedulerError):
     def __init__(self, message: str, leader: str | None = None) -> None:
         super().__init__(message, status=421)
         self.leader = leader
+
+
+class RegistryError(SyncbitError):
+    """An image request the node's registry mirror answers with an error: `code` is the
+    distribution API's error code (MANIFEST_UNKNOWN, BLOB_UNKNOWN, DIGEST_INVALID, ...),
+    `status` the HTTP status. The message names the registry and the digest or tag, never
+    a credential."""
+
+    def __init__(self, message: str, code: str, status: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from ocifixtures import no_ambient_credentials_fixture  # noqa: F401 - autouse here
 
 from integration.registry import (
     DOCKER_MANIFEST,
@@ -122,17 +123,6 @@ def token(tmp_path_factory: pytest.TempPathFactory, images: Images) -> Iterator[
         registry.push(images.layout, "v1.4", "team/app:v1.4", creds=creds)
         registry.push(images.layout, "v1.4", "public/app:v1.4", creds=creds)
         yield registry
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Every test starts with no credentials: an empty Docker config dir, no SYNCBIT_OCI_*."""
-    for var in ("SYNCBIT_OCI_USERNAME", "SYNCBIT_OCI_PASSWORD", "SYNCBIT_OCI_REGISTRY"):
-        monkeypatch.delenv(var, raising=False)
-    config_dir = tmp_path / "docker-config"
-    config_dir.mkdir()
-    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
-    return config_dir
 
 
 def _alice(monkeypatch: pytest.MonkeyPatch, registry: str) -> None:
