@@ -90,12 +90,12 @@ class UpstreamClient(RegistryClient):
         url = f"{self.base}/v2/{self.ref.repository}/{path}"
         try:
             for _ in range(3):
-                auth, fresh = self._authorization()
+                auth, fresh = self.auth.authorization()
                 headers = {"Accept": accept, **({"Authorization": auth} if auth else {})}
                 answer = self._follow(method, url, headers, what, consume)
                 if answer.status != 401 or _origin(answer.url) != self.origin:
                     break
-                self._challenged(answer.headers.get("www-authenticate"), auth, fresh)
+                self.auth.challenged(answer.headers.get("www-authenticate"), auth, fresh)
         except SourceUnavailableError as exc:  # the token service, temporarily
             raise RegistryError(_clean(str(exc)), "UNAVAILABLE", 503) from exc
         except SourceError as exc:  # credentials or a token refused

@@ -17,11 +17,14 @@ messages or logs, and an Authorization header never leaves the registry's host.
     layout       the walk that lists an image   source   OciSource (registered as oci://)
 """
 
+from syncbit.sources.oci.client import RegistryClient
 from syncbit.sources.oci.credentials import Credentials, find_credentials
 from syncbit.sources.oci.layout import INLINE_LIMIT
 from syncbit.sources.oci.manifest import (
+    ACCEPT,
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    MAX_MANIFEST_BYTES,
     OCI_INDEX,
     OCI_MANIFEST,
     parse_manifest,
@@ -30,9 +33,11 @@ from syncbit.sources.oci.reference import OciReference, Platform, parse_oci_uri
 from syncbit.sources.oci.source import OPTION_KEYS, OciSource
 
 __all__ = [
+    "ACCEPT",
     "DOCKER_LIST",
     "DOCKER_MANIFEST",
     "INLINE_LIMIT",
+    "MAX_MANIFEST_BYTES",
     "OCI_INDEX",
     "OCI_MANIFEST",
     "OPTION_KEYS",
@@ -40,6 +45,7 @@ __all__ = [
     "OciReference",
     "OciSource",
     "Platform",
+    "RegistryClient",
     "find_credentials",
     "parse_manifest",
     "parse_oci_uri",
