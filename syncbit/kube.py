@@ -38,7 +38,7 @@ from lightkube.core.exceptions import ConfigError as KubeConfigError
 from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
-from syncbit.errors import ConfigError
+from syncbit.errors import ConfigError, KubeAPIError
 from syncbit.retry import backoff_delays
 
 log = logging.getLogger("syncbit.kube")
@@ -130,11 +130,6 @@ def _config_error(where: str, reason: str) -> ConfigError:
     return ConfigError(f"cannot load the Kubernetes config ({where}): {reason}")
 
 
-class _BadResponseError(Exception):
-    """The API server (or a proxy before it) answered something that is not Kubernetes API
-    JSON. Never leaves this module: `sync` logs it like any other API failure."""
-
-
 class NodeSync:
     """Keeps one Node's `syncbit.io/ds.*` labels and warm-up taint in step with this node.
 
@@ -216,7 +211,7 @@ class NodeSync:
                 return
             try:
                 await self._reconcile(*wanted)
-            except (httpx.HTTPError, KubeConfigError, _BadResponseError) as exc:
+            except (httpx.HTTPError, KubeConfigError, KubeAPIError) as exc:
                 self._failed(exc)
                 return
             if self.last_error is not None:
@@ -284,7 +279,7 @@ class NodeSync:
         except (ValueError, KeyError) as exc:
             # ValueError: a body that is not JSON (a proxy's error page); KeyError: lightkube
             # reads the Content-Type of every error answer, and a proxy's may have none.
-            raise _BadResponseError(f"unexpected answer from the Kubernetes API: {exc!r}") from exc
+            raise KubeAPIError(f"unexpected answer from the Kubernetes API: {exc!r}") from exc
         return result
 
     # -- failures --------------------------------------------------------------------------

@@ -19,11 +19,14 @@ from urllib.parse import quote, urlencode
 from syncbit import tls
 from syncbit.auth import bearer, client_ca, client_tls_name, client_token
 from syncbit.errors import (
+    DaemonUnreachableError,
     ForbiddenError,
     NotFoundError,
     SyncbitError,
     UnauthorizedError,
     UserError,
+    WaitTimeoutError,
+    error_class,
 )
 
 _POLL = 0.2  # seconds between attempts while no daemon answers (an initContainer)
@@ -32,10 +35,6 @@ _POLL = 0.2  # seconds between attempts while no daemon answers (an initContaine
 # moment the data is ready and costs the node one request per second, not five.
 _LONG_POLL = 1.0
 _PLAIN_EVERY = 5.0
-
-
-class DaemonUnreachableError(SyncbitError):
-    """No daemon answers at the given address (yet)."""
 
 
 class _TLSConnection(http.client.HTTPSConnection):
@@ -102,8 +101,9 @@ class _Daemon:
         body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """One request to `/v1/local/<path>`; the JSON answer, or the daemon's error as a
-        SyncbitError (NotFoundError for 404, UserError for 400, ...)."""
+        """One request to `/v1/local/<path>`; the JSON answer, or the daemon's error as the
+        SyncbitError the one status table names (NotFoundError for 404, ...);
+        DaemonUnreachableError while no daemon answers or it is still starting."""
         url = f"/v1/local/{path}" + (f"?{urlencode(params)}" if params else "")
         headers = dict(self._headers)
         payload = None
@@ -128,27 +128,25 @@ class _Daemon:
                 f"no syncbit daemon answers at {self.address} ({type(exc).__name__}): "
                 "start one with `syncbit daemon` or pass --daemon host:port"
             ) from exc
-        if resp.status == 503:  # listening, but still starting up
-            raise DaemonUnreachableError(f"the syncbit daemon at {self.address} is starting")
         try:
             doc: dict[str, Any] = json.loads(raw) if raw else {}
         except ValueError:
             doc = {}
-        if resp.status == 404:
-            raise NotFoundError(doc.get("error", f"not found: {url}"))
-        if resp.status == 401:
-            reason = raw.decode(errors="replace").strip() or "missing or wrong cluster token"
-            raise UnauthorizedError(
-                f"daemon at {self.address}: {reason} (set SYNCBIT_TOKEN_FILE)"[:500]
-            )
-        if resp.status == 403:
-            reason = raw.decode(errors="replace").strip() or "forbidden"
-            raise ForbiddenError(f"daemon at {self.address}: {reason}"[:500])
-        if resp.status == 400:
-            raise UserError(doc.get("error", f"bad request: {url}"))
-        if resp.status != 200:
-            raise SyncbitError(doc.get("error", f"daemon answered HTTP {resp.status}"))
-        return doc
+        if resp.status == 200:
+            return doc
+        if not isinstance(doc, dict):
+            doc = {}
+        cls = error_class(resp.status, doc.get("kind"))
+        if cls is DaemonUnreachableError or (cls is None and resp.status == 503):
+            # Listening, but still starting up (a daemon before JSON errors: a bare 503).
+            raise DaemonUnreachableError(f"the syncbit daemon at {self.address} is starting")
+        reason = str(doc.get("error") or raw.decode(errors="replace").strip())[:500]
+        if cls is UnauthorizedError:
+            reason = reason or "missing or wrong cluster token"
+            raise cls(f"daemon at {self.address}: {reason} (set SYNCBIT_TOKEN_FILE)")
+        if cls is ForbiddenError:
+            raise cls(f"daemon at {self.address}: {reason or 'forbidden'}")
+        raise (cls or SyncbitError)(reason or f"daemon answered HTTP {resp.status} to {url}")
 
 
 def _size(n: float) -> str:
@@ -252,10 +250,6 @@ def follow(
         if not tty:
             print(file=out)
         return doc
-
-
-class WaitTimeoutError(SyncbitError):
-    """`syncbit wait` ran out of time before the dataset was ready."""
 
 
 def _until_answered(

@@ -327,9 +327,9 @@ def test_a_daemon_refuses_credentials_that_are_not_its_own(tmp_path: Path) -> No
 # -- the daemon's routes --------------------------------------------------------------------
 
 
-def _control(method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     doc = {"dataset": "d", "size": 10, "present_bytes": 10, "complete": True, "ready": True}
-    return 200, doc
+    return doc
 
 
 # (method, path, who may): the peer service's routes, from loopback.
