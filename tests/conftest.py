@@ -12,8 +12,8 @@ from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.scheduler import SchedulerClient, SchedulerServer
-from syncbit.testing.smallfs import CannotMount
-from syncbit.testing.smallfs import small_fs as mount_small_fs
+from syncbit_testing.smallfs import CannotMount
+from syncbit_testing.smallfs import small_fs as mount_small_fs
 
 
 @pytest.fixture

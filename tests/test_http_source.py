@@ -7,7 +7,6 @@ import os
 import random
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +27,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.http import HttpSource
-from syncbit.testing import Origin
+from syncbit_testing import Origin, command, environ
 
 RNG = random.Random(1234)
 FILES: dict[str, bytes] = {
@@ -584,20 +583,11 @@ async def test_origin_never_serves_outside_root(tree: Path, tmp_path: Path) -> N
 
 async def test_origin_process_mode(tree: Path) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "syncbit.testing.origin",
-            "--root",
-            str(tree),
-            "--port",
-            "0",
-            "--style",
-            "apache",
-        ],
+        command("origin", "--root", str(tree), "--port", "0", "--style", "apache"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=environ(),
     )
     try:
         assert proc.stdout is not None
