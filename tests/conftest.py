@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
+from fakes import Clock
+from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.scheduler import SchedulerClient, SchedulerServer

@@ -12,14 +12,14 @@ from pathlib import Path
 import lmdb
 import pytest
 import trio
+from fakes import Directory, MemSource, Peers
 
 from syncbit.chunks import chunk_length, digest
 from syncbit.errors import CacheFullError, PeerBusyError, PeerError
 from syncbit.fetcher import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.scheduler.client import ChunkMap, ClaimResult
-from syncbit.sources.base import Listing, Source
+from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
 
 CS = 1024
@@ -401,46 +401,9 @@ FILES = [
 ]
 
 
-class FileSource(Source):
-    """Each file's bytes are `_bytes(its index, size)`; counts bytes read."""
-
-    def __init__(self) -> None:
-        super().__init__("mem://")
-        self.bytes = 0
-
-    async def list(self) -> Listing:
-        return Listing(FILES)
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        self.bytes += len(buf)
-        data = _bytes(FILES.index(entry), entry.size)
-        buf[:] = data[offset : offset + len(buf)]
-
-
-class NoScheduler:
-    """No digests, no peers; every source claim granted."""
-
-    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
-        return ChunkMap()
-
-    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
-        return ClaimResult(granted=list(indexes))
-
-    async def release(self, object_id: str, indexes: list[int]) -> None:
-        pass
-
-    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
-        pass
-
-
-class NoPeers:
-    def get_into(
-        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
-    ) -> None:
-        raise AssertionError("no peers here")
-
-    def close(self) -> None:
-        pass
+def _files_source() -> MemSource:
+    """Each file's bytes are `_bytes(its index, size)`."""
+    return MemSource(files=FILES, bodies={f.path: _bytes(n, f.size) for n, f in enumerate(FILES)})
 
 
 async def _read_all(fetcher: Fetcher, entry: FileEntry, source: Source, step: int) -> bytes:
@@ -458,8 +421,8 @@ async def test_reads_through_a_budget_smaller_than_the_data(
     store = ObjectStore.open(tmp_path, 2 * size + FCS)  # two files and a bit: not five
     try:
         await nursery.start(store.commit_loop)
-        source = FileSource()
-        fetcher = Fetcher(store, NoScheduler(), NoPeers(), readahead_chunks=2)  # type: ignore[arg-type]
+        source = _files_source()
+        fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=2)  # type: ignore[arg-type]
         await nursery.start(fetcher.run)
         peak = 0
         for n, entry in enumerate(FILES):
@@ -492,9 +455,9 @@ async def test_read_of_a_chunk_the_cache_cannot_keep_fails_cleanly(
     store = ObjectStore.open(tmp_path, FCS // 2)  # not even one chunk fits
     try:
         await nursery.start(store.commit_loop)
-        source = FileSource()
+        source = _files_source()
         fetcher = Fetcher(  # type: ignore[arg-type]
-            store, NoScheduler(), NoPeers(), workers=1, readahead_chunks=0, source_batch=FCS
+            store, Directory(), Peers(), workers=1, readahead_chunks=0, source_batch=FCS
         )
         await nursery.start(fetcher.run)
         handle = fetcher.open(FILES[0], FCS, source)

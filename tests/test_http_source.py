@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from sourcehelp import by_path, read, write_tree
 
 from syncbit.chunks import digest
 from syncbit.errors import (
@@ -24,7 +25,7 @@ from syncbit.errors import (
     SourceUnavailableError,
     UnsafePathError,
 )
-from syncbit.manifest import FileEntry, build_manifest
+from syncbit.manifest import build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.http import HttpSource
 from syncbit_testing import Origin, command, environ
@@ -47,14 +48,7 @@ EMPTY_DIRS = ["empty-dir", "sub/empty-nested"]
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    for rel, data in FILES.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    for rel in EMPTY_DIRS:
-        (root / rel).mkdir(parents=True)
-    return root
+    return write_tree(tmp_path / "data", FILES, EMPTY_DIRS)
 
 
 @pytest.fixture(params=["nginx", "apache"])
@@ -89,16 +83,6 @@ def disk_tree(root: Path) -> tuple[dict[str, int], set[str]]:
                 os.path.join(dirpath, f)
             )
     return files, dirs
-
-
-async def read(source: HttpSource, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
-
-
-def by_path(files: list[FileEntry]) -> dict[str, FileEntry]:
-    return {f.path: f for f in files}
 
 
 # -- listing ------------------------------------------------------------------------------
