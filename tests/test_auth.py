@@ -430,7 +430,6 @@ async def test_tls_with_the_right_ca_and_a_clear_refusal_with_a_wrong_one(
 def test_plain_http_is_refused_from_elsewhere_but_probes_stay_open(
     secured: SchedulerServer,
 ) -> None:
-    assert secured._server is not None
     plain = f"http://{secured.address}"
     # Loopback may speak plain HTTP (the node's own CLI); the probes are open anyway.
     assert httpx.get(plain + "/healthz", trust_env=False).status_code == 200

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -363,32 +364,47 @@ async def test_peer_serves_until_evicted_then_answers_not_held(store: ObjectStor
 
 
 async def test_peer_turns_prefetch_away_when_its_upload_slots_are_taken(
-    store: ObjectStore,
+    tmp_path: Path,
 ) -> None:
-    a = await _fill(store, 1)
+    # A transfer in progress holds the one slot: a client that asks for more than the
+    # socket buffers hold and reads nothing keeps the server's sendfile waiting.
+    size = 64 << 20
+    store = ObjectStore.open(tmp_path / "big", 2 * size)
     server = PeerServer(store, "127.0.0.1:0", upload_slots=1)
     server.start()
     client = PeerClient(timeout=5)
     buf = bytearray(CS)
-
-    def get(prefetch: bool) -> None:
-        client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
-
     try:
-        assert server._server.enter(False)  # a transfer in progress takes the one slot
-        with pytest.raises(PeerBusyError):
-            await trio.to_thread.run_sync(get, True)
-        assert server.refused == 1
-        await trio.to_thread.run_sync(get, False)  # a reader is served all the same
-        assert bytes(buf) == _bytes(1, OBJ)[:CS]
-        server._server.leave()
+        a = await _fill(store, 1, size=size, cs=4 << 20)
+
+        def get(prefetch: bool) -> None:
+            client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
+
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as stalled:
+            ask = f"GET /v1/objects/{a.id}/data HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size - 1}"
+            stalled.sendall(ask.encode() + b"\r\n\r\n")
+            await _until(lambda: server.load == 1)
+            with pytest.raises(PeerBusyError):
+                await trio.to_thread.run_sync(get, True)
+            assert server.refused == 1
+            await trio.to_thread.run_sync(get, False)  # a reader is served all the same
+            assert bytes(buf) == _bytes(1, size)[:CS]
+        await _until(lambda: server.load == 0)  # the stalled client left: the slot is free
         buf[:] = bytes(CS)
-        await trio.to_thread.run_sync(get, True)  # the slot is free again
-        assert bytes(buf) == _bytes(1, OBJ)[:CS]
+        await trio.to_thread.run_sync(get, True)
+        assert bytes(buf) == _bytes(1, size)[:CS]
         assert server.load == 0
     finally:
         client.close()
         server.stop()
+        store.close()
+
+
+async def _until(ready: Callable[[], bool]) -> None:
+    with trio.fail_after(30):
+        while not ready():
+            await trio.sleep(0.01)
 
 
 # -- reads through the fetcher with a budget smaller than the data -------------------------

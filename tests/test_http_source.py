@@ -653,3 +653,6 @@ async def test_https_origin_lists_and_reads_and_checks_its_certificate(
         files = by_path((await source.list()).files)
         data = FILES["top.bin"]
         assert await read(source, files["top.bin"], 1000, 70000) == data[1000:71000]
+        # The bulk read path checks the certificate too, unless verify is off.
+        with pytest.raises(SourceError, match=r"(?i)certificate verify failed"):
+            await read(make_source(origin.url), files["top.bin"], 0, 10)
