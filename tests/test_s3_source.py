@@ -25,6 +25,7 @@ import pytest
 import trio
 from botocore.exceptions import ClientError
 from s3server import MotoServer
+from sourcehelp import by_path, read
 
 from syncbit.errors import (
     InvalidSourceError,
@@ -34,7 +35,7 @@ from syncbit.errors import (
     UnsafePathError,
     UserError,
 )
-from syncbit.manifest import FileEntry, build_manifest
+from syncbit.manifest import build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.s3 import S3Source, map_error
 
@@ -123,16 +124,6 @@ def make_source(moto: MotoServer) -> Iterator[Callable[..., S3Source]]:
 def put(admin: Any, bucket: str, objects: dict[str, bytes]) -> None:
     for key, data in objects.items():
         admin.put_object(Bucket=bucket, Key=key, Body=data)
-
-
-async def read(source: S3Source, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
-
-
-def by_path(files: list[FileEntry]) -> dict[str, FileEntry]:
-    return {f.path: f for f in files}
 
 
 # -- listing ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trio
+from sourcehelp import read
 from test_http_source import Reply, Scripted, _self_signed, html
 from test_http_source import make_source as make_source  # the shared fixture
 
@@ -63,12 +63,6 @@ def redirector(location: Callable[[str], str]) -> Scripted:
 def other_host(url: str) -> str:
     """The same server under another host name: 127.0.0.1 <-> localhost."""
     return url.replace("127.0.0.1", "localhost")
-
-
-async def read(source: HttpSource, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
 
 
 def entry_for(url: str) -> FileEntry:

@@ -14,16 +14,13 @@ from urllib.parse import urlencode
 from syncbit import tls
 from syncbit.auth import bearer, client_ca, client_tls_name, client_token
 from syncbit.errors import (
+    DaemonUnreachableError,
     ForbiddenError,
-    NotFoundError,
     SyncbitError,
     UnauthorizedError,
     UserError,
+    error_class,
 )
-
-
-class DaemonUnreachableError(SyncbitError):
-    """No daemon answers at the given address (yet)."""
 
 
 class _TLSConnection(http.client.HTTPSConnection):
@@ -128,23 +125,24 @@ class DaemonClient:
 def error_for(
     status: int, raw: bytes, doc: dict[str, Any], url: str, address: str
 ) -> SyncbitError | None:
-    """The error a daemon's answer stands for (None for 200): the one place the client
-    maps HTTP statuses to syncbit errors. `doc` is the parsed body ({} if not JSON)."""
+    """The error a daemon's answer stands for (None for 200), as the one status table in
+    syncbit.errors names it (NotFoundError for 404, ...); DaemonUnreachableError while the
+    daemon is still starting. `doc` is the parsed body ({} if not JSON)."""
     if status == 200:
         return None
-    if status == 503:  # listening, but still starting up
+    if not isinstance(doc, dict):
+        doc = {}
+    cls = error_class(status, doc.get("kind"))
+    if cls is DaemonUnreachableError or (cls is None and status == 503):
+        # Listening, but still starting up (a daemon before JSON errors: a bare 503).
         return DaemonUnreachableError(f"the syncbit daemon at {address} is starting")
-    if status == 404:
-        return NotFoundError(doc.get("error", f"not found: {url}"))
-    if status == 401:
-        reason = raw.decode(errors="replace").strip() or "missing or wrong cluster token"
-        return UnauthorizedError(f"daemon at {address}: {reason} (set SYNCBIT_TOKEN_FILE)"[:500])
-    if status == 403:
-        reason = raw.decode(errors="replace").strip() or "forbidden"
-        return ForbiddenError(f"daemon at {address}: {reason}"[:500])
-    if status == 400:
-        return UserError(doc.get("error", f"bad request: {url}"))
-    return SyncbitError(doc.get("error", f"daemon answered HTTP {status}"))
+    reason = str(doc.get("error") or raw.decode(errors="replace").strip())[:500]
+    if cls is UnauthorizedError:
+        reason = reason or "missing or wrong cluster token"
+        return cls(f"daemon at {address}: {reason} (set SYNCBIT_TOKEN_FILE)")
+    if cls is ForbiddenError:
+        return cls(f"daemon at {address}: {reason or 'forbidden'}")
+    return (cls or SyncbitError)(reason or f"daemon answered HTTP {status} to {url}")
 
 
 def local(daemon: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -12,20 +12,17 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from syncbit.cli.daemon_client import DaemonClient, DaemonUnreachableError, local
-from syncbit.errors import NotFoundError, SyncbitError
+from syncbit.cli.daemon_client import DaemonClient, local
+from syncbit.errors import DaemonUnreachableError, NotFoundError, SyncbitError, WaitTimeoutError
 from syncbit.humanize import seconds_text, size_text
+from syncbit.retry import retrying_blocking
 
-_POLL = 0.2  # seconds between attempts while no daemon answers (an initContainer)
+_POLL = 0.2  # mean seconds between attempts while no daemon answers (an initContainer)
 # Each progress request is a long poll: the daemon answers once the dataset is ready or
 # after this many seconds (often enough to redraw a progress bar), so `wait` returns the
 # moment the data is ready and costs the node one request per second, not five.
 _LONG_POLL = 1.0
 _PLAIN_EVERY = 5.0
-
-
-class WaitTimeoutError(SyncbitError):
-    """`syncbit wait` ran out of time before the dataset was ready."""
 
 
 def _percent(have: int, total: int) -> float:
@@ -149,18 +146,28 @@ def _until_answered(
 ) -> dict[str, Any]:
     """`call()`'s answer, retrying while no daemon answers (saying `note` once): an
     initContainer may start before the node's daemon does, or see it restart. An unknown
-    dataset or any other error from a daemon that answers fails at once."""
+    dataset or any other error from a daemon that answers fails at once. Without a
+    timeout it waits until interrupted."""
     told = False
-    while True:
-        try:
-            return call()
-        except DaemonUnreachableError as exc:
-            if timeout is not None and time.monotonic() - started >= timeout:
-                raise WaitTimeoutError(f"gave up after {timeout:g}s: {exc}") from None
-            if not told:
-                print(f"{note}: {exc}", file=out, flush=True)
-                told = True
-            time.sleep(_POLL)
+
+    def waiting(exc: Exception, delay: float) -> None:
+        nonlocal told
+        if not told:
+            print(f"{note}: {exc}", file=out, flush=True)
+            told = True
+
+    try:
+        return retrying_blocking(
+            call,
+            lambda exc: isinstance(exc, DaemonUnreachableError),
+            deadline=None if timeout is None else started + timeout,
+            until_cancelled=timeout is None,
+            base=_POLL,
+            cap=2 * _POLL,
+            on_retry=waiting,
+        )
+    except DaemonUnreachableError as exc:
+        raise WaitTimeoutError(f"gave up after {timeout:g}s: {exc}") from None
 
 
 def _hint(doc: dict[str, Any], verb: str) -> str:
