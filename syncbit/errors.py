@@ -247,7 +247,7 @@ class RegistryError(SyncbitError):
     `status` the HTTP status. The message names the registry and the digest or tag, never
     a credential."""
 
-    def __init__(self, message: str, code: str, status: int) -> None:
+    def __init__(self, message: str, code: str = "UNKNOWN", status: int = 502) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
