@@ -492,35 +492,30 @@ class Daemon:
 
     # -- node-local control: pull, progress, readiness ----------------------------------------
 
-    async def _control(
-        self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    async def _control(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One node-local control request: its JSON answer. Errors are raised, and the
+        peer server answers them by the one status table (`errors.HTTP_STATUS`)."""
         route, _, query = path.partition("?")
         parts = [unquote(p) for p in route.split("/") if p]
-        try:
-            if method == "POST" and parts == ["v1", "local", "pull"]:
-                return 200, await self.pull(validate_dataset_name(str(body.get("dataset", ""))))
-            if method == "POST" and parts == ["v1", "local", "pull", "cancel"]:
-                return 200, self.cancel_pull(validate_dataset_name(str(body.get("dataset", ""))))
-            if parts[:3] == ["v1", "local", "cache"]:
-                return 200, await self._cache_control(method, parts[3:], body, query)
-            if method == "GET" and parts == ["v1", "local", "datasets"]:
-                return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
-            if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
-                # Added or updated a moment ago? A waiter's first request must see the
-                # current revision. Its long polls that follow need no scheduler call:
-                # `_dataset_loop` follows the generation and applies updates at once.
-                validate_dataset_name(parts[3])
-                wait = _wait_seconds(query)
-                unknown = parts[3] not in self.manifests
-                if unknown or not wait:
-                    await self._sync_datasets(quiet=True, force=unknown)
-                return 200, await self._progress_within(parts[3], wait)
-        except NotFoundError as exc:
-            return 404, {"error": str(exc)}
-        except UserError as exc:
-            return 400, {"error": str(exc)}
-        return 404, {"error": f"no such endpoint {method} {path}"}
+        if method == "POST" and parts == ["v1", "local", "pull"]:
+            return await self.pull(validate_dataset_name(str(body.get("dataset", ""))))
+        if method == "POST" and parts == ["v1", "local", "pull", "cancel"]:
+            return self.cancel_pull(validate_dataset_name(str(body.get("dataset", ""))))
+        if parts[:3] == ["v1", "local", "cache"]:
+            return await self._cache_control(method, parts[3:], body, query)
+        if method == "GET" and parts == ["v1", "local", "datasets"]:
+            return {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
+        if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
+            # Added or updated a moment ago? A waiter's first request must see the
+            # current revision. Its long polls that follow need no scheduler call:
+            # `_dataset_loop` follows the generation and applies updates at once.
+            validate_dataset_name(parts[3])
+            wait = _wait_seconds(query)
+            unknown = parts[3] not in self.manifests
+            if unknown or not wait:
+                await self._sync_datasets(quiet=True, force=unknown)
+            return await self._progress_within(parts[3], wait)
+        raise NotFoundError(f"no such endpoint {method} {path}")
 
     async def _cache_control(
         self, method: str, rest: list[str], body: dict[str, Any], query: str = ""

@@ -25,6 +25,7 @@ from typing import Any
 import lmdb
 
 from syncbit.errors import DiskFullError
+from syncbit.humanize import size_text as size_text  # re-exported: store.py reads it here
 
 log = logging.getLogger("syncbit.disk")
 
@@ -45,16 +46,6 @@ def is_enospc(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return "No space left" in str(exc) or "quota exceeded" in str(exc).lower()
-
-
-def size_text(n: int) -> str:
-    """Bytes for people: 512 B, 4.0 MiB, 1.2 TiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def free_bytes(path: Path | int) -> int:

@@ -4,13 +4,15 @@ disk (a real small tmpfs), and reads through the fetcher with a budget smaller t
 from __future__ import annotations
 
 import os
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
 import trio
+from fakes import Directory, MemSource, Peers
 from storefixtures import content, fill, oid, opened
 
 from syncbit.chunks import chunk_length, digest
@@ -18,8 +20,7 @@ from syncbit.errors import CacheFullError, PeerBusyError, PeerError
 from syncbit.fetcher import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.scheduler.client import ChunkMap, ClaimResult
-from syncbit.sources.base import Listing, Source
+from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
 
 CS = 1024
@@ -354,32 +355,47 @@ async def test_peer_serves_until_evicted_then_answers_not_held(store: ObjectStor
 
 
 async def test_peer_turns_prefetch_away_when_its_upload_slots_are_taken(
-    store: ObjectStore,
+    tmp_path: Path,
 ) -> None:
-    a = await _fill(store, 1)
+    # A transfer in progress holds the one slot: a client that asks for more than the
+    # socket buffers hold and reads nothing keeps the server's sendfile waiting.
+    size = 64 << 20
+    store = ObjectStore.open(tmp_path / "big", 2 * size)
     server = PeerServer(store, "127.0.0.1:0", upload_slots=1)
     server.start()
     client = PeerClient(timeout=5)
     buf = bytearray(CS)
-
-    def get(prefetch: bool) -> None:
-        client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
-
     try:
-        assert server._server.enter(False)  # a transfer in progress takes the one slot
-        with pytest.raises(PeerBusyError):
-            await trio.to_thread.run_sync(get, True)
-        assert server.refused == 1
-        await trio.to_thread.run_sync(get, False)  # a reader is served all the same
-        assert bytes(buf) == _bytes(1, OBJ)[:CS]
-        server._server.leave()
+        a = await _fill(store, 1, size=size, cs=4 << 20)
+
+        def get(prefetch: bool) -> None:
+            client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
+
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as stalled:
+            ask = f"GET /v1/objects/{a.id}/data HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size - 1}"
+            stalled.sendall(ask.encode() + b"\r\n\r\n")
+            await _until(lambda: server.load == 1)
+            with pytest.raises(PeerBusyError):
+                await trio.to_thread.run_sync(get, True)
+            assert server.refused == 1
+            await trio.to_thread.run_sync(get, False)  # a reader is served all the same
+            assert bytes(buf) == _bytes(1, size)[:CS]
+        await _until(lambda: server.load == 0)  # the stalled client left: the slot is free
         buf[:] = bytes(CS)
-        await trio.to_thread.run_sync(get, True)  # the slot is free again
-        assert bytes(buf) == _bytes(1, OBJ)[:CS]
+        await trio.to_thread.run_sync(get, True)
+        assert bytes(buf) == _bytes(1, size)[:CS]
         assert server.load == 0
     finally:
         client.close()
         server.stop()
+        store.close()
+
+
+async def _until(ready: Callable[[], bool]) -> None:
+    with trio.fail_after(30):
+        while not ready():
+            await trio.sleep(0.01)
 
 
 # -- reads through the fetcher with a budget smaller than the data -------------------------
@@ -392,46 +408,9 @@ FILES = [
 ]
 
 
-class FileSource(Source):
-    """Each file's bytes are `_bytes(its index, size)`; counts bytes read."""
-
-    def __init__(self) -> None:
-        super().__init__("mem://")
-        self.bytes = 0
-
-    async def list(self) -> Listing:
-        return Listing(FILES)
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        self.bytes += len(buf)
-        data = _bytes(FILES.index(entry), entry.size)
-        buf[:] = data[offset : offset + len(buf)]
-
-
-class NoScheduler:
-    """No digests, no peers; every source claim granted."""
-
-    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
-        return ChunkMap()
-
-    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
-        return ClaimResult(granted=list(indexes))
-
-    async def release(self, object_id: str, indexes: list[int]) -> None:
-        pass
-
-    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
-        pass
-
-
-class NoPeers:
-    def get_into(
-        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
-    ) -> None:
-        raise AssertionError("no peers here")
-
-    def close(self) -> None:
-        pass
+def _files_source() -> MemSource:
+    """Each file's bytes are `_bytes(its index, size)`."""
+    return MemSource(files=FILES, bodies={f.path: _bytes(n, f.size) for n, f in enumerate(FILES)})
 
 
 async def _read_all(fetcher: Fetcher, entry: FileEntry, source: Source, step: int) -> bytes:
@@ -449,8 +428,8 @@ async def test_reads_through_a_budget_smaller_than_the_data(
     store = ObjectStore.open(tmp_path, 2 * size + FCS)  # two files and a bit: not five
     try:
         await nursery.start(store.commit_loop)
-        source = FileSource()
-        fetcher = Fetcher(store, NoScheduler(), NoPeers(), readahead_chunks=2)  # type: ignore[arg-type]
+        source = _files_source()
+        fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=2)  # type: ignore[arg-type]
         await nursery.start(fetcher.run)
         peak = 0
         for n, entry in enumerate(FILES):
@@ -483,9 +462,9 @@ async def test_read_of_a_chunk_the_cache_cannot_keep_fails_cleanly(
     store = ObjectStore.open(tmp_path, FCS // 2)  # not even one chunk fits
     try:
         await nursery.start(store.commit_loop)
-        source = FileSource()
+        source = _files_source()
         fetcher = Fetcher(  # type: ignore[arg-type]
-            store, NoScheduler(), NoPeers(), workers=1, readahead_chunks=0, source_batch=FCS
+            store, Directory(), Peers(), workers=1, readahead_chunks=0, source_batch=FCS
         )
         await nursery.start(fetcher.run)
         handle = fetcher.open(FILES[0], FCS, source)

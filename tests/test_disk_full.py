@@ -22,7 +22,7 @@ from syncbit.chunks import chunk_length, digest
 from syncbit.diskspace import LogHandler
 from syncbit.errors import DiskFullError
 from syncbit.store import ChunkCheck, ObjectStore, StoredObject, VerifyRun
-from syncbit.testing.smallfs import fill, takes_no_block
+from syncbit_testing.smallfs import fill, takes_no_block
 
 CS = 4096
 OBJ = 4 * CS

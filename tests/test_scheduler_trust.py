@@ -9,14 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from schedulerfixtures import CHUNK, TIMEOUT, Clock
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT
 
 from syncbit.errors import NotFoundError, UserError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.claims import Claims
 from syncbit.scheduler.state import MAX_DISPUTES, RECHECK_TIMEOUT, SchedulerState
-from syncbit.sources import Listing, Source, register
+from syncbit.sources import Listing
 
 OBJ_A = "a" * 64
 OBJ_B = "b" * 64
@@ -37,7 +38,7 @@ def dataset(name: str = "ds", files: dict[str, tuple[int, str]] | None = None) -
     entries = [
         FileEntry(path=p, size=size, object=obj, locator=p) for p, (size, obj) in files.items()
     ]
-    return build_manifest(name, f"memtrust://{name}/", entries, chunk_size=CHUNK)
+    return build_manifest(name, f"mem://{name}/", entries, chunk_size=CHUNK)
 
 
 def nodes(state: SchedulerState, *names: str) -> None:
@@ -313,23 +314,16 @@ def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> None:
 # -- the routes ---------------------------------------------------------------------------------
 
 
-@register
-class TrustSource(Source):
-    """Lists `dataset()`'s files; the scheduler never reads bodies."""
-
-    schemes = ("memtrust",)
-
-    async def list(self) -> Listing:
-        return Listing(files=dataset().files)
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        raise NotImplementedError
+@pytest.fixture(autouse=True)
+def _listed() -> Iterator[None]:
+    with MemSource.serving({"mem://ds/": Listing(files=dataset().files)}):
+        yield
 
 
 async def test_routes_grant_record_dispute_and_lift(
     client: SchedulerClient, server: SchedulerServer
 ) -> None:
-    await client.add_dataset("ds", "memtrust://ds/")
+    await client.add_dataset("ds", "mem://ds/")
     for i, name in enumerate(("n1", "n2", "n3")):
         await client.heartbeat(name, address=f"127.0.0.1:{i + 1}")
     add = {"object": OBJ_A, "size": 3 * CHUNK, "chunk_size": CHUNK, "chunks": [[0, TRUE]]}
@@ -404,7 +398,7 @@ def test_a_lie_about_a_source_that_cannot_prove_content_also_breaks_the_file(
     establisher is quarantined, and the file breaks so that no two versions ever mix."""
     entry = FileEntry(path="a.bin", size=3 * CHUNK, object=OBJ_A, locator="a.bin")
     unproven = entry.model_copy(update={"version": {"etag": '"x"', "head": OTHER}})
-    state.put_dataset(build_manifest("web", "memtrust://web/", [unproven], chunk_size=CHUNK))
+    state.put_dataset(build_manifest("web", "mem://web/", [unproven], chunk_size=CHUNK))
     nodes(state, "n1", "n2", "n3")
     establish(state, "n1", OBJ_A, {0: FALSE})
     assert state.check("n2", OBJ_A, 0, TRUE) == "disputed"

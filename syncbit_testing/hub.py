@@ -12,7 +12,7 @@ In-process::
         sha = hub.add_commit("org/model", {"config.json": b"{}", "w.bin": big_bytes})
         # HF_ENDPOINT=hub.url: snapshot_download("org/model", endpoint=hub.url) works
 
-As a process (`python -m syncbit.testing.hub --root DIR --port 0`): prints `READY <port>`
+As a process (`python -m syncbit_testing.hub --root DIR --port 0`): prints `READY <port>`
 once listening, serves `GET /__stats` (JSON) and `POST /__reset` on the API port, stops on
 SIGTERM/SIGINT. Repos can also be laid out as plain directories, imported at start:
 `ROOT/<models|datasets>/<org>/<name>/<branch>/<files...>` (one commit per branch, made
@@ -63,7 +63,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from syncbit.testing._http import (
+from syncbit_testing._http import (
     UNSATISFIABLE,
     LoopbackServer,
     TrackedHandler,
@@ -1018,7 +1018,7 @@ def _check_path(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m syncbit.testing.hub", description="HuggingFace-Hub-compatible test server"
+        prog="python -m syncbit_testing.hub", description="HuggingFace-Hub-compatible test server"
     )
     parser.add_argument("--root", required=True, help="hub directory (see the module doc)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -9,7 +9,7 @@ In-process::
     with Origin(root, style="apache") as origin:
         httpx.get(origin.url + "dir/")
 
-As a process (`python -m syncbit.testing.origin --root DIR --port 0`): prints `READY <port>`
+As a process (`python -m syncbit_testing.origin --root DIR --port 0`): prints `READY <port>`
 once listening, serves `GET /__stats` (JSON: bytes served, and GETs of files, by path),
 `POST /__reset` and `POST /__fail_reads?status=503` (file GETs answer that status until
 `POST /__fail_reads` without one; listings, HEADs and the ranged GET of a file's first
@@ -34,7 +34,7 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from syncbit.chunks import HEAD_SAMPLE
-from syncbit.testing._http import (
+from syncbit_testing._http import (
     UNSATISFIABLE,
     LoopbackServer,
     ServedInThread,
@@ -462,7 +462,7 @@ class Origin(ServedInThread):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m syncbit.testing.origin", description="HTTP/1.1 test origin"
+        prog="python -m syncbit_testing.origin", description="HTTP/1.1 test origin"
     )
     parser.add_argument("--root", required=True, help="directory to serve")
     parser.add_argument("--host", default="127.0.0.1")

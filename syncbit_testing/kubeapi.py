@@ -12,7 +12,7 @@ In-process::
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
         # lightkube.Client(KubeConfig.from_file(kubeconfig)).get(Node, "n1") works
 
-As a process (`python -m syncbit.testing.kubeapi --node n1 [--taint KEY[=VALUE]:EFFECT]
+As a process (`python -m syncbit_testing.kubeapi --node n1 [--taint KEY[=VALUE]:EFFECT]
 [--kubeconfig PATH]`): prints `URL <url>` and `TOKEN <token>`, then `READY <port>` once
 listening; serves `GET /__stats` (request counts, no auth) and stops on SIGTERM/SIGINT.
 
@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from syncbit.testing._http import (
+from syncbit_testing._http import (
     LoopbackServer,
     ServedInThread,
     TrackedHandler,
@@ -715,7 +715,7 @@ class KubeAPI(ServedInThread):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m syncbit.testing.kubeapi",
+        prog="python -m syncbit_testing.kubeapi",
         description="fake Kubernetes API server (Nodes only) on loopback",
     )
     parser.add_argument("--node", action="append", required=True, help="a Node (repeatable)")

@@ -2,7 +2,7 @@
 paced to a rate, an optional total rate shared by all, and throttling answers (429/503 with
 Retry-After) on demand or above a number of requests at once.
 
-Owns the pacing and the throttling on top of `syncbit.testing.origin.Origin` (which keeps
+Owns the pacing and the throttling on top of `syncbit_testing.origin.Origin` (which keeps
 serving files, ranges and validators the same way), and counting what it refused and how
 many bodies it sent at once. Loopback only; nothing in the product imports it.
 
@@ -13,7 +13,7 @@ In-process::
         ...
         origin.peak_streams, origin.throttled
 
-As a process (`python -m syncbit.testing.capped --root DIR --per-connection 100MB`):
+As a process (`python -m syncbit_testing.capped --root DIR --per-connection 100MB`):
 prints `READY <port>`, serves `GET /__stats` (with `throttled`, `peak_streams`),
 `POST /__reset` and `POST /__throttle` (JSON `{"status": 503, "retry_after": 2,
 "count": 3}`; `{}` ends throttling), stops on SIGTERM/SIGINT.
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from syncbit.testing._http import LoopbackServer
-from syncbit.testing.origin import Origin, Style, _Handler, _Server, _State
+from syncbit_testing._http import LoopbackServer
+from syncbit_testing.origin import Origin, Style, _Handler, _Server, _State
 
 __all__ = ["CappedOrigin", "RateLimit", "main"]
 
@@ -306,7 +306,7 @@ class CappedOrigin(Origin):
 
 def main(argv: list[str] | None = None) -> int:
     from syncbit.config import parse_size
-    from syncbit.testing._http import serve_until_signal
+    from syncbit_testing._http import serve_until_signal
 
     def rate(text: str) -> int:
         try:
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return value
 
     parser = argparse.ArgumentParser(
-        prog="python -m syncbit.testing.capped",
+        prog="python -m syncbit_testing.capped",
         description="HTTP/1.1 test origin with per-connection and total rate caps",
     )
     parser.add_argument("--root", required=True, help="directory to serve")
