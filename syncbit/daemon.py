@@ -1068,13 +1068,13 @@ class Daemon:
         backlog: list[tuple[StoredObject, int, str]] = [
             (obj, i, obj.digests[i]) for obj in self.store.objects() for i in sorted(obj.durable)
         ]
+        unsent: list[tuple[StoredObject, list[int]]] = []  # removals a failed report kept
         while True:
-            if not backlog and not self.store.newly_removed:
-                await self.store.durable_event.wait()
-            self.store.durable_event = trio.Event()
-            backlog.extend(self.store.newly_durable)
-            self.store.newly_durable.clear()
-            removed, self.store.newly_removed = self.store.newly_removed, []
+            changes = self.store.changes.take()
+            if not backlog and not unsent and not changes:
+                changes = await self.store.changes.next()
+            backlog.extend(changes.durable)
+            removed, unsent = unsent + changes.removed, []
             # Say what is true now: a chunk evicted and fetched again since the last report
             # is held (added, not removed); one evicted after it became durable is not.
             backlog = [b for b in backlog if b[1] in b[0].durable]
@@ -1104,7 +1104,7 @@ class Daemon:
                     continue
                 self._warn("chunk report failed", exc)
                 backlog = batch + backlog
-                self.store.newly_removed = removed + self.store.newly_removed
+                unsent = removed
                 await trio.sleep(1.0)
             else:
                 if batch or remove:

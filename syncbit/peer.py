@@ -295,7 +295,7 @@ class _Handler(BoundedHandler):
         length = last - first + 1
         # In use from the presence check to the last byte sent: the cache does not evict
         # the object meanwhile (a hole punched under sendfile would send zeros).
-        with self.server.store.in_use(obj):
+        with self.server.store.reading(obj) as reader:
             if last >= obj.size or length <= 0 or not obj.has_range(first, length):
                 self._plain(404, "not held\n")
                 return
@@ -304,7 +304,7 @@ class _Handler(BoundedHandler):
                 self._plain(503, "busy: every upload slot is taken\n")
                 return
             try:
-                self._send(self.server.store.fd(obj), first, last, obj.size)
+                self._send(reader.fd(), first, last, obj.size)
             finally:
                 self.server.leave()
 

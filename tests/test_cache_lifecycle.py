@@ -4,7 +4,6 @@ disk (a real small tmpfs), and reads through the fetcher with a budget smaller t
 from __future__ import annotations
 
 import os
-import random
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ import lmdb
 import pytest
 import trio
 from fakes import Directory, MemSource, Peers
+from storefixtures import content, fill, oid, opened
 
 from syncbit.chunks import chunk_length, digest
 from syncbit.errors import CacheFullError, PeerBusyError, PeerError
@@ -27,26 +27,13 @@ CS = 1024
 OBJ = 2 * CS  # every test object: two full chunks
 
 
-def _oid(n: int) -> str:
-    return f"{n:02x}" * 32
-
-
-def _bytes(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+_oid, _bytes = oid, content
 
 
 async def _fill(
     store: ObjectStore, n: int, size: int = OBJ, cs: int = CS, flush: bool = True
 ) -> StoredObject:
-    """Store every chunk of object `n` (its bytes: `_bytes(n, size)`) as the fetcher does."""
-    obj = store.object(_oid(n), size, cs)
-    data = _bytes(n, size)
-    for i in range(obj.chunks):
-        chunk = data[i * cs : i * cs + chunk_length(size, cs, i)]
-        await store.store_chunk(obj, i, memoryview(chunk), digest(chunk))
-    if flush:
-        await store.flush()
-    return obj
+    return await fill(store, n, size, cs, flush)
 
 
 def _check_index(store: ObjectStore) -> int:
@@ -62,16 +49,16 @@ def _check_index(store: ObjectStore) -> int:
 
 
 def _consistent(store: ObjectStore) -> None:
-    """The O(1) counter agrees with a walk (no reservations outstanding)."""
+    """The O(1) counters agree with a walk (no reservations outstanding)."""
     assert store.used_bytes() == sum(o.bytes_in(o.written) for o in store.objects())
+    assert store.cached_bytes() == sum(o.held_bytes() for o in store.objects())
+    assert store.unverified_chunks() == sum(len(o.unverified) for o in store.objects())
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ObjectStore]:
-    s = ObjectStore.open(tmp_path, 3 * OBJ)
-    s.busy_wait = 0.1
-    yield s
-    s.close()
+    with opened(tmp_path, 3 * OBJ) as s:
+        yield s
 
 
 # -- budget and LRU ---------------------------------------------------------------------------
@@ -91,7 +78,7 @@ async def test_lru_evicts_least_recently_used_whole_object(store: ObjectStore) -
     assert usage["evictions"] == 1 and usage["evicted_bytes"] == OBJ
     assert not b.path.exists()
     # The scheduler is told, through the reporter's queue.
-    assert (b, [0, 1]) in store.newly_removed and store.durable_event.is_set()
+    assert (b, [0, 1]) in store.changes.take().removed
     await _fill(store, 5)  # next in line: c (a was touched)
     assert not c.written and a.complete
 
@@ -134,7 +121,7 @@ async def test_objects_in_use_are_not_evicted(store: ObjectStore) -> None:
     entered, leave = threading.Event(), threading.Event()
 
     def peer_read() -> None:
-        with store.in_use(a):
+        with store.reading(a):
             entered.set()
             leave.wait(10)
 
@@ -236,12 +223,14 @@ async def test_commit_loop_records_touches_without_a_txn_per_read(tmp_path: Path
         await nursery.start(store.commit_loop)
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
-    # Simulate a crash: the store is not closed, yet the touch is in the index.
-    assert store._env is not None
-    with store._env.begin() as txn:
-        meta = txn.get(bytes.fromhex(a.id), db=store._db("objects"))
-    assert meta is not None and f'"last_used": {used}' in meta.decode()
+    a.last_used = 1.0  # not a touch: `close` writes nothing, the loop's commit stays
     store.close()
+    again = ObjectStore.open(tmp_path, 1 << 20)
+    try:
+        reopened = again.get(a.id)
+        assert reopened is not None and reopened.last_used == used
+    finally:
+        again.close()
 
 
 # -- gc ---------------------------------------------------------------------------------------
@@ -266,7 +255,8 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
     store = ObjectStore.open(tmp_path, 1 << 20)
     try:
         empty = store.object(_oid(7), OBJ, CS)
-        store.fd(empty)  # an object file holding nothing
+        with store.reading(empty) as reader:
+            reader.fd()  # an object file holding nothing
         assert empty.path.exists()
         store.set_pins({c.id})
         freed = await store.gc(referenced={a.id})
@@ -276,10 +266,6 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
         assert not orphan.exists() and not orphan.parent.exists()
         assert not (tmp_path / "objects" / "stray.tmp").exists()
         assert not empty.path.exists() and not b.path.exists()
-        assert store._env is not None
-        with store._env.begin() as txn:
-            keys = [k for k, _ in txn.cursor(db=store._db("chunks"))]
-        assert {k[:-4].hex() for k in keys} == {a.id, c.id}
         assert _check_index(store) == 4
         # The empty object is still usable: its file comes back on the next write.
         data = _bytes(7, CS)
@@ -287,6 +273,11 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
         assert store.read(empty, 0, CS) == data
     finally:
         store.close()
+    env = lmdb.open(str(tmp_path / "index.lmdb"), max_dbs=4)
+    with env.begin() as txn:
+        keys = [k for k, _ in txn.cursor(db=env.open_db(b"chunks", txn=txn))]
+    env.close()
+    assert {k[:-4].hex() for k in keys} == {a.id, c.id}  # the ghost's entries went too
 
 
 # -- a full disk (a real 8 MiB tmpfs: the `small_fs` fixture) --------------------------------
@@ -446,7 +437,7 @@ async def test_reads_through_a_budget_smaller_than_the_data(
             assert got == _bytes(n, size), entry.path
             peak = max(peak, store.used_bytes())
         with trio.fail_after(5):  # the last writes and commits land in the background
-            while store._pending or any(o.writing for o in store.objects()):
+            while store.pending_writes():
                 await trio.sleep(0.01)
         await store.flush()
         assert store.evictions >= 2

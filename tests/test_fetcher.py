@@ -338,7 +338,8 @@ async def test_whole_file_sha256_mismatch_discards_content(
     assert obj is not None and not obj.written and not obj.durable
     assert fetcher.stats["verify_failures"] == 1
     await store.flush()
-    assert store.newly_removed and store.newly_removed[0][0] is obj  # told to the scheduler
+    removed = store.changes.take().removed
+    assert removed and removed[0][0] is obj  # told to the scheduler
 
 
 async def test_source_reads_coalesce_queued_neighbours(
