@@ -23,6 +23,7 @@ error a server answered (`error_class`).
     │       └── PayloadTooLargeError  a body over the endpoint's limit                     413
     ├── SourceError               the dataset's source failed                              502
     │   ├── SourceUnavailableError  temporary (network, 5xx): retried with backoff
+    │   │   └── SourceThrottledError  the origin asked to slow down (429/503, SlowDown)
     │   └── SourcePermanentError    retrying cannot help (no Range support, 401/403):
     │       │                       never retried; a job that meets it stops
     │       └── SourceChangedError  the recorded version is gone
@@ -132,6 +133,16 @@ class SourceError(SyncbitError):
 
 class SourceUnavailableError(SourceError):
     """A temporary source failure (connection refused, timeout, 5xx): worth retrying."""
+
+
+class SourceThrottledError(SourceUnavailableError):
+    """The origin asked this node to slow down (HTTP 429 or 503, S3 `SlowDown`): worth
+    retrying after `retry_after` seconds when the origin said how long (its Retry-After),
+    and a sign to run fewer concurrent requests against it."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SourcePermanentError(SourceError):

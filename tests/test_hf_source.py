@@ -25,6 +25,7 @@ from syncbit.chunks import identity_digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
+    SourceThrottledError,
     SourceUnavailableError,
 )
 from syncbit.manifest import FileEntry, build_manifest
@@ -349,9 +350,14 @@ async def test_unavailable_hub_is_a_temporary_failure(hub: Hub) -> None:
     source = HfSource("hf://org/model@v1")
     try:
         entry = (await source.list()).files[0]
-        hub.fail_with = 503
-        with pytest.raises(SourceUnavailableError, match="503"):
+        hub.fail_with = 503  # the Hub asking to slow down: the fetcher runs fewer streams
+        with pytest.raises(SourceThrottledError, match="503"):
             await trio.to_thread.run_sync(_read, source, entry, 0, 1)
+        hub.fail_with = 500
+        with pytest.raises(SourceUnavailableError, match="500") as info:
+            await trio.to_thread.run_sync(_read, source, entry, 0, 1)
+        assert not isinstance(info.value, SourceThrottledError)
+        hub.fail_with = 503
         with pytest.raises(SourceUnavailableError, match="503"):
             await source.list()
         hub.fail_with = None

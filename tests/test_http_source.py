@@ -22,6 +22,7 @@ from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
     SourceError,
+    SourceThrottledError,
     SourceUnavailableError,
     UnsafePathError,
 )
@@ -29,6 +30,7 @@ from syncbit.manifest import build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.http import HttpSource
 from syncbit_testing import Origin, command, environ
+from syncbit_testing.capped import CappedOrigin
 
 RNG = random.Random(1234)
 FILES: dict[str, bytes] = {
@@ -656,3 +658,26 @@ async def test_https_origin_lists_and_reads_and_checks_its_certificate(
         # The bulk read path checks the certificate too, unless verify is off.
         with pytest.raises(SourceError, match=r"(?i)certificate verify failed"):
             await read(make_source(origin.url), files["top.bin"], 0, 10)
+
+
+async def test_throttling_answers_carry_their_retry_after(tmp_path: Path) -> None:
+    """429 and 503 are the origin asking this node to slow down: the read says so (a
+    `SourceThrottledError`) with the Retry-After the origin gave, so the fetcher can wait
+    that long and run fewer streams; other 5xx stay plain temporary failures."""
+    (tmp_path / "f.bin").write_bytes(b"x" * 4096)
+    with CappedOrigin(tmp_path) as origin:
+        source = HttpSource(f"{origin.url}f.bin")
+        try:
+            entry = (await source.list()).files[0]
+            origin.throttle(429, retry_after=7, count=1)
+            with pytest.raises(SourceThrottledError, match="HTTP 429") as info:
+                await read(source, entry, 0, 10)
+            assert info.value.retry_after == 7.0
+            assert source.is_temp_failure(info.value)
+            origin.throttle(503, retry_after=None, count=1)
+            with pytest.raises(SourceThrottledError, match="HTTP 503") as info:
+                await read(source, entry, 0, 10)
+            assert info.value.retry_after is None
+            assert await read(source, entry, 0, 10) == b"x" * 10
+        finally:
+            source.close()

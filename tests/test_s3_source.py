@@ -31,6 +31,7 @@ from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
     SourceError,
+    SourceThrottledError,
     SourceUnavailableError,
     UnsafePathError,
     UserError,
@@ -559,8 +560,10 @@ def _client_error(code: str, status: int, message: str = "") -> ClientError:
     ("code", "status", "kind", "text"),
     [
         ("ExpiredToken", 400, InvalidSourceError, "AWS credentials expired"),
-        ("SlowDown", 503, SourceUnavailableError, "S3 unavailable"),
-        ("ThrottlingException", 400, SourceUnavailableError, "S3 unavailable"),
+        ("SlowDown", 503, SourceThrottledError, "S3 asks to slow down"),
+        ("ThrottlingException", 400, SourceThrottledError, "S3 asks to slow down"),
+        ("ServiceUnavailable", 503, SourceThrottledError, "S3 asks to slow down"),
+        ("RequestTimeout", 400, SourceUnavailableError, "S3 unavailable"),
         ("InternalError", 500, SourceUnavailableError, "S3 unavailable"),
         ("403", 403, InvalidSourceError, "access denied"),
         ("InvalidObjectState", 403, InvalidSourceError, "archived"),
@@ -587,3 +590,19 @@ def test_close_is_idempotent_and_final() -> None:
     source.close()
     with pytest.raises(SourceError, match="closed"):
         source.client()
+
+
+def test_slow_down_carries_the_retry_after_the_server_gave() -> None:
+    """A throttling answer outlasting botocore's own retries reaches the fetcher with the
+    wait the server asked for, so it backs off that long instead of guessing."""
+    exc = ClientError(
+        {
+            "Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+            "ResponseMetadata": {"HTTPStatusCode": 503, "HTTPHeaders": {"retry-after": "4"}},
+        },
+        "GetObject",
+    )
+    mapped = map_error(exc, "s3://b/k", "b", reading=True)
+    assert isinstance(mapped, SourceThrottledError) and mapped.retry_after == 4.0
+    bare = map_error(_client_error("SlowDown", 503), "s3://b/k", "b")
+    assert isinstance(bare, SourceThrottledError) and bare.retry_after is None

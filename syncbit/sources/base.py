@@ -21,7 +21,10 @@ from syncbit.errors import (
     SourceChangedError,
     SourceError,
     SourcePermanentError,
+    SourceThrottledError,
+    SourceUnavailableError,
 )
+from syncbit.fetch_control import parse_retry_after
 from syncbit.manifest import FileEntry, Perm
 from syncbit.redact import redact_url
 from syncbit.sources.fences import Fences
@@ -94,8 +97,6 @@ class Source(ABC):
         `SourceUnavailableError` (network, timeouts, 5xx, 429). Anything else a source
         raises (SourcePermanentError, SourceChangedError, a refused credential) is never
         retried."""
-        from syncbit.errors import SourceUnavailableError
-
         return isinstance(exc, SourceUnavailableError)
 
 
@@ -135,6 +136,18 @@ def changed_error(
     `keys` of it that identify a version at this kind of source, in that order)."""
     pinned = " ".join(f"{k}={version[k]}" for k in keys if k in version) or "(unpinned)"
     return SourceChangedError(f"source changed: {where} no longer has version {pinned} ({why})")
+
+
+THROTTLING = frozenset({429, 503})  # statuses an origin uses to say "slow down"
+
+
+def unavailable(status: int, headers: dict[str, str], message: str) -> SourceUnavailableError:
+    """The error for a temporary failure answered with HTTP `status`: a
+    `SourceThrottledError` carrying the answer's Retry-After when the origin asked to slow
+    down (429, 503), else a plain `SourceUnavailableError`. `headers`: lower-case names."""
+    if status in THROTTLING:
+        return SourceThrottledError(message, parse_retry_after(headers.get("retry-after")))
+    return SourceUnavailableError(message)
 
 
 def check_range_body(

@@ -16,6 +16,7 @@ from syncbit.errors import (
     SyncbitError,
 )
 from syncbit.redact import redact_url
+from syncbit.sources.base import unavailable
 
 _TEMPORARY = frozenset({408, 429})
 # What a node lacking a token must be told: its reads never see the user's shell.
@@ -83,9 +84,13 @@ def hub_error(
     return SourceError(f"listing {where} failed: {type(exc).__name__}")
 
 
-def read_error(status: int, code: str, what: str, has_token: bool) -> SyncbitError | None:
-    """The error a read's answer stands for (HTTP `status`, the Hub's `X-Error-Code`
-    `code`), None for 200 and 206; `has_token`: this node sent one."""
+def read_error(
+    status: int, headers: dict[str, str], what: str, has_token: bool
+) -> SyncbitError | None:
+    """The error a read's answer stands for (HTTP `status`; its lower-case `headers`: the
+    Hub's `X-Error-Code`, a Retry-After), None for 200 and 206; `has_token`: this node sent
+    one."""
+    code = headers.get("x-error-code", "")
     if code == "RepoNotFound":
         if not has_token:
             return InvalidSourceError(
@@ -111,7 +116,7 @@ def read_error(status: int, code: str, what: str, has_token: bool) -> SyncbitErr
     if status in (404, 410, 412, 416):
         return SourceChangedError(f"source changed: {what} is gone ({code or 'HTTP'} {status})")
     if status in _TEMPORARY or status >= 500:
-        return SourceUnavailableError(f"cannot read {what}: HTTP {status}")
+        return unavailable(status, headers, f"cannot read {what}: HTTP {status}")
     if status not in (200, 206):
         return SourceError(f"cannot read {what}: HTTP {status}")
     return None

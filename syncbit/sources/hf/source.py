@@ -228,8 +228,7 @@ class HfSource(Source):
             resp = self._pool.get_into(url, offset, buf, headers, self.redirects)
         except WireError as exc:
             raise SourceUnavailableError(f"cannot read {what}: {scrub(str(exc))}") from exc
-        code = resp.headers.get("x-error-code", "")
-        error = read_error(resp.status, code, what, has_token=token is not None)
+        error = read_error(resp.status, resp.headers, what, has_token=token is not None)
         if error is not None:
             raise error
         check_range_body(

@@ -28,6 +28,7 @@ from syncbit.sources.base import (
     check_range_body,
     pinned_size,
     register,
+    unavailable,
 )
 from syncbit.sources.fences import Fences, RedirectPolicy
 from syncbit.sources.http.client import GONE, TEMPORARY, ListingClient, cause_text, opaque_etag
@@ -146,7 +147,7 @@ class HttpSource(Source):
         if status in GONE or status in (412, 416):
             raise changed(f"HTTP {status}")
         if status in TEMPORARY or status >= 500:
-            raise SourceUnavailableError(f"cannot read {url}: HTTP {status}")
+            raise unavailable(status, resp.headers, f"cannot read {url}: HTTP {status}")
         if status in (401, 403):  # asking again gets the same answer
             raise SourcePermanentError(
                 f"cannot read {url}: HTTP {status}: the origin refused this node's "

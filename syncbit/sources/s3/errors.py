@@ -16,9 +16,12 @@ from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
     SourceError,
+    SourceThrottledError,
     SourceUnavailableError,
     SyncbitError,
 )
+from syncbit.fetch_control import parse_retry_after
+from syncbit.sources.base import THROTTLING
 
 # Error codes, grouped by what they mean to a user (HEAD errors carry only the HTTP status
 # as code).
@@ -41,7 +44,7 @@ _DENIED = frozenset(
         "401",
     }
 )
-_TEMPORARY = frozenset(
+_THROTTLING = frozenset(
     {
         "SlowDown",
         "Throttling",
@@ -52,6 +55,10 @@ _TEMPORARY = frozenset(
         "TooManyRequestsException",
         "RequestLimitExceeded",
         "BandwidthLimitExceeded",
+    }
+)
+_TEMPORARY = _THROTTLING | frozenset(
+    {
         "RequestTimeout",
         "RequestTimeoutException",
         "InternalError",
@@ -114,7 +121,13 @@ def map_error(
             return user_error(f"cannot access {where}: this machine's clock is off")
         if code in _DENIED or status in (401, 403):
             return user_error(f"access denied to {where} (check credentials): {code}")
-        if code in _TEMPORARY or status in (429, 503) or status >= 500:
+        if code in _THROTTLING or status in THROTTLING:
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            return SourceThrottledError(
+                f"S3 asks to slow down for {where}: {code} (HTTP {status})",
+                parse_retry_after(headers.get("retry-after")),
+            )
+        if code in _TEMPORARY or status >= 500:
             return SourceUnavailableError(f"S3 unavailable for {where}: {code} (HTTP {status})")
         return SourceError(f"S3 request for {where} failed: {code} (HTTP {status})")
     if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError):
