@@ -46,8 +46,8 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
+from syncbit.protocol import ChunkMap, ClaimResult, Peer
 from syncbit.retry import retrying
-from syncbit.scheduler.client import ChunkMap, ClaimResult, Peer
 from syncbit.sources.base import Source
 from syncbit.store import BackingFile, Hold, ObjectReader, ObjectStore, StoredObject
 

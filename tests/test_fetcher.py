@@ -15,7 +15,7 @@ from syncbit.errors import ReadDeadlineError, SourceChangedError
 from syncbit.fetcher import Fetcher, Priority
 from syncbit.jobs import Jobs
 from syncbit.manifest import FileEntry, Manifest
-from syncbit.scheduler.client import ChunkMap, Peer
+from syncbit.protocol import ChunkMap, Peer
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore
 
