@@ -17,7 +17,7 @@ from storefixtures import content, fill, oid, opened
 
 from syncbit.chunks import chunk_length, digest
 from syncbit.errors import CacheFullError, PeerBusyError, PeerError
-from syncbit.fetcher import Fetcher
+from syncbit.fetch import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.sources.base import Source

@@ -38,9 +38,9 @@ ELSEWHERE = {
     ("fs/kernel.py", "FUSEError"),
     # The fetcher is rebuilt in the next step (flights as a state machine); until then its
     # private signals stay where they are used.
-    ("fetcher.py", "_SourceDisagrees"),
-    ("fetcher.py", "_ToPeerLane"),
-    ("fetcher.py", "_Wait"),
+    ("fetch/fetcher.py", "_SourceDisagrees"),
+    ("fetch/fetcher.py", "_ToPeerLane"),
+    ("fetch/fetcher.py", "_Wait"),
     # The scheduler package is being rebuilt; it adopts errors.DatasetExistsError and the
     # status table (MethodNotAllowedError, BodyError) in place of these.
     ("scheduler/state.py", "DatasetExistsError"),

@@ -12,8 +12,7 @@ from fakes import Directory, MemSource, Peers
 
 from syncbit.chunks import HEAD_SAMPLE, digest
 from syncbit.errors import ReadDeadlineError, SourceChangedError
-from syncbit.fetcher import Fetcher, Priority
-from syncbit.jobs import Jobs
+from syncbit.fetch import Fetcher, Jobs, Priority
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.sources.base import Source

@@ -11,7 +11,7 @@ import pytest
 import trio
 from fakes import Directory, MemSource, Peers
 
-from syncbit.fetcher import Fetcher
+from syncbit.fetch import Fetcher
 from syncbit.fs.kernel import EntryAttributes, FUSEError
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import ROOT_INODE, Tree

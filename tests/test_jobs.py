@@ -15,8 +15,7 @@ from fakes import Directory, MemSource, Peers
 from test_fetcher import CS, DATA
 
 from syncbit.errors import SourcePermanentError
-from syncbit.fetcher import Fetcher
-from syncbit.jobs import Jobs
+from syncbit.fetch import Fetcher, Jobs
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.store import ObjectStore
 

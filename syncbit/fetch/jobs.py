@@ -37,12 +37,12 @@ from syncbit.errors import (
     SyncbitError,
     UserError,
 )
-from syncbit.fetcher import Fetcher, Priority
+from syncbit.fetch.fetcher import Fetcher, Priority
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.retry import retrying
 from syncbit.sources.base import Source
 
-log = logging.getLogger("syncbit.jobs")
+log = logging.getLogger("syncbit.fetch.jobs")
 
 FILES_AT_ONCE = 4  # small files are latency-bound; a few at a time keep the pipe full
 

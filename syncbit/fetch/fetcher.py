@@ -51,7 +51,7 @@ from syncbit.retry import retrying
 from syncbit.sources.base import Source
 from syncbit.store import BackingFile, Hold, ObjectReader, ObjectStore, StoredObject
 
-log = logging.getLogger("syncbit.fetcher")
+log = logging.getLogger("syncbit.fetch")
 
 
 class Priority(IntEnum):
