@@ -12,7 +12,7 @@ from fakes import Directory, MemSource, Peers
 
 from syncbit.chunks import HEAD_SAMPLE, digest
 from syncbit.errors import ReadDeadlineError, SourceChangedError
-from syncbit.fetch import Fetcher, Jobs, Priority
+from syncbit.fetch import Fetcher, Jobs, Priority, RoundRobin
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.sources.base import Source
@@ -538,7 +538,7 @@ async def test_node_done_with_its_share_takes_over_unread_chunks_from_the_end(
     read from the front), one at a time, each under a claim."""
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
     fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
-    fetcher.source_sharers = lambda: 2
+    fetcher.plans.add(RoundRobin("me", ["me", "other"]))  # two nodes share the source
     await _run(fetcher, nursery)
     _deliver(directory, 1)  # the other member's first chunk is in
     with trio.fail_after(5):
@@ -644,7 +644,7 @@ async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
     source.gate = threading.Event()  # this node's own source read hangs until set
     fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
-    fetcher.source_sharers = lambda: 2
+    fetcher.plans.add(RoundRobin("me", ["me", "other"]))  # two nodes share the source
     await _run(fetcher, nursery)
     _deliver(directory, 1, 3)  # the other member's first chunks are in
     done = _prefetch_evens(fetcher, source, nursery)
@@ -675,7 +675,7 @@ async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     fetcher = Fetcher(  # type: ignore[arg-type]
         store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6
     )
-    fetcher.source_sharers = lambda: sharers
+    fetcher.plans.add(RoundRobin("me", [f"n{i}" for i in range(sharers)]))
     await _run(fetcher, nursery)
     nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
     with trio.fail_after(5):
@@ -703,16 +703,16 @@ async def test_prefetch_jobs_tell_the_fetcher_how_many_nodes_share_the_source(
     jobs = Jobs("me", fetcher, lambda m: source, lambda m: False, flush)
     jobs.bind(nursery)
     manifest = Manifest(dataset="d", source="mem://", revision="r1", chunk_size=CS, files=[ENTRY])
-    assert fetcher.source_sharers() == 1
+    assert fetcher.plans.sharers() == 1
     job = jobs.start(manifest, "prefetch", ["a", "me", "z"])
-    assert fetcher.source_sharers() == 3
+    assert fetcher.plans.sharers() == 3
     jobs.start(manifest, "prefetch", ["a", "me"])  # the plan lost a member
-    assert fetcher.source_sharers() == 2
+    assert fetcher.plans.sharers() == 2
     jobs.start(manifest, "prefetch", ["me"])  # alone: it reads everything itself
     gate.set()
     with trio.fail_after(5):
         await job.finished.wait()
-    assert fetcher.source_sharers() == 1  # nothing running: a read has the whole budget
+    assert fetcher.plans.sharers() == 1  # nothing running: a read has the whole budget
 
 
 async def test_busy_holders_are_waited_for_not_blamed(

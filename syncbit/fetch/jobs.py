@@ -37,7 +37,9 @@ from syncbit.errors import (
     SyncbitError,
     UserError,
 )
-from syncbit.fetch.fetcher import Fetcher, Priority
+from syncbit.fetch.fetcher import Fetcher
+from syncbit.fetch.flight import Priority
+from syncbit.fetch.plan import RoundRobin
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.retry import retrying
 from syncbit.sources.base import Source
@@ -53,8 +55,7 @@ class Job:
 
     manifest: Manifest
     kind: str  # "pull" or "prefetch"
-    node: str = ""
-    members: list[str] = field(default_factory=list)  # prefetch: the plan's nodes, sorted
+    plan: RoundRobin  # who reads which chunk from the source (a pull: this node alone)
     done: bool = False
     error: str | None = None
     full: bool = False  # failed because the cache cannot hold it: no retry loop
@@ -62,14 +63,6 @@ class Job:
     cancelled: bool = False  # stopped by `Jobs.cancel`
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
-
-    def may_source(self, position: int) -> bool:
-        """Whether this node reads the chunk at `position` (across the dataset) from the
-        source itself; with no plan, or when it is not a member, it reads anything."""
-        members = self.members
-        if not members or self.node not in members:
-            return True
-        return members[position % len(members)] == self.node
 
 
 def _is_permanent(exc: SyncbitError) -> bool:
@@ -96,14 +89,6 @@ class Jobs:
         self.flush = flush  # makes written chunks durable
         self.jobs: dict[str, Job] = {}
         self._nursery: trio.Nursery | None = None
-        fetcher.source_sharers = self._source_sharers
-
-    def _source_sharers(self) -> int:
-        """Nodes sharing the source reads: the largest running prefetch plan."""
-        return max(
-            (len(j.members) for j in self.jobs.values() if j.kind == "prefetch" and not j.done),
-            default=1,
-        )
 
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -126,13 +111,18 @@ class Jobs:
             )
         ):
             if kind == "prefetch":
-                job.members = list(members or [])
+                job.plan.members = list(members or [])
                 job.kind = "prefetch"  # an assignment outranks a pull of the same data
+                if not job.done:
+                    self.fetcher.plans.add(job.plan)  # its nodes share the source reads
             return job
         if job is not None:
             job.scope.cancel()  # an older revision: what it fetched stays, shared content too
-        job = Job(manifest, kind, self.node, list(members or []))
+            self.fetcher.plans.discard(job.plan)
+        job = Job(manifest, kind, RoundRobin(self.node, list(members or [])))
         self.jobs[name] = job
+        if kind == "prefetch":
+            self.fetcher.plans.add(job.plan)
         assert self._nursery is not None, "Jobs.bind() first"
         self._nursery.start_soon(self._run, job)
         return job
@@ -151,6 +141,7 @@ class Jobs:
         job = self.jobs.get(name)
         if job is not None and job.kind == "prefetch":
             job.scope.cancel()
+            self.fetcher.plans.discard(job.plan)
             del self.jobs[name]
             log.info("prefetch of %s stopped: no longer assigned", name)
 
@@ -163,6 +154,7 @@ class Jobs:
             return None
         if not job.done:
             job.scope.cancel()
+            self.fetcher.plans.discard(job.plan)
             job.done = job.cancelled = True
             job.error = why
             log.info("%s of %s stopped: %s", job.kind, name, why)
@@ -219,6 +211,7 @@ class Jobs:
                     job.done = True
                     log.info("%s of %s: complete", job.kind, name)
         finally:
+            self.fetcher.plans.discard(job.plan)  # done: no more source reads of its own
             if not job.done or job.cancelled:  # cancelled: by `cancel`, `stop`, a new revision
                 self._abandon(job, f"{job.kind} of {name} stopped")
             job.finished.set()
@@ -250,7 +243,7 @@ class Jobs:
                         manifest.chunk_size,
                         source,
                         Priority.PREFETCH,
-                        may_source=lambda i: job.may_source(base + i),
+                        may_source=lambda i: job.plan.may_source(base + i),
                     )
                 except SyncbitError as exc:
                     failures.append(exc)
