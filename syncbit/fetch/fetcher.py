@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
@@ -17,24 +16,24 @@ import trio
 from syncbit.chunks import chunk_span
 from syncbit.errors import (
     CacheFullError,
-    DiskFullError,
     ReadDeadlineError,
     SourceChangedError,
     SourceError,
-    SyncbitError,
     UserError,
 )
-from syncbit.fetch.flight import Flight, FlightTable, Joined, Origin, Priority, State, raise_for
+from syncbit.fetch.flight import Flight, FlightTable, Priority, raise_for
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.limiter import Bandwidth
-from syncbit.fetch.plan import Plans, source_limit, takeover
+from syncbit.fetch.plan import Plans, source_limit
 from syncbit.fetch.queue import FlightQueue
-from syncbit.fetch.transfer import ChunkDirectory, Park, Staged, Transfers, TransferSettings
+from syncbit.fetch.runner import Runner
+from syncbit.fetch.served import Served
+from syncbit.fetch.transfer import ChunkDirectory, Transfers, TransferSettings
 from syncbit.fetch.verify import Broken, WholeFile, recheck
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
 from syncbit.sources.base import Source
-from syncbit.store import ObjectReader, ObjectStore, StoredObject
+from syncbit.store import ObjectReader, ObjectStore
 
 log = logging.getLogger("syncbit.fetch")
 
@@ -62,65 +61,64 @@ class Fetcher:
         park_poll: float = 0.1,
     ) -> None:
         self._store = store
-        self.workers = workers
         self.read_deadline = read_deadline
         self.readahead_chunks = readahead_chunks
         self.failure_ttl = failure_ttl
-        self.park_poll = park_poll
         self.plans = Plans()  # the running prefetches' source plans (their jobs keep it)
+        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0, "busy": 0}
         self._table = FlightTable(read_deadline, failure_ttl)
-        self._queue = FlightQueue(
+        queue = FlightQueue(
             prefetch_concurrency,
             lambda: source_limit(prefetch_concurrency, self.plans.sharers()),
         )
-        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0, "busy": 0}
         self._broken = Broken()
         self._whole = WholeFile(store, self.stats)
-        settings = TransferSettings(failure_ttl, source_batch, max(claim_ttl, read_deadline))
-        self._transfers = Transfers(
+        self._served = Served()
+        transfers = Transfers(
             store,
             directory,
             peers,
             self._table,
-            self._push,
+            lambda flight: self._runner.push(flight),  # chunks a claim did not grant
             Bandwidth(prefetch_bandwidth),
             self._broken,
             self.stats,
-            settings,
+            TransferSettings(failure_ttl, source_batch, max(claim_ttl, read_deadline)),
         )
-        self._watching: set[str] = set()  # objects whose parked flights a task watches
-        # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
-        # bounded so RAM stays bounded (each slot pins one chunk buffer).
-        self._write_slots = trio.Semaphore(write_backlog)
-        self.read_bytes: Counter[str] = Counter()  # bytes served to readers, by origin
-        self._came_from: dict[tuple[str, int], Origin] = {}  # fetched for readers, not yet read
-        # Called with (origin, seconds) after every transfer: the daemon's latency histogram.
-        self.on_transfer: Callable[[str, float], None] = lambda origin, seconds: None
-        self._nursery: trio.Nursery | None = None
+        self._runner = Runner(
+            store,
+            self._table,
+            queue,
+            transfers,
+            self._whole,
+            self._served,
+            self.stats,
+            workers=workers,
+            write_backlog=write_backlog,
+            park_poll=park_poll,
+        )
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for _ in range(self.workers):
-                nursery.start_soon(self._worker)
-            if log.isEnabledFor(logging.DEBUG):
-                nursery.start_soon(self._log_queues)
-            task_status.started()
+        """The workers and watchers; until cancelled."""
+        await self._runner.run(task_status)
 
-    async def _log_queues(self) -> None:
-        """Debug aid: once a second while anything is in flight, what each lane holds."""
-        while True:
-            await trio.sleep(1)
-            q = self._queue.describe()
-            if not (len(self._table) or q["parked"]):
-                continue
-            log.debug(
-                "flights %d; %s; waiting to write %d; busy holders %d",
-                len(self._table),
-                ", ".join(f"{k} {v}" for k, v in q.items()),
-                self._write_slots.statistics().tasks_waiting,
-                self.stats["busy"],
-            )
+    @property
+    def read_bytes(self) -> Counter[str]:
+        """Bytes served to readers through the mount, by origin (cache, peer, source)."""
+        return self._served.read_bytes
+
+    @property
+    def on_transfer(self) -> Callable[[str, float], None]:
+        """Called with (origin, seconds) after every transfer (a latency histogram)."""
+        return self._runner.on_transfer
+
+    @on_transfer.setter
+    def on_transfer(self, call: Callable[[str, float], None]) -> None:
+        self._runner.on_transfer = call
+
+    def abandon(self, object_ids: AbstractSet[str], why: str) -> int:
+        """See `Runner.abandon`."""
+        return self._runner.abandon(object_ids, why)
 
     # -- files and what the cluster says of them ----------------------------------------------
 
@@ -203,8 +201,8 @@ class Fetcher:
                         span.stop, self.readahead_chunks, obj.chunks
                     ):
                         if not obj.has(index):
-                            self._flight(handle, index, Priority.READAHEAD)
-                self._count_read(obj, offset, length)
+                            self._runner.join(handle, index, Priority.READAHEAD)
+                self._served.count(obj, offset, length)
                 parts = reader.parts(offset, length)
                 if len(parts) == 1 and not isinstance(parts[0], range):
                     # A view of a staged chunk's buffer goes to the kernel as it is: the FUSE
@@ -222,23 +220,7 @@ class Fetcher:
         obj = handle.obj
         for index in handle.readahead.window(after, self.readahead_chunks, obj.chunks):
             if not obj.has(index):
-                self._flight(handle, index, Priority.READAHEAD)
-
-    def _count_read(self, obj: StoredObject, offset: int, length: int) -> None:
-        """Bytes served to readers, by where their chunk came from (for /metrics): a chunk
-        fetched for a reader (or its readahead) counts as peer or source bytes until a
-        read reaches its end; every other byte was already in the cache."""
-        came_from = self._came_from
-        if not came_from:
-            self.read_bytes[Origin.CACHE] += length
-            return
-        cs, end = obj.chunk_size, offset + length
-        for index in chunk_span(offset, length, obj.size, cs):
-            chunk_end = min(obj.size, (index + 1) * cs)
-            part = min(end, chunk_end) - max(offset, index * cs)
-            key = (obj.id, index)
-            origin = came_from.pop(key, Origin.CACHE) if end >= chunk_end else came_from.get(key)
-            self.read_bytes[origin or Origin.CACHE] += part
+                self._runner.join(handle, index, Priority.READAHEAD)
 
     async def _wait_chunks(
         self,
@@ -253,7 +235,7 @@ class Fetcher:
         to fail fails the wait at once, whichever it is: a prefetch must not go on asking
         the source for later chunks while it waits for an earlier one (parked for a
         peer, say) after a refusal that holds for all of them."""
-        flights = [self._flight(handle, i, prio, may_source) for i in indexes]
+        flights = [self._runner.join(handle, i, prio, may_source) for i in indexes]
         with trio.move_on_after(self.read_deadline if bounded else math.inf) as scope:
             for flight in flights:
                 while not flight.done.is_set():
@@ -313,195 +295,6 @@ class Fetcher:
                     await self._store.written_event.wait()
             if obj.discards != discards:
                 raise SourceChangedError(f"{entry.path}: content failed verification")
-
-    def abandon(self, object_ids: AbstractSet[str], why: str) -> int:
-        """Stop the prefetch flights of these objects: nobody wants them any more (their
-        dataset was removed, its pull cancelled, its job failed). Queued and parked ones
-        end at once, running ones are cancelled (a blocking source read in a thread
-        finishes first: at most one more request each). A flight a reader or readahead
-        waits on is left alone: its own deadline bounds it. Returns how many stopped."""
-        stopped = 0
-        for flight in self._table:
-            if flight.obj.id not in object_ids or flight.priority < Priority.PREFETCH:
-                continue
-            if flight.final:
-                continue
-            stopped += 1
-            flight.abandoned = why
-            if flight.scope is not None:
-                flight.scope.cancel()  # the worker settles it
-                continue
-            # Queued, parked, or carried along by another flight's source read (which
-            # still stores it if it arrives).
-            self._queue.unpark(flight)
-            flight.error = SyncbitError(why)
-            self._table.finish(flight)
-        if stopped:
-            log.info("stopped %d prefetch transfers: %s", stopped, why)
-        return stopped
-
-    # -- flights: joining, queueing, parking -------------------------------------------------
-
-    def _flight(
-        self,
-        handle: OpenFile,
-        index: int,
-        prio: Priority,
-        may_source: Callable[[int], bool] | None = None,
-    ) -> Flight:
-        flight, joined = self._table.join(
-            handle.obj, handle.entry, handle.source, index, prio, may_source
-        )
-        if joined is not Joined.JOINED:
-            self._push(flight)  # a raised flight's older heap entry is skipped when popped
-        return flight
-
-    def _push(self, flight: Flight, peer_ready: bool = False) -> None:
-        if not self._queue.push(flight, peer_ready):
-            # Planned for another node: parked until a holder reports it (the watcher
-            # then moves it to the peer lane).
-            self._park(flight, "the node planned to read it")
-
-    def _park(self, flight: Flight, holder: str) -> None:
-        """Hold a flight (no worker, no queue) until a peer has its chunk, the claim on it
-        lapses, or, for a reader, its deadline passes."""
-        self.stats["parked"] += 1
-        self._queue.park(flight, holder)
-        object_id = flight.obj.id
-        if object_id not in self._watching:
-            self._watching.add(object_id)
-            assert self._nursery is not None, "Fetcher.run() first"
-            self._nursery.start_soon(self._watch_parked, object_id)
-
-    async def _watch_parked(self, object_id: str) -> None:
-        """One poll of the chunk map per object every `park_poll`, however many flights
-        wait: a parked flight goes to the peer lane once a holder has its chunk, back to
-        the queue once nobody reads it, and a reader's fails at its deadline."""
-        try:
-            while self._queue.parked(object_id):
-                await trio.sleep(self.park_poll)
-                parked = self._queue.parked(object_id)
-                if not parked:
-                    break
-                info = await self._transfers.chunk_info(object_id, max_age=self.park_poll / 2)
-                now = trio.current_time()
-                # In random order: nodes that wait for the same chunks would otherwise all
-                # ask the same holder for the same chunk at once while others sit idle.
-                waiting = list(parked.values())
-                random.shuffle(waiting)
-                for flight in waiting:
-                    index = flight.index
-                    if flight.state is not State.PARKED:
-                        self._queue.unpark(flight)  # taken along by a source read, or queued
-                    elif info.peers.get(index):
-                        self._push(flight, peer_ready=True)
-                    elif index not in info.fetching and (
-                        flight.may_source is None or flight.may_source()
-                    ):
-                        self._push(flight)  # nobody is reading it: this node will
-                    elif flight.priority < Priority.PREFETCH and now > flight.deadline:
-                        self._queue.unpark(flight)
-                        flight.error = ReadDeadlineError(
-                            f"chunk {index} of {flight.entry.path}: {flight.waiting_for} was "
-                            f"reading it from the source and did not deliver within "
-                            f"{self.read_deadline:g}s"
-                        )
-                        self._table.keep_failure(flight)
-                if self._queue.source_lane_idle():
-                    spare = takeover(parked, info)
-                    if spare is not None:
-                        log.debug(
-                            "taking over the source read of chunk %d of %s",
-                            spare.index,
-                            spare.entry.path,
-                        )
-                        spare.may_source = None  # from now on this node may read it
-                        self._push(spare)
-        finally:
-            self._watching.discard(object_id)
-            self._queue.drop_object_if_idle(object_id)
-
-    # -- workers -------------------------------------------------------------------------------
-
-    async def _worker(self) -> None:
-        while True:
-            flight = self._queue.take()
-            if flight is None:
-                await self._queue.changed()
-                continue
-            if not flight.one_shot and not flight.ran:
-                # A queued prefetch must not spend its deadline waiting in the queue; a
-                # flight back from parking keeps the deadline it had (a reader's wait
-                # must not outlast its own deadline by a retry of the kernel's).
-                flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
-            flight.ran = True
-            result: list[Staged] | Park | None = None
-            began = trio.current_time()
-            try:
-                with trio.CancelScope() as flight.scope:  # `abandon` may end it
-                    result = await self._transfers.run(flight)
-                if isinstance(result, list) and result:
-                    self.on_transfer(flight.origin, trio.current_time() - began)
-            except SyncbitError as exc:
-                flight.error = exc
-            except Exception as exc:
-                log.exception("chunk %d of %s: unexpected error", flight.index, flight.entry.path)
-                flight.error = exc
-            finally:
-                flight.scope = None
-                self._queue.done_running(flight)
-                self._settle(flight, result)
-            if isinstance(result, list):
-                for done in result:
-                    # The write overlaps the next transfer; the slots bound staged RAM and
-                    # let a disk slower than the network push back on fetching.
-                    await self._write_slots.acquire()
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._persist, done)
-
-    def _settle(self, flight: Flight, result: list[Staged] | Park | None) -> None:
-        """After a transfer attempt: park or requeue the flight, or end it (and the chunks
-        its source read brought along), keeping a failure briefly for the kernel's retry."""
-        if isinstance(result, Park):
-            if result.peer_lane:
-                self._push(flight, peer_ready=True)
-            else:
-                self._park(flight, result.holder)
-            return
-        if result is None and flight.error is None:
-            # never report success
-            flight.error = SyncbitError(flight.abandoned or "fetch cancelled")
-        if isinstance(flight.error, _KEEP_FAILED):
-            self._table.keep_failure(flight)
-        else:
-            self._table.finish(flight)
-        for done in result or []:
-            if done.flight.priority < Priority.PREFETCH:
-                if len(self._came_from) > 100_000:  # chunks read ahead but never read
-                    self._came_from.clear()
-                self._came_from[(done.flight.obj.id, done.flight.index)] = done.flight.origin
-            if done.flight is not flight:
-                self._table.finish(done.flight)  # readers go on from RAM while it is written
-
-    async def _persist(self, done: Staged) -> None:
-        """Write a staged chunk to the object file within the cache budget; only then may
-        it become durable. A chunk the cache cannot keep (full of pinned or in-use data,
-        disk full after eviction, a write error) is dropped from RAM with its cause: the
-        readers that had it from RAM are served, a later read fetches it again."""
-        flight = done.flight
-        obj, index = flight.obj, flight.index
-        try:
-            await self._store.store_chunk(obj, index, done.view, done.digest)
-        except (CacheFullError, OSError) as exc:
-            if not isinstance(exc, DiskFullError):  # the store logs a full disk once
-                log.error("cannot store chunk %d of %s: %s", index, flight.entry.path, exc)
-            return
-        finally:
-            self._write_slots.release()
-        expected = flight.entry.version.get("sha256")
-        if expected and obj.complete and len(obj.written) == obj.chunks:
-            with self._store.keeping(obj):  # no eviction under the hash
-                await self._whole.verify(obj, flight.entry.path, expected)
 
 
 def _read_disk_parts(

@@ -116,6 +116,24 @@ class Flight:
         self.done.set()
 
 
+@dataclass(eq=False, slots=True)
+class Staged:
+    """A chunk a transfer made readable from RAM, still to be written to disk."""
+
+    flight: Flight
+    view: memoryview
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """A transfer that must not run now: wait parked until a peer holds the chunk
+    (`holder` is reading it, or is planned to), or, `peer_lane`, run in the peer lane."""
+
+    holder: str = ""
+    peer_lane: bool = False
+
+
 class Joined(Enum):
     """What `FlightTable.join` did: the caller queues a NEW or RAISED flight."""
 

@@ -24,7 +24,17 @@ from syncbit.errors import (
     ReadDeadlineError,
     SyncbitError,
 )
-from syncbit.fetch.flight import Flight, FlightTable, Lane, Origin, Priority, State, is_temp_failure
+from syncbit.fetch.flight import (
+    Flight,
+    FlightTable,
+    Lane,
+    Origin,
+    Park,
+    Priority,
+    Staged,
+    State,
+    is_temp_failure,
+)
 from syncbit.fetch.limiter import Bandwidth
 from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
 from syncbit.peer import PeerClient
@@ -50,24 +60,6 @@ class ChunkDirectory(Protocol):
     async def report_check(
         self, object_id: str, index: int, digest: str | None, changed: str
     ) -> str: ...
-
-
-@dataclass(eq=False, slots=True)
-class Staged:
-    """A chunk a transfer made readable from RAM, still to be written to disk."""
-
-    flight: Flight
-    view: memoryview
-    digest: str
-
-
-@dataclass(frozen=True, slots=True)
-class Park:
-    """A transfer that must not run now: wait parked until a peer holds the chunk
-    (`holder` is reading it, or is planned to), or, `peer_lane`, run in the peer lane."""
-
-    holder: str = ""
-    peer_lane: bool = False
 
 
 class PeerResult(Enum):
