@@ -6,12 +6,12 @@ serves FUSE itself, never reaches into the store's layout (the store's facade on
 never trusts a peer's bytes without a digest the scheduler recorded from a source fetch.
 """
 
+from syncbit.fetch.directory import ChunkDirectory
 from syncbit.fetch.fetcher import Fetcher
 from syncbit.fetch.flight import Priority
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.jobs import Job, Jobs
 from syncbit.fetch.plan import Plans, RoundRobin, SourcePlan
-from syncbit.fetch.transfer import ChunkDirectory
 from syncbit.fetch.verify import read_checked
 
 __all__ = [

@@ -1,6 +1,6 @@
-"""`Fetcher`, the fetch layer's entry: reads and prefetches wait on flights, workers run
-them through transfers, staged chunks go to the store. Composes the pieces of this package
-and owns only what joins them; never serves FUSE, never reaches past the store's facade.
+"""`Fetcher`, the fetch layer's entry: builds its pieces; reads and prefetches wait on
+the flights of the chunks they miss (the runner runs them). Never serves FUSE, never
+reaches past the store's facade, never transfers a byte itself.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from syncbit.errors import (
     SourceError,
     UserError,
 )
+from syncbit.fetch.claims import Claims
+from syncbit.fetch.directory import ChunkDirectory
 from syncbit.fetch.flight import Flight, FlightTable, Priority, raise_for
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.limiter import Bandwidth
@@ -28,7 +30,7 @@ from syncbit.fetch.plan import Plans, source_limit
 from syncbit.fetch.queue import FlightQueue
 from syncbit.fetch.runner import Runner
 from syncbit.fetch.served import Served
-from syncbit.fetch.transfer import ChunkDirectory, Transfers, TransferSettings
+from syncbit.fetch.transfer import Transfers
 from syncbit.fetch.verify import Broken, WholeFile, recheck
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
@@ -74,16 +76,22 @@ class Fetcher:
         self._broken = Broken()
         self._whole = WholeFile(store, self.stats)
         self._served = Served()
+        claims = Claims(
+            directory,
+            self._table,
+            lambda flight: self._runner.push(flight),  # chunks a claim did not grant
+            source_batch,
+            max(claim_ttl, read_deadline),
+        )
         transfers = Transfers(
             store,
             directory,
             peers,
             self._table,
-            lambda flight: self._runner.push(flight),  # chunks a claim did not grant
+            claims,
             Bandwidth(prefetch_bandwidth),
             self._broken,
             self.stats,
-            TransferSettings(failure_ttl, source_batch, max(claim_ttl, read_deadline)),
         )
         self._runner = Runner(
             store,

@@ -1,6 +1,7 @@
 """One chunk transfer: peers first (verified against the recorded digest), then the source
 under a cluster-wide claim, batched with the queued chunks after it, checked against the
-record. Stages what arrives; never queues, waits for or finishes flights (the fetcher does).
+record (claims.py picks the batch and claims it). Stages what arrives; never queues nor
+waits for flights (the runner does).
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ import functools
 import logging
 import mmap
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
 
 import trio
 
@@ -24,6 +22,8 @@ from syncbit.errors import (
     ReadDeadlineError,
     SyncbitError,
 )
+from syncbit.fetch.claims import Claims
+from syncbit.fetch.directory import ChunkDirectory
 from syncbit.fetch.flight import (
     Flight,
     FlightTable,
@@ -38,28 +38,11 @@ from syncbit.fetch.flight import (
 from syncbit.fetch.limiter import Bandwidth
 from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
 from syncbit.peer import PeerClient
-from syncbit.protocol import ChunkMap, ClaimResult, Peer
+from syncbit.protocol import ChunkMap, Peer
 from syncbit.retry import retrying
 from syncbit.store import ObjectStore
 
 log = logging.getLogger("syncbit.fetch")
-
-
-class ChunkDirectory(Protocol):
-    """Where the fetcher learns digests and holders, claims source reads (so the cluster
-    reads each chunk from the source once), and reports bad peers."""
-
-    async def chunk_info(self, object_id: str, max_age: float = ...) -> ChunkMap: ...
-
-    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult: ...
-
-    async def release(self, object_id: str, indexes: list[int]) -> None: ...
-
-    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None: ...
-
-    async def report_check(
-        self, object_id: str, index: int, digest: str | None, changed: str
-    ) -> str: ...
 
 
 class PeerResult(Enum):
@@ -77,13 +60,6 @@ def _spread(peers: list[Peer]) -> list[Peer]:
     return head + peers[3:]
 
 
-@dataclass
-class TransferSettings:
-    failure_ttl: float = 1.0  # a failure is kept this long for the kernel's retry
-    source_batch: int = 16 << 20  # bytes one source request may bring at most
-    claim_ttl: float = 60.0
-
-
 class Transfers:
     """Runs the transfer of a flight to a result: what was staged, or where to wait."""
 
@@ -93,21 +69,19 @@ class Transfers:
         directory: ChunkDirectory,
         peers: PeerClient,
         table: FlightTable,
-        requeue: Callable[[Flight], None],
+        claims: Claims,
         bandwidth: Bandwidth,
         broken: Broken,
         stats: dict[str, int],
-        settings: TransferSettings,
     ) -> None:
         self.store = store
         self.directory = directory
         self.peers = peers
         self.table = table
-        self.requeue = requeue  # back to the queue, on its own
+        self.claims = claims
         self.bandwidth = bandwidth
         self.broken = broken
         self.stats = stats
-        self.settings = settings
 
     async def run(self, flight: Flight) -> list[Staged] | Park:
         """Retry temporary failures with backoff until the flight's deadline; a permanent
@@ -165,7 +139,7 @@ class Transfers:
         holder = info.fetching.get(index)
         if holder is not None:
             return Park(holder)
-        followers = self._followers(flight, info)
+        followers = self.claims.followers(flight, info)
         for f in followers:  # taken now, before any checkpoint: no other worker starts them
             f.move(State.RUNNING)
         return await self._from_source(flight, info, followers)
@@ -254,90 +228,14 @@ class Transfers:
 
     # -- from the source -----------------------------------------------------------------------
 
-    def _followers(self, flight: Flight, info: ChunkMap) -> list[Flight]:
-        """Queued flights for the chunks right after `flight` that no peer can serve and no
-        one else is reading: candidates for one source request that brings them all
-        (object stores and CDNs charge per request, and some, like moto, cost a
-        whole-object read per request)."""
-        obj = flight.obj
-        found: list[Flight] = []
-        budget = self.settings.source_batch - obj.chunk_size
-        index = flight.index + 1
-        while budget >= obj.chunk_size and index < obj.chunks:
-            nxt = self.table.get(obj.id, index)
-            if (
-                nxt is None
-                or (nxt.state is not State.QUEUED and nxt.state is not State.PARKED)
-                or info.peers.get(index)
-                or index in info.fetching
-                or (nxt.may_source is not None and not nxt.may_source())
-            ):
-                break
-            found.append(nxt)
-            budget -= obj.chunk_size
-            index += 1
-        return found
-
-    def _unclaim(self, followers: list[Flight]) -> None:
-        for f in followers:  # back in the queue, on their own (unless abandoned meanwhile)
-            if f.state is State.RUNNING:
-                self.requeue(f)
-
-    async def _claim(
-        self, flight: Flight, followers: list[Flight], info: ChunkMap
-    ) -> list[Flight] | Park:
-        """Claim the source read of `flight`'s chunk (and its followers) cluster-wide: the
-        followers granted in an unbroken run (the rest go back to the queue), or Park if
-        another node has the chunk. Without an answer from the scheduler the read goes
-        ahead: the source has the bytes."""
-        obj = flight.obj
-        wanted = [flight.index, *(f.index for f in followers)]
-        try:
-            claim = await self.directory.claim(obj.id, wanted, self.settings.claim_ttl)
-        except SyncbitError as exc:
-            log.debug("no claim on %s: %s", obj.id[:12], exc)
-            return followers
-        granted = set(claim.granted)
-        log.debug("claim on chunks %s of %s: granted %s", wanted, obj.id[:12], sorted(granted))
-        run: list[Flight] = []
-        if flight.index in granted:
-            for f in followers:
-                if f.index not in granted:
-                    break
-                run.append(f)
-        self._unclaim(followers[len(run) :])
-        unused = sorted(granted - {flight.index} - {f.index for f in run})
-        if flight.index not in granted:
-            unused = sorted(granted)
-        if unused:
-            await self._release(obj.id, unused)
-        if flight.index in granted:
-            return run
-        holders = info.peers.get(flight.index, [])
-        if (
-            flight.index in claim.held
-            and holders
-            and all(p.node in flight.bad_peers for p in holders)
-        ):
-            # Held only by peers that just failed this node (gone, not down yet in the
-            # scheduler's eyes): nobody is reading it, so the source it is.
-            return []
-        return Park(claim.busy.get(flight.index, "a peer"))
-
-    async def _release(self, object_id: str, indexes: list[int]) -> None:
-        try:
-            await self.directory.release(object_id, indexes)
-        except SyncbitError as exc:
-            log.debug("could not release claims on %s: %s", object_id[:12], exc)
-
     async def _from_source(
         self, flight: Flight, info: ChunkMap, followers: list[Flight]
     ) -> list[Staged] | Park:
         obj = flight.obj
         try:
-            claimed = await self._claim(flight, followers, info)
+            claimed = await self.claims.claim(flight, followers, info)
         except BaseException:
-            self._unclaim(followers)
+            self.claims.unclaim(followers)
             raise
         if isinstance(claimed, Park):
             return claimed
@@ -366,9 +264,9 @@ class Transfers:
                     f.error = exc
                     self.table.keep_failure(f)
             else:
-                self._unclaim(claimed)
+                self.claims.unclaim(claimed)
             with trio.CancelScope(shield=True):
-                await self._release(obj.id, [f.index for f in batch])
+                await self.claims.release(obj.id, [f.index for f in batch])
             raise
         disagree = check_source(batch, info, digests, head_ok)
         if disagree is not None:
@@ -416,7 +314,7 @@ class Transfers:
             f.error = disagree.error
             self.table.keep_failure(f)
         with trio.CancelScope(shield=True):
-            await self._release(obj.id, [f.index for f in batch])
+            await self.claims.release(obj.id, [f.index for f in batch])
             try:
                 await self.directory.report_check(
                     obj.id, disagree.index, disagree.digest, "" if disagree.digest else disagree.why
