@@ -6,7 +6,7 @@ serves FUSE itself, never reaches into the store's layout (the store's facade on
 never trusts a peer's bytes without a digest the scheduler recorded from a source fetch.
 """
 
-from syncbit.fetch.directory import ChunkDirectory
+from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
 from syncbit.fetch.fetcher import Fetcher
 from syncbit.fetch.flight import Priority
 from syncbit.fetch.handle import OpenFile
@@ -16,6 +16,7 @@ from syncbit.fetch.verify import read_checked
 
 __all__ = [
     "ChunkDirectory",
+    "ChunkPeers",
     "Fetcher",
     "Job",
     "Jobs",

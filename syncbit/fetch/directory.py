@@ -1,6 +1,6 @@
-"""The fetch layer's port to the scheduler: digests and holders of an object's chunks,
-claims on source reads, reports of bad peers and disputed chunks. A protocol only; the
-node implements it over the scheduler client, tests with a fake.
+"""The fetch layer's ports: the scheduler (digests and holders of an object's chunks,
+claims on source reads, reports of bad peers and disputed chunks) and the peers (a chunk's
+bytes from a holder). Protocols only: the node implements them, tests use fakes.
 """
 
 from __future__ import annotations
@@ -25,3 +25,15 @@ class ChunkDirectory(Protocol):
     async def report_check(
         self, object_id: str, index: int, digest: str | None, changed: str
     ) -> str: ...
+
+
+class ChunkPeers(Protocol):
+    """Other nodes' peer services, as the fetch layer asks them for bytes."""
+
+    def get_into(
+        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+    ) -> None:
+        """Blocking (a worker thread): fill `buf` with the object's bytes at `offset` from
+        the peer at `address`. PeerBusyError when a `prefetch` transfer finds no free
+        upload slot, PeerError for any other failure."""
+        ...

@@ -22,7 +22,7 @@ from syncbit.errors import (
     UserError,
 )
 from syncbit.fetch.claims import Claims
-from syncbit.fetch.directory import ChunkDirectory
+from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
 from syncbit.fetch.flight import Flight, FlightTable, Priority, raise_for
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.limiter import Bandwidth
@@ -33,7 +33,6 @@ from syncbit.fetch.served import Served
 from syncbit.fetch.transfer import Transfers
 from syncbit.fetch.verify import Broken, WholeFile, recheck
 from syncbit.manifest import FileEntry
-from syncbit.peer import PeerClient
 from syncbit.sources.base import Source
 from syncbit.store import ObjectReader, ObjectStore
 
@@ -49,7 +48,7 @@ class Fetcher:
         self,
         store: ObjectStore,
         directory: ChunkDirectory,
-        peers: PeerClient,
+        peers: ChunkPeers,
         *,
         workers: int = 12,
         read_deadline: float = 60.0,

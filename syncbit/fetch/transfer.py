@@ -23,7 +23,7 @@ from syncbit.errors import (
     SyncbitError,
 )
 from syncbit.fetch.claims import Claims
-from syncbit.fetch.directory import ChunkDirectory
+from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
 from syncbit.fetch.flight import (
     Flight,
     FlightTable,
@@ -37,7 +37,6 @@ from syncbit.fetch.flight import (
 )
 from syncbit.fetch.limiter import Bandwidth
 from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
-from syncbit.peer import PeerClient
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.retry import retrying
 from syncbit.store import ObjectStore
@@ -67,7 +66,7 @@ class Transfers:
         self,
         store: ObjectStore,
         directory: ChunkDirectory,
-        peers: PeerClient,
+        peers: ChunkPeers,
         table: FlightTable,
         claims: Claims,
         bandwidth: Bandwidth,

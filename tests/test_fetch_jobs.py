@@ -5,14 +5,14 @@ network: the shared fakes, a jumping clock for the backoffs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from fakes import Directory, MemSource, Peers
-from test_fetcher import CS, DATA
+from fetchfixtures import CS, DATA, opened_store
 
 from syncbit.errors import SourcePermanentError
 from syncbit.fetch import Fetcher, Jobs
@@ -38,16 +38,15 @@ def clock() -> trio.testing.MockClock:
 
 
 @pytest.fixture
-def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = ObjectStore.open(tmp_path, 1 << 30)
-    yield s
-    s.close()
+def store(tmp_path: Path) -> Iterator[ObjectStore]:
+    with opened_store(tmp_path) as s:
+        yield s
 
 
 async def start(
     store: ObjectStore, source: MemSource, nursery: trio.Nursery, read_deadline: float = 2.0
 ) -> tuple[Fetcher, Jobs]:
-    fetcher = Fetcher(  # type: ignore[arg-type]
+    fetcher = Fetcher(
         store, Directory(), Peers(DATA), read_deadline=read_deadline, readahead_chunks=0
     )
     await nursery.start(fetcher.run)
