@@ -3,10 +3,6 @@ fetcher, and the chunk directory's helpers (a peer now holds these chunks...).""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import trio
 from fakes import Directory
 
@@ -15,22 +11,11 @@ from syncbit.fetch import Fetcher, Priority
 from syncbit.manifest import FileEntry
 from syncbit.protocol import Peer
 from syncbit.sources.base import Source
-from syncbit.store import ObjectStore
 
 CS = 64 * 1024
 DATA = bytes((i * 7 + i // 251) % 256 for i in range(5 * CS + 123))
 ENTRY = FileEntry(path="f.bin", size=len(DATA), object="cd" * 32, locator="f.bin")
 HEAD_ENTRY = ENTRY.model_copy(update={"version": {"head": digest(DATA[:HEAD_SAMPLE])}})
-
-
-@contextmanager
-def opened_store(root: Path) -> Iterator[ObjectStore]:
-    """A 1 GiB store in `root`, closed afterwards."""
-    s = ObjectStore.open(root, 1 << 30)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 async def started(fetcher: Fetcher, nursery: trio.Nursery) -> Fetcher:

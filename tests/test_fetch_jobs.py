@@ -5,14 +5,13 @@ network: the shared fakes, a jumping clock for the backoffs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
 from fakes import Directory, MemSource, Peers
-from fetchfixtures import CS, DATA, opened_store
+from fetchfixtures import CS, DATA
 
 from syncbit.errors import SourcePermanentError
 from syncbit.fetch import Fetcher, Jobs
@@ -35,12 +34,6 @@ def clock() -> trio.testing.MockClock:
     minutes pass at once, while a source read in a worker thread still finishes before
     time moves on (a threshold of 0 would jump past its deadline meanwhile)."""
     return trio.testing.MockClock(autojump_threshold=0.01)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ObjectStore]:
-    with opened_store(tmp_path) as s:
-        yield s
 
 
 async def start(

@@ -4,8 +4,6 @@ prefetch plan and its lanes, takeover of unread chunks, busy holders) (no networ
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -16,7 +14,6 @@ from fetchfixtures import (
     ENTRY,
     chunk_of,
     deliver,
-    opened_store,
     prefetch_evens,
     started,
 )
@@ -27,12 +24,6 @@ from syncbit.fetch import Fetcher, Jobs, Priority, RoundRobin
 from syncbit.manifest import Manifest
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.store import ObjectStore
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ObjectStore]:
-    with opened_store(tmp_path) as s:
-        yield s
 
 
 async def test_chunk_another_node_is_reading_is_waited_for_and_taken_from_it(

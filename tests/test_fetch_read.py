@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -15,7 +13,6 @@ from fetchfixtures import (
     CS,
     DATA,
     ENTRY,
-    opened_store,
     started,
 )
 
@@ -25,12 +22,6 @@ from syncbit.fetch import Fetcher, Priority
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.store import ObjectStore
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ObjectStore]:
-    with opened_store(tmp_path) as s:
-        yield s
 
 
 async def test_single_flight_ten_readers_one_transfer(

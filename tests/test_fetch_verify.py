@@ -3,9 +3,6 @@ sample, a published whole-file SHA-256, broken revisions (no network)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import trio
 from fakes import Directory, MemSource, Peers
@@ -15,7 +12,6 @@ from fetchfixtures import (
     ENTRY,
     HEAD_ENTRY,
     chunk_of,
-    opened_store,
     started,
 )
 
@@ -24,12 +20,6 @@ from syncbit.errors import SourceChangedError
 from syncbit.fetch import Fetcher, Priority
 from syncbit.protocol import ChunkMap
 from syncbit.store import ObjectStore
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ObjectStore]:
-    with opened_store(tmp_path) as s:
-        yield s
 
 
 async def test_source_bytes_that_differ_from_the_record_are_never_served_nor_stored(
