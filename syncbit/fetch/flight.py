@@ -107,7 +107,7 @@ class Flight:
     def move(self, to: State) -> None:
         """Change state; a transition the machine does not have is a bug (AssertionError)."""
         if to not in _MOVES[self.state]:
-            raise AssertionError(f"flight of chunk {self.index}: {self.state} -> {to}")
+            raise AssertionError(f"flight of chunk {self.index}: {self.state.value} -> {to.value}")
         self.state = to
 
     def end(self) -> None:
