@@ -18,8 +18,6 @@ from syncbit.errors import (
     CacheFullError,
     ReadDeadlineError,
     SourceChangedError,
-    SourceError,
-    UserError,
 )
 from syncbit.fetch.claims import Claims
 from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
@@ -37,8 +35,6 @@ from syncbit.sources.base import Source
 from syncbit.store import ObjectReader, ObjectStore
 
 log = logging.getLogger("syncbit.fetch")
-
-_KEEP_FAILED = (ReadDeadlineError, SourceError, UserError)  # kept briefly for the retry
 
 
 class Fetcher:
