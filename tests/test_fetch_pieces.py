@@ -11,12 +11,13 @@ from fakes import MemSource
 from fetchfixtures import CS, DATA, ENTRY
 
 from syncbit.errors import ReadDeadlineError, SyncbitError
-from syncbit.fetch import Priority, RoundRobin
+from syncbit.fetch import Job, JobKind, JobState, Priority, RoundRobin
 from syncbit.fetch.flight import Flight, FlightTable, Joined, State
 from syncbit.fetch.limiter import Bandwidth
 from syncbit.fetch.plan import Plans, source_limit, takeover
 from syncbit.fetch.queue import FlightQueue
 from syncbit.fetch.readahead import Readahead
+from syncbit.manifest import Manifest
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.store import ObjectStore
 
@@ -203,3 +204,16 @@ async def test_bandwidth_cap_spaces_transfers_by_their_bytes(
     before = trio.current_time()
     await unlimited.take(10**9)
     assert trio.current_time() == before
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def test_a_job_ends_once_and_a_cancelled_one_stays_cancelled() -> None:
+    manifest = Manifest(dataset="d", source="mem://", revision="r1", chunk_size=CS, files=[ENTRY])
+    job = Job(manifest, JobKind.PULL, RoundRobin("me"))
+    assert not job.done and job.state is JobState.RUNNING
+    job.end(JobState.CANCELLED)
+    job.end(JobState.COMPLETE)  # the flush after a cancel finished anyway
+    assert job.done and job.cancelled and job.state is JobState.CANCELLED
+    assert JobKind("prefetch") is JobKind.PREFETCH and job.kind == "pull"

@@ -40,7 +40,7 @@ from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
 from syncbit.fetch.fetcher import Fetcher
 from syncbit.fetch.flight import Priority
 from syncbit.fetch.handle import OpenFile
-from syncbit.fetch.jobs import Job, Jobs
+from syncbit.fetch.jobs import Job, JobKind, Jobs, JobState
 from syncbit.fetch.plan import Plans, RoundRobin, SourcePlan
 from syncbit.fetch.verify import read_checked
 
@@ -49,6 +49,8 @@ __all__ = [
     "ChunkPeers",
     "Fetcher",
     "Job",
+    "JobKind",
+    "JobState",
     "Jobs",
     "OpenFile",
     "Plans",
