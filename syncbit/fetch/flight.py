@@ -31,16 +31,17 @@ class Priority(IntEnum):
     PREFETCH = 2
 
 
-class State(Enum):
+class State(IntEnum):
     """Where a flight is. A worker takes only QUEUED flights; DONE and FAILED are final
     (a FAILED flight may be failed again with a later cause: a carried chunk whose source
-    read fails after its job abandoned it)."""
+    read fails after its job abandoned it). An IntEnum only so that a move's check hashes
+    in C (it runs a few times per chunk); states are never ordered."""
 
-    QUEUED = "queued"  # in the read queue or a prefetch lane, waiting for a worker
-    PARKED = "parked"  # in no queue: waits until a peer holds its chunk (or a deadline)
-    RUNNING = "running"  # a worker transfers it, or another flight's source read carries it
-    DONE = "done"  # its chunk is here (staged in RAM at least)
-    FAILED = "failed"  # `error` says why
+    QUEUED = 1  # in the read queue or a prefetch lane, waiting for a worker
+    PARKED = 2  # in no queue: waits until a peer holds its chunk (or a deadline)
+    RUNNING = 3  # a worker transfers it, or another flight's source read carries it
+    DONE = 4  # its chunk is here (staged in RAM at least)
+    FAILED = 5  # `error` says why
 
 
 _MOVES: dict[State, frozenset[State]] = {
@@ -107,7 +108,7 @@ class Flight:
     def move(self, to: State) -> None:
         """Change state; a transition the machine does not have is a bug (AssertionError)."""
         if to not in _MOVES[self.state]:
-            raise AssertionError(f"flight of chunk {self.index}: {self.state.value} -> {to.value}")
+            raise AssertionError(f"flight of chunk {self.index}: {self.state.name} -> {to.name}")
         self.state = to
 
     def end(self) -> None:

@@ -35,7 +35,8 @@ class FlightQueue:
         self._lanes: dict[Lane, _Heap] = {Lane.PEER: [], Lane.SOURCE: []}
         self._running = {Lane.PEER: 0, Lane.SOURCE: 0}
         self._seq = itertools.count()
-        self._changed = trio.Event()
+        # Set and replaced at every push and freed lane slot: what idle workers wait on.
+        self.changed = trio.Event()
         # Flights parked while another node reads their chunk from the source, by object.
         self._parked: dict[str, dict[int, Flight]] = {}
 
@@ -52,7 +53,7 @@ class FlightQueue:
             return False
         else:
             heap = self._lanes[Lane.PEER if peer_ready else Lane.SOURCE]
-        self._unpark(flight)
+        self.unpark(flight)
         flight.move(State.QUEUED)
         heapq.heappush(heap, (int(flight.priority), next(self._seq), flight))
         self.wake()
@@ -90,12 +91,8 @@ class FlightQueue:
             self.wake()
 
     def wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def changed(self) -> None:
-        """Until the next push or free lane slot."""
-        await self._changed.wait()
+        self.changed.set()
+        self.changed = trio.Event()
 
     def source_lane_idle(self) -> bool:
         """No prefetch source read running or queued here."""
@@ -116,14 +113,11 @@ class FlightQueue:
         """The flights parked for an object (live: the watcher prunes it)."""
         return self._parked.get(object_id, {})
 
-    def _unpark(self, flight: Flight) -> None:
+    def unpark(self, flight: Flight) -> None:
+        """Forget a parked flight (failed or abandoned, or no longer parked)."""
         parked = self._parked.get(flight.obj.id)
         if parked is not None and parked.get(flight.index) is flight:
             del parked[flight.index]
-
-    def unpark(self, flight: Flight) -> None:
-        """Forget a parked flight (failed or abandoned)."""
-        self._unpark(flight)
 
     def drop_object_if_idle(self, object_id: str) -> None:
         if not self._parked.get(object_id):

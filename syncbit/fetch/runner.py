@@ -206,7 +206,7 @@ class Runner:
         while True:
             flight = self._queue.take()
             if flight is None:
-                await self._queue.changed()
+                await self._queue.changed.wait()
                 continue
             if not flight.one_shot and not flight.ran:
                 # A queued prefetch must not spend its deadline waiting in the queue; a
