@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from _common import free_port, process, wait_http
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE, chunk_count
-from syncbit.fetcher import read_checked
+from syncbit.fetch import read_checked
 from syncbit.manifest import FileEntry
 from syncbit.sources.http import HttpSource
 from syncbit.sources.http.walk import Walk

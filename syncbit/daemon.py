@@ -38,12 +38,11 @@ from syncbit.errors import (
     UnauthorizedError,
     UserError,
 )
-from syncbit.fetcher import Fetcher
+from syncbit.fetch import Fetcher, Jobs
 from syncbit.fs.kernel import ROOT_INODE, Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
-from syncbit.jobs import Jobs
 from syncbit.kube import NodeSync
 from syncbit.manifest import Manifest, validate_dataset_name
 from syncbit.metrics import Snapshot, counter, fetch_latency, gauge, render

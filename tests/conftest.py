@@ -1,6 +1,7 @@
 """Fixtures of the unit tests: a real SchedulerServer on 127.0.0.1 (any free port) with
 an injectable clock, and a SchedulerClient on it (the scheduler API tests); a small real
-tmpfs (the full-disk tests)."""
+tmpfs (the full-disk tests); an object store of 1 GiB (the fetch tests; store tests
+that need another make their own)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.scheduler import SchedulerClient, SchedulerServer
+from syncbit.store import ObjectStore
 from syncbit_testing.smallfs import CannotMount
 from syncbit_testing.smallfs import small_fs as mount_small_fs
 
@@ -53,3 +55,12 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
             yield mnt
     except CannotMount as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ObjectStore]:
+    s = ObjectStore.open(tmp_path, 1 << 30)
+    try:
+        yield s
+    finally:
+        s.close()

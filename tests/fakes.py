@@ -19,7 +19,7 @@ from syncbit.errors import (
     SourceUnavailableError,
 )
 from syncbit.manifest import FileEntry
-from syncbit.scheduler.client import ChunkMap, ClaimResult
+from syncbit.protocol import ChunkMap, ClaimResult
 from syncbit.sources import Listing, Source, register
 from syncbit.sources.fences import Fences
 

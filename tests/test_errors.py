@@ -36,11 +36,6 @@ PACKAGE = Path(errors.__file__).parent
 ELSEWHERE = {
     # The FUSE reply: an errno for the kernel, made of these errors at the fs boundary.
     ("fs/kernel.py", "FUSEError"),
-    # The fetcher is rebuilt in the next step (flights as a state machine); until then its
-    # private signals stay where they are used.
-    ("fetcher.py", "_SourceDisagrees"),
-    ("fetcher.py", "_ToPeerLane"),
-    ("fetcher.py", "_Wait"),
     # The scheduler package is being rebuilt; it adopts errors.DatasetExistsError and the
     # status table (MethodNotAllowedError, BodyError) in place of these.
     ("scheduler/state.py", "DatasetExistsError"),

@@ -18,7 +18,7 @@ from itertools import count
 from typing import Any, ParamSpec, TypeVar
 
 from syncbit.errors import SourceChangedError, SyncbitError
-from syncbit.fetcher import Fetcher, OpenFile
+from syncbit.fetch import Fetcher, OpenFile
 from syncbit.fs.kernel import ENOATTR, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from syncbit.fs.tree import Node, Tree
 from syncbit.manifest import Manifest

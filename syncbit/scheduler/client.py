@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -26,6 +25,12 @@ from syncbit.errors import (
     UserError,
 )
 
+# Re-exported: the scheduler side and older callers take the node<->scheduler types from here.
+from syncbit.protocol import ChunkMap as ChunkMap
+from syncbit.protocol import ChunkReportResult as ChunkReportResult
+from syncbit.protocol import ClaimResult as ClaimResult
+from syncbit.protocol import Peer as Peer
+
 if TYPE_CHECKING:
     from syncbit.manifest import Manifest  # pydantic models: imported when first needed
 
@@ -37,45 +42,6 @@ RESOLVE_TIMEOUT = 300.0
 MAX_REPORT_CHUNKS = 4096  # chunks added by one chunk report
 MAX_REPORT_REMOVALS = 65536  # chunk indexes removed by one chunk report
 MAX_CLAIM_CHUNKS = 4096  # chunks one claim or release names
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A node that holds a chunk, and the address its peer service listens on."""
-
-    node: str
-    address: str
-
-
-@dataclass
-class ChunkMap:
-    """What the scheduler knows of one object: chunk digests and, per chunk, ranked peers."""
-
-    digests: dict[int, str] = field(default_factory=dict)
-    peers: dict[int, list[Peer]] = field(default_factory=dict)
-    fetching: dict[int, str] = field(default_factory=dict)  # chunk -> node reading the source
-    disputed: set[int] = field(default_factory=set)  # re-checked against the source now
-    broken: str | None = None  # why the object's version is broken (never served), if it is
-
-
-@dataclass
-class ChunkReportResult:
-    """The scheduler's answer to a chunk report: (object, index) pairs whose digest differed
-    from the recorded one, and pairs refused (nobody recorded a digest and this node was not
-    granted their source read, or it is quarantined). Neither counts as held."""
-
-    conflicts: list[tuple[str, int]] = field(default_factory=list)
-    refused: list[tuple[str, int]] = field(default_factory=list)
-
-
-@dataclass
-class ClaimResult:
-    """The answer to a source-fetch claim: what this node may read from the source now,
-    what another node is reading (wait for it), what a peer already holds."""
-
-    granted: list[int] = field(default_factory=list)
-    busy: dict[int, str] = field(default_factory=dict)
-    held: list[int] = field(default_factory=list)
 
 
 def _segment(value: str) -> str:

@@ -26,6 +26,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 
 import trio
 
@@ -37,14 +38,31 @@ from syncbit.errors import (
     SyncbitError,
     UserError,
 )
-from syncbit.fetcher import Fetcher, Priority
+from syncbit.fetch.fetcher import Fetcher
+from syncbit.fetch.flight import Priority
+from syncbit.fetch.plan import RoundRobin
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.retry import retrying
 from syncbit.sources.base import Source
 
-log = logging.getLogger("syncbit.jobs")
+log = logging.getLogger("syncbit.fetch.jobs")
 
 FILES_AT_ONCE = 4  # small files are latency-bound; a few at a time keep the pipe full
+
+
+class JobKind(StrEnum):
+    PULL = "pull"  # asked for by a person (`syncbit pull`): reports its error and stops
+    PREFETCH = "prefetch"  # a scheduler assignment: retried while it stays assigned
+
+
+class JobState(Enum):
+    """RUNNING (rounds and the waits between them) ends COMPLETE (every byte here and
+    durable), FAILED (`error` says why) or CANCELLED (`Jobs.cancel`)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass(eq=False)
@@ -52,24 +70,28 @@ class Job:
     """Bringing every byte of one dataset version here."""
 
     manifest: Manifest
-    kind: str  # "pull" or "prefetch"
-    node: str = ""
-    members: list[str] = field(default_factory=list)  # prefetch: the plan's nodes, sorted
-    done: bool = False
+    kind: JobKind
+    plan: RoundRobin  # who reads which chunk from the source (a pull: this node alone)
+    state: JobState = JobState.RUNNING
     error: str | None = None
-    full: bool = False  # failed because the cache cannot hold it: no retry loop
-    permanent: bool = False  # failed for good (see `_is_permanent`): no retry loop
-    cancelled: bool = False  # stopped by `Jobs.cancel`
+    # What the latest round's failures were, beyond temporary: no retry loop for these.
+    full: bool = False  # the cache cannot hold it
+    permanent: bool = False  # failed for good (see `_is_permanent`)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
 
-    def may_source(self, position: int) -> bool:
-        """Whether this node reads the chunk at `position` (across the dataset) from the
-        source itself; with no plan, or when it is not a member, it reads anything."""
-        members = self.members
-        if not members or self.node not in members:
-            return True
-        return members[position % len(members)] == self.node
+    @property
+    def done(self) -> bool:
+        return self.state is not JobState.RUNNING
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state is JobState.CANCELLED
+
+    def end(self, state: JobState) -> None:
+        """The job ended so (the first end holds: a cancelled job stays cancelled)."""
+        if self.state is JobState.RUNNING:
+            self.state = state
 
 
 def _is_permanent(exc: SyncbitError) -> bool:
@@ -96,14 +118,6 @@ class Jobs:
         self.flush = flush  # makes written chunks durable
         self.jobs: dict[str, Job] = {}
         self._nursery: trio.Nursery | None = None
-        fetcher.source_sharers = self._source_sharers
-
-    def _source_sharers(self) -> int:
-        """Nodes sharing the source reads: the largest running prefetch plan."""
-        return max(
-            (len(j.members) for j in self.jobs.values() if j.kind == "prefetch" and not j.done),
-            default=1,
-        )
 
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -114,6 +128,7 @@ class Jobs:
         A prefetch's members are refreshed in place when only they changed. A prefetch
         that failed for good, or does not fit, is not started again by the plan (every
         heartbeat brings it): only a new revision, a new assignment or a pull does."""
+        kind = JobKind(kind)
         name = manifest.dataset
         job = self.jobs.get(name)
         if (
@@ -122,17 +137,22 @@ class Jobs:
             and (
                 not job.done
                 or (job.error is None and self.is_ready(manifest))
-                or ((job.full or job.permanent) and kind == "prefetch")
+                or ((job.full or job.permanent) and kind is JobKind.PREFETCH)
             )
         ):
-            if kind == "prefetch":
-                job.members = list(members or [])
-                job.kind = "prefetch"  # an assignment outranks a pull of the same data
+            if kind is JobKind.PREFETCH:
+                job.plan.members = list(members or [])
+                job.kind = kind  # an assignment outranks a pull of the same data
+                if not job.done:
+                    self.fetcher.plans.add(job.plan)  # its nodes share the source reads
             return job
         if job is not None:
             job.scope.cancel()  # an older revision: what it fetched stays, shared content too
-        job = Job(manifest, kind, self.node, list(members or []))
+            self.fetcher.plans.discard(job.plan)
+        job = Job(manifest, kind, RoundRobin(self.node, list(members or [])))
         self.jobs[name] = job
+        if kind is JobKind.PREFETCH:
+            self.fetcher.plans.add(job.plan)
         assert self._nursery is not None, "Jobs.bind() first"
         self._nursery.start_soon(self._run, job)
         return job
@@ -141,7 +161,9 @@ class Jobs:
         """Forget the finished prefetches that stopped because the cache could not hold
         their data (space came back on the disk): the next `start` runs them again. Their
         dataset names. (A pull that failed so is run again by its user.)"""
-        names = [n for n, j in self.jobs.items() if j.kind == "prefetch" and j.done and j.full]
+        names = [
+            n for n, j in self.jobs.items() if j.kind is JobKind.PREFETCH and j.done and j.full
+        ]
         for name in names:
             del self.jobs[name]
         return names
@@ -149,8 +171,9 @@ class Jobs:
     def stop(self, name: str) -> None:
         """The dataset is no longer assigned here: stop fetching it (kept bytes stay)."""
         job = self.jobs.get(name)
-        if job is not None and job.kind == "prefetch":
+        if job is not None and job.kind is JobKind.PREFETCH:
             job.scope.cancel()
+            self.fetcher.plans.discard(job.plan)
             del self.jobs[name]
             log.info("prefetch of %s stopped: no longer assigned", name)
 
@@ -163,7 +186,8 @@ class Jobs:
             return None
         if not job.done:
             job.scope.cancel()
-            job.done = job.cancelled = True
+            self.fetcher.plans.discard(job.plan)
+            job.end(JobState.CANCELLED)
             job.error = why
             log.info("%s of %s stopped: %s", job.kind, name, why)
         if forget:
@@ -189,7 +213,7 @@ class Jobs:
             # again and again: what fits stays; status says the node is over budget. A
             # source that refused for good is not asked again until the dataset changes.
             return isinstance(exc, SyncbitError) and not (
-                job.kind == "pull" or job.full or job.permanent
+                job.kind is JobKind.PULL or job.full or job.permanent
             )
 
         def retried(exc: Exception, delay: float) -> None:
@@ -212,13 +236,14 @@ class Jobs:
                     )
                 except SyncbitError:
                     self._abandon(job, f"{job.kind} of {name} failed")
-                    job.done = True
+                    job.end(JobState.FAILED)
                     log.warning("%s of %s failed: %s", job.kind, name, job.error)
                 else:
                     await self.flush()  # complete means durable
-                    job.done = True
+                    job.end(JobState.COMPLETE)
                     log.info("%s of %s: complete", job.kind, name)
         finally:
+            self.fetcher.plans.discard(job.plan)  # done: no more source reads of its own
             if not job.done or job.cancelled:  # cancelled: by `cancel`, `stop`, a new revision
                 self._abandon(job, f"{job.kind} of {name} stopped")
             job.finished.set()
@@ -250,7 +275,7 @@ class Jobs:
                         manifest.chunk_size,
                         source,
                         Priority.PREFETCH,
-                        may_source=lambda i: job.may_source(base + i),
+                        may_source=lambda i: job.plan.may_source(base + i),
                     )
                 except SyncbitError as exc:
                     failures.append(exc)

@@ -6,17 +6,15 @@ network: the shared fakes, a jumping clock for the backoffs."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from fakes import Directory, MemSource, Peers
-from test_fetcher import CS, DATA
+from fetchfixtures import CS, DATA
 
 from syncbit.errors import SourcePermanentError
-from syncbit.fetcher import Fetcher
-from syncbit.jobs import Jobs
+from syncbit.fetch import Fetcher, Jobs
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.store import ObjectStore
 
@@ -38,17 +36,10 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-@pytest.fixture
-def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = ObjectStore.open(tmp_path, 1 << 30)
-    yield s
-    s.close()
-
-
 async def start(
     store: ObjectStore, source: MemSource, nursery: trio.Nursery, read_deadline: float = 2.0
 ) -> tuple[Fetcher, Jobs]:
-    fetcher = Fetcher(  # type: ignore[arg-type]
+    fetcher = Fetcher(
         store, Directory(), Peers(DATA), read_deadline=read_deadline, readahead_chunks=0
     )
     await nursery.start(fetcher.run)

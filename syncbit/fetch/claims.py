@@ -1,0 +1,110 @@
+"""Claims on source reads: which queued chunks one source request brings along, and the
+cluster-wide claim that gives each chunk one reader (the rest wait for a peer). Never
+reads a byte; a chunk it cannot take goes back to the queue through `requeue`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from syncbit.errors import SyncbitError
+from syncbit.fetch.directory import ChunkDirectory
+from syncbit.fetch.flight import Flight, FlightTable, Park, State
+from syncbit.protocol import ChunkMap
+
+log = logging.getLogger("syncbit.fetch")
+
+
+class Claims:
+    """Source-read claims of one node, through the chunk directory."""
+
+    def __init__(
+        self,
+        directory: ChunkDirectory,
+        table: FlightTable,
+        requeue: Callable[[Flight], None],
+        source_batch: int,
+        ttl: float,
+    ) -> None:
+        self.directory = directory
+        self.table = table
+        self.requeue = requeue  # back to the queue, on its own
+        self.source_batch = source_batch  # bytes one source request may bring at most
+        self.ttl = ttl
+
+    def followers(self, flight: Flight, info: ChunkMap) -> list[Flight]:
+        """Queued flights for the chunks right after `flight` that no peer can serve and no
+        one else is reading: candidates for one source request that brings them all
+        (object stores and CDNs charge per request, and some, like moto, cost a
+        whole-object read per request)."""
+        obj = flight.obj
+        found: list[Flight] = []
+        budget = self.source_batch - obj.chunk_size
+        index = flight.index + 1
+        while budget >= obj.chunk_size and index < obj.chunks:
+            nxt = self.table.get(obj.id, index)
+            if (
+                nxt is None
+                or (nxt.state is not State.QUEUED and nxt.state is not State.PARKED)
+                or info.peers.get(index)
+                or index in info.fetching
+                or (nxt.may_source is not None and not nxt.may_source())
+            ):
+                break
+            found.append(nxt)
+            budget -= obj.chunk_size
+            index += 1
+        return found
+
+    def unclaim(self, followers: list[Flight]) -> None:
+        for f in followers:  # back in the queue, on their own (unless abandoned meanwhile)
+            if f.state is State.RUNNING:
+                self.requeue(f)
+
+    async def claim(
+        self, flight: Flight, followers: list[Flight], info: ChunkMap
+    ) -> list[Flight] | Park:
+        """Claim the source read of `flight`'s chunk (and its followers) cluster-wide: the
+        followers granted in an unbroken run (the rest go back to the queue), or Park if
+        another node has the chunk. Without an answer from the scheduler the read goes
+        ahead: the source has the bytes."""
+        obj = flight.obj
+        wanted = [flight.index, *(f.index for f in followers)]
+        try:
+            claim = await self.directory.claim(obj.id, wanted, self.ttl)
+        except SyncbitError as exc:
+            log.debug("no claim on %s: %s", obj.id[:12], exc)
+            return followers
+        granted = set(claim.granted)
+        log.debug("claim on chunks %s of %s: granted %s", wanted, obj.id[:12], sorted(granted))
+        run: list[Flight] = []
+        if flight.index in granted:
+            for f in followers:
+                if f.index not in granted:
+                    break
+                run.append(f)
+        self.unclaim(followers[len(run) :])
+        unused = sorted(granted - {flight.index} - {f.index for f in run})
+        if flight.index not in granted:
+            unused = sorted(granted)
+        if unused:
+            await self.release(obj.id, unused)
+        if flight.index in granted:
+            return run
+        holders = info.peers.get(flight.index, [])
+        if (
+            flight.index in claim.held
+            and holders
+            and all(p.node in flight.bad_peers for p in holders)
+        ):
+            # Held only by peers that just failed this node (gone, not down yet in the
+            # scheduler's eyes): nobody is reading it, so the source it is.
+            return []
+        return Park(claim.busy.get(flight.index, "a peer"))
+
+    async def release(self, object_id: str, indexes: list[int]) -> None:
+        try:
+            await self.directory.release(object_id, indexes)
+        except SyncbitError as exc:
+            log.debug("could not release claims on %s: %s", object_id[:12], exc)

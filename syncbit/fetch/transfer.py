@@ -1,0 +1,322 @@
+"""One chunk transfer: peers first (verified against the recorded digest), then the source
+under a cluster-wide claim, batched with the queued chunks after it, checked against the
+record (claims.py picks the batch and claims it). Stages what arrives; never queues nor
+waits for flights (the runner does).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import mmap
+import random
+from enum import Enum
+
+import trio
+
+from syncbit.chunks import chunk_length, digest
+from syncbit.errors import (
+    DigestMismatchError,
+    PeerBusyError,
+    PeerError,
+    ReadDeadlineError,
+    SyncbitError,
+)
+from syncbit.fetch.claims import Claims
+from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
+from syncbit.fetch.flight import (
+    Flight,
+    FlightTable,
+    Lane,
+    Origin,
+    Park,
+    Priority,
+    Staged,
+    State,
+    is_temp_failure,
+)
+from syncbit.fetch.limiter import Bandwidth
+from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
+from syncbit.protocol import ChunkMap, Peer
+from syncbit.retry import retrying
+from syncbit.store import ObjectStore
+
+log = logging.getLogger("syncbit.fetch")
+
+
+class PeerResult(Enum):
+    OK = "ok"  # the view is filled and verified
+    BUSY = "busy"  # no upload slot free: not a fault
+    FAILED = "failed"  # not asked again for this chunk
+
+
+def _spread(peers: list[Peer]) -> list[Peer]:
+    """The scheduler's ranked holders with the best few shuffled: its load figures are a
+    heartbeat old, and many nodes asking for a fresh chunk at once must not all pick the
+    same holder (the rest are fallbacks, in rank order)."""
+    head = peers[:3]
+    random.shuffle(head)
+    return head + peers[3:]
+
+
+class Transfers:
+    """Runs the transfer of a flight to a result: what was staged, or where to wait."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        directory: ChunkDirectory,
+        peers: ChunkPeers,
+        table: FlightTable,
+        claims: Claims,
+        bandwidth: Bandwidth,
+        broken: Broken,
+        stats: dict[str, int],
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        self.peers = peers
+        self.table = table
+        self.claims = claims
+        self.bandwidth = bandwidth
+        self.broken = broken
+        self.stats = stats
+
+    async def run(self, flight: Flight) -> list[Staged] | Park:
+        """Retry temporary failures with backoff until the flight's deadline; a permanent
+        failure (the source's `is_temp_failure` says so, or a UserError) is raised at once.
+        Returns what was staged: this flight's chunk and queued chunks right after it that
+        a source read brought along (empty if the chunk was already here)."""
+
+        def retried(exc: Exception, delay: float) -> None:
+            flight.last_error = str(exc)
+            log.warning("chunk %d of %s: %s; retrying", flight.index, flight.entry.path, exc)
+
+        is_temp = functools.partial(is_temp_failure, flight.source)
+        try:
+            return await retrying(
+                functools.partial(self._once, flight),
+                is_temp,
+                deadline=flight.deadline,
+                base=0.05,
+                cap=2.0,
+                on_retry=retried,
+            )
+        except SyncbitError as exc:
+            flight.last_error = str(exc)
+            if not is_temp(exc):
+                log.error("%s: %s", flight.entry.path, exc)
+                raise
+            log.error("chunk %d of %s failed: %s", flight.index, flight.entry.path, exc)
+            raise ReadDeadlineError(f"chunk {flight.index} of {flight.entry.path}: {exc}") from exc
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+        try:
+            return await self.directory.chunk_info(object_id, max_age)
+        except SyncbitError as exc:
+            # No scheduler is no reason to fail a read: the source still has the bytes.
+            log.debug("no chunk info for %s: %s", object_id[:12], exc)
+            return ChunkMap()
+
+    async def _once(self, flight: Flight) -> list[Staged] | Park:
+        obj, index = flight.obj, flight.index
+        if obj.has(index):
+            return []
+        info = await self.chunk_info(obj.id)
+        if info.broken is not None:
+            self.broken.mark(obj.id, info.broken)
+            self.broken.refuse(flight.entry)
+        expected = info.digests.get(index)
+        if expected is not None and info.peers.get(index):
+            if flight.lane is Lane.SOURCE:
+                return Park(peer_lane=True)  # a slow peer must not hold up source reads
+            got = await self._from_peers(flight, info.peers[index], expected)
+            if got is not None:
+                return got
+        if flight.may_source is not None and not flight.may_source():
+            return Park("the node planned to read it")
+        holder = info.fetching.get(index)
+        if holder is not None:
+            return Park(holder)
+        followers = self.claims.followers(flight, info)
+        for f in followers:  # taken now, before any checkpoint: no other worker starts them
+            f.move(State.RUNNING)
+        return await self._from_source(flight, info, followers)
+
+    # -- from peers --------------------------------------------------------------------------
+
+    async def _from_peers(
+        self, flight: Flight, holders: list[Peer], expected: str
+    ) -> list[Staged] | Park | None:
+        """The chunk from the first holder that sends the right bytes; None when every
+        holder failed (then the source), Park when every one that could was busy."""
+        obj, index = flight.obj, flight.index
+        buf = self.store.buffers.take(obj.chunk_size)
+        view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
+        busy = False
+        for peer in _spread(holders):
+            if peer.node in flight.bad_peers:
+                continue
+            got = await self._from_peer(flight, peer, view, expected)
+            if got is PeerResult.OK:
+                self.stats["peer"] += len(view)
+                flight.origin = Origin.PEER
+                give = functools.partial(self.store.buffers.give, buf)
+                self.store.stage(obj, index, view, give, expected)
+                return [Staged(flight, view, expected)]
+            busy = busy or got is PeerResult.BUSY
+        self.store.buffers.give(buf)
+        if busy:
+            # Every holder that could serve it is at its upload limit: wait briefly
+            # (parked, no worker held) while this node's other transfers go on.
+            self.stats["busy"] += 1
+            return Park("holders busy")
+        return None
+
+    async def _from_peer(
+        self, flight: Flight, peer: Peer, view: memoryview, expected: str
+    ) -> PeerResult:
+        began = trio.current_time()
+        try:
+            await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
+        except PeerBusyError:
+            return PeerResult.BUSY
+        except DigestMismatchError as exc:
+            self.stats["verify_failures"] += 1
+            flight.bad_peers.add(peer.node)
+            log.warning("%s", exc)
+            try:
+                await self.directory.report_bad_peer(
+                    peer.node, flight.obj.id, flight.index, str(exc)
+                )
+            except SyncbitError as report_exc:
+                log.warning("could not report bad peer %s: %s", peer.node, report_exc)
+            return PeerResult.FAILED
+        except PeerError as exc:
+            flight.bad_peers.add(peer.node)
+            flight.last_error = str(exc)
+            log.info("chunk %d of %s: %s; trying next", flight.index, flight.entry.path, exc)
+            return PeerResult.FAILED
+        log.debug(
+            "chunk %d of %s from %s in %.2fs",
+            flight.index,
+            flight.entry.path,
+            peer.node,
+            trio.current_time() - began,
+        )
+        return PeerResult.OK
+
+    async def _report(self, peer: str, flight: Flight, reason: str) -> None:
+        try:
+            await self.directory.report_bad_peer(peer, flight.obj.id, flight.index, reason)
+        except SyncbitError as exc:
+            log.warning("could not report bad peer %s: %s", peer, exc)
+
+    def _from_peer_blocking(
+        self, flight: Flight, peer: Peer, view: memoryview, expected: str
+    ) -> None:
+        offset = flight.index * flight.obj.chunk_size
+        prefetch = flight.priority >= Priority.PREFETCH
+        self.peers.get_into(peer.address, flight.obj.id, offset, view, prefetch=prefetch)
+        got = digest(view)
+        if got != expected:
+            raise DigestMismatchError(
+                f"peer {peer.node} ({peer.address}) sent bad bytes for chunk {flight.index} "
+                f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
+            )
+
+    # -- from the source -----------------------------------------------------------------------
+
+    async def _from_source(
+        self, flight: Flight, info: ChunkMap, followers: list[Flight]
+    ) -> list[Staged] | Park:
+        obj = flight.obj
+        try:
+            claimed = await self.claims.claim(flight, followers, info)
+        except BaseException:
+            self.claims.unclaim(followers)
+            raise
+        if isinstance(claimed, Park):
+            return claimed
+        for f in claimed:
+            f.deadline = flight.deadline
+        batch = [flight, *claimed]
+        span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
+        if flight.priority >= Priority.PREFETCH:
+            await self.bandwidth.take(span)
+        buf = self.store.buffers.take(span)
+        try:
+            digests, head_ok = await read_checked(
+                flight.source,
+                flight.entry,
+                flight.index,
+                obj.chunk_size,
+                memoryview(buf)[:span],
+                len(batch),
+            )
+        except BaseException as exc:
+            self.store.buffers.give(buf)
+            if isinstance(exc, SyncbitError) and not is_temp_failure(flight.source, exc):
+                # The same refusal awaits the chunks after it: they fail with it now rather
+                # than each asking the source again.
+                for f in claimed:
+                    f.error = exc
+                    self.table.keep_failure(f)
+            else:
+                self.claims.unclaim(claimed)
+            with trio.CancelScope(shield=True):
+                await self.claims.release(obj.id, [f.index for f in batch])
+            raise
+        disagree = check_source(batch, info, digests, head_ok)
+        if disagree is not None:
+            self.store.buffers.give(buf)
+            await self._refuse(batch, disagree)
+            raise disagree.error
+        return self._stage_batch(batch, buf, span, digests)
+
+    def _stage_batch(
+        self, batch: list[Flight], buf: mmap.mmap, span: int, digests: list[str]
+    ) -> list[Staged]:
+        """Stage each chunk of a source read from its slice of the one buffer, given back
+        once the last of them leaves RAM."""
+        flight, obj = batch[0], batch[0].obj
+        self.stats["source"] += span
+        log.debug(
+            "chunks %d-%d of %s read from the source (%d bytes)",
+            flight.index,
+            batch[-1].index,
+            flight.entry.path,
+            span,
+        )
+        pending = [len(batch)]
+
+        def release() -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                self.store.buffers.give(buf)
+
+        staged = []
+        for i, f in enumerate(batch):
+            start = i * obj.chunk_size
+            view = memoryview(buf)[start : start + chunk_length(obj.size, obj.chunk_size, f.index)]
+            f.origin = Origin.SOURCE
+            self.store.stage(obj, f.index, view, release, digests[i])
+            staged.append(Staged(f, view, digests[i]))
+        return staged
+
+    async def _refuse(self, batch: list[Flight], disagree: Disagreement) -> None:
+        """A source read that disagreed: every chunk it brought fails (the source may have
+        changed under all of them), its claims end, and the scheduler hears what was read."""
+        obj = batch[0].obj
+        self.stats["verify_failures"] += 1
+        for f in batch[1:]:  # the first is failed by its worker with the same error
+            f.error = disagree.error
+            self.table.keep_failure(f)
+        with trio.CancelScope(shield=True):
+            await self.claims.release(obj.id, [f.index for f in batch])
+            try:
+                await self.directory.report_check(
+                    obj.id, disagree.index, disagree.digest, "" if disagree.digest else disagree.why
+                )
+            except SyncbitError as exc:
+                log.warning("could not tell the scheduler about %s: %s", batch[0].entry.path, exc)

@@ -1,0 +1,293 @@
+"""Coordination: one source read per chunk across the cluster (claims, parking, the
+prefetch plan and its lanes, takeover of unread chunks, busy holders) (no network)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+from fakes import Directory, MemSource, Peers
+from fetchfixtures import (
+    CS,
+    DATA,
+    ENTRY,
+    chunk_of,
+    deliver,
+    prefetch_evens,
+    started,
+)
+
+from syncbit.chunks import digest
+from syncbit.errors import ReadDeadlineError
+from syncbit.fetch import Fetcher, Jobs, Priority, RoundRobin
+from syncbit.manifest import Manifest
+from syncbit.protocol import ChunkMap, Peer
+from syncbit.store import ObjectStore
+
+
+async def test_chunk_another_node_is_reading_is_waited_for_and_taken_from_it(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    directory.info = ChunkMap(fetching={0: "n2"})
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0, park_poll=0.01)
+    await started(fetcher, nursery)
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(bytes(await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100)))
+
+    nursery.start_soon(read)
+    await trio.sleep(0.2)
+    assert got == [] and source.reads == 0  # waiting for n2, not reading the source
+    assert fetcher.stats["parked"] >= 1
+    deliver(directory, 0)
+    with trio.fail_after(5):
+        while not got:
+            await trio.sleep(0.01)
+    assert got == [DATA[:100]]
+    assert source.reads == 0 and peers.calls == ["good"]
+
+
+async def test_lapsed_claim_lets_this_node_read_the_source(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(data=DATA), Directory()
+    directory.info = ChunkMap(fetching={0: "n2"})
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01)
+    await started(fetcher, nursery)
+
+    async def n2_gives_up() -> None:
+        await trio.sleep(0.2)
+        directory.info.fetching.clear()  # n2 went down or released its claim
+
+    nursery.start_soon(n2_gives_up)
+    assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100) == DATA[:100]
+    assert source.reads == 1
+    assert directory.claims[-1][0] == 0
+
+
+async def test_waiting_reader_fails_at_its_deadline_naming_the_node(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(data=DATA), Directory()
+    directory.info = ChunkMap(fetching={0: "n2"})
+    fetcher = Fetcher(
+        store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01, read_deadline=0.3
+    )
+    await started(fetcher, nursery)
+    # The reader's deadline and the parked flight's are the same moment: either says so.
+    with pytest.raises(ReadDeadlineError, match=r"timed out|n2 was reading it"):
+        await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100)
+    # The parked flight itself fails too, with the cause, and keeps that failure for a
+    # moment: a read that comes meanwhile meets it at once.
+    with trio.fail_after(5):
+        while True:
+            with pytest.raises(ReadDeadlineError) as failed:
+                await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100)
+            if "n2 was reading it from the source" in str(failed.value):
+                break
+    assert source.reads == 0
+
+
+async def test_prefetch_plan_reads_own_chunks_and_takes_the_rest_from_peers(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
+    await started(fetcher, nursery)
+    mine = {0, 2, 4}
+    directory.info.fetching.update({1: "n2", 3: "n2", 5: "n2"})  # the other member's reads
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i in mine)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    await trio.sleep(0.3)
+    assert not done.is_set()
+    assert source.bytes == 3 * CS  # only the chunks planned for this node
+    deliver(directory, 1, 3, 5)  # the other member read them
+    with trio.fail_after(5):
+        await done.wait()
+    assert sorted(peers.calls) == ["good"] * 3
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+async def test_node_done_with_its_share_takes_over_unread_chunks_from_the_end(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The other member has not got to chunks 3 and 5 yet (nobody holds or reads them):
+    once this node's own share is in, it reads them itself, the last one first (owners
+    read from the front), one at a time, each under a claim."""
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
+    fetcher.plans.add(RoundRobin("me", ["me", "other"]))  # two nodes share the source
+    await started(fetcher, nursery)
+    deliver(directory, 1)  # the other member's first chunk is in
+    with trio.fail_after(5):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
+    assert source.bytes == len(DATA) - CS  # its own three, then 5 and 3; chunk 1 from the peer
+    assert directory.claims[3:] == [[5], [3]]
+    assert peers.calls == ["good"]
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+async def test_planned_owner_gone_means_this_node_reads_it(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(data=DATA), Directory()
+    fetcher = Fetcher(store, directory, Peers(DATA), park_poll=0.01)
+    await started(fetcher, nursery)
+    members = ["me", "other"]
+
+    def may_source(i: int) -> bool:
+        return members[i % len(members)] == "me"
+
+    async def other_goes_down() -> None:
+        await trio.sleep(0.2)
+        members.remove("other")  # the plan no longer has it
+
+    nursery.start_soon(other_goes_down)
+    with trio.fail_after(5):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, may_source)
+    assert source.bytes == len(DATA)
+
+
+async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The node's share of the origin's bytes is the cluster's bottleneck: peer transfers
+    that hang must not hold it back (they run in a lane of their own)."""
+    gate = threading.Event()
+
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    peers.gate = gate
+    fetcher = Fetcher(
+        store, directory, peers, park_poll=0.01, source_batch=CS, prefetch_concurrency=2
+    )
+    await started(fetcher, nursery)
+    deliver(directory, 1, 3, 5)  # the other member already holds its share
+    done = prefetch_evens(fetcher, source, nursery)
+    try:
+        with trio.fail_after(5):
+            while source.bytes < 3 * CS:  # chunks 0, 2, 4 from the source
+                await trio.sleep(0.01)
+        assert not done.is_set()  # the peer transfers are still hanging
+    finally:
+        gate.set()
+    with trio.fail_after(5):
+        await done.wait()
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The other node's chunks do not queue behind this node's source read (one at a
+    time with 2 sharers): they wait parked and go to the peer lane as soon as a holder
+    has them, while the node's own read from the origin still runs."""
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    source.gate = threading.Event()  # this node's own source read hangs until set
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
+    fetcher.plans.add(RoundRobin("me", ["me", "other"]))  # two nodes share the source
+    await started(fetcher, nursery)
+    deliver(directory, 1, 3)  # the other member's first chunks are in
+    done = prefetch_evens(fetcher, source, nursery)
+    try:
+        with trio.fail_after(5):
+            while len(peers.calls) < 2:
+                await trio.sleep(0.01)
+        assert source.reads == 0  # chunk 0's source read is still hanging
+        assert fetcher.stats["parked"] >= 1  # chunk 5 waits for its holder, parked
+    finally:
+        source.gate.set()
+    deliver(directory, 5)
+    with trio.fail_after(5):
+        await done.wait()
+    assert sorted(peers.calls) == ["good"] * 3 and source.bytes == 3 * CS
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("sharers", "at_once"), [(1, 3), (2, 2), (8, 1)])
+async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
+    store: ObjectStore, nursery: trio.Nursery, sharers: int, at_once: int
+) -> None:
+    """About prefetch_concurrency/2 source reads across the plan's nodes, at least one per
+    node: with many nodes each reads its share one chunk at a time, so every chunk is
+    complete (and can be forwarded) as soon as possible."""
+    source = MemSource(data=DATA)
+    gate = source.gate = threading.Event()
+    fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6)
+    fetcher.plans.add(RoundRobin("me", [f"n{i}" for i in range(sharers)]))
+    await started(fetcher, nursery)
+    nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
+    with trio.fail_after(5):
+        while source.active < at_once:
+            await trio.sleep(0.01)
+    await trio.sleep(0.2)  # room for more to start, if the limit let them
+    assert source.peak == at_once
+    gate.set()
+    handle = fetcher.open(ENTRY, CS, source)
+    with trio.fail_after(5):
+        assert await fetcher.read(handle, 0, len(DATA)) == DATA
+
+
+async def test_prefetch_jobs_tell_the_fetcher_how_many_nodes_share_the_source(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource(data=DATA)
+    gate = source.gate = threading.Event()
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
+    await started(fetcher, nursery)
+
+    async def flush() -> None:
+        await store.flush()
+
+    jobs = Jobs("me", fetcher, lambda m: source, lambda m: False, flush)
+    jobs.bind(nursery)
+    manifest = Manifest(dataset="d", source="mem://", revision="r1", chunk_size=CS, files=[ENTRY])
+    assert fetcher.plans.sharers() == 1
+    job = jobs.start(manifest, "prefetch", ["a", "me", "z"])
+    assert fetcher.plans.sharers() == 3
+    jobs.start(manifest, "prefetch", ["a", "me"])  # the plan lost a member
+    assert fetcher.plans.sharers() == 2
+    jobs.start(manifest, "prefetch", ["me"])  # alone: it reads everything itself
+    gate.set()
+    with trio.fail_after(5):
+        await job.finished.wait()
+    assert fetcher.plans.sharers() == 1  # nothing running: a read has the whole budget
+
+
+async def test_busy_holders_are_waited_for_not_blamed(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A holder at its upload limit turns a prefetch transfer away: the fetcher asks the
+    other holders, and when all are busy it waits and asks again (a busy peer is not a
+    bad one). A reader's transfer is never turned away."""
+    directory, peers = Directory(), Peers(DATA)
+    peers.busy = {"a", "b"}
+    for i in range(len(DATA) // CS + 1):
+        directory.info.digests[i] = digest(chunk_of(DATA, i))
+        directory.info.peers[i] = [Peer("na", "a"), Peer("nb", "b")]
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, readahead_chunks=0)
+    await started(fetcher, nursery)
+    # A reader is served by a busy holder at once.
+    with trio.fail_after(5):
+        assert await fetcher.read(fetcher.open(ENTRY, CS, MemSource(data=DATA)), 0, 10) == DATA[:10]
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, MemSource(data=DATA), Priority.PREFETCH)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    await trio.sleep(0.3)
+    assert not done.is_set() and fetcher.stats["busy"] > 0  # both holders busy: waiting
+    peers.busy.discard("b")  # one holder frees a slot
+    with trio.fail_after(5):
+        await done.wait()
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
+    assert fetcher.stats["source"] == 0  # nothing from the source: busy is not gone

@@ -1,0 +1,154 @@
+"""What the fetch layer verifies of the source: chunks against the record, the head
+sample, a published whole-file SHA-256, broken revisions (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from fakes import Directory, MemSource, Peers
+from fetchfixtures import (
+    CS,
+    DATA,
+    ENTRY,
+    HEAD_ENTRY,
+    chunk_of,
+    started,
+)
+
+from syncbit.chunks import HEAD_SAMPLE, digest
+from syncbit.errors import SourceChangedError
+from syncbit.fetch import Fetcher, Priority
+from syncbit.protocol import ChunkMap
+from syncbit.store import ObjectStore
+
+
+async def test_source_bytes_that_differ_from_the_record_are_never_served_nor_stored(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """The source now sends other bytes for chunk 2 than the ones recorded: the read fails,
+    the batch's other chunks fail with it, nothing is stored, the scheduler is told."""
+    source, directory = MemSource(data=DATA), Directory()
+    source.data = DATA[: 2 * CS] + bytes(CS) + DATA[3 * CS :]
+    directory.info = ChunkMap(digests={2: digest(chunk_of(DATA, 2))})
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=4)
+    await started(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    assert await fetcher.read(handle, 0, CS) == DATA[:CS]  # chunk 0: nothing recorded yet
+    with pytest.raises(SourceChangedError, match="differ from the recorded digest"):
+        await fetcher.read(handle, 2 * CS, 10)
+    obj = store.get(ENTRY.object)
+    assert obj is not None and not obj.has(2)
+    assert directory.checks[-1] == (2, digest(bytes(CS)), "")
+    assert any(2 in r for r in directory.released)  # its claim (and right) ends
+    await store.flush()
+    assert 2 not in obj.durable and 2 not in obj.digests
+    assert fetcher.stats["verify_failures"] == 1
+
+
+async def test_a_batch_with_one_bad_chunk_keeps_none(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(data=DATA), Directory()
+    source.data = bytes(len(DATA))  # every chunk changed; only chunk 3 has a record
+    directory.info = ChunkMap(digests={3: digest(chunk_of(DATA, 3))})
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)
+    await started(fetcher, nursery)
+    obj = store.object(ENTRY.object, ENTRY.size, CS)
+    with pytest.raises(SourceChangedError):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    assert source.reads == 1  # one batch brought all six chunks...
+    assert not any(obj.has(i) for i in range(obj.chunks))  # ...and none was kept
+    assert [c[0] for c in directory.checks] == [3]
+
+
+async def test_a_changed_head_fails_every_source_read_of_the_file(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """An HTTP origin changed the file but kept its ETag: the head sample recorded at
+    `dataset add` tells, on the first source read after the change."""
+    source, directory = MemSource(data=DATA), Directory()
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)
+    await started(fetcher, nursery)
+    handle = fetcher.open(HEAD_ENTRY, CS, source)
+    assert await fetcher.read(handle, 0, CS) == DATA[:CS]
+    assert source.reads == 1  # the batch holds the head: no second request
+    assert await fetcher.read(handle, CS, 10) == DATA[CS : CS + 10]
+    assert source.reads == 3  # a batch elsewhere costs one small head request
+    source.data = b"\xff" + DATA[1:]
+    with pytest.raises(SourceChangedError, match="differ from those recorded at `dataset add`"):
+        await fetcher.read(handle, 4 * CS, 10)
+    assert not store.get(ENTRY.object).has(4)  # type: ignore[union-attr]
+    ((index, digest_, changed),) = directory.checks
+    assert (index, digest_) == (4, None) and "first 65536 bytes of f.bin" in changed
+    assert await fetcher.read(handle, 0, 10) == DATA[:10]  # cached before the change: kept
+
+
+async def test_broken_files_are_refused_cached_or_not(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(data=DATA), Directory()
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)
+    await started(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    assert await fetcher.read(handle, 0, 10) == DATA[:10]
+    assert fetcher.mark_broken(ENTRY.object, "source changed: head differs")
+    with pytest.raises(SourceChangedError, match=r"revision is broken \(source changed"):
+        await fetcher.read(handle, 0, 10)  # cached, and still refused
+    with pytest.raises(SourceChangedError, match="syncbit dataset add"):
+        fetcher.open(ENTRY, CS, source)
+    with pytest.raises(SourceChangedError):
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    # A node that has not heard yet learns it from the chunk map on its next miss.
+    other = ENTRY.model_copy(update={"object": "ee" * 32})
+    directory.info = ChunkMap(broken="source changed: elsewhere")
+    with pytest.raises(SourceChangedError, match="elsewhere"):
+        await fetcher.read(fetcher.open(other, CS, source), 0, 10)
+    assert fetcher.is_broken(other.object)
+    assert not fetcher.mark_broken(other.object, "source changed: elsewhere")
+    assert source.reads == 1
+
+
+async def test_recheck_reads_the_source_and_stores_nothing(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource(data=DATA)
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
+    assert await fetcher.recheck(HEAD_ENTRY, CS, source, 2) == digest(chunk_of(DATA, 2))
+    assert await fetcher.recheck(HEAD_ENTRY, CS, source, 5) == digest(DATA[5 * CS :])
+    assert store.get(ENTRY.object) is None
+    source.data = bytes(HEAD_SAMPLE) + DATA[HEAD_SAMPLE:]
+    with pytest.raises(SourceChangedError, match="first 65536 bytes"):
+        await fetcher.recheck(HEAD_ENTRY, CS, source, 2)
+
+
+async def test_ensure_brings_whole_file_and_checks_published_sha256(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    import hashlib
+
+    source = MemSource(data=DATA)
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
+    await started(fetcher, nursery)
+    entry = ENTRY.model_copy(update={"version": {"sha256": hashlib.sha256(DATA).hexdigest()}})
+    await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    obj = store.get(ENTRY.object)
+    assert obj is not None and obj.complete and len(obj.written) == obj.chunks
+    assert store.read(obj, 0, len(DATA)) == DATA
+    assert fetcher.stats["verify_failures"] == 0
+
+
+async def test_whole_file_sha256_mismatch_discards_content(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source = MemSource(data=DATA)
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
+    await started(fetcher, nursery)
+    entry = ENTRY.model_copy(update={"version": {"sha256": "0" * 64}})
+    with pytest.raises(SourceChangedError, match="failed verification"):
+        await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    obj = store.get(ENTRY.object)
+    assert obj is not None and not obj.written and not obj.durable
+    assert fetcher.stats["verify_failures"] == 1
+    await store.flush()
+    removed = store.changes.take().removed
+    assert removed and removed[0][0] is obj  # told to the scheduler
