@@ -47,6 +47,7 @@ from syncbit.jobs import Jobs
 from syncbit.kube import NodeSync
 from syncbit.manifest import Manifest, validate_dataset_name
 from syncbit.metrics import Snapshot, counter, fetch_latency, gauge, render
+from syncbit.node.http import LocalApi
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
@@ -178,6 +179,7 @@ class Daemon:
         self.store = ObjectStore.open(config.cache_dir, config.cache_size)
         self.embedded: SchedulerServer | None = None
         self.peer_server: PeerServer | None = None
+        self.api = LocalApi()
         self.credentials = NodeCredentials(
             config.node, self.token, config.cache_dir / "credential.json"
         )
@@ -235,6 +237,7 @@ class Daemon:
             tls_context=self.server_tls,
             plain_data=not cfg.peer_data_tls,
         )
+        self.peer_server.add_routes(self.api)
         if self.credentials.verifier is not None:
             self.peer_server.set_verifier(self.credentials.verifier)
         self.peer_server.start()
@@ -282,13 +285,12 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     token = trio.lowlevel.current_trio_token()
-                    assert self.peer_server is not None
-                    self.peer_server.set_control(
+                    self.api.set_control(
                         lambda m, path, body: trio.from_thread.run(
                             self._control, m, path, body, trio_token=token
                         )
                     )
-                    self.peer_server.set_probes(
+                    self.api.set_probes(
                         lambda: trio.from_thread.run_sync(self._readiness, trio_token=token),
                         lambda: trio.from_thread.run_sync(render, self.registry, trio_token=token),
                     )
