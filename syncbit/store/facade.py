@@ -44,6 +44,7 @@ class ObjectStore:
         self.buffers = BufferPool()  # chunk buffers for the fetch layer
         self._table = ObjectTable(self._staging)
         self.changes = ChangeFeed()  # durable and removed chunks, for the reporter
+        self.presence = self._table.presence  # objects whose chunks changed, for status
         self._changed = Signal()
         self.disk = DiskWatch(cache.root)
         self._committer = Committer(self._table, index, self.changes, self.disk, self._changed)
