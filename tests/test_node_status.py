@@ -118,7 +118,8 @@ def test_status_matches_a_scan_of_every_file(tmp_path: Path) -> None:
             for step in range(200):
                 n = rng.randint(1, 6)
                 action = rng.choices(
-                    ["fill", "part", "discard", "verify", "break", "swap"], [6, 3, 3, 3, 1, 1]
+                    ["fill", "part", "discard", "verify", "break", "swap", "pin"],
+                    [6, 3, 3, 3, 1, 1, 2],
                 )[0]
                 if action == "fill":
                     await fill(store, n, _size(n), CS)
@@ -134,6 +135,12 @@ def test_status_matches_a_scan_of_every_file(tmp_path: Path) -> None:
                 elif action == "swap":
                     manifests = {**manifests, "b": _manifest("b", sorted({n, 6}))}
                     status.set_datasets(manifests)
+                elif action == "pin":  # any objects: listed or not (an older plan's)
+                    sizes = {oid(k): _size(k) for k in rng.sample(range(1, 8), 3)}
+                    store.set_pins(sizes, sizes)
+                    status.set_pins(sizes)
+                usage = store.usage()  # the store's own count of the pinned objects
+                assert status.pinned() == (usage["pinned"], usage["pinned_size"])
                 for name, manifest in manifests.items():
                     ready, held = _scan(store, marks, manifest)
                     assert status.ready(name) is ready, (step, action, name)
@@ -160,7 +167,9 @@ def test_a_question_looks_only_at_objects_that_changed(tmp_path: Path) -> None:
             assert counting.looked_up == 201  # each object once, when the version arrives
             assert not status.ready("big") and status.attrs("big")["user.syncbit.ready"] == "0"
             before = counting.looked_up
+            status.set_pins({oid(n): _size(n) for n in range(1, 101)})  # listed: no lookups
             for _ in range(10):  # scrapes, heartbeats, xattrs, progress: nothing changed
+                status.pinned()
                 status.datasets()
                 status.ready_datasets()
                 status.attrs("big")
@@ -170,6 +179,7 @@ def test_a_question_looks_only_at_objects_that_changed(tmp_path: Path) -> None:
                 _size(n) for n in range(1, 202)
             )
             assert counting.looked_up == before + 1
+            assert status.pinned() == (sum(_size(n) for n in range(1, 101)),) * 2
         finally:
             store.close()
 

@@ -56,7 +56,7 @@ class NodeMetrics:
         return render(self.registry)
 
     def _collect(self) -> Iterator[Metric]:
-        f, usage = self._fetcher, self._store.usage()
+        f, usage = self._fetcher, self._store.usage(self._status.pinned())
         yield counter(
             "syncbit_read_bytes",
             "Bytes served to readers through the mount, by where their chunk came from.",

@@ -118,7 +118,7 @@ class Reporter:
 
     async def _heartbeat(self, nursery: trio.Nursery) -> bool:
         """One heartbeat and what its answer asks; whether the scheduler answered."""
-        usage = self._store.usage()
+        usage = self._store.usage(self._status.pinned())
         try:
             record = await self._client.heartbeat(
                 self.node,

@@ -72,11 +72,17 @@ class Status:
         self._mounted = mounted
         self._datasets: dict[str, _Dataset] = {}
         self._by_object: dict[str, set[str]] = {}  # object -> datasets holding it
-        self._held: dict[str, int] = {}  # object -> written bytes counted in `present`
+        # Object -> its written bytes as counted in `present` and `pinned`: every object
+        # of a dataset listed or pinned, and only those.
+        self._held: dict[str, int] = {}
         # Complete objects waiting for their whole-file check: the fetch layer says when
         # one passes only by a wake-up, so these few are looked at on every refresh.
         self._awaiting: set[str] = set()
         self._dirty: set[str] = set()  # objects to look at again (a broken mark)
+        # The pinned objects (`set_pins`): their sizes, and the bytes of them held here.
+        self._pin_sizes: dict[str, int] = {}
+        self._pin_size = 0
+        self._pinned_held = 0
         self._assigned: frozenset[str] = frozenset()
         self._heartbeat_ok = -math.inf
 
@@ -93,6 +99,19 @@ class Status:
 
     def set_assigned(self, names: Iterable[str]) -> None:
         self._assigned = frozenset(names)
+
+    def set_pins(self, sizes: Mapping[str, int]) -> None:
+        """The objects pinned in the store now (object -> size). O(pinned objects)."""
+        self._refresh()
+        for oid in self._pin_sizes.keys() - sizes.keys():
+            if oid not in self._by_object:
+                del self._held[oid]
+        self._pin_sizes = dict(sizes)
+        for oid in self._pin_sizes:
+            if oid not in self._held:
+                self._held[oid] = _written(self._store.get(oid))
+        self._pinned_held = sum(self._held[oid] for oid in self._pin_sizes)
+        self._pin_size = sum(self._pin_sizes.values())
 
     def object_changed(self, object_id: str) -> None:
         """Look at the object again at the next question (a mark of the fetch layer)."""
@@ -118,6 +137,12 @@ class Status:
     def size(self, name: str) -> int:
         dataset = self._datasets.get(name)
         return dataset.size if dataset is not None else 0
+
+    def pinned(self) -> tuple[int, int]:
+        """(bytes held of the pinned objects, bytes they need when whole): what
+        `ObjectStore.usage` takes so that it counts nothing itself."""
+        self._refresh()
+        return self._pinned_held, self._pin_size
 
     def ready_datasets(self) -> dict[str, str]:
         """Dataset -> revision for every dataset version ready here (for the scheduler)."""
@@ -175,8 +200,9 @@ class Status:
             names.discard(name)
             if not names:
                 del self._by_object[oid]
-                self._held.pop(oid, None)
                 self._awaiting.discard(oid)
+                if oid not in self._pin_sizes:
+                    del self._held[oid]
 
     def _refresh(self) -> None:
         """Bring the cache up to date with what changed since the last question."""
@@ -184,14 +210,15 @@ class Status:
         changed |= self._dirty | self._awaiting
         self._dirty = set()
         for oid in changed:
-            names = self._by_object.get(oid)
-            if not names:
-                continue
+            if oid not in self._held:
+                continue  # neither in a dataset listed nor pinned
             obj = self._store.get(oid)
             held = _written(obj)
             delta, self._held[oid] = held - self._held[oid], held
+            if oid in self._pin_sizes:
+                self._pinned_held += delta
             self._awaiting.discard(oid)
-            for name in names:
+            for name in self._by_object.get(oid, ()):
                 dataset = self._datasets[name]
                 dataset.present += delta
                 self._judge(oid, obj, dataset)

@@ -235,7 +235,8 @@ class Sync:
             if manifest is not None and manifest.revision == entry["revision"]:
                 sizes.update({f.object: f.size for f in manifest.files if f.size})
         self._store.set_pins(sizes, sizes)
-        usage = self._store.usage()
+        self._status.set_pins(sizes)
+        usage = self._store.usage(self._status.pinned())
         if usage["pinned_over_budget"] and not self._over_budget_told:
             log.warning(
                 "assigned datasets need %d bytes, more than the cache budget of %d: they "
