@@ -218,9 +218,10 @@ class Node:
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     await self._start_loops(nursery)
             finally:
-                self.session.close(unmount=True)
-                log.info("unmounted %s", cfg.mount)
                 with trio.CancelScope(shield=True):
+                    # fusermount -u may take seconds: not on the trio thread.
+                    await trio.to_thread.run_sync(self.session.close)
+                    log.info("unmounted %s", cfg.mount)
                     kept = await self.store.keep_staged()
                     if kept:
                         log.info("kept %d verified chunks that were still in RAM", kept)
