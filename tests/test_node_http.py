@@ -51,8 +51,25 @@ def test_a_failing_probe_answers_500_with_an_error_doc(port: int, path: str) -> 
         assert read_answer(sock).status == 200
 
 
-def test_control_is_503_until_the_node_serves_it(port: int) -> None:
-    with connect(port) as sock:
-        sock.sendall(request_bytes("GET", "/v1/local/datasets"))
-        answer = read_answer(sock)
-    assert answer.status == 503 and answer.json()["error"] == "daemon starting"
+def test_a_starting_node_is_alive_but_neither_ready_nor_serving(tmp_path: Path) -> None:
+    store = ObjectStore.open(tmp_path / "cache", 1 << 20)
+    server = PeerServer(store, "127.0.0.1:0")
+    server.add_routes(LocalApi())  # what the node does before its loops run
+    server.start()
+    port = int(server.address.rpartition(":")[2])
+    try:
+        with connect(port) as sock:
+            for path, status in [
+                ("/healthz", 200),
+                ("/readyz", 503),
+                ("/v1/local/datasets", 503),
+                ("/metrics", 404),
+            ]:
+                sock.sendall(request_bytes("GET", path))
+                answer = read_answer(sock)
+                assert answer.status == status, path
+                if status == 503:
+                    assert b"daemon starting" in answer.body
+    finally:
+        server.stop()
+        store.close()

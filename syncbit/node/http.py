@@ -45,11 +45,12 @@ _INTERNAL = "internal daemon error; see the daemon log"
 
 class LocalApi:
     """The routes of the node's local API (a `peer.Route`). Until `set_control`, control
-    requests are answered 503 "daemon starting" (`syncbit wait` then tries again)."""
+    requests are answered 503 "daemon starting" (`syncbit wait` then tries again); until
+    `set_probes`, `/readyz` says the same and `/metrics` is not there."""
 
     def __init__(self) -> None:
         self.control: Control | None = None
-        self.readiness: Readiness = lambda: (True, "ok")
+        self.readiness: Readiness = lambda: (False, "daemon starting")
         self.metrics: Metrics | None = None
 
     def set_control(self, control: Control) -> None:
