@@ -1,11 +1,6 @@
-"""The node daemon's composition root: builds every component from a `DaemonConfig` (in
-`Node.__init__`, before the trio loop runs) and runs them in one nursery; shutdown is
-cancelling it (SIGTERM/SIGINT), then unmount and flush. Holds no logic beyond wiring.
-
-Contexts: the trio thread runs FUSE requests, the fetch layer, the store's bookkeeping and
-every loop here; worker threads (`trio.to_thread`) do blocking file and source I/O; the
-port's connection threads serve chunks and hand local API requests to the trio thread
-(`trio.from_thread`); an embedded scheduler runs in threads of its own.
+"""The node daemon's composition root: builds every component from a `DaemonConfig` before
+the trio loop runs and runs them in one nursery; shutdown is cancelling it, then unmount
+and flush. Holds no logic beyond wiring.
 """
 
 from __future__ import annotations
@@ -50,7 +45,13 @@ log = logging.getLogger("syncbit.daemon")
 
 
 class Node:
-    """Every component of one node, wired from a `DaemonConfig`; `run` runs them."""
+    """Every component of one node, wired from a `DaemonConfig`; `run` runs them.
+
+    Contexts: the trio thread runs FUSE requests, the fetch layer, the store's bookkeeping
+    and every loop here; worker threads (`trio.to_thread`) do blocking file, mount and
+    source I/O; the port's connection threads serve chunks and hand local API requests to
+    the trio thread (`trio.from_thread`); an embedded scheduler runs in threads of its own.
+    """
 
     # One straight list of components, each built from those before it: longer than a
     # function should be, on purpose, so the whole wiring reads in one place.

@@ -1,7 +1,6 @@
-"""What the node's local control requests do (`/v1/local/...`, behind `node.http`):
-pull and cancel, a dataset's progress (with the long poll of `syncbit wait`), and the
-cache: list, evict, gc, verify. Errors are raised from `syncbit.errors`, and the HTTP side
-answers them by the one status table. Trio thread; never blocks it.
+"""What node-local control requests do: pull and cancel, a dataset's progress (and the long
+poll of `syncbit wait`), cache ls/evict/gc/verify. Raises errors of `syncbit.errors` for
+the HTTP side to answer by the one table; never blocks the trio thread it runs on.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""The node's local API on its port, beside chunk data: probes (`/healthz`, `/readyz`),
-`/metrics`, and node-local control (`/v1/local/...`: pull, progress, cache), handed to the
-node's callbacks. Never lets an error drop the connection: it answers by the one error
-table, and anything unexpected with a 500 and an error document.
-
-Who may ask what: probes and metrics are open; from loopback any control request, from
-elsewhere only reading a dataset's progress (what `syncbit wait` in a pod's initContainer
-asks). With a token_file: reading progress and the cache listing a reader credential or
-better; anything that changes the node (pull, evict, gc, verify) admin. With TLS, plain
-HTTP only from loopback. A control body is judged by its Content-Length, after the caller
-is known to be allowed, and refused (413) unread over `_CONTROL_BODY`; a JSON body nests at
-most a few levels. Runs in the port's connection threads.
+"""The node's local API on its port, beside chunk data: probes, `/metrics` and node-local
+control (`/v1/local/...`), handed to the node's callbacks. Never lets an error drop the
+connection: the one error table answers it, anything unexpected a 500 and an error doc.
 """
 
 from __future__ import annotations
@@ -44,9 +35,18 @@ _INTERNAL = "internal daemon error; see the daemon log"
 
 
 class LocalApi:
-    """The routes of the node's local API (a `peer.Route`). Until `set_control`, control
-    requests are answered 503 "daemon starting" (`syncbit wait` then tries again); until
-    `set_probes`, `/readyz` says the same and `/metrics` is not there."""
+    """The routes of the node's local API (a `peer.Route`), in the port's threads.
+
+    Until `set_control`, control requests are answered 503 "daemon starting" (`syncbit
+    wait` then tries again); until `set_probes`, `/readyz` says the same and `/metrics` is
+    not there. Probes and metrics are open; from loopback any control request, from
+    elsewhere only reading a dataset's progress (what `syncbit wait` in a pod's
+    initContainer asks). With a token_file: reading progress and the cache listing take a
+    reader credential or better, anything that changes the node (pull, evict, gc, verify)
+    admin. With TLS, plain HTTP only from loopback. A control body is judged by its
+    Content-Length once the caller is known to be allowed, refused (413) unread over
+    `_CONTROL_BODY`, and nests at most a few levels.
+    """
 
     def __init__(self) -> None:
         self.control: Control | None = None

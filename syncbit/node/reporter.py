@@ -1,7 +1,6 @@
-"""What the node tells the scheduler and does at its word: heartbeats (address, load,
-cache, ready datasets; the answer carries the plan, re-checks and discards), chunk reports
-(durable and removed chunks, with digests), and the node's credentials. Backs off while
-the scheduler does not answer; never blocks the trio loop and never touches chunk bytes.
+"""What the node tells the scheduler and does at its word: heartbeats (whose answers carry
+the plan, re-checks, discards), chunk reports, credentials; backs off while it does not
+answer. Never blocks the trio loop, never touches chunk bytes.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""What the node tells about its datasets: ready or not, bytes held, the xattrs of a
-dataset's directory, and `/readyz`. Kept up to date from the store's presence changes and
-the fetch layer's marks, so a scrape or a heartbeat costs O(changed objects), never a scan
-of every file; never changes a dataset, a plan or a chunk. Trio thread only.
-
-A dataset version is *ready* when every non-empty object of it is whole and durable here,
-not broken, and whole-file verified where its source published a SHA-256.
+"""What the node tells about its datasets (ready, bytes held, xattrs, pinned bytes) and
+`/readyz`, kept up to date from store and fetch events: a question costs O(changed
+objects), never a scan of every file. Never changes a dataset, plan or chunk; trio thread.
 """
 
 from __future__ import annotations
@@ -50,7 +46,9 @@ class _Dataset:
 
 
 class Status:
-    """Ready datasets and held bytes, cached; see the module docstring.
+    """Ready datasets and held bytes, cached. A dataset version is *ready* when every
+    non-empty object of it is whole and durable here, not broken, and whole-file verified
+    where its source published a SHA-256.
 
     Args:
         store: tells which objects changed (`store.presence`).

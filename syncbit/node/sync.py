@@ -1,10 +1,6 @@
-"""Keeping the node's datasets and plan in step with the scheduler: the dataset versions it
-lists (and shows on the mount), the datasets assigned to it (prefetched and pinned), and
-both kept on disk for a restart without the scheduler. Never reads or writes chunk data;
-blocking file writes go to worker threads. Trio thread.
-
-Owns `manifests` (dataset -> the version listed) and `plan` (assigned dataset -> its
-plan entry); status, jobs and the mount follow them through the calls made here.
+"""The node's datasets (`manifests`, shown on the mount) and plan (assigned, prefetched and
+pinned), in step with the scheduler and kept on disk for a restart without it. Never
+reads or writes chunk data; blocking file writes go to worker threads. Trio thread.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""The HTTP plumbing every route on a node's port shares: answers (plain, JSON, the one
-error table), request bodies read within a limit, TLS and credential checks, and the
-dispatch of each request to the first route that takes it. Knows no route itself.
-
-Who may ask what is decided by each route (`authorized(*roles)`); credentials are checked
-with the cluster's public key (`PortServer.verifier`), which the node learns when it
-registers. A refusal before a body was read drains a small body or closes the connection,
-so the client always gets the answer.
+"""The HTTP plumbing every route on a node's port shares: answers (plain, JSON, the one error
+table), bodies read within a limit, TLS and credential checks, dispatch to the first route
+that takes a request. Knows no route itself; runs in the connection's thread.
 """
 
 from __future__ import annotations
@@ -61,7 +56,11 @@ class PortServer(BoundedServer):
 
 
 class PortHandler(BoundedHandler):
-    """One connection: parses requests and hands each to the server's routes in order."""
+    """One connection: parses requests and hands each to the server's routes in order.
+    Who may ask what is each route's call (`authorized(*roles)`), checked with the
+    cluster's public key (`PortServer.verifier`) the node learns when it registers. A
+    refusal before the body was read drains a small body or closes the connection, so
+    the client always gets the answer."""
 
     protocol_version = "HTTP/1.1"
     server: PortServer

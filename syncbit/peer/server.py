@@ -1,15 +1,6 @@
-"""The node's chunk server: `GET /v1/objects/<object>/data` with `Range: bytes=a-b` -> 206
-and the bytes, sent with `sendfile` straight from the object file. Never serves a byte that
-is not durable and indexed here; serves nothing but chunk data (other routes plug in).
-
-404 if any covered chunk is not held. A prefetch transfer says so (`X-Syncbit-Priority:
-prefetch`) and gets 503 when the node already serves `upload_slots` transfers: the asker
-tries another holder, so uploads spread over the holders of a chunk instead of piling onto
-one. A reader's transfer is never refused. Chunk data needs a node (or admin) credential
-when the daemon has a token_file; with TLS, plain HTTP only if `peer_data_tls` is off.
-Connections are thread-per-connection outside the trio loop, so serving never blocks FUSE;
-they are capped in all and per client and dropped when idle (`syncbit.serving`); a Range
-names at most 19-digit offsets.
+"""The node's chunk server: `GET /v1/objects/<object>/data` + `Range` -> 206 and the bytes,
+by `sendfile` from the object file, in threads outside the trio loop. Never serves a byte
+that is not durable and indexed here, and nothing but chunk data (other routes plug in).
 """
 
 from __future__ import annotations
@@ -65,7 +56,16 @@ class _Slots:
 
 
 class ChunkRoute:
-    """`GET /v1/objects/<object>/data`: durable chunks of this node's objects."""
+    """`GET /v1/objects/<object>/data`: durable chunks of this node's objects.
+
+    404 if any covered chunk is not held. A prefetch transfer says so (`X-Syncbit-Priority:
+    prefetch`) and gets 503 when every upload slot is taken: the asker tries another
+    holder, so uploads spread over the holders of a chunk instead of piling onto one. A
+    reader's transfer is never refused. Needs a node (or admin) credential when the daemon
+    has a token_file; with TLS, plain HTTP only if `peer_data_tls` is off (`plain_data`).
+    Connections are capped and dropped when idle (`syncbit.serving`); a Range names at
+    most 19-digit offsets.
+    """
 
     def __init__(self, store: ObjectStore, slots: _Slots, plain_data: bool) -> None:
         self.store = store
