@@ -33,6 +33,7 @@ from syncbit.errors import (
     UnauthorizedError,
 )
 from syncbit.manifest import FileEntry
+from syncbit.node.http import LocalApi
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler import SchedulerClient, SchedulerServer
@@ -353,8 +354,10 @@ def peer(tmp_path: Path, tls_files: Path) -> Iterator[PeerServer]:
         auth_required=True,
         tls_context=server_context(tls_files / "daemon.crt", tls_files / "daemon.key"),
     )
-    server.set_control(_control)
-    server.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+    api = LocalApi()
+    api.set_control(_control)
+    api.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+    server.add_routes(api)
     server.start()
     try:
         yield server

@@ -881,6 +881,7 @@ def test_make_secrets_creates_what_the_manifests_mount_and_it_works(tmp_path: Pa
     import httpx
 
     from syncbit.config import SchedulerConfig
+    from syncbit.node.http import LocalApi
     from syncbit.peer import PeerServer
     from syncbit.scheduler import SchedulerServer
     from syncbit.store import ObjectStore
@@ -957,7 +958,9 @@ def test_make_secrets_creates_what_the_manifests_mount_and_it_works(tmp_path: Pa
             files / "syncbit-daemon-tls.tls.crt", files / "syncbit-daemon-tls.tls.key"
         ),
     )
-    daemon.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+    api = LocalApi()
+    api.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+    daemon.add_routes(api)
     daemon.start()
     try:
         name = config_file("config.yaml")["peer_tls_name"]

@@ -25,6 +25,7 @@ from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.manifest import FileEntry, Manifest, build_manifest
+from syncbit.node.http import LocalApi
 from syncbit.peer import PeerServer
 from syncbit.scheduler import SchedulerServer
 from syncbit.serving import Limits, body_length, json_depth_ok, loads_bounded
@@ -276,7 +277,9 @@ def peer(tmp_path: Path) -> Iterator[tuple[PeerServer, list[Any]]]:
         return {"ok": True}
 
     server = PeerServer(store, "127.0.0.1:0", limits=Limits(max_connections=32, max_per_client=8))
-    server.set_control(control)
+    api = LocalApi()
+    api.set_control(control)
+    server.add_routes(api)
     server.start()
     try:
         yield server, seen

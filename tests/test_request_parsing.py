@@ -23,6 +23,7 @@ from syncbit.chunks import digest
 from syncbit.config import SchedulerConfig
 from syncbit.credentials import Issuer, Role
 from syncbit.manifest import FileEntry, Manifest, build_manifest
+from syncbit.node.http import LocalApi
 from syncbit.peer import PeerServer
 from syncbit.scheduler import SchedulerServer
 from syncbit.serving import Limits
@@ -224,7 +225,9 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, list[A
 
     server = PeerServer(store, "127.0.0.1:0", limits=Limits(idle_timeout=5), auth_required=True)
     server.set_verifier(Issuer(TOKEN))  # the cluster's key: admin credentials pass
-    server.set_control(control)
+    api = LocalApi()
+    api.set_control(control)
+    server.add_routes(api)
     server.start()
     try:
         yield int(server.address.rpartition(":")[2]), seen

@@ -173,8 +173,8 @@ def test_the_scrubber_masks_credentials_in_free_text() -> None:
 
 
 def test_a_node_opens_sources_with_its_own_credentials_and_fences(tmp_path: Path) -> None:
-    from syncbit.daemon import SourceCache
     from syncbit.manifest import Manifest
+    from syncbit.node.sources import SourceCache
     from syncbit.sources.fences import Fences
 
     cache = SourceCache(

@@ -23,6 +23,7 @@ from syncbit.errors import (
     UserError,
     WaitTimeoutError,
 )
+from syncbit.node.http import LocalApi
 from syncbit.peer import PeerServer
 from syncbit.store import ObjectStore
 
@@ -34,6 +35,8 @@ def _done(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 def test_wait_retries_while_the_daemon_is_still_starting(tmp_path: Path) -> None:
     store = ObjectStore.open(tmp_path, 1 << 20)
     server = PeerServer(store, "127.0.0.1:0")
+    api = LocalApi()
+    server.add_routes(api)
     server.start()
     out = io.StringIO()
     result: list[dict[str, Any]] = []
@@ -44,7 +47,7 @@ def test_wait_retries_while_the_daemon_is_still_starting(tmp_path: Path) -> None
         waiter.start()
         time.sleep(0.5)  # several attempts while the control API is not set up
         assert not result
-        server.set_control(_done)  # the daemon finished starting
+        api.set_control(_done)  # the daemon finished starting
         waiter.join(20)
     finally:
         server.stop()
@@ -60,7 +63,9 @@ def test_wait_never_shows_100_percent_before_every_byte_is_here(tmp_path: Path) 
 
     store = ObjectStore.open(tmp_path, 1 << 20)
     server = PeerServer(store, "127.0.0.1:0")
-    server.set_control(almost)
+    api = LocalApi()
+    api.set_control(almost)
+    server.add_routes(api)
     server.start()
     out = io.StringIO()
     try:
@@ -93,7 +98,9 @@ def test_a_daemon_error_reaches_the_cli_as_what_it_is(
 
     store = ObjectStore.open(tmp_path, 1 << 20)
     server = PeerServer(store, "127.0.0.1:0")
-    server.set_control(failing)
+    api = LocalApi()
+    api.set_control(failing)
+    server.add_routes(api)
     server.start()
     try:
         with pytest.raises(expected, match=message) as caught:

@@ -186,6 +186,6 @@ def daemon(
         },
     )
     _setup_logging(cfg.log_level)
-    from syncbit import daemon as daemon_mod
+    from syncbit.node import run
 
-    daemon_mod.run(cfg)
+    run(cfg)

@@ -14,7 +14,8 @@ where bytes come from. `ObjectStore` (facade.py) is the one entry; the pieces:
     commit    group commit (fdatasync, then one txn); emits durable chunks
     verify    re-reading stored chunks against their digests
     read      reading sections: bytes from RAM, page cache or disk; passthrough fds
-    events    the change feed (durable/removed chunks) and the state-change signal
+    events    the change feed (durable/removed chunks), the objects whose presence
+              changed (for status), and the state-change signal
     disk      the cache filesystem's disk-full episodes
     load      the index read back at start-up
 
@@ -76,7 +77,7 @@ Concurrency (who may touch what):
   its txn. LMDB transactions never span an `await`.
 """
 
-from syncbit.store.events import ChangeFeed, Changes
+from syncbit.store.events import ChangeFeed, Changes, PresenceChanges
 from syncbit.store.evict import EvictResult
 from syncbit.store.facade import ObjectStore
 from syncbit.store.objects import Hold, StoredObject
@@ -92,6 +93,7 @@ __all__ = [
     "Hold",
     "ObjectReader",
     "ObjectStore",
+    "PresenceChanges",
     "StoredObject",
     "VerifyRun",
 ]

@@ -1,6 +1,7 @@
 """What the store tells the node: durable and removed chunks, for the one consumer that
-reports them, and a wake-up on any chunk or object change. Trio thread; the store appends
-and fires, consumers only take and wait.
+reports them; the objects whose presence changed, for the one consumer that keeps status;
+and a wake-up on any chunk or object change. Trio thread; the store appends and fires,
+consumers only take and wait.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ class ChangeFeed:
         """Wait until something changed, then `take` it."""
         await self._event.wait()
         return self.take()
+
+
+class PresenceChanges:
+    """Objects whose held chunks changed (written, durable or removed) since the consumer
+    last took them: a set, so a busy object costs one entry however many chunks land."""
+
+    def __init__(self) -> None:
+        self._objects: set[StoredObject] = set()
+
+    def mark(self, obj: StoredObject) -> None:
+        self._objects.add(obj)
+
+    def take(self) -> set[StoredObject]:
+        """Every object changed since the last take (possibly none)."""
+        objects, self._objects = self._objects, set()
+        return objects
 
 
 class Signal:

@@ -44,6 +44,7 @@ class ObjectStore:
         self.buffers = BufferPool()  # chunk buffers for the fetch layer
         self._table = ObjectTable(self._staging)
         self.changes = ChangeFeed()  # durable and removed chunks, for the reporter
+        self.presence = self._table.presence  # objects whose chunks changed, for status
         self._changed = Signal()
         self.disk = DiskWatch(cache.root)
         self._committer = Committer(self._table, index, self.changes, self.disk, self._changed)
@@ -297,13 +298,17 @@ class ObjectStore:
 
     # -- status (trio thread) -------------------------------------------------------------------
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self, pins: tuple[int, int] | None = None) -> dict[str, Any]:
         """Counters for status and metrics: bytes used against the budget, bytes held of
         pinned objects and the size they need, whether pinned data alone exceeds the
         budget, evictions so far, the filesystem's state (`DiskWatch.state`) and
-        verification (chunks not yet re-verified, re-verified, dropped)."""
+        verification (chunks not yet re-verified, re-verified, dropped).
+
+        `pins`: (held, size) of the pinned objects from a caller that keeps them up to
+        date (the node's status); without, they are counted here, in O(pinned objects).
+        """
         ev = self._evictor
-        pinned, pinned_size = ev.pins.usage(self._table.get)
+        pinned, pinned_size = pins if pins is not None else ev.pins.usage(self._table.get)
         return {
             "used": ev.used(),
             "budget": ev.size,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Self
 import trio
 
 from syncbit.chunks import chunk_count, chunk_length
+from syncbit.store.events import PresenceChanges
 from syncbit.store.index import ObjectRecord
 
 if TYPE_CHECKING:
@@ -226,6 +227,7 @@ class ObjectTable:
         self.held = 0
         self.durable_bytes = 0
         self.unverified = 0
+        self.presence = PresenceChanges()  # objects whose held chunks changed
 
     # -- records ---------------------------------------------------------------------------
 
@@ -271,6 +273,7 @@ class ObjectTable:
         if index not in obj._written:
             obj._written.add(index)
             self.held += chunk_length(obj.size, obj.chunk_size, index)
+            self.presence.mark(obj)
         obj._digests[index] = digest
         obj._unstored.pop(index, None)
 
@@ -278,6 +281,7 @@ class ObjectTable:
         if index in obj._written and index not in obj._durable:
             obj._durable.add(index)
             self.durable_bytes += chunk_length(obj.size, obj.chunk_size, index)
+            self.presence.mark(obj)
 
     def unstored(self, obj: StoredObject, index: int, cause: str) -> None:
         obj._unstored[index] = cause
@@ -299,6 +303,7 @@ class ObjectTable:
                 obj._durable.discard(index)
                 self.durable_bytes -= length
         self.held -= length
+        self.presence.mark(obj)
         obj._digests.pop(index, None)
         self.verified(obj, index)
         return True
@@ -351,6 +356,7 @@ class ObjectTable:
             obj._durable.clear()
         self.held -= taken.held
         self.durable_bytes -= durable
+        self.presence.mark(obj)
         self.unverified -= len(obj._unverified)
         obj._unverified.clear()
         obj._digests.clear()
