@@ -30,6 +30,13 @@ busy, the plan gives it elsewhere); PARKED -> QUEUED when a holder has it or nob
 it; a queued or parked flight FAILED when its job abandons it (a reader's at its deadline).
 Results are `State`s, `Park`s and enums; failures are syncbit errors.
 
+Trust: a peer's bytes are checked against the recorded digest as they arrive (transfer);
+the source's against the record where there is one and the file's head sample on every
+source read (verify): a mismatch fails the read, stores nothing and is reported, so the
+scheduler has a third node re-check it. An object marked broken (its source changed under
+the same version) is never read, cached or not; a published whole-file SHA-256 is checked
+before a file counts as ready.
+
 Concurrency: everything here runs on the trio thread but the blocking reads, which go to
 worker threads (`trio.to_thread`): a peer's `get_into` plus its digest, a source's
 `read_into` plus the batch's digests. Those touch only the buffer they fill; a buffer is

@@ -1,23 +1,6 @@
 """Background jobs that bring whole datasets to this node: `syncbit pull` and scheduler
-assignments (prefetch).
-
-A job walks a dataset version's files through `Fetcher.ensure` at prefetch priority, a few
-files at a time. A prefetch job follows the scheduler's plan: every member of an assignment
-reads a different share of the chunks from the source (chunk k of the dataset, counted
-across its files in manifest order, belongs to member k mod N) and takes the rest from the
-other members, so the origin sends each byte about once however many nodes prefetch.
-A member that leaves the plan (down, unassigned) hands its share to the others at the
-next plan refresh.
-
-Every job's requests to the source are bounded. Within a round, each chunk transfer
-retries temporary failures until its deadline, and a permanent source error (no Range
-support, access denied) ends the round at once. A prefetch whose round failed
-temporarily (the source is down) tries again after a jittered backoff of up to a minute,
-for as long as the dataset stays assigned; one that failed permanently, or that the cache
-cannot hold (assigned data over the budget: what fits stays), is not tried again until
-the dataset changes. A pull reports its error to the CLI and stops. A job that ends
-(done, failed, cancelled by `syncbit pull --cancel`, its dataset removed or unassigned)
-abandons the transfers only it wanted, so nothing keeps asking the source on its behalf.
+assignments (prefetch), one per dataset, each within bounded requests to the source.
+Never transfers a byte itself (`Fetcher.ensure` does) and never decides the plan.
 """
 
 from __future__ import annotations
@@ -101,7 +84,26 @@ def _is_permanent(exc: SyncbitError) -> bool:
 
 
 class Jobs:
-    """The running pull and prefetch jobs of a node, one per dataset."""
+    """The running pull and prefetch jobs of a node, one per dataset.
+
+    A job walks a dataset version's files through `Fetcher.ensure` at prefetch priority, a few
+    files at a time. A prefetch job follows the scheduler's plan: every member of an assignment
+    reads a different share of the chunks from the source (chunk k of the dataset, counted
+    across its files in manifest order, belongs to member k mod N) and takes the rest from the
+    other members, so the origin sends each byte about once however many nodes prefetch.
+    A member that leaves the plan (down, unassigned) hands its share to the others at the
+    next plan refresh.
+
+    Every job's requests to the source are bounded. Within a round, each chunk transfer
+    retries temporary failures until its deadline, and a permanent source error (no Range
+    support, access denied) ends the round at once. A prefetch whose round failed
+    temporarily (the source is down) tries again after a jittered backoff of up to a minute,
+    for as long as the dataset stays assigned; one that failed permanently, or that the cache
+    cannot hold (assigned data over the budget: what fits stays), is not tried again until
+    the dataset changes. A pull reports its error to the CLI and stops. A job that ends
+    (done, failed, cancelled by `syncbit pull --cancel`, its dataset removed or unassigned)
+    abandons the transfers only it wanted, so nothing keeps asking the source on its behalf.
+    """
 
     def __init__(
         self,

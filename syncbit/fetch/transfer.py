@@ -1,7 +1,6 @@
 """One chunk transfer: peers first (verified against the recorded digest), then the source
-under a cluster-wide claim, batched with the queued chunks after it, checked against the
-record (claims.py picks the batch and claims it). Stages what arrives; never queues nor
-waits for flights (the runner does).
+in a claimed batch (claims), checked against the record (verify). Stages what arrives;
+never queues nor waits for flights (the runner does).
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
 """What the fetch layer verifies of the source: a batch's chunks against recorded digests
 and the file's head sample, a published whole-file SHA-256, and which objects the scheduler
 found broken. Decides only pass or fail; never picks a source, never queues anything.
-
-A peer's bytes are checked against the recorded digest where they arrive (transfer); the
-source's bytes here: a mismatch fails the read, stores nothing and is reported, so the
-scheduler has a third node re-check it. An object marked broken (its source changed under
-the same version) is never read, cached or not.
 """
 
 from __future__ import annotations
