@@ -27,7 +27,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from syncbit import tls
+from syncbit import looptrace, tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.diskspace import is_enospc
@@ -1171,4 +1171,4 @@ def run(config: DaemonConfig) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGUSR2, _dump_tasks)
     daemon = Daemon(config)
-    trio.run(daemon.run)
+    trio.run(daemon.run, instruments=looptrace.instruments())
