@@ -8,6 +8,7 @@ step with the scheduler (heartbeat, dataset list, chunk reports).
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401  # here, not by trio's first name lookup, on its thread
 import faulthandler
 import json
 import logging
@@ -17,8 +18,9 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -51,7 +53,7 @@ from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
-from syncbit.sources.base import Source, open_source, options_for
+from syncbit.sources.base import Source, import_schemes, open_source, options_for
 from syncbit.sources.fences import Fences, default_file_roots
 from syncbit.sources.options import public_options, register_secrets
 from syncbit.store import ObjectStore, StoredObject, VerifyRun
@@ -142,6 +144,11 @@ class SourceCache:
             source = open_source(manifest.source, options, self.fences)
             self.sources[key] = source
         return source
+
+    async def prepare(self, manifests: Iterable[Manifest]) -> None:
+        """Import the manifests' source modules in a worker thread, before a read opens
+        one of their sources on the trio thread (an import reads files)."""
+        await trio.to_thread.run_sync(import_schemes, [m.source for m in manifests])
 
     def close(self) -> None:
         for source in self.sources.values():
@@ -269,14 +276,15 @@ class Daemon:
             )
             self.jobs = Jobs(cfg.node, self.fetcher, self.sources, self.is_ready, self.store.flush)
             self._load_local_manifests()
-            self._load_plan()
+            await self.sources.prepare(self.manifests.values())
+            await trio.to_thread.run_sync(self._load_plan)
             self._pin()  # before any write can make room: the last plan's data stays
             await self._sync_datasets(quiet=True)
             fs = self.fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.dataset_attrs)
             self._setup_metrics()
-            cfg.mount.mkdir(parents=True, exist_ok=True)
+            await trio.to_thread.run_sync(partial(cfg.mount.mkdir, parents=True, exist_ok=True))
             session = self.session = Session(fs, cfg.mount, passthrough=cfg.passthrough)
-            session.mount(MOUNT_OPTIONS)
+            await trio.to_thread.run_sync(session.mount, MOUNT_OPTIONS)
             try:
                 log.info("node %s: mounted at %s", cfg.node, cfg.mount)
                 async with trio.open_nursery() as nursery:
@@ -1014,6 +1022,7 @@ class Daemon:
                     wanted[name] = current
                 else:
                     wanted[name] = await self.client.manifest(name)
+            await self.sources.prepare(wanted.values())
         except SyncbitError as exc:
             if not quiet:
                 self._warn("dataset sync failed", exc)

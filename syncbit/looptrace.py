@@ -336,12 +336,13 @@ class BlockingAuditor(trio.abc.Instrument):  # type: ignore[misc, unused-ignore]
 
 
 def _frames(frame: FrameType | None) -> Iterator[str]:
-    """The innermost `_STACK_DEPTH` frames outside this module, as `file:line function`
-    (no source lines: reading them would be file I/O of its own)."""
+    """The innermost `_STACK_DEPTH` frames outside this module and the import machinery
+    (an import shows as the `<module>` frames and their importer), as `file:line
+    function`; no source lines: reading them would be file I/O of its own."""
     kept = 0
     while frame is not None and kept < _STACK_DEPTH:
         code = frame.f_code
-        if code.co_filename != __file__:
+        if code.co_filename != __file__ and not code.co_filename.startswith("<frozen importlib"):
             yield f"{_short_path(code.co_filename)}:{frame.f_lineno} {code.co_name}"
             kept += 1
         frame = frame.f_back

@@ -5,7 +5,10 @@ service logic itself; the services' modules load only when their command runs.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -33,7 +36,16 @@ def _setup_logging(level: str) -> None:
     handler = LogHandler(sys.stderr.fileno())
     # Every line scrubbed: a library's debug line with a signed URL or a header leaks nothing.
     handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    # Written by a thread of its own: a log call never waits for stderr (a pipe whose
+    # reader is slow blocks its writer), so the trio loop does not either. Flushed at exit.
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logging.handlers.QueueListener(records, handler)
+    writer.start()
+    atexit.register(writer.stop)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        handlers=[logging.handlers.QueueHandler(records)],
+    )
     # One line per control request is noise at info level; our own loggers say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
