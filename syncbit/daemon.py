@@ -1168,7 +1168,8 @@ def _dump_tasks(signum: int, frame: object) -> None:
             for child in nursery.child_tasks:
                 walk(child, depth + 1)
 
-    walk(root, 0)
+    if root is not None:
+        walk(root, 0)
     sys.stderr.write("trio tasks:\n" + "\n".join(lines) + "\n")
     sys.stderr.flush()
 

@@ -380,8 +380,10 @@ class Fetcher:
                     return parts[0]
                 if any(isinstance(p, range) for p in parts):
                     # Staged views must not outlive this checkpoint: copy them first.
-                    held = [bytes(p) if isinstance(p, memoryview) else p for p in parts]
-                    parts = await trio.to_thread.run_sync(_read_disk_parts, reader, held)
+                    held: list[bytes | memoryview | range] = [
+                        bytes(p) if isinstance(p, memoryview) else p for p in parts
+                    ]
+                    parts = [*await trio.to_thread.run_sync(_read_disk_parts, reader, held)]
         return b"".join(parts)  # type: ignore[arg-type]
 
     def _count_read(self, obj: StoredObject, offset: int, length: int) -> None:

@@ -429,7 +429,7 @@ async def test_reads_through_a_budget_smaller_than_the_data(
     try:
         await nursery.start(store.commit_loop)
         source = _files_source()
-        fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=2)  # type: ignore[arg-type]
+        fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=2)
         await nursery.start(fetcher.run)
         peak = 0
         for n, entry in enumerate(FILES):
@@ -463,7 +463,7 @@ async def test_read_of_a_chunk_the_cache_cannot_keep_fails_cleanly(
     try:
         await nursery.start(store.commit_loop)
         source = _files_source()
-        fetcher = Fetcher(  # type: ignore[arg-type]
+        fetcher = Fetcher(
             store, Directory(), Peers(), workers=1, readahead_chunks=0, source_batch=FCS
         )
         await nursery.start(fetcher.run)

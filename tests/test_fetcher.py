@@ -40,7 +40,7 @@ async def test_single_flight_ten_readers_one_transfer(
 ) -> None:
     source = MemSource(data=DATA)
     source.gate = threading.Event()
-    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)
     await _run(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     results: list[bytes] = []
@@ -63,7 +63,7 @@ async def test_whole_file_through_reads_across_chunks(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source = MemSource(data=DATA)
-    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=2)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=2)
     await _run(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     out = bytearray()
@@ -96,7 +96,7 @@ async def test_bad_peer_detected_reported_and_reader_gets_right_bytes(
             ]
         },
     )
-    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)
     await _run(fetcher, nursery)
     assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, CS) == DATA[:CS]
     # The best three are tried in random order (load spreading), then the rest in rank.
@@ -111,7 +111,7 @@ async def test_peer_chunk_without_known_digest_is_never_used(
 ) -> None:
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
     directory.info = ChunkMap(digests={}, peers={0: [Peer("ok", "good")]})
-    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)
     await _run(fetcher, nursery)
     assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10) == DATA[:10]
     assert peers.calls == []
@@ -125,7 +125,7 @@ async def test_only_bad_peers_falls_back_to_source(
     directory.info = ChunkMap(
         digests={1: digest(DATA[CS : 2 * CS])}, peers={1: [Peer("bad", "evil")]}
     )
-    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)
     await _run(fetcher, nursery)
     with trio.fail_after(2):  # at once: the only holder failed, nobody else reads it
         got = await fetcher.read(fetcher.open(ENTRY, CS, source), CS, CS)
@@ -139,7 +139,7 @@ async def test_deadline_gives_read_error_with_cause_then_recovers(
 ) -> None:
     source = MemSource(data=DATA)
     source.down = True
-    fetcher = Fetcher(store, Directory(), Peers(DATA), read_deadline=0.5, readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), read_deadline=0.5, readahead_chunks=0)
     await _run(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     started = time.monotonic()
@@ -163,7 +163,7 @@ async def test_changed_source_fails_without_retry(
 ) -> None:
     source = MemSource(data=DATA)
     source.changed = True
-    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)
     await _run(fetcher, nursery)
     with pytest.raises(SourceChangedError):
         await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10)
@@ -186,7 +186,7 @@ async def test_source_bytes_that_differ_from_the_record_are_never_served_nor_sto
     source, directory = MemSource(data=DATA), Directory()
     source.data = DATA[: 2 * CS] + bytes(CS) + DATA[3 * CS :]
     directory.info = ChunkMap(digests={2: digest(chunk_of(DATA, 2))})
-    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=4)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=4)
     await _run(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     assert await fetcher.read(handle, 0, CS) == DATA[:CS]  # chunk 0: nothing recorded yet
@@ -207,7 +207,7 @@ async def test_a_batch_with_one_bad_chunk_keeps_none(
     source, directory = MemSource(data=DATA), Directory()
     source.data = bytes(len(DATA))  # every chunk changed; only chunk 3 has a record
     directory.info = ChunkMap(digests={3: digest(chunk_of(DATA, 3))})
-    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)
     await _run(fetcher, nursery)
     obj = store.object(ENTRY.object, ENTRY.size, CS)
     with pytest.raises(SourceChangedError):
@@ -226,7 +226,7 @@ async def test_a_changed_head_fails_every_source_read_of_the_file(
     """An HTTP origin changed the file but kept its ETag: the head sample recorded at
     `dataset add` tells, on the first source read after the change."""
     source, directory = MemSource(data=DATA), Directory()
-    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)
     await _run(fetcher, nursery)
     handle = fetcher.open(HEAD_ENTRY, CS, source)
     assert await fetcher.read(handle, 0, CS) == DATA[:CS]
@@ -246,7 +246,7 @@ async def test_broken_files_are_refused_cached_or_not(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source, directory = MemSource(data=DATA), Directory()
-    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0)
     await _run(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     assert await fetcher.read(handle, 0, 10) == DATA[:10]
@@ -271,7 +271,7 @@ async def test_recheck_reads_the_source_and_stores_nothing(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source = MemSource(data=DATA)
-    fetcher = Fetcher(store, Directory(), Peers(DATA))  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
     assert await fetcher.recheck(HEAD_ENTRY, CS, source, 2) == digest(chunk_of(DATA, 2))
     assert await fetcher.recheck(HEAD_ENTRY, CS, source, 5) == digest(DATA[5 * CS :])
     assert store.get(ENTRY.object) is None
@@ -290,7 +290,7 @@ async def test_foreground_goes_before_prefetch(store: ObjectStore, nursery: trio
         original(entry, offset, buf)
 
     source.read_into = recording  # type: ignore[method-assign]
-    fetcher = Fetcher(store, Directory(), Peers(DATA), workers=1, readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), workers=1, readahead_chunks=0)
     handle = fetcher.open(ENTRY, CS, source)
     # Queue prefetch of everything, then a foreground read of the last chunk, before any
     # worker runs: the foreground chunk must be transferred first.
@@ -315,7 +315,7 @@ async def test_ensure_brings_whole_file_and_checks_published_sha256(
     import hashlib
 
     source = MemSource(data=DATA)
-    fetcher = Fetcher(store, Directory(), Peers(DATA))  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
     await _run(fetcher, nursery)
     entry = ENTRY.model_copy(update={"version": {"sha256": hashlib.sha256(DATA).hexdigest()}})
     await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
@@ -329,7 +329,7 @@ async def test_whole_file_sha256_mismatch_discards_content(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source = MemSource(data=DATA)
-    fetcher = Fetcher(store, Directory(), Peers(DATA))  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
     await _run(fetcher, nursery)
     entry = ENTRY.model_copy(update={"version": {"sha256": "0" * 64}})
     with pytest.raises(SourceChangedError, match="failed verification"):
@@ -346,7 +346,7 @@ async def test_source_reads_coalesce_queued_neighbours(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source = MemSource(data=DATA)
-    fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=3 * CS)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=3 * CS)
     await _run(fetcher, nursery)
     await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
     assert source.reads == 2  # 6 chunks, 3 per request
@@ -371,7 +371,7 @@ async def test_sequential_readahead_goes_out_in_batches(
         directory,
         Peers(DATA),
         readahead_chunks=8,
-        source_batch=4 * CS,  # type: ignore[arg-type]
+        source_batch=4 * CS,
     )
     await _run(fetcher, nursery)
     handle = fetcher.open(entry, CS, source)
@@ -391,7 +391,7 @@ async def test_failed_batch_puts_neighbours_back_on_their_own(
 ) -> None:
     source = MemSource(data=DATA)
     source.down = True
-    fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=6 * CS, read_deadline=0.3)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=6 * CS, read_deadline=0.3)
     await _run(fetcher, nursery)
     with pytest.raises(ReadDeadlineError):
         await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
@@ -406,7 +406,7 @@ async def test_access_errors_are_not_retried(store: ObjectStore, nursery: trio.N
 
     source = MemSource(data=DATA)
     source.error = InvalidSourceError("gated repo: set HF_TOKEN")
-    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)
     await _run(fetcher, nursery)
     with pytest.raises(SourceChangedError, match="HF_TOKEN"):
         await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 10)
@@ -446,7 +446,7 @@ async def test_chunk_another_node_is_reading_is_waited_for_and_taken_from_it(
 ) -> None:
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
     directory.info = ChunkMap(fetching={0: "n2"})
-    fetcher = Fetcher(store, directory, peers, readahead_chunks=0, park_poll=0.01)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0, park_poll=0.01)
     await _run(fetcher, nursery)
     got: list[bytes] = []
 
@@ -470,7 +470,7 @@ async def test_lapsed_claim_lets_this_node_read_the_source(
 ) -> None:
     source, directory = MemSource(data=DATA), Directory()
     directory.info = ChunkMap(fetching={0: "n2"})
-    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01)
     await _run(fetcher, nursery)
 
     async def n2_gives_up() -> None:
@@ -488,7 +488,7 @@ async def test_waiting_reader_fails_at_its_deadline_naming_the_node(
 ) -> None:
     source, directory = MemSource(data=DATA), Directory()
     directory.info = ChunkMap(fetching={0: "n2"})
-    fetcher = Fetcher(  # type: ignore[arg-type]
+    fetcher = Fetcher(
         store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01, read_deadline=0.3
     )
     await _run(fetcher, nursery)
@@ -510,7 +510,7 @@ async def test_prefetch_plan_reads_own_chunks_and_takes_the_rest_from_peers(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
-    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
     await _run(fetcher, nursery)
     mine = {0, 2, 4}
     directory.info.fetching.update({1: "n2", 3: "n2", 5: "n2"})  # the other member's reads
@@ -538,7 +538,7 @@ async def test_node_done_with_its_share_takes_over_unread_chunks_from_the_end(
     once this node's own share is in, it reads them itself, the last one first (owners
     read from the front), one at a time, each under a claim."""
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
-    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
     fetcher.source_sharers = lambda: 2
     await _run(fetcher, nursery)
     _deliver(directory, 1)  # the other member's first chunk is in
@@ -554,7 +554,7 @@ async def test_planned_owner_gone_means_this_node_reads_it(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     source, directory = MemSource(data=DATA), Directory()
-    fetcher = Fetcher(store, directory, Peers(DATA), park_poll=0.01)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, Peers(DATA), park_poll=0.01)
     await _run(fetcher, nursery)
     members = ["me", "other"]
 
@@ -577,7 +577,7 @@ async def test_foreground_read_is_not_starved_by_slow_prefetch(
     slow = MemSource(data=DATA)
     slow.gate = threading.Event()  # prefetch source reads hang until set
     other = ENTRY.model_copy(update={"object": "ef" * 32})
-    fetcher = Fetcher(  # type: ignore[arg-type]
+    fetcher = Fetcher(
         store, Directory(), Peers(DATA), workers=4, prefetch_concurrency=2, readahead_chunks=0
     )
     await _run(fetcher, nursery)
@@ -596,9 +596,7 @@ async def test_prefetch_bandwidth_cap(
 ) -> None:
     source = MemSource(data=DATA)
     rate = CS * 10  # bytes per (virtual) second
-    fetcher = Fetcher(  # type: ignore[arg-type]
-        store, Directory(), Peers(DATA), prefetch_bandwidth=rate, source_batch=CS
-    )
+    fetcher = Fetcher(store, Directory(), Peers(DATA), prefetch_bandwidth=rate, source_batch=CS)
     await _run(fetcher, nursery)
     start = trio.current_time()
     await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
@@ -618,7 +616,7 @@ async def test_source_reads_keep_flowing_while_peer_transfers_are_slow(
 
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
     peers.gate = gate
-    fetcher = Fetcher(  # type: ignore[arg-type]
+    fetcher = Fetcher(
         store, directory, peers, park_poll=0.01, source_batch=CS, prefetch_concurrency=2
     )
     await _run(fetcher, nursery)
@@ -644,7 +642,7 @@ async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
     has them, while the node's own read from the origin still runs."""
     source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
     source.gate = threading.Event()  # this node's own source read hangs until set
-    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
     fetcher.source_sharers = lambda: 2
     await _run(fetcher, nursery)
     _deliver(directory, 1, 3)  # the other member's first chunks are in
@@ -673,9 +671,7 @@ async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     complete (and can be forwarded) as soon as possible."""
     source = MemSource(data=DATA)
     gate = source.gate = threading.Event()
-    fetcher = Fetcher(  # type: ignore[arg-type]
-        store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6
-    )
+    fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6)
     fetcher.source_sharers = lambda: sharers
     await _run(fetcher, nursery)
     nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
@@ -695,7 +691,7 @@ async def test_prefetch_jobs_tell_the_fetcher_how_many_nodes_share_the_source(
 ) -> None:
     source = MemSource(data=DATA)
     gate = source.gate = threading.Event()
-    fetcher = Fetcher(store, Directory(), Peers(DATA))  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(DATA))
     await _run(fetcher, nursery)
 
     async def flush() -> None:
@@ -727,9 +723,7 @@ async def test_busy_holders_are_waited_for_not_blamed(
     for i in range(len(DATA) // CS + 1):
         directory.info.digests[i] = digest(_chunk(i))
         directory.info.peers[i] = [Peer("na", "a"), Peer("nb", "b")]
-    fetcher = Fetcher(  # type: ignore[arg-type]
-        store, directory, peers, park_poll=0.01, readahead_chunks=0
-    )
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, readahead_chunks=0)
     await _run(fetcher, nursery)
     # A reader is served by a busy holder at once.
     with trio.fail_after(5):

@@ -32,7 +32,7 @@ def _manifest(name: str = "ds", size: int = len(BODY)) -> Manifest:
 @pytest.fixture
 async def fs(tmp_path: Path, nursery: trio.Nursery):  # type: ignore[no-untyped-def]
     store = ObjectStore.open(tmp_path, 1 << 30)
-    fetcher = Fetcher(store, Directory(), Peers(), read_deadline=0.5)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(), read_deadline=0.5)
     await nursery.start(fetcher.run)
     tree = Tree()
     tree.update({"ds": _manifest()})

@@ -48,7 +48,7 @@ def store(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def start(
     store: ObjectStore, source: MemSource, nursery: trio.Nursery, read_deadline: float = 2.0
 ) -> tuple[Fetcher, Jobs]:
-    fetcher = Fetcher(  # type: ignore[arg-type]
+    fetcher = Fetcher(
         store, Directory(), Peers(DATA), read_deadline=read_deadline, readahead_chunks=0
     )
     await nursery.start(fetcher.run)
