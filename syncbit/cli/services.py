@@ -42,10 +42,10 @@ def _setup_logging(level: str) -> None:
     writer = logging.handlers.QueueListener(records, handler)
     writer.start()
     atexit.register(writer.stop)
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        handlers=[logging.handlers.QueueHandler(records)],
-    )
+    queued = logging.handlers.QueueHandler(records)
+    # The message alone (arguments and traceback merged in): `handler` formats the line.
+    queued.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[queued])
     # One line per control request is noise at info level; our own loggers say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
