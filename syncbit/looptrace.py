@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from syncbit.errors import ConfigError
+
 log = logging.getLogger("syncbit.looptrace")
 
 ENV = "SYNCBIT_AUDIT_BLOCKING"
@@ -368,12 +370,16 @@ def instruments(
     env: Mapping[str, str] = os.environ, logger: logging.Logger = log
 ) -> list[trio.abc.Instrument]:
     """The instruments a long-running trio program (the daemon) runs with: the stall log
-    when `logger` logs debug, the auditor when `SYNCBIT_AUDIT_BLOCKING` names a file."""
+    when `logger` logs debug, the auditor when `SYNCBIT_AUDIT_BLOCKING` names a file
+    (ConfigError when that file cannot be written)."""
     found: list[trio.abc.Instrument] = []
     if logger.isEnabledFor(logging.DEBUG):
         found.append(StallLogger(logger=logger))
     target = env.get(ENV)
     if target:
-        found.append(BlockingAuditor(Path(target)))
+        try:
+            found.append(BlockingAuditor(Path(target)))
+        except OSError as exc:
+            raise ConfigError(f"{ENV}={target}: cannot write there: {exc.strerror}") from None
         logger.warning("auditing blocking calls on the trio thread into %s", target)
     return found

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from syncbit import looptrace
+from syncbit.errors import ConfigError
 from syncbit.looptrace import BlockingAuditor, Finding, StallLogger, read_findings
 
 
@@ -76,6 +77,9 @@ def test_the_daemon_instruments_follow_the_log_level_and_the_environment(
     (auditor,) = looptrace.instruments({looptrace.ENV: str(target)}, logger)
     assert isinstance(auditor, BlockingAuditor)
     auditor.close()
+    nowhere = tmp_path / "missing" / "audit.jsonl"
+    with pytest.raises(ConfigError, match=f"{looptrace.ENV}=.*cannot write there"):
+        looptrace.instruments({looptrace.ENV: str(nowhere)}, logger)
 
 
 @contextlib.contextmanager
