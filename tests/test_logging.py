@@ -33,3 +33,36 @@ def test_one_line_per_record_written_by_the_log_thread_and_flushed_at_exit() -> 
     assert lines[-1] == "ValueError: boom"
     assert done.stderr.count("Traceback") == 1
     assert "not at info" not in done.stderr
+
+
+ERROR_SCRIPT = """
+import logging
+import sys
+import typer
+from syncbit.cli.exits import guarded
+from syncbit.cli.services import _setup_logging
+from syncbit.errors import ConfigError
+
+@guarded
+def command() -> None:
+    _setup_logging("info")
+    for i in range(200):
+        logging.getLogger("syncbit.x").info("starting, step %d", i)
+    raise ConfigError("bad key")
+
+try:
+    command()
+except typer.Exit as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_the_error_line_comes_after_what_was_logged_before_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", ERROR_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 201, lines
+    assert lines[-2].endswith("INFO syncbit.x: starting, step 199")
+    assert lines[-1] == "error: bad key"
