@@ -565,6 +565,7 @@ class Node(ManagedProcess):
         self.config = dict(config or {})
         self.labels = dict(labels or {})
         self.extra_args = list(extra_args)
+        self.env: dict[str, str] = {}  # environment variables of the daemon's own
         self.port = free_port()
 
     @property
@@ -589,7 +590,7 @@ class Node(ManagedProcess):
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> Node:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._spawn(self.command())
+        self._spawn(self.command(), env=self.env)
         if wait:
             self.wait_mounted(timeout)
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,10 @@ from integration.cluster import Cluster, Origin, fresh_dataset, scrape, sha256_f
 CLUSTER_NODES = 2
 CLUSTER_TOKEN = "health-test-token-0123456789"
 MiB = 1 << 20
+
+
+def _ready(address: str) -> bool:
+    return httpx.get(f"http://{address}/readyz", trust_env=False).status_code == 200
 
 
 def _get(values: dict[str, float], key: str) -> float:
@@ -29,13 +34,7 @@ def test_probes_and_metrics_move_with_the_bytes_read(
     n1, n2 = up.node("n1"), up.node("n2")
     for node in (n1, n2):
         assert httpx.get(f"http://{node.address}/healthz", trust_env=False).status_code == 200
-        wait_until(
-            lambda node=node: (
-                httpx.get(f"http://{node.address}/readyz", trust_env=False).status_code == 200
-            ),
-            20,
-            f"{node.name} ready",
-        )
+        wait_until(partial(_ready, node.address), 20, f"{node.name} ready")
     sched = httpx.get(f"{up.scheduler.url}/readyz", trust_env=False)
     assert sched.status_code == 200
 

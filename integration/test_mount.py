@@ -93,7 +93,11 @@ def test_concurrent_opens_and_reads_stay_right_while_files_complete(
     for a few seconds: opens that find a file incomplete read through the daemon, later
     ones (once every chunk is in) through passthrough, and the two kinds overlap on the
     same inodes. Every byte must match the origin and no open may fail."""
-    sizes = {"a.bin": 9 * MiB + 1, "b.bin": 5 * MiB + 77, "c/d.bin": 13 * MiB}
+    sizes: dict[str, Path | int] = {
+        "a.bin": 9 * MiB + 1,
+        "b.bin": 5 * MiB + 77,
+        "c/d.bin": 13 * MiB,
+    }
     ds = fresh_dataset(origin_root, "mixed", sizes)
     cluster.add_dataset("mixed", f"{origin.url}/mixed/")
     node = cluster.node("n1")

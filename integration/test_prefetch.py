@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def _served(origin: Origin, ds: Dataset) -> int:
     return sum(origin.served(f"{ds.name}/{rel}") for rel in ds.files)
 
 
-def _status(cluster: Cluster) -> dict[str, dict[str, object]]:
+def _status(cluster: Cluster) -> dict[str, dict[str, Any]]:
     done = cluster.cli("status", "--json")
     assert done.returncode == 0, done.stderr
     return {d["name"]: d for d in json.loads(done.stdout)["datasets"]}
@@ -110,12 +111,12 @@ def test_prefetch_to_a_selector_fills_matching_nodes_with_each_byte_from_the_ori
     assert os.getxattr(up.node("n1").path("pf"), "user.syncbit.assigned") == b"1"
     assert os.getxattr(up.node("n4").path("pf"), "user.syncbit.assigned") == b"0"
     wait_until(
-        lambda: sorted(_status(up)["pf"]["ready"]) == ["n1", "n2", "n3"],  # type: ignore[arg-type]
+        lambda: sorted(_status(up)["pf"]["ready"]) == ["n1", "n2", "n3"],
         15,
         "the scheduler to see pf ready on n1-n3",
     )
     status = _status(up)["pf"]
-    assert sorted(status["assigned"]) == ["n1", "n2", "n3"]  # type: ignore[arg-type]
+    assert sorted(status["assigned"]) == ["n1", "n2", "n3"]
     table = up.cli("status")
     assert "3/3" in table.stdout, table.stdout
     listed = up.cli("node", "ls", "--json")

@@ -131,7 +131,7 @@ class _Redirect(BaseHTTPRequestHandler):
     """Every request: a 302 to the same path on `localhost` (another host name)."""
 
     def do_HEAD(self) -> None:
-        port = self.server.server_address[1]
+        port = self.connection.getsockname()[1]  # the server's: this connection's end
         self.send_response(302)
         self.send_header("Location", f"http://localhost:{port}/moved{self.path}")
         self.send_header("Content-Length", "0")

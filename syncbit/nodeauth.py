@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
 from syncbit.credentials import (
     PEER,
     Issuer,
@@ -142,6 +144,7 @@ class NodeCredentials:
                 error = exc
                 continue
             self._adopt(doc)
+            await trio.to_thread.run_sync(self._save)
             return True
         assert error is not None
         raise error
@@ -164,11 +167,11 @@ class NodeCredentials:
         expires = doc["expires"]
         self.expires = float(expires) if isinstance(expires, int | float) else 0.0
         log.info("node credentials of %s issued (key %s)", self.node, self.verifier.key_id)
-        self._save()
 
     def _save(self) -> None:
-        """Keep the issued credentials for the next start (0600); failing is only a warning:
-        the next start asks with the configured credential."""
+        """Blocking (a worker thread): keep the issued credentials for the next start
+        (0600); failing is only a warning: the next start asks with the configured
+        credential."""
         assert self.verifier is not None
         doc = {
             "node": self.node,

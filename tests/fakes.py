@@ -19,6 +19,7 @@ from syncbit.errors import (
     SourceUnavailableError,
 )
 from syncbit.manifest import FileEntry
+from syncbit.peer import PeerClient
 from syncbit.protocol import ChunkMap, ClaimResult
 from syncbit.sources import Listing, Source, register
 from syncbit.sources.fences import Fences
@@ -161,13 +162,15 @@ class Directory:
         return "disputed"
 
 
-class Peers:
-    """The peer client (`peer.PeerClient`): every peer sends `data`'s bytes, except the one
-    at address "dead" (a PeerError) and at "evil" (the first byte flipped); addresses in
-    `busy` turn prefetch transfers away (PeerBusyError); a transfer waits for `gate` when
-    set. `calls` lists the addresses asked. Without `data` nobody may be asked at all."""
+class Peers(PeerClient):
+    """The peer client (a `peer.PeerClient` that never connects): every peer sends `data`'s
+    bytes, except the one at address "dead" (a PeerError) and at "evil" (the first byte
+    flipped); addresses in `busy` turn prefetch transfers away (PeerBusyError); a transfer
+    waits for `gate` when set. `calls` lists the addresses asked. Without `data` nobody may
+    be asked at all."""
 
     def __init__(self, data: bytes | None = None) -> None:
+        super().__init__()  # an idle connection pool, never used
         self.data = data
         self.calls: list[str] = []
         self.busy: set[str] = set()

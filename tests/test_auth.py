@@ -385,7 +385,7 @@ def test_every_daemon_route_checks_who_asks(
             for kind, token in creds.items():
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
                 headers["Range"] = "bytes=0-9"
-                body = {} if method == "POST" else None
+                body: dict[str, Any] | None = {} if method == "POST" else None
                 resp = http.request(method, path, headers=headers, json=body)
                 if not _as_expected(kind, allowed, resp.status_code):
                     failures.append(f"{kind} {method} {path}: {resp.status_code} {resp.text}")

@@ -11,7 +11,8 @@ import pytest
 import trio
 from etcdfixtures import requires_etcd, single_etcd, unique
 
-from integration.etcd_cluster import EtcdCluster, FaultyTransport, free_port
+from integration.cluster import free_port
+from integration.etcd_cluster import EtcdCluster, FaultyTransport
 from syncbit.errors import (
     ConfigError,
     LeaseExpiredError,

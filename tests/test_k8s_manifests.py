@@ -356,7 +356,7 @@ def test_the_secret_example_shows_every_object_an_install_must_create() -> None:
     made_here = {("ConfigMap", g["metadata"]["name"]) for g in generated(K8S)}
     needed = {k: v for k, v in references(installed()).items() if k not in made_here}
     shown = {
-        (d["kind"], d["metadata"]["name"]): set(d.get("stringData") or d.get("data"))
+        (d["kind"], d["metadata"]["name"]): set(d.get("stringData") or d.get("data") or ())
         for d in load_docs(K8S / "secret.example.yaml")
     }
     assert set(needed) == set(shown)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -48,7 +49,7 @@ from syncbit.errors import (
     UserError,
 )
 from syncbit.manifest import FileEntry, build_manifest
-from syncbit.sources import Listing, open_source
+from syncbit.sources import Listing, Source, open_source
 from syncbit.sources.oci import INLINE_LIMIT, OciSource
 from syncbit.sources.oci.transport import check_target
 
@@ -142,7 +143,7 @@ def _listing(uri: str, **options: str) -> tuple[OciSource, Listing]:
         raise
 
 
-def _read(source: OciSource, entry: FileEntry, piece: int = 1 * MiB + 17) -> bytes:
+def _read(source: Source, entry: FileEntry, piece: int = 1 * MiB + 17) -> bytes:
     buf = bytearray(entry.size)
     view = memoryview(buf)
     for offset in range(0, entry.size, piece):
@@ -154,8 +155,8 @@ def _files(listing: Listing) -> dict[str, FileEntry]:
     return {e.path: e for e in listing.files}
 
 
-def _index(source: OciSource, listing: Listing) -> dict[str, object]:
-    doc: dict[str, object] = json.loads(_read(source, _files(listing)["index.json"]))
+def _index(source: OciSource, listing: Listing) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(_read(source, _files(listing)["index.json"]))
     return doc
 
 
@@ -270,7 +271,7 @@ def test_platform_option_chooses_one_image(anon: Registry, images: Images) -> No
     source, listing = _listing(f"oci://{anon.host}/team/app:multi", platform="linux/arm64")
     with closing(source):
         files = _files(listing)
-        (entry,) = _index(source, listing)["manifests"]  # type: ignore[misc]
+        (entry,) = _index(source, listing)["manifests"]
     assert entry == {
         "mediaType": OCI_MANIFEST,
         "digest": images.arm.digest,
@@ -299,7 +300,7 @@ def test_platform_not_in_the_index_is_a_user_error(anon: Registry) -> None:
 def test_digest_reference_pins_without_a_tag(anon: Registry, images: Images) -> None:
     source, listing = _listing(f"oci://{anon.host}/team/app@{images.v1.digest}")
     with closing(source):
-        (entry,) = _index(source, listing)["manifests"]  # type: ignore[misc]
+        (entry,) = _index(source, listing)["manifests"]
     assert entry == {"mediaType": OCI_MANIFEST, "digest": images.v1.digest, "size": images.v1.size}
     wrong = "sha256:" + "0" * 64
     with pytest.raises(InvalidSourceError, match="no such image"):
@@ -309,7 +310,7 @@ def test_digest_reference_pins_without_a_tag(anon: Registry, images: Images) -> 
 def test_docker_schema2_image(anon: Registry, tmp_path: Path) -> None:
     source, listing = _listing(f"oci://{anon.host}/team/docker:v1")
     with closing(source):
-        (entry,) = _index(source, listing)["manifests"]  # type: ignore[misc]
+        (entry,) = _index(source, listing)["manifests"]
         assert entry["mediaType"] == DOCKER_MANIFEST
         assert entry["digest"] == _registry_digest(anon, "team/docker:v1")
         _materialize(source, listing, tmp_path / "layout")
@@ -482,7 +483,7 @@ def test_token_auth_from_the_environment(
     _alice(monkeypatch, token.host)
     source, listing = _listing(f"oci://{token.host}/team/app:v1.4")
     with closing(source):
-        assert _index(source, listing)["manifests"][0]["digest"] == images.v1.digest  # type: ignore[index]
+        assert _index(source, listing)["manifests"][0]["digest"] == images.v1.digest
         entry = _files(listing)[f"blobs/sha256/{images.base.hex}"]
         assert _read(source, entry) == images.layout.data[images.base.digest]
 
@@ -652,8 +653,8 @@ def test_tag_moved_upstream_keeps_the_pinned_listing(tmp_path: Path, images: Ima
         registry.push(images.layout, "v2", "team/app:live")  # the tag moves
         new_source, new = _listing(uri)
         with closing(old_source), closing(new_source):
-            assert _index(old_source, old)["manifests"][0]["digest"] == images.v1.digest  # type: ignore[index]
-            assert _index(new_source, new)["manifests"][0]["digest"] == images.v2.digest  # type: ignore[index]
+            assert _index(old_source, old)["manifests"][0]["digest"] == images.v1.digest
+            assert _index(new_source, new)["manifests"][0]["digest"] == images.v2.digest
             # The pinned listing still reads its own image, blob by blob.
             for entry in old.files:
                 if entry.path.startswith("blobs/"):

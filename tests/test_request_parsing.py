@@ -64,9 +64,7 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 # -- strategies --------------------------------------------------------------------------------
 
 # Anything but the line ends that frame the request line (those make another request).
-TEXT = st.text(
-    st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40
-)
+TEXT = st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=40)
 SEGMENT = st.one_of(
     st.sampled_from(["n1", "ds", OBJ, OBJ.upper(), "", ".", "..", "%00", "%2F", "a" * 300]),
     TEXT.map(lambda t: quote(t, safe="")),

@@ -27,15 +27,23 @@ def guarded(fn: Callable[P, T]) -> Callable[P, T]:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
+            _flush_log()
             typer.echo(f"error: {shown(exc)}", err=True)
             raise typer.Exit(2) from None
         except SyncbitError as exc:
+            _flush_log()
             typer.echo(f"error: {shown(exc)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _flush_log() -> None:
+    """What a service logged before its error line is written before it."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def shown(exc: BaseException) -> str:

@@ -5,7 +5,10 @@ service logic itself; the services' modules load only when their command runs.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +27,31 @@ from syncbit.cli.common import (
 from syncbit.cli.exits import guarded
 
 
+class _Queued(logging.handlers.QueueHandler):
+    """Hands records to a thread of its own that writes them with `handler`: a log call
+    never waits for stderr (a pipe whose reader is slow blocks its writer), so the trio
+    loop does not either. `flush` waits for what is queued (the CLI's error line comes
+    after the log lines before it); `stop` writes the rest, at exit."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self.records: queue.Queue[logging.LogRecord] = queue.Queue()  # unbounded
+        super().__init__(self.records)
+        # The message alone (arguments and traceback merged in): `handler` makes the line.
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self._writer = logging.handlers.QueueListener(self.records, handler)
+        self._writer.start()
+        self._running = True
+
+    def flush(self) -> None:
+        if self._running:  # after `stop` nothing would ever mark a late record done
+            self.records.join()
+
+    def stop(self) -> None:
+        if self._running:
+            self._running = False
+            self._writer.stop()
+
+
 def _setup_logging(level: str) -> None:
     from syncbit.diskspace import LogHandler
     from syncbit.redact import ScrubbingFormatter
@@ -33,7 +61,9 @@ def _setup_logging(level: str) -> None:
     handler = LogHandler(sys.stderr.fileno())
     # Every line scrubbed: a library's debug line with a signed URL or a header leaks nothing.
     handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    queued = _Queued(handler)
+    atexit.register(queued.stop)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[queued])
     # One line per control request is noise at info level; our own loggers say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 

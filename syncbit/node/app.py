@@ -6,6 +6,7 @@ and flush. Holds no logic beyond wiring.
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401  # here, not by trio's first name lookup, on its thread
 import faulthandler
 import functools
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 
 import trio
 
-from syncbit import tls
+from syncbit import looptrace, tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.fetch import Fetcher, Jobs
@@ -297,7 +298,8 @@ def _dump_tasks(signum: int, frame: object) -> None:
             for child in nursery.child_tasks:
                 walk(child, depth + 1)
 
-    walk(root, 0)
+    if root is not None:
+        walk(root, 0)
     sys.stderr.write("trio tasks:\n" + "\n".join(lines) + "\n")
     sys.stderr.flush()
 
@@ -309,4 +311,4 @@ def run(config: DaemonConfig) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGUSR2, _dump_tasks)
     node = Node(config)
-    trio.run(node.run)
+    trio.run(node.run, instruments=looptrace.instruments())

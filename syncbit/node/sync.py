@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from syncbit.node.logs import Throttled
 from syncbit.node.status import Status
 from syncbit.retry import backoff_delays
 from syncbit.scheduler.client import SchedulerClient
+from syncbit.sources.base import import_schemes
 from syncbit.store import ObjectStore
 
 log = logging.getLogger("syncbit.daemon")
@@ -75,6 +77,7 @@ class Sync:
                 self.manifests[name] = Manifest.model_validate_json(doc)
             except ValueError as exc:
                 log.warning("ignoring stored manifest of %s: %s", name, exc)
+        await _import_sources(self.manifests.values())
         self._show(self.manifests)
         self.plan = plan
         self._status.set_assigned(self.plan)
@@ -130,6 +133,7 @@ class Sync:
                     wanted[name] = current
                 else:
                     wanted[name] = await self._client.manifest(name)
+            await _import_sources(wanted.values())
         except SyncbitError as exc:
             if not quiet:
                 self._warnings.warn("dataset sync failed", exc)
@@ -301,3 +305,9 @@ class Sync:
             if self._plan_unsaved:
                 await self._persist_plan()
             self.resume_prefetch()
+
+
+async def _import_sources(manifests: Iterable[Manifest]) -> None:
+    """Import the manifests' source modules in a worker thread, before a read opens one of
+    their sources on the trio thread (an import reads files)."""
+    await trio.to_thread.run_sync(import_schemes, [m.source for m in manifests])

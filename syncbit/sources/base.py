@@ -7,11 +7,12 @@ blocking and run in worker threads, listing is async and may be slow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -189,6 +190,21 @@ def register(cls: type[Source]) -> type[Source]:
     return cls
 
 
+def _import_scheme(scheme: str) -> None:
+    if scheme not in _REGISTRY and scheme in _BUILTIN:
+        importlib.import_module(_BUILTIN[scheme])
+
+
+def import_schemes(uris: Iterable[str]) -> None:
+    """Blocking (a worker thread): import the modules of these URIs' schemes, so that
+    `open_source` for them later reads no file (the daemon opens sources on the trio
+    thread). Invalid and unknown schemes, and a module that fails to import, are left
+    for `open_source` to report."""
+    for uri in uris:
+        with contextlib.suppress(ValueError, ImportError):
+            _import_scheme(urlsplit(uri).scheme.lower())
+
+
 def open_source(
     uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
 ) -> Source:
@@ -197,8 +213,7 @@ def open_source(
         scheme = urlsplit(uri).scheme.lower()
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
         raise InvalidSourceError(f"invalid source URI {redact_url(uri)!r}: {exc}") from None
-    if scheme not in _REGISTRY and scheme in _BUILTIN:
-        importlib.import_module(_BUILTIN[scheme])
+    _import_scheme(scheme)
     try:
         cls = _REGISTRY[scheme]
     except KeyError:
