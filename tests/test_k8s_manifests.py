@@ -30,15 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 EXAMPLES = K8S / "examples"
 KUSTOMIZATIONS = [K8S, EXAMPLES]
+# The single-replica LMDB layout: an overlay of deploy/k8s, beside it (kustomize refuses a
+# kustomization root inside another one it loads).
+SINGLE = ROOT / "deploy" / "overlays" / "single-scheduler"
 NAMESPACE = "syncbit"
 IMAGE = "ghcr.io/syncbit/syncbit"
+ETCD_IMAGE = "quay.io/coreos/etcd"
 # The floor (admissionregistration.k8s.io/v1 and the node name in pod-bound tokens arrive
 # in 1.30) and the newest release whose schemas kubernetes-validate>=1.37 bundles.
 KUBERNETES_VERSIONS = ["1.30", "1.37"]
 # Keys and flags of the daemon/scheduler contract for Kubernetes that may not have landed
 # in syncbit/ yet; a check that needs them skips until they exist, then holds.
-PENDING_KEYS = {"token_file", "kubernetes"}
-PENDING_FLAGS = {"--kubernetes", "--token-file"}
+# `state` and `advertise` (scheduler), and several comma-separated URLs in the daemon's
+# `scheduler` ("scheduler URLs"), arrive with the scheduler's high availability.
+PENDING_KEYS = {"token_file", "kubernetes", "state", "advertise", "scheduler URLs"}
+PENDING_FLAGS = {"--kubernetes", "--token-file", "--advertise"}
 
 CLUSTER_SCOPED = {
     "Namespace",
@@ -58,6 +64,8 @@ NAMESPACED = {
     "Deployment",
     "Job",
     "Pod",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
 }
 
 Obj = dict[str, Any]
@@ -107,13 +115,27 @@ def generated(directory: Path) -> list[Obj]:
 
 def rendered(directory: Path) -> list[Obj]:
     """What the kustomization yields, modelled in Python: its resources (recursively),
-    its generated objects, and its `namespace:` on every namespaced object."""
+    its generated objects (added, or replacing a base's with `behavior: replace`), its
+    patches, and its `namespace:` on every namespaced object."""
     kust = kustomization(directory)
     objs: list[Obj] = []
     for res in kust.get("resources", []):
         path = directory / res
         objs += rendered(path) if path.is_dir() else load_docs(path)
-    objs += generated(directory)
+    behaviours = [
+        g.get("behavior", "create")
+        for key in ("configMapGenerator", "secretGenerator")
+        for g in kust.get(key, [])
+    ]
+    for obj, behaviour in zip(generated(directory), behaviours, strict=True):
+        if behaviour == "create":
+            objs.append(obj)
+        else:
+            assert behaviour == "replace", f"generator behavior {behaviour} is not modelled"
+            old = find(objs, obj["kind"], obj["metadata"]["name"])
+            assert old["metadata"].get("namespace") == obj["metadata"].get("namespace")
+            objs[objs.index(old)] = obj
+    objs = patched(objs, directory, kust.get("patches", []))
     for component in kust.get("components", []):
         objs = with_component(objs, directory / component)
     if "namespace" in kust:
@@ -139,18 +161,47 @@ def merged(base: Any, patch: Any) -> Any:
     return patch
 
 
+def targeted(obj: Obj, target: Obj) -> bool:
+    """Whether a kustomize patch `target` (kind, name, namespace, labelSelector) selects
+    `obj`; the label selector as `key=value[,key=value]`."""
+    meta = obj["metadata"]
+    for key, value in (("kind", obj["kind"]), ("name", meta["name"])):
+        if key in target and target[key] != value:
+            return False
+    if "namespace" in target and target["namespace"] != meta.get("namespace"):
+        return False
+    wanted = dict(t.split("=", 1) for t in target.get("labelSelector", "").split(",") if t)
+    return bool(wanted.items() <= meta.get("labels", {}).items())
+
+
+def patched(objs: list[Obj], directory: Path, entries: list[Obj]) -> list[Obj]:
+    """`objs` with a kustomization's `patches`: strategic merge patches from a file (the
+    target is the patch's own kind and name) or inline with a `target`; `$patch: delete`
+    removes every object targeted."""
+    out = list(objs)
+    for entry in entries:
+        if "path" in entry:
+            (patch,) = load_docs(directory / entry["path"])
+        else:
+            (patch,) = [d for d in yaml.safe_load_all(entry["patch"]) if d is not None]
+        meta = patch["metadata"]
+        target = entry.get("target") or {"kind": patch["kind"], "name": meta["name"]}
+        hits = [o for o in out if targeted(o, target)]
+        assert hits, f"{directory.name}: a patch targets nothing: {target}"
+        for hit in hits:
+            if patch.get("$patch") == "delete":
+                out.remove(hit)
+            else:
+                assert hit["metadata"].get("namespace") == meta.get("namespace")
+                out[out.index(hit)] = merged(hit, patch)
+    return out
+
+
 def with_component(objs: list[Obj], component: Path) -> list[Obj]:
     """`objs` with a kustomize Component applied: its generated objects, its patches."""
     kust = kustomization(component)
     assert kust["kind"] == "Component"
-    out = objs + generated(component)
-    for entry in kust.get("patches", []):
-        (patch,) = load_docs(component / entry["path"])
-        meta = patch["metadata"]
-        target = find(out, patch["kind"], meta["name"])
-        assert target["metadata"].get("namespace") == meta.get("namespace")
-        out[out.index(target)] = merged(target, patch)
-    return out
+    return patched(objs + generated(component), component, kust.get("patches", []))
 
 
 def installed() -> list[Obj]:
@@ -267,9 +318,32 @@ def scheduler(base: list[Obj]) -> tuple[Obj, Obj]:
     return only_container(base, "StatefulSet", "syncbit-scheduler")
 
 
-def config_file(name: str) -> Obj:
-    doc: Obj = yaml.safe_load((K8S / "config" / name).read_text())
+@pytest.fixture(scope="module")
+def single() -> list[Obj]:
+    return rendered(SINGLE)
+
+
+def config_file(name: str, directory: Path = K8S) -> Obj:
+    doc: Obj = yaml.safe_load((directory / "config" / name).read_text())
     return doc
+
+
+def scheduler_urls(directory: Path = K8S) -> list[str]:
+    """The daemon config's scheduler URLs, in order (comma-separated)."""
+    return [u.strip() for u in config_file("config.yaml", directory)["scheduler"].split(",")]
+
+
+def client_env_scheduler(objs: list[Obj]) -> str:
+    """The scheduler URL of the client workloads (examples), beyond loopback."""
+    values = {
+        e["value"]
+        for _, spec in workloads(objs)
+        for c in containers(spec)
+        for e in c.get("env", [])
+        if e["name"] == "SYNCBIT_SCHEDULER" and urlsplit(e["value"]).hostname != "127.0.0.1"
+    }
+    (value,) = values
+    return str(value)
 
 
 # -- schemas --------------------------------------------------------------------------------
@@ -297,14 +371,14 @@ def test_generated_objects_validate(version: str) -> None:
 
 def test_every_object_kind_is_known_to_these_checks() -> None:
     # The namespace checks rely on knowing which kinds are cluster-scoped.
-    for obj in installed() + load_docs(K8S / "secret.example.yaml"):
+    for obj in installed() + rendered(SINGLE) + load_docs(K8S / "secret.example.yaml"):
         assert obj["kind"] in CLUSTER_SCOPED | NAMESPACED, obj["kind"]
 
 
 # -- composition ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=["base", "examples"])
+@pytest.mark.parametrize("directory", [*KUSTOMIZATIONS, SINGLE], ids=["base", "examples", "single"])
 def test_kustomization_entries_exist(directory: Path) -> None:
     kust = kustomization(directory)
     assert kust["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
@@ -389,7 +463,7 @@ def test_each_credential_goes_only_where_it_is_needed() -> None:
 
 
 def test_every_namespaced_object_lands_in_the_syncbit_namespace() -> None:
-    for obj in installed():
+    for obj in installed() + rendered(SINGLE):
         ns = obj["metadata"].get("namespace")
         if obj["kind"] in CLUSTER_SCOPED:
             assert ns is None, f"{obj['kind']} {obj['metadata']['name']} is cluster-scoped"
@@ -405,11 +479,21 @@ def test_names_are_unique_per_kind() -> None:
     assert [k for k, n in keys.items() if n > 1] == []
 
 
-def test_service_accounts_exist(base: list[Obj]) -> None:
-    accounts = {o["metadata"]["name"] for o in load_docs(K8S / "rbac.yaml")}
+def test_service_accounts_exist(base: list[Obj], single: list[Obj]) -> None:
+    for objs in (base, single):
+        accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
+        for obj, spec in workloads(objs):
+            name = spec.get("serviceAccountName")
+            assert name in accounts, f"{obj['metadata']['name']}: service account {name}"
+
+
+def test_workloads_that_need_no_api_access_hold_no_token(base: list[Obj]) -> None:
     for obj, spec in workloads(base):
-        name = spec.get("serviceAccountName")
-        assert name in accounts, f"{obj['metadata']['name']}: service account {name}"
+        if obj["metadata"]["name"] == "syncbit-daemon":
+            continue  # --kubernetes: it patches its own Node
+        assert spec["automountServiceAccountToken"] is False, obj["metadata"]["name"]
+        account = find(base, "ServiceAccount", spec["serviceAccountName"])
+        assert account["automountServiceAccountToken"] is False
 
 
 def test_referenced_configmaps_and_secrets_are_defined() -> None:
@@ -454,29 +538,50 @@ def test_selectors_match_pod_labels(base: list[Obj], examples: list[Obj]) -> Non
             assert wanted <= obj["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_scheduler_service_fronts_the_statefulset(base: list[Obj]) -> None:
-    service = find(base, "Service", "syncbit-scheduler")
-    sts = find(base, "StatefulSet", "syncbit-scheduler")
-    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+def services_of(objs: list[Obj], sts: Obj) -> list[Obj]:
+    """The Services whose selector picks the pods of `sts` (and no other workload's)."""
     labels = sts["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items()
-    (port,) = service["spec"]["ports"]
+    hits = []
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        selector = svc["spec"]["selector"]
+        if selector.items() <= labels.items():
+            hits.append(svc)
+            for other, _ in workloads(objs):
+                if other is not sts and "template" in other["spec"]:
+                    pod_labels = other["spec"]["template"]["metadata"]["labels"]
+                    assert not selector.items() <= pod_labels.items(), svc["metadata"]["name"]
+    return hits
+
+
+@pytest.mark.parametrize("layout", ["base", "single"])
+def test_scheduler_services_front_the_statefulset(layout: str) -> None:
+    objs = rendered(K8S if layout == "base" else SINGLE)
+    sts = find(objs, "StatefulSet", "syncbit-scheduler")
     (container,) = sts["spec"]["template"]["spec"]["containers"]
-    assert port["port"] == port_number(container, port["targetPort"]) == 7900
+    services = {s["metadata"]["name"]: s for s in services_of(objs, sts)}
+    assert set(services) == {"syncbit-scheduler", "syncbit-scheduler-replicas"}
+    # Clients: one stable virtual address. Replicas: a DNS name each (the set's service).
+    assert services["syncbit-scheduler"]["spec"]["type"] == "ClusterIP"
+    headless = services["syncbit-scheduler-replicas"]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    assert sts["spec"]["serviceName"] == "syncbit-scheduler-replicas"
+    for svc in services.values():
+        (port,) = svc["spec"]["ports"]
+        assert port["port"] == port_number(container, port["targetPort"]) == 7900
 
 
 def test_images_follow_the_kustomization(base: list[Obj], examples: list[Obj]) -> None:
-    for directory, objs in ((K8S, base), (EXAMPLES, examples)):
+    for directory, objs, names in ((K8S, base, {IMAGE, ETCD_IMAGE}), (EXAMPLES, examples, {IMAGE})):
         images = {i["name"]: i for i in kustomization(directory)["images"]}
-        assert set(images) == {IMAGE}
-        seen = 0
+        assert set(images) == names
+        seen: Counter[str] = Counter()
         for _, spec in workloads(objs):
             for c in containers(spec):
                 name, _, tag = c["image"].rpartition(":")
-                if name == IMAGE:
-                    seen += 1
-                    assert tag == images[IMAGE]["newTag"], c["image"]
-        assert seen
+                if name in images:
+                    seen[name] += 1
+                    assert tag == images[name]["newTag"], c["image"]
+        assert set(seen) == names
     tags = {kustomization(d)["images"][0]["newTag"] for d in KUSTOMIZATIONS}
     assert len(tags) == 1, "base and examples name different image tags"
 
@@ -494,22 +599,45 @@ def kustomize_command() -> list[str] | None:
     reason="neither kustomize nor kubectl (which embeds it) is installed; "
     "the Python model of the composition above still ran",
 )
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=["base", "examples"])
-def test_kustomize_builds_what_the_python_model_says(directory: Path) -> None:
+def kustomize_build(directory: Path) -> list[Obj]:
     cmd = kustomize_command()
     assert cmd is not None
     out = subprocess.run(
         [*cmd, str(directory)], capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0, out.stderr
-    built = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def canonical(value: Any) -> Any:
+    """`value` with every list of objects in a fixed order and the whitespace in strings
+    collapsed. kustomize orders the items a patch adds differently from the model (first,
+    not last), which means nothing in the lists a patch here touches (volume mounts); and
+    it writes folded scalars back with blank lines added (the admission policy's CEL
+    expressions, where whitespace means nothing either)."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [canonical(v) for v in value]
+        if all(isinstance(v, dict) for v in items):
+            return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+        return items
+    return value
+
+
+@pytest.mark.parametrize("directory", [*KUSTOMIZATIONS, SINGLE], ids=["base", "examples", "single"])
+def test_kustomize_builds_what_the_python_model_says(directory: Path) -> None:
+    built = kustomize_build(directory)
     model = rendered(directory)
     gen_names = {g["metadata"]["name"] for g in generated(directory)}
+    hashed = {g: rf"{re.escape(g)}-[a-z0-9]{{10}}" for g in gen_names}
 
     def key(o: Obj) -> tuple[str, str | None, str]:
         name = o["metadata"]["name"]
-        for g in gen_names:  # generated names get a content hash: name-<hash>
-            if re.fullmatch(re.escape(g) + r"-[a-z0-9]{10}", name):
+        for g, pattern in hashed.items():  # generated names get a content hash: name-<hash>
+            if re.fullmatch(pattern, name):
                 name = g
         return o["kind"], o["metadata"].get("namespace"), name
 
@@ -517,6 +645,12 @@ def test_kustomize_builds_what_the_python_model_says(directory: Path) -> None:
     text = json.dumps(built)
     for g in gen_names:  # every reference follows the hashed name
         assert not re.search(rf'"name": "{re.escape(g)}"', text), f"unrewritten {g}"
+    # Object by object, the model is what kustomize builds (hashes aside).
+    for pattern in hashed.values():
+        text = re.sub(rf'"({pattern[: pattern.index("-[a-z0-9]")]})-[a-z0-9]{{10}}"', r'"\1"', text)
+    by_key = {key(o): o for o in json.loads(text)}
+    for obj in model:
+        assert canonical(by_key[key(obj)]) == canonical(obj), key(obj)
     for doc in built:
         kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
 
@@ -625,8 +759,15 @@ def test_daemon_config_matches_the_manifests(
     daemon: tuple[Obj, Obj], scheduler: tuple[Obj, Obj], base: list[Obj]
 ) -> None:
     cfg = config_file("config.yaml")
+    headless = find(base, "Service", "syncbit-scheduler-replicas")
+    for url in map(urlsplit, scheduler_urls()):
+        assert url.scheme == "https"
+        _, _, domain = (url.hostname or "").partition(".")
+        assert domain == f"{headless['metadata']['name']}.{NAMESPACE}.svc"
+        assert url.port == headless["spec"]["ports"][0]["port"]
+    # Clients (the examples) use the Service: any replica, which forwards to the leader.
     service = find(base, "Service", "syncbit-scheduler")
-    url = urlsplit(cfg["scheduler"])
+    url = urlsplit(client_env_scheduler(installed()))
     assert url.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc"
     assert url.port == service["spec"]["ports"][0]["port"]
     assert cfg["listen"] == "0.0.0.0:7901"
@@ -638,7 +779,7 @@ def test_daemon_config_matches_the_manifests(
     )
     for key, item in (("tls_cert", "tls.crt"), ("tls_key", "tls.key"), ("tls_ca", "ca.crt")):
         assert projected_file(d_spec, d_c, cfg[key]) == ("Secret", "syncbit-daemon-tls", item)
-    assert url.scheme == "https" and cfg["peer_tls_name"] == "syncbit-daemon"
+    assert cfg["peer_tls_name"] == "syncbit-daemon"
     s_spec, s_c = scheduler
     sched = config_file("scheduler.yaml")
     assert projected_file(s_spec, s_c, sched["token_file"]) == ("Secret", "syncbit-token", "token")
@@ -653,11 +794,12 @@ def pending_or_fail(missing: set[str], what: str) -> None:
         pytest.skip(f"{what}: the contract's {sorted(missing)} has not landed in syncbit yet")
 
 
+@pytest.mark.parametrize("directory", [K8S, SINGLE], ids=["base", "single"])
 @pytest.mark.parametrize(
     ("name", "model"), [("config.yaml", DaemonConfig), ("scheduler.yaml", SchedulerConfig)]
 )
-def test_config_files_are_valid_for_syncbit(name: str, model: Any) -> None:
-    data = config_file(name)
+def test_config_files_are_valid_for_syncbit(directory: Path, name: str, model: Any) -> None:
+    data = config_file(name, directory)
     pending_or_fail(set(data) - set(model.model_fields), name)
     model.model_validate(data)
 
@@ -702,13 +844,6 @@ def test_daemon_may_only_get_and_patch_nodes(base: list[Obj], daemon: tuple[Obj,
     assert bound == [binding], "no other account gets API rights"
 
 
-def test_scheduler_holds_no_api_token(scheduler: tuple[Obj, Obj], base: list[Obj]) -> None:
-    spec, _ = scheduler
-    assert spec["automountServiceAccountToken"] is False
-    account = find(base, "ServiceAccount", spec["serviceAccountName"])
-    assert account["automountServiceAccountToken"] is False
-
-
 def test_node_policy_confines_the_daemon_to_its_own_node(daemon: tuple[Obj, Obj]) -> None:
     spec, _ = daemon
     policy, binding = load_docs(K8S / "node-policy.yaml")
@@ -727,27 +862,360 @@ def test_node_policy_confines_the_daemon_to_its_own_node(daemon: tuple[Obj, Obj]
         assert needle in text
 
 
-# -- the scheduler --------------------------------------------------------------------------
+# -- the scheduler: three replicas on etcd (the base) ----------------------------------------
 
 
-def test_scheduler_is_one_replica_with_state_on_a_claim(
+def pod_names(sts: Obj) -> list[str]:
+    """The names a StatefulSet gives its pods, in ordinal order."""
+    return [f"{sts['metadata']['name']}-{i}" for i in range(sts["spec"]["replicas"])]
+
+
+def expand(value: str, container: Obj, pod: str) -> str:
+    """`value` with `$(VAR)` expanded as the kubelet does in the pod named `pod`: a
+    literal env value, or the downward API's metadata.name."""
+
+    def one(match: re.Match[str]) -> str:
+        var = env(container, match.group(1))
+        if "value" in var:
+            return str(var["value"])
+        assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", var
+        return pod
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, value)
+
+
+def selected(objs: list[Obj], match_labels: dict[str, str]) -> set[str]:
+    """Names of the workloads whose pods carry every label of `match_labels`."""
+    names = set()
+    for obj, _ in workloads(objs):
+        meta = obj["spec"]["template"]["metadata"] if "template" in obj["spec"] else obj["metadata"]
+        if match_labels.items() <= meta.get("labels", {}).items():
+            names.add(obj["metadata"]["name"])
+    return names
+
+
+def budget_of(objs: list[Obj], sts: Obj) -> Obj:
+    """The one PodDisruptionBudget that covers the pods of `sts`, and only those."""
+    hits = [
+        o
+        for o in objs
+        if o["kind"] == "PodDisruptionBudget"
+        and sts["metadata"]["name"] in selected(objs, o["spec"]["selector"]["matchLabels"])
+    ]
+    assert len(hits) == 1, f"{len(hits)} budgets cover {sts['metadata']['name']}"
+    assert selected(installed(), hits[0]["spec"]["selector"]["matchLabels"]) == {
+        sts["metadata"]["name"]
+    }
+    return hits[0]
+
+
+def spread_over_nodes(sts: Obj) -> None:
+    """A preferred (never required) anti-affinity of the set's pods per node."""
+    anti = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti  # small clusters
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    assert labels == sts["spec"]["selector"]["matchLabels"]
+
+
+def test_scheduler_runs_three_replicas_with_no_state_of_their_own(
     base: list[Obj], scheduler: tuple[Obj, Obj]
 ) -> None:
     spec, c = scheduler
     sts = find(base, "StatefulSet", "syncbit-scheduler")
-    assert sts["spec"]["replicas"] == 1  # LMDB: one writer
-    assert "command" not in c
-    assert c["args"] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
-    assert projected_file(spec, c, "/etc/syncbit/scheduler.yaml")[2] == "scheduler.yaml"
+    assert sts["spec"]["replicas"] == 3
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    # Durable state is in etcd, soft state rebuilt from the nodes: no claim, no LMDB.
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
     cfg = config_file("scheduler.yaml")
-    mount = [m for m in c["volumeMounts"] if m["mountPath"] == cfg["state_dir"]]
-    assert len(mount) == 1
-    claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-    assert mount[0]["name"] in claims
+    assert "state_dir" not in cfg and cfg["state"].startswith("etcd://")
+    assert "command" not in c
+    assert c["args"][:3] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
+    assert projected_file(spec, c, "/etc/syncbit/scheduler.yaml") == (
+        "ConfigMap",
+        "syncbit-config",
+        "scheduler.yaml",
+    )
     assert cfg["listen"] == "0.0.0.0:7900"
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = c[probe]["httpGet"]
         assert (get["path"], port_number(c, get["port"])) == (path, 7900), probe
+    spread_over_nodes(sts)
+
+
+def test_a_drain_leaves_two_scheduler_replicas(base: list[Obj]) -> None:
+    sts = find(base, "StatefulSet", "syncbit-scheduler")
+    budget = budget_of(base, sts)["spec"]
+    assert budget["minAvailable"] == 2 and "maxUnavailable" not in budget
+    assert sts["spec"]["replicas"] > budget["minAvailable"]  # a drain can proceed
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # unready ones serve nothing
+
+
+def test_each_replica_advertises_its_own_name_and_daemons_list_them_all(
+    base: list[Obj], scheduler: tuple[Obj, Obj]
+) -> None:
+    _, c = scheduler
+    sts = find(base, "StatefulSet", "syncbit-scheduler")
+    # One config file for every replica: each one's own URL comes from its command line.
+    assert "advertise" not in config_file("scheduler.yaml")
+    template = option_value(c["args"], "--advertise")
+    advertised = [expand(template, c, pod) for pod in pod_names(sts)]
+    assert len(set(advertised)) == len(advertised) == 3
+    assert advertised == scheduler_urls()  # the daemons' list, in the same order
+    headless = find(base, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    for pod, url in zip(pod_names(sts), map(urlsplit, advertised), strict=True):
+        assert url.hostname == f"{pod}.{headless['metadata']['name']}.{NAMESPACE}.svc"
+        assert url.port == port_number(c, "http") == headless["spec"]["ports"][0]["port"]
+        assert url.scheme == "https" and config_file("scheduler.yaml")["tls_cert"]
+        assert url.path == ""
+
+
+def test_daemons_take_every_scheduler_url() -> None:
+    import trio
+
+    from syncbit.scheduler.client import SchedulerClient
+
+    if not hasattr(SchedulerClient, "urls"):
+        pending_or_fail({"scheduler URLs"}, "config.yaml `scheduler`")
+    cfg = DaemonConfig.model_validate(config_file("config.yaml"))
+
+    async def urls() -> list[str]:
+        async with SchedulerClient(cfg.scheduler or "") as client:
+            return [str(u).rstrip("/") for u in getattr(client, "urls")]  # noqa: B009
+
+    assert trio.run(urls) == scheduler_urls()
+
+
+# -- etcd -----------------------------------------------------------------------------------
+
+
+def etcd_flags(c: Obj) -> dict[str, str]:
+    """etcd's command line as flag -> value (every flag given once, as --flag=value)."""
+    flags: dict[str, str] = {}
+    for arg in c["args"]:
+        assert arg.startswith("--") and "=" in arg, arg
+        key, _, value = arg[2:].partition("=")
+        assert key not in flags, f"--{key} given twice"
+        flags[key] = value
+    return flags
+
+
+@pytest.fixture(scope="module")
+def etcd(base: list[Obj]) -> tuple[Obj, Obj, Obj]:
+    spec, c = only_container(base, "StatefulSet", "syncbit-etcd")
+    return find(base, "StatefulSet", "syncbit-etcd"), spec, c
+
+
+def test_etcd_members_find_each_other_by_stable_names(
+    base: list[Obj], etcd: tuple[Obj, Obj, Obj]
+) -> None:
+    sts, _, c = etcd
+    assert sts["spec"]["replicas"] == 3  # odd: a quorum of two survives one member down
+    # With OrderedReady the first member would wait for a readiness that needs a quorum.
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    peers = find(base, "Service", sts["spec"]["serviceName"])
+    # Members resolve each other before any is Ready (which needs the others).
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    domain = f"{peers['metadata']['name']}.{NAMESPACE}.svc"
+    flags = etcd_flags(c)
+    members = {}
+    for pod in pod_names(sts):
+        own = {k: expand(v, c, pod) for k, v in flags.items()}
+        assert own["name"] == pod
+        for key, port in (
+            ("initial-advertise-peer-urls", "peer"),
+            ("advertise-client-urls", "client"),
+        ):
+            url = urlsplit(own[key])
+            assert (url.scheme, url.hostname, url.port) == (
+                "http",
+                f"{pod}.{domain}",
+                port_number(c, port),
+            )
+        members[pod] = own["initial-advertise-peer-urls"]
+    assert dict(m.split("=", 1) for m in flags["initial-cluster"].split(",")) == members
+    assert flags["initial-cluster-state"] == "new"  # ignored once a member has its data
+    for key, port in (
+        ("listen-peer-urls", "peer"),
+        ("listen-client-urls", "client"),
+        ("listen-metrics-urls", "metrics"),
+    ):
+        assert urlsplit(flags[key]).port == port_number(c, port), key
+    for svc in (peers, find(base, "Service", "syncbit-etcd")):
+        assert services_of(base, sts) and svc in services_of(base, sts)
+        for port in svc["spec"]["ports"]:
+            assert port["port"] == port_number(c, port["targetPort"])
+    spread_over_nodes(sts)
+
+
+def test_every_etcd_member_keeps_its_data_on_its_own_claim(etcd: tuple[Obj, Obj, Obj]) -> None:
+    sts, spec, c = etcd
+    data_dir = etcd_flags(c)["data-dir"]
+    mounts = [m for m in c["volumeMounts"] if data_dir.startswith(m["mountPath"] + "/")]
+    assert len(mounts) == 1, "the data dir is below one mount (etcd makes it 0700 itself)"
+    claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    assert mounts[0]["name"] in claims
+    assert not any(v["name"] == mounts[0]["name"] for v in spec.get("volumes", []))
+    retention = sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+
+
+def test_etcd_probes_do_not_restart_members_that_lost_the_quorum(
+    etcd: tuple[Obj, Obj, Obj],
+) -> None:
+    _, _, c = etcd
+    metrics = port_number(c, "metrics")
+    for probe, path in (
+        ("startupProbe", "/livez"),
+        ("livenessProbe", "/livez"),  # the process serves; a lost quorum is no reason
+        ("readinessProbe", "/readyz"),  # part of a working cluster
+    ):
+        get = c[probe]["httpGet"]
+        assert (get["path"], port_number(c, get["port"])) == (path, metrics), probe
+    assert "command" in c and c["command"][0].endswith("/etcd")
+
+
+def test_a_drain_keeps_the_etcd_quorum(base: list[Obj], etcd: tuple[Obj, Obj, Obj]) -> None:
+    sts, _, _ = etcd
+    members = sts["spec"]["replicas"]
+    quorum = members // 2 + 1
+    budget = budget_of(base, sts)["spec"]
+    assert budget["minAvailable"] == quorum and "maxUnavailable" not in budget
+    assert members > quorum  # a drain can still take one
+    # A member that is not Ready may still be needed for the quorum: no early eviction.
+    assert budget.get("unhealthyPodEvictionPolicy", "IfHealthyBudget") == "IfHealthyBudget"
+
+
+def test_the_scheduler_names_every_etcd_member(etcd: tuple[Obj, Obj, Obj]) -> None:
+    from syncbit.scheduler.etcd import parse_endpoints
+
+    sts, _, c = etcd
+    template = etcd_flags(c)["advertise-client-urls"]
+    members = [expand(template, c, pod) for pod in pod_names(sts)]
+    assert parse_endpoints(config_file("scheduler.yaml")["state"]) == members
+
+
+def test_only_schedulers_reach_etcd_clients_and_only_members_its_peers(
+    base: list[Obj], etcd: tuple[Obj, Obj, Obj], scheduler: tuple[Obj, Obj]
+) -> None:
+    _, _, c = etcd
+    (policy,) = [o for o in base if o["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert selected(installed(), spec["podSelector"]["matchLabels"]) == {"syncbit-etcd"}
+    assert set(spec["podSelector"]) == {"matchLabels"}
+    assert spec["policyTypes"] == ["Ingress"]
+    admitted: dict[int, set[str]] = {}
+    for rule in spec["ingress"]:
+        (source,) = rule["from"]  # no rule without `from`: that would admit everyone
+        assert set(source) == {"podSelector"}, "no namespace or address range admitted"
+        assert set(source["podSelector"]) == {"matchLabels"}
+        (port,) = rule["ports"]
+        assert port["protocol"] == "TCP"
+        number = port_number(c, port["port"])
+        assert number not in admitted
+        admitted[number] = selected(installed(), source["podSelector"]["matchLabels"])
+    assert admitted == {
+        port_number(c, "client"): {"syncbit-scheduler"},
+        port_number(c, "peer"): {"syncbit-etcd"},
+    }
+    # Policies select pods by label: a scheduler on the host network would not be one.
+    s_spec, _ = scheduler
+    assert not s_spec.get("hostNetwork")
+    state = config_file("scheduler.yaml")["state"]
+    from syncbit.scheduler.etcd import parse_endpoints
+
+    assert {urlsplit(u).port for u in parse_endpoints(state)} == {port_number(c, "client")}
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed")
+def test_etcd_knows_every_flag_given(etcd: tuple[Obj, Obj, Obj]) -> None:
+    # Debian's etcd, not the image's release: a misspelt flag, not a version's changes.
+    _, _, c = etcd
+    done = subprocess.run(["etcd", "--help"], capture_output=True, text=True, timeout=60)
+    text = done.stdout + done.stderr
+    for flag in etcd_flags(c):
+        assert re.search(rf"^\s*--{re.escape(flag)}\b", text, re.M), f"etcd has no --{flag}"
+
+
+# -- the single-replica layout (deploy/overlays/single-scheduler) ---------------------------
+
+
+def test_single_layout_is_one_replica_on_lmdb_with_its_claim(single: list[Obj]) -> None:
+    spec, c = only_container(single, "StatefulSet", "syncbit-scheduler")
+    sts = find(single, "StatefulSet", "syncbit-scheduler")
+    assert sts["spec"]["replicas"] == 1  # LMDB: one writer
+    assert c["args"] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
+    assert projected_file(spec, c, "/etc/syncbit/scheduler.yaml")[1:] == (
+        "syncbit-config",
+        "scheduler.yaml",
+    )
+    cfg = config_file("scheduler.yaml", SINGLE)
+    assert "state" not in cfg  # absent: LMDB at state_dir
+    mount = [m for m in c["volumeMounts"] if m["mountPath"] == cfg["state_dir"]]
+    assert len(mount) == 1
+    claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    assert mount[0]["name"] in claims
+    retention = sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    generated_config = find(single, "ConfigMap", "syncbit-config")["data"]
+    for name in ("config.yaml", "scheduler.yaml"):
+        assert generated_config[name] == (SINGLE / "config" / name).read_text()
+    # The daemons name the one Service; no etcd, no budget that would block every drain.
+    service = find(single, "Service", "syncbit-scheduler")
+    assert scheduler_urls(SINGLE) == [
+        f"https://{service['metadata']['name']}.{NAMESPACE}.svc:{port_number(c, 'http')}"
+    ]
+    assert not [o for o in single if "etcd" in json.dumps(o)]
+    assert not [o for o in single if o["kind"] in {"PodDisruptionBudget", "NetworkPolicy"}]
+
+
+def test_single_layout_differs_from_the_base_only_in_the_scheduler(
+    base: list[Obj], single: list[Obj]
+) -> None:
+    def key(o: Obj) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    changed = {("StatefulSet", "syncbit-scheduler"), ("ConfigMap", "syncbit-config")}
+    gone = {
+        key(o)
+        for o in base
+        if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "etcd"
+    }
+    gone.add(("PodDisruptionBudget", "syncbit-scheduler"))
+    assert {key(o) for o in single} == {key(o) for o in base} - gone
+    kept = {key(o): o for o in single if key(o) not in changed}
+    assert kept == {key(o): o for o in base if key(o) in kept}
+    # The config files: the same settings but the scheduler's location and its state.
+    for name, differ in (
+        ("config.yaml", {"scheduler"}),
+        ("scheduler.yaml", {"state", "state_dir"}),
+    ):
+        ha, one = config_file(name), config_file(name, SINGLE)
+        assert {k for k in ha.keys() | one.keys() if ha.get(k) != one.get(k)} == differ, name
+    ha_sts, one_sts = (find(objs, "StatefulSet", "syncbit-scheduler") for objs in (base, single))
+    assert (
+        one_sts["spec"]["template"]["spec"]["affinity"]
+        == ha_sts["spec"]["template"]["spec"]["affinity"]
+    )
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("directory", [K8S, SINGLE], ids=["base", "single"])
+def test_every_rendered_object_validates(directory: Path, version: str) -> None:
+    kinds = set()
+    for doc in rendered(directory):
+        kinds.add(doc["kind"])
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.path)
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} {where}: {exc.message}")
+    if directory == K8S:
+        assert {"PodDisruptionBudget", "NetworkPolicy", "StatefulSet"} <= kinds
 
 
 # -- examples -------------------------------------------------------------------------------
@@ -929,22 +1397,27 @@ def test_make_secrets_creates_what_the_manifests_mount_and_it_works(tmp_path: Pa
     scheduler = SchedulerServer(config)
     scheduler.start()
     ca = ssl.create_default_context(cafile=str(files / "syncbit-ca.ca.crt"))
-    service = urlsplit(config_file("config.yaml")["scheduler"]).hostname
+    # Every name a client dials: each replica (daemons), the Service (jobs, the CLI;
+    # daemons in the single-replica layout).
+    names = {urlsplit(u).hostname or "" for u in scheduler_urls() + scheduler_urls(SINGLE)}
+    names |= {urlsplit(client_env_scheduler(installed())).hostname or ""}
+    assert len(names) == 4
     try:
         with httpx.Client(verify=ca, trust_env=False) as http:
 
-            def call(method: str, path: str, role: str, body: Any = None) -> int:
+            def call(method: str, path: str, role: str, body: Any = None, name: Any = None) -> int:
                 token = (files / f"syncbit-{role}.token").read_text().strip()
                 resp = http.request(
                     method,
                     f"https://{scheduler.address}{path}",
                     json=body,
                     headers={"Authorization": f"Bearer {token}"},
-                    extensions={"sni_hostname": service},
+                    extensions={"sni_hostname": name or sorted(names)[0]},
                 )
                 return resp.status_code
 
-            assert call("GET", "/v1/status", "reader") == 200
+            for name in sorted(names):
+                assert call("GET", "/v1/status", "reader", name=name) == 200, name
             assert call("POST", "/v1/datasets", "reader", {"name": "x", "source": "y"}) == 403
             assert call("POST", "/v1/nodes/gpu-1/credential", "bootstrap", {}) == 200
             assert call("POST", "/v1/tokens", "admin", {"role": "reader"}) == 200

@@ -29,7 +29,20 @@ umask 077
 cleanup() { rm -f "$DIR/secret" "$DIR"/*.token "$DIR"/scheduler.* "$DIR"/daemon.*; }
 trap cleanup EXIT
 
-$SYNCBIT tls init "$DIR" >/dev/null
+# The scheduler's certificate names the Service (clients), each replica below the headless
+# Service syncbit-scheduler-replicas (daemons, and followers reaching the leader; set
+# SCHEDULER_REPLICAS if you scale the StatefulSet) and loopback (`kubectl exec`).
+set --
+for name in syncbit-scheduler "syncbit-scheduler.$NAMESPACE" "syncbit-scheduler.$NAMESPACE.svc" \
+  "syncbit-scheduler.$NAMESPACE.svc.cluster.local" localhost 127.0.0.1; do
+  set -- "$@" --scheduler-name "$name"
+done
+i=0
+while [ "$i" -lt "${SCHEDULER_REPLICAS:-3}" ]; do
+  set -- "$@" --scheduler-name "syncbit-scheduler-$i.syncbit-scheduler-replicas.$NAMESPACE.svc"
+  i=$((i + 1))
+done
+$SYNCBIT tls init "$DIR" "$@" >/dev/null
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/secret"
 for role in bootstrap reader admin; do
   $SYNCBIT token create --role "$role" --secret-file "$DIR/secret" >"$DIR/$role.token"
