@@ -1,14 +1,14 @@
 """Async client of the scheduler API (httpx under trio), one method per endpoint.
 
 Owns the mapping of HTTP and transport failures onto syncbit's error tree: no httpx
-exception ever leaves this module. It keeps no state beyond its connection pool.
+exception ever leaves this module. It keeps no state beyond its connection pool. The data
+types it returns live in `syncbit.protocol` (re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -25,57 +25,20 @@ from syncbit.errors import (
     UnauthorizedError,
     UserError,
 )
+from syncbit.protocol import (  # the shared types, re-exported for the node's imports
+    MAX_CLAIM_CHUNKS,
+    MAX_REPORT_CHUNKS,
+    MAX_REPORT_REMOVALS,
+    RESOLVE_TIMEOUT,
+    ChunkMap,
+    ChunkReportResult,
+    ChunkUpdates,
+    ClaimResult,
+    Peer,
+)
 
 if TYPE_CHECKING:
     from syncbit.manifest import Manifest  # pydantic models: imported when first needed
-
-RESOLVE_TIMEOUT = 300.0
-"""Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502
-(the server's limit; the client waits a little longer)."""
-
-# What one request may carry; the server refuses more (400), so this client splits.
-MAX_REPORT_CHUNKS = 4096  # chunks added by one chunk report
-MAX_REPORT_REMOVALS = 65536  # chunk indexes removed by one chunk report
-MAX_CLAIM_CHUNKS = 4096  # chunks one claim or release names
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A node that holds a chunk, and the address its peer service listens on."""
-
-    node: str
-    address: str
-
-
-@dataclass
-class ChunkMap:
-    """What the scheduler knows of one object: chunk digests and, per chunk, ranked peers."""
-
-    digests: dict[int, str] = field(default_factory=dict)
-    peers: dict[int, list[Peer]] = field(default_factory=dict)
-    fetching: dict[int, str] = field(default_factory=dict)  # chunk -> node reading the source
-    disputed: set[int] = field(default_factory=set)  # re-checked against the source now
-    broken: str | None = None  # why the object's version is broken (never served), if it is
-
-
-@dataclass
-class ChunkReportResult:
-    """The scheduler's answer to a chunk report: (object, index) pairs whose digest differed
-    from the recorded one, and pairs refused (nobody recorded a digest and this node was not
-    granted their source read, or it is quarantined). Neither counts as held."""
-
-    conflicts: list[tuple[str, int]] = field(default_factory=list)
-    refused: list[tuple[str, int]] = field(default_factory=list)
-
-
-@dataclass
-class ClaimResult:
-    """The answer to a source-fetch claim: what this node may read from the source now,
-    what another node is reading (wait for it), what a peer already holds."""
-
-    granted: list[int] = field(default_factory=list)
-    busy: dict[int, str] = field(default_factory=dict)
-    held: list[int] = field(default_factory=list)
 
 
 def _segment(value: str) -> str:
@@ -436,7 +399,35 @@ class SchedulerClient:
                 fetching={int(i): str(n) for i, n in doc.get("fetching", {}).items()},
                 disputed={int(i) for i in doc.get("disputed", [])},
                 broken=str(doc["broken"]) if doc.get("broken") else None,
+                cursor=str(doc.get("cursor", "")),
             )
+        raise AssertionError("unreachable")
+
+    async def updates(
+        self,
+        object_id: str,
+        node: str | None = None,
+        cursor: str = "",
+        *,
+        limit: int | None = None,
+        wait: float = 0.0,
+    ) -> ChunkUpdates:
+        """The chunks of `object_id` whose state changed since `cursor` (from a chunk map
+        or the last updates; "" for all), each once with its state now; at most K peers
+        each, never `node` itself. With `wait`, the scheduler holds the request up to
+        that many seconds (at most 30) until something changes. Fold the answer into a
+        `ChunkMap` with `ChunkMap.apply`; when `more` is set, ask again at once."""
+        params = {"cursor": cursor}
+        if node is not None:
+            params["node"] = node
+        if limit is not None:
+            params["limit"] = str(limit)
+        if wait:
+            params["wait"] = f"{wait:g}"
+        path = f"/v1/objects/{_segment(object_id)}/updates"
+        doc = await self._request("GET", path, params=params, timeout=wait + self.timeout)
+        with self._shape("GET updates"):
+            return ChunkUpdates.from_json(doc)
         raise AssertionError("unreachable")
 
     async def report_bad_peer(
@@ -479,4 +470,15 @@ class SchedulerClient:
         return result
 
 
-__all__ = ["ChunkMap", "ChunkReportResult", "ClaimResult", "Peer", "SchedulerClient"]
+__all__ = [
+    "MAX_CLAIM_CHUNKS",
+    "MAX_REPORT_CHUNKS",
+    "MAX_REPORT_REMOVALS",
+    "RESOLVE_TIMEOUT",
+    "ChunkMap",
+    "ChunkReportResult",
+    "ChunkUpdates",
+    "ClaimResult",
+    "Peer",
+    "SchedulerClient",
+]
