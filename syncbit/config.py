@@ -105,6 +105,9 @@ class SchedulerConfig(_Strict):
     insecure: bool = Field(False, description="serve beyond loopback without a token_file")
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    peers_per_chunk: int = Field(
+        default=8, ge=1, le=64, description="most peers any answer names for one chunk (K)"
+    )
     log_level: str = "info"
 
 

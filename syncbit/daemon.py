@@ -196,6 +196,10 @@ class Daemon:
         self._heartbeat_ok = -math.inf
         self._rechecking: set[tuple[str, int]] = set()  # re-checks running (object, chunk)
         self._quarantine_told = False
+        # The scheduler instance that knows what this node holds (heartbeat "epoch"): holders
+        # are its soft state, so another one (a restart, a new leader) is told it all again.
+        self._scheduler_epoch: str | None = None
+        self._report_all = False
         self.kube: NodeSync | None = None
         self.session: Session | None = None  # the FUSE mount, once mounted
         # Written when possible: a full disk leaves them unsaved until space is back.
@@ -927,6 +931,12 @@ class Daemon:
                 self._nursery.start_soon(self._recheck, ask, key)
         for object_id in record.get("discard", []):
             self._nursery.start_soon(self._discard, str(object_id))
+        epoch = record.get("epoch")
+        if epoch and self._scheduler_epoch not in (None, epoch):
+            log.info("a new scheduler instance answers: reporting every chunk held here again")
+            self._report_all = True
+            self.store.durable_event.set()  # wakes the report loop
+        self._scheduler_epoch = epoch or self._scheduler_epoch
 
     async def _recheck(self, ask: dict[str, Any], key: tuple[str, int]) -> None:
         """Read one disputed chunk from the source and tell the scheduler what it holds."""
@@ -1070,13 +1080,22 @@ class Daemon:
 
     async def _report_loop(self) -> None:
         """Tell the scheduler which chunks became durable here (with their digests)."""
-        backlog: list[tuple[StoredObject, int, str]] = [
-            (obj, i, obj.digests[i]) for obj in self.store.objects() for i in sorted(obj.durable)
-        ]
+
+        def everything() -> list[tuple[StoredObject, int, str]]:
+            return [
+                (obj, i, obj.digests[i])
+                for obj in self.store.objects()
+                for i in sorted(obj.durable)
+            ]
+
+        backlog = everything()
         while True:
             if not backlog and not self.store.newly_removed:
                 await self.store.durable_event.wait()
             self.store.durable_event = trio.Event()
+            if self._report_all:
+                self._report_all = False
+                backlog = everything()
             backlog.extend(self.store.newly_durable)
             self.store.newly_durable.clear()
             removed, self.store.newly_removed = self.store.newly_removed, []

@@ -1,0 +1,112 @@
+"""The scheduler's HTTP application: every request handled in steps, each before the next
+costs anything: the TLS rule, who asks (from the headers), where to (the route, which sets
+the body limit), then at most that limit of body (else 413, unread), then the handler.
+
+Owns the request target's parsing, the mapping of errors to statuses and JSON answers
+(`{"error", "kind"}`, never a traceback), `/metrics`, and the request counts. It never
+keeps state of its own beyond counters and never logs a credential.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from urllib.parse import parse_qs, unquote
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+
+from syncbit import tls
+from syncbit.errors import ForbiddenError
+from syncbit.httpd import Body, Request, Response
+from syncbit.metrics import Snapshot, render
+from syncbit.scheduler.api import Api, Call
+from syncbit.scheduler.metrics import collect
+from syncbit.scheduler.routes import Refusal, authorize, route_of, status_of
+from syncbit.serving import BodyError
+
+log = logging.getLogger("syncbit.scheduler")
+
+_PROBES = (["healthz"], ["readyz"])
+_BODY_KINDS = {411: "LengthRequired", 413: "PayloadTooLarge"}
+_PLAIN_KINDS = {503: "TooManyConnections", 500: "ServerError"}
+
+
+def error_json(message: str, kind: str) -> bytes:
+    return json.dumps({"error": message, "kind": kind}, separators=(",", ":")).encode()
+
+
+def connection_error(status: int, message: str) -> bytes:
+    """The body of an answer the connection layer gives by itself (malformed request,
+    too many connections)."""
+    return error_json(message, _PLAIN_KINDS.get(status, "BadRequest"))
+
+
+class App:
+    """`httpd` application of the scheduler API over `api`.
+
+    Args:
+        api: the handlers.
+        tls_required: a TLS certificate is configured: plain HTTP is admitted only for the
+            probes and metrics, and from loopback (the node's own CLI).
+    """
+
+    def __init__(self, api: Api, tls_required: bool) -> None:
+        self.api = api
+        self.tls_required = tls_required
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, route) -> count
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(Snapshot(self._collect))
+
+    def _collect(self) -> Iterator[Metric]:
+        yield from collect(self.api, self.requests)
+
+    async def __call__(self, request: Request, body: Body) -> Response:
+        method = request.method
+        # The target is a path, never parsed as a URL: `//host` is a path here too.
+        path, _, query_string = request.target.partition("?")
+        segments = [unquote(s) for s in path.partition("#")[0].strip("/").split("/")]
+        query = {k: v[-1] for k, v in parse_qs(query_string.partition("#")[0]).items()}
+        try:
+            if method == "GET" and segments == ["metrics"]:
+                await body.read(0)
+                payload, content_type = render(self.registry)
+                return Response(200, payload, content_type)
+            if not self._secure(request) and segments not in _PROBES:
+                raise ForbiddenError("this scheduler requires TLS: use https://")
+            # 1. Who asks, from the headers alone: nothing of the body is read for a
+            # client that may not make this request.
+            principal = authorize(
+                self.api.auth, method, segments, request.headers.get("authorization")
+            )
+            # 2. Where to: an unknown route or method costs no body either.
+            route = route_of(method, segments)
+            # 3. What: at most the route's limit, else 413 unread.
+            raw = await body.read(route.body_limit)
+            self.requests[(method, route.name)] += 1
+            call = Call(method, segments, query, raw, principal)
+            return Response(200, await self.api.call(route.name, call))
+        except Refusal as exc:
+            return Response(exc.status, error_json(str(exc), exc.kind), headers=exc.headers)
+        except BodyError as exc:
+            kind = _BODY_KINDS.get(exc.status, "UserError")
+            return Response(exc.status, error_json(str(exc), kind))
+        except ConnectionError:
+            raise  # the client is gone or stalled: nobody to answer
+        except Exception as exc:
+            status = status_of(exc)
+            if status == 500:
+                log.exception("%s %s failed", method, path[:200])
+                message = f"internal scheduler error ({type(exc).__name__}); see scheduler log"
+            else:
+                message = str(exc)
+            return Response(status, error_json(message, type(exc).__name__))
+
+    def _secure(self, request: Request) -> bool:
+        """TLS, or no TLS needed: none configured, or a client on this host."""
+        return not self.tls_required or request.tls or tls.is_loopback(request.client)
+
+
+__all__ = ["App", "connection_error", "error_json"]
