@@ -1,21 +1,26 @@
 """What the scheduler keeps in memory and what it writes: heartbeats, loads and holders
 never reach the durable store (a store that counts its commits proves it), registrations
-arriving together share a commit, and plans stay bounded and split each chunk's source
-read to exactly one member whatever the cluster's size."""
+arriving together share a commit, plans stay bounded and split each chunk's source read
+to exactly one member whatever the cluster's size, and the durable facts load from etcd
+as they do from LMDB."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from etcdfixtures import requires_etcd, single_etcd, unique
 from schedulerfixtures import CHUNK, TIMEOUT, Clock
 
+from integration.etcd_cluster import EtcdCluster
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.protocol import MAX_PLAN_MEMBERS, PlanEntry
+from syncbit.scheduler.etcd import EtcdClient
 from syncbit.scheduler.kv import Check, Commit, Delete, DurableStore, Put
+from syncbit.scheduler.kv_etcd import EtcdStore
 from syncbit.scheduler.kv_lmdb import LmdbStore
 from syncbit.scheduler.state import SchedulerState
 
@@ -183,3 +188,41 @@ async def test_plan_members_follow_liveness_without_a_rebuild(
     await state.catalog.add_targets("ds", [{"node": "cpu"}])
     assert [e.dataset for e in state.plan("cpu")] == ["ds"]
     assert len(rebuilds) == 1
+
+
+# -- the same state on etcd -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    with single_etcd(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@requires_etcd
+async def test_the_durable_facts_plug_into_etcd(etcd: EtcdCluster, clock: Clock) -> None:
+    """SchedulerState over `kv_etcd.EtcdStore` (what replicated schedulers will use): the
+    durable facts written by one instance are what the next one loads."""
+    root = unique("sched")
+    entry = FileEntry(path="f", size=10 * CHUNK, object=OBJ, locator="f")
+    manifest = build_manifest("ds", "mem://x/", [entry], chunk_size=CHUNK)
+    async with EtcdClient(etcd.endpoints) as client:
+        async with SchedulerState.open(EtcdStore(client, root), TIMEOUT, clock=clock) as st:
+            await st.catalog.put_dataset(manifest)
+            await st.catalog.add_targets("ds", [{"selector": {"gpu": "yes"}}])
+            await st.heartbeat("n1", "127.0.0.1:1", {"gpu": "yes"})
+            await st.edit_labels("n1", {"rack": "r7"}, [])
+            report = await st.chunks.add_chunks("n1", OBJ, 10 * CHUNK, CHUNK, [(0, D)], {0})
+            assert report.refused == report.conflicts == []
+            await st.trust.quarantine("n2", "by hand")
+            generation = st.generation()
+        async with SchedulerState.open(EtcdStore(client, root), TIMEOUT, clock=clock) as again:
+            assert again.generation() == generation
+            assert again.catalog.get_dataset("ds") == manifest
+            assert again.catalog.targets() == {"ds": [{"selector": {"gpu": "yes"}}]}
+            (node,) = again.nodes()
+            assert node.labels == {"gpu": "yes", "rack": "r7"} and not node.up
+            assert again.chunk_map(OBJ)["digests"] == {0: D}
+            assert set(again.facts.quarantine) == {"n2"}
+            await again.heartbeat("n1", "127.0.0.1:1", {"gpu": "yes"})
+            assert [e.dataset for e in again.plan("n1")] == ["ds"]
