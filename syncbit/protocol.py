@@ -76,6 +76,10 @@ class ChunkUpdates:
     scheduler instance, or none sent): `chunks` then describes the object from scratch,
     so drop what was known of it before applying. `more`: further changes follow at once
     (ask again without waiting). `broken`: why the object's version is broken, if it is.
+
+    On the wire a page is flat, with each node's address once: {"cursor", "reset",
+    "more", "broken", "changed": [index], "digests": {index: hex}, "peers": {index:
+    [node]}, "fetching": {index: node}, "disputed": [index], "addresses": {node: addr}}.
     """
 
     cursor: str = ""
@@ -86,11 +90,25 @@ class ChunkUpdates:
 
     @classmethod
     def from_json(cls, doc: Any) -> ChunkUpdates:
+        addresses = {str(n): str(a) for n, a in doc.get("addresses", {}).items()}
+        digests = {int(i): str(d) for i, d in doc.get("digests", {}).items()}
+        peers = {int(i): [str(n) for n in names] for i, names in doc.get("peers", {}).items()}
+        fetching = {int(i): str(n) for i, n in doc.get("fetching", {}).items()}
+        disputed = {int(i) for i in doc.get("disputed", [])}
+        chunks = {
+            index: ChunkState(
+                digest=digests.get(index),
+                peers=[Peer(n, addresses[n]) for n in peers.get(index, [])],
+                fetching=fetching.get(index),
+                disputed=index in disputed,
+            )
+            for index in map(int, doc["changed"])
+        }
         return cls(
             cursor=str(doc["cursor"]),
             reset=bool(doc["reset"]),
             more=bool(doc["more"]),
-            chunks={int(i): ChunkState.from_json(c) for i, c in doc["chunks"].items()},
+            chunks=chunks,
             broken=str(doc["broken"]) if doc.get("broken") else None,
         )
 

@@ -138,7 +138,8 @@ async def test_no_answer_names_more_than_k_peers(state: SchedulerState, clock: C
     assert sorted(full["peers"]) == list(range(CHUNKS))
     assert set(_peer_counts(full)) == {K}
     page = state.chunks.updates(OBJ, "reader", "", 1000)
-    assert all(len(c["peers"]) == K for c in page["chunks"].values())
+    assert sorted(page["changed"]) == list(range(CHUNKS))
+    assert all(len(peers) == K for peers in page["peers"].values())
     # The offered ones go away in every way they can: others take their places.
     offered = {p["node"] for p in full["peers"][0]}
     gone = sorted(offered)
@@ -212,7 +213,7 @@ async def test_updates_are_exact_under_concurrent_reports(
     doc = state.chunk_map(OBJ, "reader")
     assert {i: {p["node"] for p in ps} for i, ps in doc["peers"].items()} == _peer_sets(known)
     again = state.chunks.updates(OBJ, "reader", known.cursor, 7)
-    assert again["chunks"] == {} and not again["reset"]  # nothing repeated
+    assert again["changed"] == [] and not again["reset"]  # nothing repeated
 
 
 def _peer_sets(cmap: ChunkMap) -> dict[int, set[str]]:

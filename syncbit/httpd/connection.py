@@ -149,14 +149,20 @@ class _Connection:
         ]
         if close:
             headers.append(("connection", "close"))
-        reason = HTTPStatus(response.status).phrase if response.status in _KNOWN else ""
-        await self.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        reason = _REASONS.get(response.status, "")
+        # One write per answer: head and body in two would cost a syscall and a wake-up of
+        # the client each, and these answers are small and many.
+        out = [
+            self.h11.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        ]
         if response.body and not head:
-            await self.send(h11.Data(data=response.body))
-        await self.send(h11.EndOfMessage())
+            out.append(self.h11.send(h11.Data(data=response.body)))
+        out.append(self.h11.send(h11.EndOfMessage()))
+        with trio.fail_after(self.idle):
+            await self.stream.send_all(b"".join(b for b in out if b))
 
 
-_KNOWN = {s.value for s in HTTPStatus}
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 async def serve_connection(
@@ -217,7 +223,7 @@ async def _refuse(
 ) -> None:
     """Answer a request h11 could not parse, outside its state machine, and end."""
     body = error_body(status, message)
-    reason = HTTPStatus(status).phrase if status in _KNOWN else "Error"
+    reason = _REASONS.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

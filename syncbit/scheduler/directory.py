@@ -217,7 +217,8 @@ class Directory:
         """Ranks offered holders for one answer (see `Ranker`)."""
         return Ranker(self, requester)
 
-    def _candidate(self, name: str) -> _Candidate:
+    def candidate(self, name: str) -> _Candidate:
+        """What the peer policy sees of `name`."""
         live = self.live.nodes.get(name)
         return _Candidate(name, live.load, live.reports) if live else _Candidate(name, 0, 0)
 
@@ -225,7 +226,7 @@ class Directory:
         """Up to `n` of `names` by the peer policy: whom to offer for a free place."""
         if n <= 0 or not names:
             return []
-        return [c.name for c in self.policy.rank([self._candidate(x) for x in names])][:n]
+        return [c.name for c in self.policy.rank([self.candidate(x) for x in names])][:n]
 
     def chunk_map(self, object_id: str, requester: str | None = None) -> dict[str, Any]:
         """Digests of an object's known chunks and, per chunk, at most K up, trusted peers
@@ -245,7 +246,7 @@ class Directory:
         rank = self.ranker(requester)
         doc["digests"] = {i: d.hex() for i, d in sorted(obj.digests.items())}
         for index in doc["digests"]:
-            if index not in withheld and (refs := rank(view.offered.get(index))):
+            if index not in withheld and (refs := rank.refs(view.offered.get(index))):
                 doc["peers"][index] = refs
         doc["disputed"] = disputed
         broken = self.facts.broken.get(object_id)
@@ -253,28 +254,13 @@ class Directory:
             doc["broken"] = broken["reason"]
         return doc
 
-    def chunk_state(
-        self, object_id: str, view: ObjectHolders, index: int, rank: Ranker
-    ) -> dict[str, Any]:
-        """What the scheduler says of one chunk now (`protocol.ChunkState` as JSON)."""
-        obj = self.facts.objects.get(object_id)
-        digest = obj.digests.get(index) if obj is not None else None
-        disputed = (object_id, index) in self.facts.disputes
-        reader = self.claims.reader(object_id, index)
-        if reader == rank.requester or (reader is not None and not self.live.is_up(reader)):
-            reader = None
-        return {
-            "digest": digest.hex() if digest is not None else None,
-            "peers": [] if disputed or digest is None else rank(view.offered.get(index)),
-            "fetching": reader,
-            "disputed": disputed,
-        }
-
     def updates(
         self, object_id: str, requester: str | None, cursor: str, limit: int
     ) -> dict[str, Any]:
         """The chunks whose state changed after `cursor`, each once with its state now,
-        oldest change first, at most `limit` (`protocol.ChunkUpdates` as JSON)."""
+        oldest change first, at most `limit` (`protocol.ChunkUpdates` as JSON): which
+        changed, and of those the digests, peers (names; `addresses` says where each
+        listens), source readers and disputes."""
         object_id = check_oid(object_id)
         view = self.view(object_id)
         broken = self.facts.broken.get(object_id)
@@ -282,20 +268,46 @@ class Directory:
             "cursor": "",
             "reset": True,
             "more": False,
-            "chunks": {},
             "broken": broken["reason"] if broken else None,
+            "changed": [],
         }
         if view is None:
             return doc
         self.claims.expire(object_id)  # lapsed leases are changes too
         seq = _seq_of(cursor, view.view)
         indexes, last, more = self.holders.since(view, seq or 0, limit)
-        doc["reset"] = seq is None
-        doc["more"] = more
-        doc["cursor"] = view.cursor(last)
-        rank = self.ranker(requester)
-        doc["chunks"] = {i: self.chunk_state(object_id, view, i, rank) for i in indexes}
+        doc.update(reset=seq is None, more=more, cursor=view.cursor(last), changed=indexes)
+        doc.update(self._states(object_id, view, indexes, self.ranker(requester)))
         return doc
+
+    def _states(
+        self, object_id: str, view: ObjectHolders, indexes: list[int], rank: Ranker
+    ) -> dict[str, Any]:
+        obj = self.facts.objects.get(object_id)
+        recorded = obj.digests if obj is not None else {}
+        disputes = self.facts.disputes
+        digests: dict[int, str] = {}
+        peers: dict[int, list[str]] = {}
+        fetching: dict[int, str] = {}
+        disputed: list[int] = []
+        for index in indexes:
+            digest = recorded.get(index)
+            if digest is not None:
+                digests[index] = digest.hex()
+            if (object_id, index) in disputes:
+                disputed.append(index)
+            elif digest is not None and (names := rank(view.offered.get(index))):
+                peers[index] = names
+            reader = self.claims.reader(object_id, index)
+            if reader is not None and reader != rank.requester and self.live.is_up(reader):
+                fetching[index] = reader
+        return {
+            "digests": digests,
+            "peers": peers,
+            "fetching": fetching,
+            "disputed": disputed,
+            "addresses": rank.named,
+        }
 
     def held(self, object_id: str, requester: str, indexes: list[int]) -> set[int]:
         """The chunks among `indexes` that a peer can serve `requester` now."""
@@ -314,35 +326,50 @@ class Directory:
 
 
 class Ranker:
-    """Orders the offered holders of chunks for one answer to `requester`, by the peer
+    """Orders the offered holders of chunks for one answer to `requester` by the peer
     policy, leaving out the requester and those that may not serve now (down or
-    quarantined): each node is looked up once per answer, however many chunks offer it."""
+    quarantined). Each node is looked up and keyed once per answer however many chunks
+    offer it; per chunk, one sort by those keys, then a random turn of the best equal
+    ones (spread). `named` collects the address of every node named."""
 
     def __init__(self, directory: Directory, requester: str | None) -> None:
         self.directory = directory
         self.requester = requester
-        self._usable: dict[str, tuple[_Candidate, dict[str, str]] | None] = {}
+        self.named: dict[str, str] = {}
+        self._keys: dict[str, tuple[int, ...]] = {}
+        self._refused: set[str] = set()
+        self._rng = directory.policy.rng
 
-    def _lookup(self, name: str) -> tuple[_Candidate, dict[str, str]] | None:
-        if name in self._usable:
-            return self._usable[name]
+    def _admit(self, name: str) -> bool:
         d = self.directory
         record = d.facts.nodes.get(name)
-        found = None
-        if name != self.requester and record is not None and d.eligible(name):
-            found = (d._candidate(name), {"node": name, "address": record.address})
-        self._usable[name] = found
-        return found
+        if name == self.requester or record is None or not d.eligible(name):
+            self._refused.add(name)
+            return False
+        self._keys[name] = d.policy.key(d.candidate(name))
+        self.named[name] = record.address
+        return True
 
-    def __call__(self, offered: list[str] | None) -> list[dict[str, str]]:
+    def __call__(self, offered: list[str] | None) -> list[str]:
         """The peers to name for one chunk, best first: at most K (its offers)."""
         if not offered:
             return []
-        usable = [u for n in offered if (u := self._lookup(n)) is not None]
+        keys = self._keys
+        usable = [n for n in offered if n in keys or (n not in self._refused and self._admit(n))]
         if len(usable) > 1:
-            refs = {c.name: ref for c, ref in usable}
-            return [refs[c.name] for c in self.directory.policy.rank([c for c, _ in usable])]
-        return [ref for _, ref in usable]
+            usable.sort(key=keys.__getitem__)
+            best = keys[usable[0]]
+            ties = 1
+            while ties < len(usable) and keys[usable[ties]] == best:
+                ties += 1
+            if ties > 1:
+                turn = int(self._rng.random() * ties)
+                usable[:ties] = usable[turn:ties] + usable[:turn]
+        return usable
+
+    def refs(self, offered: list[str] | None) -> list[dict[str, str]]:
+        """`self(offered)` as {"node", "address"} documents."""
+        return [{"node": n, "address": self.named[n]} for n in self(offered)]
 
 
 def _seq_of(cursor: str, view: str) -> int | None:

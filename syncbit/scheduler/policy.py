@@ -30,7 +30,16 @@ C = TypeVar("C", bound=Candidate)
 
 
 class PeerPolicy(Protocol):
-    """Orders the candidate holders of one chunk, best first."""
+    """Orders the candidate holders of one chunk, best first: by `key`, lower first;
+    candidates with equal keys in random order, so that equally good peers share the
+    chunks of an object instead of one of them serving them all (spread)."""
+
+    @property
+    def rng(self) -> random.Random: ...
+
+    def key(self, candidate: Candidate) -> tuple[int, ...]:
+        """The candidate's rank as a sort key (computed once per node per answer)."""
+        ...
 
     def rank(self, candidates: Sequence[C]) -> list[C]:
         """Return the same nodes in the order a fetcher should try them."""
@@ -38,20 +47,20 @@ class PeerPolicy(Protocol):
 
 
 class LeastLoaded:
-    """Lowest load (transfers in progress) first, then fewest bad-peer reports.
-
-    Ties are broken at random on every call, so equally loaded peers share the chunks of
-    one object instead of the first one by name serving them all (spread).
-    """
+    """Lowest load (transfers in progress) first, then fewest bad-peer reports; ties at
+    random on every call."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()
+
+    def key(self, candidate: Candidate) -> tuple[int, ...]:
+        return (candidate.load, candidate.reports)
 
     def rank(self, candidates: Sequence[C]) -> list[C]:
         if len(candidates) < 2:
             return list(candidates)
-        rnd = self._rng.random
-        return sorted(candidates, key=lambda n: (n.load, n.reports, rnd()))
+        rnd = self.rng.random
+        return sorted(candidates, key=lambda n: (*self.key(n), rnd()))
 
 
 __all__ = ["Candidate", "LeastLoaded", "PeerPolicy"]
