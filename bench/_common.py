@@ -8,10 +8,19 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# The test servers (syncbit_testing) come with the checkout, not with syncbit: the scripts
+# here import them from the repository root, and so do the children they start (`process`).
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+from syncbit_testing import environ  # noqa: E402 - needs the root on the path first
 
 
 def free_port() -> int:
@@ -40,7 +49,7 @@ def process(
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=environ({**os.environ, **(env or {})}),
             start_new_session=True,
         )
     try:

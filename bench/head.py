@@ -34,8 +34,8 @@ from _common import free_port, process, wait_http
 from syncbit.chunks import DEFAULT_CHUNK_SIZE, chunk_count
 from syncbit.fetcher import read_checked
 from syncbit.manifest import FileEntry
-from syncbit.sources import http as http_source
 from syncbit.sources.http import HttpSource
+from syncbit.sources.http.walk import Walk
 
 MiB = 1 << 20
 
@@ -60,13 +60,13 @@ def read_all(source: HttpSource, entry: FileEntry, batch_chunks: int) -> float:
 
 def list_once(url: str, head: bool) -> float:
     """Seconds to list `url`; as before the head sample (a HEAD per file) unless `head`."""
-    walk = http_source._Walk
+    walk = Walk
     saved = walk._first_bytes, walk._head_sample
     if not head:
 
         async def head_request(self: Any, url: str) -> tuple[Any, None]:
             async with self.limiter:
-                return await self._request("HEAD", url), None
+                return await self._head(url), None
 
         async def none(self: Any, url: str, size: int, etag: str | None) -> str:
             return ""

@@ -15,7 +15,7 @@ empty node cache. Parts:
         same capped nginx: s5cmd cp and boto3 download_file (default TransferConfig), and
         aria2c -x16 on the object's URL (the capped origin's ceiling), vs `syncbit pull
         s3://`. Reference: s5cmd.
-  hf    the repo's Hub server (`syncbit.testing.hub`), its API and LFS storage both behind
+  hf    the repo's Hub server (`syncbit_testing.hub`), its API and LFS storage both behind
         the capped nginx: `hf download` (huggingface_hub; plain HTTP here: hf_xet needs a
         Xet storage service) and hf_transfer (the parallel downloader `hf download` used
         with HF_HUB_ENABLE_HF_TRANSFER=1 before huggingface_hub 1.0, with its defaults
@@ -429,7 +429,7 @@ class Bench:
             shard.parent.mkdir(parents=True)
             os.link(self.source, shard)
             (shard.parent / "config.json").write_text("{}")
-        argv = [PY, "-m", "syncbit.testing.hub", "--root", str(root)]
+        argv = [PY, "-m", "syncbit_testing.hub", "--root", str(root)]
         argv += ["--port", str(self.ports.hub_up), "--storage-port", str(self.ports.store_up)]
         log = self.logs / "hub.log"
         log.unlink(missing_ok=True)

@@ -124,7 +124,7 @@ def bench_s3(work: Path, size: int) -> tuple[float, float]:
 def bench_hf(work: Path, size: int) -> tuple[float, float]:
     from huggingface_hub import snapshot_download
 
-    from syncbit.testing.hub import Hub  # the loopback Hub-compatible server
+    from syncbit_testing.hub import Hub  # the loopback Hub-compatible server
 
     root = work / "hub"
     shutil.rmtree(root, ignore_errors=True)

@@ -418,7 +418,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         def launch(host: Host, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
             return stack.enter_context(process(host.argv(argv), logs / f"{name}.log", CHILD_ENV))
 
-        serve = [sys.executable, "-m", "syncbit.testing.origin", "--root", str(work / "www")]
+        serve = [sys.executable, "-m", "syncbit_testing.origin", "--root", str(work / "www")]
         serve += ["--host", origin.address, "--port", str(ORIGIN_PORT)]
         origin_proc = launch(origin, "origin", serve)
 

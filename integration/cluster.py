@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
+from syncbit_testing import command, environ
+
 T = TypeVar("T")
 
 MiB = 1024 * 1024
@@ -266,7 +268,7 @@ class ManagedProcess:
             raise HarnessError(f"{self.name} is already running (pid {self.pid})")
         self.argv = argv
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**environ(), "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.log_path, "ab") as log:
             log.write(f"==== {time.strftime('%H:%M:%S')} start: {shlex.join(argv)}\n".encode())
             log.flush()
@@ -356,7 +358,7 @@ class ManagedProcess:
 
 
 class Origin(ManagedProcess):
-    """`python -m syncbit.testing.origin`: the dataset source, with byte counters."""
+    """`python -m syncbit_testing.origin`: the dataset source, with byte counters."""
 
     def __init__(self, root: Path, log_dir: Path, host: str = HOST, style: str = "nginx") -> None:
         super().__init__("origin", log_dir / "origin.log")
@@ -373,8 +375,8 @@ class Origin(ManagedProcess):
         return f"http://{self.host}:{self.port}/"
 
     def start(self, timeout: float = 20.0) -> Origin:
-        argv = [sys.executable, "-m", "syncbit.testing.origin", "--root", str(self.root)]
-        argv += ["--host", self.host, "--port", str(self.port), "--style", self.style]
+        argv = command("origin", "--root", str(self.root), "--host", self.host)
+        argv += ["--port", str(self.port), "--style", self.style]
         deadline = time.monotonic() + timeout
         while True:
             self._spawn(argv)

@@ -46,7 +46,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from integration.cluster import HOST, HarnessError, ManagedProcess, free_port, wait_until
-from syncbit.testing._http import (
+from syncbit_testing._http import (
     UNSATISFIABLE,
     LoopbackServer,
     ServedInThread,

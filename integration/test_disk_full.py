@@ -28,7 +28,7 @@ from integration.cluster import (
     wait_until,
 )
 from syncbit.chunks import head_length
-from syncbit.testing.smallfs import CannotMount, fill, small_fs, takes_no_block
+from syncbit_testing.smallfs import CannotMount, fill, small_fs, takes_no_block
 
 CLUSTER_NODES = 1  # the module cluster (verify tests); the full-disk tests build their own
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import pytest
 
 from integration.cluster import Cluster, Origin, sha256_file
 
-hub_mod = pytest.importorskip("syncbit.testing.hub")
+hub_mod = pytest.importorskip("syncbit_testing.hub")
 
 MiB = 1 << 20
 TOKEN = "hf_syncbit_integration"

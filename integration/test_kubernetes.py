@@ -11,7 +11,7 @@ import pytest
 
 from integration.cluster import Cluster, Origin, fresh_dataset, wait_until
 from syncbit.kube import label_key
-from syncbit.testing.kubeapi import KubeAPI
+from syncbit_testing.kubeapi import KubeAPI
 
 CLUSTER_NODES = 1
 MiB = 1 << 20

@@ -25,7 +25,7 @@ import pytest
 from integration.cluster import Cluster, Origin, in_thread, sha256_file, wait_until
 from syncbit.chunks import HEAD_SAMPLE
 
-hub_mod = pytest.importorskip("syncbit.testing.hub")
+hub_mod = pytest.importorskip("syncbit_testing.hub")
 
 MiB = 2**20
 USER, PASSWORD = "alice", "pw-userinfo-7f3a9c"

@@ -199,7 +199,6 @@ class Daemon:
         # The scheduler instance that knows what this node holds (heartbeat "epoch"): holders
         # are its soft state, so another one (a restart, a new leader) is told it all again.
         self._scheduler_epoch: str | None = None
-        self._report_all = False
         self.kube: NodeSync | None = None
         self.session: Session | None = None  # the FUSE mount, once mounted
         # Written when possible: a full disk leaves them unsaved until space is back.
@@ -496,35 +495,30 @@ class Daemon:
 
     # -- node-local control: pull, progress, readiness ----------------------------------------
 
-    async def _control(
-        self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    async def _control(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One node-local control request: its JSON answer. Errors are raised, and the
+        peer server answers them by the one status table (`errors.HTTP_STATUS`)."""
         route, _, query = path.partition("?")
         parts = [unquote(p) for p in route.split("/") if p]
-        try:
-            if method == "POST" and parts == ["v1", "local", "pull"]:
-                return 200, await self.pull(validate_dataset_name(str(body.get("dataset", ""))))
-            if method == "POST" and parts == ["v1", "local", "pull", "cancel"]:
-                return 200, self.cancel_pull(validate_dataset_name(str(body.get("dataset", ""))))
-            if parts[:3] == ["v1", "local", "cache"]:
-                return 200, await self._cache_control(method, parts[3:], body, query)
-            if method == "GET" and parts == ["v1", "local", "datasets"]:
-                return 200, {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
-            if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
-                # Added or updated a moment ago? A waiter's first request must see the
-                # current revision. Its long polls that follow need no scheduler call:
-                # `_dataset_loop` follows the generation and applies updates at once.
-                validate_dataset_name(parts[3])
-                wait = _wait_seconds(query)
-                unknown = parts[3] not in self.manifests
-                if unknown or not wait:
-                    await self._sync_datasets(quiet=True, force=unknown)
-                return 200, await self._progress_within(parts[3], wait)
-        except NotFoundError as exc:
-            return 404, {"error": str(exc)}
-        except UserError as exc:
-            return 400, {"error": str(exc)}
-        return 404, {"error": f"no such endpoint {method} {path}"}
+        if method == "POST" and parts == ["v1", "local", "pull"]:
+            return await self.pull(validate_dataset_name(str(body.get("dataset", ""))))
+        if method == "POST" and parts == ["v1", "local", "pull", "cancel"]:
+            return self.cancel_pull(validate_dataset_name(str(body.get("dataset", ""))))
+        if parts[:3] == ["v1", "local", "cache"]:
+            return await self._cache_control(method, parts[3:], body, query)
+        if method == "GET" and parts == ["v1", "local", "datasets"]:
+            return {"datasets": [self.progress(n) for n in sorted(self.manifests)]}
+        if method == "GET" and parts[:3] == ["v1", "local", "datasets"] and len(parts) == 4:
+            # Added or updated a moment ago? A waiter's first request must see the
+            # current revision. Its long polls that follow need no scheduler call:
+            # `_dataset_loop` follows the generation and applies updates at once.
+            validate_dataset_name(parts[3])
+            wait = _wait_seconds(query)
+            unknown = parts[3] not in self.manifests
+            if unknown or not wait:
+                await self._sync_datasets(quiet=True, force=unknown)
+            return await self._progress_within(parts[3], wait)
+        raise NotFoundError(f"no such endpoint {method} {path}")
 
     async def _cache_control(
         self, method: str, rest: list[str], body: dict[str, Any], query: str = ""
@@ -934,8 +928,7 @@ class Daemon:
         epoch = record.get("epoch")
         if epoch and self._scheduler_epoch not in (None, epoch):
             log.info("a new scheduler instance answers: reporting every chunk held here again")
-            self._report_all = True
-            self.store.durable_event.set()  # wakes the report loop
+            self.store.changes.durable(_held(self.store))  # the report loop sends them
         self._scheduler_epoch = epoch or self._scheduler_epoch
 
     async def _recheck(self, ask: dict[str, Any], key: tuple[str, int]) -> None:
@@ -1080,25 +1073,14 @@ class Daemon:
 
     async def _report_loop(self) -> None:
         """Tell the scheduler which chunks became durable here (with their digests)."""
-
-        def everything() -> list[tuple[StoredObject, int, str]]:
-            return [
-                (obj, i, obj.digests[i])
-                for obj in self.store.objects()
-                for i in sorted(obj.durable)
-            ]
-
-        backlog = everything()
+        backlog = _held(self.store)
+        unsent: list[tuple[StoredObject, list[int]]] = []  # removals a failed report kept
         while True:
-            if not backlog and not self.store.newly_removed:
-                await self.store.durable_event.wait()
-            self.store.durable_event = trio.Event()
-            if self._report_all:
-                self._report_all = False
-                backlog = everything()
-            backlog.extend(self.store.newly_durable)
-            self.store.newly_durable.clear()
-            removed, self.store.newly_removed = self.store.newly_removed, []
+            changes = self.store.changes.take()
+            if not backlog and not unsent and not changes:
+                changes = await self.store.changes.next()
+            backlog.extend(changes.durable)
+            removed, unsent = unsent + changes.removed, []
             # Say what is true now: a chunk evicted and fetched again since the last report
             # is held (added, not removed); one evicted after it became durable is not.
             backlog = [b for b in backlog if b[1] in b[0].durable]
@@ -1128,7 +1110,7 @@ class Daemon:
                     continue
                 self._warn("chunk report failed", exc)
                 backlog = batch + backlog
-                self.store.newly_removed = removed + self.store.newly_removed
+                unsent = removed
                 await trio.sleep(1.0)
             else:
                 if batch or remove:
@@ -1150,6 +1132,11 @@ def _wait_seconds(query: str) -> float:
     if not 0 <= wait <= _PROGRESS_WAIT_MAX:  # also rejects nan
         raise UserError(f"wait must be 0-{_PROGRESS_WAIT_MAX:g} seconds, not {values[-1]!r}")
     return wait
+
+
+def _held(store: ObjectStore) -> list[tuple[StoredObject, int, str]]:
+    """Every chunk durable here, with its digest: what a scheduler is told it holds."""
+    return [(obj, i, obj.digests[i]) for obj in store.objects() for i in sorted(obj.durable)]
 
 
 def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:

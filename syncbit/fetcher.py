@@ -20,7 +20,6 @@ import heapq
 import itertools
 import logging
 import math
-import mmap
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from syncbit.peer import PeerClient
 from syncbit.retry import retrying
 from syncbit.scheduler.client import ChunkMap, ClaimResult, Peer
 from syncbit.sources.base import Source
-from syncbit.store import ObjectStore, StoredObject
+from syncbit.store import BackingFile, Hold, ObjectReader, ObjectStore, StoredObject
 
 log = logging.getLogger("syncbit.fetcher")
 
@@ -148,8 +147,15 @@ class OpenFile:
     entry: FileEntry
     obj: StoredObject
     source: Source
+    backing: BackingFile  # the object file, for the kernel to read itself
     next_offset: int = 0
     readahead_until: int = 0  # chunk index up to which readahead was scheduled
+    hold: Hold | None = None  # while open through the mount (`Fetcher.hold`)
+
+    async def backing_fd(self) -> int | None:
+        """A descriptor of the file's bytes for FUSE passthrough, or None while not every
+        byte is here and verified. Valid until the caller's next checkpoint."""
+        return await self.backing.fd()
 
 
 def _spread(peers: list[Peer]) -> list[Peer]:
@@ -245,7 +251,6 @@ class Fetcher:
         # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
         # bounded so RAM stays bounded (each slot pins one chunk buffer).
         self._write_slots = trio.Semaphore(write_backlog)
-        self._buffers: list[mmap.mmap] = []
         self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0, "busy": 0}
         self.read_bytes: Counter[str] = Counter()  # bytes served to readers, by origin
         self._came_from: dict[tuple[str, int], str] = {}  # fetched for readers, not yet read
@@ -292,7 +297,7 @@ class Fetcher:
     def open(self, entry: FileEntry, chunk_size: int, source: Source) -> OpenFile:
         self._refuse_broken(entry)
         obj = self.store.object(entry.object, entry.size, chunk_size)
-        return OpenFile(entry, obj, source)
+        return OpenFile(entry, obj, source, self.store.backing(obj))
 
     def mark_broken(self, object_id: str, reason: str) -> bool:
         """The scheduler found this object's version broken: refuse it from now on, cached
@@ -318,15 +323,16 @@ class Fetcher:
         """A file opened through the mount: its object is evicted only when nothing else
         can go, so a file open across a dataset update keeps reading the old revision's
         bytes while there is room. Until `release`."""
-        handle.obj.opened += 1
+        handle.hold = self.store.hold(handle.obj)
 
     def release(self, handle: OpenFile) -> None:
-        handle.obj.opened -= 1
+        if handle.hold is not None:
+            handle.hold.release()
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of an open file, fetching what is missing. A
         memoryview result is valid only until the caller's next checkpoint (see
-        `ObjectStore.read_parts`).
+        `ObjectReader.parts`).
 
         Raises ReadDeadlineError (with the last cause) when the chunks did not arrive within
         the read deadline, SourceChangedError when the source lost the recorded version,
@@ -341,9 +347,8 @@ class Fetcher:
         sequential = offset == handle.next_offset
         handle.next_offset = offset + length
         self.store.touch(obj)
-        # In use from the presence check to the end of the pread: the cache does not evict
-        # the object meanwhile (a hole punched under a pread reads as zeros).
-        with self.store.in_use(obj):
+        # Kept while its chunks come: the cache does not evict the object meanwhile.
+        with self.store.keeping(obj):
             if obj.unverified:  # after an unclean shutdown: checked before first use
                 await self.store.verify_chunks(obj, span)
             missing = [i for i in span if not obj.has(i)]
@@ -354,25 +359,29 @@ class Fetcher:
                 # Fetched, yet gone before this reader ran: the cache could not store it
                 # (full of pinned or in-use data, disk full). Fetch once more, then fail.
                 missing = [i for i in span if not obj.has(i)]
-            if missing:
-                cause = obj.unstored.get(missing[0], "dropped again before it was read")
-                raise CacheFullError(
-                    f"chunk {missing[0]} of {handle.entry.path} arrived but could not be "
-                    f"kept: {cause}"
-                )
-            if sequential and self.readahead_chunks:
-                self._readahead(handle, span.stop)
-            self._count_read(obj, offset, length)
-            parts = self.store.read_parts(obj, offset, length)
-            if len(parts) == 1 and not isinstance(parts[0], range):
-                # A view of a staged chunk's buffer goes to the kernel as it is: the FUSE
-                # session replies before the trio thread yields, so the buffer cannot be
-                # recycled first, and the reader's bytes skip one 1 MiB copy.
-                return parts[0]
-            if any(isinstance(p, range) for p in parts):
-                # Staged views must not outlive this checkpoint: copy them first.
-                held = [bytes(p) if isinstance(p, memoryview) else p for p in parts]
-                parts = await trio.to_thread.run_sync(self._read_disk_parts, obj, held)
+            # Reading from the presence check just made (no checkpoint in between) to the
+            # end of the pread: no removal takes the object meanwhile (a hole punched
+            # under a pread reads as zeros).
+            with self.store.reading(obj) as reader:
+                if missing:
+                    cause = obj.unstored.get(missing[0], "dropped again before it was read")
+                    raise CacheFullError(
+                        f"chunk {missing[0]} of {handle.entry.path} arrived but could not be "
+                        f"kept: {cause}"
+                    )
+                if sequential and self.readahead_chunks:
+                    self._readahead(handle, span.stop)
+                self._count_read(obj, offset, length)
+                parts = reader.parts(offset, length)
+                if len(parts) == 1 and not isinstance(parts[0], range):
+                    # A view of a staged chunk's buffer goes to the kernel as it is: the FUSE
+                    # session replies before the trio thread yields, so the buffer cannot be
+                    # recycled first, and the reader's bytes skip one 1 MiB copy.
+                    return parts[0]
+                if any(isinstance(p, range) for p in parts):
+                    # Staged views must not outlive this checkpoint: copy them first.
+                    held = [bytes(p) if isinstance(p, memoryview) else p for p in parts]
+                    parts = await trio.to_thread.run_sync(_read_disk_parts, reader, held)
         return b"".join(parts)  # type: ignore[arg-type]
 
     def _count_read(self, obj: StoredObject, offset: int, length: int) -> None:
@@ -390,11 +399,6 @@ class Fetcher:
             key = (obj.id, index)
             origin = came_from.pop(key, "cache") if end >= chunk_end else came_from.get(key)
             self.read_bytes[origin or "cache"] += part
-
-    def _read_disk_parts(
-        self, obj: StoredObject, parts: list[bytes | memoryview | range]
-    ) -> list[bytes | memoryview]:
-        return [self.store.read(obj, p.start, len(p)) if isinstance(p, range) else p for p in parts]
 
     def _readahead(self, handle: OpenFile, after: int) -> None:
         """Sequential reader: keep the next `readahead_chunks` missing chunks coming.
@@ -482,7 +486,7 @@ class Fetcher:
         (a prefetch plan gives each chunk one reader); the others wait for a peer."""
         handle = self.open(entry, chunk_size, source)  # refuses a broken file
         obj = handle.obj
-        with self.store.in_use(obj):  # not evicted between its chunks, nor under the hash
+        with self.store.keeping(obj):  # not evicted between its chunks, nor under the hash
             discards = obj.discards
             missing = [i for i in range(obj.chunks) if not obj.has(i)]
             if missing:
@@ -735,7 +739,7 @@ class Fetcher:
             self._write_slots.release()
         expected = flight.entry.version.get("sha256")
         if expected and obj.complete and len(obj.written) == obj.chunks:
-            with self.store.in_use(obj):  # no eviction under the hash
+            with self.store.keeping(obj):  # no eviction under the hash
                 await self._verify_whole(obj, flight.entry.path, expected)
 
     async def _verify_whole(self, obj: StoredObject, path: str, expected: str) -> None:
@@ -745,7 +749,7 @@ class Fetcher:
             return
         self._verifying.add(obj.id)
         try:
-            got = await trio.to_thread.run_sync(self.store.sha256, obj)
+            got = await self.store.sha256(obj)
             if got == expected:
                 self._verified.add(obj.id)
             else:
@@ -804,7 +808,7 @@ class Fetcher:
         if expected is not None and info.peers.get(index):
             if flight.lane == "source":
                 raise _ToPeerLane()
-            buf = self._buffer(obj.chunk_size)
+            buf = self.store.buffers.take(obj.chunk_size)
             view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
             busy = False
             for peer in _spread(info.peers[index]):
@@ -814,10 +818,12 @@ class Fetcher:
                 if got == "ok":
                     self.stats["peer"] += len(view)
                     flight.origin = "peer"
-                    self.store.stage(obj, index, view, lambda: self._buffers.append(buf), expected)
+                    self.store.stage(
+                        obj, index, view, functools.partial(self.store.buffers.give, buf), expected
+                    )
                     return [Staged(flight, view, expected)]
                 busy = busy or got == "busy"
-            self._buffers.append(buf)
+            self.store.buffers.give(buf)
             if busy:
                 # Every holder that could serve it is at its upload limit: wait briefly
                 # (parked, no worker held) while this node's other transfers go on.
@@ -1016,7 +1022,7 @@ class Fetcher:
         span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
         if flight.priority >= Priority.PREFETCH:
             await self._throttle(span)
-        buf = self._buffer(span)
+        buf = self.store.buffers.take(span)
         try:
             digests, head_ok = await read_checked(
                 flight.source,
@@ -1028,11 +1034,11 @@ class Fetcher:
             )
             self._check_source(batch, info, digests, head_ok)
         except _SourceDisagrees as disagree:
-            self._buffers.append(buf)
+            self.store.buffers.give(buf)
             await self._refuse_batch(batch, disagree)
             raise disagree.error from None
         except BaseException as exc:
-            self._buffers.append(buf)
+            self.store.buffers.give(buf)
             if isinstance(exc, SyncbitError) and not _is_temp_failure(flight.source, exc):
                 # The same refusal awaits the chunks after it: they fail with it now rather
                 # than each asking the source again.
@@ -1057,7 +1063,7 @@ class Fetcher:
         def release() -> None:
             pending[0] -= 1
             if pending[0] == 0:
-                self._buffers.append(buf)
+                self.store.buffers.give(buf)
 
         staged = []
         for i, f in enumerate(batch):
@@ -1180,15 +1186,12 @@ class Fetcher:
                 f"of {flight.entry.path}: digest {got[:16]} != {expected[:16]}"
             )
 
-    def _buffer(self, size: int) -> mmap.mmap:
-        """A page-aligned buffer (O_DIRECT needs alignment), reused when free: the
-        smallest free one that fits, so a chunk does not take a batch-sized buffer."""
-        fits = [b for b in self._buffers if len(b) >= size]
-        if fits:
-            buf = min(fits, key=len)
-            self._buffers.remove(buf)
-            return buf
-        return mmap.mmap(-1, size)
+
+def _read_disk_parts(
+    reader: ObjectReader, parts: list[bytes | memoryview | range]
+) -> list[bytes | memoryview]:
+    """Blocking: the `range` parts of a read, from the object file."""
+    return [reader.pread(p.start, len(p)) if isinstance(p, range) else p for p in parts]
 
 
 async def read_checked(

@@ -22,6 +22,7 @@ abandons the transfers only it wanted, so nothing keeps asking the source on its
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from syncbit.errors import (
 )
 from syncbit.fetcher import Fetcher, Priority
 from syncbit.manifest import FileEntry, Manifest
-from syncbit.retry import backoff_delays
+from syncbit.retry import retrying
 from syncbit.sources.base import Source
 
 log = logging.getLogger("syncbit.jobs")
@@ -181,38 +182,57 @@ class Jobs:
         self.fetcher.abandon(mine, why)
 
     async def _run(self, job: Job) -> None:
-        delays = backoff_delays(base=2.0, cap=60.0)
         name = job.manifest.dataset
+
+        def another_round(exc: BaseException) -> bool:
+            # A pull reports its failure. A dataset the cache cannot hold is not fetched
+            # again and again: what fits stays; status says the node is over budget. A
+            # source that refused for good is not asked again until the dataset changes.
+            return isinstance(exc, SyncbitError) and not (
+                job.kind == "pull" or job.full or job.permanent
+            )
+
+        def retried(exc: Exception, delay: float) -> None:
+            # Nothing of the failed round may keep asking the source during the wait.
+            self._abandon(job, f"{job.kind} of {name} failed")
+            log.warning("prefetch of %s failed: %s; retrying in %.0fs", name, job.error, delay)
+
         try:
             with job.scope:
-                while True:
-                    job.error = None
-                    await self._fetch_all(job)
-                    if job.error is None:
-                        await self.flush()  # complete means durable
-                        job.done = True
-                        log.info("%s of %s: complete", job.kind, name)
-                        break
-                    # Nothing of this round may keep asking the source during the wait.
-                    self._abandon(job, f"{job.kind} of {name} failed")
-                    if job.kind == "pull" or job.full or job.permanent:
-                        # A dataset the cache cannot hold is not fetched again and again:
-                        # what fits stays; status says the node is over budget. A source
-                        # that refused for good is not asked again until the dataset changes.
-                        job.done = True
-                        log.warning("%s of %s failed: %s", job.kind, name, job.error)
-                        break
-                    delay = next(delays)
-                    log.warning(
-                        "prefetch of %s failed: %s; retrying in %.0fs", name, job.error, delay
+                try:
+                    # A prefetch retries for as long as its dataset stays assigned (the
+                    # scope is cancelled when it is not), at most one round a minute.
+                    await retrying(
+                        functools.partial(self._round, job),
+                        another_round,
+                        until_cancelled=True,
+                        base=2.0,
+                        cap=60.0,
+                        on_retry=retried,
                     )
-                    await trio.sleep(delay)
+                except SyncbitError:
+                    self._abandon(job, f"{job.kind} of {name} failed")
+                    job.done = True
+                    log.warning("%s of %s failed: %s", job.kind, name, job.error)
+                else:
+                    await self.flush()  # complete means durable
+                    job.done = True
+                    log.info("%s of %s: complete", job.kind, name)
         finally:
             if not job.done or job.cancelled:  # cancelled: by `cancel`, `stop`, a new revision
                 self._abandon(job, f"{job.kind} of {name} stopped")
             job.finished.set()
 
-    async def _fetch_all(self, job: Job) -> None:
+    async def _round(self, job: Job) -> None:
+        """Bring every file of the job's dataset here once; the first error of the round
+        is raised (`job.error` says it, `full` and `permanent` classify the round)."""
+        job.error = None
+        failures: list[SyncbitError] = []
+        await self._fetch_all(job, failures)
+        if failures:
+            raise failures[0]
+
+    async def _fetch_all(self, job: Job, failures: list[SyncbitError]) -> None:
         manifest = job.manifest
         source = self.source_for(manifest)
         limit = trio.CapacityLimiter(FILES_AT_ONCE)
@@ -233,6 +253,7 @@ class Jobs:
                         may_source=lambda i: job.may_source(base + i),
                     )
                 except SyncbitError as exc:
+                    failures.append(exc)
                     job.error = job.error or f"{entry.path}: {exc}"
                     job.full = job.full or isinstance(exc, CacheFullError)
                     job.permanent = job.permanent or _is_permanent(exc)

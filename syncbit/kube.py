@@ -38,8 +38,8 @@ from lightkube.core.exceptions import ConfigError as KubeConfigError
 from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
-from syncbit.errors import ConfigError
-from syncbit.retry import backoff_delays
+from syncbit.errors import ConfigError, KubeAPIError
+from syncbit.retry import retrying
 
 log = logging.getLogger("syncbit.kube")
 
@@ -130,11 +130,6 @@ def _config_error(where: str, reason: str) -> ConfigError:
     return ConfigError(f"cannot load the Kubernetes config ({where}): {reason}")
 
 
-class _BadResponseError(Exception):
-    """The API server (or a proxy before it) answered something that is not Kubernetes API
-    JSON. Never leaves this module: `sync` logs it like any other API failure."""
-
-
 class NodeSync:
     """Keeps one Node's `syncbit.io/ds.*` labels and warm-up taint in step with this node.
 
@@ -216,7 +211,7 @@ class NodeSync:
                 return
             try:
                 await self._reconcile(*wanted)
-            except (httpx.HTTPError, KubeConfigError, _BadResponseError) as exc:
+            except (httpx.HTTPError, KubeConfigError, KubeAPIError) as exc:
                 self._failed(exc)
                 return
             if self.last_error is not None:
@@ -250,32 +245,37 @@ class NodeSync:
     # -- one reconciliation ----------------------------------------------------------------
 
     async def _reconcile(self, ready: frozenset[str], assigned: frozenset[str] | None) -> None:
-        wanted_labels = {label_key(d) for d in ready}
-        delays = backoff_delays(base=0.05, cap=1.0)
-        for attempt in range(1, self.conflict_attempts + 1):
-            node = await self._call(functools.partial(self._client.get, Node, self.node))
-            self.node_labels = {
-                k: v
-                for k, v in ((node.metadata and node.metadata.labels) or {}).items()
-                if not k.startswith(LABEL_PREFIX)
-            }
-            patch, changes = plan_patch(node, wanted_labels, ready, assigned)
-            if patch is None:
-                return
-            try:
-                await self._call(
-                    functools.partial(
-                        self._client.patch, Node, self.node, patch, patch_type=PatchType.MERGE
-                    )
-                )
-            except ApiError as exc:
-                if _code(exc) != 409 or attempt == self.conflict_attempts:
-                    raise
-                log.debug("Node %s changed under us (409): reading it again", self.node)
-                await trio.sleep(next(delays))
-                continue
-            log.info("Node %s: %s", self.node, "; ".join(changes))
+        """Read the Node and patch it to the wanted state; a 409 Conflict (it changed
+        between the read and the patch) reads it again, `conflict_attempts` times at most."""
+
+        def conflicted(exc: Exception, delay: float) -> None:
+            log.debug("Node %s changed under us (409): reading it again", self.node)
+
+        await retrying(
+            functools.partial(self._reconcile_once, ready, assigned),
+            _is_conflict,
+            attempts=self.conflict_attempts,
+            base=0.05,
+            cap=1.0,
+            on_retry=conflicted,
+        )
+
+    async def _reconcile_once(self, ready: frozenset[str], assigned: frozenset[str] | None) -> None:
+        node = await self._call(functools.partial(self._client.get, Node, self.node))
+        self.node_labels = {
+            k: v
+            for k, v in ((node.metadata and node.metadata.labels) or {}).items()
+            if not k.startswith(LABEL_PREFIX)
+        }
+        patch, changes = plan_patch(node, {label_key(d) for d in ready}, ready, assigned)
+        if patch is None:
             return
+        await self._call(
+            functools.partial(
+                self._client.patch, Node, self.node, patch, patch_type=PatchType.MERGE
+            )
+        )
+        log.info("Node %s: %s", self.node, "; ".join(changes))
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """A blocking client call on a worker thread (see the module docstring)."""
@@ -284,7 +284,7 @@ class NodeSync:
         except (ValueError, KeyError) as exc:
             # ValueError: a body that is not JSON (a proxy's error page); KeyError: lightkube
             # reads the Content-Type of every error answer, and a proxy's may have none.
-            raise _BadResponseError(f"unexpected answer from the Kubernetes API: {exc!r}") from exc
+            raise KubeAPIError(f"unexpected answer from the Kubernetes API: {exc!r}") from exc
         return result
 
     # -- failures --------------------------------------------------------------------------
@@ -386,6 +386,11 @@ def describe_failure(exc: BaseException, node: str, attempts: int) -> tuple[str,
     if isinstance(exc, KubeConfigError):
         return "config", f"Kubernetes credentials unusable: {exc}"
     return "bad-response", str(exc)
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """A PATCH refused because the Node changed since it was read: read it again."""
+    return isinstance(exc, ApiError) and _code(exc) == 409
 
 
 def _code(exc: ApiError) -> int | None:

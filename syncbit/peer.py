@@ -43,7 +43,20 @@ from typing import Any
 from syncbit import tls
 from syncbit.auth import bearer, drain_refused
 from syncbit.credentials import Role, Verifier
-from syncbit.errors import PeerBusyError, PeerError, SyncbitError, UnauthorizedError
+from syncbit.errors import (
+    INTERNAL_ERROR,
+    DaemonUnreachableError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PeerBusyError,
+    PeerError,
+    SyncbitError,
+    UnauthorizedError,
+    UserError,
+    error_doc,
+    http_status,
+)
 from syncbit.serving import (
     BodyError,
     BoundedHandler,
@@ -57,8 +70,9 @@ from syncbit.wire import Pool, WireError, parse_content_range
 
 log = logging.getLogger("syncbit.peer")
 
-# (method, path, JSON body) -> (HTTP status, JSON document); runs in a server thread.
-Control = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
+# (method, path, JSON body) -> the JSON answer; runs in a server thread. A SyncbitError it
+# raises is answered with the status of `errors.HTTP_STATUS`, anything else with a 500.
+Control = Callable[[str, str, dict[str, Any]], dict[str, Any]]
 
 PRIORITY_HEADER = "X-Syncbit-Priority"
 _TLS_BLOCK = 1 << 20  # bytes per write of chunk data over TLS
@@ -111,7 +125,7 @@ class _Handler(BoundedHandler):
         try:
             length = body_length(self.headers, _CONTROL_BODY)
         except BodyError as exc:
-            self._json(exc.status, {"error": str(exc)})
+            self._error(exc)
             return None
         if length and self.headers.get("Expect", "").lower() == "100-continue":
             self.send_response_only(100)
@@ -123,20 +137,24 @@ class _Handler(BoundedHandler):
         try:
             body = loads_bounded(raw) if raw else {}
         except ValueError as exc:
-            self._json(400, {"error": f"request body is not valid JSON: {exc}"})
+            self._error(UserError(f"request body is not valid JSON: {exc}"))
             return None
         if not isinstance(body, dict):
-            self._json(400, {"error": "request body must be a JSON object"})
+            self._error(UserError("request body must be a JSON object"))
             return None
         return body
 
-    def _refuse(self, status: int, text: str) -> None:
+    def _error(self, exc: SyncbitError) -> None:
+        """Answer `exc` with its status from the one error table, in JSON."""
+        self._json(http_status(exc), error_doc(exc))
+
+    def _refuse(self, exc: SyncbitError) -> None:
         """An error answer before the request's body was read: a small body is read and
         dropped (closing on unread bytes resets the connection, and the client may lose
         this answer); a larger one ends the connection instead."""
         if drain_refused(self):
             self._body_done = True
-        self._plain(status, text)
+        self._error(exc)
 
     def _secure(self, data: bool = False) -> bool:
         """TLS, or no TLS needed: none configured, a client on this host, or chunk data
@@ -146,7 +164,7 @@ class _Handler(BoundedHandler):
             return True
         if ipaddress.ip_address(self.client_address[0]).is_loopback:
             return True
-        self._refuse(403, "this daemon requires TLS: use https://\n")
+        self._refuse(ForbiddenError("this daemon requires TLS: use https://"))
         return False
 
     def _authorized(self, *roles: Role) -> bool:
@@ -157,7 +175,9 @@ class _Handler(BoundedHandler):
             return True
         verifier = server.verifier
         if verifier is None:  # registered with no scheduler yet: nothing to check with
-            self._refuse(503, "daemon starting: it does not know the cluster's key yet\n")
+            self._refuse(
+                DaemonUnreachableError("daemon starting: it does not know the cluster's key yet")
+            )
             return False
         scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
         try:
@@ -165,12 +185,14 @@ class _Handler(BoundedHandler):
                 raise UnauthorizedError("missing or wrong cluster token (see token_file)")
             principal = verifier.verify(value.strip())
         except UnauthorizedError as exc:
-            self._refuse(401, f"{exc}\n")
+            self._refuse(exc)
             return False
         if not principal.allows(*roles):
             need = " or ".join(r.value for r in roles) or "admin"
             self._refuse(
-                403, f"a {principal.role.value} credential may not do this (needs {need})\n"
+                ForbiddenError(
+                    f"a {principal.role.value} credential may not do this (needs {need})"
+                )
             )
             return False
         return True
@@ -182,13 +204,13 @@ class _Handler(BoundedHandler):
         if control is None:
             # Listening already, not serving yet: the daemon is starting. 503 tells
             # `syncbit wait` (an initContainer racing the daemon) to try again.
-            self._refuse(503, "daemon starting\n")
+            self._refuse(DaemonUnreachableError("daemon starting"))
             return
         loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
         route = self.path.partition("?")[0]  # `syncbit wait` long-polls with ?wait=S
         progress = method == "GET" and bool(_PROGRESS_PATH.match(route))
         if not loopback and not progress:
-            self._refuse(403, "local control is for this host only\n")
+            self._refuse(ForbiddenError("local control is for this host only"))
             return
         if not self._secure():
             return
@@ -202,10 +224,17 @@ class _Handler(BoundedHandler):
         if body is None:
             return
         try:
-            status, doc = control(method, self.path, body)
-        except Exception:  # one request's failure must not drop the connection
+            status, doc = 200, control(method, self.path, body)
+        except SyncbitError as exc:
+            status, doc = http_status(exc), error_doc(exc)
+            if status == INTERNAL_ERROR:
+                log.warning("control request %s %s failed: %s", method, route, exc)
+        except Exception as exc:  # one request's failure must not drop the connection
             log.exception("control request %s %s failed", method, route)
-            status, doc = 500, {"error": "internal daemon error; see the daemon log"}
+            status, doc = (
+                INTERNAL_ERROR,
+                error_doc(exc, "internal daemon error; see the daemon log"),
+            )
         self._json(status, doc)
 
     def _json(self, status: int, doc: dict[str, Any]) -> None:
@@ -223,13 +252,13 @@ class _Handler(BoundedHandler):
         if self.path.startswith("/v1/local/"):
             self._local("POST")
         else:
-            self._plain(404, "no such endpoint\n")
+            self._refuse(NotFoundError("no such endpoint"))
 
     def do_PUT(self) -> None:
-        self._plain(405, "method not allowed\n")
+        self._refuse(MethodNotAllowedError("method not allowed"))
 
     def do_DELETE(self) -> None:
-        self._plain(405, "method not allowed\n")
+        self._refuse(MethodNotAllowedError("method not allowed"))
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
@@ -252,7 +281,7 @@ class _Handler(BoundedHandler):
             return
         match = _DATA_PATH.match(self.path)
         if not match:
-            self._plain(404, "no such endpoint\n")
+            self._refuse(NotFoundError("no such endpoint"))
             return
         if not self._secure(data=True) or not self._authorized(Role.NODE):
             return
@@ -266,7 +295,7 @@ class _Handler(BoundedHandler):
         length = last - first + 1
         # In use from the presence check to the last byte sent: the cache does not evict
         # the object meanwhile (a hole punched under sendfile would send zeros).
-        with self.server.store.in_use(obj):
+        with self.server.store.reading(obj) as reader:
             if last >= obj.size or length <= 0 or not obj.has_range(first, length):
                 self._plain(404, "not held\n")
                 return
@@ -275,7 +304,7 @@ class _Handler(BoundedHandler):
                 self._plain(503, "busy: every upload slot is taken\n")
                 return
             try:
-                self._send(self.server.store.fd(obj), first, last, obj.size)
+                self._send(reader.fd(), first, last, obj.size)
             finally:
                 self.server.leave()
 

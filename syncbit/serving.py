@@ -27,6 +27,10 @@ from typing import Any
 
 from syncbit import tls
 
+# Body refusals are errors of the one tree (servers answer them by its status table);
+# BodyError is re-exported for the servers that catch it.
+from syncbit.errors import BodyError, LengthRequiredError, PayloadTooLargeError
+
 log = logging.getLogger("syncbit.serving")
 
 IDLE_TIMEOUT = 120.0  # seconds a connection may sit between (or inside) requests
@@ -42,32 +46,25 @@ class Limits:
     idle_timeout: float = IDLE_TIMEOUT  # seconds between (or inside) requests
 
 
-class BodyError(Exception):
-    """A request body refused from its headers alone: status, message; never read."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def body_length(headers: Message, limit: int) -> int:
     """The Content-Length of a request, checked before a byte of the body is read.
 
-    Raises BodyError: 411 for a chunked body (no length to check), 400 for a malformed
-    length, 413 for one over `limit` (the route's limit).
+    Raises BodyError: LengthRequiredError for a chunked body (no length to check),
+    PayloadTooLargeError for one over `limit` (the route's limit), BodyError itself for a
+    malformed length.
     """
     if headers.get("Transfer-Encoding", "").strip().lower() not in ("", "identity"):
-        raise BodyError(411, "request bodies need a Content-Length")
+        raise LengthRequiredError("request bodies need a Content-Length")
     raw = headers.get("Content-Length")
     if raw is None or not raw.strip():
         return 0
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 18:  # isdigit also admits no sign, no spaces
-        raise BodyError(400, f"invalid Content-Length {raw[:40]!r}")
+        raise BodyError(f"invalid Content-Length {raw[:40]!r}")
     length = int(raw)
     if length > limit:
         what = "takes no request body" if limit == 0 else f"takes at most {limit} bytes"
-        raise BodyError(413, f"request body of {length} bytes refused: this endpoint {what}")
+        raise PayloadTooLargeError(f"request body of {length} bytes refused: this endpoint {what}")
     return length
 
 

@@ -20,14 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from syncbit.errors import NotFoundError, SyncbitError, UserError
+from syncbit.errors import NotFoundError, SyncbitError, UserError, VolumeBusyError
 from syncbit.fs.mount import mounted_at
 
 DEFAULT_STATE = Path("/run/syncbit/volumes.json")
-
-
-class VolumeBusyError(SyncbitError):
-    """The target is in use (open files, a mount below it)."""
 
 
 @dataclass(frozen=True)

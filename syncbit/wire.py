@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from syncbit.errors import SyncbitError
+# WireError is defined with the other errors; callers of the pool may take it from here.
+from syncbit.errors import WireError as WireError
 from syncbit.redact import redact_url
 
 _HEAD_LIMIT = 64 * 1024
 _MAX_REDIRECTS = 5
-
-
-class WireError(SyncbitError):
-    """The connection failed or the peer spoke something other than HTTP/1.1."""
 
 
 class RedirectRules(Protocol):

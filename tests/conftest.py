@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
+from fakes import Clock
+from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.scheduler import SchedulerClient, SchedulerServer
-from syncbit.testing.smallfs import CannotMount
-from syncbit.testing.smallfs import small_fs as mount_small_fs
+from syncbit_testing.smallfs import CannotMount
+from syncbit_testing.smallfs import small_fs as mount_small_fs
 
 
 @pytest.fixture

@@ -13,21 +13,13 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from fakes import Clock
+
 from syncbit.fetch_control import SourceConcurrency
 
 MB = 1_000_000
 MiB = 1 << 20
 KEY = "http://origin"
-
-
-class FakeClock:
-    """Seconds, advanced only by the simulation."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -69,7 +61,7 @@ class Simulation:
 
     ctl: SourceConcurrency
     model: OriginModel
-    clock: FakeClock
+    clock: Clock
     chunk: int = 4 * MiB
     demand: float = math.inf  # requests the reader wants open at once
     key: str = KEY

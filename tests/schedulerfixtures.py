@@ -1,24 +1,12 @@
 """Helpers of the scheduler API tests (their fixtures live in conftest.py): the chunk
-size and node timeout they run with, a clock they move by hand, port 0 configs."""
+size and node timeout they run with, port 0 configs."""
 
 from __future__ import annotations
-
-import time
 
 from syncbit.config import SchedulerConfig
 
 CHUNK = 4
 TIMEOUT = 10.0
-
-
-class Clock:
-    """Wall-clock seconds the tests move by hand (liveness)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def any_port(config: SchedulerConfig) -> SchedulerConfig:

@@ -15,10 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit import certs
 from syncbit.auth import check_exposure
+from syncbit.cli.daemon_client import local
+from syncbit.cli.progress import follow
 from syncbit.config import SchedulerConfig
 from syncbit.credentials import PEER, Issuer, Principal, Role, Verifier, peek
 from syncbit.errors import (
@@ -32,10 +35,9 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.pull import follow, local
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.routes import RULES, route_of
-from syncbit.sources import Listing, Source, register
+from syncbit.sources import Listing
 from syncbit.store import ObjectStore
 from syncbit.tls import server_context
 
@@ -43,17 +45,11 @@ SECRET = "auth-test-cluster-secret-0123456789"
 OID = "c" * 64
 
 
-@register
-class AuthSource(Source):
-    """Lists one fixed file; nothing reads its bytes here."""
-
-    schemes = ("memauth",)
-
-    async def list(self) -> Listing:
-        return Listing(files=[FileEntry(path="a.bin", size=10, object=OID, locator="a.bin")])
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        raise NotImplementedError
+@pytest.fixture(autouse=True)
+def _listed() -> Iterator[None]:
+    listing = Listing(files=[FileEntry(path="a.bin", size=10, object=OID, locator="a.bin")])
+    with MemSource.serving({"mem://x/": listing, "mem://d/": listing}):
+        yield
 
 
 # -- credentials ----------------------------------------------------------------------------
@@ -186,7 +182,7 @@ SCHEDULER_ROUTES: list[tuple[str, str, Any, set[str] | None]] = [
     ("POST", f"/v1/objects/{OID}/release", {"node": "n1", "chunks": [0]}, NODE_N1),
     ("POST", "/v1/nodes/n1/chunks", {"add": [], "remove": []}, NODE_N1),
     ("GET", "/v1/datasets", None, READERS),
-    ("POST", "/v1/datasets", {"name": "ds2", "source": "memauth://x/"}, ADMIN),
+    ("POST", "/v1/datasets", {"name": "ds2", "source": "mem://x/"}, ADMIN),
     ("GET", "/v1/datasets/ds", None, READERS),
     ("DELETE", "/v1/datasets/gone", None, ADMIN),
     ("GET", f"/v1/objects/{OID}/chunks", None, NODES),
@@ -247,7 +243,7 @@ def test_every_scheduler_route_checks_who_asks(
     admin = {"Authorization": f"Bearer {SECRET}"}
     context = ssl.create_default_context(cafile=str(tls_files / "ca.crt"))
     with httpx.Client(base_url=secured.url, verify=context, trust_env=False) as http:
-        http.post("/v1/datasets", json={"name": "ds", "source": "memauth://d/"}, headers=admin)
+        http.post("/v1/datasets", json={"name": "ds", "source": "mem://d/"}, headers=admin)
         http.put("/v1/nodes/n1", json=HEARTBEAT, headers=admin).raise_for_status()
         clock.now += 2  # past the expiry of "expired"; n1 stays up
         failures = []
@@ -325,9 +321,9 @@ def test_a_daemon_refuses_credentials_that_are_not_its_own(tmp_path: Path) -> No
 # -- the daemon's routes --------------------------------------------------------------------
 
 
-def _control(method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     doc = {"dataset": "d", "size": 10, "present_bytes": 10, "complete": True, "ready": True}
-    return 200, doc
+    return doc
 
 
 # (method, path, who may): the peer service's routes, from loopback.

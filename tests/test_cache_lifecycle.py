@@ -4,48 +4,36 @@ disk (a real small tmpfs), and reads through the fetcher with a budget smaller t
 from __future__ import annotations
 
 import os
-import random
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
 import trio
+from fakes import Directory, MemSource, Peers
+from storefixtures import content, fill, oid, opened
 
 from syncbit.chunks import chunk_length, digest
 from syncbit.errors import CacheFullError, PeerBusyError, PeerError
 from syncbit.fetcher import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.scheduler.client import ChunkMap, ClaimResult
-from syncbit.sources.base import Listing, Source
+from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
 
 CS = 1024
 OBJ = 2 * CS  # every test object: two full chunks
 
 
-def _oid(n: int) -> str:
-    return f"{n:02x}" * 32
-
-
-def _bytes(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+_oid, _bytes = oid, content
 
 
 async def _fill(
     store: ObjectStore, n: int, size: int = OBJ, cs: int = CS, flush: bool = True
 ) -> StoredObject:
-    """Store every chunk of object `n` (its bytes: `_bytes(n, size)`) as the fetcher does."""
-    obj = store.object(_oid(n), size, cs)
-    data = _bytes(n, size)
-    for i in range(obj.chunks):
-        chunk = data[i * cs : i * cs + chunk_length(size, cs, i)]
-        await store.store_chunk(obj, i, memoryview(chunk), digest(chunk))
-    if flush:
-        await store.flush()
-    return obj
+    return await fill(store, n, size, cs, flush)
 
 
 def _check_index(store: ObjectStore) -> int:
@@ -61,16 +49,16 @@ def _check_index(store: ObjectStore) -> int:
 
 
 def _consistent(store: ObjectStore) -> None:
-    """The O(1) counter agrees with a walk (no reservations outstanding)."""
+    """The O(1) counters agree with a walk (no reservations outstanding)."""
     assert store.used_bytes() == sum(o.bytes_in(o.written) for o in store.objects())
+    assert store.cached_bytes() == sum(o.held_bytes() for o in store.objects())
+    assert store.unverified_chunks() == sum(len(o.unverified) for o in store.objects())
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ObjectStore]:
-    s = ObjectStore.open(tmp_path, 3 * OBJ)
-    s.busy_wait = 0.1
-    yield s
-    s.close()
+    with opened(tmp_path, 3 * OBJ) as s:
+        yield s
 
 
 # -- budget and LRU ---------------------------------------------------------------------------
@@ -90,7 +78,7 @@ async def test_lru_evicts_least_recently_used_whole_object(store: ObjectStore) -
     assert usage["evictions"] == 1 and usage["evicted_bytes"] == OBJ
     assert not b.path.exists()
     # The scheduler is told, through the reporter's queue.
-    assert (b, [0, 1]) in store.newly_removed and store.durable_event.is_set()
+    assert (b, [0, 1]) in store.changes.take().removed
     await _fill(store, 5)  # next in line: c (a was touched)
     assert not c.written and a.complete
 
@@ -133,7 +121,7 @@ async def test_objects_in_use_are_not_evicted(store: ObjectStore) -> None:
     entered, leave = threading.Event(), threading.Event()
 
     def peer_read() -> None:
-        with store.in_use(a):
+        with store.reading(a):
             entered.set()
             leave.wait(10)
 
@@ -235,12 +223,14 @@ async def test_commit_loop_records_touches_without_a_txn_per_read(tmp_path: Path
         await nursery.start(store.commit_loop)
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
-    # Simulate a crash: the store is not closed, yet the touch is in the index.
-    assert store._env is not None
-    with store._env.begin() as txn:
-        meta = txn.get(bytes.fromhex(a.id), db=store._db("objects"))
-    assert meta is not None and f'"last_used": {used}' in meta.decode()
+    a.last_used = 1.0  # not a touch: `close` writes nothing, the loop's commit stays
     store.close()
+    again = ObjectStore.open(tmp_path, 1 << 20)
+    try:
+        reopened = again.get(a.id)
+        assert reopened is not None and reopened.last_used == used
+    finally:
+        again.close()
 
 
 # -- gc ---------------------------------------------------------------------------------------
@@ -265,7 +255,8 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
     store = ObjectStore.open(tmp_path, 1 << 20)
     try:
         empty = store.object(_oid(7), OBJ, CS)
-        store.fd(empty)  # an object file holding nothing
+        with store.reading(empty) as reader:
+            reader.fd()  # an object file holding nothing
         assert empty.path.exists()
         store.set_pins({c.id})
         freed = await store.gc(referenced={a.id})
@@ -275,10 +266,6 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
         assert not orphan.exists() and not orphan.parent.exists()
         assert not (tmp_path / "objects" / "stray.tmp").exists()
         assert not empty.path.exists() and not b.path.exists()
-        assert store._env is not None
-        with store._env.begin() as txn:
-            keys = [k for k, _ in txn.cursor(db=store._db("chunks"))]
-        assert {k[:-4].hex() for k in keys} == {a.id, c.id}
         assert _check_index(store) == 4
         # The empty object is still usable: its file comes back on the next write.
         data = _bytes(7, CS)
@@ -286,6 +273,11 @@ async def test_gc_removes_orphans_and_unreferenced_but_not_pinned_or_referenced(
         assert store.read(empty, 0, CS) == data
     finally:
         store.close()
+    env = lmdb.open(str(tmp_path / "index.lmdb"), max_dbs=4)
+    with env.begin() as txn:
+        keys = [k for k, _ in txn.cursor(db=env.open_db(b"chunks", txn=txn))]
+    env.close()
+    assert {k[:-4].hex() for k in keys} == {a.id, c.id}  # the ghost's entries went too
 
 
 # -- a full disk (a real 8 MiB tmpfs: the `small_fs` fixture) --------------------------------
@@ -363,32 +355,47 @@ async def test_peer_serves_until_evicted_then_answers_not_held(store: ObjectStor
 
 
 async def test_peer_turns_prefetch_away_when_its_upload_slots_are_taken(
-    store: ObjectStore,
+    tmp_path: Path,
 ) -> None:
-    a = await _fill(store, 1)
+    # A transfer in progress holds the one slot: a client that asks for more than the
+    # socket buffers hold and reads nothing keeps the server's sendfile waiting.
+    size = 64 << 20
+    store = ObjectStore.open(tmp_path / "big", 2 * size)
     server = PeerServer(store, "127.0.0.1:0", upload_slots=1)
     server.start()
     client = PeerClient(timeout=5)
     buf = bytearray(CS)
-
-    def get(prefetch: bool) -> None:
-        client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
-
     try:
-        assert server._server.enter(False)  # a transfer in progress takes the one slot
-        with pytest.raises(PeerBusyError):
-            await trio.to_thread.run_sync(get, True)
-        assert server.refused == 1
-        await trio.to_thread.run_sync(get, False)  # a reader is served all the same
-        assert bytes(buf) == _bytes(1, OBJ)[:CS]
-        server._server.leave()
+        a = await _fill(store, 1, size=size, cs=4 << 20)
+
+        def get(prefetch: bool) -> None:
+            client.get_into(server.address, a.id, 0, memoryview(buf), prefetch=prefetch)
+
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as stalled:
+            ask = f"GET /v1/objects/{a.id}/data HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size - 1}"
+            stalled.sendall(ask.encode() + b"\r\n\r\n")
+            await _until(lambda: server.load == 1)
+            with pytest.raises(PeerBusyError):
+                await trio.to_thread.run_sync(get, True)
+            assert server.refused == 1
+            await trio.to_thread.run_sync(get, False)  # a reader is served all the same
+            assert bytes(buf) == _bytes(1, size)[:CS]
+        await _until(lambda: server.load == 0)  # the stalled client left: the slot is free
         buf[:] = bytes(CS)
-        await trio.to_thread.run_sync(get, True)  # the slot is free again
-        assert bytes(buf) == _bytes(1, OBJ)[:CS]
+        await trio.to_thread.run_sync(get, True)
+        assert bytes(buf) == _bytes(1, size)[:CS]
         assert server.load == 0
     finally:
         client.close()
         server.stop()
+        store.close()
+
+
+async def _until(ready: Callable[[], bool]) -> None:
+    with trio.fail_after(30):
+        while not ready():
+            await trio.sleep(0.01)
 
 
 # -- reads through the fetcher with a budget smaller than the data -------------------------
@@ -401,46 +408,9 @@ FILES = [
 ]
 
 
-class FileSource(Source):
-    """Each file's bytes are `_bytes(its index, size)`; counts bytes read."""
-
-    def __init__(self) -> None:
-        super().__init__("mem://")
-        self.bytes = 0
-
-    async def list(self) -> Listing:
-        return Listing(FILES)
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        self.bytes += len(buf)
-        data = _bytes(FILES.index(entry), entry.size)
-        buf[:] = data[offset : offset + len(buf)]
-
-
-class NoScheduler:
-    """No digests, no peers; every source claim granted."""
-
-    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
-        return ChunkMap()
-
-    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
-        return ClaimResult(granted=list(indexes))
-
-    async def release(self, object_id: str, indexes: list[int]) -> None:
-        pass
-
-    async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
-        pass
-
-
-class NoPeers:
-    def get_into(
-        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
-    ) -> None:
-        raise AssertionError("no peers here")
-
-    def close(self) -> None:
-        pass
+def _files_source() -> MemSource:
+    """Each file's bytes are `_bytes(its index, size)`."""
+    return MemSource(files=FILES, bodies={f.path: _bytes(n, f.size) for n, f in enumerate(FILES)})
 
 
 async def _read_all(fetcher: Fetcher, entry: FileEntry, source: Source, step: int) -> bytes:
@@ -458,8 +428,8 @@ async def test_reads_through_a_budget_smaller_than_the_data(
     store = ObjectStore.open(tmp_path, 2 * size + FCS)  # two files and a bit: not five
     try:
         await nursery.start(store.commit_loop)
-        source = FileSource()
-        fetcher = Fetcher(store, NoScheduler(), NoPeers(), readahead_chunks=2)  # type: ignore[arg-type]
+        source = _files_source()
+        fetcher = Fetcher(store, Directory(), Peers(), readahead_chunks=2)  # type: ignore[arg-type]
         await nursery.start(fetcher.run)
         peak = 0
         for n, entry in enumerate(FILES):
@@ -467,7 +437,7 @@ async def test_reads_through_a_budget_smaller_than_the_data(
             assert got == _bytes(n, size), entry.path
             peak = max(peak, store.used_bytes())
         with trio.fail_after(5):  # the last writes and commits land in the background
-            while store._pending or any(o.writing for o in store.objects()):
+            while store.pending_writes():
                 await trio.sleep(0.01)
         await store.flush()
         assert store.evictions >= 2
@@ -492,9 +462,9 @@ async def test_read_of_a_chunk_the_cache_cannot_keep_fails_cleanly(
     store = ObjectStore.open(tmp_path, FCS // 2)  # not even one chunk fits
     try:
         await nursery.start(store.commit_loop)
-        source = FileSource()
+        source = _files_source()
         fetcher = Fetcher(  # type: ignore[arg-type]
-            store, NoScheduler(), NoPeers(), workers=1, readahead_chunks=0, source_batch=FCS
+            store, Directory(), Peers(), workers=1, readahead_chunks=0, source_batch=FCS
         )
         await nursery.start(fetcher.run)
         handle = fetcher.open(FILES[0], FCS, source)

@@ -1,4 +1,4 @@
-"""The rate-capped, throttling test origin (syncbit/testing/capped.py) that the fetcher's
+"""The rate-capped, throttling test origin (syncbit_testing/capped.py) that the fetcher's
 tests run against: pacing arithmetic on a fake clock, and the server on loopback serving
 ranges intact, pacing each body, refusing with Retry-After and counting streams."""
 
@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from syncbit.testing.capped import CappedOrigin, RateLimit
+from syncbit_testing import command, environ
+from syncbit_testing.capped import CappedOrigin, RateLimit
 
 MiB = 1 << 20
 
@@ -170,11 +170,11 @@ def test_requests_beyond_the_limit_are_refused(slow: CappedOrigin) -> None:
 
 
 def test_runs_as_a_process_with_control_endpoints(tmp_path: Path, data: bytes) -> None:
-    argv = [sys.executable, "-m", "syncbit.testing.capped", "--root", str(tmp_path)]
     proc = subprocess.Popen(
-        [*argv, "--per-connection", "50MB", "--port", "0"],
+        command("capped", "--root", str(tmp_path), "--per-connection", "50MB", "--port", "0"),
         stdout=subprocess.PIPE,
         text=True,
+        env=environ(),
     )
     try:
         assert proc.stdout is not None
@@ -208,17 +208,19 @@ def test_runs_as_a_process_with_control_endpoints(tmp_path: Path, data: bytes) -
 def test_bad_flags_are_one_error_line(tmp_path: Path) -> None:
     for args in (["--per-connection", "fast"], ["--per-connection", "0"]):
         result = subprocess.run(
-            [sys.executable, "-m", "syncbit.testing.capped", "--root", str(tmp_path), *args],
+            command("capped", "--root", str(tmp_path), *args),
             capture_output=True,
             text=True,
             timeout=30,
+            env=environ(),
         )
         assert result.returncode == 2
         assert "error:" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run(
-        [sys.executable, "-m", "syncbit.testing.capped", "--root", str(tmp_path / "none")],
+        command("capped", "--root", str(tmp_path / "none")),
         capture_output=True,
         text=True,
         timeout=30,
+        env=environ(),
     )
     assert result.returncode == 2 and result.stderr.startswith("error: ")

@@ -5,20 +5,21 @@ alone, on a `SchedulerState` under concurrent reports, and through the real API.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from schedulerfixtures import CHUNK, TIMEOUT, Clock
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT
 
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.protocol import ChunkMap, ChunkUpdates
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.holders import Holders, ObjectHolders
 from syncbit.scheduler.state import SchedulerState, open_lmdb_state
-from syncbit.sources import Listing, Source, register
+from syncbit.sources import Listing
 
 K = 3
 CHUNKS = 40
@@ -115,7 +116,7 @@ def test_holders_beyond_k_change_nothing_anyone_is_told() -> None:
 async def state(tmp_path: Path, clock: Clock) -> AsyncIterator[SchedulerState]:
     async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock, peers_per_chunk=K) as st:
         entry = FileEntry(path="f", size=CHUNKS * CHUNK, object=OBJ, locator="f")
-        await st.catalog.put_dataset(build_manifest("ds", "memk://x/", [entry], chunk_size=CHUNK))
+        await st.catalog.put_dataset(build_manifest("ds", "mem://x/", [entry], chunk_size=CHUNK))
         yield st
 
 
@@ -223,23 +224,19 @@ def _peer_sets(cmap: ChunkMap) -> dict[int, set[str]]:
 # -- the route ---------------------------------------------------------------------------------
 
 
-@register
-class KSource(Source):
-    """Lists one file of CHUNKS chunks whose content is OBJ."""
-
-    schemes = ("memk",)
-
-    async def list(self) -> Listing:
-        return Listing(files=[FileEntry(path="f", size=CHUNKS * CHUNK, object=OBJ, locator="f")])
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        raise NotImplementedError
+@pytest.fixture
+def _listed() -> Iterator[None]:
+    """A source that lists one file of CHUNKS chunks whose content is OBJ."""
+    entry = FileEntry(path="f", size=CHUNKS * CHUNK, object=OBJ, locator="f")
+    with MemSource.serving({"mem://x/": Listing(files=[entry])}):
+        yield
 
 
+@pytest.mark.usefixtures("_listed")
 async def test_the_updates_route_pages_waits_and_resets(
     client: SchedulerClient, server: SchedulerServer
 ) -> None:
-    await client.add_dataset("ds", "memk://x/")
+    await client.add_dataset("ds", "mem://x/")
     for i in range(12):
         await client.heartbeat(f"n{i}", address=f"127.0.0.1:{i + 1}")
     report = {"object": OBJ, "size": CHUNKS * CHUNK, "chunk_size": CHUNK}

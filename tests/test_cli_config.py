@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from syncbit.cli import app, human
+from syncbit.cli import app
 from syncbit.config import DaemonConfig, build, parse_size
 from syncbit.errors import ConfigError
+from syncbit.humanize import size_text
 
 runner = CliRunner()
 
@@ -74,9 +75,9 @@ def test_parse_size(text: str, value: float) -> None:
 
 
 def test_human_sizes() -> None:
-    assert human(0) == "0 B"
-    assert human(1536) == "1.5 KiB"
-    assert human(3 * 2**30) == "3.0 GiB"
+    assert size_text(0) == "0 B"
+    assert size_text(1536) == "1.5 KiB"
+    assert size_text(3 * 2**30) == "3.0 GiB"
 
 
 @pytest.mark.parametrize(
@@ -90,19 +91,19 @@ def test_human_sizes() -> None:
     ],
 )
 def test_pull_default_name_is_last_path_element(uri: str, name: str) -> None:
-    from syncbit.cli import default_name
+    from syncbit.cli.transfer import default_name
 
     assert default_name(uri) == name
 
 
 def test_pull_progress_line_shows_bar_bytes_rate_eta() -> None:
-    from syncbit.pull import _line
+    from syncbit.cli.progress import progress_line
 
     doc = {"dataset": "llama", "size": 4 * 2**30, "present_bytes": 2**30}
-    bar = _line(doc, rate=512 * 2**20, bar=True)
+    bar = progress_line(doc, rate=512 * 2**20, bar=True)
     assert bar.startswith("llama: [######..................]  25.0%")
     assert "1.0 GiB / 4.0 GiB" in bar and "512.0 MiB/s" in bar and "ETA 6s" in bar
-    plain = _line(doc, rate=0.0)
+    plain = progress_line(doc, rate=0.0)
     assert "[" not in plain and "ETA ?" in plain
 
 

@@ -22,7 +22,7 @@ from syncbit.chunks import chunk_length, digest
 from syncbit.diskspace import LogHandler
 from syncbit.errors import DiskFullError
 from syncbit.store import ChunkCheck, ObjectStore, StoredObject, VerifyRun
-from syncbit.testing.smallfs import fill, takes_no_block
+from syncbit_testing.smallfs import fill, takes_no_block
 
 CS = 4096
 OBJ = 4 * CS
@@ -245,7 +245,7 @@ async def test_verify_drops_chunks_that_do_not_match_and_the_index_follows(
         assert run.done.is_set() and run.total == run.checked == 8
         assert run.dropped == [(b.id, 2)]
         assert b.durable == {0, 1, 3} and not b.has(2) and a.durable == {0, 1, 2, 3}
-        assert (b, [2]) in store.newly_removed  # the scheduler hears of it
+        assert (b, [2]) in store.changes.take().removed  # the scheduler hears of it
         assert store.usage()["dropped_chunks"] == 1 and store.used_bytes() == 7 * CS
         assert await store.check_chunk(a, 0, direct=True) is ChunkCheck.GOOD
         await _put(store, 2, range(2, 3))  # fetched again

@@ -9,7 +9,8 @@ import itertools
 from statistics import median
 
 import pytest
-from origin_model import KEY, MB, FakeClock, MiB, OriginModel, Simulation
+from fakes import Clock
+from origin_model import KEY, MB, MiB, OriginModel, Simulation
 
 from syncbit.fetch_control import (
     ConcurrencyPolicy,
@@ -35,7 +36,7 @@ def simulate(
     policy: ConcurrencyPolicy | None = None,
     **kwargs: object,
 ) -> tuple[Simulation, float]:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     start = clock.now
     sim = Simulation(SourceConcurrency(policy, clock), model, clock, **kwargs)  # type: ignore[arg-type]
     return sim.run(seconds), start
@@ -136,7 +137,7 @@ def test_throttling_shrinks_it_below_the_throttle_point() -> None:
 
 
 def test_retry_after_holds_every_new_request() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=8), clock)
     for _ in range(4):
         ctl.started(KEY)
@@ -168,7 +169,7 @@ def test_no_request_starts_inside_a_retry_after() -> None:
 
 
 def test_a_burst_of_throttles_cuts_once() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=16), clock)
     for _ in range(16):
         ctl.started(KEY)
@@ -184,7 +185,7 @@ def test_a_burst_of_throttles_cuts_once() -> None:
 
 
 def test_throttled_level_is_a_ceiling_for_a_while() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     policy = ConcurrencyPolicy(initial=16)
     ctl = SourceConcurrency(policy, clock)
     ctl.started(KEY)
@@ -202,7 +203,7 @@ def test_throttled_level_is_a_ceiling_for_a_while() -> None:
 
 
 def test_errors_shrink_it_without_a_ceiling() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=16), clock)
     ctl.started(KEY)
     ctl.failed(KEY)
@@ -223,7 +224,7 @@ def test_errors_shrink_it_without_a_ceiling() -> None:
 
 
 def test_cancelled_requests_free_their_slot_and_teach_nothing() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=2), clock)
     ctl.started(KEY)
     ctl.started(KEY)
@@ -235,7 +236,7 @@ def test_cancelled_requests_free_their_slot_and_teach_nothing() -> None:
 
 
 def test_sources_are_independent_and_bounded_in_number() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=8, max_keys=2), clock)
     ctl.started("a")
     ctl.throttled("a")
@@ -279,7 +280,7 @@ CHUNK = 4 * MiB
 
 
 def test_hedge_delay_is_the_recent_p95_with_a_floor() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     hedging = Hedging(HedgePolicy(min_samples=8, floor=0.1, default=1.0), clock)
     assert hedging.delay("peer", CHUNK) == 1.0  # nothing known yet: the default
     for i in range(100):
@@ -293,7 +294,7 @@ def test_hedge_delay_is_the_recent_p95_with_a_floor() -> None:
 
 
 def test_stragglers_are_judged_against_transfers_of_their_size() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     hedging = Hedging(HedgePolicy(floor=0.01), clock)
     for _ in range(20):
         hedging.record("source", 16 * MiB, 0.8)
@@ -304,7 +305,7 @@ def test_stragglers_are_judged_against_transfers_of_their_size() -> None:
 
 
 def test_should_hedge_a_straggler_within_the_budget() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     hedging = Hedging(HedgePolicy(budget=0.1, floor=0.05), clock)
     for _ in range(30):
         hedging.record("peer", CHUNK, 0.1)
@@ -321,7 +322,7 @@ def test_should_hedge_a_straggler_within_the_budget() -> None:
 
 
 def test_old_transfers_stop_counting() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     hedging = Hedging(HedgePolicy(min_samples=4, max_age=10), clock)
     for _ in range(10):
         hedging.record("peer", CHUNK, 2.0)

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import pytest
 import trio
+from sourcehelp import by_path, read, write_tree
 
 from syncbit.chunks import HEAD_SAMPLE, digest
 from syncbit.errors import (
@@ -25,7 +26,7 @@ from syncbit.errors import (
     SourceUnavailableError,
     UnsafePathError,
 )
-from syncbit.manifest import FileEntry, build_manifest
+from syncbit.manifest import build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.fences import Fences
 from syncbit.sources.file import FileSource, _map_oserror
@@ -45,13 +46,7 @@ EMPTY_DIRS = ["empty-dir", "sub/empty-nested"]
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    for rel, data in FILES.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    for rel in EMPTY_DIRS:
-        (root / rel).mkdir(parents=True)
+    root = write_tree(tmp_path / "data", FILES, EMPTY_DIRS)
     (root / "top.bin").chmod(0o755)
     return root
 
@@ -72,16 +67,6 @@ def make_source() -> Iterator[Callable[..., FileSource]]:
     yield make
     for source in opened:
         source.close()
-
-
-async def read(source: FileSource, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
-
-
-def by_path(files: list[FileEntry]) -> dict[str, FileEntry]:
-    return {f.path: f for f in files}
 
 
 async def test_list_matches_tree(tree: Path, make_source: Callable[..., FileSource]) -> None:

@@ -9,46 +9,16 @@ from pathlib import Path
 
 import pytest
 import trio
+from fakes import Directory, MemSource, Peers
 
-from syncbit.errors import SourceUnavailableError
 from syncbit.fetcher import Fetcher
 from syncbit.fs.kernel import EntryAttributes, FUSEError
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import ROOT_INODE, Tree
 from syncbit.manifest import FileEntry, Manifest, build_manifest
-from syncbit.scheduler.client import ChunkMap, ClaimResult
-from syncbit.sources.base import Listing, Source
 from syncbit.store import ObjectStore
 
 BODY = b"0123456789" * 1000
-
-
-class Src(Source):
-    down = False
-
-    async def list(self) -> Listing:
-        return Listing([])
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        if self.down:
-            raise SourceUnavailableError("down")
-        buf[:] = BODY[offset : offset + len(buf)]
-
-
-class NoPeers:
-    """A single node: nobody else holds or reads anything."""
-
-    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
-        return ChunkMap()
-
-    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
-        return ClaimResult(granted=indexes)
-
-    async def release(self, object_id: str, indexes: list[int]) -> None:
-        pass
-
-    async def report_bad_peer(self, *args: object) -> None:
-        raise AssertionError("no peers here")
 
 
 def _manifest(name: str = "ds", size: int = len(BODY)) -> Manifest:
@@ -62,11 +32,11 @@ def _manifest(name: str = "ds", size: int = len(BODY)) -> Manifest:
 @pytest.fixture
 async def fs(tmp_path: Path, nursery: trio.Nursery):  # type: ignore[no-untyped-def]
     store = ObjectStore.open(tmp_path, 1 << 30)
-    fetcher = Fetcher(store, NoPeers(), None, read_deadline=0.5)  # type: ignore[arg-type]
+    fetcher = Fetcher(store, Directory(), Peers(), read_deadline=0.5)  # type: ignore[arg-type]
     await nursery.start(fetcher.run)
     tree = Tree()
     tree.update({"ds": _manifest()})
-    src = Src("mem://x")
+    src = MemSource("mem://x", data=BODY)
     yield SyncbitFS(tree, fetcher, lambda m: src), src
     store.close()
 
@@ -150,11 +120,10 @@ async def test_a_complete_file_offers_its_object_file_for_passthrough(fs) -> Non
     first = await ops.open(attr.st_ino, os.O_RDONLY)
     assert first.backing_fd is None  # not all here: reads come to us
     assert await ops.read(first.fh, 0, len(BODY)) == BODY
-    with trio.fail_after(5):
-        while not ops._handles[first.fh].obj.complete:  # chunks reach the file a bit later
+    with trio.fail_after(5):  # the chunks reach the object file a moment after the read
+        while (second := await ops.open(attr.st_ino, os.O_RDONLY)).backing_fd is None:
+            await ops.release(second.fh)
             await trio.sleep(0.01)
-    second = await ops.open(attr.st_ino, os.O_RDONLY)
-    assert second.backing_fd is not None
     assert os.pread(second.backing_fd, len(BODY), 0) == BODY
     empty = await ops.open((await _lookup_path(ops, "ds/empty")).st_ino, os.O_RDONLY)
     assert empty.backing_fd is None  # nothing to read, no object file

@@ -12,7 +12,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.hf import HfSource, parse_hf_uri, split_globs
-from syncbit.testing.hub import Hub, git_blob_oid
+from syncbit_testing import command, environ
+from syncbit_testing.hub import Hub, git_blob_oid
 
 RNG = random.Random(2718)
 KIB = 1024
@@ -497,9 +497,10 @@ def test_hub_process_serves_a_directory_layout(tmp_path: Path) -> None:
     (repo / "model.safetensors").write_bytes(big)
     (repo / "sub" / "config.json").write_text("{}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "syncbit.testing.hub", "--root", str(tmp_path / "root")],
+        command("hub", "--root", str(tmp_path / "root")),
         stdout=subprocess.PIPE,
         text=True,
+        env=environ(),
     )
     try:
         assert proc.stdout is not None

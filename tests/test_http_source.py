@@ -7,7 +7,6 @@ import os
 import random
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from sourcehelp import by_path, read, write_tree
 
 from syncbit.chunks import digest
 from syncbit.errors import (
@@ -25,10 +25,10 @@ from syncbit.errors import (
     SourceUnavailableError,
     UnsafePathError,
 )
-from syncbit.manifest import FileEntry, build_manifest
+from syncbit.manifest import build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.http import HttpSource
-from syncbit.testing import Origin
+from syncbit_testing import Origin, command, environ
 
 RNG = random.Random(1234)
 FILES: dict[str, bytes] = {
@@ -48,14 +48,7 @@ EMPTY_DIRS = ["empty-dir", "sub/empty-nested"]
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    for rel, data in FILES.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    for rel in EMPTY_DIRS:
-        (root / rel).mkdir(parents=True)
-    return root
+    return write_tree(tmp_path / "data", FILES, EMPTY_DIRS)
 
 
 @pytest.fixture(params=["nginx", "apache"])
@@ -90,16 +83,6 @@ def disk_tree(root: Path) -> tuple[dict[str, int], set[str]]:
                 os.path.join(dirpath, f)
             )
     return files, dirs
-
-
-async def read(source: HttpSource, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
-
-
-def by_path(files: list[FileEntry]) -> dict[str, FileEntry]:
-    return {f.path: f for f in files}
 
 
 # -- listing ------------------------------------------------------------------------------
@@ -584,20 +567,11 @@ async def test_origin_never_serves_outside_root(tree: Path, tmp_path: Path) -> N
 
 async def test_origin_process_mode(tree: Path) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "syncbit.testing.origin",
-            "--root",
-            str(tree),
-            "--port",
-            "0",
-            "--style",
-            "apache",
-        ],
+        command("origin", "--root", str(tree), "--port", "0", "--style", "apache"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=environ(),
     )
     try:
         assert proc.stdout is not None
@@ -679,3 +653,6 @@ async def test_https_origin_lists_and_reads_and_checks_its_certificate(
         files = by_path((await source.list()).files)
         data = FILES["top.bin"]
         assert await read(source, files["top.bin"], 1000, 70000) == data[1000:71000]
+        # The bulk read path checks the certificate too, unless verify is off.
+        with pytest.raises(SourceError, match=r"(?i)certificate verify failed"):
+            await read(make_source(origin.url), files["top.bin"], 0, 10)

@@ -1,7 +1,7 @@
 """Pull and prefetch jobs against failing sources: a permanent error ends the job at once,
 temporary ones are retried at a bounded rate, and a stopped or cancelled job leaves no
 transfer asking the source on its behalf (a reader's own transfer is left alone). No
-network: the fetcher's fakes from test_fetcher, a jumping clock for the backoffs."""
+network: the shared fakes, a jumping clock for the backoffs."""
 
 from __future__ import annotations
 
@@ -11,35 +11,14 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from test_fetcher import CS, DATA, Directory, MemSource, Peers
+from fakes import Directory, MemSource, Peers
+from test_fetcher import CS, DATA
 
 from syncbit.errors import SourcePermanentError
 from syncbit.fetcher import Fetcher
 from syncbit.jobs import Jobs
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.store import ObjectStore
-
-
-class NoRange(MemSource):
-    """A server that ignores Range: every read fails for good."""
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        with self.lock:
-            self.reads += 1
-        raise SourcePermanentError(f"cannot read {entry.path}: the server ignores Range requests")
-
-
-class Recording(MemSource):
-    """Records which (file, offset) each read asked for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked: list[tuple[str, int]] = []
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        with self.lock:
-            self.asked.append((entry.path, offset))
-        super().read_into(entry, offset, buf)
 
 
 def dataset(name: str, files: int, first: int = 0) -> Manifest:
@@ -70,7 +49,7 @@ async def start(
     store: ObjectStore, source: MemSource, nursery: trio.Nursery, read_deadline: float = 2.0
 ) -> tuple[Fetcher, Jobs]:
     fetcher = Fetcher(  # type: ignore[arg-type]
-        store, Directory(), Peers(), read_deadline=read_deadline, readahead_chunks=0
+        store, Directory(), Peers(DATA), read_deadline=read_deadline, readahead_chunks=0
     )
     await nursery.start(fetcher.run)
 
@@ -103,7 +82,8 @@ async def settled_reads(source: MemSource, seconds: float = 600) -> int:
 async def test_a_source_that_refuses_for_good_ends_the_job_at_once(
     store: ObjectStore, nursery: trio.Nursery, clock: trio.testing.MockClock, kind: str
 ) -> None:
-    source = NoRange()
+    source = MemSource(data=DATA)  # a server that ignores Range: every read fails for good
+    source.error = SourcePermanentError("cannot read: the server ignores Range requests")
     _, jobs = await start(store, source, nursery)
     members = ["me"] if kind == "prefetch" else None
     job = jobs.start(dataset("ds", files=8), kind, members)
@@ -124,7 +104,7 @@ async def test_a_source_that_refuses_for_good_ends_the_job_at_once(
 async def test_temporary_failures_are_retried_at_a_bounded_rate_until_stopped(
     store: ObjectStore, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
-    source = MemSource()
+    source = MemSource(data=DATA)
     source.down = True  # 503s, for ever
     _, jobs = await start(store, source, nursery, read_deadline=2.0)
     job = jobs.start(dataset("ds", files=4), "prefetch", ["me"])
@@ -145,7 +125,7 @@ async def test_temporary_failures_are_retried_at_a_bounded_rate_until_stopped(
 async def test_a_cancelled_pull_stops_its_transfers_but_not_a_readers(
     store: ObjectStore, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
-    source = Recording()
+    source = MemSource(data=DATA)
     source.down = True
     fetcher, jobs = await start(store, source, nursery, read_deadline=3600.0)
     manifest = dataset("ds", files=4)
@@ -177,7 +157,7 @@ async def test_a_cancelled_pull_stops_its_transfers_but_not_a_readers(
 async def test_stopping_one_dataset_leaves_content_another_still_needs(
     store: ObjectStore, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
-    source = MemSource()
+    source = MemSource(data=DATA)
     source.down = True
     _, jobs = await start(store, source, nursery, read_deadline=3600.0)
     shared = dataset("a", files=2)  # objects 0 and 1

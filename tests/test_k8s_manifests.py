@@ -76,11 +76,14 @@ def kustomization(directory: Path) -> Obj:
 
 
 def manifest_files() -> list[Path]:
-    """Every YAML file of Kubernetes objects (not kustomizations, not config payloads)."""
+    """Every YAML file of Kubernetes objects (not kustomizations, not config payloads,
+    not the components' patches and settings)."""
     return sorted(
         p
         for p in K8S.rglob("*.yaml")
-        if p.name != "kustomization.yaml" and p.parent.name != "config"
+        if p.name != "kustomization.yaml"
+        and p.parent.name != "config"
+        and "components" not in p.relative_to(K8S).parts
     )
 
 
@@ -111,11 +114,43 @@ def rendered(directory: Path) -> list[Obj]:
         path = directory / res
         objs += rendered(path) if path.is_dir() else load_docs(path)
     objs += generated(directory)
+    for component in kust.get("components", []):
+        objs = with_component(objs, directory / component)
     if "namespace" in kust:
         for obj in objs:
             if obj["kind"] not in CLUSTER_SCOPED:
                 obj["metadata"]["namespace"] = kust["namespace"]
     return objs
+
+
+def merged(base: Any, patch: Any) -> Any:
+    """A strategic merge patch as kustomize applies the ones here: objects key by key,
+    lists of named objects by name (new names appended), anything else replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            out[key] = merged(base[key], value) if key in base else value
+        return out
+    named = isinstance(base, list) and isinstance(patch, list)
+    if named and all(isinstance(x, dict) and "name" in x for x in [*base, *patch]):
+        by_name = {x["name"]: x for x in base}
+        out_list = [merged(x, next((p for p in patch if p["name"] == x["name"]), {})) for x in base]
+        return out_list + [p for p in patch if p["name"] not in by_name]
+    return patch
+
+
+def with_component(objs: list[Obj], component: Path) -> list[Obj]:
+    """`objs` with a kustomize Component applied: its generated objects, its patches."""
+    kust = kustomization(component)
+    assert kust["kind"] == "Component"
+    out = objs + generated(component)
+    for entry in kust.get("patches", []):
+        (patch,) = load_docs(component / entry["path"])
+        meta = patch["metadata"]
+        target = find(out, patch["kind"], meta["name"])
+        assert target["metadata"].get("namespace") == meta.get("namespace")
+        out[out.index(target)] = merged(target, patch)
+    return out
 
 
 def installed() -> list[Obj]:
@@ -932,3 +967,156 @@ def test_make_secrets_creates_what_the_manifests_mount_and_it_works(tmp_path: Pa
     finally:
         daemon.stop()
         store.close()
+
+
+# -- the registry mirror option (components/registry-mirror) --------------------------------
+
+MIRROR_COMPONENT = K8S / "components" / "registry-mirror"
+MIRROR_CONFIG = "/etc/syncbit-mirror/mirror.yaml"
+
+
+@pytest.fixture(scope="module")
+def mirrored(base: list[Obj]) -> list[Obj]:
+    """The install with the registry mirror component (as an operator's overlay has it)."""
+    return with_component(rendered(K8S), MIRROR_COMPONENT)
+
+
+def mirror_config() -> Obj:
+    doc: Obj = yaml.safe_load((MIRROR_COMPONENT / "mirror.yaml").read_text())
+    return doc
+
+
+def daemon_pod(objs: list[Obj]) -> Obj:
+    spec = pod_spec(find(objs, "DaemonSet", "syncbit-daemon"))
+    assert spec is not None
+    return spec
+
+
+def by_name(items: list[Obj], name: str) -> Obj:
+    (found,) = [c for c in items if c["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_mirror_option_validates(mirrored: list[Obj], version: str) -> None:
+    for doc in mirrored:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_mirror_option_adds_to_the_daemon_pod_and_changes_nothing_else(
+    base: list[Obj], mirrored: list[Obj]
+) -> None:
+    before, after = daemon_pod(base), daemon_pod(mirrored)
+    assert by_name(after["containers"], "daemon") == by_name(before["containers"], "daemon")
+    assert [c["name"] for c in after["containers"]] == ["daemon", "mirror"]
+    template = find(mirrored, "DaemonSet", "syncbit-daemon")["spec"]["template"]
+    assert template["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == (
+        "daemon"
+    )
+    assert [c["name"] for c in after.get("initContainers", [])] == ["containerd-hosts"]
+    assert {
+        k: v for k, v in after.items() if k not in {"containers", "initContainers", "volumes"}
+    } == {k: v for k, v in before.items() if k not in {"containers", "initContainers", "volumes"}}
+    others = [o for o in mirrored if o["kind"] != "DaemonSet"]
+    assert others == [o for o in base if o["kind"] != "DaemonSet"] + generated(MIRROR_COMPONENT)
+    images = {i["name"]: i["newTag"] for i in kustomization(MIRROR_COMPONENT)["images"]}
+    assert images == {IMAGE: kustomization(K8S)["images"][0]["newTag"]}
+    for c in containers(after):
+        assert c["image"] == f"{IMAGE}:{images[IMAGE]}"
+
+
+def test_the_mirror_containers_hold_no_privilege(mirrored: list[Obj]) -> None:
+    spec = daemon_pod(mirrored)
+    for c in [
+        by_name(spec["initContainers"], "containerd-hosts"),
+        by_name(spec["containers"], "mirror"),
+    ]:
+        security = c["securityContext"]
+        assert "privileged" not in security and security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["readOnlyRootFilesystem"] is True
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) & set(c["resources"]["limits"])
+        assert not any(m.get("mountPropagation") for m in c["volumeMounts"])
+
+
+def test_the_mirror_config_is_valid_and_the_manifests_follow_it(mirrored: list[Obj]) -> None:
+    from syncbit.mirror.__main__ import app as mirror_app
+    from syncbit.mirror.config import MirrorConfig
+    from syncbit.mirror.hosts import mirror_url
+
+    config = MirrorConfig.model_validate(mirror_config())
+    host, _, port = config.listen.rpartition(":")
+    assert host == "127.0.0.1"  # the node's loopback: nothing beyond the node reaches it
+    spec = daemon_pod(mirrored)
+    assert spec["hostNetwork"] is True  # so containerd, on the node, reaches that loopback
+    hosts, serve = (
+        by_name(spec["initContainers"], "containerd-hosts"),
+        by_name(spec["containers"], "mirror"),
+    )
+    for c, command in ((hosts, "hosts"), (serve, "serve")):
+        assert c["command"][:5] == ["/usr/bin/tini", "--", "python", "-m", "syncbit.mirror"]
+        args = c["command"][5:]
+        assert args[0] == command
+        assert option_value(args, "--config") == MIRROR_CONFIG
+        mount, vol = mount_at(spec, c, str(Path(MIRROR_CONFIG).parent))
+        assert mount["readOnly"] is True and vol["configMap"]["name"] == "syncbit-mirror"
+        group: Any = typer.main.get_command(mirror_app)
+        known = {o for p in group.get_command(click.Context(group), command).params for o in p.opts}
+        assert {a for a in args if a.startswith("--")} <= known
+    _, certs = mount_at(spec, hosts, option_value(hosts["command"][5:], "--certs-d"))
+    assert certs["hostPath"] == {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"}
+    _, cache = mount_at(spec, serve, str(config.cache_dir))
+    assert cache["hostPath"]["path"] == str(config.cache_dir)
+    for probe in ("startupProbe", "livenessProbe"):
+        get = serve[probe]["httpGet"]
+        assert (get["host"], get["path"], str(get["port"])) == ("127.0.0.1", "/v2/", port)
+    assert mirror_url(config.listen) == f"http://127.0.0.1:{port}"
+
+
+def test_the_init_containers_command_writes_a_hosts_file_per_registry(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    argv = [sys.executable, "-m", "syncbit.mirror", "hosts", "--certs-d", str(tmp_path)]
+    argv += ["--config", str(MIRROR_COMPONENT / "mirror.yaml")]
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    registries = set(mirror_config()["registries"])
+    assert {p.parent.name for p in tmp_path.glob("*/hosts.toml")} == registries
+    hub = (tmp_path / "docker.io" / "hosts.toml").read_text()
+    assert 'server = "https://registry-1.docker.io"' in hub
+    assert f'[host."http://{mirror_config()["listen"]}"]' in hub
+
+
+@pytest.mark.skipif(kustomize_command() is None, reason="neither kustomize nor kubectl")
+def test_kustomize_builds_the_mirror_option_as_modelled(
+    tmp_path: Path, mirrored: list[Obj]
+) -> None:
+    import os
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    to_base = os.path.relpath(K8S, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{to_base}]\ncomponents: [{to_base}/components/registry-mirror]\n"
+    )
+    cmd = kustomize_command()
+    assert cmd is not None
+    out = subprocess.run([*cmd, str(overlay)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    spec = daemon_pod(built)
+    model = daemon_pod(mirrored)
+    for key in ("containers", "initContainers"):
+        # kustomize puts added containers first: the pod's default-container annotation
+        # keeps `kubectl logs/exec` on the daemon.
+        assert sorted(c["name"] for c in spec[key]) == sorted(c["name"] for c in model[key])
+        for c in spec[key]:
+            assert c == by_name(model[key], c["name"]) or c["name"] == "daemon"
+    (config,) = [v for v in spec["volumes"] if v["name"] == "mirror-config"]
+    assert re.fullmatch(r"syncbit-mirror-[a-z0-9]{10}", config["configMap"]["name"])
+    for doc in built:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)

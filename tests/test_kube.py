@@ -1,5 +1,5 @@
 """Node labels and the warm-up taint against a loopback fake of the Kubernetes API server
-(`syncbit.testing.kubeapi`), and the fake's own answers. No cluster is reachable here: the
+(`syncbit_testing.kubeapi`), and the fake's own answers. No cluster is reachable here: the
 fake reproduces the API server's rules for Nodes, not a whole cluster."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import logging
 import random
 import re
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from lightkube.resources.core_v1 import Node
 
 from syncbit.errors import ConfigError
 from syncbit.kube import LABEL_PREFIX, WARMING_TAINT, NodeSync, label_key, load_client
-from syncbit.testing.kubeapi import KubeAPI, NodeDoc
+from syncbit_testing import command, environ
+from syncbit_testing.kubeapi import KubeAPI, NodeDoc
 
 # The official rules (k8s.io/apimachinery/pkg/util/validation IsQualifiedName), written out
 # here rather than imported so that the test does not share a bug with the code.
@@ -596,19 +596,14 @@ def test_every_mapped_key_is_accepted_by_the_fake(api: KubeAPI, http: httpx.Clie
 def test_fake_runs_standalone(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "syncbit.testing.kubeapi",
-            "--node",
-            NODE,
-            "--taint",
-            f"{WARMING_TAINT}=true:NoSchedule",
-            "--kubeconfig",
-            str(kubeconfig),
-        ],
+        command(
+            "kubeapi",
+            *("--node", NODE, "--taint", f"{WARMING_TAINT}=true:NoSchedule"),
+            *("--kubeconfig", str(kubeconfig)),
+        ),
         stdout=subprocess.PIPE,
         text=True,
+        env=environ(),
     ) as proc:
         try:
             assert proc.stdout is not None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from ocifixtures import no_ambient_credentials_fixture  # noqa: F401 - autouse here
 
 from integration.registry import (
     DOCKER_MANIFEST,
@@ -49,6 +50,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import Listing, open_source
 from syncbit.sources.oci import INLINE_LIMIT, OciSource
+from syncbit.sources.oci.transport import check_target
 
 _WHY = registry_unavailable()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"no registry: {_WHY}")
@@ -121,17 +123,6 @@ def token(tmp_path_factory: pytest.TempPathFactory, images: Images) -> Iterator[
         registry.push(images.layout, "v1.4", "team/app:v1.4", creds=creds)
         registry.push(images.layout, "v1.4", "public/app:v1.4", creds=creds)
         yield registry
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Every test starts with no credentials: an empty Docker config dir, no SYNCBIT_OCI_*."""
-    for var in ("SYNCBIT_OCI_USERNAME", "SYNCBIT_OCI_PASSWORD", "SYNCBIT_OCI_REGISTRY"):
-        monkeypatch.delenv(var, raising=False)
-    config_dir = tmp_path / "docker-config"
-    config_dir.mkdir()
-    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
-    return config_dir
 
 
 def _alice(monkeypatch: pytest.MonkeyPatch, registry: str) -> None:
@@ -463,6 +454,13 @@ def test_redirect_rules() -> None:
             client._check_target(realm, "realm")
     client._check_target("https://auth.example/token", "realm")
     source.close()
+
+
+@pytest.mark.parametrize("bad", ["https://[abc/token", "https://[::1/x", "https://h:99999/t"])
+def test_a_malformed_realm_or_redirect_is_refused(bad: str) -> None:
+    # URLs the parser itself rejects: refused as invalid, never a crash of the listing.
+    with pytest.raises(SourceError, match="invalid URL"):
+        check_target(bad, "the token realm", insecure=False)
 
 
 # -- auth ---------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_authorized_body_over_the_route_limit_is_413_unread(server: SchedulerSer
             sock.sendall(request_bytes(method, path, {**AUTH, "Content-Length": str(length)}))
             answer = read_answer(sock)
             assert answer.status == 413, (method, path, answer)
-            assert answer.json()["kind"] == "PayloadTooLarge"
+            assert answer.json()["kind"] == "PayloadTooLargeError"
             assert answer.closed
 
 
@@ -269,11 +269,11 @@ def peer(tmp_path: Path) -> Iterator[tuple[PeerServer, list[Any]]]:
     store = ObjectStore.open(tmp_path / "cache", 1 << 30)
     seen: list[Any] = []
 
-    def control(method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         seen.append(body)
         if path == "/v1/local/boom":
             raise RuntimeError("a bug in the daemon")
-        return 200, {"ok": True}
+        return {"ok": True}
 
     server = PeerServer(store, "127.0.0.1:0", limits=Limits(max_connections=32, max_per_client=8))
     server.set_control(control)

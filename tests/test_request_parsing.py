@@ -219,9 +219,9 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, list[A
     trio.run(hold_one_chunk)
     seen: list[Any] = []
 
-    def control(method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         seen.append((method, path, body))
-        return 200, {"echo": body}
+        return {"echo": body}
 
     server = PeerServer(store, "127.0.0.1:0", limits=Limits(idle_timeout=5), auth_required=True)
     server.set_verifier(Issuer(TOKEN))  # the cluster's key: admin credentials pass

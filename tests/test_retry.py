@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import trio
 
 from syncbit.errors import SourcePermanentError, SourceUnavailableError
-from syncbit.retry import retry, retrying
+from syncbit.retry import retry, retrying, retrying_blocking
 from syncbit.sources.base import Source
 
 
@@ -64,6 +68,20 @@ async def test_a_loop_without_a_budget_is_refused() -> None:
         await retrying(Flaky(SourceUnavailableError("x")), Source.is_temp_failure, deadline=1e999)
 
 
+async def test_a_loop_until_cancelled_runs_at_a_bounded_rate(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    call = Flaky(SourceUnavailableError("503"))
+    with trio.move_on_after(3600):
+        await retrying(call, Source.is_temp_failure, until_cancelled=True, base=1, cap=60)
+    # No budget but the hour: about one call a minute once backed off, then it stops.
+    assert 30 < call.calls < 200, call.calls
+    permanent = Flaky(SourcePermanentError("denied"))
+    with pytest.raises(SourcePermanentError):
+        await retrying(permanent, Source.is_temp_failure, until_cancelled=True)
+    assert permanent.calls == 1
+
+
 async def test_cancelling_the_caller_ends_the_wait(autojump_clock: trio.abc.Clock) -> None:
     call = Flaky(SourceUnavailableError("503"))
     with trio.move_on_after(5):
@@ -84,3 +102,49 @@ async def test_the_decorator_uses_the_same_budget(autojump_clock: trio.abc.Clock
     with pytest.raises(SourceUnavailableError, match="down 7"):
         await fetch(7)
     assert calls[0] == 3
+
+
+class FlakyBlocking:
+    """`Flaky` for blocking callers."""
+
+    def __init__(self, error: Exception, failures: int = 10**9) -> None:
+        self.error = error
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "ok"
+
+
+def test_the_blocking_loop_keeps_the_same_budget() -> None:
+    call = FlakyBlocking(SourceUnavailableError("503"), failures=2)
+    assert retrying_blocking(call, Source.is_temp_failure, attempts=3, base=0.001) == "ok"
+    spent = FlakyBlocking(SourceUnavailableError("503"))
+    with pytest.raises(SourceUnavailableError):
+        retrying_blocking(spent, Source.is_temp_failure, attempts=3, base=0.001)
+    assert spent.calls == 3
+    permanent = FlakyBlocking(SourcePermanentError("denied"))
+    with pytest.raises(SourcePermanentError):
+        retrying_blocking(permanent, Source.is_temp_failure, until_cancelled=True)
+    assert permanent.calls == 1
+    with pytest.raises(ValueError, match="budget"):
+        retrying_blocking(FlakyBlocking(SourceUnavailableError("x")), Source.is_temp_failure)
+
+
+def test_the_blocking_loop_stops_before_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]  # a clock that moves only by the loop's sleeps
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    call = FlakyBlocking(SourceUnavailableError("503"))
+    with pytest.raises(SourceUnavailableError):
+        retrying_blocking(call, Source.is_temp_failure, deadline=130.0, base=0.1, cap=2.0)
+    assert now[0] <= 130.0  # no sleep crossed it
+    assert call.calls > 10  # kept trying within it
+
+
+def test_the_blocking_loop_does_not_load_trio() -> None:
+    code = "import sys, syncbit.retry, syncbit.cli.progress; sys.exit('trio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

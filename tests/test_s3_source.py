@@ -25,6 +25,7 @@ import pytest
 import trio
 from botocore.exceptions import ClientError
 from s3server import MotoServer
+from sourcehelp import by_path, read
 
 from syncbit.errors import (
     InvalidSourceError,
@@ -34,7 +35,7 @@ from syncbit.errors import (
     UnsafePathError,
     UserError,
 )
-from syncbit.manifest import FileEntry, build_manifest
+from syncbit.manifest import build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.s3 import S3Source, map_error
 
@@ -125,16 +126,6 @@ def put(admin: Any, bucket: str, objects: dict[str, bytes]) -> None:
         admin.put_object(Bucket=bucket, Key=key, Body=data)
 
 
-async def read(source: S3Source, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
-
-
-def by_path(files: list[FileEntry]) -> dict[str, FileEntry]:
-    return {f.path: f for f in files}
-
-
 # -- listing ------------------------------------------------------------------------------
 
 
@@ -149,7 +140,7 @@ def test_open_source_finds_the_s3_class_lazily() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
-    assert out.stdout.split() == ["syncbit.sources.s3", "S3Source", "some-bucket", "prefix/"]
+    assert out.stdout.split() == ["syncbit.sources.s3.source", "S3Source", "some-bucket", "prefix/"]
     source = open_source("s3://b-k-t/x")
     assert isinstance(source, S3Source)
     source.close()

@@ -7,16 +7,16 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import pytest
 import trio
-from schedulerfixtures import CHUNK, TIMEOUT, Clock, any_port
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
 from syncbit.errors import (
-    InvalidSourceError,
     NotFoundError,
     SchedulerError,
     SourceError,
@@ -27,7 +27,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler import ChunkMap, Peer, SchedulerClient, SchedulerServer
 from syncbit.scheduler.client import ChunkReportResult
-from syncbit.sources import Listing, Source, register
+from syncbit.sources import Listing
 
 OBJ_A = "a" * 64
 OBJ_B = "b" * 64
@@ -44,31 +44,6 @@ class _AnyText:
 ANY_TEXT: Any = _AnyText()
 
 
-@register
-class MemSource(Source):
-    """A source whose listings live in this test module: no network, no files."""
-
-    schemes = ("memtest",)
-    listings: ClassVar[dict[str, Listing | Exception]] = {}
-    closed: ClassVar[list[str]] = []
-    options_seen: ClassVar[list[dict[str, Any]]] = []
-
-    async def list(self) -> Listing:
-        self.options_seen.append(self.options)
-        value = self.listings.get(self.uri)
-        if value is None:
-            raise InvalidSourceError(f"nothing at {self.uri}")
-        if isinstance(value, Exception):
-            raise value
-        return value
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        raise NotImplementedError("the scheduler never reads file bodies")
-
-    def close(self) -> None:
-        self.closed.append(self.uri)
-
-
 def listing(uri: str, files: dict[str, tuple[int, str]]) -> Listing:
     return Listing(
         files=[
@@ -80,13 +55,9 @@ def listing(uri: str, files: dict[str, tuple[int, str]]) -> Listing:
 
 @pytest.fixture(autouse=True)
 def sources() -> Iterator[type[MemSource]]:
-    MemSource.listings.clear()
-    MemSource.closed.clear()
-    MemSource.options_seen.clear()
-    MemSource.listings["memtest://one/"] = listing(
-        "memtest://one/", {"a.bin": (10, OBJ_A), "dir/b.bin": (8, OBJ_B)}
-    )
-    yield MemSource
+    one = listing("mem://one/", {"a.bin": (10, OBJ_A), "dir/b.bin": (8, OBJ_B)})
+    with MemSource.serving({"mem://one/": one}):
+        yield MemSource
 
 
 @pytest.fixture
@@ -158,20 +129,20 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
 async def test_dataset_add_list_manifest_remove(
     client: SchedulerClient, server: SchedulerServer
 ) -> None:
-    result = await client.add_dataset("ds", "memtest://one/", {"token": "t"})
+    result = await client.add_dataset("ds", "mem://one/", {"token": "t"})
     assert result["changed"] is True
     summary = result["dataset"]
     assert {k: summary[k] for k in ("name", "source", "files", "size")} == {
         "name": "ds",
-        "source": "memtest://one/",
+        "source": "mem://one/",
         "files": 2,
         "size": 18,
     }
     assert isinstance(summary["revision"], str) and isinstance(summary["created"], float)
     assert MemSource.options_seen == [{"token": "t"}]
-    assert MemSource.closed == ["memtest://one/"]  # the source is closed after listing
+    assert MemSource.closed == ["mem://one/"]  # the source is closed after listing
 
-    again = await client.add_dataset("ds", "memtest://one/")
+    again = await client.add_dataset("ds", "mem://one/")
     assert again == {"dataset": summary, "changed": False, "warnings": []}
 
     listed = await client.datasets()
@@ -187,8 +158,8 @@ async def test_dataset_add_list_manifest_remove(
     assert manifest == server.call(server.state.catalog.get_dataset, "ds")
 
     # a new revision of the same source replaces the old one
-    MemSource.listings["memtest://one/"] = listing("memtest://one/", {"a.bin": (11, OBJ_B)})
-    replaced = await client.add_dataset("ds", "memtest://one/")
+    MemSource.listings["mem://one/"] = listing("mem://one/", {"a.bin": (11, OBJ_B)})
+    replaced = await client.add_dataset("ds", "mem://one/")
     assert replaced["changed"] is True
     assert replaced["dataset"]["revision"] != summary["revision"]
     assert (await client.datasets())["generation"] == 2
@@ -202,7 +173,7 @@ async def test_dataset_add_list_manifest_remove(
 
 
 async def test_chunks_chunk_map_reports_and_status(client: SchedulerClient, clock: Clock) -> None:
-    await client.add_dataset("ds", "memtest://one/")
+    await client.add_dataset("ds", "mem://one/")
     await heartbeat(client, "n1", 1, load=5)
     await heartbeat(client, "n2", 2, load=0)
     await heartbeat(client, "n3", 3)
@@ -256,31 +227,31 @@ async def test_chunks_chunk_map_reports_and_status(client: SchedulerClient, cloc
 
 
 async def test_dataset_errors_are_mapped(client: SchedulerClient, raw: httpx.AsyncClient) -> None:
-    await client.add_dataset("ds", "memtest://one/")
-    MemSource.listings["memtest://two/"] = listing("memtest://two/", {"x": (1, OBJ_A)})
-    with pytest.raises(UserError, match="ds already exists with source memtest://one/"):
-        await client.add_dataset("ds", "memtest://two/")
-    resp = await raw.post("/v1/datasets", json={"name": "ds", "source": "memtest://two/"})
+    await client.add_dataset("ds", "mem://one/")
+    MemSource.listings["mem://two/"] = listing("mem://two/", {"x": (1, OBJ_A)})
+    with pytest.raises(UserError, match="ds already exists with source mem://one/"):
+        await client.add_dataset("ds", "mem://two/")
+    resp = await raw.post("/v1/datasets", json={"name": "ds", "source": "mem://two/"})
     assert resp.status_code == 409
     assert resp.json()["kind"] == "DatasetExistsError"
     # refused before listing: a source that does not even exist gets the same answer
     with pytest.raises(UserError, match="ds already exists"):
-        await client.add_dataset("ds", "memtest://missing/")
+        await client.add_dataset("ds", "mem://missing/")
 
-    with pytest.raises(UserError, match="nothing at memtest://missing/"):
-        await client.add_dataset("gone", "memtest://missing/")
+    with pytest.raises(UserError, match="nothing at mem://missing/"):
+        await client.add_dataset("gone", "mem://missing/")
     with pytest.raises(UserError, match="unsupported source"):
         await client.add_dataset("gone", "gopher://x/")
     with pytest.raises(UserError, match="invalid dataset name"):
-        await client.add_dataset("../up", "memtest://one/")
-    MemSource.listings["memtest://evil/"] = listing("memtest://evil/", {"../x": (1, OBJ_A)})
+        await client.add_dataset("../up", "mem://one/")
+    MemSource.listings["mem://evil/"] = listing("mem://evil/", {"../x": (1, OBJ_A)})
     with pytest.raises(UserError, match="unsafe file name"):
-        await client.add_dataset("evil", "memtest://evil/")
+        await client.add_dataset("evil", "mem://evil/")
 
-    MemSource.listings["memtest://down/"] = SourceUnavailableError("origin refused: 503")
+    MemSource.listings["mem://down/"] = SourceUnavailableError("origin refused: 503")
     with pytest.raises(SourceError, match="origin refused: 503"):
-        await client.add_dataset("down", "memtest://down/")
-    resp = await raw.post("/v1/datasets", json={"name": "down", "source": "memtest://down/"})
+        await client.add_dataset("down", "mem://down/")
+    resp = await raw.post("/v1/datasets", json={"name": "down", "source": "mem://down/"})
     assert resp.status_code == 502
     assert resp.json() == {"error": "origin refused: 503", "kind": "SourceUnavailableError"}
     assert [d["name"] for d in (await client.datasets())["datasets"]] == ["ds"]
@@ -337,7 +308,7 @@ async def test_internal_errors_send_no_traceback(
     with SchedulerServer(config, resolve=broken) as srv:
         async with SchedulerClient(srv.url) as client:
             with pytest.raises(SchedulerError) as info:
-                await client.add_dataset("ds", "memtest://one/")
+                await client.add_dataset("ds", "mem://one/")
     assert info.value.status == 500
     assert "secret detail" not in str(info.value) and "Traceback" not in str(info.value)
     assert "RuntimeError" in str(info.value)
@@ -387,9 +358,9 @@ async def test_transport_answers_are_mapped() -> None:
 
 
 async def test_concurrent_clients(server: SchedulerServer) -> None:
-    MemSource.listings["memtest://sixteen/"] = listing("memtest://sixteen/", {"a": (64, OBJ_A)})
+    MemSource.listings["mem://sixteen/"] = listing("mem://sixteen/", {"a": (64, OBJ_A)})
     async with SchedulerClient(server.url) as c:
-        await c.add_dataset("sixteen", "memtest://sixteen/")  # names OBJ_A: 64 bytes
+        await c.add_dataset("sixteen", "mem://sixteen/")  # names OBJ_A: 64 bytes
 
     async def one_node(i: int) -> None:
         async with SchedulerClient(server.url) as c:
@@ -421,7 +392,7 @@ async def test_restart_keeps_durable_facts_and_relearns_the_soft_state(
     first.start()
     try:
         async with SchedulerClient(first.url) as client:
-            await client.add_dataset("ds", "memtest://one/")
+            await client.add_dataset("ds", "mem://one/")
             await heartbeat(client, "n1", 1)
             epoch = (await client.heartbeat("n2", address="127.0.0.1:2"))["epoch"]
             await client.claim("n1", OBJ_A, [0], ttl=30)
@@ -456,7 +427,7 @@ async def test_restart_keeps_durable_facts_and_relearns_the_soft_state(
             ]
             known = await client.chunk_map(OBJ_A, "n2")
             assert (known.digests, known.peers) == (before[3].digests, {})
-            assert (await client.add_dataset("ds", "memtest://one/"))["changed"] is False
+            assert (await client.add_dataset("ds", "mem://one/"))["changed"] is False
             # The nodes come back, see a new epoch and report what they hold.
             assert (await client.heartbeat("n2", address="127.0.0.1:2"))["epoch"] != epoch
             await heartbeat(client, "n1", 1)
@@ -505,7 +476,7 @@ async def test_generation_long_poll_answers_on_change_or_timeout(
             nursery.start_soon(poll)
             await trio.sleep(0.2)
             assert not got  # still waiting
-            await client.add_dataset("ds", "memtest://one/")
+            await client.add_dataset("ds", "mem://one/")
     assert got == [start + 1]
     # A poll behind the current generation answers at once.
     with trio.fail_after(2):

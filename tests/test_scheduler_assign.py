@@ -3,35 +3,31 @@ SchedulerServer on loopback driven by SchedulerClient."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from schedulerfixtures import CHUNK, TIMEOUT, Clock
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT
 
 from syncbit.config import SchedulerConfig
 from syncbit.errors import NotFoundError, UnauthorizedError, UserError
 from syncbit.manifest import FileEntry
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.claims import Claims
-from syncbit.sources import Listing, Source, register
+from syncbit.sources import Listing
 
 OBJ_A = "a" * 64
 D1 = "1" * 64
 D2 = "2" * 64
 
 
-@register
-class FixedSource(Source):
-    """Lists one fixed file; the scheduler never reads bodies."""
-
-    schemes = ("memassign",)
-
-    async def list(self) -> Listing:
-        return Listing(files=[FileEntry(path="a.bin", size=10, object=OBJ_A, locator="a.bin")])
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        raise NotImplementedError
+@pytest.fixture(autouse=True)
+def _listed() -> Iterator[None]:
+    one = FileEntry(path="a.bin", size=10, object=OBJ_A, locator="a.bin")
+    with MemSource.serving({"mem://one/": Listing(files=[one])}):
+        yield
 
 
 async def beat(client: SchedulerClient, node: str, **labels: str) -> dict[str, object]:
@@ -39,7 +35,7 @@ async def beat(client: SchedulerClient, node: str, **labels: str) -> dict[str, o
 
 
 async def test_assignment_by_selector_and_node_name(client: SchedulerClient) -> None:
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     await beat(client, "n1", gpu="h100")
     await beat(client, "n2", gpu="a10")
     await beat(client, "n3", gpu="h100")
@@ -72,7 +68,7 @@ async def test_assignment_by_selector_and_node_name(client: SchedulerClient) -> 
 async def test_assignment_errors(client: SchedulerClient) -> None:
     with pytest.raises(NotFoundError, match="unknown dataset 'nope'"):
         await client.assign("nope", [{"node": "n1"}])
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     with pytest.raises(UserError, match="either"):
         await client.assign("one", [{"node": "n1", "selector": {"a": "b"}}])
     # No target at all means every node.
@@ -82,7 +78,7 @@ async def test_assignment_errors(client: SchedulerClient) -> None:
 
 
 async def test_plan_members_are_up_nodes_only(client: SchedulerClient, clock: Clock) -> None:
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     await client.assign("one", [{"selector": {"role": "gpu"}}])
     await beat(client, "a", role="gpu")
     await beat(client, "b", role="gpu")
@@ -94,7 +90,7 @@ async def test_plan_members_are_up_nodes_only(client: SchedulerClient, clock: Cl
 async def test_labels_edits_survive_heartbeats_and_restart(
     client: SchedulerClient, server: SchedulerServer, config: SchedulerConfig, clock: Clock
 ) -> None:
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     await client.assign("one", [{"selector": {"gpu": "h100"}}])
     await beat(client, "n1", zone="a")
     assert (await client.plan("n1"))["plan"] == []
@@ -124,16 +120,16 @@ async def test_labels_edits_survive_heartbeats_and_restart(
 
 
 async def test_removing_a_dataset_drops_its_assignments(client: SchedulerClient) -> None:
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     await client.assign("one", [{"node": "n1"}])
     await client.remove_dataset("one")
     assert await client.assignments() == {}
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     assert await client.assignments() == {}
 
 
 async def test_ready_reported_by_heartbeat_shows_in_status(client: SchedulerClient) -> None:
-    summary = (await client.add_dataset("one", "memassign://one/"))["dataset"]
+    summary = (await client.add_dataset("one", "mem://one/"))["dataset"]
     await client.heartbeat("n1", address="127.0.0.1:1", ready={"one": summary["revision"]})
     await client.heartbeat("n2", address="127.0.0.1:2", ready={"one": "an-old-revision"})
     (ds,) = (await client.status())["datasets"]
@@ -141,7 +137,7 @@ async def test_ready_reported_by_heartbeat_shows_in_status(client: SchedulerClie
 
 
 async def test_claims_give_each_chunk_to_one_fetcher(client: SchedulerClient) -> None:
-    await client.add_dataset("one", "memassign://one/")  # names OBJ_A: 10 bytes, 3 chunks
+    await client.add_dataset("one", "mem://one/")  # names OBJ_A: 10 bytes, 3 chunks
     await beat(client, "a")
     await beat(client, "b")
     first = await client.claim("a", OBJ_A, [0, 1, 2], ttl=30)
@@ -167,7 +163,7 @@ async def test_claims_give_each_chunk_to_one_fetcher(client: SchedulerClient) ->
 
 
 async def test_claims_of_a_down_node_do_not_block(client: SchedulerClient, clock: Clock) -> None:
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     await beat(client, "a")
     assert (await client.claim("a", OBJ_A, [0], ttl=300)).granted == [0]
     clock.now += TIMEOUT + 1  # a stops heartbeating while holding a claim
@@ -196,7 +192,7 @@ async def test_health_readiness_and_metrics(
 ) -> None:
     import httpx
 
-    summary = (await client.add_dataset("one", "memassign://one/"))["dataset"]
+    summary = (await client.add_dataset("one", "mem://one/"))["dataset"]
     await client.assign("one", [{"selector": {}}])
     await client.heartbeat("n1", address="127.0.0.1:1", ready={"one": summary["revision"]})
     await client.heartbeat("n2", address="127.0.0.1:2")
@@ -251,7 +247,7 @@ async def test_chunk_maps_and_heartbeats_do_not_reread_every_node(
 ) -> None:
     """At a thousand nodes, a node list per chunk-map poll or heartbeat would dominate the
     scheduler: up nodes and plans are computed once and reused briefly."""
-    await client.add_dataset("one", "memassign://one/")
+    await client.add_dataset("one", "mem://one/")
     await client.assign("one", [{"selector": {}}])
     for i in range(5):
         await beat(client, f"n{i}")

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import trio
 from etcdfixtures import requires_etcd, single_etcd, unique
-from schedulerfixtures import CHUNK, TIMEOUT, Clock
+from fakes import Clock
+from schedulerfixtures import CHUNK, TIMEOUT
 
 from integration.etcd_cluster import EtcdCluster
 from syncbit.manifest import FileEntry, build_manifest

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from fakes import Clock
 
 from syncbit.errors import NotFoundError, SchedulerError, UserError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
@@ -30,17 +31,9 @@ D3 = "3" * 64
 CHUNK = 4
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1000.0)
 
 
 @pytest.fixture

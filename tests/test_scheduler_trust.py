@@ -4,12 +4,13 @@ through a real SchedulerServer on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from schedulerfixtures import CHUNK, TIMEOUT, Clock
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT
 
 from syncbit.errors import NotFoundError, UserError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
@@ -21,7 +22,7 @@ from syncbit.scheduler.state import (
     SchedulerState,
     open_lmdb_state,
 )
-from syncbit.sources import Listing, Source, register
+from syncbit.sources import Listing
 
 OBJ_A = "a" * 64
 OBJ_B = "b" * 64
@@ -42,7 +43,7 @@ def dataset(name: str = "ds", files: dict[str, tuple[int, str]] | None = None) -
     entries = [
         FileEntry(path=p, size=size, object=obj, locator=p) for p, (size, obj) in files.items()
     ]
-    return build_manifest(name, f"memtrust://{name}/", entries, chunk_size=CHUNK)
+    return build_manifest(name, f"mem://{name}/", entries, chunk_size=CHUNK)
 
 
 async def nodes(state: SchedulerState, *names: str) -> None:
@@ -353,23 +354,16 @@ async def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> Non
 # -- the routes ---------------------------------------------------------------------------------
 
 
-@register
-class TrustSource(Source):
-    """Lists `dataset()`'s files; the scheduler never reads bodies."""
-
-    schemes = ("memtrust",)
-
-    async def list(self) -> Listing:
-        return Listing(files=dataset().files)
-
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
-        raise NotImplementedError
+@pytest.fixture(autouse=True)
+def _listed() -> Iterator[None]:
+    with MemSource.serving({"mem://ds/": Listing(files=dataset().files)}):
+        yield
 
 
 async def test_routes_grant_record_dispute_and_lift(
     client: SchedulerClient, server: SchedulerServer
 ) -> None:
-    await client.add_dataset("ds", "memtrust://ds/")
+    await client.add_dataset("ds", "mem://ds/")
     for i, name in enumerate(("n1", "n2", "n3")):
         await client.heartbeat(name, address=f"127.0.0.1:{i + 1}")
     add = {"object": OBJ_A, "size": 3 * CHUNK, "chunk_size": CHUNK, "chunks": [[0, TRUE]]}
@@ -445,7 +439,7 @@ async def test_a_lie_about_a_source_that_cannot_prove_content_also_breaks_the_fi
     entry = FileEntry(path="a.bin", size=3 * CHUNK, object=OBJ_A, locator="a.bin")
     unproven = entry.model_copy(update={"version": {"etag": '"x"', "head": OTHER}})
     await state.catalog.put_dataset(
-        build_manifest("web", "memtrust://web/", [unproven], chunk_size=CHUNK)
+        build_manifest("web", "mem://web/", [unproven], chunk_size=CHUNK)
     )
     await nodes(state, "n1", "n2", "n3")
     await establish(state, "n1", OBJ_A, {0: FALSE})

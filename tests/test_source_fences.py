@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trio
+from sourcehelp import read
 from test_http_source import Reply, Scripted, _self_signed, html
 from test_http_source import make_source as make_source  # the shared fixture
 
@@ -63,12 +63,6 @@ def redirector(location: Callable[[str], str]) -> Scripted:
 def other_host(url: str) -> str:
     """The same server under another host name: 127.0.0.1 <-> localhost."""
     return url.replace("127.0.0.1", "localhost")
-
-
-async def read(source: HttpSource, entry: FileEntry, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    await trio.to_thread.run_sync(source.read_into, entry, offset, memoryview(buf))
-    return bytes(buf)
 
 
 def entry_for(url: str) -> FileEntry:
@@ -154,6 +148,19 @@ async def test_redirect_to_another_scheme_is_refused(
         with pytest.raises(InvalidSourceError, match="must keep the scheme"):
             await source.list()
         with pytest.raises(InvalidSourceError, match="must keep the scheme"):
+            await read(source, entry_for(hop.url + "f.bin"), 0, 10)
+
+
+@pytest.mark.parametrize("location", ["http://[abc/f.bin", "http://127.0.0.1:99999/f.bin"])
+async def test_redirect_to_a_malformed_url_is_refused(
+    location: str, make_source: Callable[..., HttpSource]
+) -> None:
+    # Locations the URL parser itself rejects: a clear refusal, never an unexpected error.
+    with redirector(lambda p: location) as hop:
+        source = make_source(hop.url + "f.bin", follow_redirects="any")
+        with pytest.raises(InvalidSourceError, match="redirects to an invalid URL"):
+            await source.list()
+        with pytest.raises(InvalidSourceError, match="redirects to an invalid URL"):
             await read(source, entry_for(hop.url + "f.bin"), 0, 10)
 
 

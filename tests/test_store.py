@@ -103,7 +103,8 @@ async def test_chunks_of_a_lost_object_file_are_forgotten_at_start(
         assert obj is not None and not obj.has(0) and not obj.durable
         assert again.cached_bytes() == 0
         assert "is missing or short" in caplog.text
-        assert [(o.id, idx) for o, idx in again.newly_removed] == [(OID, [0])]  # to report
+        removed = again.changes.take().removed
+        assert [(o.id, idx) for o, idx in removed] == [(OID, [0])]  # to report
     finally:
         again.close()
     third = ObjectStore.open(tmp_path, 1 << 30)  # and the index says so from now on
@@ -142,7 +143,8 @@ async def test_last_chunk_short_and_range_presence(tmp_path: Path) -> None:
         assert obj.has_range(2 * CS, 2500 - 2 * CS)
         assert not obj.has_range(CS, CS + 10)
         assert obj.held_bytes() == 2500 - 2 * CS
-        assert store.read_nowait(obj, 2 * CS, 10) in (None, b"z" * 10)
+        with store.reading(obj) as reader:
+            assert reader.read_nowait(2 * CS, 10) in (None, b"z" * 10)
     finally:
         store.close()
 

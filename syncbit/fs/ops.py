@@ -174,11 +174,8 @@ class SyncbitFS:
             handle = self.fetcher.open(
                 node.entry, node.manifest.chunk_size, self.source_for(node.manifest)
             )
-            # Every byte here: the kernel may read the object file itself (passthrough).
-            # Not before every chunk is re-verified after an unclean shutdown (the kernel
-            # would read them unchecked).
-            complete = handle.obj.complete and handle.entry.size > 0 and not handle.obj.unverified
-            backing = self.fetcher.store.fd(handle.obj) if complete else None
+            # Every byte here and verified: the kernel may read the object file itself.
+            backing = await handle.backing_fd()
         self.fetcher.hold(handle)
         fh = next(self._fh)
         self._handles[fh] = handle

@@ -30,7 +30,7 @@ from syncbit.scheduler.bodies import (
 )
 from syncbit.scheduler.chunkapi import Call, ChunkHandlers, json_bytes
 from syncbit.scheduler.records import DatasetExistsError
-from syncbit.scheduler.routes import RULES, Refusal, check_owner
+from syncbit.scheduler.routes import RULES, check_owner
 from syncbit.scheduler.state import SchedulerState
 from syncbit.sources.base import options_for
 from syncbit.sources.options import (
@@ -137,9 +137,7 @@ class Api(ChunkHandlers):
             if not math.isfinite(timeout):
                 raise ValueError(timeout)
         except ValueError:
-            raise Refusal(
-                400, "after must be an integer, timeout a number of seconds", "UserError"
-            ) from None
+            raise UserError("after must be an integer, timeout a number of seconds") from None
         if after is None:
             return json_bytes({"generation": self.state.generation()})
         timeout = min(max(timeout, 0.0), 60.0)

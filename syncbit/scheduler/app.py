@@ -2,8 +2,8 @@
 costs anything: the TLS rule, who asks (from the headers), where to (the route, which sets
 the body limit), then at most that limit of body (else 413, unread), then the handler.
 
-Owns the request target's parsing, the mapping of errors to statuses and JSON answers
-(`{"error", "kind"}`, never a traceback), `/metrics`, and the request counts. It never
+Owns the request target's parsing, the error answers (status and `{"error", "kind"}` from
+`syncbit.errors`' table, never a traceback), `/metrics`, and the request counts. It never
 keeps state of its own beyond counters and never logs a credential.
 """
 
@@ -19,18 +19,16 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from syncbit import tls
-from syncbit.errors import ForbiddenError
+from syncbit.errors import ForbiddenError, MethodNotAllowedError, error_doc, http_status
 from syncbit.httpd import Body, Request, Response
 from syncbit.metrics import Snapshot, render
 from syncbit.scheduler.api import Api, Call
 from syncbit.scheduler.metrics import collect
-from syncbit.scheduler.routes import Refusal, authorize, route_of, status_of
-from syncbit.serving import BodyError
+from syncbit.scheduler.routes import authorize, route_of
 
 log = logging.getLogger("syncbit.scheduler")
 
 _PROBES = (["healthz"], ["readyz"])
-_BODY_KINDS = {411: "LengthRequired", 413: "PayloadTooLarge"}
 _PLAIN_KINDS = {503: "TooManyConnections", 500: "ServerError"}
 
 
@@ -88,25 +86,30 @@ class App:
             self.requests[(method, route.name)] += 1
             call = Call(method, segments, query, raw, principal)
             return Response(200, await self.api.call(route.name, call))
-        except Refusal as exc:
-            return Response(exc.status, error_json(str(exc), exc.kind), headers=exc.headers)
-        except BodyError as exc:
-            kind = _BODY_KINDS.get(exc.status, "UserError")
-            return Response(exc.status, error_json(str(exc), kind))
         except ConnectionError:
             raise  # the client is gone or stalled: nobody to answer
         except Exception as exc:
-            status = status_of(exc)
-            if status == 500:
-                log.exception("%s %s failed", method, path[:200])
-                message = f"internal scheduler error ({type(exc).__name__}); see scheduler log"
-            else:
-                message = str(exc)
-            return Response(status, error_json(message, type(exc).__name__))
+            return _error_answer(exc, method, path)
 
     def _secure(self, request: Request) -> bool:
         """TLS, or no TLS needed: none configured, or a client on this host."""
         return not self.tls_required or request.tls or tls.is_loopback(request.client)
+
+
+def _error_answer(exc: Exception, method: str, path: str) -> Response:
+    """The answer to a request that failed with `exc`: its status and document from the
+    errors table; a bug is a 500 that is logged here and shows nothing of itself."""
+    status = http_status(exc)
+    if status == 500:
+        log.exception("%s %s failed", method, path[:200])
+        message = f"internal scheduler error ({type(exc).__name__}); see scheduler log"
+        doc = error_doc(exc, message)
+    else:
+        doc = error_doc(exc)
+    headers = {}
+    if isinstance(exc, MethodNotAllowedError):
+        headers["Allow"] = ", ".join(exc.allow)
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
 
 
 __all__ = ["App", "connection_error", "error_json"]

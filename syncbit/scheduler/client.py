@@ -19,11 +19,10 @@ from syncbit import tls
 from syncbit.auth import bearer
 from syncbit.errors import (
     ForbiddenError,
-    NotFoundError,
     SchedulerError,
-    SourceError,
     UnauthorizedError,
     UserError,
+    error_class,
 )
 from syncbit.protocol import (  # the shared types, re-exported for the node's imports
     MAX_CLAIM_CHUNKS,
@@ -168,17 +167,16 @@ class SchedulerClient:
             return doc
         message = doc.get("error") if isinstance(doc, dict) else None
         message = message or f"scheduler answered HTTP {resp.status_code} to {method} {path}"
-        if resp.status_code == 404:
-            raise NotFoundError(message)
-        if resp.status_code == 401:
-            raise UnauthorizedError(f"scheduler at {self.base_url}: {message}")
-        if resp.status_code == 403:
-            raise ForbiddenError(f"scheduler at {self.base_url}: {message}")
-        if resp.status_code in (400, 409):
-            raise UserError(message)
-        if resp.status_code == 502:
-            raise SourceError(message)
-        raise SchedulerError(message, resp.status_code)
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        cls = error_class(resp.status_code, kind)
+        if cls is None:
+            raise SchedulerError(message, resp.status_code)
+        if issubclass(cls, (UnauthorizedError, ForbiddenError)):
+            message = f"scheduler at {self.base_url}: {message}"
+        error = cls(message)
+        if isinstance(error, SchedulerError) and error.status is None:
+            error.status = resp.status_code
+        raise error
 
     @contextmanager
     def _shape(self, what: str) -> Iterator[None]:

@@ -10,17 +10,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from syncbit.chunks import chunk_count
-from syncbit.errors import UserError
+from syncbit.errors import DatasetExistsError, UserError
 from syncbit.manifest import Manifest
 
 OID_LEN = 32  # bytes of an object id (64 hex digits)
 DIGEST_LEN = 32
 MAX_NAME_BYTES = 255
 MAX_CHUNK_INDEX = 2**32 - 1  # chunk indexes are u32 on the wire and in keys
-
-
-class DatasetExistsError(UserError):
-    """A dataset of that name already exists with a different source."""
 
 
 @dataclass(frozen=True)

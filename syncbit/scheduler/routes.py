@@ -15,26 +15,11 @@ from typing import Any
 from syncbit.credentials import PEER, Issuer, Principal, Role
 from syncbit.errors import (
     ForbiddenError,
+    MethodNotAllowedError,
     NotFoundError,
-    SchedulerError,
-    SourceError,
     UnauthorizedError,
-    UserError,
 )
 from syncbit.scheduler.bodies import CHUNKS_BODY, HEARTBEAT_BODY, NO_BODY, SMALL_BODY
-from syncbit.scheduler.records import DatasetExistsError
-
-
-class Refusal(Exception):
-    """An answer other than 200 that is not a domain error (unknown route, bad method)."""
-
-    def __init__(
-        self, status: int, message: str, kind: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
@@ -152,18 +137,15 @@ def _table(seg: list[str]) -> dict[str, str]:
 
 
 def route_of(method: str, seg: list[str]) -> Route:
-    """The route of a request, from its method and path alone: Refusal 404 for an unknown
-    path, 405 for a method the path does not take."""
+    """The route of a request, from its method and path alone: NotFoundError for an
+    unknown path, MethodNotAllowedError for a method the path does not take."""
     table = _table(seg)
     if not table:
-        raise Refusal(404, f"no such endpoint: /{'/'.join(seg)}", "NotFoundError")
+        raise NotFoundError(f"no such endpoint: /{'/'.join(seg)}")
     if method not in table:
-        allow = ", ".join(sorted(table))
-        raise Refusal(
-            405,
-            f"{method} not allowed on /{'/'.join(seg)} (allowed: {allow})",
-            "MethodNotAllowed",
-            {"Allow": allow},
+        allow = tuple(sorted(table))
+        raise MethodNotAllowedError(
+            f"{method} not allowed on /{'/'.join(seg)} (allowed: {', '.join(allow)})", allow
         )
     name = table[method]
     return Route(name, BODY_LIMITS.get(name, NO_BODY), RULES.get(name, Rule()))
@@ -182,8 +164,8 @@ def authorize(
     secret (or for a probe). Body-bound rules are checked by `check_owner`.
 
     Raises UnauthorizedError (401) for a missing or bad credential, before the route is
-    even looked up; Refusal (404/405) for an unknown route; ForbiddenError (403) for a
-    role or node that may not call it.
+    even looked up; NotFoundError (404) or MethodNotAllowedError (405) for an unknown
+    route; ForbiddenError (403) for a role or node that may not call it.
     """
     if issuer is None or seg in (["healthz"], ["readyz"]):
         return None
@@ -213,33 +195,12 @@ def check_owner(principal: Principal | None, node: Any) -> None:
         )
 
 
-def status_of(exc: Exception) -> int:
-    """The HTTP status of an error (the scheduler's mapping; 500 for a bug)."""
-    if isinstance(exc, UnauthorizedError):
-        return 401
-    if isinstance(exc, ForbiddenError):
-        return 403
-    if isinstance(exc, DatasetExistsError):
-        return 409
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, UserError):
-        return 400
-    if isinstance(exc, SourceError):
-        return 502
-    if isinstance(exc, SchedulerError):
-        return 503  # the state is closed or unreachable: this server cannot answer now
-    return 500
-
-
 __all__ = [
     "OPEN",
     "RULES",
-    "Refusal",
     "Route",
     "Rule",
     "authorize",
     "check_owner",
     "route_of",
-    "status_of",
 ]

@@ -7,7 +7,9 @@ blocking and run in worker threads, listing is async and may be slow.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +99,17 @@ class Source(ABC):
         return isinstance(exc, SourceUnavailableError)
 
 
+@functools.cache
+def abandon_on_cancel() -> dict[str, Any]:
+    """Keyword arguments for `trio.to_thread.run_sync` that let a caller's deadline walk
+    away from a thread that only reads (a listing). trio 0.23 renamed `cancellable` to
+    `abandon_on_cancel`; both are supported. trio loads here, not with this module."""
+    import trio
+
+    parameters = inspect.signature(trio.to_thread.run_sync).parameters
+    return {"abandon_on_cancel" if "abandon_on_cancel" in parameters else "cancellable": True}
+
+
 def pinned_size(entry: FileEntry, offset: int, want: int) -> int:
     """The recorded size of `entry`; ValueError if [offset, offset+want) is outside it."""
     size = int(entry.version.get("size", entry.size))
@@ -113,6 +126,15 @@ def options_for(
     matches = [prefix for prefix in configured if uri.startswith(prefix)]
     base = dict(configured[max(matches, key=len)]) if matches else {}
     return {**base, **(given or {})}
+
+
+def changed_error(
+    where: str, version: dict[str, str], keys: tuple[str, ...], why: str
+) -> SourceChangedError:
+    """The error for a read that found `where` no longer at its pinned `version` (the
+    `keys` of it that identify a version at this kind of source, in that order)."""
+    pinned = " ".join(f"{k}={version[k]}" for k in keys if k in version) or "(unpinned)"
+    return SourceChangedError(f"source changed: {where} no longer has version {pinned} ({why})")
 
 
 def check_range_body(

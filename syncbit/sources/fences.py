@@ -141,8 +141,14 @@ class RedirectPolicy:
     ) -> tuple[str, dict[str, str]]:
         """The URL a redirect from `current` to `location` leads to, and the headers to send
         there; InvalidSourceError if the redirect is not allowed."""
-        target = urljoin(current, location.strip())
-        src, dst = urlsplit(current), urlsplit(target)
+        try:
+            target = urljoin(current, location.strip())
+            src, dst = urlsplit(current), urlsplit(target)
+            src.port, dst.port  # noqa: B018 - raise ValueError for a malformed port
+        except ValueError:  # an unclosed IPv6 bracket, a port out of range or not a number
+            raise InvalidSourceError(
+                f"{redact_url(current)} redirects to an invalid URL: refused"
+            ) from None
         from_scheme, to_scheme = src.scheme.lower(), dst.scheme.lower()
         where = f"{redact_url(current)} redirects to {redact_url(target)}"
         if to_scheme != from_scheme and not (from_scheme, to_scheme) == ("http", "https"):

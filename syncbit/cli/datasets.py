@@ -1,0 +1,99 @@
+"""`syncbit dataset add|ls|rm`, and the source options `dataset add` and `pull` send along.
+Talks to the scheduler only; never lists a source itself (the scheduler does).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from syncbit.auth import DEFAULT_SCHEDULER
+from syncbit.cli.common import (
+    JsonOpt,
+    NameArg,
+    SchedulerOpt,
+    any_dataset_name,
+    dataset_name,
+    pairs,
+    scheduler_call,
+)
+from syncbit.cli.exits import guarded
+from syncbit.humanize import size_text, table
+
+app = typer.Typer(help="Register, list and remove datasets.", no_args_is_help=True)
+
+SourceOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="Source option key=value (repeatable)."),
+]
+
+
+def source_options(uri: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options `pull`/`dataset add` send: for hf:// sources, the Hub token and endpoint
+    of the user's shell (HF_TOKEN or the token file, HF_ENDPOINT) unless given with -o.
+    The scheduler uses the token for this listing only and never stores it."""
+    options = dict(given)
+    if uri.lower().startswith("hf://"):
+        import os
+
+        from syncbit.sources.hf import token_from_env
+
+        if "token" not in options and (token := token_from_env()):
+            options["token"] = token
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip()
+        if "endpoint" not in options and endpoint:
+            options["endpoint"] = endpoint
+    return options
+
+
+def print_warnings(result: dict[str, Any]) -> None:
+    """The scheduler's warnings about a dataset it registered, one line each on stderr."""
+    for warning in result.get("warnings") or []:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command("add")
+@guarded
+def dataset_add(
+    name: Annotated[str, typer.Argument(help="Dataset name: /syncbit/<name>.")],
+    uri: Annotated[str, typer.Argument(help="Source: http(s)://..., file:///...")],
+    option: SourceOptionOpt = None,
+    scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
+) -> None:
+    """Resolve a source to a fixed revision and register it (no bytes are downloaded)."""
+    dataset_name(name)
+    options = source_options(uri, pairs(option, "option") or {})
+    result = scheduler_call(scheduler, lambda c: c.add_dataset(name, uri, options))
+    print_warnings(result)
+    ds = result["dataset"]
+    verb = "added" if result.get("changed", True) else "unchanged"
+    typer.echo(
+        f"{verb} {ds['name']} revision {ds['revision']}: {ds['files']} files, "
+        f"{size_text(ds['size'])}"
+    )
+
+
+@app.command("ls")
+@guarded
+def dataset_ls(scheduler: SchedulerOpt = DEFAULT_SCHEDULER, as_json: JsonOpt = False) -> None:
+    """List registered datasets."""
+    listing = scheduler_call(scheduler, lambda c: c.datasets())
+    if as_json:
+        typer.echo(json.dumps(listing["datasets"], indent=2))
+        return
+    rows = [
+        [d["name"], d["revision"], str(d["files"]), size_text(d["size"]), d["source"]]
+        for d in listing["datasets"]
+    ]
+    typer.echo(table(["NAME", "REVISION", "FILES", "SIZE", "SOURCE"], rows))
+
+
+@app.command("rm")
+@guarded
+def dataset_rm(name: NameArg, scheduler: SchedulerOpt = DEFAULT_SCHEDULER) -> None:
+    """Remove a dataset from the scheduler (cached bytes are evicted later)."""
+    any_dataset_name(name)
+    scheduler_call(scheduler, lambda c: c.remove_dataset(name))
+    typer.echo(f"removed {name}")

@@ -1,0 +1,145 @@
+"""Chunks in RAM: verified bytes readable at once while their write is pending, a small
+LRU of recent ones after it, and the pool of page-aligned buffers they live in. Trio
+thread only; never writes a file, never decides presence on disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from syncbit.store.objects import StoredObject
+
+
+@dataclass(eq=False, slots=True)
+class StagedChunk:
+    view: memoryview
+    release: Callable[[], None]  # gives the buffer back once the chunk leaves RAM
+    digest: str
+    writing: bool = True  # its write has not finished: pinned in RAM
+    stale: bool = False  # its object was discarded: unreadable, and never written
+
+
+class Staging:
+    """Every staged chunk, oldest first: the one record of what is in RAM, which chunks
+    are pinned for their write, and the LRU order of the rest (at most `keep` of them)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._chunks: OrderedDict[tuple[StoredObject, int], StagedChunk] = OrderedDict()
+
+    def stage(
+        self,
+        obj: StoredObject,
+        index: int,
+        view: memoryview,
+        release: Callable[[], None],
+        digest: str,
+    ) -> None:
+        """Make verified bytes readable now, pinned until `written`. A chunk staged again
+        keeps the old buffer unreleased: its pending write may still read it."""
+        key = (obj, index)
+        chunks = self._chunks
+        if key in chunks:
+            del chunks[key]  # to the end: the newest
+        chunks[key] = StagedChunk(view, release, digest)
+        if len(chunks) > self.keep:
+            self._trim()
+
+    def view(self, obj: StoredObject, index: int) -> memoryview | None:
+        """The chunk's RAM bytes if staged (and marks it recently used)."""
+        key = (obj, index)
+        chunk = self._chunks.get(key)
+        if chunk is None or chunk.stale:
+            return None
+        self._chunks.move_to_end(key)
+        return chunk.view
+
+    def holds(self, obj: StoredObject, index: int) -> bool:
+        chunk = self._chunks.get((obj, index))
+        return chunk is not None and not chunk.stale
+
+    def current(self, obj: StoredObject, index: int, view: memoryview) -> bool:
+        """Whether these bytes of the chunk may be written: it is not staged (a caller
+        with bytes of its own), or staged with this very buffer and not stale."""
+        chunk = self._chunks.get((obj, index))
+        return chunk is None or (chunk.view is view and not chunk.stale)
+
+    def written(self, obj: StoredObject, index: int) -> None:
+        """The chunk's write finished: no longer pinned, kept while the LRU has room."""
+        chunk = self._chunks.get((obj, index))
+        if chunk is not None:
+            chunk.writing = False
+            if len(self._chunks) > self.keep:
+                self._trim()
+
+    def unstage(self, obj: StoredObject, index: int, view: memoryview | None = None) -> None:
+        """The chunk leaves RAM (with `view`: only if staged with this very buffer)."""
+        key = (obj, index)
+        chunk = self._chunks.get(key)
+        if chunk is None or (view is not None and chunk.view is not view):
+            return
+        del self._chunks[key]
+        chunk.release()
+
+    def drop(self, obj: StoredObject) -> None:
+        """The object's content goes (evicted or discarded): its chunks leave RAM, except
+        those whose write is pending, which turn stale (unreadable) until the write path
+        drops them: their buffers are still in use until then."""
+        for (o, index), chunk in list(self._chunks.items()):
+            if o is not obj:
+                continue
+            if chunk.writing:
+                chunk.stale = True
+            else:
+                self.unstage(obj, index)
+
+    def pending(self) -> list[tuple[StoredObject, int, StagedChunk]]:
+        """Chunks still to be written (not stale), oldest first."""
+        return [(o, i, c) for (o, i), c in self._chunks.items() if c.writing and not c.stale]
+
+    def writing(self, obj: StoredObject) -> bool:
+        return any(o is obj and c.writing for (o, _), c in self._chunks.items())
+
+    def writing_objects(self) -> set[StoredObject]:
+        return {o for (o, _), c in self._chunks.items() if c.writing}
+
+    def indexes(self, obj: StoredObject) -> list[int]:
+        return [i for (o, i), c in self._chunks.items() if o is obj and not c.stale]
+
+    def _trim(self) -> None:
+        """Release the oldest chunks not pinned for their write, down to `keep`."""
+        excess = len(self._chunks) - self.keep
+        victims: list[tuple[tuple[StoredObject, int], StagedChunk]] = []
+        for key, chunk in self._chunks.items():
+            if len(victims) >= excess:
+                break
+            if not chunk.writing:
+                victims.append((key, chunk))
+        for key, chunk in victims:
+            del self._chunks[key]
+            chunk.release()
+
+
+class BufferPool:
+    """Page-aligned chunk buffers (O_DIRECT needs alignment), reused when free: the
+    smallest free one that fits, so a chunk does not take a batch-sized buffer. Trio
+    thread only."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+
+    def take(self, size: int) -> mmap.mmap:
+        fits = [b for b in self._free if len(b) >= size]
+        if fits:
+            buf = min(fits, key=len)
+            self._free.remove(buf)
+            return buf
+        return mmap.mmap(-1, size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        self._free.append(buf)
