@@ -13,18 +13,29 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from syncbit import tls
-from syncbit.errors import ForbiddenError, MethodNotAllowedError, error_doc, http_status
+from syncbit.credentials import Issuer
+from syncbit.errors import (
+    ForbiddenError,
+    MethodNotAllowedError,
+    StateUnavailableError,
+    error_doc,
+    http_status,
+)
 from syncbit.httpd import Body, Request, Response
 from syncbit.metrics import Snapshot, render
 from syncbit.scheduler.api import Api, Call
 from syncbit.scheduler.metrics import collect
 from syncbit.scheduler.routes import authorize, route_of
+
+if TYPE_CHECKING:
+    from syncbit.scheduler.replica import Replica
 
 log = logging.getLogger("syncbit.scheduler")
 
@@ -43,23 +54,39 @@ def connection_error(status: int, message: str) -> bytes:
 
 
 class App:
-    """`httpd` application of the scheduler API over `api`.
+    """`httpd` application of the scheduler API over `api`, or over what `replica` says
+    answers each request here (`Replica.api_for`; None: the leader, by `forward`).
 
     Args:
-        api: the handlers.
+        api: the handlers of a single scheduler (None with `replica`).
         tls_required: a TLS certificate is configured: plain HTTP is admitted only for the
             probes and metrics, and from loopback (the node's own CLI).
+        auth: the cluster secret's issuer (None: every route open, loopback only).
+        replica: this scheduler is one replica of several (`replica.Replica`).
     """
 
-    def __init__(self, api: Api, tls_required: bool) -> None:
+    def __init__(
+        self,
+        api: Api | None,
+        tls_required: bool,
+        *,
+        auth: Issuer | None = None,
+        replica: Replica | None = None,
+    ) -> None:
         self.api = api
+        self.replica = replica
+        self.auth = auth
         self.tls_required = tls_required
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, route) -> count
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Snapshot(self._collect))
 
     def _collect(self) -> Iterator[Metric]:
-        yield from collect(self.api, self.requests)
+        if self.replica is None:
+            yield from collect(self.api, self.requests)
+        else:
+            leader = self.replica.leader_api
+            yield from collect(leader, self.requests, leading=leader is not None)
 
     async def __call__(self, request: Request, body: Body) -> Response:
         method = request.method
@@ -76,20 +103,31 @@ class App:
                 raise ForbiddenError("this scheduler requires TLS: use https://")
             # 1. Who asks, from the headers alone: nothing of the body is read for a
             # client that may not make this request.
-            principal = authorize(
-                self.api.auth, method, segments, request.headers.get("authorization")
-            )
+            principal = authorize(self.auth, method, segments, request.headers.get("authorization"))
             # 2. Where to: an unknown route or method costs no body either.
             route = route_of(method, segments)
             # 3. What: at most the route's limit, else 413 unread.
             raw = await body.read(route.body_limit)
             self.requests[(method, route.name)] += 1
             call = Call(method, segments, query, raw, principal)
-            return Response(200, await self.api.call(route.name, call))
+            api = self.api if self.replica is None else self.replica.api_for(route.name, request)
+            if api is None:
+                return await self._elsewhere(route.name, request, call)
+            return Response(200, await api.call(route.name, call))
         except ConnectionError:
             raise  # the client is gone or stalled: nobody to answer
         except Exception as exc:
             return _error_answer(exc, method, path)
+
+    async def _elsewhere(self, route: str, request: Request, call: Call) -> Response:
+        """A request no state here answers: the probes about this replica are answered
+        as such; everything else goes to the leader."""
+        assert self.replica is not None
+        if route == "healthz":
+            return Response(200, b'{"ok":true}')
+        if route == "readyz":
+            raise StateUnavailableError("this scheduler replica has not read the state yet")
+        return await self.replica.forward(request, call)
 
     def _secure(self, request: Request) -> bool:
         """TLS, or no TLS needed: none configured, or a client on this host."""

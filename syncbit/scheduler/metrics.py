@@ -16,7 +16,28 @@ if TYPE_CHECKING:
     from syncbit.scheduler.api import Api
 
 
-def collect(api: Api, requests: dict[tuple[str, str], int]) -> Iterator[Metric]:
+def collect(
+    api: Api | None, requests: dict[tuple[str, str], int], leading: bool = True
+) -> Iterator[Metric]:
+    """The metrics of a scheduler that answers from `api` (None: a replica that follows,
+    whose metrics of nodes and datasets would be the leader's or wrong)."""
+    yield gauge(
+        "syncbit_scheduler_leader",
+        "1 while this scheduler answers as the leader (always for a single scheduler).",
+        {(): float(leading)},
+        [],
+    )
+    yield counter(
+        "syncbit_scheduler_requests",
+        "API requests by method and route.",
+        {k: float(v) for k, v in requests.items()},
+        ["method", "route"],
+    )
+    if api is not None:
+        yield from _state(api)
+
+
+def _state(api: Api) -> Iterator[Metric]:
     state = api.state
     nodes = state.nodes()
     status = state.status()
@@ -44,12 +65,6 @@ def collect(api: Api, requests: dict[tuple[str, str], int]) -> Iterator[Metric]:
         "syncbit_scheduler_claims", "Source reads claimed now.", {(): state.claims.active()}, []
     )
     yield from _trust(api, status)
-    yield counter(
-        "syncbit_scheduler_requests",
-        "API requests by method and route.",
-        {k: float(v) for k, v in requests.items()},
-        ["method", "route"],
-    )
 
 
 def _trust(api: Api, status: dict[str, Any]) -> Iterator[Metric]:

@@ -10,7 +10,9 @@ httpx are built on; the loop around it (`syncbit.httpd`) is ours and small.
 
 Standalone (`syncbit scheduler`) or embedded in a node daemon: `start()` binds the socket,
 runs the server on its own trio loop in one thread and returns once it serves; `stop()`
-ends every connection and closes the state. It never handles requests itself.
+ends every connection and closes the state. It never handles requests itself. With
+`state: etcd://...` it is one replica of several (`replica`): the state lives in etcd,
+one replica leads, the others follow and forward.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +40,10 @@ from syncbit.manifest import Manifest
 from syncbit.protocol import RESOLVE_TIMEOUT
 from syncbit.scheduler.api import Api
 from syncbit.scheduler.app import App, connection_error
+from syncbit.scheduler.etcd import EtcdClient, parse_endpoints
+from syncbit.scheduler.kv import DurableStore
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
+from syncbit.scheduler.replica import Replica
 from syncbit.scheduler.resolve import resolve_dataset
 from syncbit.scheduler.state import SchedulerState, open_lmdb_state
 from syncbit.serving import Limits
@@ -66,6 +72,20 @@ def _split_listen(listen: str) -> tuple[str, int, socket.AddressFamily]:
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return host, int(port), family
+
+
+def _check_replica(config: SchedulerConfig, host: str) -> None:
+    """ConfigError for replica settings that cannot work, before anything starts."""
+    if config.state is None:
+        return
+    parse_endpoints(config.state)
+    if config.advertise is None and host in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"a scheduler replica listening on {config.listen} needs advertise: the URL the "
+            "other replicas reach it at (e.g. http://10.0.0.5:7900)"
+        )
+    if config.advertise is not None and not config.advertise.startswith(("http://", "https://")):
+        raise ConfigError(f"advertise must be an http(s):// URL, not {config.advertise!r}")
 
 
 class SchedulerServer:
@@ -97,7 +117,8 @@ class SchedulerServer:
             register_secrets(prefix, options)  # masked in every log line of this process
         self._resolve = resolve or functools.partial(resolve_dataset, fences=self.fences)
         self._clock = clock
-        self.state: SchedulerState | None = None
+        self._single: SchedulerState | None = None
+        self.replica: Replica | None = None
         self.app: App | None = None
         self.listener: Listener | None = None
         self._sock: socket.socket | None = None
@@ -105,6 +126,13 @@ class SchedulerServer:
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
+
+    @property
+    def state(self) -> SchedulerState | None:
+        """The state this scheduler answers from: its own, or a replica's while it leads."""
+        if self.replica is not None:
+            return self.replica.state
+        return self._single
 
     @property
     def address(self) -> str:
@@ -133,6 +161,7 @@ class SchedulerServer:
         check_exposure("the scheduler", self.config.listen, secret, self.config.insecure, log)
         context = tls.config_pair(self.config.tls_cert, self.config.tls_key)
         host, port, family = _split_listen(self.config.listen)
+        _check_replica(self.config, host)
         try:
             self._sock = bind(host, port, family)
         except OSError as exc:
@@ -169,28 +198,71 @@ class SchedulerServer:
         return self.address
 
     async def _main(self, issuer: Issuer | None, context: Any, ready: threading.Event) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        if self.config.state is not None:
+            await self._main_replica(issuer, context, ready)
+            return
         config = self.config
-        assert self._sock is not None
         async with open_lmdb_state(
-            config.state_dir,
-            config.node_timeout,
-            clock=self._clock,
-            policy=self.policy,
-            peers_per_chunk=config.peers_per_chunk,
+            config.state_dir, config.node_timeout, **self._state_args()
         ) as state:
-            api = Api(state, config.chunk_size, self._resolve, config.source_options, issuer)
-            app = App(api, tls_required=context is not None)
-            listener = Listener(self._sock, app, self.limits, connection_error, context)
-            self.state, self.app, self.listener = state, app, listener
-            self._token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as self._cancel:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(listener.serve)
-                    nursery.start_soon(self._tidy, state)
-                    ready.set()
+            api = self._api(state, issuer)
+            app = App(api, tls_required=context is not None, auth=issuer)
+            self._single = state
+            await self._serve(app, context, ready, functools.partial(self._tend, state))
             state.close()
 
-    async def _tidy(self, state: SchedulerState) -> None:
+    async def _main_replica(
+        self, issuer: Issuer | None, context: Any, ready: threading.Event
+    ) -> None:
+        """One replica of several on etcd (`replica.Replica`)."""
+        config = self.config
+        assert config.state is not None
+        my_url = config.advertise or self.url
+        async with EtcdClient(config.state) as etcd:
+            replica = Replica(
+                etcd,
+                root=config.etcd_prefix,
+                my_id=my_url.partition("://")[2] or my_url,
+                my_url=my_url.rstrip("/"),
+                ttl=config.election_ttl,
+                open_state=self._open_state,
+                make_api=lambda state: self._api(state, issuer),
+                tend=self._tend,
+                ca=config.tls_ca,
+            )
+            app = App(None, tls_required=context is not None, auth=issuer, replica=replica)
+            self.replica = replica
+            await self._serve(app, context, ready, replica.run)
+
+    async def _serve(
+        self, app: App, context: Any, ready: threading.Event, beside: Callable[..., Any]
+    ) -> None:
+        """Serve `app` on the bound socket with `beside` running too, until `stop`."""
+        assert self._sock is not None
+        listener = Listener(self._sock, app, self.limits, connection_error, context)
+        self.app, self.listener = app, listener
+        with trio.CancelScope() as self._cancel:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listener.serve)
+                nursery.start_soon(beside)
+                ready.set()
+
+    def _state_args(self) -> dict[str, Any]:
+        return {
+            "clock": self._clock,
+            "policy": self.policy,
+            "peers_per_chunk": self.config.peers_per_chunk,
+        }
+
+    def _open_state(self, store: DurableStore) -> AbstractAsyncContextManager[SchedulerState]:
+        return SchedulerState.open(store, self.config.node_timeout, **self._state_args())
+
+    def _api(self, state: SchedulerState, issuer: Issuer | None) -> Api:
+        config = self.config
+        return Api(state, config.chunk_size, self._resolve, config.source_options, issuer)
+
+    async def _tend(self, state: SchedulerState) -> None:
         """Notice nodes gone down (logged once) and move their offers, every second."""
         interval = min(1.0, self.config.node_timeout / 4)
         while True:
@@ -240,7 +312,8 @@ class SchedulerServer:
         if self._sock is not None:
             self._sock.close()
         self._sock = None
-        self.state = self.app = self.listener = None
+        self._single = self.replica = None
+        self.app = self.listener = None
 
     def __enter__(self) -> SchedulerServer:
         self.start()
