@@ -945,13 +945,18 @@ class Fetcher:
         """Claim the source read of `flight`'s chunk (and its followers, already marked
         started) cluster-wide; returns the followers granted in an unbroken run and puts
         the rest back in the queue. Raises _Wait if another node has the chunk. Without an
-        answer from the scheduler the read goes ahead: the source has the bytes."""
+        answer from the scheduler a reader's read goes ahead (the source has the bytes),
+        a prefetch waits (_Wait)."""
         obj = flight.obj
         wanted = [flight.index, *(f.index for f in followers)]
         try:
             claim = await self.directory.claim(obj.id, wanted, self.claim_ttl)
         except SyncbitError as exc:
             log.debug("no claim on %s: %s", obj.id[:12], exc)
+            if flight.priority >= Priority.PREFETCH:
+                # Background reads wait for the scheduler (a failover takes seconds) rather
+                # than read what another node may be reading too: the origin's bytes twice.
+                raise _Wait("the scheduler (no answer to a claim)") from None
             return followers
         granted = set(claim.granted)
         log.debug("claim on chunks %s of %s: granted %s", wanted, obj.id[:12], sorted(granted))
