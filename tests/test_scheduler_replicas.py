@@ -139,7 +139,7 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
         await client.assign("ds", [{"node": "n1"}])
         first = await client.heartbeat("n1", address="127.0.0.1:1", labels={"gpu": "a100"})
         report = {"object": OBJ, "size": 4 * CHUNK, "chunk_size": CHUNK}
-        assert (await client.claim("n1", OBJ, [0], ttl=30)).granted == [0]
+        assert (await client.claim("n1", OBJ, [0, 1], ttl=30)).granted == [0, 1]
         await client.report_chunks("n1", add=[{**report, "chunks": [[0, "cd" * 32]]}], remove=[])
 
         replicas.servers[leader].stop()  # resigns; a kill -9 is integration/'s
@@ -153,8 +153,17 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
         assert [e["dataset"] for e in again["plan"]] == ["ds"]
         known = await client.chunk_map(OBJ, "n2")
         assert known.digests == {0: "cd" * 32} and known.peers == {}
-        await client.report_chunks("n1", add=[{**report, "chunks": [[0, "cd" * 32]]}], remove=[])
-        assert [p.node for p in (await client.chunk_map(OBJ, "n2")).peers[0]] == ["n1"]
+        # Chunk 1, granted by the old leader, read meanwhile: the new one takes n1's word
+        # (n1 could have claimed it here first), so nobody reads it from the source again.
+        # Chunk 2, claimed by n2 here, stays n2's to establish.
+        await client.heartbeat("n2", address="127.0.0.1:2")
+        assert (await client.claim("n2", OBJ, [2], ttl=30)).granted == [2]
+        chunks = [[0, "cd" * 32], [1, "ef" * 32], [2, "12" * 32]]
+        answer = await client.report_chunks("n1", add=[{**report, "chunks": chunks}], remove=[])
+        assert answer.refused == [(OBJ, 2)] and answer.conflicts == []
+        after = await client.chunk_map(OBJ, "n2")
+        assert after.digests == {0: "cd" * 32, 1: "ef" * 32}
+        assert [p.node for p in after.peers[0]] == [p.node for p in after.peers[1]] == ["n1"]
 
 
 async def test_a_leader_whose_lease_is_revoked_stops_and_state_starts_anew(

@@ -51,7 +51,17 @@ class Claims:
         # (object, chunk) -> {node: until}: who may establish the chunk's digest.
         self._rights: dict[tuple[str, int], dict[str, float]] = {}
         self._sweep_at = 0.0
+        self._inherited_until = 0.0
         self.on_change: list[Callable[[str, list[int]], None]] = []
+
+    def inherit(self) -> None:
+        """This state succeeds another scheduler's (a new leader's term): the grants it
+        made are unknown here, yet nodes are reading what it granted and will report it.
+        For the grace period, a chunk nobody claims here may be established by the node
+        that reports it: no more than that node would get by claiming the chunk first,
+        which is what it did, from the predecessor. Without this, each chunk in flight
+        at a failover is refused and read from the source again by another node."""
+        self._inherited_until = self.clock() + self.grace
 
     def claim(
         self,
@@ -116,10 +126,14 @@ class Claims:
     def may_establish(self, node: str, object_id: str, indexes: Iterable[int]) -> set[int]:
         """The chunks among `indexes` whose digest `node` may establish now."""
         now = self.clock()
+        inherited = now < self._inherited_until
+        held = self._by_object.get(object_id, {})
         allowed: set[int] = set()
         for index in indexes:
-            rights = self._rights.get((object_id, index))
-            if rights is not None and rights.get(node, 0.0) > now:
+            rights = self._rights.get((object_id, index), {})
+            claim = held.get(index)
+            unclaimed = claim is None or claim.expires <= now
+            if rights.get(node, 0.0) > now or (inherited and unclaimed):
                 allowed.add(index)
         return allowed
 

@@ -124,6 +124,7 @@ class Replica:
         async with self.election.leading() as term:
             try:
                 async with self._open_state(self.fenced) as state:
+                    state.claims.inherit()  # the previous leader's grants are in flight
                     self._leader_api = self._make_api(state)
                     log.info("leading (term %d): nodes report what they hold", term.revision)
                     try:
