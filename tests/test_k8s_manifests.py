@@ -5,6 +5,7 @@ requirements (privileges, propagation, probes, RBAC, examples) so that a regress
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -23,12 +24,14 @@ import pytest
 import typer.main
 import yaml
 
+from syncbit.certs import SCHEDULER_NAMES
 from syncbit.cli import app
 from syncbit.config import DaemonConfig, SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 EXAMPLES = K8S / "examples"
+LMDB = ROOT / "deploy" / "overlays" / "lmdb"  # one scheduler on LMDB instead of etcd
 KUSTOMIZATIONS = [K8S, EXAMPLES]
 NAMESPACE = "syncbit"
 IMAGE = "ghcr.io/syncbit/syncbit"
@@ -58,6 +61,8 @@ NAMESPACED = {
     "Deployment",
     "Job",
     "Pod",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
 }
 
 Obj = dict[str, Any]
@@ -113,14 +118,45 @@ def rendered(directory: Path) -> list[Obj]:
     for res in kust.get("resources", []):
         path = directory / res
         objs += rendered(path) if path.is_dir() else load_docs(path)
-    objs += generated(directory)
+    for gen in generated(directory):
+        if behavior(directory, gen) == "merge":  # an overlay's keys over the base's
+            base_obj = find(objs, gen["kind"], gen["metadata"]["name"])
+            base_obj["data"] = {**base_obj["data"], **gen["data"]}
+        else:
+            objs.append(gen)
     for component in kust.get("components", []):
         objs = with_component(objs, directory / component)
+    for entry in kust.get("patches", []):
+        for patch in load_docs(directory / entry["path"]):
+            objs = patched(objs, patch)
     if "namespace" in kust:
         for obj in objs:
             if obj["kind"] not in CLUSTER_SCOPED:
                 obj["metadata"]["namespace"] = kust["namespace"]
     return objs
+
+
+def behavior(directory: Path, gen: Obj) -> str:
+    """The `behavior` of the generator of `gen` in `directory`'s kustomization."""
+    kust = kustomization(directory)
+    for entry in kust.get("configMapGenerator", []) + kust.get("secretGenerator", []):
+        if entry["name"] == gen["metadata"]["name"]:
+            found: str = entry.get("behavior", "create")
+            return found
+    return "create"
+
+
+def patched(objs: list[Obj], patch: Obj) -> list[Obj]:
+    """`objs` with one strategic merge patch applied (`$patch: delete` removes)."""
+    meta = patch["metadata"]
+    target = find(objs, patch["kind"], meta["name"])
+    assert target["metadata"].get("namespace") == meta.get("namespace")
+    out = list(objs)
+    if patch.get("$patch") == "delete":
+        out.remove(target)
+    else:
+        out[out.index(target)] = merged(target, patch)
+    return out
 
 
 def merged(base: Any, patch: Any) -> Any:
@@ -146,10 +182,7 @@ def with_component(objs: list[Obj], component: Path) -> list[Obj]:
     out = objs + generated(component)
     for entry in kust.get("patches", []):
         (patch,) = load_docs(component / entry["path"])
-        meta = patch["metadata"]
-        target = find(out, patch["kind"], meta["name"])
-        assert target["metadata"].get("namespace") == meta.get("namespace")
-        out[out.index(target)] = merged(target, patch)
+        out = patched(out, patch)
     return out
 
 
@@ -454,15 +487,18 @@ def test_selectors_match_pod_labels(base: list[Obj], examples: list[Obj]) -> Non
             assert wanted <= obj["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_scheduler_service_fronts_the_statefulset(base: list[Obj]) -> None:
-    service = find(base, "Service", "syncbit-scheduler")
+def test_scheduler_services_front_the_replicas(base: list[Obj]) -> None:
+    service = find(base, "Service", "syncbit-scheduler")  # what clients and daemons use
+    peers = find(base, "Service", "syncbit-scheduler-peers")  # each replica by name
     sts = find(base, "StatefulSet", "syncbit-scheduler")
-    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert sts["spec"]["serviceName"] == peers["metadata"]["name"]
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"]
     labels = sts["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items()
-    (port,) = service["spec"]["ports"]
     (container,) = sts["spec"]["template"]["spec"]["containers"]
-    assert port["port"] == port_number(container, port["targetPort"]) == 7900
+    for svc in (service, peers):
+        assert svc["spec"]["selector"].items() <= labels.items()
+        (port,) = svc["spec"]["ports"]
+        assert port["port"] == port_number(container, port["targetPort"]) == 7900
 
 
 def test_images_follow_the_kustomization(base: list[Obj], examples: list[Obj]) -> None:
@@ -494,7 +530,9 @@ def kustomize_command() -> list[str] | None:
     reason="neither kustomize nor kubectl (which embeds it) is installed; "
     "the Python model of the composition above still ran",
 )
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=["base", "examples"])
+@pytest.mark.parametrize(
+    "directory", [*KUSTOMIZATIONS, LMDB], ids=["base", "examples", "overlays/lmdb"]
+)
 def test_kustomize_builds_what_the_python_model_says(directory: Path) -> None:
     cmd = kustomize_command()
     assert cmd is not None
@@ -730,24 +768,89 @@ def test_node_policy_confines_the_daemon_to_its_own_node(daemon: tuple[Obj, Obj]
 # -- the scheduler --------------------------------------------------------------------------
 
 
-def test_scheduler_is_one_replica_with_state_on_a_claim(
+def _probes_hit_the_health_endpoints(c: Obj) -> None:
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert (get["path"], port_number(c, get["port"])) == (path, 7900), probe
+
+
+def _budget_keeps_a_quorum(objs: list[Obj], name: str) -> None:
+    sts = find(objs, "StatefulSet", name)
+    budget = find(objs, "PodDisruptionBudget", name)
+    assert budget["spec"]["minAvailable"] == sts["spec"]["replicas"] // 2 + 1
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_scheduler_runs_three_replicas_on_etcd_with_budgets(
     base: list[Obj], scheduler: tuple[Obj, Obj]
 ) -> None:
     spec, c = scheduler
     sts = find(base, "StatefulSet", "syncbit-scheduler")
-    assert sts["spec"]["replicas"] == 1  # LMDB: one writer
-    assert "command" not in c
-    assert c["args"] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
+    assert sts["spec"]["replicas"] == 3 and "volumeClaimTemplates" not in sts["spec"]
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert c["args"][:3] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
     assert projected_file(spec, c, "/etc/syncbit/scheduler.yaml")[2] == "scheduler.yaml"
     cfg = config_file("scheduler.yaml")
+    assert cfg["listen"] == "0.0.0.0:7900" and "state_dir" not in cfg
+    _probes_hit_the_health_endpoints(c)
+    # Each replica is reached by the others (forwarding) at its own name, which the
+    # scheduler's certificate carries, checked against the CA in its TLS Secret.
+    advertise = option_value(c["args"], "--advertise")
+    assert advertise == "https://$(POD_NAME).syncbit-scheduler-peers.syncbit.svc:7900"
+    assert env(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    host = urlsplit(advertise.replace("$(POD_NAME)", "syncbit-scheduler-2")).hostname
+    assert any(fnmatch.fnmatchcase(str(host), name) for name in SCHEDULER_NAMES), host
+    assert projected_file(spec, c, cfg["tls_ca"]) == ("Secret", "syncbit-scheduler-tls", "ca.crt")
+    # The state: every etcd member, the same ones that form the etcd cluster.
+    etcd = find(base, "StatefulSet", "syncbit-etcd")
+    count = etcd["spec"]["replicas"]
+    assert count == 3 and etcd["spec"]["podManagementPolicy"] == "Parallel"
+    members = [f"syncbit-etcd-{i}.syncbit-etcd.syncbit.svc" for i in range(count)]
+    assert cfg["state"] == "etcd://" + ",".join(f"{m}:2379" for m in members)
+    (ec,) = etcd["spec"]["template"]["spec"]["containers"]
+    (initial,) = [a for a in ec["args"] if a.startswith("--initial-cluster=")]
+    assert initial == "--initial-cluster=" + ",".join(
+        f"syncbit-etcd-{i}=http://{m}:2380" for i, m in enumerate(members)
+    )
+    assert etcd["spec"]["serviceName"] == "syncbit-etcd"
+    assert find(base, "Service", "syncbit-etcd")["spec"]["clusterIP"] == "None"
+    claims = {t["metadata"]["name"] for t in etcd["spec"]["volumeClaimTemplates"]}
+    (data,) = [m for m in ec["volumeMounts"] if m["name"] in claims]
+    assert any(a == f"--data-dir={data['mountPath']}/data" for a in ec["args"])
+    for name in ("syncbit-scheduler", "syncbit-etcd"):
+        _budget_keeps_a_quorum(base, name)
+    # Only the schedulers reach etcd's client port.
+    policy = find(base, "NetworkPolicy", "syncbit-etcd")
+    (clients,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "client"]
+    (source,) = clients["from"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_the_lmdb_overlay_is_one_scheduler_with_state_on_a_claim() -> None:
+    objs = rendered(LMDB)
+    assert not [o for o in objs if o["metadata"]["name"] == "syncbit-etcd"]
+    assert not [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    _, c = only_container(objs, "StatefulSet", "syncbit-scheduler")
+    sts = find(objs, "StatefulSet", "syncbit-scheduler")
+    assert sts["spec"]["replicas"] == 1  # LMDB: one writer
+    assert c["args"] == ["scheduler", "--config", "/etc/syncbit/scheduler.yaml"]
+    cfg = yaml.safe_load(find(objs, "ConfigMap", "syncbit-config")["data"]["scheduler.yaml"])
+    SchedulerConfig.model_validate(cfg)
+    assert "state" not in cfg and cfg["listen"] == "0.0.0.0:7900"
     mount = [m for m in c["volumeMounts"] if m["mountPath"] == cfg["state_dir"]]
     assert len(mount) == 1
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     assert mount[0]["name"] in claims
-    assert cfg["listen"] == "0.0.0.0:7900"
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        get = c[probe]["httpGet"]
-        assert (get["path"], port_number(c, get["port"])) == (path, 7900), probe
+    _probes_hit_the_health_endpoints(c)
+    # The rest is the base's, unchanged.
+    assert find(objs, "DaemonSet", "syncbit-daemon") == find(
+        rendered(K8S), "DaemonSet", "syncbit-daemon"
+    )
+    for version in KUBERNETES_VERSIONS:
+        for obj in objs:
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 # -- examples -------------------------------------------------------------------------------
