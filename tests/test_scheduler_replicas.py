@@ -161,9 +161,10 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
         chunks = [[0, "cd" * 32], [1, "ef" * 32], [2, "12" * 32]]
         answer = await client.report_chunks("n1", add=[{**report, "chunks": chunks}], remove=[])
         assert answer.refused == [(OBJ, 2)] and answer.conflicts == []
-        after = await client.chunk_map(OBJ, "n2")
-        assert after.digests == {0: "cd" * 32, 1: "ef" * 32}
-        assert [p.node for p in after.peers[0]] == [p.node for p in after.peers[1]] == ["n1"]
+        relearned = await client.chunk_map(OBJ, "n2")
+        assert relearned.digests == {0: "cd" * 32, 1: "ef" * 32}
+        assert [p.node for p in relearned.peers[0]] == ["n1"]
+        assert [p.node for p in relearned.peers[1]] == ["n1"]
 
 
 async def test_a_leader_whose_lease_is_revoked_stops_and_state_starts_anew(
