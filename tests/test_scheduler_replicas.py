@@ -117,6 +117,13 @@ async def test_one_leads_followers_read_and_forward(replicas: Replicas) -> None:
         assert added["changed"] is True
         await _eventually_listed(client, "ds")
         assert [f.path for f in (await client.manifest("ds")).files] == ["f"]
+        # Its generation follows the leader's too: a daemon compares the two.
+        async with SchedulerClient(replicas.servers[leader].url) as at_leader:
+            await at_leader.assign("ds", [{"node": "n1"}])
+            moved = (await at_leader.datasets())["generation"]
+        with trio.fail_after(PATIENCE):
+            while (await client.datasets())["generation"] != moved:
+                await trio.sleep(0.05)
         # Soft state lives with the leader: a heartbeat sent to a follower is the leader's.
         beat = await client.heartbeat("n1", address="127.0.0.1:1")
         assert beat["epoch"] == replicas.servers[leader].call(lambda: _epoch(replicas, leader))

@@ -295,6 +295,13 @@ class Facts:
                 await self._bumped.wait()
         return self.generation
 
+    def follow_generation(self, generation: int) -> None:
+        """The generation another writer's commit made (a replica following the leader)."""
+        if generation != self.generation:
+            self.generation = generation
+            self._bumped.set()
+            self._bumped = trio.Event()
+
     def close(self) -> None:
         """Refuse further writes; long polls answer now."""
         self.closed = True

@@ -28,7 +28,7 @@ from syncbit.scheduler.api import Api
 from syncbit.scheduler.chunkapi import Call
 from syncbit.scheduler.election import Election
 from syncbit.scheduler.etcd import EtcdClient
-from syncbit.scheduler.kv import DurableStore, Resync
+from syncbit.scheduler.kv import Bumped, DurableStore, Resync
 from syncbit.scheduler.kv_etcd import EtcdStore
 from syncbit.scheduler.state import SchedulerState
 
@@ -169,7 +169,10 @@ class Replica:
                     async for change in changes:
                         if isinstance(change, Resync):
                             return
-                        state.facts.apply(change.key, change.value)
+                        if isinstance(change, Bumped):
+                            state.facts.follow_generation(change.revision)
+                        else:
+                            state.facts.apply(change.key, change.value)
                         since = change.revision
             except StateUnavailableError as exc:  # the mirror stays as it is meanwhile
                 log.warning("following: the state's watch failed: %s", exc)
