@@ -23,6 +23,7 @@ import trio
 from syncbit import tls
 from syncbit.errors import NotLeaderError, SchedulerError, StateUnavailableError
 from syncbit.httpd import Request, Response
+from syncbit.protocol import RESOLVE_TIMEOUT
 from syncbit.retry import backoff_delays
 from syncbit.scheduler.api import Api
 from syncbit.scheduler.chunkapi import Call
@@ -39,8 +40,9 @@ log = logging.getLogger("syncbit.scheduler")
 FOLLOWER_READS = frozenset({"healthz", "readyz", "datasets", "manifest", "assignments"})
 FORWARDED = "x-syncbit-forwarded-by"  # on a forwarded request: the replica that sent it
 _PASSED = ("authorization", "content-type")  # what of a request's head is forwarded
-# A forwarded long poll waits up to 60 s at the leader (`wait`, `timeout`).
-FORWARD_TIMEOUT = httpx.Timeout(10.0, read=90.0)
+# What the leader may take to answer: a long poll waits up to 60 s, adding a dataset lists
+# its source for up to RESOLVE_TIMEOUT.
+FORWARD_TIMEOUT = httpx.Timeout(10.0, read=RESOLVE_TIMEOUT + 30.0)
 
 OpenState = Callable[[DurableStore], AbstractAsyncContextManager[SchedulerState]]
 
