@@ -74,7 +74,13 @@ class HA:
             "file_roots": [str(self.origin.root)],
             "prefetch_concurrency": 2,
         }
-        self.nodes = [Node(f"n{i}", self.workdir, self.urls, config=config) for i in (1, 2, 3)]
+        # Each scheduler is first for one node: whichever leader dies, a node that talked
+        # to it must fail over to the next URL.
+        urls = [s.url for s in self.schedulers]
+        self.nodes = [
+            Node(f"n{i + 1}", self.workdir, ",".join(urls[i:] + urls[:i]), config=config)
+            for i in range(3)
+        ]
         for node in self.nodes:
             node.start(wait=False)
         for node in self.nodes:

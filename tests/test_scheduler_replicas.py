@@ -19,6 +19,7 @@ from integration.etcd_cluster import EtcdCluster
 from syncbit.config import SchedulerConfig
 from syncbit.errors import ConfigError, SchedulerError
 from syncbit.manifest import FileEntry
+from syncbit.protocol import ClaimResult
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.etcd import EtcdClient
 from syncbit.sources import Listing
@@ -28,6 +29,7 @@ pytestmark = requires_etcd
 OBJ = "ab" * 32
 PATIENCE = 30.0  # seconds a change may take on a loaded machine; not a speed check
 TTL = 2
+SETTLE = 3.0  # also the node timeout: nodes heartbeat again after waiting for it
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,8 @@ class Replicas:
                 "etcd_prefix": self.root,
                 "election_ttl": TTL,
                 "chunk_size": CHUNK,
+                # A new leader grants claims once the nodes had this long to report.
+                "node_timeout": SETTLE,
             }
         )
         server = SchedulerServer(config)
@@ -146,7 +150,7 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
         await client.assign("ds", [{"node": "n1"}])
         first = await client.heartbeat("n1", address="127.0.0.1:1", labels={"gpu": "a100"})
         report = {"object": OBJ, "size": 4 * CHUNK, "chunk_size": CHUNK}
-        assert (await client.claim("n1", OBJ, [0, 1], ttl=30)).granted == [0, 1]
+        assert (await _claim_when_settled(client, "n1", [0, 1])).granted == [0, 1]
         await client.report_chunks("n1", add=[{**report, "chunks": [[0, "cd" * 32]]}], remove=[])
 
         replicas.servers[leader].stop()  # resigns; a kill -9 is integration/'s
@@ -164,7 +168,8 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
         # (n1 could have claimed it here first), so nobody reads it from the source again.
         # Chunk 2, claimed by n2 here, stays n2's to establish.
         await client.heartbeat("n2", address="127.0.0.1:2")
-        assert (await client.claim("n2", OBJ, [2], ttl=30)).granted == [2]
+        assert (await _claim_when_settled(client, "n2", [2])).granted == [2]
+        await client.heartbeat("n1", address="127.0.0.1:1", labels={"gpu": "a100"})
         chunks = [[0, "cd" * 32], [1, "ef" * 32], [2, "12" * 32]]
         answer = await client.report_chunks("n1", add=[{**report, "chunks": chunks}], remove=[])
         assert answer.refused == [(OBJ, 2)] and answer.conflicts == []
@@ -172,6 +177,19 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
         assert relearned.digests == {0: "cd" * 32, 1: "ef" * 32}
         assert [p.node for p in relearned.peers[0]] == ["n1"]
         assert [p.node for p in relearned.peers[1]] == ["n1"]
+
+
+async def _claim_when_settled(
+    client: SchedulerClient, node: str, indexes: list[int]
+) -> ClaimResult:
+    """A claim at a new leader, once it grants claims again (SETTLE after its start)."""
+    with trio.fail_after(PATIENCE):
+        while True:
+            try:
+                return await client.claim(node, OBJ, indexes, ttl=30)
+            except SchedulerError as exc:
+                assert "claims resume" in str(exc)
+                await trio.sleep(0.05)
 
 
 async def test_a_leader_whose_lease_is_revoked_stops_and_state_starts_anew(

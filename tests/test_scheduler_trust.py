@@ -89,6 +89,22 @@ def test_a_grant_is_the_right_to_establish_until_reported_or_lapsed() -> None:
     assert claims.rights() == 2  # ...n2's (until 160) and n3's new one
 
 
+def test_a_new_leader_waits_for_reports_then_takes_unclaimed_ones_as_granted() -> None:
+    """A replica's new term (`Claims.inherit`): the predecessor's grants are unknown."""
+    now = [0.0]
+    claims = Claims(clock=lambda: now[0], grace=100)
+    assert not claims.settling() and claims.may_establish("n1", OBJ_A, [0]) == set()
+    claims.inherit(settle=5)
+    assert claims.settling()  # claims wait while the nodes report again
+    assert claims.may_establish("n1", OBJ_A, [0, 1]) == {0, 1}  # read under the old leader
+    now[0] = 5
+    assert not claims.settling()
+    assert claims.claim("n2", OBJ_A, [1], ttl=10, up={"n1", "n2"}) == ([1], {})
+    assert claims.may_establish("n1", OBJ_A, [0, 1]) == {0}  # 1 is n2's here
+    now[0] = 101  # past the grace: grants only, as ever
+    assert claims.may_establish("n1", OBJ_A, [0]) == set()
+
+
 def test_a_quarantined_node_is_granted_reads_but_not_the_right() -> None:
     claims = Claims()
     assert claims.claim("liar", OBJ_A, [0], ttl=10, up={"liar"}, establish=False) == ([0], {})

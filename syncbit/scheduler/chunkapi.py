@@ -19,7 +19,7 @@ import trio
 
 from syncbit.chunks import chunk_count
 from syncbit.credentials import Principal
-from syncbit.errors import NotFoundError, UserError
+from syncbit.errors import NotFoundError, SchedulerError, UserError
 from syncbit.scheduler.bodies import (
     CheckBody,
     ChunksBody,
@@ -146,6 +146,12 @@ class ChunkHandlers:
         req: ClaimBody = parse(ClaimBody, c.doc())
         object_id = self._object(c)
         self._check_indexes(object_id, req.chunks)
+        if self.state.claims.settling():
+            # 503: a prefetch waits and asks again; a reader reads without a claim.
+            raise SchedulerError(
+                "this scheduler has just begun to lead: claims resume once the nodes have "
+                "reported again what they hold (a few seconds)"
+            )
         held = self.state.chunks.held(object_id, req.node, req.chunks)
         wanted = [i for i in req.chunks if i not in held]
         self.state.live.refresh()

@@ -52,16 +52,24 @@ class Claims:
         self._rights: dict[tuple[str, int], dict[str, float]] = {}
         self._sweep_at = 0.0
         self._inherited_until = 0.0
+        self._settle_until = 0.0
         self.on_change: list[Callable[[str, list[int]], None]] = []
 
-    def inherit(self) -> None:
+    def inherit(self, settle: float = 0.0) -> None:
         """This state succeeds another scheduler's (a new leader's term): the grants it
         made are unknown here, yet nodes are reading what it granted and will report it.
         For the grace period, a chunk nobody claims here may be established by the node
         that reports it: no more than that node would get by claiming the chunk first,
-        which is what it did, from the predecessor. Without this, each chunk in flight
-        at a failover is refused and read from the source again by another node."""
-        self._inherited_until = self.clock() + self.grace
+        which is what it did, from the predecessor. For the first `settle` seconds no
+        claim is granted (`settling`): the nodes report again what they hold and read
+        first, so that nobody reads those chunks from the source a second time."""
+        now = self.clock()
+        self._inherited_until = now + self.grace
+        self._settle_until = now + settle
+
+    def settling(self) -> bool:
+        """Whether claims wait for the nodes' reports (see `inherit`)."""
+        return self.clock() < self._settle_until
 
     def claim(
         self,

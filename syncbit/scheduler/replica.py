@@ -126,7 +126,9 @@ class Replica:
         async with self.election.leading() as term:
             try:
                 async with self._open_state(self.fenced) as state:
-                    state.claims.inherit()  # the previous leader's grants are in flight
+                    # The previous leader's grants are in flight; the nodes report again
+                    # within a heartbeat or two, well inside the node timeout.
+                    state.claims.inherit(settle=state.live.timeout)
                     self._leader_api = self._make_api(state)
                     log.info("leading (term %d): nodes report what they hold", term.revision)
                     try:
