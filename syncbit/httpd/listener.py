@@ -28,6 +28,7 @@ log = logging.getLogger("syncbit.httpd")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to send its first byte / handshake
 _HANDSHAKE = 0x16  # the first byte of every TLS record that opens a connection
 _BACKLOG = 4096  # many clients connect at once (every node at start-up)
+_ACCEPT_BATCH = 256  # connections accepted per wake-up of the accepting task
 
 
 def bind(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
@@ -75,6 +76,25 @@ class Listener:
                     await trio.sleep(0.1)
                     continue
                 nursery.start_soon(self._connection, stream)
+                for queued in self._queued():
+                    nursery.start_soon(self._connection, queued)
+
+    def _queued(self) -> list[trio.SocketStream]:
+        """The connections already waiting to be accepted, up to _ACCEPT_BATCH, without
+        waiting: one accept per pass of the trio loop admits only a few connections a
+        second while thousands of tasks are runnable (a cluster's nodes starting at
+        once), and those then time out in the backlog."""
+        found: list[trio.SocketStream] = []
+        while len(found) < _ACCEPT_BATCH:
+            try:
+                conn, _ = self.sock.accept()  # non-blocking: trio set it so
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # EMFILE and friends: the next accept() waits
+                log.warning("accepting a connection failed: %s", exc)
+                break
+            found.append(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        return found
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
