@@ -473,8 +473,10 @@ class Scheduler(ManagedProcess):
         token_file: Path | None = None,
         tls: TlsFiles | None = None,
         file_roots: Iterable[Path] = (),
+        extra_args: Iterable[str] = (),
     ) -> None:
         super().__init__("scheduler", log_dir / "scheduler.log")
+        self.extra_args = list(extra_args)  # e.g. --state etcd://... for a replica
         self.state_dir = state_dir
         self.node_timeout = node_timeout
         self.port = port or free_port()
@@ -505,7 +507,7 @@ class Scheduler(ManagedProcess):
             argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
         for root in self.file_roots:
             argv += ["--file-roots", str(root)]
-        self._spawn(argv)
+        self._spawn(argv + self.extra_args)
         wait_until(self._healthy, timeout, "scheduler /healthz", evidence=self.log_tail)
         return self
 

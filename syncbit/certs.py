@@ -26,6 +26,9 @@ SCHEDULER_NAMES = (
     "syncbit-scheduler.syncbit",
     "syncbit-scheduler.syncbit.svc",
     "syncbit-scheduler.syncbit.svc.cluster.local",
+    # Each replica's own name (deploy/k8s: the followers forward to the leader there).
+    "*.syncbit-scheduler-replicas.syncbit.svc",
+    "*.syncbit-scheduler-replicas.syncbit.svc.cluster.local",
     "localhost",
     "127.0.0.1",
 )

@@ -105,6 +105,20 @@ class SchedulerConfig(_Strict):
     insecure: bool = Field(False, description="serve beyond loopback without a token_file")
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    peers_per_chunk: int = Field(
+        default=8, ge=1, le=64, description="most peers any answer names for one chunk (K)"
+    )
+    state: str | None = Field(
+        default=None,
+        description="etcd://h1:2379,h2:2379,...: durable state in etcd, shared by replicas "
+        "that elect one leader; none: LMDB in state_dir (one scheduler)",
+    )
+    etcd_prefix: str = Field(default="/syncbit/", description="key prefix of this cluster in etcd")
+    advertise: str | None = Field(
+        default=None, description="URL the other replicas reach this one at; default from listen"
+    )
+    election_ttl: int = Field(default=5, ge=1, le=60, description="seconds a dead leader leads on")
+    tls_ca: Path | None = Field(default=None, description="CA of the other replicas' certificates")
     log_level: str = "info"
 
 
@@ -112,7 +126,9 @@ class DaemonConfig(_Strict):
     """`syncbit daemon` settings."""
 
     node: str = Field(default_factory=lambda: __import__("socket").gethostname())
-    scheduler: str | None = Field(None, description="URL; none runs the scheduler embedded")
+    scheduler: str | None = Field(
+        None, description="URL, or replicas' URL1,URL2,...; none runs the scheduler embedded"
+    )
     scheduler_listen: Address = Field("127.0.0.1:7900", description="embedded scheduler")
     scheduler_state_dir: Path | None = None
     listen: Address = "127.0.0.1:7901"

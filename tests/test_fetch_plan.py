@@ -19,10 +19,10 @@ from fetchfixtures import (
 )
 
 from syncbit.chunks import digest
-from syncbit.errors import ReadDeadlineError
+from syncbit.errors import ReadDeadlineError, SchedulerError
 from syncbit.fetch import Fetcher, Jobs, Priority, RoundRobin
 from syncbit.manifest import Manifest
-from syncbit.protocol import ChunkMap, Peer
+from syncbit.protocol import ChunkMap, ClaimResult, Peer
 from syncbit.store import ObjectStore
 
 
@@ -291,3 +291,46 @@ async def test_busy_holders_are_waited_for_not_blamed(
         await done.wait()
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
     assert fetcher.stats["source"] == 0  # nothing from the source: busy is not gone
+
+
+class _SchedulerDown(Directory):
+    """The chunk directory while no scheduler answers (a failover): every call fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+        if self.down:
+            raise SchedulerError("no scheduler leads now")
+        return await super().chunk_info(object_id, max_age)
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        if self.down:
+            raise SchedulerError("no scheduler leads now")
+        return await super().claim(object_id, indexes, ttl)
+
+
+async def test_without_a_scheduler_prefetch_waits_and_readers_read(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    source, directory = MemSource(data=DATA), _SchedulerDown()
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01)
+    await started(fetcher, nursery)
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    await trio.sleep(0.3)
+    # Another node may be reading the same chunks: the origin would send them twice.
+    assert source.reads == 0 and not done.is_set()
+    # A reader never waits for the scheduler: the source has the bytes.
+    assert await fetcher.read(fetcher.open(ENTRY, CS, source), 0, 100) == DATA[:100]
+    assert source.reads == 1
+    directory.down = False  # a new leader answers
+    with trio.fail_after(10):
+        await done.wait()
+    assert source.bytes == len(DATA)  # each byte once

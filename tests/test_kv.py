@@ -18,6 +18,7 @@ from syncbit.errors import NotLeaderError, StateLimitError, UserError
 from syncbit.scheduler.etcd import Compare, EtcdClient, prefix_end
 from syncbit.scheduler.kv import (
     MAX_VALUE_BYTES,
+    Bumped,
     Change,
     Check,
     Delete,
@@ -144,7 +145,7 @@ async def test_watch_sees_changes_after_since_in_order(store: DurableStore) -> N
     await store.put("datasets/a", b"1")
     await store.put("other/y", b"not watched")
     await store.commit([Put("datasets/b", b"2"), Delete("datasets/a")])
-    got: list[Change | Resync] = []
+    got: list[Change | Bumped | Resync] = []
     async with store.watch("datasets/", since) as changes:
         with trio.fail_after(30):
             async for change in changes:

@@ -106,7 +106,7 @@ def test_authorized_body_over_the_route_limit_is_413_unread(server: SchedulerSer
             sock.sendall(request_bytes(method, path, {**AUTH, "Content-Length": str(length)}))
             answer = read_answer(sock)
             assert answer.status == 413, (method, path, answer)
-            assert answer.json()["kind"] == "PayloadTooLarge"
+            assert answer.json()["kind"] == "PayloadTooLargeError"
             assert answer.closed
 
 

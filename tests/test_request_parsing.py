@@ -86,6 +86,7 @@ ROUTES = [
     ["v1", "objects", "*", "claims"],
     ["v1", "objects", "*", "release"],
     ["v1", "objects", "*", "chunks"],
+    ["v1", "objects", "*", "updates"],
     ["v1", "reports"],
     ["v1", "status"],
     ["v1", "generation"],
@@ -100,7 +101,7 @@ def paths(draw: st.DrawFn) -> str:
         route = draw(st.lists(SEGMENT, max_size=6))
     path = "/" + "/".join(route)
     if draw(st.booleans()):
-        keys = st.sampled_from(["after", "timeout", "node", "wait", "x", ""])
+        keys = st.sampled_from(["after", "timeout", "node", "wait", "cursor", "limit", "x", ""])
         values = st.one_of(
             TEXT, st.integers().map(str), st.floats().map(str), st.sampled_from(["nan", "-inf"])
         )

@@ -36,6 +36,14 @@ D2 = "2" * 64
 D3 = "3" * 64
 
 
+class _AnyText:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT: Any = _AnyText()
+
+
 def listing(uri: str, files: dict[str, tuple[int, str]]) -> Listing:
     return Listing(
         files=[
@@ -109,7 +117,9 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
         "disk_free": 123,
         "quarantined": None,
     }
-    assert record == {**expected, "plan": [], "rechecks": [], "discard": []}
+    # `epoch` names this scheduler instance: another one (a restart, a new leader) knows
+    # no holders, and its nodes report what they hold again.
+    assert record == {**expected, "plan": [], "rechecks": [], "discard": [], "epoch": ANY_TEXT}
     assert await client.nodes() == [expected]
     clock.now += TIMEOUT + 1
     (node,) = await client.nodes()
@@ -144,7 +154,8 @@ async def test_dataset_add_list_manifest_remove(
     assert manifest.chunk_size == CHUNK  # from the scheduler's config
     assert [f.path for f in manifest.files] == ["a.bin", "dir/b.bin"]
     assert manifest.dirs == ["dir"]
-    assert server.state is not None and manifest == server.state.get_dataset("ds")
+    assert server.state is not None
+    assert manifest == server.call(server.state.catalog.get_dataset, "ds")
 
     # a new revision of the same source replaces the old one
     MemSource.listings["mem://one/"] = listing("mem://one/", {"a.bin": (11, OBJ_B)})
@@ -370,22 +381,22 @@ async def test_concurrent_clients(server: SchedulerServer) -> None:
         assert sorted((await c.chunk_map(OBJ_A)).peers) == list(range(16))
 
 
-async def test_restart_on_the_same_state_dir_loses_nothing(
+async def test_restart_keeps_durable_facts_and_relearns_the_soft_state(
     config: SchedulerConfig, clock: Clock
 ) -> None:
+    """Datasets, manifests, registrations and digests survive a restart; who holds what
+    and who is up are soft state: a new epoch in the heartbeat answer asks every node to
+    report its chunks again, and the answers are as before once it has."""
+    report = {"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D1]]}
     first = SchedulerServer(config, clock=clock)
     first.start()
     try:
         async with SchedulerClient(first.url) as client:
             await client.add_dataset("ds", "mem://one/")
             await heartbeat(client, "n1", 1)
-            await heartbeat(client, "n2", 2)
+            epoch = (await client.heartbeat("n2", address="127.0.0.1:2"))["epoch"]
             await client.claim("n1", OBJ_A, [0], ttl=30)
-            await client.report_chunks(
-                "n1",
-                add=[{"object": OBJ_A, "size": 10, "chunk_size": CHUNK, "chunks": [[0, D1]]}],
-                remove=[],
-            )
+            await client.report_chunks("n1", add=[report], remove=[])
             await client.report_bad_peer("n2", "n1", OBJ_B, 0, "refused")
             before = (
                 await client.datasets(),
@@ -407,16 +418,26 @@ async def test_restart_on_the_same_state_dir_loses_nothing(
     second.start()
     try:
         async with SchedulerClient(second.url) as client:
-            after = (
-                await client.datasets(),
-                await client.manifest("ds"),
-                await client.nodes(),
-                await client.chunk_map(OBJ_A, "n2"),
-                await client.status(),
-            )
-            assert after == before
-            assert after[3].peers == {0: [Peer("n1", "127.0.0.1:1")]}
+            assert await client.datasets() == before[0]
+            assert await client.manifest("ds") == before[1]
+            nodes = await client.nodes()  # registered, down until they heartbeat
+            assert [(n["name"], n["address"], n["up"]) for n in nodes] == [
+                ("n1", "127.0.0.1:1", False),
+                ("n2", "127.0.0.1:2", False),
+            ]
+            known = await client.chunk_map(OBJ_A, "n2")
+            assert (known.digests, known.peers) == (before[3].digests, {})
             assert (await client.add_dataset("ds", "mem://one/"))["changed"] is False
+            # The nodes come back, see a new epoch and report what they hold.
+            assert (await client.heartbeat("n2", address="127.0.0.1:2"))["epoch"] != epoch
+            await heartbeat(client, "n1", 1)
+            answer = await client.report_chunks("n1", add=[report], remove=[])
+            assert answer == ChunkReportResult()  # the digest was kept: no grant needed
+            after = await client.chunk_map(OBJ_A, "n2")
+            assert after == before[3]
+            assert after.peers == {0: [Peer("n1", "127.0.0.1:1")]}
+            status = await client.status()
+            assert status["datasets"] == before[4]["datasets"]
     finally:
         second.stop()
 

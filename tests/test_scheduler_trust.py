@@ -4,7 +4,7 @@ through a real SchedulerServer on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +16,12 @@ from syncbit.errors import NotFoundError, UserError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.claims import Claims
-from syncbit.scheduler.state import MAX_DISPUTES, RECHECK_TIMEOUT, SchedulerState
+from syncbit.scheduler.state import (
+    MAX_DISPUTES,
+    RECHECK_TIMEOUT,
+    SchedulerState,
+    open_lmdb_state,
+)
 from syncbit.sources import Listing
 
 OBJ_A = "a" * 64
@@ -28,8 +33,8 @@ OTHER = "3" * 64
 
 
 @pytest.fixture
-def state(tmp_path: Path, clock: Clock) -> Iterator[SchedulerState]:
-    with SchedulerState(tmp_path / "state", TIMEOUT, clock=clock) as st:
+async def state(tmp_path: Path, clock: Clock) -> AsyncIterator[SchedulerState]:
+    async with open_lmdb_state(tmp_path / "state", TIMEOUT, clock=clock) as st:
         yield st
 
 
@@ -41,15 +46,17 @@ def dataset(name: str = "ds", files: dict[str, tuple[int, str]] | None = None) -
     return build_manifest(name, f"mem://{name}/", entries, chunk_size=CHUNK)
 
 
-def nodes(state: SchedulerState, *names: str) -> None:
+async def nodes(state: SchedulerState, *names: str) -> None:
     for i, name in enumerate(names):
-        state.heartbeat(name, f"127.0.0.1:{i + 1}")
+        await state.heartbeat(name, f"127.0.0.1:{i + 1}")
 
 
-def establish(state: SchedulerState, node: str, obj: str, chunks: dict[int, str]) -> None:
+async def establish(state: SchedulerState, node: str, obj: str, chunks: dict[int, str]) -> None:
     """`node` was granted the source reads of `chunks` and reports them."""
     size = 3 * CHUNK if obj == OBJ_A else CHUNK
-    report = state.add_chunks(node, obj, size, CHUNK, sorted(chunks.items()), set(chunks))
+    report = await state.chunks.add_chunks(
+        node, obj, size, CHUNK, sorted(chunks.items()), set(chunks)
+    )
     assert (report.conflicts, report.refused) == ([], [])
 
 
@@ -82,6 +89,22 @@ def test_a_grant_is_the_right_to_establish_until_reported_or_lapsed() -> None:
     assert claims.rights() == 2  # ...n2's (until 160) and n3's new one
 
 
+def test_a_new_leader_waits_for_reports_then_takes_unclaimed_ones_as_granted() -> None:
+    """A replica's new term (`Claims.inherit`): the predecessor's grants are unknown."""
+    now = [0.0]
+    claims = Claims(clock=lambda: now[0], grace=100)
+    assert not claims.settling() and claims.may_establish("n1", OBJ_A, [0]) == set()
+    claims.inherit(settle=5)
+    assert claims.settling()  # claims wait while the nodes report again
+    assert claims.may_establish("n1", OBJ_A, [0, 1]) == {0, 1}  # read under the old leader
+    now[0] = 5
+    assert not claims.settling()
+    assert claims.claim("n2", OBJ_A, [1], ttl=10, up={"n1", "n2"}) == ([1], {})
+    assert claims.may_establish("n1", OBJ_A, [0, 1]) == {0}  # 1 is n2's here
+    now[0] = 101  # past the grace: grants only, as ever
+    assert claims.may_establish("n1", OBJ_A, [0]) == set()
+
+
 def test_a_quarantined_node_is_granted_reads_but_not_the_right() -> None:
     claims = Claims()
     assert claims.claim("liar", OBJ_A, [0], ttl=10, up={"liar"}, establish=False) == ([0], {})
@@ -91,192 +114,218 @@ def test_a_quarantined_node_is_granted_reads_but_not_the_right() -> None:
 # -- recording digests -------------------------------------------------------------------------
 
 
-def test_digests_nobody_was_granted_are_refused(state: SchedulerState) -> None:
-    state.put_dataset(dataset())
-    nodes(state, "evil", "n1")
-    report = state.add_chunks("evil", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE), (1, FALSE)])
+async def test_digests_nobody_was_granted_are_refused(state: SchedulerState) -> None:
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "evil", "n1")
+    report = await state.chunks.add_chunks(
+        "evil", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE), (1, FALSE)]
+    )
     assert (report.conflicts, report.refused) == ([], [0, 1])
     assert state.chunk_map(OBJ_A) == {"digests": {}, "peers": {}, "disputed": []}
     # Only the granted chunk is recorded from the granted node.
-    report = state.add_chunks("n1", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE), (1, TRUE)], {0})
+    report = await state.chunks.add_chunks(
+        "n1", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE), (1, TRUE)], {0}
+    )
     assert (report.conflicts, report.refused) == ([], [1])
     assert state.chunk_map(OBJ_A)["digests"] == {0: TRUE}
     assert peers(state, OBJ_A, 0) == ["n1"]
     # A recorded digest needs no grant to be held: a peer's bytes are checked against it.
-    report = state.add_chunks("evil", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])
+    report = await state.chunks.add_chunks("evil", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])
     assert (report.conflicts, report.refused) == ([], [])
     assert sorted(peers(state, OBJ_A, 0)) == ["evil", "n1"]
 
 
-def test_a_conflicting_report_is_disputed_not_outvoted(state: SchedulerState) -> None:
-    state.put_dataset(dataset())
-    nodes(state, "n1", "n2", "n3", "n4")
-    establish(state, "n1", OBJ_A, {0: TRUE, 1: TRUE})
-    establish(state, "n2", OBJ_A, {2: TRUE})
-    state.add_chunks("n4", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE), (1, TRUE)])
+async def test_a_conflicting_report_is_disputed_not_outvoted(state: SchedulerState) -> None:
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "n1", "n2", "n3", "n4")
+    await establish(state, "n1", OBJ_A, {0: TRUE, 1: TRUE})
+    await establish(state, "n2", OBJ_A, {2: TRUE})
+    await state.chunks.add_chunks("n4", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE), (1, TRUE)])
     # Three liars agree with each other: no number of them outweighs the record.
     for liar in ("l1", "l2", "l3"):
-        state.heartbeat(liar, "127.0.0.1:9")
-        report = state.add_chunks(liar, OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE), (1, FALSE)])
+        await state.heartbeat(liar, "127.0.0.1:9")
+        report = await state.chunks.add_chunks(
+            liar, OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE), (1, FALSE)]
+        )
         assert (report.conflicts, report.refused) == ([0, 1], [])
     cmap = state.chunk_map(OBJ_A)
     assert cmap["digests"] == {0: TRUE, 1: TRUE, 2: TRUE}
     assert cmap["disputed"] == [0]  # one dispute per object at a time
     assert 0 not in cmap["peers"]  # nobody's copy is handed out while it is open
     assert sorted(p["node"] for p in cmap["peers"][1]) == ["n1", "n4"]
-    (dispute,) = state.disputes()
+    (dispute,) = state.trust.disputes()
     assert (dispute["reporter"], dispute["establisher"], dispute["claim"]) == ("l1", "n1", FALSE)
     assert (dispute["dataset"], dispute["path"]) == ("ds", "a.bin")
 
     # The checker is chosen among the others: never the establisher nor the reporter.
-    asked = {n: state.rechecks_for(n) for n in ("n1", "n2", "n3", "n4", "l1", "l2", "l3")}
+    asked = {
+        n: await state.trust.rechecks_for(n) for n in ("n1", "n2", "n3", "n4", "l1", "l2", "l3")
+    }
     checkers = [n for n, asks in asked.items() if asks]
     assert len(checkers) == 1 and checkers[0] not in ("n1", "l1")
     checker = checkers[0]
     assert asked[checker] == [{"object": OBJ_A, "chunk": 0, "dataset": "ds", "path": "a.bin"}]
     # Someone who was not asked cannot settle it, however it answers.
     other = next(n for n in ("n2", "n3", "l2") if n != checker)
-    assert state.check(other, OBJ_A, 0, FALSE) == "disputed"
-    assert len(state.disputes()) == 1
+    assert await state.trust.check(other, OBJ_A, 0, FALSE) == "disputed"
+    assert len(state.trust.disputes()) == 1
 
-    assert state.check(checker, OBJ_A, 0, TRUE) == "reporter-lied"
-    assert state.disputes() == []
-    assert set(state.quarantined()) == {"l1"}
+    assert await state.trust.check(checker, OBJ_A, 0, TRUE) == "reporter-lied"
+    assert state.trust.disputes() == []
+    assert set(state.facts.quarantine) == {"l1"}
     assert sorted(peers(state, OBJ_A, 0)) == ["n1", "n4"]
 
 
-def test_a_lying_establisher_is_quarantined_and_its_digests_forgotten(
+async def test_a_lying_establisher_is_quarantined_and_its_digests_forgotten(
     state: SchedulerState,
 ) -> None:
-    state.put_dataset(dataset())
-    nodes(state, "evil", "n2", "n3", "n4")
-    establish(state, "evil", OBJ_A, {0: FALSE, 1: OTHER})
-    establish(state, "evil", OBJ_B, {0: OTHER})
-    establish(state, "n4", OBJ_A, {2: TRUE})
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "evil", "n2", "n3", "n4")
+    await establish(state, "evil", OBJ_A, {0: FALSE, 1: OTHER})
+    await establish(state, "evil", OBJ_B, {0: OTHER})
+    await establish(state, "n4", OBJ_A, {2: TRUE})
     # n4 took chunk 0 from evil (checked against evil's digest) and holds it too.
-    state.add_chunks("n4", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
+    await state.chunks.add_chunks("n4", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
     generation = state.generation()
     # n2 read chunk 0 from the source: it disagrees, and nothing of n2's is recorded.
-    assert state.check("n2", OBJ_A, 0, TRUE) == "disputed"
-    assert state.check("n2", OBJ_A, 0, TRUE) == "disputed"  # asked again: same dispute
-    (checker,) = [n for n in ("n3", "n4") if state.rechecks_for(n)]
-    assert state.check(checker, OBJ_A, 0, TRUE) == "establisher-lied"
+    assert await state.trust.check("n2", OBJ_A, 0, TRUE) == "disputed"
+    assert await state.trust.check("n2", OBJ_A, 0, TRUE) == "disputed"  # asked again: same dispute
+    (checker,) = [n for n in ("n3", "n4") if await state.trust.rechecks_for(n)]
+    assert await state.trust.check(checker, OBJ_A, 0, TRUE) == "establisher-lied"
 
-    assert set(state.quarantined()) == {"evil"}
-    assert state.quarantined()["evil"]["reason"].startswith("false digest for chunk 0 of ds/a.bin")
+    assert set(state.facts.quarantine) == {"evil"}
+    assert state.facts.quarantine["evil"]["reason"].startswith(
+        "false digest for chunk 0 of ds/a.bin"
+    )
     cmap = state.chunk_map(OBJ_A)
     assert cmap["digests"] == {0: TRUE, 2: TRUE}  # replaced, and evil's other one forgotten
     assert cmap["peers"] == {2: [{"node": "n4", "address": "127.0.0.1:4"}]}
     assert state.chunk_map(OBJ_B)["digests"] == {}
     assert state.generation() > generation  # plans leave evil out
     # n4 held bytes checked against a false digest: it is told to drop them, once.
-    assert state.take_notices("n4") == [OBJ_A]
-    assert state.take_notices("n4") == []
+    assert state.trust.take_notices("n4") == [OBJ_A]
+    assert state.trust.take_notices("n4") == []
     # A late report of the revoked bytes is refused (not a new dispute).
-    report = state.add_chunks("n3", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
+    report = await state.chunks.add_chunks("n3", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
     assert (report.conflicts, report.refused) == ([], [0])
-    assert state.disputes() == []
-    assert state.take_notices("n3") == [OBJ_A]
+    assert state.trust.disputes() == []
+    assert state.trust.take_notices("n3") == [OBJ_A]
     # evil's own word is dropped from now on.
-    assert state.add_chunks("evil", OBJ_A, 3 * CHUNK, CHUNK, [(2, TRUE)], {2}).refused == [2]
-    assert state.check("evil", OBJ_A, 2, FALSE) == "dropped"
-    state.report_bad_peer("evil", "n4", OBJ_A, 2, "lies")
+    assert (
+        await state.chunks.add_chunks("evil", OBJ_A, 3 * CHUNK, CHUNK, [(2, TRUE)], {2})
+    ).refused == [2]
+    assert await state.trust.check("evil", OBJ_A, 2, FALSE) == "dropped"
+    state.chunks.report_bad_peer("evil", "n4", OBJ_A, 2, "lies")
     assert peers(state, OBJ_A, 2) == ["n4"]
 
 
-def test_a_source_that_changed_breaks_the_file_until_added_again(state: SchedulerState) -> None:
+async def test_a_source_that_changed_breaks_the_file_until_added_again(
+    state: SchedulerState,
+) -> None:
     first = dataset()
-    state.put_dataset(first)
-    nodes(state, "n1", "n2", "n3")
-    establish(state, "n1", OBJ_A, {0: TRUE})
+    await state.catalog.put_dataset(first)
+    await nodes(state, "n1", "n2", "n3")
+    await establish(state, "n1", OBJ_A, {0: TRUE})
     # n2's read found the head changed; n3, asked, finds the same: the source changed.
-    assert state.check("n2", OBJ_A, 1, None, "head differs") == "disputed"
-    assert state.rechecks_for("n2") == []
-    asked = [n for n in ("n1", "n3") if state.rechecks_for(n)]  # n1 did not establish 1
+    assert await state.trust.check("n2", OBJ_A, 1, None, "head differs") == "disputed"
+    assert await state.trust.rechecks_for("n2") == []
+    asked = [n for n in ("n1", "n3") if await state.trust.rechecks_for(n)]  # n1 did not establish 1
     assert len(asked) == 1
     generation = state.generation()
-    assert state.check(asked[0], OBJ_A, 1, None, "head differs too") == "source-changed"
-    assert state.quarantined() == {}
+    assert await state.trust.check(asked[0], OBJ_A, 1, None, "head differs too") == "source-changed"
+    assert state.facts.quarantine == {}
     assert state.generation() > generation  # every node learns at once
     assert state.chunk_map(OBJ_A)["broken"].startswith("source changed: head differs too")
-    (summary,) = state.datasets()
+    (summary,) = state.catalog.datasets()
     assert [b["path"] for b in summary["broken"]] == ["a.bin"]
     assert [b["path"] for b in state.status()["datasets"][0]["broken"]] == ["a.bin"]
-    assert state.check("n3", OBJ_A, 2, TRUE) == "source-changed"  # nothing more to settle
+    assert (
+        await state.trust.check("n3", OBJ_A, 2, TRUE) == "source-changed"
+    )  # nothing more to settle
 
     # `dataset add` again with the same listing (an ETag that lies lists the same): the
     # broken file gets a new identity, the other file keeps its own.
-    summary, changed = state.put_dataset(dataset())
+    summary, changed = await state.catalog.put_dataset(dataset())
     assert changed and summary["revision"] != first.revision
-    files = {f.path: f.object for f in state.get_dataset("ds").files}
+    files = {f.path: f.object for f in state.catalog.get_dataset("ds").files}
     assert files["b.bin"] == OBJ_B and files["a.bin"] not in (OBJ_A, OBJ_B)
     assert state.chunk_map(files["a.bin"])["digests"] == {}
-    assert "broken" not in state.datasets()[0]
+    assert "broken" not in state.catalog.datasets()[0]
     assert state.status()["datasets"][0]["broken"] == []
 
 
-def test_a_recheck_that_matches_nobody_breaks_the_file(state: SchedulerState) -> None:
-    state.put_dataset(dataset())
-    nodes(state, "n1", "n2", "n3")
-    establish(state, "n1", OBJ_A, {0: TRUE})
-    assert state.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)]).conflicts == [0]
-    assert state.rechecks_for("n3") != []
-    assert state.check("n3", OBJ_A, 0, OTHER) == "source-changed"
-    assert state.quarantined() == {} and OBJ_A in state.broken()
+async def test_a_recheck_that_matches_nobody_breaks_the_file(state: SchedulerState) -> None:
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "n1", "n2", "n3")
+    await establish(state, "n1", OBJ_A, {0: TRUE})
+    assert (
+        await state.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
+    ).conflicts == [0]
+    assert await state.trust.rechecks_for("n3") != []
+    assert await state.trust.check("n3", OBJ_A, 0, OTHER) == "source-changed"
+    assert state.facts.quarantine == {} and OBJ_A in state.facts.broken
 
 
-def test_a_false_change_report_quarantines_its_reporter(state: SchedulerState) -> None:
-    state.put_dataset(dataset())
-    nodes(state, "n1", "n2", "n3")
-    assert state.check("n1", OBJ_B, 0, None, "head differs") == "disputed"
-    (checker,) = [n for n in ("n2", "n3") if state.rechecks_for(n)]
-    assert state.check(checker, OBJ_B, 0, TRUE) == "reporter-lied"
-    assert set(state.quarantined()) == {"n1"} and state.broken() == {}
+async def test_a_false_change_report_quarantines_its_reporter(state: SchedulerState) -> None:
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "n1", "n2", "n3")
+    assert await state.trust.check("n1", OBJ_B, 0, None, "head differs") == "disputed"
+    (checker,) = [n for n in ("n2", "n3") if await state.trust.rechecks_for(n)]
+    assert await state.trust.check(checker, OBJ_B, 0, TRUE) == "reporter-lied"
+    assert set(state.facts.quarantine) == {"n1"} and state.facts.broken == {}
 
 
-def test_checkers_are_replaced_when_silent_or_down(state: SchedulerState, clock: Clock) -> None:
-    state.put_dataset(dataset())
-    nodes(state, "n1", "n2")
-    establish(state, "n1", OBJ_A, {0: TRUE})
-    assert state.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)]).conflicts == [0]
-    # Nobody but the two parties: the dispute waits (its chunk served by nobody).
-    assert state.rechecks_for("n1") == state.rechecks_for("n2") == []
-    assert state.disputes()[0]["checker"] is None
-    state.heartbeat("n3", "127.0.0.1:3")
-    assert len(state.rechecks_for("n3")) == 1
-    state.heartbeat("n4", "127.0.0.1:4")
-    assert state.rechecks_for("n4") == []  # n3 is asked and has time to answer
-    clock.now += RECHECK_TIMEOUT + 1  # n3 never answered (and is down now)
-    for name in ("n1", "n2", "n4"):
-        state.heartbeat(name, "127.0.0.1:9")
-    assert len(state.rechecks_for("n4")) == 1
-    assert state.disputes()[0]["checker"] == "n4"
-
-
-def test_open_disputes_are_bounded_and_pruned(state: SchedulerState) -> None:
-    files = {f"f{i}": (CHUNK, f"{i:064x}") for i in range(MAX_DISPUTES + 2)}
-    state.put_dataset(dataset("many", files))
-    nodes(state, "n1", "n2")
-    for i in range(MAX_DISPUTES + 2):
-        establish_one = state.add_chunks("n1", f"{i:064x}", CHUNK, CHUNK, [(0, TRUE)], {0})
-        assert establish_one.refused == []
-        state.add_chunks("n2", f"{i:064x}", CHUNK, CHUNK, [(0, FALSE)])
-    assert len(state.disputes()) == MAX_DISPUTES
-    state.remove_dataset("many")  # nothing left to protect: nobody could re-check them
-    assert state.disputes() == []
-    with pytest.raises(UserError, match="a digest or what changed"):
-        state.check("n1", OBJ_A, 0, None, "")
-
-
-def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
+async def test_checkers_are_replaced_when_silent_or_down(
     state: SchedulerState, clock: Clock
 ) -> None:
-    state.put_dataset(dataset())
-    state.add_targets("ds", [{"selector": {}}])
-    nodes(state, "n1", "n2")
-    establish(state, "n1", OBJ_A, {0: TRUE})
-    establish(state, "n2", OBJ_A, {1: TRUE})
-    state.quarantine("n2", "caught lying by hand")
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "n1", "n2")
+    await establish(state, "n1", OBJ_A, {0: TRUE})
+    assert (
+        await state.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
+    ).conflicts == [0]
+    # Nobody but the two parties: the dispute waits (its chunk served by nobody).
+    assert await state.trust.rechecks_for("n1") == await state.trust.rechecks_for("n2") == []
+    assert state.trust.disputes()[0]["checker"] is None
+    await state.heartbeat("n3", "127.0.0.1:3")
+    assert len(await state.trust.rechecks_for("n3")) == 1
+    await state.heartbeat("n4", "127.0.0.1:4")
+    assert await state.trust.rechecks_for("n4") == []  # n3 is asked and has time to answer
+    clock.now += RECHECK_TIMEOUT + 1  # n3 never answered (and is down now)
+    for name in ("n1", "n2", "n4"):
+        await state.heartbeat(name, "127.0.0.1:9")
+    assert len(await state.trust.rechecks_for("n4")) == 1
+    assert state.trust.disputes()[0]["checker"] == "n4"
+
+
+async def test_open_disputes_are_bounded_and_pruned(state: SchedulerState) -> None:
+    files = {f"f{i}": (CHUNK, f"{i:064x}") for i in range(MAX_DISPUTES + 2)}
+    await state.catalog.put_dataset(dataset("many", files))
+    await nodes(state, "n1", "n2")
+    for i in range(MAX_DISPUTES + 2):
+        establish_one = await state.chunks.add_chunks(
+            "n1", f"{i:064x}", CHUNK, CHUNK, [(0, TRUE)], {0}
+        )
+        assert establish_one.refused == []
+        await state.chunks.add_chunks("n2", f"{i:064x}", CHUNK, CHUNK, [(0, FALSE)])
+    assert len(state.trust.disputes()) == MAX_DISPUTES
+    await state.catalog.remove_dataset(
+        "many"
+    )  # nothing left to protect: nobody could re-check them
+    assert state.trust.disputes() == []
+    with pytest.raises(UserError, match="a digest or what changed"):
+        await state.trust.check("n1", OBJ_A, 0, None, "")
+
+
+async def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
+    state: SchedulerState, clock: Clock
+) -> None:
+    await state.catalog.put_dataset(dataset())
+    await state.catalog.add_targets("ds", [{"selector": {}}])
+    await nodes(state, "n1", "n2")
+    await establish(state, "n1", OBJ_A, {0: TRUE})
+    await establish(state, "n2", OBJ_A, {1: TRUE})
+    await state.trust.quarantine("n2", "caught lying by hand")
     doc = state.status()
     (n2,) = [n for n in doc["nodes"] if n["name"] == "n2"]
     assert n2["quarantined"]["reason"] == "caught lying by hand"
@@ -286,29 +335,37 @@ def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
     assert state.plans()["n1"][0]["members"] == ["n1"]
     assert state.plans()["n2"][0]["members"] == ["n1", "n2"]  # still fetches for itself
     assert state.chunk_map(OBJ_A)["digests"] == {0: TRUE}  # its digest was forgotten
-    assert state.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)]).refused == [0]
+    assert (await state.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])).refused == [
+        0
+    ]
     assert peers(state, OBJ_A, 0) == ["n1"]
-    assert state.rechecks_for("n2") == []
-    state.lift_quarantine("n2")
+    assert await state.trust.rechecks_for("n2") == []
+    await state.trust.lift_quarantine("n2")
     with pytest.raises(NotFoundError, match="not quarantined"):
-        state.lift_quarantine("n2")
-    state.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])
+        await state.trust.lift_quarantine("n2")
+    await state.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])
     assert sorted(peers(state, OBJ_A, 0)) == ["n1", "n2"]
     assert state.status()["quarantined"] == []
 
 
-def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> None:
-    with SchedulerState(tmp_path / "s", TIMEOUT, clock=clock) as st:
-        st.put_dataset(dataset())
-        nodes(st, "n1", "n2", "n3")
-        establish(st, "n1", OBJ_A, {0: TRUE})
-        st.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
-        st.quarantine("n3", "by hand")
-        st.check("n1", OBJ_B, 0, None, "head differs")
-        before = (st.disputes(), st.quarantined(), st.status())
-    with SchedulerState(tmp_path / "s", TIMEOUT, clock=clock) as st:
-        assert (st.disputes(), st.quarantined(), st.status()) == before
-        assert len(before[0]) == 2
+async def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> None:
+    def trust_facts(st: SchedulerState) -> tuple[object, ...]:
+        status = st.status()
+        broken = [d["broken"] for d in status["datasets"]]
+        return st.trust.disputes(), dict(st.facts.quarantine), status["quarantined"], broken
+
+    async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock) as st:
+        await st.catalog.put_dataset(dataset())
+        await nodes(st, "n1", "n2", "n3")
+        await establish(st, "n1", OBJ_A, {0: TRUE})
+        await st.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
+        await st.trust.quarantine("n3", "by hand")
+        await st.trust.check("n1", OBJ_B, 0, None, "head differs")
+        before = trust_facts(st)
+    async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock) as st:
+        assert trust_facts(st) == before
+        disputes = before[0]
+        assert isinstance(disputes, list) and len(disputes) == 2
 
 
 # -- the routes ---------------------------------------------------------------------------------
@@ -366,31 +423,31 @@ async def test_routes_grant_record_dispute_and_lift(
     assert (await client.status())["quarantined"] == []
 
 
-def test_an_establisher_contradicting_itself_means_the_source_changed(
+async def test_an_establisher_contradicting_itself_means_the_source_changed(
     state: SchedulerState,
 ) -> None:
     """n1 recorded chunk 0, its cache lost it, and its new source read differs: both reads
     were n1's, so the third node agreeing with the new one proves a change, not a lie."""
-    state.put_dataset(dataset())
-    nodes(state, "n1", "n2")
-    establish(state, "n1", OBJ_A, {0: TRUE})
-    assert state.check("n1", OBJ_A, 0, OTHER) == "disputed"
-    assert state.rechecks_for("n2") != []
-    assert state.check("n2", OBJ_A, 0, OTHER) == "source-changed"
-    assert state.quarantined() == {}
-    assert "n1 and n2 now read other bytes" in state.broken()[OBJ_A]["reason"]
+    await state.catalog.put_dataset(dataset())
+    await nodes(state, "n1", "n2")
+    await establish(state, "n1", OBJ_A, {0: TRUE})
+    assert await state.trust.check("n1", OBJ_A, 0, OTHER) == "disputed"
+    assert await state.trust.rechecks_for("n2") != []
+    assert await state.trust.check("n2", OBJ_A, 0, OTHER) == "source-changed"
+    assert state.facts.quarantine == {}
+    assert "n1 and n2 now read other bytes" in state.facts.broken[OBJ_A]["reason"]
 
 
-def test_checks_are_bounded(state: SchedulerState) -> None:
+async def test_checks_are_bounded(state: SchedulerState) -> None:
     with pytest.raises(UserError, match="invalid chunk index"):
-        state.check("n1", OBJ_A, 2**32, TRUE)
-    state.put_dataset(dataset())
-    assert state.check("n1", OBJ_A, 3, None, "head differs") == "ok"  # past its end
-    assert state.check("n1", OBJ_C, 0, None, "head differs") == "ok"  # in no dataset
-    assert state.disputes() == []
+        await state.trust.check("n1", OBJ_A, 2**32, TRUE)
+    await state.catalog.put_dataset(dataset())
+    assert await state.trust.check("n1", OBJ_A, 3, None, "head differs") == "ok"  # past its end
+    assert await state.trust.check("n1", OBJ_C, 0, None, "head differs") == "ok"  # in no dataset
+    assert state.trust.disputes() == []
 
 
-def test_a_lie_about_a_source_that_cannot_prove_content_also_breaks_the_file(
+async def test_a_lie_about_a_source_that_cannot_prove_content_also_breaks_the_file(
     state: SchedulerState,
 ) -> None:
     """With only a head sample to go by (HTTP), a re-read that agrees with the reporter may
@@ -398,11 +455,13 @@ def test_a_lie_about_a_source_that_cannot_prove_content_also_breaks_the_file(
     establisher is quarantined, and the file breaks so that no two versions ever mix."""
     entry = FileEntry(path="a.bin", size=3 * CHUNK, object=OBJ_A, locator="a.bin")
     unproven = entry.model_copy(update={"version": {"etag": '"x"', "head": OTHER}})
-    state.put_dataset(build_manifest("web", "mem://web/", [unproven], chunk_size=CHUNK))
-    nodes(state, "n1", "n2", "n3")
-    establish(state, "n1", OBJ_A, {0: FALSE})
-    assert state.check("n2", OBJ_A, 0, TRUE) == "disputed"
-    assert state.rechecks_for("n3") != []  # the only one left to ask
-    assert state.check("n3", OBJ_A, 0, TRUE) == "establisher-lied"
-    assert set(state.quarantined()) == {"n1"}
-    assert "the source may have changed" in state.broken()[OBJ_A]["reason"]
+    await state.catalog.put_dataset(
+        build_manifest("web", "mem://web/", [unproven], chunk_size=CHUNK)
+    )
+    await nodes(state, "n1", "n2", "n3")
+    await establish(state, "n1", OBJ_A, {0: FALSE})
+    assert await state.trust.check("n2", OBJ_A, 0, TRUE) == "disputed"
+    assert await state.trust.rechecks_for("n3") != []  # the only one left to ask
+    assert await state.trust.check("n3", OBJ_A, 0, TRUE) == "establisher-lied"
+    assert set(state.facts.quarantine) == {"n1"}
+    assert "the source may have changed" in state.facts.broken[OBJ_A]["reason"]

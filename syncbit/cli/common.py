@@ -21,7 +21,8 @@ SchedulerOpt = Annotated[
     typer.Option(
         "--scheduler",
         envvar="SYNCBIT_SCHEDULER",
-        help="Scheduler URL (else $SYNCBIT_SCHEDULER, else http://127.0.0.1:7900).",
+        help="Scheduler URL, or its replicas' URL1,URL2,... (else $SYNCBIT_SCHEDULER, else "
+        "http://127.0.0.1:7900).",
     ),
 ]
 DaemonOpt = Annotated[

@@ -82,6 +82,17 @@ def scheduler(
     tls_key: TlsKeyOpt = None,
     file_roots: FileRootsOpt = None,
     log_level: LogLevelOpt = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="etcd://h1:2379,h2:2379,...: keep the state in etcd and run as one of "
+            "several replicas (one leads); without it, LMDB in --state-dir."
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(help="URL the other replicas reach this one at (default: from --listen)."),
+    ] = None,
 ) -> None:
     """Run the central scheduler until SIGTERM/SIGINT."""
     import trio
@@ -102,6 +113,8 @@ def scheduler(
             "tls_key": tls_key,
             "file_roots": file_roots,
             "log_level": log_level,
+            "state": state,
+            "advertise": advertise,
         },
     )
     _setup_logging(cfg.log_level)
@@ -127,7 +140,11 @@ def scheduler(
 def daemon(
     config: ConfigOpt = None,
     scheduler: Annotated[
-        str | None, typer.Option(help="Scheduler URL; without it the scheduler runs embedded.")
+        str | None,
+        typer.Option(
+            help="Scheduler URL, or its replicas' URL1,URL2,...; without it the scheduler "
+            "runs embedded."
+        ),
     ] = None,
     listen: Annotated[str | None, typer.Option(help="host:port of the peer service.")] = None,
     advertise: Annotated[str | None, typer.Option(help="host:port peers dial.")] = None,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from syncbit.errors import SyncbitError
 from syncbit.fetch.directory import ChunkDirectory
-from syncbit.fetch.flight import Flight, FlightTable, Park, State
+from syncbit.fetch.flight import Flight, FlightTable, Park, Priority, State
 from syncbit.protocol import ChunkMap
 
 log = logging.getLogger("syncbit.fetch")
@@ -67,14 +67,19 @@ class Claims:
     ) -> list[Flight] | Park:
         """Claim the source read of `flight`'s chunk (and its followers) cluster-wide: the
         followers granted in an unbroken run (the rest go back to the queue), or Park if
-        another node has the chunk. Without an answer from the scheduler the read goes
-        ahead: the source has the bytes."""
+        another node has the chunk. Without an answer from the scheduler a reader's read
+        goes ahead (the source has the bytes); a prefetch parks until one answers."""
         obj = flight.obj
         wanted = [flight.index, *(f.index for f in followers)]
         try:
             claim = await self.directory.claim(obj.id, wanted, self.ttl)
         except SyncbitError as exc:
             log.debug("no claim on %s: %s", obj.id[:12], exc)
+            if flight.priority >= Priority.PREFETCH:
+                # Background reads wait for the scheduler (a failover takes seconds) rather
+                # than read what another node may be reading too: the origin's bytes twice.
+                self.unclaim(followers)
+                return Park("the scheduler (no answer to a claim)")
             return followers
         granted = set(claim.granted)
         log.debug("claim on chunks %s of %s: granted %s", wanted, obj.id[:12], sorted(granted))

@@ -76,6 +76,10 @@ class Reporter:
         self._warnings = warnings
         self._rechecking: set[tuple[str, int]] = set()  # re-checks running (object, chunk)
         self._quarantine_told = False
+        # The scheduler instance that knows what this node holds (the heartbeat's "epoch"):
+        # holders are its soft state, so another one (a restart, a new leader) is told it
+        # all again.
+        self._scheduler_epoch: str | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -163,6 +167,11 @@ class Reporter:
                 nursery.start_soon(self._recheck, ask, key)
         for object_id in record.get("discard", []):
             nursery.start_soon(self._discard, str(object_id))
+        epoch = record.get("epoch")
+        if epoch and self._scheduler_epoch not in (None, epoch):
+            log.info("a new scheduler instance answers: reporting every chunk held here again")
+            self._store.changes.durable(_held(self._store))  # the report loop sends them
+        self._scheduler_epoch = epoch or self._scheduler_epoch
 
     async def _recheck(self, ask: dict[str, Any], key: tuple[str, int]) -> None:
         """Read one disputed chunk from the source and tell the scheduler what it holds."""
@@ -217,9 +226,7 @@ class Reporter:
 
     async def _report_loop(self) -> None:
         """Tell the scheduler which chunks became durable here (with their digests)."""
-        backlog: list[tuple[StoredObject, int, str]] = [
-            (obj, i, obj.digests[i]) for obj in self._store.objects() for i in sorted(obj.durable)
-        ]
+        backlog = _held(self._store)
         unsent: list[tuple[StoredObject, list[int]]] = []  # removals a failed report kept
         delays = backoff_delays(base=1.0, cap=5.0)
         while True:
@@ -277,3 +284,8 @@ def _group(batch: list[tuple[StoredObject, int, str]]) -> list[dict[str, Any]]:
         {"object": o.id, "size": o.size, "chunk_size": o.chunk_size, "chunks": chunks}
         for o, chunks in by_object.items()
     ]
+
+
+def _held(store: ObjectStore) -> list[tuple[StoredObject, int, str]]:
+    """Every chunk durable here, with its digest: what a scheduler is told it holds."""
+    return [(obj, i, obj.digests[i]) for obj in store.objects() for i in sorted(obj.durable)]

@@ -60,5 +60,6 @@ def daemon_file_roots(config: DaemonConfig) -> tuple[Path, ...]:
         return tuple(config.file_roots)
     if config.scheduler is None:
         return default_file_roots(config.scheduler_listen.rpartition(":")[0].strip("[]"))
-    url = config.scheduler if "://" in config.scheduler else f"http://{config.scheduler}"
+    first = config.scheduler.split(",")[0].strip()  # replicas: URL1,URL2,... (one host)
+    url = first if "://" in first else f"http://{first}"
     return default_file_roots(urlsplit(url).hostname)

@@ -11,13 +11,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from syncbit.scheduler.client import RESOLVE_TIMEOUT, ChunkMap, Peer, SchedulerClient
+    from syncbit.scheduler.client import (
+        RESOLVE_TIMEOUT,
+        ChunkMap,
+        ChunkUpdates,
+        Peer,
+        SchedulerClient,
+    )
     from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
     from syncbit.scheduler.server import SchedulerServer, resolve_dataset
     from syncbit.scheduler.state import DatasetExistsError, NodeInfo, SchedulerState
 
 _WHERE = {
     "ChunkMap": "client",
+    "ChunkUpdates": "client",
     "Peer": "client",
     "SchedulerClient": "client",
     "LeastLoaded": "policy",
@@ -33,6 +40,7 @@ _WHERE = {
 __all__ = [
     "RESOLVE_TIMEOUT",
     "ChunkMap",
+    "ChunkUpdates",
     "DatasetExistsError",
     "LeastLoaded",
     "NodeInfo",

@@ -13,12 +13,12 @@ the cluster records for a chunk must come from a node that read the source becau
 scheduler told it to (see `SchedulerState.add_chunks`). The right outlives the lease by a
 grace period, so a slow source read or a slow disk is not refused when it reports; it ends
 when the node reports the chunk or releases it. This module never decides what a digest
-is, only who may say it.
+is, only who may say it. It runs on the scheduler's trio loop only (no locks), and tells
+`on_change` of every chunk whose source reader changed, so chunk updates can say it.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
@@ -40,19 +40,36 @@ class Claim:
 
 class Claims:
     """Leases on (object, chunk) source fetches and the establish rights they carry.
-    Thread-safe; every call is O(chunks asked) but an occasional sweep of lapsed rights."""
+    Every call is O(chunks asked), but an occasional sweep of lapsed rights."""
 
     def __init__(
         self, clock: Callable[[], float] = time.monotonic, grace: float = ESTABLISH_GRACE
     ) -> None:
         self.clock = clock
         self.grace = grace
-        self._lock = threading.Lock()
-        self._claims: dict[tuple[str, int], Claim] = {}
-        self._by_object: dict[str, set[int]] = {}
+        self._by_object: dict[str, dict[int, Claim]] = {}
         # (object, chunk) -> {node: until}: who may establish the chunk's digest.
         self._rights: dict[tuple[str, int], dict[str, float]] = {}
         self._sweep_at = 0.0
+        self._inherited_until = 0.0
+        self._settle_until = 0.0
+        self.on_change: list[Callable[[str, list[int]], None]] = []
+
+    def inherit(self, settle: float = 0.0) -> None:
+        """This state succeeds another scheduler's (a new leader's term): the grants it
+        made are unknown here, yet nodes are reading what it granted and will report it.
+        For the grace period, a chunk nobody claims here may be established by the node
+        that reports it: no more than that node would get by claiming the chunk first,
+        which is what it did, from the predecessor. For the first `settle` seconds no
+        claim is granted (`settling`): the nodes report again what they hold and read
+        first, so that nobody reads those chunks from the source a second time."""
+        now = self.clock()
+        self._inherited_until = now + self.grace
+        self._settle_until = now + settle
+
+    def settling(self) -> bool:
+        """Whether claims wait for the nodes' reports (see `inherit`)."""
+        return self.clock() < self._settle_until
 
     def claim(
         self,
@@ -70,89 +87,120 @@ class Claims:
         (unless `establish` is False: a quarantined node still reads for its own readers,
         but its word is not recorded)."""
         now = self.clock()
+        self._sweep(now)
         granted: list[int] = []
         busy: dict[int, str] = {}
-        with self._lock:
-            self._sweep(now)
-            held = self._by_object.setdefault(object_id, set())
-            for index in indexes:
-                current = self._claims.get((object_id, index))
-                if (
-                    current is not None
-                    and current.node != node
-                    and current.expires > now
-                    and current.node in up
-                ):
-                    busy[index] = current.node
-                    continue
-                self._claims[(object_id, index)] = Claim(node, now + ttl)
-                held.add(index)
-                granted.append(index)
-                if establish:
-                    rights = self._rights.setdefault((object_id, index), {})
-                    rights[node] = now + ttl + self.grace
-            if not held:
-                del self._by_object[object_id]
+        held = self._by_object.setdefault(object_id, {})
+        changed: list[int] = []
+        for index in indexes:
+            current = held.get(index)
+            if (
+                current is not None
+                and current.node != node
+                and current.expires > now
+                and current.node in up
+            ):
+                busy[index] = current.node
+                continue
+            if current is None or current.node != node:
+                changed.append(index)
+            held[index] = Claim(node, now + ttl)
+            granted.append(index)
+            if establish:
+                self._rights.setdefault((object_id, index), {})[node] = now + ttl + self.grace
+        if not held:
+            del self._by_object[object_id]
+        self._tell(object_id, changed)
         return granted, busy
 
     def release(self, node: str, object_id: str, indexes: Iterable[int]) -> None:
         """`node` is done with these chunks (it reported them, or its fetch failed): its
         claims end and so does its right to establish them."""
-        with self._lock:
-            held = self._by_object.get(object_id)
-            for index in indexes:
-                key = (object_id, index)
-                rights = self._rights.get(key)
-                if rights is not None and rights.pop(node, None) is not None and not rights:
-                    del self._rights[key]
-                current = self._claims.get(key)
-                if held is not None and current is not None and current.node == node:
-                    del self._claims[key]
-                    held.discard(index)
-            if held is not None and not held:
-                del self._by_object[object_id]
+        held = self._by_object.get(object_id, {})
+        changed: list[int] = []
+        for index in indexes:
+            key = (object_id, index)
+            rights = self._rights.get(key)
+            if rights is not None and rights.pop(node, None) is not None and not rights:
+                del self._rights[key]
+            current = held.get(index)
+            if current is not None and current.node == node:
+                del held[index]
+                changed.append(index)
+        if object_id in self._by_object and not held:
+            del self._by_object[object_id]
+        self._tell(object_id, changed)
 
     def may_establish(self, node: str, object_id: str, indexes: Iterable[int]) -> set[int]:
         """The chunks among `indexes` whose digest `node` may establish now."""
         now = self.clock()
+        inherited = now < self._inherited_until
+        held = self._by_object.get(object_id, {})
         allowed: set[int] = set()
-        with self._lock:
-            for index in indexes:
-                rights = self._rights.get((object_id, index))
-                if rights is not None and rights.get(node, 0.0) > now:
-                    allowed.add(index)
+        for index in indexes:
+            rights = self._rights.get((object_id, index), {})
+            claim = held.get(index)
+            unclaimed = claim is None or claim.expires <= now
+            if rights.get(node, 0.0) > now or (inherited and unclaimed):
+                allowed.add(index)
         return allowed
 
     def active(self) -> int:
         """Claims held now (expired ones included until next looked at)."""
-        with self._lock:
-            return len(self._claims)
+        return sum(len(held) for held in self._by_object.values())
 
     def rights(self) -> int:
         """Establish rights held now (lapsed ones included until the next sweep)."""
-        with self._lock:
-            return sum(len(r) for r in self._rights.values())
+        return sum(len(r) for r in self._rights.values())
 
     def fetching(
         self, object_id: str, up: AbstractSet[str], requester: str | None
     ) -> dict[int, str]:
         """Chunks of an object that an up node other than `requester` is fetching now."""
+        self.expire(object_id)
+        return {
+            index: claim.node
+            for index, claim in self._by_object.get(object_id, {}).items()
+            if claim.node != requester and claim.node in up
+        }
+
+    def reader(self, object_id: str, index: int) -> str | None:
+        """Who holds the (unexpired, as of the last `expire`) claim on one chunk."""
+        claim = self._by_object.get(object_id, {}).get(index)
+        return None if claim is None else claim.node
+
+    def claimed(self, object_id: str) -> list[int]:
+        return sorted(self._by_object.get(object_id, ()))
+
+    def expire(self, object_id: str) -> float | None:
+        """Drop the object's lapsed claims (told as changes); when the next one lapses."""
+        held = self._by_object.get(object_id)
+        if not held:
+            return None
         now = self.clock()
-        out: dict[int, str] = {}
-        with self._lock:
-            for index in list(self._by_object.get(object_id, ())):
-                claim = self._claims[(object_id, index)]
-                if claim.expires <= now:
-                    del self._claims[(object_id, index)]
-                    self._by_object[object_id].discard(index)
-                elif claim.node != requester and claim.node in up:
-                    out[index] = claim.node
-            if object_id in self._by_object and not self._by_object[object_id]:
-                del self._by_object[object_id]
-        return out
+        lapsed = [index for index, claim in held.items() if claim.expires <= now]
+        for index in lapsed:
+            del held[index]
+        if not held:
+            del self._by_object[object_id]
+        self._tell(object_id, lapsed)
+        return min((c.expires for c in held.values()), default=None)
+
+    def of_node(self, node: str) -> dict[str, list[int]]:
+        """The chunks `node` claims, by object (when it goes down, they stop counting)."""
+        return {
+            object_id: [i for i, c in held.items() if c.node == node]
+            for object_id, held in self._by_object.items()
+            if any(c.node == node for c in held.values())
+        }
+
+    def _tell(self, object_id: str, indexes: list[int]) -> None:
+        if indexes:
+            for hook in self.on_change:
+                hook(object_id, indexes)
 
     def _sweep(self, now: float) -> None:
-        """Drop lapsed rights now and then (under the lock): nodes that never report."""
+        """Drop lapsed rights now and then: nodes that never report."""
         if now < self._sweep_at:
             return
         self._sweep_at = now + _SWEEP_EVERY
@@ -162,3 +210,6 @@ class Claims:
                 del rights[node]
             if not rights:
                 del self._rights[key]
+
+
+__all__ = ["ESTABLISH_GRACE", "Claim", "Claims"]

@@ -1,12 +1,14 @@
 """Async client of the scheduler API (httpx under trio), one method per endpoint.
 
-Owns the mapping of HTTP and transport failures onto syncbit's error tree: no httpx
-exception ever leaves this module. It keeps no state beyond its connection pool.
+The exchange itself, failover between replicas and the mapping of failures onto syncbit's
+error tree are `endpoints`'; no httpx exception ever leaves either. It keeps no state
+beyond its connection pool and the replica that answered last. The data
+types it returns live in `syncbit.protocol` (re-exported here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,34 +16,22 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbit import tls
-from syncbit.auth import bearer
-from syncbit.errors import (
-    ForbiddenError,
-    NotFoundError,
-    SchedulerError,
-    SourceError,
-    UnauthorizedError,
-    UserError,
+from syncbit.errors import SchedulerError
+from syncbit.protocol import (  # the shared types, re-exported for the node's imports
+    MAX_CLAIM_CHUNKS,
+    MAX_REPORT_CHUNKS,
+    MAX_REPORT_REMOVALS,
+    RESOLVE_TIMEOUT,
+    ChunkMap,
+    ChunkReportResult,
+    ChunkUpdates,
+    ClaimResult,
+    Peer,
 )
-
-# Re-exported: the scheduler side and older callers take the node<->scheduler types from here.
-from syncbit.protocol import ChunkMap as ChunkMap
-from syncbit.protocol import ChunkReportResult as ChunkReportResult
-from syncbit.protocol import ClaimResult as ClaimResult
-from syncbit.protocol import Peer as Peer
+from syncbit.scheduler.endpoints import Endpoints
 
 if TYPE_CHECKING:
     from syncbit.manifest import Manifest  # pydantic models: imported when first needed
-
-RESOLVE_TIMEOUT = 300.0
-"""Seconds a source may take to list a dataset before `POST /v1/datasets` fails with 502
-(the server's limit; the client waits a little longer)."""
-
-# What one request may carry; the server refuses more (400), so this client splits.
-MAX_REPORT_CHUNKS = 4096  # chunks added by one chunk report
-MAX_REPORT_REMOVALS = 65536  # chunk indexes removed by one chunk report
-MAX_CLAIM_CHUNKS = 4096  # chunks one claim or release names
 
 
 def _segment(value: str) -> str:
@@ -69,10 +59,12 @@ def _batches(entries: list[dict[str, Any]], limit: int) -> list[list[dict[str, A
 
 
 class SchedulerClient:
-    """Talks to the scheduler at `base_url` (e.g. http://127.0.0.1:7900).
+    """Talks to the scheduler at `base_url` (e.g. http://127.0.0.1:7900), or to any of
+    its replicas (`URL1,URL2,URL3`), failing over between them (`endpoints.Endpoints`).
 
     Args:
-        base_url: scheduler URL; a bare "host:port" means http.
+        base_url: scheduler URL(s), comma-separated or a list; a bare "host:port" means
+            http.
         transport: an httpx transport to use instead of the network (tests).
         timeout: seconds per request; adding a dataset waits for the source listing too.
         token: the bearer value: the cluster secret or a credential (see `token_file`).
@@ -82,32 +74,25 @@ class SchedulerClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10,
         token: str | None = None,
         ca: Path | None = None,
     ) -> None:
-        if "://" not in base_url:
-            base_url = f"http://{base_url}"
-        self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        try:
-            # trust_env off: a proxy from the environment must not sit between nodes and
-            # their scheduler (cluster-internal addresses).
-            # Plain http never uses a TLS context, and building the verifying one (the CA
-            # bundle) costs ~50 ms of every CLI command's start.
-            https = self.base_url.lower().startswith("https://")
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                transport=transport,
-                timeout=timeout,
-                trust_env=False,
-                headers=bearer(token),
-                verify=tls.client_context(ca) if https else False,
-            )
-        except (httpx.InvalidURL, ValueError) as exc:
-            raise UserError(f"invalid scheduler URL {base_url!r}: {exc}") from None
+        self._endpoints = Endpoints(base_url, transport, timeout, token, ca)
+        self._request = self._endpoints.request
+
+    @property
+    def base_url(self) -> str:
+        """The URL asked first: the replica that answered last."""
+        return self._endpoints.url
+
+    @property
+    def urls(self) -> list[str]:
+        """Every scheduler URL this client may ask."""
+        return list(self._endpoints.urls)
 
     async def __aenter__(self) -> SchedulerClient:
         return self
@@ -116,72 +101,11 @@ class SchedulerClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._endpoints.aclose()
 
     def set_token(self, token: str | None) -> None:
         """Send `token` from now on (a node's credential once issued or renewed)."""
-        self._http.headers.pop("Authorization", None)
-        self._http.headers.update(bearer(token))
-
-    async def _request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        params: dict[str, str] | None = None,
-        timeout: float | None = None,
-        token: str | None = None,
-    ) -> Any:
-        try:
-            resp = await self._http.request(
-                method,
-                path,
-                json=body,
-                params=params,
-                timeout=timeout if timeout is not None else self.timeout,
-                headers=bearer(token) if token is not None else None,
-            )
-        except httpx.TimeoutException as exc:
-            raise SchedulerError(
-                f"scheduler at {self.base_url} did not answer {method} {path} in time: "
-                f"{exc or type(exc).__name__}"
-            ) from exc
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            cert = tls.untrusted(exc)
-            if cert is not None:
-                raise tls.trust_error(
-                    f"scheduler at {self.base_url}",
-                    cert,
-                    "point tls_ca (daemon) or $SYNCBIT_TLS_CA (CLI) at the cluster's CA file",
-                ) from None
-            raise SchedulerError(
-                f"scheduler at {self.base_url} unreachable: {exc or type(exc).__name__}"
-            ) from exc
-        try:
-            doc = resp.json()
-        except ValueError:
-            doc = None
-        if resp.status_code // 100 == 2:
-            if doc is None:
-                raise SchedulerError(
-                    f"scheduler at {self.base_url} sent a body that is not JSON "
-                    f"for {method} {path}",
-                    resp.status_code,
-                )
-            return doc
-        message = doc.get("error") if isinstance(doc, dict) else None
-        message = message or f"scheduler answered HTTP {resp.status_code} to {method} {path}"
-        if resp.status_code == 404:
-            raise NotFoundError(message)
-        if resp.status_code == 401:
-            raise UnauthorizedError(f"scheduler at {self.base_url}: {message}")
-        if resp.status_code == 403:
-            raise ForbiddenError(f"scheduler at {self.base_url}: {message}")
-        if resp.status_code in (400, 409):
-            raise UserError(message)
-        if resp.status_code == 502:
-            raise SourceError(message)
-        raise SchedulerError(message, resp.status_code)
+        self._endpoints.set_token(token)
 
     @contextmanager
     def _shape(self, what: str) -> Iterator[None]:
@@ -402,7 +326,35 @@ class SchedulerClient:
                 fetching={int(i): str(n) for i, n in doc.get("fetching", {}).items()},
                 disputed={int(i) for i in doc.get("disputed", [])},
                 broken=str(doc["broken"]) if doc.get("broken") else None,
+                cursor=str(doc.get("cursor", "")),
             )
+        raise AssertionError("unreachable")
+
+    async def updates(
+        self,
+        object_id: str,
+        node: str | None = None,
+        cursor: str = "",
+        *,
+        limit: int | None = None,
+        wait: float = 0.0,
+    ) -> ChunkUpdates:
+        """The chunks of `object_id` whose state changed since `cursor` (from a chunk map
+        or the last updates; "" for all), each once with its state now; at most K peers
+        each, never `node` itself. With `wait`, the scheduler holds the request up to
+        that many seconds (at most 30) until something changes. Fold the answer into a
+        `ChunkMap` with `ChunkMap.apply`; when `more` is set, ask again at once."""
+        params = {"cursor": cursor}
+        if node is not None:
+            params["node"] = node
+        if limit is not None:
+            params["limit"] = str(limit)
+        if wait:
+            params["wait"] = f"{wait:g}"
+        path = f"/v1/objects/{_segment(object_id)}/updates"
+        doc = await self._request("GET", path, params=params, timeout=wait + self.timeout)
+        with self._shape("GET updates"):
+            return ChunkUpdates.from_json(doc)
         raise AssertionError("unreachable")
 
     async def report_bad_peer(
@@ -445,4 +397,15 @@ class SchedulerClient:
         return result
 
 
-__all__ = ["ChunkMap", "ChunkReportResult", "ClaimResult", "Peer", "SchedulerClient"]
+__all__ = [
+    "MAX_CLAIM_CHUNKS",
+    "MAX_REPORT_CHUNKS",
+    "MAX_REPORT_REMOVALS",
+    "RESOLVE_TIMEOUT",
+    "ChunkMap",
+    "ChunkReportResult",
+    "ChunkUpdates",
+    "ClaimResult",
+    "Peer",
+    "SchedulerClient",
+]

@@ -17,7 +17,9 @@ The contract:
 - `list_prefix` returns one page, never the whole prefix at once; `watch(prefix, since)`
   yields every change after revision `since`, in revision order. When that history is
   gone (etcd compacted it; LMDB keeps only recent commits, in memory) it yields
-  `Resync(revision)`: re-read the prefix, then the changes after `revision` follow.
+  `Resync(revision)`: re-read the prefix, then the changes after `revision` follow. A
+  watch of every key (prefix "") also yields `Bumped(revision)` when a commit moved the
+  generation, after that commit's changes: how a replica's copy follows the generation.
 - Only the leading scheduler writes (`kv_etcd` fences writes on its election term); any
   replica reads, with `stale_ok=True` even without an etcd quorum (its member's copy).
 """
@@ -95,6 +97,13 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class Bumped:
+    """A commit at `revision` moved the generation (after that commit's `Change`s)."""
+
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
 class Resync:
     """Changes up to `revision` were lost to the watcher: re-read the prefix (at
     `revision` where the store keeps history); what follows happened after it."""
@@ -111,7 +120,7 @@ class ChangeStream(Protocol):
 
     def __aiter__(self) -> ChangeStream: ...
 
-    async def __anext__(self) -> Change | Resync: ...
+    async def __anext__(self) -> Change | Bumped | Resync: ...
 
 
 class DurableStore(abc.ABC):

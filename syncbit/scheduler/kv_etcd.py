@@ -58,6 +58,7 @@ from syncbit.scheduler.etcd import (
 )
 from syncbit.scheduler.kv import (
     DEFAULT_PAGE,
+    Bumped,
     Change,
     Check,
     Commit,
@@ -141,6 +142,7 @@ class EtcdStore(DurableStore):
         if not root.endswith("/"):
             raise ValueError(f"etcd state root must end with '/': {root!r}")
         self.client = client
+        self._root = root.encode()
         self._kv = (root + "kv/").encode()
         self._blob = (root + "blob/").encode()
         self._generation = (root + "meta/generation").encode()
@@ -352,7 +354,9 @@ class EtcdStore(DurableStore):
     # -- watches -----------------------------------------------------------------------------
 
     def watch(self, prefix: str, since: int) -> EtcdChanges:
-        raw = self._kv + check_prefix(prefix)
+        # Every key: the whole root, so that generation moves come in order with the
+        # changes of their commits (the parts of large values are skipped).
+        raw = self._root if not prefix else self._kv + check_prefix(prefix)
         return EtcdChanges(self, self.client.watch(raw, prefix_end(raw), start_revision=since + 1))
 
     async def aclose(self) -> None:
@@ -365,7 +369,7 @@ class EtcdChanges:
     def __init__(self, store: EtcdStore, watch: Watch) -> None:
         self._store = store
         self._watch = watch
-        self._pending: deque[Change | Resync] = deque()
+        self._pending: deque[Change | Bumped | Resync] = deque()
         self._resynced = 0  # changes up to this revision are in the watcher's re-read
 
     async def __aenter__(self) -> EtcdChanges:
@@ -378,7 +382,7 @@ class EtcdChanges:
     def __aiter__(self) -> EtcdChanges:
         return self
 
-    async def __anext__(self) -> Change | Resync:
+    async def __anext__(self) -> Change | Bumped | Resync:
         store = self._store
         while not self._pending:
             batch = await self._watch.__anext__()
@@ -388,6 +392,11 @@ class EtcdChanges:
                 kv = event.kv
                 if kv.mod_revision <= self._resynced:
                     continue
+                if kv.key == store._generation:
+                    self._pending.append(Bumped(kv.mod_revision))
+                    continue
+                if not kv.key.startswith(store._kv):
+                    continue  # a large value's parts: its header follows in the commit
                 key = kv.key[len(store._kv) :].decode()
                 if event.type is EventType.DELETE:
                     self._pending.append(Change(key, None, kv.mod_revision))

@@ -22,6 +22,7 @@ from typing import TypeVar
 import lmdb
 import trio
 
+from syncbit.diskspace import IndexReserve, open_env
 from syncbit.errors import ConfigError, SchedulerError
 from syncbit.scheduler.kv import (
     DEFAULT_PAGE,
@@ -55,9 +56,12 @@ def _u64(raw: bytes | None) -> int:
 class LmdbStore(DurableStore):
     """A `DurableStore` in `directory`; open it with `await LmdbStore.open(directory)`."""
 
-    def __init__(self, env: lmdb.Environment, history: int) -> None:
+    def __init__(
+        self, env: lmdb.Environment, history: int, reserve: IndexReserve | None = None
+    ) -> None:
         """Blocking (opens databases, reads the revision): `open` calls it in a thread."""
         self._env = env
+        self._reserve = reserve  # room kept on the filesystem for the next commits
         self._data = env.open_db(b"data")
         self._meta = env.open_db(b"meta")
         with env.begin() as txn:
@@ -76,11 +80,12 @@ class LmdbStore(DurableStore):
         """Open (or create) the store in `directory`; ConfigError if that cannot be done."""
 
         def open_store() -> LmdbStore:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(
-                str(Path(directory) / "kv.lmdb"), max_dbs=4, map_size=_MAP_SIZE, metasync=False
+            # Survives a full filesystem: an embedded scheduler's state sits in the cache
+            # dir, and a daemon starts on a full one.
+            env, reserve = open_env(
+                Path(directory) / "kv.lmdb", max_dbs=4, map_size=_MAP_SIZE, metasync=False
             )
-            return cls(env, history)
+            return cls(env, history, reserve)
 
         try:
             store: LmdbStore = await trio.to_thread.run_sync(open_store)
@@ -186,8 +191,14 @@ class LmdbStore(DurableStore):
                     txn.put(_GENERATION, _U64.pack(revision), db=self._meta)
                 return Commit(True, revision, deleted), changes
 
+        def write_and_keep_room() -> tuple[Commit, list[Change]]:
+            done = write()
+            if self._reserve is not None:
+                self._reserve.top_up()
+            return done
+
         async with self._write_lock:
-            result, changes = await self._run(write)
+            result, changes = await self._run(write_and_keep_room)
             if result.ok and result.revision > self._revision:
                 self._append(result.revision, changes)
         return result

@@ -1,0 +1,18 @@
+"""syncbit's async HTTP/1.1 servers (trio + h11): a coroutine per connection, never a
+thread; connection caps, TLS and plain HTTP on one port, bodies read only on demand.
+
+Re-exports `listener` and `connection`; holds no logic and starts nothing on import.
+"""
+
+from syncbit.httpd.connection import Body, Request, Response, serve_connection
+from syncbit.httpd.listener import HANDSHAKE_TIMEOUT, Listener, bind
+
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "Body",
+    "Listener",
+    "Request",
+    "Response",
+    "bind",
+    "serve_connection",
+]

@@ -1,0 +1,248 @@
+"""One HTTP/1.1 connection of syncbit's async servers, on h11: requests in, answers out.
+
+Owns the framing rules every such server keeps. The application gets a request's head
+only; the body is read when it asks (`Body.read(limit)`), after it authorized the request
+and chose the limit from the route, so an `Expect: 100-continue` is granted then and never
+before, and a body without a length or over the limit is refused unread. After a request
+whose body was not read, a small body (`DRAIN` bytes, arriving within `DRAIN_WAIT`) is
+read and dropped so the connection can go on; otherwise the answer closes it. A request
+that cannot be parsed gets a JSON error and the connection closes. Each read and write
+waits at most the idle timeout. It never interprets paths, credentials or bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from http import HTTPStatus
+
+import h11
+import trio
+
+from syncbit.serving import BodyError, body_length
+
+log = logging.getLogger("syncbit.httpd")
+
+MAX_HEAD = 64 * 1024  # request line and headers, like the stdlib server's line limit
+DRAIN = 64 * 1024  # a refused request's body up to this size is read and dropped
+DRAIN_WAIT = 0.5  # seconds such a body may take to arrive
+_RECV = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request's head: header names in lower case (a repeated header: its last value)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    client: str  # the peer's address
+    tls: bool
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Body:
+    """The body of the request being served: read on demand, within a limit."""
+
+    def __init__(self, conn: _Connection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self.consumed = False
+
+    async def read(self, limit: int) -> bytes:
+        """At most `limit` bytes, judged from the headers before any is read. Raises
+        BodyError (411 chunked, 400 malformed length, 413 over the limit): unread."""
+        framing = Message()
+        for name in ("content-length", "transfer-encoding"):
+            if name in self._request.headers:
+                framing[name] = self._request.headers[name]
+        length = body_length(framing, limit)
+        raw = await self._conn.read_body(expect=length > 0)
+        self.consumed = True
+        if len(raw) != length:
+            raise ConnectionError(f"client sent {len(raw)} of {length} body bytes")
+        return raw
+
+
+App = Callable[[Request, Body], Awaitable[Response]]
+ErrorBody = Callable[[int, str], bytes]
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream, idle: float) -> None:
+        self.stream = stream
+        self.idle = idle
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+    async def next_event(self, timeout: float | None = None) -> h11.Event | None:
+        """The next event, or None when the client is gone or idle too long."""
+        while True:
+            event = self.h11.next_event()
+            if event is h11.PAUSED:
+                return None  # only between requests, which the caller never asks for
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]  # NEED_DATA and PAUSED are out
+            with trio.move_on_after(timeout if timeout is not None else self.idle) as waited:
+                try:
+                    data = await self.stream.receive_some(_RECV)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+            if waited.cancelled_caught:
+                return None
+            self.h11.receive_data(data)  # b"": the client closed; h11 says what that means
+
+    async def read_body(self, expect: bool) -> bytes:
+        if expect and self.h11.they_are_waiting_for_100_continue:
+            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+        chunks: list[bytes] = []
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise ConnectionError("the client stopped sending its body")
+
+    async def drain(self, request: Request) -> bool:
+        """Read and drop an unread small body; whether the connection may go on."""
+        if self.h11.their_state is h11.DONE:
+            return True
+        headers = request.headers
+        if headers.get("transfer-encoding") or headers.get("expect", "").lower() == "100-continue":
+            return False  # chunked: unsized; 100-continue: the client waits, sends nothing
+        try:
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            return False
+        if length > DRAIN:
+            return False
+        with trio.move_on_after(DRAIN_WAIT):
+            while self.h11.their_state is h11.SEND_BODY:
+                event = await self.next_event(DRAIN_WAIT)
+                if event is None or not isinstance(event, h11.Data | h11.EndOfMessage):
+                    return False
+            return True
+        return False
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            with trio.fail_after(self.idle):
+                await self.stream.send_all(data)
+
+    async def respond(self, response: Response, close: bool, head: bool) -> None:
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+            *response.headers.items(),
+        ]
+        if close:
+            headers.append(("connection", "close"))
+        reason = _REASONS.get(response.status, "")
+        # One write per answer: head and body in two would cost a syscall and a wake-up of
+        # the client each, and these answers are small and many.
+        out = [
+            self.h11.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        ]
+        if response.body and not head:
+            out.append(self.h11.send(h11.Data(data=response.body)))
+        out.append(self.h11.send(h11.EndOfMessage()))
+        with trio.fail_after(self.idle):
+            await self.stream.send_all(b"".join(b for b in out if b))
+
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+async def serve_connection(
+    stream: trio.abc.Stream,
+    client: str,
+    tls: bool,
+    app: App,
+    idle: float,
+    error_body: ErrorBody,
+) -> None:
+    """Serve requests on `stream` until the client closes it, idles, or a request ends it."""
+    conn = _Connection(stream, idle)
+    while True:
+        try:
+            event = await conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+            await _refuse(stream, status, f"malformed request: {exc}", error_body, idle)
+            return
+        if not isinstance(event, h11.Request):
+            return  # gone, idle, or closed
+        request = Request(
+            method=event.method.decode("ascii", "replace"),
+            target=event.target.decode("latin-1"),
+            headers={k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers},
+            client=client,
+            tls=tls,
+        )
+        if not await _one(conn, request, app, error_body):
+            return
+        try:
+            conn.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+
+
+async def _one(conn: _Connection, request: Request, app: App, error_body: ErrorBody) -> bool:
+    """Serve one request; whether the connection goes on."""
+    body = Body(conn, request)
+    try:
+        response = await app(request, body)
+    except (ConnectionError, h11.RemoteProtocolError, trio.TooSlowError) as exc:
+        log.debug("request from %s dropped: %s", request.client, exc)
+        return False
+    except Exception:
+        log.exception("%s %s failed", request.method, request.target[:200])
+        response = Response(500, error_body(500, "internal server error; see the server log"))
+    keep = body.consumed or await conn.drain(request)
+    try:
+        await conn.respond(response, close=not keep, head=request.method == "HEAD")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        return False
+    return keep and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
+
+
+async def _refuse(
+    stream: trio.abc.Stream, status: int, message: str, error_body: ErrorBody, idle: float
+) -> None:
+    """Answer a request h11 could not parse, outside its state machine, and end."""
+    body = error_body(status, message)
+    reason = _REASONS.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with (
+        trio.move_on_after(idle),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(head + body)
+
+
+__all__ = [
+    "DRAIN",
+    "DRAIN_WAIT",
+    "MAX_HEAD",
+    "App",
+    "Body",
+    "BodyError",
+    "Request",
+    "Response",
+    "serve_connection",
+]

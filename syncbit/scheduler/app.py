@@ -1,0 +1,153 @@
+"""The scheduler's HTTP application: every request handled in steps, each before the next
+costs anything: the TLS rule, who asks (from the headers), where to (the route, which sets
+the body limit), then at most that limit of body (else 413, unread), then the handler.
+
+Owns the request target's parsing, the error answers (status and `{"error", "kind"}` from
+`syncbit.errors`' table, never a traceback), `/metrics`, and the request counts. It never
+keeps state of its own beyond counters and never logs a credential.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, unquote
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+
+from syncbit import tls
+from syncbit.credentials import Issuer
+from syncbit.errors import (
+    ForbiddenError,
+    MethodNotAllowedError,
+    StateUnavailableError,
+    error_doc,
+    http_status,
+)
+from syncbit.httpd import Body, Request, Response
+from syncbit.metrics import Snapshot, render
+from syncbit.scheduler.api import Api, Call
+from syncbit.scheduler.metrics import collect
+from syncbit.scheduler.routes import authorize, route_of
+
+if TYPE_CHECKING:
+    from syncbit.scheduler.replica import Replica
+
+log = logging.getLogger("syncbit.scheduler")
+
+_PROBES = (["healthz"], ["readyz"])
+_PLAIN_KINDS = {503: "TooManyConnections", 500: "ServerError"}
+
+
+def error_json(message: str, kind: str) -> bytes:
+    return json.dumps({"error": message, "kind": kind}, separators=(",", ":")).encode()
+
+
+def connection_error(status: int, message: str) -> bytes:
+    """The body of an answer the connection layer gives by itself (malformed request,
+    too many connections)."""
+    return error_json(message, _PLAIN_KINDS.get(status, "BadRequest"))
+
+
+class App:
+    """`httpd` application of the scheduler API over `api`, or over what `replica` says
+    answers each request here (`Replica.api_for`; None: the leader, by `forward`).
+
+    Args:
+        api: the handlers of a single scheduler (None with `replica`).
+        tls_required: a TLS certificate is configured: plain HTTP is admitted only for the
+            probes and metrics, and from loopback (the node's own CLI).
+        auth: the cluster secret's issuer (None: every route open, loopback only).
+        replica: this scheduler is one replica of several (`replica.Replica`).
+    """
+
+    def __init__(
+        self,
+        api: Api | None,
+        tls_required: bool,
+        *,
+        auth: Issuer | None = None,
+        replica: Replica | None = None,
+    ) -> None:
+        self.api = api
+        self.replica = replica
+        self.auth = auth
+        self.tls_required = tls_required
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, route) -> count
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(Snapshot(self._collect))
+
+    def _collect(self) -> Iterator[Metric]:
+        if self.replica is None:
+            yield from collect(self.api, self.requests)
+        else:
+            leader = self.replica.leader_api
+            yield from collect(leader, self.requests, leading=leader is not None)
+
+    async def __call__(self, request: Request, body: Body) -> Response:
+        method = request.method
+        # The target is a path, never parsed as a URL: `//host` is a path here too.
+        path, _, query_string = request.target.partition("?")
+        segments = [unquote(s) for s in path.partition("#")[0].strip("/").split("/")]
+        query = {k: v[-1] for k, v in parse_qs(query_string.partition("#")[0]).items()}
+        try:
+            if method == "GET" and segments == ["metrics"]:
+                await body.read(0)
+                payload, content_type = render(self.registry)
+                return Response(200, payload, content_type)
+            if not self._secure(request) and segments not in _PROBES:
+                raise ForbiddenError("this scheduler requires TLS: use https://")
+            # 1. Who asks, from the headers alone: nothing of the body is read for a
+            # client that may not make this request.
+            principal = authorize(self.auth, method, segments, request.headers.get("authorization"))
+            # 2. Where to: an unknown route or method costs no body either.
+            route = route_of(method, segments)
+            # 3. What: at most the route's limit, else 413 unread.
+            raw = await body.read(route.body_limit)
+            self.requests[(method, route.name)] += 1
+            call = Call(method, segments, query, raw, principal)
+            api = self.api if self.replica is None else self.replica.api_for(route.name, request)
+            if api is None:
+                return await self._elsewhere(route.name, request, call)
+            return Response(200, await api.call(route.name, call))
+        except ConnectionError:
+            raise  # the client is gone or stalled: nobody to answer
+        except Exception as exc:
+            return _error_answer(exc, method, path)
+
+    async def _elsewhere(self, route: str, request: Request, call: Call) -> Response:
+        """A request no state here answers: the probes about this replica are answered
+        as such; everything else goes to the leader."""
+        assert self.replica is not None
+        if route == "healthz":
+            return Response(200, b'{"ok":true}')
+        if route == "readyz":
+            raise StateUnavailableError("this scheduler replica has not read the state yet")
+        return await self.replica.forward(request, call)
+
+    def _secure(self, request: Request) -> bool:
+        """TLS, or no TLS needed: none configured, or a client on this host."""
+        return not self.tls_required or request.tls or tls.is_loopback(request.client)
+
+
+def _error_answer(exc: Exception, method: str, path: str) -> Response:
+    """The answer to a request that failed with `exc`: its status and document from the
+    errors table; a bug is a 500 that is logged here and shows nothing of itself."""
+    status = http_status(exc)
+    if status == 500:
+        log.exception("%s %s failed", method, path[:200])
+        message = f"internal scheduler error ({type(exc).__name__}); see scheduler log"
+        doc = error_doc(exc, message)
+    else:
+        doc = error_doc(exc)
+    headers = {}
+    if isinstance(exc, MethodNotAllowedError):
+        headers["Allow"] = ", ".join(exc.allow)
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
+
+
+__all__ = ["App", "connection_error", "error_json"]

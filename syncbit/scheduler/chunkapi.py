@@ -1,0 +1,203 @@
+"""The scheduler API's chunk handlers: chunk reports, chunk maps and their updates (with
+the long poll), source-fetch claims, bad-peer reports and source re-checks.
+
+A mixin of `api.Api` (one handler per route, from a routed, authorized request whose body
+was read within its limit, to the JSON of the answer); every answer is bounded by the
+chunks asked or changed times K, never by the cluster's size. Holds no state of its own
+beyond the refused-digest counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from syncbit.chunks import chunk_count
+from syncbit.credentials import Principal
+from syncbit.errors import NotFoundError, SchedulerError, UserError
+from syncbit.scheduler.bodies import (
+    CheckBody,
+    ChunksBody,
+    ClaimBody,
+    ObjectRef,
+    ReportBody,
+    UpdatesQuery,
+    decode,
+    parse,
+)
+from syncbit.scheduler.records import check_oid
+from syncbit.scheduler.state import SchedulerState
+
+log = logging.getLogger("syncbit.scheduler")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as a handler sees it."""
+
+    method: str
+    seg: list[str]
+    query: dict[str, str]
+    body: bytes
+    principal: Principal | None
+
+    def doc(self) -> Any:
+        return decode(self.body)
+
+
+def json_bytes(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class ChunkHandlers:
+    """The chunk routes of `api.Api`."""
+
+    state: SchedulerState
+    refused: dict[str, int]  # digests not recorded, by why (for /metrics)
+
+    def _object(self, c: Call) -> str:
+        object_id: str = parse(ObjectRef, {"object": c.seg[2]}).object.lower()
+        return object_id
+
+    async def _chunks(self, c: Call) -> bytes:
+        """Chunks a node now holds (recorded as `Directory.add_chunks` allows: a new digest
+        only from the node granted the source read) and chunks it dropped."""
+        req: ChunksBody = parse(ChunksBody, c.doc())
+        node = c.seg[2]
+        conflicts: list[list[Any]] = []
+        refused: list[list[Any]] = []
+        unknown: list[str] = []
+        claims = self.state.claims
+        for added in req.add:
+            object_id = added.object.lower()
+            indexes = [i for i, _ in added.chunks]
+            try:
+                report = await self.state.chunks.add_chunks(
+                    node,
+                    object_id,
+                    added.size,
+                    added.chunk_size,
+                    added.chunks,
+                    establish=claims.may_establish(node, object_id, indexes),
+                )
+            except NotFoundError:
+                # No dataset names it (any more, or this state was lost): nothing to record,
+                # and no reason to refuse the rest of the report.
+                unknown.append(added.object)
+                continue
+            conflicts.extend([added.object, i] for i in report.conflicts)
+            refused.extend([added.object, i] for i in report.refused)
+            for why, which in (("conflict", report.conflicts), ("refused", report.refused)):
+                if which:
+                    self.refused[why] = self.refused.get(why, 0) + len(which)
+            claims.release(node, object_id, indexes)
+        for removed in req.remove:
+            self.state.chunks.remove_chunks(node, removed.object.lower(), removed.chunks)
+        if unknown:
+            log.debug("node %s reported chunks of unknown objects %s", node, unknown[:5])
+        return json_bytes({"conflicts": conflicts, "refused": refused, "unknown": unknown})
+
+    async def _chunk_map(self, c: Call) -> bytes:
+        object_id = check_oid(c.seg[2])
+        node = c.query.get("node")
+        doc = self.state.chunk_map(object_id, node)
+        doc["fetching"] = self.state.claims.fetching(object_id, self.state.live.up, node)
+        view = self.state.holders.objects.get(object_id)
+        if view is not None:
+            doc["cursor"] = view.cursor()  # continue with GET .../updates?cursor=
+        return json_bytes(doc)
+
+    async def _updates(self, c: Call) -> bytes:
+        """Changes since `cursor` (see `protocol.ChunkUpdates`); with `wait=S`, when there
+        are none yet, waits up to S seconds for one (a long poll: a coroutine)."""
+        object_id = check_oid(c.seg[2])
+        query: UpdatesQuery = parse(UpdatesQuery, c.query)
+        if query.wait > 0:
+            await self._await_change(object_id, query.cursor, query.wait)
+        doc = self.state.chunks.updates(object_id, query.node, query.cursor, query.limit)
+        return json_bytes(doc)
+
+    async def _await_change(self, object_id: str, cursor: str, wait: float) -> None:
+        state = self.state
+        view = state.chunks.view(object_id)
+        if view is None or not cursor.startswith(view.view + "."):
+            return  # unknown object or cursor: the answer (a reset) is due now
+        seq = cursor.rpartition(".")[2]
+        deadline = time.monotonic() + wait
+        while str(view.seq) == seq and not state.facts.closed:
+            lapse = state.claims.expire(object_id)  # a lease running out is a change too
+            if str(view.seq) != seq or state.holders.objects.get(object_id) is not view:
+                return
+            until = deadline if lapse is None else min(deadline, lapse)
+            with trio.move_on_after(max(0.0, until - time.monotonic())):
+                await view.event.wait()
+            if time.monotonic() >= deadline:
+                return
+
+    async def _claim(self, c: Call) -> bytes:
+        """Grant source fetches of chunks no peer holds and no other node is fetching; the
+        grant is also the right to establish those chunks' digests (not for a quarantined
+        node: it reads for its own readers, but its word is not recorded)."""
+        req: ClaimBody = parse(ClaimBody, c.doc())
+        object_id = self._object(c)
+        self._check_indexes(object_id, req.chunks)
+        if self.state.claims.settling():
+            # 503: a prefetch waits and asks again; a reader reads without a claim.
+            raise SchedulerError(
+                "this scheduler has just begun to lead: claims resume once the nodes have "
+                "reported again what they hold (a few seconds)"
+            )
+        held = self.state.chunks.held(object_id, req.node, req.chunks)
+        wanted = [i for i in req.chunks if i not in held]
+        self.state.live.refresh()
+        granted, busy = self.state.claims.claim(
+            req.node,
+            object_id,
+            wanted,
+            req.ttl,
+            self.state.live.up,
+            establish=req.node not in self.state.facts.quarantine,
+        )
+        return json_bytes(
+            {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
+        )
+
+    def _check_indexes(self, object_id: str, indexes: list[int]) -> None:
+        """Claims name chunks of objects a manifest named, within the object's size: what
+        the claims table holds is then bounded by the registered datasets."""
+        obj = self.state.facts.objects.get(object_id)
+        if obj is None:
+            raise NotFoundError(f"unknown object {object_id}: no dataset names it")
+        count = chunk_count(obj.size, obj.chunk_size)
+        bad = next((i for i in indexes if i >= count), None)
+        if bad is not None:
+            raise UserError(f"object {object_id}: chunk {bad} out of range (object has {count})")
+
+    async def _release(self, c: Call) -> bytes:
+        req: ClaimBody = parse(ClaimBody, c.doc())
+        self.state.claims.release(req.node, self._object(c), req.chunks)
+        return json_bytes({})
+
+    async def _report(self, c: Call) -> bytes:
+        req: ReportBody = parse(ReportBody, c.doc())
+        self.state.chunks.report_bad_peer(
+            req.reporter, req.peer, req.object.lower(), req.chunk, req.reason
+        )
+        return json_bytes({})
+
+    async def _check(self, c: Call) -> bytes:
+        """A node's source read of one chunk: a re-check it was asked for, or a read that
+        disagreed with the recorded digest (which opens a dispute)."""
+        req: CheckBody = parse(CheckBody, c.doc())
+        object_id = self._object(c)
+        digest = req.digest.lower() if req.digest else None
+        outcome = await self.state.trust.check(req.node, object_id, req.chunk, digest, req.changed)
+        return json_bytes({"outcome": outcome})
+
+
+__all__ = ["Call", "ChunkHandlers", "json_bytes"]

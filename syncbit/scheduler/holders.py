@@ -1,0 +1,239 @@
+"""Which nodes hold which chunks (soft state), the at most K holders offered for each chunk,
+and, per object, a change log that answers "which chunks changed since cursor C" exactly.
+
+Holders are bitmaps per (object, node), rebuilt from the nodes' chunk reports after a
+restart. Each chunk offers at most K of its holders, chosen when a place is free by
+`choose` (the peer policy over eligible holders: up and trusted, `eligible`) and kept
+while they stay: a new holder of a chunk that already offers K changes nothing anyone is
+told, so what a node learns about a chunk is bounded by K, never by the cluster's size.
+
+Every change of what the scheduler says about a chunk (its offered holders, and, told by
+the state through `touch`: its digest, dispute or source reader) gets the object's next
+sequence number; `since(cursor)` returns each chunk changed after the cursor once, in
+order. Cursors name the object's view (`view.seq`): a view made anew (another scheduler
+process, a new geometry) does not know older cursors, and says so (reset).
+
+Never writes storage, never decides who may hold what (the state does, before `add`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from syncbit.scheduler.records import chunk_bytes
+
+_VIEWS = itertools.count(1)
+_EPOCH = os.urandom(4).hex()  # this process: cursors of another process are unknown here
+
+
+@dataclass(eq=False)
+class ObjectHolders:
+    """One object's holders, offers and change log."""
+
+    object_id: str
+    size: int
+    chunk_size: int
+    count: int
+    view: str = field(default_factory=lambda: f"{_EPOCH}{next(_VIEWS):x}")
+    masks: dict[str, bytearray] = field(default_factory=dict)  # node -> bit i = chunk i
+    held: dict[str, int] = field(default_factory=dict)  # node -> bytes it holds
+    offered: dict[int, list[str]] = field(default_factory=dict)
+    seq: int = 0
+    changed: dict[int, int] = field(default_factory=dict)  # chunk -> seq of its last change
+    log: list[tuple[int, int]] = field(default_factory=list)  # (seq, chunk), ascending
+    event: trio.Event = field(default_factory=trio.Event)  # set (and replaced) on change
+
+    def holds(self, node: str, index: int) -> bool:
+        mask = self.masks.get(node)
+        return mask is not None and bool(mask[index >> 3] >> (index & 7) & 1)
+
+    def cursor(self, seq: int | None = None) -> str:
+        return f"{self.view}.{self.seq if seq is None else seq}"
+
+
+def bits(mask: bytearray) -> Iterator[int]:
+    """The set bits of a bitmap, ascending: O(bytes + bits set)."""
+    for byte_index, byte in enumerate(mask):
+        while byte:
+            low = byte & -byte
+            yield byte_index * 8 + low.bit_length() - 1
+            byte ^= low
+
+
+class Holders:
+    """Holders and offers of every object (see the module docstring).
+
+    Args:
+        k: holders offered per chunk, at most.
+        eligible: whether a node may be offered now (up, not quarantined).
+        choose: picks up to n of the eligible candidate holders, best first.
+        seed: the chunks of an object that have a record before its view exists (digests,
+            disputes, claims): a new view starts by logging them, so `since` of nothing
+            is the whole object.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        eligible: Callable[[str], bool],
+        choose: Callable[[list[str], int], list[str]],
+        seed: Callable[[str], Iterable[int]] = lambda _: (),
+    ) -> None:
+        self.k = k
+        self.eligible = eligible
+        self.choose = choose
+        self.seed = seed
+        self.objects: dict[str, ObjectHolders] = {}
+        self.by_node: dict[str, set[str]] = {}  # node -> objects it holds chunks of
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def view(self, object_id: str, size: int, chunk_size: int, count: int) -> ObjectHolders:
+        """The object's view, made (and seeded) when first needed or when its geometry
+        changed (then every holder is forgotten: their bits meant other chunks)."""
+        obj = self.objects.get(object_id)
+        if obj is not None and (obj.size, obj.chunk_size) == (size, chunk_size):
+            return obj
+        if obj is not None:
+            self.drop(object_id)
+        obj = self.objects[object_id] = ObjectHolders(object_id, size, chunk_size, count)
+        self._touch(obj, sorted(set(self.seed(object_id))))
+        return obj
+
+    def drop(self, object_id: str) -> None:
+        """Forget an object's holders and view; long polls on it answer (with a reset)."""
+        obj = self.objects.pop(object_id, None)
+        if obj is None:
+            return
+        for node in obj.masks:
+            self.by_node.get(node, set()).discard(object_id)
+        obj.event.set()
+
+    def touch(self, object_id: str, indexes: Iterable[int]) -> None:
+        """Something else the scheduler says of these chunks changed (digest, dispute,
+        source reader); with no indexes, the object as a whole (long polls answer)."""
+        obj = self.objects.get(object_id)
+        if obj is not None:
+            self._touch(obj, [i for i in indexes if 0 <= i < obj.count])
+
+    def _touch(self, obj: ObjectHolders, indexes: list[int]) -> None:
+        for index in indexes:
+            obj.seq += 1
+            obj.changed[index] = obj.seq
+            obj.log.append((obj.seq, index))
+        if len(obj.log) > 2 * len(obj.changed) + 64:  # drop the entries changed since
+            obj.log = sorted((seq, index) for index, seq in obj.changed.items())
+        obj.event.set()
+        obj.event = trio.Event()
+
+    def since(self, obj: ObjectHolders, seq: int, limit: int) -> tuple[list[int], int, bool]:
+        """The chunks changed after `seq`, each once, oldest change first, at most `limit`;
+        the seq to continue from; whether more changes follow."""
+        start = bisect.bisect_left(obj.log, (seq + 1,))
+        found: list[int] = []
+        last = seq
+        for entry_seq, index in itertools.islice(obj.log, start, None):
+            if obj.changed.get(index) != entry_seq:
+                continue  # changed again later: it comes at its later place
+            if len(found) == limit:
+                return found, last, True
+            found.append(index)
+            last = entry_seq
+        return found, obj.seq, False
+
+    # -- holders -------------------------------------------------------------------------------
+
+    def add(self, node: str, obj: ObjectHolders, indexes: Iterable[int]) -> None:
+        """`node` holds these chunks now (their digests matched the record)."""
+        mask = obj.masks.get(node)
+        if mask is None:
+            mask = obj.masks[node] = bytearray((obj.count + 7) // 8)
+            self.by_node.setdefault(node, set()).add(obj.object_id)
+        offer = self.eligible(node)
+        touched: list[int] = []
+        for index in indexes:
+            byte, bit = index >> 3, 1 << (index & 7)
+            if mask[byte] & bit:
+                continue
+            mask[byte] |= bit
+            obj.held[node] = obj.held.get(node, 0) + chunk_bytes(index, obj.size, obj.chunk_size)
+            offered = obj.offered.setdefault(index, [])
+            if offer and len(offered) < self.k and node not in offered:
+                offered.append(node)
+                touched.append(index)
+        if touched:
+            self._touch(obj, touched)
+
+    def remove(self, node: str, obj: ObjectHolders, indexes: Iterable[int]) -> list[int]:
+        """`node` no longer holds these chunks (dropped, reported bad, revoked); the ones
+        it did hold."""
+        mask = obj.masks.get(node)
+        if mask is None:
+            return []
+        gone: list[int] = []
+        for index in indexes:
+            if not 0 <= index < obj.count:
+                continue
+            byte, bit = index >> 3, 1 << (index & 7)
+            if not mask[byte] & bit:
+                continue
+            mask[byte] &= ~bit
+            obj.held[node] -= chunk_bytes(index, obj.size, obj.chunk_size)
+            gone.append(index)
+        self._unoffer(node, obj, gone)
+        return gone
+
+    def holders_of(self, obj: ObjectHolders, index: int) -> list[str]:
+        return [node for node in obj.masks if obj.holds(node, index)]
+
+    # -- who may be offered ----------------------------------------------------------------------
+
+    def ineligible(self, node: str) -> None:
+        """`node` went down or was quarantined: its offers go to other holders."""
+        for object_id in sorted(self.by_node.get(node, ())):
+            obj = self.objects.get(object_id)
+            mask = None if obj is None else obj.masks.get(node)
+            if obj is not None and mask is not None:
+                self._unoffer(node, obj, list(bits(mask)))
+
+    def eligible_again(self, node: str) -> None:
+        """`node` came up (or was trusted again): it fills the free offers of its chunks."""
+        for object_id in sorted(self.by_node.get(node, ())):
+            obj = self.objects.get(object_id)
+            mask = None if obj is None else obj.masks.get(node)
+            if obj is None or mask is None:
+                continue
+            touched: list[int] = []
+            for index in bits(mask):
+                offered = obj.offered.setdefault(index, [])
+                if len(offered) < self.k and node not in offered:
+                    offered.append(node)
+                    touched.append(index)
+            if touched:
+                self._touch(obj, touched)
+
+    def _unoffer(self, node: str, obj: ObjectHolders, indexes: list[int]) -> None:
+        touched: list[int] = []
+        for index in indexes:
+            offered = obj.offered.get(index)
+            if offered is None or node not in offered:
+                continue
+            offered.remove(node)
+            others = [
+                n
+                for n in obj.masks
+                if n not in offered and n != node and obj.holds(n, index) and self.eligible(n)
+            ]
+            offered.extend(self.choose(others, self.k - len(offered)))
+            touched.append(index)
+        if touched:
+            self._touch(obj, touched)
+
+
+__all__ = ["Holders", "ObjectHolders", "bits"]

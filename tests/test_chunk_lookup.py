@@ -1,0 +1,283 @@
+"""The bounded chunk lookup: at most K peers per chunk whatever the number of holders, and
+updates since a cursor that are exact (nothing missed, nothing repeated), on `Holders`
+alone, on a `SchedulerState` under concurrent reports, and through the real API."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from fakes import Clock, MemSource
+from schedulerfixtures import CHUNK, TIMEOUT
+
+from syncbit.manifest import FileEntry, build_manifest
+from syncbit.protocol import ChunkMap, ChunkUpdates
+from syncbit.scheduler import SchedulerClient, SchedulerServer
+from syncbit.scheduler.holders import Holders, ObjectHolders
+from syncbit.scheduler.state import SchedulerState, open_lmdb_state
+from syncbit.sources import Listing
+
+K = 3
+CHUNKS = 40
+OBJ = "ab" * 32
+D = "1" * 64
+
+
+# -- Holders alone: a random history, checked against what was touched -----------------------
+
+
+class Recording(Holders):
+    """Holders that note every chunk whose state it logs as changed (the test's model)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.touched: set[int] = set()
+
+    def _touch(self, obj: ObjectHolders, indexes: list[int]) -> None:
+        self.touched.update(indexes)
+        super()._touch(obj, indexes)
+
+
+def _pages(holders: Holders, view: ObjectHolders, seq: int, limit: int) -> Iterable[list[int]]:
+    """One sweep: pages until no more changes; yields each page's chunks."""
+    while True:
+        chunks, seq, more = holders.since(view, seq, limit)
+        yield chunks
+        if not more:
+            return
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int) -> None:
+    rng = random.Random(seed)
+    nodes = [f"n{i}" for i in range(12)]
+    down: set[str] = set()
+    holders = Recording(K, lambda n: n not in down, lambda names, n: sorted(names)[:n])
+    view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    offered: dict[int, list[str]] = {}  # what a follower knows, folded from pages
+    seq = 0
+    for step in range(301):
+        op = rng.random() if step < 300 else 1.0  # the last step only asks
+        node = rng.choice(nodes)
+        some = rng.sample(range(CHUNKS), rng.randint(1, 6))
+        if op < 0.45:
+            holders.add(node, view, some)
+        elif op < 0.7:
+            holders.remove(node, view, some)
+        elif op < 0.8 and node not in down:
+            down.add(node)
+            holders.ineligible(node)
+        elif op < 0.9 and node in down:
+            down.discard(node)
+            holders.eligible_again(node)
+        elif step < 300:
+            holders.touch(OBJ, some)
+        if step == 300 or rng.random() < 0.3:  # the follower asks, a few chunks a page
+            changed, holders.touched = holders.touched, set()
+            seen: list[int] = []
+            limit = rng.randint(1, 8)
+            while True:
+                chunks, seq, more = holders.since(view, seq, limit)
+                assert len(chunks) <= limit
+                seen += chunks
+                for index in chunks:
+                    offered[index] = list(view.offered.get(index, []))
+                if not more:
+                    break
+            assert sorted(seen) == sorted(changed)  # each change once, none missed
+    for index in range(CHUNKS):
+        assert offered.get(index, []) == view.offered.get(index, [])
+        assert len(view.offered.get(index, [])) <= K
+    assert next(iter(_pages(holders, view, seq, 5))) == []  # nothing new: nothing again
+
+
+def test_holders_beyond_k_change_nothing_anyone_is_told() -> None:
+    holders = Recording(K, lambda n: True, lambda names, n: sorted(names)[:n])
+    view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    for i in range(K):
+        holders.add(f"n{i}", view, [0])
+    holders.touched.clear()
+    for i in range(K, 500):  # a swarm takes the chunk: nobody needs to hear of it
+        holders.add(f"n{i}", view, [0])
+    assert holders.touched == set()
+    assert view.offered[0] == ["n0", "n1", "n2"]
+    holders.remove("n1", view, [0])  # one offered holder goes: another takes its place
+    assert holders.touched == {0} and len(view.offered[0]) == K and "n1" not in view.offered[0]
+
+
+# -- a SchedulerState: K peers per chunk, and exact updates under concurrent reports --------
+
+
+@pytest.fixture
+async def state(tmp_path: Path, clock: Clock) -> AsyncIterator[SchedulerState]:
+    async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock, peers_per_chunk=K) as st:
+        entry = FileEntry(path="f", size=CHUNKS * CHUNK, object=OBJ, locator="f")
+        await st.catalog.put_dataset(build_manifest("ds", "mem://x/", [entry], chunk_size=CHUNK))
+        yield st
+
+
+async def _report(state: SchedulerState, node: str, chunks: list[int]) -> None:
+    pairs = [(i, D) for i in chunks]
+    report = await state.chunks.add_chunks(node, OBJ, CHUNKS * CHUNK, CHUNK, pairs, set(chunks))
+    assert report.conflicts == report.refused == []
+
+
+def _peer_counts(doc: dict[str, Any]) -> list[int]:
+    return [len(peers) for peers in doc["peers"].values()]
+
+
+async def test_no_answer_names_more_than_k_peers(state: SchedulerState, clock: Clock) -> None:
+    names = [f"n{i:02d}" for i in range(20)]
+    for name in names:
+        await state.heartbeat(name, f"127.0.0.1:{100 + int(name[1:])}")
+        await _report(state, name, list(range(CHUNKS)))
+    full = state.chunk_map(OBJ, "reader")
+    assert sorted(full["peers"]) == list(range(CHUNKS))
+    assert set(_peer_counts(full)) == {K}
+    page = state.chunks.updates(OBJ, "reader", "", 1000)
+    assert sorted(page["changed"]) == list(range(CHUNKS))
+    assert all(len(peers) == K for peers in page["peers"].values())
+    # The offered ones go away in every way they can: others take their places.
+    offered = {p["node"] for p in full["peers"][0]}
+    gone = sorted(offered)
+    state.chunks.remove_chunks(gone[0], OBJ, [0])
+    state.chunks.report_bad_peer("reader", gone[1], OBJ, 0, "bad bytes")
+    await state.trust.quarantine(gone[2], "by hand")
+    clock.now += TIMEOUT / 2
+    for name in names[10:]:
+        await state.heartbeat(name, f"127.0.0.1:{100 + int(name[1:])}")
+    clock.now += TIMEOUT / 2 + 1  # the first ten go down
+    state.tidy()
+    after = state.chunk_map(OBJ, names[15])
+    assert max(_peer_counts(after)) == K  # K - 1 where the asking node is one of the K
+    assert min(_peer_counts(after)) >= K - 1
+    for peers in after["peers"].values():
+        named = {p["node"] for p in peers}
+        assert named <= set(names[10:]) - {gone[2], names[15]}
+    assert not {p["node"] for p in after["peers"][0]} & set(gone)
+
+
+async def test_updates_are_exact_under_concurrent_reports(
+    state: SchedulerState, clock: Clock
+) -> None:
+    """A follower folds pages of updates (a few chunks each) while nodes report, drop
+    chunks, claim and release: afterwards its map is the scheduler's, and a sweep with
+    nothing new brings nothing."""
+    rng = random.Random(7)
+    names = [f"n{i}" for i in range(8)]
+    for name in names:
+        await state.heartbeat(name, f"127.0.0.1:{1 + int(name[1:])}")
+    known = ChunkMap()
+    done = trio.Event()
+
+    async def follow() -> None:
+        while True:
+            page = ChunkUpdates.from_json(state.chunks.updates(OBJ, "reader", known.cursor, 7))
+            assert len(page.chunks) <= 7
+            known.apply(page)
+            if done.is_set() and not page.more:
+                return
+            await trio.sleep(0 if page.more else 0.001)
+
+    async def churn(name: str) -> None:
+        for _ in range(40):
+            chunks = rng.sample(range(CHUNKS), 3)
+            if rng.random() < 0.6:
+                await _report(state, name, chunks)
+            elif rng.random() < 0.5:
+                state.chunks.remove_chunks(name, OBJ, chunks)
+            else:
+                state.claims.claim(name, OBJ, chunks, 30, state.live.up)
+                await trio.sleep(0)
+                state.claims.release(name, OBJ, chunks[:2])
+            await trio.sleep(rng.random() * 0.002)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        async with trio.open_nursery() as writers:
+            for name in names:
+                writers.start_soon(churn, name)
+        done.set()
+    fresh = ChunkMap()
+    fresh.apply(ChunkUpdates.from_json(state.chunks.updates(OBJ, "reader", "", 4096)))
+    # Nothing missed: the same facts (peers in any order: ties are ranked at random).
+    assert (known.digests, known.fetching, known.disputed) == (
+        fresh.digests,
+        fresh.fetching,
+        fresh.disputed,
+    )
+    assert _peer_sets(known) == _peer_sets(fresh)
+    doc = state.chunk_map(OBJ, "reader")
+    assert {i: {p["node"] for p in ps} for i, ps in doc["peers"].items()} == _peer_sets(known)
+    again = state.chunks.updates(OBJ, "reader", known.cursor, 7)
+    assert again["changed"] == [] and not again["reset"]  # nothing repeated
+
+
+def _peer_sets(cmap: ChunkMap) -> dict[int, set[str]]:
+    return {i: {p.node for p in ps} for i, ps in cmap.peers.items()}
+
+
+# -- the route ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def _listed() -> Iterator[None]:
+    """A source that lists one file of CHUNKS chunks whose content is OBJ."""
+    entry = FileEntry(path="f", size=CHUNKS * CHUNK, object=OBJ, locator="f")
+    with MemSource.serving({"mem://x/": Listing(files=[entry])}):
+        yield
+
+
+@pytest.mark.usefixtures("_listed")
+async def test_the_updates_route_pages_waits_and_resets(
+    client: SchedulerClient, server: SchedulerServer
+) -> None:
+    await client.add_dataset("ds", "mem://x/")
+    for i in range(12):
+        await client.heartbeat(f"n{i}", address=f"127.0.0.1:{i + 1}")
+    report = {"object": OBJ, "size": CHUNKS * CHUNK, "chunk_size": CHUNK}
+    assert (await client.claim("n0", OBJ, [0, 1, 2], ttl=30)).granted == [0, 1, 2]
+    for i in range(12):  # n0 establishes chunk 0, the others take it from a peer
+        await client.report_chunks(f"n{i}", add=[{**report, "chunks": [[0, D]]}], remove=[])
+    cmap = await client.chunk_map(OBJ, "n11")
+    assert len(cmap.peers[0]) == 8 and cmap.cursor  # K of 12 holders, and where to go on
+    assert cmap.fetching == {1: "n0", 2: "n0"}
+    first = await client.updates(OBJ, "n11", limit=2)
+    assert first.reset and first.more and len(first.chunks) == 2
+    rest = await client.updates(OBJ, "n11", first.cursor, limit=100)
+    assert not rest.reset and not rest.more
+    assert sorted([*first.chunks, *rest.chunks]) == [0, 1, 2]
+    followed = ChunkMap()
+    followed.apply(first)
+    followed.apply(rest)
+    assert (followed.digests, followed.fetching) == (cmap.digests, cmap.fetching)
+    assert _peer_sets(followed) == _peer_sets(cmap)
+    # Waiting: answered when something changes, not at the timeout; a follower goes on
+    # from each answer's cursor until it has the whole change (digest, holder, no reader).
+    got: list[ChunkUpdates] = []
+
+    async def wait() -> None:
+        got.append(await client.updates(OBJ, "n11", rest.cursor, wait=20))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.sleep(0.3)
+            assert not got
+            await client.report_chunks("n0", add=[{**report, "chunks": [[1, D]]}], remove=[])
+    (news,) = got
+    assert sorted(news.chunks) == [1]
+    followed.apply(news)
+    with trio.fail_after(10):
+        while followed.fetching.get(1) or not followed.peers.get(1):
+            followed.apply(await client.updates(OBJ, "n11", followed.cursor, wait=5))
+    assert [p.node for p in followed.peers[1]] == ["n0"] and followed.digests[1] == D
+    # A cursor of another scheduler (or none) starts over.
+    again = await client.updates(OBJ, "n11", "elsewhere.12", limit=100)
+    assert again.reset and sorted(again.chunks) == [0, 1, 2]
+    bad = await client.updates("cd" * 32, "n11")
+    assert bad.reset and bad.chunks == {} and bad.cursor == ""
