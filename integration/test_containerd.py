@@ -5,14 +5,17 @@ registry as the fallback). The image unpacks, `ctr images check` is clean, the r
 serves each blob once per mirror, a moved tag is followed, and a blob the registry
 corrupts is never served by the mirror: containerd falls back to the registry.
 
-Once per cluster (a second node's mirror taking blobs from the first node, with the
-scheduler's claims) needs the mirror wired into the node core; here each mirror is a node
-of its own, sharing nothing but the registry.
+The standalone mirror (`python -m syncbit.mirror`) shares nothing but the registry; the
+mirror in the node core (`MirrorCluster`: node daemons with a `mirror` section and a
+scheduler) reads each blob from the registry once per cluster, under the same claims as
+chunks, and the next node takes it from a peer.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -21,9 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from integration.cluster import fuse_unavailable, wait_until
 from integration.containerd import (
     MIRROR,
     Containerd,
+    MirrorCluster,
     MirrorProcess,
     containerd_unavailable,
     write_hosts_toml,
@@ -36,9 +41,12 @@ from integration.registry import (
     RegistryProxy,
     registry_unavailable,
 )
+from syncbit.chunks import identity_digest
 
 _WHY = containerd_unavailable() or registry_unavailable()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cannot run containerd: {_WHY}")
+_NO_FUSE = fuse_unavailable()
+needs_fuse = pytest.mark.skipif(_NO_FUSE is not None, reason=f"node daemons mount: {_NO_FUSE}")
 
 
 @dataclass
@@ -111,23 +119,76 @@ def test_containerd_pulls_through_the_mirror_and_the_image_unpacks(
     assert fetched == Counter({d: 1 for d in everything - {images.v1.digest}})
 
 
-def test_two_nodes_each_fetch_each_blob_once(
+@needs_fuse
+def test_two_nodes_fetch_each_blob_from_the_registry_once_across_both(
     node_dir: Path, registry: Registry, images: Images
 ) -> None:
+    """Two node daemons (the mirror in the node core), a containerd on each: the first
+    pull reads every blob from the registry under the scheduler's claims and reports it;
+    the second takes them from the first node, not from the registry."""
     ref = f"{registry.host}/team/app:v1"
-    before = registry.blob_gets("team/app")
-    for name in ("node1", "node2"):
-        with (
-            MirrorProcess(node_dir / name / "mirror", [registry.host]) as mirror,
-            Containerd(node_dir / name / "containerd") as ctrd,
-        ):
-            hosts = node_dir / name / "hosts"
-            write_hosts_toml(hosts, registry.host, registry.url, [mirror.url])
-            ctrd.pull(ref, hosts)
-            _unpacked(ctrd, ref, images.files, node_dir / name / "mnt")
+    before = registry.blob_bytes("team/app")
     blobs = images.layout.blobs_of(images.v1) - {images.v1.digest}
-    # Once per mirror. With the mirror in the node core, node2 takes them from node1.
-    assert _pulled_blobs(registry, "team/app", before) == Counter({d: 2 for d in blobs})
+    with MirrorCluster(node_dir / "cluster", [registry.host]) as cluster:
+        for index, node in enumerate(cluster.nodes):
+            hosts = node_dir / node.name / "hosts"
+            write_hosts_toml(hosts, registry.host, registry.url, [cluster.mirror_url(index)])
+            with Containerd(node_dir / node.name / "containerd") as ctrd:
+                ctrd.pull(ref, hosts)
+                _unpacked(ctrd, ref, images.files, node_dir / node.name / "mnt")
+            # Reported: the next node finds each blob at this one.
+            for digest in blobs:
+                wait_until(
+                    functools.partial(_holds, cluster, node.name, digest),
+                    30,
+                    f"{node.name} reported as holding {digest}",
+                    evidence=node.log_tail,
+                )
+        second = cluster.nodes[1].log_text(whole=True)
+    # Every blob went through the mirrors (containerd never fell back to the registry)...
+    assert "cannot fetch" not in second and "rejected" not in second
+    # ...and the registry served each blob's bytes once across both nodes (a blob larger
+    # than a chunk in several ranged reads).
+    sizes = {d: len(images.layout.data[d]) for d in blobs}
+    assert registry.blob_bytes("team/app") - before == Counter(sizes)
+
+
+@needs_fuse
+def test_a_corrupted_blob_is_rejected_by_the_node_and_never_reaches_a_peer(
+    node_dir: Path, registry: Registry, images: Images
+) -> None:
+    """The node mirrors reach the registry through a proxy that flips a byte of the base
+    layer: each node rejects it (its log names the digest), containerd falls back to the
+    registry itself, and no node ever holds the blob, so none offers it to a peer."""
+    base = next(d for d in images.layout.blobs_of(images.v1) if len(images.layout.data[d]) > MiB)
+    good = images.layout.blobs_of(images.v1) - {base, images.v1.digest}
+    with (
+        RegistryProxy(registry) as proxy,
+        MirrorCluster(node_dir / "cluster", [proxy.hostport]) as cluster,
+    ):
+        proxy.flip.add(base)
+        ref = f"{proxy.hostport}/team/app:v1"
+        for index, node in enumerate(cluster.nodes):
+            hosts = node_dir / node.name / "hosts"
+            mirror = [cluster.mirror_url(index)]
+            write_hosts_toml(hosts, proxy.hostport, registry.url, mirror)
+            with Containerd(node_dir / node.name / "containerd") as ctrd:
+                ctrd.pull(ref, hosts)
+                _unpacked(ctrd, ref, images.files, node_dir / node.name / "mnt")
+            log = node.log_text(whole=True)
+            assert re.search(rf"(rejected|cannot fetch) {base}\b", log), log[-3000:]
+            assert "502" in log
+            assert cluster.holders(base) == set()
+            assert cluster.store_objects(node) >= {_object(d) for d in good}
+            assert _object(base) not in cluster.store_objects(node)
+
+
+def _holds(cluster: MirrorCluster, node: str, digest: str) -> bool:
+    return node in cluster.holders(digest)
+
+
+def _object(digest: str) -> str:
+    return identity_digest("sha256", digest.partition(":")[2])
 
 
 def test_a_moved_tag_is_followed_and_only_new_blobs_are_fetched(

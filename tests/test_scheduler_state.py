@@ -233,6 +233,36 @@ def test_chunk_input_is_validated(state: SchedulerState) -> None:
         add(state, "n1", OBJ_A, 10, 8, [(0, D1)])
 
 
+def test_an_object_no_dataset_names_is_reportable_once_registered(
+    state: SchedulerState,
+) -> None:
+    """A registry blob a node's mirror serves: unknown until registered, then claimable
+    and reportable like a dataset's object; the first geometry recorded stands."""
+    with pytest.raises(NotFoundError, match="no dataset names it"):
+        add(state, "n1", OBJ_B, 10, CHUNK, [(0, D1)])
+    assert state.register_object(OBJ_B, 10, CHUNK) == (10, CHUNK)
+    assert state.register_object(OBJ_B, 99, 8) == (10, CHUNK)  # recorded: it stands
+    assert add(state, "n1", OBJ_B, 10, CHUNK, [(0, D1)]) == []
+    assert state.chunk_map(OBJ_B)["digests"] == {0: D1}
+    named(state, 10)  # a dataset's own object: its geometry is the manifest's
+    assert state.register_object(OBJ_A, 12, CHUNK) == (10, CHUNK)
+    with pytest.raises(UserError, match="invalid size"):
+        state.register_object("c" * 64, 0, CHUNK)
+    with pytest.raises(UserError, match="invalid object id"):
+        state.register_object("xyz", 10, CHUNK)
+
+
+def test_registered_objects_are_bounded(
+    state: SchedulerState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("syncbit.scheduler.state.MAX_REGISTERED_OBJECTS", 2)
+    state.register_object("c" * 64, 10, CHUNK)
+    state.register_object("d" * 64, 10, CHUNK)
+    state.register_object("c" * 64, 10, CHUNK)  # known already: no new entry
+    with pytest.raises(UserError, match="the limit"):
+        state.register_object("e" * 64, 10, CHUNK)
+
+
 def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
     beat(state, "n1")
     named(state, 100)

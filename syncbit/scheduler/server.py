@@ -162,6 +162,12 @@ class ClaimBody(_Body):
     ttl: float = Field(30.0, gt=0, le=3600)
 
 
+class GeometryBody(_Body):
+    node: Name
+    size: Count
+    chunk_size: int = Field(gt=0, le=_MAX_INT)
+
+
 class DatasetBody(_Body):
     name: Name
     source: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
@@ -311,6 +317,7 @@ _RULES: dict[str, _Rule | None] = {
     "_add_targets": _Rule(),
     "_remove_targets": _Rule(),
     "_claim": _Rule((Role.NODE,), own="node"),
+    "_register_object": _Rule((Role.NODE,), own="node"),
     "_release": _Rule((Role.NODE,), own="node"),
     "_chunks": _Rule((Role.NODE,), own="path"),
     "_datasets": _Rule((Role.READER,)),
@@ -594,6 +601,7 @@ _BODY_LIMITS = {
     "add_targets": _SMALL_BODY,
     "remove_targets": _SMALL_BODY,
     "claim": _SMALL_BODY,
+    "register_object": _SMALL_BODY,
     "release": _SMALL_BODY,
     "chunks": _CHUNKS_BODY,
     "add_dataset": _SMALL_BODY,
@@ -812,6 +820,8 @@ class Api:
                 table = {"POST": self._add_targets, "DELETE": self._remove_targets}
             case ["v1", "objects", _, "claims"]:
                 table = {"POST": self._claim}
+            case ["v1", "objects", _, "geometry"]:
+                table = {"POST": self._register_object}
             case ["v1", "objects", _, "release"]:
                 table = {"POST": self._release}
             case ["v1", "nodes", _, "chunks"]:
@@ -960,6 +970,14 @@ class Api:
         return _json(
             {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
         )
+
+    def _register_object(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        """An object no manifest named (a registry blob a node's mirror serves) made
+        claimable and reportable; answers the geometry recorded, which may be another's."""
+        req: GeometryBody = _parse(GeometryBody, _decode(body))
+        object_id = _parse(ObjectRef, {"object": seg[2]}).object.lower()
+        size, chunk_size = self.state.register_object(object_id, req.size, req.chunk_size)
+        return _json({"size": size, "chunk_size": chunk_size})
 
     def _check_indexes(self, object_id: str, indexes: list[int]) -> None:
         """Claims name chunks of objects a manifest named, within the object's size: what

@@ -88,6 +88,10 @@ RECHECK_TIMEOUT = 60.0  # seconds a node asked to re-check a chunk has before an
 _MAX_NOTICES = 256  # objects to discard handed to a node per heartbeat
 _CHANGED = "changed"  # a dispute claim: the source no longer has the recorded version
 MAX_CHUNK_INDEX = 2**32 - 1  # digests keys hold the index as a u32
+# Objects no manifest named that nodes' registry mirrors registered (`register_object`):
+# their count bounds what claims and reports may name beyond the registered datasets.
+MAX_REGISTERED_OBJECTS = 100_000
+_REGISTERED = b"registered-objects"  # meta: u64 count of objects `register_object` added
 
 
 class DatasetExistsError(UserError):
@@ -398,6 +402,32 @@ class SchedulerState:
             return None
         size, chunk_size = _OBJECT.unpack(known)
         return int(size), int(chunk_size)
+
+    def register_object(self, object_id: str, size: int, chunk_size: int) -> tuple[int, int]:
+        """Record the size and chunk size of an object no manifest named yet (a registry
+        blob a node's mirror serves: its id is its sha256, so no two contents share it),
+        so that its chunks can be claimed, reported and fetched from peers like any
+        dataset's. Returns the recorded (size, chunk size): one already recorded stands
+        (a manifest's, or the first registration), and a manifest naming the object later
+        overrides a registration (`_register_objects`). At most MAX_REGISTERED_OBJECTS are
+        added this way (UserError beyond)."""
+        oid = _oid(object_id)
+        if size <= 0 or chunk_size <= 0 or chunk_count(size, chunk_size) > MAX_CHUNK_INDEX:
+            raise UserError(f"object {object_id}: invalid size {size} / chunk size {chunk_size}")
+        with self._write() as txn:
+            known = txn.get(oid, db=self._objects)
+            if known is not None:
+                was = _OBJECT.unpack(known)
+                return int(was[0]), int(was[1])
+            raw = txn.get(_REGISTERED, db=self._meta)
+            count = int.from_bytes(raw, "big") if raw else 0
+            if count >= MAX_REGISTERED_OBJECTS:
+                raise UserError(
+                    f"{count} objects outside datasets are registered already (the limit)"
+                )
+            txn.put(oid, _OBJECT.pack(size, chunk_size), db=self._objects)
+            txn.put(_REGISTERED, (count + 1).to_bytes(8, "big"), db=self._meta)
+        return size, chunk_size
 
     def _bump(self, txn: lmdb.Transaction[bytes], db: lmdb._Database) -> int:
         self._bumped = True

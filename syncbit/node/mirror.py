@@ -1,0 +1,231 @@
+"""The registry mirror's node side: the `BlobSource` that serves blobs through the node's
+store and fetch layer, so a blob comes from this node's cache, else from a peer that holds
+it, else from the upstream registry once per cluster (the scheduler's claims, as for any
+chunk), and is reported like any chunk so that the next node takes it from a peer.
+
+Owns the mapping of a registry blob to an object: its id is `identity_digest("sha256",
+hex)`, as the oci:// source names it, so a blob a dataset holds and one a pull brought are
+one object; an object no dataset names is registered with the scheduler first. Never
+hands out a byte before the whole blob matched its sha256 (`Fetcher.ensure` checks it),
+never resolves a tag itself (tags and manifests go to the mirror's own upstream source),
+and never reaches the network for a blob the store holds complete. Trio thread only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from syncbit.chunks import DEFAULT_CHUNK_SIZE, chunk_count, identity_digest
+from syncbit.errors import (
+    CacheFullError,
+    ReadDeadlineError,
+    RegistryError,
+    SchedulerError,
+    SourceChangedError,
+    SourceError,
+    SourceUnavailableError,
+    SyncbitError,
+    UserError,
+)
+from syncbit.fetch import Fetcher, OpenFile, Priority
+from syncbit.manifest import FileEntry
+from syncbit.mirror.backend import BLOB_TYPE, Content, Repository
+from syncbit.mirror.cache import CachedBlob, check_digest
+from syncbit.mirror.config import MirrorConfig
+from syncbit.mirror.upstream import UpstreamSource
+from syncbit.scheduler.client import MAX_CLAIM_CHUNKS
+from syncbit.sources.oci import OciSource
+from syncbit.store import ObjectStore
+
+__all__ = ["NodeBlobSource", "StoredBlob", "blob_entry"]
+
+log = logging.getLogger("syncbit.mirror.node")
+
+MAX_SOURCES = 64  # repositories with an open oci:// source (connections, a token) kept
+
+# Asks the scheduler to record an object no dataset names: (object id, size, chunk size)
+# -> the (size, chunk size) it records.
+Register = Callable[[str, int, int], Awaitable[tuple[int, int]]]
+# Gives up this node's claims on chunks of an object (object id, indexes).
+Release = Callable[[str, list[int]], Awaitable[None]]
+
+
+def blob_entry(digest: str, size: int) -> FileEntry:
+    """Blob `digest` of `size` bytes as the file the oci:// source lists for it: the same
+    object id, locator and version facts (the whole-blob sha256 the fetch layer checks)."""
+    hex_digest = check_digest(digest)
+    return FileEntry(
+        path=f"blobs/sha256/{hex_digest}",
+        size=size,
+        mode=0o444,
+        object=identity_digest("sha256", hex_digest),
+        locator=f"blob:{digest}",
+        version={"sha256": hex_digest, "size": str(size)},
+    )
+
+
+@dataclass(eq=False)
+class StoredBlob:
+    """A blob held in the node's store (the `Blob` of the backend interface), its whole
+    sha256 verified; held against eviction until the context that handed it out ends."""
+
+    fetcher: Fetcher
+    handle: OpenFile
+    _content: Content
+
+    @property
+    def content(self) -> Content:
+        return self._content
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await self.fetcher.read(self.handle, offset, length)
+        return bytes(data)  # a view of a staged chunk is valid only until a checkpoint
+
+
+class NodeBlobSource:
+    """`BlobSource` over the node's store, fetch layer and peers; tags and manifests from
+    `upstream` (the mirror's own verified cache: small, and a tag must be the upstream's
+    answer). Without the scheduler (down, or refusing the object) a blob comes from
+    `upstream` alone, verified all the same."""
+
+    def __init__(
+        self,
+        config: MirrorConfig,
+        upstream: UpstreamSource,
+        store: ObjectStore,
+        fetcher: Fetcher,
+        register: Register,
+        release: Release,
+    ) -> None:
+        self.config = config
+        self.upstream = upstream
+        self._store = store
+        self._fetcher = fetcher
+        self._register = register
+        self._release = release
+        self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
+        self.stats = {"cluster": 0, "upstream_only": 0, "rejected": 0}
+
+    def close(self) -> None:
+        """Blocking (connections close): after serving ended."""
+        sources = list(self._sources.values())
+        self._sources.clear()
+        for source in sources:
+            source.close()
+
+    # -- the BlobSource interface -------------------------------------------------------------
+
+    async def resolve_tag(self, repo: Repository, tag: str, accept: str | None) -> Content:
+        return await self.upstream.resolve_tag(repo, tag, accept)
+
+    def manifest(
+        self, repo: Repository, digest: str
+    ) -> contextlib.AbstractAsyncContextManager[CachedBlob]:
+        return self.upstream.manifest(repo, digest)
+
+    @contextlib.asynccontextmanager
+    async def blob(
+        self, repo: Repository, digest: str, size: int | None = None
+    ) -> AsyncIterator[StoredBlob | CachedBlob]:
+        what = f"blob {digest} of {repo}"
+        entry, chunk_size = await self._locate(repo, digest, size, what)
+        if entry is None:
+            self.stats["upstream_only"] += 1
+            async with self.upstream.blob(repo, digest, size) as cached:
+                yield cached
+            return
+        source = self._source(repo)
+        await self._ensure(entry, chunk_size, source, what)
+        handle = self._fetcher.open(entry, chunk_size, source)
+        self._fetcher.hold(handle)
+        try:
+            yield StoredBlob(self._fetcher, handle, Content(digest, entry.size, BLOB_TYPE))
+        finally:
+            self._fetcher.release(handle)
+
+    # -- the cluster path -----------------------------------------------------------------------
+
+    async def _locate(
+        self, repo: Repository, digest: str, size: int | None, what: str
+    ) -> tuple[FileEntry | None, int]:
+        """The blob as a file of the store's and its chunk size; (None, 0) when the
+        cluster cannot take it (the scheduler unreachable or refusing it)."""
+        object_id = identity_digest("sha256", check_digest(digest))
+        obj = self._store.get(object_id)
+        if obj is not None and obj.size > 0 and all(obj.has(i) for i in range(obj.chunks)):
+            return blob_entry(digest, obj.size), obj.chunk_size  # no network for cached data
+        if size is None:
+            size = obj.size if obj is not None else await self.upstream.blob_size(repo, digest)
+        if size == 0:
+            return None, 0  # nothing to share: the empty blob comes straight from upstream
+        try:
+            known = await self._register(object_id, size, DEFAULT_CHUNK_SIZE)
+        except (SchedulerError, UserError) as exc:
+            log.warning("%s: the scheduler cannot take it (%s): from the registry alone", what, exc)
+            return None, 0
+        if known[0] != size:
+            log.warning(
+                "%s: the cluster knows it as %d bytes, the registry says %d: from the "
+                "registry alone",
+                what,
+                known[0],
+                size,
+            )
+            return None, 0
+        return blob_entry(digest, size), known[1]
+
+    async def _ensure(
+        self, entry: FileEntry, chunk_size: int, source: OciSource, what: str
+    ) -> None:
+        """Every chunk of the blob present and the whole blob's sha256 checked (from the
+        cache, peers, or the upstream under the cluster's claims), or a RegistryError."""
+        try:
+            await self._fetcher.ensure(entry, chunk_size, source, Priority.FOREGROUND)
+        except SourceChangedError as exc:
+            self.stats["rejected"] += 1
+            log.warning("rejected %s (%s): %s; nothing served", entry.locator[5:], what, exc)
+            await self._give_up(entry, chunk_size)
+            raise RegistryError(
+                f"{what}: the bytes do not match its digest: rejected, nothing served",
+                "DIGEST_INVALID",
+                502,
+            ) from exc
+        except (SourceUnavailableError, ReadDeadlineError, CacheFullError) as exc:
+            raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
+        except SourceError as exc:  # refused, or a whole blob read at once failing its digest
+            log.warning("cannot fetch %s (%s): %s; nothing served", entry.locator[5:], what, exc)
+            raise RegistryError(f"{what}: {exc}", "UNKNOWN", 502) from exc
+        except SyncbitError as exc:
+            raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
+        self.stats["cluster"] += 1
+
+    async def _give_up(self, entry: FileEntry, chunk_size: int) -> None:
+        """After a rejected blob: this node's claims on its chunks released, so the next
+        node reads the upstream itself at once instead of waiting for them to lapse."""
+        indexes = list(range(chunk_count(entry.size, chunk_size)))
+        try:
+            for start in range(0, len(indexes), MAX_CLAIM_CHUNKS):
+                await self._release(entry.object, indexes[start : start + MAX_CLAIM_CHUNKS])
+        except SyncbitError as exc:
+            log.debug("could not release claims on %s: %s", entry.locator[5:], exc)
+
+    def _source(self, repo: Repository) -> OciSource:
+        """The oci:// source of `repo`, with the mirror's options for its registry (the
+        fetch layer reads blob ranges through it); the least recently used closed beyond
+        MAX_SOURCES."""
+        source = self._sources.pop(repo, None)
+        if source is None:
+            options = self.config.upstream(repo.registry)
+            given: dict[str, object] = {"insecure": options.insecure, "timeout": options.timeout}
+            if options.ca is not None:
+                given["ca"] = str(options.ca)
+            source = OciSource(f"oci://{repo.registry}/{repo.name}", given)
+        self._sources[repo] = source
+        while len(self._sources) > MAX_SOURCES:
+            # Not closed: a flight may still read through it; its connections go with it.
+            self._sources.popitem(last=False)
+        return source
