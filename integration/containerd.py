@@ -333,6 +333,12 @@ class MirrorCluster(Cluster):
             return set()
         return set.intersection(*({p["node"] for p in found} for found in peers.values()))
 
+    def chunk_digests(self, digest: str) -> dict[str, str]:
+        """The chunk digests the scheduler recorded for blob `digest` (index -> hex)."""
+        object_id = identity_digest("sha256", digest.partition(":")[2])
+        found: dict[str, str] = self.scheduler.get(f"/v1/objects/{object_id}/chunks")["digests"]
+        return found
+
     @staticmethod
     def store_objects(node: Node) -> set[str]:
         """Ids of the objects `node`'s store holds complete (its local API, `cache ls`)."""

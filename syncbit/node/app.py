@@ -282,6 +282,7 @@ class Node:
             lambda oid, size, cs: self.client.register_object(node, oid, size, cs),
             self.directory.release,
         )
+        self.reporter.shareable = source.shareable
         try:
             try:
                 await serve(cfg, source, trio.Event(), task_status=task_status)

@@ -39,7 +39,7 @@ from syncbit.mirror.config import MirrorConfig
 from syncbit.mirror.upstream import UpstreamSource
 from syncbit.scheduler.client import MAX_CLAIM_CHUNKS
 from syncbit.sources.oci import OciSource
-from syncbit.store import ObjectStore
+from syncbit.store import ObjectStore, StoredObject
 
 __all__ = ["NodeBlobSource", "StoredBlob", "blob_entry"]
 
@@ -108,6 +108,7 @@ class NodeBlobSource:
         self._register = register
         self._release = release
         self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
+        self._fetched: set[str] = set()  # ids of objects this mirror made present
         self.stats = {"cluster": 0, "upstream_only": 0, "rejected": 0}
 
     def close(self) -> None:
@@ -116,6 +117,12 @@ class NodeBlobSource:
         self._sources.clear()
         for source in sources:
             source.close()
+
+    def shareable(self, obj: StoredObject) -> bool:
+        """Whether other nodes may be offered `obj`'s chunks (the reporter asks): a blob
+        this mirror fetches only once its whole sha256 checked, so a registry's wrong
+        bytes never reach a peer, not even chunk by chunk."""
+        return obj.id not in self._fetched or self._fetcher.is_verified(obj.id)
 
     # -- the BlobSource interface -------------------------------------------------------------
 
@@ -139,6 +146,7 @@ class NodeBlobSource:
                 yield cached
             return
         source = self._source(repo)
+        self._fetched.add(entry.object)
         await self._ensure(entry, chunk_size, source, what)
         handle = self._fetcher.open(entry, chunk_size, source)
         self._fetcher.hold(handle)
