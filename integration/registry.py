@@ -735,11 +735,22 @@ class RegistryProxy(ServedInThread):
         self.flip: set[str] = set()
         self.drop_auth = 0
         self.lock = threading.Lock()
-        self.client = httpx.Client(trust_env=False, timeout=30, follow_redirects=False)
+        self.client = self._client()
+
+    @staticmethod
+    def _client() -> httpx.Client:
+        return httpx.Client(trust_env=False, timeout=30, follow_redirects=False)
 
     @property
     def hostport(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def start(self) -> RegistryProxy:
+        """Serve (again, on the same port, after `stop`)."""
+        if self.client.is_closed:
+            self.client = self._client()
+        super().start()
+        return self
 
     def _make_server(self) -> LoopbackServer:
         server = LoopbackServer((self.host, self.port), _ProxyHandler)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.cluster import fuse_unavailable, wait_until
+from integration.cluster import SYNCBIT, fuse_unavailable, run_cli, wait_until
 from integration.containerd import (
     MIRROR,
     Containerd,
@@ -183,6 +183,50 @@ def test_a_corrupted_blob_is_rejected_by_the_node_and_never_reaches_a_peer(
             assert cluster.chunk_digests(base) == {}
             assert cluster.store_objects(node) >= {_object(d) for d in good}
             assert _object(base) not in cluster.store_objects(node)
+
+
+@needs_fuse
+def test_an_image_dataset_is_served_from_the_cache_and_its_tag_without_the_registry(
+    node_dir: Path, registry: Registry, images: Images
+) -> None:
+    """`syncbit pull oci://...` brings an image to a node: containerd's pull through that
+    node's mirror then takes no blob from the registry (the dataset's objects are the
+    mirror's), and with the registry gone the tag resolves to the dataset's pinned digest
+    and the whole image comes from the node."""
+    blobs = images.layout.blobs_of(images.v1) - {images.v1.digest}
+    with (
+        RegistryProxy(registry) as proxy,  # the registry as the node sees it, until stopped
+        MirrorCluster(node_dir / "cluster", [proxy.hostport], count=1) as cluster,
+    ):
+        node = cluster.nodes[0]
+        uri = f"oci://{proxy.hostport}/team/app:v1"
+        argv = [*SYNCBIT, "pull", uri, "--name", "app", "-o", "insecure=true"]
+        argv += ["--scheduler", cluster.scheduler.url, "--daemon", node.address]
+        done = run_cli(argv, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert cluster.store_objects(node) >= {
+            _object(d) for d in images.layout.blobs_of(images.v1)
+        }
+        ref = f"{proxy.hostport}/team/app:v1"
+        server = f"http://{proxy.hostport}"
+        hosts = write_hosts_toml(
+            node_dir / "hosts", proxy.hostport, server, [cluster.mirror_url(0)]
+        )
+        proxy.stop()  # the registry is gone (and containerd's fallback with it)
+        with Containerd(node_dir / "c1") as ctrd:
+            ctrd.pull(ref, hosts)
+            assert ctrd.check(ref).digest == images.v1.digest
+            _unpacked(ctrd, ref, images.files, node_dir / "mnt1")
+        log = node.log_text(whole=True)
+        assert "answering the dataset's pinned" in log
+        proxy.start()  # back, on the same port: tags go to it again, blobs stay local
+        before = registry.blob_bytes("team/app")
+        with Containerd(node_dir / "c2") as ctrd:
+            ctrd.pull(ref, hosts)
+            _unpacked(ctrd, ref, images.files, node_dir / "mnt2")
+        assert registry.blob_bytes("team/app") - before == Counter()
+        assert node.log_text(whole=True).count("answering the dataset's pinned") == 1
+    assert blobs  # the image has blobs at all
 
 
 def _holds(cluster: MirrorCluster, node: str, digest: str) -> bool:

@@ -281,6 +281,7 @@ class Node:
             self.fetcher,
             lambda oid, size, cs: self.client.register_object(node, oid, size, cs),
             self.directory.release,
+            lambda: self.sync.manifests.values(),
         )
         self.reporter.shareable = source.shareable
         try:

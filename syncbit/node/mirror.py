@@ -13,15 +13,19 @@ and never reaches the network for a blob the store holds complete. Trio thread o
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE, chunk_count, identity_digest
 from syncbit.errors import (
     CacheFullError,
+    InvalidSourceError,
     ReadDeadlineError,
     RegistryError,
     SchedulerError,
@@ -32,13 +36,13 @@ from syncbit.errors import (
     UserError,
 )
 from syncbit.fetch import Fetcher, OpenFile, Priority
-from syncbit.manifest import FileEntry
-from syncbit.mirror.backend import BLOB_TYPE, Content, Repository
-from syncbit.mirror.cache import CachedBlob, check_digest
+from syncbit.manifest import FileEntry, Manifest
+from syncbit.mirror.backend import BLOB_TYPE, Blob, Content, Repository
+from syncbit.mirror.cache import MAX_READ, CachedBlob, check_digest
 from syncbit.mirror.config import MirrorConfig
 from syncbit.mirror.upstream import UpstreamSource
 from syncbit.scheduler.client import MAX_CLAIM_CHUNKS
-from syncbit.sources.oci import OciSource
+from syncbit.sources.oci import MAX_MANIFEST_BYTES, OciReference, OciSource, parse_oci_uri
 from syncbit.store import ObjectStore, StoredObject
 
 __all__ = ["NodeBlobSource", "StoredBlob", "blob_entry"]
@@ -100,6 +104,7 @@ class NodeBlobSource:
         fetcher: Fetcher,
         register: Register,
         release: Release,
+        datasets: Callable[[], Iterable[Manifest]] = tuple,
     ) -> None:
         self.config = config
         self.upstream = upstream
@@ -107,6 +112,7 @@ class NodeBlobSource:
         self._fetcher = fetcher
         self._register = register
         self._release = release
+        self._datasets = datasets
         self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
         self._fetched: set[str] = set()  # ids of objects this mirror made present
         self.stats = {"cluster": 0, "upstream_only": 0, "rejected": 0}
@@ -127,12 +133,40 @@ class NodeBlobSource:
     # -- the BlobSource interface -------------------------------------------------------------
 
     async def resolve_tag(self, repo: Repository, tag: str, accept: str | None) -> Content:
-        return await self.upstream.resolve_tag(repo, tag, accept)
+        """The upstream's answer; only when the upstream cannot be reached, the revision a
+        dataset of this node pinned for `repo:tag` (what `dataset add` resolved it to)."""
+        try:
+            return await self.upstream.resolve_tag(repo, tag, accept)
+        except RegistryError as exc:
+            if exc.status != 503:
+                raise
+            pinned = self._pinned_tag(repo, tag)
+            if pinned is None:
+                raise
+            log.warning(
+                "%s:%s: the registry is unreachable (%s): answering the dataset's pinned %s",
+                repo,
+                tag,
+                exc,
+                pinned.digest,
+            )
+            return pinned
 
-    def manifest(
-        self, repo: Repository, digest: str
-    ) -> contextlib.AbstractAsyncContextManager[CachedBlob]:
-        return self.upstream.manifest(repo, digest)
+    @contextlib.asynccontextmanager
+    async def manifest(self, repo: Repository, digest: str) -> AsyncIterator[Blob]:
+        """From the mirror's own cache or the upstream; when the upstream cannot be reached,
+        from a dataset of this node that holds it (verified as any blob)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                found: Blob = await stack.enter_async_context(self.upstream.manifest(repo, digest))
+            except RegistryError as exc:
+                located = self._in_dataset(digest) if exc.status == 503 else None
+                if located is None:
+                    raise
+                entry, manifest = located
+                held = await stack.enter_async_context(self._held(repo, entry, manifest))
+                found = await _as_manifest(held, f"manifest {digest} of {repo}")
+            yield found
 
     @contextlib.asynccontextmanager
     async def blob(
@@ -145,17 +179,61 @@ class NodeBlobSource:
             async with self.upstream.blob(repo, digest, size) as cached:
                 yield cached
             return
-        source = self._source(repo)
         self._fetched.add(entry.object)
-        await self._ensure(entry, chunk_size, source, what)
+        async with self._held(repo, entry, chunk_size) as blob:
+            yield blob
+
+    @contextlib.asynccontextmanager
+    async def _held(
+        self, repo: Repository, entry: FileEntry, chunk_size: int
+    ) -> AsyncIterator[StoredBlob]:
+        """`entry` present in the store and verified, held until the context ends."""
+        source = self._source(repo)
+        await self._ensure(entry, chunk_size, source, f"{entry.locator} of {repo}")
         handle = self._fetcher.open(entry, chunk_size, source)
         self._fetcher.hold(handle)
         try:
+            digest = f"sha256:{entry.version['sha256']}"
             yield StoredBlob(self._fetcher, handle, Content(digest, entry.size, BLOB_TYPE))
         finally:
             self._fetcher.release(handle)
 
-    # -- the cluster path -----------------------------------------------------------------------
+    # -- datasets: what `dataset add` pinned ---------------------------------------------------
+
+    def _image_datasets(self) -> Iterator[tuple[OciReference, Manifest]]:
+        for manifest in self._datasets():
+            if manifest.source.startswith("oci://"):
+                try:
+                    yield parse_oci_uri(manifest.source), manifest
+                except InvalidSourceError:
+                    continue
+
+    def _pinned_tag(self, repo: Repository, tag: str) -> Content | None:
+        """The root manifest a dataset of `repo:tag` pinned (its layout's index.json)."""
+        for ref, manifest in self._image_datasets():
+            if (ref.registry, ref.repository, ref.tag) != (repo.registry, repo.name, tag):
+                continue
+            index = next((f for f in manifest.files if f.path == "index.json"), None)
+            kind, _, data = index.locator.partition(":") if index else ("", "", "")
+            if kind != "data":
+                continue
+            try:
+                root = json.loads(base64.b64decode(data))["manifests"][0]
+                return Content(str(root["digest"]), int(root["size"]), str(root["mediaType"]))
+            except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+                continue
+        return None
+
+    def _in_dataset(self, digest: str) -> tuple[FileEntry, int] | None:
+        """A file of an image dataset holding `digest`, and its chunk size."""
+        path = f"blobs/sha256/{check_digest(digest)}"
+        for _, manifest in self._image_datasets():
+            entry = next((f for f in manifest.files if f.path == path), None)
+            if entry is not None:
+                return entry, manifest.chunk_size
+        return None
+
+    # -- blobs ----------------------------------------------------------------------------------
 
     async def _locate(
         self, repo: Repository, digest: str, size: int | None, what: str
@@ -166,6 +244,9 @@ class NodeBlobSource:
         obj = self._store.get(object_id)
         if obj is not None and obj.size > 0 and all(obj.has(i) for i in range(obj.chunks)):
             return blob_entry(digest, obj.size), obj.chunk_size  # no network for cached data
+        named = self._in_dataset(digest)
+        if named is not None:  # the scheduler knows it: no registry request, no registration
+            return named
         if size is None:
             size = obj.size if obj is not None else await self.upstream.blob_size(repo, digest)
         if size == 0:
@@ -237,3 +318,32 @@ class NodeBlobSource:
             # Not closed: a flight may still read through it; its connections go with it.
             self._sources.popitem(last=False)
         return source
+
+
+async def _as_manifest(blob: StoredBlob, what: str) -> CachedManifest:
+    """A verified manifest of the store with the media type its own bytes name."""
+    if blob.content.size > MAX_MANIFEST_BYTES:
+        raise RegistryError(f"{what}: larger than a manifest may be", "MANIFEST_INVALID", 502)
+    body = b""
+    while len(body) < blob.content.size:
+        piece = await blob.read(len(body), min(MAX_READ, blob.content.size - len(body)))
+        if not piece:
+            break
+        body += piece
+    try:
+        media_type = str(json.loads(body)["mediaType"])
+    except (ValueError, KeyError, TypeError):
+        raise RegistryError(f"{what}: names no media type", "MANIFEST_INVALID", 502) from None
+    content = blob.content
+    return CachedManifest(Content(content.digest, content.size, media_type), body)
+
+
+@dataclass(frozen=True)
+class CachedManifest:
+    """A manifest's verified bytes in memory (at most MAX_MANIFEST_BYTES)."""
+
+    content: Content
+    body: bytes
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return self.body[offset : offset + length]
