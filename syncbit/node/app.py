@@ -19,7 +19,7 @@ import trio
 from syncbit import looptrace, tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
-from syncbit.errors import ConfigError
+from syncbit.errors import SyncbitError
 from syncbit.fetch import Fetcher, Jobs
 from syncbit.fs.kernel import Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
@@ -289,7 +289,7 @@ class Node:
                 await serve(cfg, source, trio.Event(), task_status=task_status)
             except OSError as exc:
                 why = exc.strerror or str(exc)
-                raise ConfigError(
+                raise SyncbitError(
                     f"cannot serve the registry mirror on {cfg.listen}: {why}"
                 ) from None
         finally:
