@@ -204,6 +204,10 @@ def test_an_image_dataset_is_served_from_the_cache_and_its_tag_without_the_regis
         argv += ["--scheduler", cluster.scheduler.url, "--daemon", node.address]
         done = run_cli(argv, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+        for command in (["dataset", "ls"], ["status"]):  # the image, by its pinned digest
+            shown = run_cli([*SYNCBIT, *command, "--scheduler", cluster.scheduler.url])
+            assert shown.returncode == 0, shown.stderr
+            assert re.search(rf"^app\s+{images.v1.digest}\s+-$", shown.stdout, re.M), shown.stdout
         assert cluster.store_objects(node) >= {
             _object(d) for d in images.layout.blobs_of(images.v1)
         }
