@@ -13,6 +13,7 @@ chunks, and the next node takes it from a peer.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import random
 import re
@@ -151,6 +152,49 @@ def test_two_nodes_fetch_each_blob_from_the_registry_once_across_both(
     # than a chunk in several ranged reads).
     sizes = {d: len(images.layout.data[d]) for d in blobs}
     assert registry.blob_bytes("team/app") - before == Counter(sizes)
+
+
+@needs_fuse
+def test_two_nodes_pulling_at_once_still_read_each_blob_once(
+    node_dir: Path, registry: Registry
+) -> None:
+    """Both containerds at the same moment, layers of several chunks: one node reads each
+    blob from the registry whole (a claim on all its chunks) while the other waits and
+    takes it from that node once verified; no blob is split between them (each would
+    hold its part back until the blob verified, and neither could)."""
+    layout = Layout(node_dir / "big-layout")
+    rng = random.Random(2612)
+    layers = [layout.random_layer(rng, 2, 8 * MiB + i, prefix=f"l{i}/") for i in range(4)]
+    image = layout.image(layers)
+    layout.tag(image, "v1")
+    registry.push(layout, "v1", "team/big:v1")
+    ref = f"{registry.host}/team/big:v1"
+    before = registry.blob_bytes("team/big")
+    with MirrorCluster(node_dir / "cluster", [registry.host]) as cluster:
+        ctrds = [Containerd(node_dir / f"c{i}") for i in range(2)]
+        try:
+            hosts = []
+            for index, ctrd in enumerate(ctrds):
+                ctrd.start()
+                mirror = [cluster.mirror_url(index)]
+                hosts.append(
+                    write_hosts_toml(node_dir / f"h{index}", registry.host, registry.url, mirror)
+                )
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                pulls = [pool.submit(c.pull, ref, h) for c, h in zip(ctrds, hosts, strict=True)]
+                for pull in pulls:
+                    pull.result()
+            for ctrd in ctrds:
+                check = ctrd.check(ref)
+                assert check.complete and check.unpacked, check
+        finally:
+            for ctrd in ctrds:
+                ctrd.cleanup()
+        logs = "".join(node.log_text(whole=True) for node in cluster.nodes)
+    assert "503 UNAVAILABLE" not in logs  # no mirror gave up waiting for the other
+    blobs = layout.blobs_of(image) - {image.digest}
+    sizes = {d: len(layout.data[d]) for d in blobs}
+    assert registry.blob_bytes("team/big") - before == Counter(sizes)
 
 
 @needs_fuse

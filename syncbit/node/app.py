@@ -279,8 +279,8 @@ class Node:
             upstream,
             self.store,
             self.fetcher,
+            self.directory,
             lambda oid, size, cs: self.client.register_object(node, oid, size, cs),
-            self.directory.release,
             lambda: self.sync.manifests.values(),
         )
         self.reporter.shareable = source.shareable

@@ -35,7 +35,7 @@ from syncbit.errors import (
     SyncbitError,
     UserError,
 )
-from syncbit.fetch import Fetcher, OpenFile, Priority
+from syncbit.fetch import ChunkDirectory, Fetcher, OpenFile, Priority
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.mirror.backend import BLOB_TYPE, Blob, Content, Repository
 from syncbit.mirror.cache import MAX_READ, CachedBlob, check_digest
@@ -54,8 +54,7 @@ MAX_SOURCES = 64  # repositories with an open oci:// source (connections, a toke
 # Asks the scheduler to record an object no dataset names: (object id, size, chunk size)
 # -> the (size, chunk size) it records.
 Register = Callable[[str, int, int], Awaitable[tuple[int, int]]]
-# Gives up this node's claims on chunks of an object (object id, indexes).
-Release = Callable[[str, list[int]], Awaitable[None]]
+CLAIM_TTL = 120.0  # seconds a whole-blob claim holds before this node's flights renew it
 
 
 def blob_entry(digest: str, size: int) -> FileEntry:
@@ -102,8 +101,8 @@ class NodeBlobSource:
         upstream: UpstreamSource,
         store: ObjectStore,
         fetcher: Fetcher,
+        directory: ChunkDirectory,
         register: Register,
-        release: Release,
         datasets: Callable[[], Iterable[Manifest]] = tuple,
     ) -> None:
         self.config = config
@@ -111,7 +110,7 @@ class NodeBlobSource:
         self._store = store
         self._fetcher = fetcher
         self._register = register
-        self._release = release
+        self._directory = directory
         self._datasets = datasets
         self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
         self._fetched: set[str] = set()  # ids of objects this mirror made present
@@ -180,8 +179,26 @@ class NodeBlobSource:
                 yield cached
             return
         self._fetched.add(entry.object)
+        await self._claim_whole(entry, chunk_size)
         async with self._held(repo, entry, chunk_size) as blob:
             yield blob
+
+    async def _claim_whole(self, entry: FileEntry, chunk_size: int) -> None:
+        """Claim every missing chunk of the blob in one request, so that one node reads a
+        blob from the registry whole and the others wait for it: chunks of one blob split
+        between two nodes would each be held back until the blob verified, which neither
+        could do. A split grant (another node claimed some already) is given back."""
+        obj = self._store.get(entry.object)
+        count = chunk_count(entry.size, chunk_size)
+        missing = [i for i in range(count) if obj is None or not obj.has(i)][:MAX_CLAIM_CHUNKS]
+        if not missing:
+            return
+        try:
+            result = await self._directory.claim(entry.object, missing, CLAIM_TTL)
+            if result.granted and result.busy:
+                await self._directory.release(entry.object, result.granted)
+        except SyncbitError as exc:  # the fetch layer claims chunk by chunk then
+            log.debug("no whole claim on %s: %s", entry.locator[5:], exc)
 
     @contextlib.asynccontextmanager
     async def _held(
@@ -298,7 +315,8 @@ class NodeBlobSource:
         indexes = list(range(chunk_count(entry.size, chunk_size)))
         try:
             for start in range(0, len(indexes), MAX_CLAIM_CHUNKS):
-                await self._release(entry.object, indexes[start : start + MAX_CLAIM_CHUNKS])
+                chunk = indexes[start : start + MAX_CLAIM_CHUNKS]
+                await self._directory.release(entry.object, chunk)
         except SyncbitError as exc:
             log.debug("could not release claims on %s: %s", entry.locator[5:], exc)
 
