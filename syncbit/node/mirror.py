@@ -7,8 +7,10 @@ Owns the mapping of a registry blob to an object: its id is `identity_digest("sh
 hex)`, as the oci:// source names it, so a blob a dataset holds and one a pull brought are
 one object; an object no dataset names is registered with the scheduler first. Never
 hands out a byte before the whole blob matched its sha256 (`Fetcher.ensure` checks it),
-never resolves a tag itself (tags and manifests go to the mirror's own upstream source),
-and never reaches the network for a blob the store holds complete. Trio thread only.
+never offers a blob it fetched to peers before that, never resolves a tag differently
+from a reachable upstream (tags and manifests go to the mirror's own upstream source;
+only when it cannot be reached, to what an image dataset pinned), and never reaches the
+network for a blob the store holds complete. Trio thread only.
 """
 
 from __future__ import annotations
@@ -113,8 +115,7 @@ class NodeBlobSource:
         self._directory = directory
         self._datasets = datasets
         self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
-        self._fetched: set[str] = set()  # ids of objects this mirror made present
-        self.stats = {"cluster": 0, "upstream_only": 0, "rejected": 0}
+        self._fetched: set[str] = set()  # objects no dataset names this mirror fetched
 
     def close(self) -> None:
         """Blocking (connections close): after serving ended."""
@@ -174,11 +175,11 @@ class NodeBlobSource:
         what = f"blob {digest} of {repo}"
         entry, chunk_size = await self._locate(repo, digest, size, what)
         if entry is None:
-            self.stats["upstream_only"] += 1
             async with self.upstream.blob(repo, digest, size) as cached:
                 yield cached
             return
-        self._fetched.add(entry.object)
+        if self._in_dataset(digest) is None:  # a dataset's object is the dataset's to share
+            self._fetched.add(entry.object)
         await self._claim_whole(entry, chunk_size)
         async with self._held(repo, entry, chunk_size) as blob:
             yield blob
@@ -292,7 +293,6 @@ class NodeBlobSource:
         try:
             await self._fetcher.ensure(entry, chunk_size, source, Priority.FOREGROUND)
         except SourceChangedError as exc:
-            self.stats["rejected"] += 1
             log.warning("rejected %s (%s): %s; nothing served", entry.locator[5:], what, exc)
             await self._give_up(entry, chunk_size)
             raise RegistryError(
@@ -307,7 +307,6 @@ class NodeBlobSource:
             raise RegistryError(f"{what}: {exc}", "UNKNOWN", 502) from exc
         except SyncbitError as exc:
             raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
-        self.stats["cluster"] += 1
 
     async def _give_up(self, entry: FileEntry, chunk_size: int) -> None:
         """After a rejected blob: this node's claims on its chunks released, so the next
