@@ -303,7 +303,7 @@ class UpstreamSource:
 
         async with self._using(repo) as client:
             return await self.cache.ensure(
-                digest, functools.partial(fetch, client), limit, what, manifest, self._limiter
+                digest, functools.partial(fetch, client), size, what, manifest, self._limiter, limit
             )
 
     async def _call(self, repo: Repository, call: Callable[[UpstreamClient], T]) -> T:
