@@ -16,6 +16,7 @@ failures raise `HarnessError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -30,13 +31,17 @@ import httpx
 
 from integration.cluster import (
     HOST,
+    Cluster,
     HarnessError,
     ManagedProcess,
+    Node,
+    Scheduler,
     free_port,
     mounts_under,
     unmount_lazy,
     wait_until,
 )
+from syncbit.chunks import identity_digest
 from syncbit.mirror.hosts import hosts_toml
 
 MIRROR = [sys.executable, "-m", "syncbit.mirror"]
@@ -264,3 +269,86 @@ class MirrorProcess(ManagedProcess):
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+class MirrorCluster(Cluster):
+    """A scheduler and `count` node daemons (separate processes, each with its cache,
+    mount and peer port), each running the registry mirror of the node core on a loopback
+    port of its own, reaching `insecure` registries over plain HTTP.
+
+        with MirrorCluster(tmp / "mc", [reg.host], 2) as cluster:
+            url = cluster.mirror_url(0)
+    """
+
+    def __init__(self, workdir: Path, insecure: list[str], count: int = 2) -> None:
+        # No origin: the registry is the source. Cluster's start, close and context
+        # manager need only the scheduler and the nodes.
+        self.workdir = workdir
+        self.tls = None
+        self.token_file = self.admin_token_file = None
+        self.scheduler = Scheduler(workdir / "scheduler", workdir / "logs", node_timeout=4.0)
+        registries = {host: {"insecure": True} for host in insecure}
+        self.ports = [free_port() for _ in range(count)]
+        self.nodes = [
+            Node(
+                f"m{i + 1}",
+                workdir,
+                self.scheduler.url,
+                read_deadline=30.0,
+                config={
+                    "heartbeat_interval": 0.5,
+                    "mirror": {"listen": f"{HOST}:{port}", "registries": registries},
+                },
+            )
+            for i, port in enumerate(self.ports)
+        ]
+
+    def mirror_url(self, index: int) -> str:
+        return f"http://{HOST}:{self.ports[index]}"
+
+    def start(self) -> MirrorCluster:
+        super().start()
+        try:
+            for index, node in enumerate(self.nodes):
+                ready = functools.partial(_answers, self.mirror_url(index) + "/v2/")
+                wait_until(ready, 30, f"{node.name}'s mirror", evidence=node.log_tail)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> MirrorCluster:
+        return self.start()
+
+    def holders(self, digest: str) -> set[str]:
+        """Nodes the scheduler names as holding every chunk of blob `digest` (none when
+        it knows no chunk of it)."""
+        object_id = identity_digest("sha256", digest.partition(":")[2])
+        try:
+            doc = self.scheduler.get(f"/v1/objects/{object_id}/chunks")
+        except HarnessError:
+            return set()  # no dataset names it and no mirror registered it
+        peers: dict[str, list[dict[str, str]]] = doc.get("peers", {})
+        if not doc.get("digests") or len(peers) < len(doc["digests"]):
+            return set()
+        return set.intersection(*({p["node"] for p in found} for found in peers.values()))
+
+    def chunk_digests(self, digest: str) -> dict[str, str]:
+        """The chunk digests the scheduler recorded for blob `digest` (index -> hex)."""
+        object_id = identity_digest("sha256", digest.partition(":")[2])
+        found: dict[str, str] = self.scheduler.get(f"/v1/objects/{object_id}/chunks")["digests"]
+        return found
+
+    @staticmethod
+    def store_objects(node: Node) -> set[str]:
+        """Ids of the objects `node`'s store holds complete (its local API, `cache ls`)."""
+        resp = httpx.get(f"http://{node.address}/v1/local/cache", timeout=10, trust_env=False)
+        resp.raise_for_status()
+        return {row["id"] for row in resp.json()["objects"] if row["complete"]}
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -466,9 +466,12 @@ class Access:
     method: str
     path: str
     status: int
+    sent: int = 0  # body bytes the registry wrote
 
 
-_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) ')
+_ACCESS = re.compile(
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) (?P<sent>\d+|-)?'
+)
 
 
 class Registry(ManagedProcess):
@@ -607,7 +610,11 @@ class Registry(ManagedProcess):
         for line in text.splitlines():
             match = _ACCESS.search(line)
             if match:
-                found.append(Access(match["method"], match["path"], int(match["status"])))
+                sent = match["sent"]
+                sent_bytes = int(sent) if sent and sent.isdigit() else 0
+                found.append(
+                    Access(match["method"], match["path"], int(match["status"]), sent_bytes)
+                )
         return found
 
     def blob_gets(self, repo: str) -> Counter[str]:
@@ -618,6 +625,15 @@ class Registry(ManagedProcess):
             if line.method == "GET" and line.path.startswith(prefix) and line.status in (200, 206):
                 counts[line.path[len(prefix) :]] += 1
         return counts
+
+    def blob_bytes(self, repo: str) -> Counter[str]:
+        """Body bytes of answered blob GETs of `repo` by digest (ranged reads add up)."""
+        sent: Counter[str] = Counter()
+        prefix = f"/v2/{repo}/blobs/"
+        for line in self.access():
+            if line.method == "GET" and line.path.startswith(prefix) and line.status in (200, 206):
+                sent[line.path[len(prefix) :]] += line.sent
+        return sent
 
     def push(
         self,
@@ -719,11 +735,22 @@ class RegistryProxy(ServedInThread):
         self.flip: set[str] = set()
         self.drop_auth = 0
         self.lock = threading.Lock()
-        self.client = httpx.Client(trust_env=False, timeout=30, follow_redirects=False)
+        self.client = self._client()
+
+    @staticmethod
+    def _client() -> httpx.Client:
+        return httpx.Client(trust_env=False, timeout=30, follow_redirects=False)
 
     @property
     def hostport(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def start(self) -> RegistryProxy:
+        """Serve (again, on the same port, after `stop`)."""
+        if self.client.is_closed:
+            self.client = self._client()
+        super().start()
+        return self
 
     def _make_server(self) -> LoopbackServer:
         server = LoopbackServer((self.host, self.port), _ProxyHandler)

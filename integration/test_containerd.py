@@ -5,14 +5,18 @@ registry as the fallback). The image unpacks, `ctr images check` is clean, the r
 serves each blob once per mirror, a moved tag is followed, and a blob the registry
 corrupts is never served by the mirror: containerd falls back to the registry.
 
-Once per cluster (a second node's mirror taking blobs from the first node, with the
-scheduler's claims) needs the mirror wired into the node core; here each mirror is a node
-of its own, sharing nothing but the registry.
+The standalone mirror (`python -m syncbit.mirror`) shares nothing but the registry; the
+mirror in the node core (`MirrorCluster`: node daemons with a `mirror` section and a
+scheduler) reads each blob from the registry once per cluster, under the same claims as
+chunks, and the next node takes it from a peer.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import random
+import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -21,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from integration.cluster import SYNCBIT, fuse_unavailable, run_cli, wait_until
 from integration.containerd import (
     MIRROR,
     Containerd,
+    MirrorCluster,
     MirrorProcess,
     containerd_unavailable,
     write_hosts_toml,
@@ -36,9 +42,12 @@ from integration.registry import (
     RegistryProxy,
     registry_unavailable,
 )
+from syncbit.chunks import identity_digest
 
 _WHY = containerd_unavailable() or registry_unavailable()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cannot run containerd: {_WHY}")
+_NO_FUSE = fuse_unavailable()
+needs_fuse = pytest.mark.skipif(_NO_FUSE is not None, reason=f"node daemons mount: {_NO_FUSE}")
 
 
 @dataclass
@@ -111,23 +120,169 @@ def test_containerd_pulls_through_the_mirror_and_the_image_unpacks(
     assert fetched == Counter({d: 1 for d in everything - {images.v1.digest}})
 
 
-def test_two_nodes_each_fetch_each_blob_once(
+@needs_fuse
+def test_two_nodes_fetch_each_blob_from_the_registry_once_across_both(
     node_dir: Path, registry: Registry, images: Images
 ) -> None:
+    """Two node daemons (the mirror in the node core), a containerd on each: the first
+    pull reads every blob from the registry under the scheduler's claims and reports it;
+    the second takes them from the first node, not from the registry."""
     ref = f"{registry.host}/team/app:v1"
-    before = registry.blob_gets("team/app")
-    for name in ("node1", "node2"):
-        with (
-            MirrorProcess(node_dir / name / "mirror", [registry.host]) as mirror,
-            Containerd(node_dir / name / "containerd") as ctrd,
-        ):
-            hosts = node_dir / name / "hosts"
-            write_hosts_toml(hosts, registry.host, registry.url, [mirror.url])
-            ctrd.pull(ref, hosts)
-            _unpacked(ctrd, ref, images.files, node_dir / name / "mnt")
+    before = registry.blob_bytes("team/app")
     blobs = images.layout.blobs_of(images.v1) - {images.v1.digest}
-    # Once per mirror. With the mirror in the node core, node2 takes them from node1.
-    assert _pulled_blobs(registry, "team/app", before) == Counter({d: 2 for d in blobs})
+    with MirrorCluster(node_dir / "cluster", [registry.host]) as cluster:
+        for index, node in enumerate(cluster.nodes):
+            hosts = node_dir / node.name / "hosts"
+            write_hosts_toml(hosts, registry.host, registry.url, [cluster.mirror_url(index)])
+            with Containerd(node_dir / node.name / "containerd") as ctrd:
+                ctrd.pull(ref, hosts)
+                _unpacked(ctrd, ref, images.files, node_dir / node.name / "mnt")
+            # Reported: the next node finds each blob at this one.
+            for digest in blobs:
+                wait_until(
+                    functools.partial(_holds, cluster, node.name, digest),
+                    30,
+                    f"{node.name} reported as holding {digest}",
+                    evidence=node.log_tail,
+                )
+        second = cluster.nodes[1].log_text(whole=True)
+    # Every blob went through the mirrors (containerd never fell back to the registry)...
+    assert "cannot fetch" not in second and "rejected" not in second
+    # ...and the registry served each blob's bytes once across both nodes (a blob larger
+    # than a chunk in several ranged reads).
+    sizes = {d: len(images.layout.data[d]) for d in blobs}
+    assert registry.blob_bytes("team/app") - before == Counter(sizes)
+
+
+@needs_fuse
+def test_two_nodes_pulling_at_once_still_read_each_blob_once(
+    node_dir: Path, registry: Registry
+) -> None:
+    """Both containerds at the same moment, layers of several chunks: one node reads each
+    blob from the registry whole (a claim on all its chunks) while the other waits and
+    takes it from that node once verified; no blob is split between them (each would
+    hold its part back until the blob verified, and neither could)."""
+    layout = Layout(node_dir / "big-layout")
+    rng = random.Random(2612)
+    layers = [layout.random_layer(rng, 2, 8 * MiB + i, prefix=f"l{i}/") for i in range(4)]
+    image = layout.image(layers)
+    layout.tag(image, "v1")
+    registry.push(layout, "v1", "team/big:v1")
+    ref = f"{registry.host}/team/big:v1"
+    before = registry.blob_bytes("team/big")
+    with MirrorCluster(node_dir / "cluster", [registry.host]) as cluster:
+        ctrds = [Containerd(node_dir / f"c{i}") for i in range(2)]
+        try:
+            hosts = []
+            for index, ctrd in enumerate(ctrds):
+                ctrd.start()
+                mirror = [cluster.mirror_url(index)]
+                hosts.append(
+                    write_hosts_toml(node_dir / f"h{index}", registry.host, registry.url, mirror)
+                )
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                pulls = [pool.submit(c.pull, ref, h) for c, h in zip(ctrds, hosts, strict=True)]
+                for pull in pulls:
+                    pull.result()
+            for ctrd in ctrds:
+                check = ctrd.check(ref)
+                assert check.complete and check.unpacked, check
+        finally:
+            for ctrd in ctrds:
+                ctrd.cleanup()
+        logs = "".join(node.log_text(whole=True) for node in cluster.nodes)
+    assert "503 UNAVAILABLE" not in logs  # no mirror gave up waiting for the other
+    blobs = layout.blobs_of(image) - {image.digest}
+    sizes = {d: len(layout.data[d]) for d in blobs}
+    assert registry.blob_bytes("team/big") - before == Counter(sizes)
+
+
+@needs_fuse
+def test_a_corrupted_blob_is_rejected_by_the_node_and_never_reaches_a_peer(
+    node_dir: Path, registry: Registry, images: Images
+) -> None:
+    """The node mirrors reach the registry through a proxy that flips a byte of the base
+    layer: each node rejects it (its log names the digest), containerd falls back to the
+    registry itself, and no node ever holds the blob, so none offers it to a peer."""
+    base = next(d for d in images.layout.blobs_of(images.v1) if len(images.layout.data[d]) > MiB)
+    good = images.layout.blobs_of(images.v1) - {base, images.v1.digest}
+    with (
+        RegistryProxy(registry) as proxy,
+        MirrorCluster(node_dir / "cluster", [proxy.hostport]) as cluster,
+    ):
+        proxy.flip.add(base)
+        ref = f"{proxy.hostport}/team/app:v1"
+        for index, node in enumerate(cluster.nodes):
+            hosts = node_dir / node.name / "hosts"
+            mirror = [cluster.mirror_url(index)]
+            write_hosts_toml(hosts, proxy.hostport, registry.url, mirror)
+            with Containerd(node_dir / node.name / "containerd") as ctrd:
+                ctrd.pull(ref, hosts)
+                _unpacked(ctrd, ref, images.files, node_dir / node.name / "mnt")
+            log = node.log_text(whole=True)
+            assert re.search(rf"(rejected|cannot fetch) {base}\b", log), log[-3000:]
+            assert "502" in log
+            # No digest of it was ever recorded: no node reported a chunk of it, so none
+            # could be offered to a peer.
+            assert cluster.chunk_digests(base) == {}
+            assert cluster.store_objects(node) >= {_object(d) for d in good}
+            assert _object(base) not in cluster.store_objects(node)
+
+
+@needs_fuse
+def test_an_image_dataset_is_served_from_the_cache_and_its_tag_without_the_registry(
+    node_dir: Path, registry: Registry, images: Images
+) -> None:
+    """`syncbit pull oci://...` brings an image to a node: containerd's pull through that
+    node's mirror then takes no blob from the registry (the dataset's objects are the
+    mirror's), and with the registry gone the tag resolves to the dataset's pinned digest
+    and the whole image comes from the node."""
+    blobs = images.layout.blobs_of(images.v1) - {images.v1.digest}
+    with (
+        RegistryProxy(registry) as proxy,  # the registry as the node sees it, until stopped
+        MirrorCluster(node_dir / "cluster", [proxy.hostport], count=1) as cluster,
+    ):
+        node = cluster.nodes[0]
+        uri = f"oci://{proxy.hostport}/team/app:v1"
+        argv = [*SYNCBIT, "pull", uri, "--name", "app", "-o", "insecure=true"]
+        argv += ["--scheduler", cluster.scheduler.url, "--daemon", node.address]
+        done = run_cli(argv, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for command in (["dataset", "ls"], ["status"]):  # the image, by its pinned digest
+            shown = run_cli([*SYNCBIT, *command, "--scheduler", cluster.scheduler.url])
+            assert shown.returncode == 0, shown.stderr
+            assert re.search(rf"^app\s+{images.v1.digest}\s+-$", shown.stdout, re.M), shown.stdout
+        assert cluster.store_objects(node) >= {
+            _object(d) for d in images.layout.blobs_of(images.v1)
+        }
+        ref = f"{proxy.hostport}/team/app:v1"
+        server = f"http://{proxy.hostport}"
+        hosts = write_hosts_toml(
+            node_dir / "hosts", proxy.hostport, server, [cluster.mirror_url(0)]
+        )
+        proxy.stop()  # the registry is gone (and containerd's fallback with it)
+        with Containerd(node_dir / "c1") as ctrd:
+            ctrd.pull(ref, hosts)
+            assert ctrd.check(ref).digest == images.v1.digest
+            _unpacked(ctrd, ref, images.files, node_dir / "mnt1")
+        log = node.log_text(whole=True)
+        assert "answering the dataset's pinned" in log
+        proxy.start()  # back, on the same port: tags go to it again, blobs stay local
+        before = registry.blob_bytes("team/app")
+        with Containerd(node_dir / "c2") as ctrd:
+            ctrd.pull(ref, hosts)
+            _unpacked(ctrd, ref, images.files, node_dir / "mnt2")
+        assert registry.blob_bytes("team/app") - before == Counter()
+        assert node.log_text(whole=True).count("answering the dataset's pinned") == 1
+    assert blobs  # the image has blobs at all
+
+
+def _holds(cluster: MirrorCluster, node: str, digest: str) -> bool:
+    return node in cluster.holders(digest)
+
+
+def _object(digest: str) -> str:
+    return identity_digest("sha256", digest.partition(":")[2])
 
 
 def test_a_moved_tag_is_followed_and_only_new_blobs_are_fetched(

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE
 from syncbit.errors import ConfigError, InvalidSourceError
+
+if TYPE_CHECKING:
+    from syncbit.mirror.config import MirrorConfig
 
 _UNITS = {
     "": 1,
@@ -167,7 +178,39 @@ class DaemonConfig(_Strict):
     kubernetes: bool = Field(False, description="keep this Node's labels/taint in step")
     kubeconfig: Path | None = Field(None, description="none: in-cluster service account")
     kubernetes_interval: float = Field(5.0, gt=0)
+    mirror: dict[str, Any] | None = Field(
+        None,
+        description="the node's registry mirror (keys of `python -m syncbit.mirror serve`'s "
+        "config; listen defaults to 127.0.0.1:5050, cache_dir to <cache_dir>/mirror); "
+        "absent: no mirror",
+    )
     log_level: str = "info"
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Checked here (a bad key fails start-up), kept as given: `mirror_config` builds
+        the model, whose module is imported only by nodes that mirror."""
+        if value is not None:
+            from syncbit.mirror.config import MirrorConfig
+
+            try:
+                MirrorConfig.model_validate(value)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = ".".join(str(p) for p in err["loc"]) or "(root)"
+                raise ValueError(f"{key}: {err['msg']}") from None
+        return value
+
+    def mirror_config(self) -> MirrorConfig | None:
+        """The registry mirror's settings, or None when this node runs none."""
+        if self.mirror is None:
+            return None
+        from syncbit.mirror.config import MirrorConfig
+
+        return MirrorConfig.model_validate(
+            {"cache_dir": self.cache_dir / "mirror", "log_level": self.log_level, **self.mirror}
+        )
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -181,6 +181,7 @@ SCHEDULER_ROUTES: list[tuple[str, str, Any, set[str] | None]] = [
     ("DELETE", "/v1/datasets/ds/targets", {"targets": [{"node": "n1"}]}, ADMIN),
     ("POST", f"/v1/objects/{OID}/claims", {"node": "n1", "chunks": [0]}, NODE_N1),
     ("POST", f"/v1/objects/{OID}/release", {"node": "n1", "chunks": [0]}, NODE_N1),
+    ("POST", f"/v1/objects/{OID}/geometry", {"node": "n1", "size": 9, "chunk_size": 4}, NODE_N1),
     ("POST", "/v1/nodes/n1/chunks", {"add": [], "remove": []}, NODE_N1),
     ("GET", "/v1/datasets", None, READERS),
     ("POST", "/v1/datasets", {"name": "ds2", "source": "mem://x/"}, ADMIN),

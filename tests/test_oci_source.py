@@ -51,6 +51,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import Listing, Source, open_source
 from syncbit.sources.oci import INLINE_LIMIT, OciSource
+from syncbit.sources.oci.summary import image_summary
 from syncbit.sources.oci.transport import check_target
 
 _WHY = registry_unavailable()
@@ -283,6 +284,28 @@ def test_platform_option_chooses_one_image(anon: Registry, images: Images) -> No
     # The chosen image's blobs, and the pinned index itself; nothing of linux/amd64.
     wanted = images.layout.blobs_of(images.arm) | {images.multi.digest}
     assert blobs == {d.partition(":")[2] for d in wanted}
+
+
+def test_status_names_an_image_by_its_pinned_digest_and_platforms(
+    anon: Registry, images: Images
+) -> None:
+    """What `status` and `dataset ls` show of an image dataset, from its listing alone."""
+    summaries = {}
+    for tag, options in (("multi", {}), ("multi", {"platform": "linux/arm64"}), ("v1.4", {})):
+        source, listing = _listing(f"oci://{anon.host}/team/app:{tag}", **options)
+        with closing(source):
+            summaries[tag, bool(options)] = image_summary(listing.files)
+    assert summaries["multi", False] == {
+        "digest": images.multi.digest,
+        "platforms": ["linux/amd64", "linux/arm64/v8"],
+    }
+    assert summaries["multi", True] == {
+        "digest": images.arm.digest,
+        "platforms": ["linux/arm64/v8"],
+    }
+    # A single-platform image names its platform only in its config (not in the listing).
+    assert summaries["v1.4", False] == {"digest": images.v1.digest, "platforms": []}
+    assert image_summary([]) is None
 
 
 def test_platform_not_in_the_index_is_a_user_error(anon: Registry) -> None:

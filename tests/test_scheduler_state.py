@@ -240,6 +240,41 @@ async def test_chunk_input_is_validated(state: SchedulerState) -> None:
         await add(state, "n1", OBJ_A, 10, 8, [(0, D1)])
 
 
+async def test_an_object_no_dataset_names_is_reportable_once_registered(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A registry blob a node's mirror serves: unknown until registered, then claimable
+    and reportable like a dataset's object; the first geometry recorded stands, a
+    manifest's wins, and the registration is durable."""
+    async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock) as state:
+        with pytest.raises(NotFoundError, match="no dataset names it"):
+            await add(state, "n1", OBJ_B, 10, CHUNK, [(0, D1)])
+        assert await state.catalog.register_object(OBJ_B, 10, CHUNK) == (10, CHUNK)
+        assert await state.catalog.register_object(OBJ_B, 99, 8) == (10, CHUNK)  # it stands
+        assert await add(state, "n1", OBJ_B, 10, CHUNK, [(0, D1)]) == []
+        assert state.chunk_map(OBJ_B)["digests"] == {0: D1}
+        await named(state, 10)  # a dataset's own object: its geometry is the manifest's
+        assert await state.catalog.register_object(OBJ_A, 12, CHUNK) == (10, CHUNK)
+        with pytest.raises(UserError, match="invalid size"):
+            await state.catalog.register_object("c" * 64, 0, CHUNK)
+        with pytest.raises(UserError, match="invalid object id"):
+            await state.catalog.register_object("xyz", 10, CHUNK)
+    async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock) as state:
+        assert await state.catalog.register_object(OBJ_B, 99, 8) == (10, CHUNK)
+        assert state.chunk_map(OBJ_B)["digests"] == {0: D1}
+
+
+async def test_registered_objects_are_bounded(
+    state: SchedulerState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("syncbit.scheduler.catalog.MAX_REGISTERED_OBJECTS", 2)
+    await state.catalog.register_object("c" * 64, 10, CHUNK)
+    await state.catalog.register_object("d" * 64, 10, CHUNK)
+    await state.catalog.register_object("c" * 64, 10, CHUNK)  # known already: no new entry
+    with pytest.raises(UserError, match="the limit"):
+        await state.catalog.register_object("e" * 64, 10, CHUNK)
+
+
 async def test_holder_bits_add_and_remove(state: SchedulerState) -> None:
     await beat(state, "n1")
     await named(state, 100)

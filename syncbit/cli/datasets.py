@@ -75,6 +75,16 @@ def dataset_add(
     )
 
 
+def image_lines(datasets: list[dict[str, Any]]) -> list[str]:
+    """Below a datasets table: each image dataset's pinned digest and its platforms."""
+    rows = [
+        [d["name"], d["image"]["digest"], ",".join(d["image"]["platforms"]) or "-"]
+        for d in datasets
+        if isinstance(d.get("image"), dict)
+    ]
+    return ["", *table(["IMAGE", "DIGEST", "PLATFORMS"], rows).splitlines()] if rows else []
+
+
 @app.command("ls")
 @guarded
 def dataset_ls(scheduler: SchedulerOpt = DEFAULT_SCHEDULER, as_json: JsonOpt = False) -> None:
@@ -88,6 +98,8 @@ def dataset_ls(scheduler: SchedulerOpt = DEFAULT_SCHEDULER, as_json: JsonOpt = F
         for d in listing["datasets"]
     ]
     typer.echo(table(["NAME", "REVISION", "FILES", "SIZE", "SOURCE"], rows))
+    for line in image_lines(listing["datasets"]):
+        typer.echo(line)
 
 
 @app.command("rm")

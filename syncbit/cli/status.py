@@ -14,6 +14,7 @@ import typer
 from syncbit.auth import DEFAULT_SCHEDULER
 from syncbit.cli.cache import disk_full_warning
 from syncbit.cli.common import SchedulerOpt, scheduler_call
+from syncbit.cli.datasets import image_lines
 from syncbit.cli.exits import guarded
 from syncbit.cli.nodes import node_rows
 from syncbit.humanize import size_text, table
@@ -52,6 +53,8 @@ def status(
     typer.echo(
         table(["DATASET", "REVISION", "FILES", "SIZE", "CACHED", "READY", "SOURCE"], datasets)
     )
+    for line in image_lines(doc["datasets"]):
+        typer.echo(line)
 
 
 def _warnings(doc: dict[str, Any]) -> Iterator[str]:

@@ -188,10 +188,12 @@ class BlobCache:
         what: str,
         manifest: bool = False,
         limiter: trio.CapacityLimiter | None = None,
+        limit: int | None = None,
     ) -> Content:
         """The content of `digest`, from the cache or filled by `fetch` in a worker thread
         (under `limiter`); one fill per digest at a time, and those who wait take its
-        result, or try themselves when it failed."""
+        result, or try themselves when it failed. A fill takes at most `limit` bytes
+        (default: `size` when known, else the cache's budget)."""
         hex_digest = check_digest(digest)
         lock, waiters = self._flights.get(hex_digest, (trio.Lock(), 0))
         self._flights[hex_digest] = (lock, waiters + 1)
@@ -200,7 +202,7 @@ class BlobCache:
                 found = self.lookup(digest, manifest)
                 if found is not None:
                     return found
-                return await self._fill(hex_digest, fetch, size, what, limiter)
+                return await self._fill(hex_digest, fetch, size, what, limiter, limit)
         finally:
             lock, waiters = self._flights[hex_digest]
             if waiters == 1:
@@ -215,8 +217,10 @@ class BlobCache:
         size: int | None,
         what: str,
         limiter: trio.CapacityLimiter | None,
+        limit: int | None = None,
     ) -> Content:
-        limit = size if size is not None else self.max_bytes
+        if limit is None:
+            limit = size if size is not None else self.max_bytes
         entry = await trio.to_thread.run_sync(
             self._fill_sync, hex_digest, fetch, limit, what, limiter=limiter
         )

@@ -232,6 +232,21 @@ class UpstreamSource:
         await self.cache.ensure(digest, lambda sink: _put(sink, body, media_type), None, what, True)
         return Content(digest, len(body), media_type)
 
+    async def blob_size(self, repo: Repository, digest: str) -> int:
+        """The size the upstream registry gives blob `digest` (a HEAD: no bytes move). A
+        claim is only as good as this number: the blob's bytes are checked against the
+        digest all the same, so a wrong size fails the blob, never passes it."""
+        what = f"blob {digest} of {repo}"
+        answer = await self._call(
+            repo, lambda c: c.exchange("HEAD", f"blobs/{digest}", f"{ACCEPT}, */*", what)
+        )
+        if answer.status != 200:
+            raise _refusal(answer, what, repo.registry, "BLOB_UNKNOWN")
+        length = answer.headers.get("content-length", "")
+        if not length.isdigit() or len(length) > 18:
+            raise RegistryError(f"{what}: the registry names no size", "UNKNOWN", 502)
+        return int(length)
+
     @contextlib.asynccontextmanager
     async def manifest(self, repo: Repository, digest: str) -> AsyncIterator[CachedBlob]:
         what = f"manifest {digest} of {repo}"
@@ -288,7 +303,7 @@ class UpstreamSource:
 
         async with self._using(repo) as client:
             return await self.cache.ensure(
-                digest, functools.partial(fetch, client), limit, what, manifest, self._limiter
+                digest, functools.partial(fetch, client), size, what, manifest, self._limiter, limit
             )
 
     async def _call(self, repo: Repository, call: Callable[[UpstreamClient], T]) -> T:

@@ -19,6 +19,7 @@ import trio
 from syncbit import looptrace, tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
+from syncbit.errors import SyncbitError
 from syncbit.fetch import Fetcher, Jobs
 from syncbit.fs.kernel import Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
@@ -259,6 +260,42 @@ class Node:
         nursery.start_soon(self.sync.dataset_loop)
         if self.kube is not None:
             nursery.start_soon(self.kube.run, self.sync.kube_state, self.config.kubernetes_interval)
+        if self.config.mirror is not None:
+            await nursery.start(self._serve_mirror)
+
+    async def _serve_mirror(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        """The registry mirror over this node's store, fetch layer and peers, until the
+        nursery is cancelled. Imported here: only nodes that mirror load its HTTP stack."""
+        from syncbit.mirror import BlobCache, UpstreamSource, serve
+        from syncbit.node.mirror import NodeBlobSource
+
+        cfg = self.config.mirror_config()
+        assert cfg is not None
+        node = self.config.node
+        cache = await BlobCache.open(cfg.cache_dir, cfg.cache_size)
+        upstream = UpstreamSource(cfg, cache)
+        source = NodeBlobSource(
+            cfg,
+            upstream,
+            self.store,
+            self.fetcher,
+            self.directory,
+            lambda oid, size, cs: self.client.register_object(node, oid, size, cs),
+            lambda: self.sync.manifests.values(),
+        )
+        self.reporter.shareable = source.shareable
+        try:
+            try:
+                await serve(cfg, source, trio.Event(), task_status=task_status)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                raise SyncbitError(
+                    f"cannot serve the registry mirror on {cfg.listen}: {why}"
+                ) from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await upstream.close()
+                await trio.to_thread.run_sync(source.close)
 
     async def _tune_mount(self) -> None:
         """Raise the mount's readahead once the kernel has applied the INIT reply (which

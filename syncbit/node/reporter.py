@@ -6,6 +6,7 @@ answer. Never blocks the trio loop, never touches chunk bytes.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from syncbit.store import ObjectStore, StoredObject
 log = logging.getLogger("syncbit.daemon")
 
 _REPORT_BATCH = 4096  # chunks per report
+_HELD_BACK_POLL = 0.2  # seconds between looks at chunks held back from reports
 _BEAT_BACKOFF = 4  # missed heartbeats stretch the interval up to this many times
 
 
@@ -80,6 +82,9 @@ class Reporter:
         # holders are its soft state, so another one (a restart, a new leader) is told it
         # all again.
         self._scheduler_epoch: str | None = None
+        # Whether the chunks of an object may be offered to other nodes yet: the registry
+        # mirror holds a blob back until its whole sha256 checked (`NodeBlobSource`).
+        self.shareable: Callable[[StoredObject], bool] = lambda obj: True
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -228,22 +233,32 @@ class Reporter:
         """Tell the scheduler which chunks became durable here (with their digests)."""
         backlog = _held(self._store)
         unsent: list[tuple[StoredObject, list[int]]] = []  # removals a failed report kept
+        held_back: list[tuple[StoredObject, int, str]] = []  # not shareable yet
         delays = backoff_delays(base=1.0, cap=5.0)
         while True:
             changes = self._store.changes.take()
             if not backlog and not unsent and not changes:
-                changes = await self._store.changes.next()
+                # Held-back chunks are looked at again now and then: becoming shareable is
+                # no store change.
+                with trio.move_on_after(_HELD_BACK_POLL if held_back else math.inf):
+                    changes = await self._store.changes.next()
             backlog.extend(changes.durable)
+            backlog, held_back = backlog + held_back, []
             removed, unsent = unsent + changes.removed, []
             # Say what is true now: a chunk evicted and fetched again since the last report
             # is held (added, not removed); one evicted after it became durable is not.
             backlog = [b for b in backlog if b[1] in b[0].durable]
+            held_back = [b for b in backlog if not self.shareable(b[0])]
+            if held_back:
+                backlog = [b for b in backlog if self.shareable(b[0])]
             batch, backlog = backlog[:_REPORT_BATCH], backlog[_REPORT_BATCH:]
             remove = [
                 {"object": o.id, "chunks": gone}
                 for o, idx in removed
                 if (gone := [i for i in idx if i not in o.durable])
             ]
+            if not batch and not remove:
+                continue
             try:
                 await self._report(batch, remove)
             except SyncbitError as exc:

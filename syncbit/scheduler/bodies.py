@@ -98,6 +98,12 @@ class ClaimBody(_Body):
     ttl: float = Field(30.0, gt=0, le=3600)
 
 
+class GeometryBody(_Body):
+    node: Name
+    size: Count
+    chunk_size: int = Field(gt=0, le=_MAX_INT)
+
+
 class DatasetBody(_Body):
     name: Name
     source: Annotated[str, StringConstraints(min_length=1, max_length=8192)]

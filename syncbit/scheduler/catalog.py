@@ -11,14 +11,16 @@ import json
 import logging
 from typing import Any
 
-from syncbit.chunks import identity_digest
-from syncbit.errors import NotFoundError
+from syncbit.chunks import chunk_count, identity_digest
+from syncbit.errors import NotFoundError, UserError
 from syncbit.manifest import Manifest, build_manifest
 from syncbit.scheduler.facts import DatasetFacts, Facts, Txn
 from syncbit.scheduler.objects import BLOCK, block_key
 from syncbit.scheduler.records import (
+    MAX_CHUNK_INDEX,
     DatasetExistsError,
     check_name,
+    check_oid,
     dataset_summary,
     describe_target,
     is_oid,
@@ -26,6 +28,10 @@ from syncbit.scheduler.records import (
 from syncbit.scheduler.trust import Trust
 
 log = logging.getLogger("syncbit.scheduler")
+
+# Objects no manifest named that nodes' registry mirrors registered (`register_object`):
+# their count bounds what claims and reports may name beyond the registered datasets.
+MAX_REGISTERED_OBJECTS = 100_000
 
 
 class Catalog:
@@ -84,6 +90,30 @@ class Catalog:
                 generation,
             )
         return summary, True
+
+    async def register_object(self, object_id: str, size: int, chunk_size: int) -> tuple[int, int]:
+        """Record the size and chunk size of an object no manifest named yet (a registry
+        blob a node's mirror serves: its id is its sha256, so no two contents share it), so
+        that its chunks can be claimed, reported and fetched from peers like any dataset's.
+        Returns the recorded (size, chunk size): one already known stands (a manifest's,
+        or the first registration), and a manifest naming the object later overrides a
+        registration. At most MAX_REGISTERED_OBJECTS are added this way (UserError beyond).
+        """
+        object_id = check_oid(object_id)
+        if size <= 0 or chunk_size <= 0 or chunk_count(size, chunk_size) > MAX_CHUNK_INDEX:
+            raise UserError(f"object {object_id}: invalid size {size} / chunk size {chunk_size}")
+        async with self.facts.transaction() as txn:
+            known = self.facts.objects.get(object_id)
+            if known is not None:
+                return known.size, known.chunk_size
+            if len(self.facts.registered) >= MAX_REGISTERED_OBJECTS:
+                raise UserError(
+                    f"{len(self.facts.registered)} objects outside datasets are registered "
+                    "already (the limit)"
+                )
+            doc = {"size": size, "chunk_size": chunk_size}
+            txn.put(f"object/{object_id}", json.dumps(doc).encode())
+        return size, chunk_size
 
     def _drop_other_geometry(self, txn: Txn, manifest: Manifest) -> None:
         """Chunk facts recorded against another size or chunk size than this manifest's

@@ -24,6 +24,7 @@ from syncbit.scheduler.bodies import (
     CheckBody,
     ChunksBody,
     ClaimBody,
+    GeometryBody,
     ObjectRef,
     ReportBody,
     UpdatesQuery,
@@ -166,6 +167,15 @@ class ChunkHandlers:
         return json_bytes(
             {"granted": granted, "busy": busy, "held": [i for i in req.chunks if i in held]}
         )
+
+    async def _register_object(self, c: Call) -> bytes:
+        """An object no manifest named (a registry blob a node's mirror serves) made
+        claimable and reportable; answers the geometry recorded, which may be another's."""
+        req: GeometryBody = parse(GeometryBody, c.doc())
+        size, chunk_size = await self.state.catalog.register_object(
+            self._object(c), req.size, req.chunk_size
+        )
+        return json_bytes({"size": size, "chunk_size": chunk_size})
 
     def _check_indexes(self, object_id: str, indexes: list[int]) -> None:
         """Claims name chunks of objects a manifest named, within the object's size: what

@@ -221,6 +221,17 @@ class SchedulerClient:
             )
         raise AssertionError("unreachable")
 
+    async def register_object(
+        self, node: str, object_id: str, size: int, chunk_size: int
+    ) -> tuple[int, int]:
+        """Make an object no dataset names claimable and reportable (a registry blob the
+        node's mirror serves); the (size, chunk size) the scheduler records for it."""
+        body = {"node": node, "size": size, "chunk_size": chunk_size}
+        doc = await self._request("POST", f"/v1/objects/{_segment(object_id)}/geometry", body)
+        with self._shape("POST geometry"):
+            return int(doc["size"]), int(doc["chunk_size"])
+        raise AssertionError("unreachable")
+
     async def release(self, node: str, object_id: str, chunks: list[int]) -> None:
         """Give up claims on `chunks` (the source fetch failed)."""
         body = {"node": node, "chunks": chunks}

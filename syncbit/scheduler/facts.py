@@ -1,11 +1,12 @@
 """The scheduler's durable facts, mirrored in memory, and the one path that writes them to
 the `DurableStore` (`kv.py`: LMDB on one node, etcd for replicas).
 
-Durable: datasets (their manifests), assignment targets, node registrations (address, the
-daemon's labels, operator label edits), quarantined nodes, broken objects, open disputes,
-and chunk digests with who established them (`objects.py`). Each decides what a node may
-hold, serve or be trusted with, and none of it can be asked of the nodes again after a
-restart. Liveness, loads, holders and claims are soft state: never here.
+Durable: datasets (their manifests), registered objects, assignment targets, node
+registrations (address, the daemon's labels, operator label edits), quarantined nodes,
+broken objects, open disputes, and chunk digests with who established them
+(`objects.py`). Each decides what a node may hold, serve or be trusted with, and none of
+it can be asked of the nodes again after a restart. Liveness, loads, holders and claims
+are soft state: never here.
 
 Reads never touch storage. A write is a transaction: its body reads the mirror and stages
 puts and deletes, the commit writes them, and only then `apply` updates the mirror; the
@@ -15,7 +16,8 @@ atomic. `batched` joins the small writes that arrive while a commit runs into th
 one (group commit): a registration storm or a swarm's first digests cost a few commits,
 not one each. A transaction larger than one store commit may carry is split in order.
 
-Keys: dataset/<name> (manifest JSON), targets/<name>, node/<name>, quarantine/<node>,
+Keys: dataset/<name> (manifest JSON), object/<id> (the geometry of an object no manifest
+names, registered by a node's registry mirror), targets/<name>, node/<name>, quarantine/<node>,
 broken/<object>, dispute/<object>/<chunk>, digests/<object>/<block> (`objects.py`).
 """
 
@@ -46,7 +48,17 @@ log = logging.getLogger("syncbit.scheduler")
 
 T = TypeVar("T")
 MAX_COMMIT_KEYS = 48  # etcd: two operations per key, at most 128 per transaction
-_PREFIXES = ("dataset/", "targets/", "node/", "quarantine/", "broken/", "dispute/", DIGESTS)
+# Datasets load before registrations: a manifest's geometry wins over a registration's.
+_PREFIXES = (
+    "dataset/",
+    "object/",
+    "targets/",
+    "node/",
+    "quarantine/",
+    "broken/",
+    "dispute/",
+    DIGESTS,
+)
 
 
 @dataclass
@@ -125,6 +137,7 @@ class Facts:
         self.broken: dict[str, dict[str, Any]] = {}
         self.disputes: dict[tuple[str, int], dict[str, Any]] = {}
         self.objects: dict[str, ObjectFacts] = {}
+        self.registered: set[str] = set()  # objects no manifest named, registered by nodes
         self.generation = 0
         # Called with (object id, chunk indexes) when an object's chunk facts (digests,
         # disputes) changed, and with no indexes when the object changed as a whole.
@@ -157,6 +170,8 @@ class Facts:
         try:
             if kind == "dataset":
                 self._apply_dataset(rest, value)
+            elif kind == "object":
+                self._apply_registration(rest, value)
             elif kind == "targets":
                 _set(self.targets, rest, None if value is None else json.loads(value))
             elif kind == "node":
@@ -188,6 +203,17 @@ class Facts:
         for entry in manifest.files:
             if entry.size and is_oid(entry.object):
                 self._geometry(entry.object.lower(), entry.size, manifest.chunk_size)
+
+    def _apply_registration(self, object_id: str, value: bytes | None) -> None:
+        """An object no manifest named, registered with its geometry (a registry blob a
+        node's mirror serves); a geometry already known (a manifest's) stands."""
+        if value is None:
+            self.registered.discard(object_id)
+            return
+        doc = json.loads(value)
+        self.registered.add(object_id)
+        if object_id not in self.objects:
+            self._geometry(object_id, int(doc["size"]), int(doc["chunk_size"]))
 
     def _geometry(self, object_id: str, size: int, chunk_size: int) -> ObjectFacts:
         """The object's facts, made anew when another geometry wins (its chunk facts, of

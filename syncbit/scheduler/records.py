@@ -76,8 +76,9 @@ def describe_target(target: dict[str, Any]) -> str:
 
 
 def dataset_summary(manifest: Manifest) -> dict[str, Any]:
-    """The listing entry of a dataset: everything but its files."""
-    return {
+    """The listing entry of a dataset: everything but its files (for an image, the
+    digest its tag was pinned to and its platforms, as `image`)."""
+    summary: dict[str, Any] = {
         "name": manifest.dataset,
         "source": manifest.source,
         "revision": manifest.revision,
@@ -85,6 +86,13 @@ def dataset_summary(manifest: Manifest) -> dict[str, Any]:
         "size": manifest.total_size,
         "created": manifest.created,
     }
+    if manifest.source.startswith("oci://"):
+        from syncbit.sources.oci.summary import image_summary
+
+        image = image_summary(manifest.files)
+        if image is not None:
+            summary["image"] = image
+    return summary
 
 
 def held_bytes(mask: int, size: int, chunk_size: int) -> int:

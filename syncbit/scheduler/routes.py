@@ -45,6 +45,7 @@ RULES: dict[str, Rule | None] = {
     "add_targets": Rule(),
     "remove_targets": Rule(),
     "claim": Rule((Role.NODE,), own="node"),
+    "register_object": Rule((Role.NODE,), own="node"),
     "release": Rule((Role.NODE,), own="node"),
     "chunks": Rule((Role.NODE,), own="path"),
     "datasets": Rule((Role.READER,)),
@@ -68,6 +69,7 @@ BODY_LIMITS = {
     "add_targets": SMALL_BODY,
     "remove_targets": SMALL_BODY,
     "claim": SMALL_BODY,
+    "register_object": SMALL_BODY,
     "release": SMALL_BODY,
     "chunks": CHUNKS_BODY,
     "add_dataset": SMALL_BODY,
@@ -119,6 +121,8 @@ def _table(seg: list[str]) -> dict[str, str]:
             return {"POST": "add_targets", "DELETE": "remove_targets"}
         case ["v1", "objects", _, "claims"]:
             return {"POST": "claim"}
+        case ["v1", "objects", _, "geometry"]:
+            return {"POST": "register_object"}
         case ["v1", "objects", _, "release"]:
             return {"POST": "release"}
         case ["v1", "objects", _, "checks"]:

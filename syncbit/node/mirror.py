@@ -1,0 +1,366 @@
+"""The registry mirror's node side: the `BlobSource` that serves blobs through the node's
+store and fetch layer, so a blob comes from this node's cache, else from a peer that holds
+it, else from the upstream registry once per cluster (the scheduler's claims, as for any
+chunk), and is reported like any chunk so that the next node takes it from a peer.
+
+Owns the mapping of a registry blob to an object: its id is `identity_digest("sha256",
+hex)`, as the oci:// source names it, so a blob a dataset holds and one a pull brought are
+one object; an object no dataset names is registered with the scheduler first. Never
+hands out a byte before the whole blob matched its sha256 (`Fetcher.ensure` checks it),
+never offers a blob it fetched to peers before that, never resolves a tag differently
+from a reachable upstream (tags and manifests go to the mirror's own upstream source;
+only when it cannot be reached, to what an image dataset pinned), and never reaches the
+network for a blob the store holds complete. Trio thread only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from syncbit.chunks import DEFAULT_CHUNK_SIZE, chunk_count, identity_digest
+from syncbit.errors import (
+    CacheFullError,
+    InvalidSourceError,
+    ReadDeadlineError,
+    RegistryError,
+    SchedulerError,
+    SourceChangedError,
+    SourceError,
+    SourceUnavailableError,
+    SyncbitError,
+    UserError,
+)
+from syncbit.fetch import ChunkDirectory, Fetcher, OpenFile, Priority
+from syncbit.manifest import FileEntry, Manifest
+from syncbit.mirror.backend import BLOB_TYPE, Blob, Content, Repository
+from syncbit.mirror.cache import MAX_READ, CachedBlob, check_digest
+from syncbit.mirror.config import MirrorConfig
+from syncbit.mirror.upstream import UpstreamSource
+from syncbit.scheduler.client import MAX_CLAIM_CHUNKS
+from syncbit.sources.oci import MAX_MANIFEST_BYTES, OciReference, OciSource, parse_oci_uri
+from syncbit.store import ObjectStore, StoredObject
+
+__all__ = ["NodeBlobSource", "StoredBlob", "blob_entry"]
+
+log = logging.getLogger("syncbit.mirror.node")
+
+MAX_SOURCES = 64  # repositories with an open oci:// source (connections, a token) kept
+
+# Asks the scheduler to record an object no dataset names: (object id, size, chunk size)
+# -> the (size, chunk size) it records.
+Register = Callable[[str, int, int], Awaitable[tuple[int, int]]]
+CLAIM_TTL = 120.0  # seconds a whole-blob claim holds before this node's flights renew it
+
+
+def blob_entry(digest: str, size: int) -> FileEntry:
+    """Blob `digest` of `size` bytes as the file the oci:// source lists for it: the same
+    object id, locator and version facts (the whole-blob sha256 the fetch layer checks)."""
+    hex_digest = check_digest(digest)
+    return FileEntry(
+        path=f"blobs/sha256/{hex_digest}",
+        size=size,
+        mode=0o444,
+        object=identity_digest("sha256", hex_digest),
+        locator=f"blob:{digest}",
+        version={"sha256": hex_digest, "size": str(size)},
+    )
+
+
+@dataclass(eq=False)
+class StoredBlob:
+    """A blob held in the node's store (the `Blob` of the backend interface), its whole
+    sha256 verified; held against eviction until the context that handed it out ends."""
+
+    fetcher: Fetcher
+    handle: OpenFile
+    _content: Content
+
+    @property
+    def content(self) -> Content:
+        return self._content
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await self.fetcher.read(self.handle, offset, length)
+        return bytes(data)  # a view of a staged chunk is valid only until a checkpoint
+
+
+class NodeBlobSource:
+    """`BlobSource` over the node's store, fetch layer and peers; tags and manifests from
+    `upstream` (the mirror's own verified cache: small, and a tag must be the upstream's
+    answer). Without the scheduler (down, or refusing the object) a blob comes from
+    `upstream` alone, verified all the same."""
+
+    def __init__(
+        self,
+        config: MirrorConfig,
+        upstream: UpstreamSource,
+        store: ObjectStore,
+        fetcher: Fetcher,
+        directory: ChunkDirectory,
+        register: Register,
+        datasets: Callable[[], Iterable[Manifest]] = tuple,
+    ) -> None:
+        self.config = config
+        self.upstream = upstream
+        self._store = store
+        self._fetcher = fetcher
+        self._register = register
+        self._directory = directory
+        self._datasets = datasets
+        self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
+        self._fetched: set[str] = set()  # objects no dataset names this mirror fetched
+
+    def close(self) -> None:
+        """Blocking (connections close): after serving ended."""
+        sources = list(self._sources.values())
+        self._sources.clear()
+        for source in sources:
+            source.close()
+
+    def shareable(self, obj: StoredObject) -> bool:
+        """Whether other nodes may be offered `obj`'s chunks (the reporter asks): a blob
+        this mirror fetches only once its whole sha256 checked, so a registry's wrong
+        bytes never reach a peer, not even chunk by chunk."""
+        return obj.id not in self._fetched or self._fetcher.is_verified(obj.id)
+
+    # -- the BlobSource interface -------------------------------------------------------------
+
+    async def resolve_tag(self, repo: Repository, tag: str, accept: str | None) -> Content:
+        """The upstream's answer; only when the upstream cannot be reached, the revision a
+        dataset of this node pinned for `repo:tag` (what `dataset add` resolved it to)."""
+        try:
+            return await self.upstream.resolve_tag(repo, tag, accept)
+        except RegistryError as exc:
+            if exc.status != 503:
+                raise
+            pinned = self._pinned_tag(repo, tag)
+            if pinned is None:
+                raise
+            log.warning(
+                "%s:%s: the registry is unreachable (%s): answering the dataset's pinned %s",
+                repo,
+                tag,
+                exc,
+                pinned.digest,
+            )
+            return pinned
+
+    @contextlib.asynccontextmanager
+    async def manifest(self, repo: Repository, digest: str) -> AsyncIterator[Blob]:
+        """From the mirror's own cache or the upstream; when the upstream cannot be reached,
+        from a dataset of this node that holds it (verified as any blob)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                found: Blob = await stack.enter_async_context(self.upstream.manifest(repo, digest))
+            except RegistryError as exc:
+                located = self._in_dataset(digest) if exc.status == 503 else None
+                if located is None:
+                    raise
+                entry, manifest = located
+                held = await stack.enter_async_context(self._held(repo, entry, manifest))
+                found = await _as_manifest(held, f"manifest {digest} of {repo}")
+            yield found
+
+    @contextlib.asynccontextmanager
+    async def blob(
+        self, repo: Repository, digest: str, size: int | None = None
+    ) -> AsyncIterator[StoredBlob | CachedBlob]:
+        what = f"blob {digest} of {repo}"
+        entry, chunk_size = await self._locate(repo, digest, size, what)
+        if entry is None:
+            async with self.upstream.blob(repo, digest, size) as cached:
+                yield cached
+            return
+        if self._in_dataset(digest) is None:  # a dataset's object is the dataset's to share
+            self._fetched.add(entry.object)
+        await self._claim_whole(entry, chunk_size)
+        async with self._held(repo, entry, chunk_size) as blob:
+            yield blob
+
+    async def _claim_whole(self, entry: FileEntry, chunk_size: int) -> None:
+        """Claim every missing chunk of the blob in one request, so that one node reads a
+        blob from the registry whole and the others wait for it: chunks of one blob split
+        between two nodes would each be held back until the blob verified, which neither
+        could do. A split grant (another node claimed some already) is given back."""
+        obj = self._store.get(entry.object)
+        count = chunk_count(entry.size, chunk_size)
+        missing = [i for i in range(count) if obj is None or not obj.has(i)][:MAX_CLAIM_CHUNKS]
+        if not missing:
+            return
+        try:
+            result = await self._directory.claim(entry.object, missing, CLAIM_TTL)
+            if result.granted and result.busy:
+                await self._directory.release(entry.object, result.granted)
+        except SyncbitError as exc:  # the fetch layer claims chunk by chunk then
+            log.debug("no whole claim on %s: %s", entry.locator[5:], exc)
+
+    @contextlib.asynccontextmanager
+    async def _held(
+        self, repo: Repository, entry: FileEntry, chunk_size: int
+    ) -> AsyncIterator[StoredBlob]:
+        """`entry` present in the store and verified, held until the context ends."""
+        source = self._source(repo)
+        await self._ensure(entry, chunk_size, source, f"{entry.locator} of {repo}")
+        handle = self._fetcher.open(entry, chunk_size, source)
+        self._fetcher.hold(handle)
+        try:
+            digest = f"sha256:{entry.version['sha256']}"
+            yield StoredBlob(self._fetcher, handle, Content(digest, entry.size, BLOB_TYPE))
+        finally:
+            self._fetcher.release(handle)
+
+    # -- datasets: what `dataset add` pinned ---------------------------------------------------
+
+    def _image_datasets(self) -> Iterator[tuple[OciReference, Manifest]]:
+        for manifest in self._datasets():
+            if manifest.source.startswith("oci://"):
+                try:
+                    yield parse_oci_uri(manifest.source), manifest
+                except InvalidSourceError:
+                    continue
+
+    def _pinned_tag(self, repo: Repository, tag: str) -> Content | None:
+        """The root manifest a dataset of `repo:tag` pinned (its layout's index.json)."""
+        for ref, manifest in self._image_datasets():
+            if (ref.registry, ref.repository, ref.tag) != (repo.registry, repo.name, tag):
+                continue
+            index = next((f for f in manifest.files if f.path == "index.json"), None)
+            kind, _, data = index.locator.partition(":") if index else ("", "", "")
+            if kind != "data":
+                continue
+            try:
+                root = json.loads(base64.b64decode(data))["manifests"][0]
+                return Content(str(root["digest"]), int(root["size"]), str(root["mediaType"]))
+            except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+                continue
+        return None
+
+    def _in_dataset(self, digest: str) -> tuple[FileEntry, int] | None:
+        """A file of an image dataset holding `digest`, and its chunk size."""
+        path = f"blobs/sha256/{check_digest(digest)}"
+        for _, manifest in self._image_datasets():
+            entry = next((f for f in manifest.files if f.path == path), None)
+            if entry is not None:
+                return entry, manifest.chunk_size
+        return None
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    async def _locate(
+        self, repo: Repository, digest: str, size: int | None, what: str
+    ) -> tuple[FileEntry | None, int]:
+        """The blob as a file of the store's and its chunk size; (None, 0) when the
+        cluster cannot take it (the scheduler unreachable or refusing it)."""
+        object_id = identity_digest("sha256", check_digest(digest))
+        obj = self._store.get(object_id)
+        if obj is not None and obj.size > 0 and all(obj.has(i) for i in range(obj.chunks)):
+            return blob_entry(digest, obj.size), obj.chunk_size  # no network for cached data
+        named = self._in_dataset(digest)
+        if named is not None:  # the scheduler knows it: no registry request, no registration
+            return named
+        if size is None:
+            size = obj.size if obj is not None else await self.upstream.blob_size(repo, digest)
+        if size == 0:
+            return None, 0  # nothing to share: the empty blob comes straight from upstream
+        try:
+            known = await self._register(object_id, size, DEFAULT_CHUNK_SIZE)
+        except (SchedulerError, UserError) as exc:
+            log.warning("%s: the scheduler cannot take it (%s): from the registry alone", what, exc)
+            return None, 0
+        if known[0] != size:
+            log.warning(
+                "%s: the cluster knows it as %d bytes, the registry says %d: from the "
+                "registry alone",
+                what,
+                known[0],
+                size,
+            )
+            return None, 0
+        return blob_entry(digest, size), known[1]
+
+    async def _ensure(
+        self, entry: FileEntry, chunk_size: int, source: OciSource, what: str
+    ) -> None:
+        """Every chunk of the blob present and the whole blob's sha256 checked (from the
+        cache, peers, or the upstream under the cluster's claims), or a RegistryError."""
+        try:
+            await self._fetcher.ensure(entry, chunk_size, source, Priority.FOREGROUND)
+        except SourceChangedError as exc:
+            log.warning("rejected %s (%s): %s; nothing served", entry.locator[5:], what, exc)
+            await self._give_up(entry, chunk_size)
+            raise RegistryError(
+                f"{what}: the bytes do not match its digest: rejected, nothing served",
+                "DIGEST_INVALID",
+                502,
+            ) from exc
+        except (SourceUnavailableError, ReadDeadlineError, CacheFullError) as exc:
+            raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
+        except SourceError as exc:  # refused, or a whole blob read at once failing its digest
+            log.warning("cannot fetch %s (%s): %s; nothing served", entry.locator[5:], what, exc)
+            raise RegistryError(f"{what}: {exc}", "UNKNOWN", 502) from exc
+        except SyncbitError as exc:
+            raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
+
+    async def _give_up(self, entry: FileEntry, chunk_size: int) -> None:
+        """After a rejected blob: this node's claims on its chunks released, so the next
+        node reads the upstream itself at once instead of waiting for them to lapse."""
+        indexes = list(range(chunk_count(entry.size, chunk_size)))
+        try:
+            for start in range(0, len(indexes), MAX_CLAIM_CHUNKS):
+                chunk = indexes[start : start + MAX_CLAIM_CHUNKS]
+                await self._directory.release(entry.object, chunk)
+        except SyncbitError as exc:
+            log.debug("could not release claims on %s: %s", entry.locator[5:], exc)
+
+    def _source(self, repo: Repository) -> OciSource:
+        """The oci:// source of `repo`, with the mirror's options for its registry (the
+        fetch layer reads blob ranges through it); the least recently used closed beyond
+        MAX_SOURCES."""
+        source = self._sources.pop(repo, None)
+        if source is None:
+            options = self.config.upstream(repo.registry)
+            given: dict[str, object] = {"insecure": options.insecure, "timeout": options.timeout}
+            if options.ca is not None:
+                given["ca"] = str(options.ca)
+            source = OciSource(f"oci://{repo.registry}/{repo.name}", given)
+        self._sources[repo] = source
+        while len(self._sources) > MAX_SOURCES:
+            # Not closed: a flight may still read through it; its connections go with it.
+            self._sources.popitem(last=False)
+        return source
+
+
+async def _as_manifest(blob: StoredBlob, what: str) -> CachedManifest:
+    """A verified manifest of the store with the media type its own bytes name."""
+    if blob.content.size > MAX_MANIFEST_BYTES:
+        raise RegistryError(f"{what}: larger than a manifest may be", "MANIFEST_INVALID", 502)
+    body = b""
+    while len(body) < blob.content.size:
+        piece = await blob.read(len(body), min(MAX_READ, blob.content.size - len(body)))
+        if not piece:
+            break
+        body += piece
+    try:
+        media_type = str(json.loads(body)["mediaType"])
+    except (ValueError, KeyError, TypeError):
+        raise RegistryError(f"{what}: names no media type", "MANIFEST_INVALID", 502) from None
+    content = blob.content
+    return CachedManifest(Content(content.digest, content.size, media_type), body)
+
+
+@dataclass(frozen=True)
+class CachedManifest:
+    """A manifest's verified bytes in memory (at most MAX_MANIFEST_BYTES)."""
+
+    content: Content
+    body: bytes
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return self.body[offset : offset + length]
