@@ -107,7 +107,7 @@ def test_the_trio_thread_makes_no_blocking_call(
     # Heartbeats that say the dataset is ready here: they ran after the reads.
     wait_until(
         lambda: {"n1", "n2"} <= set(_status(audited)),
-        20,
+        60,  # heartbeats back off while a loaded scheduler is slow to answer
         "both nodes to report the dataset ready",
     )
     for node in audited.nodes:  # audited indeed: the daemon said so, and its file is there
