@@ -3,9 +3,13 @@ and, per object, a change log that answers "which chunks changed since cursor C"
 
 Holders are bitmaps per (object, node), rebuilt from the nodes' chunk reports after a
 restart. Each chunk offers at most K of its holders, chosen when a place is free by
-`choose` (the peer policy over eligible holders: up and trusted, `eligible`) and kept
-while they stay: a new holder of a chunk that already offers K changes nothing anyone is
-told, so what a node learns about a chunk is bounded by K, never by the cluster's size.
+`choose` (the peer policy over eligible holders: up and trusted, `eligible`). Once K are
+offered, the offers stay a uniform sample of all holders (reservoir sampling): the i-th
+holder takes a random offered place with probability K/i. So the uploads of a chunk
+spread over every node that holds it (the first K holders alone would serve a whole
+cluster: 9x the bound in bench/simulate.py at 1,000 nodes), while a chunk's offers change
+about K*ln(N/K) times over N holders, not N times; what a node learns about a chunk stays
+bounded by K, never by the cluster's size.
 
 Every change of what the scheduler says about a chunk (its offered holders, and, told by
 the state through `touch`: its digest, dispute or source reader) gets the object's next
@@ -21,6 +25,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,6 +49,7 @@ class ObjectHolders:
     masks: dict[str, bytearray] = field(default_factory=dict)  # node -> bit i = chunk i
     held: dict[str, int] = field(default_factory=dict)  # node -> bytes it holds
     offered: dict[int, list[str]] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)  # chunk -> how many hold it
     seq: int = 0
     changed: dict[int, int] = field(default_factory=dict)  # chunk -> seq of its last change
     log: list[tuple[int, int]] = field(default_factory=list)  # (seq, chunk), ascending
@@ -76,6 +82,7 @@ class Holders:
         seed: the chunks of an object that have a record before its view exists (digests,
             disputes, claims): a new view starts by logging them, so `since` of nothing
             is the whole object.
+        rng: the randomness of the offers' sampling (seeded in tests).
     """
 
     def __init__(
@@ -84,8 +91,10 @@ class Holders:
         eligible: Callable[[str], bool],
         choose: Callable[[list[str], int], list[str]],
         seed: Callable[[str], Iterable[int]] = lambda _: (),
+        rng: random.Random | None = None,
     ) -> None:
         self.k = k
+        self.rng = rng or random.Random()
         self.eligible = eligible
         self.choose = choose
         self.seed = seed
@@ -163,9 +172,15 @@ class Holders:
                 continue
             mask[byte] |= bit
             obj.held[node] = obj.held.get(node, 0) + chunk_bytes(index, obj.size, obj.chunk_size)
+            holders = obj.counts[index] = obj.counts.get(index, 0) + 1
             offered = obj.offered.setdefault(index, [])
-            if offer and len(offered) < self.k and node not in offered:
+            if not offer or node in offered:
+                continue
+            if len(offered) < self.k:
                 offered.append(node)
+                touched.append(index)
+            elif self.rng.random() * holders < self.k:  # reservoir: probability K/holders
+                offered[self.rng.randrange(self.k)] = node
                 touched.append(index)
         if touched:
             self._touch(obj, touched)
@@ -185,6 +200,7 @@ class Holders:
                 continue
             mask[byte] &= ~bit
             obj.held[node] -= chunk_bytes(index, obj.size, obj.chunk_size)
+            obj.counts[index] -= 1
             gone.append(index)
         self._unoffer(node, obj, gone)
         return gone
