@@ -411,7 +411,8 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
     print(
         f"\n== {plan.mode}, {plan.nodes} nodes, scheduler from {plan.tree} ({plan.label}), "
         f"auth {'off' if args.no_auth else 'on'}, ramp {ramp:g}s, window {args.duration:g}s, "
-        f"simulator: {args.workers} workers at autogroup nice {args.sim_nice}",
+        f"simulator: {args.workers} workers at autogroup nice {args.sim_nice}, scheduler at "
+        f"{args.sched_nice}",
         flush=True,
     )
     result: dict[str, Any] = {
@@ -438,6 +439,8 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
         result["code"] = where.stdout.strip() or where.stderr.strip()[-200:]
         print(f"   scheduler code: {result['code']}", flush=True)
     with process(cmd, log_path, env, cwd=run_dir) as sched:
+        if args.sched_nice:
+            _boost(sched.pid, args.sched_nice)
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
         admin = Admin(port, secret)
         bootstrap = None
@@ -477,12 +480,10 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
         try:
             if plan.mode == "prefetch":
                 time.sleep(max(0.0, t_assign - time.time()))
-                began = time.time()
-                admin.call("POST", "/v1/datasets", {"name": DATASET, "source": source}, 600)
-                result["dataset_add_s"] = time.time() - began
-                began = time.time()
-                admin.call("POST", f"/v1/datasets/{DATASET}/targets", {"targets": []}, 600)
-                result["assign_s"] = time.time() - began
+                body = {"name": DATASET, "source": source}
+                if operator(admin, "POST", "/v1/datasets", body, w1, result, "dataset_add"):
+                    path = f"/v1/datasets/{DATASET}/targets"
+                    operator(admin, "POST", path, {"targets": []}, w1, result, "assign")
             outputs = finish_workers(workers, w1 + 120)
         finally:
             samplers.stop()
@@ -500,6 +501,35 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
     result["nodes_down_logged"] = log_down(log_path, w0, w1)
     report(result)
     return result
+
+
+def operator(
+    admin: Admin,
+    method: str,
+    path: str,
+    body: Any,
+    until: float,
+    result: dict[str, Any],
+    key: str,
+) -> bool:
+    """An operator's command, tried again every 2 s while the scheduler refuses it (as a
+    person re-runs `syncbit prefetch`), until the window closes. Records the seconds to
+    success (`<key>_s`), the refusals (`<key>_refused`) and the last one."""
+    began = time.time()
+    refused = 0
+    while True:
+        try:
+            admin.call(method, path, body, timeout=600)
+        except (RuntimeError, OSError) as exc:
+            refused += 1
+            result[f"{key}_refused"] = refused
+            result[f"{key}_error"] = str(exc)[:200]
+            if time.time() > until:
+                return False
+            time.sleep(2.0)
+            continue
+        result[f"{key}_s"] = time.time() - began
+        return True
 
 
 def start_workers(
@@ -530,14 +560,15 @@ def start_workers(
 
 
 def _boost(pid: int, nice: int) -> None:
-    """Give a simulator worker's session (its autogroup: Linux shares CPU between
-    sessions first) a better nice than the rest: the nodes it stands for are other
-    machines, and must not wait for a CPU behind the scheduler's threads or other
-    processes to send their heartbeats. Its own CPU use is measured and printed."""
+    """Give a process's session (its autogroup: Linux shares CPU between sessions first)
+    another nice. Simulator workers get a better one than the rest by default: the nodes
+    they stand for are other machines, and must not wait for a CPU behind the
+    scheduler's threads or other processes to send their heartbeats (their own CPU use
+    is measured and printed). --sched-nice does the same for the scheduler."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
     except OSError as exc:
-        print(f"   note: cannot renice simulator worker {pid}: {exc.strerror}", flush=True)
+        print(f"   note: cannot renice process {pid}: {exc.strerror}", flush=True)
 
 
 def finish_workers(
@@ -785,10 +816,11 @@ def report(r: dict[str, Any]) -> None:
         f"{r['others_cores']:.2f} of them other processes"
     )
     if r["mode"] == "prefetch":
+        refusals = {k: v for k, v in r.items() if k.endswith(("_refused", "_error"))}
         print(
             f"   prefetch: dataset add {_fmt_s(r.get('dataset_add_s'))}, assign "
-            f"{_fmt_s(r.get('assign_s'))}, {r['prefetch_pct'] or 0:.1f}% of all chunks held "
-            f"at the end, {r['ready_nodes']} nodes ready; {r['counts']}"
+            f"{_fmt_s(r.get('assign_s'))} {refusals or ''}, {r['prefetch_pct'] or 0:.1f}% of "
+            f"all chunks held at the end, {r['ready_nodes']} nodes ready; {r['counts']}"
         )
     elif r["counts"].get("digests_refused"):
         print(f"   counts: {r['counts']}")
@@ -798,6 +830,7 @@ def report(r: dict[str, Any]) -> None:
 
 SUMMARY: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("hb answered", lambda r: f"{r['hb_answered_pct']:.1f}%"),
+    ("hb per node per 2 s", lambda r: f"{100 * r['hb_ok'] / r['hb_due']:.0f}%"),
     ("hb p50", lambda r: _fmt_s(r["hb_p50_s"])),
     ("hb p99", lambda r: _fmt_s(r["hb_p99_s"])),
     ("false down", lambda r: str(max(r["nodes_false_down"], r["nodes_down_logged"]))),
@@ -847,6 +880,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=-5,
         help="autogroup nice of the simulator workers (0: as everything else)",
+    )
+    p.add_argument(
+        "--sched-nice",
+        type=int,
+        default=0,
+        help="autogroup nice of the scheduler (e.g. -5: less at the mercy of other load)",
     )
     p.add_argument("--no-auth", action="store_true", help="no cluster secret, no credentials")
     p.add_argument("--pythonpath", type=Path, default=REPO, help="tree the scheduler runs")
