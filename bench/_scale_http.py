@@ -94,6 +94,7 @@ class Conn:
         self.buf = bytearray()
         self._scope: trio.CancelScope | None = None
         self._timeout = 0.0
+        self.idle_since = 0.0  # trio time the last answer was read
 
     @classmethod
     async def open(cls, host: str, port: int, source: str, timeout: float) -> Conn:
@@ -121,7 +122,11 @@ class Conn:
         return cls(raw)
 
     def usable(self) -> bool:
-        """Not closed by the server while idle (nothing may be readable between requests)."""
+        """Not closed by the server while idle (nothing may be readable between requests).
+        Looked at only after a second idle: no server closes a keep-alive sooner, and the
+        look is a system call per request."""
+        if trio.current_time() - self.idle_since < 1.0:
+            return True
         try:
             self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -146,8 +151,11 @@ class Conn:
                 raise RequestFailed("closed", f"send: {exc}") from None
             view = view[sent:]
 
-    async def _fill(self) -> None:
-        """More of the answer; every read that brings bytes restarts the read timeout."""
+    async def _fill(self, first: bool = False) -> None:
+        """More of the answer; every read that brings bytes restarts the read timeout.
+        `first`: just after the request went out, where nothing can be there yet."""
+        if first:
+            await trio.lowlevel.wait_readable(self.raw)
         while True:
             try:
                 data = self.raw.recv(1 << 20)
@@ -178,8 +186,10 @@ class Conn:
     async def _exchange(self, data: bytes) -> tuple[int, bytes, bool]:
         await self._send(data)
         buf = self.buf
+        first = True
         while (end := buf.find(b"\r\n\r\n")) < 0:
-            await self._fill()
+            await self._fill(first)
+            first = False
         head = bytes(buf[:end]).decode("latin-1").split("\r\n")
         del buf[: end + 4]
         try:
@@ -318,6 +328,7 @@ class Pool:
                 raise
             elapsed = time.time() - began
             if keep:
+                conn.idle_since = trio.current_time()
                 idle.append(conn)
             else:
                 conn.close()

@@ -95,7 +95,9 @@ def tree_label(path: Path) -> str:
         )
         return out.stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") or "?"
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit or git("rev-parse", "--show-toplevel") != str(path.resolve()):
+        return path.name  # not a checkout of its own (an export): its directory's name
     branch = git("rev-parse", "--abbrev-ref", "HEAD") or path.name
     dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
     return f"{branch} {commit}{dirty}"
