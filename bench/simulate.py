@@ -17,10 +17,11 @@ origin an uplink of `--origin-rate`. A sender splits its uplink evenly over its 
 a receiver whose transfers would exceed its downlink scales them down in proportion. No
 latency but `--notice` (a holder's chunk report and the others' next chunk-map poll).
 
-A simulated piece is one manifest chunk of `--grain` bytes (default: the real 4 MiB chunk
-up to 1,000 nodes; above, 64 MiB, since the work grows with nodes x pieces): a coarser
-grain delivers the origin's last round later (fewer, larger pieces), so read the ratio at
-10,000 nodes as an upper bound; run 1,000 at both grains to see the grain's own cost.
+A simulated piece is one manifest chunk of `--grain` bytes; by default the real 4 MiB
+chunk, doubled until nodes x pieces is at most 8 million (about 30 us of CPU each):
+16 MiB at 1,000 nodes, 128 MiB at 10,000. A coarser grain delivers the origin's last
+round later (fewer, larger pieces), so it errs on the slow side; run one N at two grains
+to see the grain's own cost.
 
 Printed: origin egress / D (target <= 1.05), time to the last ready node / the Kumar-Ross
 bound (target <= 1.3), bytes uploaded per node (min, median, p99, max, max/mean), and what
@@ -68,6 +69,7 @@ MiB = 2**20
 DATASET = "sim"
 CLAIM_TTL = 60.0  # the fetcher's claim lease: max(claim_ttl 30 s, read_deadline 60 s)
 SPREAD_HEAD = 3  # the fetcher shuffles the best 3 ranked peers (fetcher._spread)
+MAX_DELIVERIES = 8_000_000  # pieces delivered per run at the default grain
 
 
 def kumar_ross(size: float, nodes: int, u_origin: float, d_node: float, u_node: float) -> float:
@@ -122,6 +124,7 @@ class Params:
     notice: float = 0.15  # report round trip + the watcher's park_poll (0.1 s)
     hb_interval: float = 2.0
     candidates: int = 0  # holders handed to the policy per lookup (0: all of them)
+    first_k: int = 0  # >0: only the first K holders of a piece are ever offered
     dt_max: float = 0.05
     dt_min: float = 0.002  # a slot freed inside a step is refilled at the step's end
     seed: int = 1
@@ -300,9 +303,11 @@ class Sim:
                 continue
             peer = self._choose_peer(node, k)
             if peer is None:
+                # Parked until the watcher's next poll; the worker spent this attempt on
+                # 503s, so the node tries no further chunk now (its next event wakes it).
                 self.busy += 1
                 heapq.heappush(self.retries, (self.t + self.p.park_poll, node, k))
-                continue
+                break
             self._begin(peer, node, k)
 
     def _own_pending(self, node: int) -> bool:
@@ -336,9 +341,16 @@ class Sim:
         """The first holder, in the policy's order with the best 3 shuffled, that has a
         free upload slot (a busy one answers 503 and the next is tried); None: all busy."""
         holders = self.visible[k]
+        if self.p.first_k:
+            holders = holders[: self.p.first_k]  # in the order their reports arrived
         cap = self.p.candidates
         if cap and len(holders) > cap:
-            holders = self.rng.sample(holders, cap)
+            # `cap` consecutive holders (arrival order) from a random place: a cheap sample
+            start = self.rng.randrange(len(holders))
+            holders = holders[start : start + cap] + holders[: max(0, start + cap - len(holders))]
+        slots, busy = self.p.upload_slots, self.uploads_now
+        if all(busy[h] >= slots for h in holders):
+            return None  # every one answers 503, whatever the order (spares the ranking)
         ranked = self.policy.rank([self.infos[h] for h in holders])
         head = ranked[:SPREAD_HEAD]
         self.rng.shuffle(head)
@@ -489,6 +501,12 @@ class Sim:
 # -- command line ---------------------------------------------------------------------------------
 
 
+def _offered(p: dict[str, Any]) -> str:
+    k, sample = p["first_k"], p["candidates"]
+    pool = f"the first {k} holders" if k else "all holders"
+    return f"{pool}, {sample} at random of them" if sample and not 0 < k <= sample else pool
+
+
 def report(r: Result, measured: float | None = None) -> None:
     p = r.params
     u = r.uploads
@@ -496,7 +514,7 @@ def report(r: Result, measured: float | None = None) -> None:
         f"-- {p['nodes']:,} nodes, {p['size'] / GiB:g} GiB in {r.pieces:,} pieces of "
         f"{p['grain'] / MiB:g} MiB, origin {p['origin_rate'] * 8 / 1e9:g} Gbit/s, links "
         f"{p['link_rate'] * 8 / 1e9:g} Gbit/s, peers offered "
-        f"{p['candidates'] or 'all holders'}, notice {p['notice']:g}s"
+        f"{_offered(p)}, notice {p['notice']:g}s"
     )
     if r.stuck:
         print(f"   STUCK: not every node was ready after {r.last_ready_s:.0f} simulated s")
@@ -547,6 +565,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--link-rate", type=parse_rate, default=parse_rate("25gbit"))
     ap.add_argument("--rate", type=parse_rate, default=None, help="every link (--swarm)")
     ap.add_argument("--candidates", type=int, default=None, help="holders offered (0: all)")
+    ap.add_argument(
+        "--first-k",
+        type=int,
+        default=0,
+        help="offer only the first K holders of each piece, kept while they stay (the "
+        "bounded lookup of the sched branch, syncbit/scheduler/holders.py, as its rule reads)",
+    )
     ap.add_argument("--notice", type=float, default=0.15, help="seconds until a holder is seen")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--swarm", action="store_true", help="bench/swarm.py's N=8 set-up")
@@ -568,8 +593,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def default_grain(size: int, nodes: int, budget: int = MAX_DELIVERIES) -> int:
+    """The real 4 MiB chunk, doubled until nodes x pieces fits `budget` (the simulation
+    costs about 30 us per piece delivered)."""
+    grain = 4 * MiB
+    while nodes * -(-size // grain) > budget and grain < size:
+        grain *= 2
+    return grain
+
+
 def params_for(args: argparse.Namespace, nodes: int) -> Params:
-    grain = args.grain or (4 * MiB if nodes <= 1000 else 64 * MiB)
+    grain = args.grain or default_grain(args.size, nodes)
     candidates = args.candidates
     if candidates is None:
         candidates = 0 if nodes <= 64 else 32
@@ -581,6 +615,7 @@ def params_for(args: argparse.Namespace, nodes: int) -> Params:
         origin_rate=args.origin_rate,
         link_rate=args.link_rate,
         candidates=candidates,
+        first_k=args.first_k,
         notice=args.notice,
         seed=args.seed,
     )

@@ -180,3 +180,17 @@ def test_bad_node_counts_are_a_usage_error(text: str) -> None:
     with pytest.raises(SystemExit) as exc:
         sim.parse_args(["--nodes", text])
     assert exc.value.code == 2
+
+
+def test_the_grain_is_the_real_chunk_unless_the_run_would_be_too_long() -> None:
+    assert sim.default_grain(100 * GiB, 100) == 4 * MiB
+    assert sim.default_grain(100 * GiB, 1000) == 16 * MiB
+    assert sim.default_grain(100 * GiB, 10_000) == 128 * MiB
+    assert sim.default_grain(1 * MiB, 10**9) == 4 * MiB  # never beyond the dataset
+
+
+def test_first_k_offers_only_the_earliest_holders() -> None:
+    s = _small(6, first_k=2)
+    s._heartbeat()
+    s.visible[0] = [3, 1, 4, 5]  # in the order their reports arrived
+    assert {s._choose_peer(0, 0) for _ in range(30)} == {3, 1}
