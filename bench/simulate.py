@@ -10,7 +10,16 @@ scheduler's policy (`LeastLoaded.rank`, on the load figures of the last heartbea
 the links and the node's fetch loop (fetcher.py / jobs.py, as their rules read: FILES_AT_ONCE
 files at a time, `prefetch_concurrency` peer transfers, the source-lane limit, a parked
 chunk taken from a peer once a holder's report has been seen, the idle source lane taking
-over the last unread chunk, the best 3 ranked peers shuffled).
+over the last unread chunk, the best 3 ranked peers shuffled, a holder serving at most
+`upload_slots` transfers and answering 503 beyond, a chunk whose holders are all busy
+parked until the next poll).
+
+The policy sees every holder of a piece up to 64 nodes; above, 32 consecutive holders
+(in the order their reports arrived) from a random place, since main's chunk map, which
+hands it every holder, costs O(holders) per chunk per lookup. `--first-k K` offers only
+the first K holders of each piece, as the sched branch's bounded lookup keeps them
+(syncbit/scheduler/holders.py at bd66fcc: a new holder of a chunk that offers K already
+changes nothing).
 
 Link model (`share_rates`): each node has an uplink and a downlink of `--link-rate`, the
 origin an uplink of `--origin-rate`. A sender splits its uplink evenly over its transfers;
@@ -18,10 +27,10 @@ a receiver whose transfers would exceed its downlink scales them down in proport
 latency but `--notice` (a holder's chunk report and the others' next chunk-map poll).
 
 A simulated piece is one manifest chunk of `--grain` bytes; by default the real 4 MiB
-chunk, doubled until nodes x pieces is at most 8 million (about 30 us of CPU each):
-16 MiB at 1,000 nodes, 128 MiB at 10,000. A coarser grain delivers the origin's last
-round later (fewer, larger pieces), so it errs on the slow side; run one N at two grains
-to see the grain's own cost.
+chunk, doubled until nodes x pieces is at most 8 million (about 50 us of CPU each, most
+of it lookups that find every holder busy): 16 MiB at 1,000 nodes, 128 MiB at 10,000. A
+coarser grain delivers the origin's last round later (fewer, larger pieces), so it errs on
+the slow side; run one N at two grains to see the grain's own cost.
 
 Printed: origin egress / D (target <= 1.05), time to the last ready node / the Kumar-Ross
 bound (target <= 1.3), bytes uploaded per node (min, median, p99, max, max/mean), and what
