@@ -41,9 +41,10 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 @contextlib.contextmanager
 def process(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `cmd` (output to `log`) for the block; SIGTERM it by PID afterwards."""
+    """Run `cmd` (output to `log`) for the block; SIGTERM it by PID afterwards. `cwd`
+    matters for `python -m`: the working directory comes first on its import path."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -51,6 +52,7 @@ def process(
             stderr=subprocess.STDOUT,
             env=environ({**os.environ, **(env or {})}),
             start_new_session=True,
+            cwd=cwd,
         )
     try:
         yield proc
