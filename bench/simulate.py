@@ -2,11 +2,12 @@
 """A prefetch to thousands of nodes, simulated: the scheduler's real planning and peer
 choice over modelled links, no bytes and no processes.
 
-Driven for real (imported from the `syncbit` on the import path): the plan
-(`SchedulerState.plans()` over N registered nodes in a real LMDB state: who are the
-members), the split of source reads (`Job.may_source`: piece k from the source by member
-k mod N), source claims and steals arbitrated by `Claims`, and peer choice by the
-scheduler's policy (`LeastLoaded.rank`, on the load figures of the last heartbeat). Modelled:
+Driven for real (imported from the `syncbit` on the import path): the plan (each node's
+plan entry from a real scheduler state over N registered nodes: its share of the source
+reads), the split of source reads (`RoundRobin.may_source`, the node's own: piece k from
+the source by member k mod N), source claims and steals arbitrated by `Claims`, the offers
+of at most K holders per piece by the scheduler's `Holders` (`--offers K`), and peer choice
+by its policy (`LeastLoaded.rank`, on the load figures of the last heartbeat). Modelled:
 the links and the node's fetch loop (fetcher.py / jobs.py, as their rules read: FILES_AT_ONCE
 files at a time, `prefetch_concurrency` peer transfers, the source-lane limit, a parked
 chunk taken from a peer once a holder's report has been seen, the idle source lane taking
@@ -58,20 +59,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from scale import parse_rate, parse_size
 
+from syncbit.fetch.jobs import FILES_AT_ONCE
+from syncbit.fetch.plan import RoundRobin
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler.claims import Claims
+from syncbit.scheduler.holders import Holders, ObjectHolders
 from syncbit.scheduler.policy import LeastLoaded
-from syncbit.scheduler.state import NodeInfo, SchedulerState
-
-try:
-    from syncbit.jobs import FILES_AT_ONCE, Job
-except ImportError:  # the fetch layer as a package (issue 13)
-    from syncbit.fetch.jobs import FILES_AT_ONCE, Job  # type: ignore[no-redef]
+from syncbit.scheduler.state import NodeInfo, open_lmdb_state
 
 GiB = 2**30
 MiB = 2**20
@@ -134,6 +134,7 @@ class Params:
     hb_interval: float = 2.0
     candidates: int = 0  # holders handed to the policy per lookup (0: all of them)
     first_k: int = 0  # >0: only the first K holders of a piece are ever offered
+    offers: int = 0  # >0: the scheduler's real `Holders` offers at most this many per piece
     dt_max: float = 0.05
     dt_min: float = 0.002  # a slot freed inside a step is refilled at the step's end
     seed: int = 1
@@ -155,32 +156,37 @@ def make_manifest(p: Params) -> Manifest:
     )
 
 
-def real_plan(p: Params, names: list[str], manifest: Manifest) -> tuple[list[Job], dict[str, Any]]:
+def real_plan(
+    p: Params, names: list[str], manifest: Manifest
+) -> tuple[list[RoundRobin], dict[str, Any]]:
     """Every node registered, the dataset added and assigned to all in a real scheduler
-    state; its `plans()` (timed) gives each node's members, and a real Job per node."""
-    with tempfile.TemporaryDirectory(prefix="syncbit-sim-") as tmp:
-        state = SchedulerState(Path(tmp), node_timeout=1e9, clock=lambda: 1000.0)
-        try:
-            for i, name in enumerate(names):
-                state.heartbeat(name, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7901")
-            state.put_dataset(manifest)
-            state.add_targets(DATASET, [{"selector": {}}])
-            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            began = time.perf_counter()
-            plans = state.plans()
-            took = time.perf_counter() - began
-            grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
-        finally:
-            state.close()
-    jobs = []
-    entries = 0
+    state; its plan entries (timed) give each node its share of the source reads, as the
+    node's fetch layer takes them (`RoundRobin`)."""
+
+    async def plan() -> tuple[dict[str, Any], float, int]:
+        with tempfile.TemporaryDirectory(prefix="syncbit-sim-") as tmp:
+            async with open_lmdb_state(Path(tmp), 1e9, clock=lambda: 1000.0) as state:
+                for i, name in enumerate(names):
+                    address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7901"
+                    await state.heartbeat(name, address)
+                await state.catalog.put_dataset(manifest)
+                await state.catalog.add_targets(DATASET, [{"selector": {}}])
+                rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                began = time.perf_counter()
+                entries = {name: state.plan(name) for name in names}
+                took = time.perf_counter() - began
+                grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+        return entries, took, grew
+
+    entries, took, grew = trio.run(plan)
+    plans = []
+    named = 0
     for name in names:
-        (entry,) = plans[name]
-        entries += len(entry["members"])
-        jobs.append(Job(manifest, "prefetch", name, entry["members"]))
-    del plans
-    cost = {"plans_s": took, "plans_member_entries": entries, "plans_peak_rss_growth": grew * 1024}
-    return jobs, cost
+        (entry,) = entries[name]
+        named += len(entry.members)
+        plans.append(RoundRobin(name, list(entry.members), share=(entry.index, entry.count)))
+    cost = {"plans_s": took, "plans_member_entries": named, "plans_peak_rss_growth": grew * 1024}
+    return plans, cost
 
 
 # -- the simulation -----------------------------------------------------------------------------
@@ -241,7 +247,18 @@ class Sim:
         self.P = len(self.piece_file)
         self.jobs, self.plan_cost = real_plan(p, self.names, self.manifest)
         self.up = set(self.names)
-        members = len(self.jobs[0].members)
+        self.index_of = {name: i for i, name in enumerate(self.names)}
+        # The scheduler's own bounded offers (syncbit/scheduler/holders.py), when asked.
+        self.offers = Holders(
+            p.offers, lambda name: True, lambda names, n: names[:n], rng=random.Random(p.seed + 2)
+        )
+        self.offer_views: dict[str, ObjectHolders] = {}
+        for entry in self.manifest.files:
+            count = -(-entry.size // p.grain)
+            self.offer_views[entry.object] = self.offers.view(
+                entry.object, entry.size, p.grain, count
+            )
+        members = self.jobs[0].sharers
         budget = max(1, p.peer_lane // 2)  # the fetcher's source-lane rule (_source_limit)
         self.src_limit = max(1, -(-budget // max(1, members)))
         self.own: list[deque[int]] = [
@@ -350,7 +367,11 @@ class Sim:
         """The first holder, in the policy's order with the best 3 shuffled, that has a
         free upload slot (a busy one answers 503 and the next is tried); None: all busy."""
         holders = self.visible[k]
-        if self.p.first_k:
+        if self.p.offers:
+            obj, index = self.piece_obj[k]
+            offered = self.offer_views[obj].offered.get(index, [])
+            holders = [self.index_of[name] for name in offered]
+        elif self.p.first_k:
             holders = holders[: self.p.first_k]  # in the order their reports arrived
         cap = self.p.candidates
         if cap and len(holders) > cap:
@@ -409,6 +430,9 @@ class Sim:
     def _notice(self, k: int, holder: int) -> None:
         first = not self.visible[k]
         self.visible[k].append(holder)
+        if self.p.offers:
+            obj, index = self.piece_obj[k]
+            self.offers.add(self.names[holder], self.offer_views[obj], [index])
         if first:
             f = self.piece_file[k]
             for node in self.file_nodes[f]:
@@ -512,6 +536,8 @@ class Sim:
 
 def _offered(p: dict[str, Any]) -> str:
     k, sample = p["first_k"], p["candidates"]
+    if p.get("offers"):
+        return f"the scheduler's offers (holders.py), at most {p['offers']} per piece"
     pool = f"the first {k} holders" if k else "all holders"
     return f"{pool}, {sample} at random of them" if sample and not 0 < k <= sample else pool
 
@@ -581,6 +607,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="offer only the first K holders of each piece, kept while they stay (the "
         "bounded lookup of the sched branch, syncbit/scheduler/holders.py, as its rule reads)",
     )
+    ap.add_argument(
+        "--offers",
+        type=int,
+        default=0,
+        help="offer at most K holders per piece as the scheduler does, by its own code "
+        "(syncbit/scheduler/holders.py: a uniform sample of the holders)",
+    )
     ap.add_argument("--notice", type=float, default=0.15, help="seconds until a holder is seen")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--swarm", action="store_true", help="bench/swarm.py's N=8 set-up")
@@ -625,6 +658,7 @@ def params_for(args: argparse.Namespace, nodes: int) -> Params:
         link_rate=args.link_rate,
         candidates=candidates,
         first_k=args.first_k,
+        offers=args.offers,
         notice=args.notice,
         seed=args.seed,
     )

@@ -162,6 +162,38 @@ def test_round_robin_gives_each_chunk_one_member() -> None:
     assert RoundRobin("x").may_source(0) and RoundRobin("x").sharers == 1
 
 
+def test_a_share_splits_the_reads_without_naming_the_members() -> None:
+    """Beyond MAX_PLAN_MEMBERS the scheduler sends (index, count) and no names: the split
+    is the same as by names, so every chunk still has exactly one reader."""
+    names = [f"n{i:04d}" for i in range(1000)]
+    by_share = [RoundRobin(n, [], share=(i, len(names))) for i, n in enumerate(names)]
+    readers = [[p.node for p in by_share if p.may_source(k)] for k in range(3000)]
+    assert all(len(r) == 1 for r in readers)
+    assert [r[0] for r in readers[:1000]] == names
+    assert by_share[0].sharers == 1000
+    assert [RoundRobin("b", ["a", "b", "c"], share=(1, 3)).may_source(k) for k in range(3)] == [
+        False,
+        True,
+        False,
+    ]
+
+
+def test_a_plan_entry_share_is_taken_only_when_valid() -> None:
+    from syncbit.node.sync import _share
+
+    assert _share({"share": {"index": 2, "count": 5}}) == (2, 5)
+    for bad in (
+        {},
+        {"share": None},
+        {"share": {"index": 5, "count": 5}},
+        {"share": {"index": -1, "count": 5}},
+        {"share": {"index": "1", "count": 5}},
+        {"share": {"index": True, "count": 5}},
+        {"share": [1, 5]},
+    ):
+        assert _share(bad) is None, bad
+
+
 def test_source_reads_at_once_shrink_with_the_largest_running_plan() -> None:
     plans = Plans()
     assert plans.sharers() == 1

@@ -124,7 +124,13 @@ class Jobs:
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
-    def start(self, manifest: Manifest, kind: str, members: list[str] | None = None) -> Job:
+    def start(
+        self,
+        manifest: Manifest,
+        kind: str,
+        members: list[str] | None = None,
+        share: tuple[int, int] | None = None,
+    ) -> Job:
         """Run a job for this dataset version unless one is running, or finished and the
         data is still all here (eviction may have taken an unpinned pull's bytes since).
         A prefetch's members are refreshed in place when only they changed. A prefetch
@@ -144,6 +150,7 @@ class Jobs:
         ):
             if kind is JobKind.PREFETCH:
                 job.plan.members = list(members or [])
+                job.plan.share = share
                 job.kind = kind  # an assignment outranks a pull of the same data
                 if not job.done:
                     self.fetcher.plans.add(job.plan)  # its nodes share the source reads
@@ -151,7 +158,7 @@ class Jobs:
         if job is not None:
             job.scope.cancel()  # an older revision: what it fetched stays, shared content too
             self.fetcher.plans.discard(job.plan)
-        job = Job(manifest, kind, RoundRobin(self.node, list(members or [])))
+        job = Job(manifest, kind, RoundRobin(self.node, list(members or []), share=share))
         self.jobs[name] = job
         if kind is JobKind.PREFETCH:
             self.fetcher.plans.add(job.plan)

@@ -32,17 +32,26 @@ class SourcePlan(Protocol):
 class RoundRobin:
     """Chunk k of the dataset, counted across its files in manifest order, belongs to
     member k mod N (members sorted): the origin sends each byte about once however many
-    nodes prefetch. With no members, or when this node is not one, it reads anything."""
+    nodes prefetch. `share` (index, count), when the scheduler gives one, says the same
+    without naming the members (it stops naming them in large clusters): this node reads
+    the chunks k with k mod count == index. With neither, or when this node is not a
+    member, it reads anything."""
 
     node: str
     members: list[str] = field(default_factory=list)
     name: str = "round-robin"
+    share: tuple[int, int] | None = None
 
     @property
     def sharers(self) -> int:
+        if self.share is not None:
+            return max(1, self.share[1])
         return max(1, len(self.members))
 
     def may_source(self, position: int) -> bool:
+        if self.share is not None:
+            index, count = self.share
+            return position % count == index
         members = self.members
         if not members or self.node not in members:
             return True

@@ -223,7 +223,7 @@ class Sync:
         for name, entry in self.plan.items():
             manifest = self.manifests.get(name)
             if manifest is not None and manifest.revision == entry["revision"]:
-                self._jobs.start(manifest, "prefetch", list(entry["members"]))
+                self._jobs.start(manifest, "prefetch", list(entry["members"]), _share(entry))
 
     def _pin(self) -> None:
         """Assigned datasets' objects are never evicted; the plan is kept on disk so a
@@ -311,3 +311,15 @@ async def _import_sources(manifests: Iterable[Manifest]) -> None:
     """Import the manifests' source modules in a worker thread, before a read opens one of
     their sources on the trio thread (an import reads files)."""
     await trio.to_thread.run_sync(import_schemes, [m.source for m in manifests])
+
+
+def _share(entry: dict[str, Any]) -> tuple[int, int] | None:
+    """This node's share of a plan entry's source reads, (index, count), when the
+    scheduler gave a valid one (it names the members only in small clusters)."""
+    share = entry.get("share")
+    if not isinstance(share, dict):
+        return None
+    index, count = share.get("index"), share.get("count")
+    if type(index) is not int or type(count) is not int or not 0 <= index < count:
+        return None
+    return index, count
