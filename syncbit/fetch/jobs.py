@@ -196,6 +196,13 @@ class Jobs:
             del self.jobs[name]
         return job
 
+    def needs(self, object_id: str) -> bool:
+        """A running job brings this object here (its transfers must not be abandoned)."""
+        return any(
+            not job.done and any(f.object == object_id for f in job.manifest.files)
+            for job in self.jobs.values()
+        )
+
     def _abandon(self, job: Job, why: str) -> None:
         """Stop the transfers of `job`'s objects that no other running job needs."""
         needed = {

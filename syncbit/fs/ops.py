@@ -18,7 +18,7 @@ from itertools import count
 from typing import Any, ParamSpec, TypeVar
 
 from syncbit.errors import SourceChangedError, SyncbitError
-from syncbit.fetch import Fetcher, OpenFile
+from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
 from syncbit.fs.kernel import ENOATTR, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from syncbit.fs.tree import Node, Tree
 from syncbit.manifest import Manifest
@@ -81,12 +81,14 @@ class SyncbitFS:
         fetcher: Fetcher,
         source_for: Callable[[Manifest], Source],
         dataset_attrs: Callable[[str], dict[str, str]] | None = None,
+        prefetch: OpenPrefetch | None = None,
     ) -> None:
         self.tree = tree
         self.fetcher = fetcher
         self.source_for = source_for
         # Live attributes of a dataset directory (readiness, cached bytes), by dataset name.
         self.dataset_attrs = dataset_attrs
+        self.prefetch = prefetch  # whole-file fetches started by opens of cold files
         self._handles: dict[int, OpenFile] = {}
         self._fh = count(1)
         self.requests: Counter[str] = Counter()  # by operation
@@ -177,6 +179,9 @@ class SyncbitFS:
             # Every byte here and verified: the kernel may read the object file itself.
             backing = await handle.backing_fd()
         self.fetcher.hold(handle)
+        if backing is None and self.prefetch is not None:
+            setting = node.manifest.source_options.get("prefetch_on_open")
+            self.prefetch.opened(handle, node.manifest.chunk_size, setting)
         fh = next(self._fh)
         self._handles[fh] = handle
         # Content of a dataset version never changes: keep the page cache across opens.
@@ -195,6 +200,8 @@ class SyncbitFS:
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self.fetcher.release(handle)
+            if self.prefetch is not None:
+                self.prefetch.closed(handle)
 
     # -- the rest of a read-only filesystem --------------------------------------------------
 

@@ -19,7 +19,7 @@ import trio
 from syncbit import looptrace, tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
-from syncbit.fetch import Fetcher, Jobs
+from syncbit.fetch import Fetcher, Jobs, OpenPrefetch
 from syncbit.fs.kernel import Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
@@ -122,8 +122,16 @@ class Node:
             self.jobs = Jobs(
                 cfg.node, self.fetcher, self.sources, self.status.is_ready, self.store.flush
             )
+            self.prefetch = OpenPrefetch(
+                self.fetcher,
+                enabled=cfg.prefetch_on_open,
+                min_size=cfg.prefetch_on_open_min_size,
+                wanted=self.jobs.needs,
+            )
             self.tree = Tree()
-            self.fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.status.attrs)
+            self.fs = SyncbitFS(
+                self.tree, self.fetcher, self.sources, self.status.attrs, self.prefetch
+            )
             self.session = Session(self.fs, cfg.mount, passthrough=cfg.passthrough)
             warnings = Throttled()
             self.sync = Sync(
@@ -248,6 +256,7 @@ class Node:
         await nursery.start(self.store.commit_loop)
         await nursery.start(self.fetcher.run)
         self.jobs.bind(nursery)
+        self.prefetch.bind(nursery)
         await nursery.start(self.store.disk.run)
         nursery.start_soon(self.sync.disk_loop)
         nursery.start_soon(self.control.verify_loop)
