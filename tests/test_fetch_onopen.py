@@ -11,6 +11,7 @@ from fakes import Directory, MemSource, Peers
 from fetchfixtures import CS, DATA, ENTRY, started
 
 from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
+from syncbit.manifest import FileEntry
 from syncbit.store import ObjectStore
 
 CHUNKS = 6  # DATA is 5 chunks and a bit
@@ -81,10 +82,21 @@ async def test_one_open_fetches_the_whole_file_once(
     assert prefetch.started == 1
 
 
+class _Entered(MemSource):
+    """Records the offset of every read as it starts, before the gate holds it."""
+
+    entered: list[int]
+
+    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+        self.entered.append(offset)
+        super().read_into(entry, offset, buf)
+
+
 async def test_foreground_reads_go_before_the_whole_file_fetch(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
-    source = MemSource(data=DATA)
+    source = _Entered(data=DATA)
+    source.entered = []
     source.gate = threading.Event()
     fetcher = Fetcher(
         store,
@@ -99,24 +111,27 @@ async def test_foreground_reads_go_before_the_whole_file_fetch(
     prefetch.bind(nursery)
     handle = fetcher.open(ENTRY, CS, source)
     assert prefetch.opened(handle, CS, "on")
-    await trio.sleep(0.1)  # chunk 0 runs (held at the gate), 1..5 queue behind it
+    await trio.sleep(0.1)  # the first chunks run (held at the gate), the rest queue
+    held = list(source.entered)
+    assert 0 < len(held) < CHUNKS - 1 and 4 * CS not in held
     got: list[bytes] = []
 
     async def read_last() -> None:
         got.append(bytes(await fetcher.read(handle, 4 * CS, 100)))
 
     nursery.start_soon(read_last)
-    await trio.sleep(0.1)
-    source.gate.set()
+    with trio.fail_after(10):
+        while len(source.entered) == len(held):
+            await trio.sleep(0.01)
+    # The read's chunk went out while the prefetch's transfers were still held, ahead
+    # of the queued rest of the file.
+    assert source.entered == [*held, 4 * CS]
+    _open_gate(source)
     with trio.fail_after(10):
         while not handle.obj.complete:
             await trio.sleep(0.01)
     assert got == [DATA[4 * CS : 4 * CS + 100]]
-    offsets = [off for _, off in source.asked]
-    # The read's chunk went out beside the one prefetch transfer already running, before
-    # the queued rest of the file; and every chunk once.
-    assert 4 * CS in offsets[:2], offsets
-    assert sorted(offsets) == [i * CS for i in range(CHUNKS)]
+    assert sorted(off for _, off in source.asked) == [i * CS for i in range(CHUNKS)]  # once
 
 
 async def test_closing_before_the_end_stops_the_fetch_and_nothing_counts_as_present(
