@@ -119,3 +119,29 @@ def dataset_rm(name: NameArg, scheduler: SchedulerOpt = DEFAULT_SCHEDULER) -> No
     any_dataset_name(name)
     scheduler_call(scheduler, lambda c: c.remove_dataset(name))
     typer.echo(f"removed {name}")
+
+
+@app.command("trace")
+@guarded
+def dataset_trace(
+    name: NameArg, scheduler: SchedulerOpt = DEFAULT_SCHEDULER, as_json: JsonOpt = False
+) -> None:
+    """Show the access trace other nodes' prefetch of a dataset follows: the order its
+    first reader read its files and chunks in."""
+    any_dataset_name(name)
+    answer = scheduler_call(scheduler, lambda c: c.trace(name))
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    record = answer.get("trace")
+    if not record:
+        typer.echo(f"no access trace of {name} (revision {answer['revision']}) yet")
+        return
+    trace = record["trace"]
+    runs = trace["runs"]
+    typer.echo(
+        f"{name} revision {answer['revision']}: recorded on {record['node']}, {len(runs)} "
+        f"runs{'' if trace['complete'] else ' (partial: the reader did not read it all)'}"
+    )
+    rows = [[str(n), path, f"{first}-{last}"] for n, (path, first, last) in enumerate(runs, 1)]
+    typer.echo(table(["#", "FILE", "CHUNKS"], rows))

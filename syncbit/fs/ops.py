@@ -23,6 +23,7 @@ from syncbit.fs.kernel import ENOATTR, EntryAttributes, FileInfo, FUSEError, Sta
 from syncbit.fs.tree import Node, Tree
 from syncbit.manifest import Manifest
 from syncbit.sources.base import Source
+from syncbit.trace import TraceRecorder
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -82,6 +83,7 @@ class SyncbitFS:
         source_for: Callable[[Manifest], Source],
         dataset_attrs: Callable[[str], dict[str, str]] | None = None,
         prefetch: OpenPrefetch | None = None,
+        recorder: Callable[[Manifest], TraceRecorder | None] | None = None,
     ) -> None:
         self.tree = tree
         self.fetcher = fetcher
@@ -89,6 +91,9 @@ class SyncbitFS:
         # Live attributes of a dataset directory (readiness, cached bytes), by dataset name.
         self.dataset_attrs = dataset_attrs
         self.prefetch = prefetch  # whole-file fetches started by opens of cold files
+        # The access-trace recorder of a dataset version, if its reads are recorded.
+        self.recorder = recorder
+        self._recorders: dict[int, TraceRecorder] = {}  # by open handle
         self._handles: dict[int, OpenFile] = {}
         self._fh = count(1)
         self.requests: Counter[str] = Counter()  # by operation
@@ -184,6 +189,9 @@ class SyncbitFS:
             self.prefetch.opened(handle, node.manifest.chunk_size, setting)
         fh = next(self._fh)
         self._handles[fh] = handle
+        recorder = self.recorder(node.manifest) if self.recorder is not None else None
+        if recorder is not None:
+            self._recorders[fh] = recorder
         # Content of a dataset version never changes: keep the page cache across opens.
         return FileInfo(fh=fh, keep_cache=True, backing_fd=backing)
 
@@ -192,11 +200,15 @@ class SyncbitFS:
         handle = self._handles.get(fh)
         if handle is None:
             raise FUSEError(errno.EBADF)
+        recorder = self._recorders.get(fh)
+        if recorder is not None:
+            recorder.record(handle.entry.path, off, size)  # the order this reader needs
         with _fail(f"read {handle.entry.path} @{off}+{size}"):
             return await self.fetcher.read(handle, off, size)
 
     @_counted
     async def release(self, fh: int) -> None:
+        self._recorders.pop(fh, None)
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self.fetcher.release(handle)

@@ -34,6 +34,7 @@ from syncbit.node.reporter import Reporter
 from syncbit.node.sources import SourceCache, daemon_file_roots
 from syncbit.node.status import Status
 from syncbit.node.sync import Sync
+from syncbit.node.traces import Traces
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import SchedulerClient
@@ -119,8 +120,14 @@ class Node:
                 prefetch_bandwidth=cfg.prefetch_bandwidth,
             )
             self.status = Status(self.store, self.fetcher, cfg.heartbeat_interval, self._mounted)
+            self.traces = Traces(cfg.node, self.client, cfg.trace_quiet, cfg.trace_max_runs)
             self.jobs = Jobs(
-                cfg.node, self.fetcher, self.sources, self.status.is_ready, self.store.flush
+                cfg.node,
+                self.fetcher,
+                self.sources,
+                self.status.is_ready,
+                self.store.flush,
+                self.traces.follow,
             )
             self.prefetch = OpenPrefetch(
                 self.fetcher,
@@ -130,7 +137,12 @@ class Node:
             )
             self.tree = Tree()
             self.fs = SyncbitFS(
-                self.tree, self.fetcher, self.sources, self.status.attrs, self.prefetch
+                self.tree,
+                self.fetcher,
+                self.sources,
+                self.status.attrs,
+                self.prefetch,
+                self.traces.recorder,
             )
             self.session = Session(self.fs, cfg.mount, passthrough=cfg.passthrough)
             warnings = Throttled()
@@ -257,6 +269,7 @@ class Node:
         await nursery.start(self.fetcher.run)
         self.jobs.bind(nursery)
         self.prefetch.bind(nursery)
+        nursery.start_soon(self.traces.run)
         await nursery.start(self.store.disk.run)
         nursery.start_soon(self.sync.disk_loop)
         nursery.start_soon(self.control.verify_loop)

@@ -57,6 +57,7 @@ from syncbit.errors import (
 )
 from syncbit.manifest import Manifest, build_manifest, validate_dataset_name
 from syncbit.metrics import Snapshot, counter, gauge, render
+from syncbit.scheduler import traces
 from syncbit.scheduler.claims import Claims
 from syncbit.scheduler.client import (
     MAX_CLAIM_CHUNKS,
@@ -324,6 +325,8 @@ _RULES: dict[str, _Rule | None] = {
     "_issue": _Rule(),
     "_check": _Rule((Role.NODE,), own="node"),
     "_lift_quarantine": _Rule(),
+    "_trace": _Rule((Role.READER,)),
+    "_put_trace": _Rule((Role.NODE,), own="node"),
 }
 
 
@@ -601,6 +604,7 @@ _BODY_LIMITS = {
     "credential": _SMALL_BODY,
     "issue": _SMALL_BODY,
     "check": _SMALL_BODY,
+    "put_trace": traces.TRACE_BODY,
 }
 
 
@@ -820,6 +824,8 @@ class Api:
                 table = {"GET": self._datasets, "POST": self._add_dataset}
             case ["v1", "datasets", _]:
                 table = {"GET": self._manifest, "DELETE": self._remove_dataset}
+            case ["v1", "datasets", _, "trace"]:
+                table = {"GET": self._trace, "PUT": self._put_trace}
             case ["v1", "objects", _, "chunks"]:
                 table = {"GET": self._chunk_map}
             case ["v1", "reports"]:
@@ -1023,6 +1029,12 @@ class Api:
 
     def _manifest(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         return self.state.get_dataset_json(seg[2])
+
+    def _trace(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        return _json(traces.answer(self.state, seg[2]))
+
+    def _put_trace(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
+        return _json(traces.store(self.state, seg[2], _decode(body), self.state.clock()))
 
     def _remove_dataset(self, seg: list[str], query: dict[str, str], body: bytes) -> bytes:
         self.state.remove_dataset(seg[2])

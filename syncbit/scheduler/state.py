@@ -21,6 +21,8 @@ Layout (named databases of one environment, `<state_dir>/state.lmdb`):
     broken      object id                         -> {"since", "reason"} (JSON)
     notices     node name + NUL + object id       -> b"": the node must drop its copy
     targets     dataset name                      -> assignment targets (JSON list)
+    traces      dataset name                      -> access trace record (JSON): revision,
+                                                     node, recorded, trace (`put_trace`)
     meta        b"generation"                     -> u64 big-endian
 
 Chunk facts are kept only for objects some manifest named (`put_dataset` records their
@@ -284,6 +286,7 @@ class SchedulerState:
         self._quarantine = self._env.open_db(b"quarantine")
         self._broken = self._env.open_db(b"broken")
         self._notices = self._env.open_db(b"notices")
+        self._traces = self._env.open_db(b"traces")
         self._register_stored_objects()
         # Last liveness seen per node, only to log up/down transitions once.
         self._liveness = {n.name: n.up for n in self.nodes()}
@@ -623,9 +626,48 @@ class SchedulerState:
                 raise NotFoundError(f"unknown dataset {name!r}")
             txn.delete(key, db=self._datasets)
             txn.delete(key, db=self._targets)
+            txn.delete(key, db=self._traces)
             generation = self._bump(txn, self._meta)
             self._prune_disputes(txn)
         log.info("dataset %s removed (generation %d)", name, generation)
+
+    # -- access traces ---------------------------------------------------------------------
+
+    def put_trace(self, name: str, revision: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Keep `record` (already validated against revision `revision` of dataset `name`,
+        with a "revision" key) unless a trace of that revision is kept: the first one
+        wins; one of an older revision is replaced. Returns the record kept.
+        NotFoundError for an unknown dataset, UserError when it is at another revision
+        now (a node that recorded an older one)."""
+        key = _name_key("dataset", name)
+        with self._write() as txn:
+            raw = txn.get(key, db=self._summaries)
+            if raw is None:
+                raise NotFoundError(f"unknown dataset {name!r}")
+            current = json.loads(raw).get("revision")
+            if current != revision:
+                raise UserError(f"dataset {name!r} is at revision {current}, not {revision}")
+            old = txn.get(key, db=self._traces)
+            if old is not None:
+                kept: dict[str, Any] = json.loads(old)
+                if kept.get("revision") == revision:
+                    return kept
+            txn.put(key, json.dumps(record, separators=(",", ":")).encode(), db=self._traces)
+        return record
+
+    def get_trace(self, name: str) -> dict[str, Any] | None:
+        """The trace record of `name`'s current revision; None without one (NotFoundError
+        for an unknown dataset)."""
+        key = _name_key("dataset", name)
+        with self._read() as txn:
+            raw = txn.get(key, db=self._summaries)
+            if raw is None:
+                raise NotFoundError(f"unknown dataset {name!r}")
+            kept = txn.get(key, db=self._traces)
+        if kept is None:
+            return None
+        record: dict[str, Any] = json.loads(kept)
+        return record if record.get("revision") == json.loads(raw).get("revision") else None
 
     def _renew_broken(self, manifest: Manifest) -> Manifest:
         """`manifest` with every broken object id replaced by a derived, unbroken one: the
@@ -706,6 +748,7 @@ class SchedulerState:
                 txn.put(key, json.dumps(left).encode(), db=self._targets)
             else:
                 txn.delete(key, db=self._targets)
+            txn.delete(key, db=self._traces)
             generation = self._bump(txn, self._meta)
         log.info(
             "dataset %s unassigned from %s (generation %d)",
