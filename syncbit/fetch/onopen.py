@@ -107,9 +107,12 @@ class OpenPrefetch:
                     handle.entry, chunk_size, handle.source, Priority.PREFETCH
                 )
                 log.debug("prefetch on open of %s: complete", path)
-        except SyncbitError as exc:
+        except (SyncbitError, OSError) as exc:
             # The reader's own reads report what matters to it; this is only ahead of them.
             log.info("prefetch on open of %s stopped: %s", path, exc)
+        except Exception:
+            # Never the daemon's end: a fetch nobody waits for failed in a way it should not.
+            log.exception("prefetch on open of %s: unexpected error", path)
         finally:
             if self._running.get(handle.obj.id) is whole:
                 del self._running[handle.obj.id]
