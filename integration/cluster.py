@@ -897,10 +897,11 @@ class Cluster:
             env = {"SYNCBIT_TLS_CA": str(self.tls.ca), **(env or {})}
         return run_cli(argv, env=env, timeout=timeout)
 
-    def add_dataset(self, name: str, url: str, timeout: float = 15.0) -> float:
-        """`syncbit dataset add NAME URL`, then wait until `<mnt>/NAME` is on every running
-        node. Returns the seconds from the command's end until the last node showed it."""
-        done = self.cli("dataset", "add", name, url)
+    def add_dataset(self, name: str, url: str, *flags: str, timeout: float = 15.0) -> float:
+        """`syncbit dataset add NAME URL [FLAGS]`, then wait until `<mnt>/NAME` is on every
+        running node. Returns the seconds from the command's end until the last node
+        showed it."""
+        done = self.cli("dataset", "add", name, url, *flags)
         if done.returncode != 0:
             raise HarnessError(
                 f"dataset add {name} {url} failed ({done.returncode}):\n{done.stdout}{done.stderr}"

@@ -148,7 +148,9 @@ def test_reader_survives_its_peer_killed_mid_transfer(
     # A fresh object only n1 will hold, so n3 pulls it from n1 and nobody else.
     ds = fresh_dataset(origin_root, "ds4", {"big.bin": dataset.root / "big.bin"})
     facts = ds.files["big.bin"]
-    up.add_dataset("ds4", origin.url + "ds4/")
+    # The reader alone fetches it: an open fetching the whole file from n1 would be done
+    # before the kill, leaving nothing for the source to take over.
+    up.add_dataset("ds4", origin.url + "ds4/", "--prefetch-on-open", "off")
     n1, n3 = up.node("n1"), up.node("n3")
     assert read_sha(n1, "ds4", "big.bin") == facts.sha256
     up.wait_cached(n1, "ds4", facts.size)

@@ -153,6 +153,18 @@ class DaemonConfig(_Strict):
     fetch_workers: int = Field(12, ge=1, description="more than both prefetch lanes")
     prefetch_concurrency: int = Field(6, ge=1, description="prefetch chunk transfers at once")
     prefetch_bandwidth: Size = Field(0, ge=0, description="bytes/s for prefetch; 0: no cap")
+    prefetch_on_open: bool = Field(
+        True,
+        description="an open() of a cold file of prefetch_on_open_min_size or more "
+        "fetches it whole in the background (a dataset's prefetch_on_open option overrides)",
+    )
+    prefetch_on_open_min_size: Size = Field(64 * 2**20, ge=0)
+    trace_max_runs: int = Field(
+        4096, ge=1, le=4096, description="runs an access trace records at most"
+    )
+    trace_quiet: float = Field(
+        10.0, gt=0, description="seconds without new reads before an access trace is offered"
+    )
     upload_slots: int = Field(
         4, ge=0, description="prefetch transfers this node serves at once; 0: no limit"
     )

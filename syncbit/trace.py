@@ -15,11 +15,22 @@ from typing import Any
 from syncbit.chunks import chunk_count, chunk_span
 from syncbit.errors import UserError
 from syncbit.manifest import FileEntry, Manifest
+from syncbit.sources.options import parse_bool
 
-__all__ = ["MAX_RUNS", "AccessTrace", "Run", "TraceRecorder", "prefetch_order"]
+__all__ = ["MAX_RUNS", "AccessTrace", "Run", "TraceRecorder", "prefetch_order", "tracing"]
 
 MAX_RUNS = 4096  # a run is ~100 bytes of JSON: a trace stays under half a MiB
 TRACE_FORMAT = 1
+
+
+def tracing(manifest: Manifest) -> bool:
+    """Whether traces are recorded and followed for this dataset: unless it was added with
+    `--trace off` (the `trace` option, carried in the manifest)."""
+    value = manifest.source_options.get("trace", True)
+    try:
+        return parse_bool(value)
+    except ValueError:
+        return True  # the scheduler checked the option of every scheme it knows
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,11 @@ class TraceRecorder:
     def __post_init__(self) -> None:
         self._sizes = {f.path: f.size for f in self.manifest.files}
         self._total = sum(chunk_count(s, self.manifest.chunk_size) for s in self._sizes.values())
+
+    @property
+    def recorded(self) -> int:
+        """Chunks recorded so far (grows with every first read of a chunk)."""
+        return self._seen_total
 
     @property
     def full(self) -> bool:

@@ -195,6 +195,8 @@ SCHEDULER_ROUTES: list[tuple[str, str, Any, set[str] | None]] = [
     ("POST", f"/v1/objects/{OID}/checks", {"node": "n1", "chunk": 0}, NODE_N1),
     ("DELETE", "/v1/nodes/n2/quarantine", None, ADMIN),
     ("GET", f"/v1/objects/{OID}/updates", None, NODES),
+    ("GET", "/v1/datasets/ds/trace", None, READERS),
+    ("PUT", "/v1/datasets/ds/trace", {"node": "n1", "trace": {"format": 1}}, NODE_N1),
 ]
 # Never anything but 401: no credential, a wrong one, another cluster's, an expired one,
 # and a node's peer credential (a peer that received it must not use it here).

@@ -179,9 +179,9 @@ def test_a_share_splits_the_reads_without_naming_the_members() -> None:
 
 
 def test_a_plan_entry_share_is_taken_only_when_valid() -> None:
-    from syncbit.node.sync import _share
+    from syncbit.node.sync import share_of
 
-    assert _share({"share": {"index": 2, "count": 5}}) == (2, 5)
+    assert share_of({"share": {"index": 2, "count": 5}}) == (2, 5)
     for bad in (
         {},
         {"share": None},
@@ -191,7 +191,7 @@ def test_a_plan_entry_share_is_taken_only_when_valid() -> None:
         {"share": {"index": True, "count": 5}},
         {"share": [1, 5]},
     ):
-        assert _share(bad) is None, bad
+        assert share_of(bad) is None, bad
 
 
 def test_source_reads_at_once_shrink_with_the_largest_running_plan() -> None:

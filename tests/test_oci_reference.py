@@ -97,7 +97,8 @@ def test_credentials_in_the_uri_are_refused_and_not_echoed() -> None:
     [
         (
             {"insecur": "true"},
-            "unknown option 'insecur'.*valid options: ca, insecure, platform, timeout",
+            "unknown option 'insecur'.*valid options: ca, insecure, platform, "
+            "prefetch_on_open, timeout, trace",
         ),
         ({"insecure": "maybe"}, "insecure='maybe'"),
         ({"platform": "amd64"}, "expected os/arch"),

@@ -54,17 +54,39 @@ def print_warnings(result: dict[str, Any]) -> None:
         typer.echo(f"warning: {warning}", err=True)
 
 
+def read_options(prefetch_on_open: str | None, trace: str | None) -> dict[str, str]:
+    """How nodes read the dataset, as the options `dataset add` sends (the scheduler
+    checks their values like every other option's)."""
+    given = {"prefetch_on_open": prefetch_on_open, "trace": trace}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @app.command("add")
 @guarded
 def dataset_add(
     name: Annotated[str, typer.Argument(help="Dataset name: /syncbit/<name>.")],
     uri: Annotated[str, typer.Argument(help="Source: http(s)://..., file:///...")],
     option: SourceOptionOpt = None,
+    prefetch_on_open: Annotated[
+        str | None,
+        typer.Option(
+            help="on, off or auto (the node's prefetch_on_open settings): an open() of a "
+            "cold file fetches it whole in the background."
+        ),
+    ] = None,
+    trace: Annotated[
+        str | None,
+        typer.Option(
+            help="on (default) or off: record the first reader's access order and let the "
+            "other nodes' prefetch follow it."
+        ),
+    ] = None,
     scheduler: SchedulerOpt = DEFAULT_SCHEDULER,
 ) -> None:
     """Resolve a source to a fixed revision and register it (no bytes are downloaded)."""
     dataset_name(name)
-    options = source_options(uri, pairs(option, "option") or {})
+    given = {**(pairs(option, "option") or {}), **read_options(prefetch_on_open, trace)}
+    options = source_options(uri, given)
     result = scheduler_call(scheduler, lambda c: c.add_dataset(name, uri, options))
     print_warnings(result)
     ds = result["dataset"]
@@ -109,3 +131,29 @@ def dataset_rm(name: NameArg, scheduler: SchedulerOpt = DEFAULT_SCHEDULER) -> No
     any_dataset_name(name)
     scheduler_call(scheduler, lambda c: c.remove_dataset(name))
     typer.echo(f"removed {name}")
+
+
+@app.command("trace")
+@guarded
+def dataset_trace(
+    name: NameArg, scheduler: SchedulerOpt = DEFAULT_SCHEDULER, as_json: JsonOpt = False
+) -> None:
+    """Show the access trace other nodes' prefetch of a dataset follows: the order its
+    first reader read its files and chunks in."""
+    any_dataset_name(name)
+    answer = scheduler_call(scheduler, lambda c: c.trace(name))
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    record = answer.get("trace")
+    if not record:
+        typer.echo(f"no access trace of {name} (revision {answer['revision']}) yet")
+        return
+    trace = record["trace"]
+    runs = trace["runs"]
+    typer.echo(
+        f"{name} revision {answer['revision']}: recorded on {record['node']}, {len(runs)} "
+        f"runs{'' if trace['complete'] else ' (partial: the reader did not read it all)'}"
+    )
+    rows = [[str(n), path, f"{first}-{last}"] for n, (path, first, last) in enumerate(runs, 1)]
+    typer.echo(table(["#", "FILE", "CHUNKS"], rows))

@@ -23,6 +23,7 @@ the pieces:
     served     bytes served to readers by origin (metrics)
     directory  the ports: the scheduler and the peers, as the fetch layer uses them
     jobs       pulls and prefetches of whole datasets
+    onopen     an open of a cold file fetches it whole in the background
 
 A flight moves QUEUED -> RUNNING -> DONE or FAILED; RUNNING -> QUEUED (a claim not
 granted, a chunk for the peer lane) or PARKED (another node reads it, its holders are
@@ -48,6 +49,7 @@ from syncbit.fetch.fetcher import Fetcher
 from syncbit.fetch.flight import Priority
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.jobs import Job, JobKind, Jobs, JobState
+from syncbit.fetch.onopen import OpenPrefetch
 from syncbit.fetch.plan import Plans, RoundRobin, SourcePlan
 from syncbit.fetch.verify import read_checked
 
@@ -60,6 +62,7 @@ __all__ = [
     "JobState",
     "Jobs",
     "OpenFile",
+    "OpenPrefetch",
     "Plans",
     "Priority",
     "RoundRobin",

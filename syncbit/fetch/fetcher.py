@@ -261,6 +261,25 @@ class Fetcher:
 
     # -- whole files: prefetch and pull ------------------------------------------------------
 
+    async def fetch_chunks(
+        self,
+        entry: FileEntry,
+        chunk_size: int,
+        source: Source,
+        indexes: range,
+        prio: Priority,
+        may_source: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Make chunks `indexes` of a file present, raising on failure (a prefetch that
+        follows an access trace brings the chunks in the order it names; `ensure` then
+        completes each file). Flights are queued in the order they are asked for."""
+        handle = self.open(entry, chunk_size, source)  # refuses a broken file
+        obj = handle.obj
+        with self._store.keeping(obj):
+            missing = [i for i in indexes if not obj.has(i)]
+            if missing:
+                await self._wait_chunks(handle, missing, prio, bounded=False, may_source=may_source)
+
     async def ensure(
         self,
         entry: FileEntry,

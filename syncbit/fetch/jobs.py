@@ -27,10 +27,15 @@ from syncbit.fetch.plan import RoundRobin
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.retry import retrying
 from syncbit.sources.base import Source
+from syncbit.trace import AccessTrace, prefetch_order
 
 log = logging.getLogger("syncbit.fetch.jobs")
 
 FILES_AT_ONCE = 4  # small files are latency-bound; a few at a time keep the pipe full
+# Following an access trace: its pieces, cut to at most PIECE_CHUNKS chunks, PIECES_AT_ONCE
+# at a time (their flights queue in trace order, so the lanes serve them in that order).
+PIECE_CHUNKS = 16
+PIECES_AT_ONCE = 16
 
 
 class JobKind(StrEnum):
@@ -77,6 +82,18 @@ class Job:
             self.state = state
 
 
+def _failed(job: Job, entry: FileEntry, exc: SyncbitError, failures: list[SyncbitError]) -> bool:
+    """Note a file's failure in its job's round; True when the round should stop: the
+    source refused for good, or is down past the deadline, and the next file would meet
+    the same. One file whose version is gone, or that does not fit, does not stop the
+    others."""
+    failures.append(exc)
+    job.error = job.error or f"{entry.path}: {exc}"
+    job.full = job.full or isinstance(exc, CacheFullError)
+    job.permanent = job.permanent or _is_permanent(exc)
+    return not isinstance(exc, SourceChangedError | CacheFullError)
+
+
 def _is_permanent(exc: SyncbitError) -> bool:
     """A failure no later round can fix: the source refused for good (no Range support,
     access denied, the version gone) or a person must act (UserError)."""
@@ -112,12 +129,14 @@ class Jobs:
         source_for: Callable[[Manifest], Source],
         is_ready: Callable[[Manifest], bool],
         flush: Callable[[], Awaitable[None]],
+        order: Callable[[Manifest], Awaitable[AccessTrace | None]] | None = None,
     ) -> None:
         self.node = node
         self.fetcher = fetcher
         self.source_for = source_for
         self.is_ready = is_ready  # every byte here, durable and verified
         self.flush = flush  # makes written chunks durable
+        self.order = order  # the access trace a prefetch follows, if the cluster has one
         self.jobs: dict[str, Job] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -203,6 +222,13 @@ class Jobs:
             del self.jobs[name]
         return job
 
+    def needs(self, object_id: str) -> bool:
+        """A running job brings this object here (its transfers must not be abandoned)."""
+        return any(
+            not job.done and any(f.object == object_id for f in job.manifest.files)
+            for job in self.jobs.values()
+        )
+
     def _abandon(self, job: Job, why: str) -> None:
         """Stop the transfers of `job`'s objects that no other running job needs."""
         needed = {
@@ -271,10 +297,15 @@ class Jobs:
         source = self.source_for(manifest)
         limit = trio.CapacityLimiter(FILES_AT_ONCE)
         position = 0
-        placed: list[tuple[FileEntry, int]] = []
+        bases: dict[str, int] = {}  # a file's first chunk, counted across the dataset
         for entry in manifest.files:
-            placed.append((entry, position))
+            bases[entry.path] = position
             position += chunk_count(entry.size, manifest.chunk_size)
+        trace = await self.order(manifest) if self.order is not None else None
+        if trace is not None and trace.runs:
+            await self._follow(job, trace, bases, failures)
+            if failures:
+                return
 
         async def one(entry: FileEntry, base: int) -> None:
             async with limit:
@@ -287,16 +318,51 @@ class Jobs:
                         may_source=lambda i: job.plan.may_source(base + i),
                     )
                 except SyncbitError as exc:
-                    failures.append(exc)
-                    job.error = job.error or f"{entry.path}: {exc}"
-                    job.full = job.full or isinstance(exc, CacheFullError)
-                    job.permanent = job.permanent or _is_permanent(exc)
-                    if not isinstance(exc, SourceChangedError | CacheFullError):
-                        # The source refused for good, or is down past the deadline: the
-                        # next file would meet the same. One file whose version is gone,
-                        # or that does not fit, does not stop the others.
+                    if _failed(job, entry, exc, failures):
                         nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for entry, base in placed:
-                nursery.start_soon(one, entry, base)
+            for entry in manifest.files:
+                nursery.start_soon(one, entry, bases[entry.path])
+
+    async def _follow(
+        self, job: Job, trace: AccessTrace, bases: dict[str, int], failures: list[SyncbitError]
+    ) -> None:
+        """Bring the dataset's chunks in the order `trace` implies (`prefetch_order`): what
+        its first reader read first comes first. `_fetch_all` then completes each file."""
+        manifest = job.manifest
+        source = self.source_for(manifest)
+        limit = trio.CapacityLimiter(PIECES_AT_ONCE)
+
+        async def one(entry: FileEntry, chunks: range, token: object) -> None:
+            base = bases[entry.path]
+            try:
+                await self.fetcher.fetch_chunks(
+                    entry,
+                    manifest.chunk_size,
+                    source,
+                    chunks,
+                    Priority.PREFETCH,
+                    may_source=lambda i: job.plan.may_source(base + i),
+                )
+            except SyncbitError as exc:
+                if _failed(job, entry, exc, failures):
+                    nursery.cancel_scope.cancel()
+            finally:
+                limit.release_on_behalf_of(token)
+
+        async with trio.open_nursery() as nursery:
+            for entry, piece in prefetch_order(manifest, trace):
+                for start in range(piece.start, piece.stop, PIECE_CHUNKS):
+                    chunks = range(start, min(start + PIECE_CHUNKS, piece.stop))
+                    token = object()
+                    # Acquired here, in order: the pieces' flights queue in trace order.
+                    await limit.acquire_on_behalf_of(token)
+                    log.debug(
+                        "prefetch of %s: %s chunks %d-%d",
+                        manifest.dataset,
+                        entry.path,
+                        chunks.start,
+                        chunks.stop - 1,
+                    )
+                    nursery.start_soon(one, entry, chunks, token)

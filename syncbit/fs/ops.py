@@ -18,11 +18,12 @@ from itertools import count
 from typing import Any, ParamSpec, TypeVar
 
 from syncbit.errors import SourceChangedError, SyncbitError
-from syncbit.fetch import Fetcher, OpenFile
+from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
 from syncbit.fs.kernel import ENOATTR, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from syncbit.fs.tree import Node, Tree
 from syncbit.manifest import Manifest
 from syncbit.sources.base import Source
+from syncbit.trace import TraceRecorder
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -81,12 +82,18 @@ class SyncbitFS:
         fetcher: Fetcher,
         source_for: Callable[[Manifest], Source],
         dataset_attrs: Callable[[str], dict[str, str]] | None = None,
+        prefetch: OpenPrefetch | None = None,
+        recorder: Callable[[Manifest], TraceRecorder | None] | None = None,
     ) -> None:
         self.tree = tree
         self.fetcher = fetcher
         self.source_for = source_for
         # Live attributes of a dataset directory (readiness, cached bytes), by dataset name.
         self.dataset_attrs = dataset_attrs
+        self.prefetch = prefetch  # whole-file fetches started by opens of cold files
+        # The access-trace recorder of a dataset version, if its reads are recorded.
+        self.recorder = recorder
+        self._recorders: dict[int, TraceRecorder] = {}  # by open handle
         self._handles: dict[int, OpenFile] = {}
         self._fh = count(1)
         self.requests: Counter[str] = Counter()  # by operation
@@ -177,8 +184,14 @@ class SyncbitFS:
             # Every byte here and verified: the kernel may read the object file itself.
             backing = await handle.backing_fd()
         self.fetcher.hold(handle)
+        if backing is None and self.prefetch is not None:
+            setting = node.manifest.source_options.get("prefetch_on_open")
+            self.prefetch.opened(handle, node.manifest.chunk_size, setting)
         fh = next(self._fh)
         self._handles[fh] = handle
+        recorder = self.recorder(node.manifest) if self.recorder is not None else None
+        if recorder is not None:
+            self._recorders[fh] = recorder
         # Content of a dataset version never changes: keep the page cache across opens.
         return FileInfo(fh=fh, keep_cache=True, backing_fd=backing)
 
@@ -187,14 +200,20 @@ class SyncbitFS:
         handle = self._handles.get(fh)
         if handle is None:
             raise FUSEError(errno.EBADF)
+        recorder = self._recorders.get(fh)
+        if recorder is not None:
+            recorder.record(handle.entry.path, off, size)  # the order this reader needs
         with _fail(f"read {handle.entry.path} @{off}+{size}"):
             return await self.fetcher.read(handle, off, size)
 
     @_counted
     async def release(self, fh: int) -> None:
+        self._recorders.pop(fh, None)
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self.fetcher.release(handle)
+            if self.prefetch is not None:
+                self.prefetch.closed(handle)
 
     # -- the rest of a read-only filesystem --------------------------------------------------
 

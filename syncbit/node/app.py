@@ -20,7 +20,7 @@ from syncbit import looptrace, tls
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.errors import SyncbitError
-from syncbit.fetch import Fetcher, Jobs
+from syncbit.fetch import Fetcher, Jobs, OpenPrefetch
 from syncbit.fs.kernel import Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
@@ -35,6 +35,7 @@ from syncbit.node.reporter import Reporter
 from syncbit.node.sources import SourceCache, daemon_file_roots
 from syncbit.node.status import Status
 from syncbit.node.sync import Sync
+from syncbit.node.traces import Traces
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import SchedulerClient
@@ -120,11 +121,30 @@ class Node:
                 prefetch_bandwidth=cfg.prefetch_bandwidth,
             )
             self.status = Status(self.store, self.fetcher, cfg.heartbeat_interval, self._mounted)
+            self.traces = Traces(cfg.node, self.client, cfg.trace_quiet, cfg.trace_max_runs)
             self.jobs = Jobs(
-                cfg.node, self.fetcher, self.sources, self.status.is_ready, self.store.flush
+                cfg.node,
+                self.fetcher,
+                self.sources,
+                self.status.is_ready,
+                self.store.flush,
+                self.traces.follow,
+            )
+            self.prefetch = OpenPrefetch(
+                self.fetcher,
+                enabled=cfg.prefetch_on_open,
+                min_size=cfg.prefetch_on_open_min_size,
+                wanted=self.jobs.needs,
             )
             self.tree = Tree()
-            self.fs = SyncbitFS(self.tree, self.fetcher, self.sources, self.status.attrs)
+            self.fs = SyncbitFS(
+                self.tree,
+                self.fetcher,
+                self.sources,
+                self.status.attrs,
+                self.prefetch,
+                self.traces.recorder,
+            )
             self.session = Session(self.fs, cfg.mount, passthrough=cfg.passthrough)
             warnings = Throttled()
             self.sync = Sync(
@@ -249,6 +269,8 @@ class Node:
         await nursery.start(self.store.commit_loop)
         await nursery.start(self.fetcher.run)
         self.jobs.bind(nursery)
+        self.prefetch.bind(nursery)
+        nursery.start_soon(self.traces.run)
         await nursery.start(self.store.disk.run)
         nursery.start_soon(self.sync.disk_loop)
         nursery.start_soon(self.control.verify_loop)

@@ -17,7 +17,7 @@ from syncbit.errors import NotFoundError, UserError
 from syncbit.fetch import Jobs
 from syncbit.manifest import validate_dataset_name
 from syncbit.node.status import Status
-from syncbit.node.sync import Sync
+from syncbit.node.sync import Sync, share_of
 from syncbit.store import ObjectStore, VerifyRun
 
 log = logging.getLogger("syncbit.daemon")
@@ -186,7 +186,8 @@ class Control:
         result = await self._store.evict(ids)
         if name in plan:
             self._jobs.stop(name)  # forced: fetch it again from scratch
-            self._jobs.start(manifest, "prefetch", list(plan[name]["members"]))
+            entry = plan[name]
+            self._jobs.start(manifest, "prefetch", list(entry["members"]), share_of(entry))
         return {
             "dataset": name,
             "freed": result.freed,

@@ -223,7 +223,7 @@ class Sync:
         for name, entry in self.plan.items():
             manifest = self.manifests.get(name)
             if manifest is not None and manifest.revision == entry["revision"]:
-                self._jobs.start(manifest, "prefetch", list(entry["members"]), _share(entry))
+                self._jobs.start(manifest, "prefetch", list(entry["members"]), share_of(entry))
 
     def _pin(self) -> None:
         """Assigned datasets' objects are never evicted; the plan is kept on disk so a
@@ -313,7 +313,7 @@ async def _import_sources(manifests: Iterable[Manifest]) -> None:
     await trio.to_thread.run_sync(import_schemes, [m.source for m in manifests])
 
 
-def _share(entry: dict[str, Any]) -> tuple[int, int] | None:
+def share_of(entry: dict[str, Any]) -> tuple[int, int] | None:
     """This node's share of a plan entry's source reads, (index, count), when the
     scheduler gave a valid one (it names the members only in small clusters)."""
     share = entry.get("share")

@@ -19,6 +19,7 @@ import trio
 from syncbit.credentials import PEER, Issuer, Role, public_key_text
 from syncbit.errors import ForbiddenError, UserError
 from syncbit.manifest import Manifest, validate_dataset_name
+from syncbit.scheduler import traces
 from syncbit.scheduler.bodies import (
     DatasetBody,
     HeartbeatBody,
@@ -175,6 +176,12 @@ class Api(ChunkHandlers):
 
     async def _manifest(self, c: Call) -> bytes:
         return self.state.catalog.get_dataset_json(c.seg[2])
+
+    async def _trace(self, c: Call) -> bytes:
+        return json_bytes(traces.answer(self.state, c.seg[2]))
+
+    async def _put_trace(self, c: Call) -> bytes:
+        return json_bytes(await traces.store(self.state, c.seg[2], c.doc(), self.state.clock()))
 
     async def _remove_dataset(self, c: Call) -> bytes:
         await self.state.catalog.remove_dataset(c.seg[2])

@@ -33,6 +33,9 @@ from syncbit.serving import loads_bounded
 # Request body limits by route, checked against Content-Length before anything is read.
 # Each is a few times what the largest valid body of that route can be.
 NO_BODY = 0
+# An access trace (`traces.py`): MAX_RUNS runs are under half a MiB of JSON with ordinary
+# paths; nodes trim theirs to fit (`syncbit.node.traces`).
+TRACE_BODY = 1 << 20
 SMALL_BODY = 64 * 2**10  # labels, claims (MAX_CLAIM_CHUNKS), targets, datasets, reports
 HEARTBEAT_BODY = 2 * 2**20  # labels, and every dataset ready on the node (MAX_READY)
 # A chunk report: MAX_REPORT_CHUNKS [index, digest] pairs added (~80 bytes each, plus a

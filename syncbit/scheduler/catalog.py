@@ -223,6 +223,7 @@ class Catalog:
             self._dataset(name)
             txn.delete(f"dataset/{name}")
             txn.delete(f"targets/{name}")
+            txn.delete(f"trace/{name}")
             self.trust.prune_disputes(txn, self._objects(exclude=name))
         log.info("dataset %s removed (generation %d)", name, self.facts.generation)
 

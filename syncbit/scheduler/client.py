@@ -276,6 +276,21 @@ class SchedulerClient:
         except ValueError as exc:
             raise SchedulerError(f"scheduler sent an invalid manifest for {name}: {exc}") from None
 
+    async def trace(self, name: str) -> dict[str, Any]:
+        """{"dataset", "revision", "trace": record or None}: the access trace kept for
+        the dataset's current revision (NotFoundError if the dataset is unknown)."""
+        doc: dict[str, Any] = await self._request("GET", f"/v1/datasets/{_segment(name)}/trace")
+        return doc
+
+    async def put_trace(self, name: str, node: str, trace: dict[str, Any]) -> dict[str, Any]:
+        """Offer `node`'s access trace of dataset `name` (`AccessTrace.to_doc()`); the
+        first one of a revision is kept. {"stored": bool, "trace": the record kept}."""
+        body = {"node": node, "trace": trace}
+        doc: dict[str, Any] = await self._request(
+            "PUT", f"/v1/datasets/{_segment(name)}/trace", body
+        )
+        return doc
+
     async def remove_dataset(self, name: str) -> None:
         """Forget dataset `name` (NotFoundError if unknown)."""
         await self._request("DELETE", f"/v1/datasets/{_segment(name)}")

@@ -17,7 +17,8 @@ one (group commit): a registration storm or a swarm's first digests cost a few c
 not one each. A transaction larger than one store commit may carry is split in order.
 
 Keys: dataset/<name> (manifest JSON), object/<id> (the geometry of an object no manifest
-names, registered by a node's registry mirror), targets/<name>, node/<name>, quarantine/<node>,
+names, registered by a node's registry mirror), trace/<name> (the access trace of the
+dataset's revision, `traces.py`), targets/<name>, node/<name>, quarantine/<node>,
 broken/<object>, dispute/<object>/<chunk>, digests/<object>/<block> (`objects.py`).
 """
 
@@ -57,6 +58,7 @@ _PREFIXES = (
     "quarantine/",
     "broken/",
     "dispute/",
+    "trace/",
     DIGESTS,
 )
 
@@ -138,6 +140,7 @@ class Facts:
         self.disputes: dict[tuple[str, int], dict[str, Any]] = {}
         self.objects: dict[str, ObjectFacts] = {}
         self.registered: set[str] = set()  # objects no manifest named, registered by nodes
+        self.traces: dict[str, dict[str, Any]] = {}  # dataset -> its access trace record
         self.generation = 0
         # Called with (object id, chunk indexes) when an object's chunk facts (digests,
         # disputes) changed, and with no indexes when the object changed as a whole.
@@ -172,6 +175,8 @@ class Facts:
                 self._apply_dataset(rest, value)
             elif kind == "object":
                 self._apply_registration(rest, value)
+            elif kind == "trace":
+                _set(self.traces, rest, None if value is None else json.loads(value))
             elif kind == "targets":
                 _set(self.targets, rest, None if value is None else json.loads(value))
             elif kind == "node":

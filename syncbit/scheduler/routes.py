@@ -19,7 +19,13 @@ from syncbit.errors import (
     NotFoundError,
     UnauthorizedError,
 )
-from syncbit.scheduler.bodies import CHUNKS_BODY, HEARTBEAT_BODY, NO_BODY, SMALL_BODY
+from syncbit.scheduler.bodies import (
+    CHUNKS_BODY,
+    HEARTBEAT_BODY,
+    NO_BODY,
+    SMALL_BODY,
+    TRACE_BODY,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ RULES: dict[str, Rule | None] = {
     "issue": Rule(),
     "check": Rule((Role.NODE,), own="node"),
     "lift_quarantine": Rule(),
+    "trace": Rule((Role.READER,)),
+    "put_trace": Rule((Role.NODE,), own="node"),
 }
 
 # Body limits by route; a route not listed takes no body.
@@ -77,6 +85,7 @@ BODY_LIMITS = {
     "credential": SMALL_BODY,
     "issue": SMALL_BODY,
     "check": SMALL_BODY,
+    "put_trace": TRACE_BODY,
 }
 
 
@@ -117,6 +126,8 @@ def _table(seg: list[str]) -> dict[str, str]:
             return {"GET": "datasets", "POST": "add_dataset"}
         case ["v1", "datasets", _]:
             return {"GET": "manifest", "DELETE": "remove_dataset"}
+        case ["v1", "datasets", _, "trace"]:
+            return {"GET": "trace", "PUT": "put_trace"}
         case ["v1", "datasets", _, "targets"]:
             return {"POST": "add_targets", "DELETE": "remove_targets"}
         case ["v1", "objects", _, "claims"]:

@@ -22,6 +22,7 @@ from syncbit.redact import redact_url, register_secret, signed_query_keys, strip
 
 __all__ = [
     "FOLLOW_REDIRECTS",
+    "PREFETCH_ON_OPEN",
     "Option",
     "parse_bool",
     "public_options",
@@ -178,7 +179,18 @@ class Option:
     operator_only: bool = False
 
 
+# How nodes read a dataset, not how its source is opened: every scheme takes them, and
+# they ride in the manifest so every node of the dataset applies the same.
+PREFETCH_ON_OPEN = ("auto", "on", "off")
+_READS = {
+    "prefetch_on_open": Option(
+        _choice(*PREFETCH_ON_OPEN),
+        "auto (the node's setting), on or off: an open() of a cold file fetches it whole",
+    ),
+    "trace": Option(parse_bool, "record the first reader's access order; prefetch follows it"),
+}
 _COMMON = {
+    **_READS,
     "include": Option(split_globs, "only files whose path matches one of these globs"),
     "exclude": Option(split_globs, "skip files whose path matches one of these globs"),
 }
@@ -223,6 +235,7 @@ SCHEMES: dict[str, dict[str, Option]] = {
     },
     # No include/exclude: an image layout is whole or not at all.
     "oci": {
+        **_READS,
         "platform": Option(_text, "os/arch[/variant]: only that image of an index"),
         "insecure": Option(parse_bool, "plain HTTP to the registry (as skopeo's --tls-verify)"),
         "ca": Option(_text, "a CA bundle trusted besides the system's"),

@@ -1,0 +1,118 @@
+"""Prefetch on open: an open() of a cold file through the mount fetches the whole file in
+the background, so a loader that touches it in its own order (safetensors' mmap, torch.load)
+does not fault its way through it one small read at a time. Owns the decision (dataset
+setting, node setting, size) and the life of those fetches; never transfers a byte itself
+(`Fetcher.ensure` does, at prefetch priority, so foreground reads and readahead go first
+and share the same flights: one transfer per chunk whoever asks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from syncbit.errors import SyncbitError
+from syncbit.fetch.fetcher import Fetcher
+from syncbit.fetch.flight import Priority
+from syncbit.fetch.handle import OpenFile
+
+log = logging.getLogger("syncbit.fetch.onopen")
+
+
+@dataclass(eq=False)
+class _Whole:
+    """The background fetch of one object, and how many open handles want it."""
+
+    opens: int = 1
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class OpenPrefetch:
+    """Whole-file fetches started by opens, one per object however many opens.
+
+    A dataset's `prefetch_on_open` option decides (on: every non-empty file, off: none);
+    `auto` or none leaves it to the node: `enabled` and the file at least `min_size`. The
+    fetch ends when the file is here, or when the last handle that wanted it is released
+    first: then its queued chunk transfers are abandoned (unless `wanted` says a pull or
+    prefetch job needs the object too), and what did arrive stays, chunk by verified chunk
+    (an object counts as present only when every chunk is, so a half-fetched file never
+    does)."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        *,
+        enabled: bool = True,
+        min_size: int = 64 << 20,
+        wanted: Callable[[str], bool] = lambda object_id: False,
+    ) -> None:
+        self.fetcher = fetcher
+        self.enabled = enabled
+        self.min_size = min_size
+        self.wanted = wanted  # a job needs this object: closing must not stop its transfers
+        self.started = 0  # whole-file fetches started (metrics, tests)
+        self._running: dict[str, _Whole] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def bind(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def wants(self, size: int, setting: object) -> bool:
+        """Whether an open of a file of `size` bytes fetches it whole, given the dataset's
+        `prefetch_on_open` option (`setting`, None when it has none)."""
+        if size <= 0 or setting == "off":
+            return False
+        if setting == "on":
+            return True
+        return self.enabled and size >= self.min_size
+
+    def opened(self, handle: OpenFile, chunk_size: int, setting: object) -> bool:
+        """An open of `handle` (call `closed` on its release). True if it started or joined
+        a whole-file fetch."""
+        obj = handle.obj
+        whole = self._running.get(obj.id)
+        if whole is not None:
+            whole.opens += 1
+            return True
+        if self._nursery is None or not self.wants(obj.size, setting) or obj.complete:
+            return False
+        whole = self._running[obj.id] = _Whole()
+        self.started += 1
+        self._nursery.start_soon(self._fetch, handle, chunk_size, whole)
+        return True
+
+    def closed(self, handle: OpenFile) -> None:
+        """A handle `opened` counted was released: the last one stops an unfinished fetch."""
+        object_id = handle.obj.id
+        whole = self._running.get(object_id)
+        if whole is None:
+            return
+        whole.opens -= 1
+        if whole.opens > 0:
+            return
+        del self._running[object_id]
+        whole.scope.cancel()
+        if not self.wanted(object_id):
+            self.fetcher.abandon({object_id}, f"{handle.entry.path} closed before fetched whole")
+
+    async def _fetch(self, handle: OpenFile, chunk_size: int, whole: _Whole) -> None:
+        path = handle.entry.path
+        try:
+            with whole.scope:
+                log.debug("prefetch on open of %s: fetching %d bytes", path, handle.obj.size)
+                await self.fetcher.ensure(
+                    handle.entry, chunk_size, handle.source, Priority.PREFETCH
+                )
+                log.debug("prefetch on open of %s: complete", path)
+        except (SyncbitError, OSError) as exc:
+            # The reader's own reads report what matters to it; this is only ahead of them.
+            log.info("prefetch on open of %s stopped: %s", path, exc)
+        except Exception:
+            # Never the daemon's end: a fetch nobody waits for failed in a way it should not.
+            log.exception("prefetch on open of %s: unexpected error", path)
+        finally:
+            if self._running.get(handle.obj.id) is whole:
+                del self._running[handle.obj.id]
