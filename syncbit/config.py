@@ -126,6 +126,9 @@ class DaemonConfig(_Strict):
     fetch_workers: int = Field(12, ge=1, description="more than both prefetch lanes")
     prefetch_concurrency: int = Field(6, ge=1, description="prefetch chunk transfers at once")
     prefetch_bandwidth: Size = Field(0, ge=0, description="bytes/s for prefetch; 0: no cap")
+    source_concurrency: int = Field(
+        64, ge=1, description="source reads at once per source (host, bucket), at most"
+    )
     upload_slots: int = Field(
         4, ge=0, description="prefetch transfers this node serves at once; 0: no limit"
     )

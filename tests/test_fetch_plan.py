@@ -211,13 +211,14 @@ async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("sharers", "at_once"), [(1, 3), (2, 2), (8, 1)])
+@pytest.mark.parametrize(("sharers", "at_once"), [(1, 4), (2, 2), (8, 1)])
 async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     store: ObjectStore, nursery: trio.Nursery, sharers: int, at_once: int
 ) -> None:
-    """About prefetch_concurrency/2 source reads across the plan's nodes, at least one per
-    node: with many nodes each reads its share one chunk at a time, so every chunk is
-    complete (and can be forwarded) as soon as possible."""
+    """As many source reads as the source takes (4 at first for one not seen before; more
+    than prefetch_concurrency/2) across the plan's nodes, at least one per node: with many
+    nodes each reads its share one chunk at a time, so every chunk is complete (and can be
+    forwarded) as soon as possible."""
     source = MemSource(data=DATA)
     gate = source.gate = threading.Event()
     fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6)

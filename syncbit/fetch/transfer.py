@@ -35,6 +35,7 @@ from syncbit.fetch.flight import (
     is_temp_failure,
 )
 from syncbit.fetch.limiter import Bandwidth
+from syncbit.fetch.streams import Streams
 from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.retry import retrying
@@ -70,6 +71,7 @@ class Transfers:
         claims: Claims,
         bandwidth: Bandwidth,
         broken: Broken,
+        streams: Streams,
         stats: dict[str, int],
     ) -> None:
         self.store = store
@@ -79,6 +81,7 @@ class Transfers:
         self.claims = claims
         self.bandwidth = bandwidth
         self.broken = broken
+        self.streams = streams
         self.stats = stats
 
     async def run(self, flight: Flight) -> list[Staged] | Park:
@@ -243,18 +246,25 @@ class Transfers:
         span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
         if flight.priority >= Priority.PREFETCH:
             await self.bandwidth.take(span)
-        buf = self.store.buffers.take(span)
+        buf: mmap.mmap | None = None
         try:
-            digests, head_ok = await read_checked(
-                flight.source,
-                flight.entry,
-                flight.index,
-                obj.chunk_size,
-                memoryview(buf)[:span],
-                len(batch),
-            )
+            # One stream of the source's adaptive limit; a reader's read goes before
+            # readahead's and prefetch's, and none goes out while a Retry-After holds.
+            # The buffer is taken once admitted: waiting reads hold no RAM.
+            async with self.streams.read(flight.source, flight.priority, flight.deadline, span):
+                buf = self.store.buffers.take(span)
+                digests, head_ok = await read_checked(
+                    flight.source,
+                    flight.entry,
+                    flight.index,
+                    obj.chunk_size,
+                    memoryview(buf)[:span],
+                    len(batch),
+                    self.streams.threads,
+                )
         except BaseException as exc:
-            self.store.buffers.give(buf)
+            if buf is not None:
+                self.store.buffers.give(buf)
             if isinstance(exc, SyncbitError) and not is_temp_failure(flight.source, exc):
                 # The same refusal awaits the chunks after it: they fail with it now rather
                 # than each asking the source again.
@@ -266,6 +276,7 @@ class Transfers:
             with trio.CancelScope(shield=True):
                 await self.claims.release(obj.id, [f.index for f in batch])
             raise
+        assert buf is not None  # admitted, or the read raised above
         disagree = check_source(batch, info, digests, head_ok)
         if disagree is not None:
             self.store.buffers.give(buf)
