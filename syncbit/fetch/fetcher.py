@@ -67,7 +67,15 @@ class Fetcher:
         self.readahead_chunks = readahead_chunks
         self.failure_ttl = failure_ttl
         self.plans = Plans()  # the running prefetches' source plans (their jobs keep it)
-        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0, "busy": 0}
+        self.stats = {
+            "source": 0,
+            "peer": 0,
+            "verify_failures": 0,
+            "parked": 0,
+            "busy": 0,
+            "hedged": 0,  # peer transfers asked of a second holder (stragglers)
+            "aborted": 0,  # the losers of those, ended mid-transfer
+        }
         self._table = FlightTable(read_deadline, failure_ttl)
         self._source_batch = source_batch
         # Source reads at once, per source, adapted to what each delivers (`streams`).

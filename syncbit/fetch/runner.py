@@ -221,9 +221,15 @@ class Runner:
                 finally:
                     self._idle -= 1
                 continue
-            if not self._idle and self._started < self.max_workers:
-                # Every worker is busy (some wait for a source's stream): one more, so a
-                # reader still finds a free one. Grown on demand, never shrunk.
+            if (
+                not self._idle
+                and self._started < self.max_workers
+                and self._transfers.streams.busy() >= max(1, self._started - 1)
+            ):
+                # Every worker is busy, all but this one with source reads (running, or
+                # waiting for a stream): one more, so that the sources get the streams
+                # their limits allow and a reader still finds a free worker. Grown on
+                # demand, never shrunk.
                 self._add_worker()
             if not flight.one_shot and not flight.ran:
                 # A queued prefetch must not spend its deadline waiting in the queue; a

@@ -57,6 +57,10 @@ class Streams:
     def stats(self, source: Source) -> SourceStats:
         return self.control.stats(key_of(source))
 
+    def busy(self) -> int:
+        """Source reads running or waiting for a stream, across every source."""
+        return sum(self._active.values())
+
     def lanes(self) -> int:
         """Reads worth running at once across the sources in use: the sum of their limits
         (the policy's first level when none is in use)."""
