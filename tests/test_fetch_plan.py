@@ -224,6 +224,10 @@ async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6)
     fetcher.plans.add(RoundRobin("me", [f"n{i}" for i in range(sharers)]))
     await started(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    gate.set()  # a first read delivered: the source's whole limit applies from now on
+    assert await fetcher.read(handle, 5 * CS, 10) == DATA[5 * CS : 5 * CS + 10]
+    gate.clear()
     nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
     with trio.fail_after(5):
         while source.active < at_once:
@@ -231,7 +235,6 @@ async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     await trio.sleep(0.2)  # room for more to start, if the limit let them
     assert source.peak == at_once
     gate.set()
-    handle = fetcher.open(ENTRY, CS, source)
     with trio.fail_after(5):
         assert await fetcher.read(handle, 0, len(DATA)) == DATA
 

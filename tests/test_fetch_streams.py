@@ -30,6 +30,34 @@ def source() -> MemSource:
     return MemSource(uri="mem://a/x")
 
 
+async def proven(streams: Streams, *sources: MemSource) -> None:
+    """One read of each source delivered: from now on it gets its whole limit at once."""
+    for source in sources:
+        async with streams.read(source, 0, trio.current_time() + 1000, MiB):
+            await trio.sleep(0.01)
+
+
+async def test_a_source_gets_one_read_at_a_time_until_one_delivered(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    """A refusal that holds for every read (no Range support) costs one request."""
+
+    async def admitted_of_three(prio: int) -> int:
+        release = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(hold, streams, source, prio, release)
+            await trio.testing.wait_all_tasks_blocked()
+            running = streams.stats(source).in_flight
+            release.set()
+        return running
+
+    assert await admitted_of_three(2) == 1
+    assert await admitted_of_three(0) == 3  # a reader's read never waits for a first one
+    await proven(streams, source)
+    assert await admitted_of_three(2) == 3
+
+
 async def ended_by(streams: Streams, source: MemSource, exc: Exception) -> None:
     """One read admitted at once that ends with `exc` (raised again here)."""
     with pytest.raises(type(exc)):
@@ -40,6 +68,7 @@ async def ended_by(streams: Streams, source: MemSource, exc: Exception) -> None:
 async def test_reads_beyond_the_limit_wait_and_the_most_urgent_goes_first(
     autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
 ) -> None:
+    await proven(streams, source)
     limit = streams.limit(source)
     release = trio.Event()
     order: list[int] = []
@@ -104,6 +133,7 @@ async def test_sources_are_keyed_by_origin(autojump_clock: trio.testing.MockCloc
     a2 = MemSource(uri="http://h1:80/b/")
     b = MemSource(uri="http://h2/a/")
     assert key_of(a1) == key_of(a2) != key_of(b)
+    await proven(streams, a1)
     release = trio.Event()
     async with trio.open_nursery() as nursery:
         for _ in range(streams.limit(a1)):

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from syncbit.errors import SourceThrottledError, SourceUnavailableError
+from syncbit.fetch.flight import Priority
 from syncbit.fetch_control import ConcurrencyPolicy, SourceConcurrency, SourceStats, source_key
 from syncbit.sources.base import Source
 
@@ -33,12 +34,13 @@ class Streams:
 
     `read(source, priority, deadline, nbytes)` is entered around one range read: it waits
     until the source's limit has a free slot for this caller (waiters of a lower priority
-    value go first, then in arrival order) and no Retry-After holds, and on exit tells the
-    controller whether the read delivered, was throttled or failed. A read that cannot be
-    admitted by `deadline` fails with SourceThrottledError (temporary: the flight's retry
-    decides). `threads`: the worker threads source reads run in (a read and its head sample
-    each), kept apart from trio's shared default so that many streams cannot starve the
-    store's and the peers' threads.
+    value go first, then in arrival order; but for readers, one read at a time until the
+    source delivered one) and no Retry-After holds, and on exit tells the controller
+    whether the read delivered, was throttled or failed. A read that cannot be admitted by
+    `deadline` fails with SourceThrottledError (temporary: the flight's retry decides).
+    `threads`: the worker threads source reads run in (a read and its head sample each),
+    kept apart from trio's shared default so that many streams cannot starve the store's
+    and the peers' threads.
     """
 
     def __init__(self, cap: int, clock: Callable[[], float] = trio.current_time) -> None:
@@ -111,7 +113,7 @@ class Streams:
         waiting.add(me)
         try:
             with trio.move_on_at(deadline):
-                while not (min(waiting) == me and control.may_start(key)):
+                while not (min(waiting) == me and self._may_start(key, priority)):
                     changed = self._changed.setdefault(key, trio.Event())
                     delay = control.delay(key) if min(waiting) == me else 0.0
                     with trio.move_on_after(delay or math.inf):
@@ -127,6 +129,18 @@ class Streams:
             f"{key}: no source read admitted in time ({stats.in_flight} running, limit "
             f"{stats.limit}, asked to wait {stats.blocked_for:.1f}s more)"
         )
+
+    def _may_start(self, key: str, priority: int) -> bool:
+        """A slot is free and no Retry-After holds; for a source that has not delivered a
+        read yet, only while nothing else is asked of it, but for a reader's own read: a
+        refusal that holds for every read (no Range support, access denied) then costs a
+        prefetch one request, not a burst, and a reader never waits on a stalled one."""
+        control = self.control
+        if not control.may_start(key):
+            return False
+        if priority <= Priority.FOREGROUND or control.in_flight(key) == 0:
+            return True
+        return control.stats(key).stream_rate > 0
 
     def _wake(self, key: str) -> None:
         changed = self._changed.pop(key, None)
