@@ -165,6 +165,9 @@ class DaemonConfig(_Strict):
     trace_quiet: float = Field(
         10.0, gt=0, description="seconds without new reads before an access trace is offered"
     )
+    source_concurrency: int = Field(
+        64, ge=1, description="source reads at once per source (host, bucket), at most"
+    )
     upload_slots: int = Field(
         4, ge=0, description="prefetch transfers this node serves at once; 0: no limit"
     )

@@ -7,6 +7,7 @@ keep-alive connections reaches the socket's speed. Control traffic uses httpx in
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -41,6 +42,38 @@ class Response:
     status: int
     headers: dict[str, str]
     url: str
+
+
+class Abort:
+    """Ends a transfer in progress from another thread: `fire()` shuts down the socket the
+    transfer uses (now, or as soon as it has one), so a blocking receive returns at once
+    and the transfer fails with WireError. A connection is never pooled after a fire."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.fired = False
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """The socket the transfer uses from now on (None: the transfer is over)."""
+        with self._lock:
+            self._sock = sock
+            fired = self.fired
+        if fired and sock is not None:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    # Already closed, or never connected: nothing left to end.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -147,6 +180,7 @@ class Pool:
         buf: memoryview,
         headers: dict[str, str] | None = None,
         redirects: RedirectRules | None = None,
+        abort: Abort | None = None,
     ) -> Response:
         """GET bytes [offset, offset+len(buf)) of `url` into `buf`.
 
@@ -154,11 +188,12 @@ class Pool:
         new connection's peer address); without, a redirect is returned like any other
         status. Returns the final response for the caller to check version headers.
         Statuses other than 206 (or 200 for a whole-body request) are returned with `buf`
-        untouched, so the caller maps them to its own errors.
+        untouched, so the caller maps them to its own errors. `abort`: another thread may
+        end the transfer with it (WireError here).
         """
         sent = dict(headers or {})
         for _ in range(_MAX_REDIRECTS + 1):
-            resp = self._get_once(url, offset, buf, sent, redirects)
+            resp = self._get_once(url, offset, buf, sent, redirects, abort)
             if (
                 redirects is not None
                 and resp.status in (301, 302, 303, 307, 308)
@@ -176,6 +211,7 @@ class Pool:
         buf: memoryview,
         headers: dict[str, str],
         rules: RedirectRules | None = None,
+        abort: Abort | None = None,
     ) -> Response:
         parts = urlsplit(url)
         scheme = parts.scheme
@@ -191,6 +227,8 @@ class Pool:
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         while True:
             conn = self._get((scheme, host, port), url, rules)
+            if abort is not None:
+                abort.attach(conn.sock)
             try:
                 conn.sock.sendall(request)
                 status, resp_headers = _read_head(conn)
@@ -214,7 +252,9 @@ class Pool:
         except (OSError, WireError) as exc:
             conn.sock.close()
             raise WireError(f"GET {redact_url(url)}: body: {exc}") from exc
-        if resp_headers.get("connection", "").lower() == "close":
+        if abort is not None:
+            abort.attach(None)
+        if resp_headers.get("connection", "").lower() == "close" or (abort and abort.fired):
             conn.sock.close()
         else:
             self._put(conn)

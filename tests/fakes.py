@@ -23,6 +23,7 @@ from syncbit.peer import PeerClient
 from syncbit.protocol import ChunkMap, ClaimResult
 from syncbit.sources import Listing, Source, register
 from syncbit.sources.fences import Fences
+from syncbit.wire import Abort
 
 
 @register
@@ -177,7 +178,13 @@ class Peers(PeerClient):
         self.gate: threading.Event | None = None
 
     def get_into(
-        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+        self,
+        address: str,
+        object_id: str,
+        offset: int,
+        buf: memoryview,
+        prefetch: bool = False,
+        abort: Abort | None = None,
     ) -> None:
         if self.data is None:
             raise AssertionError(f"no peer should be asked here (asked {address})")

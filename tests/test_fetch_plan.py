@@ -211,18 +211,23 @@ async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("sharers", "at_once"), [(1, 3), (2, 2), (8, 1)])
+@pytest.mark.parametrize(("sharers", "at_once"), [(1, 4), (2, 2), (8, 1)])
 async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     store: ObjectStore, nursery: trio.Nursery, sharers: int, at_once: int
 ) -> None:
-    """About prefetch_concurrency/2 source reads across the plan's nodes, at least one per
-    node: with many nodes each reads its share one chunk at a time, so every chunk is
-    complete (and can be forwarded) as soon as possible."""
+    """As many source reads as the source takes (4 at first for one not seen before; more
+    than prefetch_concurrency/2) across the plan's nodes, at least one per node: with many
+    nodes each reads its share one chunk at a time, so every chunk is complete (and can be
+    forwarded) as soon as possible."""
     source = MemSource(data=DATA)
     gate = source.gate = threading.Event()
     fetcher = Fetcher(store, Directory(), Peers(DATA), source_batch=CS, prefetch_concurrency=6)
     fetcher.plans.add(RoundRobin("me", [f"n{i}" for i in range(sharers)]))
     await started(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    gate.set()  # a first read delivered: the source's whole limit applies from now on
+    assert await fetcher.read(handle, 5 * CS, 10) == DATA[5 * CS : 5 * CS + 10]
+    gate.clear()
     nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH)
     with trio.fail_after(5):
         while source.active < at_once:
@@ -230,7 +235,6 @@ async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     await trio.sleep(0.2)  # room for more to start, if the limit let them
     assert source.peak == at_once
     gate.set()
-    handle = fetcher.open(ENTRY, CS, source)
     with trio.fail_after(5):
         assert await fetcher.read(handle, 0, len(DATA)) == DATA
 

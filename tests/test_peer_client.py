@@ -7,7 +7,7 @@ import pytest
 
 from syncbit.errors import PeerBusyError, PeerError, WireError
 from syncbit.peer import PRIORITY_HEADER, PeerClient
-from syncbit.wire import Response
+from syncbit.wire import Abort, Response
 
 OID = "ab" * 32
 
@@ -25,7 +25,13 @@ class Scripted:
         self.closed = False
 
     def get_into(
-        self, url: str, offset: int, buf: memoryview, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        offset: int,
+        buf: memoryview,
+        headers: dict[str, str] | None = None,
+        *,
+        abort: Abort | None = None,
     ) -> Response:
         self.asked.append((url, offset, dict(headers or {})))
         if self.fail:

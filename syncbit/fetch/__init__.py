@@ -12,12 +12,16 @@ the pieces:
     runner     workers, settling each attempt, writing staged chunks, watching parked
                flights until a peer holds their chunk
     transfer   one attempt: peers (verified) then the source; stages what arrives
+    hedge      a peer transfer slower than recent ones (`fetch_control.Hedging`) asked
+               of the next holder too; the first right answer wins, the other aborted
     claims     which queued chunks a source read brings along; the cluster-wide claim
     verify     source bytes against the record, the head sample, whole-file digests,
                broken revisions
     plan       who reads the source (a named policy per prefetch), the source-read
                limit, takeover of chunks planned elsewhere
-    readahead  the window of a sequential reader
+    streams    source reads at once per source, adapted to what it delivers
+               (`fetch_control.SourceConcurrency`); Retry-After waits
+    readahead  the window of a sequential reader (it grows with the source's streams)
     limiter    the prefetch bandwidth cap
     handle     the open file handed to fs/, with its passthrough capability
     served     bytes served to readers by origin (metrics)
@@ -40,8 +44,9 @@ before a file counts as ready.
 
 Concurrency: everything here runs on the trio thread but the blocking reads, which go to
 worker threads (`trio.to_thread`): a peer's `get_into` plus its digest, a source's
-`read_into` plus the batch's digests. Those touch only the buffer they fill; a buffer is
-taken from and given back to the store's pool on the trio thread.
+`read_into` plus the batch's digests (in `Streams.threads`, not trio's shared ones). Those
+touch only the buffer they fill; a buffer is taken from and given back to the store's pool
+on the trio thread.
 """
 
 from syncbit.fetch.directory import ChunkDirectory, ChunkPeers

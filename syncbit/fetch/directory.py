@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from syncbit.protocol import ChunkMap, ClaimResult
+from syncbit.wire import Abort
 
 
 class ChunkDirectory(Protocol):
@@ -31,9 +32,15 @@ class ChunkPeers(Protocol):
     """Other nodes' peer services, as the fetch layer asks them for bytes."""
 
     def get_into(
-        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+        self,
+        address: str,
+        object_id: str,
+        offset: int,
+        buf: memoryview,
+        prefetch: bool = False,
+        abort: Abort | None = None,
     ) -> None:
         """Blocking (a worker thread): fill `buf` with the object's bytes at `offset` from
         the peer at `address`. PeerBusyError when a `prefetch` transfer finds no free
-        upload slot, PeerError for any other failure."""
+        upload slot, PeerError for any other failure (`abort` fired from another thread)."""
         ...

@@ -28,6 +28,7 @@ from syncbit.fetch.plan import Plans, source_limit
 from syncbit.fetch.queue import FlightQueue
 from syncbit.fetch.runner import Runner
 from syncbit.fetch.served import Served
+from syncbit.fetch.streams import Streams
 from syncbit.fetch.transfer import Transfers
 from syncbit.fetch.verify import Broken, WholeFile, recheck
 from syncbit.manifest import FileEntry
@@ -35,6 +36,9 @@ from syncbit.sources.base import Source
 from syncbit.store import ObjectReader, ObjectStore
 
 log = logging.getLogger("syncbit.fetch")
+
+# The most a sequential reader's readahead holds: chunks in flight or staged are RAM.
+READAHEAD_MAX_BYTES = 512 << 20
 
 
 class Fetcher:
@@ -54,6 +58,7 @@ class Fetcher:
         source_batch: int = 16 << 20,
         prefetch_concurrency: int = 6,
         prefetch_bandwidth: int = 0,
+        source_concurrency: int = 64,
         claim_ttl: float = 30.0,
         park_poll: float = 0.1,
     ) -> None:
@@ -62,11 +67,22 @@ class Fetcher:
         self.readahead_chunks = readahead_chunks
         self.failure_ttl = failure_ttl
         self.plans = Plans()  # the running prefetches' source plans (their jobs keep it)
-        self.stats = {"source": 0, "peer": 0, "verify_failures": 0, "parked": 0, "busy": 0}
+        self.stats = {
+            "source": 0,
+            "peer": 0,
+            "verify_failures": 0,
+            "parked": 0,
+            "busy": 0,
+            "hedged": 0,  # peer transfers asked of a second holder (stragglers)
+            "aborted": 0,  # the losers of those, ended mid-transfer
+        }
         self._table = FlightTable(read_deadline, failure_ttl)
+        self._source_batch = source_batch
+        # Source reads at once, per source, adapted to what each delivers (`streams`).
+        self.streams = Streams(source_concurrency)
         queue = FlightQueue(
             prefetch_concurrency,
-            lambda: source_limit(prefetch_concurrency, self.plans.sharers()),
+            lambda: source_limit(prefetch_concurrency, self.plans.sharers(), self.streams.lanes()),
         )
         self._broken = Broken()
         self._whole = WholeFile(store, self.stats)
@@ -86,6 +102,7 @@ class Fetcher:
             claims,
             Bandwidth(prefetch_bandwidth),
             self._broken,
+            self.streams,
             self.stats,
         )
         self._runner = Runner(
@@ -97,6 +114,9 @@ class Fetcher:
             self._served,
             self.stats,
             workers=workers,
+            # Beyond `workers`, one more per stream the sources may allow: a worker holds
+            # its flight while it waits for a stream, and readers must still find one.
+            max_workers=workers + source_concurrency,
             write_backlog=write_backlog,
             park_poll=park_poll,
         )
@@ -200,11 +220,7 @@ class Fetcher:
                         f"kept: {cause}"
                     )
                 if sequential and self.readahead_chunks:
-                    for index in handle.readahead.window(
-                        span.stop, self.readahead_chunks, obj.chunks
-                    ):
-                        if not obj.has(index):
-                            self._runner.join(handle, index, Priority.READAHEAD)
+                    self._readahead(handle, span.stop)
                 self._served.count(obj, offset, length)
                 parts = reader.parts(offset, length)
                 if len(parts) == 1 and not isinstance(parts[0], range):
@@ -219,11 +235,21 @@ class Fetcher:
         return b"".join(parts)  # type: ignore[arg-type]
 
     def _readahead(self, handle: OpenFile, after: int) -> None:
-        """A sequential reader: keep the next `readahead_chunks` missing chunks coming."""
+        """A sequential reader: keep the next missing chunks of its window coming."""
         obj = handle.obj
-        for index in handle.readahead.window(after, self.readahead_chunks, obj.chunks):
+        for index in handle.readahead.window(after, self.readahead_window(handle), obj.chunks):
             if not obj.has(index):
                 self._runner.join(handle, index, Priority.READAHEAD)
+
+    def readahead_window(self, handle: OpenFile) -> int:
+        """Chunks a sequential reader keeps coming: `readahead_chunks` at least, else
+        enough source requests to keep every stream its source allows busy while half
+        the window is consumed (it is topped up half a window at a time), within
+        `READAHEAD_MAX_BYTES` of RAM."""
+        chunk_size = handle.obj.chunk_size
+        per_read = max(1, self._source_batch // chunk_size)
+        wanted = 2 * self.streams.limit(handle.source) * per_read
+        return max(self.readahead_chunks, min(wanted, READAHEAD_MAX_BYTES // chunk_size))
 
     async def _wait_chunks(
         self,

@@ -75,12 +75,14 @@ class Plans:
         return max((p.sharers for p in self._plans), default=1)
 
 
-def source_limit(concurrency: int, sharers: int) -> int:
-    """Prefetch source reads at once on this node: about `concurrency / 2` across the whole
-    plan, at least one per node. Peers can forward a chunk only once it is complete, and
-    streams that share the origin's link each run slower: with many streams per node the
-    origin's last chunks all land at once, each on one holder the other nodes queue on."""
-    budget = max(1, concurrency // 2)
+def source_limit(concurrency: int, sharers: int, streams: int = 1) -> int:
+    """Prefetch source reads at once on this node: the `streams` the sources in use take
+    now (adapted to what they deliver; each read still waits for its own source's limit),
+    or about `concurrency / 2`, whichever is more, shared across the whole plan, at least
+    one per node. Peers can forward a chunk only once it is complete, and streams that
+    share the origin's link each run slower: with many streams per node the origin's last
+    chunks all land at once, each on one holder the other nodes queue on."""
+    budget = max(1, concurrency // 2, streams)
     return max(1, -(-budget // max(1, sharers)))
 
 

@@ -48,6 +48,7 @@ class Runner:
         stats: dict[str, int],
         *,
         workers: int,
+        max_workers: int,
         write_backlog: int,
         park_poll: float,
     ) -> None:
@@ -59,6 +60,9 @@ class Runner:
         self._served = served
         self.stats = stats
         self.workers = workers
+        self.max_workers = max(workers, max_workers)
+        self._started = 0  # worker tasks so far (never more than max_workers)
+        self._idle = 0  # of them, waiting for a flight
         self.read_deadline = table.read_deadline
         self.park_poll = park_poll
         self._watching: set[str] = set()  # objects whose parked flights a task watches
@@ -73,7 +77,7 @@ class Runner:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for _ in range(self.workers):
-                nursery.start_soon(self._worker)
+                self._add_worker()
             if log.isEnabledFor(logging.DEBUG):
                 nursery.start_soon(self._log_queues)
             task_status.started()
@@ -202,12 +206,31 @@ class Runner:
 
     # -- workers -------------------------------------------------------------------------------
 
+    def _add_worker(self) -> None:
+        assert self._nursery is not None
+        self._started += 1
+        self._nursery.start_soon(self._worker)
+
     async def _worker(self) -> None:
         while True:
             flight = self._queue.take()
             if flight is None:
-                await self._queue.changed.wait()
+                self._idle += 1
+                try:
+                    await self._queue.changed.wait()
+                finally:
+                    self._idle -= 1
                 continue
+            if (
+                not self._idle
+                and self._started < self.max_workers
+                and self._transfers.streams.busy() >= max(1, self._started - 1)
+            ):
+                # Every worker is busy, all but this one with source reads (running, or
+                # waiting for a stream): one more, so that the sources get the streams
+                # their limits allow and a reader still finds a free worker. Grown on
+                # demand, never shrunk.
+                self._add_worker()
             if not flight.one_shot and not flight.ran:
                 # A queued prefetch must not spend its deadline waiting in the queue; a
                 # flight back from parking keeps the deadline it had (a reader's wait

@@ -9,7 +9,6 @@ import functools
 import logging
 import mmap
 import random
-from enum import Enum
 
 import trio
 
@@ -34,19 +33,18 @@ from syncbit.fetch.flight import (
     State,
     is_temp_failure,
 )
+from syncbit.fetch.hedge import PeerRace, PeerResult, Won
 from syncbit.fetch.limiter import Bandwidth
+from syncbit.fetch.streams import Streams
 from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
+from syncbit.fetch_control import Hedging
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.retry import retrying
+from syncbit.sources.base import abandon_on_cancel
 from syncbit.store import ObjectStore
+from syncbit.wire import Abort
 
 log = logging.getLogger("syncbit.fetch")
-
-
-class PeerResult(Enum):
-    OK = "ok"  # the view is filled and verified
-    BUSY = "busy"  # no upload slot free: not a fault
-    FAILED = "failed"  # not asked again for this chunk
 
 
 def _spread(peers: list[Peer]) -> list[Peer]:
@@ -70,6 +68,7 @@ class Transfers:
         claims: Claims,
         bandwidth: Bandwidth,
         broken: Broken,
+        streams: Streams,
         stats: dict[str, int],
     ) -> None:
         self.store = store
@@ -79,7 +78,9 @@ class Transfers:
         self.claims = claims
         self.bandwidth = bandwidth
         self.broken = broken
+        self.streams = streams
         self.stats = stats
+        self.race = PeerRace(self._from_peer, store.buffers, Hedging(), stats)
 
     async def run(self, flight: Flight) -> list[Staged] | Park:
         """Retry temporary failures with backoff until the flight's deadline; a permanent
@@ -147,25 +148,20 @@ class Transfers:
     async def _from_peers(
         self, flight: Flight, holders: list[Peer], expected: str
     ) -> list[Staged] | Park | None:
-        """The chunk from the first holder that sends the right bytes; None when every
-        holder failed (then the source), Park when every one that could was busy."""
+        """The chunk from the first holder that sends the right bytes (a straggler hedged
+        with the next holder); None when every holder failed (then the source), Park when
+        every one that could was busy."""
         obj, index = flight.obj, flight.index
-        buf = self.store.buffers.take(obj.chunk_size)
-        view = memoryview(buf)[: chunk_length(obj.size, obj.chunk_size, index)]
-        busy = False
-        for peer in _spread(holders):
-            if peer.node in flight.bad_peers:
-                continue
-            got = await self._from_peer(flight, peer, view, expected)
-            if got is PeerResult.OK:
-                self.stats["peer"] += len(view)
-                flight.origin = Origin.PEER
-                give = functools.partial(self.store.buffers.give, buf)
-                self.store.stage(obj, index, view, give, expected)
-                return [Staged(flight, view, expected)]
-            busy = busy or got is PeerResult.BUSY
-        self.store.buffers.give(buf)
-        if busy:
+        length = chunk_length(obj.size, obj.chunk_size, index)
+        usable = [p for p in _spread(holders) if p.node not in flight.bad_peers]
+        got = await self.race.run(flight, usable, length, expected)
+        if isinstance(got, Won):
+            self.stats["peer"] += length
+            flight.origin = Origin.PEER
+            give = functools.partial(self.store.buffers.give, got.buf)
+            self.store.stage(obj, index, got.view, give, expected)
+            return [Staged(flight, got.view, expected)]
+        if got is PeerResult.BUSY:
             # Every holder that could serve it is at its upload limit: wait briefly
             # (parked, no worker held) while this node's other transfers go on.
             self.stats["busy"] += 1
@@ -173,23 +169,22 @@ class Transfers:
         return None
 
     async def _from_peer(
-        self, flight: Flight, peer: Peer, view: memoryview, expected: str
+        self, flight: Flight, peer: Peer, view: memoryview, expected: str, abort: Abort
     ) -> PeerResult:
         began = trio.current_time()
         try:
-            await trio.to_thread.run_sync(self._from_peer_blocking, flight, peer, view, expected)
+            # Abandoned when cancelled (a hedge's loser, an abandoned flight): `abort` ends
+            # the thread's transfer, and the caller leaves the buffer to it.
+            await trio.to_thread.run_sync(
+                self._from_peer_blocking, flight, peer, view, expected, abort, **abandon_on_cancel()
+            )
         except PeerBusyError:
             return PeerResult.BUSY
         except DigestMismatchError as exc:
             self.stats["verify_failures"] += 1
             flight.bad_peers.add(peer.node)
             log.warning("%s", exc)
-            try:
-                await self.directory.report_bad_peer(
-                    peer.node, flight.obj.id, flight.index, str(exc)
-                )
-            except SyncbitError as report_exc:
-                log.warning("could not report bad peer %s: %s", peer.node, report_exc)
+            await self._report(peer.node, flight, str(exc))
             return PeerResult.FAILED
         except PeerError as exc:
             flight.bad_peers.add(peer.node)
@@ -212,11 +207,13 @@ class Transfers:
             log.warning("could not report bad peer %s: %s", peer, exc)
 
     def _from_peer_blocking(
-        self, flight: Flight, peer: Peer, view: memoryview, expected: str
+        self, flight: Flight, peer: Peer, view: memoryview, expected: str, abort: Abort
     ) -> None:
         offset = flight.index * flight.obj.chunk_size
         prefetch = flight.priority >= Priority.PREFETCH
-        self.peers.get_into(peer.address, flight.obj.id, offset, view, prefetch=prefetch)
+        self.peers.get_into(
+            peer.address, flight.obj.id, offset, view, prefetch=prefetch, abort=abort
+        )
         got = digest(view)
         if got != expected:
             raise DigestMismatchError(
@@ -243,18 +240,25 @@ class Transfers:
         span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
         if flight.priority >= Priority.PREFETCH:
             await self.bandwidth.take(span)
-        buf = self.store.buffers.take(span)
+        buf: mmap.mmap | None = None
         try:
-            digests, head_ok = await read_checked(
-                flight.source,
-                flight.entry,
-                flight.index,
-                obj.chunk_size,
-                memoryview(buf)[:span],
-                len(batch),
-            )
+            # One stream of the source's adaptive limit; a reader's read goes before
+            # readahead's and prefetch's, and none goes out while a Retry-After holds.
+            # The buffer is taken once admitted: waiting reads hold no RAM.
+            async with self.streams.read(flight.source, flight.priority, flight.deadline, span):
+                buf = self.store.buffers.take(span)
+                digests, head_ok = await read_checked(
+                    flight.source,
+                    flight.entry,
+                    flight.index,
+                    obj.chunk_size,
+                    memoryview(buf)[:span],
+                    len(batch),
+                    self.streams.threads,
+                )
         except BaseException as exc:
-            self.store.buffers.give(buf)
+            if buf is not None:
+                self.store.buffers.give(buf)
             if isinstance(exc, SyncbitError) and not is_temp_failure(flight.source, exc):
                 # The same refusal awaits the chunks after it: they fail with it now rather
                 # than each asking the source again.
@@ -266,6 +270,7 @@ class Transfers:
             with trio.CancelScope(shield=True):
                 await self.claims.release(obj.id, [f.index for f in batch])
             raise
+        assert buf is not None  # admitted, or the read raised above
         disagree = check_source(batch, info, digests, head_ok)
         if disagree is not None:
             self.store.buffers.give(buf)

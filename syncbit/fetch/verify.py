@@ -67,14 +67,21 @@ def check_source(
 
 
 async def read_checked(
-    source: Source, entry: FileEntry, first: int, cs: int, view: memoryview, chunks: int
+    source: Source,
+    entry: FileEntry,
+    first: int,
+    cs: int,
+    view: memoryview,
+    chunks: int,
+    limiter: trio.CapacityLimiter | None = None,
 ) -> tuple[list[str], bool]:
     """One range read of `chunks` consecutive chunks from chunk `first` (of `cs` bytes), in
     a worker thread: their digests, and whether the file's head still matches its recorded
     sample (True when none is recorded). A batch that starts at 0 holds the head; any other
     reads the head alongside, on a second connection: in sequence it would cost a round
     trip per batch on a distant origin. A change of the head before the batch's read began
-    shows; one while it was read may not."""
+    shows; one while it was read may not. `limiter`: the worker threads to read in
+    (default: trio's shared ones)."""
     expected = entry.version.get("head")
     n = head_length(entry.size)
 
@@ -88,22 +95,23 @@ async def read_checked(
         return digest(sample) == expected
 
     if not expected or (first == 0 and len(view) >= n):
-        return await trio.to_thread.run_sync(batch), not expected or digest(view[:n]) == expected
-    digests: list[str] = []
+        digests = await trio.to_thread.run_sync(batch, limiter=limiter)
+        return digests, not expected or digest(view[:n]) == expected
+    digests = []
     head_ok = False
     errors: list[SyncbitError] = []  # kept, so one failure does not cancel the other read
 
     async def read_batch() -> None:
         nonlocal digests
         try:
-            digests = await trio.to_thread.run_sync(batch)
+            digests = await trio.to_thread.run_sync(batch, limiter=limiter)
         except SyncbitError as exc:
             errors.insert(0, exc)  # the batch's own error is the one to report
 
     async def read_head() -> None:
         nonlocal head_ok
         try:
-            head_ok = await trio.to_thread.run_sync(head)
+            head_ok = await trio.to_thread.run_sync(head, limiter=limiter)
         except SyncbitError as exc:
             errors.append(exc)
 

@@ -119,6 +119,7 @@ class Node:
                 readahead_chunks=cfg.readahead_chunks,
                 prefetch_concurrency=cfg.prefetch_concurrency,
                 prefetch_bandwidth=cfg.prefetch_bandwidth,
+                source_concurrency=cfg.source_concurrency,
             )
             self.status = Status(self.store, self.fetcher, cfg.heartbeat_interval, self._mounted)
             self.traces = Traces(cfg.node, self.client, cfg.trace_quiet, cfg.trace_max_runs)

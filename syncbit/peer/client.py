@@ -11,17 +11,23 @@ from typing import Protocol
 from syncbit.auth import bearer
 from syncbit.errors import PeerBusyError, PeerError
 from syncbit.peer.server import PRIORITY_HEADER
-from syncbit.wire import Pool, Response, WireError, parse_content_range
+from syncbit.wire import Abort, Pool, Response, WireError, parse_content_range
 
 
 class PeerTransport(Protocol):
     """How range GETs reach a peer: `wire.Pool`, or a fake in tests."""
 
     def get_into(
-        self, url: str, offset: int, buf: memoryview, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        offset: int,
+        buf: memoryview,
+        headers: dict[str, str] | None = None,
+        *,
+        abort: Abort | None = None,
     ) -> Response:
         """GET bytes [offset, offset+len(buf)) of `url` into `buf`; any status is returned
-        (a 206 with `buf` filled); raises WireError when no answer came."""
+        (a 206 with `buf` filled); raises WireError when no answer came (or `abort` fired)."""
         ...
 
     def close(self) -> None: ...
@@ -57,14 +63,21 @@ class PeerClient:
         self._headers = bearer(token)
 
     def get_into(
-        self, address: str, object_id: str, offset: int, buf: memoryview, prefetch: bool = False
+        self,
+        address: str,
+        object_id: str,
+        offset: int,
+        buf: memoryview,
+        prefetch: bool = False,
+        abort: Abort | None = None,
     ) -> None:
         """Fill `buf` with the object's bytes at `offset` from the peer. A `prefetch`
-        transfer may be refused (PeerBusyError) when the peer's upload slots are taken."""
+        transfer may be refused (PeerBusyError) when the peer's upload slots are taken;
+        `abort` ends it from another thread (PeerError)."""
         url = f"{self._scheme}://{address}/v1/objects/{object_id}/data"
         headers = {**self._headers, PRIORITY_HEADER: "prefetch"} if prefetch else self._headers
         try:
-            resp = self._transport.get_into(url, offset, buf, headers)
+            resp = self._transport.get_into(url, offset, buf, headers, abort=abort)
         except WireError as exc:
             raise PeerError(f"peer {address}: {exc}") from exc
         if resp.status == 503:

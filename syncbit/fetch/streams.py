@@ -1,0 +1,148 @@
+"""How many source reads this node runs at once against each source (a host, a bucket):
+admits reads under `SourceConcurrency`'s adaptive limit, most urgent first, waits out a
+Retry-After, and reports how each read ended. Never reads a byte itself and never decides
+which chunks are read (queue) nor which node reads them (plan).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from syncbit.errors import SourceThrottledError, SourceUnavailableError
+from syncbit.fetch.flight import Priority
+from syncbit.fetch_control import ConcurrencyPolicy, SourceConcurrency, SourceStats, source_key
+from syncbit.sources.base import Source
+
+# Source options that name the endpoint a source talks to (S3's, the Hub's): two sources
+# with the same URI prefix but different endpoints are different origins.
+_ENDPOINT_OPTIONS = ("endpoint_url", "endpoint")
+
+
+def key_of(source: Source) -> str:
+    """The unit one concurrency level applies to (see `fetch_control.source_key`)."""
+    endpoint = next((source.options[k] for k in _ENDPOINT_OPTIONS if source.options.get(k)), None)
+    return source_key(source.uri, str(endpoint) if endpoint else None)
+
+
+class Streams:
+    """Concurrent source reads per source key, adapted to what the source delivers.
+
+    `read(source, priority, deadline, nbytes)` is entered around one range read: it waits
+    until the source's limit has a free slot for this caller (waiters of a lower priority
+    value go first, then in arrival order; but for readers, one read at a time until the
+    source delivered one) and no Retry-After holds, and on exit tells the controller
+    whether the read delivered, was throttled or failed. A read that cannot be admitted by
+    `deadline` fails with SourceThrottledError (temporary: the flight's retry decides).
+    `threads`: the worker threads source reads run in (a read and its head sample each),
+    kept apart from trio's shared default so that many streams cannot starve the store's
+    and the peers' threads.
+    """
+
+    def __init__(self, cap: int, clock: Callable[[], float] = trio.current_time) -> None:
+        policy = ConcurrencyPolicy(cap=cap, initial=min(ConcurrencyPolicy.initial, cap))
+        self.control = SourceConcurrency(policy, clock)
+        self.threads = trio.CapacityLimiter(2 * cap)
+        self._seq = itertools.count()
+        self._waiting: dict[str, set[tuple[int, int]]] = {}
+        self._changed: dict[str, trio.Event] = {}
+        self._active: dict[str, int] = {}  # keys with reads admitted or waiting: how many
+
+    def limit(self, source: Source) -> int:
+        """Reads allowed at once against `source`'s origin now."""
+        return self.control.limit(key_of(source))
+
+    def stats(self, source: Source) -> SourceStats:
+        return self.control.stats(key_of(source))
+
+    def busy(self) -> int:
+        """Source reads running or waiting for a stream, across every source."""
+        return sum(self._active.values())
+
+    def lanes(self) -> int:
+        """Reads worth running at once across the sources in use: the sum of their limits
+        (the policy's first level when none is in use)."""
+        if not self._active:
+            return self.control.policy.initial
+        return sum(self.control.limit(k) for k in self._active)
+
+    @asynccontextmanager
+    async def read(
+        self, source: Source, priority: int, deadline: float, nbytes: int
+    ) -> AsyncIterator[None]:
+        key = key_of(source)
+        self._active[key] = self._active.get(key, 0) + 1
+        try:
+            await self._admit(key, priority, deadline)
+            async with self._reporting(key, nbytes):
+                yield
+        finally:
+            self._active[key] -= 1
+            if not self._active[key]:
+                del self._active[key]
+            self._wake(key)
+
+    @asynccontextmanager
+    async def _reporting(self, key: str, nbytes: int) -> AsyncIterator[None]:
+        control = self.control
+        control.started(key)
+        began = trio.current_time()
+        try:
+            yield
+        except SourceThrottledError as exc:
+            control.throttled(key, exc.retry_after)
+            raise
+        except SourceUnavailableError:
+            control.failed(key)
+            raise
+        except BaseException:
+            # Cancelled, or refused for good (a changed version, no access): says nothing
+            # of how many reads the origin takes at once.
+            control.cancelled(key)
+            raise
+        control.finished(key, nbytes, trio.current_time() - began)
+
+    async def _admit(self, key: str, priority: int, deadline: float) -> None:
+        control = self.control
+        waiting = self._waiting.setdefault(key, set())
+        me = (priority, next(self._seq))
+        waiting.add(me)
+        try:
+            with trio.move_on_at(deadline):
+                while not (min(waiting) == me and self._may_start(key, priority)):
+                    changed = self._changed.setdefault(key, trio.Event())
+                    delay = control.delay(key) if min(waiting) == me else 0.0
+                    with trio.move_on_after(delay or math.inf):
+                        await changed.wait()
+                return
+        finally:
+            waiting.discard(me)
+            if not waiting:
+                del self._waiting[key]
+            self._wake(key)
+        stats = control.stats(key)
+        raise SourceThrottledError(
+            f"{key}: no source read admitted in time ({stats.in_flight} running, limit "
+            f"{stats.limit}, asked to wait {stats.blocked_for:.1f}s more)"
+        )
+
+    def _may_start(self, key: str, priority: int) -> bool:
+        """A slot is free and no Retry-After holds; for a source that has not delivered a
+        read yet, only while nothing else is asked of it, but for a reader's own read: a
+        refusal that holds for every read (no Range support, access denied) then costs a
+        prefetch one request, not a burst, and a reader never waits on a stalled one."""
+        control = self.control
+        if not control.may_start(key):
+            return False
+        if priority <= Priority.FOREGROUND or control.in_flight(key) == 0:
+            return True
+        return control.stats(key).stream_rate > 0
+
+    def _wake(self, key: str) -> None:
+        changed = self._changed.pop(key, None)
+        if changed is not None:
+            changed.set()

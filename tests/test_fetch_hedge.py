@@ -1,0 +1,144 @@
+"""Hedged peer transfers on loopback: a holder that stalls mid-chunk is overtaken by another
+holder long before the read deadline, its transfer is aborted (the stalled server sees the
+connection shut), and the chunk is stored once, verified."""
+
+from __future__ import annotations
+
+import re
+import select
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import trio
+from fakes import Directory, MemSource
+
+from syncbit.chunks import digest
+from syncbit.fetch import Fetcher
+from syncbit.manifest import FileEntry
+from syncbit.peer import PeerClient
+from syncbit.protocol import Peer
+from syncbit.store import ObjectStore
+
+CS = 64 * 1024
+CHUNKS = 40
+DATA = bytes((i * 13 + i // 509) % 256 for i in range(CHUNKS * CS))
+ENTRY = FileEntry(path="h.bin", size=len(DATA), object="ab" * 32, locator="h.bin")
+DEADLINE = 30.0
+
+
+class ChunkServer(ThreadingHTTPServer):
+    """A peer's chunk service on loopback serving DATA's ranges; with `stall`, its first
+    answer sends half the chunk and then waits for the client to give up (`aborted`)."""
+
+    daemon_threads = True
+
+    def __init__(self, stall: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.stall = stall
+        self.requests = 0
+        self.aborted = threading.Event()
+        self.lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ChunkServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None  # quiet
+
+    def do_GET(self) -> None:
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        assert m is not None
+        first, last = int(m[1]), int(m[2])
+        with self.server.lock:
+            self.server.requests += 1
+            stall = self.server.stall and self.server.requests == 1
+        body = DATA[first : last + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not stall:
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        # Stalled mid-chunk until the client shuts the connection (or a minute passes).
+        readable, _, _ = select.select([self.connection], [], [], 60)
+        if readable and not self.connection.recv(1):
+            self.server.aborted.set()
+        self.close_connection = True
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[ChunkServer, ChunkServer]]:
+    slow, fast = ChunkServer(stall=True), ChunkServer(stall=False)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (slow, fast)]
+    for t in threads:
+        t.start()
+    try:
+        yield slow, fast
+    finally:
+        for s in (slow, fast):
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.fixture
+async def fetcher(
+    store: ObjectStore, servers: tuple[ChunkServer, ChunkServer]
+) -> AsyncIterator[Fetcher]:
+    slow, fast = servers
+    directory = Directory()
+    for i in range(CHUNKS):
+        directory.info.digests[i] = digest(DATA[i * CS : (i + 1) * CS])
+        directory.info.peers[i] = [Peer("slow", slow.address), Peer("fast", fast.address)]
+    # A peer timeout beyond the read deadline: without hedging the stall would fail it.
+    peers = PeerClient(timeout=2 * DEADLINE)
+    f = Fetcher(store, directory, peers, readahead_chunks=0, read_deadline=DEADLINE)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            yield f
+            nursery.cancel_scope.cancel()
+    finally:
+        peers.close()
+
+
+async def test_a_holder_stalling_mid_chunk_is_overtaken_and_aborted(
+    store: ObjectStore, fetcher: Fetcher, servers: tuple[ChunkServer, ChunkServer]
+) -> None:
+    slow, fast = servers
+    source = MemSource(data=DATA)  # never read: every chunk has holders
+    handle = fetcher.open(ENTRY, CS, source)
+    read = 0
+    # The two best holders are asked in random order (load spreading): read chunks until
+    # the stalling one has been asked (1 - 2**-40 likely within the file).
+    while read < CHUNKS and not slow.requests:
+        with trio.fail_after(DEADLINE / 3):  # well within the read deadline
+            got = await fetcher.read(handle, read * CS, CS)
+        assert bytes(got) == DATA[read * CS : (read + 1) * CS]
+        read += 1
+    assert slow.requests == 1
+    assert fetcher.stats["hedged"] >= 1 and fetcher.stats["aborted"] >= 1
+    with trio.fail_after(DEADLINE):
+        await trio.to_thread.run_sync(slow.aborted.wait, DEADLINE)
+    assert slow.aborted.is_set()  # the stalled transfer was aborted, not waited out
+    # Each chunk staged and counted once: the winner's bytes only.
+    assert fetcher.stats["peer"] == read * CS
+    assert fetcher.stats["source"] == 0 and source.reads == 0
+    assert fast.requests == read  # the stalled chunk came from it after all
+    obj = store.get(ENTRY.object)
+    assert obj is not None
+    with trio.fail_after(DEADLINE):
+        while len(obj.written) < read:
+            await trio.sleep(0.01)
+    assert obj.written == set(range(read))
+    assert store.read(obj, 0, read * CS) == DATA[: read * CS]

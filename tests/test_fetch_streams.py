@@ -1,0 +1,147 @@
+"""`fetch.streams.Streams`: source reads admitted under each source's adaptive limit, most
+urgent first, none while a Retry-After holds, and every end reported to the controller.
+trio's autojump clock: no sleeps, no timed assertions."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from fakes import MemSource
+
+from syncbit.errors import SourceChangedError, SourceThrottledError, SourceUnavailableError
+from syncbit.fetch.streams import Streams, key_of
+
+MiB = 1 << 20
+
+
+async def hold(streams: Streams, source: MemSource, prio: int, release: trio.Event) -> None:
+    async with streams.read(source, prio, trio.current_time() + 1000, MiB):
+        await release.wait()
+
+
+@pytest.fixture
+def streams() -> Streams:
+    return Streams(cap=64)
+
+
+@pytest.fixture
+def source() -> MemSource:
+    return MemSource(uri="mem://a/x")
+
+
+async def proven(streams: Streams, *sources: MemSource) -> None:
+    """One read of each source delivered: from now on it gets its whole limit at once."""
+    for source in sources:
+        async with streams.read(source, 0, trio.current_time() + 1000, MiB):
+            await trio.sleep(0.01)
+
+
+async def test_a_source_gets_one_read_at_a_time_until_one_delivered(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    """A refusal that holds for every read (no Range support) costs one request."""
+
+    async def admitted_of_three(prio: int) -> int:
+        release = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(hold, streams, source, prio, release)
+            await trio.testing.wait_all_tasks_blocked()
+            running = streams.stats(source).in_flight
+            release.set()
+        return running
+
+    assert await admitted_of_three(2) == 1
+    assert await admitted_of_three(0) == 3  # a reader's read never waits for a first one
+    await proven(streams, source)
+    assert await admitted_of_three(2) == 3
+
+
+async def ended_by(streams: Streams, source: MemSource, exc: Exception) -> None:
+    """One read admitted at once that ends with `exc` (raised again here)."""
+    with pytest.raises(type(exc)):
+        async with streams.read(source, 0, trio.current_time() + 1000, MiB):
+            raise exc
+
+
+async def test_reads_beyond_the_limit_wait_and_the_most_urgent_goes_first(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    await proven(streams, source)
+    limit = streams.limit(source)
+    release = trio.Event()
+    order: list[int] = []
+
+    async def waiter(prio: int) -> None:
+        async with streams.read(source, prio, trio.current_time() + 1000, MiB):
+            order.append(prio)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(limit):
+            nursery.start_soon(hold, streams, source, 2, release)
+        await trio.testing.wait_all_tasks_blocked()
+        assert streams.stats(source).in_flight == limit
+        nursery.start_soon(waiter, 2)  # a prefetch, first in line
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, 0)  # then a reader
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []  # every slot is taken
+        release.set()
+    assert order == [0, 2]
+    assert streams.stats(source).in_flight == 0
+
+
+async def test_a_throttle_halves_the_limit_and_its_retry_after_holds_every_read(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    before = streams.limit(source)
+    await ended_by(streams, source, SourceThrottledError("503 slow down", retry_after=7.0))
+    assert streams.limit(source) == before // 2
+    assert streams.stats(source).throttles == 1
+    throttled_at = trio.current_time()
+    async with streams.read(source, 0, trio.current_time() + 1000, MiB):
+        admitted_at = trio.current_time()
+    assert admitted_at - throttled_at >= 7.0  # the virtual clock: exactly the wait
+
+
+async def test_a_read_not_admitted_by_its_deadline_fails_temporarily(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    await ended_by(streams, source, SourceThrottledError("429", retry_after=60.0))
+    with pytest.raises(SourceThrottledError, match="no source read admitted in time"):
+        async with streams.read(source, 0, trio.current_time() + 5, MiB):
+            raise AssertionError("admitted during a Retry-After")
+    assert streams.stats(source).in_flight == 0
+
+
+async def test_failures_shrink_the_limit_and_permanent_refusals_do_not(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    before = streams.limit(source)
+    await ended_by(streams, source, SourceChangedError("version gone"))
+    assert streams.limit(source) == before  # says nothing about the origin's load
+    await ended_by(streams, source, SourceUnavailableError("connection reset"))
+    assert streams.limit(source) < before
+    assert streams.stats(source).failures == 1
+
+
+async def test_sources_are_keyed_by_origin(autojump_clock: trio.testing.MockClock) -> None:
+    """Two datasets on one host share one limit; another host has its own."""
+    streams = Streams(cap=8)
+    a1 = MemSource(uri="http://h1:80/a/")
+    a2 = MemSource(uri="http://h1:80/b/")
+    b = MemSource(uri="http://h2/a/")
+    assert key_of(a1) == key_of(a2) != key_of(b)
+    await proven(streams, a1)
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(streams.limit(a1)):
+            nursery.start_soon(hold, streams, a2, 1, release)
+        await trio.testing.wait_all_tasks_blocked()
+        assert streams.stats(a1).in_flight == streams.limit(a1)
+        assert streams.lanes() == streams.limit(a1)
+        async with streams.read(b, 1, trio.current_time() + 1, MiB):  # not held up
+            assert streams.lanes() == streams.limit(a1) + streams.limit(b)
+        release.set()
+    assert streams.lanes() == streams.control.policy.initial
