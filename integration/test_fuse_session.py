@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from syncbit.fs.kernel import (
+from syncbit.fs.kernel import Session
+from syncbit.fs.wire import (
     ENOATTR,
     ROOT_INODE,
     EntryAttributes,
     FileInfo,
     FUSEError,
-    Session,
     StatvfsData,
 )
 

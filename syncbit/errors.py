@@ -3,7 +3,7 @@ answers and back; third-party errors are mapped onto the tree at the boundary.
 
 Nothing here does I/O. The CLI turns `UserError` into a message and exit code 2, any other
 `SyncbitError` into a message and exit code 1; the FUSE layer turns every error into EIO
-(`fs.kernel.FUSEError` is not part of this tree: it is the errno reply made of it).
+(`fs.wire.FUSEError` is not part of this tree: it is the errno reply made of it).
 Every class takes its message as its only required argument, so a client can rebuild the
 error a server answered (`error_class`).
 

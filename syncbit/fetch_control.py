@@ -1,35 +1,29 @@
 """How many ranged requests to run against each source, and when a transfer is a straggler.
 
-Owns two pure policies the fetcher consults: `SourceConcurrency` (per source key, e.g. a
-host or a bucket: the number of concurrent requests this node may run, adapted to what the
-origin delivers, its throttling answers and its errors) and `Hedging` (per origin kind,
-e.g. "peer" or "source": how long a transfer may run before a second request for the same
-bytes is worth sending elsewhere). It never does I/O, never sleeps, and reads time only
-through the injected clock: the fetcher reports events and does the waiting.
+Owns the pure policy the fetcher consults for that: `SourceConcurrency` (per source key,
+e.g. a host or a bucket: the number of concurrent requests this node may run, adapted to
+what the origin delivers, its throttling answers and its errors; `Hedging`, in
+`syncbit.hedging`, says when a transfer is a straggler). It never does I/O, never sleeps,
+and reads time only through the injected clock: the fetcher reports events and does the
+waiting.
 
 Not thread-safe: call it from one thread (the fetcher's trio loop).
 """
 
 from __future__ import annotations
 
-import email.utils
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import urlsplit
 
 __all__ = [
     "ConcurrencyPolicy",
-    "HedgePolicy",
-    "Hedging",
     "Phase",
     "SourceConcurrency",
     "SourceStats",
-    "parse_retry_after",
-    "source_key",
 ]
 
 Clock = Callable[[], float]
@@ -407,160 +401,3 @@ def _step(level: int) -> int:
 
 def _ewma(old: float, new: float, weight: float) -> float:
     return new if old == 0 else old + weight * (new - old)
-
-
-# -- hedging ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HedgePolicy:
-    """The knobs of `Hedging`.
-
-    Args:
-        quantile: a transfer running longer than this quantile of recent ones of its kind
-            and size is a straggler.
-        factor: the quantile is multiplied by this.
-        floor: never hedge sooner than this (seconds): below it a second request costs
-            more than waiting does.
-        default: the delay while fewer than `min_samples` transfers are known.
-        min_samples: transfers of a kind and size class needed before the quantile counts.
-        window: recent transfers kept per kind and size class.
-        max_age: seconds a transfer counts (the origin's speed changes).
-        budget: at most this fraction of recent transfers (plus one) may be hedged, so a
-            slow origin does not double its own load.
-    """
-
-    quantile: float = 0.95
-    factor: float = 1.0
-    floor: float = 0.1
-    default: float = 1.0
-    min_samples: int = 8
-    window: int = 128
-    max_age: float = 60.0
-    budget: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not (0 < self.quantile <= 1 and self.factor > 0 and 0 <= self.budget <= 1):
-            raise ValueError("need 0 < quantile <= 1, factor > 0, 0 <= budget <= 1")
-        if self.floor < 0 or self.default < self.floor:
-            raise ValueError("need 0 <= floor <= default")
-        if self.min_samples < 1 or self.window < self.min_samples or self.max_age <= 0:
-            raise ValueError("need 1 <= min_samples <= window and max_age > 0")
-
-
-def _size_class(nbytes: int) -> int:
-    """Transfers in (2**(k-1), 2**k] bytes share class k: a 4 MiB chunk and a 16 MiB batch
-    are judged apart, a short last chunk with its own kind."""
-    return max(0, nbytes - 1).bit_length()
-
-
-class Hedging:
-    """Recent transfer times per origin kind ("peer", "source", or finer keys) and size
-    class, and the delay after which a transfer is a straggler worth re-requesting.
-
-    The fetcher calls `record(kind, nbytes, seconds)` for every transfer that completed
-    (a hedge's winner with its own duration; losers are not recorded), and for one in
-    progress asks `should_hedge(kind, nbytes, elapsed)`; when it sends a second request it
-    calls `hedged(kind)`, which counts against the budget.
-    """
-
-    def __init__(self, policy: HedgePolicy | None = None, clock: Clock = time.monotonic):
-        self.policy = policy or HedgePolicy()
-        self._clock = clock
-        self._samples: dict[tuple[str, int], deque[tuple[float, float]]] = {}
-        self._sorted: dict[tuple[str, int], list[float]] = {}
-        self._transfers: dict[str, deque[float]] = {}
-        self._hedges: dict[str, deque[float]] = {}
-
-    def record(self, kind: str, nbytes: int, seconds: float) -> None:
-        now = self._clock()
-        key = (kind, _size_class(nbytes))
-        samples = self._samples.setdefault(key, deque(maxlen=self.policy.window))
-        samples.append((now, max(0.0, seconds)))
-        self._sorted.pop(key, None)
-        self._times(self._transfers, kind).append(now)
-
-    def delay(self, kind: str, nbytes: int) -> float:
-        """Seconds after which a transfer of `nbytes` from `kind` counts as a straggler."""
-        p = self.policy
-        key = (kind, _size_class(nbytes))
-        samples = self._samples.get(key)
-        if samples:
-            cutoff = self._clock() - p.max_age
-            while samples and samples[0][0] < cutoff:
-                samples.popleft()
-                self._sorted.pop(key, None)
-        if not samples or len(samples) < p.min_samples:
-            return p.default
-        ordered = self._sorted.get(key)
-        if ordered is None:
-            ordered = self._sorted[key] = sorted(t for _, t in samples)
-        rank = min(len(ordered) - 1, max(0, math.ceil(p.quantile * len(ordered)) - 1))
-        return max(p.floor, p.factor * ordered[rank])
-
-    def should_hedge(self, kind: str, nbytes: int, elapsed: float) -> bool:
-        """A transfer of `nbytes` from `kind` running for `elapsed` seconds should be
-        requested a second time elsewhere (if another holder exists), within the budget."""
-        if elapsed < self.delay(kind, nbytes):
-            return False
-        transfers = len(self._prune(self._times(self._transfers, kind)))
-        hedges = len(self._prune(self._times(self._hedges, kind)))
-        return hedges < self.policy.budget * transfers + 1
-
-    def hedged(self, kind: str) -> None:
-        """A second request was sent for a straggler of `kind`."""
-        self._times(self._hedges, kind).append(self._clock())
-
-    def _times(self, table: dict[str, deque[float]], kind: str) -> deque[float]:
-        return table.setdefault(kind, deque(maxlen=4 * self.policy.window))
-
-    def _prune(self, times: deque[float]) -> deque[float]:
-        cutoff = self._clock() - self.policy.max_age
-        while times and times[0] < cutoff:
-            times.popleft()
-        return times
-
-
-# -- small parsers the fetcher needs at the boundary ------------------------------------------
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """An HTTP Retry-After value (delay-seconds or an HTTP-date) as seconds from now (never
-    negative); None when absent or unparsable. `now`: wall-clock seconds, for dates."""
-    if value is None:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None  # RFC 9110 dates are GMT; anything else is not a valid HTTP-date
-    wall = time.time() if now is None else now
-    return max(0.0, when.timestamp() - wall)
-
-
-def source_key(uri: str, endpoint: str | None = None) -> str:
-    """The unit one concurrency level applies to: scheme and host[:port] for http(s)
-    (credentials dropped), the bucket (and endpoint, if not AWS's) for s3, the endpoint for
-    hf; the scheme alone for anything else (file://: the local disk)."""
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if scheme in ("http", "https"):
-        port = f":{parts.port}" if parts.port else ""
-        return f"{scheme}://{host}{port}"
-    if scheme == "s3":
-        where = _origin_of(endpoint) if endpoint else ""
-        return f"s3://{parts.netloc}" + (f"@{where}" if where else "")
-    if scheme == "hf":
-        return "hf@" + (_origin_of(endpoint) if endpoint else "huggingface.co")
-    return f"{scheme}:"
-
-
-def _origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{(parts.hostname or url).lower()}{port}"

@@ -12,15 +12,9 @@ import pytest
 from fakes import Clock
 from origin_model import KEY, MB, MiB, OriginModel, Simulation
 
-from syncbit.fetch_control import (
-    ConcurrencyPolicy,
-    HedgePolicy,
-    Hedging,
-    Phase,
-    SourceConcurrency,
-    parse_retry_after,
-    source_key,
-)
+from syncbit.fetch_control import ConcurrencyPolicy, Phase, SourceConcurrency
+from syncbit.hedging import HedgePolicy, Hedging
+from syncbit.sources.throttle import parse_retry_after, source_key
 
 # An S3-like origin: 100 MB/s per connection, 1.2 GB/s in all (12 streams fill it).
 CAPPED = OriginModel(per_connection=100 * MB, total=1200 * MB)

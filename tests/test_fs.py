@@ -12,9 +12,9 @@ import trio
 from fakes import Directory, MemSource, Peers
 
 from syncbit.fetch import Fetcher
-from syncbit.fs.kernel import EntryAttributes, FUSEError
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import ROOT_INODE, Tree
+from syncbit.fs.wire import EntryAttributes, FUSEError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
 from syncbit.store import ObjectStore
 

@@ -12,7 +12,7 @@ the pieces:
     runner     workers, settling each attempt, writing staged chunks, watching parked
                flights until a peer holds their chunk
     transfer   one attempt: peers (verified) then the source; stages what arrives
-    hedge      a peer transfer slower than recent ones (`fetch_control.Hedging`) asked
+    hedge      a peer transfer slower than recent ones (`syncbit.hedging.Hedging`) asked
                of the next holder too; the first right answer wins, the other aborted
     claims     which queued chunks a source read brings along; the cluster-wide claim
     verify     source bytes against the record, the head sample, whole-file digests,

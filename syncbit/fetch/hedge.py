@@ -1,5 +1,5 @@
 """Hedged peer transfers: a chunk asked of its holders one after another, and, when the
-current transfer runs past the straggler delay of recent ones (`fetch_control.Hedging`),
+current transfer runs past the straggler delay of recent ones (`syncbit.hedging.Hedging`),
 of the next holder at once too; the first right answer wins and the other is aborted.
 Never verifies bytes itself (each attempt checks its own against the digest) and never
 stages anything: the winner's buffer goes back to the caller.
@@ -17,7 +17,7 @@ from enum import Enum
 import trio
 
 from syncbit.fetch.flight import Flight
-from syncbit.fetch_control import Hedging
+from syncbit.hedging import Hedging
 from syncbit.protocol import Peer
 from syncbit.store.staging import BufferPool
 from syncbit.wire import Abort

@@ -15,8 +15,9 @@ import trio
 
 from syncbit.errors import SourceThrottledError, SourceUnavailableError
 from syncbit.fetch.flight import Priority
-from syncbit.fetch_control import ConcurrencyPolicy, SourceConcurrency, SourceStats, source_key
+from syncbit.fetch_control import ConcurrencyPolicy, SourceConcurrency, SourceStats
 from syncbit.sources.base import Source
+from syncbit.sources.throttle import source_key
 
 # Source options that name the endpoint a source talks to (S3's, the Hub's): two sources
 # with the same URI prefix but different endpoints are different origins.
@@ -24,7 +25,7 @@ _ENDPOINT_OPTIONS = ("endpoint_url", "endpoint")
 
 
 def key_of(source: Source) -> str:
-    """The unit one concurrency level applies to (see `fetch_control.source_key`)."""
+    """The unit one concurrency level applies to (see `sources.throttle.source_key`)."""
     endpoint = next((source.options[k] for k in _ENDPOINT_OPTIONS if source.options.get(k)), None)
     return source_key(source.uri, str(endpoint) if endpoint else None)
 

@@ -37,7 +37,7 @@ from syncbit.fetch.hedge import PeerRace, PeerResult, Won
 from syncbit.fetch.limiter import Bandwidth
 from syncbit.fetch.streams import Streams
 from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
-from syncbit.fetch_control import Hedging
+from syncbit.hedging import Hedging
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.retry import retrying
 from syncbit.sources.base import abandon_on_cancel

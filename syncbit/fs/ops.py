@@ -19,8 +19,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from syncbit.errors import SourceChangedError, SyncbitError
 from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
-from syncbit.fs.kernel import ENOATTR, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from syncbit.fs.tree import Node, Tree
+from syncbit.fs.wire import ENOATTR, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from syncbit.manifest import Manifest
 from syncbit.sources.base import Source
 from syncbit.trace import TraceRecorder

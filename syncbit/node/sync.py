@@ -18,8 +18,9 @@ import trio
 from syncbit.diskspace import is_enospc
 from syncbit.errors import SyncbitError
 from syncbit.fetch import Fetcher, Jobs
-from syncbit.fs.kernel import ROOT_INODE, Session
+from syncbit.fs.kernel import Session
 from syncbit.fs.tree import Tree
+from syncbit.fs.wire import ROOT_INODE
 from syncbit.manifest import Manifest
 from syncbit.node.logs import Throttled
 from syncbit.node.status import Status

@@ -25,11 +25,11 @@ from syncbit.errors import (
     SourceThrottledError,
     SourceUnavailableError,
 )
-from syncbit.fetch_control import parse_retry_after
 from syncbit.manifest import FileEntry, Perm
 from syncbit.redact import redact_url
 from syncbit.sources.fences import Fences
 from syncbit.sources.options import validate_options
+from syncbit.sources.throttle import parse_retry_after
 from syncbit.wire import Response, WireError, parse_content_range
 
 _REGISTRY: dict[str, type[Source]] = {}

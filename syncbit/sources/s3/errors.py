@@ -20,8 +20,8 @@ from syncbit.errors import (
     SourceUnavailableError,
     SyncbitError,
 )
-from syncbit.fetch_control import parse_retry_after
 from syncbit.sources.base import THROTTLING
+from syncbit.sources.throttle import parse_retry_after
 
 # Error codes, grouped by what they mean to a user (HEAD errors carry only the HTTP status
 # as code).
