@@ -249,18 +249,18 @@ async def test_the_updates_route_pages_waits_and_resets(
     client: SchedulerClient, server: SchedulerServer
 ) -> None:
     await client.add_dataset("ds", "mem://x/")
-    for i in range(12):
+    for i in range(13):  # n12 holds nothing: it asks
         await client.heartbeat(f"n{i}", address=f"127.0.0.1:{i + 1}")
     report = {"object": OBJ, "size": CHUNKS * CHUNK, "chunk_size": CHUNK}
     assert (await client.claim("n0", OBJ, [0, 1, 2], ttl=30)).granted == [0, 1, 2]
     for i in range(12):  # n0 establishes chunk 0, the others take it from a peer
         await client.report_chunks(f"n{i}", add=[{**report, "chunks": [[0, D]]}], remove=[])
-    cmap = await client.chunk_map(OBJ, "n11")
+    cmap = await client.chunk_map(OBJ, "n12")
     assert len(cmap.peers[0]) == 8 and cmap.cursor  # K of 12 holders, and where to go on
     assert cmap.fetching == {1: "n0", 2: "n0"}
-    first = await client.updates(OBJ, "n11", limit=2)
+    first = await client.updates(OBJ, "n12", limit=2)
     assert first.reset and first.more and len(first.chunks) == 2
-    rest = await client.updates(OBJ, "n11", first.cursor, limit=100)
+    rest = await client.updates(OBJ, "n12", first.cursor, limit=100)
     assert not rest.reset and not rest.more
     assert sorted([*first.chunks, *rest.chunks]) == [0, 1, 2]
     followed = ChunkMap()
@@ -273,7 +273,7 @@ async def test_the_updates_route_pages_waits_and_resets(
     got: list[ChunkUpdates] = []
 
     async def wait() -> None:
-        got.append(await client.updates(OBJ, "n11", rest.cursor, wait=20))
+        got.append(await client.updates(OBJ, "n12", rest.cursor, wait=20))
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -286,10 +286,10 @@ async def test_the_updates_route_pages_waits_and_resets(
     followed.apply(news)
     with trio.fail_after(10):
         while followed.fetching.get(1) or not followed.peers.get(1):
-            followed.apply(await client.updates(OBJ, "n11", followed.cursor, wait=5))
+            followed.apply(await client.updates(OBJ, "n12", followed.cursor, wait=5))
     assert [p.node for p in followed.peers[1]] == ["n0"] and followed.digests[1] == D
     # A cursor of another scheduler (or none) starts over.
-    again = await client.updates(OBJ, "n11", "elsewhere.12", limit=100)
+    again = await client.updates(OBJ, "n12", "elsewhere.12", limit=100)
     assert again.reset and sorted(again.chunks) == [0, 1, 2]
-    bad = await client.updates("cd" * 32, "n11")
+    bad = await client.updates("cd" * 32, "n12")
     assert bad.reset and bad.chunks == {} and bad.cursor == ""

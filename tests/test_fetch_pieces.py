@@ -151,6 +151,15 @@ def test_readahead_tops_up_half_a_window_at_a_time() -> None:
     assert ra.window(98, 8, 100) == range(98, 100)  # never past the file
 
 
+def test_readahead_starts_small_and_doubles_while_the_reader_goes_on() -> None:
+    ra = Readahead()
+    assert ra.grown(1, 64, after=1) == 1  # a header read costs one chunk of readahead
+    assert ra.grown(1, 64, after=1) == 1  # more reads inside the same chunk: no growth
+    assert [ra.grown(1, 64, after=a) for a in range(2, 10)] == [2, 4, 8, 16, 32, 64, 64, 64]
+    assert ra.sequential(0, 10) and not ra.sequential(50, 10)
+    assert ra.size == 0 and ra.grown(1, 64, after=3) == 1  # a jump starts over
+
+
 # -- the plan ---------------------------------------------------------------------------------
 
 

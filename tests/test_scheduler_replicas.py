@@ -17,7 +17,7 @@ from schedulerfixtures import CHUNK
 
 from integration.etcd_cluster import EtcdCluster
 from syncbit.config import SchedulerConfig
-from syncbit.errors import ConfigError, SchedulerError
+from syncbit.errors import ConfigError, NotLeaderError, SchedulerError
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ClaimResult
 from syncbit.scheduler import SchedulerClient, SchedulerServer
@@ -182,11 +182,15 @@ async def test_failover_keeps_the_facts_and_asks_nodes_again(replicas: Replicas)
 async def _claim_when_settled(
     client: SchedulerClient, node: str, indexes: list[int]
 ) -> ClaimResult:
-    """A claim at a new leader, once it grants claims again (SETTLE after its start)."""
+    """A claim at a new leader, once it grants claims again (SETTLE after its start). A
+    follower that still forwards to the old leader answers NotLeaderError until it has
+    seen the new one: asked again too."""
     with trio.fail_after(PATIENCE):
         while True:
             try:
                 return await client.claim(node, OBJ, indexes, ttl=30)
+            except NotLeaderError:
+                await trio.sleep(0.05)
             except SchedulerError as exc:
                 assert "claims resume" in str(exc)
                 await trio.sleep(0.05)

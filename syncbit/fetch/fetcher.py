@@ -235,9 +235,13 @@ class Fetcher:
         return b"".join(parts)  # type: ignore[arg-type]
 
     def _readahead(self, handle: OpenFile, after: int) -> None:
-        """A sequential reader: keep the next missing chunks of its window coming."""
+        """A sequential reader: keep the next missing chunks of its window coming. The
+        window starts at `readahead_chunks` and doubles with every top-up, up to
+        `readahead_window` (what the source's streams can keep busy)."""
         obj = handle.obj
-        for index in handle.readahead.window(after, self.readahead_window(handle), obj.chunks):
+        ahead = handle.readahead
+        size = ahead.grown(self.readahead_chunks, self.readahead_window(handle), after)
+        for index in ahead.window(after, size, obj.chunks):
             if not obj.has(index):
                 self._runner.join(handle, index, Priority.READAHEAD)
 
