@@ -35,7 +35,7 @@ PACKAGE = Path(errors.__file__).parent
 # Exception classes allowed outside errors.py, each with its reason. Nothing else may be.
 ELSEWHERE = {
     # The FUSE reply: an errno for the kernel, made of these errors at the fs boundary.
-    ("fs/kernel.py", "FUSEError"),
+    ("fs/wire.py", "FUSEError"),
     # The scheduler package is being rebuilt; it adopts errors.DatasetExistsError and the
     # status table (MethodNotAllowedError, BodyError) in place of these.
     ("scheduler/state.py", "DatasetExistsError"),
