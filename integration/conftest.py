@@ -35,6 +35,30 @@ _SKIP = fuse_unavailable()
 _KEPT = pytest.StashKey[Path]()
 
 
+_WORKDIRS: list[Path] = []  # every run directory made here, for the last-resort cleanup
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # pytest then tears the fixtures down: processes, mounts
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (`timeout`, CI cancelling a job) cleans up like Ctrl-C
+    # does, instead of leaving daemons running and their mounts attached.
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Last resort, after every finalizer: whatever a failed teardown left is stopped
+    (by the PID we started) and unmounted."""
+    for proc in list(ALL_PROCESSES):
+        with contextlib.suppress(Exception):
+            proc.terminate(10)
+    for path in _WORKDIRS:
+        for mount in mounts_under(path):
+            unmount_lazy(mount)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     kept = terminalreporter.config.stash.get(_KEPT, None)
     if kept is not None:
@@ -79,6 +103,7 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
     after a failure only the logs stay, and their place is printed."""
     base = os.environ.get("SYNCBIT_IT_DIR") or None
     path = Path(tempfile.mkdtemp(prefix="syncbit-integration-", dir=base))
+    _WORKDIRS.append(path)
     yield path
     for mount in mounts_under(path):
         unmount_lazy(mount)
