@@ -46,6 +46,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # A run stopped with SIGTERM (`timeout`, CI cancelling a job) cleans up like Ctrl-C
     # does, instead of leaving daemons running and their mounts attached.
     signal.signal(signal.SIGTERM, _interrupted)
+    # A run started in the background by a shell without job control (CI, `cmd &`)
+    # inherits SIGINT ignored, and so would every process it starts: the tests that press
+    # Ctrl-C on a `syncbit pull` would then press it on a deaf process. Python installs
+    # its Ctrl-C handler in a child only when SIGINT is at its default there, and a
+    # handler (unlike SIG_IGN) is reset to the default across exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

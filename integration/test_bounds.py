@@ -298,7 +298,7 @@ def failing_pull(
     finally:
         if pull.poll() is None:
             pull.kill()  # by the PID we started
-            pull.wait(30)
+        pull.communicate(timeout=30)  # reaped, and its pipes closed
         origin.fail_reads(None)
         cluster.cli("dataset", "rm", name)
 

@@ -168,7 +168,7 @@ def test_prefetch_over_shaped_links_sends_each_byte_from_the_origin_about_once(
         for w in waits:
             if w.poll() is None:
                 w.kill()
-                w.wait()
+            w.communicate()  # reaped, and its pipe closed
     elapsed = time.monotonic() - start
     for node, w, out in zip(swarm.nodes, waits, outputs, strict=True):
         assert w.returncode == 0, f"wait on {node.name} exited {w.returncode}:\n{out}"
