@@ -59,6 +59,11 @@ class ConcurrencyPolicy:
         ceiling_memory: seconds a throttled level stays a ceiling probes do not reach.
         max_retry_after: a Retry-After longer than this (seconds) is cut to it: one
             answer must not stop a source for hours (the read deadline decides instead).
+        failure_backoff: after a throttle without a Retry-After or a failure, no new
+            request to the source for this long (seconds), doubling with each further one
+            before a request delivers again, up to `max_failure_backoff`: a source that
+            fails every request is asked a few times a second at most, however many
+            chunks wait on it, not once per chunk per retry.
         max_keys: sources remembered; the least recently used idle one is forgotten.
     """
 
@@ -74,6 +79,8 @@ class ConcurrencyPolicy:
     error_factor: float = 0.75
     ceiling_memory: float = 60.0
     max_retry_after: float = 300.0
+    failure_backoff: float = 0.25
+    max_failure_backoff: float = 4.0
     max_keys: int = 1024
 
     def __post_init__(self) -> None:
@@ -87,6 +94,8 @@ class ConcurrencyPolicy:
             raise ValueError("need min_epoch > 0, epoch_transfers > 0, hold_epochs >= 1")
         if self.max_keys < 1 or self.max_retry_after < 0 or self.ceiling_memory < 0:
             raise ValueError("need max_keys >= 1, max_retry_after >= 0, ceiling_memory >= 0")
+        if not 0 <= self.failure_backoff <= self.max_failure_backoff:
+            raise ValueError("need 0 <= failure_backoff <= max_failure_backoff")
 
 
 class Phase(Enum):
@@ -108,7 +117,7 @@ class SourceStats:
     phase: Phase
     total_rate: float  # bytes/s measured at the held level (0: not measured yet)
     stream_rate: float  # bytes/s one request delivers, recent average (0: none yet)
-    blocked_for: float  # seconds until the source may be asked again (Retry-After)
+    blocked_for: float  # seconds until the source may be asked again (Retry-After, backoff)
     throttles: int  # throttling answers so far
     failures: int  # failed requests so far
 
@@ -120,7 +129,8 @@ class _Source:
     phase: Phase = Phase.START
     held_rate: float = 0.0  # 0: the held level has not been measured since it was set
     in_flight: int = 0
-    blocked_until: float = -math.inf
+    blocked_until: float = -math.inf  # a Retry-After: no request at all before then
+    backoff_until: float = -math.inf  # after failures: no background request before then
     ceiling: int = 0  # 0: none
     ceiling_until: float = -math.inf
     last_cut: float = -math.inf
@@ -130,6 +140,7 @@ class _Source:
     probe_up_next: bool = True
     throttles: int = 0
     failures: int = 0
+    streak: int = 0  # throttles and failures since the last request that delivered
     # The measurement in progress: since `epoch_start`, at `level`.
     epoch_start: float = 0.0
     last_event: float = 0.0
@@ -158,7 +169,9 @@ class SourceConcurrency:
     judge a level. A throttling answer multiplies the level by `throttle_factor` (once per
     transfer time, however many answers arrive together), makes the throttled level a
     ceiling for `ceiling_memory` seconds, and blocks new requests until its Retry-After;
-    a failure multiplies it by `error_factor`. The total is measured by Little's law:
+    a failure multiplies it by `error_factor`. A throttle without a Retry-After, or a
+    failure, blocks new requests for a backoff that doubles with each one in a row until a
+    request delivers. The total is measured by Little's law:
     average requests in flight times the bytes per second of the requests that finished,
     so a measurement needs no more than about one transfer time per stream.
     """
@@ -177,14 +190,19 @@ class SourceConcurrency:
     def in_flight(self, key: str) -> int:
         return self._get(key).in_flight
 
-    def delay(self, key: str) -> float:
-        """Seconds until a new request to `key` may be sent (0: now): a Retry-After."""
-        return max(0.0, self._get(key).blocked_until - self._clock())
-
-    def may_start(self, key: str) -> bool:
-        """A request to `key` may be sent now: a slot is free and no Retry-After holds."""
+    def delay(self, key: str, backoff: bool = True) -> float:
+        """Seconds until a new request to `key` may be sent (0: now): a Retry-After, and
+        with `backoff` the source-wide wait after failures (a reader's own request skips
+        that one: its flight retries with its own backoff, and a reader is one request at a
+        time, not a burst)."""
         s = self._get(key)
-        return s.in_flight < s.level and self._clock() >= s.blocked_until
+        until = max(s.blocked_until, s.backoff_until) if backoff else s.blocked_until
+        return max(0.0, until - self._clock())
+
+    def may_start(self, key: str, backoff: bool = True) -> bool:
+        """A request to `key` may be sent now: a slot is free and no wait holds."""
+        s = self._get(key)
+        return s.in_flight < s.level and self.delay(key, backoff) == 0
 
     def stats(self, key: str) -> SourceStats:
         s = self._get(key)
@@ -195,7 +213,7 @@ class SourceConcurrency:
             phase=s.phase,
             total_rate=s.held_rate,
             stream_rate=s.stream_rate,
-            blocked_for=max(0.0, s.blocked_until - self._clock()),
+            blocked_for=self.delay(key),
             throttles=s.throttles,
             failures=s.failures,
         )
@@ -214,6 +232,8 @@ class SourceConcurrency:
         s = self._get(key)
         now = self._advance(s)
         self._ended(s)
+        s.streak = 0  # it delivers again: no more backoff
+        s.backoff_until = -math.inf
         seconds = max(seconds, 1e-6)
         nbytes = max(nbytes, 0)
         s.transfer_time = _ewma(s.transfer_time, seconds, _EWMA)
@@ -234,6 +254,8 @@ class SourceConcurrency:
         if retry_after is not None and retry_after > 0:
             wait = min(retry_after, self.policy.max_retry_after)
             s.blocked_until = max(s.blocked_until, now + wait)
+        else:
+            self._back_off(s, now)
         if self._may_cut(s, now):
             active = s.ceiling if now < s.ceiling_until and s.ceiling else self.policy.cap
             s.ceiling = max(1, min(active, s.level - 1))
@@ -249,6 +271,7 @@ class SourceConcurrency:
         now = self._advance(s)
         self._ended(s)
         s.failures += 1
+        self._back_off(s, now)
         if self._may_cut(s, now):
             self._cut(s, now, self.policy.error_factor)
 
@@ -305,6 +328,14 @@ class SourceConcurrency:
         s.level = max(1, level)
         s.phase = phase
         self._restart(s, max(now, s.blocked_until))
+
+    def _back_off(self, s: _Source, now: float) -> None:
+        """No new request for a while after an unexplained refusal, longer with each one
+        in a row: the source-wide backoff (each flight's own retry comes on top)."""
+        p = self.policy
+        wait = min(p.max_failure_backoff, p.failure_backoff * 2 ** min(s.streak, 30))
+        s.streak += 1
+        s.backoff_until = max(s.backoff_until, now + wait)
 
     def _may_cut(self, s: _Source, now: float) -> bool:
         """One cut per transfer time: the answers to requests sent before a cut say

@@ -210,11 +210,37 @@ def test_errors_shrink_it_without_a_ceiling() -> None:
         ctl.started(KEY)
         ctl.failed(KEY)
     assert ctl.limit(KEY) == 1 and ctl.stats(KEY).failures == 22
-    assert ctl.delay(KEY) == 0  # errors are retried with backoff by the caller, not held
+    assert ctl.delay(KEY) == ConcurrencyPolicy().max_failure_backoff  # held off, capped
+    clock.now += ctl.delay(KEY)
     sim = Simulation(ctl, OriginModel(per_connection=100 * MB), clock)
     start = clock.now
     sim.run(20)
     assert max(sim.limits(start)) > 16  # no ceiling: it climbs back past where it was
+
+
+def test_a_failing_source_is_asked_less_and_less_often_until_it_delivers() -> None:
+    clock = Clock(1000.0)
+    policy = ConcurrencyPolicy(initial=8, failure_backoff=0.25, max_failure_backoff=4.0)
+    ctl = SourceConcurrency(policy, clock)
+    waits = []
+    for _ in range(8):
+        assert ctl.may_start(KEY)
+        ctl.started(KEY)
+        ctl.throttled(KEY)  # a 503 without Retry-After
+        waits.append(ctl.delay(KEY))
+        assert not ctl.may_start(KEY)
+        clock.now += ctl.delay(KEY)
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+    ctl.started(KEY)
+    ctl.finished(KEY, MB, 0.1)  # it delivers again: the next refusal starts over
+    ctl.started(KEY)
+    ctl.failed(KEY)
+    assert ctl.delay(KEY) == 0.25
+    # A Retry-After says how long itself; the backoff does not add to it.
+    clock.now += 1
+    ctl.started(KEY)
+    ctl.throttled(KEY, retry_after=0.1)
+    assert ctl.delay(KEY) == pytest.approx(0.1)
 
 
 def test_cancelled_requests_free_their_slot_and_teach_nothing() -> None:
@@ -258,6 +284,7 @@ def test_policy_rejects_nonsense() -> None:
         {"min_epoch": 0.0},
         {"hold_epochs": 0},
         {"max_keys": 0},
+        {"failure_backoff": 5.0, "max_failure_backoff": 1.0},
     ):
         with pytest.raises(ValueError):
             ConcurrencyPolicy(**bad)

@@ -109,7 +109,7 @@ async def test_a_read_not_admitted_by_its_deadline_fails_temporarily(
     autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
 ) -> None:
     await ended_by(streams, source, SourceThrottledError("429", retry_after=60.0))
-    with pytest.raises(SourceThrottledError, match="no source read admitted in time"):
+    with pytest.raises(SourceThrottledError, match=r"^429 \(not asked again for 55\.0s\)"):
         async with streams.read(source, 0, trio.current_time() + 5, MiB):
             raise AssertionError("admitted during a Retry-After")
     assert streams.stats(source).in_flight == 0
@@ -145,3 +145,33 @@ async def test_sources_are_keyed_by_origin(autojump_clock: trio.testing.MockCloc
             assert streams.lanes() == streams.limit(a1) + streams.limit(b)
         release.set()
     assert streams.lanes() == streams.control.policy.initial
+
+
+async def test_after_failures_background_reads_wait_and_a_readers_read_does_not(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    """A source that refuses every read (503, no Retry-After) is asked at a bounded rate by
+    the prefetch, however many chunks wait on it; a reader still gets its one request."""
+    await proven(streams, source)
+    asked: list[float] = []
+
+    async def prefetch_read() -> None:
+        with pytest.raises(SourceThrottledError):
+            async with streams.read(source, 2, trio.current_time() + 30, MiB):
+                asked.append(trio.current_time())
+                raise SourceThrottledError("503")
+
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(200):
+            nursery.start_soon(prefetch_read)
+    # 200 reads within 30 s: one burst at the start, then one per growing backoff.
+    assert len(asked) < 20, len(asked)
+    assert trio.current_time() - began >= 29
+    with pytest.raises(SourceThrottledError, match=r"^503 \(not asked again for"):
+        async with streams.read(source, 2, trio.current_time() + 0.1, MiB):
+            raise AssertionError("a background read admitted while backed off")
+    async with streams.read(source, 0, trio.current_time() + 0.1, MiB):
+        pass  # a reader's read is sent at once, and delivering ends the backoff
+    async with streams.read(source, 2, trio.current_time() + 0.1, MiB):
+        pass

@@ -36,7 +36,8 @@ class Streams:
     `read(source, priority, deadline, nbytes)` is entered around one range read: it waits
     until the source's limit has a free slot for this caller (waiters of a lower priority
     value go first, then in arrival order; but for readers, one read at a time until the
-    source delivered one) and no Retry-After holds, and on exit tells the controller
+    source delivered one) and no Retry-After holds (nor, but for a reader's own read, the
+    backoff after failures), and on exit tells the controller
     whether the read delivered, was throttled or failed. A read that cannot be admitted by
     `deadline` fails with SourceThrottledError (temporary: the flight's retry decides).
     `threads`: the worker threads source reads run in (a read and its head sample each),
@@ -52,6 +53,9 @@ class Streams:
         self._waiting: dict[str, set[tuple[int, int]]] = {}
         self._changed: dict[str, trio.Event] = {}
         self._active: dict[str, int] = {}  # keys with reads admitted or waiting: how many
+        # Each key's latest refusal or failure, until a read delivers: what a read that
+        # could not be admitted (the source backed off) failed of.
+        self._last_error: dict[str, SourceThrottledError | SourceUnavailableError] = {}
 
     def limit(self, source: Source) -> int:
         """Reads allowed at once against `source`'s origin now."""
@@ -96,9 +100,11 @@ class Streams:
             yield
         except SourceThrottledError as exc:
             control.throttled(key, exc.retry_after)
+            self._remember(key, exc)
             raise
-        except SourceUnavailableError:
+        except SourceUnavailableError as exc:
             control.failed(key)
+            self._remember(key, exc)
             raise
         except BaseException:
             # Cancelled, or refused for good (a changed version, no access): says nothing
@@ -106,6 +112,12 @@ class Streams:
             control.cancelled(key)
             raise
         control.finished(key, nbytes, trio.current_time() - began)
+        self._last_error.pop(key, None)
+
+    def _remember(self, key: str, exc: SourceThrottledError | SourceUnavailableError) -> None:
+        self._last_error[key] = exc
+        while len(self._last_error) > self.control.policy.max_keys:
+            del self._last_error[next(iter(self._last_error))]
 
     async def _admit(self, key: str, priority: int, deadline: float) -> None:
         control = self.control
@@ -116,7 +128,8 @@ class Streams:
             with trio.move_on_at(deadline):
                 while not (min(waiting) == me and self._may_start(key, priority)):
                     changed = self._changed.setdefault(key, trio.Event())
-                    delay = control.delay(key) if min(waiting) == me else 0.0
+                    head = min(waiting) == me
+                    delay = control.delay(key, priority > Priority.FOREGROUND) if head else 0.0
                     with trio.move_on_after(delay or math.inf):
                         await changed.wait()
                 return
@@ -126,6 +139,15 @@ class Streams:
                 del self._waiting[key]
             self._wake(key)
         stats = control.stats(key)
+        last = self._last_error.get(key)
+        if last is not None and stats.blocked_for > 0:
+            # Backed off after refusals: the read failed of the latest one.
+            kind = (
+                SourceThrottledError
+                if isinstance(last, SourceThrottledError)
+                else SourceUnavailableError
+            )
+            raise kind(f"{last} (not asked again for {stats.blocked_for:.1f}s)") from last
         raise SourceThrottledError(
             f"{key}: no source read admitted in time ({stats.in_flight} running, limit "
             f"{stats.limit}, asked to wait {stats.blocked_for:.1f}s more)"
@@ -137,7 +159,7 @@ class Streams:
         refusal that holds for every read (no Range support, access denied) then costs a
         prefetch one request, not a burst, and a reader never waits on a stalled one."""
         control = self.control
-        if not control.may_start(key):
+        if not control.may_start(key, backoff=priority > Priority.FOREGROUND):
             return False
         if priority <= Priority.FOREGROUND or control.in_flight(key) == 0:
             return True
