@@ -32,6 +32,7 @@ error a server answered (`error_class`).
     │   ├── PeerBusyError         a peer had no free upload slot (prefetch only)
     │   └── DigestMismatchError   a peer sent bytes that do not match the chunk digest
     ├── ReadDeadlineError         neither peers nor source delivered before the deadline
+    ├── TransferAbortedError      a transfer this node ended itself (a hedge's loser)
     ├── RegistryError             the registry mirror cannot answer an image request: the
     │                             distribution API's error code and status (404, 502...)
     ├── CacheLockedError          another daemon already owns the cache dir
@@ -173,6 +174,11 @@ class DigestMismatchError(PeerError):
 
 class ReadDeadlineError(SyncbitError):
     """Neither peers nor the source delivered a chunk before the read deadline."""
+
+
+class TransferAbortedError(SyncbitError):
+    """A transfer this node ended itself (a hedge's loser, its connection shut): nobody's
+    fault, so it says nothing about the peer or origin it was running against."""
 
 
 class CacheLockedError(SyncbitError):

@@ -45,26 +45,31 @@ class Response:
 
 
 class Abort:
-    """Ends a transfer in progress from another thread: `fire()` shuts down the socket the
-    transfer uses (now, or as soon as it has one), so a blocking receive returns at once
-    and the transfer fails with WireError. A connection is never pooled after a fire."""
+    """Ends transfers in progress from another thread: `fire()` shuts down the sockets they
+    use (now, or as soon as they have one), so a blocking receive returns at once and each
+    transfer fails with WireError. A connection is never pooled after a fire. One Abort may
+    cover several transfers at once, each in its own thread (a read and its head sample)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        self._socks: dict[int, socket.socket] = {}  # by the thread that transfers on it
         self.fired = False
 
     def fire(self) -> None:
         with self._lock:
             self.fired = True
-            sock = self._sock
-        if sock is not None:
+            socks = list(self._socks.values())
+        for sock in socks:
             _shutdown(sock)
 
     def attach(self, sock: socket.socket | None) -> None:
-        """The socket the transfer uses from now on (None: the transfer is over)."""
+        """The socket this thread's transfer uses from now on (None: it is over)."""
+        me = threading.get_ident()
         with self._lock:
-            self._sock = sock
+            if sock is None:
+                self._socks.pop(me, None)
+            else:
+                self._socks[me] = sock
             fired = self.fired
         if fired and sock is not None:
             _shutdown(sock)

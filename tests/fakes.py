@@ -100,7 +100,9 @@ class MemSource(Source):
             raise value
         return value
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         with self.lock:
             self.active += 1
             self.peak = max(self.peak, self.active)

@@ -1,12 +1,14 @@
-"""Hedged peer transfers on loopback: a holder that stalls mid-chunk is overtaken by another
+"""Hedged transfers on loopback: a holder that stalls mid-chunk is overtaken by another
 holder long before the read deadline, its transfer is aborted (the stalled server sees the
-connection shut), and the chunk is stored once, verified."""
+connection shut), and the chunk is stored once, verified; the same for an HTTP origin's
+stalled read, asked again on a second connection."""
 
 from __future__ import annotations
 
 import re
 import select
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +21,7 @@ from syncbit.fetch import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
 from syncbit.protocol import Peer
+from syncbit.sources.http import HttpSource
 from syncbit.store import ObjectStore
 
 CS = 64 * 1024
@@ -142,3 +145,54 @@ async def test_a_holder_stalling_mid_chunk_is_overtaken_and_aborted(
             await trio.sleep(0.01)
     assert obj.written == set(range(read))
     assert store.read(obj, 0, read * CS) == DATA[: read * CS]
+
+
+async def test_a_source_read_stalling_mid_chunk_is_asked_again_and_aborted(
+    store: ObjectStore, servers: tuple[ChunkServer, ChunkServer]
+) -> None:
+    """An HTTP origin whose first answer stalls half-way: after the straggler delay the
+    same range is asked on a second connection, that answer is staged (once, verified by
+    the caller as any source read), and the stalled one is shut."""
+    slow, _ = servers
+    url = f"http://{slow.address}/h.bin"
+    source = HttpSource(url)
+    entry = FileEntry(path="h.bin", size=len(DATA), object=ENTRY.object, locator=url)
+    f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(f.run)
+        handle = f.open(entry, CS, source)
+        with trio.fail_after(DEADLINE / 3):  # well within the read deadline
+            got = await f.read(handle, 0, CS)
+        assert bytes(got) == DATA[:CS]
+        with trio.fail_after(DEADLINE):
+            await trio.to_thread.run_sync(slow.aborted.wait, DEADLINE)
+        nursery.cancel_scope.cancel()
+    source.close()
+    assert slow.aborted.is_set()  # the stalled read was shut, not waited out
+    assert slow.requests == 2
+    assert f.stats["source_hedged"] == 1 and f.stats["source_aborted"] == 1
+    assert f.stats["source"] == CS  # the winner's bytes only
+    obj = store.get(ENTRY.object)
+    assert obj is not None and store.read(obj, 0, CS) == DATA[:CS]
+
+
+async def test_a_source_whose_reads_cannot_be_ended_is_not_hedged(store: ObjectStore) -> None:
+    """A slow read from a source `Abort` cannot end (a local file, boto3) is waited for: a
+    second read would leave two running."""
+    source = MemSource(data=DATA)
+    source.gate = threading.Event()
+    f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(f.run)
+        handle = f.open(ENTRY, CS, source)
+        nursery.start_soon(trio.to_thread.run_sync, _set_later, source.gate, 3.0)
+        with trio.fail_after(DEADLINE):
+            got = await f.read(handle, 0, CS)
+        nursery.cancel_scope.cancel()
+    assert bytes(got) == DATA[:CS]
+    assert source.reads == 1 and f.stats["source_hedged"] == 0
+
+
+def _set_later(event: threading.Event, seconds: float) -> None:
+    time.sleep(seconds)
+    event.set()

@@ -13,6 +13,7 @@ from fetchfixtures import CS, DATA, ENTRY, started
 from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
 from syncbit.manifest import FileEntry
 from syncbit.store import ObjectStore
+from syncbit.wire import Abort
 
 CHUNKS = 6  # DATA is 5 chunks and a bit
 
@@ -87,7 +88,9 @@ class _Entered(MemSource):
 
     entered: list[int]
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         self.entered.append(offset)
         super().read_into(entry, offset, buf)
 

@@ -22,6 +22,7 @@ from syncbit.fetch import Fetcher, Priority
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.store import ObjectStore
+from syncbit.wire import Abort
 
 
 async def test_single_flight_ten_readers_one_transfer(
@@ -165,9 +166,11 @@ async def test_foreground_goes_before_prefetch(store: ObjectStore, nursery: trio
     order: list[int] = []
     original = source.read_into
 
-    def recording(entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def recording(
+        entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         order.append(offset // CS)
-        original(entry, offset, buf)
+        original(entry, offset, buf, abort)
 
     source.read_into = recording  # type: ignore[method-assign]
     fetcher = Fetcher(store, Directory(), Peers(DATA), workers=1, readahead_chunks=0)

@@ -14,6 +14,8 @@ the pieces:
     transfer   one attempt: peers (verified) then the source; stages what arrives
     hedge      a peer transfer slower than recent ones (`syncbit.hedging.Hedging`) asked
                of the next holder too; the first right answer wins, the other aborted
+    source_race  the same for a source read (sources whose reads `Abort` ends: HTTP,
+               HF): a straggler's range asked again on a second stream
     claims     which queued chunks a source read brings along; the cluster-wide claim
     verify     source bytes against the record, the head sample, whole-file digests,
                broken revisions

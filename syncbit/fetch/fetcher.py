@@ -75,6 +75,8 @@ class Fetcher:
             "busy": 0,
             "hedged": 0,  # peer transfers asked of a second holder (stragglers)
             "aborted": 0,  # the losers of those, ended mid-transfer
+            "source_hedged": 0,  # source reads asked a second time (stragglers)
+            "source_aborted": 0,  # reads ended mid-way: hedge losers, abandoned flights
         }
         self._table = FlightTable(read_deadline, failure_ttl)
         self._source_batch = source_batch

@@ -35,8 +35,9 @@ from syncbit.fetch.flight import (
 )
 from syncbit.fetch.hedge import PeerRace, PeerResult, Won
 from syncbit.fetch.limiter import Bandwidth
+from syncbit.fetch.source_race import SOURCE_HEDGING, SourceRace
 from syncbit.fetch.streams import Streams
-from syncbit.fetch.verify import Broken, Disagreement, check_source, read_checked
+from syncbit.fetch.verify import Broken, Disagreement, check_source
 from syncbit.hedging import Hedging
 from syncbit.protocol import ChunkMap, Peer
 from syncbit.retry import retrying
@@ -81,6 +82,7 @@ class Transfers:
         self.streams = streams
         self.stats = stats
         self.race = PeerRace(self._from_peer, store.buffers, Hedging(), stats)
+        self.source_race = SourceRace(streams, store.buffers, Hedging(SOURCE_HEDGING), stats)
 
     async def run(self, flight: Flight) -> list[Staged] | Park:
         """Retry temporary failures with backoff until the flight's deadline; a permanent
@@ -240,25 +242,12 @@ class Transfers:
         span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
         if flight.priority >= Priority.PREFETCH:
             await self.bandwidth.take(span)
-        buf: mmap.mmap | None = None
         try:
-            # One stream of the source's adaptive limit; a reader's read goes before
-            # readahead's and prefetch's, and none goes out while a Retry-After holds.
-            # The buffer is taken once admitted: waiting reads hold no RAM.
-            async with self.streams.read(flight.source, flight.priority, flight.deadline, span):
-                buf = self.store.buffers.take(span)
-                digests, head_ok = await read_checked(
-                    flight.source,
-                    flight.entry,
-                    flight.index,
-                    obj.chunk_size,
-                    memoryview(buf)[:span],
-                    len(batch),
-                    self.streams.threads,
-                )
+            # One stream of the source's adaptive limit (two while a straggler is hedged);
+            # a reader's read goes before readahead's and prefetch's, and none goes out
+            # while a Retry-After holds.
+            got = await self.source_race.run(flight, len(batch), span)
         except BaseException as exc:
-            if buf is not None:
-                self.store.buffers.give(buf)
             if isinstance(exc, SyncbitError) and not is_temp_failure(flight.source, exc):
                 # The same refusal awaits the chunks after it: they fail with it now rather
                 # than each asking the source again.
@@ -270,13 +259,12 @@ class Transfers:
             with trio.CancelScope(shield=True):
                 await self.claims.release(obj.id, [f.index for f in batch])
             raise
-        assert buf is not None  # admitted, or the read raised above
-        disagree = check_source(batch, info, digests, head_ok)
+        disagree = check_source(batch, info, got.digests, got.head_ok)
         if disagree is not None:
-            self.store.buffers.give(buf)
+            self.store.buffers.give(got.buf)
             await self._refuse(batch, disagree)
             raise disagree.error
-        return self._stage_batch(batch, buf, span, digests)
+        return self._stage_batch(batch, got.buf, span, got.digests)
 
     def _stage_batch(
         self, batch: list[Flight], buf: mmap.mmap, span: int, digests: list[str]

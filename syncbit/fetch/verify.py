@@ -18,6 +18,7 @@ from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
+from syncbit.wire import Abort
 
 if TYPE_CHECKING:
     from syncbit.fetch.flight import Flight
@@ -74,6 +75,7 @@ async def read_checked(
     view: memoryview,
     chunks: int,
     limiter: trio.CapacityLimiter | None = None,
+    abort: Abort | None = None,
 ) -> tuple[list[str], bool]:
     """One range read of `chunks` consecutive chunks from chunk `first` (of `cs` bytes), in
     a worker thread: their digests, and whether the file's head still matches its recorded
@@ -81,17 +83,17 @@ async def read_checked(
     reads the head alongside, on a second connection: in sequence it would cost a round
     trip per batch on a distant origin. A change of the head before the batch's read began
     shows; one while it was read may not. `limiter`: the worker threads to read in
-    (default: trio's shared ones)."""
+    (default: trio's shared ones). `abort` ends both reads from another thread."""
     expected = entry.version.get("head")
     n = head_length(entry.size)
 
     def batch() -> list[str]:
-        source.read_into(entry, first * cs, view)
+        source.read_into(entry, first * cs, view, abort)
         return [digest(view[i * cs : (i + 1) * cs]) for i in range(chunks)]
 
     def head() -> bool:
         sample = bytearray(n)
-        source.read_into(entry, 0, memoryview(sample))
+        source.read_into(entry, 0, memoryview(sample), abort)
         return digest(sample) == expected
 
     if not expected or (first == 0 and len(view) >= n):

@@ -30,7 +30,7 @@ from syncbit.redact import redact_url
 from syncbit.sources.fences import Fences
 from syncbit.sources.options import validate_options
 from syncbit.sources.throttle import parse_retry_after
-from syncbit.wire import Response, WireError, parse_content_range
+from syncbit.wire import Abort, Response, WireError, parse_content_range
 
 _REGISTRY: dict[str, type[Source]] = {}
 # Modules that register schemes; imported on first use so that optional clients (boto3,
@@ -64,6 +64,10 @@ class Source(ABC):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
+    # Whether `read_into` ends at once when its `abort` fires (its connection is shut):
+    # then a straggling read may be raced by a second one and the loser costs nothing
+    # more. Sources whose reads cannot be ended (a local file, boto3's streams) say no.
+    abortable: ClassVar[bool] = False
 
     def __init__(
         self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
@@ -81,11 +85,14 @@ class Source(ABC):
         """
 
     @abstractmethod
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         """Fill `buf` with bytes [offset, offset+len(buf)) of `entry`. Blocking: thread only.
 
         Raises SourceChangedError if the recorded version is gone (never retried) and
-        SourceUnavailableError for temporary failures.
+        SourceUnavailableError for temporary failures, also when `abort` fired from
+        another thread ended the read (`abortable` sources; others ignore it).
         """
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, Perm, safe_relpath
 from syncbit.sources.base import Listing, Source, pinned_size, register
 from syncbit.sources.fences import Fences, inside
+from syncbit.wire import Abort
 
 __all__ = ["FileSource"]
 
@@ -169,7 +170,9 @@ class FileSource(Source):
 
     # -- reads -----------------------------------------------------------------------------
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         want = len(buf)
         if want == 0:
             return

@@ -41,7 +41,7 @@ from syncbit.sources.hf.repo import (
     tree_entries,
 )
 from syncbit.sources.options import SCHEMES
-from syncbit.wire import Pool, WireError
+from syncbit.wire import Abort, Pool, WireError
 
 T = TypeVar("T")
 
@@ -73,6 +73,7 @@ class HfSource(Source):
     """
 
     schemes = ("hf",)
+    abortable = True  # reads go through `wire.Pool`, whose transfers `Abort` ends
 
     def __init__(
         self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
@@ -212,7 +213,9 @@ class HfSource(Source):
 
     # -- reads -----------------------------------------------------------------------------
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         want = len(buf)
         if want == 0:
             return
@@ -225,7 +228,7 @@ class HfSource(Source):
             headers["Authorization"] = f"Bearer {token}"
         url = self.file_url(entry)
         try:
-            resp = self._pool.get_into(url, offset, buf, headers, self.redirects)
+            resp = self._pool.get_into(url, offset, buf, headers, self.redirects, abort)
         except WireError as exc:
             raise SourceUnavailableError(f"cannot read {what}: {scrub(str(exc))}") from exc
         error = read_error(resp.status, resp.headers, what, has_token=token is not None)

@@ -33,7 +33,7 @@ from syncbit.sources.base import (
 from syncbit.sources.fences import Fences, RedirectPolicy
 from syncbit.sources.http.client import GONE, TEMPORARY, ListingClient, cause_text, opaque_etag
 from syncbit.sources.http.walk import Walk
-from syncbit.wire import Pool, WireError
+from syncbit.wire import Abort, Pool, WireError
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_TIMEOUT = 30.0
@@ -55,6 +55,7 @@ class HttpSource(Source):
     """
 
     schemes = ("http", "https")
+    abortable = True  # reads go through `wire.Pool`, whose transfers `Abort` ends
 
     def __init__(
         self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None
@@ -121,7 +122,9 @@ class HttpSource(Source):
 
     # -- reads -----------------------------------------------------------------------------
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         want = len(buf)
         if want == 0:
             return
@@ -136,7 +139,7 @@ class HttpSource(Source):
         elif last_modified:
             headers["If-Unmodified-Since"] = last_modified
         try:
-            resp = self._pool.get_into(entry.locator, offset, buf, headers, self.redirects)
+            resp = self._pool.get_into(entry.locator, offset, buf, headers, self.redirects, abort)
         except WireError as exc:
             raise SourceUnavailableError(f"cannot read {url}: {cause_text(exc)}") from exc
 

@@ -23,6 +23,7 @@ from syncbit.sources.oci.credentials import find_credentials
 from syncbit.sources.oci.layout import layout
 from syncbit.sources.oci.manifest import check_digest
 from syncbit.sources.oci.reference import Platform, parse_oci_uri
+from syncbit.wire import Abort
 
 log = logging.getLogger("syncbit.sources.oci")
 
@@ -115,7 +116,9 @@ class OciSource(Source):
 
     # -- reads -----------------------------------------------------------------------------
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         want = len(buf)
         if want == 0:
             return

@@ -39,7 +39,7 @@ from syncbit.sources.s3.listing import (
     page_entries,
     safe_name,
 )
-from syncbit.wire import WireError, parse_content_range
+from syncbit.wire import Abort, WireError, parse_content_range
 
 log = logging.getLogger("syncbit.sources.s3")
 T = TypeVar("T")
@@ -264,7 +264,9 @@ class S3Source(Source):
 
     # -- reads -----------------------------------------------------------------------------
 
-    def read_into(self, entry: FileEntry, offset: int, buf: memoryview) -> None:
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
         want = len(buf)
         if want == 0:
             return

@@ -1,0 +1,185 @@
+"""Hedged source reads: a batch of chunks read from the source in one ranged request, and,
+when that request runs past the straggler delay of recent reads of its size from the same
+origin (`syncbit.hedging.Hedging`), the same bytes asked again on a second connection; the
+first read to complete wins and the other is aborted (its connection shut).
+
+Only for sources whose reads `Abort` ends (`Source.abortable`): a loser that could not be
+ended would keep its connection and its buffer busy for as long as the straggler takes.
+The second read takes a stream of the source's adaptive limit like any other and is sent
+only if one is free at that moment. Never verifies bytes itself (the caller checks the
+digests it returns against what is known) and never stages anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+from dataclasses import dataclass, field
+
+import trio
+
+from syncbit.errors import SourceUnavailableError, SyncbitError, TransferAbortedError
+from syncbit.fetch.flight import Flight
+from syncbit.fetch.streams import Streams, key_of
+from syncbit.fetch.verify import read_checked
+from syncbit.hedging import HedgePolicy, Hedging
+from syncbit.store.staging import BufferPool
+from syncbit.wire import Abort
+
+log = logging.getLogger("syncbit.fetch")
+
+# Source reads are larger and slower to start than peer transfers: no second request
+# before a quarter second, and two seconds while too few reads are known to judge.
+SOURCE_HEDGING = HedgePolicy(floor=0.25, default=2.0)
+
+
+@dataclass(eq=False)
+class _Attempt:
+    abort: Abort = field(default_factory=Abort)
+    admitted: trio.Event = field(default_factory=trio.Event)  # or ended before that
+    began: float = math.inf
+    buf: mmap.mmap | None = None
+    digests: list[str] = field(default_factory=list)
+    head_ok: bool = False
+    error: SyncbitError | None = None
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """A batch read from the source: `buf` holds its bytes (the caller's to give back)."""
+
+    buf: mmap.mmap
+    digests: list[str]
+    head_ok: bool
+
+
+class SourceRace:
+    """Reads a batch of chunks from the source, hedging a straggling read."""
+
+    def __init__(
+        self, streams: Streams, buffers: BufferPool, hedging: Hedging, stats: dict[str, int]
+    ) -> None:
+        self.streams = streams
+        self.buffers = buffers
+        self.hedging = hedging
+        # "source_hedged": second reads sent; "source_aborted": losers ended mid-read.
+        self.stats = stats
+
+    async def run(self, flight: Flight, chunks: int, span: int) -> SourceRead:
+        """The batch of `chunks` chunks (`span` bytes) from `flight`'s chunk on; raises the
+        first read's error when no read delivered."""
+        kind = f"source {key_of(flight.source)}"
+        attempts: list[_Attempt] = []
+        won: _Attempt | None = None
+        try:
+            won = await self._race(flight, kind, chunks, span, attempts)
+        finally:
+            # Every thread has ended by now (reads are waited for, not abandoned): the
+            # losers' buffers go back, also when the flight itself was cancelled.
+            for a in attempts:
+                if a is not won and a.buf is not None:
+                    self.buffers.give(a.buf)
+        if won is not None:
+            assert won.buf is not None
+            self.hedging.record(kind, span, trio.current_time() - won.began)
+            return SourceRead(won.buf, won.digests, won.head_ok)
+        errors = [a.error for a in attempts if a.error is not None]
+        raise errors[0]
+
+    async def _race(
+        self, flight: Flight, kind: str, chunks: int, span: int, attempts: list[_Attempt]
+    ) -> _Attempt | None:
+        done_send, done_recv = trio.open_memory_channel[_Attempt](2)
+        won: _Attempt | None = None
+        async with trio.open_nursery() as nursery:
+
+            def launch(deadline: float) -> _Attempt:
+                a = _Attempt()
+                attempts.append(a)
+                nursery.start_soon(self._one, flight, a, chunks, span, deadline, done_send)
+                return a
+
+            first = launch(flight.deadline)
+            try:
+                await first.admitted.wait()
+                hedge_at = math.inf
+                if flight.source.abortable and not first.done:
+                    hedge_at = first.began + self.hedging.delay(kind, span)
+                running = 1
+                while running:
+                    with trio.move_on_at(hedge_at):
+                        a = await done_recv.receive()
+                        running -= 1
+                        if a.error is None:
+                            won = a
+                            break
+                        continue
+                    hedge_at = math.inf
+                    if self._should_hedge(flight, kind, span, first):
+                        launch(trio.current_time())  # a free stream now, or no second read
+                        running += 1
+            finally:
+                # The loser, or every read when the flight is cancelled: ended now rather
+                # than waited out (their threads are waited for on the way out).
+                for a in attempts:
+                    if not a.done and a.admitted.is_set():
+                        a.abort.fire()
+                        if flight.source.abortable:
+                            self.stats["source_aborted"] += 1
+                nursery.cancel_scope.cancel()
+        return won
+
+    def _should_hedge(self, flight: Flight, kind: str, span: int, slow: _Attempt) -> bool:
+        elapsed = trio.current_time() - slow.began
+        if not self.hedging.should_hedge(kind, span, elapsed):
+            return False
+        self.hedging.hedged(kind)
+        self.stats["source_hedged"] += 1
+        log.info(
+            "chunk %d of %s: the source read has taken %.2fs; asking the source again",
+            flight.index,
+            flight.entry.path,
+            elapsed,
+        )
+        return True
+
+    async def _one(
+        self,
+        flight: Flight,
+        a: _Attempt,
+        chunks: int,
+        span: int,
+        deadline: float,
+        done: trio.MemorySendChannel[_Attempt],
+    ) -> None:
+        try:
+            # The buffer is taken once admitted: waiting reads hold no RAM.
+            async with self.streams.read(flight.source, flight.priority, deadline, span):
+                a.began = trio.current_time()
+                a.admitted.set()
+                a.buf = self.buffers.take(span)
+                try:
+                    a.digests, a.head_ok = await read_checked(
+                        flight.source,
+                        flight.entry,
+                        flight.index,
+                        flight.obj.chunk_size,
+                        memoryview(a.buf)[:span],
+                        chunks,
+                        self.streams.threads,
+                        a.abort,
+                    )
+                except SourceUnavailableError as exc:
+                    if a.abort.fired:
+                        raise TransferAbortedError(str(exc)) from exc
+                    raise
+        except TransferAbortedError:
+            return  # a loser: the race is over (the stream controller took it as abandoned)
+        except SyncbitError as exc:
+            a.error = exc
+        finally:
+            a.done = True
+            a.admitted.set()
+        done.send_nowait(a)
