@@ -11,6 +11,7 @@ import socketserver
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, BinaryIO, Protocol, Self
@@ -88,6 +89,60 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     if start >= size:
         return UNSATISFIABLE
     return start, min(end, size - 1)
+
+
+@dataclass(kw_only=True)
+class ServedCounts:
+    """What a test server's handler threads share with its owner about what it served:
+    body bytes in all and by path, and the status every request fails with while the test
+    sets one. Guarded by `lock` (re-entrant: a server's own state may take it again)."""
+
+    fail_with: int | None = None
+    bytes_served: int = 0
+    by_path: dict[str, int] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def count(self, path: str, n: int) -> None:
+        """`n` body bytes served for `path` (negative: taken back, as a HEAD's were)."""
+        with self.lock:
+            self.bytes_served += n
+            total = self.by_path.get(path, 0) + n
+            if total:
+                self.by_path[path] = total
+            else:
+                self.by_path.pop(path, None)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.bytes_served = 0
+            self.by_path = {}
+
+
+class CountingOwner:
+    """The owner's side of `ServedCounts` (its `_state`): what the tests read and set."""
+
+    _state: ServedCounts
+
+    @property
+    def bytes_served(self) -> int:
+        with self._state.lock:
+            return self._state.bytes_served
+
+    @property
+    def bytes_by_path(self) -> dict[str, int]:
+        with self._state.lock:
+            return dict(self._state.by_path)
+
+    def reset_stats(self) -> None:
+        self._state.reset()
+
+    @property
+    def fail_with(self) -> int | None:
+        return self._state.fail_with
+
+    @fail_with.setter
+    def fail_with(self, status: int | None) -> None:
+        self._state.fail_with = status
 
 
 class TrackedHandler(BaseHTTPRequestHandler):

@@ -65,7 +65,9 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from syncbit_testing._http import (
     UNSATISFIABLE,
+    CountingOwner,
     LoopbackServer,
+    ServedCounts,
     TrackedHandler,
     parse_range,
     serve_until_signal,
@@ -173,7 +175,7 @@ class _TreeItem:
 
 
 @dataclass
-class _State:
+class _State(ServedCounts):
     """Everything handler threads share with the owner; guarded by `lock`."""
 
     root: Path
@@ -181,15 +183,11 @@ class _State:
     tree_page_size: int
     control: bool
     secret: bytes = field(default_factory=lambda: os.urandom(32))
-    lock: threading.RLock = field(default_factory=threading.RLock)
     repos: dict[str, _Repo] = field(default_factory=dict)
     blobs: dict[str, _Blob] = field(default_factory=dict)
     # token -> repo keys it may read (private) and download (gated); None means every repo.
     tokens: dict[str, frozenset[str] | None] = field(default_factory=dict)
     trees: dict[str, list[_TreeItem]] = field(default_factory=dict)  # by commit sha
-    fail_with: int | None = None
-    bytes_served: int = 0
-    by_path: dict[str, int] = field(default_factory=dict)
     storage_auth_rejected: int = 0
     storage_port: int = 0
 
@@ -319,14 +317,10 @@ class _State:
         repos = self.tokens.get(token)
         return repos is None or repo.key in repos
 
-    def count(self, key: str, n: int) -> None:
+    def reset(self) -> None:
         with self.lock:
-            self.bytes_served += n
-            total = self.by_path.get(key, 0) + n
-            if total:
-                self.by_path[key] = total
-            else:
-                self.by_path.pop(key, None)
+            super().reset()
+            self.storage_auth_rejected = 0
 
     def sign(self, sha256: str, expires: int) -> str:
         mac = hmac.new(self.secret, f"{sha256}:{expires}".encode(), hashlib.sha256).digest()
@@ -405,10 +399,7 @@ class _Handler(TrackedHandler):
     def do_POST(self) -> None:
         self._drain_body()
         if self.state.control and not self.server.storage and self.path == "/__reset":
-            with self.state.lock:
-                self.state.bytes_served = 0
-                self.state.by_path = {}
-                self.state.storage_auth_rejected = 0
+            self.state.reset()
             self._simple(200, b"reset\n", "text/plain")
         else:
             self._error(_HubError(405, "Method not allowed"), head=False)
@@ -752,7 +743,7 @@ class _Handler(TrackedHandler):
 # -- the owner ----------------------------------------------------------------------------
 
 
-class Hub:
+class Hub(CountingOwner):
     """A Hub-compatible server for the repos under `root` (created if missing), on
     `host:port` (0 = a free port).
 
@@ -762,6 +753,8 @@ class Hub:
     files and `__lfs/<sha256>` for LFS bodies. While `fail_with` is set, every request is
     answered with that status. A stopped hub may be started again on the same ports.
     """
+
+    _state: _State
 
     def __init__(
         self,
@@ -796,34 +789,10 @@ class Hub:
         return f"http://{self.host}:{self.port}"
 
     @property
-    def bytes_served(self) -> int:
-        with self._state.lock:
-            return self._state.bytes_served
-
-    @property
-    def bytes_by_path(self) -> dict[str, int]:
-        with self._state.lock:
-            return dict(self._state.by_path)
-
-    @property
     def storage_auth_rejected(self) -> int:
         """Storage requests refused because they carried Authorization (a client leak)."""
         with self._state.lock:
             return self._state.storage_auth_rejected
-
-    def reset_stats(self) -> None:
-        with self._state.lock:
-            self._state.bytes_served = 0
-            self._state.by_path = {}
-            self._state.storage_auth_rejected = 0
-
-    @property
-    def fail_with(self) -> int | None:
-        return self._state.fail_with
-
-    @fail_with.setter
-    def fail_with(self, status: int | None) -> None:
-        self._state.fail_with = status
 
     # -- content ---------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ import os
 import ssl
 import stat
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,7 +35,9 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 from syncbit.chunks import HEAD_SAMPLE
 from syncbit_testing._http import (
     UNSATISFIABLE,
+    CountingOwner,
     LoopbackServer,
+    ServedCounts,
     ServedInThread,
     TrackedHandler,
     parse_range,
@@ -52,27 +53,14 @@ _APACHE_SAFE = "!$&'()*+,;=:@~"
 
 
 @dataclass
-class _State:
+class _State(ServedCounts):
     """What the in-process owner and every handler thread share; guarded by `lock`."""
 
     root: str
     style: Style
     control: bool
-    fail_with: int | None = None
     fail_reads_with: int | None = None  # file GETs only
-    bytes_served: int = 0
-    by_path: dict[str, int] = field(default_factory=dict)
     gets: dict[str, int] = field(default_factory=dict)  # GETs of files, by path
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def count(self, path: str, n: int) -> None:
-        with self.lock:
-            self.bytes_served += n
-            total = self.by_path.get(path, 0) + n
-            if total:
-                self.by_path[path] = total
-            else:
-                self.by_path.pop(path, None)
 
     def got(self, path: str) -> None:
         with self.lock:
@@ -80,8 +68,7 @@ class _State:
 
     def reset(self) -> None:
         with self.lock:
-            self.bytes_served = 0
-            self.by_path = {}
+            super().reset()
             self.gets = {}
 
     def stats(self) -> dict[str, Any]:
@@ -391,13 +378,15 @@ def _apache_index(urlpath: str, entries: list[_Entry], address: str) -> str:
     return "\n".join(rows)
 
 
-class Origin(ServedInThread):
+class Origin(CountingOwner, ServedInThread):
     """An HTTP/1.1 origin serving the files under `root` on `host:port` (0 = any free port).
 
     `bytes_served` and `bytes_by_path` count file body bytes actually sent (index pages and
     error bodies are not counted). While `fail_with` is set, every request is answered with
     that status. A stopped origin may be started again on the same port.
     """
+
+    _state: _State
 
     def __init__(
         self,
@@ -431,27 +420,6 @@ class Origin(ServedInThread):
         """Base URL with a trailing slash, e.g. `http://127.0.0.1:41234/`."""
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{self.host}:{self.port}/"
-
-    @property
-    def bytes_served(self) -> int:
-        with self._state.lock:
-            return self._state.bytes_served
-
-    @property
-    def bytes_by_path(self) -> dict[str, int]:
-        with self._state.lock:
-            return dict(self._state.by_path)
-
-    def reset_stats(self) -> None:
-        self._state.reset()
-
-    @property
-    def fail_with(self) -> int | None:
-        return self._state.fail_with
-
-    @fail_with.setter
-    def fail_with(self, status: int | None) -> None:
-        self._state.fail_with = status
 
     def _make_server(self) -> _Server:
         server = _Server((self.host, self.port), self._state)
