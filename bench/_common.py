@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +23,48 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from syncbit_testing import environ  # noqa: E402 - needs the root on the path first
+
+
+def unmet(*tools: str) -> str | None:
+    """Why this machine cannot run a benchmark that mounts and drops caches (root,
+    /dev/fuse) with `tools` (Debian packages of the same name), or None."""
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
+        return "needs root and /dev/fuse"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install -y {tool})"
+    return None
+
+
+def workdirs(work: Path) -> tuple[Path, Path]:
+    """A benchmark's logs/ and www/ (what its origin serves) under `work`, made if missing."""
+    logs, www = work / "logs", work / "www"
+    logs.mkdir(parents=True, exist_ok=True)
+    www.mkdir(exist_ok=True)
+    return logs, www
+
+
+class Rounds:
+    """Seconds measured per label over rounds: each printed as it comes, medians after."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[float]] = {}
+
+    def note(self, label: str, seconds: float) -> None:
+        self.rows.setdefault(label, []).append(seconds)
+        print(f"  {label}: {seconds:.2f}s", flush=True)
+
+    def median(self, label: str) -> float:
+        return statistics.median(self.rows[label])
+
+
+@contextlib.contextmanager
+def nginx(conf: Path, port: int) -> Iterator[None]:
+    """nginx running `conf` (listening on loopback `port`) for the block; its output next
+    to the config file."""
+    with process(["nginx", "-c", str(conf)], conf.with_suffix(".out")):
+        wait_http(f"http://127.0.0.1:{port}/")
+        yield
 
 
 def free_port() -> int:

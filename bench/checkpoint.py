@@ -14,18 +14,16 @@ real S3 or CDN connection delivers; `--rate 0` for none). Needs root (drop_cache
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import median
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import drop_caches, free_port, process, syncbit_node, wait_http
+from _common import Rounds, drop_caches, free_port, nginx, syncbit_node, unmet, workdirs
 
 SYNCBIT = [sys.executable, "-m", "syncbit.cli"]
 TENSOR_MIB = 32  # a checkpoint of many mid-sized tensors, like a transformer's layers
@@ -85,17 +83,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds; medians are shown")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/syncbit-bench-st"))
     args = ap.parse_args()
-    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
-        print("needs root and /dev/fuse", file=sys.stderr)
-        return 2
-    if shutil.which("nginx") is None:
-        print("needs nginx (apt-get install -y nginx)", file=sys.stderr)
+    why = unmet("nginx")
+    if why is not None:
+        print(why, file=sys.stderr)
         return 2
     work: Path = args.dir
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    www = work / "www"
-    www.mkdir(exist_ok=True)
+    logs, www = workdirs(work)
     checkpoint = work / f"model-{args.size_mib}m.safetensors"
     print(f"writing a {args.size_mib} MiB checkpoint ...", flush=True)
     make_checkpoint(checkpoint, args.size_mib)
@@ -143,15 +136,9 @@ http {{ access_log off; sendfile on; tcp_nopush on; limit_rate {args.rate};
             drop_caches()
             return pulled, load(path)  # every byte here: the kernel reads the cache file
 
-    rows: dict[str, list[float]] = {}
-
-    def note(label: str, seconds: float) -> None:
-        rows.setdefault(label, []).append(seconds)
-        print(f"  {label}: {seconds:.2f}s", flush=True)
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(process(["nginx", "-c", str(conf)], work / "nginx.out"))
-        wait_http(f"http://127.0.0.1:{port}/")
+    rounds = Rounds()
+    note = rounds.note
+    with nginx(conf, port):
         for r in range(args.rounds):
             print(f"round {r + 1}", flush=True)
             drop_caches()
@@ -165,14 +152,15 @@ http {{ access_log off; sendfile on; tcp_nopush on; limit_rate {args.rate};
     for name in list(www.iterdir()):
         shutil.rmtree(name, ignore_errors=True)
 
-    base = median(rows["pull + load"])
+    base = rounds.median("pull + load")
     rate = "no cap" if args.rate in ("0", "") else f"limit_rate {args.rate} per connection"
     print(
         f"\ncheckpoint {size / 2**30:.2f} GiB, {size // (TENSOR_MIB << 20)} tensors; nginx "
         f"on loopback, {rate}; {args.rounds} round(s), medians; ratio = speed vs pull + load\n"
     )
-    for label, seconds in rows.items():
-        print(f"{label:58s} {median(seconds):7.2f}s  {base / median(seconds):.2f}x")
+    for label in rounds.rows:
+        seconds = rounds.median(label)
+        print(f"{label:58s} {seconds:7.2f}s  {base / seconds:.2f}x")
     return 0
 
 
