@@ -28,8 +28,10 @@ error a server answered (`error_class`).
     │       │                       never retried; a job that meets it stops
     │       └── SourceChangedError  the recorded version is gone
     ├── WireError                 a connection failed, or the other side spoke no HTTP/1.1
+    │   └── ConnectError          no connection could be made (refused, unreachable, DNS)
     ├── PeerError                 a peer failed to deliver a chunk (next peer is tried)
     │   ├── PeerBusyError         a peer had no free upload slot (prefetch only)
+    │   ├── PeerUnreachableError  no connection to the peer: avoided for a while by all reads
     │   └── DigestMismatchError   a peer sent bytes that do not match the chunk digest
     ├── ReadDeadlineError         neither peers nor source delivered before the deadline
     ├── TransferAbortedError      a transfer this node ended itself (a hedge's loser)
@@ -160,8 +162,18 @@ class WireError(SyncbitError):
     (`syncbit.wire`); sources and the peer client map it onto their own errors."""
 
 
+class ConnectError(WireError):
+    """No connection could be made: refused, unreachable, timed out, a name that does not
+    resolve. Nothing was sent."""
+
+
 class PeerError(SyncbitError):
     """A peer failed to deliver a chunk."""
+
+
+class PeerUnreachableError(PeerError):
+    """No connection to a peer could be made: it is down or gone (the scheduler may not
+    know yet), so this node's other reads avoid it for a while."""
 
 
 class PeerBusyError(PeerError):

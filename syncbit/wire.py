@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 # WireError is defined with the other errors; callers of the pool may take it from here.
+from syncbit.errors import ConnectError as ConnectError
 from syncbit.errors import WireError as WireError
 from syncbit.redact import redact_url
 
@@ -139,14 +140,14 @@ class Pool:
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError) as exc:
-                raise WireError(f"cannot resolve {host}: {exc}") from exc
+                raise ConnectError(f"cannot resolve {host}: {exc}") from exc
             for info in infos:
                 rules.check_address(url, str(info[4][0]))
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
-            raise WireError(f"connect to {host}:{port} failed: {exc}") from exc
+            raise ConnectError(f"connect to {host}:{port} failed: {exc}") from exc
         if rules is not None:
             # And the address actually connected to: a DNS answer that changed since the
             # check above cannot lead anywhere else.

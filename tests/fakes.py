@@ -15,6 +15,7 @@ from syncbit.errors import (
     InvalidSourceError,
     PeerBusyError,
     PeerError,
+    PeerUnreachableError,
     SourceChangedError,
     SourceUnavailableError,
 )
@@ -167,10 +168,10 @@ class Directory:
 
 class Peers(PeerClient):
     """The peer client (a `peer.PeerClient` that never connects): every peer sends `data`'s
-    bytes, except the one at address "dead" (a PeerError) and at "evil" (the first byte
-    flipped); addresses in `busy` turn prefetch transfers away (PeerBusyError); a transfer
-    waits for `gate` when set. `calls` lists the addresses asked. Without `data` nobody may
-    be asked at all."""
+    bytes, except the one at address "dead" (a PeerError), at "refused" (no connection:
+    PeerUnreachableError) and at "evil" (the first byte flipped); addresses in `busy` turn
+    prefetch transfers away (PeerBusyError); a transfer waits for `gate` when set. `calls`
+    lists the addresses asked. Without `data` nobody may be asked at all."""
 
     def __init__(self, data: bytes | None = None) -> None:
         super().__init__()  # an idle connection pool, never used
@@ -194,7 +195,9 @@ class Peers(PeerClient):
             self.gate.wait(10)
         self.calls.append(address)
         if address == "dead":
-            raise PeerError("peer dead: connection refused")
+            raise PeerError("peer dead: reset mid-transfer")
+        if address == "refused":
+            raise PeerUnreachableError("peer refused: connect failed: connection refused")
         if prefetch and address in self.busy:
             raise PeerBusyError(f"peer {address} is busy")
         buf[:] = self.data[offset : offset + len(buf)]

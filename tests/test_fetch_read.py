@@ -302,3 +302,26 @@ async def test_prefetch_bandwidth_cap(
     # is; the file's short last chunk may go at any point).
     assert elapsed >= (len(DATA) - CS) / rate
     assert source.bytes == 10 + len(DATA)
+
+
+async def test_a_peer_that_cannot_be_reached_is_left_out_of_the_next_reads(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A holder that refuses connections (stopped; the scheduler offers it until it misses
+    its heartbeats) costs one attempt, not one per chunk."""
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    directory.info = ChunkMap(
+        digests={i: digest(DATA[i * CS : (i + 1) * CS]) for i in range(6)},
+        peers={
+            0: [Peer("gone", "refused")],
+            **{i: [Peer("gone", "refused"), Peer("ok", "good")] for i in range(1, 6)},
+        },
+    )
+    fetcher = Fetcher(store, directory, peers, readahead_chunks=0)
+    await started(fetcher, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    for i in range(6):
+        assert await fetcher.read(handle, i * CS, CS) == DATA[i * CS : (i + 1) * CS]
+    assert peers.calls == ["refused"] + ["good"] * 5
+    assert source.reads == 1  # chunk 0: its only holder is gone
+    assert fetcher.stats["unreachable"] == 1 and fetcher.stats["peer"] == len(DATA) - CS

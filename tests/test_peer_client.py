@@ -3,9 +3,11 @@ the fetch layer acts on (try another holder), whatever the peer sends."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from syncbit.errors import PeerBusyError, PeerError, WireError
+from syncbit.errors import PeerBusyError, PeerError, PeerUnreachableError, WireError
 from syncbit.peer import PRIORITY_HEADER, PeerClient
 from syncbit.wire import Abort, Response
 
@@ -79,3 +81,17 @@ def test_a_connection_failure_is_a_peer_error() -> None:
     transport = Scripted(206, {}, fail=True)
     with pytest.raises(PeerError, match=r"10\.0\.0\.2:7901: connection refused"):
         PeerClient(transport=transport).get_into("10.0.0.2:7901", OID, 0, memoryview(bytearray(4)))
+
+
+def test_a_peer_nobody_listens_for_is_unreachable() -> None:
+    """A real connect to a closed loopback port: PeerUnreachableError (the fetch layer
+    leaves such a peer out for a while), not just any PeerError."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        client = PeerClient(timeout=5)
+        try:
+            with pytest.raises(PeerUnreachableError, match=r"connect to 127\.0\.0\.1"):
+                client.get_into(f"127.0.0.1:{port}", "ab" * 32, 0, memoryview(bytearray(8)))
+        finally:
+            client.close()

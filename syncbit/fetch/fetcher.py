@@ -75,6 +75,7 @@ class Fetcher:
             "busy": 0,
             "hedged": 0,  # peer transfers asked of a second holder (stragglers)
             "aborted": 0,  # the losers of those, ended mid-transfer
+            "unreachable": 0,  # peers no connection could be made to (then left out a while)
             "source_hedged": 0,  # source reads asked a second time (stragglers)
             "source_aborted": 0,  # reads ended mid-way: hedge losers, abandoned flights
         }

@@ -17,6 +17,7 @@ from syncbit.errors import (
     DigestMismatchError,
     PeerBusyError,
     PeerError,
+    PeerUnreachableError,
     ReadDeadlineError,
     SyncbitError,
 )
@@ -46,6 +47,10 @@ from syncbit.store import ObjectStore
 from syncbit.wire import Abort
 
 log = logging.getLogger("syncbit.fetch")
+
+
+# Seconds a peer that could not be connected to is left out of every read's holders.
+UNREACHABLE_FOR = 10.0
 
 
 def _spread(peers: list[Peer]) -> list[Peer]:
@@ -81,6 +86,7 @@ class Transfers:
         self.broken = broken
         self.streams = streams
         self.stats = stats
+        self.unreachable: dict[str, float] = {}  # peer node -> left out until then
         self.race = PeerRace(self._from_peer, store.buffers, Hedging(), stats)
         self.source_race = SourceRace(streams, store.buffers, Hedging(SOURCE_HEDGING), stats)
 
@@ -155,7 +161,12 @@ class Transfers:
         every one that could was busy."""
         obj, index = flight.obj, flight.index
         length = chunk_length(obj.size, obj.chunk_size, index)
-        usable = [p for p in _spread(holders) if p.node not in flight.bad_peers]
+        now = trio.current_time()
+        usable = [
+            p
+            for p in _spread(holders)
+            if p.node not in flight.bad_peers and self.unreachable.get(p.node, -1.0) <= now
+        ]
         got = await self.race.run(flight, usable, length, expected)
         if isinstance(got, Won):
             self.stats["peer"] += length
@@ -187,6 +198,24 @@ class Transfers:
             flight.bad_peers.add(peer.node)
             log.warning("%s", exc)
             await self._report(peer.node, flight, str(exc))
+            return PeerResult.FAILED
+        except PeerUnreachableError as exc:
+            # Down or gone, and the scheduler may offer it for a while yet: no read of this
+            # node asks it again until UNREACHABLE_FOR has passed.
+            flight.bad_peers.add(peer.node)
+            flight.last_error = str(exc)
+            now = trio.current_time()
+            if len(self.unreachable) >= 1024:  # one entry per peer node: forget the expired
+                self.unreachable = {n: t for n, t in self.unreachable.items() if t > now}
+            self.unreachable[peer.node] = now + UNREACHABLE_FOR
+            self.stats["unreachable"] += 1
+            log.info(
+                "chunk %d of %s: %s; avoiding it for %.0fs",
+                flight.index,
+                flight.entry.path,
+                exc,
+                UNREACHABLE_FOR,
+            )
             return PeerResult.FAILED
         except PeerError as exc:
             flight.bad_peers.add(peer.node)

@@ -9,9 +9,9 @@ import ssl
 from typing import Protocol
 
 from syncbit.auth import bearer
-from syncbit.errors import PeerBusyError, PeerError
+from syncbit.errors import PeerBusyError, PeerError, PeerUnreachableError
 from syncbit.peer.server import PRIORITY_HEADER
-from syncbit.wire import Abort, Pool, Response, WireError, parse_content_range
+from syncbit.wire import Abort, ConnectError, Pool, Response, WireError, parse_content_range
 
 
 class PeerTransport(Protocol):
@@ -78,6 +78,8 @@ class PeerClient:
         headers = {**self._headers, PRIORITY_HEADER: "prefetch"} if prefetch else self._headers
         try:
             resp = self._transport.get_into(url, offset, buf, headers, abort=abort)
+        except ConnectError as exc:
+            raise PeerUnreachableError(f"peer {address}: {exc}") from exc
         except WireError as exc:
             raise PeerError(f"peer {address}: {exc}") from exc
         if resp.status == 503:
