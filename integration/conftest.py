@@ -87,16 +87,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """On failure, attach the log tail of every process the harness started."""
+    """On failure, attach the log tail of every process the harness started (taken before
+    the running daemons dump their stacks, so the dump does not push the log out), then
+    each daemon's trio task tree from that dump (the threads' stacks stay in the log)."""
     report = yield
     if report.failed and _HERE in Path(item.path).parents:
-        for proc in list(ALL_PROCESSES):  # daemons dump their threads' stacks to their log
-            if proc.alive and isinstance(proc, Node):
-                with contextlib.suppress(Exception):
-                    proc.kill(signal.SIGUSR1)
-                    proc.kill(signal.SIGUSR2)
+        procs = [p for p in list(ALL_PROCESSES) if p.proc is not None]
+        tails = [p.log_tail(60) for p in procs]
+        dumped = [p for p in procs if p.alive and isinstance(p, Node)]
+        for proc in dumped:
+            with contextlib.suppress(Exception):
+                proc.kill(signal.SIGUSR1)  # threads' stacks
+                proc.kill(signal.SIGUSR2)  # trio's tasks
         time.sleep(0.5)
-        tails = [p.log_tail(60) for p in list(ALL_PROCESSES) if p.proc is not None]
+        for proc in dumped:
+            text = proc.log_text()
+            at = text.rfind("trio tasks:")
+            if at >= 0:
+                tasks = text[at:].splitlines()[:40]
+                tails.append(f"--- {proc.name}: trio tasks at the failure\n" + "\n".join(tasks))
         if tails:
             report.sections.append(("syncbit process logs", "\n\n".join(tails)))
     return report
