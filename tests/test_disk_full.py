@@ -22,6 +22,7 @@ from syncbit.chunks import chunk_length, digest
 from syncbit.diskspace import LogHandler
 from syncbit.errors import DiskFullError
 from syncbit.store import ChunkCheck, ObjectStore, StoredObject, VerifyRun
+from syncbit.store.disk import DiskWatch
 from syncbit_testing.smallfs import fill, takes_no_block
 
 CS = 4096
@@ -125,6 +126,37 @@ async def test_full_disk_fails_new_chunks_keeps_cached_ones_and_logs_once(
     finally:
         store.close()
     assert _reopened_good(tmp_path) == 8
+
+
+async def test_space_an_eviction_frees_during_the_burst_does_not_end_the_episode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused write, then free space back in the same instant (an eviction made room,
+    and the next write takes it again): one episode and one line each way, not an episode
+    per write of the burst."""
+    caplog.set_level(logging.INFO, logger="syncbit.disk")
+    watch = DiskWatch(tmp_path, recover_bytes=1 << 20, interval=5.0)
+    free = [0]
+
+    def sample() -> int:  # the filesystem's answer, set by the test
+        watch.free = free[0]
+        return watch.free
+
+    watch.sample = sample  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        watch.refused("a chunk", OSError(errno.ENOSPC, "no space"))
+        free[0] = 2 << 20  # the eviction's room, taken again before the next sample
+        await trio.sleep(0.5)
+        watch.refused("a chunk", OSError(errno.ENOSPC, "no space"))
+        assert watch.full and watch.episodes == 1
+        # Space really back: the episode ends at a look after its first second.
+        with trio.fail_after(10):
+            while watch.full:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert _disk_lines(caplog, "cache filesystem full under") == 1
+    assert _disk_lines(caplog, "space is back under") == 1
 
 
 async def test_full_disk_evicts_unpinned_data_to_make_room(

@@ -18,6 +18,9 @@ from syncbit.diskspace import free_bytes, size_text
 log = logging.getLogger("syncbit.disk")
 
 
+MIN_EPISODE = 1.0  # seconds: the shortest disk-full episode `run` ends
+
+
 class DiskWatch:
     """The cache filesystem's free space and its disk-full episodes (trio thread only).
 
@@ -99,6 +102,11 @@ class DiskWatch:
         while True:
             with trio.move_on_after(1.0 if self.full else self.interval):
                 await self.changed.wait()
+            if self.full and self.since is not None:
+                # An episode lasts at least MIN_EPISODE: in the burst of writes that began
+                # it, space an eviction frees is taken again at once, and ending the
+                # episode on that sample would only begin another (and log it again).
+                await trio.sleep(max(0.0, self.since + MIN_EPISODE - time.time()))
             await trio.to_thread.run_sync(self.sample)
             self.check()
 
