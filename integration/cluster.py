@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import signal
+import random
 import socket
 import ssl
 import subprocess
@@ -73,10 +74,30 @@ def fuse_unavailable() -> str | None:
 
 
 def free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (the OS's choice)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing uses right now, below the kernel's ephemeral range.
+
+    A port the OS picks (bind to 0) comes from the same range as every outgoing
+    connection's source port: between picking it and a server binding it, or while a
+    server stopped for a restart is down, any client connection may take it ("Address
+    already in use", seen in CI). Ports below the range are never handed out that way."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 16384), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # taken: another test's server
+            return port
+    raise HarnessError(f"no free port below {low} on {host}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,17 +16,12 @@ import urllib.error
 import urllib.request
 from types import TracebackType
 
+from integration.cluster import free_port
+
 __all__ = ["MotoServer"]
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class MotoServer:
@@ -51,7 +45,7 @@ class MotoServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, **self._env}
         # The server itself must not pick up the caller's AWS settings.
         for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):

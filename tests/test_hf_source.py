@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import trio
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+from integration.cluster import free_port
 from syncbit.chunks import identity_digest
 from syncbit.errors import (
     InvalidSourceError,
@@ -115,13 +115,6 @@ async def _list(uri: str, **options: object) -> list[FileEntry]:
 
 def _by_path(files: list[FileEntry]) -> dict[str, FileEntry]:
     return {f.path: f for f in files}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- huggingface_hub against the Hub server -----------------------------------------------
@@ -364,7 +357,7 @@ async def test_unavailable_hub_is_a_temporary_failure(hub: Hub) -> None:
         assert len(await trio.to_thread.run_sync(_read, source, entry, 0, 1)) == 1
     finally:
         source.close()
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SourceUnavailableError, match="cannot reach"):
         await _list("hf://org/model", endpoint=dead)
     source = HfSource("hf://org/model", {"endpoint": dead})

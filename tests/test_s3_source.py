@@ -11,7 +11,6 @@ import logging
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -27,6 +26,7 @@ from botocore.exceptions import ClientError
 from s3server import MotoServer
 from sourcehelp import by_path, read
 
+from integration.cluster import free_port
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -44,13 +44,6 @@ RNG = random.Random(4321)
 ADMIN_KEY = "admin-key"
 SECRET = "very-secret-access-key-do-not-print"
 MIB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -524,7 +517,7 @@ async def test_unreachable_endpoint_is_temporary(
 ) -> None:
     put(admin, bucket, {"u/f.bin": b"12345"})
     (entry,) = (await make_source(f"s3://{bucket}/u/").list()).files
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
 
     with pytest.raises(SourceUnavailableError, match=re.escape(f"cannot reach {dead} ")) as info:
         await make_source(f"s3://{bucket}/u/", endpoint_url=dead, max_attempts=1).list()
