@@ -18,11 +18,11 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import shlex
 import shutil
 import signal
-import random
 import socket
 import ssl
 import subprocess
