@@ -111,9 +111,37 @@ def test_every_daemon_flag_is_a_config_key() -> None:
     import typer.main
 
     command = typer.main.get_command(app).commands["daemon"]  # type: ignore[attr-defined]
-    flags = {p.name for p in command.params} - {"config", "help", "label"}
+    # --config and --mirror-config name files of keys (the whole config; the `mirror` key).
+    flags = {p.name for p in command.params} - {"config", "mirror_config", "help", "label"}
     assert flags <= set(DaemonConfig.model_fields), flags - set(DaemonConfig.model_fields)
     assert {"upload_slots", "prefetch_concurrency", "prefetch_bandwidth"} <= flags
+
+
+def test_a_mirror_config_file_is_the_mirror_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--mirror-config FILE` (or SYNCBIT_MIRROR_CONFIG, how the Kubernetes option sets it)
+    runs the daemon's mirror with a standalone mirror's config file; a bad key in it is one
+    error line naming the key, exit 2, and no daemon starts."""
+    seen: list[DaemonConfig] = []
+    monkeypatch.setattr("syncbit.node.run", seen.append)
+    monkeypatch.setattr("syncbit.cli.services._setup_logging", lambda level: None)
+    good = tmp_path / "mirror.yaml"
+    good.write_text("listen: 127.0.0.1:5999\nregistries:\n  docker.io: {}\n")
+    cache = tmp_path / "cache"
+    base = ["daemon", "--cache-dir", str(cache), "--mount", str(tmp_path / "mnt")]
+    result = runner.invoke(app, [*base, "--mirror-config", str(good)])
+    assert result.exit_code == 0, result.output
+    mirror = seen[-1].mirror_config()
+    assert mirror is not None and mirror.cache_dir == cache / "mirror"
+    assert "docker.io" in mirror.registries and mirror.listen.endswith(":5999")
+    result = runner.invoke(app, base, env={"SYNCBIT_MIRROR_CONFIG": str(good)})
+    assert result.exit_code == 0 and seen[-1].mirror_config() is not None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: 127.0.0.1:5999\nregistrys: {}\n")
+    result = runner.invoke(app, [*base, "--mirror-config", str(bad)])
+    assert result.exit_code == 2 and "registrys" in result.output
+    assert "Traceback" not in result.output and len(seen) == 2
 
 
 def test_negative_upload_slots_names_the_key() -> None:

@@ -1483,8 +1483,18 @@ def test_the_mirror_option_adds_to_the_daemon_pod_and_changes_nothing_else(
     base: list[Obj], mirrored: list[Obj]
 ) -> None:
     before, after = daemon_pod(base), daemon_pod(mirrored)
-    assert by_name(after["containers"], "daemon") == by_name(before["containers"], "daemon")
-    assert [c["name"] for c in after["containers"]] == ["daemon", "mirror"]
+    daemon, was = by_name(after["containers"], "daemon"), by_name(before["containers"], "daemon")
+    # The daemon serves the mirror itself: one env entry and the config's mount more.
+    assert [c["name"] for c in after["containers"]] == ["daemon"]
+    assert daemon["env"] == [*was["env"], {"name": "SYNCBIT_MIRROR_CONFIG", "value": MIRROR_CONFIG}]
+    assert daemon["volumeMounts"] == [
+        *was["volumeMounts"],
+        {"name": "mirror-config", "mountPath": str(Path(MIRROR_CONFIG).parent), "readOnly": True},
+    ]
+    unchanged = {"env", "volumeMounts"}
+    assert {k: v for k, v in daemon.items() if k not in unchanged} == {
+        k: v for k, v in was.items() if k not in unchanged
+    }
     template = find(mirrored, "DaemonSet", "syncbit-daemon")["spec"]["template"]
     assert template["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == (
         "daemon"
@@ -1503,10 +1513,7 @@ def test_the_mirror_option_adds_to_the_daemon_pod_and_changes_nothing_else(
 
 def test_the_mirror_containers_hold_no_privilege(mirrored: list[Obj]) -> None:
     spec = daemon_pod(mirrored)
-    for c in [
-        by_name(spec["initContainers"], "containerd-hosts"),
-        by_name(spec["containers"], "mirror"),
-    ]:
+    for c in [by_name(spec["initContainers"], "containerd-hosts")]:
         security = c["securityContext"]
         assert "privileged" not in security and security["allowPrivilegeEscalation"] is False
         assert security["capabilities"] == {"drop": ["ALL"]}
@@ -1516,6 +1523,8 @@ def test_the_mirror_containers_hold_no_privilege(mirrored: list[Obj]) -> None:
 
 
 def test_the_mirror_config_is_valid_and_the_manifests_follow_it(mirrored: list[Obj]) -> None:
+    from syncbit.cli import app as syncbit_app
+    from syncbit.config import DaemonConfig, load_yaml
     from syncbit.mirror.__main__ import app as mirror_app
     from syncbit.mirror.config import MirrorConfig
     from syncbit.mirror.hosts import mirror_url
@@ -1525,27 +1534,35 @@ def test_the_mirror_config_is_valid_and_the_manifests_follow_it(mirrored: list[O
     assert host == "127.0.0.1"  # the node's loopback: nothing beyond the node reaches it
     spec = daemon_pod(mirrored)
     assert spec["hostNetwork"] is True  # so containerd, on the node, reaches that loopback
-    hosts, serve = (
-        by_name(spec["initContainers"], "containerd-hosts"),
-        by_name(spec["containers"], "mirror"),
-    )
-    for c, command in ((hosts, "hosts"), (serve, "serve")):
-        assert c["command"][:5] == ["/usr/bin/tini", "--", "python", "-m", "syncbit.mirror"]
-        args = c["command"][5:]
-        assert args[0] == command
-        assert option_value(args, "--config") == MIRROR_CONFIG
+    hosts = by_name(spec["initContainers"], "containerd-hosts")
+    assert hosts["command"][:5] == ["/usr/bin/tini", "--", "python", "-m", "syncbit.mirror"]
+    args = hosts["command"][5:]
+    assert args[0] == "hosts" and option_value(args, "--config") == MIRROR_CONFIG
+    group: Any = typer.main.get_command(mirror_app)
+    known = {o for p in group.get_command(click.Context(group), "hosts").params for o in p.opts}
+    assert {a for a in args if a.startswith("--")} <= known
+    _, certs = mount_at(spec, hosts, option_value(args, "--certs-d"))
+    assert certs["hostPath"] == {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"}
+    # The daemon reads the same file as its `mirror` section, through the environment
+    # variable its --mirror-config flag takes.
+    daemon = by_name(spec["containers"], "daemon")
+    (env,) = [e for e in daemon["env"] if e["name"] == "SYNCBIT_MIRROR_CONFIG"]
+    assert env["value"] == MIRROR_CONFIG
+    command: Any = typer.main.get_command(syncbit_app)
+    (flag,) = [
+        p
+        for p in command.get_command(click.Context(command), "daemon").params
+        if p.name == "mirror_config"
+    ]
+    assert flag.envvar == "SYNCBIT_MIRROR_CONFIG"
+    for c in (hosts, daemon):
         mount, vol = mount_at(spec, c, str(Path(MIRROR_CONFIG).parent))
         assert mount["readOnly"] is True and vol["configMap"]["name"] == "syncbit-mirror"
-        group: Any = typer.main.get_command(mirror_app)
-        known = {o for p in group.get_command(click.Context(group), command).params for o in p.opts}
-        assert {a for a in args if a.startswith("--")} <= known
-    _, certs = mount_at(spec, hosts, option_value(hosts["command"][5:], "--certs-d"))
-    assert certs["hostPath"] == {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"}
-    _, cache = mount_at(spec, serve, str(config.cache_dir))
-    assert cache["hostPath"]["path"] == str(config.cache_dir)
-    for probe in ("startupProbe", "livenessProbe"):
-        get = serve[probe]["httpGet"]
-        assert (get["host"], get["path"], str(get["port"])) == ("127.0.0.1", "/v2/", port)
+    cfg_doc = load_yaml(K8S / "config" / "config.yaml")
+    node = DaemonConfig.model_validate({**cfg_doc, "mirror": mirror_config()}).mirror_config()
+    assert node is not None and node.cache_dir == Path(cfg_doc["cache_dir"]) / "mirror"
+    _, cache = mount_at(spec, daemon, cfg_doc["cache_dir"])
+    assert cache["hostPath"]["path"] == cfg_doc["cache_dir"]  # blobs outlive the pod
     assert mirror_url(config.listen) == f"http://127.0.0.1:{port}"
 
 

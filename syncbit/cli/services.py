@@ -198,10 +198,18 @@ def daemon(
         Path | None, typer.Option(help="CA file the scheduler's and peers' certificates match.")
     ] = None,
     file_roots: FileRootsOpt = None,
+    mirror_config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SYNCBIT_MIRROR_CONFIG",
+            help="Run the node's registry mirror with this YAML (the `mirror` config "
+            "section's keys, as `python -m syncbit.mirror serve --config` reads them).",
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run a node: FUSE mount, cache, peer service (and the scheduler, if none is given)."""
-    from syncbit.config import DaemonConfig, build
+    from syncbit.config import DaemonConfig, build, load_yaml
 
     cfg = build(
         DaemonConfig,
@@ -229,6 +237,7 @@ def daemon(
             "tls_key": tls_key,
             "tls_ca": tls_ca,
             "file_roots": file_roots,
+            "mirror": load_yaml(mirror_config) if mirror_config is not None else None,
             "log_level": log_level,
         },
     )
