@@ -29,9 +29,11 @@ from syncbit.wire import Abort
 
 log = logging.getLogger("syncbit.fetch")
 
-# Source reads are larger and slower to start than peer transfers: no second request
-# before a quarter second, and two seconds while too few reads are known to judge.
-SOURCE_HEDGING = HedgePolicy(floor=0.25, default=2.0)
+# A second request costs the origin: only a read far slower than recent ones (twice their
+# p95) is a straggler, never before a quarter second, and two seconds while too few reads
+# are known to judge. (At 1x the p95, an origin that caps each connection saw every
+# twentieth read asked twice for nothing: its reads are all about equally slow.)
+SOURCE_HEDGING = HedgePolicy(factor=2.0, floor=0.25, default=2.0)
 
 
 @dataclass(eq=False)
