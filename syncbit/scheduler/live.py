@@ -42,6 +42,11 @@ class Liveness:
         # Called with (node, up) once per transition, in the order they happen.
         self.on_change: list[Callable[[str, bool], None]] = []
         self._expiry: list[tuple[float, str]] = []  # (last_seen + timeout, node); stale ok
+        # Counters that kept answers (`chunkmaps`) compare: `changes` moves whenever who
+        # may be offered or how they rank may have changed (a transition, a bad-peer
+        # report, a node moved: `moved`); `load_changes` whenever a beat's load differs.
+        self.changes = 0
+        self.load_changes = 0
 
     def beat(self, name: str, report: NodeLive) -> bool:
         """Record a heartbeat (its figures; the report count stays); whether the node
@@ -51,6 +56,8 @@ class Liveness:
         old = self.nodes.get(name)
         report.last_seen = now
         report.reports = old.reports if old is not None else 0
+        if old is None or old.load != report.load:
+            self.load_changes += 1
         self.nodes[name] = report
         heapq.heappush(self._expiry, (now + self.timeout, name))
         if name in self.up:
@@ -81,8 +88,14 @@ class Liveness:
         if live is None:
             live = self.nodes[name] = NodeLive()
         live.reports += 1
+        self.changes += 1
+
+    def moved(self) -> None:
+        """A node now listens elsewhere: answers that named its address are stale."""
+        self.changes += 1
 
     def _tell(self, name: str, up: bool) -> None:
+        self.changes += 1
         for hook in self.on_change:
             hook(name, up)
 
