@@ -260,6 +260,13 @@ def test_idle_connections_are_dropped(tmp_path: Path) -> None:
         with connect(port_of(srv)) as busy:  # a request in time is answered as usual
             busy.sendall(request_bytes("GET", "/healthz"))
             assert read_answer(busy).status == 200
+        with connect(port_of(srv)) as stalled:  # a body that stops halfway is not waited for
+            head = request_bytes("PUT", "/v1/nodes/n1", {"Content-Length": "100"})
+            stalled.sendall(head + b'{"address": ')
+            assert closed_by_server(stalled, timeout=10)
+        with connect(port_of(srv)) as partial:  # so is a head that stops halfway
+            partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            assert closed_by_server(partial, timeout=10)
 
 
 # -- the peer server ---------------------------------------------------------------------------
