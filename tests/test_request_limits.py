@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from httpraw import (
     closed_by_server,
     connect,
@@ -24,6 +26,7 @@ from httpraw import (
 from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
+from syncbit.httpd.connection import Body, IdleWatch, Request, Response, serve_connection
 from syncbit.manifest import FileEntry, Manifest, build_manifest
 from syncbit.node.http import LocalApi
 from syncbit.peer import PeerServer
@@ -144,6 +147,45 @@ def test_refused_requests_with_a_large_body_close_but_others_keep_alive(
     assert answer.status == 404 and answer.closed
 
 
+def test_keep_alive_follows_the_client(server: SchedulerServer) -> None:
+    port = port_of(server)
+    with connect(port) as sock:  # two requests sent at once: two answers, in order
+        sock.sendall(request_bytes("GET", "/v1/nope", AUTH) + request_bytes("GET", "/healthz"))
+        assert read_answer(sock).status == 404
+        answer = read_answer(sock)
+        assert answer.status == 200 and not answer.closed
+    with connect(port) as sock:  # the client says it closes
+        sock.sendall(request_bytes("GET", "/healthz", {"Connection": "keep-alive, close"}))
+        assert read_answer(sock).closed
+        assert closed_by_server(sock)
+    with connect(port) as sock:  # an HTTP/1.0 client gets one answer
+        sock.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+        answer = read_answer(sock)
+        assert answer.status == 200 and answer.closed
+        assert closed_by_server(sock)
+
+
+async def test_an_answer_header_never_splits_the_head() -> None:
+    async def app(request: Request, body: Body) -> Response:
+        return Response(200, b"{}", headers={"X-Note": "a\r\nSet-Cookie: evil=1"})
+
+    client, served = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, served, "c", False, app, IdleWatch(5), _no_body)
+        await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"{}"):
+            answer += await client.receive_some(4096)
+        nursery.cancel_scope.cancel()
+    lines = answer.split(b"\r\n")
+    assert b"X-Note: a  Set-Cookie: evil=1" in lines
+    assert not any(line.lower().startswith(b"set-cookie") for line in lines)
+
+
+def _no_body(status: int, message: str) -> bytes:
+    return b"{}"
+
+
 def test_deeply_nested_json_is_a_400_not_a_500(server: SchedulerServer) -> None:
     for depth in (33, 5000, 60_000):
         body = b'{"address": ' + b"[" * depth + b"]" * depth + b"}"
@@ -260,6 +302,13 @@ def test_idle_connections_are_dropped(tmp_path: Path) -> None:
         with connect(port_of(srv)) as busy:  # a request in time is answered as usual
             busy.sendall(request_bytes("GET", "/healthz"))
             assert read_answer(busy).status == 200
+        with connect(port_of(srv)) as stalled:  # a body that stops halfway is not waited for
+            head = request_bytes("PUT", "/v1/nodes/n1", {"Content-Length": "100"})
+            stalled.sendall(head + b'{"address": ')
+            assert closed_by_server(stalled, timeout=10)
+        with connect(port_of(srv)) as partial:  # so is a head that stops halfway
+            partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            assert closed_by_server(partial, timeout=10)
 
 
 # -- the peer server ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ bad-peer reports, chunk maps, status, and what survives a reopen (the durable fa
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from fakes import Clock
 
 from syncbit.errors import NotFoundError, SchedulerError, UserError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
+from syncbit.scheduler.live import LAG_FLOOR, LAG_TURNS
 from syncbit.scheduler.policy import LeastLoaded
 from syncbit.scheduler.records import held_bytes
+from syncbit.scheduler.server import SchedulerServer
 from syncbit.scheduler.state import (
     DatasetExistsError,
     NodeInfo,
@@ -143,6 +146,40 @@ async def test_liveness_follows_the_injected_clock(
     assert any("n1 registered" in m for m in messages)
     assert any("n1 is down" in m for m in messages)
     assert any("n1 is up" in m for m in messages)
+
+
+async def test_a_scheduler_behind_its_work_marks_no_node_down_for_it(
+    state: SchedulerState, clock: Clock
+) -> None:
+    await beat(state, "n1")
+    state.live.note_lag(0.5)  # a busy machine: no grace
+    assert state.live.grace == 0.0
+    state.live.note_lag(4.0)  # the loop ran a task 4 s late: heartbeats wait as long
+    clock.now += TIMEOUT + LAG_TURNS * 4.0 - 1
+    state.tidy()
+    assert state.live.is_up("n1") and [n.up for n in state.nodes()] == [True]
+    clock.now += 2  # beyond even that: down
+    state.tidy()
+    assert [n.up for n in state.nodes()] == [False]
+    await beat(state, "n1")
+    clock.now += TIMEOUT / 2
+    state.live.note_lag(0.0)  # caught up, and the late turn is a timeout ago
+    clock.now += TIMEOUT / 2 + 1
+    state.live.note_lag(0.0)
+    assert state.live.grace == 0.0
+    state.tidy()
+    assert [n.up for n in state.nodes()] == [False]
+
+
+def test_the_server_notes_how_far_behind_its_loop_runs(server: SchedulerServer) -> None:
+    state = server.state
+    assert state is not None
+    for _ in range(3):  # the first block may come before the tending task first ran
+        server.call(time.sleep, LAG_FLOOR + 1.5)  # the loop is stuck: its tending runs late
+        time.sleep(1.5)  # a turn of the tending task after it
+        if server.call(lambda: state.live.grace) > 0:
+            break
+    assert server.call(lambda: state.live.grace) >= LAG_TURNS * 0.5
 
 
 # -- datasets ---------------------------------------------------------------------------------

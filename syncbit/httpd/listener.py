@@ -20,7 +20,7 @@ from collections import Counter
 
 import trio
 
-from syncbit.httpd.connection import App, ErrorBody, serve_connection
+from syncbit.httpd.connection import App, ErrorBody, IdleWatch, serve_connection
 from syncbit.serving import Limits
 
 log = logging.getLogger("syncbit.httpd")
@@ -63,10 +63,12 @@ class Listener:
         self.open = 0
         self.refused = 0  # connections over a cap, since start
         self._per_client: Counter[str] = Counter()
+        self.idle = IdleWatch(limits.idle_timeout)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
         async with listener, trio.open_nursery() as nursery:
+            nursery.start_soon(self.idle.run)
             task_status.started()
             while True:
                 try:
@@ -112,9 +114,7 @@ class Listener:
         try:
             served, tls = await self._secure(stream)
             if served is not None:
-                await serve_connection(
-                    served, host, tls, self.app, limits.idle_timeout, self.error_body
-                )
+                await serve_connection(served, host, tls, self.app, self.idle, self.error_body)
         finally:
             self.open -= 1
             self._per_client[host] -= 1

@@ -106,12 +106,13 @@ class ChunkHandlers:
     async def _chunk_map(self, c: Call) -> bytes:
         object_id = check_oid(c.seg[2])
         node = c.query.get("node")
-        doc = self.state.chunk_map(object_id, node)
-        doc["fetching"] = self.state.claims.fetching(object_id, self.state.live.up, node)
-        view = self.state.holders.objects.get(object_id)
+        state = self.state
+        state.live.refresh()
+        extra: dict[str, Any] = {"fetching": state.claims.fetching(object_id, state.live.up, node)}
+        view = state.chunks.view(object_id)  # made here when first asked
         if view is not None:
-            doc["cursor"] = view.cursor()  # continue with GET .../updates?cursor=
-        return json_bytes(doc)
+            extra["cursor"] = view.cursor()  # continue with GET .../updates?cursor=
+        return state.chunks.chunk_map_json(object_id, node, extra)
 
     async def _updates(self, c: Call) -> bytes:
         """Changes since `cursor` (see `protocol.ChunkUpdates`); with `wait=S`, when there

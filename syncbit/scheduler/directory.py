@@ -10,6 +10,7 @@ Holders are soft state (`Holders`); digests are durable (`Facts`, via group comm
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
@@ -18,6 +19,7 @@ from typing import Any
 
 from syncbit.chunks import chunk_count
 from syncbit.errors import NotFoundError, UserError
+from syncbit.scheduler.chunkmaps import ChunkMaps, ObjectMap
 from syncbit.scheduler.claims import Claims
 from syncbit.scheduler.facts import Facts, Txn
 from syncbit.scheduler.holders import Holders, ObjectHolders
@@ -67,6 +69,11 @@ class Directory:
         self.trust = trust
         self.policy = policy
         self.eligible = eligible
+        self.maps = ChunkMaps(holders, self._stamp, lambda: live.load_changes)
+
+    def _stamp(self) -> tuple[int, int]:
+        """Changes when who may be offered, or where they listen, may have (`chunkmaps`)."""
+        return self.live.changes, len(self.facts.quarantine)
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -235,20 +242,48 @@ class Directory:
         (only if the object is broken)}. A disputed chunk has no peers until its re-check
         settles who was right."""
         object_id = check_oid(object_id)
-        obj = self.facts.objects.get(object_id)
+        kept = self._kept(object_id)
         doc: dict[str, Any] = {"digests": {}, "peers": {}, "disputed": []}
-        if obj is None:
+        if kept is None:
             return doc
+        doc["digests"] = {i: kept.digests[i] for i in sorted(kept.digests)}
+        peers = kept.peers_for(requester)
+        doc["peers"] = {
+            i: [{"node": n, "address": kept.addresses[n]} for n in peers[i]] for i in sorted(peers)
+        }
+        doc.update(self._tail(object_id))
+        return doc
+
+    def chunk_map_json(self, object_id: str, requester: str | None, extra: dict[str, Any]) -> bytes:
+        """`chunk_map` as JSON with the fields of `extra` after its own, rendered from the
+        kept map (`chunkmaps`): what `GET /v1/objects/<id>/chunks` answers."""
+        object_id = check_oid(object_id)
+        kept = self._kept(object_id)
+        digests, peers = ("{}", "{}") if kept is None else kept.json_for(requester)
+        tail = self._tail(object_id) if kept is not None else {"disputed": []}
+        rest = json.dumps({**tail, **extra}, separators=(",", ":"))
+        return f'{{"digests":{digests},"peers":{peers},{rest[1:]}'.encode()
+
+    def _kept(self, object_id: str) -> ObjectMap | None:
+        obj = self.facts.objects.get(object_id)
+        if obj is None:
+            return None
         view = self.view(object_id)
         assert view is not None
-        disputed = sorted(i for o, i in self.facts.disputes if o == object_id)
-        withheld = set(disputed)
-        rank = self.ranker(requester)
-        doc["digests"] = {i: d.hex() for i, d in sorted(obj.digests.items())}
-        for index in doc["digests"]:
-            if index not in withheld and (refs := rank.refs(view.offered.get(index))):
-                doc["peers"][index] = refs
-        doc["disputed"] = disputed
+        disputes = self.facts.disputes
+        return self.maps.get(
+            object_id,
+            obj,
+            view,
+            lambda index: (object_id, index) in disputes,
+            lambda: self.ranker(None),
+        )
+
+    def _tail(self, object_id: str) -> dict[str, Any]:
+        """A chunk map's fields after the peers: disputed chunks, and why it is broken."""
+        doc: dict[str, Any] = {
+            "disputed": sorted(i for o, i in self.facts.disputes if o == object_id)
+        }
         broken = self.facts.broken.get(object_id)
         if broken is not None:
             doc["broken"] = broken["reason"]
@@ -366,10 +401,6 @@ class Ranker:
                 turn = int(self._rng.random() * ties)
                 usable[:ties] = usable[turn:ties] + usable[:turn]
         return usable
-
-    def refs(self, offered: list[str] | None) -> list[dict[str, str]]:
-        """`self(offered)` as {"node", "address"} documents."""
-        return [{"node": n, "address": self.named[n]} for n in self(offered)]
 
 
 def _seq_of(cursor: str, view: str) -> int | None:

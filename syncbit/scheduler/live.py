@@ -11,8 +11,12 @@ again within one heartbeat interval. It never writes storage.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+LAG_TURNS = 3  # turns of the loop one request waits through (read, handle, answer)
+LAG_FLOOR = 1.0  # seconds; a loop later than this is behind (less is a busy machine)
 
 
 @dataclass
@@ -42,6 +46,14 @@ class Liveness:
         # Called with (node, up) once per transition, in the order they happen.
         self.on_change: list[Callable[[str, bool], None]] = []
         self._expiry: list[tuple[float, str]] = []  # (last_seen + timeout, node); stale ok
+        # Counters that kept answers (`chunkmaps`) compare: `changes` moves whenever who
+        # may be offered or how they rank may have changed (a transition, a bad-peer
+        # report, a node moved: `moved`); `load_changes` whenever a beat's load differs.
+        self.changes = 0
+        self.load_changes = 0
+        # Seconds added to the timeout while this scheduler is behind (`note_lag`).
+        self.grace = 0.0
+        self._lags: deque[tuple[float, float]] = deque()  # (when, lag), the last timeout s
 
     def beat(self, name: str, report: NodeLive) -> bool:
         """Record a heartbeat (its figures; the report count stays); whether the node
@@ -51,6 +63,8 @@ class Liveness:
         old = self.nodes.get(name)
         report.last_seen = now
         report.reports = old.reports if old is not None else 0
+        if old is None or old.load != report.load:
+            self.load_changes += 1
         self.nodes[name] = report
         heapq.heappush(self._expiry, (now + self.timeout, name))
         if name in self.up:
@@ -61,13 +75,26 @@ class Liveness:
 
     def is_up(self, name: str) -> bool:
         live = self.nodes.get(name)
-        return live is not None and self.clock() - live.last_seen <= self.timeout
+        return live is not None and self.clock() - live.last_seen <= self.timeout + self.grace
+
+    def note_lag(self, lag: float) -> None:
+        """How late this scheduler's loop ran a task that was due (seconds). A node's
+        heartbeat waits in the same queue, a few turns of it (read, answer): while the
+        scheduler is behind, a node is given that much longer before it counts as down,
+        so that no node is marked down for the scheduler's own backlog (a node that
+        stopped is then seen down that much later)."""
+        now = self.clock()
+        lags = self._lags
+        lags.append((now, lag if lag > LAG_FLOOR else 0.0))
+        while lags and lags[0][0] < now - self.timeout:
+            lags.popleft()
+        self.grace = LAG_TURNS * max(lag for _, lag in lags)
 
     def refresh(self) -> list[str]:
         """Mark the nodes whose last heartbeat is older than the timeout down; their names."""
         now = self.clock()
         down: list[str] = []
-        while self._expiry and self._expiry[0][0] < now:
+        while self._expiry and self._expiry[0][0] + self.grace < now:
             _, name = heapq.heappop(self._expiry)
             if name in self.up and not self.is_up(name):
                 self.up.discard(name)
@@ -81,10 +108,16 @@ class Liveness:
         if live is None:
             live = self.nodes[name] = NodeLive()
         live.reports += 1
+        self.changes += 1
+
+    def moved(self) -> None:
+        """A node now listens elsewhere: answers that named its address are stale."""
+        self.changes += 1
 
     def _tell(self, name: str, up: bool) -> None:
+        self.changes += 1
         for hook in self.on_change:
             hook(name, up)
 
 
-__all__ = ["Liveness", "NodeLive"]
+__all__ = ["LAG_FLOOR", "LAG_TURNS", "Liveness", "NodeLive"]

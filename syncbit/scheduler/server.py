@@ -263,10 +263,13 @@ class SchedulerServer:
         return Api(state, config.chunk_size, self._resolve, config.source_options, issuer)
 
     async def _tend(self, state: SchedulerState) -> None:
-        """Notice nodes gone down (logged once) and move their offers, every second."""
+        """Notice nodes gone down (logged once) and move their offers, every second; and
+        tell the liveness how late the loop ran this task (`Liveness.note_lag`)."""
         interval = min(1.0, self.config.node_timeout / 4)
         while True:
+            due = trio.current_time() + interval
             await trio.sleep(interval)
+            state.live.note_lag(trio.current_time() - due)  # how far behind the loop is
             try:
                 state.tidy()
             except Exception:

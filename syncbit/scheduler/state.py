@@ -192,6 +192,7 @@ class SchedulerState:
             if old is None:
                 log.info("node %s registered at %s labels %s", name, address, labels or "{}")
             elif old.address != address:
+                self.live.moved()
                 log.info("node %s moved from %s to %s", name, old.address, address)
         report = NodeLive(
             load=load,

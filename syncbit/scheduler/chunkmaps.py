@@ -1,0 +1,224 @@
+"""The chunk map of an object, kept ranked between requests: what `GET
+/v1/objects/<id>/chunks` answers, rendered once per change instead of once per request.
+
+A chunk map names, per chunk, at most K offered holders ranked by the peer policy. Many
+nodes ask for the same object's map (a daemon asks every second while it fetches), and
+between two requests only a few chunks change, so each object's map is kept here: per
+chunk its digest, its ranked peers and their JSON, brought up to date before each answer
+from the object's change log (`Holders.since`: exactly the chunks whose offers, digest,
+dispute or reader changed), and ranked afresh as a whole when who may be offered may
+have changed (a node went up or down, was reported or quarantined, moved: the stamp) or,
+at most every `RERANK` seconds, when a node's load changed. An answer then costs the
+chunks whose peers name the asking node (it is never offered itself), not O(chunks x K).
+
+Holds only what it can rebuild from the state; never writes storage, never decides who
+may be offered (the `Ranker` does, with the state's `eligible`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from syncbit.scheduler.holders import Holders, ObjectHolders
+from syncbit.scheduler.objects import ObjectFacts
+
+RERANK = 1.0  # seconds a map may rank by loads older than the last heartbeat's
+MAX_CACHED_CHUNKS = 262_144  # chunks of all kept maps together (~100 MiB at K=8)
+
+
+class RankFn(Protocol):
+    """Ranks one chunk's offered holders for nobody in particular (`directory.Ranker`)."""
+
+    named: dict[str, str]
+
+    def __call__(self, offered: list[str] | None) -> list[str]: ...
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class ObjectMap:
+    """One object's ranked map, as of `seq` of `view` and the state's `stamp`."""
+
+    view: ObjectHolders
+    stamp: Hashable
+    loads: int  # the liveness load counter it was ranked at
+    ranked_at: float  # time.monotonic() of its last whole ranking
+    seq: int = 0
+    digests: dict[int, str] = field(default_factory=dict)  # index -> hex
+    peers: dict[int, list[str]] = field(default_factory=dict)  # index -> ranked names
+    addresses: dict[str, str] = field(default_factory=dict)  # name -> address
+    named_in: dict[str, set[int]] = field(default_factory=dict)  # name -> chunks naming it
+    refs: dict[str, str] = field(default_factory=dict)  # name -> its {"node","address"} JSON
+    digest_json: dict[int, str] = field(default_factory=dict)
+    peer_json: dict[int, str] = field(default_factory=dict)
+    _joined: tuple[str, str] | None = None  # (digests, peers) JSON objects, all chunks
+
+    def joined(self) -> tuple[str, str]:
+        if self._joined is None:
+            digests = ",".join(self.digest_json[i] for i in sorted(self.digest_json))
+            peers = ",".join(self.peer_json[i] for i in sorted(self.peer_json))
+            self._joined = ("{" + digests + "}", "{" + peers + "}")
+        return self._joined
+
+    def set_chunk(self, index: int, digest: str | None, names: list[str], rank: RankFn) -> None:
+        """Chunk `index` as it is now: its digest and ranked peers (no digest: none)."""
+        for name in self.peers.pop(index, ()):
+            where = self.named_in.get(name)
+            if where is not None:
+                where.discard(index)
+        self.peer_json.pop(index, None)
+        self.digest_json.pop(index, None)
+        self.digests.pop(index, None)
+        self._joined = None
+        if digest is None:
+            return
+        self.digests[index] = digest
+        self.digest_json[index] = f'"{index}":"{digest}"'
+        if not names:
+            return
+        self.peers[index] = names
+        for name in names:
+            self.named_in.setdefault(name, set()).add(index)
+            if name not in self.refs:
+                address = self.addresses[name] = rank.named[name]
+                self.refs[name] = _dump({"node": name, "address": address})
+        self.peer_json[index] = self._render(index, names)
+
+    def _render(self, index: int, names: Iterable[str]) -> str:
+        return f'"{index}":[' + ",".join(self.refs[n] for n in names) + "]"
+
+    def peers_for(self, requester: str | None) -> dict[int, list[str]]:
+        """Each chunk's peers for `requester` (never itself; chunks left without any out)."""
+        if requester is None or not self.named_in.get(requester):
+            return self.peers
+        out: dict[int, list[str]] = {}
+        for index, names in self.peers.items():
+            if requester in names:
+                names = [n for n in names if n != requester]
+            if names:
+                out[index] = names
+        return out
+
+    def json_for(self, requester: str | None) -> tuple[str, str]:
+        """The digests and peers JSON objects for `requester` (never itself)."""
+        digests, peers = self.joined()
+        mine = self.named_in.get(requester, set()) if requester is not None else set()
+        if not mine:
+            return digests, peers
+        parts: list[str] = []
+        for index in sorted(self.peer_json):
+            if index not in mine:
+                parts.append(self.peer_json[index])
+                continue
+            names = [n for n in self.peers[index] if n != requester]
+            if names:
+                parts.append(self._render(index, names))
+        return digests, "{" + ",".join(parts) + "}"
+
+
+class ChunkMaps:
+    """Every object's kept map (least recently asked dropped first, see the module
+    docstring).
+
+    Args:
+        holders: the offers and change logs.
+        digest_of: an object's recorded digest of a chunk, hex (None: none recorded).
+        disputed: whether a chunk is disputed (no peers until it is settled).
+        stamp: changes whenever who may be offered, or where they listen, may have.
+        loads: changes whenever a node's load or bad-peer count changed.
+        clock: monotonic seconds (tests inject).
+    """
+
+    def __init__(
+        self,
+        holders: Holders,
+        stamp: Callable[[], Hashable],
+        loads: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.holders = holders
+        self.stamp = stamp
+        self.loads = loads
+        self.clock = clock
+        self.maps: OrderedDict[str, ObjectMap] = OrderedDict()
+        self.ranked = 0  # whole rankings done (for tests and /metrics)
+
+    def get(
+        self,
+        object_id: str,
+        obj: ObjectFacts,
+        view: ObjectHolders,
+        disputed: Callable[[int], bool],
+        make_rank: Callable[[], RankFn],
+    ) -> ObjectMap:
+        """The object's map, brought up to date."""
+        stamp, loads, now = self.stamp(), self.loads(), self.clock()
+        kept = self.maps.get(object_id)
+        if (
+            kept is None
+            or kept.view is not view
+            or kept.stamp != stamp
+            or (kept.loads != loads and now - kept.ranked_at >= RERANK)
+        ):
+            return self._rank(object_id, obj, view, disputed, make_rank(), stamp, loads, now)
+        if kept.seq != view.seq:
+            changed, last, _ = self.holders.since(view, kept.seq, view.count + 1)
+            rank = make_rank()
+            for index in changed:
+                self._chunk(kept, obj, view, index, disputed, rank)
+            kept.seq = last
+        if len(kept.digests) != len(obj.digests):  # a digest changed untold: rank anew
+            return self._rank(object_id, obj, view, disputed, make_rank(), stamp, loads, now)
+        self.maps.move_to_end(object_id)
+        return kept
+
+    def _rank(
+        self,
+        object_id: str,
+        obj: ObjectFacts,
+        view: ObjectHolders,
+        disputed: Callable[[int], bool],
+        rank: RankFn,
+        stamp: Hashable,
+        loads: int,
+        now: float,
+    ) -> ObjectMap:
+        self.maps.pop(object_id, None)
+        kept = ObjectMap(view, stamp, loads, now, seq=view.seq)
+        for index in sorted(obj.digests):
+            self._chunk(kept, obj, view, index, disputed, rank)
+        self.maps[object_id] = kept
+        self.ranked += 1
+        total = sum(m.view.count for m in self.maps.values())
+        while total > MAX_CACHED_CHUNKS and len(self.maps) > 1:
+            _, dropped = self.maps.popitem(last=False)
+            total -= dropped.view.count
+        return kept
+
+    @staticmethod
+    def _chunk(
+        kept: ObjectMap,
+        obj: ObjectFacts,
+        view: ObjectHolders,
+        index: int,
+        disputed: Callable[[int], bool],
+        rank: RankFn,
+    ) -> None:
+        raw = obj.digests.get(index)
+        digest = None if raw is None else raw.hex()
+        names = [] if raw is None or disputed(index) else rank(view.offered.get(index))
+        kept.set_chunk(index, digest, names, rank)
+
+    def forget(self, object_id: str) -> None:
+        self.maps.pop(object_id, None)
+
+
+__all__ = ["MAX_CACHED_CHUNKS", "RERANK", "ChunkMaps", "ObjectMap"]

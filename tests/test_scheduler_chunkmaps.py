@@ -1,0 +1,161 @@
+"""The kept chunk maps (`scheduler.chunkmaps`): the answer brought up to date from the
+change log is the answer ranked afresh, for any requester, through reports, drops,
+disputes, bad-peer reports, nodes going down and up; loads re-rank within `RERANK`; an
+answer with nothing changed ranks nothing again."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import Clock
+from test_scheduler_state import CHUNK, OBJ_A, add, named
+
+from syncbit.scheduler.chunkmaps import RERANK
+from syncbit.scheduler.state import SchedulerState, open_lmdb_state
+
+TIMEOUT = 10.0
+CHUNKS = 40
+SIZE = CHUNKS * CHUNK
+NODES = [f"n{i}" for i in range(12)]
+
+
+def digest(index: int) -> str:
+    return f"{index:064x}"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(1000.0)
+
+
+@pytest.fixture
+async def state(tmp_path: Path, clock: Clock) -> AsyncIterator[SchedulerState]:
+    async with open_lmdb_state(tmp_path / "state", TIMEOUT, clock=clock, peers_per_chunk=3) as st:
+        yield st
+
+
+async def beat(state: SchedulerState, name: str, load: int | None = None) -> None:
+    # Distinct loads: the policy's order is then one order, with no random ties.
+    index = NODES.index(name)
+    await state.heartbeat(
+        name, f"127.0.0.1:{index + 1}", {}, index if load is None else load, 0, 1000
+    )
+
+
+def fresh(state: SchedulerState, requester: str | None) -> dict[str, Any]:
+    """The answer ranked afresh from the state, as every answer was before maps were kept."""
+    chunks = state.chunks
+    obj = state.facts.objects[OBJ_A]
+    view = chunks.view(OBJ_A)
+    assert view is not None
+    rank = chunks.ranker(requester)
+    disputed = sorted(i for o, i in state.facts.disputes if o == OBJ_A)
+    peers: dict[int, list[dict[str, str]]] = {}
+    for index in sorted(obj.digests):
+        names = [] if index in disputed else rank(view.offered.get(index))
+        if names:
+            peers[index] = [{"node": n, "address": rank.named[n]} for n in names]
+    return {
+        "digests": {i: d.hex() for i, d in sorted(obj.digests.items())},
+        "peers": peers,
+        "disputed": disputed,
+    }
+
+
+def as_json(doc: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(doc))
+
+
+async def test_kept_answers_equal_fresh_ones_through_changes(
+    state: SchedulerState, clock: Clock
+) -> None:
+    rng = random.Random(5)
+    await named(state, SIZE)
+    for name in NODES:
+        await beat(state, name)
+    down: set[str] = set()
+    for step in range(300):
+        node = rng.choice(NODES)
+        action = rng.random()
+        if action < 0.45:
+            start = rng.randrange(CHUNKS)
+            chunks = [(i % CHUNKS, digest(i % CHUNKS)) for i in range(start, start + 6)]
+            await add(state, node, OBJ_A, SIZE, CHUNK, chunks)
+        elif action < 0.6:
+            state.chunks.remove_chunks(node, OBJ_A, [rng.randrange(CHUNKS) for _ in range(3)])
+        elif action < 0.7:
+            peer = rng.choice(NODES)
+            state.chunks.report_bad_peer(node, peer, OBJ_A, rng.randrange(CHUNKS), "slow")
+        elif action < 0.78:
+            index = rng.randrange(CHUNKS)
+            if index in state.facts.objects[OBJ_A].digests:  # a conflicting report
+                await add(state, node, OBJ_A, SIZE, CHUNK, [(index, "f" * 64)])
+        elif action < 0.9:
+            # Time passes: every node but those kept down beats again; one more stays away.
+            clock.now += TIMEOUT / 2 + 1
+            if rng.random() < 0.5:
+                down.add(node)
+            else:
+                down.discard(node)
+            for name in NODES:
+                if name not in down:
+                    await beat(state, name)
+            state.tidy()
+        for requester in (None, rng.choice(NODES)):
+            kept = state.chunk_map(OBJ_A, requester)
+            assert kept == fresh(state, requester), f"step {step}, requester {requester}"
+            rendered = json.loads(state.chunks.chunk_map_json(OBJ_A, requester, {"x": 1}))
+            assert rendered == {**as_json(kept), "x": 1}
+    assert state.facts.disputes, "the run opened no dispute: it tested less than it says"
+    assert any(state.chunk_map(OBJ_A, None)["peers"].values())
+
+
+async def test_an_answer_with_nothing_changed_ranks_nothing_again(state: SchedulerState) -> None:
+    await named(state, SIZE)
+    for name in NODES[:4]:
+        await beat(state, name)
+        await add(state, name, OBJ_A, SIZE, CHUNK, [(i, digest(i)) for i in range(CHUNKS)])
+    maps = state.chunks.maps
+    state.chunks.chunk_map_json(OBJ_A, "n0", {})
+    ranked = maps.ranked
+    for requester in NODES:
+        state.chunks.chunk_map_json(OBJ_A, requester, {})
+    await add(state, "n5", OBJ_A, SIZE, CHUNK, [(0, digest(0))])  # one chunk changes
+    state.chunks.remove_chunks("n1", OBJ_A, [1])  # and another
+    rendered = json.loads(state.chunks.chunk_map_json(OBJ_A, "n0", {}))
+    assert maps.ranked == ranked  # brought up to date, not ranked again
+    assert "n1" not in [p["node"] for p in rendered["peers"]["1"]]
+
+
+async def test_loads_rerank_within_rerank_seconds(state: SchedulerState) -> None:
+    now = [0.0]
+    state.chunks.maps.clock = lambda: now[0]
+    await named(state, SIZE)
+    for name, load in (("n0", 0), ("n1", 5)):
+        await beat(state, name, load)
+        await add(state, name, OBJ_A, SIZE, CHUNK, [(0, digest(0))])
+    order = [p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]]
+    assert order == ["n0", "n1"]
+    await beat(state, "n0", 9)  # now the busier one
+    now[0] += RERANK
+    order = [p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]]
+    assert order == ["n1", "n0"]
+
+
+async def test_a_node_going_down_is_never_named(state: SchedulerState, clock: Clock) -> None:
+    await named(state, SIZE)
+    for name in ("n0", "n1"):
+        await beat(state, name)
+        await add(state, name, OBJ_A, SIZE, CHUNK, [(0, digest(0))])
+    assert len(state.chunk_map(OBJ_A, None)["peers"][0]) == 2
+    clock.now += TIMEOUT / 2 + 1
+    await beat(state, "n1")
+    clock.now += TIMEOUT / 2 + 1  # n0 is down now; no tidy ran yet
+    names = [p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]]
+    assert names == ["n1"]
+    assert b'"n0"' not in state.chunks.chunk_map_json(OBJ_A, None, {})
