@@ -48,9 +48,25 @@ def request_bytes(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + (body or b"")
 
 
+class _Unbuffered:
+    """`sock` for http.client, read without read-ahead: a buffered reader would swallow
+    the start of the next answer on the connection (pipelined requests)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def makefile(self, mode: str) -> Any:
+        assert mode == "rb"  # all http.client asks of it
+        return self.sock.makefile("rb", buffering=0)
+
+
 def read_answer(sock: socket.socket, head_only: bool = False) -> Answer:
-    """Parse one answer from `sock`, then look whether the server closed it."""
-    resp = http.client.HTTPResponse(sock, method="HEAD" if head_only else "GET")
+    """Parse one answer from `sock`, then look whether the server closed it (the socket's
+    timeout is left as it was: the next answer may take longer than the look)."""
+    resp = http.client.HTTPResponse(
+        _Unbuffered(sock),  # type: ignore[arg-type]
+        method="HEAD" if head_only else "GET",
+    )
     resp.begin()
     body = resp.read()
     headers = {k.lower(): v for k, v in resp.getheaders()}
@@ -58,9 +74,13 @@ def read_answer(sock: socket.socket, head_only: bool = False) -> Answer:
     if resp.will_close or headers.get("connection", "").lower() == "close":
         closed = True
     else:
+        timeout = sock.gettimeout()
         sock.settimeout(0.05)
-        with contextlib.suppress(TimeoutError, BlockingIOError):
-            closed = sock.recv(1, socket.MSG_PEEK) == b""
+        try:
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                closed = sock.recv(1, socket.MSG_PEEK) == b""
+        finally:
+            sock.settimeout(timeout)
     return Answer(resp.status, headers, body, closed)
 
 
