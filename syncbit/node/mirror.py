@@ -5,7 +5,11 @@ chunk), and is reported like any chunk so that the next node takes it from a pee
 
 Owns the mapping of a registry blob to an object: its id is `identity_digest("sha256",
 hex)`, as the oci:// source names it, so a blob a dataset holds and one a pull brought are
-one object; an object no dataset names is registered with the scheduler first. Never
+one object; an object no dataset names is registered with the scheduler first. Also owns
+warming: once an image manifest is handed out, its config and layers are fetched in the
+background, in manifest order, before the client asks (containerd asks for three at a
+time), each node claiming the registry read of one blob at a time, so that nodes pulling
+at once read different layers from the registry and take the others from each other. Never
 hands out a byte before the whole blob matched its sha256 (`Fetcher.ensure` checks it),
 never offers a blob it fetched to peers before that, never resolves a tag differently
 from a reachable upstream (tags and manifests go to the mirror's own upstream source;
@@ -23,6 +27,8 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+
+import trio
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE, chunk_count, identity_digest
 from syncbit.errors import (
@@ -44,7 +50,14 @@ from syncbit.mirror.cache import MAX_READ, CachedBlob, check_digest
 from syncbit.mirror.config import MirrorConfig
 from syncbit.mirror.upstream import UpstreamSource
 from syncbit.scheduler.client import MAX_CLAIM_CHUNKS
-from syncbit.sources.oci import MAX_MANIFEST_BYTES, OciReference, OciSource, parse_oci_uri
+from syncbit.sources.oci import (
+    MAX_MANIFEST_BYTES,
+    OciReference,
+    OciSource,
+    parse_manifest,
+    parse_oci_uri,
+)
+from syncbit.sources.oci.manifest import IMAGE_TYPES
 from syncbit.store import ObjectStore, StoredObject
 
 __all__ = ["NodeBlobSource", "StoredBlob", "blob_entry"]
@@ -57,6 +70,11 @@ MAX_SOURCES = 64  # repositories with an open oci:// source (connections, a toke
 # -> the (size, chunk size) it records.
 Register = Callable[[str, int, int], Awaitable[tuple[int, int]]]
 CLAIM_TTL = 120.0  # seconds a whole-blob claim holds before this node's flights renew it
+# Blobs one node reads from the registry at once while warming. One: the fetch layer reads
+# a blob over several streams anyway, and a node that claims only what it reads now leaves
+# the next blobs to the other nodes pulling the same image (and each finished blob goes
+# on to them sooner than if all were read at once).
+WARM_SOURCE_READS = 1
 
 
 def blob_entry(digest: str, size: int) -> FileEntry:
@@ -116,6 +134,22 @@ class NodeBlobSource:
         self._datasets = datasets
         self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
         self._fetched: set[str] = set()  # objects no dataset names this mirror fetched
+        # Warming: blobs of manifests handed out, fetched before the client asks (`run`).
+        self._nursery: trio.Nursery | None = None
+        self._warm_slots = trio.Semaphore(WARM_SOURCE_READS)
+        # Blob digest -> set once warming decided who reads it from the registry: a client's
+        # request waits for that, so that it does not claim it chunk by chunk meanwhile.
+        self._warming: dict[str, trio.Event] = {}
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Warming in the background, until cancelled; without it, blobs come when asked."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     def close(self) -> None:
         """Blocking (connections close): after serving ended."""
@@ -166,6 +200,7 @@ class NodeBlobSource:
                 entry, manifest = located
                 held = await stack.enter_async_context(self._held(repo, entry, manifest))
                 found = await _as_manifest(held, f"manifest {digest} of {repo}")
+            await self._warm_manifest(repo, found)
             yield found
 
     @contextlib.asynccontextmanager
@@ -173,6 +208,9 @@ class NodeBlobSource:
         self, repo: Repository, digest: str, size: int | None = None
     ) -> AsyncIterator[StoredBlob | CachedBlob]:
         what = f"blob {digest} of {repo}"
+        decided = self._warming.get(digest)
+        if decided is not None:
+            await decided.wait()  # warming claims it (or leaves it to another node) first
         entry, chunk_size = await self._locate(repo, digest, size, what)
         if entry is None:
             async with self.upstream.blob(repo, digest, size) as cached:
@@ -184,22 +222,114 @@ class NodeBlobSource:
         async with self._held(repo, entry, chunk_size) as blob:
             yield blob
 
-    async def _claim_whole(self, entry: FileEntry, chunk_size: int) -> None:
+    async def _claim_whole(self, entry: FileEntry, chunk_size: int) -> bool:
         """Claim every missing chunk of the blob in one request, so that one node reads a
         blob from the registry whole and the others wait for it: chunks of one blob split
         between two nodes would each be held back until the blob verified, which neither
-        could do. A split grant (another node claimed some already) is given back."""
+        could do. A split grant (another node claimed some already) is given back. Whether
+        this node is to read it from the registry (as far as the cluster said)."""
         obj = self._store.get(entry.object)
         count = chunk_count(entry.size, chunk_size)
         missing = [i for i in range(count) if obj is None or not obj.has(i)][:MAX_CLAIM_CHUNKS]
         if not missing:
-            return
+            return False
         try:
             result = await self._directory.claim(entry.object, missing, CLAIM_TTL)
             if result.granted and result.busy:
                 await self._directory.release(entry.object, result.granted)
         except SyncbitError as exc:  # the fetch layer claims chunk by chunk then
             log.debug("no whole claim on %s: %s", entry.locator[5:], exc)
+            return True
+        return bool(result.granted) and not result.busy
+
+    # -- warming: a manifest's blobs before the client asks -------------------------------------
+
+    async def _warm_manifest(self, repo: Repository, manifest: Blob) -> None:
+        """Start warming the config and layers of an image manifest (an index's children
+        are warmed when the client picks one). Never fails the manifest's request."""
+        content = manifest.content
+        if self._nursery is None or content.media_type not in IMAGE_TYPES:
+            return
+        if content.size > MAX_MANIFEST_BYTES:
+            return
+        try:
+            body = await _read_all(manifest)
+            parsed = parse_manifest(body, content.media_type, f"manifest {content.digest}")
+        except (SyncbitError, RegistryError) as exc:
+            log.debug("not warming %s of %s: %s", content.digest, repo, exc)
+            return
+        wanted = [d for d in [parsed.config, *parsed.layers] if d is not None]
+        blobs = [(d.digest, d.size) for d in wanted if d.size > 0 and not d.foreign]
+        fresh = list({d: s for d, s in blobs if d not in self._warming}.items())
+        if not fresh:
+            return
+        for digest, _ in fresh:
+            self._warming[digest] = trio.Event()
+        self._nursery.start_soon(self._warm_blobs, repo, fresh)
+
+    async def _warm_blobs(self, repo: Repository, blobs: list[tuple[str, int]]) -> None:
+        """In manifest order: a blob no node reads yet is claimed when this node has a
+        registry slot free, and read; one another node claimed is fetched from it once it
+        verified there. A client's request for a blob waits until this decided it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for digest, size in blobs:
+                    try:
+                        await self._warm_claim(nursery, repo, digest, size)
+                    finally:
+                        self._warming[digest].set()
+        finally:
+            for digest, _ in blobs:
+                self._warming.pop(digest, None)
+
+    async def _warm_claim(
+        self, nursery: trio.Nursery, repo: Repository, digest: str, size: int
+    ) -> None:
+        what = f"blob {digest} of {repo}"
+        try:
+            entry, chunk_size = await self._locate(repo, digest, size, what)
+        except (SyncbitError, RegistryError) as exc:
+            log.debug("not warming %s: %s", what, exc)
+            return
+        obj = self._store.get(entry.object) if entry is not None else None
+        if entry is None or (obj is not None and all(obj.has(i) for i in range(obj.chunks))):
+            return  # the registry's alone (the client's request reads it), or held here
+        if self._in_dataset(digest) is None:
+            self._fetched.add(entry.object)
+        await self._warm_slots.acquire()
+        try:
+            mine = await self._claim_whole(entry, chunk_size)
+        except BaseException:
+            self._warm_slots.release()
+            raise
+        if not mine:
+            self._warm_slots.release()  # another node reads it: no registry slot used here
+        nursery.start_soon(self._warm_one, repo, entry, chunk_size, mine)
+
+    async def _warm_one(
+        self, repo: Repository, entry: FileEntry, chunk_size: int, mine: bool
+    ) -> None:
+        """One blob warmed, at prefetch priority: a flight waiting for another node's
+        registry read has no deadline then (the client's own request has one). This
+        node's registry slot is held until the blob's bytes are here, not through the
+        whole-blob check: the link is the scarce part."""
+        source = self._source(repo)
+        what = f"{entry.locator} of {repo}"
+        try:
+            if mine:
+                try:
+                    chunks = range(chunk_count(entry.size, chunk_size))
+                    await self._fetcher.fetch_chunks(
+                        entry, chunk_size, source, chunks, Priority.PREFETCH
+                    )
+                except SyncbitError as exc:
+                    await self._give_up(entry, chunk_size)  # the next node need not wait
+                    raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
+                finally:
+                    self._warm_slots.release()
+            await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH)
+        except RegistryError as exc:
+            log.info("warming %s failed: %s", what, exc)
 
     @contextlib.asynccontextmanager
     async def _held(
@@ -286,12 +416,17 @@ class NodeBlobSource:
         return blob_entry(digest, size), known[1]
 
     async def _ensure(
-        self, entry: FileEntry, chunk_size: int, source: OciSource, what: str
+        self,
+        entry: FileEntry,
+        chunk_size: int,
+        source: OciSource,
+        what: str,
+        prio: Priority = Priority.FOREGROUND,
     ) -> None:
         """Every chunk of the blob present and the whole blob's sha256 checked (from the
         cache, peers, or the upstream under the cluster's claims), or a RegistryError."""
         try:
-            await self._fetcher.ensure(entry, chunk_size, source, Priority.FOREGROUND)
+            await self._fetcher.ensure(entry, chunk_size, source, prio)
         except SourceChangedError as exc:
             log.warning("rejected %s (%s): %s; nothing served", entry.locator[5:], what, exc)
             await self._give_up(entry, chunk_size)
@@ -341,18 +476,24 @@ async def _as_manifest(blob: StoredBlob, what: str) -> CachedManifest:
     """A verified manifest of the store with the media type its own bytes name."""
     if blob.content.size > MAX_MANIFEST_BYTES:
         raise RegistryError(f"{what}: larger than a manifest may be", "MANIFEST_INVALID", 502)
-    body = b""
-    while len(body) < blob.content.size:
-        piece = await blob.read(len(body), min(MAX_READ, blob.content.size - len(body)))
-        if not piece:
-            break
-        body += piece
+    body = await _read_all(blob)
     try:
         media_type = str(json.loads(body)["mediaType"])
     except (ValueError, KeyError, TypeError):
         raise RegistryError(f"{what}: names no media type", "MANIFEST_INVALID", 502) from None
     content = blob.content
     return CachedManifest(Content(content.digest, content.size, media_type), body)
+
+
+async def _read_all(blob: Blob) -> bytes:
+    """A small blob's bytes (a manifest: at most MAX_MANIFEST_BYTES)."""
+    body = b""
+    while len(body) < blob.content.size:
+        piece = await blob.read(len(body), min(MAX_READ, blob.content.size - len(body)))
+        if not piece:
+            break
+        body += piece
+    return body
 
 
 @dataclass(frozen=True)
