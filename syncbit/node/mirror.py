@@ -26,7 +26,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -137,9 +137,7 @@ class NodeBlobSource:
         # Warming: blobs of manifests handed out, fetched before the client asks (`run`).
         self._nursery: trio.Nursery | None = None
         self._warm_slots = trio.Semaphore(WARM_SOURCE_READS)
-        # Blob digest -> set once warming decided who reads it from the registry: a client's
-        # request waits for that, so that it does not claim it chunk by chunk meanwhile.
-        self._warming: dict[str, trio.Event] = {}
+        self._warming: dict[str, _Warming] = {}  # by blob digest
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Warming in the background, until cancelled; without it, blobs come when asked."""
@@ -208,9 +206,15 @@ class NodeBlobSource:
         self, repo: Repository, digest: str, size: int | None = None
     ) -> AsyncIterator[StoredBlob | CachedBlob]:
         what = f"blob {digest} of {repo}"
-        decided = self._warming.get(digest)
-        if decided is not None:
-            await decided.wait()  # warming claims it (or leaves it to another node) first
+        warming = self._warming.get(digest)
+        if warming is not None:
+            # Its chunks come at prefetch priority, this node's registry reads in their own
+            # lane beside the peer transfers: the request's own flights would raise every
+            # chunk to a read, and reads of other nodes' blobs go before all prefetch
+            # work, this node's registry reads included (measured: the registry link then
+            # idled for 10-25 s while peers' blobs were read). After warming (done or
+            # failed), the request finds it here or fetches it itself as before.
+            await warming.done.wait()
         entry, chunk_size = await self._locate(repo, digest, size, what)
         if entry is None:
             async with self.upstream.blob(repo, digest, size) as cached:
@@ -264,36 +268,41 @@ class NodeBlobSource:
         if not fresh:
             return
         for digest, _ in fresh:
-            self._warming[digest] = trio.Event()
+            self._warming[digest] = _Warming()
         self._nursery.start_soon(self._warm_blobs, repo, fresh)
 
     async def _warm_blobs(self, repo: Repository, blobs: list[tuple[str, int]]) -> None:
         """In manifest order: a blob no node reads yet is claimed when this node has a
         registry slot free, and read; one another node claimed is fetched from it once it
-        verified there. A client's request for a blob waits until this decided it."""
+        verified there. A client's request for a blob waits until it is warmed."""
         try:
             async with trio.open_nursery() as nursery:
                 for digest, size in blobs:
+                    warming = self._warming[digest]
+                    started = False
                     try:
-                        await self._warm_claim(nursery, repo, digest, size)
+                        started = await self._warm_claim(nursery, repo, digest, size, warming)
                     finally:
-                        self._warming[digest].set()
+                        if not started:
+                            warming.done.set()
         finally:
             for digest, _ in blobs:
                 self._warming.pop(digest, None)
 
     async def _warm_claim(
-        self, nursery: trio.Nursery, repo: Repository, digest: str, size: int
-    ) -> None:
+        self, nursery: trio.Nursery, repo: Repository, digest: str, size: int, warming: _Warming
+    ) -> bool:
+        """Decide who reads one blob from the registry and start warming it here (True),
+        or leave it (False: held here already, or the cluster cannot take it)."""
         what = f"blob {digest} of {repo}"
         try:
             entry, chunk_size = await self._locate(repo, digest, size, what)
         except (SyncbitError, RegistryError) as exc:
             log.debug("not warming %s: %s", what, exc)
-            return
+            return False
         obj = self._store.get(entry.object) if entry is not None else None
         if entry is None or (obj is not None and all(obj.has(i) for i in range(obj.chunks))):
-            return  # the registry's alone (the client's request reads it), or held here
+            return False  # the registry's alone (the client's request reads it), or held here
         if self._in_dataset(digest) is None:
             self._fetched.add(entry.object)
         await self._warm_slots.acquire()
@@ -304,10 +313,12 @@ class NodeBlobSource:
             raise
         if not mine:
             self._warm_slots.release()  # another node reads it: no registry slot used here
-        nursery.start_soon(self._warm_one, repo, entry, chunk_size, mine)
+        log.debug("warming %s: %s", what, "from the registry" if mine else "from peers")
+        nursery.start_soon(self._warm_one, repo, entry, chunk_size, mine, warming)
+        return True
 
     async def _warm_one(
-        self, repo: Repository, entry: FileEntry, chunk_size: int, mine: bool
+        self, repo: Repository, entry: FileEntry, chunk_size: int, mine: bool, warming: _Warming
     ) -> None:
         """One blob warmed, at prefetch priority: a flight waiting for another node's
         registry read has no deadline then (the client's own request has one). This
@@ -327,9 +338,16 @@ class NodeBlobSource:
                     raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
                 finally:
                     self._warm_slots.release()
-            await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH)
+            # Another node's: its chunks park at once and move to the peer lane when that
+            # node reports them, instead of queueing in the source lane one by one ahead
+            # of this node's own registry reads (a chunk nobody reads any more is still
+            # taken over when the lane idles, and a client's request lifts the wait).
+            later = None if mine else _not_from_the_registry
+            await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH, later)
         except RegistryError as exc:
             log.info("warming %s failed: %s", what, exc)
+        finally:
+            warming.done.set()
 
     @contextlib.asynccontextmanager
     async def _held(
@@ -422,11 +440,12 @@ class NodeBlobSource:
         source: OciSource,
         what: str,
         prio: Priority = Priority.FOREGROUND,
+        may_source: Callable[[int], bool] | None = None,
     ) -> None:
         """Every chunk of the blob present and the whole blob's sha256 checked (from the
         cache, peers, or the upstream under the cluster's claims), or a RegistryError."""
         try:
-            await self._fetcher.ensure(entry, chunk_size, source, prio)
+            await self._fetcher.ensure(entry, chunk_size, source, prio, may_source)
         except SourceChangedError as exc:
             log.warning("rejected %s (%s): %s; nothing served", entry.locator[5:], what, exc)
             await self._give_up(entry, chunk_size)
@@ -483,6 +502,18 @@ async def _as_manifest(blob: StoredBlob, what: str) -> CachedManifest:
         raise RegistryError(f"{what}: names no media type", "MANIFEST_INVALID", 502) from None
     content = blob.content
     return CachedManifest(Content(content.digest, content.size, media_type), body)
+
+
+@dataclass(eq=False)
+class _Warming:
+    """One blob being warmed; `done` once it is here and verified, or warming failed."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+def _not_from_the_registry(index: int) -> bool:
+    """A warmed chunk another node reads from the registry: wait for a peer."""
+    return False
 
 
 async def _read_all(blob: Blob) -> bytes:
