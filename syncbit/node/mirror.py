@@ -213,8 +213,10 @@ class NodeBlobSource:
             # chunk to a read, and reads of other nodes' blobs go before all prefetch
             # work, this node's registry reads included (measured: the registry link then
             # idled for 10-25 s while peers' blobs were read). After warming (done or
-            # failed), the request finds it here or fetches it itself as before.
-            await warming.done.wait()
+            # failed), the request finds it here or fetches it itself as before; so it
+            # does after a read deadline's wait, bounded as any read.
+            with trio.move_on_after(self._fetcher.read_deadline):
+                await warming.done.wait()
         entry, chunk_size = await self._locate(repo, digest, size, what)
         if entry is None:
             async with self.upstream.blob(repo, digest, size) as cached:
@@ -321,7 +323,7 @@ class NodeBlobSource:
         self, repo: Repository, entry: FileEntry, chunk_size: int, mine: bool, warming: _Warming
     ) -> None:
         """One blob warmed, at prefetch priority: a flight waiting for another node's
-        registry read has no deadline then (the client's own request has one). This
+        registry read has no deadline then (a client's request waits a read deadline). This
         node's registry slot is held until the blob's bytes are here, not through the
         whole-blob check: the link is the scarce part."""
         source = self._source(repo)
@@ -341,7 +343,8 @@ class NodeBlobSource:
             # Another node's: its chunks park at once and move to the peer lane when that
             # node reports them, instead of queueing in the source lane one by one ahead
             # of this node's own registry reads (a chunk nobody reads any more is still
-            # taken over when the lane idles, and a client's request lifts the wait).
+            # taken over when the lane idles, and a client's request that waited a read
+            # deadline raises it to a read, as before warming).
             later = None if mine else _not_from_the_registry
             await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH, later)
         except RegistryError as exc:
