@@ -11,7 +11,8 @@ background, in manifest order, before the client asks (containerd asks for three
 time), each node claiming the registry read of one blob at a time, so that nodes pulling
 at once read different layers from the registry and take the others from each other. Never
 hands out a byte before the whole blob matched its sha256 (`Fetcher.ensure` checks it),
-never offers a blob it fetched to peers before that, never resolves a tag differently
+never offers a blob it read from the registry to peers before that (nor one it relays
+before the cluster recorded all its chunk digests), never resolves a tag differently
 from a reachable upstream (tags and manifests go to the mirror's own upstream source;
 only when it cannot be reached, to what an image dataset pinned), and never reaches the
 network for a blob the store holds complete. Trio thread only.
@@ -75,6 +76,7 @@ CLAIM_TTL = 120.0  # seconds a whole-blob claim holds before this node's flights
 # the next blobs to the other nodes pulling the same image (and each finished blob goes
 # on to them sooner than if all were read at once).
 WARM_SOURCE_READS = 1
+RELAY_POLL = 0.2  # seconds between looks at whether a warmed blob's digests are all recorded
 
 
 def blob_entry(digest: str, size: int) -> FileEntry:
@@ -134,6 +136,9 @@ class NodeBlobSource:
         self._datasets = datasets
         self._sources: OrderedDict[Repository, OciSource] = OrderedDict()
         self._fetched: set[str] = set()  # objects no dataset names this mirror fetched
+        # Of those, the ones whose every chunk digest the cluster recorded while this node
+        # warmed it from another node's registry read (see `shareable`).
+        self._relayed: set[str] = set()
         # Warming: blobs of manifests handed out, fetched before the client asks (`run`).
         self._nursery: trio.Nursery | None = None
         self._warm_slots = trio.Semaphore(WARM_SOURCE_READS)
@@ -159,8 +164,16 @@ class NodeBlobSource:
     def shareable(self, obj: StoredObject) -> bool:
         """Whether other nodes may be offered `obj`'s chunks (the reporter asks): a blob
         this mirror fetches only once its whole sha256 checked, so a registry's wrong
-        bytes never reach a peer, not even chunk by chunk."""
-        return obj.id not in self._fetched or self._fetcher.is_verified(obj.id)
+        bytes never reach a peer, not even chunk by chunk. Except a relayed one: once the
+        cluster recorded every chunk's digest (the node that read it from the registry
+        reports none before its own whole check), each chunk is offered as it arrives,
+        so that a layer spreads from every node that has part of it, not from its first
+        reader alone. Such chunks came from peers checked against that record; one this
+        node read from the registry itself is checked against it by the scheduler when
+        reported, and one that differs is never offered."""
+        if obj.id not in self._fetched or obj.id in self._relayed:
+            return True
+        return self._fetcher.is_verified(obj.id)
 
     # -- the BlobSource interface -------------------------------------------------------------
 
@@ -340,17 +353,39 @@ class NodeBlobSource:
                     raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
                 finally:
                     self._warm_slots.release()
+            if mine:
+                await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH)
+                return
             # Another node's: its chunks park at once and move to the peer lane when that
             # node reports them, instead of queueing in the source lane one by one ahead
             # of this node's own registry reads (a chunk nobody reads any more is still
             # taken over when the lane idles, and a client's request that waited a read
             # deadline raises it to a read, as before warming).
-            later = None if mine else _not_from_the_registry
-            await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH, later)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._relay_once_recorded, entry, chunk_size)
+                await self._ensure(
+                    entry, chunk_size, source, what, Priority.PREFETCH, _not_from_the_registry
+                )
+                nursery.cancel_scope.cancel()
         except RegistryError as exc:
             log.info("warming %s failed: %s", what, exc)
         finally:
             warming.done.set()
+
+    async def _relay_once_recorded(self, entry: FileEntry, chunk_size: int) -> None:
+        """Mark a blob warmed from another node's registry read relayed (`shareable`) once
+        the cluster recorded every chunk's digest; until then, or cancelled, not."""
+        count = chunk_count(entry.size, chunk_size)
+        while True:
+            try:
+                info = await self._directory.chunk_info(entry.object, RELAY_POLL / 2)
+            except SyncbitError as exc:
+                log.debug("chunk map of %s: %s", entry.locator[5:], exc)
+            else:
+                if info.broken is None and all(i in info.digests for i in range(count)):
+                    self._relayed.add(entry.object)
+                    return
+            await trio.sleep(RELAY_POLL)
 
     @contextlib.asynccontextmanager
     async def _held(
