@@ -14,10 +14,21 @@ import trio.testing
 from syncbit.manifest import FileEntry
 from syncbit.mirror import MirrorConfig
 from syncbit.node.mirror import RELAY_POLL, NodeBlobSource, blob_entry
-from tests.fakes import Directory
+from syncbit.protocol import ChunkMap
 
 CHUNK = 4 << 20
 DIGEST = "sha256:" + "ab" * 32
+
+
+@dataclass
+class Directory:
+    """The chunk directory as the relay watcher asks it: a settable chunk map. (Not
+    tests.fakes': importing it registers a `mem` source over the scheduler tests' own.)"""
+
+    info: ChunkMap = field(default_factory=ChunkMap)
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+        return self.info
 
 
 @dataclass
@@ -44,7 +55,9 @@ def _fetched_blob(chunks: int) -> tuple[NodeBlobSource, Directory, _Fetcher, Fil
     directory and fetch layer fakes, the blob's entry and its stored object."""
     directory, fetcher = Directory(), _Fetcher()
     none = cast(Any, None)  # the store and upstream: not asked here
-    source = NodeBlobSource(MirrorConfig(), none, none, cast(Any, fetcher), directory, _register)
+    source = NodeBlobSource(
+        MirrorConfig(), none, none, cast(Any, fetcher), cast(Any, directory), _register
+    )
     entry = blob_entry(DIGEST, chunks * CHUNK)
     source._fetched.add(entry.object)
     return source, directory, fetcher, entry, _Object(entry.object)
