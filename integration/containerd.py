@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +90,18 @@ class Containerd(ManagedProcess):
     """`containerd` with everything of its own under `workdir` (its sockets in a short
     temporary directory: a unix socket path has at most 107 bytes)."""
 
-    def __init__(self, workdir: Path, snapshotter: str = "native") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        snapshotter: str = "native",
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
         super().__init__(f"containerd {workdir.name}", workdir / "containerd.log")
         self.workdir = workdir
         self.snapshotter = snapshotter
+        # How its commands run: containerd and `ctr` (which fetches in ctr 1.6) inside a
+        # network namespace, say (bench/netns.py's `Host.argv`); the socket is a file.
+        self.wrap = wrap or (lambda argv: argv)
         self.root = workdir / "root"
         self.state = workdir / "state"
         self._sockets = Path(tempfile.mkdtemp(prefix="sbctrd-"))
@@ -120,7 +128,7 @@ class Containerd(ManagedProcess):
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.toml"
         config.write_text(self._config())
-        self._spawn(["containerd", "--config", str(config)])
+        self._spawn(self.wrap(["containerd", "--config", str(config)]))
         wait_until(self._ready, timeout, f"{self.name} to answer", evidence=self.log_tail)
         return self
 
@@ -128,18 +136,24 @@ class Containerd(ManagedProcess):
         if not self.alive:
             raise HarnessError(f"{self.name} exited at start\n{self.log_tail()}")
         done = subprocess.run(
-            ["ctr", "--address", self.address, "version"], capture_output=True, timeout=30
+            self.wrap(["ctr", "--address", self.address, "version"]),
+            capture_output=True,
+            timeout=30,
         )
         return done.returncode == 0
 
     def ctr(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["ctr", "--address", self.address, *args],
+            self.wrap(self.ctr_argv(*args)),
             capture_output=True,
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        """`ctr` against this containerd (not wrapped)."""
+        return ["ctr", "--address", self.address, *args]
 
     def _ok(self, *args: str, timeout: float = 300.0) -> str:
         done = self.ctr(*args, timeout=timeout)
@@ -149,16 +163,15 @@ class Containerd(ManagedProcess):
 
     def pull(self, ref: str, hosts_dir: Path, *flags: str) -> str:
         """`ctr images pull --hosts-dir DIR ref` (unpacked into the snapshotter)."""
-        return self._ok(
-            "images",
-            "pull",
-            "--hosts-dir",
-            str(hosts_dir),
-            "--snapshotter",
-            self.snapshotter,
-            *flags,
-            ref,
-        )
+        return self._ok(*self._pull_args(ref, hosts_dir, *flags))
+
+    def pull_argv(self, ref: str, hosts_dir: Path, *flags: str) -> list[str]:
+        """The command line of `pull`, wrapped, for a caller that runs it itself."""
+        return self.wrap(self.ctr_argv(*self._pull_args(ref, hosts_dir, *flags)))
+
+    def _pull_args(self, ref: str, hosts_dir: Path, *flags: str) -> list[str]:
+        hosts = ["--hosts-dir", str(hosts_dir), "--snapshotter", self.snapshotter]
+        return ["images", "pull", *hosts, *flags, ref]
 
     def check(self, ref: str) -> ImageCheck:
         """What `ctr images check` says about `ref`."""

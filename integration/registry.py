@@ -36,7 +36,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -488,6 +488,8 @@ class Registry(ManagedProcess):
         users: Mapping[str, str] | None = None,
         tokens: TokenServer | None = None,
         tls: TlsFiles | None = None,
+        address: str = HOST,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         super().__init__("registry", workdir / "registry.log")
         if auth not in ("none", "htpasswd", "token"):
@@ -502,11 +504,15 @@ class Registry(ManagedProcess):
         self.port = 0
         self.access_path = workdir / "access.log"
         self.storage = workdir / "storage"
+        # Where it listens, and how its commands run (e.g. inside a network namespace,
+        # bench/netns.py's `Host.argv`: then readiness and pushes are checked from there).
+        self.address = address
+        self.wrap = wrap
 
     @property
     def host(self) -> str:
         """host:port, as image references name the registry."""
-        return f"{HOST}:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -521,7 +527,7 @@ class Registry(ManagedProcess):
                 "delete": {"enabled": True},
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": f"{HOST}:{self.port}", "secret": secrets.token_hex(16)},
+            "http": {"addr": f"{self.address}:{self.port}", "secret": secrets.token_hex(16)},
             "health": {"storagedriver": {"enabled": False}},
         }
         if self.tls is not None:
@@ -559,7 +565,7 @@ class Registry(ManagedProcess):
         self.port = self.port or free_port()
         cfg = self.workdir / "config.yml"
         cfg.write_text(yaml.safe_dump(self._config()))
-        self.argv = ["docker-registry", "serve", str(cfg)]
+        self.argv = self._wrapped(["docker-registry", "serve", str(cfg)])
         with open(self.log_path, "ab") as log, open(self.access_path, "ab") as access:
             self._log_start = log.tell()
             # The access log is written to stdout, the registry's own log to stderr.
@@ -576,12 +582,19 @@ class Registry(ManagedProcess):
     def _ready(self) -> bool:
         if not self.alive:
             raise HarnessError(f"registry exited before answering\n{self.log_tail()}")
+        if self.wrap is not None:
+            probe = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", self.url + "/v2/"]
+            done = subprocess.run(self.wrap(probe), capture_output=True, text=True, timeout=30)
+            return done.stdout.strip() in ("200", "401")
         try:
             verify = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else True
             resp = httpx.get(self.url + "/v2/", timeout=2, trust_env=False, verify=verify)
         except httpx.HTTPError:
             return False
         return resp.status_code in (200, 401)
+
+    def _wrapped(self, argv: list[str]) -> list[str]:
+        return argv if self.wrap is None else self.wrap(argv)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.alive:
@@ -651,7 +664,9 @@ class Registry(ManagedProcess):
             argv += ["--dest-creds", f"{creds[0]}:{creds[1]}"]
         argv += [f"oci:{layout.root}:{tag}", f"docker://{self.host}/{dest}"]
         env = {**os.environ, "REGISTRY_AUTH_FILE": str(self.workdir / "no-auth.json")}
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run(
+            self._wrapped(argv), capture_output=True, text=True, timeout=1800, env=env
+        )
         if done.returncode != 0:
             raise HarnessError(f"skopeo push of {tag} to {dest} failed:\n{done.stderr}")
 

@@ -23,9 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from integration.cluster import SYNCBIT, fuse_unavailable, run_cli, wait_until
+from integration.cluster import SYNCBIT, Node, fuse_unavailable, run_cli, wait_until
 from integration.containerd import (
     MIRROR,
     Containerd,
@@ -82,6 +83,24 @@ def registry(workdir: Path, images: Images) -> Iterator[Registry]:
 @pytest.fixture
 def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ctrd-node")
+
+
+def _push_image(
+    where: Path, registry: Registry, repo: str, seed: int, layer_size: int, layers: int
+) -> tuple[Layout, Descriptor]:
+    """An image of `layers` random layers of about `layer_size` bytes, pushed as
+    `repo:v1`."""
+    layout = Layout(where)
+    rng = random.Random(seed)
+    descs = [layout.random_layer(rng, 2, layer_size + i, prefix=f"l{i}/") for i in range(layers)]
+    image = layout.image(descs)
+    layout.tag(image, "v1")
+    registry.push(layout, "v1", f"{repo}:v1")
+    return layout, image
+
+
+def _holds_all(cluster: MirrorCluster, node: Node, objects: set[str]) -> bool:
+    return cluster.store_objects(node) >= objects
 
 
 def _pulled_blobs(registry: Registry, repo: str, since: Counter[str]) -> Counter[str]:
@@ -162,12 +181,7 @@ def test_two_nodes_pulling_at_once_still_read_each_blob_once(
     blob from the registry whole (a claim on all its chunks) while the other waits and
     takes it from that node once verified; no blob is split between them (each would
     hold its part back until the blob verified, and neither could)."""
-    layout = Layout(node_dir / "big-layout")
-    rng = random.Random(2612)
-    layers = [layout.random_layer(rng, 2, 8 * MiB + i, prefix=f"l{i}/") for i in range(4)]
-    image = layout.image(layers)
-    layout.tag(image, "v1")
-    registry.push(layout, "v1", "team/big:v1")
+    layout, image = _push_image(node_dir / "big-layout", registry, "team/big", 2612, 8 * MiB, 4)
     ref = f"{registry.host}/team/big:v1"
     before = registry.blob_bytes("team/big")
     with MirrorCluster(node_dir / "cluster", [registry.host]) as cluster:
@@ -195,6 +209,41 @@ def test_two_nodes_pulling_at_once_still_read_each_blob_once(
     blobs = layout.blobs_of(image) - {image.digest}
     sizes = {d: len(layout.data[d]) for d in blobs}
     assert registry.blob_bytes("team/big") - before == Counter(sizes)
+
+
+@needs_fuse
+def test_a_manifest_handed_out_brings_its_blobs_before_they_are_asked_for(
+    node_dir: Path, registry: Registry
+) -> None:
+    """Warming: two nodes' mirrors hand out an image manifest at the same moment and are
+    never asked for a blob, yet both come to hold the config and every layer (read ahead
+    of containerd, which asks for three blobs at a time), and the registry still served
+    each blob's bytes once across both nodes (claims split the reads between them)."""
+    layout, image = _push_image(node_dir / "warm", registry, "team/warm", 1616, 6 * MiB, 3)
+    before = registry.blob_bytes("team/warm")
+    blobs = layout.blobs_of(image) - {image.digest}
+    with MirrorCluster(node_dir / "cluster", [registry.host]) as cluster:
+
+        def manifest(index: int) -> bytes:
+            url = f"{cluster.mirror_url(index)}/v2/team/warm/manifests/v1?ns={registry.host}"
+            accept = {"accept": image.media_type}
+            resp = httpx.get(url, headers=accept, timeout=30, trust_env=False)
+            resp.raise_for_status()
+            return resp.content
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            bodies = list(pool.map(manifest, range(2)))
+        assert bodies == [layout.data[image.digest]] * 2
+        objects = {_object(d) for d in blobs}
+        for node in cluster.nodes:
+            wait_until(
+                functools.partial(_holds_all, cluster, node, objects),
+                120,
+                f"{node.name} to hold every blob of the image without being asked",
+                evidence=node.log_tail,
+            )
+    sizes = {d: len(layout.data[d]) for d in blobs}
+    assert registry.blob_bytes("team/warm") - before == Counter(sizes)
 
 
 @needs_fuse

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Blob", "BlobSource", "Content", "Repository"]
+import trio
+
+__all__ = ["Background", "Blob", "BlobSource", "Content", "Repository"]
 
 BLOB_TYPE = "application/octet-stream"  # what registries say a blob is, whatever it holds
 
@@ -69,3 +71,11 @@ class BlobSource(Protocol):
     ) -> AbstractAsyncContextManager[Blob]:
         """The blob `digest` of `repo` (of `size` bytes, when known), verified."""
         ...
+
+
+@runtime_checkable
+class Background(Protocol):
+    """A `BlobSource` with work of its own (warming what a manifest names), run by the
+    server for as long as it serves and cancelled when serving ends."""
+
+    async def run(self, task_status: trio.TaskStatus[None] = ...) -> None: ...

@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from syncbit.mirror.api import make_app
-from syncbit.mirror.backend import BlobSource
+from syncbit.mirror.backend import Background, BlobSource
 from syncbit.mirror.cache import BlobCache
 from syncbit.mirror.config import MirrorConfig
 from syncbit.mirror.upstream import UpstreamSource
@@ -48,16 +48,22 @@ async def serve(
     """Serve `source` on `config.listen` until `shutdown` is set; `task_status.started`
     gets the addresses bound (http://host:port, the real port when asked for port 0)."""
 
-    async def run(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        done: trio.CancelScope, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         await hypercorn_serve(
             make_app(config, source),  # type: ignore[arg-type]
             hypercorn_config(config.listen),
             shutdown_trigger=shutdown.wait,
             task_status=task_status,
         )
+        done.cancel()  # served to the end (gracefully): the background work ends too
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(run)
+        if isinstance(source, Background):
+            # Its background work lives as long as the server: ended when serving ends.
+            await nursery.start(source.run)
+        binds: list[str] = await nursery.start(run, nursery.cancel_scope)
         log.info("registry mirror listening on %s", ", ".join(binds))
         task_status.started(binds)
 
