@@ -23,7 +23,6 @@ import os
 import pstats
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, wait_http
+from _common import free_port, process, wait_http
 
 HEARTBEAT = 2.0
 TIMEOUT = 10.0
@@ -345,18 +344,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "serve", "--port", str(port), "--state",
                f"{tmp}/state", "--root", str(root)] + ["--cprofile"] * args.cprofile  # fmt: skip
         log = Path(tmp) / "scheduler.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-            try:
-                wait_http(f"http://127.0.0.1:{port}/healthz")
-                trio.run(drive, args, port, proc.pid)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        with process(cmd, log) as proc:  # stopped by its PID at the end, failed or not
+            wait_http(f"http://127.0.0.1:{port}/healthz")
+            trio.run(drive, args, port, proc.pid)
         text = log.read_text()
         print(text[text.find("stack samples") :] if "stack samples" in text else text[-3000:])
 
