@@ -88,3 +88,32 @@ async def test_a_broken_or_self_read_blob_is_held_back_until_verified(
     assert not source.shareable(obj)  # a broken version is never relayed
     fetcher.verified.add(entry.object)  # its own whole-blob check passed
     assert source.shareable(obj)
+
+
+async def test_a_size_no_mirror_could_keep_is_not_registered_for_the_cluster() -> None:
+    """The registry's size is its word: one beyond what the mirror keeps (a lie, a broken
+    registry) is served from the registry alone, never recorded cluster-wide nor split
+    into chunks to claim."""
+    registered: list[tuple[str, int, int]] = []
+
+    async def register(object_id: str, size: int, chunk_size: int) -> tuple[int, int]:
+        registered.append((object_id, size, chunk_size))
+        return size, chunk_size
+
+    class _Store:
+        def get(self, object_id: str) -> None:
+            return None
+
+    source = NodeBlobSource(
+        MirrorConfig(cache_size=1 << 30),
+        cast(Any, None),
+        cast(Any, _Store()),
+        cast(Any, _Fetcher()),
+        cast(Any, Directory()),
+        register,
+    )
+    repo = cast(Any, None)  # not asked: the size is given
+    assert await source._locate(repo, DIGEST, 1 << 50, "blob") == (None, 0)
+    assert registered == []
+    entry, _ = await source._locate(repo, DIGEST, 3 * CHUNK, "blob")
+    assert entry is not None and entry.size == 3 * CHUNK and registered

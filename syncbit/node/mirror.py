@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import logging
 from collections import OrderedDict
@@ -249,7 +250,11 @@ class NodeBlobSource:
         this node is to read it from the registry (as far as the cluster said)."""
         obj = self._store.get(entry.object)
         count = chunk_count(entry.size, chunk_size)
-        missing = [i for i in range(count) if obj is None or not obj.has(i)][:MAX_CLAIM_CHUNKS]
+        missing = list(
+            itertools.islice(
+                (i for i in range(count) if obj is None or not obj.has(i)), MAX_CLAIM_CHUNKS
+            )
+        )
         if not missing:
             return False
         try:
@@ -455,6 +460,17 @@ class NodeBlobSource:
             size = obj.size if obj is not None else await self.upstream.blob_size(repo, digest)
         if size == 0:
             return None, 0  # nothing to share: the empty blob comes straight from upstream
+        if not 0 < size <= self.config.cache_size:
+            # The registry's word (a HEAD, a manifest's descriptor): a size no mirror here
+            # could keep is neither registered for the cluster nor turned into chunks.
+            log.warning(
+                "%s: the registry says %d bytes, more than the mirror keeps (%d): from the "
+                "registry alone",
+                what,
+                size,
+                self.config.cache_size,
+            )
+            return None, 0
         try:
             known = await self._register(object_id, size, DEFAULT_CHUNK_SIZE)
         except (SchedulerError, UserError) as exc:
