@@ -3,6 +3,9 @@ sample, a published whole-file SHA-256, broken revisions (no network)."""
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 import pytest
 import trio
 from fakes import Directory, MemSource, Peers
@@ -14,10 +17,13 @@ from fetchfixtures import (
     chunk_of,
     started,
 )
+from trio.testing import wait_all_tasks_blocked
 
 from syncbit.chunks import HEAD_SAMPLE, digest
 from syncbit.errors import SourceChangedError
 from syncbit.fetch import Fetcher, Priority
+from syncbit.fetch.handle import OpenFile
+from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap
 from syncbit.store import ObjectStore
 
@@ -124,8 +130,6 @@ async def test_recheck_reads_the_source_and_stores_nothing(
 async def test_ensure_brings_whole_file_and_checks_published_sha256(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
-    import hashlib
-
     source = MemSource(data=DATA)
     fetcher = Fetcher(store, Directory(), Peers(DATA))
     await started(fetcher, nursery)
@@ -152,3 +156,83 @@ async def test_whole_file_sha256_mismatch_discards_content(
     await store.flush()
     removed = store.changes.take().removed
     assert removed and removed[0][0] is obj  # told to the scheduler
+
+
+class _Hashed:
+    """Counts what the store hashes: the running hash's reads, and whole-file re-reads."""
+
+    def __init__(self, store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.bytes = 0
+        self.whole = 0
+        hash_into, sha256 = store.hash_into, store.sha256
+
+        async def counting_hash_into(obj: Any, h: Any, offset: int, length: int) -> None:
+            self.bytes += length
+            await hash_into(obj, h, offset, length)
+
+        async def counting_sha256(obj: Any) -> str:
+            self.whole += 1
+            return await sha256(obj)
+
+        monkeypatch.setattr(store, "hash_into", counting_hash_into)
+        monkeypatch.setattr(store, "sha256", counting_sha256)
+
+    async def reach(self, nbytes: int) -> None:
+        """Until `nbytes` were hashed (chunks are written and hashed in worker threads)."""
+        with trio.fail_after(10):
+            while self.bytes < nbytes:
+                await trio.sleep(0.005)
+
+
+async def _published(
+    store: ObjectStore, nursery: trio.Nursery
+) -> tuple[MemSource, Fetcher, FileEntry, OpenFile]:
+    """A fetcher (no readahead) and an open file whose source publishes its SHA-256."""
+    source = MemSource(data=DATA)
+    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0)
+    await started(fetcher, nursery)
+    entry = ENTRY.model_copy(update={"version": {"sha256": hashlib.sha256(DATA).hexdigest()}})
+    return source, fetcher, entry, fetcher.open(entry, CS, source)
+
+
+async def test_the_whole_file_sha256_is_computed_as_chunks_arrive(
+    store: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks are hashed in file order as they are written, each once: the check ends with
+    the download instead of reading the whole file again after it."""
+    hashed = _Hashed(store, monkeypatch)
+    source, fetcher, entry, handle = await _published(store, nursery)
+    for index in (3, 4, 0, 1):  # out of order: 3 and 4 wait until 2 is there
+        assert await fetcher.read(handle, index * CS, 10) == chunk_of(DATA, index)[:10]
+    await hashed.reach(2 * CS)
+    await store.flush()
+    await wait_all_tasks_blocked()
+    assert hashed.bytes == 2 * CS
+    assert not fetcher.is_verified(ENTRY.object)
+    await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    assert fetcher.is_verified(ENTRY.object)
+    assert hashed.bytes == len(DATA) and hashed.whole == 0
+    assert fetcher.stats["verify_failures"] == 0
+
+
+async def test_a_chunk_replaced_after_it_was_hashed_is_caught(
+    store: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk 0 is hashed, the object evicted, and the source then sends other bytes for
+    chunk 0 (no digest recorded yet to refuse them): the running hash still matches the
+    published SHA-256, but the file no longer does. The object is discarded, never
+    verified."""
+    hashed = _Hashed(store, monkeypatch)
+    source, fetcher, entry, handle = await _published(store, nursery)
+    assert await fetcher.read(handle, 0, 10) == DATA[:10]
+    await hashed.reach(CS)
+    await store.flush()
+    assert (await store.evict([ENTRY.object])).evicted == [ENTRY.object]
+    source.data = bytes(CS) + DATA[CS:]
+    with pytest.raises(SourceChangedError, match="failed verification"):
+        await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    assert hashed.whole == 1  # the running hash's "match" was checked on the file itself
+    assert not fetcher.is_verified(ENTRY.object)
+    obj = store.get(ENTRY.object)
+    assert obj is not None and not obj.written
+    assert fetcher.stats["verify_failures"] == 1

@@ -5,6 +5,7 @@ found broken. Decides only pass or fail; never picks a source, never queues anyt
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,15 +167,38 @@ class Broken:
             )
 
 
+class _Hashing:
+    """A whole-file SHA-256 in progress: chunks [0, next) of one stored object hashed, with
+    the digests they had then."""
+
+    __slots__ = ("again", "busy", "digests", "discards", "h", "next", "obj")
+
+    def __init__(self, obj: StoredObject) -> None:
+        self.obj = obj
+        self.discards = obj.discards
+        self.h = hashlib.sha256()
+        self.next = 0
+        self.digests: list[str | None] = []
+        self.busy = False
+        self.again = False  # chunks were written while it hashed: look again
+
+
 class WholeFile:
-    """The whole-file SHA-256 a source publishes (HF LFS): checked once per object when it
-    is complete; on mismatch the object is discarded so no reader gets its bytes again."""
+    """The whole-file SHA-256 a source publishes (HF LFS, a registry blob's digest),
+    computed as the object's chunks are written, in file order, so the check ends with the
+    download instead of re-reading the whole file after it. Once every chunk is hashed the
+    digest is compared; a mismatch is confirmed by hashing the file again from its start
+    (the running hash skips nothing it may not: see `_complete`) before the object is
+    discarded, so no reader gets its bytes again."""
+
+    KEEP = 256  # objects hashed part-way remembered; one forgotten starts again at 0
 
     def __init__(self, store: ObjectStore, stats: dict[str, int]) -> None:
         self.store = store
         self.stats = stats
         self._verified: set[str] = set()
         self._verifying: set[str] = set()
+        self._hashing: dict[str, _Hashing] = {}  # insertion order: oldest first
 
     def verified(self, object_id: str) -> bool:
         return object_id in self._verified
@@ -183,22 +207,85 @@ class WholeFile:
         return object_id in self._verifying
 
     async def verify(self, obj: StoredObject, path: str, expected: str) -> None:
-        if obj.id in self._verified or obj.id in self._verifying:
+        """Hash what is written of the object from where the last call stopped (a call
+        while another hashes it only tells that one to look again); once every chunk is
+        hashed, mark it verified or discard it."""
+        if obj.id in self._verified:
             return
+        state = self._hashing.get(obj.id)
+        if state is None or state.obj is not obj or state.discards != obj.discards:
+            if state is not None and state.busy:
+                state.again = True  # the busy one finds the object changed and starts over
+                return
+            state = self._start(obj)
+        if state.busy:
+            state.again = True
+            return
+        state.busy = True
         self._verifying.add(obj.id)
         try:
-            got = await self.store.sha256(obj)
-            if got == expected:
-                self._verified.add(obj.id)
-            else:
-                log.error(
-                    "%s: whole-file SHA-256 %s does not match the source's %s: discarding it",
-                    path,
-                    got[:16],
-                    expected[:16],
-                )
-                self.stats["verify_failures"] += 1
-                await self.store.discard(obj)
+            with self.store.keeping(obj):  # no eviction under the hash
+                await self._advance(state, path, expected)
         finally:
+            state.busy = False
             self._verifying.discard(obj.id)
             self.store.notify()  # wake `Fetcher.ensure`: verified, or discarded
+
+    def _start(self, obj: StoredObject) -> _Hashing:
+        self._hashing.pop(obj.id, None)
+        while len(self._hashing) >= self.KEEP:
+            oldest = next((k for k, v in self._hashing.items() if not v.busy), None)
+            if oldest is None:
+                break
+            del self._hashing[oldest]
+        state = self._hashing[obj.id] = _Hashing(obj)
+        return state
+
+    async def _advance(self, state: _Hashing, path: str, expected: str) -> None:
+        obj = state.obj
+        while True:
+            state.again = False
+            if state.discards != obj.discards:
+                state = self._start(obj)  # the content was thrown away: start over
+            end = state.next
+            while end < obj.chunks and end in obj.written:
+                end += 1
+            if end > state.next:
+                offset = state.next * obj.chunk_size
+                # The digests the chunks have as they are hashed: `_complete` compares them
+                # with the ones the file has at the end.
+                state.digests.extend(obj.digests.get(i) for i in range(state.next, end))
+                await self.store.hash_into(
+                    obj, state.h, offset, min(obj.size, end * obj.chunk_size) - offset
+                )
+                state.next = end
+            if state.next >= obj.chunks and state.discards == obj.discards:
+                await self._complete(state, path, expected)
+                return
+            if not state.again:
+                return
+
+    async def _complete(self, state: _Hashing, path: str, expected: str) -> None:
+        """Every chunk hashed: decide. The running hash stands only if every chunk still
+        has the digest it had when hashed (a chunk evicted and fetched again meanwhile
+        would have another if its bytes differ) and nothing was discarded; a mismatch is
+        checked once more on the whole file before it condemns the object."""
+        obj = state.obj
+        self._hashing.pop(obj.id, None)
+        now = [obj.digests.get(i) for i in range(obj.chunks)]
+        got = state.h.hexdigest()
+        if got != expected or None in now or now != state.digests:
+            got = await self.store.sha256(obj)
+        if obj.discards != state.discards:
+            return  # thrown away meanwhile: a later call starts over
+        if got == expected:
+            self._verified.add(obj.id)
+            return
+        log.error(
+            "%s: whole-file SHA-256 %s does not match the source's %s: discarding it",
+            path,
+            got[:16],
+            expected[:16],
+        )
+        self.stats["verify_failures"] += 1
+        await self.store.discard(obj)

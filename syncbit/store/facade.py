@@ -23,7 +23,7 @@ from syncbit.store.files import CacheDir, PWrite, pwrite_all
 from syncbit.store.index import Index
 from syncbit.store.load import load
 from syncbit.store.objects import Hold, Keeping, ObjectTable, StoredObject
-from syncbit.store.read import BackingFile, ObjectReader, ReadBuffer
+from syncbit.store.read import BackingFile, Hasher, ObjectReader, ReadBuffer
 from syncbit.store.staging import BufferPool, Staging
 from syncbit.store.verify import ChunkCheck, Verifier, VerifyRun
 from syncbit.store.write import Writer
@@ -193,6 +193,12 @@ class ObjectStore:
         with self.reading(obj) as reader:
             digest: str = await trio.to_thread.run_sync(reader.sha256)
             return digest
+
+    async def hash_into(self, obj: StoredObject, h: Hasher, offset: int, length: int) -> None:
+        """Feed bytes [offset, offset+length) of the object file (written chunks) to `h`,
+        in a worker thread."""
+        with self.reading(obj) as reader:
+            await trio.to_thread.run_sync(reader.hash_into, h, offset, length)
 
     # -- writes ------------------------------------------------------------------------------
 
