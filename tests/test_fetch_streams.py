@@ -92,6 +92,44 @@ async def test_reads_beyond_the_limit_wait_and_the_most_urgent_goes_first(
     assert streams.stats(source).in_flight == 0
 
 
+async def test_queued_reads_start_in_order_past_one_that_gave_up(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    """Many reads queued behind a full limit start one after another as slots free, most
+    urgent first, then in arrival order; one that gave up (its deadline passed) in the
+    middle of the queue holds up nobody behind it."""
+    await proven(streams, source)
+    limit = streams.limit(source)
+    release = trio.Event()
+    order: list[tuple[int, int]] = []
+    gave_up: list[int] = []
+
+    async def waiter(prio: int, n: int, deadline: float) -> None:
+        try:
+            async with streams.read(source, prio, deadline, MiB):
+                order.append((prio, n))
+                await trio.sleep(1)
+        except SourceThrottledError:
+            gave_up.append(n)
+
+    now = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(limit):
+            nursery.start_soon(hold, streams, source, 2, release)
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(3 * limit):
+            prio = 0 if n % 5 == 0 else 2
+            nursery.start_soon(waiter, prio, n, now + (5 if n == 7 else 1000))
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(10)  # n=7 gives up while every slot is still taken
+        assert gave_up == [7] and order == []
+        release.set()
+    urgent = [(0, n) for n in range(3 * limit) if n % 5 == 0]
+    rest = [(2, n) for n in range(3 * limit) if n % 5 and n != 7]
+    assert order == urgent + rest
+    assert streams.stats(source).in_flight == 0
+
+
 async def test_a_throttle_halves_the_limit_and_its_retry_after_holds_every_read(
     autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
 ) -> None:

@@ -6,10 +6,12 @@ which chunks are read (queue) nor which node reads them (plan).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import trio
 
@@ -50,8 +52,7 @@ class Streams:
         self.control = SourceConcurrency(policy, clock)
         self.threads = trio.CapacityLimiter(2 * cap)
         self._seq = itertools.count()
-        self._waiting: dict[str, set[tuple[int, int]]] = {}
-        self._changed: dict[str, trio.Event] = {}
+        self._waiting: dict[str, list[_Waiter]] = {}  # heaps
         self._active: dict[str, int] = {}  # keys with reads admitted or waiting: how many
         # Each key's latest refusal or failure, until a read delivers: what a read that
         # could not be admitted (the source backed off) failed of.
@@ -121,20 +122,23 @@ class Streams:
 
     async def _admit(self, key: str, priority: int, deadline: float) -> None:
         control = self.control
-        waiting = self._waiting.setdefault(key, set())
-        me = (priority, next(self._seq))
-        waiting.add(me)
+        waiting = self._waiting.setdefault(key, [])
+        me = _Waiter(priority, next(self._seq))
+        heapq.heappush(waiting, me)
         try:
             with trio.move_on_at(deadline):
-                while not (min(waiting) == me and self._may_start(key, priority)):
-                    changed = self._changed.setdefault(key, trio.Event())
-                    head = min(waiting) == me
-                    delay = control.delay(key, priority > Priority.FOREGROUND) if head else 0.0
+                while not (waiting[0] is me and self._may_start(key, priority)):
+                    me.turn = trio.Event()
+                    if waiting[0] is not me:
+                        await me.turn.wait()  # only the head is woken: see `_wake`
+                        continue
+                    delay = control.delay(key, priority > Priority.FOREGROUND)
                     with trio.move_on_after(delay or math.inf):
-                        await changed.wait()
+                        await me.turn.wait()
                 return
         finally:
-            waiting.discard(me)
+            me.gone = True
+            _drop_gone(waiting)
             if not waiting:
                 del self._waiting[key]
             self._wake(key)
@@ -166,6 +170,27 @@ class Streams:
         return control.stats(key).stream_rate > 0
 
     def _wake(self, key: str) -> None:
-        changed = self._changed.pop(key, None)
-        if changed is not None:
-            changed.set()
+        """Something changed for `key` (a read ended or was admitted): its first waiter
+        looks again. Only that one: it alone may start next, and waking every waiter on
+        every change cost more CPU than the reads' bookkeeping (a cancel scope and a scan
+        each); an admitted waiter wakes the next in turn."""
+        waiting = self._waiting.get(key)
+        if waiting:
+            waiting[0].turn.set()
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    """A read waiting for a stream: the most urgent priority first, then arrival order."""
+
+    priority: int
+    seq: int
+    turn: trio.Event = field(default_factory=trio.Event, compare=False)
+    gone: bool = field(default=False, compare=False)  # admitted or given up: skipped
+
+
+def _drop_gone(waiting: list[_Waiter]) -> None:
+    """Pop the heap's waiters that left, down to the first still waiting (the others go
+    when they reach the top)."""
+    while waiting and waiting[0].gone:
+        heapq.heappop(waiting)
