@@ -13,9 +13,12 @@ import random
 import re
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from syncbit.errors import (
     UnsafePathError,
     UserError,
 )
-from syncbit.manifest import build_manifest
+from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.s3 import S3Source, map_error
 
@@ -599,3 +602,79 @@ def test_slow_down_carries_the_retry_after_the_server_gave() -> None:
     assert isinstance(mapped, SourceThrottledError) and mapped.retry_after == 4.0
     bare = map_error(_client_error("SlowDown", 503), "s3://b/k", "b")
     assert isinstance(bare, SourceThrottledError) and bare.retry_after is None
+
+
+# -- connections ---------------------------------------------------------------------------
+
+
+class _SlowRanges(ThreadingHTTPServer):
+    """An S3-shaped endpoint that answers every ranged GetObject after a pause, so that
+    concurrent reads are concurrent for sure, and counts the connections it accepted."""
+
+    daemon_threads = True
+
+    def __init__(self, data: bytes, pause: float) -> None:
+        self.data, self.pause, self.connections = data, pause, 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _SlowRangesHandler)
+
+
+class _SlowRangesHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client may reuse the connection
+    server: _SlowRanges
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
+    def do_GET(self) -> None:
+        first, last = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
+        time.sleep(self.server.pause)
+        body = self.server.data[first : last + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.server.data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"e1"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_as_many_reads_at_once_as_the_fetcher_runs_keep_their_connections() -> None:
+    """The fetcher runs up to `source_concurrency` (64) reads at once per source: the
+    client's pool keeps that many connections, so a second round of 24 concurrent reads
+    opens none (a pool of 16 discarded 8 after each round and connected anew: on real S3
+    a TLS handshake per read)."""
+    data = RNG.randbytes(64 * 1024)
+    server = _SlowRanges(data, pause=0.3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    source = S3Source(
+        "s3://b/k",
+        {
+            "endpoint_url": f"http://127.0.0.1:{server.server_address[1]}",
+            "addressing_style": "path",
+        },
+    )
+    entry = FileEntry(
+        path="k", size=len(data), object="ab" * 32, locator="k", version={"etag": '"e1"'}
+    )
+
+    def read_one(i: int) -> bytes:
+        buf = bytearray(1024)
+        source.read_into(entry, i * 1024, memoryview(buf))
+        return bytes(buf)
+
+    try:
+        for _ in range(2):
+            with ThreadPoolExecutor(24) as pool:
+                got = list(pool.map(read_one, range(24)))
+            assert got == [data[i * 1024 : (i + 1) * 1024] for i in range(24)]
+        assert server.connections == 24
+    finally:
+        source.close()
+        server.shutdown()
+        server.server_close()

@@ -54,7 +54,7 @@ for _name in ("botocore", "boto3", "s3transfer"):
 
 OPTION_KEYS = frozenset(SCHEMES["s3"])
 DEFAULT_MAX_ATTEMPTS = 4  # botocore counts the first try: three retries with backoff
-DEFAULT_MAX_CONNECTIONS = 16  # the fetcher runs about this many range reads at once
+DEFAULT_MAX_CONNECTIONS = 64  # the fetcher runs up to source_concurrency (64) range reads at once
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 30.0
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
@@ -84,8 +84,10 @@ class S3Source(Source):
     usual AWS environment variables and profiles work with no syncbit setting):
     `endpoint_url` (S3-compatible stores), `region`, `addressing_style` ("path",
     "virtual" or "auto"), `profile`, `max_attempts` (botocore tries per request,
-    throttling included), `max_connections` (connection pool size). Credentials come
-    only from the boto3 chain, never from options, so they never enter a manifest.
+    throttling included), `max_connections` (connection pool size, default 64: the
+    fetcher's `source_concurrency`, so no read opens a connection of its own).
+    Credentials come only from the boto3 chain, never from options, so they never enter
+    a manifest.
 
     Object identity is `identity_digest("s3-etag", etag, size)` without bucket or key: the
     same object under two keys or prefixes is stored once. An S3 ETag is the MD5 of the
