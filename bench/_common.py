@@ -110,6 +110,16 @@ def process(
                 proc.wait()
 
 
+def process_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its threads (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_caches() -> None:
     """Flush dirty pages and drop the page cache (root): the next read comes from disk."""
     os.sync()
@@ -121,11 +131,13 @@ def syncbit_node(
     work: Path,
     env: dict[str, str] | None = None,
     config: dict[str, object] | None = None,
+    pids: list[int] | None = None,
 ) -> Iterator[tuple[Path, str, str]]:
     """A fresh single-node syncbit (daemon with its embedded scheduler, empty cache, its own
     mount under `work`) for the block: yields (mount, scheduler URL, daemon host:port).
-    `config`: DaemonConfig keys written to a YAML file given with --config. Unmounted and
-    stopped by PID afterwards."""
+    `config`: DaemonConfig keys written to a YAML file given with --config; `pids`: the
+    daemon's PID is appended to it (to meter its CPU). Unmounted and stopped by PID
+    afterwards."""
     import shutil
     import sys
 
@@ -142,7 +154,9 @@ def syncbit_node(
         (work / "daemon.yaml").write_text(yaml.safe_dump(config))
         argv += ["--config", str(work / "daemon.yaml")]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process(argv, work / "daemon.log", env))
+        daemon = stack.enter_context(process(argv, work / "daemon.log", env))
+        if pids is not None:
+            pids.append(daemon.pid)
         stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         wait_http(f"http://127.0.0.1:{sched}/healthz")
         yield mnt, f"http://127.0.0.1:{sched}", f"127.0.0.1:{listen}"

@@ -21,7 +21,10 @@ empty node cache. Parts:
         with HF_HUB_ENABLE_HF_TRANSFER=1 before huggingface_hub 1.0, with its defaults
         then) vs `syncbit pull hf://`. Reference: hf_transfer.
 
-Ratios are reference seconds / reader seconds: >= 1.0 means at least as fast. Not a test:
+Ratios are reference seconds / reader seconds: >= 1.0 means at least as fast. CPU-s/GiB:
+the CPU seconds the reader's side spent per GiB (its processes; for syncbit the daemon's
+too, its embedded scheduler included; for boto3 and hf_transfer Python's start too; never
+the origin's), steadier than seconds on a shared machine. Not a test:
 it prints, never asserts. Needs root, /dev/fuse, nginx, curl; the rest is skipped with a
 note when missing (see bench/README.md).
 
@@ -37,6 +40,7 @@ import functools
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -51,7 +55,7 @@ from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import drop_caches, free_port, process, syncbit_node, wait_http
+from _common import drop_caches, free_port, process, process_seconds, syncbit_node, wait_http
 
 PY = sys.executable
 SYNCBIT = [PY, "-m", "syncbit.cli"]
@@ -75,7 +79,41 @@ class Skip(Exception):
 class Row:
     reader: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds the reader's side used
     note: str = ""
+
+
+class Cpu:
+    """CPU seconds one reader's side used: the processes it ran and waited for, and the
+    long-running ones it named (the syncbit daemon, rclone) over the timed part. On a
+    shared 2-core machine this is steadier than seconds, and says what a byte costs."""
+
+    used = 0.0
+
+    @classmethod
+    @contextlib.contextmanager
+    def children(cls) -> Iterator[None]:
+        """Count the CPU of the processes run and waited for within the block."""
+        before = _children_cpu()
+        try:
+            yield
+        finally:
+            cls.used += _children_cpu() - before
+
+    @classmethod
+    @contextlib.contextmanager
+    def of(cls, pid: int) -> Iterator[None]:
+        """Count what process `pid` (still running) used within the block."""
+        before = process_seconds(pid)
+        try:
+            yield
+        finally:
+            cls.used += process_seconds(pid) - before
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -89,8 +127,10 @@ class Part:
         row = self.rows.setdefault(reader, Row(reader))
         if row.note:
             return  # skipped or failed in an earlier round
+        Cpu.used = 0.0
         try:
             row.seconds.append(run())
+            row.cpu.append(Cpu.used)
         except Skip as exc:
             row.note = f"skipped: {exc}"
         except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
@@ -101,7 +141,7 @@ class Part:
 def _cell(row: Row) -> str:
     if row.note:
         return row.note
-    return f"{row.seconds[-1]:.2f} s"
+    return f"{row.seconds[-1]:.2f} s, CPU {row.cpu[-1]:.2f} s"
 
 
 # -- running things ---------------------------------------------------------------------------
@@ -109,7 +149,7 @@ def _cell(row: Row) -> str:
 
 def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     """Seconds `cmd` took (stdout/stderr to `log`); CalledProcessError if it failed."""
-    with log.open("ab") as out:
+    with log.open("ab") as out, Cpu.children():
         start = time.perf_counter()
         subprocess.run(
             cmd,
@@ -260,12 +300,14 @@ class Bench:
         return self.out
 
     def syncbit_pull(self, uri: str, name: str, options: list[str], env: dict[str, str]) -> float:
-        with syncbit_node(self.work / "node", env, self.config) as (_, sched, daemon):
+        pids: list[int] = []
+        with syncbit_node(self.work / "node", env, self.config, pids) as (_, sched, daemon):
             self.fresh_caches()
             cmd = [*SYNCBIT, "pull", uri, "--name", name, *options]
-            return run(
-                [*cmd, "--scheduler", sched, "--daemon", daemon], self.logs / "pull.log", env
-            )
+            with Cpu.of(pids[0]):
+                return run(
+                    [*cmd, "--scheduler", sched, "--daemon", daemon], self.logs / "pull.log", env
+                )
 
     # http -------------------------------------------------------------------------------------
 
@@ -309,21 +351,25 @@ class Bench:
         argv = ["rclone", "mount", ":http:", str(mnt), "--http-url", base + "/", "--read-only"]
         argv += ["--vfs-cache-mode", "full", "--cache-dir", str(work / "cache")]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(process(argv, self.logs / "rclone.log"))
+            rclone = stack.enter_context(process(argv, self.logs / "rclone.log"))
             stack.callback(subprocess.run, ["umount", "-l", str(mnt)], check=False)
             wait_for(lambda: (mnt / name).exists(), "the rclone mount")
             self.fresh_caches()
-            return dd(mnt / name, self.size)
+            with Cpu.of(rclone.pid):
+                return dd(mnt / name, self.size)
 
     def syncbit_lazy(self, url: str) -> float:
-        with syncbit_node(self.work / "node", None, self.config) as (mnt, sched, _):
+        pids: list[int] = []
+        with syncbit_node(self.work / "node", None, self.config, pids) as (mnt, sched, _):
             base = url.rsplit("/", 1)[0] + "/"
             add = [*SYNCBIT, "dataset", "add", "bench", base, "--scheduler", sched]
             run(add, self.logs / "dataset-add.log")
             path = mnt / "bench" / self.source.name
             wait_for(path.exists, "the dataset on the mount")
             self.fresh_caches()
-            return dd(path, self.size)
+            Cpu.used = 0.0  # the reader is the dd, not the `dataset add`
+            with Cpu.of(pids[0]):
+                return dd(path, self.size)
 
     # s3 ---------------------------------------------------------------------------------------
 
@@ -407,14 +453,15 @@ class Bench:
             "print(time.perf_counter() - t)\n"
         )
         self.fresh_caches()
-        out = subprocess.run(
-            [PY, "-c", code, front, key, str(target)],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, **S3_KEYS},
-            timeout=TIMEOUT,
-        )
+        with Cpu.children():  # Python's start included: a few tenths of a CPU second
+            out = subprocess.run(
+                [PY, "-c", code, front, key, str(target)],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **S3_KEYS},
+                timeout=TIMEOUT,
+            )
         check_size(target, self.size)
         return float(out.stdout.split()[-1])  # the download itself, not Python's start
 
@@ -484,13 +531,14 @@ class Bench:
             "print(time.perf_counter() - t)\n"
         )
         self.fresh_caches()
-        out = subprocess.run(
-            [PY, "-c", code, url, str(target)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        with Cpu.children():  # Python's start included: a few tenths of a CPU second
+            out = subprocess.run(
+                [PY, "-c", code, url, str(target)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
         check_size(target, self.size)
         return float(out.stdout.split()[-1])
 
@@ -513,13 +561,14 @@ def redirect(url: str) -> str:
 
 def dd(path: Path, size: int) -> float:
     start = time.perf_counter()
-    result = subprocess.run(
-        ["dd", f"if={path}", "of=/dev/null", "bs=1M"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    with Cpu.children():
+        result = subprocess.run(
+            ["dd", f"if={path}", "of=/dev/null", "bs=1M"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
     seconds = time.perf_counter() - start
     copied = re.search(r"^(\d+) bytes", result.stderr, re.M)
     if not copied or int(copied.group(1)) != size:
@@ -561,14 +610,15 @@ def report(bench: Bench, parts: list[Part]) -> None:
         ref = part.rows.get(part.reference)
         ref_s = median(ref.seconds) if ref and ref.seconds else None
         print(f"{part.title}; ratio = {part.reference} seconds / reader seconds")
-        print(f"  {'reader':46} {'seconds':>8} {'GB/s':>6} {'ratio':>7}")
+        print(f"  {'reader':46} {'seconds':>8} {'GB/s':>6} {'ratio':>7} {'CPU-s/GiB':>10}")
         for row in part.rows.values():
             if not row.seconds:
                 print(f"  {row.reader:46} {row.note}")
                 continue
             s = median(row.seconds)
             ratio = f"{ref_s / s:.2f}x" if ref_s else "-"
-            print(f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7}")
+            cpu = median(row.cpu) / (bench.size / 2**30)
+            print(f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7} {cpu:10.2f}")
         print()
 
 

@@ -39,7 +39,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import process
+from _common import process, process_seconds
 from netns import Host, NetnsError, Topology, parse_rate, pid_alive, reap_stale, unusable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,16 +220,6 @@ def machine_ticks() -> dict[str, int]:
     ticks = {name: sum(fields[i] for i in cols) for name, cols in _WORK.items()}
     ticks["total"] = sum(fields)
     return ticks
-
-
-def process_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` and its threads (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:
