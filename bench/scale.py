@@ -367,6 +367,7 @@ class Plan:
     tree: Path
     label: str
     stub: bool = False  # nginx with canned answers instead of a scheduler (--calibrate)
+    fixed: bool = False  # nodes beat every --hb-interval whatever the scheduler asks
 
 
 def make_dataset(root: Path, files: int, size: int) -> Path:
@@ -477,7 +478,7 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
             "bootstrap": bootstrap,
             "dataset": DATASET,
             "hb_interval": args.hb_interval,
-            "obey_interval": not args.fixed_interval,
+            "obey_interval": not plan.fixed,
             "timeout": args.timeout,
             "conns": conns,
             "origin_rate": args.origin_rate / args.workers,
@@ -939,6 +940,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="nodes beat every --hb-interval whatever the scheduler asks (the old mix)",
     )
+    p.add_argument(
+        "--compare-fixed",
+        action="store_true",
+        help="each N twice, one after the other: --fixed-interval, then as the scheduler asks",
+    )
     p.add_argument("--node-timeout", type=float, default=10.0)
     p.add_argument(
         "--heartbeat-rate",
@@ -976,8 +982,6 @@ def main() -> int:
             print(f"error: {tree} is not a syncbit checkout", file=sys.stderr)
             return 2
     labels = [tree_label(t) for t in trees]
-    if args.fixed_interval:
-        labels = [f"{label} (fixed {args.hb_interval:g} s)" for label in labels]
     owned = args.dir is None
     work = Path(tempfile.mkdtemp(prefix="syncbit-scale-")) if owned else args.dir
     work.mkdir(parents=True, exist_ok=True)
@@ -985,14 +989,20 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         data = make_dataset(work, args.files, args.file_size)
-        runs = [(t.resolve(), label, False) for t, label in zip(trees, labels, strict=True)]
+        runs = [
+            (t.resolve(), label, False, fixed)
+            for t, label in zip(trees, labels, strict=True)
+            for fixed in ([True, False] if args.compare_fixed else [args.fixed_interval])
+        ]
         if args.calibrate or args.calibrate_only:
-            runs.insert(0, (Path("/nonexistent"), "nginx stub", True))
+            runs.insert(0, (Path("/nonexistent"), "nginx stub", True, args.fixed_interval))
         if args.calibrate_only:
             runs = runs[:1]
         for n in args.counts:
-            for tree, label, stub in runs:
-                plan = Plan(n, args.mode, tree, label, stub)
+            for tree, label, stub, fixed in runs:
+                if fixed:
+                    label = f"{label} (fixed {args.hb_interval:g} s)"
+                plan = Plan(n, args.mode, tree, label, stub, fixed)
                 try:
                     results.append(run_one(plan, args, work, data))
                 except RuntimeError as exc:
