@@ -5,10 +5,15 @@ Each node talks to the scheduler as `syncbit/daemon.py`, `fetcher.py` and `jobs.
 (same routes, bodies, order and cadence) but moves no bytes: a chunk "transfer" is a
 sleep at the simulated link's rate. Two request mixes:
 
-  mix       heartbeat every 2 s (closed loop, as the daemon: sleep after each answer),
-            the generation long poll held open, a third of the nodes claim and report 8
-            new chunks of one shared object per heartbeat, a chunk-map lookup every third
-            heartbeat.
+  mix       heartbeats at the interval the scheduler's answers ask for (closed loop, as
+            the daemon: sleep after each answer; `syncbit.node.reporter`'s own bounds:
+            never more often than every 2 s, at most 30 s), the generation long poll
+            held open, and every 2 s (the data's pace, which a heartbeat interval does
+            not change: the daemon's reports and lookups are loops of their own) a third
+            of the nodes claim and report 8 new chunks of one shared object, and a
+            chunk-map lookup at every third such tick. With `obey_interval` off (bench
+            --fixed-interval), the old mix: a heartbeat every 2 s whatever the answer
+            says, the reports and lookups after each heartbeat.
   prefetch  the daemon's real sequence for one dataset assigned to every node: the long
             poll wakes, dataset listing, manifest, plan; a prefetch job per node (4 files
             at a time); each chunk's reader by the plan's members (chunk k -> member k mod
@@ -33,6 +38,10 @@ from urllib.parse import quote
 import trio
 from _scale_http import Pool, RequestFailed, Stats, loads
 
+# The real daemon's rule for the interval an answer asks for (bounds, bad values): the
+# worker runs with the bench's own tree on its path.
+from syncbit.node.reporter import interval_in_force
+
 HB_ROUTE = "heartbeat"
 _GENERATION_WAIT = 25.0  # daemon.py: seconds a long poll may wait
 _CHUNK_INFO_TTL = 1.0  # daemon.py: a chunk map is reused this long by transfers
@@ -43,6 +52,7 @@ _PREFETCH_CONCURRENCY = 6  # DaemonConfig default: the peer lane
 _SOURCE_BATCH = 16 << 20  # fetcher.py: bytes one source read (and one claim) may cover
 _CLAIM_TTL = 60.0  # fetcher.py: max(claim_ttl, read_deadline)
 _MIX_REPORT_CHUNKS = 8
+_TOLD = b'"heartbeat_interval":'
 
 
 def source_address(index: int) -> str:
@@ -207,7 +217,12 @@ class Worker:
             "routes": {k: v.to_json() for k, v in self.stats.routes.items()},
             "samples": self.stats.samples,
             "nodes": {
-                n.name: {"first_ok": n.first_ok, "hb_sent": n.hb_sent, "hb_ok": n.hb_ok}
+                n.name: {
+                    "first_ok": n.first_ok,
+                    "hb_sent": n.hb_sent,
+                    "hb_ok": n.hb_ok,
+                    "in_force": n.in_force,
+                }
                 for n in self.nodes
             },
             "counts": self.counts,
@@ -233,7 +248,9 @@ class Node:
         self.labels = _labels(self.name, index)
         self.pool = Pool(spec["host"], spec["port"], self.source, None, worker.stats, spec["conns"])
         self.timeout = float(spec["timeout"])
-        self.interval = float(spec["hb_interval"])
+        self.interval = float(spec["hb_interval"])  # configured: the shortest
+        self.in_force = self.interval  # what the last answer asked (when obeyed)
+        self.obey = bool(spec.get("obey_interval", True))
         self.generation = -1  # daemon.py: no generation seen yet
         self.manifests: dict[str, dict[str, Any]] = {}
         self.plan: dict[str, dict[str, Any]] = {}
@@ -322,6 +339,8 @@ class Node:
             self.first_ok = time.time()
         if counted:
             self.hb_ok += 1
+        if self.obey:
+            self.in_force = interval_in_force(_told(raw), self.interval)
         # The plan (every member's name: O(nodes)) is parsed only when it changed; the
         # daemon parses it every time, which costs the simulator's CPU, not the scheduler's.
         at = raw.find(b'"plan"')
@@ -332,9 +351,12 @@ class Node:
             await self.apply_plan(list(record.get("plan", [])))
 
     async def _heartbeat_loop(self) -> None:
+        """The reporter's loop: the next heartbeat at the interval in force after each
+        answer (a failed one is tried again after the configured interval: the mix never
+        runs long enough for the daemon's back-off to matter)."""
         while True:
             await self.heartbeat()
-            await trio.sleep(self.interval)
+            await trio.sleep(self.in_force)
 
     async def _dataset_loop(self) -> None:
         """daemon.py `_dataset_loop`: the generation long poll, then a dataset sync."""
@@ -407,11 +429,14 @@ class Node:
     # -- the mix ----------------------------------------------------------------------------
 
     async def _mix_loop(self) -> None:
-        """Heartbeat every interval; a third of the nodes claim and report 8 new chunks of
-        the shared object at each; a chunk-map lookup at every third. Reports and lookups
-        run beside the heartbeat loop, as in the daemon (its report loop and fetcher are
-        tasks of their own): a slow one is skipped, not queued, while it runs."""
+        """Heartbeats at the interval in force; every 2 s (after a heartbeat, with
+        --fixed-interval) a third of the nodes claim and report 8 new chunks of the shared
+        object, and a chunk-map lookup at every third tick. Reports and lookups run beside
+        the heartbeat loop, as in the daemon (its report loop and fetcher are tasks of
+        their own): a slow one is skipped, not queued, while it runs."""
         assert self._nursery is not None
+        if self.obey:
+            self._nursery.start_soon(self._heartbeat_loop)
         reporter = self.index % 3 == 0
         busy = {"report": False, "lookup": False}
         state = {"next": 0, "pending": []}
@@ -427,7 +452,8 @@ class Node:
                 busy[kind] = False
 
         while True:
-            await self.heartbeat()
+            if not self.obey:
+                await self.heartbeat()
             target = self._shared_object()
             if target is not None:
                 jobs: list[tuple[str, bool, Callable[[], Any]]] = [
@@ -813,6 +839,22 @@ class Fetch:
                 await trio.sleep(1.0)
             else:
                 await trio.sleep(0.05)
+
+
+def _told(raw: bytes) -> Any:
+    """The answer's "heartbeat_interval" (None if it has none, or not a number): found
+    without parsing the whole answer, whose plan the simulator parses only when it changed."""
+    at = raw.find(_TOLD)
+    if at < 0:
+        return None
+    tail = raw[at + len(_TOLD) : at + len(_TOLD) + 40].lstrip()
+    end = 0
+    while end < len(tail) and tail[end : end + 1] in b"0123456789.eE+-":
+        end += 1
+    try:
+        return float(tail[:end])
+    except ValueError:
+        return None
 
 
 def main() -> None:

@@ -8,9 +8,13 @@ loopback address per node; no bytes move). With auth (the default) the scheduler
 cluster secret, the bench makes a bootstrap credential, and every node exchanges it for
 its own node credential before its first heartbeat, as a daemon does.
 
-  --mode mix       heartbeat every 2 s, the generation long poll held open, a third of the
-                   nodes claim and report 8 new chunks of one shared object per heartbeat,
-                   a chunk-map lookup every third heartbeat (the mix of issue 14)
+  --mode mix       heartbeats at the interval the scheduler asks for (every 2 s at
+                   least, as a daemon), the generation long poll held open, and every 2 s a
+                   third of the nodes claim and report 8 new chunks of one shared object, a
+                   chunk-map lookup at every third tick (the mix of issue 14);
+                   --fixed-interval: a heartbeat every 2 s whatever the answer says, the
+                   reports and lookups after each (the mix as before the interval followed
+                   the cluster's size, and as an older daemon does)
   --mode prefetch  one 100 GiB dataset (20 sparse files of 5 GiB, file://) added and
                    assigned to every node once they are up; what the daemons do then:
                    long poll wakes, listing, manifest, plan, claims, chunk reports, chunk
@@ -363,6 +367,7 @@ class Plan:
     tree: Path
     label: str
     stub: bool = False  # nginx with canned answers instead of a scheduler (--calibrate)
+    fixed: bool = False  # nodes beat every --hb-interval whatever the scheduler asks
 
 
 def make_dataset(root: Path, files: int, size: int) -> Path:
@@ -398,6 +403,8 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
         "node_timeout": args.node_timeout,
         "log_level": "info",
     }
+    if args.heartbeat_rate is not None:
+        config["heartbeat_rate"] = args.heartbeat_rate  # the scheduler's default otherwise
     if secret:
         (run_dir / "secret").write_text(secret + "\n")
         (run_dir / "secret").chmod(0o600)
@@ -471,6 +478,7 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
             "bootstrap": bootstrap,
             "dataset": DATASET,
             "hb_interval": args.hb_interval,
+            "obey_interval": not plan.fixed,
             "timeout": args.timeout,
             "conns": conns,
             "origin_rate": args.origin_rate / args.workers,
@@ -552,7 +560,9 @@ def start_workers(
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 cwd=Path(__file__).parent,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+                # The bench's own tree too: the simulated nodes bound the heartbeat interval
+                # with the daemon's own function.
+                env={**os.environ, "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{REPO}"},
                 start_new_session=True,
             )
         workers.append((proc, err))
@@ -650,6 +660,10 @@ def analyse(
             if first is not None and first < s.sent:
                 false_down.add(name)
     never = sum(1 for n in nodes.values() if n["first_ok"] is None)
+    # The interval each registered node kept to at the end (what the last answer asked,
+    # within the daemon's bounds), and the heartbeats that makes due in the window.
+    in_force = sorted(float(n.get("in_force") or 0.0) for n in nodes.values() if n["first_ok"])
+    due_in_force = sum(window / i for i in in_force if i > 0)
     proc = [p for p in samplers.proc if w0 <= p.t <= w1]
     cpu = (proc[-1].cpu - proc[0].cpu) / (proc[-1].t - proc[0].t) if len(proc) > 1 else 0.0
     load = [v for t, v in samplers.load if w0 <= t <= w1]
@@ -668,6 +682,10 @@ def analyse(
         "hb_sent": hb["sent"],
         "hb_ok": hb["ok"],
         "hb_due": plan.nodes * window / 2.0,
+        "hb_due_in_force": due_in_force,
+        "interval_min_s": in_force[0] if in_force else None,
+        "interval_p50_s": _pct(in_force, 0.5),
+        "interval_max_s": in_force[-1] if in_force else None,
         "hb_answered_pct": 100.0 * hb["ok"] / hb["sent"] if hb["sent"] else 0.0,
         "hb_p50_s": _pct(hb["latencies"], 0.50),
         "hb_p99_s": _pct(hb["latencies"], 0.99),
@@ -787,6 +805,13 @@ def report(r: dict[str, Any]) -> None:
         f"{r['hb_ok'] / r['hb_due'] * 100:.0f}% of one per node per 2 s), "
         f"p50 {_fmt_s(r['hb_p50_s'])}, p99 {_fmt_s(r['hb_p99_s'])}, errors {r['hb_errors']}"
     )
+    if r.get("interval_p50_s") is not None:
+        due = r.get("hb_due_in_force") or 0.0
+        print(
+            f"   heartbeat interval in force at the end: median {r['interval_p50_s']:.2f} s "
+            f"(min {r['interval_min_s']:.2f}, max {r['interval_max_s']:.2f}); answered "
+            f"{100 * r['hb_ok'] / due if due else 0:.0f}% of one per node per interval"
+        )
     print(
         f"   liveness: falsely marked down {r['nodes_false_down']} (scheduler log: "
         f"{r['nodes_down_logged']} nodes), up (min/last of "
@@ -833,6 +858,7 @@ def report(r: dict[str, Any]) -> None:
 SUMMARY: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("hb answered", lambda r: f"{r['hb_answered_pct']:.1f}%"),
     ("hb per node per 2 s", lambda r: f"{100 * r['hb_ok'] / r['hb_due']:.0f}%"),
+    ("interval", lambda r: _fmt_s(r.get("interval_p50_s"))),
     ("hb p50", lambda r: _fmt_s(r["hb_p50_s"])),
     ("hb p99", lambda r: _fmt_s(r["hb_p99_s"])),
     ("false down", lambda r: str(max(r["nodes_false_down"], r["nodes_down_logged"]))),
@@ -903,8 +929,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler-arg", action="append", default=[], help="extra CLI argument")
     p.add_argument("--conns", type=int, default=4, help="a node's connections besides hb/poll")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout (daemon: 10)")
-    p.add_argument("--hb-interval", type=float, default=2.0)
+    p.add_argument(
+        "--hb-interval",
+        type=float,
+        default=2.0,
+        help="the nodes' own heartbeat interval, and the pace of the mix's reports and lookups",
+    )
+    p.add_argument(
+        "--fixed-interval",
+        action="store_true",
+        help="nodes beat every --hb-interval whatever the scheduler asks (the old mix)",
+    )
+    p.add_argument(
+        "--compare-fixed",
+        action="store_true",
+        help="each N twice, one after the other: --fixed-interval, then as the scheduler asks",
+    )
     p.add_argument("--node-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--heartbeat-rate",
+        type=float,
+        default=None,
+        help="the scheduler's heartbeat_rate (heartbeats/s in all); default: its own",
+    )
     p.add_argument("--files", type=int, default=20)
     p.add_argument("--file-size", type=parse_size, default=parse_size("5GiB"))
     p.add_argument("--origin-rate", type=parse_rate, default=parse_rate("10gbit"))
@@ -942,14 +989,20 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         data = make_dataset(work, args.files, args.file_size)
-        runs = [(t.resolve(), label, False) for t, label in zip(trees, labels, strict=True)]
+        runs = [
+            (t.resolve(), label, False, fixed)
+            for t, label in zip(trees, labels, strict=True)
+            for fixed in ([True, False] if args.compare_fixed else [args.fixed_interval])
+        ]
         if args.calibrate or args.calibrate_only:
-            runs.insert(0, (Path("/nonexistent"), "nginx stub", True))
+            runs.insert(0, (Path("/nonexistent"), "nginx stub", True, args.fixed_interval))
         if args.calibrate_only:
             runs = runs[:1]
         for n in args.counts:
-            for tree, label, stub in runs:
-                plan = Plan(n, args.mode, tree, label, stub)
+            for tree, label, stub, fixed in runs:
+                if fixed:
+                    label = f"{label} (fixed {args.hb_interval:g} s)"
+                plan = Plan(n, args.mode, tree, label, stub, fixed)
                 try:
                     results.append(run_one(plan, args, work, data))
                 except RuntimeError as exc:

@@ -119,6 +119,13 @@ class SchedulerConfig(_Strict):
     peers_per_chunk: int = Field(
         default=8, ge=1, le=64, description="most peers any answer names for one chunk (K)"
     )
+    heartbeat_rate: float = Field(
+        default=500.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="heartbeats a second all nodes together are asked to keep to: the "
+        "interval nodes are told stretches to nodes/rate (at most 30 s); node_timeout follows",
+    )
     state: str | None = Field(
         default=None,
         description="etcd://h1:2379,h2:2379,...: durable state in etcd, shared by replicas "

@@ -22,6 +22,11 @@ PEERS_PER_CHUNK = 8  # the scheduler's default K: peers named for one chunk, at 
 MAX_UPDATE_CHUNKS = 4096  # chunk records one page of updates carries, at most
 MAX_PLAN_MEMBERS = 256  # plan entries list their members up to this many (see PlanEntry)
 
+MAX_HEARTBEAT_INTERVAL = 30.0
+"""Seconds, the longest a scheduler asks a node to wait between heartbeats, and the longest
+a node waits whatever it is told. Shorter than the scheduler's re-check timeout (60 s), so
+that a node chosen to re-check a chunk hears of it in time."""
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -214,6 +219,7 @@ class PlanEntry:
 
 __all__ = [
     "MAX_CLAIM_CHUNKS",
+    "MAX_HEARTBEAT_INTERVAL",
     "MAX_PLAN_MEMBERS",
     "MAX_REPORT_CHUNKS",
     "MAX_REPORT_REMOVALS",

@@ -23,6 +23,7 @@ from syncbit.node.status import Status
 from syncbit.node.sync import Sync
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
+from syncbit.protocol import MAX_HEARTBEAT_INTERVAL
 from syncbit.retry import backoff_delays
 from syncbit.scheduler.client import SchedulerClient
 from syncbit.store import ObjectStore, StoredObject
@@ -42,6 +43,19 @@ def heartbeat_delays(interval: float) -> Iterator[float]:
     while True:
         yield random.uniform(interval, interval * min(2**failures, _BEAT_BACKOFF))
         failures += 1
+
+
+def interval_in_force(told: object, configured: float) -> float:
+    """Seconds to wait before the next heartbeat when the scheduler's answer asked for
+    `told` ("heartbeat_interval", stretched with the cluster's size): never more often
+    than this node's configured interval, never longer than MAX_HEARTBEAT_INTERVAL (unless
+    configured longer). Anything but a finite positive number (an older scheduler sends
+    none; a broken or hostile one, anything) is ignored: the configured interval holds."""
+    if isinstance(told, bool) or not isinstance(told, int | float):
+        return configured
+    if not math.isfinite(told) or told <= 0:
+        return configured
+    return max(configured, min(float(told), MAX_HEARTBEAT_INTERVAL))
 
 
 class Reporter:
@@ -64,7 +78,8 @@ class Reporter:
         warnings: Throttled,
     ) -> None:
         self.node = node
-        self.interval = heartbeat_interval
+        self.interval = heartbeat_interval  # configured: the shortest this node beats at
+        self.in_force = heartbeat_interval  # what the last answer asked (`interval_in_force`)
         self.cache_size = cache_size
         self.advertise = advertise
         self.labels = labels
@@ -112,6 +127,8 @@ class Reporter:
     # -- heartbeats --------------------------------------------------------------------------
 
     async def _heartbeat_loop(self, nursery: trio.Nursery) -> None:
+        """Heartbeats at the interval the last answer asked for; chunk reports do not wait
+        for them (`_report_loop`), so a stretched interval slows no prefetch."""
         delays = heartbeat_delays(self.interval)
         while True:
             await self.refresh_credentials()
@@ -119,8 +136,10 @@ class Reporter:
                 await trio.sleep(self.interval)  # no credential yet: nothing to send
                 continue
             if await self._heartbeat(nursery):
-                delays = heartbeat_delays(self.interval)
-                await trio.sleep(self.interval)
+                # Retries back off from the interval in force too: a scheduler that asked
+                # a large cluster to beat slowly is not met by all of it at once.
+                delays = heartbeat_delays(self.in_force)
+                await trio.sleep(self.in_force)
             else:
                 await trio.sleep(next(delays))
 
@@ -141,7 +160,8 @@ class Reporter:
                 disk_full=usage["disk_full"],
                 disk_free=usage["disk_free"],
             )
-            self._status.heard()
+            self.in_force = interval_in_force(record.get("heartbeat_interval"), self.interval)
+            self._status.heard(self.in_force)
             self._heard(record, nursery)
             await self._sync.apply_plan(list(record.get("plan", [])))
         except UnauthorizedError as exc:

@@ -53,7 +53,8 @@ class Status:
     Args:
         store: tells which objects changed (`store.presence`).
         marks: the fetch layer's broken and verified marks.
-        heartbeat_interval: `/readyz` fails after three missed heartbeats (and 5 s).
+        heartbeat_interval: `/readyz` fails after three missed heartbeats (and 5 s), at
+            this interval until a heartbeat answer says which is in force (`heard`).
         mounted: whether the FUSE mount answers.
     """
 
@@ -115,9 +116,13 @@ class Status:
         """Look at the object again at the next question (a mark of the fetch layer)."""
         self._dirty.add(object_id)
 
-    def heard(self) -> None:
-        """The scheduler answered a heartbeat now."""
+    def heard(self, interval: float | None = None) -> None:
+        """The scheduler answered a heartbeat now; `interval`: the seconds until the next
+        one now in force (the scheduler stretches it in a large cluster), which `/readyz`
+        counts three of from here on."""
         self._heartbeat_ok = trio.current_time()
+        if interval is not None:
+            self._heartbeat_interval = interval
 
     # -- questions ---------------------------------------------------------------------------
 

@@ -122,6 +122,9 @@ class Api(ChunkHandlers):
                 # Another value than before: a new scheduler (a restart, another leader)
                 # that knows no holders yet; the node reports all it holds again.
                 "epoch": self.state.epoch,
+                # Seconds to wait before the next heartbeat, at least: stretched with the
+                # cluster's size (`live.Liveness.interval`); older nodes ignore it.
+                "heartbeat_interval": self.state.live.told(node),
             }
         )
 

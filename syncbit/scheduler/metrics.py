@@ -49,6 +49,13 @@ def _state(api: Api) -> Iterator[Metric]:
         ["state"],
     )
     yield gauge(
+        "syncbit_scheduler_heartbeat_interval_seconds",
+        "Seconds between heartbeats nodes are asked to keep to now (before jitter): nodes "
+        "up / heartbeat_rate; a node's own interval is its floor.",
+        {(): state.live.interval()},
+        [],
+    )
+    yield gauge(
         "syncbit_scheduler_datasets", "Registered datasets.", {(): len(status["datasets"])}, []
     )
     for key, doc in (

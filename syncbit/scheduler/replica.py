@@ -127,8 +127,9 @@ class Replica:
             try:
                 async with self._open_state(self.fenced) as state:
                     # The previous leader's grants are in flight; the nodes report again
-                    # within a heartbeat or two, well inside the node timeout.
-                    state.claims.inherit(settle=state.live.timeout)
+                    # within a heartbeat or two (at the interval the cluster's size asks).
+                    settle = max(state.live.timeout, 2 * state.live.interval())
+                    state.claims.inherit(settle=settle)
                     self._leader_api = self._make_api(state)
                     log.info("leading (term %d): nodes report what they hold", term.revision)
                     try:

@@ -253,6 +253,7 @@ class SchedulerServer:
             "clock": self._clock,
             "policy": self.policy,
             "peers_per_chunk": self.config.peers_per_chunk,
+            "heartbeat_rate": self.config.heartbeat_rate,
         }
 
     def _open_state(self, store: DurableStore) -> AbstractAsyncContextManager[SchedulerState]:

@@ -28,7 +28,7 @@ from syncbit.scheduler.facts import Facts, NodeRecord, Txn
 from syncbit.scheduler.holders import Holders
 from syncbit.scheduler.kv import DurableStore
 from syncbit.scheduler.kv_lmdb import LmdbStore
-from syncbit.scheduler.live import Liveness, NodeLive
+from syncbit.scheduler.live import HEARTBEAT_RATE, Liveness, NodeLive
 from syncbit.scheduler.planner import Planner
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
 from syncbit.scheduler.records import (
@@ -52,6 +52,8 @@ class SchedulerState:
         clock: wall-clock seconds (injectable for tests).
         peers_per_chunk: K, the most peers any answer names for one chunk.
         policy: the peer policy (default `LeastLoaded`).
+        heartbeat_rate: heartbeats a second all nodes together are asked to keep to (the
+            interval each answer tells stretches with the nodes up; see `live`).
     """
 
     def __init__(
@@ -62,11 +64,12 @@ class SchedulerState:
         *,
         peers_per_chunk: int = PEERS_PER_CHUNK,
         policy: PeerPolicy | None = None,
+        heartbeat_rate: float = HEARTBEAT_RATE,
     ) -> None:
         self.clock = clock
         self.epoch = secrets.token_hex(8)  # this instance: nodes re-report to a new one
         self.facts = Facts(store)
-        self.live = Liveness(node_timeout, clock)
+        self.live = Liveness(node_timeout, clock, heartbeat_rate)
         self.claims = Claims()
         self.policy: PeerPolicy = policy or LeastLoaded()
         self.holders = Holders(peers_per_chunk, self.eligible, self._choose, self._seed)
@@ -91,6 +94,9 @@ class SchedulerState:
         """A state whose facts are loaded from `store`; closed at the end of the block."""
         state = cls(store, node_timeout, **kwargs)
         await state.facts.load()
+        # Which registered nodes are up is soft state this instance has yet to learn; until
+        # it has, the interval it tells is stretched for all of them.
+        state.live.assume(len(state.facts.nodes))
         try:
             yield state
         finally:
