@@ -214,6 +214,7 @@ SCHEDULER_ROUTES: list[tuple[str, str, Any, set[str] | None]] = [
     ("GET", f"/v1/objects/{OID}/updates", None, NODES),
     ("GET", "/v1/datasets/ds/trace", None, READERS),
     ("PUT", "/v1/datasets/ds/trace", {"node": "n1", "trace": {"format": 1}}, NODE_N1),
+    ("POST", "/v1/nodes/n1/leave", None, NODE_N1),  # last: n1 is down after it
 ]
 # Never anything but 401: no credential, a wrong one, another cluster's, an expired one,
 # and a node's peer credential (a peer that received it must not use it here).

@@ -15,6 +15,7 @@ import pytest
 from fakes import Clock
 from test_scheduler_state import CHUNK, OBJ_A, add, named
 
+from syncbit.errors import NotFoundError
 from syncbit.scheduler.chunkmaps import RERANK
 from syncbit.scheduler.state import SchedulerState, open_lmdb_state
 
@@ -159,3 +160,23 @@ async def test_a_node_going_down_is_never_named(state: SchedulerState, clock: Cl
     names = [p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]]
     assert names == ["n1"]
     assert b'"n0"' not in state.chunks.chunk_map_json(OBJ_A, None, {})
+
+
+async def test_a_node_that_leaves_is_never_named_and_its_next_heartbeat_brings_it_back(
+    state: SchedulerState, clock: Clock
+) -> None:
+    """A node stopping cleanly says so: down at once, not after the timeout; its record
+    stays, and the heartbeat of its restart makes it a peer again."""
+    await named(state, SIZE)
+    for name in ("n0", "n1"):
+        await beat(state, name)
+        await add(state, name, OBJ_A, SIZE, CHUNK, [(0, digest(0))])
+    assert not state.leave("n0").up
+    assert [p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]] == ["n1"]
+    assert [n.name for n in state.nodes() if n.up] == ["n1"]
+    assert not state.leave("n0").up  # once more: nothing changes
+    with pytest.raises(NotFoundError, match="no node named 'n7'"):
+        state.leave("n7")
+    clock.now += 1
+    await beat(state, "n0")
+    assert sorted(p["node"] for p in state.chunk_map(OBJ_A, None)["peers"][0]) == ["n0", "n1"]

@@ -333,6 +333,7 @@ class Node:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
+                await self.reporter.leave()
                 scope.cancel()
                 return
 

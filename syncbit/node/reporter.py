@@ -29,6 +29,7 @@ from syncbit.scheduler.client import SchedulerClient
 from syncbit.store import ObjectStore, StoredObject
 
 log = logging.getLogger("syncbit.daemon")
+LEAVE_TIMEOUT = 2.0  # seconds a stopping node waits to tell the scheduler
 
 _REPORT_BATCH = 4096  # chunks per report
 _HELD_BACK_POLL = 0.2  # seconds between looks at chunks held back from reports
@@ -100,6 +101,7 @@ class Reporter:
         # Whether the chunks of an object may be offered to other nodes yet: the registry
         # mirror holds a blob back until its whole sha256 checked (`NodeBlobSource`).
         self.shareable: Callable[[StoredObject], bool] = lambda obj: True
+        self._beating = trio.CancelScope()  # the heartbeat loop: `leave` ends it
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -126,7 +128,24 @@ class Reporter:
 
     # -- heartbeats --------------------------------------------------------------------------
 
+    async def leave(self) -> None:
+        """A clean shutdown: no more heartbeats, and the scheduler is told this node is
+        stopping, so it stops naming it as a peer now rather than after the node timeout
+        (a rollout restarts every node of a DaemonSet). At most LEAVE_TIMEOUT seconds: an
+        unreachable scheduler finds it down by the timeout as before."""
+        self._beating.cancel()
+        with trio.move_on_after(LEAVE_TIMEOUT):
+            try:
+                await self._client.leave(self.node)
+                log.info("told the scheduler this node is leaving")
+            except SyncbitError as exc:
+                log.warning("could not tell the scheduler this node is leaving: %s", exc)
+
     async def _heartbeat_loop(self, nursery: trio.Nursery) -> None:
+        with self._beating:
+            await self._beat_forever(nursery)
+
+    async def _beat_forever(self, nursery: trio.Nursery) -> None:
         """Heartbeats at the interval the last answer asked for; chunk reports do not wait
         for them (`_report_loop`), so a stretched interval slows no prefetch."""
         delays = heartbeat_delays(self.interval)

@@ -128,6 +128,9 @@ class Api(ChunkHandlers):
             }
         )
 
+    async def _leave(self, c: Call) -> bytes:
+        return json_bytes(self.state.leave(c.seg[2]).to_json())
+
     async def _labels(self, c: Call) -> bytes:
         req: LabelsBody = parse(LabelsBody, c.doc())
         return json_bytes((await self.state.edit_labels(c.seg[2], req.set, req.remove)).to_json())

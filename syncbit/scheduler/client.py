@@ -209,6 +209,10 @@ class SchedulerClient:
             result: list[dict[str, Any]] = list(doc["targets"])
         return result
 
+    async def leave(self, node: str) -> None:
+        """Tell the scheduler this node is stopping: it is down from now on."""
+        await self._request("POST", f"/v1/nodes/{_segment(node)}/leave")
+
     async def claim(self, node: str, object_id: str, chunks: list[int], ttl: float) -> ClaimResult:
         """Ask to read `chunks` of an object from the source (see `scheduler.claims`)."""
         body = {"node": node, "chunks": chunks, "ttl": ttl}

@@ -119,6 +119,19 @@ class Liveness:
             self._tell(name, True)
         return came_up
 
+    def leave(self, name: str) -> bool:
+        """The node said it is stopping (a clean shutdown): down now, not after its
+        timeout, so no answer names it as a peer meanwhile; its next heartbeat (a restart)
+        brings it back. Whether it was up."""
+        live = self.nodes.get(name)
+        if live is not None:
+            live.last_seen = -math.inf
+        if name not in self.up:
+            return False
+        self.up.discard(name)
+        self._tell(name, False)
+        return True
+
     def is_up(self, name: str) -> bool:
         live = self.nodes.get(name)
         if live is None:

@@ -44,6 +44,7 @@ RULES: dict[str, Rule | None] = {
     "readyz": OPEN,
     "nodes": Rule((Role.READER,)),
     "heartbeat": Rule((Role.NODE,), own="path"),
+    "leave": Rule((Role.NODE,), own="path"),
     "credential": Rule((Role.NODE, Role.BOOTSTRAP), own="path"),
     "labels": Rule(),
     "plan": Rule((Role.NODE,), own="path"),
@@ -110,6 +111,8 @@ def _table(seg: list[str]) -> dict[str, str]:
             return {"PUT": "heartbeat"}
         case ["v1", "nodes", _, "labels"]:
             return {"POST": "labels"}
+        case ["v1", "nodes", _, "leave"]:
+            return {"POST": "leave"}
         case ["v1", "nodes", _, "plan"]:
             return {"GET": "plan"}
         case ["v1", "nodes", _, "credential"]:

@@ -214,6 +214,16 @@ class SchedulerState:
             log.info("node %s is up at %s", name, address)
         return self.node(name)
 
+    def leave(self, name: str) -> NodeInfo:
+        """A node stopping cleanly: down at once (see `Liveness.leave`); its record, labels
+        and assignments stay. NotFoundError if it never registered."""
+        check_name("node", name)
+        if name not in self.facts.nodes:
+            raise NotFoundError(f"no node named {name!r}")
+        if self.live.leave(name):  # its offers move to other holders at `tidy`
+            log.info("node %s is leaving: down", name)
+        return self.node(name)
+
     def _register(self, txn: Txn, name: str, address: str, labels: dict[str, str]) -> None:
         current = self.facts.nodes.get(name)
         overrides = current.label_overrides if current is not None else {}
