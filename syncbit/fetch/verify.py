@@ -266,26 +266,33 @@ class WholeFile:
                 return
 
     async def _complete(self, state: _Hashing, path: str, expected: str) -> None:
-        """Every chunk hashed: decide. The running hash stands only if every chunk still
-        has the digest it had when hashed (a chunk evicted and fetched again meanwhile
-        would have another if its bytes differ) and nothing was discarded; a mismatch is
-        checked once more on the whole file before it condemns the object."""
+        """Every chunk hashed: decide. The running hash stands only if every chunk is still
+        there with the digest it had when hashed (a chunk evicted and fetched again
+        meanwhile would have another if its bytes differ) and nothing was discarded; a
+        mismatch is checked once more on the whole file before it condemns the object. A
+        chunk gone since it was hashed decides nothing: the object is hashed again from
+        its start once it is whole."""
         obj = state.obj
-        self._hashing.pop(obj.id, None)
-        now = [obj.digests.get(i) for i in range(obj.chunks)]
-        got = state.h.hexdigest()
-        if got != expected or None in now or now != state.digests:
-            got = await self.store.sha256(obj)
-        if obj.discards != state.discards:
-            return  # thrown away meanwhile: a later call starts over
-        if got == expected:
-            self._verified.add(obj.id)
-            return
-        log.error(
-            "%s: whole-file SHA-256 %s does not match the source's %s: discarding it",
-            path,
-            got[:16],
-            expected[:16],
-        )
-        self.stats["verify_failures"] += 1
-        await self.store.discard(obj)
+        try:
+            now = [obj.digests.get(i) for i in range(obj.chunks)]
+            if None in now:
+                return
+            got = state.h.hexdigest()
+            if got != expected or now != state.digests:
+                got = await self.store.sha256(obj)
+            if obj.discards != state.discards:
+                return  # thrown away meanwhile: a later call starts over
+            if got == expected:
+                self._verified.add(obj.id)
+                return
+            log.error(
+                "%s: whole-file SHA-256 %s does not match the source's %s: discarding it",
+                path,
+                got[:16],
+                expected[:16],
+            )
+            self.stats["verify_failures"] += 1
+            await self.store.discard(obj)
+        finally:
+            if self._hashing.get(obj.id) is state:
+                del self._hashing[obj.id]
