@@ -95,6 +95,13 @@ def test_the_trio_thread_makes_no_blocking_call(
         _local(audited, node.address, "GET", "/v1/local/datasets")
         _local(audited, node.address, "GET", "/v1/local/cache")
         _local(audited, node.address, "POST", "/v1/local/pull", {"dataset": "audited"})
+    # Heartbeats that say the dataset is ready here: they ran after the reads. Before
+    # n2's cache is evicted below: from then on n2's heartbeats say it is not.
+    wait_until(
+        lambda: {"n1", "n2"} <= set(_status(audited)),
+        60,  # heartbeats back off while a loaded scheduler is slow to answer
+        "both nodes to report the dataset ready",
+    )
     # A warm read (the kernel reads the cache file itself), then the cache's upkeep.
     for rel, facts in ds.files.items():
         assert sha256_file(n1.path("audited", rel)) == facts.sha256
@@ -104,12 +111,6 @@ def test_the_trio_thread_makes_no_blocking_call(
     evicted = _local(audited, n2.address, "POST", "/v1/local/cache/evict", {"dataset": "audited"})
     assert evicted["evicted"] == len(ds.files), evicted
     _local(audited, n2.address, "POST", "/v1/local/cache/gc")
-    # Heartbeats that say the dataset is ready here: they ran after the reads.
-    wait_until(
-        lambda: {"n1", "n2"} <= set(_status(audited)),
-        60,  # heartbeats back off while a loaded scheduler is slow to answer
-        "both nodes to report the dataset ready",
-    )
     for node in audited.nodes:  # audited indeed: the daemon said so, and its file is there
         assert f"auditing blocking calls on the trio thread into {node.env[ENV]}" in (
             node.log_text()
