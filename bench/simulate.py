@@ -278,6 +278,10 @@ class Sim:
         self.uploaded = [0.0] * n
         self.visible: list[list[int]] = [[] for _ in range(self.P)]
         self.sourced = bytearray(self.P)  # a source read of the piece began somewhere
+        self.sourced_count = 0  # pieces with `sourced` set: all of them, nothing to steal
+        # The offered holders of each piece as node indexes (--offers), made again only
+        # when the scheduler's `Holders` changes them (`_notice`, the only caller of add).
+        self.offered_idx: list[list[int] | None] = [None] * self.P
         self.unsourced: list[list[int]] = [list(r) for r in self.file_pieces]
         self.notices: list[tuple[float, int, int]] = []  # (visible at, piece, holder)
         self.retries: list[tuple[float, int, int]] = []  # (at, node, piece): holders were busy
@@ -343,7 +347,9 @@ class Sim:
     def _steal(self, node: int) -> None:
         """The idle source lane reads the last piece of the started files that nobody
         holds or reads (fetcher._steal), if the claim is granted."""
-        for f in sorted(range(self.next_file[node]), reverse=True):
+        if self.sourced_count == self.P:
+            return  # every piece is read from the source or held: nothing left to take
+        for f in range(self.next_file[node] - 1, -1, -1):
             if node not in self.file_nodes[f]:
                 continue  # complete here
             pending = self.unsourced[f]
@@ -368,9 +374,12 @@ class Sim:
         free upload slot (a busy one answers 503 and the next is tried); None: all busy."""
         holders = self.visible[k]
         if self.p.offers:
-            obj, index = self.piece_obj[k]
-            offered = self.offer_views[obj].offered.get(index, [])
-            holders = [self.index_of[name] for name in offered]
+            cached = self.offered_idx[k]
+            if cached is None:
+                obj, index = self.piece_obj[k]
+                offered = self.offer_views[obj].offered.get(index, [])
+                cached = self.offered_idx[k] = [self.index_of[name] for name in offered]
+            holders = cached
         elif self.p.first_k:
             holders = holders[: self.p.first_k]  # in the order their reports arrived
         cap = self.p.candidates
@@ -379,7 +388,10 @@ class Sim:
             start = self.rng.randrange(len(holders))
             holders = holders[start : start + cap] + holders[: max(0, start + cap - len(holders))]
         slots, busy = self.p.upload_slots, self.uploads_now
-        if all(busy[h] >= slots for h in holders):
+        for h in holders:
+            if busy[h] < slots:
+                break
+        else:
             return None  # every one answers 503, whatever the order (spares the ranking)
         ranked = self.policy.rank([self.infos[h] for h in holders])
         head = ranked[:SPREAD_HEAD]
@@ -394,6 +406,7 @@ class Sim:
         self.inflight[dst][k] = 1
         if src == self.origin:
             self.src_running[dst] += 1
+            self.sourced_count += not self.sourced[k]
             self.sourced[k] = 1
             self.source_reads += 1
             self.origin_bytes += self.piece_size[k]
@@ -433,6 +446,7 @@ class Sim:
         if self.p.offers:
             obj, index = self.piece_obj[k]
             self.offers.add(self.names[holder], self.offer_views[obj], [index])
+            self.offered_idx[k] = None
         if first:
             f = self.piece_file[k]
             for node in self.file_nodes[f]:

@@ -140,10 +140,14 @@ async def test_a_restarted_scheduler_stretches_intervals_for_the_nodes_it_knows(
         clock.now += 9.0  # told ~10 s: not down at 9 s
         state.tidy()
         assert state.live.is_up("n0")
+        # A new leader grants no claim until the nodes had two such intervals to report
+        # what they hold again (not the 3 s node timeout: they were told ~10 s).
+        assert state.live.reports_due() == 20.0
         # Once every node told by the last instance has had its chance, the nodes up count.
         clock.now += state.live.longest_timeout()
         await state.heartbeat("n0", "127.0.0.1:1")
         assert state.live.interval() == pytest.approx(0.25)
+        assert state.live.reports_due() == 3.0
 
 
 # -- the node --------------------------------------------------------------------------------

@@ -163,6 +163,12 @@ class Liveness:
         nodes / rate, at most MAX_HEARTBEAT_INTERVAL (a node's own interval is its floor)."""
         return min(MAX_HEARTBEAT_INTERVAL, self.size() / self.rate)
 
+    def reports_due(self) -> float:
+        """Seconds within which a new scheduler instance hears from every node (each then
+        reports what it holds again): two intervals as it tells them now, the registered
+        nodes counted (`assume`), and never less than the timeout."""
+        return max(self.timeout, 2 * self.interval())
+
     def told(self, name: str) -> float:
         """The interval `name` was told at its last heartbeat (0.0: never heard)."""
         live = self.nodes.get(name)

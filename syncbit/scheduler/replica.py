@@ -128,8 +128,7 @@ class Replica:
                 async with self._open_state(self.fenced) as state:
                     # The previous leader's grants are in flight; the nodes report again
                     # within a heartbeat or two (at the interval the cluster's size asks).
-                    settle = max(state.live.timeout, 2 * state.live.interval())
-                    state.claims.inherit(settle=settle)
+                    state.claims.inherit(settle=state.live.reports_due())
                     self._leader_api = self._make_api(state)
                     log.info("leading (term %d): nodes report what they hold", term.revision)
                     try:
