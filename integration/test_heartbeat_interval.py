@@ -40,6 +40,14 @@ def test_a_daemon_beats_at_the_interval_the_scheduler_sets(workdir: Path) -> Non
         metrics = scrape(address)
         assert metrics["syncbit_scheduler_heartbeat_interval_seconds"] == INTERVAL
 
+        # The daemon's /metrics says which interval it keeps to (+-10% jitter).
+        def kept() -> float | None:
+            seconds = scrape(node.address)["syncbit_heartbeat_interval_seconds"]
+            return seconds if seconds > OWN_INTERVAL else None
+
+        own = wait_until(kept, 30, "the daemon to keep the scheduler's interval")
+        assert own is not None and INTERVAL * 0.9 <= own <= INTERVAL * 1.1
+
         # Watch from the scheduler's side: each heartbeat moves the node's last_seen.
         beats: list[float] = []
         down_seen: list[float] = []

@@ -89,6 +89,13 @@ class NodeMetrics:
             {(): f.stats["verify_failures"]},
             [],
         )
+        yield gauge(
+            "syncbit_heartbeat_interval_seconds",
+            "Seconds between this node's heartbeats now: its own interval, or the longer "
+            "one the scheduler asks of a large cluster.",
+            {(): self._status.heartbeat_interval},
+            [],
+        )
         yield from self._dataset_metrics()
         yield from self._fuse_metrics()
 

@@ -124,6 +124,11 @@ class Status:
         if interval is not None:
             self._heartbeat_interval = interval
 
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between this node's heartbeats now (as the scheduler last asked)."""
+        return self._heartbeat_interval
+
     # -- questions ---------------------------------------------------------------------------
 
     def ready(self, name: str) -> bool:
