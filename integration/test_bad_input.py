@@ -76,6 +76,8 @@ def _cases(ds_url: str) -> list[tuple[list[str], str]]:
         (["daemon", "--listen", "nope"], "listen"),
         (["daemon", "--config", "/nonexistent/syncbit.yaml"], "config"),
         (["scheduler", "--listen", "127.0.0.1:99999"], "listen"),
+        (["scheduler", "--heartbeat-rate", "0"], "heartbeat_rate"),
+        (["scheduler", "--heartbeat-rate", "nan"], "heartbeat_rate"),
         # usage mistakes: click's own errors, one line too
         (["wait"], "Missing argument"),
         (["dataset", "add", "x"], "Missing argument"),

@@ -76,6 +76,13 @@ def scheduler(
     node_timeout: Annotated[
         float | None, typer.Option(help="Seconds without heartbeat before a node is down.")
     ] = None,
+    heartbeat_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Heartbeats a second all nodes together are asked to keep to (default "
+            "500): the interval nodes are told stretches to nodes / rate."
+        ),
+    ] = None,
     token_file: Annotated[Path | None, typer.Option(help="File with the cluster secret.")] = None,
     insecure: InsecureOpt = None,
     tls_cert: TlsCertOpt = None,
@@ -107,6 +114,7 @@ def scheduler(
             "listen": listen,
             "state_dir": state_dir,
             "node_timeout": node_timeout,
+            "heartbeat_rate": heartbeat_rate,
             "token_file": token_file,
             "insecure": insecure,
             "tls_cert": tls_cert,
