@@ -225,7 +225,7 @@ class WholeFile:
         self._verifying.add(obj.id)
         try:
             with self.store.keeping(obj):  # no eviction under the hash
-                await self._advance(state, path, expected)
+                state = await self._advance(state, path, expected)
         finally:
             state.busy = False
             self._verifying.discard(obj.id)
@@ -241,12 +241,15 @@ class WholeFile:
         state = self._hashing[obj.id] = _Hashing(obj)
         return state
 
-    async def _advance(self, state: _Hashing, path: str, expected: str) -> None:
+    async def _advance(self, state: _Hashing, path: str, expected: str) -> _Hashing:
+        """Hash on while chunks follow in order; the state it ended with (busy, as the one
+        it was given: the caller ends that)."""
         obj = state.obj
         while True:
             state.again = False
-            if state.discards != obj.discards:
-                state = self._start(obj)  # the content was thrown away: start over
+            if state.discards != obj.discards:  # the content was thrown away: start over
+                state = self._start(obj)
+                state.busy = True  # so no other call hashes the new state meanwhile
             end = state.next
             while end < obj.chunks and end in obj.written:
                 end += 1
@@ -261,9 +264,9 @@ class WholeFile:
                 state.next = end
             if state.next >= obj.chunks and state.discards == obj.discards:
                 await self._complete(state, path, expected)
-                return
+                return state
             if not state.again:
-                return
+                return state
 
     async def _complete(self, state: _Hashing, path: str, expected: str) -> None:
         """Every chunk hashed: decide. The running hash stands only if every chunk is still

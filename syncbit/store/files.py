@@ -127,18 +127,11 @@ class ObjectFile:
     def read_from_disk(self, offset: int, length: int) -> bytes | memoryview:
         """Blocking: bytes as the disk holds them, with O_DIRECT where the filesystem
         allows (no page-cache pollution), else through the page cache. Short at EOF."""
-        fd = self.fd(create=False)
-        if self._direct_fd >= 0 and offset % ALIGN == 0:
-            buf = mmap.mmap(-1, -(-length // ALIGN) * ALIGN)  # page-aligned
-            try:
-                n = os.preadv(self._direct_fd, [buf], offset)
-                return bytes(memoryview(buf)[: min(n, length)])
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here after all
-                    raise
-            finally:
-                buf.close()
-        return os.pread(fd, length, offset)
+        buf = mmap.mmap(-1, max(ALIGN, -(-length // ALIGN) * ALIGN))  # page-aligned
+        try:
+            return bytes(memoryview(buf)[: self.readinto(buf, offset, length)])
+        finally:
+            buf.close()
 
     def readinto(self, buf: mmap.mmap, offset: int, length: int) -> int:
         """Blocking: fill the first `length` bytes of `buf` (page-aligned, a whole number
@@ -147,11 +140,10 @@ class ObjectFile:
         in the page cache, and filling it for one read costs more CPU than the disk read
         (and evicts what readers use)."""
         fd = self.fd(create=False)
-        if self._direct_fd >= 0 and offset % ALIGN == 0 and -(-length // ALIGN) * ALIGN <= len(buf):
+        blocks = -(-length // ALIGN) * ALIGN
+        if self._direct_fd >= 0 and offset % ALIGN == 0 and blocks <= len(buf):
             try:
-                n = os.preadv(
-                    self._direct_fd, [memoryview(buf)[: -(-length // ALIGN) * ALIGN]], offset
-                )
+                n = os.preadv(self._direct_fd, [memoryview(buf)[:blocks]], offset)
                 return min(n, length)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here after all
