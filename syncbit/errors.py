@@ -50,7 +50,9 @@ error a server answered (`error_class`).
         ├── StateLimitError         a value is larger than the state store accepts
         ├── RevisionCompactedError  an etcd revision asked for was compacted away: re-read
         ├── LeaseExpiredError       an etcd lease is gone (expired or revoked)
-        └── NotLeaderError          only the leading scheduler writes; names the leader
+        ├── NotLeaderError          only the leading scheduler writes; names the leader
+        └── SchedulerBusyError      the scheduler held the request as long as it may:   429
+                                    it serves heartbeats first; ask again later
 
 Anything else a server meets is a bug: 500, logged there, never shown in detail.
 """
@@ -259,6 +261,17 @@ class LeaseExpiredError(SchedulerError):
     """An etcd lease is gone: it expired or was revoked."""
 
 
+class SchedulerBusyError(SchedulerError):
+    """The scheduler held a request as long as it may and did not serve it: it serves
+    heartbeats first and the rest at the rate it keeps up with (`scheduler.admission`).
+    Temporary, and not a reason to try another replica: ask again after `retry_after`
+    seconds (the answer's Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, status=429)
+        self.retry_after = retry_after
+
+
 class NotLeaderError(SchedulerError):
     """A write reached a scheduler replica that does not lead (or no longer does).
 
@@ -300,6 +313,7 @@ HTTP_STATUS: Final[Mapping[type[SyncbitError], int]] = MappingProxyType(
         SourceError: 502,  # the server is fine; what stands behind it failed
         DaemonUnreachableError: 503,  # a daemon still starting: ask again
         SchedulerError: 503,  # the scheduler's state is closed or unreachable: ask again
+        SchedulerBusyError: 429,  # held too long behind heartbeats: ask again later
     }
 )
 INTERNAL_ERROR: Final = 500

@@ -308,7 +308,8 @@ class Reporter:
                 self._warnings.warn("chunk report failed", exc)
                 backlog = batch + backlog
                 unsent = removed
-                await trio.sleep(max(0.5, next(delays)))  # longer while it stays down
+                told = getattr(exc, "retry_after", None) or 0.0  # a busy scheduler's word
+                await trio.sleep(max(0.5, next(delays), told))  # longer while it stays down
             else:
                 delays = backoff_delays(base=1.0, cap=5.0)
                 await trio.sleep(0.05)  # batch what arrives meanwhile

@@ -1,6 +1,7 @@
 """The scheduler's HTTP application: every request handled in steps, each before the next
 costs anything: the TLS rule, who asks (from the headers), where to (the route, which sets
-the body limit), then at most that limit of body (else 413, unread), then the handler.
+the body limit), when (`admission`: heartbeats at once, the rest as the loop keeps up),
+then at most that limit of body (else 413, unread), then the handler.
 
 Owns the request target's parsing, the error answers (status and `{"error", "kind"}` from
 `syncbit.errors`' table, never a traceback), `/metrics`, and the request counts. It never
@@ -9,8 +10,10 @@ keeps state of its own beyond counters and never logs a credential.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -24,15 +27,17 @@ from syncbit.credentials import Issuer
 from syncbit.errors import (
     ForbiddenError,
     MethodNotAllowedError,
+    SchedulerBusyError,
     StateUnavailableError,
     error_doc,
     http_status,
 )
 from syncbit.httpd import Body, Request, Response
 from syncbit.metrics import Snapshot, render
+from syncbit.scheduler.admission import Admission
 from syncbit.scheduler.api import Api, Call
 from syncbit.scheduler.metrics import collect
-from syncbit.scheduler.routes import authorize, route_of
+from syncbit.scheduler.routes import Route, authorize, route_of
 
 if TYPE_CHECKING:
     from syncbit.scheduler.replica import Replica
@@ -63,6 +68,7 @@ class App:
             probes and metrics, and from loopback (the node's own CLI).
         auth: the cluster secret's issuer (None: every route open, loopback only).
         replica: this scheduler is one replica of several (`replica.Replica`).
+        admission: paces all but heartbeats when the loop falls behind (None: never).
     """
 
     def __init__(
@@ -72,8 +78,10 @@ class App:
         *,
         auth: Issuer | None = None,
         replica: Replica | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.api = api
+        self.admission = admission
         self.replica = replica
         self.auth = auth
         self.tls_required = tls_required
@@ -83,10 +91,12 @@ class App:
 
     def _collect(self) -> Iterator[Metric]:
         if self.replica is None:
-            yield from collect(self.api, self.requests)
+            yield from collect(self.api, self.requests, admission=self.admission)
         else:
             leader = self.replica.leader_api
-            yield from collect(leader, self.requests, leading=leader is not None)
+            yield from collect(
+                leader, self.requests, leading=leader is not None, admission=self.admission
+            )
 
     async def __call__(self, request: Request, body: Body) -> Response:
         method = request.method
@@ -106,18 +116,27 @@ class App:
             principal = authorize(self.auth, method, segments, request.headers.get("authorization"))
             # 2. Where to: an unknown route or method costs no body either.
             route = route_of(method, segments)
-            # 3. What: at most the route's limit, else 413 unread.
-            raw = await body.read(route.body_limit)
-            self.requests[(method, route.name)] += 1
-            call = Call(method, segments, query, raw, principal)
-            api = self.api if self.replica is None else self.replica.api_for(route.name, request)
-            if api is None:
-                return await self._elsewhere(route.name, request, call)
-            return Response(200, await api.call(route.name, call))
+            call = Call(method, segments, query, b"", principal)  # the body comes later
+            # 3. When: heartbeats at once, the rest at the rate the loop keeps up with.
+            admission = self.admission
+            if admission is None or admission.is_live(route.name):
+                return await self._serve(route, request, body, call)
+            async with admission.admit():
+                return await self._serve(route, request, body, call)
         except ConnectionError:
             raise  # the client is gone or stalled: nobody to answer
         except Exception as exc:
             return _error_answer(exc, method, path)
+
+    async def _serve(self, route: Route, request: Request, body: Body, call: Call) -> Response:
+        """Read the body (at most the route's limit, else 413 unread) and answer `call`."""
+        call = dataclasses.replace(call, body=await body.read(route.body_limit))
+        name = route.name
+        self.requests[(call.method, name)] += 1
+        api = self.api if self.replica is None else self.replica.api_for(name, request)
+        if api is None:
+            return await self._elsewhere(name, request, call)
+        return Response(200, await api.call(name, call))
 
     async def _elsewhere(self, route: str, request: Request, call: Call) -> Response:
         """A request no state here answers: the probes about this replica are answered
@@ -147,6 +166,8 @@ def _error_answer(exc: Exception, method: str, path: str) -> Response:
     headers = {}
     if isinstance(exc, MethodNotAllowedError):
         headers["Allow"] = ", ".join(exc.allow)
+    if isinstance(exc, SchedulerBusyError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(math.ceil(exc.retry_after))
     return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
 
 

@@ -10,6 +10,7 @@ request means. No httpx exception ever leaves this module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from syncbit import tls
 from syncbit.auth import bearer
 from syncbit.errors import (
     ForbiddenError,
+    SchedulerBusyError,
     SchedulerError,
     UnauthorizedError,
     UserError,
@@ -202,7 +204,18 @@ def _raise_for(url: str, resp: httpx.Response, method: str, path: str) -> None:
     error = cls(message)
     if isinstance(error, SchedulerError) and error.status is None:
         error.status = resp.status_code
+    if isinstance(error, SchedulerBusyError):
+        error.retry_after = _retry_after(resp.headers.get("retry-after"))
     raise error
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (0-300), None when absent or not a number of seconds."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 300.0) if math.isfinite(seconds) else None
 
 
 __all__ = ["UNAVAILABLE", "Endpoints", "parse_urls"]

@@ -13,14 +13,20 @@ from prometheus_client.core import Metric
 from syncbit.metrics import counter, gauge
 
 if TYPE_CHECKING:
+    from syncbit.scheduler.admission import Admission
     from syncbit.scheduler.api import Api
 
 
 def collect(
-    api: Api | None, requests: dict[tuple[str, str], int], leading: bool = True
+    api: Api | None,
+    requests: dict[tuple[str, str], int],
+    leading: bool = True,
+    admission: Admission | None = None,
 ) -> Iterator[Metric]:
     """The metrics of a scheduler that answers from `api` (None: a replica that follows,
     whose metrics of nodes and datasets would be the leader's or wrong)."""
+    if admission is not None:
+        yield from _admission(admission)
     yield gauge(
         "syncbit_scheduler_leader",
         "1 while this scheduler answers as the leader (always for a single scheduler).",
@@ -35,6 +41,32 @@ def collect(
     )
     if api is not None:
         yield from _state(api)
+
+
+def _admission(admission: Admission) -> Iterator[Metric]:
+    yield counter(
+        "syncbit_scheduler_admitted",
+        "Requests other than heartbeats by how they were admitted (scheduler.admission): "
+        "at once, after waiting for the loop, or answered busy (429) after max_wait.",
+        {
+            ("at_once",): float(admission.admitted),
+            ("delayed",): float(admission.delayed),
+            ("busy",): float(admission.refused),
+        },
+        ["how"],
+    )
+    yield gauge(
+        "syncbit_scheduler_admission_rate",
+        "Requests/s other than heartbeats admitted while the loop is behind (AIMD on its lag).",
+        {(): admission.rate},
+        [],
+    )
+    yield gauge(
+        "syncbit_scheduler_admission_waiting",
+        "Requests waiting to be admitted now.",
+        {(): float(admission.waiting)},
+        [],
+    )
 
 
 def _state(api: Api) -> Iterator[Metric]:

@@ -38,6 +38,7 @@ from syncbit.errors import ConfigError, SchedulerError
 from syncbit.httpd import Listener, bind
 from syncbit.manifest import Manifest
 from syncbit.protocol import RESOLVE_TIMEOUT
+from syncbit.scheduler.admission import Admission
 from syncbit.scheduler.api import Api
 from syncbit.scheduler.app import App, connection_error
 from syncbit.scheduler.etcd import EtcdClient, parse_endpoints
@@ -98,6 +99,8 @@ class SchedulerServer:
             config's `file_roots`; tests inject). Blocking: run in a worker thread.
         clock: wall-clock seconds for liveness (tests inject).
         limits: connections open at once, per client, and their idle timeout.
+        admission: paces all but heartbeats when the loop falls behind (default
+            `Admission()`; tests inject).
     """
 
     def __init__(
@@ -108,9 +111,11 @@ class SchedulerServer:
         resolve: Callable[[str, str, dict[str, Any], int], Manifest] | None = None,
         clock: Callable[[], float] = time.time,
         limits: Limits = LIMITS,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.limits = limits
+        self._admission = admission or Admission()
         self.policy: PeerPolicy = policy or LeastLoaded()
         self.fences = Fences.for_roots(file_roots(config))
         for prefix, options in config.source_options.items():
@@ -207,7 +212,7 @@ class SchedulerServer:
             config.state_dir, config.node_timeout, **self._state_args()
         ) as state:
             api = self._api(state, issuer)
-            app = App(api, tls_required=context is not None, auth=issuer)
+            app = App(api, tls_required=context is not None, auth=issuer, admission=self._admission)
             self._single = state
             await self._serve(app, context, ready, functools.partial(self._tend, state))
             state.close()
@@ -231,7 +236,13 @@ class SchedulerServer:
                 tend=self._tend,
                 ca=config.tls_ca,
             )
-            app = App(None, tls_required=context is not None, auth=issuer, replica=replica)
+            app = App(
+                None,
+                tls_required=context is not None,
+                auth=issuer,
+                replica=replica,
+                admission=self._admission,
+            )
             self.replica = replica
             await self._serve(app, context, ready, replica.run)
 
@@ -245,6 +256,8 @@ class SchedulerServer:
         with trio.CancelScope() as self._cancel:
             async with trio.open_nursery() as nursery:
                 await nursery.start(listener.serve)
+                if app.admission is not None:
+                    nursery.start_soon(app.admission.run)
                 nursery.start_soon(beside)
                 ready.set()
 

@@ -1,0 +1,220 @@
+"""The scheduler serves heartbeats first (`scheduler.admission`): while its loop is behind,
+every other request waits its turn at a rate the loop keeps up with, in arrival order,
+and one held too long is answered 429 with Retry-After, which the client and the node's
+chunk reports honour. A small cluster is never paced. Rate rules on trio's virtual clock;
+the server rules on a real SchedulerServer whose admission is stuck at a crawl."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from schedulerfixtures import CHUNK, TIMEOUT, any_port
+
+from syncbit.config import SchedulerConfig
+from syncbit.errors import SchedulerBusyError, SchedulerError
+from syncbit.scheduler import SchedulerClient, SchedulerServer
+from syncbit.scheduler.admission import (
+    CONTROL,
+    DECREASE,
+    LAG_HIGH,
+    MIN_RATE,
+    MIN_STEP,
+    Admission,
+)
+
+OBJ = "a" * 64
+
+
+async def _enter(
+    admission: Admission, name: int, log: list[tuple[int, float]], hold: float
+) -> None:
+    async with admission.admit():
+        log.append((name, trio.current_time()))
+        await trio.sleep(hold)
+
+
+async def test_a_few_requests_in_flight_are_never_paced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(free=4)
+    admission.rate = MIN_RATE  # however slow the rate, the first `free` go at once
+    log: list[tuple[int, float]] = []
+    async with trio.open_nursery() as nursery:  # no `run`: nothing would admit a waiter
+        for i in range(4):
+            nursery.start_soon(_enter, admission, i, log, 1.0)
+    assert [t for _, t in log] == [0.0] * 4
+    assert admission.admitted == 4 and admission.delayed == 0 and admission.in_flight == 0
+
+
+async def test_beyond_them_requests_go_in_arrival_order_at_the_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(free=0, max_wait=60)
+    admission.rate = 10.0
+    log: list[tuple[int, float]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.run)
+        async with trio.open_nursery() as requests:
+            for i in range(40):
+                requests.start_soon(_enter, admission, i, log, 0.0)
+                await trio.sleep(0)  # arrive in this order
+        nursery.cancel_scope.cancel()
+    assert [name for name, _ in log] == list(range(40))
+    # 10/s at first, growing by at most MIN_STEP (or 5%) each CONTROL while the loop has
+    # room: the 40th goes after more than a second, not at once.
+    first_second = sum(1 for _, t in log if t <= 1.0)
+    assert first_second <= 10 + 4 * MIN_STEP * 1.0 + 2
+    assert log[-1][1] > 1.0
+    assert admission.delayed == 40 and admission.in_flight == 0 and admission.waiting == 0
+
+
+async def test_a_request_held_past_max_wait_is_told_when_to_come_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(free=0, max_wait=2.0)
+    admission.control = lambda: None  # type: ignore[method-assign]  # stuck at its rate
+    admission.rate = 1.0
+    busy: list[SchedulerBusyError] = []
+    log: list[tuple[int, float]] = []
+
+    async def one(i: int) -> None:
+        try:
+            await _enter(admission, i, log, 0.0)
+        except SchedulerBusyError as exc:
+            busy.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.run)
+        async with trio.open_nursery() as requests:
+            for i in range(10):
+                requests.start_soon(one, i)
+        nursery.cancel_scope.cancel()
+    assert 1 <= len(log) <= 3  # one a second for 2 s
+    assert len(busy) == 10 - len(log)
+    assert all(exc.retry_after is not None and exc.retry_after >= 1 for exc in busy)
+    assert "busy" in str(busy[0]) and "\n" not in str(busy[0])
+    assert admission.refused == len(busy) and admission.waiting == 0
+    assert admission.in_flight == 0
+
+
+async def test_a_waiter_cancelled_leaves_no_trace(autojump_clock: trio.testing.MockClock) -> None:
+    admission = Admission(free=0, max_wait=60)
+    admission.rate = 1.0
+    log: list[tuple[int, float]] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(_enter, admission, i, log, 0.0)
+        await trio.sleep(1)
+        assert admission.waiting == 5
+        nursery.cancel_scope.cancel()  # the clients are gone
+    assert admission.waiting == 0 and admission.in_flight == 0 and not log
+
+
+def test_the_rate_shrinks_when_the_loop_is_behind_and_grows_back_while_wanted() -> None:
+    admission = Admission()
+    admission.rate = 1000.0
+    admission.note_lag(LAG_HIGH * 2)
+    admission.control()
+    assert admission.rate == pytest.approx(1000.0 * DECREASE)
+    for _ in range(100):
+        admission.note_lag(LAG_HIGH * 2)
+        admission.control()
+    assert admission.rate == MIN_RATE  # never below
+    admission.note_lag(0.0)
+    admission.control()
+    assert admission.rate == MIN_RATE  # nobody waited: no reason to grow
+    admission._starved = True
+    admission.control()
+    assert admission.rate == MIN_RATE + MIN_STEP
+    # Between the thresholds: held where it is.
+    admission._starved = True
+    admission.note_lag((LAG_HIGH + 0.03) / 2)
+    admission.control()
+    assert admission.rate == MIN_RATE + MIN_STEP
+    assert CONTROL > 0
+
+
+# -- on a real scheduler ----------------------------------------------------------------------
+
+
+class Crawl(Admission):
+    """A scheduler whose loop is taken to be behind for good: one request other than a
+    heartbeat every 4 s, none admitted for being few."""
+
+    def __init__(self, max_wait: float) -> None:
+        super().__init__(free=0, max_wait=max_wait)
+        self.rate = 0.25
+
+    def control(self) -> None:
+        self._lag = 0.0
+
+
+@pytest.fixture
+def crawling(tmp_path: Path) -> SchedulerConfig:
+    return any_port(
+        SchedulerConfig(state_dir=tmp_path / "state", node_timeout=TIMEOUT, chunk_size=CHUNK)
+    )
+
+
+async def test_heartbeats_are_answered_while_other_requests_wait(
+    crawling: SchedulerConfig,
+) -> None:
+    admission = Crawl(max_wait=30)
+    with SchedulerServer(crawling, admission=admission) as server:
+        async with SchedulerClient(server.url) as client:
+            await client.heartbeat("n1", address="127.0.0.1:1")  # the first token goes here
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(client.chunk_map, OBJ, "n1")
+                with trio.fail_after(20):
+                    while server.call(lambda: admission.waiting) < 2:
+                        await trio.sleep(0.05)
+                for _ in range(5):
+                    await client.heartbeat("n1", address="127.0.0.1:1")
+                # Five heartbeats answered, and the chunk maps sent before them still wait.
+                assert server.call(lambda: admission.waiting) >= 1
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_request_held_too_long_is_answered_429_with_retry_after(
+    crawling: SchedulerConfig,
+) -> None:
+    admission = Crawl(max_wait=0.5)
+    with SchedulerServer(crawling, admission=admission) as server:
+        async with httpx.AsyncClient(base_url=server.url) as raw:
+            answers = []
+            async with trio.open_nursery() as nursery:
+
+                async def get() -> None:
+                    answers.append(await raw.get(f"/v1/objects/{OBJ}/chunks?node=n1"))
+
+                for _ in range(4):
+                    nursery.start_soon(get)
+        busy = [a for a in answers if a.status_code == 429]
+        assert busy, [a.status_code for a in answers]
+        assert all(a.status_code in (200, 429) for a in answers)
+        answer = busy[0]
+        assert answer.json()["kind"] == "SchedulerBusyError"
+        assert int(answer.headers["retry-after"]) >= 1
+        async with SchedulerClient(server.url) as client:
+            errors: list[SchedulerError] = []
+
+            async def ask() -> None:
+                try:
+                    await client.chunk_map(OBJ, "n1")
+                except SchedulerError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(ask)
+        assert errors and all(isinstance(e, SchedulerBusyError) for e in errors)
+        told = errors[0]
+        assert isinstance(told, SchedulerBusyError)
+        assert told.status == 429 and told.retry_after is not None
+        assert math.isfinite(told.retry_after) and told.retry_after >= 1
