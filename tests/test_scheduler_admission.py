@@ -25,6 +25,7 @@ from syncbit.scheduler.admission import (
     MIN_RATE,
     MIN_STEP,
     Admission,
+    step_aside,
 )
 
 OBJ = "a" * 64
@@ -113,6 +114,48 @@ async def test_a_waiter_cancelled_leaves_no_trace(autojump_clock: trio.testing.M
         assert admission.waiting == 5
         nursery.cancel_scope.cancel()  # the clients are gone
     assert admission.waiting == 0 and admission.in_flight == 0 and not log
+
+
+async def test_a_long_poll_waiting_takes_no_place_and_queues_again_for_its_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(free=1, max_wait=60)
+    admission.rate = 1.0
+    admission.control = lambda: None  # type: ignore[method-assign]  # stuck at its rate
+    log: list[tuple[str, float]] = []
+    changed = trio.Event()
+
+    async def long_poll() -> None:
+        async with admission.admit():
+            async with step_aside():
+                assert admission.in_flight == 0
+                await changed.wait()
+            log.append(("poll answers", trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.run)
+        nursery.start_soon(long_poll)
+        await trio.sleep(1)
+        # The one place for a request in flight is free while the poll waits.
+        async with admission.admit():
+            log.append(("other", trio.current_time()))
+            changed.set()
+            await trio.sleep(5)  # still in flight: the poll's answer waits for a token
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert log[0] == ("other", 1.0)
+    assert log[1][0] == "poll answers" and 1.0 < log[1][1] <= 2.5
+    assert admission.in_flight == 0
+
+
+async def test_a_long_poll_cancelled_while_it_waits_leaves_no_trace() -> None:
+    admission = Admission(free=4)
+    with trio.move_on_after(0.05):
+        async with admission.admit(), step_aside():
+            await trio.sleep_forever()
+    assert admission.in_flight == 0
+    async with step_aside():  # outside an admitted request: nothing to step out of
+        assert admission.in_flight == 0
 
 
 def test_the_rate_shrinks_when_the_loop_is_behind_and_grows_back_while_wanted() -> None:

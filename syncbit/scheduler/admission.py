@@ -24,6 +24,9 @@ over `LAG_HIGH`: it shrinks by `DECREASE`. While fewer than `free` bulk requests
 flight and none waits, a request is admitted at once whatever the rate: a small cluster,
 or an embedded scheduler sharing its process with a daemon, is never paced.
 
+A handler that waits for something else (the chunk updates long poll) steps out of the
+requests in flight meanwhile (`step_aside`) and takes its turn again for its answer.
+
 Single trio loop: no locks. `Admission.run` must run for parked requests to be admitted.
 """
 
@@ -33,6 +36,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
@@ -107,16 +111,23 @@ class Admission:
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         """Hold the caller until it may go on (SchedulerBusyError after `max_wait`); the
-        request counts as in flight until the block ends."""
+        request counts as in flight until the block ends, but for the time it spends in
+        `step_aside` (a long poll's wait)."""
+        await self._enter()
+        token = _CURRENT.set(self)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+            self.in_flight -= 1
+
+    async def _enter(self) -> None:
+        """Wait for the turn; once admitted the caller counts as in flight."""
         if not self._queue and (self.in_flight < self.free or self._take()):
             self.admitted += 1
             self.in_flight += 1
         else:
             await self._wait()  # admitted: `_release` counted it in flight
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
 
     def _take(self) -> bool:
         self._refill()
@@ -186,4 +197,28 @@ class Admission:
             self._release()
 
 
-__all__ = ["LIVE_ROUTES", "Admission"]
+_CURRENT: ContextVar[Admission | None] = ContextVar("syncbit_admission", default=None)
+
+
+@asynccontextmanager
+async def step_aside() -> AsyncIterator[None]:
+    """A handler's wait for something else (a long poll for changes): out of the admitted
+    requests in flight meanwhile, so that requests that only wait do not take the places
+    of those that work, and back in turn (waiting as a new request would) for its answer.
+    Outside an admitted request (a live route, no admission): nothing."""
+    admission = _CURRENT.get()
+    if admission is None:
+        yield
+        return
+    admission.in_flight -= 1
+    try:
+        yield
+    finally:
+        try:
+            await admission._enter()
+        except BaseException:
+            admission.in_flight += 1  # not admitted: what `admit` takes off on its way out
+            raise
+
+
+__all__ = ["LIVE_ROUTES", "Admission", "step_aside"]

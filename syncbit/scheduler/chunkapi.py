@@ -20,6 +20,7 @@ import trio
 from syncbit.chunks import chunk_count
 from syncbit.credentials import Principal
 from syncbit.errors import NotFoundError, SchedulerError, UserError
+from syncbit.scheduler.admission import step_aside
 from syncbit.scheduler.bodies import (
     CheckBody,
     ChunksBody,
@@ -120,7 +121,8 @@ class ChunkHandlers:
         object_id = check_oid(c.seg[2])
         query: UpdatesQuery = parse(UpdatesQuery, c.query)
         if query.wait > 0:
-            await self._await_change(object_id, query.cursor, query.wait)
+            async with step_aside():  # waiting takes no admitted request's place
+                await self._await_change(object_id, query.cursor, query.wait)
         doc = self.state.chunks.updates(object_id, query.node, query.cursor, query.limit)
         return json_bytes(doc)
 
