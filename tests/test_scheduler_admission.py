@@ -6,6 +6,7 @@ the server rules on a real SchedulerServer whose admission is stuck at a crawl."
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from syncbit.scheduler.admission import (
     LAG_HIGH,
     MIN_RATE,
     MIN_STEP,
+    REPORT_EVERY,
     Admission,
     step_aside,
 )
@@ -156,6 +158,24 @@ async def test_a_long_poll_cancelled_while_it_waits_leaves_no_trace() -> None:
     assert admission.in_flight == 0
     async with step_aside():  # outside an admitted request: nothing to step out of
         assert admission.in_flight == 0
+
+
+async def test_held_requests_are_told_in_the_log_now_and_then(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    admission = Admission(free=0, max_wait=60)
+    admission.rate = 5.0
+    log: list[tuple[int, float]] = []
+    with caplog.at_level(logging.INFO, logger="syncbit.scheduler"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(admission.run)
+            for i in range(20):
+                nursery.start_soon(_enter, admission, i, log, 0.0)
+            await trio.sleep(REPORT_EVERY * 2.5)  # then nothing more is held: no more lines
+            nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if "behind on requests" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "20 held in the last 10 s (0 answered busy), 0 waiting now" in lines[0]
 
 
 def test_the_rate_shrinks_when_the_loop_is_behind_and_grows_back_while_wanted() -> None:

@@ -32,6 +32,7 @@ Single trio loop: no locks. `Admission.run` must run for parked requests to be a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +55,9 @@ MIN_STEP = 10.0  # requests/s
 MIN_RATE = 20.0  # requests/s: never slower than this
 START_RATE = 2000.0  # requests/s: what one process answers at best
 MAX_RATE = 1e6
+REPORT_EVERY = 10.0  # seconds between two log lines about held requests
+
+log = logging.getLogger("syncbit.scheduler")
 
 
 @dataclass
@@ -184,17 +188,38 @@ class Admission:
         self._starved = bool(self._queue)
 
     async def run(self) -> None:
-        """Measure the loop's lag, move the rate, admit waiting requests: forever."""
+        """Measure the loop's lag, move the rate, admit waiting requests: forever; say
+        in the log, at most every REPORT_EVERY seconds, when requests were held."""
         next_control = trio.current_time() + CONTROL
+        next_report = trio.current_time() + REPORT_EVERY
+        reported = (0, 0)
+        worst = 0.0
         while True:
             due = trio.current_time() + TICK
             await trio.sleep(TICK)
             now = trio.current_time()
             self.note_lag(now - due)
+            worst = max(worst, now - due)
             if now >= next_control:
                 self.control()
                 next_control = now + CONTROL
             self._release()
+            if now >= next_report:
+                held = (self.delayed - reported[0], self.refused - reported[1])
+                if any(held):
+                    log.info(
+                        "behind on requests: %d held in the last %.0f s (%d answered busy), "
+                        "%d waiting now; admitting %.0f/s; the loop ran up to %.0f ms late",
+                        held[0] + held[1],
+                        REPORT_EVERY,
+                        held[1],
+                        len(self._queue),
+                        self.rate,
+                        worst * 1000,
+                    )
+                reported = (self.delayed, self.refused)
+                worst = 0.0
+                next_report = now + REPORT_EVERY
 
 
 _CURRENT: ContextVar[Admission | None] = ContextVar("syncbit_admission", default=None)
