@@ -6,6 +6,9 @@ in all and per client address and dropped when idle."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,6 +295,59 @@ def test_a_flood_of_idle_connections_gets_no_threads(server: SchedulerServer) ->
     finally:
         for sock in flood:
             sock.close()
+
+
+_LOW_FD_SCHEDULER = """
+import resource, sys
+from pathlib import Path
+from syncbit.config import SchedulerConfig
+from syncbit.scheduler import SchedulerServer
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 400))
+config = SchedulerConfig(state_dir=Path(sys.argv[1]), node_timeout=10.0)
+server = SchedulerServer(config.model_copy(update={"listen": "127.0.0.1:0"}))
+server.start()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], server.address.rpartition(":")[2])
+print(server.listener.limits.max_connections if server.listener else 0, flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def test_a_scheduler_holds_as_many_connections_as_it_has_descriptors_for(
+    tmp_path: Path,
+) -> None:
+    """Started with a soft limit of 64 open files (hard 400), the scheduler raises it to
+    400 and caps its connections below it (what it has open, and a quarter kept for its
+    own files): connections past the cap are answered 503 at once, not left unaccepted
+    (EMFILE) in the backlog."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOW_FD_SCHEDULER, str(tmp_path / "state")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    flood: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        soft, port = (int(x) for x in proc.stdout.readline().split())
+        cap = int(proc.stdout.readline())
+        assert soft == 400 and 200 <= cap <= 300
+        for i in range(cap + 20):  # from several addresses: no per-client cap in play
+            flood.append(connect(port, source=f"127.0.0.{2 + i % 8}"))
+        assert count_closed(flood) == 20
+        answer = exchange(port, request_bytes("GET", "/healthz"), source="127.0.0.11")
+        assert answer.status == 503 and answer.json()["kind"] == "TooManyConnections"
+    finally:
+        for sock in flood:
+            sock.close()
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        errors = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert "Too many open files" not in errors
 
 
 def test_idle_connections_are_dropped(tmp_path: Path) -> None:

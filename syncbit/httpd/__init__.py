@@ -5,7 +5,13 @@ Re-exports `listener` and `connection`; holds no logic and starts nothing on imp
 """
 
 from syncbit.httpd.connection import Body, Request, Response, serve_connection
-from syncbit.httpd.listener import HANDSHAKE_TIMEOUT, Listener, bind
+from syncbit.httpd.listener import (
+    HANDSHAKE_TIMEOUT,
+    Listener,
+    bind,
+    descriptor_budget,
+    raise_descriptor_limit,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -14,5 +20,7 @@ __all__ = [
     "Request",
     "Response",
     "bind",
+    "descriptor_budget",
+    "raise_descriptor_limit",
     "serve_connection",
 ]

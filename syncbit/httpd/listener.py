@@ -13,7 +13,10 @@ coroutine only. It never parses HTTP (`connection` does).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
+import resource
 import socket
 import ssl
 from collections import Counter
@@ -44,8 +47,39 @@ def bind(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
     return sock
 
 
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit, as Go's runtime
+    does for every program: a server of thousands of connections needs a descriptor for
+    each, and the usual soft limit (1,024 under systemd) is a relic of select(). Returns
+    the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def descriptor_budget() -> int:
+    """Connections this process can hold: its soft limit of open files less what it has
+    open now and a reserve for what it opens later (state, logs, its own outgoing
+    connections, the one a refused connection takes until it is closed)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    return max(16, soft - open_now - min(1024, soft // 4))
+
+
 class Listener:
-    """Serves `app` on a bound socket until cancelled (`serve` in a nursery)."""
+    """Serves `app` on a bound socket until cancelled (`serve` in a nursery). It holds at
+    most `limits.max_connections`, and never more than the process has descriptors for
+    (`descriptor_budget`): past that, accept() would fail with EMFILE, and a connection
+    refused with 503 tells its client more than one left in the backlog."""
 
     def __init__(
         self,
@@ -57,6 +91,15 @@ class Listener:
     ) -> None:
         self.sock = sock
         self.app = app
+        budget = descriptor_budget()
+        if budget < limits.max_connections:
+            log.info(
+                "this process may open %d files: at most %d connections (not %d)",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                budget,
+                limits.max_connections,
+            )
+            limits = dataclasses.replace(limits, max_connections=budget)
         self.limits = limits
         self.error_body = error_body
         self.tls = tls_context
@@ -163,4 +206,10 @@ class Listener:
             await stream.aclose()
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "Listener", "bind"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "Listener",
+    "bind",
+    "descriptor_budget",
+    "raise_descriptor_limit",
+]

@@ -25,6 +25,7 @@ from syncbit.fs.kernel import Session
 from syncbit.fs.mount import MOUNT_OPTIONS, clean_stale, raise_readahead
 from syncbit.fs.ops import SyncbitFS
 from syncbit.fs.tree import Tree
+from syncbit.httpd import raise_descriptor_limit
 from syncbit.kube import NodeSync
 from syncbit.node.control import Control
 from syncbit.node.directory import SchedulerDirectory
@@ -228,6 +229,7 @@ class Node:
     async def run(self) -> None:
         """Serve until cancelled (SIGTERM/SIGINT), then unmount, flush and `close`."""
         cfg = self.config
+        raise_descriptor_limit()  # peers' connections, cache files: a descriptor each
         try:
             await self.reporter.refresh_credentials(quiet=True)
             await self.sync.load()

@@ -35,7 +35,7 @@ from syncbit.auth import check_exposure, read_token
 from syncbit.config import SchedulerConfig
 from syncbit.credentials import Issuer, is_credential
 from syncbit.errors import ConfigError, SchedulerError
-from syncbit.httpd import Listener, bind
+from syncbit.httpd import Listener, bind, raise_descriptor_limit
 from syncbit.manifest import Manifest
 from syncbit.protocol import RESOLVE_TIMEOUT
 from syncbit.scheduler.admission import Admission
@@ -56,8 +56,10 @@ log = logging.getLogger("syncbit.scheduler")
 T = TypeVar("T")
 
 # Connections: every node keeps a few (heartbeats, the generation long poll, chunk
-# updates, claims), each a coroutine and a socket; one client address may hold a quarter.
-LIMITS = Limits(max_connections=16384, max_per_client=4096)
+# updates, claims), each a coroutine and a socket: 20,000 and more at 5,000 nodes, within
+# the process's descriptors (`httpd.descriptor_budget`, the limit raised to its hard
+# limit at start). One client address may hold 4,096.
+LIMITS = Limits(max_connections=65536, max_per_client=4096)
 
 
 def file_roots(config: SchedulerConfig) -> tuple[Path, ...]:
@@ -164,6 +166,7 @@ class SchedulerServer:
                 "token_file holds the cluster secret (e.g. `openssl rand -hex 32`)"
             )
         check_exposure("the scheduler", self.config.listen, secret, self.config.insecure, log)
+        raise_descriptor_limit()
         context = tls.config_pair(self.config.tls_cert, self.config.tls_key)
         host, port, family = _split_listen(self.config.listen)
         _check_replica(self.config, host)
