@@ -223,6 +223,8 @@ def test_writes_are_refused(
     for path in ("/v2/team/app/manifests/v1", "/v2/team/app/blobs/uploads/", "/v2/"):
         resp = client.request(method, path, params=NS, content=b"x")
         assert resp.status_code == 405 and _error(resp) == "UNSUPPORTED", path
+        # Its body unread, the connection ends: said, so that no request follows on it.
+        assert resp.headers["connection"] == "close", path
     assert source.asked == []
 
 

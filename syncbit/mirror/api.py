@@ -197,7 +197,8 @@ class _Mirror:
                 level, "%s %s: %d %s: %s", request.method, scope["path"], exc.status, exc.code, exc
             )
             if not started:
-                await _error(exc, request.method == "HEAD", send)
+                writes = request.method not in ("GET", "HEAD")
+                await _error(exc, request.method == "HEAD", send, close=writes)
 
     async def _serve(self, req: _Request, request: Request, receive: Receive, send: Send) -> None:
         if req.manifest:
@@ -253,8 +254,10 @@ async def _end(send: Send) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _error(exc: RegistryError, head: bool, send: Send) -> None:
-    """The distribution API's error body: {"errors": [{"code", "message", "detail"}]}."""
+async def _error(exc: RegistryError, head: bool, send: Send, close: bool = False) -> None:
+    """The distribution API's error body: {"errors": [{"code", "message", "detail"}]}.
+    `close`: the connection ends after it (a refused write, whose body is not read: a
+    client that sent the next request on it could lose it to the server's close)."""
     body = json.dumps(
         {"errors": [{"code": exc.code, "message": str(exc), "detail": None}]}
     ).encode()
@@ -263,6 +266,8 @@ async def _error(exc: RegistryError, head: bool, send: Send) -> None:
         (b"content-type", b"application/json; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
     ]
+    if close:
+        headers.append((b"connection", b"close"))
     await _start(send, exc.status, headers)
     await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
@@ -272,7 +277,8 @@ class _Version:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            await _error(RegistryError("this mirror is read-only", "UNSUPPORTED", 405), False, send)
+            refused = RegistryError("this mirror is read-only", "UNSUPPORTED", 405)
+            await _error(refused, False, send, close=True)
             return
         headers = [API_VERSION, (b"content-type", b"application/json"), (b"content-length", b"2")]
         await _start(send, 200, headers)
