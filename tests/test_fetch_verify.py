@@ -236,3 +236,27 @@ async def test_a_chunk_replaced_after_it_was_hashed_is_caught(
     obj = store.get(ENTRY.object)
     assert obj is not None and not obj.written
     assert fetcher.stats["verify_failures"] == 1
+
+
+async def test_a_verified_file_evicted_and_fetched_again_is_verified_again(
+    store: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check stands for the content it hashed: once that left the cache, the content
+    fetched again is checked again, and a source that now sends other bytes (no digest
+    recorded to refuse them) is caught, not served as verified."""
+    hashed = _Hashed(store, monkeypatch)
+    source, fetcher, entry, handle = await _published(store, nursery)
+    await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    assert fetcher.is_verified(ENTRY.object)
+    await store.flush()
+    assert (await store.evict([ENTRY.object])).evicted == [ENTRY.object]
+    assert not fetcher.is_verified(ENTRY.object)
+    source.data = bytes(CS) + DATA[CS:]
+    with pytest.raises(SourceChangedError, match="failed verification"):
+        await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    assert not fetcher.is_verified(ENTRY.object)
+    assert fetcher.stats["verify_failures"] == 1
+    source.data = DATA  # the source is right again: fetched and verified anew
+    await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
+    assert fetcher.is_verified(ENTRY.object)
+    assert hashed.bytes >= 2 * len(DATA)

@@ -196,12 +196,21 @@ class WholeFile:
     def __init__(self, store: ObjectStore, stats: dict[str, int]) -> None:
         self.store = store
         self.stats = stats
-        self._verified: set[str] = set()
+        # Object id -> the object and its removals when it was verified: a later content
+        # (the object evicted or recreated, and fetched again) is verified anew.
+        self._verified: dict[str, tuple[StoredObject, int]] = {}
         self._verifying: set[str] = set()
         self._hashing: dict[str, _Hashing] = {}  # insertion order: oldest first
 
     def verified(self, object_id: str) -> bool:
-        return object_id in self._verified
+        mark = self._verified.get(object_id)
+        if mark is None:
+            return False
+        obj, removals = mark
+        if self.store.get(object_id) is obj and obj.removals == removals:
+            return True
+        del self._verified[object_id]  # that content is gone: this one is not checked
+        return False
 
     def verifying(self, object_id: str) -> bool:
         return object_id in self._verifying
@@ -210,7 +219,7 @@ class WholeFile:
         """Hash what is written of the object from where the last call stopped (a call
         while another hashes it only tells that one to look again); once every chunk is
         hashed, mark it verified or discard it."""
-        if obj.id in self._verified:
+        if self.verified(obj.id):
             return
         state = self._hashing.get(obj.id)
         if state is None or state.obj is not obj or state.discards != obj.discards:
@@ -286,7 +295,7 @@ class WholeFile:
             if obj.discards != state.discards:
                 return  # thrown away meanwhile: a later call starts over
             if got == expected:
-                self._verified.add(obj.id)
+                self._verified[obj.id] = (obj, obj.removals)
                 return
             log.error(
                 "%s: whole-file SHA-256 %s does not match the source's %s: discarding it",

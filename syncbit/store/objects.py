@@ -36,6 +36,7 @@ class StoredObject:
         "_keeping",
         "_opened",
         "_reading",
+        "_removals",
         "_removing",
         "_staging",
         "_unstored",
@@ -64,6 +65,7 @@ class StoredObject:
         self._unverified: set[int] = set()  # durable, not re-read since an unclean shutdown
         self._unstored: dict[int, str] = {}  # fetched but not stored: chunk -> why
         self._discards = 0  # bumped when the content is thrown away
+        self._removals = 0  # bumped when the content goes, thrown away or evicted
         # In use (see `ObjectTable.busy`): reads in progress (under the use lock: peer
         # threads read too), keeps, files open through the mount, writes in flight.
         self._reading = 0
@@ -109,6 +111,12 @@ class StoredObject:
         """How often the content was thrown away (failed verification): a change tells a
         waiter that what it waited for is gone."""
         return self._discards
+
+    @property
+    def removals(self) -> int:
+        """How often the content left the cache (evicted or thrown away): what was checked
+        of the content before a change is not known of the content now."""
+        return self._removals
 
     @property
     def opened(self) -> int:
@@ -362,6 +370,7 @@ class ObjectTable:
         obj._digests.clear()
         obj._unstored.clear()
         self._touched.discard(obj)
+        obj._removals += 1
         if writing is None:
             obj._discards += 1
         self._staging.drop(obj)
