@@ -245,7 +245,7 @@ async def test_a_verified_file_evicted_and_fetched_again_is_verified_again(
     fetched again is checked again, and a source that now sends other bytes (no digest
     recorded to refuse them) is caught, not served as verified."""
     hashed = _Hashed(store, monkeypatch)
-    source, fetcher, entry, handle = await _published(store, nursery)
+    source, fetcher, entry, _ = await _published(store, nursery)
     await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
     assert fetcher.is_verified(ENTRY.object)
     await store.flush()
