@@ -26,6 +26,8 @@ from syncbit.scheduler.admission import (
     MIN_RATE,
     MIN_STEP,
     REPORT_EVERY,
+    START_RATE,
+    TICK,
     Admission,
     step_aside,
 )
@@ -41,24 +43,29 @@ async def _enter(
         await trio.sleep(hold)
 
 
-async def test_a_few_requests_in_flight_are_never_paced(
+async def test_while_the_loop_keeps_up_requests_go_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = Admission(free=4)
-    admission.rate = MIN_RATE  # however slow the rate, the first `free` go at once
+    admission = Admission()  # its starting rate: what one process answers at best
     log: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:  # no `run`: nothing would admit a waiter
-        for i in range(4):
+        for i in range(int(START_RATE * TICK)):  # a burst of one tick's worth
             nursery.start_soon(_enter, admission, i, log, 1.0)
-    assert [t for _, t in log] == [0.0] * 4
-    assert admission.admitted == 4 and admission.delayed == 0 and admission.in_flight == 0
+    assert [t for _, t in log] == [0.0] * int(START_RATE * TICK)
+    assert admission.admitted == len(log) and admission.delayed == 0
+
+
+def _slow(admission: Admission, rate: float) -> Admission:
+    """`admission` at `rate`, its bucket empty."""
+    admission.rate = rate
+    admission.tokens = 0.0
+    return admission
 
 
 async def test_beyond_them_requests_go_in_arrival_order_at_the_rate(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = Admission(free=0, max_wait=60)
-    admission.rate = 10.0
+    admission = _slow(Admission(max_wait=60), 10.0)
     log: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(admission.run)
@@ -73,15 +80,14 @@ async def test_beyond_them_requests_go_in_arrival_order_at_the_rate(
     first_second = sum(1 for _, t in log if t <= 1.0)
     assert first_second <= 10 + 4 * MIN_STEP * 1.0 + 2
     assert log[-1][1] > 1.0
-    assert admission.delayed == 40 and admission.in_flight == 0 and admission.waiting == 0
+    assert admission.delayed == 40 and admission.waiting == 0
 
 
 async def test_a_request_held_past_max_wait_is_told_when_to_come_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = Admission(free=0, max_wait=2.0)
+    admission = _slow(Admission(max_wait=2.0), 1.0)
     admission.control = lambda: None  # type: ignore[method-assign]  # stuck at its rate
-    admission.rate = 1.0
     busy: list[SchedulerBusyError] = []
     log: list[tuple[int, float]] = []
 
@@ -102,12 +108,10 @@ async def test_a_request_held_past_max_wait_is_told_when_to_come_back(
     assert all(exc.retry_after is not None and exc.retry_after >= 1 for exc in busy)
     assert "busy" in str(busy[0]) and "\n" not in str(busy[0])
     assert admission.refused == len(busy) and admission.waiting == 0
-    assert admission.in_flight == 0
 
 
 async def test_a_waiter_cancelled_leaves_no_trace(autojump_clock: trio.testing.MockClock) -> None:
-    admission = Admission(free=0, max_wait=60)
-    admission.rate = 1.0
+    admission = _slow(Admission(max_wait=60), 1.0)
     log: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:
         for i in range(5):
@@ -115,56 +119,64 @@ async def test_a_waiter_cancelled_leaves_no_trace(autojump_clock: trio.testing.M
         await trio.sleep(1)
         assert admission.waiting == 5
         nursery.cancel_scope.cancel()  # the clients are gone
-    assert admission.waiting == 0 and admission.in_flight == 0 and not log
+    assert admission.waiting == 0 and not log
 
 
-async def test_a_long_poll_waiting_takes_no_place_and_queues_again_for_its_answer(
+async def test_a_long_poll_takes_its_turn_again_for_its_answer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = Admission(free=1, max_wait=60)
-    admission.rate = 1.0
+    admission = _slow(Admission(max_wait=60), 1.0)
+    admission.tokens = 1.0  # for the poll
     admission.control = lambda: None  # type: ignore[method-assign]  # stuck at its rate
     log: list[tuple[str, float]] = []
     changed = trio.Event()
 
     async def long_poll() -> None:
         async with admission.admit():
+            log.append(("poll starts", trio.current_time()))
             async with step_aside():
-                assert admission.in_flight == 0
                 await changed.wait()
             log.append(("poll answers", trio.current_time()))
+
+    async def other(i: int) -> None:
+        async with admission.admit():
+            log.append((f"other {i}", trio.current_time()))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(admission.run)
         nursery.start_soon(long_poll)
-        await trio.sleep(1)
-        # The one place for a request in flight is free while the poll waits.
-        async with admission.admit():
-            log.append(("other", trio.current_time()))
-            changed.set()
-            await trio.sleep(5)  # still in flight: the poll's answer waits for a token
-        await trio.sleep(5)
+        await trio.sleep(0.1)
+        for i in range(3):
+            nursery.start_soon(other, i)
+            await trio.sleep(0.01)  # arrive in this order
+        changed.set()  # the poll's answer is due: after the three already waiting
+        await trio.sleep(10)
         nursery.cancel_scope.cancel()
-    assert log[0] == ("other", 1.0)
-    assert log[1][0] == "poll answers" and 1.0 < log[1][1] <= 2.5
-    assert admission.in_flight == 0
+    assert [name for name, _ in log] == [
+        "poll starts",
+        "other 0",
+        "other 1",
+        "other 2",
+        "poll answers",
+    ]
+    assert log[-1][1] >= 3.5  # a token a second
 
 
 async def test_a_long_poll_cancelled_while_it_waits_leaves_no_trace() -> None:
-    admission = Admission(free=4)
+    admission = Admission()
     with trio.move_on_after(0.05):
         async with admission.admit(), step_aside():
             await trio.sleep_forever()
-    assert admission.in_flight == 0
-    async with step_aside():  # outside an admitted request: nothing to step out of
-        assert admission.in_flight == 0
+    assert admission.admitted == 1 and admission.waiting == 0
+    async with step_aside():  # outside an admitted request: nothing to take a turn for
+        pass
+    assert admission.admitted == 1
 
 
 async def test_held_requests_are_told_in_the_log_now_and_then(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    admission = Admission(free=0, max_wait=60)
-    admission.rate = 5.0
+    admission = _slow(Admission(max_wait=60), 5.0)
     log: list[tuple[int, float]] = []
     with caplog.at_level(logging.INFO, logger="syncbit.scheduler"):
         async with trio.open_nursery() as nursery:
@@ -207,11 +219,11 @@ def test_the_rate_shrinks_when_the_loop_is_behind_and_grows_back_while_wanted() 
 
 class Crawl(Admission):
     """A scheduler whose loop is taken to be behind for good: one request other than a
-    heartbeat every 4 s, none admitted for being few."""
+    heartbeat every 4 s."""
 
     def __init__(self, max_wait: float) -> None:
-        super().__init__(free=0, max_wait=max_wait)
-        self.rate = 0.25
+        super().__init__(max_wait=max_wait)
+        _slow(self, 0.25)
 
     def control(self) -> None:
         self._lag = 0.0

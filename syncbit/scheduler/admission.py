@@ -7,10 +7,11 @@ are seen late or down, and a cluster that only needed slower bookkeeping loses i
 So, as Kubernetes' API priority and fairness puts node leases first, requests come in two
 classes:
 
-- **live** (heartbeats, leaving, credentials, probes, metrics, and the generation long
-  poll, which waits in its handler anyway and costs nothing while it does): never held
-  here. They are what says a node is alive, and a node must be able to say it however
-  busy the fleet is.
+- **live** (heartbeats, leaving, credentials, probes, metrics, the generation long poll,
+  which waits in its handler anyway and costs nothing while it does, and the dataset
+  listing, a few bytes per dataset, which a node needs before anything else): never
+  held here. They are what says a node is alive and what it should hold, and a node
+  must be able to say and learn that however busy the fleet is.
 - **bulk** (everything else: chunk reports and maps, claims, updates, listings, writes):
   admitted at a rate the loop keeps up with. Each node sends its next bulk request only
   once the last is answered, so holding one paces its sender, and the parked request
@@ -20,12 +21,15 @@ classes:
 The rate follows the loop's lag, additive increase and multiplicative decrease: a task
 sleeps `TICK` seconds and measures how late it wakes (the time one turn of the loop takes
 through every runnable task). Lag under `LAG_LOW` with requests waiting: the rate grows;
-over `LAG_HIGH`: it shrinks by `DECREASE`. While fewer than `free` bulk requests are in
-flight and none waits, a request is admitted at once whatever the rate: a small cluster,
-or an embedded scheduler sharing its process with a daemon, is never paced.
+over `LAG_HIGH`: it shrinks by `DECREASE`, never below `MIN_RATE`, a pace no small
+cluster reaches, so that one (or an embedded scheduler whose loop is late because the
+daemon beside it holds the GIL) is never held. A bucket of tokens at that rate admits
+requests (a burst of one `TICK`'s worth), in arrival order once any waits. (Counting
+requests in flight instead does not work: a handler runs in one step, so however far
+behind the loop is, almost none are ever in flight.)
 
-A handler that waits for something else (the chunk updates long poll) steps out of the
-requests in flight meanwhile (`step_aside`) and takes its turn again for its answer.
+A handler that waits for something else (the chunk updates long poll) took its turn to
+start; its answer, after the wait, takes another (`step_aside`).
 
 Single trio loop: no locks. `Admission.run` must run for parked requests to be admitted.
 """
@@ -44,7 +48,9 @@ import trio
 
 from syncbit.errors import SchedulerBusyError
 
-LIVE_ROUTES = frozenset({"heartbeat", "leave", "credential", "generation", "healthz", "readyz"})
+LIVE_ROUTES = frozenset(
+    {"heartbeat", "leave", "credential", "generation", "datasets", "healthz", "readyz"}
+)
 TICK = 0.02  # seconds between two looks at the loop's lag
 CONTROL = 0.25  # seconds between two changes of the rate
 LAG_LOW = 0.03  # a loop this late at most has room for more
@@ -52,7 +58,7 @@ LAG_HIGH = 0.1  # a loop later than this is behind: admit less
 DECREASE = 0.7  # the rate's factor when the loop is behind
 INCREASE = 0.05  # the rate's growth per CONTROL while there is room (at least MIN_STEP)
 MIN_STEP = 10.0  # requests/s
-MIN_RATE = 20.0  # requests/s: never slower than this
+MIN_RATE = 100.0  # requests/s: never slower than this
 START_RATE = 2000.0  # requests/s: what one process answers at best
 MAX_RATE = 1e6
 REPORT_EVERY = 10.0  # seconds between two log lines about held requests
@@ -70,27 +76,21 @@ class Admission:
     """Admits bulk requests at a rate the loop keeps up with (see the module docstring).
 
     Args:
-        free: bulk requests that may be in flight before any is paced.
         max_wait: seconds a bulk request may wait before it is answered busy.
         clock: trio's clock by default (tests use an autojump clock through trio).
     """
 
     def __init__(
-        self,
-        free: int = 32,
-        max_wait: float = 5.0,
-        clock: Callable[[], float] = trio.current_time,
+        self, max_wait: float = 5.0, clock: Callable[[], float] = trio.current_time
     ) -> None:
-        self.free = free
         self.max_wait = max_wait
         self._clock = clock
         self.rate = START_RATE
-        self.tokens = 0.0
-        self.in_flight = 0
+        self.tokens = self._burst()
         self._queue: deque[_Waiter] = deque()
         self._lag = 0.0  # the largest lag seen since the rate last changed
         self._starved = False  # a request waited for a token since the rate last changed
-        self._refilled = -math.inf
+        self._refilled: float | None = None
         # Counters for /metrics: admitted at once, after waiting, answered busy.
         self.admitted = 0
         self.delayed = 0
@@ -105,33 +105,31 @@ class Admission:
     def waiting(self) -> int:
         return len(self._queue)
 
+    def _burst(self) -> float:
+        return max(1.0, self.rate * TICK)
+
     def _refill(self) -> None:
         now = self._clock()
-        if self._refilled > -math.inf:
-            burst = max(1.0, self.rate * TICK)
-            self.tokens = min(burst, self.tokens + (now - self._refilled) * self.rate)
+        if self._refilled is not None:
+            self.tokens = min(self._burst(), self.tokens + (now - self._refilled) * self.rate)
         self._refilled = now
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
-        """Hold the caller until it may go on (SchedulerBusyError after `max_wait`); the
-        request counts as in flight until the block ends, but for the time it spends in
-        `step_aside` (a long poll's wait)."""
+        """Hold the caller until it may go on (SchedulerBusyError after `max_wait`)."""
         await self._enter()
         token = _CURRENT.set(self)
         try:
             yield
         finally:
             _CURRENT.reset(token)
-            self.in_flight -= 1
 
     async def _enter(self) -> None:
-        """Wait for the turn; once admitted the caller counts as in flight."""
-        if not self._queue and (self.in_flight < self.free or self._take()):
+        """Wait for the turn."""
+        if not self._queue and self._take():
             self.admitted += 1
-            self.in_flight += 1
         else:
-            await self._wait()  # admitted: `_release` counted it in flight
+            await self._wait()
 
     def _take(self) -> bool:
         self._refill()
@@ -148,9 +146,7 @@ class Admission:
             with trio.move_on_after(self.max_wait):
                 await waiter.event.wait()
         except BaseException:
-            if waiter.admitted:
-                self.in_flight -= 1  # cancelled after `_release` counted it
-            else:
+            if not waiter.admitted:
                 self._queue.remove(waiter)
             raise
         if waiter.admitted:
@@ -165,14 +161,12 @@ class Admission:
         )
 
     def _release(self) -> None:
-        """Admit waiters in arrival order as the tokens allow (and, while few are in
-        flight, without one: `admit`'s rule); each counts as in flight from here."""
+        """Admit waiters in arrival order as the tokens allow."""
         queue = self._queue
-        while queue and (self.in_flight < self.free or self._take()):
+        while queue and self._take():
             waiter = queue.popleft()
             waiter.admitted = True
             waiter.event.set()
-            self.in_flight += 1
 
     def note_lag(self, lag: float) -> None:
         """One look at how late the loop ran (`run`); every CONTROL seconds the rate moves."""
@@ -227,23 +221,14 @@ _CURRENT: ContextVar[Admission | None] = ContextVar("syncbit_admission", default
 
 @asynccontextmanager
 async def step_aside() -> AsyncIterator[None]:
-    """A handler's wait for something else (a long poll for changes): out of the admitted
-    requests in flight meanwhile, so that requests that only wait do not take the places
-    of those that work, and back in turn (waiting as a new request would) for its answer.
-    Outside an admitted request (a live route, no admission): nothing."""
+    """A handler's wait for something else (a long poll for changes): the answer that
+    follows it is work again, and takes its turn (waiting as a new request would; after
+    `max_wait`, SchedulerBusyError). Outside an admitted request (a live route, no
+    admission): nothing."""
     admission = _CURRENT.get()
-    if admission is None:
-        yield
-        return
-    admission.in_flight -= 1
-    try:
-        yield
-    finally:
-        try:
-            await admission._enter()
-        except BaseException:
-            admission.in_flight += 1  # not admitted: what `admit` takes off on its way out
-            raise
+    yield
+    if admission is not None:
+        await admission._enter()
 
 
 __all__ = ["LIVE_ROUTES", "Admission", "step_aside"]
