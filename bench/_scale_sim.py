@@ -41,6 +41,7 @@ from _scale_http import Pool, RequestFailed, Stats, loads
 # The real daemon's rule for the interval an answer asks for (bounds, bad values): the
 # worker runs with the bench's own tree on its path.
 from syncbit.node.reporter import interval_in_force
+from syncbit.retry import backoff_delays
 
 HB_ROUTE = "heartbeat"
 _GENERATION_WAIT = 25.0  # daemon.py: seconds a long poll may wait
@@ -359,7 +360,10 @@ class Node:
             await trio.sleep(self.in_force)
 
     async def _dataset_loop(self) -> None:
-        """daemon.py `_dataset_loop`: the generation long poll, then a dataset sync."""
+        """node/sync.py `dataset_loop`: the generation long poll, then a dataset sync; a
+        sync that keeps failing is tried less and less often (full jitter, 1 s doubling
+        up to 30 s)."""
+        failed_syncs = backoff_delays(base=1.0, cap=30.0)
         while True:
             seen: int | None = None
             if self.w.spec.get("stub"):
@@ -379,6 +383,7 @@ class Node:
             before = self.generation
             await self.sync_datasets()
             if self.generation != before:
+                failed_syncs = backoff_delays(base=1.0, cap=30.0)
                 try:
                     doc = await self.call(
                         "GET", f"/v1/nodes/{quote(self.name, safe='')}/plan", "plan"
@@ -387,7 +392,7 @@ class Node:
                 except RequestFailed:
                     pass
             elif seen is not None and seen != before:
-                await trio.sleep(1.0)
+                await trio.sleep(max(1.0, next(failed_syncs)))
 
     async def sync_datasets(self, quiet: bool = False, force: bool = False) -> None:
         try:

@@ -32,6 +32,7 @@ from syncbit.store import ObjectStore
 log = logging.getLogger("syncbit.daemon")
 
 _GENERATION_WAIT = 25.0  # seconds a long poll for a new scheduler generation may wait
+_SYNC_RETRY_CAP = 30.0  # seconds at most between two syncs that keep failing
 
 
 class Sync:
@@ -101,6 +102,7 @@ class Sync:
         assignment or a label change reaches this node at once (prefetch starts within
         milliseconds of `syncbit prefetch`, not at the next poll)."""
         delays = backoff_delays(base=1.0, cap=5.0)
+        failed_syncs = backoff_delays(base=1.0, cap=_SYNC_RETRY_CAP)
         while True:
             seen: int | None = None
             try:
@@ -111,21 +113,27 @@ class Sync:
                 # longer it stays so, never more than `cap` apart.
                 await trio.sleep(max(0.5, next(delays)))
             generation = self._generation
-            await self.sync_datasets()
+            failure = await self.sync_datasets()
             if self._generation != generation:  # datasets, assignments or labels changed
+                failed_syncs = backoff_delays(base=1.0, cap=_SYNC_RETRY_CAP)
                 try:
                     await self.apply_plan((await self._client.plan(self.node))["plan"])
                 except SyncbitError as exc:
                     self._warnings.warn("plan refresh failed", exc)
             elif seen is not None and seen != generation:
-                await trio.sleep(1.0)  # changed, but the sync failed: not in a tight loop
+                # Changed, but the sync failed: not in a tight loop, and the longer it
+                # fails the less often (a busy scheduler says when: its Retry-After);
+                # thousands of nodes asking again every second keep it busy.
+                told = getattr(failure, "retry_after", None) or 0.0
+                await trio.sleep(max(1.0, next(failed_syncs), told))
 
-    async def sync_datasets(self, quiet: bool = False, force: bool = False) -> None:
-        """Take the scheduler's dataset list (and the manifests of new versions)."""
+    async def sync_datasets(self, quiet: bool = False, force: bool = False) -> SyncbitError | None:
+        """Take the scheduler's dataset list (and the manifests of new versions); the
+        error when that failed."""
         try:
             listing = await self._client.datasets()
             if listing["generation"] == self._generation and not force:
-                return
+                return None
             wanted: dict[str, Manifest] = {}
             for summary in listing["datasets"]:
                 name = summary["name"]
@@ -138,18 +146,19 @@ class Sync:
         except SyncbitError as exc:
             if not quiet:
                 self._warnings.warn("dataset sync failed", exc)
-            return
+            return exc
         self._generation = listing["generation"]
         self._learn_broken(listing["datasets"], wanted)
         if wanted.keys() == self.manifests.keys() and all(
             wanted[n].revision == self.manifests[n].revision for n in wanted
         ):
-            return
+            return None
         self._follow_jobs(wanted)
         self.manifests = wanted
         self._show(wanted)
         await self._persist_manifests()
         log.info("datasets: %s", ", ".join(sorted(wanted)) or "(none)")
+        return None
 
     def _show(self, manifests: dict[str, Manifest]) -> None:
         """These versions on the mount and in status; the kernel forgets changed entries."""

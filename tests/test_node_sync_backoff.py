@@ -1,0 +1,73 @@
+"""A node whose dataset sync keeps failing while the scheduler's generation moved asks
+less and less often, and never sooner than a busy scheduler's Retry-After: thousands of
+nodes asking again every second would keep a busy scheduler busy (virtual clock)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+import trio.testing
+
+from syncbit.errors import SchedulerBusyError
+from syncbit.node.logs import Throttled
+from syncbit.node.sync import Sync
+
+
+class BusyScheduler:
+    """The generation moved (5), and every dataset listing is answered 429."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        self.retry_after = retry_after
+        self.listings: list[float] = []
+
+    async def wait_generation(self, after: int, timeout: float) -> int:
+        await trio.sleep(0)
+        return 5
+
+    async def datasets(self) -> dict[str, Any]:
+        self.listings.append(trio.current_time())
+        raise SchedulerBusyError("the scheduler is busy", retry_after=self.retry_after)
+
+
+async def _listings(tmp_path: Path, retry_after: float | None, seconds: float) -> list[float]:
+    client = BusyScheduler(retry_after)
+    nothing: Any = None
+    sync = Sync(
+        "n1",
+        tmp_path,
+        cast(Any, client),
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        Throttled(),
+    )
+    with trio.move_on_after(seconds):
+        await sync.dataset_loop()
+    return client.listings
+
+
+async def test_a_busy_scheduler_is_asked_again_after_its_retry_after(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    times = await _listings(tmp_path, 7.0, 120.0)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps and min(gaps) >= 7.0
+    assert len(times) <= 120 / 7 + 1
+
+
+async def test_failing_syncs_are_tried_less_and_less_often(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    times = await _listings(tmp_path, None, 600.0)
+    # 1 s at first, doubling (full jitter) up to 30 s: a few dozen in 10 minutes, where
+    # one a second would be 600.
+    assert 10 <= len(times) <= 80
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 1.0
+    assert max(gaps[-10:]) > 5.0
