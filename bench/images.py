@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,9 @@ from integration.registry import Layout, Registry
 MiB = 2**20
 TARGET_EGRESS = 1.1
 REPO_NAME = "bench/app"
+_ELAPSED = re.compile(r"elapsed: ([0-9.]+) ?s")
+_UNPACK_DONE = re.compile(r"done: ((?:[0-9]+h)?(?:[0-9]+m(?!s))?[0-9.]+(?:ms|s))")
+_DURATION = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?([0-9.]+)(ms|s)")
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +79,22 @@ def parse_size(text: str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
+
+
+def ctr_timing(output: str) -> tuple[float, float] | None:
+    """`ctr images pull`'s own split of a pull, from its output: (seconds until every blob
+    was fetched, its last progress line; seconds unpacking, its `done: <Go duration>`).
+    None when the output has neither (a failed pull)."""
+    elapsed = _ELAPSED.findall(output)
+    done = _UNPACK_DONE.findall(output)
+    if not elapsed or not done:
+        return None
+    duration = _DURATION.fullmatch(done[-1])
+    assert duration is not None  # the same pattern matched it
+    hours, minutes, number, unit = duration.groups()
+    unpack = float(number) / (1000 if unit == "ms" else 1)
+    unpack += 60 * int(minutes or 0) + 3600 * int(hours or 0)
+    return float(elapsed[-1]), unpack
 
 
 def build_image(work: Path, size: int, layers: int) -> tuple[Layout, int]:
@@ -174,6 +194,7 @@ class Phase:
         self.per_node: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self.load = 0.0  # the 1-minute load average when the pulls ended
+        self.ctr: dict[str, tuple[float, float]] = {}  # node -> ctr's (fetch, unpack) s
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -188,6 +209,7 @@ class Phase:
                 for kind in ("registry", "containerd", "node", "scheduler")
             },
             "load1": round(self.load, 2),
+            "ctr_fetch_unpack": {k: [round(f, 2), round(u, 2)] for k, (f, u) in self.ctr.items()},
         }
 
 
@@ -244,6 +266,11 @@ class ShapedBench:
         phase.cpu = meter.report(phase.seconds)
         phase.load = os.getloadavg()[0]
         phase.per_node = {k.rsplit("-", 1)[1]: v for k, v in per.items()}
+        for name in commands:
+            output = (self.logs / f"{name}.log").read_text(errors="replace")
+            timing = ctr_timing(output)
+            if timing is not None:
+                phase.ctr[name.rsplit("-", 1)[1]] = timing
         phase.egress = registry_sent(self.registry) - before
         for ctrd in ctrds:
             check = ctrd.check(self.ref)
@@ -433,6 +460,11 @@ def report(args: argparse.Namespace, r: dict[str, object]) -> bool:
             assert isinstance(p, dict)
             each = "  ".join(f"{k} {v:.1f}" for k, v in sorted(p["per_node"].items()))
             print(f"{'':16} {kind} per node (s): {each}")
+            split = "  ".join(
+                f"{k} {f:.1f} + {u:.1f}" for k, (f, u) in sorted(p["ctr_fetch_unpack"].items())
+            )
+            if split:
+                print(f"{'':16} {kind} fetch + unpack per node (ctr's own timing, s): {split}")
             used = ", ".join(f"{k}s {v:.0f}" for k, v in p["cpu_seconds"].items() if v)
             print(f"{'':16} {kind} CPU-s: {used} (ctr clients and the kernel's not counted)")
     print(f"mirror egress target <= {TARGET_EGRESS}x at every N: {'met' if ok else 'MISSED'}")

@@ -77,6 +77,14 @@ CLAIM_TTL = 120.0  # seconds a whole-blob claim holds before this node's flights
 # the next blobs to the other nodes pulling the same image (and each finished blob goes
 # on to them sooner than if all were read at once).
 WARM_SOURCE_READS = 1
+# A blob's registry slot is handed to the next blob once at most this many of its bytes
+# are still to come: the next blob's claim and first requests (~0.1 s) then overlap the
+# tail of this one, so the registry link does not idle between blobs (measured at N=1:
+# 3.06 s per 128 MiB layer against 2.81 s of link time when handed over at the last byte).
+# Only while this node alone reads the image from the registry: when other nodes read
+# some of its blobs too, their streams keep the registry link busy between this node's
+# blobs, and an earlier claim would only slow the tail of a blob they wait for.
+WARM_TAIL_BYTES = 16 * 1024 * 1024
 RELAY_POLL = 0.2  # seconds between looks at whether a warmed blob's digests are all recorded
 
 
@@ -295,13 +303,14 @@ class NodeBlobSource:
         """In manifest order: a blob no node reads yet is claimed when this node has a
         registry slot free, and read; one another node claimed is fetched from it once it
         verified there. A client's request for a blob waits until it is warmed."""
+        pull = _Pull()
         try:
             async with trio.open_nursery() as nursery:
                 for digest, size in blobs:
                     warming = self._warming[digest]
                     started = False
                     try:
-                        started = await self._warm_claim(nursery, repo, digest, size, warming)
+                        started = await self._warm_claim(nursery, repo, digest, size, warming, pull)
                     finally:
                         if not started:
                             warming.done.set()
@@ -310,7 +319,13 @@ class NodeBlobSource:
                 self._warming.pop(digest, None)
 
     async def _warm_claim(
-        self, nursery: trio.Nursery, repo: Repository, digest: str, size: int, warming: _Warming
+        self,
+        nursery: trio.Nursery,
+        repo: Repository,
+        digest: str,
+        size: int,
+        warming: _Warming,
+        pull: _Pull,
     ) -> bool:
         """Decide who reads one blob from the registry and start warming it here (True),
         or leave it (False: held here already, or the cluster cannot take it)."""
@@ -333,31 +348,44 @@ class NodeBlobSource:
             raise
         if not mine:
             self._warm_slots.release()  # another node reads it: no registry slot used here
+            pull.alone = False
         log.debug("warming %s: %s", what, "from the registry" if mine else "from peers")
-        nursery.start_soon(self._warm_one, repo, entry, chunk_size, mine, warming)
+        nursery.start_soon(self._warm_one, repo, entry, chunk_size, mine, warming, pull)
         return True
 
     async def _warm_one(
-        self, repo: Repository, entry: FileEntry, chunk_size: int, mine: bool, warming: _Warming
+        self,
+        repo: Repository,
+        entry: FileEntry,
+        chunk_size: int,
+        mine: bool,
+        warming: _Warming,
+        pull: _Pull,
     ) -> None:
         """One blob warmed, at prefetch priority: a flight waiting for another node's
         registry read has no deadline then (a client's request waits a read deadline). This
-        node's registry slot is held until the blob's bytes are here, not through the
+        node's registry slot is held until the blob's last WARM_TAIL_BYTES are on their
+        way while it reads the image alone (else until its last byte), not through the
         whole-blob check: the link is the scarce part."""
         source = self._source(repo)
         what = f"{entry.locator} of {repo}"
         try:
             if mine:
+                slot = _Slot(self._warm_slots)
                 try:
                     chunks = range(chunk_count(entry.size, chunk_size))
-                    await self._fetcher.fetch_chunks(
-                        entry, chunk_size, source, chunks, Priority.PREFETCH
-                    )
+                    async with trio.open_nursery() as nursery:
+                        if pull.alone:
+                            nursery.start_soon(self._hand_over_near_the_end, entry, slot)
+                        await self._fetcher.fetch_chunks(
+                            entry, chunk_size, source, chunks, Priority.PREFETCH
+                        )
+                        nursery.cancel_scope.cancel()
                 except SyncbitError as exc:
                     await self._give_up(entry, chunk_size)  # the next node need not wait
                     raise RegistryError(f"{what}: {exc}", "UNAVAILABLE", 503) from exc
                 finally:
-                    self._warm_slots.release()
+                    slot.release()
             if mine:
                 await self._ensure(entry, chunk_size, source, what, Priority.PREFETCH)
                 return
@@ -376,6 +404,18 @@ class NodeBlobSource:
             log.info("warming %s failed: %s", what, exc)
         finally:
             warming.done.set()
+
+    async def _hand_over_near_the_end(self, entry: FileEntry, slot: _Slot) -> None:
+        """Release `slot` (this node's registry read of `entry`) once at most
+        WARM_TAIL_BYTES of the blob are still to be written; until then, or cancelled,
+        not. (Written, not merely received: a count, not a scan per chunk event.)"""
+        while True:
+            obj = self._store.get(entry.object)
+            left = entry.size if obj is None else (obj.chunks - len(obj.written)) * obj.chunk_size
+            if left <= WARM_TAIL_BYTES:
+                slot.release()
+                return
+            await self._store.written_event.wait()
 
     async def _relay_once_recorded(self, entry: FileEntry, chunk_size: int) -> None:
         """Mark a blob warmed from another node's registry read relayed (`shareable`) once
@@ -556,6 +596,26 @@ async def _as_manifest(blob: StoredBlob, what: str) -> CachedManifest:
         raise RegistryError(f"{what}: names no media type", "MANIFEST_INVALID", 502) from None
     content = blob.content
     return CachedManifest(Content(content.digest, content.size, media_type), body)
+
+
+@dataclass
+class _Pull:
+    """The warming of one manifest's blobs: whether this node alone reads them from the
+    registry (no other node had claimed one when this node came to it) so far."""
+
+    alone: bool = True
+
+
+class _Slot:
+    """One acquired slot of a semaphore, released at most once."""
+
+    def __init__(self, semaphore: trio.Semaphore) -> None:
+        self._semaphore: trio.Semaphore | None = semaphore
+
+    def release(self) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+            self._semaphore = None
 
 
 @dataclass(eq=False)
