@@ -35,8 +35,11 @@ the slow side; run one N at two grains to see the grain's own cost.
 
 Printed: origin egress / D (target <= 1.05), time to the last ready node / the Kumar-Ross
 bound (target <= 1.3), bytes uploaded per node (min, median, p99, max, max/mean), and what
-the real planning cost. `--swarm` runs bench/swarm.py's N=8 set-up (8 nodes, 512 MiB, every
-link 400 Mbit/s) for comparison with its measured ratio (`--measured 1.37`).
+the real planning cost; with `--trace S`, every S simulated seconds: nodes ready, pieces
+read from the source, transfers running, nodes uploading and at their upload limit, nodes
+waiting with room in their peer lane, nodes offered for some piece. `--swarm` runs
+bench/swarm.py's N=8 set-up (8 nodes, 512 MiB, every link 400 Mbit/s) for comparison with
+its measured ratio (`--measured 1.37`).
 
     PYTHONPATH=$PWD python bench/simulate.py --nodes 1000,10000
     PYTHONPATH=$PWD python bench/simulate.py --swarm --rate 200mbit --measured 1.37
@@ -139,6 +142,7 @@ class Params:
     dt_min: float = 0.002  # a slot freed inside a step is refilled at the step's end
     seed: int = 1
     time_limit: float = 0.0  # simulated seconds before giving up (0: 10x the bound)
+    trace: bool = False  # note what the nodes do at every heartbeat (`Sample`)
 
 
 # -- the scheduler's side, for real -------------------------------------------------------------
@@ -193,6 +197,22 @@ def real_plan(
 
 
 @dataclass
+class Sample:
+    """What the nodes do at one moment (`--trace`)."""
+
+    t: float
+    ready: int  # nodes with every piece
+    sourced: int  # pieces whose source read began
+    source_reads: int  # running
+    peer_transfers: int  # running
+    uploading: int  # nodes serving at least one transfer
+    slots_full: int  # nodes serving `upload_slots` transfers (the next asker gets 503)
+    wanting: int  # nodes not ready whose peer lane has room
+    offered: int  # nodes the scheduler offers for at least one piece (--offers)
+    median_holders: int  # holders of the median piece among those read from the source
+
+
+@dataclass
 class Result:
     params: dict[str, Any]
     pieces: int
@@ -209,6 +229,7 @@ class Result:
     stuck: bool = False
     wall_s: float = 0.0
     ready: list[float] = field(default_factory=list)
+    trace: list[Sample] = field(default_factory=list)
 
     @property
     def egress_ratio(self) -> float:
@@ -287,6 +308,7 @@ class Sim:
         self.retries: list[tuple[float, int, int]] = []  # (at, node, piece): holders were busy
         self.busy = 0
         self.infos: list[NodeInfo] = []
+        self.trace: list[Sample] = []
         self.dirty: set[int] = set(range(n))
         self.origin = n  # the sender index of a source read
         # transfers begun since the last step (src, dst, piece, bytes, began); the running
@@ -461,6 +483,27 @@ class Sim:
             NodeInfo(name, str(i), load=self.uploads_now[i], up=True)
             for i, name in enumerate(self.names)
         ]
+        if self.p.trace:
+            self.trace.append(self._sample())
+
+    def _sample(self) -> Sample:
+        p, uploads = self.p, self.uploads_now
+        holders = sorted(len(v) for v in self.visible if v)
+        return Sample(
+            t=self.t,
+            ready=sum(r < math.inf for r in self.ready),
+            sourced=self.sourced_count,
+            source_reads=sum(self.src_running),
+            peer_transfers=sum(self.peer_running),
+            uploading=sum(u > 0 for u in uploads),
+            slots_full=sum(u >= p.upload_slots for u in uploads),
+            wanting=sum(
+                r == math.inf and running < p.peer_lane
+                for r, running in zip(self.ready, self.peer_running, strict=True)
+            ),
+            offered=len(self.offers.places),
+            median_holders=holders[len(holders) // 2] if holders else 0,
+        )
 
     # -- the clock ------------------------------------------------------------------------------
 
@@ -542,6 +585,7 @@ class Sim:
             stuck=len(finite) < p.nodes,
             wall_s=time.perf_counter() - began,
             ready=sorted(self.ready),
+            trace=self.trace,
         )
 
 
@@ -556,7 +600,7 @@ def _offered(p: dict[str, Any]) -> str:
     return f"{pool}, {sample} at random of them" if sample and not 0 < k <= sample else pool
 
 
-def report(r: Result, measured: float | None = None) -> None:
+def report(r: Result, measured: float | None = None, every: float = 0.0) -> None:
     p = r.params
     u = r.uploads
     print(
@@ -589,6 +633,26 @@ def report(r: Result, measured: float | None = None) -> None:
     if measured:
         diff = (r.time_ratio - measured) / measured * 100
         print(f"   bench/swarm.py measured {measured:.2f}x T_min: simulated {diff:+.0f}% off")
+    if every > 0 and r.trace:
+        print_trace(r.trace, p["nodes"], every)
+
+
+def print_trace(trace: list[Sample], nodes: int, every: float) -> None:
+    """One line per `every` simulated seconds: where the time goes."""
+    print(
+        f"   {'t':>6} {'ready':>7} {'sourced':>7} {'src':>5} {'peer':>7} {'uploading':>9} "
+        f"{'full':>7} {'wanting':>7} {'offered':>7} {'holders':>7}   (of {nodes:,} nodes)"
+    )
+    due = 0.0
+    for i, s in enumerate(trace):
+        if s.t < due and i < len(trace) - 1:
+            continue
+        due = s.t + every
+        print(
+            f"   {s.t:6.1f} {s.ready:7,} {s.sourced:7,} {s.source_reads:5,} {s.peer_transfers:7,} "
+            f"{s.uploading:9,} {s.slots_full:7,} {s.wanting:7,} {s.offered:7,} "
+            f"{s.median_holders:7,}"
+        )
 
 
 def node_counts(text: str) -> list[int]:
@@ -626,13 +690,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="offer at most K holders per piece as the scheduler does, by its own code "
-        "(syncbit/scheduler/holders.py: a uniform sample of the holders)",
+        "(syncbit/scheduler/holders.py: spread over the nodes, else a sample of the holders)",
     )
     ap.add_argument("--notice", type=float, default=0.15, help="seconds until a holder is seen")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--swarm", action="store_true", help="bench/swarm.py's N=8 set-up")
     ap.add_argument("--measured", type=float, default=None, help="swarm.py's ratio to compare")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument(
+        "--trace",
+        type=float,
+        default=0.0,
+        help="print what the nodes do every this many simulated seconds (0: not at all)",
+    )
     args = ap.parse_args(argv)
     args.counts = args.nodes
     if args.swarm:
@@ -675,6 +745,7 @@ def params_for(args: argparse.Namespace, nodes: int) -> Params:
         offers=args.offers,
         notice=args.notice,
         seed=args.seed,
+        trace=args.trace > 0,
     )
 
 
@@ -683,7 +754,7 @@ def main() -> int:
     results = []
     for nodes in args.counts:
         result = Sim(params_for(args, nodes)).run()
-        report(result, args.measured)
+        report(result, args.measured, args.trace)
         results.append(result)
         if args.json:
             docs = [

@@ -51,6 +51,23 @@ def _pages(holders: Holders, view: ObjectHolders, seq: int, limit: int) -> Itera
             return
 
 
+def _places(*views: ObjectHolders) -> dict[str, int]:
+    """How many chunks each node is offered for, counted afresh."""
+    counted: dict[str, int] = {}
+    for view in views:
+        for offered in view.offered.values():
+            for node in offered:
+                counted[node] = counted.get(node, 0) + 1
+    return counted
+
+
+class NoDraw(random.Random):
+    """Reservoir draws that never pick the newcomer: what changes is the spread rule's."""
+
+    def random(self) -> float:
+        return 0.999999
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int) -> None:
     rng = random.Random(seed)
@@ -89,10 +106,13 @@ def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int) -> None:
                 if not more:
                     break
             assert sorted(seen) == sorted(changed)  # each change once, none missed
+        assert holders.places == _places(view)  # kept exact by every change
     for index in range(CHUNKS):
         assert offered.get(index, []) == view.offered.get(index, [])
         assert len(view.offered.get(index, [])) <= K
     assert next(iter(_pages(holders, view, seq, 5))) == []  # nothing new: nothing again
+    holders.drop(OBJ)
+    assert holders.places == {}
 
 
 def test_offers_stay_a_sample_of_every_holder_and_change_rarely() -> None:
@@ -119,6 +139,50 @@ def test_offers_stay_a_sample_of_every_holder_and_change_rarely() -> None:
     gone = view.offered[0][0]
     holders.remove(gone, view, [0])  # an offered holder goes: another takes its place
     assert holders.touched == {0} and len(view.offered[0]) == K and gone not in view.offered[0]
+
+
+def test_a_holder_offered_nowhere_takes_the_place_of_one_offered_for_several() -> None:
+    """Requesters ask only the offered holders: a node offered for no chunk would upload
+    nothing while the first holders serve every chunk in demand at once."""
+    holders = Recording(2, lambda n: True, lambda names, n: sorted(names)[:n], rng=NoDraw(3))
+    view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    other = holders.view("cd" * 32, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    for node in ("a", "b"):
+        holders.add(node, view, range(4))
+    holders.add("b", other, [0])
+    assert holders.places == {"a": 4, "b": 5}  # every object's places count
+    holders.touched.clear()
+    holders.add("c", view, [2])
+    assert view.offered[2] == ["a", "c"]  # b is offered for the most chunks: c takes its place
+    assert holders.places == {"a": 4, "b": 4, "c": 1} == _places(view, other)
+    assert holders.touched == {2}  # the change is logged: followers learn it
+    holders.add("c", view, [0, 1, 3])  # offered somewhere now: no more by the spread rule
+    assert [view.offered[i] for i in (0, 1, 3)] == [["a", "b"]] * 3
+    assert holders.touched == {2}
+    holders.add("d", view, [2])  # a has 4 places, d none
+    assert view.offered[2] == ["d", "c"]
+    holders.add("e", other, [0])  # a free place first
+    holders.add("f", other, [0])  # b: 4 places
+    holders.add("g", other, [0])  # every offered one has a single place: nothing to spread
+    assert other.offered[0] == ["f", "e"]
+    assert holders.places == {"a": 3, "b": 3, "c": 1, "d": 1, "e": 1, "f": 1}
+    assert holders.places == _places(view, other)
+
+
+def test_the_spread_rule_changes_offers_at_most_once_per_new_holder() -> None:
+    """With no reservoir draw, every change is the spread rule's: at most one per node that
+    becomes a holder, however many chunks it reports at once."""
+    holders = Recording(K, lambda n: True, lambda names, n: sorted(names)[:n], rng=NoDraw(5))
+    view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    changes = 0
+    for i in range(200):
+        holders.touched.clear()
+        holders.add(f"n{i}", view, range(CHUNKS))
+        changes += len(holders.touched) if i >= K else 0
+        assert all(len(view.offered[c]) == min(K, i + 1) for c in range(CHUNKS))
+    assert changes <= 200 - K
+    assert len(_places(view)) == CHUNKS * K  # every offered place a different node
+    assert max(_places(view).values()) == 1
 
 
 # -- a SchedulerState: K peers per chunk, and exact updates under concurrent reports --------
