@@ -17,7 +17,7 @@ import trio.testing
 from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
 from syncbit.config import SchedulerConfig
-from syncbit.errors import SchedulerBusyError, SchedulerError
+from syncbit.errors import NotFoundError, SchedulerBusyError, SchedulerError
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.admission import (
     CONTROL,
@@ -236,7 +236,7 @@ def crawling(tmp_path: Path) -> SchedulerConfig:
     )
 
 
-async def test_heartbeats_are_answered_while_other_requests_wait(
+async def test_heartbeats_and_what_a_node_must_hold_are_answered_while_others_wait(
     crawling: SchedulerConfig,
 ) -> None:
     admission = Crawl(max_wait=30)
@@ -251,7 +251,12 @@ async def test_heartbeats_are_answered_while_other_requests_wait(
                         await trio.sleep(0.05)
                 for _ in range(5):
                     await client.heartbeat("n1", address="127.0.0.1:1")
-                # Five heartbeats answered, and the chunk maps sent before them still wait.
+                # What a node needs to know what to hold is never held either.
+                assert (await client.datasets())["datasets"] == []
+                assert (await client.plan("n1"))["plan"] == []
+                with pytest.raises(NotFoundError):
+                    await client.manifest("nothing-here")
+                # All answered, and the chunk maps sent before them still wait.
                 assert server.call(lambda: admission.waiting) >= 1
                 nursery.cancel_scope.cancel()
 

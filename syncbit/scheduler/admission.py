@@ -8,10 +8,12 @@ So, as Kubernetes' API priority and fairness puts node leases first, requests co
 classes:
 
 - **live** (heartbeats, leaving, credentials, probes, metrics, the generation long poll,
-  which waits in its handler anyway and costs nothing while it does, and the dataset
-  listing, a few bytes per dataset, which a node needs before anything else): never
-  held here. They are what says a node is alive and what it should hold, and a node
-  must be able to say and learn that however busy the fleet is.
+  which waits in its handler anyway and costs nothing while it does, and what a node
+  needs to know what it should hold: the dataset listing, a manifest, sent as stored,
+  and its plan): never held here. A node must be able to say it is alive and learn what
+  to hold however busy the fleet is; a node whose sync is refused also finds the
+  generation still new at its next long poll and asks again, which costs more than the
+  answer it was refused.
 - **bulk** (everything else: chunk reports and maps, claims, updates, listings, writes):
   admitted at a rate the loop keeps up with. Each node sends its next bulk request only
   once the last is answered, so holding one paces its sender, and the parked request
@@ -49,7 +51,17 @@ import trio
 from syncbit.errors import SchedulerBusyError
 
 LIVE_ROUTES = frozenset(
-    {"heartbeat", "leave", "credential", "generation", "datasets", "healthz", "readyz"}
+    {
+        "heartbeat",
+        "leave",
+        "credential",
+        "generation",
+        "datasets",
+        "manifest",
+        "plan",
+        "healthz",
+        "readyz",
+    }
 )
 TICK = 0.02  # seconds between two looks at the loop's lag
 CONTROL = 0.25  # seconds between two changes of the rate
