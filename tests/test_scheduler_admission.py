@@ -212,6 +212,12 @@ def test_the_rate_shrinks_when_the_loop_is_behind_and_grows_back_while_wanted() 
     admission.control()
     assert admission.rate == MIN_RATE + MIN_STEP
     assert CONTROL > 0
+    # One late turn among many on time (a large answer, a collection): held where it is.
+    admission.rate = 1000.0
+    for lag in (0.001, 0.002, LAG_HIGH * 5, 0.001, 0.002):
+        admission.note_lag(lag)
+    admission.control()
+    assert admission.rate == 1000.0
 
 
 # -- on a real scheduler ----------------------------------------------------------------------

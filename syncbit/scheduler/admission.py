@@ -22,10 +22,10 @@ classes:
 
 The rate follows the loop's lag, additive increase and multiplicative decrease: a task
 sleeps `TICK` seconds and measures how late it wakes (the time one turn of the loop takes
-through every runnable task). Lag under `LAG_LOW` with requests waiting: the rate grows;
-over `LAG_HIGH`: it shrinks by `DECREASE`, never below `MIN_RATE`, a pace no small
-cluster reaches, so that one (or an embedded scheduler whose loop is late because the
-daemon beside it holds the GIL) is never held. A bucket of tokens at that rate admits
+through every runnable task). The median lag of a `CONTROL` period under `LAG_LOW` with
+requests waiting: the rate grows; over `LAG_HIGH`: it shrinks by `DECREASE`, never
+below `MIN_RATE`, a pace no small cluster reaches, so that one (or an embedded
+scheduler whose loop is late because the daemon beside it holds the GIL) is never held. A bucket of tokens at that rate admits
 requests (a burst of one `TICK`'s worth), in arrival order once any waits. (Counting
 requests in flight instead does not work: a handler runs in one step, so however far
 behind the loop is, almost none are ever in flight.)
@@ -100,7 +100,7 @@ class Admission:
         self.rate = START_RATE
         self.tokens = self._burst()
         self._queue: deque[_Waiter] = deque()
-        self._lag = 0.0  # the largest lag seen since the rate last changed
+        self._lags: list[float] = []  # how late the loop ran at each look since the last change
         self._starved = False  # a request waited for a token since the rate last changed
         self._refilled: float | None = None
         # Counters for /metrics: admitted at once, after waiting, answered busy.
@@ -182,15 +182,19 @@ class Admission:
 
     def note_lag(self, lag: float) -> None:
         """One look at how late the loop ran (`run`); every CONTROL seconds the rate moves."""
-        self._lag = max(self._lag, lag)
+        self._lags.append(lag)
 
     def control(self) -> None:
-        """Move the rate by the lag seen since the last call (AIMD)."""
-        if self._lag > LAG_HIGH:
+        """Move the rate by the median lag seen since the last call (AIMD): a loop that is
+        behind is late at most looks, while one late turn (a large answer, a garbage
+        collection) is not a reason to hold every node's requests."""
+        lags = sorted(self._lags)
+        lag = lags[len(lags) // 2] if lags else 0.0
+        if lag > LAG_HIGH:
             self.rate = max(MIN_RATE, self.rate * DECREASE)
-        elif self._lag < LAG_LOW and self._starved:
+        elif lag < LAG_LOW and self._starved:
             self.rate = min(MAX_RATE, self.rate + max(MIN_STEP, self.rate * INCREASE))
-        self._lag = 0.0
+        self._lags = []
         self._starved = bool(self._queue)
 
     async def run(self) -> None:
