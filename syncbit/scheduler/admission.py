@@ -25,10 +25,11 @@ sleeps `TICK` seconds and measures how late it wakes (the time one turn of the l
 through every runnable task). The median lag of a `CONTROL` period under `LAG_LOW` with
 requests waiting: the rate grows; over `LAG_HIGH`: it shrinks by `DECREASE`, never
 below `MIN_RATE`, a pace no small cluster reaches, so that one (or an embedded
-scheduler whose loop is late because the daemon beside it holds the GIL) is never held. A bucket of tokens at that rate admits
-requests (a burst of one `TICK`'s worth), in arrival order once any waits. (Counting
-requests in flight instead does not work: a handler runs in one step, so however far
-behind the loop is, almost none are ever in flight.)
+scheduler whose loop is late because the daemon beside it holds the GIL) is never held.
+A bucket of tokens at that rate admits requests (a burst of one `TICK`'s worth), in
+arrival order once any waits. (Counting requests in flight instead does not work: a
+handler runs in one step, so however far behind the loop is, almost none are ever in
+flight.)
 
 A handler that waits for something else (the chunk updates long poll) took its turn to
 start; its answer, after the wait, takes another (`step_aside`).
