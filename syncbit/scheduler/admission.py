@@ -83,6 +83,7 @@ log = logging.getLogger("syncbit.scheduler")
 class _Waiter:
     event: trio.Event
     admitted: bool = False
+    gone: bool = False  # gave up (timed out, cancelled): skipped when its turn comes
 
 
 class Admission:
@@ -100,7 +101,8 @@ class Admission:
         self._clock = clock
         self.rate = START_RATE
         self.tokens = self._burst()
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_Waiter] = deque()  # arrival order; gone ones dropped lazily
+        self._waiting = 0  # waiters in the queue not gone
         self._lags: list[float] = []  # how late the loop ran at each look since the last change
         self._starved = False  # a request waited for a token since the rate last changed
         self._refilled: float | None = None
@@ -116,7 +118,7 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        return self._waiting
 
     def _burst(self) -> float:
         return max(1.0, self.rate * TICK)
@@ -139,7 +141,7 @@ class Admission:
 
     async def _enter(self) -> None:
         """Wait for the turn."""
-        if not self._queue and self._take():
+        if not self._waiting and self._take():
             self.admitted += 1
         else:
             await self._wait()
@@ -154,32 +156,40 @@ class Admission:
     async def _wait(self) -> None:
         waiter = _Waiter(trio.Event())
         self._queue.append(waiter)
+        self._waiting += 1
         self._starved = True
         try:
             with trio.move_on_after(self.max_wait):
                 await waiter.event.wait()
-        except BaseException:
+        finally:
             if not waiter.admitted:
-                self._queue.remove(waiter)
-            raise
+                # Left where it is (a removal from the middle of thousands costs each
+                # one that gives up the whole queue): `_release` drops it in turn.
+                waiter.gone = True
+                self._waiting -= 1
         if waiter.admitted:
             self.delayed += 1
             return
-        self._queue.remove(waiter)
         self.refused += 1
-        retry = max(1, math.ceil(len(self._queue) / self.rate))
+        retry = max(1, math.ceil(self._waiting / self.rate))
         raise SchedulerBusyError(
-            f"the scheduler is busy ({len(self._queue)} requests waiting); try again in {retry} s",
+            f"the scheduler is busy ({self._waiting} requests waiting); try again in {retry} s",
             retry_after=retry,
         )
 
     def _release(self) -> None:
         """Admit waiters in arrival order as the tokens allow."""
         queue = self._queue
-        while queue and self._take():
-            waiter = queue.popleft()
-            waiter.admitted = True
-            waiter.event.set()
+        while queue:
+            if queue[0].gone:
+                queue.popleft()
+            elif self._take():
+                waiter = queue.popleft()
+                waiter.admitted = True
+                self._waiting -= 1
+                waiter.event.set()
+            else:
+                break
 
     def note_lag(self, lag: float) -> None:
         """One look at how late the loop ran (`run`); every CONTROL seconds the rate moves."""
@@ -196,7 +206,7 @@ class Admission:
         elif lag < LAG_LOW and self._starved:
             self.rate = min(MAX_RATE, self.rate + max(MIN_STEP, self.rate * INCREASE))
         self._lags = []
-        self._starved = bool(self._queue)
+        self._starved = bool(self._waiting)
 
     async def run(self) -> None:
         """Measure the loop's lag, move the rate, admit waiting requests: forever; say
@@ -224,7 +234,7 @@ class Admission:
                         held[0] + held[1],
                         REPORT_EVERY,
                         held[1],
-                        len(self._queue),
+                        self._waiting,
                         self.rate,
                         worst * 1000,
                     )
