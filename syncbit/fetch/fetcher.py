@@ -37,7 +37,8 @@ from syncbit.store import ObjectReader, ObjectStore
 
 log = logging.getLogger("syncbit.fetch")
 
-# The most a sequential reader's readahead holds: chunks in flight or staged are RAM.
+# The most a sequential reader's readahead holds: chunks in flight or staged are RAM
+# (the store keeps `staging.WANTED_BYTES` of them until read; the rest are read back).
 READAHEAD_MAX_BYTES = 512 << 20
 
 

@@ -62,6 +62,12 @@ def _spread(peers: list[Peer]) -> list[Peer]:
     return head + peers[3:]
 
 
+def _for_reader(flight: Flight) -> bool:
+    """Whether a reader waits for the chunk or its readahead asked for it: then RAM keeps
+    it until read (a prefetch's chunk goes to disk and the LRU)."""
+    return flight.priority < Priority.PREFETCH
+
+
 class Transfers:
     """Runs the transfer of a flight to a result: what was staged, or where to wait."""
 
@@ -172,7 +178,7 @@ class Transfers:
             self.stats["peer"] += length
             flight.origin = Origin.PEER
             give = functools.partial(self.store.buffers.give, got.buf)
-            self.store.stage(obj, index, got.view, give, expected)
+            self.store.stage(obj, index, got.view, give, expected, _for_reader(flight))
             return [Staged(flight, got.view, expected)]
         if got is PeerResult.BUSY:
             # Every holder that could serve it is at its upload limit: wait briefly
@@ -321,7 +327,7 @@ class Transfers:
             start = i * obj.chunk_size
             view = memoryview(buf)[start : start + chunk_length(obj.size, obj.chunk_size, f.index)]
             f.origin = Origin.SOURCE
-            self.store.stage(obj, f.index, view, release, digests[i])
+            self.store.stage(obj, f.index, view, release, digests[i], _for_reader(f))
             staged.append(Staged(f, view, digests[i]))
         return staged
 

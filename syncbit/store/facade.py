@@ -209,10 +209,17 @@ class ObjectStore:
         data: memoryview,
         release: Callable[[], None],
         digest: str,
+        wanted: bool = False,
     ) -> None:
         """Trio thread: make verified bytes (of this digest) readable from RAM now, pinned
-        until written. `release()` gives the buffer back once the chunk leaves RAM."""
-        self._staging.stage(obj, index, data, release, digest)
+        until written. Kept in RAM until read (`staging`) when a reader waits for them
+        (`wanted`) or their file is open through the mount. `release()` gives the buffer
+        back once the chunk leaves RAM."""
+        self._staging.stage(obj, index, data, release, digest, wanted or obj.opened > 0)
+
+    def kept_for_readers(self) -> int:
+        """Bytes of chunks in RAM kept for readers that have not read them yet."""
+        return self._staging.wanted
 
     async def store_chunk(
         self, obj: StoredObject, index: int, data: memoryview, digest: str

@@ -218,9 +218,12 @@ class Hold:
         obj._opened += 1
 
     def release(self) -> None:
-        if self._obj is not None:
-            self._obj._opened -= 1
+        obj = self._obj
+        if obj is not None:
+            obj._opened -= 1
             self._obj = None
+            if obj._opened == 0:  # RAM kept for its readers goes back to the LRU
+                obj._staging.unwant(obj)
 
 
 class ObjectTable:

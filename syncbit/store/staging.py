@@ -1,6 +1,16 @@
-"""Chunks in RAM: verified bytes readable at once while their write is pending, a small
-LRU of recent ones after it, and the pool of page-aligned buffers they live in. Trio
-thread only; never writes a file, never decides presence on disk.
+"""Chunks in RAM: verified bytes readable at once while their write is pending, chunks
+fetched for a reader that it has not read yet, a small LRU of recent ones after them,
+and the pool of page-aligned buffers they live in. Trio thread only; never writes a file,
+never decides presence on disk.
+
+A reader's readahead (and the whole-file fetch its open started) fetches ahead of it.
+Such chunks stay in RAM until the reader reaches them, within `WANTED_BYTES` for all
+readers together: let go after their write (the LRU keeps `keep` chunks), they would be
+read back from the disk they were just written to with O_DIRECT. That read-back held a
+cold 1 GiB read through the mount at 0.70x of aria2c (bench/origin.py: ~0.9 GiB read back
+from disk, 3.1 CPU-s); kept, 0.9-1.0x and 2.1-2.5 CPU-s. A chunk is kept until its first
+read, or until its file is closed everywhere; beyond the budget, newly staged chunks
+join the LRU instead (the ones staged first are the ones a sequential reader needs first).
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from syncbit.store.objects import StoredObject
 
+# RAM for chunks fetched ahead of readers and not read yet, all readers together.
+WANTED_BYTES = 256 << 20
+
 
 @dataclass(eq=False, slots=True)
 class StagedChunk:
@@ -22,15 +35,25 @@ class StagedChunk:
     digest: str
     writing: bool = True  # its write has not finished: pinned in RAM
     stale: bool = False  # its object was discarded: unreadable, and never written
+    wanted: bool = False  # kept for a reader that has not read it yet (see the module)
 
 
 class Staging:
     """Every staged chunk, oldest first: the one record of what is in RAM, which chunks
-    are pinned for their write, and the LRU order of the rest (at most `keep` of them)."""
+    are pinned for their write, which are kept for a reader (`wanted_bytes` of them at
+    most), and the LRU order of the rest (at most `keep` of them)."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, wanted_bytes: int = WANTED_BYTES) -> None:
         self.keep = keep
+        self.wanted_bytes = wanted_bytes
         self._chunks: OrderedDict[tuple[StoredObject, int], StagedChunk] = OrderedDict()
+        self._wanted = 0  # chunks kept for a reader
+        self._wanted_size = 0  # their bytes
+
+    @property
+    def wanted(self) -> int:
+        """Bytes of the chunks kept for a reader that has not read them yet."""
+        return self._wanted_size
 
     def stage(
         self,
@@ -39,23 +62,31 @@ class Staging:
         view: memoryview,
         release: Callable[[], None],
         digest: str,
+        wanted: bool = False,
     ) -> None:
-        """Make verified bytes readable now, pinned until `written`. A chunk staged again
+        """Make verified bytes readable now, pinned until `written`; `wanted`: for a
+        reader, kept until it reads them if the budget has room. A chunk staged again
         keeps the old buffer unreleased: its pending write may still read it."""
         key = (obj, index)
         chunks = self._chunks
-        if key in chunks:
-            del chunks[key]  # to the end: the newest
-        chunks[key] = StagedChunk(view, release, digest)
-        if len(chunks) > self.keep:
+        old = chunks.pop(key, None)  # to the end: the newest
+        if old is not None:
+            self._unwant(old)
+        chunk = chunks[key] = StagedChunk(view, release, digest)
+        if wanted and self._wanted_size + len(view) <= self.wanted_bytes:
+            chunk.wanted = True
+            self._wanted += 1
+            self._wanted_size += len(view)
+        if len(chunks) - self._wanted > self.keep:
             self._trim()
 
     def view(self, obj: StoredObject, index: int) -> memoryview | None:
-        """The chunk's RAM bytes if staged (and marks it recently used)."""
+        """The chunk's RAM bytes if staged (and marks it recently used, and read)."""
         key = (obj, index)
         chunk = self._chunks.get(key)
         if chunk is None or chunk.stale:
             return None
+        self._unwant(chunk)
         self._chunks.move_to_end(key)
         return chunk.view
 
@@ -74,7 +105,7 @@ class Staging:
         chunk = self._chunks.get((obj, index))
         if chunk is not None:
             chunk.writing = False
-            if len(self._chunks) > self.keep:
+            if len(self._chunks) - self._wanted > self.keep:
                 self._trim()
 
     def unstage(self, obj: StoredObject, index: int, view: memoryview | None = None) -> None:
@@ -84,7 +115,23 @@ class Staging:
         if chunk is None or (view is not None and chunk.view is not view):
             return
         del self._chunks[key]
+        self._unwant(chunk)
         chunk.release()
+
+    def unwant(self, obj: StoredObject) -> None:
+        """No reader has the object's file open any more: its chunks kept for one join
+        the LRU (oldest first, as they came)."""
+        for (o, _), chunk in list(self._chunks.items()):
+            if o is obj:
+                self._unwant(chunk)
+        if len(self._chunks) - self._wanted > self.keep:
+            self._trim()
+
+    def _unwant(self, chunk: StagedChunk) -> None:
+        if chunk.wanted:
+            chunk.wanted = False
+            self._wanted -= 1
+            self._wanted_size -= len(chunk.view)
 
     def drop(self, obj: StoredObject) -> None:
         """The object's content goes (evicted or discarded): its chunks leave RAM, except
@@ -95,6 +142,7 @@ class Staging:
                 continue
             if chunk.writing:
                 chunk.stale = True
+                self._unwant(chunk)
             else:
                 self.unstage(obj, index)
 
@@ -112,13 +160,14 @@ class Staging:
         return [i for (o, i), c in self._chunks.items() if o is obj and not c.stale]
 
     def _trim(self) -> None:
-        """Release the oldest chunks not pinned for their write, down to `keep`."""
-        excess = len(self._chunks) - self.keep
+        """Release the oldest chunks neither pinned for their write nor kept for a reader,
+        down to `keep` besides those kept."""
+        excess = len(self._chunks) - self._wanted - self.keep
         victims: list[tuple[tuple[StoredObject, int], StagedChunk]] = []
         for key, chunk in self._chunks.items():
             if len(victims) >= excess:
                 break
-            if not chunk.writing:
+            if not chunk.writing and not chunk.wanted:
                 victims.append((key, chunk))
         for key, chunk in victims:
             del self._chunks[key]
