@@ -43,6 +43,7 @@ class Response:
     status: int
     headers: dict[str, str]
     url: str
+    body: bytes = b""  # a small error answer's body (an S3 error code), else empty
 
 
 class Abort:
@@ -251,7 +252,9 @@ class Pool:
             if body_ok and length == want:
                 _recv_exact(conn, buf)
             elif length is not None and length <= _HEAD_LIMIT:
-                _recv_exact(conn, memoryview(bytearray(length)))  # small error body
+                small = bytearray(length)  # a small error body: read, so the connection stays
+                _recv_exact(conn, memoryview(small))
+                resp.body = bytes(small)
             else:
                 conn.sock.close()  # unknown or large unwanted body: drop the connection
                 return resp

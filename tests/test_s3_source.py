@@ -678,3 +678,129 @@ def test_as_many_reads_at_once_as_the_fetcher_runs_keep_their_connections() -> N
         source.close()
         server.shutdown()
         server.server_close()
+
+
+# -- reads by presigned URL ------------------------------------------------------------------
+
+
+async def test_reads_go_by_presigned_url_signed_once_a_while(
+    admin: Any, bucket: str, make_source: Callable[..., S3Source], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranged reads take syncbit's own HTTP client with one presigned URL per object
+    version (boto3 only signs), so they can be raced and cut short (`abortable`)."""
+    data = RNG.randbytes(200_000)
+    put(admin, bucket, {"p/a.bin": data, "p/b.bin": data[:1000]})
+    source = make_source(f"s3://{bucket}/p/")
+    files = by_path((await source.list()).files)
+    for offset in (0, 5000, 150_000):
+        assert await read(source, files["a.bin"], offset, 777) == data[offset : offset + 777]
+    direct = source.direct()
+    assert source.abortable and direct is not None and direct.signed == 1
+    assert await read(source, files["b.bin"], 0, 1000) == data[:1000]
+    assert direct.signed == 2  # one per object
+    monkeypatch.setattr("syncbit.sources.s3.direct.REUSED_FOR", 0.0)
+    assert await read(source, files["a.bin"], 10, 10) == data[10:20]
+    assert direct.signed == 3  # signed anew once old: credentials rotate
+
+
+class _Refusing(ThreadingHTTPServer):
+    """Answers every request as S3 does a bucket of another region (301), counting them."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.requests = 0
+        super().__init__(("127.0.0.1", 0), _RefusingHandler)
+
+
+class _RefusingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Refusing
+
+    def do_GET(self) -> None:
+        self.server.requests += 1
+        body = b"<Error><Code>PermanentRedirect</Code></Error>"
+        self.send_response(301)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_an_answer_only_boto3_can_judge_moves_the_reads_to_boto3(
+    admin: Any,
+    bucket: str,
+    make_source: Callable[..., S3Source],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A redirect (another region), credentials or a CA the presigned way cannot judge:
+    boto3 reads it, and from then on every read of the source."""
+    refusing = _Refusing()
+    thread = threading.Thread(target=refusing.serve_forever, daemon=True)
+    thread.start()
+    port = refusing.server_address[1]
+
+    def elsewhere(client: Any, bucket: str) -> Callable[[str, str | None], str]:
+        return lambda key, version: f"http://127.0.0.1:{port}/{bucket}/{key}?X-Amz-Signature=s"
+
+    monkeypatch.setattr("syncbit.sources.s3.source.presigner", elsewhere)
+    data = RNG.randbytes(5000)
+    put(admin, bucket, {"m/f.bin": data})
+    source = make_source(f"s3://{bucket}/m/")
+    (entry,) = (await source.list()).files
+    try:
+        with caplog.at_level(logging.WARNING, logger="syncbit.sources.s3"):
+            assert await read(source, entry, 100, 200) == data[100:300]
+            assert await read(source, entry, 0, 5000) == data
+        assert not source.abortable and source.direct() is None
+        assert refusing.requests == 1
+        assert "go through boto3 from now on" in caplog.text and "HTTP 301" in caplog.text
+    finally:
+        refusing.shutdown()
+        refusing.server_close()
+
+
+async def test_a_presigned_url_never_reaches_a_message(
+    admin: Any,
+    bucket: str,
+    moto: MotoServer,
+    make_source: Callable[..., S3Source],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    put(admin, bucket, {"s/f.bin": b"secret bytes"})
+    source = make_source(f"s3://{bucket}/s/")
+    (entry,) = (await source.list()).files
+    direct = source.direct()
+    assert direct is not None
+    dead = free_port()
+    url = direct.url(entry.locator, None)
+    found = re.search(r"X-Amz-Signature=([0-9a-f]{64})", url)
+    assert found is not None  # SigV4
+    signature = found.group(1)
+    real = direct.presign
+    direct.presign = lambda key, version: real(key, version).replace(
+        moto.endpoint, f"http://127.0.0.1:{dead}"
+    )
+    direct.url(entry.locator, None, fresh=True)  # the one to a dead port
+    with caplog.at_level(logging.DEBUG), pytest.raises(SourceUnavailableError) as info:
+        await read(source, entry, 0, 5)
+    assert f"s3://{bucket}/s/f.bin" in str(info.value)
+    for text in (str(info.value), caplog.text):
+        assert "X-Amz-" not in text and signature not in text and SECRET not in text
+
+
+def test_reads_stay_with_boto3_behind_a_proxy_or_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    endpoint = {"endpoint_url": "http://s3.internal:9000"}
+    assert not S3Source("s3://b/p/", endpoint).abortable  # boto3 honours the proxy
+    monkeypatch.setenv("NO_PROXY", "s3.internal")
+    assert S3Source("s3://b/p/", endpoint).abortable
+    source = S3Source("s3://b/p/", {**endpoint, "direct_reads": "false"})
+    assert not source.abortable and source.direct() is None
+    source.close()

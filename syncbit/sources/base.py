@@ -66,8 +66,9 @@ class Source(ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     # Whether `read_into` ends at once when its `abort` fires (its connection is shut):
     # then a straggling read may be raced by a second one and the loser costs nothing
-    # more. Sources whose reads cannot be ended (a local file, boto3's streams) say no.
-    abortable: ClassVar[bool] = False
+    # more. Sources whose reads cannot be ended (a local file, boto3's streams) say no;
+    # a source may change its mind (S3 when its reads go back to boto3).
+    abortable: bool = False
 
     def __init__(
         self, uri: str, options: dict[str, Any] | None = None, fences: Fences | None = None

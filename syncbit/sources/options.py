@@ -222,6 +222,9 @@ SCHEMES: dict[str, dict[str, Option]] = {
         "profile": Option(_text, "AWS profile (credentials stay in the profile)"),
         "max_attempts": Option(_number(int, 1, 100), "botocore tries per request"),
         "max_connections": Option(_number(int, 1, 1024), "connection pool size"),
+        "direct_reads": Option(
+            parse_bool, "ranged reads by presigned URL on syncbit's HTTP client (default true)"
+        ),
     },
     "hf": {
         **_COMMON,

@@ -1,7 +1,8 @@
 """`S3Source`: `s3://bucket/prefix` on AWS or any S3-compatible store, through boto3. Owns
 the client (built on first use, in a worker thread), the listing (versioned buckets pin a
-VersionId) and ranged reads that refuse any other version. boto3 is synchronous: it never
-runs on the trio loop, and credentials and signatures never reach a message or a log.
+VersionId) and ranged reads that refuse any other version: by presigned URL on syncbit's
+own HTTP client (`direct`), else through boto3. boto3 is synchronous: it never runs on
+the trio loop, and credentials and signatures never reach a message or a log.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry
 from syncbit.sources.base import Listing, Source, changed_error, pinned_size, register
 from syncbit.sources.fences import Fences
-from syncbit.sources.options import SCHEMES
+from syncbit.sources.options import SCHEMES, parse_bool
+from syncbit.sources.s3.direct import DirectReads, presigner, proxied
 from syncbit.sources.s3.errors import GONE, NO_VERSIONING, error_code, map_error
 from syncbit.sources.s3.listing import (
     file_entry,
@@ -128,6 +130,12 @@ class S3Source(Source):
         self._client_lock = threading.Lock()
         self._client_obj: Any = None
         self._closed = False
+        # Reads by presigned URL (`direct`) unless turned off, or the endpoint is reached
+        # through a proxy; `abortable` while they are.
+        self.abortable = parse_bool(opts.get("direct_reads", True)) and not proxied(
+            self.endpoint_url or "https://s3.amazonaws.com"
+        )
+        self._direct: DirectReads | None = None
 
     # -- the client ------------------------------------------------------------------------
 
@@ -151,6 +159,9 @@ class S3Source(Source):
             "max_pool_connections": self.max_connections,
             "connect_timeout": CONNECT_TIMEOUT,
             "read_timeout": READ_TIMEOUT,
+            # What requests use anyway; said so that presigned URLs use it too (botocore
+            # presigns with SigV2 in us-east-1 otherwise, which newer regions refuse).
+            "signature_version": "s3v4",
         }
         if self.addressing_style:
             settings["s3"] = {"addressing_style": self.addressing_style}
@@ -163,12 +174,30 @@ class S3Source(Source):
             "s3", endpoint_url=self.endpoint_url, region_name=region, config=Config(**settings)
         )
 
+    def direct(self) -> DirectReads | None:
+        """The presigned-URL reader while reads take that way (built with the client)."""
+        if not self.abortable:
+            return None
+        client = self.client()
+        with self._client_lock:
+            if self._direct is None:
+                self._direct = DirectReads(
+                    presigner(client, self.bucket),
+                    self._where,
+                    self.max_connections,
+                    READ_TIMEOUT,
+                )
+            return self._direct
+
     def close(self) -> None:
         with self._client_lock:
             client, self._client_obj = self._client_obj, None
+            direct, self._direct = self._direct, None
             self._closed = True
         if client is not None:
             client.close()
+        if direct is not None:
+            direct.close()
 
     def _where(self, key: str | None = None) -> str:
         return f"s3://{self.bucket}/{self.prefix if key is None else key}"
@@ -272,8 +301,39 @@ class S3Source(Source):
         want = len(buf)
         if want == 0:
             return
-        version = entry.version
         size = pinned_size(entry, offset, want)
+        changed = functools.partial(
+            changed_error, self._where(entry.locator), entry.version, _VERSION_KEYS
+        )
+        direct = self.direct()
+        if direct is None:
+            self._read_boto3(entry, offset, buf, size, changed)
+            return
+        refused = direct.read_into(entry, offset, buf, size, changed, abort)
+        if refused is None:
+            return
+        # An answer only boto3 can judge (a region redirect, credentials, a CA): its read
+        # decides, and if it succeeds this source reads through boto3 from now on.
+        self._read_boto3(entry, offset, buf, size, changed)
+        if self.abortable:
+            self.abortable = False
+            log.warning(
+                "reads of s3://%s go through boto3 from now on: a presigned ranged GET was "
+                "answered %s",
+                self.bucket,
+                f"HTTP {refused}" if refused else "with a TLS failure",
+            )
+
+    def _read_boto3(
+        self,
+        entry: FileEntry,
+        offset: int,
+        buf: memoryview,
+        size: int,
+        changed: Callable[[str], SourceChangedError],
+    ) -> None:
+        want = len(buf)
+        version = entry.version
         key = entry.locator
         where = self._where(key)
         request: dict[str, Any] = {
@@ -285,7 +345,6 @@ class S3Source(Source):
             request["IfMatch"] = version["etag"]
         if version.get("version_id"):
             request["VersionId"] = version["version_id"]
-        changed = functools.partial(changed_error, where, version, _VERSION_KEYS)
         try:
             resp = self.client().get_object(**request)
         except bex.ClientError as exc:
