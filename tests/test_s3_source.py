@@ -804,3 +804,45 @@ def test_reads_stay_with_boto3_behind_a_proxy_or_when_asked(
     source = S3Source("s3://b/p/", {**endpoint, "direct_reads": "false"})
     assert not source.abortable and source.direct() is None
     source.close()
+
+
+def test_warm_up_reads_what_a_client_reads_once_per_process() -> None:
+    """A daemon or scheduler warms the S3 client stack at start (`warm_up`, its own
+    thread): building the first client of a dataset then reads no botocore data file,
+    and boto3's data path is not appended to the shared loader once per client."""
+    code = (
+        "import sys\n"
+        "import botocore.loaders\n"
+        "from syncbit.sources.base import warm_up\n"
+        "if sys.argv[1] == 'warm':\n"
+        "    warm_up()\n"
+        "reads = []\n"
+        "real = botocore.loaders.JSONFileLoader.load_file\n"
+        "def load_file(self, path):\n"
+        "    reads.append(path)\n"
+        "    return real(self, path)\n"
+        "botocore.loaders.JSONFileLoader.load_file = load_file\n"
+        "from syncbit.sources.s3.source import S3Source, _shared_loader\n"
+        "for i in range(3):\n"
+        "    s = S3Source('s3://b/p/', {'endpoint_url': 'http://127.0.0.1:9'})\n"
+        "    s.client()\n"
+        "    s.close()\n"
+        "paths = _shared_loader().search_paths\n"
+        "print(len(reads), len(paths) == len(set(paths)))\n"
+    )
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+
+    def run(mode: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env=env,
+        )
+        return out.stdout.split()
+
+    assert run("warm") == ["0", "True"]
+    cold = run("cold")
+    assert int(cold[0]) > 0 and cold[1] == "True"  # the first client read them itself

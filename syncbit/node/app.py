@@ -12,6 +12,7 @@ import functools
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
 import trio
@@ -41,6 +42,7 @@ from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
 from syncbit.scheduler.client import SchedulerClient
 from syncbit.scheduler.server import SchedulerServer
+from syncbit.sources.base import warm_up
 from syncbit.sources.fences import Fences
 from syncbit.store import ObjectStore
 
@@ -230,6 +232,7 @@ class Node:
         """Serve until cancelled (SIGTERM/SIGINT), then unmount, flush and `close`."""
         cfg = self.config
         raise_descriptor_limit()  # peers' connections, cache files: a descriptor each
+        threading.Thread(target=warm_up, name="syncbit-warm-up", daemon=True).start()
         try:
             await self.reporter.refresh_credentials(quiet=True)
             await self.sync.load()

@@ -7,11 +7,12 @@ never reach a message or a log line.
 
     errors   botocore errors and codes -> syncbit errors
     listing  list/HEAD calls, pagination, page entries (safe names, pinned ETags)
-    source   S3Source (registered as s3://): the client, listing, range reads
+    direct   ranged reads by presigned URL through wire.Pool (boto3 signs)
+    source   S3Source (registered as s3://): the client, listing, range reads; warm()
 """
 
 from syncbit.sources.s3.errors import map_error
 from syncbit.sources.s3.listing import page_entries
-from syncbit.sources.s3.source import OPTION_KEYS, S3Source
+from syncbit.sources.s3.source import OPTION_KEYS, S3Source, warm
 
-__all__ = ["OPTION_KEYS", "S3Source", "map_error", "page_entries"]
+__all__ = ["OPTION_KEYS", "S3Source", "map_error", "page_entries", "warm"]
