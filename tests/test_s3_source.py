@@ -807,9 +807,9 @@ def test_reads_stay_with_boto3_behind_a_proxy_or_when_asked(
 
 
 def test_warm_up_reads_what_a_client_reads_once_per_process() -> None:
-    """A daemon or scheduler warms the S3 client stack at start (`warm_up`, its own
-    thread): building the first client of a dataset then reads no botocore data file,
-    and boto3's data path is not appended to the shared loader once per client."""
+    """A daemon or scheduler warms the S3 and Hub client stacks at start (`warm_up`, its
+    own thread): building the first S3 client of a dataset then reads no botocore data
+    file, and boto3's data path is not appended to the shared loader once per client."""
     code = (
         "import sys\n"
         "import botocore.loaders\n"
@@ -828,7 +828,8 @@ def test_warm_up_reads_what_a_client_reads_once_per_process() -> None:
         "    s.client()\n"
         "    s.close()\n"
         "paths = _shared_loader().search_paths\n"
-        "print(len(reads), len(paths) == len(set(paths)))\n"
+        "hub = 'huggingface_hub.hf_api' in sys.modules\n"
+        "print(len(reads), len(paths) == len(set(paths)), hub)\n"
     )
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
 
@@ -843,6 +844,6 @@ def test_warm_up_reads_what_a_client_reads_once_per_process() -> None:
         )
         return out.stdout.split()
 
-    assert run("warm") == ["0", "True"]
+    assert run("warm") == ["0", "True", "True"]  # the Hub's client imported too
     cold = run("cold")
-    assert int(cold[0]) > 0 and cold[1] == "True"  # the first client read them itself
+    assert int(cold[0]) > 0 and cold[1:] == ["True", "False"]  # the first client read them

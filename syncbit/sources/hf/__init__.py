@@ -11,7 +11,7 @@ the environment (HF_TOKEN or the token file) and is never put in options, messag
 """
 
 from syncbit.sources.hf.repo import parse_hf_uri, split_globs, token_from_env, tree_entries
-from syncbit.sources.hf.source import DEFAULT_ENDPOINT, OPTION_KEYS, HfSource
+from syncbit.sources.hf.source import DEFAULT_ENDPOINT, OPTION_KEYS, HfSource, warm
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -21,4 +21,5 @@ __all__ = [
     "split_globs",
     "token_from_env",
     "tree_entries",
+    "warm",
 ]

@@ -245,3 +245,10 @@ class HfSource(Source):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def warm() -> None:
+    """Blocking (a thread at start-up, `sources.base.warm_up`): import what listing and
+    reading a repository import (huggingface_hub, ~0.25 s), ahead of the first dataset."""
+    import huggingface_hub.hf_api  # noqa: F401
+    from huggingface_hub import get_hf_file_metadata  # noqa: F401
