@@ -1,15 +1,26 @@
 """The fetch layer's view of the scheduler (`ChunkDirectory`): chunk digests and holders,
 cached briefly and asked once per object however many workers want them; claims and
-reports pass through. Never decides anything itself; trio thread only.
+reports pass through. A scheduler that answered "busy" (429, Retry-After) is not asked
+for maps, claims or releases again before the time it gave: until then a map comes from
+the cache however old, else the fetch layer hears "busy" at once (a prefetch parks, a
+read goes to the source as it would without an answer). Every parked chunk re-asking
+every 0.1 s is what a scheduler holding requests cannot afford. Never decides anything
+itself; trio thread only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import trio
 
+from syncbit.errors import SchedulerBusyError
 from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 
 _CHUNK_INFO_TTL = 1.0  # seconds a chunk map is reused
+_MAX_QUIET = 60.0  # seconds one busy answer may keep this node from asking
+T = TypeVar("T")
 
 
 class SchedulerDirectory:
@@ -21,19 +32,43 @@ class SchedulerDirectory:
         self.node = node
         self._cache: dict[str, tuple[float, ChunkMap]] = {}
         self._pending: dict[str, trio.Event] = {}
+        self._quiet_until = -1.0  # trio time before which a busy scheduler is not asked
+        self.spared = 0  # requests not sent because the scheduler said it was busy
+
+    def _quiet(self) -> SchedulerBusyError | None:
+        """The error to answer with while the scheduler's Retry-After runs, else None."""
+        left = self._quiet_until - trio.current_time()
+        if left <= 0:
+            return None
+        self.spared += 1
+        return SchedulerBusyError(
+            f"the scheduler is busy: not asked again for {left:.1f}s", retry_after=left
+        )
+
+    async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except SchedulerBusyError as exc:
+            wait = min(_MAX_QUIET, max(0.0, exc.retry_after or 1.0))
+            self._quiet_until = max(self._quiet_until, trio.current_time() + wait)
+            raise
 
     async def chunk_info(self, object_id: str, max_age: float = _CHUNK_INFO_TTL) -> ChunkMap:
         while True:
             cached = self._cache.get(object_id)
             if cached and cached[0] + max_age > trio.current_time():
                 return cached[1]
+            if (busy := self._quiet()) is not None:
+                if cached:
+                    return cached[1]  # old, but holders rarely stop holding
+                raise busy
             pending = self._pending.get(object_id)
             if pending is None:
                 break
             await pending.wait()
         event = self._pending[object_id] = trio.Event()
         try:
-            info = await self.client.chunk_map(object_id, self.node)
+            info = await self._ask(lambda: self.client.chunk_map(object_id, self.node))
             self._cache[object_id] = (trio.current_time(), info)
             return info
         finally:
@@ -41,10 +76,14 @@ class SchedulerDirectory:
             event.set()
 
     async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
-        return await self.client.claim(self.node, object_id, indexes, ttl)
+        if (busy := self._quiet()) is not None:
+            raise busy
+        return await self._ask(lambda: self.client.claim(self.node, object_id, indexes, ttl))
 
     async def release(self, object_id: str, indexes: list[int]) -> None:
-        await self.client.release(self.node, object_id, indexes)
+        if (busy := self._quiet()) is not None:
+            raise busy  # the claims lapse on their own (their TTL)
+        await self._ask(lambda: self.client.release(self.node, object_id, indexes))
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
         self._cache.pop(object_id, None)

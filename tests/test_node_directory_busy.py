@@ -1,0 +1,83 @@
+"""A busy scheduler (429, Retry-After) is not asked for chunk maps, claims or releases
+again before the time it gave (`node.directory.SchedulerDirectory`)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+import trio
+
+from syncbit.errors import SchedulerBusyError
+from syncbit.node.directory import SchedulerDirectory
+from syncbit.protocol import ChunkMap, ClaimResult
+from syncbit.scheduler.client import SchedulerClient
+
+
+class BusyScheduler:
+    """Answers 429 with Retry-After `wait` while `busy`; counts what it was asked."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.busy = True
+        self.asked: list[str] = []
+
+    def _answer(self, what: str) -> None:
+        self.asked.append(what)
+        if self.busy:
+            raise SchedulerBusyError("scheduler busy", retry_after=self.wait)
+
+    async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
+        self._answer("map")
+        return ChunkMap(digests={0: "ab" * 32})
+
+    async def claim(self, node: str, object_id: str, chunks: list[int], ttl: float) -> ClaimResult:
+        self._answer("claim")
+        return ClaimResult(granted=chunks)
+
+    async def release(self, node: str, object_id: str, chunks: list[int]) -> None:
+        self._answer("release")
+
+
+def _directory(scheduler: BusyScheduler) -> SchedulerDirectory:
+    return SchedulerDirectory(cast(SchedulerClient, cast(Any, scheduler)), "n1")
+
+
+async def test_nothing_is_asked_again_before_the_retry_after(autojump_clock: Any) -> None:
+    scheduler = BusyScheduler(wait=3.0)
+    directory = _directory(scheduler)
+    with pytest.raises(SchedulerBusyError):
+        await directory.claim("o1", [0, 1], 30.0)
+    for _ in range(20):  # parked chunks polling every 0.1 s
+        await trio.sleep(0.1)
+        with pytest.raises(SchedulerBusyError) as info:
+            await directory.chunk_info("o1", max_age=0.0)
+        assert info.value.retry_after is not None and 0 < info.value.retry_after <= 3.0
+        with pytest.raises(SchedulerBusyError):
+            await directory.claim("o1", [0], 30.0)
+        with pytest.raises(SchedulerBusyError):
+            await directory.release("o1", [0])
+    assert scheduler.asked == ["claim"] and directory.spared == 60
+    scheduler.busy = False
+    await trio.sleep(1.1)  # the 3 s are over
+    assert (await directory.claim("o1", [0], 30.0)).granted == [0]
+    assert scheduler.asked == ["claim", "claim"]
+
+
+async def test_a_known_map_is_used_however_old_while_the_scheduler_is_busy(
+    autojump_clock: Any,
+) -> None:
+    scheduler = BusyScheduler(wait=5.0)
+    scheduler.busy = False
+    directory = _directory(scheduler)
+    known = await directory.chunk_info("o1")
+    scheduler.busy = True
+    await trio.sleep(2.0)  # older than its 1 s
+    with pytest.raises(SchedulerBusyError):
+        await directory.chunk_info("o1")  # asked: the scheduler says busy
+    assert await directory.chunk_info("o1") is known  # not asked: the old map
+    assert scheduler.asked == ["map", "map"]
+    await trio.sleep(5.0)
+    scheduler.busy = False
+    assert await directory.chunk_info("o1") is not known
+    assert scheduler.asked == ["map", "map", "map"]
