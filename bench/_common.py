@@ -126,6 +126,17 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def wait_log(path: Path, text: str, timeout: float) -> bool:
+    """Wait until `text` appears in the log at `path` (False: not within `timeout`)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError):
+            if text in path.read_text(errors="replace"):
+                return True
+        time.sleep(0.05)
+    return False
+
+
 @contextlib.contextmanager
 def syncbit_node(
     work: Path,
@@ -159,4 +170,7 @@ def syncbit_node(
             pids.append(daemon.pid)
         stack.callback(subprocess.run, ["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         wait_http(f"http://127.0.0.1:{sched}/healthz")
+        # A daemon runs long before its first pull: measure one that finished starting,
+        # its S3 and Hub clients warmed up (a thread at start; ~0.5 s of CPU here).
+        wait_log(work / "daemon.log", "clients warmed up", timeout=20.0)
         yield mnt, f"http://127.0.0.1:{sched}", f"127.0.0.1:{listen}"

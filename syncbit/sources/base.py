@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -230,12 +231,14 @@ def warm_up() -> None:
         if _warmed:
             return
         _warmed = True
+    started = time.monotonic()
     for scheme in ("s3", "hf"):
         try:
             _import_scheme(scheme)
             importlib.import_module(_BUILTIN[scheme]).warm()
         except Exception:  # only ahead of time: open_source reports what fails
             log.debug("could not warm up the %s source", scheme, exc_info=True)
+    log.info("S3 and Hub clients warmed up in %.2fs", time.monotonic() - started)
 
 
 def open_source(
