@@ -17,7 +17,7 @@ from schedulerfixtures import CHUNK
 
 from integration.etcd_cluster import EtcdCluster
 from syncbit.config import SchedulerConfig
-from syncbit.errors import ConfigError, NotLeaderError, SchedulerError
+from syncbit.errors import ConfigError, NotFoundError, NotLeaderError, SchedulerError
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ClaimResult
 from syncbit.scheduler import SchedulerClient, SchedulerServer
@@ -135,6 +135,35 @@ async def test_one_leads_followers_read_and_forward(replicas: Replicas) -> None:
         metrics = httpx.get(f"{follower.url}/metrics", trust_env=False).text
         assert "syncbit_scheduler_leader 0.0" in metrics
     assert await replicas.leader() == leader
+
+
+async def test_a_trailing_follower_asks_the_leader_for_what_it_lacks(replicas: Replicas) -> None:
+    """A follower answers reads from its mirror of the facts, which trails the leader by
+    a moment: what the mirror lacks (a dataset just added) is asked of the leader, so a
+    client never sees a dataset's manifest missing because it asked the wrong replica."""
+    leader = await replicas.leader()
+    follower = replicas.servers[(leader + 1) % 3]
+    assert follower.replica is not None
+
+    def mirror_ready() -> bool:
+        return follower.replica is not None and follower.replica._mirror_api is not None
+
+    def deafen() -> None:  # the mirror hears nothing more: it trails for good
+        api = follower.replica._mirror_api if follower.replica is not None else None
+        assert api is not None
+        api.state.facts.apply = lambda key, value: None  # type: ignore[method-assign]
+
+    with trio.fail_after(PATIENCE):
+        while not follower.call(mirror_ready):
+            await trio.sleep(0.05)
+    follower.call(deafen)
+    async with SchedulerClient(replicas.servers[leader].url) as at_leader:
+        await at_leader.add_dataset("late", "mem://x/")
+    async with SchedulerClient(follower.url) as client:
+        assert "late" not in [d["name"] for d in (await client.datasets())["datasets"]]
+        assert [f.path for f in (await client.manifest("late")).files] == ["f"]
+        with pytest.raises(NotFoundError):
+            await client.manifest("never-added")  # the leader's 404, passed on
 
 
 def _epoch(replicas: Replicas, index: int) -> str:

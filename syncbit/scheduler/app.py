@@ -27,6 +27,8 @@ from syncbit.credentials import Issuer
 from syncbit.errors import (
     ForbiddenError,
     MethodNotAllowedError,
+    NotFoundError,
+    NotLeaderError,
     SchedulerBusyError,
     StateUnavailableError,
     error_doc,
@@ -136,7 +138,23 @@ class App:
         api = self.api if self.replica is None else self.replica.api_for(name, request)
         if api is None:
             return await self._elsewhere(name, request, call)
-        return Response(200, await api.call(name, call))
+        try:
+            return Response(200, await api.call(name, call))
+        except NotFoundError as missing:
+            if self.replica is None or api is self.replica.leader_api:
+                raise
+            # A follower's mirror trails the leader by a moment: a dataset just added
+            # (through this very replica, say) is the leader's to say is missing.
+            return await self._from_leader(request, call, missing)
+
+    async def _from_leader(self, request: Request, call: Call, missing: NotFoundError) -> Response:
+        """The leader's answer to a read this follower's mirror found nothing for; that
+        it found nothing stands when the leader cannot be asked (or forwarded it here)."""
+        assert self.replica is not None
+        try:
+            return await self.replica.forward(request, call)
+        except NotLeaderError:
+            raise missing from None
 
     async def _elsewhere(self, route: str, request: Request, call: Call) -> Response:
         """A request no state here answers: the probes about this replica are answered
