@@ -58,7 +58,8 @@ def fresh(state: SchedulerState, requester: str | None) -> dict[str, Any]:
     disputed = sorted(i for o, i in state.facts.disputes if o == OBJ_A)
     peers: dict[int, list[dict[str, str]]] = {}
     for index in sorted(obj.digests):
-        names = [] if index in disputed else rank(view.offered.get(index))
+        offers = view.offers(index, state.holders.group_of(requester))
+        names = [] if index in disputed else rank(offers)
         if names:
             peers[index] = [{"node": n, "address": rank.named[n]} for n in names]
     return {
@@ -122,10 +123,9 @@ async def test_an_answer_with_nothing_changed_ranks_nothing_again(state: Schedul
         await beat(state, name)
         await add(state, name, OBJ_A, SIZE, CHUNK, [(i, digest(i)) for i in range(CHUNKS)])
     maps = state.chunks.maps
-    state.chunks.chunk_map_json(OBJ_A, "n0", {})
-    ranked = maps.ranked
-    for requester in NODES:
+    for requester in NODES:  # one map per requesters' group (`Holders.group_of`)
         state.chunks.chunk_map_json(OBJ_A, requester, {})
+    ranked = maps.ranked
     await add(state, "n5", OBJ_A, SIZE, CHUNK, [(0, digest(0))])  # one chunk changes
     state.chunks.remove_chunks("n1", OBJ_A, [1])  # and another
     rendered = json.loads(state.chunks.chunk_map_json(OBJ_A, "n0", {}))

@@ -52,6 +52,7 @@ class ObjectMap:
     loads: int  # the liveness load counter it was ranked at
     ranked_at: float  # time.monotonic() of its last whole ranking
     seq: int = 0
+    group: int = 0  # the requesters' group whose offers it names (`Holders.group_of`)
     digests: dict[int, str] = field(default_factory=dict)  # index -> hex
     peers: dict[int, list[str]] = field(default_factory=dict)  # index -> ranked names
     addresses: dict[str, str] = field(default_factory=dict)  # name -> address
@@ -148,7 +149,7 @@ class ChunkMaps:
         self.stamp = stamp
         self.loads = loads
         self.clock = clock
-        self.maps: OrderedDict[str, ObjectMap] = OrderedDict()
+        self.maps: OrderedDict[tuple[str, int], ObjectMap] = OrderedDict()  # (object, group)
         self.ranked = 0  # whole rankings done (for tests and /metrics)
 
     def get(
@@ -158,31 +159,33 @@ class ChunkMaps:
         view: ObjectHolders,
         disputed: Callable[[int], bool],
         make_rank: Callable[[], RankFn],
+        group: int = 0,
     ) -> ObjectMap:
-        """The object's map, brought up to date."""
+        """The object's map for requesters of `group` (`Holders.group_of`), up to date."""
         stamp, loads, now = self.stamp(), self.loads(), self.clock()
-        kept = self.maps.get(object_id)
+        key = (object_id, group)
+        kept = self.maps.get(key)
         if (
             kept is None
             or kept.view is not view
             or kept.stamp != stamp
             or (kept.loads != loads and now - kept.ranked_at >= RERANK)
         ):
-            return self._rank(object_id, obj, view, disputed, make_rank(), stamp, loads, now)
+            return self._rank(key, obj, view, disputed, make_rank(), stamp, loads, now)
         if kept.seq != view.seq:
-            changed, last, _ = self.holders.since(view, kept.seq, view.count + 1)
+            changed, last, _ = self.holders.since(view, kept.seq, view.count + 1, group)
             rank = make_rank()
             for index in changed:
                 self._chunk(kept, obj, view, index, disputed, rank)
             kept.seq = last
         if len(kept.digests) != len(obj.digests):  # a digest changed untold: rank anew
-            return self._rank(object_id, obj, view, disputed, make_rank(), stamp, loads, now)
-        self.maps.move_to_end(object_id)
+            return self._rank(key, obj, view, disputed, make_rank(), stamp, loads, now)
+        self.maps.move_to_end(key)
         return kept
 
     def _rank(
         self,
-        object_id: str,
+        key: tuple[str, int],
         obj: ObjectFacts,
         view: ObjectHolders,
         disputed: Callable[[int], bool],
@@ -191,11 +194,11 @@ class ChunkMaps:
         loads: int,
         now: float,
     ) -> ObjectMap:
-        self.maps.pop(object_id, None)
-        kept = ObjectMap(view, stamp, loads, now, seq=view.seq)
+        self.maps.pop(key, None)
+        kept = ObjectMap(view, stamp, loads, now, seq=view.seq, group=key[1])
         for index in sorted(obj.digests):
             self._chunk(kept, obj, view, index, disputed, rank)
-        self.maps[object_id] = kept
+        self.maps[key] = kept
         self.ranked += 1
         total = sum(m.view.count for m in self.maps.values())
         while total > MAX_CACHED_CHUNKS and len(self.maps) > 1:
@@ -214,11 +217,12 @@ class ChunkMaps:
     ) -> None:
         raw = obj.digests.get(index)
         digest = None if raw is None else raw.hex()
-        names = [] if raw is None or disputed(index) else rank(view.offered.get(index))
+        names = [] if raw is None or disputed(index) else rank(view.offers(index, kept.group))
         kept.set_chunk(index, digest, names, rank)
 
     def forget(self, object_id: str) -> None:
-        self.maps.pop(object_id, None)
+        for key in [key for key in self.maps if key[0] == object_id]:
+            del self.maps[key]
 
 
 __all__ = ["MAX_CACHED_CHUNKS", "RERANK", "ChunkMaps", "ObjectMap"]
