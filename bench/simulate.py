@@ -2,18 +2,18 @@
 """A prefetch to thousands of nodes, simulated: the scheduler's real planning and peer
 choice over modelled links, no bytes and no processes.
 
-Driven for real (imported from the `syncbit` on the import path): the plan (each node's
-plan entry from a real scheduler state over N registered nodes: its share of the source
-reads), the split of source reads (`RoundRobin.may_source`, the node's own: piece k from
-the source by member k mod N), source claims and steals arbitrated by `Claims`, the offers
-of at most K holders per piece by the scheduler's `Holders` (`--offers K`), and peer choice
-by its policy (`LeastLoaded.rank`, on the load figures of the last heartbeat). Modelled:
-the links and the node's fetch loop (fetcher.py / jobs.py, as their rules read: FILES_AT_ONCE
-files at a time, `prefetch_concurrency` peer transfers, the source-lane limit, a parked
-chunk taken from a peer once a holder's report has been seen, the idle source lane taking
-over the last unread chunk, the best 3 ranked peers shuffled, a holder serving at most
-`upload_slots` transfers and answering 503 beyond, a chunk whose holders are all busy
-parked until the next poll).
+Driven for real (imported from the `syncbit` on the import path): the plan (each node's plan
+entry from a real scheduler state over N registered nodes: its share of the source reads),
+the split of source reads (`RoundRobin.may_source`, the node's own: piece k from the source
+by member k mod N), source claims and steals arbitrated by `Claims`, the offers of at most K
+holders per piece to each requester by the scheduler's `Holders` (`--offers K`; the
+simulated nodes fall in its requesters' groups, `--groups`), and peer choice by its policy
+(`LeastLoaded.rank`, on the load figures of the last heartbeat). Modelled: the links and the
+node's fetch loop (fetcher.py / jobs.py, as their rules read: FILES_AT_ONCE files at a time,
+`prefetch_concurrency` peer transfers, the source-lane limit, a parked chunk taken from a
+peer once a holder's report has been seen, the idle source lane taking over the last unread
+chunk, the best 3 ranked peers shuffled, a holder serving at most `upload_slots` transfers
+and answering 503 beyond, a chunk whose holders are all busy parked until the next poll).
 
 The policy sees every holder of a piece up to 64 nodes; above, 32 consecutive holders
 (in the order their reports arrived) from a random place, since main's chunk map, which

@@ -10,6 +10,9 @@ dispute or reader changed), and ranked afresh as a whole when who may be offered
 have changed (a node went up or down, was reported or quarantined, moved: the stamp) or,
 at most every `RERANK` seconds, when a node's load changed. An answer then costs the
 chunks whose peers name the asking node (it is never offered itself), not O(chunks x K).
+Requesters of different groups are offered different holders (`Holders.group_of`), so a
+map is kept per (object, group): at most `groups` per object, each brought up to date
+from its group's changes only.
 
 Holds only what it can rebuild from the state; never writes storage, never decides who
 may be offered (the `Ranker` does, with the state's `eligible`).
@@ -28,7 +31,7 @@ from syncbit.scheduler.holders import Holders, ObjectHolders
 from syncbit.scheduler.objects import ObjectFacts
 
 RERANK = 1.0  # seconds a map may rank by loads older than the last heartbeat's
-MAX_CACHED_CHUNKS = 262_144  # chunks of all kept maps together (~100 MiB at K=8)
+MAX_CACHED_CHUNKS = 262_144  # chunks of all kept maps (of every group) together (~100 MiB at K=8)
 
 
 class RankFn(Protocol):
