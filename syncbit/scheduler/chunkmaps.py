@@ -139,6 +139,7 @@ class ChunkMaps:
         stamp: changes whenever who may be offered, or where they listen, may have.
         loads: changes whenever a node's load or bad-peer count changed.
         clock: monotonic seconds (tests inject).
+        budget: chunks of all kept maps together before other objects' maps are dropped.
     """
 
     def __init__(
@@ -147,11 +148,13 @@ class ChunkMaps:
         stamp: Callable[[], Hashable],
         loads: Callable[[], int],
         clock: Callable[[], float] = time.monotonic,
+        budget: int = MAX_CACHED_CHUNKS,
     ) -> None:
         self.holders = holders
         self.stamp = stamp
         self.loads = loads
         self.clock = clock
+        self.budget = budget
         self.maps: OrderedDict[tuple[str, int], ObjectMap] = OrderedDict()  # (object, group)
         self.ranked = 0  # whole rankings done (for tests and /metrics)
 
@@ -203,10 +206,16 @@ class ChunkMaps:
             self._chunk(kept, obj, view, index, disputed, rank)
         self.maps[key] = kept
         self.ranked += 1
+        # Over the budget, other objects' maps go, least recently asked first; never this
+        # object's: its groups ask in turn, and dropping one of them would have every
+        # answer rank the whole object again (an object too big for the budget alone is
+        # kept whole, as one map always was).
         total = sum(m.view.count for m in self.maps.values())
-        while total > MAX_CACHED_CHUNKS and len(self.maps) > 1:
-            _, dropped = self.maps.popitem(last=False)
-            total -= dropped.view.count
+        while total > self.budget:
+            victim = next((k for k in self.maps if k[0] != key[0]), None)
+            if victim is None:
+                break
+            total -= self.maps.pop(victim).view.count
         return kept
 
     @staticmethod
