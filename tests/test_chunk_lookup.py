@@ -136,6 +136,8 @@ def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int, groups: int) ->
         assert next(iter(_pages(holders, view, seqs[group], 5, group))) == []
     if groups > 1:
         assert max(view.lists(i) for i in range(CHUNKS)) > 1, "no chunk had several lists"
+    logged = len(view.log.seqs) + sum(len(log.seqs) for log in view.logs.values())
+    assert logged < view.seq // 2, "dead entries were kept: the logs were not compacted"
     holders.drop(OBJ)
     assert holders.places == {}
 

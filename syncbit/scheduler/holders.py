@@ -74,7 +74,7 @@ class _Log:
 
     seqs: array[int] = field(default_factory=lambda: array("q"))
     indexes: array[int] = field(default_factory=lambda: array("q"))
-    kept: int = 0  # entries left by the last compaction
+    dead: int = 0  # entries no longer the latest of what they logged
 
     def append(self, seq: int, index: int) -> None:
         self.seqs.append(seq)
@@ -87,14 +87,20 @@ class _Log:
     def last(self) -> int:
         return self.seqs[-1] if self.seqs else 0
 
-    def compact(self, live: Callable[[int, int], bool]) -> None:
-        """Drops the entries no longer the latest of what they logged (when they are most)."""
-        if len(self.seqs) <= 2 * self.kept + 64:
+    def holds(self, seq: int) -> bool:
+        at = bisect.bisect_left(self.seqs, seq)
+        return at < len(self.seqs) and self.seqs[at] == seq
+
+    def died(self, live: Callable[[int, int], bool]) -> None:
+        """One entry is no longer the latest of what it logged; once most are, they go
+        (a scan per half of the log died: O(1) per entry spread over the deaths)."""
+        self.dead += 1
+        if self.dead * 2 <= len(self.seqs) or len(self.seqs) <= 64:
             return
         pairs = [(s, i) for s, i in zip(self.seqs, self.indexes, strict=True) if live(s, i)]
         self.seqs = array("q", [s for s, _ in pairs])
         self.indexes = array("q", [i for _, i in pairs])
-        self.kept = len(pairs)
+        self.dead = 0
 
 
 @dataclass(eq=False)
@@ -113,6 +119,7 @@ class ObjectHolders:
     slots: dict[int, list[str | None]] = field(default_factory=dict)
     lasts: dict[int, array[int]] = field(default_factory=dict)  # chunk -> seq of each list's change
     room: dict[int, int] = field(default_factory=dict)  # chunk -> places filled since its split
+    holes: dict[int, int] = field(default_factory=dict)  # chunk -> free places (several lists)
     counts: dict[int, int] = field(default_factory=dict)  # chunk -> how many hold it
     seq: int = 0
     changed: dict[int, int] = field(default_factory=dict)  # chunk -> seq of its last touch
@@ -243,9 +250,10 @@ class Holders:
         """Logs a change every group is told of."""
         for index in indexes:
             obj.seq += 1
+            if index in obj.changed:
+                obj.log.died(lambda seq, i: obj.changed.get(i) == seq)
             obj.changed[index] = obj.seq
             obj.log.append(obj.seq, index)
-        obj.log.compact(lambda seq, index: obj.changed.get(index) == seq)
         self._wake(obj)
 
     def _offer_changed(self, obj: ObjectHolders, index: int, at: int) -> None:
@@ -255,12 +263,19 @@ class Holders:
         lasts = obj.lasts.get(index)
         if lasts is None:
             lasts = obj.lasts[index] = array("q", [0])
-        lasts[at] = obj.seq
+        old, lasts[at] = lasts[at], obj.seq
         log = obj.logs.get(len(lasts) + at)
         if log is None:
             log = obj.logs[len(lasts) + at] = _Log()
         log.append(obj.seq, index)
-        log.compact(lambda seq, i: seq in obj.lasts.get(i, ()))
+        if old and old not in lasts:  # no list's latest any more: its entry is dead
+            width = len(lasts)  # it is in the log of this list or of one it was copied from
+            while width:
+                older = obj.logs.get(width + (at & (width - 1)))
+                if older is not None and older.holds(old):
+                    older.died(lambda seq, i: seq in obj.lasts.get(i, ()))
+                    break
+                width //= 2
 
     @staticmethod
     def _wake(obj: ObjectHolders) -> None:
@@ -332,14 +347,14 @@ class Holders:
         k = self.k
         slots = obj.slots.setdefault(index, [])
         width = obj.lists(index)
-        if node in slots:
-            return False
+        # A new holder is in no list (lists name holders only): no scan of them for it.
         if width == 1 and len(slots) < k:
             slots.append(node)
             return self._put(node, obj, index, None, 0)
-        if width > 1 and None in slots:
+        if obj.holes.get(index):
             place = slots.index(None)
             slots[place] = node
+            self._filled(obj, index)
             return self._put(node, obj, index, None, place // k)
         if index not in obj.room and width < self.groups:
             width = self._split(obj, index, slots)
@@ -436,12 +451,13 @@ class Holders:
                         slots.append(node)
                         changed = self._put(node, obj, index, None, 0)
                     continue
-                if None not in slots:
+                if not obj.holes.get(index):
                     continue
                 for at in range(len(slots) // k):
                     here = slots[at * k : (at + 1) * k]
                     if None in here and node not in here:
                         slots[at * k + here.index(None)] = node
+                        self._filled(obj, index)
                         changed = self._put(node, obj, index, None, at)
             if changed:
                 self._wake(obj)
@@ -482,9 +498,19 @@ class Holders:
                 slots[place] = best[0] if best else None
                 if best:
                     self._place(best[0])
+                else:
+                    obj.holes[index] = obj.holes.get(index, 0) + 1
                 self._offer_changed(obj, index, at)
         if changed:
             self._wake(obj)
+
+    @staticmethod
+    def _filled(obj: ObjectHolders, index: int) -> None:
+        left = obj.holes[index] - 1
+        if left:
+            obj.holes[index] = left
+        else:
+            del obj.holes[index]
 
     def _busiest(self, slots: list[str | None], first: int) -> int:
         """The place among slots[first:first+K] whose holder is offered in the most lists
