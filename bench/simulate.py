@@ -2,18 +2,18 @@
 """A prefetch to thousands of nodes, simulated: the scheduler's real planning and peer
 choice over modelled links, no bytes and no processes.
 
-Driven for real (imported from the `syncbit` on the import path): the plan (each node's
-plan entry from a real scheduler state over N registered nodes: its share of the source
-reads), the split of source reads (`RoundRobin.may_source`, the node's own: piece k from
-the source by member k mod N), source claims and steals arbitrated by `Claims`, the offers
-of at most K holders per piece by the scheduler's `Holders` (`--offers K`), and peer choice
-by its policy (`LeastLoaded.rank`, on the load figures of the last heartbeat). Modelled:
-the links and the node's fetch loop (fetcher.py / jobs.py, as their rules read: FILES_AT_ONCE
-files at a time, `prefetch_concurrency` peer transfers, the source-lane limit, a parked
-chunk taken from a peer once a holder's report has been seen, the idle source lane taking
-over the last unread chunk, the best 3 ranked peers shuffled, a holder serving at most
-`upload_slots` transfers and answering 503 beyond, a chunk whose holders are all busy
-parked until the next poll).
+Driven for real (imported from the `syncbit` on the import path): the plan (each node's plan
+entry from a real scheduler state over N registered nodes: its share of the source reads),
+the split of source reads (`RoundRobin.may_source`, the node's own: piece k from the source
+by member k mod N), source claims and steals arbitrated by `Claims`, the offers of at most K
+holders per piece to each requester by the scheduler's `Holders` (`--offers K`; the
+simulated nodes fall in its requesters' groups, `--groups`), and peer choice by its policy
+(`LeastLoaded.rank`, on the load figures of the last heartbeat). Modelled: the links and the
+node's fetch loop (fetcher.py / jobs.py, as their rules read: FILES_AT_ONCE files at a time,
+`prefetch_concurrency` peer transfers, the source-lane limit, a parked chunk taken from a
+peer once a holder's report has been seen, the idle source lane taking over the last unread
+chunk, the best 3 ranked peers shuffled, a holder serving at most `upload_slots` transfers
+and answering 503 beyond, a chunk whose holders are all busy parked until the next poll).
 
 The policy sees every holder of a piece up to 64 nodes; above, 32 consecutive holders
 (in the order their reports arrived) from a random place, since main's chunk map, which
@@ -72,7 +72,7 @@ from syncbit.fetch.jobs import FILES_AT_ONCE
 from syncbit.fetch.plan import RoundRobin
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler.claims import Claims
-from syncbit.scheduler.holders import Holders, ObjectHolders
+from syncbit.scheduler.holders import OFFER_GROUPS, Holders, ObjectHolders
 from syncbit.scheduler.policy import LeastLoaded
 from syncbit.scheduler.state import NodeInfo, open_lmdb_state
 
@@ -138,6 +138,7 @@ class Params:
     candidates: int = 0  # holders handed to the policy per lookup (0: all of them)
     first_k: int = 0  # >0: only the first K holders of a piece are ever offered
     offers: int = 0  # >0: the scheduler's real `Holders` offers at most this many per piece
+    groups: int = OFFER_GROUPS  # --offers: the requesters' groups (`Holders`, lists per piece)
     dt_max: float = 0.05
     dt_min: float = 0.002  # a slot freed inside a step is refilled at the step's end
     seed: int = 1
@@ -271,8 +272,13 @@ class Sim:
         self.index_of = {name: i for i, name in enumerate(self.names)}
         # The scheduler's own bounded offers (syncbit/scheduler/holders.py), when asked.
         self.offers = Holders(
-            p.offers, lambda name: True, lambda names, n: names[:n], rng=random.Random(p.seed + 2)
+            p.offers,
+            lambda name: True,
+            lambda names, n: names[:n],
+            rng=random.Random(p.seed + 2),
+            groups=p.groups,
         )
+        self.group = [self.offers.group_of(name) for name in self.names]
         self.offer_views: dict[str, ObjectHolders] = {}
         for entry in self.manifest.files:
             count = -(-entry.size // p.grain)
@@ -300,9 +306,10 @@ class Sim:
         self.visible: list[list[int]] = [[] for _ in range(self.P)]
         self.sourced = bytearray(self.P)  # a source read of the piece began somewhere
         self.sourced_count = 0  # pieces with `sourced` set: all of them, nothing to steal
-        # The offered holders of each piece as node indexes (--offers), made again only
-        # when the scheduler's `Holders` changes them (`_notice`, the only caller of add).
-        self.offered_idx: list[list[int] | None] = [None] * self.P
+        # The offered holders of each piece for each requesters' group as node indexes
+        # (--offers), made again only when the scheduler's `Holders` changes them
+        # (`_notice`, the only caller of add).
+        self.offered_idx: list[dict[int, list[int]]] = [{} for _ in range(self.P)]
         self.unsourced: list[list[int]] = [list(r) for r in self.file_pieces]
         self.notices: list[tuple[float, int, int]] = []  # (visible at, piece, holder)
         self.retries: list[tuple[float, int, int]] = []  # (at, node, piece): holders were busy
@@ -396,11 +403,12 @@ class Sim:
         free upload slot (a busy one answers 503 and the next is tried); None: all busy."""
         holders = self.visible[k]
         if self.p.offers:
-            cached = self.offered_idx[k]
+            group = self.group[node]
+            cached = self.offered_idx[k].get(group)
             if cached is None:
                 obj, index = self.piece_obj[k]
-                offered = self.offer_views[obj].offered.get(index, [])
-                cached = self.offered_idx[k] = [self.index_of[name] for name in offered]
+                offered = self.offer_views[obj].offers(index, group)
+                cached = self.offered_idx[k][group] = [self.index_of[name] for name in offered]
             holders = cached
         elif self.p.first_k:
             holders = holders[: self.p.first_k]  # in the order their reports arrived
@@ -468,7 +476,7 @@ class Sim:
         if self.p.offers:
             obj, index = self.piece_obj[k]
             self.offers.add(self.names[holder], self.offer_views[obj], [index])
-            self.offered_idx[k] = None
+            self.offered_idx[k].clear()
         if first:
             f = self.piece_file[k]
             for node in self.file_nodes[f]:
@@ -595,7 +603,8 @@ class Sim:
 def _offered(p: dict[str, Any]) -> str:
     k, sample = p["first_k"], p["candidates"]
     if p.get("offers"):
-        return f"the scheduler's offers (holders.py), at most {p['offers']} per piece"
+        groups = p.get("groups", 1)
+        return f"the scheduler's offers (holders.py), {p['offers']} per piece to {groups} groups"
     pool = f"the first {k} holders" if k else "all holders"
     return f"{pool}, {sample} at random of them" if sample and not 0 < k <= sample else pool
 
@@ -692,6 +701,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="offer at most K holders per piece as the scheduler does, by its own code "
         "(syncbit/scheduler/holders.py: spread over the nodes, else a sample of the holders)",
     )
+    ap.add_argument(
+        "--groups",
+        type=int,
+        default=OFFER_GROUPS,
+        help="--offers: requesters' groups, each offered its own K holders per piece once "
+        "a piece has more than K (a power of two; 1: every requester the same K)",
+    )
     ap.add_argument("--notice", type=float, default=0.15, help="seconds until a holder is seen")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--swarm", action="store_true", help="bench/swarm.py's N=8 set-up")
@@ -743,6 +759,7 @@ def params_for(args: argparse.Namespace, nodes: int) -> Params:
         candidates=candidates,
         first_k=args.first_k,
         offers=args.offers,
+        groups=args.groups,
         notice=args.notice,
         seed=args.seed,
         trace=args.trace > 0,

@@ -5,6 +5,7 @@ alone, on a `SchedulerState` under concurrent reports, and through the real API.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,33 +32,49 @@ D = "1" * 64
 
 
 class Recording(Holders):
-    """Holders that note every chunk whose state it logs as changed (the test's model)."""
+    """Holders that note, per requesters' group, every chunk whose state it logs as
+    changed for that group (the test's model)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.touched: set[int] = set()
+        self.touched: set[int] = set()  # for group 0
+        self.for_group: dict[int, set[int]] = {g: set() for g in range(self.groups)}
 
     def _touch(self, obj: ObjectHolders, indexes: list[int]) -> None:
         self.touched.update(indexes)
+        for seen in self.for_group.values():
+            seen.update(indexes)
         super()._touch(obj, indexes)
 
+    def _offer_changed(self, obj: ObjectHolders, index: int, at: int) -> None:
+        width = len(obj.lasts.get(index, [0]))
+        for group, seen in self.for_group.items():
+            if group & (width - 1) == at:
+                seen.add(index)
+        if at == 0:
+            self.touched.add(index)
+        super()._offer_changed(obj, index, at)
 
-def _pages(holders: Holders, view: ObjectHolders, seq: int, limit: int) -> Iterable[list[int]]:
+
+def _pages(
+    holders: Holders, view: ObjectHolders, seq: int, limit: int, group: int = 0
+) -> Iterable[list[int]]:
     """One sweep: pages until no more changes; yields each page's chunks."""
     while True:
-        chunks, seq, more = holders.since(view, seq, limit)
+        chunks, seq, more = holders.since(view, seq, limit, group)
         yield chunks
         if not more:
             return
 
 
 def _places(*views: ObjectHolders) -> dict[str, int]:
-    """How many chunks each node is offered for, counted afresh."""
+    """How many offer lists name each node, counted afresh."""
     counted: dict[str, int] = {}
     for view in views:
-        for offered in view.offered.values():
-            for node in offered:
-                counted[node] = counted.get(node, 0) + 1
+        for slots in view.slots.values():
+            for node in slots:
+                if node is not None:
+                    counted[node] = counted.get(node, 0) + 1
     return counted
 
 
@@ -68,20 +85,26 @@ class NoDraw(random.Random):
         return 0.999999
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "groups"), [(s, g) for s in range(12) for g in (1, 4)])
+def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int, groups: int) -> None:
+    """Random adds, removes, nodes down and up, touches; a follower per requesters' group
+    folds pages since its cursor: each page brings exactly the chunks changed for its group
+    since (nothing missed, nothing repeated, nothing of another group's lists), and what
+    it folded is what its group is offered."""
     rng = random.Random(seed)
-    nodes = [f"n{i}" for i in range(12)]
+    nodes = [f"n{i}" for i in range(14)]
     down: set[str] = set()
-    holders = Recording(K, lambda n: n not in down, lambda names, n: sorted(names)[:n])
+    holders = Recording(
+        K, lambda n: n not in down, lambda names, n: sorted(names)[:n], groups=groups
+    )
     view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
-    offered: dict[int, list[str]] = {}  # what a follower knows, folded from pages
-    seq = 0
-    for step in range(301):
-        op = rng.random() if step < 300 else 1.0  # the last step only asks
+    offered: dict[int, dict[int, list[str]]] = {g: {} for g in range(groups)}
+    seqs = dict.fromkeys(range(groups), 0)
+    for step in range(401):
+        op = rng.random() if step < 400 else 1.0  # the last step only asks
         node = rng.choice(nodes)
         some = rng.sample(range(CHUNKS), rng.randint(1, 6))
-        if op < 0.45:
+        if op < 0.5:
             holders.add(node, view, some)
         elif op < 0.7:
             holders.remove(node, view, some)
@@ -91,60 +114,114 @@ def test_since_a_cursor_nothing_is_missed_or_repeated(seed: int) -> None:
         elif op < 0.9 and node in down:
             down.discard(node)
             holders.eligible_again(node)
-        elif step < 300:
+        elif step < 400:
             holders.touch(OBJ, some)
-        if step == 300 or rng.random() < 0.3:  # the follower asks, a few chunks a page
-            changed, holders.touched = holders.touched, set()
+        for group in range(groups):
+            if step < 400 and rng.random() >= 0.3:
+                continue  # this follower asks now and then, a few chunks a page
+            changed, holders.for_group[group] = holders.for_group[group], set()
             seen: list[int] = []
-            limit = rng.randint(1, 8)
-            while True:
-                chunks, seq, more = holders.since(view, seq, limit)
-                assert len(chunks) <= limit
+            for chunks in _pages(holders, view, seqs[group], rng.randint(1, 8), group):
                 seen += chunks
-                for index in chunks:
-                    offered[index] = list(view.offered.get(index, []))
-                if not more:
-                    break
-            assert sorted(seen) == sorted(changed)  # each change once, none missed
+            seqs[group] = holders.since(view, seqs[group], CHUNKS + 1, group)[1]
+            assert len(seen) == len(set(seen))  # nothing repeated
+            assert set(seen) == changed  # each change for this group, none missed
+            for index in seen:
+                offered[group][index] = view.offers(index, group)
         assert holders.places == _places(view)  # kept exact by every change
-    for index in range(CHUNKS):
-        assert offered.get(index, []) == view.offered.get(index, [])
-        assert len(view.offered.get(index, [])) <= K
-    assert next(iter(_pages(holders, view, seq, 5))) == []  # nothing new: nothing again
+    for group in range(groups):
+        for index in range(CHUNKS):
+            assert offered[group].get(index, []) == view.offers(index, group)
+            assert len(view.offers(index, group)) <= K
+        assert next(iter(_pages(holders, view, seqs[group], 5, group))) == []
+    if groups > 1:
+        assert max(view.lists(i) for i in range(CHUNKS)) > 1, "no chunk had several lists"
+    logged = len(view.log.seqs) + sum(len(log.seqs) for log in view.logs.values())
+    assert logged < view.seq // 2, "dead entries were kept: the logs were not compacted"
     holders.drop(OBJ)
     assert holders.places == {}
+
+
+def test_requesters_of_different_groups_are_offered_different_holders() -> None:
+    """Past K holders, a chunk's lists double and new holders go to one group's list: the
+    requesters' groups are offered different holders, K at most each; holders of every
+    list are offered (a chunk's uploaders grow with its holders)."""
+    holders = Holders(K, lambda n: True, lambda names, n: sorted(names)[:n], groups=4)
+    view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    a, b = "reader-a", "reader-b"
+    ga, gb = holders.group_of(a), holders.group_of(b)
+    assert ga != gb
+    for i in range(K):
+        holders.add(f"n{i}", view, [0])
+        assert view.lists(0) == 1  # K holders or fewer: one list, the same for everyone
+        assert all(view.offers(0, g) == [f"n{j}" for j in range(i + 1)] for g in range(4))
+    holders.add(f"n{K}", view, [0])
+    assert view.lists(0) == 2
+    assert view.offers(0, ga) != view.offers(0, gb) or ga & 1 == gb & 1
+    for i in range(K + 1, 4 * K):
+        holders.add(f"n{i}", view, [0])
+    assert view.lists(0) == 4
+    offers = [view.offers(0, g) for g in range(4)]
+    assert all(len(o) == K for o in offers)
+    assert offers[ga] != offers[gb]
+    assert len({n for o in offers for n in o}) == 4 * K  # every holder offered, once
+    assert holders.group_of(a) == holders.group_of(a) == zlib.crc32(a.encode()) & 3
+    # A long poll waits for its group's news: another group's list changing is none.
+    before = {g: holders.last_change(view, g) for g in range(4)}
+    holders.remove(offers[ga][0], view, [0])
+    assert holders.last_change(view, ga) > before[ga]
+    others = [g for g in range(4) if offers[ga][0] not in offers[g]]
+    assert others and all(holders.last_change(view, g) == before[g] for g in others)
+
+
+def test_one_group_while_the_chunk_has_at_most_k_holders() -> None:
+    holders = Holders(K, lambda n: True, lambda names, n: sorted(names)[:n], groups=16)
+    view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
+    for i in range(K):
+        holders.add(f"n{i}", view, range(CHUNKS))
+    assert {view.lists(i) for i in range(CHUNKS)} == {1}
+    assert {tuple(view.offers(i, g)) for i in range(CHUNKS) for g in range(16)} == {
+        tuple(f"n{j}" for j in range(K))
+    }
+    assert all(len(view.lasts[i]) == 1 for i in range(CHUNKS))  # nothing kept per group
+    with pytest.raises(ValueError, match="power of two"):
+        Holders(K, lambda n: True, lambda names, n: names[:n], groups=3)
 
 
 def test_offers_stay_a_sample_of_every_holder_and_change_rarely() -> None:
     """Holders arrive in the same order for every chunk (a swarm: the seeds first). The
     offers must not stay with the first K (they would serve the whole cluster), yet a
     chunk's offers change about K*ln(N/K) times over N holders, not N times."""
-    holders = Recording(K, lambda n: True, lambda names, n: sorted(names)[:n], rng=random.Random(7))
+    holders = Recording(
+        K, lambda n: True, lambda names, n: sorted(names)[:n], rng=random.Random(7), groups=1
+    )
     view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
     nodes = [f"n{i}" for i in range(200)]
     changes = {index: 0 for index in range(CHUNKS)}
     for node in nodes:
-        before = {i: list(view.offered.get(i, [])) for i in range(CHUNKS)}
+        before = {i: list(view.offers(i)) for i in range(CHUNKS)}
         holders.add(node, view, range(CHUNKS))
         for i in range(CHUNKS):
-            changes[i] += view.offered[i] != before[i]
-            assert len(view.offered[i]) <= K and len(set(view.offered[i])) == len(view.offered[i])
-    offered = [n for i in range(CHUNKS) for n in view.offered[i]]
+            changes[i] += view.offers(i) != before[i]
+            assert len(view.offers(i)) <= K and len(set(view.offers(i))) == len(view.offers(i))
+    offered = [n for i in range(CHUNKS) for n in view.offers(i)]
     seeds = sum(n in ("n0", "n1", "n2") for n in offered)
     assert seeds <= len(offered) // 10  # not the first K everywhere
     assert len(set(offered)) >= 50  # spread over the swarm
     # Expected about K + K*ln(200/K) ~ 15 changes per chunk; N would be 200.
     assert max(changes.values()) <= 40 and sum(changes.values()) / CHUNKS <= 25
     holders.touched.clear()
-    gone = view.offered[0][0]
+    gone = view.offers(0)[0]
     holders.remove(gone, view, [0])  # an offered holder goes: another takes its place
-    assert holders.touched == {0} and len(view.offered[0]) == K and gone not in view.offered[0]
+    assert holders.touched == {0} and len(view.offers(0)) == K and gone not in view.offers(0)
 
 
 def test_a_holder_offered_nowhere_takes_the_place_of_one_offered_for_several() -> None:
     """Requesters ask only the offered holders: a node offered for no chunk would upload
     nothing while the first holders serve every chunk in demand at once."""
-    holders = Recording(2, lambda n: True, lambda names, n: sorted(names)[:n], rng=NoDraw(3))
+    holders = Recording(
+        2, lambda n: True, lambda names, n: sorted(names)[:n], rng=NoDraw(3), groups=1
+    )
     view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
     other = holders.view("cd" * 32, CHUNKS * CHUNK, CHUNK, CHUNKS)
     for node in ("a", "b"):
@@ -153,18 +230,18 @@ def test_a_holder_offered_nowhere_takes_the_place_of_one_offered_for_several() -
     assert holders.places == {"a": 4, "b": 5}  # every object's places count
     holders.touched.clear()
     holders.add("c", view, [2])
-    assert view.offered[2] == ["a", "c"]  # b is offered for the most chunks: c takes its place
+    assert view.offers(2) == ["a", "c"]  # b is offered for the most chunks: c takes its place
     assert holders.places == {"a": 4, "b": 4, "c": 1} == _places(view, other)
     assert holders.touched == {2}  # the change is logged: followers learn it
     holders.add("c", view, [0, 1, 3])  # offered somewhere now: no more by the spread rule
-    assert [view.offered[i] for i in (0, 1, 3)] == [["a", "b"]] * 3
+    assert [view.offers(i) for i in (0, 1, 3)] == [["a", "b"]] * 3
     assert holders.touched == {2}
     holders.add("d", view, [2])  # a has 4 places, d none
-    assert view.offered[2] == ["d", "c"]
+    assert view.offers(2) == ["d", "c"]
     holders.add("e", other, [0])  # a free place first
     holders.add("f", other, [0])  # b: 4 places
     holders.add("g", other, [0])  # every offered one has a single place: nothing to spread
-    assert other.offered[0] == ["f", "e"]
+    assert other.offers(0) == ["f", "e"]
     assert holders.places == {"a": 3, "b": 3, "c": 1, "d": 1, "e": 1, "f": 1}
     assert holders.places == _places(view, other)
 
@@ -172,14 +249,16 @@ def test_a_holder_offered_nowhere_takes_the_place_of_one_offered_for_several() -
 def test_the_spread_rule_changes_offers_at_most_once_per_new_holder() -> None:
     """With no reservoir draw, every change is the spread rule's: at most one per node that
     becomes a holder, however many chunks it reports at once."""
-    holders = Recording(K, lambda n: True, lambda names, n: sorted(names)[:n], rng=NoDraw(5))
+    holders = Recording(
+        K, lambda n: True, lambda names, n: sorted(names)[:n], rng=NoDraw(5), groups=1
+    )
     view = holders.view(OBJ, CHUNKS * CHUNK, CHUNK, CHUNKS)
     changes = 0
     for i in range(200):
         holders.touched.clear()
         holders.add(f"n{i}", view, range(CHUNKS))
         changes += len(holders.touched) if i >= K else 0
-        assert all(len(view.offered[c]) == min(K, i + 1) for c in range(CHUNKS))
+        assert all(len(view.offers(c)) == min(K, i + 1) for c in range(CHUNKS))
     assert changes <= 200 - K
     assert len(_places(view)) == CHUNKS * K  # every offered place a different node
     assert max(_places(view).values()) == 1
@@ -237,6 +316,32 @@ async def test_no_answer_names_more_than_k_peers(state: SchedulerState, clock: C
     assert not {p["node"] for p in after["peers"][0]} & set(gone)
 
 
+async def test_requesters_of_different_groups_are_named_different_peers(
+    state: SchedulerState,
+) -> None:
+    """Past K holders, requesters of different groups are named different peers (K at
+    most each); each requester's updates say what its chunk map says."""
+    for i in range(20):
+        await state.heartbeat(f"n{i:02d}", f"127.0.0.1:{100 + i}")
+        await _report(state, f"n{i:02d}", list(range(CHUNKS)))
+    group = state.holders.group_of
+    a = "reader"
+    b = next(f"reader{i}" for i in range(100) if (group(f"reader{i}") ^ group(a)) & 1)
+    maps = {r: state.chunk_map(OBJ, r) for r in (a, b)}
+    for requester, doc in maps.items():
+        assert set(_peer_counts(doc)) == {K}
+        page = state.chunks.updates(OBJ, requester, "", 1000)
+        assert {i: set(names) for i, names in page["peers"].items()} == {
+            i: {p["node"] for p in peers} for i, peers in doc["peers"].items()
+        }
+    differ = [
+        i
+        for i in range(CHUNKS)
+        if {p["node"] for p in maps[a]["peers"][i]} != {p["node"] for p in maps[b]["peers"][i]}
+    ]
+    assert len(differ) == CHUNKS
+
+
 async def test_updates_are_exact_under_concurrent_reports(
     state: SchedulerState, clock: Clock
 ) -> None:
@@ -247,12 +352,18 @@ async def test_updates_are_exact_under_concurrent_reports(
     names = [f"n{i}" for i in range(8)]
     for name in names:
         await state.heartbeat(name, f"127.0.0.1:{1 + int(name[1:])}")
-    known = ChunkMap()
+    group = state.holders.group_of
+    readers = [
+        "reader",
+        next(f"r{i}" for i in range(100) if (group(f"r{i}") ^ group("reader")) & 1),
+    ]
+    follows = {reader: ChunkMap() for reader in readers}
     done = trio.Event()
 
-    async def follow() -> None:
+    async def follow(reader: str) -> None:
+        known = follows[reader]
         while True:
-            page = ChunkUpdates.from_json(state.chunks.updates(OBJ, "reader", known.cursor, 7))
+            page = ChunkUpdates.from_json(state.chunks.updates(OBJ, reader, known.cursor, 7))
             assert len(page.chunks) <= 7
             known.apply(page)
             if done.is_set() and not page.more:
@@ -273,24 +384,27 @@ async def test_updates_are_exact_under_concurrent_reports(
             await trio.sleep(rng.random() * 0.002)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(follow)
+        for reader in readers:
+            nursery.start_soon(follow, reader)
         async with trio.open_nursery() as writers:
             for name in names:
                 writers.start_soon(churn, name)
         done.set()
-    fresh = ChunkMap()
-    fresh.apply(ChunkUpdates.from_json(state.chunks.updates(OBJ, "reader", "", 4096)))
-    # Nothing missed: the same facts (peers in any order: ties are ranked at random).
-    assert (known.digests, known.fetching, known.disputed) == (
-        fresh.digests,
-        fresh.fetching,
-        fresh.disputed,
-    )
-    assert _peer_sets(known) == _peer_sets(fresh)
-    doc = state.chunk_map(OBJ, "reader")
-    assert {i: {p["node"] for p in ps} for i, ps in doc["peers"].items()} == _peer_sets(known)
-    again = state.chunks.updates(OBJ, "reader", known.cursor, 7)
-    assert again["changed"] == [] and not again["reset"]  # nothing repeated
+    assert max(state.holders.objects[OBJ].lists(i) for i in range(CHUNKS)) > 1
+    for reader, known in follows.items():
+        fresh = ChunkMap()
+        fresh.apply(ChunkUpdates.from_json(state.chunks.updates(OBJ, reader, "", 4096)))
+        # Nothing missed: the same facts (peers in any order: ties are ranked at random).
+        assert (known.digests, known.fetching, known.disputed) == (
+            fresh.digests,
+            fresh.fetching,
+            fresh.disputed,
+        )
+        assert _peer_sets(known) == _peer_sets(fresh)
+        doc = state.chunk_map(OBJ, reader)
+        assert {i: {p["node"] for p in ps} for i, ps in doc["peers"].items()} == _peer_sets(known)
+        again = state.chunks.updates(OBJ, reader, known.cursor, 7)
+        assert again["changed"] == [] and not again["reset"]  # nothing repeated
 
 
 def _peer_sets(cmap: ChunkMap) -> dict[int, set[str]]:

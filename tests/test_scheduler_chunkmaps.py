@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fakes import Clock
-from test_scheduler_state import CHUNK, OBJ_A, add, named
+from test_scheduler_state import CHUNK, OBJ_A, OBJ_B, add, named
 
 from syncbit.errors import NotFoundError
 from syncbit.scheduler.chunkmaps import RERANK
@@ -58,7 +58,8 @@ def fresh(state: SchedulerState, requester: str | None) -> dict[str, Any]:
     disputed = sorted(i for o, i in state.facts.disputes if o == OBJ_A)
     peers: dict[int, list[dict[str, str]]] = {}
     for index in sorted(obj.digests):
-        names = [] if index in disputed else rank(view.offered.get(index))
+        offers = view.offers(index, state.holders.group_of(requester))
+        names = [] if index in disputed else rank(offers)
         if names:
             peers[index] = [{"node": n, "address": rank.named[n]} for n in names]
     return {
@@ -122,15 +123,39 @@ async def test_an_answer_with_nothing_changed_ranks_nothing_again(state: Schedul
         await beat(state, name)
         await add(state, name, OBJ_A, SIZE, CHUNK, [(i, digest(i)) for i in range(CHUNKS)])
     maps = state.chunks.maps
-    state.chunks.chunk_map_json(OBJ_A, "n0", {})
-    ranked = maps.ranked
-    for requester in NODES:
+    for requester in NODES:  # one map per requesters' group (`Holders.group_of`)
         state.chunks.chunk_map_json(OBJ_A, requester, {})
+    ranked = maps.ranked
     await add(state, "n5", OBJ_A, SIZE, CHUNK, [(0, digest(0))])  # one chunk changes
     state.chunks.remove_chunks("n1", OBJ_A, [1])  # and another
     rendered = json.loads(state.chunks.chunk_map_json(OBJ_A, "n0", {}))
     assert maps.ranked == ranked  # brought up to date, not ranked again
     assert "n1" not in [p["node"] for p in rendered["peers"]["1"]]
+
+
+async def test_the_groups_of_an_object_asking_in_turn_never_drop_each_others_maps(
+    state: SchedulerState,
+) -> None:
+    """One map is kept per (object, group); over the budget only other objects' maps go,
+    or requesters of different groups asking in turn would each rank the object again."""
+    await named(state, SIZE)
+    for name in NODES:
+        await beat(state, name)
+        await add(state, name, OBJ_A, SIZE, CHUNK, [(i, digest(i)) for i in range(CHUNKS)])
+    maps = state.chunks.maps
+    maps.budget = CHUNKS  # one map's worth
+    groups = {state.holders.group_of(n) for n in NODES}
+    assert len(groups) > 1
+    for requester in NODES:
+        state.chunks.chunk_map_json(OBJ_A, requester, {})
+    ranked = maps.ranked
+    assert ranked == len(groups)
+    for requester in reversed(NODES):
+        state.chunks.chunk_map_json(OBJ_A, requester, {})
+    assert maps.ranked == ranked
+    await named(state, SIZE, OBJ_B)  # another object asked: the first one's maps go
+    state.chunks.chunk_map_json(OBJ_B, NODES[0], {})
+    assert {o for o, _ in maps.maps} == {OBJ_B}
 
 
 async def test_loads_rerank_within_rerank_seconds(state: SchedulerState) -> None:

@@ -122,20 +122,27 @@ class ChunkHandlers:
         query: UpdatesQuery = parse(UpdatesQuery, c.query)
         if query.wait > 0:
             async with step_aside():  # waiting takes no admitted request's place
-                await self._await_change(object_id, query.cursor, query.wait)
+                await self._await_change(object_id, query.node, query.cursor, query.wait)
         doc = self.state.chunks.updates(object_id, query.node, query.cursor, query.limit)
         return json_bytes(doc)
 
-    async def _await_change(self, object_id: str, cursor: str, wait: float) -> None:
+    async def _await_change(
+        self, object_id: str, node: str | None, cursor: str, wait: float
+    ) -> None:
         state = self.state
         view = state.chunks.view(object_id)
-        if view is None or not cursor.startswith(view.view + "."):
-            return  # unknown object or cursor: the answer (a reset) is due now
         seq = cursor.rpartition(".")[2]
+        if view is None or not cursor.startswith(view.view + ".") or not seq.isdigit():
+            return  # unknown object or cursor: the answer (a reset) is due now
+        seen, group = int(seq), state.holders.group_of(node)
         deadline = time.monotonic() + wait
-        while str(view.seq) == seq and not state.facts.closed:
+        # Only a change for the node's group answers: other groups' offers are not its news.
+        while state.holders.last_change(view, group) <= seen and not state.facts.closed:
             lapse = state.claims.expire(object_id)  # a lease running out is a change too
-            if str(view.seq) != seq or state.holders.objects.get(object_id) is not view:
+            if (
+                state.holders.last_change(view, group) > seen
+                or state.holders.objects.get(object_id) is not view
+            ):
                 return
             until = deadline if lapse is None else min(deadline, lapse)
             with trio.move_on_after(max(0.0, until - time.monotonic())):

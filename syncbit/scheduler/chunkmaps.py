@@ -10,6 +10,9 @@ dispute or reader changed), and ranked afresh as a whole when who may be offered
 have changed (a node went up or down, was reported or quarantined, moved: the stamp) or,
 at most every `RERANK` seconds, when a node's load changed. An answer then costs the
 chunks whose peers name the asking node (it is never offered itself), not O(chunks x K).
+Requesters of different groups are offered different holders (`Holders.group_of`), so a
+map is kept per (object, group): at most `groups` per object, each brought up to date
+from its group's changes only.
 
 Holds only what it can rebuild from the state; never writes storage, never decides who
 may be offered (the `Ranker` does, with the state's `eligible`).
@@ -28,7 +31,7 @@ from syncbit.scheduler.holders import Holders, ObjectHolders
 from syncbit.scheduler.objects import ObjectFacts
 
 RERANK = 1.0  # seconds a map may rank by loads older than the last heartbeat's
-MAX_CACHED_CHUNKS = 262_144  # chunks of all kept maps together (~100 MiB at K=8)
+MAX_CACHED_CHUNKS = 262_144  # chunks of all kept maps (of every group) together (~100 MiB at K=8)
 
 
 class RankFn(Protocol):
@@ -52,6 +55,7 @@ class ObjectMap:
     loads: int  # the liveness load counter it was ranked at
     ranked_at: float  # time.monotonic() of its last whole ranking
     seq: int = 0
+    group: int = 0  # the requesters' group whose offers it names (`Holders.group_of`)
     digests: dict[int, str] = field(default_factory=dict)  # index -> hex
     peers: dict[int, list[str]] = field(default_factory=dict)  # index -> ranked names
     addresses: dict[str, str] = field(default_factory=dict)  # name -> address
@@ -135,6 +139,7 @@ class ChunkMaps:
         stamp: changes whenever who may be offered, or where they listen, may have.
         loads: changes whenever a node's load or bad-peer count changed.
         clock: monotonic seconds (tests inject).
+        budget: chunks of all kept maps together before other objects' maps are dropped.
     """
 
     def __init__(
@@ -143,12 +148,14 @@ class ChunkMaps:
         stamp: Callable[[], Hashable],
         loads: Callable[[], int],
         clock: Callable[[], float] = time.monotonic,
+        budget: int = MAX_CACHED_CHUNKS,
     ) -> None:
         self.holders = holders
         self.stamp = stamp
         self.loads = loads
         self.clock = clock
-        self.maps: OrderedDict[str, ObjectMap] = OrderedDict()
+        self.budget = budget
+        self.maps: OrderedDict[tuple[str, int], ObjectMap] = OrderedDict()  # (object, group)
         self.ranked = 0  # whole rankings done (for tests and /metrics)
 
     def get(
@@ -158,31 +165,33 @@ class ChunkMaps:
         view: ObjectHolders,
         disputed: Callable[[int], bool],
         make_rank: Callable[[], RankFn],
+        group: int = 0,
     ) -> ObjectMap:
-        """The object's map, brought up to date."""
+        """The object's map for requesters of `group` (`Holders.group_of`), up to date."""
         stamp, loads, now = self.stamp(), self.loads(), self.clock()
-        kept = self.maps.get(object_id)
+        key = (object_id, group)
+        kept = self.maps.get(key)
         if (
             kept is None
             or kept.view is not view
             or kept.stamp != stamp
             or (kept.loads != loads and now - kept.ranked_at >= RERANK)
         ):
-            return self._rank(object_id, obj, view, disputed, make_rank(), stamp, loads, now)
+            return self._rank(key, obj, view, disputed, make_rank(), stamp, loads, now)
         if kept.seq != view.seq:
-            changed, last, _ = self.holders.since(view, kept.seq, view.count + 1)
+            changed, last, _ = self.holders.since(view, kept.seq, view.count + 1, group)
             rank = make_rank()
             for index in changed:
                 self._chunk(kept, obj, view, index, disputed, rank)
             kept.seq = last
         if len(kept.digests) != len(obj.digests):  # a digest changed untold: rank anew
-            return self._rank(object_id, obj, view, disputed, make_rank(), stamp, loads, now)
-        self.maps.move_to_end(object_id)
+            return self._rank(key, obj, view, disputed, make_rank(), stamp, loads, now)
+        self.maps.move_to_end(key)
         return kept
 
     def _rank(
         self,
-        object_id: str,
+        key: tuple[str, int],
         obj: ObjectFacts,
         view: ObjectHolders,
         disputed: Callable[[int], bool],
@@ -191,16 +200,22 @@ class ChunkMaps:
         loads: int,
         now: float,
     ) -> ObjectMap:
-        self.maps.pop(object_id, None)
-        kept = ObjectMap(view, stamp, loads, now, seq=view.seq)
+        self.maps.pop(key, None)
+        kept = ObjectMap(view, stamp, loads, now, seq=view.seq, group=key[1])
         for index in sorted(obj.digests):
             self._chunk(kept, obj, view, index, disputed, rank)
-        self.maps[object_id] = kept
+        self.maps[key] = kept
         self.ranked += 1
+        # Over the budget, other objects' maps go, least recently asked first; never this
+        # object's: its groups ask in turn, and dropping one of them would have every
+        # answer rank the whole object again (an object too big for the budget alone is
+        # kept whole, as one map always was).
         total = sum(m.view.count for m in self.maps.values())
-        while total > MAX_CACHED_CHUNKS and len(self.maps) > 1:
-            _, dropped = self.maps.popitem(last=False)
-            total -= dropped.view.count
+        while total > self.budget:
+            victim = next((k for k in self.maps if k[0] != key[0]), None)
+            if victim is None:
+                break
+            total -= self.maps.pop(victim).view.count
         return kept
 
     @staticmethod
@@ -214,11 +229,12 @@ class ChunkMaps:
     ) -> None:
         raw = obj.digests.get(index)
         digest = None if raw is None else raw.hex()
-        names = [] if raw is None or disputed(index) else rank(view.offered.get(index))
+        names = [] if raw is None or disputed(index) else rank(view.offers(index, kept.group))
         kept.set_chunk(index, digest, names, rank)
 
     def forget(self, object_id: str) -> None:
-        self.maps.pop(object_id, None)
+        for key in [key for key in self.maps if key[0] == object_id]:
+            del self.maps[key]
 
 
 __all__ = ["MAX_CACHED_CHUNKS", "RERANK", "ChunkMaps", "ObjectMap"]

@@ -242,7 +242,7 @@ class Directory:
         (only if the object is broken)}. A disputed chunk has no peers until its re-check
         settles who was right."""
         object_id = check_oid(object_id)
-        kept = self._kept(object_id)
+        kept = self._kept(object_id, requester)
         doc: dict[str, Any] = {"digests": {}, "peers": {}, "disputed": []}
         if kept is None:
             return doc
@@ -258,13 +258,13 @@ class Directory:
         """`chunk_map` as JSON with the fields of `extra` after its own, rendered from the
         kept map (`chunkmaps`): what `GET /v1/objects/<id>/chunks` answers."""
         object_id = check_oid(object_id)
-        kept = self._kept(object_id)
+        kept = self._kept(object_id, requester)
         digests, peers = ("{}", "{}") if kept is None else kept.json_for(requester)
         tail = self._tail(object_id) if kept is not None else {"disputed": []}
         rest = json.dumps({**tail, **extra}, separators=(",", ":"))
         return f'{{"digests":{digests},"peers":{peers},{rest[1:]}'.encode()
 
-    def _kept(self, object_id: str) -> ObjectMap | None:
+    def _kept(self, object_id: str, requester: str | None) -> ObjectMap | None:
         obj = self.facts.objects.get(object_id)
         if obj is None:
             return None
@@ -277,6 +277,7 @@ class Directory:
             view,
             lambda index: (object_id, index) in disputes,
             lambda: self.ranker(None),
+            self.holders.group_of(requester),
         )
 
     def _tail(self, object_id: str) -> dict[str, Any]:
@@ -310,13 +311,14 @@ class Directory:
             return doc
         self.claims.expire(object_id)  # lapsed leases are changes too
         seq = _seq_of(cursor, view.view)
-        indexes, last, more = self.holders.since(view, seq or 0, limit)
+        group = self.holders.group_of(requester)
+        indexes, last, more = self.holders.since(view, seq or 0, limit, group)
         doc.update(reset=seq is None, more=more, cursor=view.cursor(last), changed=indexes)
-        doc.update(self._states(object_id, view, indexes, self.ranker(requester)))
+        doc.update(self._states(object_id, view, indexes, self.ranker(requester), group))
         return doc
 
     def _states(
-        self, object_id: str, view: ObjectHolders, indexes: list[int], rank: Ranker
+        self, object_id: str, view: ObjectHolders, indexes: list[int], rank: Ranker, group: int
     ) -> dict[str, Any]:
         obj = self.facts.objects.get(object_id)
         recorded = obj.digests if obj is not None else {}
@@ -331,7 +333,7 @@ class Directory:
                 digests[index] = digest.hex()
             if (object_id, index) in disputes:
                 disputed.append(index)
-            elif digest is not None and (names := rank(view.offered.get(index))):
+            elif digest is not None and (names := rank(view.offers(index, group))):
                 peers[index] = names
             reader = self.claims.reader(object_id, index)
             if reader is not None and reader != rank.requester and self.live.is_up(reader):
@@ -351,12 +353,13 @@ class Directory:
         if obj is None or view is None:
             return set()
         rank = self.ranker(requester)
+        group = self.holders.group_of(requester)
         return {
             i
             for i in indexes
             if i in obj.digests
             and (object_id, i) not in self.facts.disputes
-            and rank(view.offered.get(i))
+            and rank(view.offers(i, group))
         }
 
 
