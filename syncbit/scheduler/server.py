@@ -48,7 +48,6 @@ from syncbit.scheduler.replica import Replica
 from syncbit.scheduler.resolve import resolve_dataset
 from syncbit.scheduler.state import SchedulerState, open_lmdb_state
 from syncbit.serving import Limits
-from syncbit.sources.base import warm_up
 from syncbit.sources.fences import Fences, default_file_roots
 from syncbit.sources.options import register_secrets
 
@@ -196,7 +195,6 @@ class SchedulerServer:
 
         self._thread = threading.Thread(target=run, name="syncbit-scheduler", daemon=True)
         self._thread.start()
-        threading.Thread(target=warm_up, name="syncbit-warm-up", daemon=True).start()
         ready.wait()
         if failed:
             self._thread.join()

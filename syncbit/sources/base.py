@@ -221,11 +221,14 @@ def import_schemes(uris: Iterable[str]) -> None:
 
 
 def warm_up() -> None:
-    """Blocking (a thread of its own, at a daemon's or scheduler's start; once per
-    process): import the S3 and Hub sources and what their clients load (boto3's service
-    model, huggingface_hub), so that the first `dataset add` or read of such a dataset
-    does not wait ~0.3 s for it (+35 MiB of RSS). Never fails: what goes wrong here goes
-    wrong again, reported, when a source is opened."""
+    """Blocking (a thread of its own, at a daemon's start, embedded scheduler included;
+    once per process): import the S3 and Hub sources and what their clients load
+    (boto3's service model, huggingface_hub), so that the first `dataset add` or read of
+    such a dataset does not wait ~0.3 s for it (+35 MiB of RSS). Not in a standalone
+    scheduler: bench/scale.py at 5,000 nodes answered heartbeats slower with it (p50
+    250-544 ms vs 28-166 ms, three alternating pairs), for a cost paid once by the first
+    such dataset. Never fails: what goes wrong here goes wrong again, reported, when a
+    source is opened."""
     global _warmed
     with _WARM_LOCK:
         if _warmed:
