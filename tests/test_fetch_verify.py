@@ -26,6 +26,7 @@ from syncbit.fetch.handle import OpenFile
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap
 from syncbit.store import ObjectStore
+from syncbit.store.read import ObjectReader
 
 
 async def test_source_bytes_that_differ_from_the_record_are_never_served_nor_stored(
@@ -164,17 +165,24 @@ class _Hashed:
     def __init__(self, store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
         self.bytes = 0
         self.whole = 0
-        hash_into, sha256 = store.hash_into, store.sha256
+        hash_chunks, sha256 = store.hash_chunks, store.sha256
+        self.from_file = 0  # of those, read back from the object file (not from RAM)
+        real_file_hash = ObjectReader.hash_into
 
-        async def counting_hash_into(obj: Any, h: Any, offset: int, length: int) -> None:
-            self.bytes += length
-            await hash_into(obj, h, offset, length)
+        async def counting_hash_chunks(obj: Any, h: Any, first: int, end: int) -> None:
+            self.bytes += min(obj.size, end * obj.chunk_size) - first * obj.chunk_size
+            await hash_chunks(obj, h, first, end)
+
+        def counting_file_hash(reader: ObjectReader, h: Any, offset: int, length: int) -> None:
+            self.from_file += length
+            real_file_hash(reader, h, offset, length)
 
         async def counting_sha256(obj: Any) -> str:
             self.whole += 1
             return await sha256(obj)
 
-        monkeypatch.setattr(store, "hash_into", counting_hash_into)
+        monkeypatch.setattr(store, "hash_chunks", counting_hash_chunks)
+        monkeypatch.setattr(ObjectReader, "hash_into", counting_file_hash)
         monkeypatch.setattr(store, "sha256", counting_sha256)
 
     async def reach(self, nbytes: int) -> None:
@@ -212,6 +220,7 @@ async def test_the_whole_file_sha256_is_computed_as_chunks_arrive(
     await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
     assert fetcher.is_verified(ENTRY.object)
     assert hashed.bytes == len(DATA) and hashed.whole == 0
+    assert hashed.from_file == 0  # every chunk hashed from RAM, none read back from disk
     assert fetcher.stats["verify_failures"] == 0
 
 

@@ -112,3 +112,24 @@ def test_an_open_file_keeps_its_chunks_until_closed(store: ObjectStore, obj: Sto
     assert released == []  # still open once
     second.release()
     assert sorted(released) == [0, 1, 2] and store.kept_for_readers() == 0
+
+
+def test_a_pinned_chunk_is_given_back_only_after_its_reader_is_done(obj: StoredObject) -> None:
+    # The whole-file hash reads staged chunks in a worker thread: a chunk that leaves RAM
+    # meanwhile (trimmed, dropped) keeps its buffer until unpinned, or the pool would hand
+    # the bytes under the hash to the next chunk.
+    ram = Ram(keep=1, wanted_bytes=0)
+    ram.stage(obj, 0, wanted=False)
+    chunk = ram.staging.pin(obj, 0)
+    assert chunk is not None and bytes(chunk.view) == bytes(_chunk(0))
+    ram.stage(obj, 1, wanted=False)  # the LRU keeps one: chunk 0 leaves RAM...
+    assert ram.kept(obj) == [1] and ram.released == []  # ...but its buffer stays
+    ram.staging.unpin(chunk)
+    assert ram.released == [0]
+    again = ram.staging.pin(obj, 1)
+    assert again is not None
+    ram.staging.drop(obj)
+    assert ram.released == [0]
+    ram.staging.unpin(again)
+    assert ram.released == [0, 1]
+    assert ram.staging.pin(obj, 1) is None  # gone from RAM: the file has it

@@ -263,13 +263,10 @@ class WholeFile:
             while end < obj.chunks and end in obj.written:
                 end += 1
             if end > state.next:
-                offset = state.next * obj.chunk_size
                 # The digests the chunks have as they are hashed: `_complete` compares them
                 # with the ones the file has at the end.
                 state.digests.extend(obj.digests.get(i) for i in range(state.next, end))
-                await self.store.hash_into(
-                    obj, state.h, offset, min(obj.size, end * obj.chunk_size) - offset
-                )
+                await self.store.hash_chunks(obj, state.h, state.next, end)
                 state.next = end
             if state.next >= obj.chunks and state.discards == obj.discards:
                 await self._complete(state, path, expected)

@@ -24,7 +24,7 @@ from syncbit.store.index import Index
 from syncbit.store.load import load
 from syncbit.store.objects import Hold, Keeping, ObjectTable, StoredObject
 from syncbit.store.read import BackingFile, Hasher, ObjectReader, ReadBuffer
-from syncbit.store.staging import BufferPool, Staging
+from syncbit.store.staging import BufferPool, StagedChunk, Staging
 from syncbit.store.verify import ChunkCheck, Verifier, VerifyRun
 from syncbit.store.write import Writer
 
@@ -194,11 +194,32 @@ class ObjectStore:
             digest: str = await trio.to_thread.run_sync(reader.sha256)
             return digest
 
-    async def hash_into(self, obj: StoredObject, h: Hasher, offset: int, length: int) -> None:
-        """Feed bytes [offset, offset+length) of the object file (written chunks) to `h`,
-        in a worker thread."""
-        with self.reading(obj) as reader:
-            await trio.to_thread.run_sync(reader.hash_into, h, offset, length)
+    async def hash_chunks(self, obj: StoredObject, h: Hasher, first: int, end: int) -> None:
+        """Feed written chunks [first, end) to `h` in order, in a worker thread: from RAM
+        where a chunk is still staged (the very bytes its digest was checked on and that
+        were written; kept while hashed), else from the object file. A pull's whole-file
+        SHA-256 then reads back from disk only what left RAM before its turn came."""
+        cs = obj.chunk_size
+        pinned: list[StagedChunk] = []
+        parts: list[memoryview | range] = []
+        try:
+            for index in range(first, end):
+                chunk = self._staging.pin(obj, index)
+                if chunk is not None:
+                    pinned.append(chunk)
+                    parts.append(chunk.view)
+                    continue
+                stop = min(obj.size, (index + 1) * cs)
+                last = parts[-1] if parts else None
+                if isinstance(last, range) and last.stop == index * cs:
+                    parts[-1] = range(last.start, stop)  # one read for a run of chunks
+                else:
+                    parts.append(range(index * cs, stop))
+            with self.reading(obj) as reader:
+                await trio.to_thread.run_sync(_feed, reader, h, parts)
+        finally:
+            for chunk in pinned:
+                self._staging.unpin(chunk)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -406,3 +427,12 @@ class ObjectStore:
     @property
     def evictions(self) -> int:
         return self._evictor.evictions
+
+
+def _feed(reader: ObjectReader, h: Hasher, parts: list[memoryview | range]) -> None:
+    """Blocking (worker thread): RAM views and file ranges to `h`, in order."""
+    for part in parts:
+        if isinstance(part, range):
+            reader.hash_into(h, part.start, len(part))
+        else:
+            h.update(part)

@@ -36,6 +36,8 @@ class StagedChunk:
     writing: bool = True  # its write has not finished: pinned in RAM
     stale: bool = False  # its object was discarded: unreadable, and never written
     wanted: bool = False  # kept for a reader that has not read it yet (see the module)
+    pins: int = 0  # worker threads reading the buffer now (`pin`): not given back meanwhile
+    gone: bool = False  # left RAM while pinned: the last `unpin` gives the buffer back
 
 
 class Staging:
@@ -116,7 +118,27 @@ class Staging:
             return
         del self._chunks[key]
         self._unwant(chunk)
-        chunk.release()
+        self._free(chunk)
+
+    def pin(self, obj: StoredObject, index: int) -> StagedChunk | None:
+        """The staged chunk, its buffer kept for a worker thread to read until `unpin`
+        (it may leave RAM meanwhile; the buffer is given back after), or None."""
+        chunk = self._chunks.get((obj, index))
+        if chunk is None or chunk.stale:
+            return None
+        chunk.pins += 1
+        return chunk
+
+    def unpin(self, chunk: StagedChunk) -> None:
+        chunk.pins -= 1
+        if chunk.pins == 0 and chunk.gone:
+            chunk.release()
+
+    def _free(self, chunk: StagedChunk) -> None:
+        if chunk.pins:
+            chunk.gone = True  # a worker thread reads it: the last unpin gives it back
+        else:
+            chunk.release()
 
     def unwant(self, obj: StoredObject) -> None:
         """No reader has the object's file open any more: its chunks kept for one join
@@ -171,7 +193,7 @@ class Staging:
                 victims.append((key, chunk))
         for key, chunk in victims:
             del self._chunks[key]
-            chunk.release()
+            self._free(chunk)
 
 
 class BufferPool:
