@@ -7,7 +7,7 @@ syncbit's errors. Never puts query strings or header values into a message.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -16,6 +16,7 @@ import trio
 
 from syncbit.errors import (
     InvalidSourceError,
+    SourceChangedError,
     SourceError,
     SourceUnavailableError,
     SyncbitError,
@@ -45,6 +46,16 @@ def cause_text(exc: BaseException) -> str:
 def opaque_etag(tag: str) -> str:
     """An ETag without its weak marker, for comparing two of them."""
     return tag[2:] if tag.startswith("W/") else tag
+
+
+def check_etag(
+    headers: dict[str, str], etag: str | None, changed: Callable[[str], SourceChangedError]
+) -> None:
+    """An answer to a read pinned to `etag` carries that ETag (or none): an origin that
+    ignores If-Match answers with another version's, refused as a change."""
+    got = headers.get("etag")
+    if etag and got and opaque_etag(got) != opaque_etag(etag):
+        raise changed(f"now etag={got}")
 
 
 class ListingClient:

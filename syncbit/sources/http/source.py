@@ -31,7 +31,13 @@ from syncbit.sources.base import (
     unavailable,
 )
 from syncbit.sources.fences import Fences, RedirectPolicy
-from syncbit.sources.http.client import GONE, TEMPORARY, ListingClient, cause_text, opaque_etag
+from syncbit.sources.http.client import (
+    GONE,
+    TEMPORARY,
+    ListingClient,
+    cause_text,
+    check_etag,
+)
 from syncbit.sources.http.walk import Walk
 from syncbit.wire import Abort, Pool, WireError
 
@@ -160,9 +166,7 @@ class HttpSource(Source):
             )
         if status not in (200, 206):
             raise SourcePermanentError(f"cannot read {url}: HTTP {status}")
-        got_etag = resp.headers.get("etag")
-        if etag and got_etag and opaque_etag(got_etag) != opaque_etag(etag):
-            raise changed(f"now etag={got_etag}")
+        check_etag(resp.headers, etag, changed)
         got_modified = resp.headers.get("last-modified")
         if last_modified and got_modified and got_modified != last_modified:
             raise changed(f"now last_modified={got_modified}")

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from syncbit.errors import SourceChangedError, SourceUnavailableError
 from syncbit.manifest import FileEntry
 from syncbit.sources.base import THROTTLING, check_range_body, unavailable
-from syncbit.sources.http.client import cause_text, opaque_etag
+from syncbit.sources.http.client import cause_text, check_etag
 from syncbit.wire import Abort, Pool, Response, WireError
 
 log = logging.getLogger("syncbit.sources.s3")
@@ -144,9 +144,7 @@ class DirectReads:
                 raise SourceUnavailableError(f"cannot read {where}: {cause_text(exc)}") from exc
             status = resp.status
             if status in (200, 206):
-                got = resp.headers.get("etag")
-                if etag and got and opaque_etag(got) != opaque_etag(etag):
-                    raise changed(f"now etag={got}")  # a store that ignores If-Match
+                check_etag(resp.headers, etag, changed)  # a store that ignores If-Match
                 check_range_body(resp, offset, len(buf), size, where, changed)
                 self.proven = True
                 return None

@@ -64,30 +64,23 @@ READ_TIMEOUT = 30.0
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 
 _LOADER_LOCK = threading.Lock()
-_loader: Any = None
-
-
-def _shared_loader() -> Any:
-    """botocore's data loader for every client this process builds: the S3 service model,
-    its endpoint rules and the partitions are read from disk and parsed once (~0.07 CPU
-    seconds), so a client takes ~10 ms to build, not 60-100 ms. Sessions, and with them
-    credentials, stay one per client. boto3 appends its own data path to the loader of
-    each session it makes: kept once (the caller holds `_LOADER_LOCK`)."""
-    global _loader
-    if _loader is None:
-        _loader = botocore.loaders.create_loader()
-    paths = _loader.search_paths
-    paths[:] = list(dict.fromkeys(paths))
-    return _loader
+_loader: Any = None  # botocore's data loader, one per process (see `_session`)
 
 
 def _session(profile: str | None) -> Any:
-    """A boto3 session of its own (credentials resolved anew) on the shared loader."""
+    """A boto3 session of its own (credentials resolved anew) on the process's one
+    botocore data loader: the S3 service model, its endpoint rules and the partitions are
+    read from disk and parsed once (~0.07 CPU seconds), so a client takes ~10 ms to
+    build, not 60-100 ms."""
+    global _loader
     with _LOADER_LOCK:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
         core = botocore.session.get_session()
-        core.register_component("data_loader", _shared_loader())
+        core.register_component("data_loader", _loader)
         session = boto3.session.Session(botocore_session=core, profile_name=profile)
-        _shared_loader()  # boto3 just appended its data path again
+        # boto3 appends its own data path to the loader of each session it makes: once.
+        _loader.search_paths[:] = list(dict.fromkeys(_loader.search_paths))
     return session
 
 
