@@ -704,12 +704,14 @@ async def test_reads_go_by_presigned_url_signed_once_a_while(
 
 
 class _Refusing(ThreadingHTTPServer):
-    """Answers every request as S3 does a bucket of another region (301), counting them."""
+    """Answers every request with `status` (301: as S3 does a bucket of another region),
+    counting them."""
 
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, status: int) -> None:
         self.requests = 0
+        self.status = status
         super().__init__(("127.0.0.1", 0), _RefusingHandler)
 
 
@@ -720,7 +722,7 @@ class _RefusingHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.requests += 1
         body = b"<Error><Code>PermanentRedirect</Code></Error>"
-        self.send_response(301)
+        self.send_response(self.server.status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -729,7 +731,9 @@ class _RefusingHandler(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.parametrize("status", [301, 405])  # 405 to an unversioned read: not a change
 async def test_an_answer_only_boto3_can_judge_moves_the_reads_to_boto3(
+    status: int,
     admin: Any,
     bucket: str,
     make_source: Callable[..., S3Source],
@@ -738,7 +742,7 @@ async def test_an_answer_only_boto3_can_judge_moves_the_reads_to_boto3(
 ) -> None:
     """A redirect (another region), credentials or a CA the presigned way cannot judge:
     boto3 reads it, and from then on every read of the source."""
-    refusing = _Refusing()
+    refusing = _Refusing(status)
     thread = threading.Thread(target=refusing.serve_forever, daemon=True)
     thread.start()
     port = refusing.server_address[1]
@@ -757,7 +761,7 @@ async def test_an_answer_only_boto3_can_judge_moves_the_reads_to_boto3(
             assert await read(source, entry, 0, 5000) == data
         assert not source.abortable and source.direct() is None
         assert refusing.requests == 1
-        assert "go through boto3 from now on" in caplog.text and "HTTP 301" in caplog.text
+        assert "go through boto3 from now on" in caplog.text and f"HTTP {status}" in caplog.text
     finally:
         refusing.shutdown()
         refusing.server_close()

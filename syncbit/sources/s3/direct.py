@@ -42,7 +42,7 @@ log = logging.getLogger("syncbit.sources.s3")
 SIGNED_FOR = 900  # seconds a presigned URL is valid
 REUSED_FOR = 300  # seconds one URL is used before another is signed (credentials rotate)
 _MAX_URLS = 4096  # presigned URLs kept (one per object version read lately)
-_CHANGED = frozenset({404, 405, 412, 416})  # gone, a delete marker, not that version
+_CHANGED = frozenset({404, 412, 416})  # gone, not that version (405: see read_into)
 _TEMPORARY = frozenset({408, 429, 500, 502, 503, 504})
 _CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
 
@@ -148,8 +148,8 @@ class DirectReads:
                 check_range_body(resp, offset, len(buf), size, where, changed)
                 self.proven = True
                 return None
-            if status in _CHANGED:
-                raise changed(_answer(resp))
+            if status in _CHANGED or (status == 405 and version.get("version_id")):
+                raise changed(_answer(resp))  # 405 to a pinned version: a delete marker
             if status in _TEMPORARY and (self.proven or status in THROTTLING):
                 raise unavailable(status, resp.headers, f"cannot read {where}: {_answer(resp)}")
             if status != 403:
