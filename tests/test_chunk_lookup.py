@@ -16,6 +16,7 @@ from fakes import Clock, MemSource
 from schedulerfixtures import CHUNK, TIMEOUT
 
 from syncbit.manifest import FileEntry, build_manifest
+from syncbit.node.directory import SchedulerDirectory
 from syncbit.protocol import ChunkMap, ChunkUpdates
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.holders import Holders, ObjectHolders
@@ -471,3 +472,65 @@ async def test_the_updates_route_pages_waits_and_resets(
     assert again.reset and sorted(again.chunks) == [0, 1, 2]
     bad = await client.updates("cd" * 32, "n12")
     assert bad.reset and bad.chunks == {} and bad.cursor == ""
+
+
+def _same_answer(followed: ChunkMap, fresh: ChunkMap) -> bool:
+    return (followed.digests, followed.fetching, followed.disputed, followed.broken) == (
+        fresh.digests,
+        fresh.fetching,
+        fresh.disputed,
+        fresh.broken,
+    ) and _peer_sets(followed) == _peer_sets(fresh)
+
+
+@pytest.mark.usefixtures("_listed")
+async def test_a_node_asks_for_the_whole_map_once_then_follows_updates(
+    client: SchedulerClient, server: SchedulerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's directory: a refresh asks only for the changes since its cursor (an
+    answer bounded by what changed), and what it folds is what a whole map says now."""
+    asked: list[tuple[str, str]] = []
+    whole, follow = client.chunk_map, client.updates
+
+    async def chunk_map(object_id: str, node: str | None = None) -> ChunkMap:
+        asked.append(("map", ""))
+        return await whole(object_id, node)
+
+    async def updates(object_id: str, node: str | None = None, cursor: str = "") -> ChunkUpdates:
+        page = await follow(object_id, node, cursor)
+        asked.append(("updates", ",".join(map(str, sorted(page.chunks)))))
+        return page
+
+    monkeypatch.setattr(client, "chunk_map", chunk_map)
+    monkeypatch.setattr(client, "updates", updates)
+    await client.add_dataset("ds", "mem://x/")
+    for i in range(4):
+        await client.heartbeat(f"n{i}", address=f"127.0.0.1:{i + 1}")
+    await client.heartbeat("reader", address="127.0.0.1:9")
+    report = {"object": OBJ, "size": CHUNKS * CHUNK, "chunk_size": CHUNK}
+    assert (await client.claim("n0", OBJ, [0, 1, 2], ttl=30)).granted == [0, 1, 2]
+    await client.report_chunks("n0", add=[{**report, "chunks": [[0, D]]}], remove=[])
+    directory = SchedulerDirectory(client, "reader")
+    known = await directory.chunk_info(OBJ)
+    assert asked == [("map", "")] and known.fetching == {1: "n0", 2: "n0"}
+    assert await directory.chunk_info(OBJ) is known and len(asked) == 1  # within its 1 s
+
+    await client.report_chunks("n0", add=[{**report, "chunks": [[1, D]]}], remove=[])
+    await client.report_chunks("n1", add=[{**report, "chunks": [[0, D]]}], remove=[])
+    followed = await directory.chunk_info(OBJ, max_age=0)
+    assert asked[1:] == [("updates", "0,1")]  # the two chunks that changed, nothing more
+    asked.clear()
+    assert _same_answer(followed, await whole(OBJ, "reader"))
+
+    # A reported peer is replaced, and the next refresh follows that too.
+    await directory.report_bad_peer("n0", OBJ, 1, "refused")
+    followed = await directory.chunk_info(OBJ)
+    assert [what for what, _ in asked] == ["updates"]
+    assert _same_answer(followed, await whole(OBJ, "reader"))
+    # A cursor this scheduler does not know (another process led before) starts over.
+    followed.cursor = "elsewhere.3"
+    asked.clear()
+    followed = await directory.chunk_info(OBJ, max_age=0)
+    assert [what for what, _ in asked] == ["updates"]
+    assert _same_answer(followed, await whole(OBJ, "reader"))
+    assert (directory.whole_maps, directory.update_pages) == (1, 3)

@@ -1,15 +1,21 @@
 """The fetch layer's view of the scheduler (`ChunkDirectory`): chunk digests and holders,
 cached briefly and asked once per object however many workers want them; claims and
-reports pass through. A scheduler that answered "busy" (429, Retry-After) is not asked
-for maps, claims or releases again before the time it gave: until then a map comes from
-the cache however old, else the fetch layer hears "busy" at once (a prefetch parks, a
-read goes to the source as it would without an answer). Every parked chunk re-asking
-every 0.1 s is what a scheduler holding requests cannot afford. Never decides anything
-itself; trio thread only.
+reports pass through. An object's whole chunk map is asked for once; after that the map
+follows the scheduler's updates since its cursor (only the chunks whose answer changed,
+each bounded by K), so a refresh costs what changed, never the object's size again.
+
+A scheduler that answered "busy" (429, Retry-After) is not asked for maps, claims or
+releases again before the time it gave: until then a map comes from the cache however
+old, else the fetch layer hears "busy" at once (a prefetch parks, a read goes to the
+source as it would without an answer). Every parked chunk re-asking every 0.1 s is what
+a scheduler holding requests cannot afford. Never decides anything itself; trio thread
+only.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -34,6 +40,8 @@ class SchedulerDirectory:
         self._pending: dict[str, trio.Event] = {}
         self._quiet_until = -1.0  # trio time before which a busy scheduler is not asked
         self.spared = 0  # requests not sent because the scheduler said it was busy
+        self.whole_maps = 0  # whole chunk maps asked for
+        self.update_pages = 0  # pages of updates since a map's cursor asked for
 
     def _quiet(self) -> SchedulerBusyError | None:
         """The error to answer with while the scheduler's Retry-After runs, else None."""
@@ -68,12 +76,28 @@ class SchedulerDirectory:
             await pending.wait()
         event = self._pending[object_id] = trio.Event()
         try:
-            info = await self._ask(lambda: self.client.chunk_map(object_id, self.node))
-            self._cache[object_id] = (trio.current_time(), info)
+            asked = trio.current_time()
+            known = cached[1] if cached else None
+            info = await self._follow(object_id, known)
+            self._cache[object_id] = (asked, info)
             return info
         finally:
             del self._pending[object_id]
             event.set()
+
+    async def _follow(self, object_id: str, known: ChunkMap | None) -> ChunkMap:
+        """`known` brought up to date with the changes since its cursor (in place: callers
+        only read it between awaits), else the whole map asked afresh."""
+        if known is None or not known.cursor:
+            self.whole_maps += 1
+            return await self._ask(lambda: self.client.chunk_map(object_id, self.node))
+        while True:
+            ask = functools.partial(self.client.updates, object_id, self.node, known.cursor)
+            page = await self._ask(ask)
+            self.update_pages += 1
+            known.apply(page)  # a reset (another scheduler's cursor) starts it over
+            if not page.more:
+                return known
 
     async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
         if (busy := self._quiet()) is not None:
@@ -86,8 +110,12 @@ class SchedulerDirectory:
         await self._ask(lambda: self.client.release(self.node, object_id, indexes))
 
     async def report_bad_peer(self, peer: str, object_id: str, index: int, reason: str) -> None:
-        self._cache.pop(object_id, None)
         await self.client.report_bad_peer(self.node, peer, object_id, index, reason)
+        # Asked again next time: the scheduler offers another holder in its place, and the
+        # updates since the map's cursor say so.
+        cached = self._cache.get(object_id)
+        if cached is not None:
+            self._cache[object_id] = (-math.inf, cached[1])
 
     async def report_check(
         self, object_id: str, index: int, digest: str | None, changed: str
