@@ -18,7 +18,8 @@ sleep at the simulated link's rate. Two request mixes:
             poll wakes, dataset listing, manifest, plan; a prefetch job per node (4 files
             at a time); each chunk's reader by the plan's members (chunk k -> member k mod
             N); the fetcher's lanes (6 peer transfers, the source lane's share), chunk-map
-            reads cached 1 s per object, parked chunks polling the map every 0.1 s, claims
+            reads cached 1 s per object (the whole map once, then its updates since the
+            cursor), parked chunks polling it every 0.1 s, claims
             before source reads (followers up to 16 MiB), reports every 50 ms.
 """
 
@@ -104,11 +105,12 @@ def _bits(mask: int) -> list[int]:
 
 @dataclass
 class Info:
-    """What a chunk map said, as bit masks over chunk indexes."""
+    """What a chunk map said, as bit masks over chunk indexes, and where its updates go on."""
 
     digests: int = 0
     peers: int = 0
     fetching: int = 0
+    cursor: str = ""
 
     @classmethod
     def parse(cls, raw: bytes) -> Info:
@@ -118,7 +120,20 @@ class Info:
             _mask(doc.get("digests") or {}),
             _mask(k for k, v in peers.items() if v),
             _mask(doc.get("fetching") or {}),
+            str(doc.get("cursor") or ""),
         )
+
+    def apply(self, doc: dict[str, Any]) -> bool:
+        """Fold one page of updates in (`protocol.ChunkMap.apply`); True if more follow."""
+        if doc["reset"]:
+            self.digests = self.peers = self.fetching = 0
+        changed = _mask(doc["changed"])
+        peers = doc.get("peers") or {}
+        self.digests = self.digests & ~changed | _mask(doc.get("digests") or {})
+        self.peers = self.peers & ~changed | _mask(k for k, v in peers.items() if v)
+        self.fetching = self.fetching & ~changed | _mask(doc.get("fetching") or {})
+        self.cursor = str(doc["cursor"])
+        return bool(doc["more"])
 
 
 @dataclass(eq=False)
@@ -523,6 +538,15 @@ class Node:
         )
         return Info.parse(raw) if parse else Info()
 
+    async def _updates(self, object_id: str, cursor: str) -> dict[str, Any]:
+        """One page of a chunk map's updates since `cursor` (`SchedulerDirectory`)."""
+        query = f"node={quote(self.name, safe='')}&cursor={quote(cursor, safe='')}"
+        raw = await self.pool.call(
+            "GET", f"/v1/objects/{object_id}/updates?{query}", "chunk updates", None, self.timeout
+        )
+        doc: dict[str, Any] = loads(raw)
+        return doc
+
     # -- requests the fetcher makes ---------------------------------------------------------
 
     async def claim(self, obj: Obj, indexes: list[int]) -> dict[str, Any]:
@@ -697,8 +721,14 @@ class Fetch:
             await pending.wait()
         event = self._pending[obj.id] = trio.Event()
         try:
-            info = await self.node._lookup(obj.id)
-            self._cache[obj.id] = (trio.current_time(), info)
+            asked = trio.current_time()
+            info = cached[1] if cached else None
+            if info is None or not info.cursor:
+                info = await self.node._lookup(obj.id)
+            else:  # the daemon follows the map's updates since its cursor
+                while info.apply(await self.node._updates(obj.id, info.cursor)):
+                    pass
+            self._cache[obj.id] = (asked, info)
             return info
         except RequestFailed:
             return Info()

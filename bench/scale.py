@@ -280,6 +280,7 @@ def stub_config(run_dir: Path, port: int) -> Path:
         "peers": {str(i): peers for i in range(360)},
         "disputed": [],
         "fetching": {},
+        "cursor": "stub.1",
     }
     (www / "chunkmap.json").write_text(json.dumps(chunk_map, separators=(",", ":")))
     labels = {f"label.example/{i}": "value" for i in range(12)}
@@ -318,6 +319,18 @@ def stub_config(run_dir: Path, port: int) -> Path:
         r"^/v1/nodes/[^/]+/plan$": {"generation": 1, "plan": []},
         r"^/v1/objects/[^/]+/claims$": {"granted": list(range(8)), "busy": {}, "held": []},
         r"^/v1/objects/[^/]+/release$": {},
+        r"^/v1/objects/[^/]+/updates$": {
+            "cursor": "stub.1",
+            "reset": False,
+            "more": False,
+            "broken": None,
+            "changed": [],
+            "digests": {},
+            "peers": {},
+            "fetching": {},
+            "disputed": [],
+            "addresses": {},
+        },
         r"^/v1/datasets$": {
             "generation": 1,
             "datasets": [{"name": DATASET, "revision": "r1"}],
