@@ -114,6 +114,18 @@ class Hedging:
         hedges = len(self._prune(self._times(self._hedges, kind)))
         return hedges < self.policy.budget * transfers + 1
 
+    def outlasts_fresh(self, kind: str, nbytes: int, left: int, rate: float) -> bool:
+        """Whether a transfer of `nbytes` from `kind` with `left` bytes to go, receiving
+        `rate` bytes/s lately, would still take longer than a fresh one is expected to
+        (the straggler delay over its factor: the quantile itself). A transfer that is
+        slow but about to finish, as every transfer is on a link they share, is no
+        straggler: a second request would only take the same link's bytes twice."""
+        if left <= 0:
+            return False
+        if rate <= 0:
+            return True  # stalled
+        return left / rate > self.delay(kind, nbytes) / self.policy.factor
+
     def hedged(self, kind: str) -> None:
         """A second request was sent for a straggler of `kind`."""
         self._times(self._hedges, kind).append(self._clock())

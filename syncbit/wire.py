@@ -50,12 +50,19 @@ class Abort:
     """Ends transfers in progress from another thread: `fire()` shuts down the sockets they
     use (now, or as soon as they have one), so a blocking receive returns at once and each
     transfer fails with WireError. A connection is never pooled after a fire. One Abort may
-    cover several transfers at once, each in its own thread (a read and its head sample)."""
+    cover several transfers at once, each in its own thread (a read and its head sample).
+    `received` counts the body bytes its transfers have received so far (their progress,
+    for whoever judges whether they straggle)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._socks: dict[int, socket.socket] = {}  # by the thread that transfers on it
         self.fired = False
+        self.received = 0
+
+    def got(self, nbytes: int) -> None:
+        with self._lock:
+            self.received += nbytes
 
     def fire(self) -> None:
         with self._lock:
@@ -250,7 +257,7 @@ class Pool:
             length = _body_length(resp_headers)
             body_ok = status == 206 or (status == 200 and offset == 0 and length == want)
             if body_ok and length == want:
-                _recv_exact(conn, buf)
+                _recv_exact(conn, buf, abort)
             elif length is not None and length <= _HEAD_LIMIT:
                 small = bytearray(length)  # a small error body: read, so the connection stays
                 _recv_exact(conn, memoryview(small))
@@ -308,7 +315,7 @@ def _body_length(headers: dict[str, str]) -> int | None:
         return None
 
 
-def _recv_exact(conn: _Conn, buf: memoryview) -> None:
+def _recv_exact(conn: _Conn, buf: memoryview, progress: Abort | None = None) -> None:
     pos = min(len(conn.pending), len(buf))
     if pos:
         buf[:pos] = conn.pending[:pos]
@@ -319,6 +326,8 @@ def _recv_exact(conn: _Conn, buf: memoryview) -> None:
         if n == 0:
             raise WireError(f"connection closed after {pos} of {total} body bytes")
         pos += n
+        if progress is not None:
+            progress.got(n)
 
 
 def parse_content_range(value: str) -> tuple[int, int, int | None]:

@@ -342,6 +342,23 @@ def test_should_hedge_a_straggler_within_the_budget() -> None:
     assert hedging.should_hedge("peer", CHUNK, hedging.policy.default)
 
 
+def test_a_transfer_about_to_finish_is_no_straggler() -> None:
+    """Past the delay, what decides is the time the transfer still needs at its recent
+    rate against what a fresh one takes (the p95): a slow link shared by every transfer
+    is waited out, a stalled or trickling connection is not."""
+    clock = Clock(1000.0)
+    hedging = Hedging(HedgePolicy(factor=2.0, floor=0.1, default=2.0), clock)
+    # Nothing known: a fresh transfer is taken to need the default over the factor (1 s).
+    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 2.0)  # 0.5 s left
+    assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 8.0)  # 2 s left
+    assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, 0.0)  # stalled
+    assert not hedging.outlasts_fresh("source", CHUNK, 0, 0.0)  # all there
+    for _ in range(20):
+        hedging.record("source", CHUNK, 0.2)  # known now: 0.2 s each
+    assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 2.0)  # 0.5 s > 0.2
+    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 0.5)
+
+
 def test_old_transfers_stop_counting() -> None:
     clock = Clock(1000.0)
     hedging = Hedging(HedgePolicy(min_samples=4, max_age=10), clock)

@@ -33,13 +33,15 @@ DEADLINE = 30.0
 
 class ChunkServer(ThreadingHTTPServer):
     """A peer's chunk service on loopback serving DATA's ranges; with `stall`, its first
-    answer sends half the chunk and then waits for the client to give up (`aborted`)."""
+    answer sends half the chunk and then waits for the client to give up (`aborted`); with
+    `pace`, every answer trickles in 20 even pieces over that many seconds."""
 
     daemon_threads = True
 
-    def __init__(self, stall: bool) -> None:
+    def __init__(self, stall: bool, pace: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.stall = stall
+        self.pace = pace
         self.requests = 0
         self.aborted = threading.Event()
         self.lock = threading.Lock()
@@ -68,6 +70,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if self.server.pace:
+            step = -(-len(body) // 20)
+            for at in range(0, len(body), step):
+                time.sleep(self.server.pace / 20)
+                self.wfile.write(body[at : at + step])
+                self.wfile.flush()
+            return
         if not stall:
             self.wfile.write(body)
             return
@@ -174,6 +183,34 @@ async def test_a_source_read_stalling_mid_chunk_is_asked_again_and_aborted(
     assert f.stats["source"] == CS  # the winner's bytes only
     obj = store.get(ENTRY.object)
     assert obj is not None and store.read(obj, 0, CS) == DATA[:CS]
+
+
+async def test_a_source_read_slow_but_about_to_finish_is_not_asked_again(
+    store: ObjectStore,
+) -> None:
+    """An origin that sends every answer at a steady pace (a link every read shares):
+    past the straggler delay (2 s while nothing is known) the read is nearly done, so it
+    is waited for; a second request would only send the origin's bytes twice."""
+    steady = ChunkServer(stall=False, pace=2.4)
+    thread = threading.Thread(target=steady.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://{steady.address}/h.bin"
+    source = HttpSource(url)
+    entry = FileEntry(path="h.bin", size=len(DATA), object=ENTRY.object, locator=url)
+    f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            handle = f.open(entry, CS, source)
+            with trio.fail_after(DEADLINE):
+                got = await f.read(handle, 0, CS)
+            nursery.cancel_scope.cancel()
+    finally:
+        source.close()
+        steady.shutdown()
+        steady.server_close()
+    assert bytes(got) == DATA[:CS]
+    assert steady.requests == 1 and f.stats["source_hedged"] == 0
 
 
 async def test_a_source_whose_reads_cannot_be_ended_is_not_hedged(store: ObjectStore) -> None:

@@ -1,6 +1,7 @@
 """Hedged source reads: a batch of chunks read from the source in one ranged request, and,
 when that request runs past the straggler delay of recent reads of its size from the same
-origin (`syncbit.hedging.Hedging`), the same bytes asked again on a second connection; the
+origin (`syncbit.hedging.Hedging`) and, at the rate its bytes arrived lately, would still
+take longer than a fresh read, the same bytes asked again on a second connection; the
 first read to complete wins and the other is aborted (its connection shut).
 
 Only for sources whose reads `Abort` ends (`Source.abortable`): a loser that could not be
@@ -106,22 +107,30 @@ class SourceRace:
             first = launch(flight.deadline)
             try:
                 await first.admitted.wait()
-                hedge_at = math.inf
+                # The first read's progress is sampled every quarter of the straggler
+                # delay, so that at the delay its recent rate is known.
+                check_at = probe = math.inf
                 if flight.source.abortable and not first.done:
-                    hedge_at = first.began + self.hedging.delay(kind, span)
+                    probe = self.hedging.delay(kind, span) / 4
+                    check_at = first.began + probe
+                seen = (first.began, 0)  # (when, bytes received then)
                 running = 1
                 while running:
-                    with trio.move_on_at(hedge_at):
+                    with trio.move_on_at(check_at):
                         a = await done_recv.receive()
                         running -= 1
                         if a.error is None:
                             won = a
                             break
                         continue
-                    hedge_at = math.inf
-                    if self._should_hedge(flight, kind, span, first):
-                        launch(trio.current_time())  # a free stream now, or no second read
+                    now, got = trio.current_time(), first.abort.received
+                    rate = (got - seen[1]) / max(1e-6, now - seen[0])
+                    seen = (now, got)
+                    check_at = now + probe
+                    if self._should_hedge(flight, kind, span, first, span - got, rate):
+                        launch(now)  # a free stream now, or no second read
                         running += 1
+                        check_at = math.inf
             finally:
                 # The loser, or every read when the flight is cancelled: ended now rather
                 # than waited out (their threads are waited for on the way out).
@@ -133,9 +142,16 @@ class SourceRace:
                 nursery.cancel_scope.cancel()
         return won
 
-    def _should_hedge(self, flight: Flight, kind: str, span: int, slow: _Attempt) -> bool:
+    def _should_hedge(
+        self, flight: Flight, kind: str, span: int, slow: _Attempt, left: int, rate: float
+    ) -> bool:
+        """Past the straggler delay, and at its recent rate `slow` would still take longer
+        than a fresh read (a stalled or trickling connection, not a link every read
+        shares: at N=8 the first reads of a prefetch were asked twice, 1.02x origin)."""
         elapsed = trio.current_time() - slow.began
         if not self.hedging.should_hedge(kind, span, elapsed):
+            return False
+        if not self.hedging.outlasts_fresh(kind, span, left, rate):
             return False
         self.hedging.hedged(kind)
         self.stats["source_hedged"] += 1
