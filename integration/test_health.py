@@ -91,6 +91,13 @@ def test_probes_and_metrics_move_with_the_bytes_read(
 
     metrics = httpx.get(f"{up.scheduler.url}/metrics", trust_env=False).text
     assert re.search(r'syncbit_scheduler_nodes\{state="up"\} 2\.0', metrics)
+    # Both processes run with the collector tuned for a server (`syncbit.gctune`), and
+    # count its pauses.
+    scheduler = scrape(up.scheduler.url.removeprefix("http://"))
+    for text in (scheduler, m2):
+        assert _get(text, 'syncbit_gc_threshold{generation="0"}') == 50_000
+        assert _get(text, 'syncbit_gc_collections_total{generation="2"}') >= 1  # at start
+        assert _get(text, 'syncbit_gc_pause_seconds_total{generation="2"}') > 0
 
 
 @pytest.mark.timeout(120)

@@ -126,6 +126,9 @@ def scheduler(
         },
     )
     _setup_logging(cfg.log_level)
+    from syncbit import gctune
+
+    gctune.tune()
     server = SchedulerServer(cfg)
     server.start()
     logging.getLogger("syncbit.scheduler").info("scheduler listening on %s", server.url)
@@ -250,6 +253,8 @@ def daemon(
         },
     )
     _setup_logging(cfg.log_level)
+    from syncbit import gctune
     from syncbit.node import run
 
+    gctune.tune()
     run(cfg)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
+from syncbit import gctune
 from syncbit.fetch import Fetcher
 from syncbit.fs.kernel import Session
 from syncbit.fs.ops import SyncbitFS
@@ -98,6 +99,7 @@ class NodeMetrics:
         )
         yield from self._dataset_metrics()
         yield from self._fuse_metrics()
+        yield from gctune.metrics()
 
     def _dataset_metrics(self) -> Iterator[Metric]:
         datasets = self._status.datasets()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
 
+from syncbit import gctune
 from syncbit.metrics import counter, gauge
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ def collect(
     whose metrics of nodes and datasets would be the leader's or wrong)."""
     if admission is not None:
         yield from _admission(admission)
+    yield from gctune.metrics()
     yield gauge(
         "syncbit_scheduler_leader",
         "1 while this scheduler answers as the leader (always for a single scheduler).",
