@@ -11,9 +11,12 @@ sleep at the simulated link's rate. Two request mixes:
             held open, and every 2 s (the data's pace, which a heartbeat interval does
             not change: the daemon's reports and lookups are loops of their own) a third
             of the nodes claim and report 8 new chunks of one shared object, and a
-            chunk-map lookup at every third such tick. With `obey_interval` off (bench
-            --fixed-interval), the old mix: a heartbeat every 2 s whatever the answer
-            says, the reports and lookups after each heartbeat.
+            chunk-map lookup at every third such tick (the whole map once, then its
+            updates since the cursor, as the daemon; every time whole with
+            `whole_maps`, bench --whole-maps: the issue's mix, and daemons before).
+            With `obey_interval` off (bench --fixed-interval), the old mix: a heartbeat
+            every 2 s whatever the answer says, the reports and lookups after each
+            heartbeat.
   prefetch  the daemon's real sequence for one dataset assigned to every node: the long
             poll wakes, dataset listing, manifest, plan; a prefetch job per node (4 files
             at a time); each chunk's reader by the plan's members (chunk k -> member k mod
@@ -29,6 +32,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +59,7 @@ _SOURCE_BATCH = 16 << 20  # fetcher.py: bytes one source read (and one claim) ma
 _CLAIM_TTL = 60.0  # fetcher.py: max(claim_ttl, read_deadline)
 _MIX_REPORT_CHUNKS = 8
 _TOLD = b'"heartbeat_interval":'
+_CURSOR = re.compile(rb'"cursor":"([^"]*)"')
 
 
 def source_address(index: int) -> str:
@@ -267,6 +272,8 @@ class Node:
         self.interval = float(spec["hb_interval"])  # configured: the shortest
         self.in_force = self.interval  # what the last answer asked (when obeyed)
         self.obey = bool(spec.get("obey_interval", True))
+        self.whole_maps = bool(spec.get("whole_maps", False))  # the mix's lookups
+        self.mix_cursor = ""  # where the mix's lookups go on (see `_mix_lookup`)
         self.generation = -1  # daemon.py: no generation seen yet
         self.manifests: dict[str, dict[str, Any]] = {}
         self.plan: dict[str, dict[str, Any]] = {}
@@ -478,11 +485,7 @@ class Node:
             if target is not None:
                 jobs: list[tuple[str, bool, Callable[[], Any]]] = [
                     ("report", reporter, functools.partial(self._mix_report, target, state)),
-                    (
-                        "lookup",
-                        tick % 3 == 2,
-                        functools.partial(self._lookup, target.id, parse=False),
-                    ),
+                    ("lookup", tick % 3 == 2, functools.partial(self._mix_lookup, target.id)),
                 ]
                 for kind, due, job in jobs:
                     if not due:
@@ -526,17 +529,31 @@ class Node:
         if got:
             await self.report({obj: [int(i) for i in got]})
 
-    async def _lookup(self, object_id: str, parse: bool = True) -> Info:
-        """A chunk map read in full; parsed only where the node acts on it (prefetch):
-        the mix's lookups stand for reads whose answer the simulated node does not use."""
-        raw = await self.pool.call(
-            "GET",
-            f"/v1/objects/{object_id}/chunks?node={quote(self.name, safe='')}",
-            "chunk map",
-            None,
-            self.timeout,
-        )
-        return Info.parse(raw) if parse else Info()
+    async def _mix_lookup(self, object_id: str) -> None:
+        """The mix's lookup as the daemon makes it (`SchedulerDirectory`): the whole map
+        the first time, then the updates since its cursor; with --whole-maps the whole
+        map every time (the daemon before it followed updates, and the issue's mix)."""
+        if self.whole_maps or not self.mix_cursor:
+            raw = await self._whole_map(object_id)
+            # Not parsed whole (the simulated node does not act on it): the cursor is
+            # among the last fields.
+            found = _CURSOR.search(raw[-256:])
+            self.mix_cursor = found[1].decode() if found else ""
+            return
+        while True:
+            page = await self._updates(object_id, self.mix_cursor)
+            self.mix_cursor = str(page["cursor"])
+            if not page["more"]:
+                return
+
+    async def _whole_map(self, object_id: str) -> bytes:
+        path = f"/v1/objects/{object_id}/chunks?node={quote(self.name, safe='')}"
+        raw: bytes = await self.pool.call("GET", path, "chunk map", None, self.timeout)
+        return raw
+
+    async def _lookup(self, object_id: str) -> Info:
+        """A chunk map read in full and parsed (the prefetch acts on it)."""
+        return Info.parse(await self._whole_map(object_id))
 
     async def _updates(self, object_id: str, cursor: str) -> dict[str, Any]:
         """One page of a chunk map's updates since `cursor` (`SchedulerDirectory`)."""
@@ -723,7 +740,7 @@ class Fetch:
         try:
             asked = trio.current_time()
             info = cached[1] if cached else None
-            if info is None or not info.cursor:
+            if info is None or not info.cursor or self.node.whole_maps:
                 info = await self.node._lookup(obj.id)
             else:  # the daemon follows the map's updates since its cursor
                 while info.apply(await self.node._updates(obj.id, info.cursor)):

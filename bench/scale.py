@@ -11,7 +11,9 @@ its own node credential before its first heartbeat, as a daemon does.
   --mode mix       heartbeats at the interval the scheduler asks for (every 2 s at
                    least, as a daemon), the generation long poll held open, and every 2 s a
                    third of the nodes claim and report 8 new chunks of one shared object, a
-                   chunk-map lookup at every third tick (the mix of issue 14);
+                   chunk-map lookup at every third tick (the mix of issue 14; a
+                   lookup follows the map's updates after the first, as a daemon does;
+                   --whole-maps: the whole map every time, as the issue measured);
                    --fixed-interval: a heartbeat every 2 s whatever the answer says, the
                    reports and lookups after each (the mix as before the interval followed
                    the cluster's size, and as an older daemon does)
@@ -492,6 +494,7 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
             "dataset": DATASET,
             "hb_interval": args.hb_interval,
             "obey_interval": not plan.fixed,
+            "whole_maps": args.whole_maps,
             "timeout": args.timeout,
             "conns": conns,
             "origin_rate": args.origin_rate / args.workers,
@@ -952,6 +955,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fixed-interval",
         action="store_true",
         help="nodes beat every --hb-interval whatever the scheduler asks (the old mix)",
+    )
+    p.add_argument(
+        "--whole-maps",
+        action="store_true",
+        help="the mix's lookups ask for the whole chunk map every time (the issue's mix, "
+        "and daemons before they followed updates)",
     )
     p.add_argument(
         "--compare-fixed",
