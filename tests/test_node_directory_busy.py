@@ -10,7 +10,7 @@ import trio
 
 from syncbit.errors import SchedulerBusyError
 from syncbit.node.directory import SchedulerDirectory
-from syncbit.protocol import ChunkMap, ClaimResult
+from syncbit.protocol import ChunkMap, ChunkState, ChunkUpdates, ClaimResult
 from syncbit.scheduler.client import SchedulerClient
 
 
@@ -81,3 +81,34 @@ async def test_a_known_map_is_used_however_old_while_the_scheduler_is_busy(
     scheduler.busy = False
     assert await directory.chunk_info("o1") is not known
     assert scheduler.asked == ["map", "map", "map"]
+
+
+class EndlessScheduler(BusyScheduler):
+    """Answers every page of updates with "more": a bug or a hostile control plane."""
+
+    async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
+        self._answer("map")
+        return ChunkMap(digests={0: "ab" * 32}, cursor="v.0")
+
+    async def updates(
+        self, object_id: str, node: str | None = None, cursor: str = ""
+    ) -> ChunkUpdates:
+        self._answer("updates")
+        await trio.sleep(0.01)  # a round trip: without a bound, fail_after would fire
+        seq = int(cursor.rpartition(".")[2]) + 1
+        return ChunkUpdates(cursor=f"v.{seq}", more=True, chunks={seq: ChunkState()})
+
+
+async def test_a_scheduler_that_always_says_more_costs_pages_not_a_loop(
+    autojump_clock: Any,
+) -> None:
+    scheduler = EndlessScheduler(wait=1.0)
+    scheduler.busy = False
+    directory = _directory(scheduler)
+    await directory.chunk_info("o1")
+    with trio.fail_after(5):
+        followed = await directory.chunk_info("o1", max_age=0.0)
+    assert scheduler.asked.count("updates") == 16  # one refresh: a bounded number of pages
+    assert followed.cursor == "v.16"  # and what it folded holds as of that cursor
+    await directory.chunk_info("o1", max_age=0.0)
+    assert scheduler.asked.count("updates") == 32 and directory.whole_maps == 1

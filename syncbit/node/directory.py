@@ -26,6 +26,7 @@ from syncbit.scheduler.client import ChunkMap, ClaimResult, SchedulerClient
 
 _CHUNK_INFO_TTL = 1.0  # seconds a chunk map is reused
 _MAX_QUIET = 60.0  # seconds one busy answer may keep this node from asking
+_MAX_PAGES = 16  # pages of updates one refresh asks for at most (4,096 chunks each)
 T = TypeVar("T")
 
 
@@ -91,13 +92,16 @@ class SchedulerDirectory:
         if known is None or not known.cursor:
             self.whole_maps += 1
             return await self._ask(lambda: self.client.chunk_map(object_id, self.node))
-        while True:
+        for _ in range(_MAX_PAGES):
             ask = functools.partial(self.client.updates, object_id, self.node, known.cursor)
             page = await self._ask(ask)
             self.update_pages += 1
             known.apply(page)  # a reset (another scheduler's cursor) starts it over
             if not page.more:
-                return known
+                break
+        # Else what the map says is true as of its cursor, and the next refresh goes on
+        # from there: a scheduler that always says "more" costs pages, never a loop.
+        return known
 
     async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
         if (busy := self._quiet()) is not None:
