@@ -147,7 +147,8 @@ class SourceRace:
     ) -> bool:
         """Past the straggler delay, and at its recent rate `slow` would still take longer
         than a fresh read (a stalled or trickling connection, not a link every read
-        shares: at N=8 the first reads of a prefetch were asked twice, 1.02x origin)."""
+        shares: at N=8 each node's first source read was asked twice, and the origin
+        sent 1.04-1.06x the dataset)."""
         elapsed = trio.current_time() - slow.began
         if not self.hedging.should_hedge(kind, span, elapsed):
             return False
