@@ -50,6 +50,7 @@ from syncbit.retry import backoff_delays
 
 HB_ROUTE = "heartbeat"
 _GENERATION_WAIT = 25.0  # daemon.py: seconds a long poll may wait
+_RESYNC = 300.0  # node/sync.py: seconds at most between listings while nothing changes
 _CHUNK_INFO_TTL = 1.0  # daemon.py: a chunk map is reused this long by transfers
 _PARK_POLL = 0.1  # fetcher.py: parked chunks look at the chunk map this often
 _REPORT_BATCH = 4096  # daemon.py: chunks per report
@@ -386,6 +387,7 @@ class Node:
         sync that keeps failing is tried less and less often (full jitter, 1 s doubling
         up to 30 s)."""
         failed_syncs = backoff_delays(base=1.0, cap=30.0)
+        listed = trio.current_time()
         while True:
             seen: int | None = None
             if self.w.spec.get("stub"):
@@ -403,6 +405,9 @@ class Node:
             except RequestFailed:
                 await trio.sleep(1.0)
             before = self.generation
+            if seen == before and trio.current_time() - listed < _RESYNC:
+                continue  # sync.py: nothing changed, no listing (one every 300 s)
+            listed = trio.current_time()
             await self.sync_datasets()
             if self.generation != before:
                 failed_syncs = backoff_delays(base=1.0, cap=30.0)

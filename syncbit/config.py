@@ -126,6 +126,14 @@ class SchedulerConfig(_Strict):
         description="heartbeats a second all nodes together are asked to keep to: the "
         "interval nodes are told stretches to nodes/rate (at most 30 s); node_timeout follows",
     )
+    wake_rate: float = Field(
+        default=250.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="generation long polls answered a second at most after a change: a "
+        "dataset added or assigned wakes every node, whose syncs are spread over "
+        "nodes/rate seconds instead of arriving at once",
+    )
     state: str | None = Field(
         default=None,
         description="etcd://h1:2379,h2:2379,...: durable state in etcd, shared by replicas "

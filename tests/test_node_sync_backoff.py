@@ -71,3 +71,61 @@ async def test_failing_syncs_are_tried_less_and_less_often(
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1.0
     assert max(gaps[-10:]) > 5.0
+
+
+class QuietScheduler:
+    """Nothing changes: every long poll runs its time (`wait`; 0: answers at once) and
+    answers the generation the node has (7); the listing says so too."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.polls = 0
+        self.listings: list[float] = []
+
+    async def wait_generation(self, after: int, timeout: float) -> int:
+        self.polls += 1
+        await trio.sleep(min(self.wait, timeout))
+        return 7
+
+    async def datasets(self) -> dict[str, Any]:
+        self.listings.append(trio.current_time())
+        return {"generation": 7, "datasets": []}
+
+
+async def _quiet(tmp_path: Path, client: QuietScheduler, seconds: float) -> Sync:
+    nothing: Any = None
+    sync = Sync(
+        "n1",
+        tmp_path,
+        cast(Any, client),
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        Throttled(),
+    )
+    sync._generation = 7  # synced before: what the scheduler says stays so
+    with trio.move_on_after(seconds):
+        await sync.dataset_loop()
+    return sync
+
+
+async def test_a_poll_that_times_out_unchanged_lists_nothing_but_a_resync_now_and_then(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = QuietScheduler(wait=25.0)
+    await _quiet(tmp_path, client, 700.0)
+    # A poll every 25 s, and a listing only every 300 s (not after each of ~28 polls).
+    assert client.polls >= 25
+    assert len(client.listings) == 2 and client.listings[0] >= 300.0
+    assert client.listings[1] - client.listings[0] >= 300.0
+
+
+async def test_a_scheduler_answering_at_once_unchanged_is_not_asked_in_a_tight_loop(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = QuietScheduler(wait=0.0)
+    await _quiet(tmp_path, client, 60.0)
+    assert client.polls <= 60  # at least 0.5-5 s apart, not thousands

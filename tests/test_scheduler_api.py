@@ -26,6 +26,7 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler import ChunkMap, Peer, SchedulerClient, SchedulerServer
+from syncbit.scheduler.admission import Pacer
 from syncbit.scheduler.client import ChunkReportResult
 from syncbit.sources import Listing
 
@@ -488,6 +489,47 @@ async def test_generation_long_poll_answers_on_change_or_timeout(
     for bad in ("after=x", "after=1&timeout=nan", "after=1&timeout=soon"):
         resp = await raw.get(f"/v1/generation?{bad}")
         assert resp.status_code == 400 and "after must be an integer" in resp.json()["error"]
+
+
+async def test_a_change_answers_the_waiting_long_polls_at_the_wake_rate(
+    tmp_path: Path,
+) -> None:
+    """A dataset added wakes every node's long poll: the answers are spread at
+    `wake_rate` a second (each woken node asks for the listing, a manifest and its plan;
+    5,000 at once held heartbeats seconds behind them), all with the new generation."""
+    config = SchedulerConfig(state_dir=tmp_path / "s", chunk_size=CHUNK, wake_rate=20)
+    answered: list[tuple[float, int]] = []
+    with (
+        MemSource.serving({"mem://one/": Listing(files=[])}),
+        SchedulerServer(any_port(config)) as server,
+    ):
+        async with SchedulerClient(server.url) as client:
+            start = await client.wait_generation(-1, timeout=0)
+
+            async def poll() -> None:
+                generation = await client.wait_generation(start, timeout=20)
+                answered.append((trio.current_time(), generation))
+
+            with trio.fail_after(15):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(10):
+                        nursery.start_soon(poll)
+                    await trio.sleep(0.3)
+                    assert not answered
+                    changed = trio.current_time()
+                    await client.add_dataset("ds", "mem://one/")
+    assert [g for _, g in answered] == [start + 1] * 10
+    times = sorted(t - changed for t, _ in answered)
+    # One every 50 ms: the tenth ~0.45 s after the first (unpaced, all within a few ms).
+    assert times[-1] - times[0] >= 0.35, times
+
+
+def test_the_pacer_spreads_a_burst_and_lets_a_lone_answer_go_at_once() -> None:
+    pacer = Pacer(rate=100.0)
+    assert [pacer.turn(5.0) for _ in range(3)] == pytest.approx([5.0, 5.01, 5.02])
+    assert pacer.turn(9.0) == 9.0  # long after the burst: at once
+    with pytest.raises(ValueError):
+        Pacer(rate=0)
 
 
 async def test_stopping_the_scheduler_ends_long_polls(server: SchedulerServer) -> None:

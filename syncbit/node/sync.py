@@ -33,6 +33,7 @@ log = logging.getLogger("syncbit.daemon")
 
 _GENERATION_WAIT = 25.0  # seconds a long poll for a new scheduler generation may wait
 _SYNC_RETRY_CAP = 30.0  # seconds at most between two syncs that keep failing
+_RESYNC = 300.0  # seconds at most between two dataset listings while nothing changes
 
 
 class Sync:
@@ -103,16 +104,28 @@ class Sync:
         milliseconds of `syncbit prefetch`, not at the next poll)."""
         delays = backoff_delays(base=1.0, cap=5.0)
         failed_syncs = backoff_delays(base=1.0, cap=_SYNC_RETRY_CAP)
+        listed = trio.current_time()
         while True:
             seen: int | None = None
+            asked = trio.current_time()
             try:
                 seen = await self._client.wait_generation(self._generation, _GENERATION_WAIT)
-                delays = backoff_delays(base=1.0, cap=5.0)
             except SyncbitError:
                 # Unreachable, or a scheduler without the long poll: ask less often the
                 # longer it stays so, never more than `cap` apart.
                 await trio.sleep(max(0.5, next(delays)))
             generation = self._generation
+            if seen == generation and trio.current_time() - asked < 1.0:
+                # Nothing changed, yet answered at once (a scheduler stopping, or one
+                # that does not wait): not in a tight loop either.
+                await trio.sleep(max(0.5, next(delays)))
+            elif seen is not None:
+                delays = backoff_delays(base=1.0, cap=5.0)
+            if seen == generation and trio.current_time() - listed < _RESYNC:
+                # Nothing changed: no listing (5,000 nodes listing after every 25 s poll
+                # for nothing are 200 requests a second), but one every few minutes.
+                continue
+            listed = trio.current_time()
             failure = await self.sync_datasets()
             if self._generation != generation:  # datasets, assignments or labels changed
                 failed_syncs = backoff_delays(base=1.0, cap=_SYNC_RETRY_CAP)

@@ -34,6 +34,13 @@ flight.)
 A handler that waits for something else (the chunk updates long poll) took its turn to
 start; its answer, after the wait, takes another (`step_aside`).
 
+One burst the classes cannot hold: a change of the generation (a dataset added, an
+assignment) wakes every node's long poll at once, and each woken node asks at once for
+the listing, a manifest and its plan, all live. At 5,000 nodes (`bench/scale.py --mode
+prefetch`) that was ~15,000 live requests in a few seconds and heartbeats waited behind
+them (p99 4.1 s). `Pacer` spreads the answers to those long polls: at most `rate` a
+second, in the order they woke, none later than its own poll's timeout.
+
 Single trio loop: no locks. `Admission.run` must run for parked requests to be admitted.
 """
 
@@ -75,6 +82,7 @@ MIN_RATE = 100.0  # requests/s: never slower than this
 START_RATE = 2000.0  # requests/s: what one process answers at best
 MAX_RATE = 1e6
 REPORT_EVERY = 10.0  # seconds between two log lines about held requests
+WAKE_RATE = 250.0  # generation long polls answered a second after a change (`Pacer`)
 
 log = logging.getLogger("syncbit.scheduler")
 
@@ -259,3 +267,19 @@ async def step_aside() -> AsyncIterator[None]:
 
 
 __all__ = ["LIVE_ROUTES", "Admission", "step_aside"]
+
+
+class Pacer:
+    """Answers that a burst would send at once, spread at most `rate` a second: `turn(now)`
+    is when the next one may go (now, or one interval after the last one given out)."""
+
+    def __init__(self, rate: float) -> None:
+        if not rate > 0:
+            raise ValueError("need rate > 0")
+        self.interval = 1.0 / rate
+        self._next = -math.inf
+
+    def turn(self, now: float) -> float:
+        at = max(now, self._next)
+        self._next = at + self.interval
+        return at

@@ -20,6 +20,7 @@ from syncbit.credentials import PEER, Issuer, Role, public_key_text
 from syncbit.errors import ForbiddenError, UserError
 from syncbit.manifest import Manifest, validate_dataset_name
 from syncbit.scheduler import traces
+from syncbit.scheduler.admission import WAKE_RATE, Pacer
 from syncbit.scheduler.bodies import (
     DatasetBody,
     HeartbeatBody,
@@ -67,8 +68,10 @@ class Api(ChunkHandlers):
         resolve: Resolver,
         source_options: dict[str, dict[str, Any]] | None = None,
         auth: Issuer | None = None,
+        wake_rate: float = WAKE_RATE,
     ) -> None:
         self.state = state
+        self.wakes = Pacer(wake_rate)  # generation long polls answered after a change
         self.chunk_size = chunk_size
         self.resolve = resolve
         self.source_options = source_options or {}
@@ -148,7 +151,15 @@ class Api(ChunkHandlers):
         if after is None:
             return json_bytes({"generation": self.state.generation()})
         timeout = min(max(timeout, 0.0), 60.0)
-        return json_bytes({"generation": await self.state.wait_generation(after, timeout)})
+        deadline = trio.current_time() + timeout
+        generation = await self.state.wait_generation(after, timeout)
+        if generation != after:
+            # Every node's poll wakes at this change: answered at the pacer's rate, so the
+            # syncs they start do not all arrive at once (see `admission.Pacer`).
+            now = trio.current_time()
+            await trio.sleep_until(min(self.wakes.turn(now), max(now, deadline)))
+            generation = self.state.generation()
+        return json_bytes({"generation": generation})
 
     async def _plan(self, c: Call) -> bytes:
         entries = [e.to_json() for e in self.state.plan(c.seg[2])]

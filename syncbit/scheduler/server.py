@@ -277,7 +277,14 @@ class SchedulerServer:
 
     def _api(self, state: SchedulerState, issuer: Issuer | None) -> Api:
         config = self.config
-        return Api(state, config.chunk_size, self._resolve, config.source_options, issuer)
+        return Api(
+            state,
+            config.chunk_size,
+            self._resolve,
+            config.source_options,
+            issuer,
+            wake_rate=config.wake_rate,
+        )
 
     async def _tend(self, state: SchedulerState) -> None:
         """Notice nodes gone down (logged once) and move their offers, every second; and
