@@ -32,8 +32,8 @@ class BusyScheduler:
         raise SchedulerBusyError("the scheduler is busy", retry_after=self.retry_after)
 
 
-async def _listings(tmp_path: Path, retry_after: float | None, seconds: float) -> list[float]:
-    client = BusyScheduler(retry_after)
+async def _run_loop(tmp_path: Path, client: object, seconds: float, generation: int = -1) -> None:
+    """A node's dataset loop against `client` for `seconds`, from `generation` on."""
     nothing: Any = None
     sync = Sync(
         "n1",
@@ -47,8 +47,14 @@ async def _listings(tmp_path: Path, retry_after: float | None, seconds: float) -
         nothing,
         Throttled(),
     )
+    sync._generation = generation
     with trio.move_on_after(seconds):
         await sync.dataset_loop()
+
+
+async def _listings(tmp_path: Path, retry_after: float | None, seconds: float) -> list[float]:
+    client = BusyScheduler(retry_after)
+    await _run_loop(tmp_path, client, seconds)
     return client.listings
 
 
@@ -92,24 +98,8 @@ class QuietScheduler:
         return {"generation": 7, "datasets": []}
 
 
-async def _quiet(tmp_path: Path, client: QuietScheduler, seconds: float) -> Sync:
-    nothing: Any = None
-    sync = Sync(
-        "n1",
-        tmp_path,
-        cast(Any, client),
-        nothing,
-        nothing,
-        nothing,
-        nothing,
-        nothing,
-        nothing,
-        Throttled(),
-    )
-    sync._generation = 7  # synced before: what the scheduler says stays so
-    with trio.move_on_after(seconds):
-        await sync.dataset_loop()
-    return sync
+async def _quiet(tmp_path: Path, client: QuietScheduler, seconds: float) -> None:
+    await _run_loop(tmp_path, client, seconds, generation=7)  # synced before: it stays so
 
 
 async def test_a_poll_that_times_out_unchanged_lists_nothing_but_a_resync_now_and_then(
