@@ -320,6 +320,8 @@ def _recv_exact(conn: _Conn, buf: memoryview, progress: Abort | None = None) -> 
     if pos:
         buf[:pos] = conn.pending[:pos]
         del conn.pending[:pos]
+        if progress is not None:
+            progress.got(pos)  # body bytes that came with the head
     total = len(buf)
     while pos < total:
         n = conn.sock.recv_into(buf[pos:], total - pos)

@@ -15,7 +15,10 @@ from syncbit.scheduler.client import SchedulerClient
 
 
 class BusyScheduler:
-    """Answers 429 with Retry-After `wait` while `busy`; counts what it was asked."""
+    """Answers 429 with Retry-After `wait` while `busy`; counts what it was asked. Its
+    chunk maps carry `cursor` ("": no updates to follow)."""
+
+    cursor = ""
 
     def __init__(self, wait: float) -> None:
         self.wait = wait
@@ -29,7 +32,7 @@ class BusyScheduler:
 
     async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
         self._answer("map")
-        return ChunkMap(digests={0: "ab" * 32})
+        return ChunkMap(digests={0: "ab" * 32}, cursor=self.cursor)
 
     async def claim(self, node: str, object_id: str, chunks: list[int], ttl: float) -> ClaimResult:
         self._answer("claim")
@@ -86,9 +89,7 @@ async def test_a_known_map_is_used_however_old_while_the_scheduler_is_busy(
 class EndlessScheduler(BusyScheduler):
     """Answers every page of updates with "more": a bug or a hostile control plane."""
 
-    async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
-        self._answer("map")
-        return ChunkMap(digests={0: "ab" * 32}, cursor="v.0")
+    cursor = "v.0"
 
     async def updates(
         self, object_id: str, node: str | None = None, cursor: str = ""
@@ -111,4 +112,4 @@ async def test_a_scheduler_that_always_says_more_costs_pages_not_a_loop(
     assert scheduler.asked.count("updates") == 16  # one refresh: a bounded number of pages
     assert followed.cursor == "v.16"  # and what it folded holds as of that cursor
     await directory.chunk_info("o1", max_age=0.0)
-    assert scheduler.asked.count("updates") == 32 and directory.whole_maps == 1
+    assert scheduler.asked.count("updates") == 32 and scheduler.asked.count("map") == 1

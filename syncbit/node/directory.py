@@ -41,8 +41,6 @@ class SchedulerDirectory:
         self._pending: dict[str, trio.Event] = {}
         self._quiet_until = -1.0  # trio time before which a busy scheduler is not asked
         self.spared = 0  # requests not sent because the scheduler said it was busy
-        self.whole_maps = 0  # whole chunk maps asked for
-        self.update_pages = 0  # pages of updates since a map's cursor asked for
 
     def _quiet(self) -> SchedulerBusyError | None:
         """The error to answer with while the scheduler's Retry-After runs, else None."""
@@ -90,12 +88,10 @@ class SchedulerDirectory:
         """`known` brought up to date with the changes since its cursor (in place: callers
         only read it between awaits), else the whole map asked afresh."""
         if known is None or not known.cursor:
-            self.whole_maps += 1
             return await self._ask(lambda: self.client.chunk_map(object_id, self.node))
         for _ in range(_MAX_PAGES):
             ask = functools.partial(self.client.updates, object_id, self.node, known.cursor)
             page = await self._ask(ask)
-            self.update_pages += 1
             known.apply(page)  # a reset (another scheduler's cursor) starts it over
             if not page.more:
                 break
