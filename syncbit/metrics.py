@@ -37,6 +37,23 @@ def fetch_latency(registry: CollectorRegistry) -> Histogram:
     )
 
 
+# An API request takes from well under a millisecond (a heartbeat) to a minute (a long poll
+# held to its timeout).
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def request_latency(registry: CollectorRegistry) -> Histogram:
+    """Seconds from a request's head read to its answer ready, by route (a scheduler's)."""
+    return Histogram(
+        "syncbit_scheduler_request_seconds",
+        "Time from a request's head to its answer (admission wait, body and handler "
+        "included; not the time it queued before the loop read it: see loop_lag), by route.",
+        ["route"],
+        buckets=_REQUEST_BUCKETS,
+        registry=registry,
+    )
+
+
 def counter(name: str, doc: str, values: dict[tuple[str, ...], float], labels: list[str]) -> Metric:
     family = CounterMetricFamily(name, doc, labels=labels)
     for key, value in sorted(values.items()):

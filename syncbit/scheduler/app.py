@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from syncbit.errors import (
     http_status,
 )
 from syncbit.httpd import Body, Request, Response
-from syncbit.metrics import Snapshot, render
+from syncbit.metrics import Snapshot, render, request_latency
 from syncbit.scheduler.admission import Admission
 from syncbit.scheduler.api import Api, Call
 from syncbit.scheduler.metrics import collect
@@ -90,6 +91,7 @@ class App:
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, route) -> count
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Snapshot(self._collect))
+        self.latency = request_latency(self.registry)
 
     def _collect(self) -> Iterator[Metric]:
         if self.replica is None:
@@ -101,6 +103,7 @@ class App:
             )
 
     async def __call__(self, request: Request, body: Body) -> Response:
+        began = time.perf_counter()
         method = request.method
         # The target is a path, never parsed as a URL: `//host` is a path here too.
         path, _, query_string = request.target.partition("?")
@@ -119,12 +122,15 @@ class App:
             # 2. Where to: an unknown route or method costs no body either.
             route = route_of(method, segments)
             call = Call(method, segments, query, b"", principal)  # the body comes later
-            # 3. When: heartbeats at once, the rest at the rate the loop keeps up with.
-            admission = self.admission
-            if admission is None or admission.is_live(route.name):
-                return await self._serve(route, request, body, call)
-            async with admission.admit():
-                return await self._serve(route, request, body, call)
+            try:
+                # 3. When: heartbeats at once, the rest at the rate the loop keeps up with.
+                admission = self.admission
+                if admission is None or admission.is_live(route.name):
+                    return await self._serve(route, request, body, call)
+                async with admission.admit():
+                    return await self._serve(route, request, body, call)
+            finally:
+                self.latency.labels(route.name).observe(time.perf_counter() - began)
         except ConnectionError:
             raise  # the client is gone or stalled: nobody to answer
         except Exception as exc:

@@ -186,10 +186,14 @@ class Liveness:
         stopped is then seen down that much later)."""
         now = self.clock()
         lags = self._lags
-        lags.append((now, lag if lag > LAG_FLOOR else 0.0))
+        lags.append((now, max(lag, 0.0)))
         while lags and lags[0][0] < now - self.timeout:
             lags.popleft()
-        self.grace = LAG_TURNS * max(lag for _, lag in lags)
+        self.grace = LAG_TURNS * max((lag for _, lag in lags if lag > LAG_FLOOR), default=0.0)
+
+    def lag(self) -> float:
+        """The longest a due task waited for the loop within the last `timeout` seconds."""
+        return max((lag for _, lag in self._lags), default=0.0)
 
     def refresh(self) -> list[str]:
         """Mark the nodes whose last heartbeat is older than the timeout down; their names."""

@@ -278,6 +278,18 @@ class SchedulerState:
         noticed, and logged, by the heartbeat itself)."""
         return [self.node(n) for n in self.live.refresh() if n in self.facts.nodes]
 
+    def ready_counts(self) -> dict[str, int]:
+        """Per dataset, the nodes where its current revision is ready: O(nodes x what each
+        says is ready), for metrics (`status` lists the nodes themselves)."""
+        revisions = {name: ds.summary["revision"] for name, ds in self.facts.datasets.items()}
+        counts = dict.fromkeys(revisions, 0)
+        for name in self.facts.nodes:
+            live = self.live.nodes.get(name)
+            for dataset, revision in live.ready.items() if live is not None else ():
+                if revisions.get(dataset) == revision:
+                    counts[dataset] += 1
+        return counts
+
     def plan(self, node: str) -> list[PlanEntry]:
         """What `node` must hold: its assigned datasets and its share of their reads."""
         self.live.refresh()
