@@ -23,6 +23,7 @@ from pydantic import (
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE
 from syncbit.errors import ConfigError, InvalidSourceError
+from syncbit.protocol import LOOKUP_RATE, MAX_LOOKUP_INTERVAL
 
 if TYPE_CHECKING:
     from syncbit.mirror.config import MirrorConfig
@@ -125,6 +126,14 @@ class SchedulerConfig(_Strict):
         allow_inf_nan=False,
         description="heartbeats a second all nodes together are asked to keep to: the "
         "interval nodes are told stretches to nodes/rate (at most 30 s); node_timeout follows",
+    )
+    lookup_rate: float = Field(
+        default=LOOKUP_RATE,
+        gt=0,
+        allow_inf_nan=False,
+        description="chunk-map lookups a second all nodes' parked prefetches together are "
+        "asked to keep to: each node is told nodes/rate seconds between its lookups (at "
+        f"most {MAX_LOOKUP_INTERVAL:g} s; a read that waits on a peer still looks every 0.1 s)",
     )
     wake_rate: float = Field(
         default=250.0,

@@ -27,6 +27,15 @@ MAX_HEARTBEAT_INTERVAL = 30.0
 a node waits whatever it is told. Shorter than the scheduler's re-check timeout (60 s), so
 that a node chosen to re-check a chunk hears of it in time."""
 
+LOOKUP_RATE = 500.0
+"""The scheduler's default budget (`lookup_rate`): chunk-map lookups a second that all nodes'
+parked prefetches together are asked to keep to."""
+
+MAX_LOOKUP_INTERVAL = 10.0
+"""Seconds, the longest a scheduler asks a node to wait between two chunk-map lookups of its
+parked prefetches, and the longest a node waits whatever it is told: the delay with which
+a prefetch learns of new holders, at most."""
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -218,8 +227,10 @@ class PlanEntry:
 
 
 __all__ = [
+    "LOOKUP_RATE",
     "MAX_CLAIM_CHUNKS",
     "MAX_HEARTBEAT_INTERVAL",
+    "MAX_LOOKUP_INTERVAL",
     "MAX_PLAN_MEMBERS",
     "MAX_REPORT_CHUNKS",
     "MAX_REPORT_REMOVALS",

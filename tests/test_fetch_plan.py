@@ -338,3 +338,48 @@ async def test_without_a_scheduler_prefetch_waits_and_readers_read(
     with trio.fail_after(10):
         await done.wait()
     assert source.bytes == len(DATA)  # each byte once
+
+
+class _Counting(Directory):
+    """The directory, counting the chunk-map lookups made of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+        self.looks += 1
+        return self.info
+
+
+async def test_parked_prefetches_look_at_the_map_as_often_as_the_scheduler_asks(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """In a large cluster the scheduler's heartbeat answer stretches the lookups of parked
+    prefetches (`lookup_interval`: nodes / lookup_rate); a reader that parks on the same
+    object is not held to that: its watcher looks at once, and every park_poll after."""
+    source, directory, peers = MemSource(data=DATA), _Counting(), Peers(DATA)
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
+    fetcher.lookup_interval = 5.0
+    await started(fetcher, nursery)
+    mine = {0, 2, 4}
+    directory.info.fetching.update({1: "n2", 3: "n2", 5: "n2"})
+    nursery.start_soon(fetcher.ensure, ENTRY, CS, source, Priority.PREFETCH, lambda i: i in mine)
+    await trio.sleep(0.3)
+    assert source.bytes == 3 * CS and fetcher.stats["parked"] >= 1
+    looks = directory.looks
+    await trio.sleep(0.5)
+    assert directory.looks - looks <= 1  # every park_poll (0.01 s) it would be ~50
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(bytes(await fetcher.read(fetcher.open(ENTRY, CS, source), 3 * CS, 100)))
+
+    nursery.start_soon(read)
+    await trio.sleep(0.1)  # the reader waits for n2 too, parked
+    assert got == [] and source.bytes == 3 * CS
+    deliver(directory, 3)
+    with trio.fail_after(2):  # well before the prefetch's next look (5 s)
+        while not got:
+            await trio.sleep(0.01)
+    assert got == [DATA[3 * CS : 3 * CS + 100]]

@@ -8,6 +8,7 @@ force."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from pathlib import Path
@@ -18,9 +19,9 @@ import trio
 import trio.testing
 from fakes import Clock
 
-from syncbit.node.reporter import Reporter, interval_in_force
+from syncbit.node.reporter import Reporter, interval_in_force, lookup_in_force
 from syncbit.node.status import Status
-from syncbit.protocol import MAX_HEARTBEAT_INTERVAL
+from syncbit.protocol import MAX_HEARTBEAT_INTERVAL, MAX_LOOKUP_INTERVAL
 from syncbit.scheduler.live import JITTER, TIMEOUT_BEATS, Liveness, NodeLive
 from syncbit.scheduler.state import open_lmdb_state
 
@@ -118,6 +119,51 @@ def test_the_backlog_grace_still_applies_to_a_stretched_timeout() -> None:
     assert live.refresh() == []  # the grace comes on top of the node's own timeout
 
 
+async def test_lookups_of_parked_prefetches_keep_all_nodes_to_the_lookup_rate(
+    tmp_path: Path,
+) -> None:
+    """Each heartbeat answer tells the node how long to wait between chunk-map lookups for
+    its parked prefetches: nodes / lookup_rate, at most MAX_LOOKUP_INTERVAL (every node
+    every 0.1 s is 10 x nodes x objects requests a second)."""
+    from syncbit.scheduler.api import Api
+    from syncbit.scheduler.chunkapi import Call
+
+    async with open_lmdb_state(tmp_path / "s", 10.0, clock=Clock(1000.0)) as state:
+        api = Api(state, 4, lambda *_: pytest.fail("no listing"), lookup_rate=2.0)
+
+        async def beat(name: str) -> dict[str, Any]:
+            body = json.dumps({"address": "127.0.0.1:1"}).encode()
+            answer = await api.call("heartbeat", Call("PUT", ["v1", "nodes", name], {}, body, None))
+            doc: dict[str, Any] = json.loads(answer)
+            return doc
+
+        assert (await beat("n0"))["lookup_interval"] == pytest.approx(0.5)  # 1 node at 2/s
+        for i in range(1, 8):
+            await beat(f"n{i}")
+        assert (await beat("n0"))["lookup_interval"] == pytest.approx(4.0)  # 8 nodes
+        for i in range(8, 100):
+            await beat(f"n{i}")
+        assert (await beat("n0"))["lookup_interval"] == MAX_LOOKUP_INTERVAL
+
+
+@pytest.mark.parametrize(
+    ("told", "expected"),
+    [
+        (4.0, 4.0),
+        (0, 0.0),
+        (-1.0, 0.0),
+        (1e9, MAX_LOOKUP_INTERVAL),
+        (math.nan, 0.0),
+        (math.inf, 0.0),
+        ("4", 0.0),
+        (True, 0.0),
+        (None, 0.0),  # an older scheduler: the fetcher's own poll
+    ],
+)
+def test_the_node_keeps_to_the_lookup_interval_within_bounds(told: Any, expected: float) -> None:
+    assert lookup_in_force(told) == expected
+
+
 async def test_a_restarted_scheduler_stretches_intervals_for_the_nodes_it_knows(
     tmp_path: Path,
 ) -> None:
@@ -193,7 +239,7 @@ class _Answers:
     async def heartbeat(self, node: str, **body: Any) -> dict[str, Any]:
         self.times.append(trio.current_time())
         told = self.told[min(len(self.times), len(self.told)) - 1]
-        return {"plan": [], "heartbeat_interval": told}
+        return {"plan": [], "heartbeat_interval": told, "lookup_interval": 3.5}
 
 
 class _Quiet:
@@ -278,6 +324,7 @@ def test_the_reporter_waits_as_the_answers_ask(told: list[Any], gaps: list[float
     seen = [b - a for a, b in itertools.pairwise(answers.times)]
     assert seen == pytest.approx(gaps)
     assert reporter.in_force == gaps[-1]
+    assert reporter._fetcher.lookup_interval == 3.5  # passed on to the parked prefetches
 
 
 def test_readiness_counts_missed_heartbeats_at_the_interval_in_force() -> None:

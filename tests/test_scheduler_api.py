@@ -124,6 +124,9 @@ async def test_health_and_nodes(client: SchedulerClient, clock: Clock) -> None:
     # cluster's size (one node of the default 500 a second: no stretch worth the name).
     interval = record.pop("heartbeat_interval")
     assert 0 < interval <= 1.1 / 500
+    # `lookup_interval`: between chunk-map lookups of parked prefetches, likewise (one node
+    # of the default 500 lookups a second).
+    assert record.pop("lookup_interval") == pytest.approx(1 / 500)
     assert record == {**expected, "plan": [], "rechecks": [], "discard": [], "epoch": ANY_TEXT}
     assert await client.nodes() == [expected]
     clock.now += TIMEOUT + 1

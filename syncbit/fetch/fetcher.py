@@ -143,6 +143,15 @@ class Fetcher:
     def on_transfer(self, call: Callable[[str, float], None]) -> None:
         self._runner.on_transfer = call
 
+    @property
+    def lookup_interval(self) -> float:
+        """See `Runner.lookup_interval`."""
+        return self._runner.lookup_interval
+
+    @lookup_interval.setter
+    def lookup_interval(self, seconds: float) -> None:
+        self._runner.lookup_interval = seconds
+
     def abandon(self, object_ids: AbstractSet[str], why: str) -> int:
         """See `Runner.abandon`."""
         return self._runner.abandon(object_ids, why)

@@ -65,7 +65,11 @@ class Runner:
         self._idle = 0  # of them, waiting for a flight
         self.read_deadline = table.read_deadline
         self.park_poll = park_poll
+        # Seconds between two chunk-map lookups of this node's parked prefetches, all
+        # objects together: the scheduler's budget, told with each heartbeat (0: none).
+        self.lookup_interval = 0.0
         self._watching: set[str] = set()  # objects whose parked flights a task watches
+        self._nudges: dict[str, trio.Event] = {}  # watchers waiting longer than park_poll
         # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
         # bounded so RAM stays bounded (each slot pins one chunk buffer).
         self._write_slots = trio.Semaphore(write_backlog)
@@ -151,6 +155,8 @@ class Runner:
         self.stats["parked"] += 1
         self._queue.park(flight, holder)
         object_id = flight.obj.id
+        if flight.priority < Priority.PREFETCH and object_id in self._nudges:
+            self._nudges[object_id].set()  # a reader waits: its watcher looks now
         if object_id not in self._watching:
             self._watching.add(object_id)
             assert self._nursery is not None, "Fetcher.run() first"
@@ -162,7 +168,7 @@ class Runner:
         the queue once nobody reads it, and a reader's fails at its deadline."""
         try:
             while self._queue.parked(object_id):
-                await trio.sleep(self.park_poll)
+                await self._pause(object_id)
                 parked = self._queue.parked(object_id)
                 if not parked:
                     break
@@ -203,6 +209,25 @@ class Runner:
         finally:
             self._watching.discard(object_id)
             self._queue.drop_object_if_idle(object_id)
+
+    async def _pause(self, object_id: str) -> None:
+        """Until the next look at `object_id`'s chunk map: `park_poll` while a reader
+        waits on it; with prefetches only, this object's share of the lookups the
+        scheduler asks of this node (`lookup_interval`, spread over the objects watched
+        here), cut short when a reader parks on it."""
+        parked = self._queue.parked(object_id).values()
+        wait = self.park_poll
+        if self.lookup_interval > 0 and all(f.priority >= Priority.PREFETCH for f in parked):
+            wait = max(wait, self.lookup_interval * len(self._watching))
+        if wait <= self.park_poll:
+            await trio.sleep(wait)
+            return
+        nudge = self._nudges[object_id] = trio.Event()
+        try:
+            with trio.move_on_after(wait):
+                await nudge.wait()
+        finally:
+            del self._nudges[object_id]
 
     # -- workers -------------------------------------------------------------------------------
 

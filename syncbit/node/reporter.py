@@ -23,7 +23,7 @@ from syncbit.node.status import Status
 from syncbit.node.sync import Sync
 from syncbit.nodeauth import NodeCredentials
 from syncbit.peer import PeerClient, PeerServer
-from syncbit.protocol import MAX_HEARTBEAT_INTERVAL
+from syncbit.protocol import MAX_HEARTBEAT_INTERVAL, MAX_LOOKUP_INTERVAL
 from syncbit.retry import backoff_delays
 from syncbit.scheduler.client import SchedulerClient
 from syncbit.store import ObjectStore, StoredObject
@@ -57,6 +57,16 @@ def interval_in_force(told: object, configured: float) -> float:
     if not math.isfinite(told) or told <= 0:
         return configured
     return max(configured, min(float(told), MAX_HEARTBEAT_INTERVAL))
+
+
+def lookup_in_force(told: object) -> float:
+    """Seconds between two chunk-map lookups of this node's parked prefetches, as the
+    scheduler's answer asked ("lookup_interval", stretched with the cluster's size), at
+    most MAX_LOOKUP_INTERVAL. Anything but a finite number >= 0 (an older scheduler sends
+    none) is 0: the fetcher's own poll holds."""
+    if isinstance(told, bool) or not isinstance(told, int | float) or not math.isfinite(told):
+        return 0.0
+    return min(max(float(told), 0.0), MAX_LOOKUP_INTERVAL)
 
 
 class Reporter:
@@ -180,6 +190,7 @@ class Reporter:
                 disk_free=usage["disk_free"],
             )
             self.in_force = interval_in_force(record.get("heartbeat_interval"), self.interval)
+            self._fetcher.lookup_interval = lookup_in_force(record.get("lookup_interval"))
             self._status.heard(self.in_force)
             self._heard(record, nursery)
             await self._sync.apply_plan(list(record.get("plan", [])))

@@ -20,6 +20,7 @@ import trio
 from syncbit.credentials import PEER, Issuer, Role, public_key_text
 from syncbit.errors import ForbiddenError, UserError
 from syncbit.manifest import Manifest, validate_dataset_name
+from syncbit.protocol import LOOKUP_RATE
 from syncbit.scheduler import traces
 from syncbit.scheduler.admission import WAKE_RATE, Pacer
 from syncbit.scheduler.bodies import (
@@ -73,9 +74,11 @@ class Api(ChunkHandlers):
         source_options: dict[str, dict[str, Any]] | None = None,
         auth: Issuer | None = None,
         wake_rate: float = WAKE_RATE,
+        lookup_rate: float = LOOKUP_RATE,
     ) -> None:
         self.state = state
         self.wakes = Pacer(wake_rate)  # generation long polls answered after a change
+        self.lookup_rate = lookup_rate  # chunk-map lookups a second of parked prefetches
         self.chunk_size = chunk_size
         self.resolve = resolve
         self.source_options = source_options or {}
@@ -149,6 +152,10 @@ class Api(ChunkHandlers):
                 # Seconds to wait before the next heartbeat, at least: stretched with the
                 # cluster's size (`live.Liveness.interval`); older nodes ignore it.
                 "heartbeat_interval": self.state.live.told(node),
+                # Seconds between this node's chunk-map lookups for prefetches parked on
+                # other nodes' reads: every node looking every 0.1 s is 10 x nodes x objects
+                # requests a second, beyond any scheduler at thousands of nodes.
+                "lookup_interval": self.state.live.lookup_interval(self.lookup_rate),
             }
         )
 

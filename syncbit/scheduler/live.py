@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from syncbit.protocol import MAX_HEARTBEAT_INTERVAL
+from syncbit.protocol import MAX_HEARTBEAT_INTERVAL, MAX_LOOKUP_INTERVAL
 
 LAG_TURNS = 3  # turns of the loop one request waits through (read, handle, answer)
 LAG_FLOOR = 1.0  # seconds; a loop later than this is behind (less is a busy machine)
@@ -162,6 +162,11 @@ class Liveness:
         """Seconds between heartbeats that keeps all nodes together to `rate` a second:
         nodes / rate, at most MAX_HEARTBEAT_INTERVAL (a node's own interval is its floor)."""
         return min(MAX_HEARTBEAT_INTERVAL, self.size() / self.rate)
+
+    def lookup_interval(self, rate: float) -> float:
+        """Seconds between two chunk-map lookups of one node's parked prefetches that keep
+        all nodes together to `rate` a second: nodes / rate, at most MAX_LOOKUP_INTERVAL."""
+        return min(MAX_LOOKUP_INTERVAL, self.size() / rate)
 
     def reports_due(self) -> float:
         """Seconds within which a new scheduler instance hears from every node (each then

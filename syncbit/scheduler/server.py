@@ -284,6 +284,7 @@ class SchedulerServer:
             config.source_options,
             issuer,
             wake_rate=config.wake_rate,
+            lookup_rate=config.lookup_rate,
         )
 
     async def _tend(self, state: SchedulerState) -> None:
