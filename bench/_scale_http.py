@@ -8,6 +8,7 @@ full (its size counted) but parsed only by the caller that needs it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
@@ -39,9 +40,10 @@ except ImportError:  # stdlib fallback: slower on large chunk maps (bench extra 
 class RequestFailed(Exception):
     """A request that got no 2xx answer: `kind` says how (timeout, closed, refused, http-NNN)."""
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+    def __init__(self, kind: str, detail: str = "", retry_after: float | None = None) -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
+        self.retry_after = retry_after  # the answer's Retry-After, seconds
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Conn:
         self._scope: trio.CancelScope | None = None
         self._timeout = 0.0
         self.idle_since = 0.0  # trio time the last answer was read
+        self.retry_after: float | None = None  # of the last answer
 
     @classmethod
     async def open(cls, host: str, port: int, source: str, timeout: float) -> Conn:
@@ -199,6 +202,7 @@ class Conn:
         length = -1
         chunked = False
         keep = True
+        self.retry_after = None
         for line in head[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
@@ -208,6 +212,9 @@ class Conn:
                 chunked = "chunked" in value.lower()
             elif name == "connection":
                 keep = value.strip().lower() != "close"
+            elif name == "retry-after":
+                with contextlib.suppress(ValueError):
+                    self.retry_after = float(value)
         if chunked:
             body = await self._chunked()
         elif length >= 0:
@@ -339,7 +346,8 @@ class Pool:
                 stats.errors[kind] += 1
             stats.errors_all[kind] += 1
             self.stats.samples.setdefault(f"{route} {kind}", answer[:300].decode("latin-1"))
-            raise RequestFailed(kind, answer[:200].decode("latin-1"))
+            told = conn.retry_after if conn is not None else None
+            raise RequestFailed(kind, answer[:200].decode("latin-1"), told)
         if counted:
             stats.ok += 1
             stats.latencies.append(elapsed)

@@ -28,7 +28,6 @@ sleep at the simulated link's rate. Two request mixes:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -45,7 +44,7 @@ from _scale_http import Pool, RequestFailed, Stats, loads
 
 # The real daemon's rule for the interval an answer asks for (bounds, bad values): the
 # worker runs with the bench's own tree on its path.
-from syncbit.node.reporter import interval_in_force
+from syncbit.node.reporter import interval_in_force, lookup_in_force
 from syncbit.retry import backoff_delays
 
 HB_ROUTE = "heartbeat"
@@ -59,7 +58,9 @@ _PREFETCH_CONCURRENCY = 6  # DaemonConfig default: the peer lane
 _SOURCE_BATCH = 16 << 20  # fetcher.py: bytes one source read (and one claim) may cover
 _CLAIM_TTL = 60.0  # fetcher.py: max(claim_ttl, read_deadline)
 _MIX_REPORT_CHUNKS = 8
+_MAX_QUIET = 60.0  # node/directory.py: seconds one busy answer may keep a node from asking
 _TOLD = b'"heartbeat_interval":'
+_LOOKUP_TOLD = b'"lookup_interval":'
 _CURSOR = re.compile(rb'"cursor":"([^"]*)"')
 
 
@@ -365,6 +366,8 @@ class Node:
             self.hb_ok += 1
         if self.obey:
             self.in_force = interval_in_force(_told(raw), self.interval)
+        if self.fetch is not None:  # node/reporter.py: the parked prefetches' lookups
+            self.fetch.lookup_interval = lookup_in_force(_told(raw, _LOOKUP_TOLD))
         # The plan (every member's name: O(nodes)) is parsed only when it changed; the
         # daemon parses it every time, which costs the simulator's CPU, not the scheduler's.
         at = raw.find(b'"plan"')
@@ -456,7 +459,9 @@ class Node:
         for name, entry in wanted.items():
             manifest = self.manifests.get(name)
             if manifest is not None and manifest["revision"] == entry["revision"]:
-                self.fetch.start(manifest, list(entry["members"]))
+                share = entry.get("share") or {}
+                split = (int(share["index"]), int(share["count"])) if share else None
+                self.fetch.start(manifest, list(entry["members"]), split)
 
     # -- the mix ----------------------------------------------------------------------------
 
@@ -620,6 +625,7 @@ class Fetch:
         self.node = node
         self.nursery = nursery
         self.members: list[str] = []
+        self.share: tuple[int, int] | None = None  # the plan's (index, count)
         self.started: set[str] = set()
         self.active: list[Obj] = []
         self._changed = trio.Event()
@@ -631,10 +637,16 @@ class Fetch:
         self.uploads = 0
         self.link_next = 0.0
         self._workers_started = False
+        self.lookup_interval = 0.0  # told with each heartbeat (fetch/runner.py `_pause`)
+        # node/directory.py: after a busy answer (429) no map, claim or release is asked
+        # for before its Retry-After; maps come from the cache meanwhile, however old.
+        self.quiet_until = -1.0
 
-    def start(self, manifest: dict[str, Any], members: list[str]) -> None:
-        if members != self.members:
-            self.members = members
+    def start(
+        self, manifest: dict[str, Any], members: list[str], share: tuple[int, int] | None
+    ) -> None:
+        if members != self.members or share != self.share:
+            self.members, self.share = members, share
             for obj in self.active:
                 self._plan_shares(obj)
         name = manifest["dataset"]
@@ -646,19 +658,24 @@ class Fetch:
             for _ in range(_PREFETCH_CONCURRENCY):
                 self.nursery.start_soon(self._lane, "peer")
             budget = max(1, _PREFETCH_CONCURRENCY // 2)
-            for _ in range(max(1, -(-budget // max(1, len(members))))):
+            sharers = share[1] if share is not None else len(members)
+            for _ in range(max(1, -(-budget // max(1, sharers)))):
                 self.nursery.start_soon(self._lane, "source")
             self.nursery.start_soon(self._report_loop)
         self.nursery.start_soon(self._job, manifest)
 
     def _plan_shares(self, obj: Obj) -> None:
         """Which of `obj`'s chunks this node reads from the source: position k of the
-        dataset goes to member k mod N (jobs.py `Job.may_source`)."""
+        dataset goes to member k mod N (fetch/plan.py `RoundRobin`), by the plan's share
+        (index, count) when it gives one (it names no members beyond 256)."""
         me, members = self.node.name, self.members
-        if not members or me not in members:
+        if self.share is not None:
+            rank, count = self.share
+        elif not members or me not in members:
             obj.mine = obj.full
             return
-        count, rank = len(members), members.index(me)
+        else:
+            count, rank = len(members), members.index(me)
         first = obj.base + (rank - obj.base) % count
         mine = 0
         for position in range(first, obj.base + obj.chunks, count):
@@ -737,6 +754,8 @@ class Fetch:
             cached = self._cache.get(obj.id)
             if cached and cached[0] + max_age > trio.current_time():
                 return cached[1]
+            if self.quiet():
+                return cached[1] if cached else Info()
             pending = self._pending.get(obj.id)
             if pending is None:
                 break
@@ -752,11 +771,20 @@ class Fetch:
                     pass
             self._cache[obj.id] = (asked, info)
             return info
-        except RequestFailed:
-            return Info()
+        except RequestFailed as exc:
+            self.busy(exc)
+            return cached[1] if cached else Info()
         finally:
             del self._pending[obj.id]
             event.set()
+
+    def quiet(self) -> bool:
+        return trio.current_time() < self.quiet_until
+
+    def busy(self, exc: RequestFailed) -> None:
+        if exc.kind == "http-429":
+            wait = min(_MAX_QUIET, max(0.0, exc.retry_after or 1.0))
+            self.quiet_until = max(self.quiet_until, trio.current_time() + wait)
 
     def _may_source(self, obj: Obj, bit: int) -> bool:
         return bool((obj.mine | obj.override) & bit)
@@ -807,10 +835,18 @@ class Fetch:
             obj.src &= ~(1 << f)
         wanted = [index, *followers]
         try:
+            if self.quiet():
+                raise RequestFailed("quiet")  # not asked: the scheduler said it is busy
             claim = await self.node.claim(obj, wanted)
             granted = {int(i) for i in claim["granted"]}
-        except RequestFailed:
-            granted = set(wanted)  # no answer: the read goes ahead (its report is refused)
+        except RequestFailed as exc:
+            # fetch/claims.py: without an answer a prefetch parks (another node may be
+            # reading the chunk: the origin's bytes twice), its followers back in line.
+            self.busy(exc)
+            for f in followers:
+                obj.src |= 1 << f
+            self._park(obj, 1 << index)
+            return
         run = []
         if index in granted:
             for f in followers:
@@ -820,9 +856,11 @@ class Fetch:
         for f in followers[len(run) :]:
             obj.src |= 1 << f
         unused = sorted(granted - {index} - set(run)) if index in granted else sorted(granted)
-        if unused:
-            with contextlib.suppress(RequestFailed):
+        if unused and not self.quiet():
+            try:
                 await self.node.release(obj, unused)
+            except RequestFailed as exc:
+                self.busy(exc)
         if index not in granted:
             self._park(obj, 1 << index)
             return
@@ -853,13 +891,16 @@ class Fetch:
         of its chunks wait; ready ones go to the peer lane, orphaned ones to the source."""
         try:
             while obj.parked:
-                await trio.sleep(_PARK_POLL)
+                watched = sum(1 for o in self.active if o.watching)
+                await trio.sleep(max(_PARK_POLL, self.lookup_interval * watched))
                 if not obj.parked:
                     break
                 info = await self.chunk_info(obj, max_age=_PARK_POLL / 2)
                 parked = obj.parked & ~obj.held
                 ready = parked & info.peers
                 free = parked & ~ready & ~info.fetching & (obj.mine | obj.override)
+                if self.quiet():
+                    free = 0  # fetch/runner.py: no claim can be asked for before it ends
                 obj.peer |= ready
                 obj.src |= free
                 obj.parked = parked & ~ready & ~free
@@ -895,21 +936,23 @@ class Fetch:
             try:
                 await self.node.report(grouped)
             except RequestFailed as exc:
-                if exc.kind.startswith("http-4"):
+                if exc.kind.startswith("http-4") and exc.kind != "http-429":
                     continue  # refused as it is: the daemon does not send it again
+                # node/reporter.py: sent again, after the busy scheduler's Retry-After
                 self.backlog = batch + self.backlog
-                await trio.sleep(1.0)
+                await trio.sleep(max(1.0, exc.retry_after or 0.0))
             else:
                 await trio.sleep(0.05)
 
 
-def _told(raw: bytes) -> Any:
-    """The answer's "heartbeat_interval" (None if it has none, or not a number): found
-    without parsing the whole answer, whose plan the simulator parses only when it changed."""
-    at = raw.find(_TOLD)
+def _told(raw: bytes, key: bytes = _TOLD) -> Any:
+    """The answer's "heartbeat_interval" (or `key`; None if it has none, or not a number):
+    found without parsing the whole answer, whose plan the simulator parses only when it
+    changed."""
+    at = raw.find(key)
     if at < 0:
         return None
-    tail = raw[at + len(_TOLD) : at + len(_TOLD) + 40].lstrip()
+    tail = raw[at + len(key) : at + len(key) + 40].lstrip()
     end = 0
     while end < len(tail) and tail[end : end + 1] in b"0123456789.eE+-":
         end += 1

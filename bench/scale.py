@@ -26,7 +26,8 @@ Printed per run, over the measurement window (--duration seconds of steady state
 --ramp and --warmup; in prefetch mode the window opens at the assignment): heartbeats
 answered, their p50/p99 latency, nodes the scheduler ever showed down although they were
 running (GET /v1/nodes every 5 s vs the nodes' own record), the scheduler's peak RSS
-(VmHWM), threads, open fds and CPU, the largest answer per route, answered requests/s per
+(VmHWM), threads, open fds and CPU, its own view from /metrics (the heartbeats' latency from
+head to answer, the worst loop lag), the largest answer per route, answered requests/s per
 route, errors by kind; and the simulator's own CPU and event-loop lag (a lagging loop
 delays its nodes: the run says so), and the machine's load average.
 
@@ -68,6 +69,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATASET = "scale"
 HB_ROUTE = "heartbeat"
 NODES_SAMPLE_EVERY = 5.0
+METRICS_SAMPLE_EVERY = 5.0  # the scheduler's /metrics (more often than Prometheus would)
 FD_BUDGET = 19_000  # this container's RLIMIT_NOFILE is 20,000 per process (hard)
 LIMITED_CPU = 0.9  # a worker busier than this (cores) paces its nodes, not the scheduler
 LIMITED_LAG = 0.25  # seconds of p99 loop lag that delay what a node sends
@@ -133,7 +135,7 @@ class Admin:
             conn.close()
         if resp.status // 100 != 2:
             raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {raw[:300]!r}")
-        return json.loads(raw)
+        return raw if path == "/metrics" else json.loads(raw)
 
 
 @dataclass
@@ -199,6 +201,38 @@ class NodesSample:
     error: str = ""
 
 
+_HB_BUCKET = re.compile(
+    r'^syncbit_scheduler_request_seconds_bucket\{le="([^"]+)",route="heartbeat"\} (\S+)$', re.M
+)
+_LOOP_LAG = re.compile(r"^syncbit_scheduler_loop_lag_seconds (\S+)$", re.M)
+
+
+@dataclass
+class MetricsSample:
+    t: float
+    buckets: dict[float, float]  # heartbeats answered within le seconds, cumulative
+    lag: float | None
+
+    @classmethod
+    def parse(cls, t: float, text: str) -> MetricsSample:
+        buckets = {float(le): float(n) for le, n in _HB_BUCKET.findall(text)}
+        lag = _LOOP_LAG.search(text)
+        return cls(t, buckets, float(lag.group(1)) if lag else None)
+
+
+def histogram_pct(first: dict[float, float], last: dict[float, float], q: float) -> float | None:
+    """The bucket bound below which a share `q` of the observations between two cumulative
+    histograms fell (None without observations)."""
+    bounds = sorted(last)
+    counts = [last[b] - first.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= q * counts[-1]:
+            return bound
+    return bounds[-1]
+
+
 class Samplers:
     """Background threads: the scheduler's /proc figures, its view of who is up, the load
     average. Stopped by `stop`."""
@@ -210,10 +244,12 @@ class Samplers:
         self.nodes: list[NodesSample] = []
         self.load: list[tuple[float, float]] = []
         self.busy: list[tuple[float, float, float]] = []  # (t, machine busy s, this process)
+        self.metrics: list[MetricsSample] = []
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._proc_loop, daemon=True),
             threading.Thread(target=self._nodes_loop, daemon=True),
+            threading.Thread(target=self._metrics_loop, daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -239,6 +275,16 @@ class Samplers:
                 sample.error = f"{type(exc).__name__}: {exc}"[:200]
             sample.took = time.time() - sent
             self.nodes.append(sample)
+
+    def _metrics_loop(self) -> None:
+        """The scheduler's own view, as Prometheus would scrape it: its heartbeat latency
+        histogram and loop lag (absent from a scheduler older than them)."""
+        while not self._stop.wait(METRICS_SAMPLE_EVERY):
+            try:
+                text = self.admin.call("GET", "/metrics", timeout=30).decode()
+            except Exception:
+                continue
+            self.metrics.append(MetricsSample.parse(time.time(), text))
 
     def stop(self) -> None:
         self._stop.set()
@@ -691,6 +737,15 @@ def analyse(
         machine = (busy[-1][1] - busy[0][1]) / span
         bench_main = (busy[-1][2] - busy[0][2]) / span
         others = machine - cpu - sum(sim_cpu) - bench_main
+    # The scheduler's side of the heartbeats: its histogram over the window, and the
+    # worst loop lag it noted (what a request waited before the loop read it).
+    scraped = [m for m in samplers.metrics if w0 <= m.t <= w1 + METRICS_SAMPLE_EVERY]
+    served = [m for m in scraped if m.buckets]
+    served_p50 = served_p99 = None
+    if len(served) > 1:
+        served_p50 = histogram_pct(served[0].buckets, served[-1].buckets, 0.50)
+        served_p99 = histogram_pct(served[0].buckets, served[-1].buckets, 0.99)
+    lags = [m.lag for m in scraped if m.lag is not None]
     held = sum(o["chunks_held"] for o in outputs)
     needed = sum(o["chunks_needed"] for o in outputs)
     return {
@@ -717,6 +772,9 @@ def analyse(
         "sched_threads_max": max((p.threads for p in samplers.proc), default=0),
         "sched_fds_max": max((p.fds for p in samplers.proc), default=0),
         "sched_cpu_cores": cpu,
+        "sched_hb_p50_le_s": served_p50,
+        "sched_hb_p99_le_s": served_p99,
+        "sched_loop_lag_max_s": max(lags) if lags else None,
         "routes": {
             name: {
                 "sent": r["sent"],
@@ -840,6 +898,13 @@ def report(r: dict[str, Any]) -> None:
         f"{r['sched_threads_max']}, fds max {r['sched_fds_max']}, CPU "
         f"{r['sched_cpu_cores']:.2f} cores; log {r['scheduler_log']}"
     )
+    if r.get("sched_hb_p99_le_s") is not None:
+        lag = r["sched_loop_lag_max_s"]
+        print(
+            f"   scheduler's own view (/metrics): heartbeats answered within "
+            f"{_fmt_s(r['sched_hb_p50_le_s'])} (p50), {_fmt_s(r['sched_hb_p99_le_s'])} (p99) "
+            f"of their head; loop lag max {_fmt_s(lag) if lag is not None else '-'}"
+        )
     for name, rt in r["routes"].items():
         print(
             f"   {name:<22} {rt['ok_per_s']:8.1f}/s ok of {rt['sent']:>7} sent  "
