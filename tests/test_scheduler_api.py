@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from fakes import Clock, MemSource
 from schedulerfixtures import CHUNK, TIMEOUT, any_port
 
@@ -26,7 +27,7 @@ from syncbit.errors import (
 )
 from syncbit.manifest import FileEntry, Manifest
 from syncbit.scheduler import ChunkMap, Peer, SchedulerClient, SchedulerServer
-from syncbit.scheduler.admission import Pacer
+from syncbit.scheduler.admission import Admission, Pacer
 from syncbit.scheduler.client import ChunkReportResult
 from syncbit.sources import Listing
 
@@ -533,6 +534,46 @@ def test_the_pacer_spreads_a_burst_and_lets_a_lone_answer_go_at_once() -> None:
     assert pacer.turn(9.0) == 9.0  # long after the burst: at once
     with pytest.raises(ValueError):
         Pacer(rate=0)
+
+
+def test_a_paced_pacer_holds_turns_while_the_loop_is_behind() -> None:
+    """Paced by the admission's loop, turns go out at the rate, in order, none while the
+    loop is behind; an answer whose deadline comes first goes then, and is skipped."""
+    pacer = Pacer(rate=50.0)  # one turn per 20 ms tick at most
+    order: list[int] = []
+
+    async def main() -> None:
+        Admission().pace(pacer)
+        t0 = trio.current_time()
+
+        async def answer(i: int, deadline: float) -> None:
+            await pacer.wait(deadline)
+            order.append(i)
+
+        async def tick(hold: bool = False) -> None:
+            await trio.sleep(0.03)
+            pacer.release(trio.current_time(), hold=hold)
+            await trio.sleep(0.001)  # whatever was let go has run
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):  # arriving one after the other
+                nursery.start_soon(answer, i, t0 + (0.5 if i == 3 else 100.0))
+                await trio.sleep(0.001)
+            pacer.release(trio.current_time(), hold=False)  # the first look: no tokens yet
+            for _ in range(5):
+                await tick(hold=True)  # behind: nothing goes
+            assert order == [] and pacer.waiting == 4
+            await tick()
+            assert order == [0]
+            await tick()
+            assert order == [0, 1]  # one per tick, in order
+            await trio.sleep(0.5)  # answer 3's deadline passes while it waits
+            assert order == [0, 1, 3]
+            await tick()
+            await tick()
+        assert order == [0, 1, 3, 2] and pacer.waiting == 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def test_stopping_the_scheduler_ends_long_polls(server: SchedulerServer) -> None:

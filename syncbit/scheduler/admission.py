@@ -39,7 +39,8 @@ assignment) wakes every node's long poll at once, and each woken node asks at on
 the listing, a manifest and its plan, all live. At 5,000 nodes (`bench/scale.py --mode
 prefetch`) that was ~15,000 live requests in a few seconds and heartbeats waited behind
 them (p99 4.1 s). `Pacer` spreads the answers to those long polls: at most `rate` a
-second, in the order they woke, none later than its own poll's timeout.
+second, in the order they woke, none while the loop is behind (the wakes are the one
+source of live requests that can wait), none later than its own poll's timeout.
 
 Single trio loop: no locks. `Admission.run` must run for parked requests to be admitted.
 """
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -114,10 +116,17 @@ class Admission:
         self._lags: list[float] = []  # how late the loop ran at each look since the last change
         self._starved = False  # a request waited for a token since the rate last changed
         self._refilled: float | None = None
+        self.behind = False  # the last control found the loop behind (median lag)
+        self._pacers: weakref.WeakSet[Pacer] = weakref.WeakSet()
         # Counters for /metrics: admitted at once, after waiting, answered busy.
         self.admitted = 0
         self.delayed = 0
         self.refused = 0
+
+    def pace(self, pacer: Pacer) -> None:
+        """Hand out `pacer`'s turns from this admission's loop (see `Pacer`)."""
+        pacer.paced = True
+        self._pacers.add(pacer)
 
     @staticmethod
     def is_live(route: str) -> bool:
@@ -209,6 +218,7 @@ class Admission:
         collection) is not a reason to hold every node's requests."""
         lags = sorted(self._lags)
         lag = lags[len(lags) // 2] if lags else 0.0
+        self.behind = lag > LAG_HIGH
         if lag > LAG_HIGH:
             self.rate = max(MIN_RATE, self.rate * DECREASE)
         elif lag < LAG_LOW and self._starved:
@@ -233,6 +243,8 @@ class Admission:
                 self.control()
                 next_control = now + CONTROL
             self._release()
+            for pacer in list(self._pacers):
+                pacer.release(now, hold=self.behind)
             if now >= next_report:
                 held = (self.delayed - reported[0], self.refused - reported[1])
                 if any(held):
@@ -266,20 +278,65 @@ async def step_aside() -> AsyncIterator[None]:
         await admission._enter()
 
 
-__all__ = ["LIVE_ROUTES", "Admission", "step_aside"]
+__all__ = ["LIVE_ROUTES", "Admission", "Pacer", "step_aside"]
 
 
 class Pacer:
-    """Answers that a burst would send at once, spread at most `rate` a second: `turn(now)`
-    is when the next one may go (now, or one interval after the last one given out)."""
+    """Answers that a burst would send at once (the long polls a generation change wakes),
+    spread at most `rate` a second, in the order they came, and none while the loop is
+    behind: each woken node then asks for the listing, a manifest and its plan, live
+    requests the admission does not hold, so the wakes are what must wait.
+
+    Paced (`Admission.pace`), the admission's loop hands out turns every TICK and holds
+    them while its last look found the loop behind (median lag over LAG_HIGH). Without
+    one (a bare `Api` in tests), turns go out on a fixed schedule (`turn`). Either way an
+    answer waits at most until its own deadline (the long poll's timeout)."""
 
     def __init__(self, rate: float) -> None:
         if not rate > 0:
             raise ValueError("need rate > 0")
+        self.rate = rate
         self.interval = 1.0 / rate
         self._next = -math.inf
+        self.paced = False
+        self._queue: deque[_Waiter] = deque()
+        self._tokens = 0.0
+        self._refilled: float | None = None
 
     def turn(self, now: float) -> float:
+        """Unpaced: when the next answer may go (now, or one interval after the last)."""
         at = max(now, self._next)
         self._next = at + self.interval
         return at
+
+    async def wait(self, deadline: float) -> None:
+        """Until this answer's turn, or `deadline` (trio time)."""
+        now = trio.current_time()
+        if not self.paced:
+            await trio.sleep_until(min(self.turn(now), max(now, deadline)))
+            return
+        waiter = _Waiter(trio.Event())
+        self._queue.append(waiter)
+        try:
+            with trio.move_on_at(deadline):
+                await waiter.event.wait()
+        finally:
+            waiter.gone = not waiter.admitted  # dropped when its turn comes
+
+    def release(self, now: float, hold: bool) -> None:
+        """Hand out the turns due since the last call (none while `hold`)."""
+        if self._refilled is not None and not hold:
+            burst = max(1.0, self.rate * TICK)
+            self._tokens = min(burst, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        queue = self._queue
+        while queue and (queue[0].gone or self._tokens >= 1.0):
+            waiter = queue.popleft()
+            if not waiter.gone:
+                self._tokens -= 1.0
+                waiter.admitted = True
+                waiter.event.set()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._queue if not w.gone)

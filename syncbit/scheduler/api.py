@@ -184,8 +184,7 @@ class Api(ChunkHandlers):
         if generation != after:
             # Every node's poll wakes at this change: answered at the pacer's rate, so the
             # syncs they start do not all arrive at once (see `admission.Pacer`).
-            now = trio.current_time()
-            await trio.sleep_until(min(self.wakes.turn(now), max(now, deadline)))
+            await self.wakes.wait(deadline)
             generation = self.state.generation()
         return json_bytes({"generation": generation})
 

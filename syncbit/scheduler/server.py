@@ -277,7 +277,7 @@ class SchedulerServer:
 
     def _api(self, state: SchedulerState, issuer: Issuer | None) -> Api:
         config = self.config
-        return Api(
+        api = Api(
             state,
             config.chunk_size,
             self._resolve,
@@ -286,6 +286,8 @@ class SchedulerServer:
             wake_rate=config.wake_rate,
             lookup_rate=config.lookup_rate,
         )
+        self._admission.pace(api.wakes)  # wakes wait while the loop is behind
+        return api
 
     async def _tend(self, state: SchedulerState) -> None:
         """Notice nodes gone down (logged once) and move their offers, every second; and
