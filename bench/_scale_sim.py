@@ -277,6 +277,7 @@ class Node:
         self.whole_maps = bool(spec.get("whole_maps", False))  # the mix's lookups
         self.mix_cursor = ""  # where the mix's lookups go on (see `_mix_lookup`)
         self.generation = -1  # daemon.py: no generation seen yet
+        self.following = False  # node/sync.py: the long poll answers at the scheduler's pace
         self.manifests: dict[str, dict[str, Any]] = {}
         self.plan: dict[str, dict[str, Any]] = {}
         self._plan_tail = b""
@@ -375,7 +376,7 @@ class Node:
         if tail != self._plan_tail or at < 0:
             self._plan_tail = tail
             record = loads(raw)
-            await self.apply_plan(list(record.get("plan", [])))
+            await self.apply_plan(list(record.get("plan", [])), heard=True)
 
     async def _heartbeat_loop(self) -> None:
         """The reporter's loop: the next heartbeat at the interval in force after each
@@ -405,7 +406,9 @@ class Node:
                     lane="poll",
                 )
                 seen = int(doc["generation"])
+                self.following = not self.w.spec.get("stub")
             except RequestFailed:
+                self.following = False
                 await trio.sleep(1.0)
             before = self.generation
             if seen == before and trio.current_time() - listed < _RESYNC:
@@ -444,11 +447,12 @@ class Node:
         self.generation = int(listing["generation"])
         self.manifests = wanted
 
-    async def apply_plan(self, plan: list[dict[str, Any]]) -> None:
-        """daemon.py `_apply_plan`: fetch a manifest the plan names and this node lacks,
-        then start (or refresh the members of) the prefetch job."""
+    async def apply_plan(self, plan: list[dict[str, Any]], heard: bool = False) -> None:
+        """node/sync.py `apply_plan`: fetch a manifest the plan names and this node lacks
+        (not for a heartbeat's plan while the long poll follows: `needs_sync`), then start
+        (or refresh the members of) the prefetch job."""
         wanted = {p["dataset"]: p for p in plan}
-        if any(
+        if not (heard and self.following) and any(
             n not in self.manifests or self.manifests[n]["revision"] != p["revision"]
             for n, p in wanted.items()
         ):

@@ -258,7 +258,7 @@ class _Quiet:
     def cached_bytes(self) -> int:
         return 0
 
-    async def apply_plan(self, plan: list[Any]) -> None:
+    async def apply_plan(self, plan: list[Any], heard: bool = False) -> None:
         return None
 
     def warn(self, what: str, exc: Exception) -> None:

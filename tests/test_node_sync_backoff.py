@@ -32,10 +32,10 @@ class BusyScheduler:
         raise SchedulerBusyError("the scheduler is busy", retry_after=self.retry_after)
 
 
-async def _run_loop(tmp_path: Path, client: object, seconds: float, generation: int = -1) -> None:
-    """A node's dataset loop against `client` for `seconds`, from `generation` on."""
+def _sync(tmp_path: Path, client: object) -> Sync:
+    """A node's dataset sync against `client`, nothing else of the node behind it."""
     nothing: Any = None
-    sync = Sync(
+    return Sync(
         "n1",
         tmp_path,
         cast(Any, client),
@@ -47,6 +47,11 @@ async def _run_loop(tmp_path: Path, client: object, seconds: float, generation: 
         nothing,
         Throttled(),
     )
+
+
+async def _run_loop(tmp_path: Path, client: object, seconds: float, generation: int = -1) -> None:
+    """A node's dataset loop against `client` for `seconds`, from `generation` on."""
+    sync = _sync(tmp_path, client)
     sync._generation = generation
     with trio.move_on_after(seconds):
         await sync.dataset_loop()
@@ -119,3 +124,39 @@ async def test_a_scheduler_answering_at_once_unchanged_is_not_asked_in_a_tight_l
     client = QuietScheduler(wait=0.0)
     await _quiet(tmp_path, client, 60.0)
     assert client.polls <= 60  # at least 0.5-5 s apart, not thousands
+
+
+class ChangingScheduler:
+    """Each long poll waits 1 s, then says the generation moved (6); the listing names
+    dataset "d" at revision "r2"."""
+
+    def __init__(self) -> None:
+        self.listings = 0
+
+    async def wait_generation(self, after: int, timeout: float) -> int:
+        await trio.sleep(1.0)
+        return 6
+
+    async def datasets(self) -> dict[str, Any]:
+        self.listings += 1
+        raise SchedulerBusyError("not now", retry_after=30)  # the listing is not the point
+
+
+async def test_a_heartbeats_plan_leaves_the_sync_to_a_following_long_poll(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A plan that names a manifest this node lacks needs a listing first; but when it
+    came with a heartbeat while the long poll follows the scheduler, that poll was woken
+    by the same change and brings it at the scheduler's pace (heartbeat answers are not
+    paced: 5,000 nodes syncing from them at once held its loop a second behind)."""
+    client = ChangingScheduler()
+    sync = _sync(tmp_path, client)
+    plan = {"d": {"dataset": "d", "revision": "r2", "members": []}}
+    assert sync.needs_sync(plan, heard=True)  # no long poll answered yet: sync now
+    assert sync.needs_sync(plan, heard=False)
+    with trio.move_on_after(1.5):
+        await sync.dataset_loop()  # one poll answered at the scheduler's pace
+    assert sync.following
+    assert not sync.needs_sync(plan, heard=True)
+    assert sync.needs_sync(plan, heard=False)  # the poll's own plan refresh does sync
+    assert not sync.needs_sync({}, heard=False)  # nothing assigned: nothing to list

@@ -193,7 +193,7 @@ class Reporter:
             self._fetcher.lookup_interval = lookup_in_force(record.get("lookup_interval"))
             self._status.heard(self.in_force)
             self._heard(record, nursery)
-            await self._sync.apply_plan(list(record.get("plan", [])))
+            await self._sync.apply_plan(list(record.get("plan", [])), heard=True)
         except UnauthorizedError as exc:
             self._warnings.warn("heartbeat refused", exc)
             self._credentials.invalidate()  # expired or revoked: ask again

@@ -66,6 +66,9 @@ class Sync:
         self.plan: dict[str, dict[str, Any]] = {}  # assigned dataset -> its plan entry
         self.plan_received = False  # until the first plan arrives, assignments are unknown
         self._generation = -1
+        # The generation long poll is answered at the scheduler's pace: a change reaches
+        # this node through it (see `apply_plan`).
+        self.following = False
         self._over_budget_told = False
         # Written when possible: a full disk leaves them unsaved until space is back.
         self._plan_unsaved = False
@@ -113,14 +116,17 @@ class Sync:
             except SyncbitError:
                 # Unreachable, or a scheduler without the long poll: ask less often the
                 # longer it stays so, never more than `cap` apart.
+                self.following = False
                 await trio.sleep(max(0.5, next(delays)))
             generation = self._generation
             if seen == generation and trio.current_time() - asked < 1.0:
                 # Nothing changed, yet answered at once (a scheduler stopping, or one
                 # that does not wait): not in a tight loop either.
+                self.following = False
                 await trio.sleep(max(0.5, next(delays)))
             elif seen is not None:
                 delays = backoff_delays(base=1.0, cap=5.0)
+                self.following = True
             if seen == generation and trio.current_time() - listed < _RESYNC:
                 # Nothing changed: no listing (5,000 nodes listing after every 25 s poll
                 # for nothing are 200 requests a second), but one every few minutes.
@@ -213,13 +219,11 @@ class Sync:
 
     # -- the plan ----------------------------------------------------------------------------
 
-    async def apply_plan(self, plan: list[dict[str, Any]]) -> None:
-        """Prefetch what the scheduler assigned here; stop what it no longer does."""
+    async def apply_plan(self, plan: list[dict[str, Any]], heard: bool = False) -> None:
+        """Prefetch what the scheduler assigned here; stop what it no longer does.
+        `heard`: the plan came with a heartbeat answer (see `needs_sync`)."""
         wanted = {p["dataset"]: p for p in plan}
-        if any(
-            n not in self.manifests or self.manifests[n].revision != p["revision"]
-            for n, p in wanted.items()
-        ):
+        if self.needs_sync(wanted, heard):
             await self.sync_datasets(force=True)
         for name in set(self.plan) - set(wanted):
             self._jobs.stop(name)
@@ -235,6 +239,21 @@ class Sync:
         if first:
             await self._store.enforce()  # a budget lowered across a restart
         self._start_prefetches()
+
+    def needs_sync(self, wanted: dict[str, dict[str, Any]], heard: bool) -> bool:
+        """Whether a plan naming `wanted` must list the datasets first (a manifest missing
+        or of another revision). Not for a heartbeat's plan while the long poll follows:
+        the change it shows woke that poll too, and the scheduler answers those at its
+        pace (`admission.Pacer`); a heartbeat answer is not paced, and at 5,000 nodes
+        every one of them syncing at once (~500 listings and manifests a second beside
+        the paced ones) held the scheduler's loop up to a second behind. The prefetch
+        starts when the poll brings the manifest (within its timeout)."""
+        if heard and self.following:
+            return False
+        return any(
+            n not in self.manifests or self.manifests[n].revision != p["revision"]
+            for n, p in wanted.items()
+        )
 
     def resume_prefetch(self) -> None:
         """Start again the assigned datasets' prefetches that stopped because the cache
