@@ -28,6 +28,7 @@ from syncbit.scheduler.admission import (
     REPORT_EVERY,
     START_RATE,
     TICK,
+    TURN_BYTES,
     Admission,
     step_aside,
 )
@@ -81,6 +82,26 @@ async def test_beyond_them_requests_go_in_arrival_order_at_the_rate(
     assert first_second <= 10 + 4 * MIN_STEP * 1.0 + 2
     assert log[-1][1] > 1.0
     assert admission.delayed == 40 and admission.waiting == 0
+
+
+async def test_a_large_answer_costs_the_turns_of_its_size(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An answer of 40 KiB costs 10 turns: at 10/s (growing while the loop has room) the
+    next request waits for the bucket to refill as after 10 small ones, not 0.1 s."""
+    admission = _slow(Admission(max_wait=60), 10.0)
+    admission.tokens = 1.0
+    log: list[tuple[int, float]] = []
+    await _enter(admission, 0, log, 0.0)  # admitted at once: the bucket's one token
+    admission.charge(10 * TURN_BYTES)
+    admission.charge(100)  # a small answer costs its one turn, no more
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.run)
+        await _enter(admission, 1, log, 0.0)
+        nursery.cancel_scope.cancel()
+    assert log[0] == (0, 0.0)
+    # 9 turns owed, then one to take: 10 at 10/s, then 20/s, then 30/s after 0.5 s.
+    assert 0.5 <= log[1][1] <= 1.2
 
 
 async def test_a_request_held_past_max_wait_is_told_when_to_come_back(

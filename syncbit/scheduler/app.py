@@ -128,7 +128,9 @@ class App:
                 if admission is None or admission.is_live(route.name):
                     return await self._serve(route, request, body, call)
                 async with admission.admit():
-                    return await self._serve(route, request, body, call)
+                    response = await self._serve(route, request, body, call)
+                admission.charge(len(response.body))  # a large answer costs more turns
+                return response
             finally:
                 self.latency.labels(route.name).observe(time.perf_counter() - began)
         except ConnectionError:
