@@ -30,6 +30,7 @@ from syncbit.scheduler.admission import (
     TICK,
     TURN_BYTES,
     Admission,
+    Pacer,
     step_aside,
 )
 
@@ -286,6 +287,56 @@ async def test_heartbeats_and_what_a_node_must_hold_are_answered_while_others_wa
                 # All answered, and the chunk maps sent before them still wait.
                 assert server.call(lambda: admission.waiting) >= 1
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_large_answer_is_charged_to_the_bulk_that_follows(
+    crawling: SchedulerConfig,
+) -> None:
+    """The scheduler charges each admitted answer by its size (`Admission.charge`): the
+    listing of 100 nodes leaves the bucket a turn short per 4 KiB past the first, a small
+    answer costs its one turn."""
+    admission = Crawl(max_wait=30)  # 0.25 turns a second: what refills meanwhile is small
+    admission.tokens = 2.0  # two requests may go at once
+    with SchedulerServer(crawling, admission=admission) as server:
+        async with SchedulerClient(server.url) as client:
+            assert await client.assignments() == {}  # small: one turn
+            assert server.call(lambda: admission.tokens) == pytest.approx(1.0, abs=0.25)
+            for i in range(100):  # heartbeats are never held nor charged
+                await client.heartbeat(f"n{i:02d}", address=f"127.0.0.1:{i + 1}")
+            assert server.call(lambda: admission.tokens) == pytest.approx(1.0, abs=0.25)
+            async with httpx.AsyncClient(base_url=server.url) as raw:
+                listing = await raw.get("/v1/nodes")
+            assert listing.status_code == 200 and len(listing.json()["nodes"]) == 100
+            owed = len(listing.content) / TURN_BYTES  # its turn and the size's
+            assert owed > 5
+            assert server.call(lambda: admission.tokens) < 1.5 - owed
+
+
+async def test_paced_wakes_wait_while_the_admissions_loop_is_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The admission's loop hands out the wakes' turns (`Admission.pace`), none while it
+    found the loop behind."""
+    admission = Admission()
+    admission.control = lambda: None  # type: ignore[method-assign]  # as set below
+    pacer = Pacer(rate=1000.0)
+    admission.pace(pacer)
+    answered: list[float] = []
+
+    async def wake() -> None:
+        await pacer.wait(trio.current_time() + 60.0)
+        answered.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        admission.behind = True
+        nursery.start_soon(admission.run)
+        nursery.start_soon(wake)
+        await trio.sleep(5.0)
+        assert answered == [] and pacer.waiting == 1
+        admission.behind = False
+        await trio.sleep(0.1)
+        assert len(answered) == 1 and answered[0] >= 5.0
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_request_held_too_long_is_answered_429_with_retry_after(

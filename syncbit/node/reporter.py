@@ -52,11 +52,10 @@ def interval_in_force(told: object, configured: float) -> float:
     than this node's configured interval, never longer than MAX_HEARTBEAT_INTERVAL (unless
     configured longer). Anything but a finite positive number (an older scheduler sends
     none; a broken or hostile one, anything) is ignored: the configured interval holds."""
-    if isinstance(told, bool) or not isinstance(told, int | float):
+    seconds = _seconds(told)
+    if seconds is None or seconds <= 0:
         return configured
-    if not math.isfinite(told) or told <= 0:
-        return configured
-    return max(configured, min(float(told), MAX_HEARTBEAT_INTERVAL))
+    return max(configured, min(seconds, MAX_HEARTBEAT_INTERVAL))
 
 
 def lookup_in_force(told: object) -> float:
@@ -64,9 +63,16 @@ def lookup_in_force(told: object) -> float:
     scheduler's answer asked ("lookup_interval", stretched with the cluster's size), at
     most MAX_LOOKUP_INTERVAL. Anything but a finite number >= 0 (an older scheduler sends
     none) is 0: the fetcher's own poll holds."""
+    seconds = _seconds(told)
+    return 0.0 if seconds is None else min(max(seconds, 0.0), MAX_LOOKUP_INTERVAL)
+
+
+def _seconds(told: object) -> float | None:
+    """A scheduler's answer's number of seconds, or None for anything but a finite number
+    (a bool, a string, a list, NaN, infinity)."""
     if isinstance(told, bool) or not isinstance(told, int | float) or not math.isfinite(told):
-        return 0.0
-    return min(max(float(told), 0.0), MAX_LOOKUP_INTERVAL)
+        return None
+    return float(told)
 
 
 class Reporter:

@@ -98,6 +98,50 @@ class _Waiter:
     gone: bool = False  # gave up (timed out, cancelled): skipped when its turn comes
 
 
+class _Line:
+    """Waiters in arrival order, let go as turns allow; one that gave up stays where it is
+    (a removal from the middle of thousands costs each one that gives up the whole
+    queue) and is dropped when its turn comes."""
+
+    def __init__(self) -> None:
+        self._queue: deque[_Waiter] = deque()
+        self.waiting = 0  # waiters in the queue not gone
+
+    async def wait(self, deadline: float) -> bool:
+        """Until this caller's turn (True) or `deadline`, trio time (False)."""
+        waiter = _Waiter(trio.Event())
+        self._queue.append(waiter)
+        self.waiting += 1
+        try:
+            with trio.move_on_at(deadline):
+                await waiter.event.wait()
+        finally:
+            if not waiter.admitted:
+                waiter.gone = True
+                self.waiting -= 1
+        return waiter.admitted
+
+    def release(self, take: Callable[[], bool]) -> None:
+        """Let waiters go in arrival order while `take()` grants a turn."""
+        queue = self._queue
+        while queue:
+            if queue[0].gone:
+                queue.popleft()
+            elif take():
+                waiter = queue.popleft()
+                waiter.admitted = True
+                self.waiting -= 1
+                waiter.event.set()
+            else:
+                break
+
+
+def _refilled(tokens: float, rate: float, elapsed: float) -> float:
+    """A token bucket at `rate` a second, `elapsed` seconds on: at most a TICK's worth
+    (one at least) held."""
+    return min(max(1.0, rate * TICK), tokens + elapsed * rate)
+
+
 class Admission:
     """Admits bulk requests at a rate the loop keeps up with (see the module docstring).
 
@@ -112,9 +156,8 @@ class Admission:
         self.max_wait = max_wait
         self._clock = clock
         self.rate = START_RATE
-        self.tokens = self._burst()
-        self._queue: deque[_Waiter] = deque()  # arrival order; gone ones dropped lazily
-        self._waiting = 0  # waiters in the queue not gone
+        self.tokens = max(1.0, self.rate * TICK)
+        self._line = _Line()
         self._lags: list[float] = []  # how late the loop ran at each look since the last change
         self._starved = False  # a request waited for a token since the rate last changed
         self._refilled: float | None = None
@@ -137,15 +180,12 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
-
-    def _burst(self) -> float:
-        return max(1.0, self.rate * TICK)
+        return self._line.waiting
 
     def _refill(self) -> None:
         now = self._clock()
         if self._refilled is not None:
-            self.tokens = min(self._burst(), self.tokens + (now - self._refilled) * self.rate)
+            self.tokens = _refilled(self.tokens, self.rate, now - self._refilled)
         self._refilled = now
 
     @asynccontextmanager
@@ -160,7 +200,7 @@ class Admission:
 
     async def _enter(self) -> None:
         """Wait for the turn."""
-        if not self._waiting and self._take():
+        if not self._line.waiting and self._take():
             self.admitted += 1
         else:
             await self._wait()
@@ -184,42 +224,21 @@ class Admission:
         return False
 
     async def _wait(self) -> None:
-        waiter = _Waiter(trio.Event())
-        self._queue.append(waiter)
-        self._waiting += 1
         self._starved = True
-        try:
-            with trio.move_on_after(self.max_wait):
-                await waiter.event.wait()
-        finally:
-            if not waiter.admitted:
-                # Left where it is (a removal from the middle of thousands costs each
-                # one that gives up the whole queue): `_release` drops it in turn.
-                waiter.gone = True
-                self._waiting -= 1
-        if waiter.admitted:
+        if await self._line.wait(trio.current_time() + self.max_wait):
             self.delayed += 1
             return
         self.refused += 1
-        retry = max(1, math.ceil(self._waiting / self.rate))
+        waiting = self._line.waiting
+        retry = max(1, math.ceil(waiting / self.rate))
         raise SchedulerBusyError(
-            f"the scheduler is busy ({self._waiting} requests waiting); try again in {retry} s",
+            f"the scheduler is busy ({waiting} requests waiting); try again in {retry} s",
             retry_after=retry,
         )
 
     def _release(self) -> None:
         """Admit waiters in arrival order as the tokens allow."""
-        queue = self._queue
-        while queue:
-            if queue[0].gone:
-                queue.popleft()
-            elif self._take():
-                waiter = queue.popleft()
-                waiter.admitted = True
-                self._waiting -= 1
-                waiter.event.set()
-            else:
-                break
+        self._line.release(self._take)
 
     def note_lag(self, lag: float) -> None:
         """One look at how late the loop ran (`run`); every CONTROL seconds the rate moves."""
@@ -237,7 +256,7 @@ class Admission:
         elif lag < LAG_LOW and self._starved:
             self.rate = min(MAX_RATE, self.rate + max(MIN_STEP, self.rate * INCREASE))
         self._lags = []
-        self._starved = bool(self._waiting)
+        self._starved = bool(self._line.waiting)
 
     async def run(self) -> None:
         """Measure the loop's lag, move the rate, admit waiting requests: forever; say
@@ -267,7 +286,7 @@ class Admission:
                         held[0] + held[1],
                         REPORT_EVERY,
                         held[1],
-                        self._waiting,
+                        self._line.waiting,
                         self.rate,
                         worst * 1000,
                     )
@@ -312,7 +331,7 @@ class Pacer:
         self.interval = 1.0 / rate
         self._next = -math.inf
         self.paced = False
-        self._queue: deque[_Waiter] = deque()
+        self._line = _Line()
         self._tokens = 0.0
         self._refilled: float | None = None
 
@@ -328,28 +347,21 @@ class Pacer:
         if not self.paced:
             await trio.sleep_until(min(self.turn(now), max(now, deadline)))
             return
-        waiter = _Waiter(trio.Event())
-        self._queue.append(waiter)
-        try:
-            with trio.move_on_at(deadline):
-                await waiter.event.wait()
-        finally:
-            waiter.gone = not waiter.admitted  # dropped when its turn comes
+        await self._line.wait(deadline)
 
     def release(self, now: float, hold: bool) -> None:
         """Hand out the turns due since the last call (none while `hold`)."""
         if self._refilled is not None and not hold:
-            burst = max(1.0, self.rate * TICK)
-            self._tokens = min(burst, self._tokens + (now - self._refilled) * self.rate)
+            self._tokens = _refilled(self._tokens, self.rate, now - self._refilled)
         self._refilled = now
-        queue = self._queue
-        while queue and (queue[0].gone or self._tokens >= 1.0):
-            waiter = queue.popleft()
-            if not waiter.gone:
-                self._tokens -= 1.0
-                waiter.admitted = True
-                waiter.event.set()
+        self._line.release(self._take)
+
+    def _take(self) -> bool:
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._queue if not w.gone)
+        return self._line.waiting

@@ -110,7 +110,7 @@ def _state(api: Api) -> Iterator[Metric]:
     yield gauge(
         "syncbit_scheduler_dataset_ready_nodes",
         "Nodes where a dataset's current revision is ready.",
-        {(name,): float(n) for name, n in state.ready_counts().items()},
+        {(name,): float(len(nodes)) for name, nodes in state.ready_nodes().items()},
         ["dataset"],
     )
     yield gauge(

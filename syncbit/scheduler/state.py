@@ -278,17 +278,17 @@ class SchedulerState:
         noticed, and logged, by the heartbeat itself)."""
         return [self.node(n) for n in self.live.refresh() if n in self.facts.nodes]
 
-    def ready_counts(self) -> dict[str, int]:
-        """Per dataset, the nodes where its current revision is ready: O(nodes x what each
-        says is ready), for metrics (`status` lists the nodes themselves)."""
+    def ready_nodes(self) -> dict[str, list[str]]:
+        """Per dataset, the nodes (by name) where its current revision is ready, as their
+        heartbeats say: O(nodes x what each says is ready)."""
         revisions = {name: ds.summary["revision"] for name, ds in self.facts.datasets.items()}
-        counts = dict.fromkeys(revisions, 0)
-        for name in self.facts.nodes:
+        ready: dict[str, list[str]] = {name: [] for name in revisions}
+        for name in sorted(self.facts.nodes):
             live = self.live.nodes.get(name)
             for dataset, revision in live.ready.items() if live is not None else ():
                 if revisions.get(dataset) == revision:
-                    counts[dataset] += 1
-        return counts
+                    ready[dataset].append(name)
+        return ready
 
     def plan(self, node: str) -> list[PlanEntry]:
         """What `node` must hold: its assigned datasets and its share of their reads."""
@@ -324,6 +324,7 @@ class SchedulerState:
         the `quarantined` nodes and open `disputes`. O(nodes x datasets): an overview."""
         self.live.refresh()
         infos = self.nodes()
+        ready = self.ready_nodes()
         planner = self.planner.current()
         datasets: list[dict[str, Any]] = []
         for name in sorted(self.facts.datasets):
@@ -339,8 +340,7 @@ class SchedulerState:
             summary["broken"] = self.catalog.broken_files(facts)
             summary["targets"] = list(self.facts.targets.get(name, []))
             summary["assigned"] = sorted(planner.assigned.get(name, ()))
-            revision = summary["revision"]
-            summary["ready"] = [n.name for n in infos if n.ready.get(name) == revision]
+            summary["ready"] = ready[name]
             datasets.append(summary)
         quarantined = [{"node": k, **v} for k, v in sorted(self.facts.quarantine.items())]
         return {
