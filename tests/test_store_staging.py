@@ -133,3 +133,28 @@ def test_a_pinned_chunk_is_given_back_only_after_its_reader_is_done(obj: StoredO
     ram.staging.unpin(again)
     assert ram.released == [0, 1]
     assert ram.staging.pin(obj, 1) is None  # gone from RAM: the file has it
+
+
+def test_chunk_buffers_are_private_page_aligned_and_reused() -> None:
+    """Chunk buffers are private anonymous memory (a shared mapping is shmem, slower to
+    fault in), page-aligned for O_DIRECT, and a freed one is taken again before a new one
+    is made."""
+    import ctypes
+    import mmap
+    import os
+
+    from syncbit.store.staging import BufferPool
+
+    pool = BufferPool()
+    buf = pool.take(3 * CS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert address % mmap.PAGESIZE == 0 and len(buf) == 3 * CS
+    buf[:5] = b"mine!"
+    child = os.fork()
+    if child == 0:  # a private mapping: the child's write is its own copy
+        buf[:5] = b"child"
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert buf[:5] == b"mine!"
+    pool.give(buf)
+    assert pool.take(2 * CS) is buf  # the free one that fits, not a new one

@@ -26,6 +26,16 @@ _CLEAN = "clean-shutdown"  # marker file: the last `close` left index and files 
 PWrite = Callable[[int, memoryview, int], None]
 
 
+def page_buffer(size: int) -> mmap.mmap:
+    """A zeroed, page-aligned buffer of `size` bytes (O_DIRECT needs the alignment), private
+    to this process. Not `mmap.mmap(-1, size)`: that is a shared mapping backed by shmem,
+    whose first fill costs more in page faults (16 MiB buffers made, filled and dropped:
+    1.03 CPU-s per GiB shared, 0.66 private). Not transparent huge pages either: asked
+    for with madvise they cut the faults 512-fold, but a 1 GiB S3 pull then spent 36% of
+    the daemon's CPU zeroing them (fresh memory of this VM), against ~3% with base pages."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
@@ -127,7 +137,7 @@ class ObjectFile:
     def read_from_disk(self, offset: int, length: int) -> bytes | memoryview:
         """Blocking: bytes as the disk holds them, with O_DIRECT where the filesystem
         allows (no page-cache pollution), else through the page cache. Short at EOF."""
-        buf = mmap.mmap(-1, max(ALIGN, -(-length // ALIGN) * ALIGN))  # page-aligned
+        buf = page_buffer(max(ALIGN, -(-length // ALIGN) * ALIGN))
         try:
             return bytes(memoryview(buf)[: self.readinto(buf, offset, length)])
         finally:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import trio
 
+from syncbit.store.files import page_buffer
 from syncbit.store.objects import Reading, StoredObject
 from syncbit.store.staging import Staging
 
@@ -48,7 +49,7 @@ def _hash_buffer() -> mmap.mmap:
     a fresh one per call costs more in page faults than a chunk's hash)."""
     buf: mmap.mmap | None = getattr(_local, "hash_buffer", None)
     if buf is None:
-        buf = _local.hash_buffer = mmap.mmap(-1, 8 << 20)
+        buf = _local.hash_buffer = page_buffer(8 << 20)
     return buf
 
 

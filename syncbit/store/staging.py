@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from syncbit.store.files import page_buffer
+
 if TYPE_CHECKING:
     from syncbit.store.objects import StoredObject
 
@@ -210,7 +212,7 @@ class BufferPool:
             buf = min(fits, key=len)
             self._free.remove(buf)
             return buf
-        return mmap.mmap(-1, size)
+        return page_buffer(size)
 
     def give(self, buf: mmap.mmap) -> None:
         self._free.append(buf)
