@@ -797,7 +797,8 @@ class Fetch:
         bit = 1 << index
         if obj.held & bit:
             return
-        info = await self.chunk_info(obj)
+        # fetch/transfer.py `map_age`: a prefetch reuses a map for the lookup interval
+        info = await self.chunk_info(obj, max(_CHUNK_INFO_TTL, self.lookup_interval))
         if info.digests & info.peers & bit:
             if lane == "source":
                 obj.peer |= bit

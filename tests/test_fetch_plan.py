@@ -383,3 +383,33 @@ async def test_parked_prefetches_look_at_the_map_as_often_as_the_scheduler_asks(
         while not got:
             await trio.sleep(0.01)
     assert got == [DATA[3 * CS : 3 * CS + 100]]
+
+
+class _Ages(Directory):
+    """The directory, recording how old a chunk map each lookup would accept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ages: list[float] = []
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+        self.ages.append(max_age)
+        return self.info
+
+
+async def test_prefetch_transfers_reuse_a_chunk_map_for_the_lookup_interval(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A prefetch's transfers act on a chunk map as old as the scheduler's lookup interval
+    (in a large cluster every transferring node refreshed its maps every second whatever
+    the scheduler asked); a reader's transfer still refreshes after a second."""
+    source, directory = MemSource(data=DATA), _Ages()
+    fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0, source_batch=CS)
+    fetcher.lookup_interval = 4.0
+    await started(fetcher, nursery)
+    got = await fetcher.read(fetcher.open(ENTRY, CS, source), 2 * CS, 100)
+    assert got == DATA[2 * CS : 2 * CS + 100]
+    assert directory.ages and set(directory.ages) == {1.0}  # a reader: a second at most
+    directory.ages.clear()
+    await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
+    assert directory.ages and set(directory.ages) == {4.0}

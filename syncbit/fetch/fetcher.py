@@ -98,7 +98,7 @@ class Fetcher:
             source_batch,
             max(claim_ttl, read_deadline),
         )
-        transfers = Transfers(
+        transfers = self._transfers = Transfers(
             store,
             directory,
             peers,
@@ -145,12 +145,13 @@ class Fetcher:
 
     @property
     def lookup_interval(self) -> float:
-        """See `Runner.lookup_interval`."""
+        """See `Runner.lookup_interval` and `Transfers.lookup_interval`."""
         return self._runner.lookup_interval
 
     @lookup_interval.setter
     def lookup_interval(self, seconds: float) -> None:
         self._runner.lookup_interval = seconds
+        self._transfers.lookup_interval = seconds
 
     def abandon(self, object_ids: AbstractSet[str], why: str) -> int:
         """See `Runner.abandon`."""

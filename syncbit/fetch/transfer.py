@@ -51,6 +51,7 @@ log = logging.getLogger("syncbit.fetch")
 
 # Seconds a peer that could not be connected to is left out of every read's holders.
 UNREACHABLE_FOR = 10.0
+MAP_AGE = 1.0  # seconds a transfer may act on a chunk map as old (a prefetch's: see map_age)
 
 
 def _spread(peers: list[Peer]) -> list[Peer]:
@@ -93,6 +94,12 @@ class Transfers:
         self.streams = streams
         self.stats = stats
         self.unreachable: dict[str, float] = {}  # peer node -> left out until then
+        # The scheduler's lookup interval (`Runner.lookup_interval`): how long a prefetch's
+        # transfer reuses a chunk map. At 2,000 nodes (`bench/scale.py --mode prefetch`)
+        # every transferring node refreshed its maps every MAP_AGE whatever the scheduler
+        # asked, and the updates it could not answer in time came back as busy (429)
+        # 6,776 times in a 40 s window. A reader's transfer still refreshes after MAP_AGE.
+        self.lookup_interval = 0.0
         self.race = PeerRace(self._from_peer, store.buffers, Hedging(), stats)
         self.source_race = SourceRace(streams, store.buffers, Hedging(SOURCE_HEDGING), stats)
 
@@ -124,7 +131,13 @@ class Transfers:
             log.error("chunk %d of %s failed: %s", flight.index, flight.entry.path, exc)
             raise ReadDeadlineError(f"chunk {flight.index} of {flight.entry.path}: {exc}") from exc
 
-    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+    def map_age(self, flight: Flight) -> float:
+        """Seconds `flight`'s transfer may act on a chunk map as old (see `lookup_interval`)."""
+        if flight.priority >= Priority.PREFETCH:
+            return max(MAP_AGE, self.lookup_interval)
+        return MAP_AGE
+
+    async def chunk_info(self, object_id: str, max_age: float = MAP_AGE) -> ChunkMap:
         try:
             return await self.directory.chunk_info(object_id, max_age)
         except SyncbitError as exc:
@@ -136,7 +149,7 @@ class Transfers:
         obj, index = flight.obj, flight.index
         if obj.has(index):
             return []
-        info = await self.chunk_info(obj.id)
+        info = await self.chunk_info(obj.id, self.map_age(flight))
         if info.broken is not None:
             self.broken.mark(obj.id, info.broken)
             self.broken.refuse(flight.entry)
