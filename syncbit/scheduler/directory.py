@@ -69,7 +69,7 @@ class Directory:
         self.trust = trust
         self.policy = policy
         self.eligible = eligible
-        self.maps = ChunkMaps(holders, self._stamp, lambda: live.load_changes)
+        self.maps = ChunkMaps(holders, self._stamp, lambda: live.load_changes, rerank=live.interval)
 
     def _stamp(self) -> tuple[int, int]:
         """Changes when who may be offered, or where they listen, may have (`chunkmaps`)."""
@@ -314,12 +314,18 @@ class Directory:
         group = self.holders.group_of(requester)
         indexes, last, more = self.holders.since(view, seq or 0, limit, group)
         doc.update(reset=seq is None, more=more, cursor=view.cursor(last), changed=indexes)
-        doc.update(self._states(object_id, view, indexes, self.ranker(requester), group))
+        kept = self._kept(object_id, requester)
+        assert kept is not None  # a view is only made for an object the facts know
+        doc.update(self._states(object_id, kept, indexes, requester))
         return doc
 
     def _states(
-        self, object_id: str, view: ObjectHolders, indexes: list[int], rank: Ranker, group: int
+        self, object_id: str, kept: ObjectMap, indexes: list[int], requester: str | None
     ) -> dict[str, Any]:
+        """The changed chunks' states now, peers read from the object's kept map (brought
+        up to date by `_kept`), not ranked again per request: at 2,000 nodes (`bench/
+        scale.py --mode prefetch`) ranking every answer's chunks afresh was a fifth of the
+        scheduler's CPU."""
         obj = self.facts.objects.get(object_id)
         recorded = obj.digests if obj is not None else {}
         disputes = self.facts.disputes
@@ -327,23 +333,28 @@ class Directory:
         peers: dict[int, list[str]] = {}
         fetching: dict[int, str] = {}
         disputed: list[int] = []
+        named: dict[str, str] = {}
         for index in indexes:
             digest = recorded.get(index)
             if digest is not None:
                 digests[index] = digest.hex()
             if (object_id, index) in disputes:
                 disputed.append(index)
-            elif digest is not None and (names := rank(view.offers(index, group))):
-                peers[index] = names
+            elif digest is not None:
+                names = [n for n in kept.peers.get(index, ()) if n != requester]
+                if names:
+                    peers[index] = names
+                    for name in names:
+                        named[name] = kept.addresses[name]
             reader = self.claims.reader(object_id, index)
-            if reader is not None and reader != rank.requester and self.live.is_up(reader):
+            if reader is not None and reader != requester and self.live.is_up(reader):
                 fetching[index] = reader
         return {
             "digests": digests,
             "peers": peers,
             "fetching": fetching,
             "disputed": disputed,
-            "addresses": rank.named,
+            "addresses": named,
         }
 
     def held(self, object_id: str, requester: str, indexes: list[int]) -> set[int]:
