@@ -26,7 +26,9 @@ Printed per run, over the measurement window (--duration seconds of steady state
 --ramp and --warmup; in prefetch mode the window opens at the assignment): heartbeats
 answered, their p50/p99 latency, nodes the scheduler ever showed down although they were
 running (GET /v1/nodes every 5 s vs the nodes' own record), the scheduler's peak RSS
-(VmHWM), threads, open fds and CPU, its own view from /metrics (the heartbeats' latency from
+(VmHWM), threads, open fds, CPU and the time its runnable threads waited for a CPU (on
+this 2-core machine the simulator competes with it: a scheduler that waits for a CPU
+answers late for want of one, not of work done), its own view from /metrics (the heartbeats' latency from
 head to answer, the worst loop lag), the largest answer per route, answered requests/s per
 route, errors by kind; and the simulator's own CPU and event-loop lag (a lagging loop
 delays its nodes: the run says so), and the machine's load average.
@@ -146,6 +148,7 @@ class ProcSample:
     threads: int
     cpu: float  # seconds of CPU (user + system) so far
     fds: int
+    runq: float  # seconds its threads waited for a CPU while runnable, so far (schedstat)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -155,6 +158,18 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runq_seconds(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (the second field
+    of each /proc/PID/task/TID/schedstat; 0 where the kernel keeps no schedstats)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 def _children(pid: int) -> list[int]:
@@ -189,6 +204,7 @@ def _proc(pid: int) -> ProcSample | None:
         int(fields["Threads"]),
         cpu,
         fds,
+        _runq_seconds(pid),
     )
 
 
@@ -728,6 +744,7 @@ def analyse(
     due_in_force = sum(window / i for i in in_force if i > 0)
     proc = [p for p in samplers.proc if w0 <= p.t <= w1]
     cpu = (proc[-1].cpu - proc[0].cpu) / (proc[-1].t - proc[0].t) if len(proc) > 1 else 0.0
+    runq = (proc[-1].runq - proc[0].runq) / (proc[-1].t - proc[0].t) if len(proc) > 1 else 0.0
     load = [v for t, v in samplers.load if w0 <= t <= w1]
     sim_cpu = [out["cpu"] / out["window"] for out in outputs]
     busy = [b for b in samplers.busy if w0 <= b[0] <= w1]
@@ -772,6 +789,7 @@ def analyse(
         "sched_threads_max": max((p.threads for p in samplers.proc), default=0),
         "sched_fds_max": max((p.fds for p in samplers.proc), default=0),
         "sched_cpu_cores": cpu,
+        "sched_runq_cores": runq,
         "sched_hb_p50_le_s": served_p50,
         "sched_hb_p99_le_s": served_p99,
         "sched_loop_lag_max_s": max(lags) if lags else None,
@@ -896,7 +914,8 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"   scheduler: RSS peak {_fmt_bytes(r['sched_rss_peak'])}, threads max "
         f"{r['sched_threads_max']}, fds max {r['sched_fds_max']}, CPU "
-        f"{r['sched_cpu_cores']:.2f} cores; log {r['scheduler_log']}"
+        f"{r['sched_cpu_cores']:.2f} cores, waiting for a CPU {r.get('sched_runq_cores', 0.0):.2f}"
+        f" (runnable threads' run-queue time per second); log {r['scheduler_log']}"
     )
     if r.get("sched_hb_p99_le_s") is not None:
         lag = r["sched_loop_lag_max_s"]
@@ -948,6 +967,7 @@ SUMMARY: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("RSS peak", lambda r: _fmt_bytes(r["sched_rss_peak"])),
     ("threads", lambda r: str(r["sched_threads_max"])),
     ("sched CPU", lambda r: f"{r['sched_cpu_cores']:.2f}"),
+    ("sched waiting for CPU", lambda r: f"{r.get('sched_runq_cores', 0.0):.2f}"),
     (
         "largest answer",
         lambda r: (
