@@ -613,7 +613,8 @@ class Node:
                 return
 
     async def _whole_map(self, object_id: str) -> bytes:
-        path = f"/v1/objects/{object_id}/chunks?node={quote(self.name, safe='')}"
+        # scheduler/client.py `chunk_map`: the compact form, peers by name
+        path = f"/v1/objects/{object_id}/chunks?node={quote(self.name, safe='')}&peers=names"
         raw: bytes = await self.pool.call("GET", path, "chunk map", None, self.timeout)
         return raw
 

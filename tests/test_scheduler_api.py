@@ -363,6 +363,47 @@ async def test_transport_answers_are_mapped() -> None:
             await client.manifest("x")
 
 
+async def test_the_client_reads_the_compact_chunk_map_and_the_full_one() -> None:
+    """The client asks for peers by name (each address once); a scheduler from before that
+    form answers the full one, read the same; a name without an address is malformed."""
+    answers = {
+        "compact": {
+            "digests": {"0": "aa"},
+            "peers": {"0": ["n2", "n3"]},
+            "addresses": {"n2": "10.0.0.2:7000", "n3": "10.0.0.3:7000"},
+            "cursor": "v.4",
+        },
+        "full": {
+            "digests": {"0": "aa"},
+            "peers": {
+                "0": [
+                    {"node": "n2", "address": "10.0.0.2:7000"},
+                    {"node": "n3", "address": "10.0.0.3:7000"},
+                ]
+            },
+            "cursor": "v.4",
+        },
+        "broken": {"digests": {}, "peers": {"0": ["n9"]}, "addresses": {}},
+    }
+    form = ["compact"]
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.params.get("peers", ""))
+        return httpx.Response(200, json=answers[form[0]])
+
+    async with SchedulerClient("sched:7900", transport=httpx.MockTransport(answer)) as client:
+        maps = []
+        for form[0] in ("compact", "full"):
+            maps.append(await client.chunk_map(OBJ_A, "n1"))
+        form[0] = "broken"
+        with pytest.raises(SchedulerError, match="malformed answer"):
+            await client.chunk_map(OBJ_A, "n1")
+    assert asked == ["names"] * 3
+    assert maps[0] == maps[1]
+    assert maps[0].peers[0] == [Peer("n2", "10.0.0.2:7000"), Peer("n3", "10.0.0.3:7000")]
+
+
 # -- concurrency and lifecycle ----------------------------------------------------------------
 
 

@@ -216,6 +216,27 @@ async def test_updates_name_the_peers_of_the_kept_map_in_its_order(
     assert state.chunks.maps.ranked - ranked == len(groups)  # once per group, not per answer
 
 
+async def test_the_compact_map_says_what_the_full_one_says_in_less(
+    state: SchedulerState,
+) -> None:
+    """`?peers=names`: the same digests and peers in the same order, by name, each named
+    node's address once; never the requester, nor its address; several times smaller."""
+    await named(state, SIZE)
+    for name in NODES:
+        await beat(state, name)
+        await add(state, name, OBJ_A, SIZE, CHUNK, [(i, digest(i)) for i in range(CHUNKS)])
+    for requester in (None, NODES[0], "stranger"):
+        full = json.loads(state.chunks.chunk_map_json(OBJ_A, requester, {"fetching": {}}))
+        raw = state.chunks.chunk_map_json(OBJ_A, requester, {"fetching": {}}, names=True)
+        compact = json.loads(raw)
+        assert compact["digests"] == full["digests"] and compact["fetching"] == {}
+        assert compact["peers"] == {i: [p["node"] for p in ps] for i, ps in full["peers"].items()}
+        where = {p["node"]: p["address"] for ps in full["peers"].values() for p in ps}
+        assert compact["addresses"] == where
+        assert requester not in compact["addresses"]
+        assert len(raw) * 2 < len(json.dumps(full))
+
+
 async def test_a_node_going_down_is_never_named(state: SchedulerState, clock: Clock) -> None:
     await named(state, SIZE)
     for name in ("n0", "n1"):

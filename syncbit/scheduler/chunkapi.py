@@ -113,7 +113,8 @@ class ChunkHandlers:
         view = state.chunks.view(object_id)  # made here when first asked
         if view is not None:
             extra["cursor"] = view.cursor()  # continue with GET .../updates?cursor=
-        return state.chunks.chunk_map_json(object_id, node, extra)
+        names = c.query.get("peers") == "names"  # the compact form (`Directory.chunk_map_json`)
+        return state.chunks.chunk_map_json(object_id, node, extra, names)
 
     async def _updates(self, c: Call) -> bytes:
         """Changes since `cursor` (see `protocol.ChunkUpdates`); with `wait=S`, when there

@@ -63,9 +63,13 @@ class ObjectMap:
     addresses: dict[str, str] = field(default_factory=dict)  # name -> address
     named_in: dict[str, set[int]] = field(default_factory=dict)  # name -> chunks naming it
     refs: dict[str, str] = field(default_factory=dict)  # name -> its {"node","address"} JSON
+    name_refs: dict[str, str] = field(default_factory=dict)  # name -> its JSON string
+    address_json: dict[str, str] = field(default_factory=dict)  # name -> '"name":"address"'
     digest_json: dict[int, str] = field(default_factory=dict)
     peer_json: dict[int, str] = field(default_factory=dict)
+    name_json: dict[int, str] = field(default_factory=dict)  # index -> '"i":["name",...]'
     _joined: tuple[str, str] | None = None  # (digests, peers) JSON objects, all chunks
+    _joined_names: str | None = None  # the peers JSON object by name, all chunks
 
     def joined(self) -> tuple[str, str]:
         if self._joined is None:
@@ -81,9 +85,11 @@ class ObjectMap:
             if where is not None:
                 where.discard(index)
         self.peer_json.pop(index, None)
+        self.name_json.pop(index, None)
         self.digest_json.pop(index, None)
         self.digests.pop(index, None)
         self._joined = None
+        self._joined_names = None
         if digest is None:
             return
         self.digests[index] = digest
@@ -96,10 +102,14 @@ class ObjectMap:
             if name not in self.refs:
                 address = self.addresses[name] = rank.named[name]
                 self.refs[name] = _dump({"node": name, "address": address})
+                self.name_refs[name] = _dump(name)
+                self.address_json[name] = f"{self.name_refs[name]}:{_dump(address)}"
         self.peer_json[index] = self._render(index, names)
+        self.name_json[index] = self._render(index, names, self.name_refs)
 
-    def _render(self, index: int, names: Iterable[str]) -> str:
-        return f'"{index}":[' + ",".join(self.refs[n] for n in names) + "]"
+    def _render(self, index: int, names: Iterable[str], refs: dict[str, str] | None = None) -> str:
+        refs = self.refs if refs is None else refs
+        return f'"{index}":[' + ",".join(refs[n] for n in names) + "]"
 
     def peers_for(self, requester: str | None) -> dict[int, list[str]]:
         """Each chunk's peers for `requester` (never itself; chunks left without any out)."""
@@ -119,15 +129,41 @@ class ObjectMap:
         mine = self.named_in.get(requester, set()) if requester is not None else set()
         if not mine:
             return digests, peers
+        return digests, self._without(requester, mine, self.peer_json, self.refs)
+
+    def names_json_for(self, requester: str | None) -> tuple[str, str, str]:
+        """The digests, the peers by name and the addresses of the nodes named, as JSON
+        objects for `requester` (never itself): the compact form of `json_for`, each node's
+        address once instead of once per chunk naming it (a 320-chunk map at K=8 from
+        2,000 holders: ~20 KiB instead of 80-210)."""
+        digests = self.joined()[0]
+        mine = self.named_in.get(requester, set()) if requester is not None else set()
+        if mine:
+            peers = self._without(requester, mine, self.name_json, self.name_refs)
+        else:
+            if self._joined_names is None:
+                joined = ",".join(self.name_json[i] for i in sorted(self.name_json))
+                self._joined_names = "{" + joined + "}"
+            peers = self._joined_names
+        named = [
+            self.address_json[n] for n, where in self.named_in.items() if where and n != requester
+        ]
+        return digests, peers, "{" + ",".join(named) + "}"
+
+    def _without(
+        self, requester: str | None, mine: set[int], rendered: dict[int, str], refs: dict[str, str]
+    ) -> str:
+        """The peers JSON object from the chunks' `rendered` entries, those naming the
+        requester (`mine`) rendered again without it (a chunk left with none: out)."""
         parts: list[str] = []
-        for index in sorted(self.peer_json):
+        for index in sorted(rendered):
             if index not in mine:
-                parts.append(self.peer_json[index])
+                parts.append(rendered[index])
                 continue
             names = [n for n in self.peers[index] if n != requester]
             if names:
-                parts.append(self._render(index, names))
-        return digests, "{" + ",".join(parts) + "}"
+                parts.append(self._render(index, names, refs))
+        return "{" + ",".join(parts) + "}"
 
 
 class ChunkMaps:

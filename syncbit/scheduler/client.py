@@ -343,16 +343,28 @@ class SchedulerClient:
         await self._request("DELETE", f"/v1/nodes/{_segment(node)}/quarantine")
 
     async def chunk_map(self, object_id: str, node: str | None = None) -> ChunkMap:
-        """Digests and ranked up peers per chunk of `object_id`, excluding `node` itself."""
-        params = {"node": node} if node is not None else None
+        """Digests and ranked up peers per chunk of `object_id`, excluding `node` itself.
+        Asks for the compact form (peers by name, each address once); a scheduler from
+        before it answers the full form, read the same."""
+        params = {"peers": "names"}
+        if node is not None:
+            params["node"] = node
         doc = await self._request("GET", f"/v1/objects/{_segment(object_id)}/chunks", params=params)
         with self._shape("GET chunks"):
+            addresses = doc.get("addresses")
+            if addresses is not None:
+                peers = {
+                    int(i): [Peer(str(n), str(addresses[n])) for n in names]
+                    for i, names in doc["peers"].items()
+                }
+            else:
+                peers = {
+                    int(i): [Peer(str(p["node"]), str(p["address"])) for p in ps]
+                    for i, ps in doc["peers"].items()
+                }
             return ChunkMap(
                 digests={int(i): str(d) for i, d in doc["digests"].items()},
-                peers={
-                    int(i): [Peer(str(p["node"]), str(p["address"])) for p in peers]
-                    for i, peers in doc["peers"].items()
-                },
+                peers=peers,
                 fetching={int(i): str(n) for i, n in doc.get("fetching", {}).items()},
                 disputed={int(i) for i in doc.get("disputed", [])},
                 broken=str(doc["broken"]) if doc.get("broken") else None,

@@ -254,15 +254,25 @@ class Directory:
         doc.update(self._tail(object_id))
         return doc
 
-    def chunk_map_json(self, object_id: str, requester: str | None, extra: dict[str, Any]) -> bytes:
+    def chunk_map_json(
+        self, object_id: str, requester: str | None, extra: dict[str, Any], names: bool = False
+    ) -> bytes:
         """`chunk_map` as JSON with the fields of `extra` after its own, rendered from the
-        kept map (`chunkmaps`): what `GET /v1/objects/<id>/chunks` answers."""
+        kept map (`chunkmaps`): what `GET /v1/objects/<id>/chunks` answers. `names`: the
+        compact form (`?peers=names`): peers by node name, each node's address once under
+        "addresses", as updates name them."""
         object_id = check_oid(object_id)
         kept = self._kept(object_id, requester)
-        digests, peers = ("{}", "{}") if kept is None else kept.json_for(requester)
         tail = self._tail(object_id) if kept is not None else {"disputed": []}
         rest = json.dumps({**tail, **extra}, separators=(",", ":"))
-        return f'{{"digests":{digests},"peers":{peers},{rest[1:]}'.encode()
+        if not names:
+            digests, peers = ("{}", "{}") if kept is None else kept.json_for(requester)
+            return f'{{"digests":{digests},"peers":{peers},{rest[1:]}'.encode()
+        digests, peers, addresses = (
+            ("{}", "{}", "{}") if kept is None else kept.names_json_for(requester)
+        )
+        head = f'{{"digests":{digests},"peers":{peers},"addresses":{addresses},'
+        return (head + rest[1:]).encode()
 
     def _kept(self, object_id: str, requester: str | None) -> ObjectMap | None:
         obj = self.facts.objects.get(object_id)
