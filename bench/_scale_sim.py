@@ -271,8 +271,10 @@ class Worker:
     async def _cpu_monitor(self) -> None:
         await trio.sleep_until(self.epoch_to_trio(self.stats.w0))
         start = time.process_time()
-        await trio.sleep_until(self.epoch_to_trio(self.stats.w1))
-        self.cpu = (start, time.process_time())
+        try:
+            await trio.sleep_until(self.epoch_to_trio(self.stats.w1))
+        finally:  # the run's end may cancel it a moment before the window's: counted then
+            self.cpu = (start, time.process_time())
 
     async def origin_read(self, nbytes: int) -> None:
         """A source read over the simulated origin link (shared by this worker's nodes)."""
