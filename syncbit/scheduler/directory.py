@@ -324,18 +324,16 @@ class Directory:
         group = self.holders.group_of(requester)
         indexes, last, more = self.holders.since(view, seq or 0, limit, group)
         doc.update(reset=seq is None, more=more, cursor=view.cursor(last), changed=indexes)
-        kept = self._kept(object_id, requester)
-        assert kept is not None  # a view is only made for an object the facts know
-        doc.update(self._states(object_id, kept, indexes, requester))
+        doc.update(self._states(object_id, self._kept(object_id, requester), indexes, requester))
         return doc
 
     def _states(
-        self, object_id: str, kept: ObjectMap, indexes: list[int], requester: str | None
+        self, object_id: str, kept: ObjectMap | None, indexes: list[int], requester: str | None
     ) -> dict[str, Any]:
         """The changed chunks' states now, peers read from the object's kept map (brought
         up to date by `_kept`), not ranked again per request: at 2,000 nodes (`bench/
-        scale.py --mode prefetch`) ranking every answer's chunks afresh was a fifth of the
-        scheduler's CPU."""
+        scale.py --mode prefetch`) updates were a fifth of the scheduler's CPU, most of it
+        ranking each answer's chunks afresh."""
         obj = self.facts.objects.get(object_id)
         recorded = obj.digests if obj is not None else {}
         disputes = self.facts.disputes
@@ -344,6 +342,7 @@ class Directory:
         fetching: dict[int, str] = {}
         disputed: list[int] = []
         named: dict[str, str] = {}
+        ranked = kept.peers if kept is not None else {}  # None: the object is gone
         for index in indexes:
             digest = recorded.get(index)
             if digest is not None:
@@ -351,8 +350,8 @@ class Directory:
             if (object_id, index) in disputes:
                 disputed.append(index)
             elif digest is not None:
-                names = [n for n in kept.peers.get(index, ()) if n != requester]
-                if names:
+                names = [n for n in ranked.get(index, ()) if n != requester]
+                if names and kept is not None:
                     peers[index] = names
                     for name in names:
                         named[name] = kept.addresses[name]
