@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["HedgePolicy", "Hedging"]
@@ -114,17 +114,47 @@ class Hedging:
         hedges = len(self._prune(self._times(self._hedges, kind)))
         return hedges < self.policy.budget * transfers + 1
 
-    def outlasts_fresh(self, kind: str, nbytes: int, left: int, rate: float) -> bool:
+    def outlasts_fresh(
+        self,
+        kind: str,
+        nbytes: int,
+        left: int,
+        rate: float,
+        beside: Sequence[float] = (),
+        average: float | None = None,
+    ) -> bool:
         """Whether a transfer of `nbytes` from `kind` with `left` bytes to go, receiving
-        `rate` bytes/s lately, would still take longer than a fresh one is expected to
-        (the straggler delay over its factor: the quantile itself). A transfer that is
-        slow but about to finish, as every transfer is on a link they share, is no
-        straggler: a second request would only take the same link's bytes twice."""
+        `rate` bytes/s lately (`average` since it began), would still take longer than a
+        fresh one is expected to (the straggler delay over its factor: the quantile
+        itself). A transfer that is slow but about to finish, as every transfer is on a
+        link they share, is no straggler: a second request would only take the same
+        link's bytes twice. A stalled one always is.
+
+        While too few transfers are known to say what a fresh one takes, the default is a
+        guess, and at N=8 on links every read shares it had nodes ask the origin twice (it
+        sent 1.02-1.03x the dataset). Then the evidence is the average rates of the
+        transfers of `kind` running `beside` it: a straggler receives less than their
+        median over the factor (a trickling connection; one as fast as the rest is
+        waited for). Alone, only its own pace says anything: it is a straggler if that
+        pace leaves it more than `factor` straggler delays to go."""
         if left <= 0:
             return False
         if rate <= 0:
             return True  # stalled
-        return left / rate > self.delay(kind, nbytes) / self.policy.factor
+        delay, factor = self.delay(kind, nbytes), self.policy.factor
+        if self.known(kind, nbytes):
+            return left / rate > delay / factor
+        if beside:
+            rates = sorted(beside)
+            return (rate if average is None else average) * factor < rates[len(rates) // 2]
+        return left / rate > delay * factor
+
+    def known(self, kind: str, nbytes: int) -> bool:
+        """Whether enough recent transfers of the kind and size are known for `delay` to
+        come from them rather than the default."""
+        self.delay(kind, nbytes)  # drops those past max_age
+        samples = self._samples.get((kind, _size_class(nbytes)))
+        return samples is not None and len(samples) >= self.policy.min_samples
 
     def hedged(self, kind: str) -> None:
         """A second request was sent for a straggler of `kind`."""

@@ -344,17 +344,26 @@ def test_should_hedge_a_straggler_within_the_budget() -> None:
 
 def test_a_transfer_about_to_finish_is_no_straggler() -> None:
     """Past the delay, what decides is the time the transfer still needs at its recent
-    rate against what a fresh one takes (the p95): a slow link shared by every transfer
-    is waited out, a stalled or trickling connection is not."""
+    rate against what a fresh one takes (the p95), or while that is not known, its rate
+    against those running beside it: a slow link shared by every transfer is waited out,
+    a stalled or trickling connection is not."""
     clock = Clock(1000.0)
     hedging = Hedging(HedgePolicy(factor=2.0, floor=0.1, default=2.0), clock)
-    # Nothing known: a fresh transfer is taken to need the default over the factor (1 s).
-    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 2.0)  # 0.5 s left
-    assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 8.0)  # 2 s left
+    # Nothing known of a fresh transfer: judged against the transfers running beside it.
+    slow = CHUNK / 8.0  # 2 s left
+    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, slow, [slow, slow * 1.5])
+    assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, slow, [slow * 3, slow * 4, 1.0])
+    # ... judged by its average since it began, the steadier figure, when given
+    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, slow, [slow * 3], slow * 2)
+    # Alone: a straggler only with more than factor x delay (4 s) to go at its pace.
+    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, slow)
+    assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 20.0)  # 5 s left
     assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, 0.0)  # stalled
     assert not hedging.outlasts_fresh("source", CHUNK, 0, 0.0)  # all there
+    assert not hedging.known("source", CHUNK)
     for _ in range(20):
         hedging.record("source", CHUNK, 0.2)  # known now: 0.2 s each
+    assert hedging.known("source", CHUNK)
     assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 2.0)  # 0.5 s > 0.2
     assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 0.5)
 

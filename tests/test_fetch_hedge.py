@@ -17,7 +17,7 @@ import trio
 from fakes import Directory, MemSource
 
 from syncbit.chunks import digest
-from syncbit.fetch import Fetcher
+from syncbit.fetch import Fetcher, Priority
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient
 from syncbit.protocol import Peer
@@ -39,10 +39,11 @@ class ChunkServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, stall: bool, pace: float = 0.0) -> None:
+    def __init__(self, stall: bool, pace: float = 0.0, size: int = len(DATA)) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.stall = stall
         self.pace = pace
+        self.data = DATA[:size]  # the file it serves: DATA or its first `size` bytes
         self.requests = 0
         self.aborted = threading.Event()
         self.lock = threading.Lock()
@@ -66,9 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests += 1
             stall = self.server.stall and self.server.requests == 1
-        body = DATA[first : last + 1]
+        data = self.server.data
+        body = data[first : last + 1]
         self.send_response(206)
-        self.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.server.pace:
@@ -212,6 +214,36 @@ async def test_a_source_read_slow_but_about_to_finish_is_not_asked_again(
         steady.server_close()
     assert bytes(got) == DATA[:CS]
     assert steady.requests == 1 and f.stats["source_hedged"] == 0
+
+
+async def test_source_reads_as_slow_as_those_beside_them_are_not_asked_again(
+    store: ObjectStore,
+) -> None:
+    """Nothing known yet of the origin's reads, three on a link they share (each answer
+    paced over 5 s): past the straggler delay (2 s) each still has ~3 s to go, more than
+    the default's guess of a fresh read (1 s), but the reads beside it are no faster, and
+    one alone has less than two delays to go: none is asked twice (at N=8 such second
+    reads had the origin send 1.02-1.03x the dataset)."""
+    origin = ChunkServer(stall=False, pace=5.0, size=3 * CS)
+    thread = threading.Thread(target=origin.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://{origin.address}/h.bin"
+    source = HttpSource(url)
+    entry = FileEntry(path="h.bin", size=3 * CS, object="cd" * 32, locator=url)
+    f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, source_batch=CS)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            with trio.fail_after(DEADLINE):
+                await f.ensure(entry, CS, source, Priority.PREFETCH)
+            nursery.cancel_scope.cancel()
+    finally:
+        source.close()
+        origin.shutdown()
+        origin.server_close()
+    assert f.stats["source_hedged"] == 0 and origin.requests == 3
+    obj = store.get(entry.object)
+    assert obj is not None and store.read(obj, 0, 3 * CS) == DATA[: 3 * CS]
 
 
 async def test_a_source_whose_reads_cannot_be_ended_is_not_hedged(store: ObjectStore) -> None:

@@ -69,6 +69,9 @@ class SourceRace:
         self.hedging = hedging
         # "source_hedged": second reads sent; "source_aborted": losers ended mid-read.
         self.stats = stats
+        # The average rate of each race's first read at its last look, by source kind: what
+        # a read is compared with while too few are known (`Hedging.outlasts_fresh`).
+        self._rates: dict[str, dict[int, float]] = {}
 
     async def run(self, flight: Flight, chunks: int, span: int) -> SourceRead:
         """The batch of `chunks` chunks (`span` bytes) from `flight`'s chunk on; raises the
@@ -105,6 +108,7 @@ class SourceRace:
                 return a
 
             first = launch(flight.deadline)
+            rates = self._rates.setdefault(kind, {})
             try:
                 await first.admitted.wait()
                 # The first read's progress is sampled every quarter of the straggler
@@ -127,11 +131,17 @@ class SourceRace:
                     rate = (got - seen[1]) / max(1e-6, now - seen[0])
                     seen = (now, got)
                     check_at = now + probe
-                    if self._should_hedge(flight, kind, span, first, span - got, rate):
+                    average = got / max(1e-6, now - first.began)
+                    beside = [r for k, r in rates.items() if k != id(first)]
+                    rates[id(first)] = average
+                    if self._should_hedge(
+                        flight, kind, span, first, span - got, rate, beside, average
+                    ):
                         launch(now)  # a free stream now, or no second read
                         running += 1
                         check_at = math.inf
             finally:
+                rates.pop(id(first), None)
                 # The loser, or every read when the flight is cancelled: ended now rather
                 # than waited out (their threads are waited for on the way out).
                 for a in attempts:
@@ -143,7 +153,15 @@ class SourceRace:
         return won
 
     def _should_hedge(
-        self, flight: Flight, kind: str, span: int, slow: _Attempt, left: int, rate: float
+        self,
+        flight: Flight,
+        kind: str,
+        span: int,
+        slow: _Attempt,
+        left: int,
+        rate: float,
+        beside: list[float],
+        average: float,
     ) -> bool:
         """Past the straggler delay, and at its recent rate `slow` would still take longer
         than a fresh read (a stalled or trickling connection, not a link every read
@@ -152,7 +170,7 @@ class SourceRace:
         elapsed = trio.current_time() - slow.began
         if not self.hedging.should_hedge(kind, span, elapsed):
             return False
-        if not self.hedging.outlasts_fresh(kind, span, left, rate):
+        if not self.hedging.outlasts_fresh(kind, span, left, rate, beside, average):
             return False
         self.hedging.hedged(kind)
         self.stats["source_hedged"] += 1
