@@ -91,13 +91,8 @@ class Hedging:
         """Seconds after which a transfer of `nbytes` from `kind` counts as a straggler."""
         p = self.policy
         key = (kind, _size_class(nbytes))
-        samples = self._samples.get(key)
-        if samples:
-            cutoff = self._clock() - p.max_age
-            while samples and samples[0][0] < cutoff:
-                samples.popleft()
-                self._sorted.pop(key, None)
-        if not samples or len(samples) < p.min_samples:
+        samples = self._recent(key)
+        if len(samples) < p.min_samples:
             return p.default
         ordered = self._sorted.get(key)
         if ordered is None:
@@ -152,9 +147,18 @@ class Hedging:
     def known(self, kind: str, nbytes: int) -> bool:
         """Whether enough recent transfers of the kind and size are known for `delay` to
         come from them rather than the default."""
-        self.delay(kind, nbytes)  # drops those past max_age
-        samples = self._samples.get((kind, _size_class(nbytes)))
-        return samples is not None and len(samples) >= self.policy.min_samples
+        return len(self._recent((kind, _size_class(nbytes)))) >= self.policy.min_samples
+
+    def _recent(self, key: tuple[str, int]) -> deque[tuple[float, float]]:
+        """The samples of a kind and size class within `max_age` (older ones dropped)."""
+        samples = self._samples.get(key)
+        if not samples:
+            return deque()
+        cutoff = self._clock() - self.policy.max_age
+        while samples and samples[0][0] < cutoff:
+            samples.popleft()
+            self._sorted.pop(key, None)
+        return samples
 
     def hedged(self, kind: str) -> None:
         """A second request was sent for a straggler of `kind`."""

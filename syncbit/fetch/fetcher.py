@@ -145,12 +145,11 @@ class Fetcher:
 
     @property
     def lookup_interval(self) -> float:
-        """See `Runner.lookup_interval` and `Transfers.lookup_interval`."""
-        return self._runner.lookup_interval
+        """See `Transfers.lookup_interval`."""
+        return self._transfers.lookup_interval
 
     @lookup_interval.setter
     def lookup_interval(self, seconds: float) -> None:
-        self._runner.lookup_interval = seconds
         self._transfers.lookup_interval = seconds
 
     def abandon(self, object_ids: AbstractSet[str], why: str) -> int:

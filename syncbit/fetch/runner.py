@@ -65,9 +65,6 @@ class Runner:
         self._idle = 0  # of them, waiting for a flight
         self.read_deadline = table.read_deadline
         self.park_poll = park_poll
-        # Seconds between two chunk-map lookups of this node's parked prefetches, all
-        # objects together: the scheduler's budget, told with each heartbeat (0: none).
-        self.lookup_interval = 0.0
         self._watching: set[str] = set()  # objects whose parked flights a task watches
         self._nudges: dict[str, trio.Event] = {}  # watchers waiting longer than park_poll
         # Chunks fetched but not yet on disk: lets a burst run ahead of a slower disk,
@@ -213,12 +210,12 @@ class Runner:
     async def _pause(self, object_id: str) -> None:
         """Until the next look at `object_id`'s chunk map: `park_poll` while a reader
         waits on it; with prefetches only, this object's share of the lookups the
-        scheduler asks of this node (`lookup_interval`, spread over the objects watched
-        here), cut short when a reader parks on it."""
+        scheduler asks of this node (`Transfers.lookup_interval`, spread over the objects
+        watched here), cut short when a reader parks on it."""
         parked = self._queue.parked(object_id).values()
-        wait = self.park_poll
-        if self.lookup_interval > 0 and all(f.priority >= Priority.PREFETCH for f in parked):
-            wait = max(wait, self.lookup_interval * len(self._watching))
+        wait, interval = self.park_poll, self._transfers.lookup_interval
+        if interval > 0 and all(f.priority >= Priority.PREFETCH for f in parked):
+            wait = max(wait, interval * len(self._watching))
         if wait <= self.park_poll:
             await trio.sleep(wait)
             return

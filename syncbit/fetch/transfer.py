@@ -94,11 +94,13 @@ class Transfers:
         self.streams = streams
         self.stats = stats
         self.unreachable: dict[str, float] = {}  # peer node -> left out until then
-        # The scheduler's lookup interval (`Runner.lookup_interval`): how long a prefetch's
-        # transfer reuses a chunk map. At 2,000 nodes (`bench/scale.py --mode prefetch`)
-        # every transferring node refreshed its maps every MAP_AGE whatever the scheduler
-        # asked, and the updates it could not answer in time came back as busy (429)
-        # 6,776 times in a 40 s window. A reader's transfer still refreshes after MAP_AGE.
+        # Seconds between two chunk-map lookups of one object the scheduler asks of this
+        # node, told with each heartbeat (0: none): how long a prefetch's transfer reuses
+        # a chunk map, and how often parked prefetches look (`Runner._pause`). At 2,000
+        # nodes (`bench/scale.py --mode prefetch`) every transferring node refreshed its
+        # maps every MAP_AGE whatever the scheduler asked, and the updates it could not
+        # answer in time came back as busy (429) 6,776 times in a 40 s window. A reader's
+        # transfer still refreshes after MAP_AGE.
         self.lookup_interval = 0.0
         self.race = PeerRace(self._from_peer, store.buffers, Hedging(), stats)
         self.source_race = SourceRace(streams, store.buffers, Hedging(SOURCE_HEDGING), stats)

@@ -69,7 +69,7 @@ class ObjectMap:
     peer_json: dict[int, str] = field(default_factory=dict)
     name_json: dict[int, str] = field(default_factory=dict)  # index -> '"i":["name",...]'
     _joined: tuple[str, str] | None = None  # (digests, peers) JSON objects, all chunks
-    _joined_names: str | None = None  # the peers JSON object by name, all chunks
+    _joined_names: tuple[str, str] | None = None  # (peers by name, addresses) JSON, all
 
     def joined(self) -> tuple[str, str]:
         if self._joined is None:
@@ -138,17 +138,18 @@ class ObjectMap:
         2,000 holders: ~20 KiB instead of 80-210)."""
         digests = self.joined()[0]
         mine = self.named_in.get(requester, set()) if requester is not None else set()
-        if mine:
+        if mine:  # its own chunks and address left out: rendered for it alone
             peers = self._without(requester, mine, self.name_json, self.name_refs)
-        else:
-            if self._joined_names is None:
-                joined = ",".join(self.name_json[i] for i in sorted(self.name_json))
-                self._joined_names = "{" + joined + "}"
-            peers = self._joined_names
-        named = [
-            self.address_json[n] for n, where in self.named_in.items() if where and n != requester
-        ]
-        return digests, peers, "{" + ",".join(named) + "}"
+            return digests, peers, self._addresses(requester)
+        if self._joined_names is None:
+            joined = ",".join(self.name_json[i] for i in sorted(self.name_json))
+            self._joined_names = ("{" + joined + "}", self._addresses(None))
+        return digests, *self._joined_names
+
+    def _addresses(self, requester: str | None) -> str:
+        """The JSON object of every named node's address but `requester`'s."""
+        named = (self.address_json[n] for n, at in self.named_in.items() if at and n != requester)
+        return "{" + ",".join(named) + "}"
 
     def _without(
         self, requester: str | None, mine: set[int], rendered: dict[int, str], refs: dict[str, str]

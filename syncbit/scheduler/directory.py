@@ -342,7 +342,7 @@ class Directory:
         fetching: dict[int, str] = {}
         disputed: list[int] = []
         named: dict[str, str] = {}
-        ranked = kept.peers if kept is not None else {}  # None: the object is gone
+        ranked, where = (kept.peers, kept.addresses) if kept is not None else ({}, {})
         for index in indexes:
             digest = recorded.get(index)
             if digest is not None:
@@ -351,10 +351,10 @@ class Directory:
                 disputed.append(index)
             elif digest is not None:
                 names = [n for n in ranked.get(index, ()) if n != requester]
-                if names and kept is not None:
+                if names:
                     peers[index] = names
                     for name in names:
-                        named[name] = kept.addresses[name]
+                        named[name] = where[name]
             reader = self.claims.reader(object_id, index)
             if reader is not None and reader != requester and self.live.is_up(reader):
                 fetching[index] = reader
