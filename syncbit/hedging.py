@@ -130,8 +130,9 @@ class Hedging:
         sent 1.02-1.03x the dataset). Then the evidence is the average rates of the
         transfers of `kind` running `beside` it: a straggler receives less than their
         median over the factor (a trickling connection; one as fast as the rest is
-        waited for). Alone, only its own pace says anything: it is a straggler if that
-        pace leaves it more than `factor` straggler delays to go."""
+        waited for). Alone, only its own pace says anything (the better of its recent rate
+        and its average, so that one slow look on a busy machine does not count): it is a
+        straggler if that pace leaves it more than `factor` straggler delays to go."""
         if left <= 0:
             return False
         if rate <= 0:
@@ -142,7 +143,8 @@ class Hedging:
         if beside:
             rates = sorted(beside)
             return (rate if average is None else average) * factor < rates[len(rates) // 2]
-        return left / rate > delay * factor
+        pace = rate if average is None else max(rate, average)  # one slow look is no trend
+        return left / pace > delay * factor
 
     def known(self, kind: str, nbytes: int) -> bool:
         """Whether enough recent transfers of the kind and size are known for `delay` to

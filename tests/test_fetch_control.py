@@ -358,6 +358,8 @@ def test_a_transfer_about_to_finish_is_no_straggler() -> None:
     # Alone: a straggler only with more than factor x delay (4 s) to go at its pace.
     assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, slow)
     assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 20.0)  # 5 s left
+    # ... one slow look with a steady average (a busy machine, not a trickle): waited for
+    assert not hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, CHUNK / 20.0, (), CHUNK / 4.0)
     assert hedging.outlasts_fresh("source", CHUNK, CHUNK // 4, 0.0)  # stalled
     assert not hedging.outlasts_fresh("source", CHUNK, 0, 0.0)  # all there
     assert not hedging.known("source", CHUNK)

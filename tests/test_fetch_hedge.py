@@ -35,14 +35,17 @@ DEADLINE = 30.0
 class ChunkServer(ThreadingHTTPServer):
     """A peer's chunk service on loopback serving DATA's ranges; with `stall`, its first
     answer sends half the chunk and then waits for the client to give up (`aborted`); with
-    `pace`, every answer trickles in 20 even pieces over that many seconds."""
+    `pace`, every answer trickles in `pieces` even pieces over that many seconds."""
 
     daemon_threads = True
 
-    def __init__(self, stall: bool, pace: float = 0.0, size: int = len(DATA)) -> None:
+    def __init__(
+        self, stall: bool, pace: float = 0.0, size: int = len(DATA), pieces: int = 20
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.stall = stall
         self.pace = pace
+        self.pieces = pieces
         self.data = DATA[:size]  # the file it serves: DATA or its first `size` bytes
         self.requests = 0
         self.aborted = threading.Event()
@@ -74,9 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.server.pace:
-            step = -(-len(body) // 20)
+            step = -(-len(body) // self.server.pieces)
             for at in range(0, len(body), step):
-                time.sleep(self.server.pace / 20)
+                time.sleep(self.server.pace / self.server.pieces)
                 self.wfile.write(body[at : at + step])
                 self.wfile.flush()
             return
@@ -224,7 +227,9 @@ async def test_source_reads_as_slow_as_those_beside_them_are_not_asked_again(
     the default's guess of a fresh read (1 s), but the reads beside it are no faster, and
     one alone has less than two delays to go: none is asked twice (at N=8 such second
     reads had the origin send 1.02-1.03x the dataset)."""
-    origin = ChunkServer(stall=False, pace=5.0, size=3 * CS)
+    # 100 pieces: a look at the rate (every 0.5 s) that sees no byte on a busy machine
+    # would be a stall, and a stall is always asked again.
+    origin = ChunkServer(stall=False, pace=5.0, size=3 * CS, pieces=100)
     thread = threading.Thread(target=origin.serve_forever, daemon=True)
     thread.start()
     url = f"http://{origin.address}/h.bin"
