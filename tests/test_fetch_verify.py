@@ -4,6 +4,7 @@ sample, a published whole-file SHA-256, broken revisions (no network)."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 import pytest
@@ -20,9 +21,10 @@ from fetchfixtures import (
 from trio.testing import wait_all_tasks_blocked
 
 from syncbit.chunks import HEAD_SAMPLE, digest
-from syncbit.errors import SourceChangedError
+from syncbit.errors import SourceChangedError, SourceUnavailableError
 from syncbit.fetch import Fetcher, Priority
 from syncbit.fetch.handle import OpenFile
+from syncbit.fetch.verify import HeadChecks, read_checked
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap
 from syncbit.store import ObjectStore
@@ -88,6 +90,192 @@ async def test_a_changed_head_fails_every_source_read_of_the_file(
     ((index, digest_, changed),) = directory.checks
     assert (index, digest_) == (4, None) and "first 65536 bytes of f.bin" in changed
     assert await fetcher.read(handle, 0, 10) == DATA[:10]  # cached before the change: kept
+
+
+class _Samples:
+    """Head samples for `HeadChecks`: each sees the head as it is when it starts (as a
+    server reads it when the request arrives) and ends when the test lets it."""
+
+    def __init__(self) -> None:
+        self.head_ok = True
+        self.taken = 0
+        self.release = trio.Event()
+        self.error: Exception | None = None
+
+    async def read(self) -> bool:
+        self.taken += 1
+        seen = self.head_ok
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return seen
+
+
+async def test_reads_of_one_file_at_once_share_head_samples(nursery: trio.Nursery) -> None:
+    """Five batch reads of one file: the first read's sample, then one more that began
+    after the other four, shared by them; a read waits for nothing once a sample that
+    began after it is in."""
+    heads, samples, answers = HeadChecks(), _Samples(), []
+
+    async def batch_read() -> None:
+        began = trio.current_time()
+        answers.append(await heads.after("f", began, samples.read, trio.Event()))
+
+    nursery.start_soon(batch_read)
+    await wait_all_tasks_blocked()
+    for _ in range(4):  # began while the first sample was out: it cannot answer for them
+        await trio.sleep(0.001)
+        nursery.start_soon(batch_read)
+    await wait_all_tasks_blocked()
+    assert samples.taken == 1
+    samples.release.set()
+    await wait_all_tasks_blocked()
+    assert answers == [True] * 5
+    assert samples.taken == heads.started == 2
+    await heads.after("f", 0.0, samples.read, trio.Event())  # answered by the last one
+    assert samples.taken == 2
+
+
+async def test_a_head_changed_before_a_read_began_fails_it_though_a_sample_was_out(
+    nursery: trio.Nursery,
+) -> None:
+    heads, samples, answers = HeadChecks(), _Samples(), {}
+
+    async def batch_read(name: str) -> None:
+        began = trio.current_time()
+        answers[name] = await heads.after("f", began, samples.read, trio.Event())
+
+    nursery.start_soon(batch_read, "before")
+    await wait_all_tasks_blocked()
+    samples.head_ok = False  # the origin changed the file's head now
+    await trio.sleep(0.001)
+    nursery.start_soon(batch_read, "after")
+    await wait_all_tasks_blocked()
+    samples.release.set()
+    await wait_all_tasks_blocked()
+    # The first sample went out before the change: it answers only for the read that
+    # began before it too (as that read's own sample did before samples were shared).
+    assert answers == {"before": True, "after": False}
+
+
+async def test_a_read_does_not_wait_on_another_reads_trickling_sample_past_its_batch(
+    nursery: trio.Nursery,
+) -> None:
+    heads, stuck = HeadChecks(), _Samples()
+    nursery.start_soon(heads.after, "f", trio.current_time(), stuck.read, trio.Event())
+    await wait_all_tasks_blocked()
+    await trio.sleep(0.001)
+    mine, batch_done = _Samples(), trio.Event()
+    mine.release.set()
+    got: list[bool] = []
+
+    async def later_read() -> None:
+        got.append(await heads.after("f", trio.current_time(), mine.read, batch_done))
+
+    nursery.start_soon(later_read)
+    await wait_all_tasks_blocked()
+    assert not got and mine.taken == 0  # waits while its batch runs...
+    batch_done.set()
+    await wait_all_tasks_blocked()
+    assert got == [True] and mine.taken == 1  # ...then takes its own
+    stuck.release.set()
+
+
+async def test_a_shared_sample_that_trickles_holds_a_read_only_as_long_again_as_its_batch(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    heads, trickling = HeadChecks(), _Samples()
+    began = trio.current_time()  # a read begins; another read's sample goes out after it
+    nursery.start_soon(heads.after, "f", trio.current_time(), trickling.read, trio.Event())
+    await wait_all_tasks_blocked()
+    mine, batch_done = _Samples(), trio.Event()
+    mine.release.set()
+    answered: list[float] = []
+
+    async def read() -> None:
+        assert await heads.after("f", began, mine.read, batch_done)
+        answered.append(trio.current_time() - began)
+
+    nursery.start_soon(read)
+    await trio.sleep(2)  # its batch takes 2 s; the shared sample is still out
+    assert not answered and mine.taken == 0
+    batch_done.set()
+    await trio.sleep(10)
+    assert answered == [pytest.approx(4.0)] and mine.taken == 1  # 2 s more, then its own
+    trickling.release.set()
+
+
+async def test_a_failed_sample_answers_no_one_else(nursery: trio.Nursery) -> None:
+    heads, failing = HeadChecks(), _Samples()
+    failing.error = SourceUnavailableError("origin: 503")
+    errors: list[Exception] = []
+
+    async def first_read() -> None:
+        try:
+            await heads.after("f", trio.current_time(), failing.read, trio.Event())
+        except SourceUnavailableError as exc:
+            errors.append(exc)
+
+    nursery.start_soon(first_read)
+    await wait_all_tasks_blocked()
+    fine = _Samples()
+    fine.release.set()
+    got: list[bool] = []
+
+    async def sharing_read() -> None:  # began before the failing sample: would share it
+        got.append(await heads.after("f", -1.0, fine.read, trio.Event()))
+
+    nursery.start_soon(sharing_read)
+    await wait_all_tasks_blocked()
+    failing.release.set()
+    await wait_all_tasks_blocked()
+    assert len(errors) == 1 and got == [True] and fine.taken == 1
+
+
+async def test_a_batch_that_failed_takes_no_head_sample(nursery: trio.Nursery) -> None:
+    """A throttled or failed batch read whose sample was still to come (another read's
+    was out) sends none: the origin would only get one more request to refuse."""
+    heads, out = HeadChecks(), _Samples()
+    key = f"{HEAD_ENTRY.object}:{HEAD_ENTRY.locator}"
+    nursery.start_soon(heads.after, key, trio.current_time(), out.read, trio.Event())
+    await wait_all_tasks_blocked()
+    source = MemSource(data=DATA)
+    source.down = True
+    with pytest.raises(SourceUnavailableError):
+        await read_checked(source, HEAD_ENTRY, 2, CS, memoryview(bytearray(CS)), 1, heads=heads)
+    assert source.asked == [(HEAD_ENTRY.path, 2 * CS)]  # the batch alone
+    out.release.set()
+
+
+async def test_a_pull_with_streams_at_once_takes_fewer_head_samples_than_reads(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """End to end: the file's chunks after the first are read as one-chunk batches on
+    several streams at once, each needing a head sample (the first batch holds the head);
+    they share them, and a changed head still fails the next read."""
+    source = MemSource(data=DATA)
+    fetcher = Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0, source_batch=CS)
+    await started(fetcher, nursery)
+    handle = fetcher.open(HEAD_ENTRY, CS, source)
+    assert await fetcher.read(handle, 0, 10) == DATA[:10]  # delivered: more streams now
+    source.gate = threading.Event()
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await fetcher.ensure(HEAD_ENTRY, CS, source, Priority.PREFETCH)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    with trio.fail_after(10):
+        while source.active < 3:  # batches (and a sample) held at the source at once
+            await trio.sleep(0.005)
+    source.gate.set()
+    with trio.fail_after(10):
+        await done.wait()
+    batches = 5  # chunks 1-5
+    samples = sum(1 for _, offset in source.asked if offset == 0) - 1  # less chunk 0's batch
+    assert 1 <= samples < batches, source.asked
+    assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
 
 
 async def test_broken_files_are_refused_cached_or_not(

@@ -23,7 +23,7 @@ import trio
 from syncbit.errors import SourceUnavailableError, SyncbitError, TransferAbortedError
 from syncbit.fetch.flight import Flight
 from syncbit.fetch.streams import Streams, key_of
-from syncbit.fetch.verify import read_checked
+from syncbit.fetch.verify import HeadChecks, read_checked
 from syncbit.hedging import HedgePolicy, Hedging
 from syncbit.store.staging import BufferPool
 from syncbit.wire import Abort
@@ -72,6 +72,7 @@ class SourceRace:
         # The average rate of each race's first read at its last look, by source kind: what
         # a read is compared with while too few are known (`Hedging.outlasts_fresh`).
         self._rates: dict[str, dict[int, float]] = {}
+        self.heads = HeadChecks()  # one head sample answers every read of a file at once
 
     async def run(self, flight: Flight, chunks: int, span: int) -> SourceRead:
         """The batch of `chunks` chunks (`span` bytes) from `flight`'s chunk on; raises the
@@ -207,6 +208,7 @@ class SourceRace:
                         chunks,
                         self.streams.threads,
                         a.abort,
+                        self.heads,
                     )
                 except SourceUnavailableError as exc:
                     if a.abort.fired:

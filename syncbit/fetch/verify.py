@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -68,6 +69,98 @@ def check_source(
     return None
 
 
+@dataclass(eq=False)
+class _HeadCheck:
+    began: float  # before its request went out
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool | None = None  # None once done: it failed or was cancelled
+
+
+class HeadChecks:
+    """Head samples shared by the source reads of one file that run at once.
+
+    A head sample shows a change of the file made before its request went out, so one
+    sample that began after a batch read began answers for that batch as well as its own
+    would: every source read still sees a change of the head made before it began. With
+    many streams on one file (a pull, a readahead window, several prefetches) each read
+    took a second request and a second connection of its own for the sample; an origin
+    that limits connections per client (nginx `limit_conn`, many mirrors) then had half
+    its connections carrying 64 KiB samples. Now a read that finds a sample in flight
+    that began before it waits for that one to end (or for its own batch, whichever comes
+    first) and then for a sample that began after it, which the first of the waiters
+    starts and all of them share. A batch takes far longer than a sample, so the answer
+    is mostly there before the batch's bytes are. A sample that failed or was cancelled
+    answers no one else, and a read waits for another read's sample no longer than its
+    own batch plus as long again (a trickling sample would hold every read sharing it:
+    each then takes its own, as before).
+    """
+
+    KEEP = 1024  # files remembered; a forgotten one just starts a fresh sample
+
+    def __init__(self) -> None:
+        self._latest: OrderedDict[str, _HeadCheck] = OrderedDict()
+        self.started = 0  # samples read (for tests)
+
+    async def after(
+        self,
+        key: str,
+        began: float,
+        read: Callable[[], Awaitable[bool]],
+        batch_done: trio.Event,
+    ) -> bool:
+        """Whether the head of file `key` matched, as seen by a sample whose request went
+        out at or after `began` (trio time); `read` takes a sample. `batch_done`: set
+        when the caller's own batch read ended."""
+        while True:
+            check = self._latest.get(key)
+            if check is not None and check.began >= began:
+                if await _waited(check, began, batch_done) and check.ok is not None:
+                    return check.ok
+                # failed, cancelled or still out: a sample of its own
+            elif check is not None and not check.done.is_set() and not batch_done.is_set():
+                await _first_of(check.done, batch_done)
+                continue
+            check = _HeadCheck(trio.current_time())
+            self._latest[key] = check
+            self._latest.move_to_end(key)
+            while len(self._latest) > self.KEEP:
+                self._latest.popitem(last=False)
+            self.started += 1
+            try:
+                check.ok = await read()
+            finally:
+                check.done.set()
+            return check.ok
+
+
+class _BatchFailed(Exception):
+    """The batch a head sample was for failed before the sample went out."""
+
+
+async def _waited(check: _HeadCheck, began: float, batch_done: trio.Event) -> bool:
+    """Wait for another read's sample while the batch read that `began` runs, and after
+    it as long again as it took (at least a second): a sample is a small fraction of a
+    batch, so one still out then trickles. Whether it ended."""
+    await _first_of(check.done, batch_done)
+    if not check.done.is_set():
+        with trio.move_on_after(max(1.0, trio.current_time() - began)):
+            await check.done.wait()
+    ended: bool = check.done.is_set()
+    return ended
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Until one of `events` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
+
+
 async def read_checked(
     source: Source,
     entry: FileEntry,
@@ -77,6 +170,7 @@ async def read_checked(
     chunks: int,
     limiter: trio.CapacityLimiter | None = None,
     abort: Abort | None = None,
+    heads: HeadChecks | None = None,
 ) -> tuple[list[str], bool]:
     """One range read of `chunks` consecutive chunks from chunk `first` (of `cs` bytes), in
     a worker thread: their digests, and whether the file's head still matches its recorded
@@ -84,7 +178,9 @@ async def read_checked(
     reads the head alongside, on a second connection: in sequence it would cost a round
     trip per batch on a distant origin. A change of the head before the batch's read began
     shows; one while it was read may not. `limiter`: the worker threads to read in
-    (default: trio's shared ones). `abort` ends both reads from another thread."""
+    (default: trio's shared ones). `abort` ends both reads from another thread. `heads`:
+    samples shared with the other reads of the file (see `HeadChecks`; None: one of its
+    own)."""
     expected = entry.version.get("head")
     n = head_length(entry.size)
 
@@ -100,6 +196,8 @@ async def read_checked(
     if not expected or (first == 0 and len(view) >= n):
         digests = await trio.to_thread.run_sync(batch, limiter=limiter)
         return digests, not expected or digest(view[:n]) == expected
+    began = trio.current_time()  # before the batch's request goes out
+    batch_done = trio.Event()
     digests = []
     head_ok = False
     errors: list[SyncbitError] = []  # kept, so one failure does not cancel the other read
@@ -110,13 +208,27 @@ async def read_checked(
             digests = await trio.to_thread.run_sync(batch, limiter=limiter)
         except SyncbitError as exc:
             errors.insert(0, exc)  # the batch's own error is the one to report
+        finally:
+            batch_done.set()
+
+    async def sample() -> bool:
+        if errors:  # the batch failed: a sample would only cost the origin a request
+            raise _BatchFailed
+        ok: bool = await trio.to_thread.run_sync(head, limiter=limiter)
+        return ok
 
     async def read_head() -> None:
         nonlocal head_ok
         try:
-            head_ok = await trio.to_thread.run_sync(head, limiter=limiter)
+            if heads is None:
+                head_ok = await sample()
+            else:
+                key = f"{entry.object}:{entry.locator}"
+                head_ok = await heads.after(key, began, sample, batch_done)
         except SyncbitError as exc:
             errors.append(exc)
+        except _BatchFailed:
+            pass
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_batch)
