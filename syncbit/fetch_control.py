@@ -220,11 +220,13 @@ class SourceConcurrency:
 
     # -- what the fetcher reports -----------------------------------------------------------
 
-    def started(self, key: str) -> None:
-        """A request to `key` was sent."""
+    def started(self, key: str) -> float:
+        """A request to `key` was sent; returns when (this controller's clock), for
+        `throttled` and `failed`."""
         s = self._get(key)
-        self._advance(s)
+        now = self._advance(s)
         s.in_flight += 1
+        return now
 
     def finished(self, key: str, nbytes: int, seconds: float) -> None:
         """A request to `key` delivered `nbytes` in `seconds` (from sending it to its last
@@ -244,9 +246,12 @@ class SourceConcurrency:
             s.done_seconds += seconds
         self._maybe_judge(s, now)
 
-    def throttled(self, key: str, retry_after: float | None = None) -> None:
+    def throttled(
+        self, key: str, retry_after: float | None = None, sent: float | None = None
+    ) -> None:
         """A request to `key` was refused as too many (HTTP 429/503, S3 SlowDown);
-        `retry_after`: the answer's Retry-After in seconds, if it had one."""
+        `retry_after`: the answer's Retry-After in seconds, if it had one; `sent`: when
+        the request went out (what `started` returned), if known."""
         s = self._get(key)
         now = self._advance(s)
         self._ended(s)
@@ -256,7 +261,7 @@ class SourceConcurrency:
             s.blocked_until = max(s.blocked_until, now + wait)
         else:
             self._back_off(s, now)
-        if self._may_cut(s, now):
+        if self._may_cut(s, now, sent):
             active = s.ceiling if now < s.ceiling_until and s.ceiling else self.policy.cap
             s.ceiling = max(1, min(active, s.level - 1))
             s.ceiling_until = now + self.policy.ceiling_memory
@@ -264,15 +269,16 @@ class SourceConcurrency:
         else:
             self._restart(s, max(now, s.blocked_until))
 
-    def failed(self, key: str) -> None:
+    def failed(self, key: str, sent: float | None = None) -> None:
         """A request to `key` failed (connection error, timeout, a 5xx that is not a
-        throttle): fewer requests at once, without a ceiling."""
+        throttle): fewer requests at once, without a ceiling. `sent`: as for
+        `throttled`."""
         s = self._get(key)
         now = self._advance(s)
         self._ended(s)
         s.failures += 1
         self._back_off(s, now)
-        if self._may_cut(s, now):
+        if self._may_cut(s, now, sent):
             self._cut(s, now, self.policy.error_factor)
 
     def cancelled(self, key: str) -> None:
@@ -337,9 +343,14 @@ class SourceConcurrency:
         s.streak += 1
         s.backoff_until = max(s.backoff_until, now + wait)
 
-    def _may_cut(self, s: _Source, now: float) -> bool:
+    def _may_cut(self, s: _Source, now: float, sent: float | None = None) -> bool:
         """One cut per transfer time: the answers to requests sent before a cut say
-        nothing about the level after it."""
+        nothing about the level after it. With `sent` known exactly that: a request sent
+        at or before the last cut never cuts again (at the start of a prefetch against an
+        origin with 4 connections, two 503s 0.2 s apart, both for requests sent at level
+        8, cut it to 2 and then to 1 with a ceiling of 1 for a minute: 1 stream of 4)."""
+        if sent is not None and sent <= s.last_cut:
+            return False
         window = max(self.policy.min_epoch, s.transfer_time)
         return now - s.last_cut >= window
 

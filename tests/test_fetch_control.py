@@ -178,6 +178,36 @@ def test_a_burst_of_throttles_cuts_once() -> None:
     assert ctl.limit(KEY) == 4
 
 
+def test_answers_to_requests_sent_before_a_cut_never_cut_again() -> None:
+    """An origin that takes 4 connections: at level 4 (with a fifth for a head sample)
+    two requests are refused, the second answer a transfer time after the first. It
+    cuts once, to 2 under a ceiling of 3; the second answer, for a request sent before
+    the cut, left it there (it used to cut to 1 under a ceiling of 1, for a minute)."""
+    clock = Clock(1000.0)
+    ctl = SourceConcurrency(ConcurrencyPolicy(initial=4), clock)
+    sent = [ctl.started(KEY) for _ in range(4)]
+    clock.now += 0.1
+    ctl.throttled(KEY, sent=sent[0])
+    assert ctl.limit(KEY) == 2
+    clock.now += 1.0  # well past a transfer time and min_epoch
+    ctl.throttled(KEY, sent=sent[1])
+    ctl.failed(KEY, sent=sent[2])  # a failure of the same burst: no cut either
+    assert ctl.limit(KEY) == 2
+    later = ctl.started(KEY)  # sent at 2: its refusal is news
+    clock.now += 0.1
+    ctl.throttled(KEY, sent=later)
+    assert ctl.limit(KEY) == 1
+    # Without knowing when a request went out, a second answer a transfer time later
+    # still cuts (the rule before `sent`).
+    ctl2 = SourceConcurrency(ConcurrencyPolicy(initial=4), clock)
+    for _ in range(4):
+        ctl2.started(KEY)
+    ctl2.throttled(KEY)
+    clock.now += 1.0
+    ctl2.throttled(KEY)
+    assert ctl2.limit(KEY) == 1
+
+
 def test_throttled_level_is_a_ceiling_for_a_while() -> None:
     clock = Clock(1000.0)
     policy = ConcurrencyPolicy(initial=16)

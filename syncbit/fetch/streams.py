@@ -95,16 +95,16 @@ class Streams:
     @asynccontextmanager
     async def _reporting(self, key: str, nbytes: int) -> AsyncIterator[None]:
         control = self.control
-        control.started(key)
+        sent = control.started(key)
         began = trio.current_time()
         try:
             yield
         except SourceThrottledError as exc:
-            control.throttled(key, exc.retry_after)
+            control.throttled(key, exc.retry_after, sent)
             self._remember(key, exc)
             raise
         except SourceUnavailableError as exc:
-            control.failed(key)
+            control.failed(key, sent)
             self._remember(key, exc)
             raise
         except BaseException:
