@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -166,6 +167,15 @@ class Host:
         return done.stdout
 
 
+@dataclass(frozen=True)
+class Port:
+    """The counters of a host's port on the bridge, since the port was made."""
+
+    to_host: int  # bytes the port delivered to the host (its download)
+    from_host: int  # bytes the host sent into the bridge (its upload)
+    dropped: int  # packets the port's queue dropped on the way to the host
+
+
 class Topology:
     """A bridge in a hub namespace and hosts attached to it, shaped at `rate` per direction.
 
@@ -238,6 +248,25 @@ class Topology:
             _shape(self.hub, port, host.rate)  # what the bridge sends it: its download
         self.hosts[name] = host
         return host
+
+    def ports(self) -> dict[str, Port]:
+        """Each host's port counters now (what the emulated switch saw: a byte a host sent
+        that its receiver's port dropped counts in `from_host` and not in `to_host`)."""
+        links = json.loads(_run("ip", "-n", self.hub, "-j", "-s", "link", "show"))
+        qdiscs = json.loads(_run("tc", "-n", self.hub, "-s", "-j", "qdisc", "show"))
+        drops: dict[str, int] = {}
+        for q in qdiscs:
+            if q.get("kind") == "bfifo":  # the port's queue, under its htb class
+                drops[q["dev"]] = drops.get(q["dev"], 0) + int(q.get("drops", 0))
+        out: dict[str, Port] = {}
+        for link in links:
+            name = link.get("ifname", "")
+            if name.startswith("p-"):
+                stats = link["stats64"]
+                out[name[2:]] = Port(
+                    stats["tx"]["bytes"], stats["rx"]["bytes"], drops.get(name, 0)
+                )
+        return out
 
     def close(self) -> None:
         """Delete every namespace this topology created. Safe to call twice; never raises."""

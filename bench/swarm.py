@@ -40,7 +40,7 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import process, process_seconds
-from netns import Host, NetnsError, Topology, parse_rate, pid_alive, reap_stale, unusable
+from netns import Host, NetnsError, Port, Topology, parse_rate, pid_alive, reap_stale, unusable
 
 REPO = Path(__file__).resolve().parent.parent
 SYNCBIT = [sys.executable, "-m", "syncbit.cli"]
@@ -85,6 +85,32 @@ class Sample:
 
 
 @dataclass
+class Switch:
+    """What the emulated switch carried during a phase (deltas of `Topology.ports`)."""
+
+    sent_in: int  # bytes every host sent into it, headers and resent bytes included
+    delivered: int  # bytes its ports delivered to the hosts
+    dropped_packets: int  # packets the node ports' queues dropped (GSO: up to 64 KiB each)
+    origin_port: int  # bytes the origin sent into it
+    node_download: int  # bytes delivered to the nodes
+
+    @classmethod
+    def between(cls, before: dict[str, Port], after: dict[str, Port]) -> Switch:
+        def total(attr: str, names: list[str]) -> int:
+            return sum(getattr(after[k], attr) - getattr(before[k], attr) for k in names)
+
+        hosts = sorted(after.keys() & before.keys())
+        nodes = [k for k in hosts if k.startswith("node")]
+        return cls(
+            total("from_host", hosts),
+            total("to_host", hosts),
+            total("dropped", nodes),
+            total("from_host", ["origin"]),
+            total("to_host", nodes),
+        )
+
+
+@dataclass
 class Phase:
     """One way of bringing the file to every node."""
 
@@ -93,6 +119,7 @@ class Phase:
     per_node: dict[str, float]  # seconds from the start until that node had every byte
     cpu: dict[str, float] = field(default_factory=dict)  # see CpuMeter.report()
     timeline: list[Sample] = field(default_factory=list)
+    switch: Switch | None = None
 
 
 @dataclass
@@ -482,12 +509,14 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         with process(sched.argv([*sample, origin.netns]), logs / "timeline.log"):
             poll("the first sample", lambda: "\n[" in "\n" + (logs / "timeline.log").read_text())
             meter.start()
+            ports = topo.ports()
             start = time.monotonic()
             seconds, ready = syncbit_ready(args.mode, sched, nodes, base, logs, timeout, start)
             cpu = meter.report(seconds)
+            switch = Switch.between(ports, topo.ports())
             time.sleep(0.6)  # one more sample: the last reports reach the scheduler
         timeline = read_timeline(logs / "timeline.log", start)
-        syncbit = Phase(seconds, origin_sent(origin) - before, ready, cpu, timeline)
+        syncbit = Phase(seconds, origin_sent(origin) - before, ready, cpu, timeline, switch)
 
     rate = parse_rate(args.rate)
     cache = "tmpfs" if args.cache_tmpfs else f"disk ({work / 'nodes'})"
@@ -522,6 +551,16 @@ def report(r: Result) -> None:
         times = "  ".join(f"{k} {v:.1f}" for k, v in sorted(p.per_node.items(), key=_node_order))
         print(f"\n{label} per-node ready (s): {times}")
     print(f"\nsyncbit progress (s): {milestones(r.syncbit.timeline, r.size, r.nodes)}")
+    sw = r.syncbit.switch
+    if sw is not None and sw.sent_in:
+        busy = sw.node_download / (r.nodes * r.rate_bits / 8 * r.syncbit.seconds)
+        print(
+            f"\nswitch while syncbit ran: hosts sent {sw.sent_in / MiB:.0f} MiB into it, the "
+            f"node ports dropped {100 * (1 - sw.delivered / sw.sent_in):.1f}% of it "
+            f"({sw.dropped_packets} packets); the origin's port carried "
+            f"{sw.origin_port / max(1, r.syncbit.origin_bytes):.2f}x the body bytes it "
+            f"served; the node downlinks carried {100 * busy:.0f}% of what their rate allows"
+        )
     cpu = r.syncbit.cpu
     daemon_cores = [cpu[f"node{i}/s"] for i in range(1, r.nodes + 1)]
     print(

@@ -155,6 +155,7 @@ def test_prefetch_over_shaped_links_sends_each_byte_from_the_origin_about_once(
     sched = swarm.scheduler
     url = f"{swarm.origin.url}{swarm.dataset.name}/"
     swarm.cli(sched.ns, "dataset", "add", "weights", url, "--scheduler", sched.url)
+    ports = swarm.lan.ports()
     start = time.monotonic()
     swarm.cli(sched.ns, "prefetch", "weights", "--selector", "swarm=1", "--scheduler", sched.url)
     wait = [*SYNCBIT, "wait", "weights", "--timeout", "45s", "--daemon", f"127.0.0.1:{PEER_PORT}"]
@@ -184,3 +185,14 @@ def test_prefetch_over_shaped_links_sends_each_byte_from_the_origin_about_once(
     assert served <= 1.25 * total, (
         f"origin sent {served / total:.2f}x the dataset to {NODES} nodes in {elapsed:.1f}s"
     )
+    # The switch's counters, which bench/swarm.py reports from: every node's port
+    # delivered the dataset to it, the origin's port carried at least what it served, and
+    # the switch delivered no more than the hosts sent into it.
+    after = swarm.lan.ports()
+    for node in swarm.nodes:
+        got = after[node.name].to_host - ports[node.name].to_host
+        assert got >= total, f"{node.name}'s port delivered {got} bytes of {total}"
+    assert after["origin"].from_host - ports["origin"].from_host >= served
+    sent_in = sum(after[k].from_host - ports[k].from_host for k in after)
+    delivered = sum(after[k].to_host - ports[k].to_host for k in after)
+    assert delivered <= sent_in
