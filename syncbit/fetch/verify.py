@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from syncbit.chunks import chunk_length, digest, head_length
-from syncbit.errors import SourceChangedError, SyncbitError
+from syncbit.errors import SourceChangedError, SyncbitError, TransferAbortedError
 from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap
 from syncbit.sources.base import Source
@@ -133,10 +133,6 @@ class HeadChecks:
             return check.ok
 
 
-class _BatchFailed(Exception):
-    """The batch a head sample was for failed before the sample went out."""
-
-
 async def _waited(check: _HeadCheck, began: float, batch_done: trio.Event) -> bool:
     """Wait for another read's sample while the batch read that `began` runs, and after
     it as long again as it took (at least a second): a sample is a small fraction of a
@@ -213,7 +209,7 @@ async def read_checked(
 
     async def sample() -> bool:
         if errors:  # the batch failed: a sample would only cost the origin a request
-            raise _BatchFailed
+            raise TransferAbortedError("no head sample: the batch read failed")
         ok: bool = await trio.to_thread.run_sync(head, limiter=limiter)
         return ok
 
@@ -226,9 +222,7 @@ async def read_checked(
                 key = f"{entry.object}:{entry.locator}"
                 head_ok = await heads.after(key, began, sample, batch_done)
         except SyncbitError as exc:
-            errors.append(exc)
-        except _BatchFailed:
-            pass
+            errors.append(exc)  # after the batch's own error, which is the one raised
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_batch)
