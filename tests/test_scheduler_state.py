@@ -464,13 +464,47 @@ async def test_status_cached_bytes_over_distinct_objects(
     await add(state, "n2", OBJ_B, 10, CHUNK, [(2, D3)])
     await add(state, "n2", OBJ_A, 8, CHUNK, [(0, D1)])
     clock.now += TIMEOUT + 1  # down nodes still hold what they hold
-    doc = state.status()
+    doc = await state.status()
     assert [n["name"] for n in doc["nodes"]] == ["n1", "n2"]
     assert all(n["up"] is False and n["cache_bytes"] == 100 for n in doc["nodes"])
     by_name = {d["name"]: d for d in doc["datasets"]}
     assert by_name["ds"]["cached"] == {"n1": 10, "n2": 2}
     assert by_name["ds"]["size"] == 20 and by_name["ds"]["files"] == 3
     assert by_name["other"]["cached"] == {"n2": 4}
+
+
+async def test_status_lets_other_requests_run_while_it_is_built(
+    state: SchedulerState, clock: Clock
+) -> None:
+    """An overview of many nodes and holders is built a turn at a time: a heartbeat
+    arriving meanwhile is served between turns, not after the whole overview (which at
+    5,000 nodes held the loop as long as it took)."""
+    names = [f"n{i:03d}" for i in range(60)]
+    for name in names:
+        await beat(state, name)
+    ds = manifest("ds", "memtest://x/", {"a": (10, OBJ_B)})
+    await state.catalog.put_dataset(ds)
+    for name in names:
+        await add(state, name, OBJ_B, 10, CHUNK, [(0, D1), (1, D2), (2, D3)])
+    turns: list[int] = []
+    building = True
+
+    async def heartbeats_meanwhile() -> None:
+        while building:
+            turns.append(len(turns))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeats_meanwhile)
+        await trio.lowlevel.checkpoint()
+        before = len(turns)
+        doc = await state.status(per_turn=10)
+        building = False
+    assert len(turns) - before >= 5  # 60 nodes, 10 a turn: the other task ran between
+    assert [n["name"] for n in doc["nodes"]] == names
+    assert doc["datasets"][0]["cached"] == dict.fromkeys(names, 10)
+    whole = await state.status()  # the default turn: the same overview
+    assert whole["nodes"] == doc["nodes"] and whole["datasets"] == doc["datasets"]
 
 
 async def test_durable_facts_survive_a_reopen_and_soft_state_does_not(

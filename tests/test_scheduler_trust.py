@@ -238,7 +238,7 @@ async def test_a_source_that_changed_breaks_the_file_until_added_again(
     assert state.chunk_map(OBJ_A)["broken"].startswith("source changed: head differs too")
     (summary,) = state.catalog.datasets()
     assert [b["path"] for b in summary["broken"]] == ["a.bin"]
-    assert [b["path"] for b in state.status()["datasets"][0]["broken"]] == ["a.bin"]
+    assert [b["path"] for b in (await state.status())["datasets"][0]["broken"]] == ["a.bin"]
     assert (
         await state.trust.check("n3", OBJ_A, 2, TRUE) == "source-changed"
     )  # nothing more to settle
@@ -251,7 +251,7 @@ async def test_a_source_that_changed_breaks_the_file_until_added_again(
     assert files["b.bin"] == OBJ_B and files["a.bin"] not in (OBJ_A, OBJ_B)
     assert state.chunk_map(files["a.bin"])["digests"] == {}
     assert "broken" not in state.catalog.datasets()[0]
-    assert state.status()["datasets"][0]["broken"] == []
+    assert (await state.status())["datasets"][0]["broken"] == []
 
 
 async def test_a_recheck_that_matches_nobody_breaks_the_file(state: SchedulerState) -> None:
@@ -326,7 +326,7 @@ async def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
     await establish(state, "n1", OBJ_A, {0: TRUE})
     await establish(state, "n2", OBJ_A, {1: TRUE})
     await state.trust.quarantine("n2", "caught lying by hand")
-    doc = state.status()
+    doc = await state.status()
     (n2,) = [n for n in doc["nodes"] if n["name"] == "n2"]
     assert n2["quarantined"]["reason"] == "caught lying by hand"
     assert doc["quarantined"] == [
@@ -345,12 +345,12 @@ async def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
         await state.trust.lift_quarantine("n2")
     await state.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])
     assert sorted(peers(state, OBJ_A, 0)) == ["n1", "n2"]
-    assert state.status()["quarantined"] == []
+    assert (await state.status())["quarantined"] == []
 
 
 async def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> None:
-    def trust_facts(st: SchedulerState) -> tuple[object, ...]:
-        status = st.status()
+    async def trust_facts(st: SchedulerState) -> tuple[object, ...]:
+        status = await st.status()
         broken = [d["broken"] for d in status["datasets"]]
         return st.trust.disputes(), dict(st.facts.quarantine), status["quarantined"], broken
 
@@ -361,9 +361,9 @@ async def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> Non
         await st.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, FALSE)])
         await st.trust.quarantine("n3", "by hand")
         await st.trust.check("n1", OBJ_B, 0, None, "head differs")
-        before = trust_facts(st)
+        before = await trust_facts(st)
     async with open_lmdb_state(tmp_path / "s", TIMEOUT, clock=clock) as st:
-        assert trust_facts(st) == before
+        assert await trust_facts(st) == before
         disputes = before[0]
         assert isinstance(disputes, list) and len(disputes) == 2
 

@@ -270,7 +270,7 @@ class Api(ChunkHandlers):
         return json_bytes({"node": c.seg[2], "quarantined": False})
 
     async def _status(self, c: Call) -> bytes:
-        return json_bytes(self.state.status())
+        return json_bytes(await self.state.status())
 
     # -- credentials -----------------------------------------------------------------------------
 
