@@ -139,7 +139,7 @@ def test_retry_after_holds_every_new_request() -> None:
     for _ in range(3):
         ctl.cancelled(KEY)
     assert ctl.delay(KEY) == pytest.approx(2.5)
-    assert ctl.limit(KEY) == 4 and ctl.in_flight(KEY) == 0
+    assert ctl.limit(KEY) == 6 and ctl.in_flight(KEY) == 0
     assert not ctl.may_start(KEY)  # slots free, but the origin asked for a pause
     clock.now += 1.0
     ctl.started(KEY)  # a request the fetcher had sent before it knew
@@ -169,34 +169,35 @@ def test_a_burst_of_throttles_cuts_once() -> None:
         ctl.started(KEY)
     for _ in range(16):  # every request open was refused at once
         ctl.throttled(KEY)
-    assert ctl.limit(KEY) == 8
+    assert ctl.limit(KEY) == 11  # 16 x 0.7, rounded
     stats = ctl.stats(KEY)
     assert stats.throttles == 16 and stats.in_flight == 0 and stats.phase is Phase.HOLD
     clock.now += ctl.policy.min_epoch
     ctl.started(KEY)
     ctl.throttled(KEY)  # a later answer is news: cut again
-    assert ctl.limit(KEY) == 4
+    assert ctl.limit(KEY) == 8
 
 
 def test_answers_to_requests_sent_before_a_cut_never_cut_again() -> None:
     """An origin that takes 4 connections: at level 4 (with a fifth for a head sample)
     two requests are refused, the second answer a transfer time after the first. It
-    cuts once, to 2 under a ceiling of 3; the second answer, for a request sent before
-    the cut, left it there (it used to cut to 1 under a ceiling of 1, for a minute)."""
+    cuts once, to 3 under a ceiling of 3; the second answer, for a request sent before
+    the cut, leaves it there (it used to cut again, down to 1 under a ceiling of 1 for a
+    minute at the factor of the time)."""
     clock = Clock(1000.0)
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=4), clock)
     sent = [ctl.started(KEY) for _ in range(4)]
     clock.now += 0.1
     ctl.throttled(KEY, sent=sent[0])
-    assert ctl.limit(KEY) == 2
+    assert ctl.limit(KEY) == 3
     clock.now += 1.0  # well past a transfer time and min_epoch
     ctl.throttled(KEY, sent=sent[1])
     ctl.failed(KEY, sent=sent[2])  # a failure of the same burst: no cut either
-    assert ctl.limit(KEY) == 2
-    later = ctl.started(KEY)  # sent at 2: its refusal is news
+    assert ctl.limit(KEY) == 3
+    later = ctl.started(KEY)  # sent at 3: its refusal is news
     clock.now += 0.1
     ctl.throttled(KEY, sent=later)
-    assert ctl.limit(KEY) == 1
+    assert ctl.limit(KEY) == 2
     # Without knowing when a request went out, a second answer a transfer time later
     # still cuts (the rule before `sent`).
     ctl2 = SourceConcurrency(ConcurrencyPolicy(initial=4), clock)
@@ -205,7 +206,22 @@ def test_answers_to_requests_sent_before_a_cut_never_cut_again() -> None:
     ctl2.throttled(KEY)
     clock.now += 1.0
     ctl2.throttled(KEY)
-    assert ctl2.limit(KEY) == 1
+    assert ctl2.limit(KEY) == 2
+
+
+def test_a_cut_takes_at_least_one_stream_and_keeps_one() -> None:
+    """A throttle multiplies the level by 0.7, an error by 0.75, each rounded and at
+    least one less (never below 1)."""
+    clock = Clock(1000.0)
+    for level, throttled, failed in ((1, 1, 1), (2, 1, 1), (3, 2, 2), (4, 3, 3), (64, 45, 48)):
+        ctl = SourceConcurrency(ConcurrencyPolicy(initial=level), clock)
+        ctl.started(KEY)
+        ctl.throttled(KEY)
+        assert ctl.limit(KEY) == throttled, level
+        ctl = SourceConcurrency(ConcurrencyPolicy(initial=level), clock)
+        ctl.started(KEY)
+        ctl.failed(KEY)
+        assert ctl.limit(KEY) == failed, level
 
 
 def test_throttled_level_is_a_ceiling_for_a_while() -> None:
@@ -214,7 +230,7 @@ def test_throttled_level_is_a_ceiling_for_a_while() -> None:
     ctl = SourceConcurrency(policy, clock)
     ctl.started(KEY)
     ctl.throttled(KEY)  # at 16: 15 is the most it may try for ceiling_memory
-    assert ctl.limit(KEY) == 8
+    assert ctl.limit(KEY) == 11
     # An origin where every stream pays, so only the ceiling stops the climb.
     sim = Simulation(ctl, OriginModel(per_connection=100 * MB), clock)
     start = clock.now
@@ -290,7 +306,7 @@ def test_sources_are_independent_and_bounded_in_number() -> None:
     ctl = SourceConcurrency(ConcurrencyPolicy(initial=8, max_keys=2), clock)
     ctl.started("a")
     ctl.throttled("a")
-    assert ctl.limit("a") == 4 and ctl.limit("b") == 8
+    assert ctl.limit("a") == 6 and ctl.limit("b") == 8  # 8 x 0.7, rounded
     ctl.started("b")  # "b" busy, "a" idle: a third source makes "a" forgotten
     assert ctl.limit("c") == 8 and ctl.limit("a") == 8
     assert ctl.in_flight("b") == 1  # a source with requests open is never forgotten
