@@ -15,13 +15,14 @@ from fakes import Clock
 
 from syncbit.errors import NotFoundError, SchedulerError, UserError
 from syncbit.manifest import FileEntry, Manifest, build_manifest
-from syncbit.scheduler.api import NODES_SLICE, Api
+from syncbit.scheduler.api import Api
 from syncbit.scheduler.chunkapi import Call
 from syncbit.scheduler.live import LAG_FLOOR, LAG_TURNS
 from syncbit.scheduler.policy import LeastLoaded
 from syncbit.scheduler.records import held_bytes
 from syncbit.scheduler.server import SchedulerServer
 from syncbit.scheduler.state import (
+    TURN,
     DatasetExistsError,
     NodeInfo,
     SchedulerState,
@@ -125,7 +126,7 @@ async def test_the_node_listing_lets_heartbeats_in_while_it_is_built(
 ) -> None:
     """GET /v1/nodes is O(nodes): built a slice at a time, with the loop free between
     slices (in one piece, 5,000 nodes held it, and every heartbeat, for up to 0.7 s)."""
-    count = 4 * NODES_SLICE + 1
+    count = 4 * TURN + 1
     async with trio.open_nursery() as nursery:
         for i in range(count):
             nursery.start_soon(beat, state, f"n{i:04d}")
@@ -151,7 +152,7 @@ async def test_the_node_listing_lets_heartbeats_in_while_it_is_built(
         nursery.start_soon(listing)
     # A turn between every two slices (trio runs the other task just before or just after
     # each one: the last may see the listing done). In one piece: none.
-    assert meanwhile >= count // NODES_SLICE - 1
+    assert meanwhile >= count // TURN - 1
     listed = json.loads(answer)["nodes"]
     assert [n["name"] for n in listed] == [f"n{i:04d}" for i in range(count)]
     assert listed == [n.to_json() for n in state.nodes()]
@@ -464,7 +465,7 @@ async def test_status_cached_bytes_over_distinct_objects(
     await add(state, "n2", OBJ_B, 10, CHUNK, [(2, D3)])
     await add(state, "n2", OBJ_A, 8, CHUNK, [(0, D1)])
     clock.now += TIMEOUT + 1  # down nodes still hold what they hold
-    doc = await state.status()
+    doc = json.loads(await state.status_json())
     assert [n["name"] for n in doc["nodes"]] == ["n1", "n2"]
     assert all(n["up"] is False and n["cache_bytes"] == 100 for n in doc["nodes"])
     by_name = {d["name"]: d for d in doc["datasets"]}
@@ -498,12 +499,12 @@ async def test_status_lets_other_requests_run_while_it_is_built(
         nursery.start_soon(heartbeats_meanwhile)
         await trio.lowlevel.checkpoint()
         before = len(turns)
-        doc = await state.status(per_turn=10)
+        doc = json.loads(await state.status_json(per_turn=10))
         building = False
     assert len(turns) - before >= 5  # 60 nodes, 10 a turn: the other task ran between
     assert [n["name"] for n in doc["nodes"]] == names
     assert doc["datasets"][0]["cached"] == dict.fromkeys(names, 10)
-    whole = await state.status()  # the default turn: the same overview
+    whole = json.loads(await state.status_json())  # the default turn: the same overview
     assert whole["nodes"] == doc["nodes"] and whole["datasets"] == doc["datasets"]
 
 

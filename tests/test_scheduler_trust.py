@@ -4,8 +4,10 @@ through a real SchedulerServer on loopback."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -112,6 +114,12 @@ def test_a_quarantined_node_is_granted_reads_but_not_the_right() -> None:
 
 
 # -- recording digests -------------------------------------------------------------------------
+
+
+async def status_of(state: SchedulerState) -> dict[str, Any]:
+    """What `GET /v1/status` answers, parsed."""
+    doc: dict[str, Any] = json.loads(await state.status_json())
+    return doc
 
 
 async def test_digests_nobody_was_granted_are_refused(state: SchedulerState) -> None:
@@ -238,7 +246,7 @@ async def test_a_source_that_changed_breaks_the_file_until_added_again(
     assert state.chunk_map(OBJ_A)["broken"].startswith("source changed: head differs too")
     (summary,) = state.catalog.datasets()
     assert [b["path"] for b in summary["broken"]] == ["a.bin"]
-    assert [b["path"] for b in (await state.status())["datasets"][0]["broken"]] == ["a.bin"]
+    assert [b["path"] for b in (await status_of(state))["datasets"][0]["broken"]] == ["a.bin"]
     assert (
         await state.trust.check("n3", OBJ_A, 2, TRUE) == "source-changed"
     )  # nothing more to settle
@@ -251,7 +259,7 @@ async def test_a_source_that_changed_breaks_the_file_until_added_again(
     assert files["b.bin"] == OBJ_B and files["a.bin"] not in (OBJ_A, OBJ_B)
     assert state.chunk_map(files["a.bin"])["digests"] == {}
     assert "broken" not in state.catalog.datasets()[0]
-    assert (await state.status())["datasets"][0]["broken"] == []
+    assert (await status_of(state))["datasets"][0]["broken"] == []
 
 
 async def test_a_recheck_that_matches_nobody_breaks_the_file(state: SchedulerState) -> None:
@@ -326,7 +334,7 @@ async def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
     await establish(state, "n1", OBJ_A, {0: TRUE})
     await establish(state, "n2", OBJ_A, {1: TRUE})
     await state.trust.quarantine("n2", "caught lying by hand")
-    doc = await state.status()
+    doc = await status_of(state)
     (n2,) = [n for n in doc["nodes"] if n["name"] == "n2"]
     assert n2["quarantined"]["reason"] == "caught lying by hand"
     assert doc["quarantined"] == [
@@ -345,12 +353,12 @@ async def test_quarantine_is_visible_keeps_nodes_out_and_is_lifted(
         await state.trust.lift_quarantine("n2")
     await state.chunks.add_chunks("n2", OBJ_A, 3 * CHUNK, CHUNK, [(0, TRUE)])
     assert sorted(peers(state, OBJ_A, 0)) == ["n1", "n2"]
-    assert (await state.status())["quarantined"] == []
+    assert (await status_of(state))["quarantined"] == []
 
 
 async def test_trust_facts_survive_a_reopen(tmp_path: Path, clock: Clock) -> None:
     async def trust_facts(st: SchedulerState) -> tuple[object, ...]:
-        status = await st.status()
+        status = await status_of(st)
         broken = [d["broken"] for d in status["datasets"]]
         return st.trust.disputes(), dict(st.facts.quarantine), status["quarantined"], broken
 

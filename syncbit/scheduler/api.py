@@ -9,7 +9,6 @@ never keeps state of its own beyond counters, never logs a credential. Source li
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -46,9 +45,6 @@ from syncbit.sources.options import (
 )
 
 log = logging.getLogger("syncbit.scheduler")
-
-NODES_SLICE = 250
-"""Node records `GET /v1/nodes` encodes between two checkpoints (~5 ms of the loop)."""
 
 NODE_CREDENTIAL_TTL = 24 * 3600.0
 """Seconds a node credential issued at registration is valid; the daemon renews it with
@@ -105,24 +101,8 @@ class Api(ChunkHandlers):
         return json_bytes({"ok": True, "generation": self.state.generation()})
 
     async def _nodes(self, c: Call) -> bytes:
-        """Every registered node: O(nodes) by nature, so built NODES_SLICE at a time with a
-        checkpoint between slices. In one piece, 5,000 nodes (3.8 MB of JSON) held the loop
-        for 90-700 ms on the 2-core bench, and every heartbeat behind it waited as long.
-        Each record is as of its slice (a few ms apart); a node removed meanwhile is left
-        out."""
-        names = sorted(self.state.facts.nodes)
-        parts: list[str] = []
-        for start in range(0, len(names), NODES_SLICE):
-            if start:
-                await trio.lowlevel.checkpoint()
-            docs = [
-                self.state.node(n).to_json()
-                for n in names[start : start + NODES_SLICE]
-                if n in self.state.facts.nodes
-            ]
-            if docs:
-                parts.append(json.dumps(docs, separators=(",", ":"))[1:-1])
-        return ('{"nodes":[' + ",".join(parts) + "]}").encode()
+        """Every registered node, encoded a slice at a time (`SchedulerState.nodes_json`)."""
+        return ('{"nodes":' + await self.state.nodes_json() + "}").encode()
 
     async def _heartbeat(self, c: Call) -> bytes:
         req: HeartbeatBody = parse(HeartbeatBody, c.doc())
@@ -270,7 +250,7 @@ class Api(ChunkHandlers):
         return json_bytes({"node": c.seg[2], "quarantined": False})
 
     async def _status(self, c: Call) -> bytes:
-        return json_bytes(await self.state.status())
+        return await self.state.status_json()
 
     # -- credentials -----------------------------------------------------------------------------
 
