@@ -235,8 +235,9 @@ async def test_a_scrape_builds_no_overview(
     def overview(*_: object) -> None:
         raise AssertionError("a scrape built the overview")
 
-    monkeypatch.setattr(state, "status", overview)
+    monkeypatch.setattr(state, "status_json", overview)
     monkeypatch.setattr(state, "nodes", overview)
+    monkeypatch.setattr(state, "nodes_json", overview)
     monkeypatch.setattr(state, "node", overview)
     async with httpx.AsyncClient(base_url=server.url, trust_env=False) as raw:
         resp = await raw.get("/metrics")
