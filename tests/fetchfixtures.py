@@ -3,6 +3,8 @@ fetcher, and the chunk directory's helpers (a peer now holds these chunks...).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 from fakes import Directory
 
@@ -36,14 +38,26 @@ def deliver(directory: Directory, *indexes: int) -> None:
         directory.info.fetching.pop(i, None)
 
 
-def prefetch_evens(fetcher: Fetcher, source: Source, nursery: trio.Nursery) -> trio.Event:
-    """Start a prefetch of ENTRY in which this node is planned to read the even chunks
-    (of two members); the event is set once it completes."""
+def prefetch_in_background(
+    fetcher: Fetcher,
+    source: Source,
+    nursery: trio.Nursery,
+    entry: FileEntry = ENTRY,
+    may_source: Callable[[int], bool] | None = None,
+) -> trio.Event:
+    """Start a prefetch of `entry` (`may_source`: the chunks the plan gives this node);
+    the event is set once it completes."""
     done = trio.Event()
 
     async def prefetch() -> None:
-        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i % 2 == 0)
+        await fetcher.ensure(entry, CS, source, Priority.PREFETCH, may_source)
         done.set()
 
     nursery.start_soon(prefetch)
     return done
+
+
+def prefetch_evens(fetcher: Fetcher, source: Source, nursery: trio.Nursery) -> trio.Event:
+    """Start a prefetch of ENTRY in which this node is planned to read the even chunks
+    (of two members); the event is set once it completes."""
+    return prefetch_in_background(fetcher, source, nursery, may_source=lambda i: i % 2 == 0)

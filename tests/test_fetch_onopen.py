@@ -8,9 +8,10 @@ import threading
 
 import trio
 from fakes import Directory, MemSource, Peers
-from fetchfixtures import CS, DATA, ENTRY, started
+from fetchfixtures import CS, DATA, ENTRY, prefetch_in_background, started
 
 from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
+from syncbit.fetch.flight import State
 from syncbit.manifest import FileEntry
 from syncbit.store import ObjectStore
 from syncbit.wire import Abort
@@ -135,6 +136,64 @@ async def test_foreground_reads_go_before_the_whole_file_fetch(
             await trio.sleep(0.01)
     assert got == [DATA[4 * CS : 4 * CS + 100]]
     assert sorted(off for _, off in source.asked) == [i * CS for i in range(CHUNKS)]  # once
+
+
+class _EnteredPaths(MemSource):
+    """Records (path, offset) of every read as it starts, before the gate holds it."""
+
+    entered: list[tuple[str, int]]
+
+    def read_into(
+        self, entry: FileEntry, offset: int, buf: memoryview, abort: Abort | None = None
+    ) -> None:
+        self.entered.append((entry.path, offset))
+        super().read_into(entry, offset, buf)
+
+
+async def test_an_open_file_is_fetched_before_the_datasets_queued_prefetch(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A process waits on the file it opened; the dataset's prefetch of another file is
+    for later: the open's whole-file fetch goes ahead of the prefetch's queued chunks."""
+    other = ENTRY.model_copy(update={"path": "other.bin", "object": "ab" * 32})
+    source = _EnteredPaths(data=DATA)
+    source.entered = []
+    source.gate = threading.Event()
+    fetcher = Fetcher(
+        store, Directory(), Peers(DATA), readahead_chunks=0, source_batch=CS, source_concurrency=1
+    )
+    await started(fetcher, nursery)
+    warmed = prefetch_in_background(fetcher, source, nursery, other)  # the dataset's
+    await trio.sleep(0.1)  # its first chunk is being read (at the gate), the rest queued
+    held = len(source.entered)
+    assert held and all(path == "other.bin" for path, _ in source.entered)
+    # Still queued: not the read at the gate, nor those waiting for the source's stream.
+    queued = {
+        f.index * CS
+        for f in fetcher._runner.table
+        if f.obj.id == other.object and f.state is State.QUEUED
+    }
+    assert queued and len(queued) <= CHUNKS - held
+    prefetch = OpenPrefetch(fetcher)
+    prefetch.bind(nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    assert prefetch.opened(handle, CS, "on")
+    await trio.sleep(0.1)
+    _open_gate(source)
+    with trio.fail_after(10):
+        await warmed.wait()
+        while not handle.obj.complete:
+            await trio.sleep(0.01)
+    # Every chunk of both once; the open's file before what the prefetch still had queued.
+    assert sorted(source.entered) == sorted(
+        [(p, i * CS) for p in ("f.bin", "other.bin") for i in range(CHUNKS)]
+    )
+    last_opened = max(n for n, (path, _) in enumerate(source.entered) if path == "f.bin")
+    assert all(
+        n > last_opened
+        for n, read in enumerate(source.entered)
+        if read[0] == "other.bin" and read[1] in queued
+    ), source.entered
 
 
 async def test_closing_before_the_end_stops_the_fetch_and_nothing_counts_as_present(

@@ -66,6 +66,21 @@ async def test_a_more_urgent_reader_raises_a_waiting_flight_not_a_running_one(
     assert how is Joined.JOINED and other.priority is Priority.PREFETCH
 
 
+async def test_an_open_file_raises_queued_prefetch_but_keeps_its_plan(
+    store: ObjectStore,
+) -> None:
+    """A file a process holds open is fetched ahead of a dataset's prefetch, and a chunk
+    the plan gives another node still waits for that node (the origin's bytes once)."""
+    flights = table()
+    flight, _ = join(flights, store, 1, Priority.PREFETCH)
+    flight.may_source = lambda: False
+    _, how = join(flights, store, 1, Priority.OPENED)
+    assert how is Joined.RAISED and flight.priority is Priority.OPENED
+    assert flight.may_source is not None and not flight.may_source()
+    _, how = join(flights, store, 1, Priority.PREFETCH)  # the prefetch asks again: no change
+    assert how is Joined.JOINED and flight.priority is Priority.OPENED
+
+
 async def test_a_kept_failure_gives_the_next_flight_one_attempt(store: ObjectStore) -> None:
     flights = table(failure_ttl=5.0)
     flight, _ = join(flights, store, 0)
@@ -136,6 +151,37 @@ async def test_a_flight_planned_elsewhere_is_not_queued_and_stale_entries_are_sk
     taken = {queue.take(), queue.take()}
     assert taken == {elsewhere, twice}
     assert queue.take() is None  # the stale entry of a running flight is skipped
+
+
+async def test_open_files_go_before_queued_prefetch_in_the_lane_they_waited_in(
+    store: ObjectStore,
+) -> None:
+    flights = table()
+    queue = FlightQueue(peer_limit=1, source_limit=lambda: 1)
+    prefetch = [join(flights, store, i, Priority.PREFETCH)[0] for i in range(3)]
+    for f in prefetch:
+        assert queue.push(f)
+    peer = join(flights, store, 3, Priority.PREFETCH)[0]
+    waiting = join(flights, store, 4, Priority.PREFETCH)[0]
+    for f in (peer, waiting):
+        assert queue.push(f, peer_ready=True)
+    # An open's fetch joins the last queued flight of each lane: each goes first in it.
+    for f in (prefetch[2], waiting):
+        _, how = flights.join(f.obj, f.entry, f.source, f.index, Priority.OPENED)
+        assert how is Joined.RAISED
+        assert queue.push(f, peer_ready=f.peer_ready)
+    taken = [queue.take(), queue.take()]
+    assert queue.take() is None  # both lanes at their limit
+    assert {(f.index, f.lane) for f in taken if f is not None} == {(2, "source"), (4, "peer")}
+    for t in taken:
+        assert t is not None
+        queue.done_running(t)
+    # Then the prefetch in its order; the raised flights' older entries are skipped.
+    order = []
+    while (nxt := queue.take()) is not None:
+        order.append(nxt.index)
+        queue.done_running(nxt)
+    assert sorted(order) == [0, 1, 3] and [i for i in order if i != 3] == [0, 1]
 
 
 # -- readahead --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fetchfixtures import (
     chunk_of,
     deliver,
     prefetch_evens,
+    prefetch_in_background,
     started,
 )
 
@@ -99,13 +100,7 @@ async def test_prefetch_plan_reads_own_chunks_and_takes_the_rest_from_peers(
     await started(fetcher, nursery)
     mine = {0, 2, 4}
     directory.info.fetching.update({1: "n2", 3: "n2", 5: "n2"})  # the other member's reads
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH, lambda i: i in mine)
-        done.set()
-
-    nursery.start_soon(prefetch)
+    done = prefetch_in_background(fetcher, source, nursery, may_source=lambda i: i in mine)
     await trio.sleep(0.3)
     assert not done.is_set()
     assert source.bytes == 3 * CS  # only the chunks planned for this node
@@ -281,13 +276,7 @@ async def test_busy_holders_are_waited_for_not_blamed(
     # A reader is served by a busy holder at once.
     with trio.fail_after(5):
         assert await fetcher.read(fetcher.open(ENTRY, CS, MemSource(data=DATA)), 0, 10) == DATA[:10]
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await fetcher.ensure(ENTRY, CS, MemSource(data=DATA), Priority.PREFETCH)
-        done.set()
-
-    nursery.start_soon(prefetch)
+    done = prefetch_in_background(fetcher, MemSource(data=DATA), nursery)
     await trio.sleep(0.3)
     assert not done.is_set() and fetcher.stats["busy"] > 0  # both holders busy: waiting
     peers.busy.discard("b")  # one holder frees a slot
@@ -321,13 +310,7 @@ async def test_without_a_scheduler_prefetch_waits_and_readers_read(
     source, directory = MemSource(data=DATA), _SchedulerDown()
     fetcher = Fetcher(store, directory, Peers(DATA), readahead_chunks=0, park_poll=0.01)
     await started(fetcher, nursery)
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
-        done.set()
-
-    nursery.start_soon(prefetch)
+    done = prefetch_in_background(fetcher, source, nursery)
     await trio.sleep(0.3)
     # Another node may be reading the same chunks: the origin would send them twice.
     assert source.reads == 0 and not done.is_set()

@@ -16,6 +16,7 @@ from fetchfixtures import (
     ENTRY,
     HEAD_ENTRY,
     chunk_of,
+    prefetch_in_background,
     started,
 )
 from trio.testing import wait_all_tasks_blocked
@@ -259,13 +260,7 @@ async def test_a_pull_with_streams_at_once_takes_fewer_head_samples_than_reads(
     handle = fetcher.open(HEAD_ENTRY, CS, source)
     assert await fetcher.read(handle, 0, 10) == DATA[:10]  # delivered: more streams now
     source.gate = threading.Event()
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await fetcher.ensure(HEAD_ENTRY, CS, source, Priority.PREFETCH)
-        done.set()
-
-    nursery.start_soon(prefetch)
+    done = prefetch_in_background(fetcher, source, nursery, HEAD_ENTRY)
     with trio.fail_after(10):
         while source.active < 3:  # batches (and a sample) held at the source at once
             await trio.sleep(0.005)

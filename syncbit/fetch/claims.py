@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from syncbit.errors import SyncbitError
 from syncbit.fetch.directory import ChunkDirectory
-from syncbit.fetch.flight import Flight, FlightTable, Park, Priority, State
+from syncbit.fetch.flight import BACKGROUND, Flight, FlightTable, Park, State
 from syncbit.protocol import ChunkMap
 
 log = logging.getLogger("syncbit.fetch")
@@ -75,7 +75,7 @@ class Claims:
             claim = await self.directory.claim(obj.id, wanted, self.ttl)
         except SyncbitError as exc:
             log.debug("no claim on %s: %s", obj.id[:12], exc)
-            if flight.priority >= Priority.PREFETCH:
+            if flight.priority >= BACKGROUND:
                 # Background reads wait for the scheduler (a failover takes seconds) rather
                 # than read what another node may be reading too: the origin's bytes twice.
                 self.unclaim(followers)

@@ -26,9 +26,20 @@ from syncbit.store import StoredObject
 
 
 class Priority(IntEnum):
+    """How urgent a chunk is; the lower, the sooner. A reader waits for FOREGROUND chunks
+    and is about to for READAHEAD ones: both run from the read queue. The rest are
+    background, run from the prefetch lanes: OPENED, a file a process holds open and the
+    node fetches whole (`onopen`), goes before PREFETCH, a dataset warmed for later."""
+
     FOREGROUND = 0
     READAHEAD = 1
-    PREFETCH = 2
+    OPENED = 2
+    PREFETCH = 3
+
+
+# This priority and the later ones are background: no reader waits on the flight, it runs
+# from a prefetch lane and may wait for the plan, a peer or the scheduler.
+BACKGROUND = Priority.OPENED
 
 
 class State(IntEnum):
@@ -93,6 +104,7 @@ class Flight:
     waiting_for: str = ""  # the node a parked flight waits for
     origin: Origin = Origin.CACHE
     lane: Lane = Lane.READ
+    peer_ready: bool = False  # queued in the peer lane (a holder has its chunk)
     ran: bool = False  # a worker started it at least once
     scope: trio.CancelScope | None = None  # its transfer, while a worker runs it
     abandoned: str = ""  # why `Fetcher.abandon` stopped it
@@ -186,13 +198,16 @@ class FlightTable:
         if flight is None:
             flight = Flight(obj, entry, source, index, prio, deadline)
             flight.one_shot = deadline <= now
-            if may_source is not None and prio >= Priority.PREFETCH:
+            if may_source is not None and prio >= BACKGROUND:
                 flight.may_source = functools.partial(may_source, index)
             self._flights[key] = flight
             return flight, Joined.NEW
         if prio < flight.priority and flight.state is not State.RUNNING:
             flight.priority = prio
-            flight.may_source = None  # a reader needs it now: no waiting for a plan
+            if prio < BACKGROUND:
+                flight.may_source = None  # a reader needs it now: no waiting for a plan
+            # (An open file's fetch goes ahead of the queued prefetch but still leaves a
+            # chunk the plan gives another node to that node: the origin's bytes once.)
             return flight, Joined.RAISED
         return flight, Joined.JOINED
 

@@ -2,8 +2,9 @@
 the background, so a loader that touches it in its own order (safetensors' mmap, torch.load)
 does not fault its way through it one small read at a time. Owns the decision (dataset
 setting, node setting, size) and the life of those fetches; never transfers a byte itself
-(`Fetcher.ensure` does, at prefetch priority, so foreground reads and readahead go first
-and share the same flights: one transfer per chunk whoever asks).
+(`Fetcher.ensure` does, at the OPENED priority: foreground reads and readahead go first,
+a dataset's background prefetch after, and all share the same flights: one transfer per
+chunk whoever asks).
 """
 
 from __future__ import annotations
@@ -103,9 +104,7 @@ class OpenPrefetch:
         try:
             with whole.scope:
                 log.debug("prefetch on open of %s: fetching %d bytes", path, handle.obj.size)
-                await self.fetcher.ensure(
-                    handle.entry, chunk_size, handle.source, Priority.PREFETCH
-                )
+                await self.fetcher.ensure(handle.entry, chunk_size, handle.source, Priority.OPENED)
                 log.debug("prefetch on open of %s: complete", path)
         except (SyncbitError, OSError) as exc:
             # The reader's own reads report what matters to it; this is only ahead of them.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import trio
 
-from syncbit.fetch.flight import Flight, Lane, Priority, State
+from syncbit.fetch.flight import BACKGROUND, Flight, Lane, State
 
 _Heap = list[tuple[int, int, Flight]]
 
@@ -47,7 +47,7 @@ class FlightQueue:
         False, and nothing queued, for a prefetch the plan gives to another node: the
         caller parks it (queued in the source lane it would wait behind this node's own
         source reads, and peers would learn of the other nodes' chunks in bursts)."""
-        if flight.priority < Priority.PREFETCH:
+        if flight.priority < BACKGROUND:
             heap = self._reads
         elif not peer_ready and flight.may_source is not None and not flight.may_source():
             return False
@@ -55,6 +55,7 @@ class FlightQueue:
             heap = self._lanes[Lane.PEER if peer_ready else Lane.SOURCE]
         self.unpark(flight)
         flight.move(State.QUEUED)
+        flight.peer_ready = peer_ready
         heapq.heappush(heap, (int(flight.priority), next(self._seq), flight))
         self.wake()
         return True
@@ -65,7 +66,7 @@ class FlightQueue:
         reads = self._reads
         while reads:
             flight = heapq.heappop(reads)[2]
-            if flight.state is State.QUEUED and flight.priority < Priority.PREFETCH:
+            if flight.state is State.QUEUED and flight.priority < BACKGROUND:
                 return self._begin(flight, Lane.READ)
         for lane, heap in self._lanes.items():
             if not heap:
@@ -73,7 +74,7 @@ class FlightQueue:
             limit = self.peer_limit if lane is Lane.PEER else self.source_limit()
             while heap and self._running[lane] < limit:
                 flight = heapq.heappop(heap)[2]
-                if flight.state is State.QUEUED and flight.priority >= Priority.PREFETCH:
+                if flight.state is State.QUEUED and flight.priority >= BACKGROUND:
                     return self._begin(flight, lane)
         return None
 
@@ -97,7 +98,7 @@ class FlightQueue:
     def source_lane_idle(self) -> bool:
         """No prefetch source read running or queued here."""
         return not self._running[Lane.SOURCE] and not any(
-            f.state is State.QUEUED and f.priority >= Priority.PREFETCH
+            f.state is State.QUEUED and f.priority >= BACKGROUND
             for _, _, f in self._lanes[Lane.SOURCE]
         )
 

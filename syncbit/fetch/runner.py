@@ -20,7 +20,16 @@ from syncbit.errors import (
     SyncbitError,
     UserError,
 )
-from syncbit.fetch.flight import Flight, FlightTable, Joined, Park, Priority, Staged, State
+from syncbit.fetch.flight import (
+    BACKGROUND,
+    Flight,
+    FlightTable,
+    Joined,
+    Park,
+    Priority,
+    Staged,
+    State,
+)
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.plan import takeover
 from syncbit.fetch.queue import FlightQueue
@@ -106,7 +115,7 @@ class Runner:
         waits on is left alone: its own deadline bounds it. Returns how many stopped."""
         stopped = 0
         for flight in self.table:
-            if flight.obj.id not in object_ids or flight.priority < Priority.PREFETCH:
+            if flight.obj.id not in object_ids or flight.priority < BACKGROUND:
                 continue
             if flight.final:
                 continue
@@ -136,8 +145,12 @@ class Runner:
         flight, joined = self.table.join(
             handle.obj, handle.entry, handle.source, index, prio, may_source
         )
-        if joined is not Joined.JOINED:
-            self.push(flight)  # a raised flight's older heap entry is skipped when popped
+        if joined is Joined.NEW:
+            self.push(flight)
+        elif joined is Joined.RAISED:
+            # Queued again at its new priority, in the lane it waited in; its older heap
+            # entry is skipped when popped.
+            self.push(flight, peer_ready=flight.state is State.QUEUED and flight.peer_ready)
         return flight
 
     def push(self, flight: Flight, peer_ready: bool = False) -> None:
@@ -152,7 +165,7 @@ class Runner:
         self.stats["parked"] += 1
         self._queue.park(flight, holder)
         object_id = flight.obj.id
-        if flight.priority < Priority.PREFETCH and object_id in self._nudges:
+        if flight.priority < BACKGROUND and object_id in self._nudges:
             self._nudges[object_id].set()  # a reader waits: its watcher looks now
         if object_id not in self._watching:
             self._watching.add(object_id)
@@ -185,7 +198,7 @@ class Runner:
                         flight.may_source is None or flight.may_source()
                     ):
                         self.push(flight)  # nobody is reading it: this node will
-                    elif flight.priority < Priority.PREFETCH and now > flight.deadline:
+                    elif flight.priority < BACKGROUND and now > flight.deadline:
                         self._queue.unpark(flight)
                         flight.error = ReadDeadlineError(
                             f"chunk {index} of {flight.entry.path}: {flight.waiting_for} was "
@@ -214,7 +227,7 @@ class Runner:
         watched here), cut short when a reader parks on it."""
         parked = self._queue.parked(object_id).values()
         wait, interval = self.park_poll, self._transfers.lookup_interval
-        if interval > 0 and all(f.priority >= Priority.PREFETCH for f in parked):
+        if interval > 0 and all(f.priority >= BACKGROUND for f in parked):
             wait = max(wait, interval * len(self._watching))
         if wait <= self.park_poll:
             await trio.sleep(wait)
@@ -300,7 +313,7 @@ class Runner:
         else:
             self.table.finish(flight)
         for done in result or []:
-            if done.flight.priority < Priority.PREFETCH:
+            if done.flight.priority < BACKGROUND:
                 self._served.fetched(done.flight)
             if done.flight is not flight:
                 self.table.finish(done.flight)  # readers go on from RAM while it is written

@@ -24,12 +24,12 @@ from syncbit.errors import (
 from syncbit.fetch.claims import Claims
 from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
 from syncbit.fetch.flight import (
+    BACKGROUND,
     Flight,
     FlightTable,
     Lane,
     Origin,
     Park,
-    Priority,
     Staged,
     State,
     is_temp_failure,
@@ -66,7 +66,7 @@ def _spread(peers: list[Peer]) -> list[Peer]:
 def _for_reader(flight: Flight) -> bool:
     """Whether a reader waits for the chunk or its readahead asked for it: then RAM keeps
     it until read (a prefetch's chunk goes to disk and the LRU)."""
-    return flight.priority < Priority.PREFETCH
+    return flight.priority < BACKGROUND
 
 
 class Transfers:
@@ -135,7 +135,7 @@ class Transfers:
 
     def map_age(self, flight: Flight) -> float:
         """Seconds `flight`'s transfer may act on a chunk map as old (see `lookup_interval`)."""
-        if flight.priority >= Priority.PREFETCH:
+        if flight.priority >= BACKGROUND:
             return max(MAP_AGE, self.lookup_interval)
         return MAP_AGE
 
@@ -262,7 +262,7 @@ class Transfers:
         self, flight: Flight, peer: Peer, view: memoryview, expected: str, abort: Abort
     ) -> None:
         offset = flight.index * flight.obj.chunk_size
-        prefetch = flight.priority >= Priority.PREFETCH
+        prefetch = flight.priority >= BACKGROUND
         self.peers.get_into(
             peer.address, flight.obj.id, offset, view, prefetch=prefetch, abort=abort
         )
@@ -290,7 +290,7 @@ class Transfers:
             f.deadline = flight.deadline
         batch = [flight, *claimed]
         span = sum(chunk_length(obj.size, obj.chunk_size, f.index) for f in batch)
-        if flight.priority >= Priority.PREFETCH:
+        if flight.priority >= BACKGROUND:
             await self.bandwidth.take(span)
         try:
             # One stream of the source's adaptive limit (two while a straggler is hedged);
