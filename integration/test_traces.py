@@ -89,8 +89,9 @@ def test_the_first_readers_order_is_kept_shown_and_followed_by_another_nodes_pre
     order = _prefetched_in_order(cluster, n2, "traced")
     assert "follows the access trace of node n1 (3 runs)" in n2.log_text()
     assert order[:3] == [("c.bin", 2, 2), ("a.bin", 1, 1), ("b.bin", 0, 0)], order
-    # Then everything else, file by file; each chunk once.
-    assert order[3:] == [("a.bin", 0, 0), ("a.bin", 2, 2), ("b.bin", 1, 2), ("c.bin", 0, 1)]
+    # Then the rest of each file the trace names, in the order it named them (here every
+    # file); each chunk once.
+    assert order[3:] == [("c.bin", 0, 1), ("a.bin", 0, 0), ("a.bin", 2, 2), ("b.bin", 1, 2)]
     for rel, facts in ds.files.items():
         assert sha256_file(n2.path("traced", rel)) == facts.sha256
 

@@ -113,6 +113,9 @@ class TraceRecorder:
     _seen_total: int = 0
     _total: int = 0
     stopped: bool = False
+    # Reads of the version under way through the mount: a reader that waits for its bytes
+    # (a slow or throttled origin) has not gone quiet, and its trace is not done yet.
+    reading: int = 0
 
     def __post_init__(self) -> None:
         self._sizes = {f.path: f.size for f in self.manifest.files}
@@ -165,8 +168,10 @@ class TraceRecorder:
 
 def prefetch_order(manifest: Manifest, trace: AccessTrace | None) -> list[tuple[FileEntry, range]]:
     """The chunks of `manifest` as (file, chunk range) pieces in the order a prefetch should
-    bring them: the traced runs first, in trace order, then every chunk the trace did not
-    name, file by file in manifest order. Each chunk appears exactly once."""
+    bring them: the traced runs first, in trace order; then the rest of the files the trace
+    names, in the order it first names them (a trace cut short, or a loader that read a
+    file's tensors but not all of it, still says which files it wants); then every other
+    file in manifest order. Each chunk appears exactly once."""
     by_path = {f.path: f for f in manifest.files}
     taken: dict[str, list[range]] = {}
     order: list[tuple[FileEntry, range]] = []
@@ -177,7 +182,8 @@ def prefetch_order(manifest: Manifest, trace: AccessTrace | None) -> list[tuple[
         for piece in _minus(range(run.first, run.last + 1), taken.get(run.path, [])):
             order.append((entry, piece))
             taken.setdefault(run.path, []).append(piece)
-    for entry in manifest.files:
+    named = [by_path[path] for path in taken]  # dicts keep the order of first naming
+    for entry in [*named, *(f for f in manifest.files if f.path not in taken)]:
         whole = range(chunk_count(entry.size, manifest.chunk_size))
         for piece in _minus(whole, taken.get(entry.path, [])):
             order.append((entry, piece))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,32 @@ async def test_readdir_resumes_at_an_offset(fs) -> None:  # type: ignore[no-unty
     assert [(n, off) for n, _, off in listing] == [(b"a", 1), (b"empty", 2), (b"void", 3)]
     assert [n for n, _, _ in ops.readdir(fh, 2)] == [b"void"]
     assert stat.S_ISDIR(listing[0][1].st_mode)
+
+
+async def test_a_read_counts_as_under_way_for_the_trace_until_it_ends(  # type: ignore[no-untyped-def]
+    fs, nursery: trio.Nursery
+) -> None:
+    """The access-trace recorder sees a read begin (its order) and knows it waits for its
+    bytes until it returns: a stalled load is not a quiet one."""
+    from syncbit.trace import TraceRecorder
+
+    ops, src = fs
+    recorder = TraceRecorder(_manifest())
+    ops.recorder = lambda m: recorder
+    src.gate = threading.Event()
+    attr = await _lookup_path(ops, "ds/a/b/w.bin")
+    fi = await ops.open(attr.st_ino, os.O_RDONLY)
+    got: list[bytes | memoryview] = []
+
+    async def read() -> None:
+        got.append(await ops.read(fi.fh, 0, 100))
+
+    nursery.start_soon(read)
+    await trio.sleep(0.2)  # held at the source's gate
+    assert recorder.reading == 1 and recorder.recorded == 1 and not got
+    src.gate.set()
+    with trio.fail_after(10):
+        while not got:
+            await trio.sleep(0.01)
+    assert bytes(got[0]) == BODY[:100] and recorder.reading == 0
+    await ops.release(fi.fh)

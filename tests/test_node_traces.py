@@ -78,6 +78,28 @@ async def test_reads_are_offered_once_after_a_quiet_period(
     assert traces.recorder(m) is None  # offered: this version is not recorded again
 
 
+async def test_a_read_waiting_for_its_bytes_is_not_quiet(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A loader stalled on a slow origin mid-load has not finished: its trace is offered
+    whole after the stall, not cut short at it."""
+    client = _Client()
+    traces = _traces(client)
+    nursery.start_soon(traces.run)
+    recorder = traces.recorder(_manifest())
+    assert recorder is not None
+    recorder.record("f0", 0, 10)
+    recorder.reading += 1  # the mount's read of it waits for the origin, for 30 s
+    await trio.sleep(30)
+    assert client.offers == []
+    recorder.reading -= 1
+    recorder.record("f1", 0, 10)  # the load goes on
+    await trio.sleep(4)
+    assert client.offers == []
+    await trio.sleep(2)
+    assert [o["runs"] for o in client.offers] == [[["f0", 0, 0], ["f1", 0, 0]]]
+
+
 async def test_a_full_recording_goes_at_once_and_tracing_off_records_nothing(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -89,21 +89,28 @@ def test_a_bad_trace_from_a_node_is_refused(doc: object, says: str) -> None:
     assert says in str(info.value)
 
 
-def test_prefetch_follows_the_trace_then_brings_the_rest() -> None:
-    m = manifest(1000, 450, 0)
-    trace = AccessTrace("r1", (Run("f1", 0, 0), Run("f0", 4, 6), Run("f1", 0, 2)))
+def test_prefetch_follows_the_trace_then_the_files_it_names_then_the_rest() -> None:
+    m = manifest(1000, 450, 0, 1000, 300)
+    trace = AccessTrace("r1", (Run("f1", 0, 0), Run("f3", 4, 6), Run("f1", 0, 2)))
     order = [(e.path, r) for e, r in prefetch_order(m, trace)]
     assert order == [
         ("f1", range(0, 1)),
-        ("f0", range(4, 7)),
+        ("f3", range(4, 7)),
         ("f1", range(1, 3)),  # chunk 0 came already
-        ("f0", range(0, 4)),
-        ("f0", range(7, 10)),
+        # The rest of the files the trace names, in the order it first names them (a
+        # trace cut short still says which files the loader wants)...
         ("f1", range(3, 5)),
+        ("f3", range(0, 4)),
+        ("f3", range(7, 10)),
+        # ...then the others in manifest order.
+        ("f0", range(0, 10)),
+        ("f4", range(0, 3)),
     ]
     assert [(e.path, r) for e, r in prefetch_order(m, None)] == [
         ("f0", range(0, 10)),
         ("f1", range(0, 5)),
+        ("f3", range(0, 10)),
+        ("f4", range(0, 3)),
     ]
 
 

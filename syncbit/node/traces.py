@@ -5,9 +5,11 @@ trace for this node's prefetch to follow.
 Recording is a `TraceRecorder` per dataset version, fed by the FUSE read path (a dict
 lookup and the recorder's few steps per read; no lock, no clock, no I/O). A recording is
 offered once, when it is full (every chunk read, or `MAX_RUNS` runs) or when reads of the
-version went quiet for `quiet` seconds; after that, or once this node learns the cluster
-keeps a trace of the version, it records that version no more. Datasets added with
-`--trace off` are neither recorded nor followed. Trio thread; never blocks it.
+version went quiet for `quiet` seconds (no new chunk read, no read waiting for its bytes:
+a stall of the origin mid-load does not cut the trace short); after that, or once this
+node learns the cluster keeps a trace of the version, it records that version no more.
+Datasets added with `--trace off` are neither recorded nor followed. Trio thread; never
+blocks it.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Traces:
             for key, recording in list(self._recording.items()):
                 recorder = recording.recorder
                 if not recorder.full:
-                    if recorder.recorded != recording.seen:
+                    if recorder.recorded != recording.seen or recorder.reading:
                         recording.seen, recording.quiet_since = recorder.recorded, now
                         continue
                     if now - recording.quiet_since < self.quiet:
