@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
@@ -295,7 +295,6 @@ class Jobs:
     async def _fetch_all(self, job: Job, failures: list[SyncbitError]) -> None:
         manifest = job.manifest
         source = self.source_for(manifest)
-        limit = trio.CapacityLimiter(FILES_AT_ONCE)
         position = 0
         bases: dict[str, int] = {}  # a file's first chunk, counted across the dataset
         for entry in manifest.files:
@@ -307,23 +306,25 @@ class Jobs:
             if failures:
                 return
 
-        async def one(entry: FileEntry, base: int) -> None:
-            async with limit:
-                try:
-                    await self.fetcher.ensure(
+        await _in_order(
+            job,
+            failures,
+            FILES_AT_ONCE,
+            (
+                (
+                    entry,
+                    functools.partial(
+                        self.fetcher.ensure,
                         entry,
                         manifest.chunk_size,
                         source,
                         Priority.PREFETCH,
-                        may_source=lambda i: job.plan.may_source(base + i),
-                    )
-                except SyncbitError as exc:
-                    if _failed(job, entry, exc, failures):
-                        nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for entry in manifest.files:
-                nursery.start_soon(one, entry, bases[entry.path])
+                        may_source=_planned(job, bases[entry.path]),
+                    ),
+                )
+                for entry in manifest.files
+            ),
+        )
 
     async def _follow(
         self, job: Job, trace: AccessTrace, bases: dict[str, int], failures: list[SyncbitError]
@@ -332,32 +333,12 @@ class Jobs:
         its first reader read first comes first. `_fetch_all` then completes each file."""
         manifest = job.manifest
         source = self.source_for(manifest)
-        limit = trio.CapacityLimiter(PIECES_AT_ONCE)
 
-        async def one(entry: FileEntry, chunks: range, token: object) -> None:
-            base = bases[entry.path]
-            try:
-                await self.fetcher.fetch_chunks(
-                    entry,
-                    manifest.chunk_size,
-                    source,
-                    chunks,
-                    Priority.PREFETCH,
-                    may_source=lambda i: job.plan.may_source(base + i),
-                )
-            except SyncbitError as exc:
-                if _failed(job, entry, exc, failures):
-                    nursery.cancel_scope.cancel()
-            finally:
-                limit.release_on_behalf_of(token)
-
-        async with trio.open_nursery() as nursery:
+        def pieces() -> Iterator[tuple[FileEntry, Callable[[], Awaitable[None]]]]:
             for entry, piece in prefetch_order(manifest, trace):
+                base = bases[entry.path]
                 for start in range(piece.start, piece.stop, PIECE_CHUNKS):
                     chunks = range(start, min(start + PIECE_CHUNKS, piece.stop))
-                    token = object()
-                    # Acquired here, in order: the pieces' flights queue in trace order.
-                    await limit.acquire_on_behalf_of(token)
                     log.debug(
                         "prefetch of %s: %s chunks %d-%d",
                         manifest.dataset,
@@ -365,4 +346,49 @@ class Jobs:
                         chunks.start,
                         chunks.stop - 1,
                     )
-                    nursery.start_soon(one, entry, chunks, token)
+                    fetch = functools.partial(
+                        self.fetcher.fetch_chunks,
+                        entry,
+                        manifest.chunk_size,
+                        source,
+                        chunks,
+                        Priority.PREFETCH,
+                        may_source=_planned(job, base),
+                    )
+                    yield entry, fetch
+
+        await _in_order(job, failures, PIECES_AT_ONCE, pieces())
+
+
+def _planned(job: Job, base: int) -> Callable[[int], bool]:
+    """Whether the job's plan gives this node chunk i of the file whose first chunk is
+    `base` in the dataset (see `RoundRobin`)."""
+    return lambda i: job.plan.may_source(base + i)
+
+
+async def _in_order(
+    job: Job,
+    failures: list[SyncbitError],
+    at_once: int,
+    work: Iterable[tuple[FileEntry, Callable[[], Awaitable[None]]]],
+) -> None:
+    """Run each (file, fetch) of `work`, `at_once` at a time, started in order: each takes
+    its slot before the next is started, a checkpoint between, so their flights queue in
+    that order (tasks started together run in whatever order trio picks). A failure that
+    ends the job (`_failed`) cancels the rest."""
+    limit = trio.CapacityLimiter(at_once)
+
+    async def one(entry: FileEntry, fetch: Callable[[], Awaitable[None]], token: object) -> None:
+        try:
+            await fetch()
+        except SyncbitError as exc:
+            if _failed(job, entry, exc, failures):
+                nursery.cancel_scope.cancel()
+        finally:
+            limit.release_on_behalf_of(token)
+
+    async with trio.open_nursery() as nursery:
+        for entry, fetch in work:
+            token = object()
+            await limit.acquire_on_behalf_of(token)
+            nursery.start_soon(one, entry, fetch, token)
