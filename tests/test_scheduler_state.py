@@ -501,7 +501,10 @@ async def test_status_lets_other_requests_run_while_it_is_built(
         before = len(turns)
         doc = json.loads(await state.status_json(per_turn=10))
         building = False
-    assert len(turns) - before >= 5  # 60 nodes, 10 a turn: the other task ran between
+    # 60 nodes, 10 a turn: the other task ran between the turns (4-6 times here: trio
+    # runs the two tasks of a batch in either order, which moves a count at either end;
+    # built in one go it would have run once at most).
+    assert len(turns) - before >= 3
     assert [n["name"] for n in doc["nodes"]] == names
     assert doc["datasets"][0]["cached"] == dict.fromkeys(names, 10)
     whole = json.loads(await state.status_json())  # the default turn: the same overview
