@@ -42,8 +42,9 @@ class RedirectRules(Protocol):
 class Response:
     status: int
     headers: dict[str, str]
-    url: str
+    url: str  # the URL that answered (after the redirects followed)
     body: bytes = b""  # a small error answer's body (an S3 error code), else empty
+    sent: dict[str, str] = field(default_factory=dict)  # the headers sent to `url`
 
 
 class Abort:
@@ -215,6 +216,7 @@ class Pool:
             ):
                 url, sent = redirects.next_hop(url, resp.headers["location"], sent)
                 continue
+            resp.sent = sent
             return resp
         raise WireError(f"too many redirects for {redact_url(url)}")
 

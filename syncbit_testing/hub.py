@@ -189,6 +189,7 @@ class _State(ServedCounts):
     tokens: dict[str, frozenset[str] | None] = field(default_factory=dict)
     trees: dict[str, list[_TreeItem]] = field(default_factory=dict)  # by commit sha
     storage_auth_rejected: int = 0
+    redirects: int = 0  # `resolve` answers that sent a client to the storage origin
     storage_port: int = 0
 
     # -- persistence -----------------------------------------------------------------------
@@ -321,6 +322,7 @@ class _State(ServedCounts):
         with self.lock:
             super().reset()
             self.storage_auth_rejected = 0
+            self.redirects = 0
 
     def sign(self, sha256: str, expires: int) -> str:
         mac = hmac.new(self.secret, f"{sha256}:{expires}".encode(), hashlib.sha256).digest()
@@ -660,6 +662,8 @@ class _Handler(TrackedHandler):
                     "X-Linked-Size": str(blob.size),
                 }
             )
+            with self.state.lock:
+                self.state.redirects += 1
             self._simple(
                 302, f"Found. Redirecting to {location}".encode(), "text/plain", head, headers
             )
@@ -793,6 +797,18 @@ class Hub(CountingOwner):
         """Storage requests refused because they carried Authorization (a client leak)."""
         with self._state.lock:
             return self._state.storage_auth_rejected
+
+    @property
+    def redirects(self) -> int:
+        """`resolve` requests answered with a redirect to the storage origin."""
+        with self._state.lock:
+            return self._state.redirects
+
+    def expire_signed_urls(self) -> None:
+        """Every storage URL handed out so far is refused from now on (403, as an expired
+        signature), as if their time had run out."""
+        with self._state.lock:
+            self._state.secret = os.urandom(32)
 
     # -- content ---------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from syncbit.errors import (
 from syncbit.manifest import FileEntry, build_manifest
 from syncbit.sources import open_source
 from syncbit.sources.hf import HfSource, parse_hf_uri, split_globs
+from syncbit.sources.hf import source as hf_source
 from syncbit_testing import command, environ
 from syncbit_testing.hub import Hub, git_blob_oid
 
@@ -311,6 +312,35 @@ async def test_read_into_ranges_of_lfs_and_regular_files(hub: Hub) -> None:
         }
         with pytest.raises(ValueError, match="outside"):
             source.read_into(config, len(data), memoryview(bytearray(1)))
+    finally:
+        source.close()
+
+
+async def test_reads_go_straight_to_storage_until_its_url_expires(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LFS file's range reads ask `resolve` once, then read the storage URL it
+    redirected to (the token never goes there); once that URL is refused (expired), the
+    read asks `resolve` again and goes on; after HOP_TTL it asks again anyway."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # sent to the Hub, never to its storage
+    source = HfSource("hf://org/model@v1")
+    try:
+        shard = _by_path((await source.list()).files)["model-00001-of-00002.safetensors"]
+        hub.reset_stats()
+        step = 16 * KIB
+        for offset in range(0, 10 * step, step):
+            got = await trio.to_thread.run_sync(_read, source, shard, offset, step)
+            assert got == SHARD1[offset : offset + step]
+        assert hub.redirects == 1
+        monkeypatch.setattr(hf_source, "HOP_TTL", 0.0)  # what is remembered from now on
+        hub.expire_signed_urls()
+        assert await trio.to_thread.run_sync(_read, source, shard, 7, 100) == SHARD1[7:107]
+        assert hub.redirects == 2  # the refused URL was not read from again
+        for _ in range(2):
+            assert await trio.to_thread.run_sync(_read, source, shard, 0, 10) == SHARD1[:10]
+        assert hub.redirects == 4
+        assert hub.storage_auth_rejected == 0
+        assert hub.bytes_by_path == {f"__lfs/{_sha256(SHARD1)}": 10 * step + 100 + 2 * 10}
     finally:
         source.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -41,13 +42,19 @@ from syncbit.sources.hf.repo import (
     tree_entries,
 )
 from syncbit.sources.options import SCHEMES
-from syncbit.wire import Abort, Pool, WireError
+from syncbit.wire import Abort, Pool, Response, WireError
 
 T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OPTION_KEYS = frozenset(SCHEMES["hf"])
 DEFAULT_TIMEOUT = 30.0
+# Seconds a file's storage URL (where the Hub's `resolve` redirected it: a signed URL,
+# valid far longer on the real Hub) is read directly, without asking `resolve` again.
+HOP_TTL = 60.0
+HOPS_KEPT = 1024  # files whose storage URL is remembered
+# What a remembered storage URL answers once it expired or was withdrawn: `resolve` again.
+_STALE_HOP = frozenset({400, 401, 403, 404, 410})
 
 
 @register
@@ -110,6 +117,11 @@ class HfSource(Source):
         self._token_read = bool(explicit_token)
         self._token_lock = threading.Lock()
         self._pool = Pool(timeout=self.timeout)
+        # resolve URL -> (storage URL, headers sent there, monotonic deadline): each range
+        # read through `resolve` cost a second request (and a round trip to the Hub's API
+        # host before every read of its storage); hf_transfer resolves once too.
+        self._hops: dict[str, tuple[str, dict[str, str], float]] = {}
+        self._hops_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -228,7 +240,7 @@ class HfSource(Source):
             headers["Authorization"] = f"Bearer {token}"
         url = self.file_url(entry)
         try:
-            resp = self._pool.get_into(url, offset, buf, headers, self.redirects, abort)
+            resp = self._get_into(url, offset, buf, headers, abort)
         except WireError as exc:
             raise SourceUnavailableError(f"cannot read {what}: {scrub(str(exc))}") from exc
         error = read_error(resp.status, resp.headers, what, has_token=token is not None)
@@ -242,6 +254,47 @@ class HfSource(Source):
             what,
             lambda why: SourceChangedError(f"source changed: {what} is {why}, not {size}"),
         )
+
+    def _get_into(
+        self,
+        url: str,
+        offset: int,
+        buf: memoryview,
+        headers: dict[str, str],
+        abort: Abort | None,
+    ) -> Response:
+        """A range of the file at `url` (its `resolve` URL): from the storage URL `resolve`
+        redirected it to a moment ago, else through `resolve`, remembering where that
+        led for `HOP_TTL`. A remembered URL that expired or was withdrawn (`_STALE_HOP`:
+        its body is not taken) is forgotten and `resolve` asked again at once; one that
+        fails otherwise is forgotten too, the error left to the caller's retries. The
+        headers sent there are those the redirect policy let through (never the token,
+        to another host); a new connection there is vetted by the same policy."""
+        with self._hops_lock:
+            hop = self._hops.get(url)
+        if hop is not None and time.monotonic() < hop[2]:
+            target, sent, _ = hop
+            try:
+                resp = self._pool.get_into(target, offset, buf, sent, self.redirects, abort)
+            except WireError:
+                self._forget(url, hop)
+                raise
+            if resp.status not in _STALE_HOP:
+                return resp
+            self._forget(url, hop)
+        resp = self._pool.get_into(url, offset, buf, headers, self.redirects, abort)
+        if resp.url != url and resp.status in (200, 206):
+            with self._hops_lock:
+                self._hops.pop(url, None)
+                self._hops[url] = (resp.url, resp.sent, time.monotonic() + HOP_TTL)
+                while len(self._hops) > HOPS_KEPT:
+                    del self._hops[next(iter(self._hops))]
+        return resp
+
+    def _forget(self, url: str, hop: tuple[str, dict[str, str], float]) -> None:
+        with self._hops_lock:
+            if self._hops.get(url) is hop:
+                del self._hops[url]
 
     def close(self) -> None:
         self._pool.close()
