@@ -44,13 +44,14 @@ def prefetch_in_background(
     nursery: trio.Nursery,
     entry: FileEntry = ENTRY,
     may_source: Callable[[int], bool] | None = None,
+    prio: Priority = Priority.PREFETCH,
 ) -> trio.Event:
-    """Start a prefetch of `entry` (`may_source`: the chunks the plan gives this node);
-    the event is set once it completes."""
+    """Start a prefetch of `entry` (`may_source`: the chunks the plan gives this node;
+    `prio` OPENED: an open's whole-file fetch); the event is set once it completes."""
     done = trio.Event()
 
     async def prefetch() -> None:
-        await fetcher.ensure(entry, CS, source, Priority.PREFETCH, may_source)
+        await fetcher.ensure(entry, CS, source, prio, may_source)
         done.set()
 
     nursery.start_soon(prefetch)

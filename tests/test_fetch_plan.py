@@ -206,6 +206,35 @@ async def test_chunks_planned_elsewhere_come_from_peers_during_own_source_read(
     assert store.read(store.get(ENTRY.object), 0, len(DATA)) == DATA  # type: ignore[arg-type]
 
 
+async def test_an_open_file_still_waits_for_the_node_its_plan_names(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A file opened during a prefetch goes ahead of the queued prefetch, but a chunk the
+    plan gives the other node stays parked for it (the origin's bytes once), and comes
+    from that node once it has it."""
+    source, directory, peers = MemSource(data=DATA), Directory(), Peers(DATA)
+    fetcher = Fetcher(store, directory, peers, park_poll=0.01, source_batch=CS)
+    fetcher.plans.add(RoundRobin("me", ["me", "other"]))
+    await started(fetcher, nursery)
+    directory.info.fetching.update({1: "other", 3: "other", 5: "other"})  # reading them
+    done = prefetch_evens(fetcher, source, nursery)
+    with trio.fail_after(5):
+        while source.bytes < 3 * CS:  # chunks 0, 2, 4 from the source; 1, 3, 5 parked
+            await trio.sleep(0.01)
+    parked = fetcher.stats["parked"]
+    opened = prefetch_in_background(fetcher, source, nursery, prio=Priority.OPENED)
+    await trio.sleep(0.2)
+    raised = [fetcher._runner.table.get(ENTRY.object, i) for i in (1, 3, 5)]
+    assert all(f is not None and f.priority is Priority.OPENED for f in raised)
+    assert source.bytes == 3 * CS and not peers.calls  # still waiting for the other node
+    assert fetcher.stats["parked"] == parked  # left parked, not parked again
+    deliver(directory, 1, 3, 5)
+    with trio.fail_after(5):
+        await done.wait()
+        await opened.wait()
+    assert sorted(peers.calls) == ["good"] * 3 and source.bytes == 3 * CS
+
+
 @pytest.mark.parametrize(("sharers", "at_once"), [(1, 4), (2, 2), (8, 1)])
 async def test_prefetch_source_reads_at_once_shrink_with_the_plan(
     store: ObjectStore, nursery: trio.Nursery, sharers: int, at_once: int

@@ -147,9 +147,12 @@ class Runner:
         )
         if joined is Joined.NEW:
             self.push(flight)
-        elif joined is Joined.RAISED:
+        elif joined is Joined.RAISED and not (
+            flight.state is State.PARKED and flight.priority >= BACKGROUND
+        ):
             # Queued again at its new priority, in the lane it waited in; its older heap
-            # entry is skipped when popped.
+            # entry is skipped when popped. (A parked one raised to OPENED still waits for
+            # the node its plan names; the watcher queues it at its new priority.)
             self.push(flight, peer_ready=flight.state is State.QUEUED and flight.peer_ready)
         return flight
 
