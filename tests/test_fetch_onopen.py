@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import trio
 from fakes import Directory, MemSource, Peers
 from fetchfixtures import CS, DATA, ENTRY, prefetch_in_background, started
 
-from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch
+from syncbit.fetch import Fetcher, OpenFile, OpenPrefetch, onopen
 from syncbit.fetch.flight import State
 from syncbit.manifest import FileEntry
 from syncbit.store import ObjectStore
@@ -194,6 +195,59 @@ async def test_an_open_file_is_fetched_before_the_datasets_queued_prefetch(
         for n, read in enumerate(source.entered)
         if read[0] == "other.bin" and read[1] in queued
     ), source.entered
+
+
+async def test_the_whole_file_fetch_keeps_pace_with_readers_in_ram(
+    store: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open's fetch runs no further ahead of its readers than the RAM kept for them
+    (here two chunks): a loader reading along takes every chunk from RAM, none from the
+    disk it would otherwise be written to first."""
+    monkeypatch.setattr(onopen, "PIECE_CHUNKS", 1)
+    monkeypatch.setattr(onopen, "IDLE", 30.0)
+    store._staging.wanted_bytes = 2 * CS
+    source = MemSource(data=DATA)
+    fetcher = await started(
+        Fetcher(store, Directory(), Peers(DATA), readahead_chunks=0, source_batch=CS), nursery
+    )
+    prefetch = OpenPrefetch(fetcher)
+    prefetch.bind(nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    fetcher.hold(handle)  # open through the mount: its chunks are kept for its readers
+    assert prefetch.opened(handle, CS, "on")
+    await trio.sleep(0.3)
+    assert source.reads == 2  # the RAM's worth, then it waits for the reader
+    for index in range(CHUNKS):
+        offset = index * CS
+        got = await fetcher.read(handle, offset, min(CS, len(DATA) - offset))
+        assert bytes(got) == DATA[offset : offset + CS]
+        await trio.sleep(0.1)  # the fetch moves on as the reader takes chunks
+        assert source.reads <= min(CHUNKS, index + 3)
+    _, _, taken = fetcher.readers_ram()
+    assert taken == CHUNKS  # every chunk read from RAM
+    with trio.fail_after(10):
+        while not handle.obj.complete:
+            await trio.sleep(0.01)
+    assert sorted(off for _, off in source.asked) == [i * CS for i in range(CHUNKS)]  # once
+
+
+async def test_with_nobody_reading_the_file_still_arrives_whole(
+    store: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onopen, "PIECE_CHUNKS", 1)
+    monkeypatch.setattr(onopen, "IDLE", 0.2)
+    store._staging.wanted_bytes = 2 * CS
+    source = MemSource(data=DATA)
+    fetcher = await started(Fetcher(store, Directory(), Peers(DATA), source_batch=CS), nursery)
+    prefetch = OpenPrefetch(fetcher)
+    prefetch.bind(nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    fetcher.hold(handle)
+    assert prefetch.opened(handle, CS, "on")  # held open, never read
+    with trio.fail_after(10):
+        while not handle.obj.complete:
+            await trio.sleep(0.01)
+    assert source.reads == CHUNKS
 
 
 async def test_closing_before_the_end_stops_the_fetch_and_nothing_counts_as_present(

@@ -258,6 +258,11 @@ class Fetcher:
             if not obj.has(index):
                 self._runner.join(handle, index, Priority.READAHEAD)
 
+    def readers_ram(self) -> tuple[int, int, int]:
+        """See `ObjectStore.readers_ram`: unread bytes kept for readers, their budget,
+        chunks readers have taken from RAM so far."""
+        return self._store.readers_ram()
+
     def readahead_window(self, handle: OpenFile) -> int:
         """Chunks a sequential reader keeps coming: `readahead_chunks` at least, else
         enough source requests to keep every stream its source allows busy while half

@@ -22,6 +22,12 @@ from syncbit.fetch.handle import OpenFile
 
 log = logging.getLogger("syncbit.fetch.onopen")
 
+PIECE_CHUNKS = 16  # chunks an open's fetch asks for at a time
+# Seconds without a reader taking a chunk from RAM after which an open's fetch stops
+# pacing itself and brings the rest at once (to disk: a file opened and not read).
+IDLE = 1.0
+_LOOK = 0.02  # seconds between looks at the readers' RAM while paced
+
 
 @dataclass(eq=False)
 class _Whole:
@@ -104,6 +110,7 @@ class OpenPrefetch:
         try:
             with whole.scope:
                 log.debug("prefetch on open of %s: fetching %d bytes", path, handle.obj.size)
+                await self._paced(handle, chunk_size)
                 await self.fetcher.ensure(handle.entry, chunk_size, handle.source, Priority.OPENED)
                 log.debug("prefetch on open of %s: complete", path)
         except (SyncbitError, OSError) as exc:
@@ -115,3 +122,50 @@ class OpenPrefetch:
         finally:
             if self._running.get(handle.obj.id) is whole:
                 del self._running[handle.obj.id]
+
+    async def _paced(self, handle: OpenFile, chunk_size: int) -> None:
+        """Ask for the file a piece at a time, each once the RAM kept for readers has room
+        for it beside what is already asked for: a loader reading along finds the chunks
+        in RAM, where a fetch far ahead of it would leave them on the disk to be read
+        back (on a slow disk, slower than the origin). When readers stop taking chunks
+        from RAM for `IDLE` seconds, the rest is asked for at once (`ensure` then)."""
+        obj = handle.obj
+        piece_bytes = PIECE_CHUNKS * chunk_size
+        asked = 0  # bytes of pieces asked for and not yet here
+        _, _, taken = self.fetcher.readers_ram()
+        active = trio.current_time()
+
+        async def piece(chunks: range, size: int) -> None:
+            nonlocal asked
+            try:
+                await self.fetcher.fetch_chunks(
+                    handle.entry, chunk_size, handle.source, chunks, Priority.OPENED
+                )
+            finally:
+                asked -= size
+
+        async with trio.open_nursery() as nursery:
+            for start in range(0, obj.chunks, PIECE_CHUNKS):
+                chunks = range(start, min(start + PIECE_CHUNKS, obj.chunks))
+                if all(obj.has(i) for i in chunks):
+                    continue
+                while True:
+                    kept, budget, now_taken = self.fetcher.readers_ram()
+                    if now_taken != taken:
+                        taken, active = now_taken, trio.current_time()
+                    if kept + asked + piece_bytes <= max(budget, piece_bytes):
+                        break
+                    if trio.current_time() - active > IDLE:
+                        # Nobody reads along: the rest at once, beside the pieces asked.
+                        nursery.start_soon(
+                            self.fetcher.ensure,
+                            handle.entry,
+                            chunk_size,
+                            handle.source,
+                            Priority.OPENED,
+                        )
+                        return
+                    await trio.sleep(_LOOK)
+                size = min(piece_bytes, obj.size - start * chunk_size)
+                asked += size
+                nursery.start_soon(piece, chunks, size)

@@ -242,6 +242,13 @@ class ObjectStore:
         """Bytes of chunks in RAM kept for readers that have not read them yet."""
         return self._staging.wanted
 
+    def readers_ram(self) -> tuple[int, int, int]:
+        """The RAM kept for readers: bytes of chunks they have not read yet, the budget
+        for those, and how many such chunks they have read so far (grows while they
+        read from RAM)."""
+        staging = self._staging
+        return staging.wanted, staging.wanted_bytes, staging.taken
+
     async def store_chunk(
         self, obj: StoredObject, index: int, data: memoryview, digest: str
     ) -> None:

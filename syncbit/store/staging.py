@@ -53,6 +53,7 @@ class Staging:
         self._chunks: OrderedDict[tuple[StoredObject, int], StagedChunk] = OrderedDict()
         self._wanted = 0  # chunks kept for a reader
         self._wanted_size = 0  # their bytes
+        self.taken = 0  # such chunks read so far (grows while readers read from RAM)
 
     @property
     def wanted(self) -> int:
@@ -90,6 +91,8 @@ class Staging:
         chunk = self._chunks.get(key)
         if chunk is None or chunk.stale:
             return None
+        if chunk.wanted:
+            self.taken += 1
         self._unwant(chunk)
         self._chunks.move_to_end(key)
         return chunk.view
