@@ -175,6 +175,19 @@ class Port:
     from_host: int  # bytes the host sent into the bridge (its upload)
     dropped: int  # packets the port's queue dropped on the way to the host
 
+    @staticmethod
+    def deltas(before: dict[str, Port], after: dict[str, Port]) -> dict[str, Port]:
+        """What each host's port counted between two `Topology.ports` looks."""
+        return {
+            name: Port(
+                now.to_host - before[name].to_host,
+                now.from_host - before[name].from_host,
+                now.dropped - before[name].dropped,
+            )
+            for name, now in after.items()
+            if name in before
+        }
+
 
 class Topology:
     """A bridge in a hub namespace and hosts attached to it, shaped at `rate` per direction.

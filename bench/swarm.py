@@ -96,17 +96,14 @@ class Switch:
 
     @classmethod
     def between(cls, before: dict[str, Port], after: dict[str, Port]) -> Switch:
-        def total(attr: str, names: list[str]) -> int:
-            return sum(getattr(after[k], attr) - getattr(before[k], attr) for k in names)
-
-        hosts = sorted(after.keys() & before.keys())
-        nodes = [k for k in hosts if k.startswith("node")]
+        ports = Port.deltas(before, after)
+        nodes = [p for name, p in ports.items() if name.startswith("node")]
         return cls(
-            total("from_host", hosts),
-            total("to_host", hosts),
-            total("dropped", nodes),
-            total("from_host", ["origin"]),
-            total("to_host", nodes),
+            sum(p.from_host for p in ports.values()),
+            sum(p.to_host for p in ports.values()),
+            sum(p.dropped for p in nodes),
+            ports["origin"].from_host,
+            sum(p.to_host for p in nodes),
         )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bench.netns import Host, NetnsError, Topology, unusable
+from bench.netns import Host, NetnsError, Port, Topology, unusable
 from integration.cluster import (
     SYNCBIT,
     Dataset,
@@ -188,11 +188,11 @@ def test_prefetch_over_shaped_links_sends_each_byte_from_the_origin_about_once(
     # The switch's counters, which bench/swarm.py reports from: every node's port
     # delivered the dataset to it, the origin's port carried at least what it served, and
     # the switch delivered no more than the hosts sent into it.
-    after = swarm.lan.ports()
+    carried = Port.deltas(ports, swarm.lan.ports())
     for node in swarm.nodes:
-        got = after[node.name].to_host - ports[node.name].to_host
+        got = carried[node.name].to_host
         assert got >= total, f"{node.name}'s port delivered {got} bytes of {total}"
-    assert after["origin"].from_host - ports["origin"].from_host >= served
-    sent_in = sum(after[k].from_host - ports[k].from_host for k in after)
-    delivered = sum(after[k].to_host - ports[k].to_host for k in after)
+    assert carried["origin"].from_host >= served
+    sent_in = sum(p.from_host for p in carried.values())
+    delivered = sum(p.to_host for p in carried.values())
     assert delivered <= sent_in

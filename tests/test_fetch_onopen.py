@@ -223,7 +223,7 @@ async def test_the_whole_file_fetch_keeps_pace_with_readers_in_ram(
         assert bytes(got) == DATA[offset : offset + CS]
         await trio.sleep(0.1)  # the fetch moves on as the reader takes chunks
         assert source.reads <= min(CHUNKS, index + 3)
-    _, _, taken = fetcher.readers_ram()
+    taken = fetcher.readers_ram().taken
     assert taken == CHUNKS  # every chunk read from RAM
     with trio.fail_after(10):
         while not handle.obj.complete:

@@ -362,7 +362,7 @@ async def test_readahead_chunks_are_read_from_ram_not_back_from_disk(
             out += await fetcher.read(handle, len(out), CS // 2)
         assert bytes(out) == big
         assert from_file == []
-        assert store.kept_for_readers() == 0  # each was read once: the LRU's now
+        assert store.readers_ram().kept == 0  # each was read once: the LRU's now
         fetcher.release(handle)
     finally:
         store.close()

@@ -107,11 +107,11 @@ def test_an_open_file_keeps_its_chunks_until_closed(store: ObjectStore, obj: Sto
         store.stage(obj, index, data, functools.partial(released.append, index), digest(data))
         store.write_chunk(obj, index, data)
         store.mark_written(obj, index, digest(data))  # no longer pinned for its write
-    assert released == [] and obj.has(3) and store.kept_for_readers() == 4 * CS
+    assert released == [] and obj.has(3) and store.readers_ram().kept == 4 * CS
     first.release()
     assert released == []  # still open once
     second.release()
-    assert sorted(released) == [0, 1, 2] and store.kept_for_readers() == 0
+    assert sorted(released) == [0, 1, 2] and store.readers_ram().kept == 0
 
 
 def test_a_pinned_chunk_is_given_back_only_after_its_reader_is_done(obj: StoredObject) -> None:

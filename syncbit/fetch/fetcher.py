@@ -33,7 +33,7 @@ from syncbit.fetch.transfer import Transfers
 from syncbit.fetch.verify import Broken, WholeFile, recheck
 from syncbit.manifest import FileEntry
 from syncbit.sources.base import Source
-from syncbit.store import ObjectReader, ObjectStore
+from syncbit.store import ObjectReader, ObjectStore, ReadersRam
 
 log = logging.getLogger("syncbit.fetch")
 
@@ -258,9 +258,8 @@ class Fetcher:
             if not obj.has(index):
                 self._runner.join(handle, index, Priority.READAHEAD)
 
-    def readers_ram(self) -> tuple[int, int, int]:
-        """See `ObjectStore.readers_ram`: unread bytes kept for readers, their budget,
-        chunks readers have taken from RAM so far."""
+    def readers_ram(self) -> ReadersRam:
+        """The RAM kept for readers now (`ObjectStore.readers_ram`)."""
         return self._store.readers_ram()
 
     def readahead_window(self, handle: OpenFile) -> int:

@@ -12,6 +12,7 @@ from enum import Enum, IntEnum, StrEnum
 
 import trio
 
+from syncbit.aio import first_of
 from syncbit.errors import (
     ReadDeadlineError,
     SourceChangedError,
@@ -235,17 +236,7 @@ class FlightTable:
     async def done_or_failure(self, done: trio.Event) -> None:
         """Until `done` is set or any flight fails (failures are rare: the caller then
         looks whether one of its own flights failed)."""
-        failure = self._failure
-        if done.is_set():
-            return
-        async with trio.open_nursery() as nursery:
-
-            async def until(event: trio.Event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(until, done)
-            nursery.start_soon(until, failure)
+        await first_of(done, self._failure)
 
 
 def raise_for(flight: Flight) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from syncbit.aio import first_of
 from syncbit.errors import SyncbitError
 from syncbit.fetch.fetcher import Fetcher
 from syncbit.fetch.flight import Priority
@@ -26,7 +27,6 @@ PIECE_CHUNKS = 16  # chunks an open's fetch asks for at a time
 # Seconds without a reader taking a chunk from RAM after which an open's fetch stops
 # pacing itself and brings the rest at once (to disk: a file opened and not read).
 IDLE = 1.0
-_LOOK = 0.02  # seconds between looks at the readers' RAM while paced
 
 
 @dataclass(eq=False)
@@ -128,21 +128,25 @@ class OpenPrefetch:
         for it beside what is already asked for: a loader reading along finds the chunks
         in RAM, where a fetch far ahead of it would leave them on the disk to be read
         back (on a slow disk, slower than the origin). When readers stop taking chunks
-        from RAM for `IDLE` seconds, the rest is asked for at once (`ensure` then)."""
+        from RAM for `IDLE` seconds, the rest is asked for at once (`ensure` then). Waits
+        for a chunk to leave that RAM or a piece to arrive, never polls."""
         obj = handle.obj
         piece_bytes = PIECE_CHUNKS * chunk_size
         asked = 0  # bytes of pieces asked for and not yet here
-        _, _, taken = self.fetcher.readers_ram()
+        arrived = trio.Event()  # set, and replaced, as each piece arrives
+        taken = self.fetcher.readers_ram().taken
         active = trio.current_time()
 
         async def piece(chunks: range, size: int) -> None:
-            nonlocal asked
+            nonlocal asked, arrived
             try:
                 await self.fetcher.fetch_chunks(
                     handle.entry, chunk_size, handle.source, chunks, Priority.OPENED
                 )
             finally:
                 asked -= size
+                arrived.set()
+                arrived = trio.Event()
 
         async with trio.open_nursery() as nursery:
             for start in range(0, obj.chunks, PIECE_CHUNKS):
@@ -150,12 +154,13 @@ class OpenPrefetch:
                 if all(obj.has(i) for i in chunks):
                     continue
                 while True:
-                    kept, budget, now_taken = self.fetcher.readers_ram()
-                    if now_taken != taken:
-                        taken, active = now_taken, trio.current_time()
-                    if kept + asked + piece_bytes <= max(budget, piece_bytes):
+                    ram = self.fetcher.readers_ram()
+                    if ram.taken != taken:
+                        taken, active = ram.taken, trio.current_time()
+                    if ram.kept + asked + piece_bytes <= max(ram.budget, piece_bytes):
                         break
-                    if trio.current_time() - active > IDLE:
+                    idle = IDLE - (trio.current_time() - active)
+                    if idle <= 0:
                         # Nobody reads along: the rest at once, beside the pieces asked.
                         nursery.start_soon(
                             self.fetcher.ensure,
@@ -165,7 +170,8 @@ class OpenPrefetch:
                             Priority.OPENED,
                         )
                         return
-                    await trio.sleep(_LOOK)
+                    with trio.move_on_after(idle):
+                        await first_of(ram.freed, arrived)
                 size = min(piece_bytes, obj.size - start * chunk_size)
                 asked += size
                 nursery.start_soon(piece, chunks, size)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from syncbit.aio import first_of
 from syncbit.chunks import chunk_length, digest, head_length
 from syncbit.errors import SourceChangedError, SyncbitError, TransferAbortedError
 from syncbit.manifest import FileEntry
@@ -118,7 +119,7 @@ class HeadChecks:
                     return check.ok
                 # failed, cancelled or still out: a sample of its own
             elif check is not None and not check.done.is_set() and not batch_done.is_set():
-                await _first_of(check.done, batch_done)
+                await first_of(check.done, batch_done)
                 continue
             check = _HeadCheck(trio.current_time())
             self._latest[key] = check
@@ -137,24 +138,12 @@ async def _waited(check: _HeadCheck, began: float, batch_done: trio.Event) -> bo
     """Wait for another read's sample while the batch read that `began` runs, and after
     it as long again as it took (at least a second): a sample is a small fraction of a
     batch, so one still out then trickles. Whether it ended."""
-    await _first_of(check.done, batch_done)
+    await first_of(check.done, batch_done)
     if not check.done.is_set():
         with trio.move_on_after(max(1.0, trio.current_time() - began)):
             await check.done.wait()
     ended: bool = check.done.is_set()
     return ended
-
-
-async def _first_of(*events: trio.Event) -> None:
-    """Until one of `events` is set."""
-    async with trio.open_nursery() as nursery:
-
-        async def wait(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        for event in events:
-            nursery.start_soon(wait, event)
 
 
 async def read_checked(

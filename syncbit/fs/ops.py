@@ -201,16 +201,15 @@ class SyncbitFS:
         if handle is None:
             raise FUSEError(errno.EBADF)
         recorder = self._recorders.get(fh)
-        if recorder is None:
-            with _fail(f"read {handle.entry.path} @{off}+{size}"):
-                return await self.fetcher.read(handle, off, size)
-        recorder.record(handle.entry.path, off, size)  # the order this reader needs
-        recorder.reading += 1
+        if recorder is not None:
+            recorder.record(handle.entry.path, off, size)  # the order this reader needs
+            recorder.reading += 1  # under way until it returns: not quiet meanwhile
         try:
             with _fail(f"read {handle.entry.path} @{off}+{size}"):
                 return await self.fetcher.read(handle, off, size)
         finally:
-            recorder.reading -= 1
+            if recorder is not None:
+                recorder.reading -= 1
 
     @_counted
     async def release(self, fh: int) -> None:

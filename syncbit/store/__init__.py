@@ -82,6 +82,7 @@ from syncbit.store.evict import EvictResult
 from syncbit.store.facade import ObjectStore
 from syncbit.store.objects import Hold, StoredObject
 from syncbit.store.read import BackingFile, ObjectReader
+from syncbit.store.staging import ReadersRam
 from syncbit.store.verify import ChunkCheck, VerifyRun
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "ObjectReader",
     "ObjectStore",
     "PresenceChanges",
+    "ReadersRam",
     "StoredObject",
     "VerifyRun",
 ]

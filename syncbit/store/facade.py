@@ -24,7 +24,7 @@ from syncbit.store.index import Index
 from syncbit.store.load import load
 from syncbit.store.objects import Hold, Keeping, ObjectTable, StoredObject
 from syncbit.store.read import BackingFile, Hasher, ObjectReader, ReadBuffer
-from syncbit.store.staging import BufferPool, StagedChunk, Staging
+from syncbit.store.staging import BufferPool, ReadersRam, StagedChunk, Staging
 from syncbit.store.verify import ChunkCheck, Verifier, VerifyRun
 from syncbit.store.write import Writer
 
@@ -238,16 +238,10 @@ class ObjectStore:
         back once the chunk leaves RAM."""
         self._staging.stage(obj, index, data, release, digest, wanted or obj.opened > 0)
 
-    def kept_for_readers(self) -> int:
-        """Bytes of chunks in RAM kept for readers that have not read them yet."""
-        return self._staging.wanted
-
-    def readers_ram(self) -> tuple[int, int, int]:
-        """The RAM kept for readers: bytes of chunks they have not read yet, the budget
-        for those, and how many such chunks they have read so far (grows while they
-        read from RAM)."""
+    def readers_ram(self) -> ReadersRam:
+        """The RAM kept for readers, now (see `ReadersRam`)."""
         staging = self._staging
-        return staging.wanted, staging.wanted_bytes, staging.taken
+        return ReadersRam(staging.wanted, staging.wanted_bytes, staging.taken, staging.freed)
 
     async def store_chunk(
         self, obj: StoredObject, index: int, data: memoryview, digest: str

@@ -19,7 +19,9 @@ import mmap
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+import trio
 
 from syncbit.store.files import page_buffer
 
@@ -28,6 +30,15 @@ if TYPE_CHECKING:
 
 # RAM for chunks fetched ahead of readers and not read yet, all readers together.
 WANTED_BYTES = 256 << 20
+
+
+class ReadersRam(NamedTuple):
+    """The RAM kept for readers at one moment (`ObjectStore.readers_ram`)."""
+
+    kept: int  # bytes of chunks kept for readers that have not read them yet
+    budget: int  # the most such bytes kept (`WANTED_BYTES`)
+    taken: int  # such chunks read so far: grows while readers read from RAM
+    freed: trio.Event  # set when a chunk next leaves the kept bytes (read, or let go)
 
 
 @dataclass(eq=False, slots=True)
@@ -54,6 +65,8 @@ class Staging:
         self._wanted = 0  # chunks kept for a reader
         self._wanted_size = 0  # their bytes
         self.taken = 0  # such chunks read so far (grows while readers read from RAM)
+        # Set, and replaced, whenever a chunk leaves the RAM kept for readers.
+        self.freed = trio.Event()
 
     @property
     def wanted(self) -> int:
@@ -159,6 +172,8 @@ class Staging:
             chunk.wanted = False
             self._wanted -= 1
             self._wanted_size -= len(chunk.view)
+            self.freed.set()
+            self.freed = trio.Event()
 
     def drop(self, obj: StoredObject) -> None:
         """The object's content goes (evicted or discarded): its chunks leave RAM, except

@@ -267,7 +267,8 @@ class HfSource(Source):
         redirected it to a moment ago, else through `resolve`, remembering where that
         led for `HOP_TTL`. A remembered URL that expired or was withdrawn (`_STALE_HOP`:
         its body is not taken) is forgotten and `resolve` asked again at once; one that
-        fails otherwise is forgotten too, the error left to the caller's retries. The
+        fails otherwise is forgotten too (unless `abort` ended the read: a hedge's
+        loser), the error left to the caller's retries. The
         headers sent there are those the redirect policy let through (never the token,
         to another host); a new connection there is vetted by the same policy."""
         with self._hops_lock:
@@ -277,7 +278,8 @@ class HfSource(Source):
             try:
                 resp = self._pool.get_into(target, offset, buf, sent, self.redirects, abort)
             except WireError:
-                self._forget(url, hop)
+                if abort is None or not abort.fired:  # ended by our own hedge: still good
+                    self._forget(url, hop)
                 raise
             if resp.status not in _STALE_HOP:
                 return resp
