@@ -123,8 +123,12 @@ class Part:
     title: str
     reference: str
     rows: dict[str, Row] = field(default_factory=dict)
+    readers: list[str] = field(default_factory=list)  # run only these (and the reference)
 
     def add(self, reader: str, run: Callable[[], float]) -> None:
+        wanted = reader == self.reference or any(r in reader for r in self.readers)
+        if self.readers and not wanted:
+            return
         row = self.rows.setdefault(reader, Row(reader))
         if row.note:
             return  # skipped or failed in an earlier round
@@ -649,6 +653,12 @@ def main() -> int:
     )
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument(
+        "--readers",
+        type=lambda text: [r for r in text.split(",") if r],
+        default=[],
+        help="only readers whose name has one of these in it, e.g. syncbit (and the reference)",
+    )
+    ap.add_argument(
         "--cold-origin",
         action="store_true",
         help="leave the origin's files out of the page cache too (disk-bound origin)",
@@ -681,6 +691,8 @@ def main() -> int:
         "hf": Part("hf", "hf: the loopback Hub behind nginx", HF_TRANSFER),
     }
     parts = [titles[p] for p in PARTS if p in bench.parts]
+    for part in parts:
+        part.readers = args.readers
     conf = bench.work / "nginx.conf"
     conf.write_text(nginx_conf(bench.work, bench.rate, bench.ports, bench.parts))
     with process(["nginx", "-c", str(conf)], bench.logs / "nginx.out"):

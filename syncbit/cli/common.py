@@ -1,11 +1,12 @@
 """What several commands share: the options that mean the same everywhere, the call to the
 scheduler, `key=value` pairs and dataset names as typed. Imports only what every command
-needs at start-up: trio and the scheduler client load inside `scheduler_call`.
+needs at start-up: the scheduler client loads inside `scheduler_call`, which blocks and
+never loads trio or httpx.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -59,20 +60,17 @@ FileRootsOpt = Annotated[
 LogLevelOpt = Annotated[str | None, typer.Option(help="debug, info, warning, error.")]
 
 
-def scheduler_call(url: str, call: Callable[[Any], Awaitable[T]]) -> T:
-    """`call(client)` against the scheduler at `url`, with this shell's credential."""
-    import trio
-
+def scheduler_call(url: str, call: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """`call(client)` against the scheduler at `url` (or its replicas'), with this shell's
+    credential; blocking, without an event loop (see `endpoints.run_blocking`)."""
     from syncbit.scheduler.client import SchedulerClient
+    from syncbit.scheduler.endpoints import run_blocking
 
-    token = client_token()
-
-    async def go() -> T:
-        async with SchedulerClient(url, token=token, ca=client_ca()) as client:
-            return await call(client)
-
-    result: T = trio.run(go)
-    return result
+    client = SchedulerClient(url, token=client_token(), ca=client_ca(), blocking=True)
+    try:
+        return run_blocking(call(client))
+    finally:
+        run_blocking(client.aclose())
 
 
 def pairs(values: list[str] | None, what: str) -> dict[str, str] | None:

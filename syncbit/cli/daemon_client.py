@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 from syncbit import tls
 from syncbit.auth import bearer, client_ca, client_tls_name, client_token
+from syncbit.blocking_http import Connection
 from syncbit.errors import (
     DaemonUnreachableError,
     ForbiddenError,
@@ -21,22 +22,6 @@ from syncbit.errors import (
     UserError,
     error_class,
 )
-
-
-class _TLSConnection(http.client.HTTPSConnection):
-    """https to a daemon, its certificate checked for `name` (every daemon's certificate
-    carries the same one, `peer_tls_name`) instead of the address dialled."""
-
-    def __init__(
-        self, host: str, port: int, timeout: float, context: ssl.SSLContext, name: str | None
-    ) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._name = name
-        self._tls = context
-
-    def connect(self) -> None:
-        http.client.HTTPConnection.connect(self)
-        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._name or self.host)
 
 
 class DaemonClient:
@@ -63,14 +48,8 @@ class DaemonClient:
                 f"--daemon must be host:port or https://host:port (port 1-65535), not {address!r}"
             )
         self.address = f"{scheme}://{rest.rstrip('/')}"
-        self._conn: http.client.HTTPConnection
-        if scheme == "https":
-            context = tls.client_context(client_ca())
-            self._conn = _TLSConnection(
-                host.strip("[]"), int(port), timeout, context, client_tls_name()
-            )
-        else:
-            self._conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+        context = tls.client_context(client_ca()) if scheme == "https" else None
+        self._conn = Connection(host, int(port), timeout, context, client_tls_name())
         self._headers = {"Accept": "application/json", **bearer(client_token())}
 
     def __enter__(self) -> DaemonClient:
@@ -95,19 +74,15 @@ class DaemonClient:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         try:
-            self._conn.request(method, url, body=payload, headers=headers)
-            resp = self._conn.getresponse()
-            raw = resp.read()
-        except ssl.SSLCertVerificationError as exc:
-            self._conn.close()  # not worth retrying: the same certificate comes back
+            status, _, raw = self._conn.exchange(method, url, payload, headers)
+        except ssl.SSLCertVerificationError as exc:  # not worth retrying: the same one comes back
             raise tls.trust_error(
                 f"daemon at {self.address}",
                 exc,
                 "set SYNCBIT_TLS_CA to the cluster's CA file (and SYNCBIT_TLS_NAME to the "
                 "daemons' certificate name, peer_tls_name)",
             ) from None
-        except (OSError, http.client.HTTPException) as exc:
-            self._conn.close()  # the next call dials again
+        except (OSError, http.client.HTTPException) as exc:  # the next call dials again
             raise DaemonUnreachableError(
                 f"no syncbit daemon answers at {self.address} ({type(exc).__name__}): "
                 "start one with `syncbit daemon` or pass --daemon host:port"
@@ -116,7 +91,7 @@ class DaemonClient:
             doc: dict[str, Any] = json.loads(raw) if raw else {}
         except ValueError:
             doc = {}
-        error = error_for(resp.status, raw, doc, url, self.address)
+        error = error_for(status, raw, doc, url, self.address)
         if error is not None:
             raise error
         return doc

@@ -38,7 +38,7 @@ def source_options(uri: str, given: dict[str, Any]) -> dict[str, Any]:
     if uri.lower().startswith("hf://"):
         import os
 
-        from syncbit.sources.hf import token_from_env
+        from syncbit.hfenv import token_from_env
 
         if "token" not in options and (token := token_from_env()):
             options["token"] = token

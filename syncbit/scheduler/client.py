@@ -1,8 +1,10 @@
-"""Async client of the scheduler API (httpx under trio), one method per endpoint.
+"""Async client of the scheduler API, one method per endpoint: over httpx under trio, or,
+for the CLI, over the standard library with methods that never suspend (`blocking=True`,
+run with `endpoints.run_blocking`; neither httpx nor trio is imported then).
 
 The exchange itself, failover between replicas and the mapping of failures onto syncbit's
 error tree are `endpoints`'; no httpx exception ever leaves either. It keeps no state
-beyond its connection pool and the replica that answered last. The data
+beyond its connections and the replica that answered last. The data
 types it returns live in `syncbit.protocol` (re-exported here).
 """
 
@@ -13,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import httpx
 
 from syncbit.errors import SchedulerError
 from syncbit.protocol import (  # the shared types, re-exported for the node's imports
@@ -28,9 +28,11 @@ from syncbit.protocol import (  # the shared types, re-exported for the node's i
     ClaimResult,
     Peer,
 )
-from syncbit.scheduler.endpoints import Endpoints
+from syncbit.scheduler.endpoints import BlockingEndpoints, Endpoints
 
 if TYPE_CHECKING:
+    import httpx
+
     from syncbit.manifest import Manifest  # pydantic models: imported when first needed
 
 
@@ -70,6 +72,8 @@ class SchedulerClient:
         token: the bearer value: the cluster secret or a credential (see `token_file`).
         ca: the CA file that https:// scheduler certificates must chain to (None: the
             system's CAs).
+        blocking: send with the standard library, blocking: every method then runs to
+            its end at its first step (`endpoints.run_blocking`), without an event loop.
     """
 
     def __init__(
@@ -79,9 +83,17 @@ class SchedulerClient:
         timeout: float = 10,
         token: str | None = None,
         ca: Path | None = None,
+        *,
+        blocking: bool = False,
     ) -> None:
         self.timeout = timeout
-        self._endpoints = Endpoints(base_url, transport, timeout, token, ca)
+        self._endpoints: Endpoints | BlockingEndpoints
+        if blocking:
+            if transport is not None:
+                raise ValueError("a blocking client sends over the network, not a transport")
+            self._endpoints = BlockingEndpoints(base_url, timeout, token, ca)
+        else:
+            self._endpoints = Endpoints(base_url, transport, timeout, token, ca)
         self._request = self._endpoints.request
 
     @property

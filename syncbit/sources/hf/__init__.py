@@ -5,12 +5,13 @@ huggingface_hub (in worker threads), and range reads of `resolve` URLs at that c
 through `wire.Pool`, following the Hub's redirects to its storage. The token is read from
 the environment (HF_TOKEN or the token file) and is never put in options, messages or logs.
 
-    repo    hf:// URIs, globs, tree entries, the environment's token (no Hub calls)
+    repo    hf:// URIs, globs, tree entries (no Hub calls)
     errors  huggingface_hub failures and read statuses -> syncbit errors
     source  HfSource (registered as hf://): listing and range reads
 """
 
-from syncbit.sources.hf.repo import parse_hf_uri, split_globs, token_from_env, tree_entries
+from syncbit.hfenv import token_from_env
+from syncbit.sources.hf.repo import parse_hf_uri, split_globs, tree_entries
 from syncbit.sources.hf.source import DEFAULT_ENDPOINT, OPTION_KEYS, HfSource, warm
 
 __all__ = [

@@ -6,7 +6,6 @@ environment (HF_TOKEN or the token file). Pure but for reading that file; never 
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -114,24 +113,3 @@ def _entry(path: str, item: Any, commit: str) -> FileEntry:
     return FileEntry(
         path=path, size=size, mode=0o444, object=identity, locator=path, version=version
     )
-
-
-def token_from_env() -> str | None:
-    """HF_TOKEN, else the token file as huggingface_hub finds it (read now, not at import)."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            return value
-    path = os.environ.get("HF_TOKEN_PATH")
-    if not path:
-        home = os.environ.get("HF_HOME") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-            "huggingface",
-        )
-        path = os.path.join(os.path.expanduser(os.path.expandvars(home)), "token")
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            value = f.read().strip()
-    except OSError:
-        return None
-    return value or None

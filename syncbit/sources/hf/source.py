@@ -22,6 +22,7 @@ from syncbit.errors import (
     SourceUnavailableError,
     SyncbitError,
 )
+from syncbit.hfenv import token_from_env
 from syncbit.manifest import FileEntry
 from syncbit.redact import redact_url, scrub
 from syncbit.sources.base import (
@@ -38,7 +39,6 @@ from syncbit.sources.hf.repo import (
     URL_PREFIX,
     parse_hf_uri,
     split_globs,
-    token_from_env,
     tree_entries,
 )
 from syncbit.sources.options import SCHEMES
