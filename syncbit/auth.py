@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from syncbit.errors import ConfigError
 from syncbit.tls import is_loopback
@@ -83,37 +82,3 @@ def check_exposure(
         what,
         listen,
     )
-
-
-_DRAIN = 64 * 1024  # a refused request's body up to this size is read and dropped
-
-
-_DRAIN_WAIT = 0.5  # seconds a refused request's small body may take to arrive
-
-
-def drain_refused(handler: Any) -> bool:
-    """Read and drop the body of a request refused before its body was read (an
-    `http.server` handler), if it is at most 64 KiB: closing a connection with unread
-    bytes resets it, and the client may lose the answer. False when it is larger, not
-    sized, or the client went away: the caller then closes the connection."""
-    if handler.headers.get("Transfer-Encoding"):
-        return False
-    if handler.headers.get("Expect", "").lower() == "100-continue":
-        return False  # the client waits for a 100 that never comes: its body is not sent
-    try:
-        length = int(handler.headers.get("Content-Length") or 0)
-    except ValueError:
-        return False
-    if not 0 <= length <= _DRAIN:
-        return False
-    # Only a body that is on its way: a client that announced one and waits (or stalls)
-    # gets its answer at once, on a connection that then closes.
-    sock = handler.connection
-    timeout = sock.gettimeout()
-    sock.settimeout(_DRAIN_WAIT)
-    try:
-        return len(handler.rfile.read(length)) == length
-    except OSError:  # TimeoutError included
-        return False
-    finally:
-        sock.settimeout(timeout)

@@ -1,6 +1,6 @@
 """TLS for syncbit's servers and clients: contexts built from the `tls_cert`, `tls_key`
-and `tls_ca` files, the accepting side's rule, and the one clear error for a server whose
-certificate is not trusted.
+and `tls_ca` files, the accepting side's rule (kept by `syncbit.httpd.listener`), and the
+one clear error for a server whose certificate is not trusted.
 
 The rule on a listening socket with a certificate: a connection whose first byte is a TLS
 handshake is served over TLS; any other is plain HTTP, which each server admits only for
@@ -13,16 +13,11 @@ Standard library only at import: `syncbit wait` imports it and starts in every p
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import socket
 import ssl
 from pathlib import Path
 
 from syncbit.errors import ConfigError, TrustError
-
-_HANDSHAKE = 0x16  # the first byte of every TLS record that opens a connection
-_HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to send its first byte / handshake
 
 
 def _load(path: Path, what: str) -> None:
@@ -65,29 +60,6 @@ def config_pair(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return server_context(cert, key)
 
 
-def accept(sock: socket.socket, context: ssl.SSLContext | None) -> socket.socket:
-    """The connection to serve on: `sock` itself for plain HTTP, or the TLS session when
-    the client opens one (handshake done here, in the connection's own thread).
-
-    Raises OSError (ssl.SSLError included) when the client goes away or fails the
-    handshake; the caller drops the connection.
-    """
-    if context is None:
-        return sock
-    sock.settimeout(_HANDSHAKE_TIMEOUT)
-    first = sock.recv(1, socket.MSG_PEEK)
-    if not first or first[0] != _HANDSHAKE:
-        sock.settimeout(None)
-        return sock
-    wrapped = context.wrap_socket(sock, server_side=True)
-    wrapped.settimeout(None)
-    return wrapped
-
-
-def is_tls(sock: object) -> bool:
-    return isinstance(sock, ssl.SSLSocket)
-
-
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address or "localhost") is this host only."""
     host = host.strip("[]")
@@ -120,18 +92,10 @@ def trust_error(where: str, exc: ssl.SSLCertVerificationError, hint: str) -> Tru
     return TrustError(f"{where}: TLS certificate not accepted ({reason}); {hint}")
 
 
-def close_quietly(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
 __all__ = [
-    "accept",
     "client_context",
-    "close_quietly",
     "config_pair",
     "is_loopback",
-    "is_tls",
     "server_context",
     "trust_error",
     "untrusted",

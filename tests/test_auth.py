@@ -343,9 +343,17 @@ def test_a_daemon_refuses_credentials_that_are_not_its_own(tmp_path: Path) -> No
 # -- the daemon's routes --------------------------------------------------------------------
 
 
-def _control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     doc = {"dataset": "d", "size": 10, "present_bytes": 10, "complete": True, "ready": True}
     return doc
+
+
+async def _ready() -> tuple[bool, str]:
+    return True, "ok"
+
+
+async def _metrics() -> tuple[bytes, str]:
+    return b"", "text/plain"
 
 
 # (method, path, who may): the peer service's routes, from loopback.
@@ -375,7 +383,7 @@ def peer(tmp_path: Path, tls_files: Path) -> Iterator[PeerServer]:
     )
     api = LocalApi()
     api.set_control(_control)
-    api.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+    api.set_probes(_ready, _metrics)
     server.add_routes(api)
     server.start()
     try:

@@ -1432,7 +1432,14 @@ def test_make_secrets_creates_what_the_manifests_mount_and_it_works(tmp_path: Pa
         ),
     )
     api = LocalApi()
-    api.set_probes(lambda: (True, "ok"), lambda: (b"", "text/plain"))
+
+    async def ready() -> tuple[bool, str]:
+        return True, "ok"
+
+    async def metrics() -> tuple[bytes, str]:
+        return b"", "text/plain"
+
+    api.set_probes(ready, metrics)
     daemon.add_routes(api)
     daemon.start()
     try:

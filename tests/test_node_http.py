@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 from httpraw import connect, read_answer, request_bytes
 
 from syncbit.node.http import LocalApi
@@ -14,11 +19,11 @@ from syncbit.peer import PeerServer
 from syncbit.store import ObjectStore
 
 
-def _broken_readiness() -> tuple[bool, str]:
+async def _broken_readiness() -> tuple[bool, str]:
     raise RuntimeError("a bug in readiness")
 
 
-def _broken_metrics() -> tuple[bytes, str]:
+async def _broken_metrics() -> tuple[bytes, str]:
     raise RuntimeError("a bug in a collector")
 
 
@@ -71,5 +76,52 @@ def test_a_starting_node_is_alive_but_neither_ready_nor_serving(tmp_path: Path) 
                 if status == 503:
                     assert b"daemon starting" in answer.body
     finally:
+        server.stop()
+        store.close()
+
+
+def test_long_polls_and_idle_connections_cost_no_thread(tmp_path: Path) -> None:
+    """Issue 14: a long poll costs a coroutine and a socket, not a thread. 200 clients
+    hold `syncbit wait`'s long poll open on the port (and as many sit idle between
+    requests) while the process's thread count stays where it was; every one is then
+    answered."""
+    release = threading.Event()
+    asked: list[str] = []
+
+    async def control(method: str, target: str, body: dict[str, Any]) -> dict[str, Any]:
+        asked.append(target)
+        while not release.is_set():  # a long poll: answered when the dataset is ready
+            await trio.sleep(0.2)
+        return {"dataset": "d", "complete": True}
+
+    store = ObjectStore.open(tmp_path / "cache", 1 << 20)
+    server = PeerServer(store, "127.0.0.1:0")
+    api = LocalApi()
+    api.set_control(control)
+    server.add_routes(api)
+    server.start()
+    port = int(server.address.rpartition(":")[2])
+    polls: list[socket.socket] = []
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(200):
+            sock = connect(port, source="127.0.0.2")  # 200 a client: under its cap
+            sock.sendall(request_bytes("GET", "/v1/local/datasets/d?wait=30"))
+            polls.append(sock)
+            idle.append(connect(port, source="127.0.0.3"))
+        deadline = time.monotonic() + 30
+        while len(asked) < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(asked) == 200  # every poll is in the handler, waiting
+        assert threading.active_count() <= before + 2, threading.enumerate()
+        release.set()
+        for sock in polls:
+            answer = read_answer(sock)
+            assert answer.status == 200 and answer.json()["complete"] is True
+    finally:
+        release.set()
+        for sock in polls + idle:
+            sock.close()
         server.stop()
         store.close()

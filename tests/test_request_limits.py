@@ -386,7 +386,7 @@ def peer(tmp_path: Path) -> Iterator[tuple[PeerServer, list[Any]]]:
     store = ObjectStore.open(tmp_path / "cache", 1 << 30)
     seen: list[Any] = []
 
-    def control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         seen.append(body)
         if path == "/v1/local/boom":
             raise RuntimeError("a bug in the daemon")

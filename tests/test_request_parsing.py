@@ -218,7 +218,7 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, list[A
     trio.run(hold_one_chunk)
     seen: list[Any] = []
 
-    def control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def control(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         seen.append((method, path, body))
         return {"echo": body}
 

@@ -28,7 +28,7 @@ from syncbit.peer import PeerServer
 from syncbit.store import ObjectStore
 
 
-def _done(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _done(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": "d", "size": 10, "present_bytes": 10, "complete": True}
 
 
@@ -57,7 +57,7 @@ def test_wait_retries_while_the_daemon_is_still_starting(tmp_path: Path) -> None
 
 
 def test_wait_never_shows_100_percent_before_every_byte_is_here(tmp_path: Path) -> None:
-    def almost(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def almost(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         doc = {"dataset": "d", "size": 64 << 20, "present_bytes": (64 << 20) - 67}
         return {**doc, "complete": False, "assigned": True, "pulling": False}
 
@@ -93,7 +93,7 @@ def test_a_daemon_error_reaches_the_cli_as_what_it_is(
     """Errors of the control API come back through the one status table: never taken for
     a daemon that is absent or starting (which `syncbit wait` would wait out)."""
 
-    def failing(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def failing(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         raise raised
 
     store = ObjectStore.open(tmp_path, 1 << 20)

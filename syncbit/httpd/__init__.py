@@ -4,7 +4,14 @@ thread; connection caps, TLS and plain HTTP on one port, bodies read only on dem
 Re-exports `listener` and `connection`; holds no logic and starts nothing on import.
 """
 
-from syncbit.httpd.connection import Body, Request, Response, serve_connection
+from syncbit.httpd.connection import (
+    Body,
+    BodySender,
+    Request,
+    Response,
+    connection_error,
+    serve_connection,
+)
 from syncbit.httpd.listener import (
     HANDSHAKE_TIMEOUT,
     Listener,
@@ -16,10 +23,12 @@ from syncbit.httpd.listener import (
 __all__ = [
     "HANDSHAKE_TIMEOUT",
     "Body",
+    "BodySender",
     "Listener",
     "Request",
     "Response",
     "bind",
+    "connection_error",
     "descriptor_budget",
     "raise_descriptor_limit",
     "serve_connection",

@@ -14,11 +14,13 @@ paths, credentials or bodies.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
+from typing import Protocol
 
 import h11
 import trio
@@ -44,12 +46,27 @@ class Request:
     tls: bool
 
 
+class BodySender(Protocol):
+    """A body the application sends itself after the head (a file range by sendfile, say):
+    `length` bytes exactly. `close()` is called once whatever happened, sent or not."""
+
+    length: int
+
+    async def send(self, stream: trio.abc.Stream, idle: float) -> None:
+        """Write the `length` bytes to `stream`; a client that takes nothing for `idle`
+        seconds is dropped (ConnectionError or trio.TooSlowError)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Response:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    sender: BodySender | None = None  # the body instead of `body`, sent by its own means
 
 
 class Body:
@@ -77,6 +94,15 @@ class Body:
 
 App = Callable[[Request, Body], Awaitable[Response]]
 ErrorBody = Callable[[int, str], bytes]
+_CONNECTION_KINDS = {503: "TooManyConnections", 500: "ServerError"}
+
+
+def connection_error(status: int, message: str) -> bytes:
+    """The JSON body (`{"error", "kind"}`, as `syncbit.errors` words every error) of an
+    answer the connection layer gives by itself: a malformed request, too many
+    connections, an application that failed."""
+    kind = _CONNECTION_KINDS.get(status, "BadRequest")
+    return json.dumps({"error": message, "kind": kind}, separators=(",", ":")).encode()
 
 
 class IdleWatch:
@@ -221,18 +247,22 @@ class _Connection:
         ]
         if any("\r" in line or "\n" in line for line in given):  # never split a head
             given = [line.replace("\r", " ").replace("\n", " ") for line in given]
-        lines = [
-            f"HTTP/1.1 {response.status} {reason}",
-            *given,
-            f"content-length: {len(response.body)}",
-        ]
+        sender = response.sender
+        length = len(response.body) if sender is None else sender.length
+        lines = [f"HTTP/1.1 {response.status} {reason}", *given, f"content-length: {length}"]
         if close or not self.keep_alive:
             lines.append("connection: close")
         text = "\r\n".join(lines)
         # One write per answer: head and body in two would cost a syscall and a wake-up of
         # the client each, and these answers are small and many.
         data = (text + "\r\n\r\n").encode("latin-1")
-        await self._send(data if head else data + response.body)
+        if head:
+            await self._send(data)
+        elif sender is None:
+            await self._send(data + response.body)
+        else:
+            await self._send(data)
+            await sender.send(self.stream, self.idle)
         self.answered = True
 
     def next_cycle(self) -> bool:
@@ -296,11 +326,20 @@ async def _one(conn: _Connection, request: Request, app: App, error_body: ErrorB
     except Exception:
         log.exception("%s %s failed", request.method, request.target[:200])
         response = Response(500, error_body(500, "internal server error; see the server log"))
-    keep = body.consumed or await conn.drain(request)
     try:
+        keep = body.consumed or await conn.drain(request)
         await conn.respond(response, close=not keep, head=request.method == "HEAD")
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+    except (
+        ConnectionError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        trio.TooSlowError,
+    ) as exc:
+        log.debug("answer to %s dropped: %s", request.client, exc)
         return False
+    finally:
+        if response.sender is not None:
+            response.sender.close()
     return keep
 
 
@@ -328,8 +367,10 @@ __all__ = [
     "App",
     "Body",
     "BodyError",
+    "BodySender",
     "IdleWatch",
     "Request",
     "Response",
+    "connection_error",
     "serve_connection",
 ]

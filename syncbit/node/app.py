@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from syncbit import looptrace, tls
+from syncbit.aio import OtherLoop
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import DaemonConfig, SchedulerConfig
 from syncbit.errors import SyncbitError
@@ -54,8 +55,10 @@ class Node:
 
     Contexts: the trio thread runs FUSE requests, the fetch layer, the store's bookkeeping
     and every loop here; worker threads (`trio.to_thread`) do blocking file, mount and
-    source I/O; the port's connection threads serve chunks and hand local API requests to
-    the trio thread (`trio.from_thread`); an embedded scheduler runs in threads of its own.
+    source I/O; the port runs a trio loop of its own in its thread (a coroutine per
+    connection, chunks sent by worker threads of it) and hands local API requests to the
+    trio thread as tasks there (`aio.OtherLoop`); an embedded scheduler runs in threads of
+    its own.
     """
 
     # One straight list of components, each built from those before it: longer than a
@@ -242,7 +245,7 @@ class Node:
             try:
                 log.info("node %s: mounted at %s", cfg.node, cfg.mount)
                 async with trio.open_nursery() as nursery:
-                    self._serve_api()
+                    self._serve_api(nursery)
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     await self._start_loops(nursery)
             finally:
@@ -258,17 +261,14 @@ class Node:
         finally:
             self.close()
 
-    def _serve_api(self) -> None:
-        """Hand the port's local API requests to the trio thread from now on."""
-        token = trio.lowlevel.current_trio_token()
-        self.api.set_control(
-            lambda m, path, body: trio.from_thread.run(
-                self.control.handle, m, path, body, trio_token=token
-            )
-        )
+    def _serve_api(self, nursery: trio.Nursery) -> None:
+        """Hand the port's local API requests to this loop from now on: each runs as a
+        task of `nursery` (a long poll too), the port's loop awaiting its answer."""
+        here = OtherLoop(nursery)
+        self.api.set_control(lambda m, target, body: here.run(self.control.handle, m, target, body))
         self.api.set_probes(
-            lambda: trio.from_thread.run_sync(self.status.readiness, trio_token=token),
-            lambda: trio.from_thread.run_sync(self.metrics.render, trio_token=token),
+            lambda: here.run_sync(self.status.readiness),
+            lambda: here.run_sync(self.metrics.render),
         )
 
     async def _start_loops(self, nursery: trio.Nursery) -> None:

@@ -1,18 +1,29 @@
-"""The HTTP plumbing every route on a node's port shares: answers (plain, JSON, the one error
-table), bodies read within a limit, TLS and credential checks, dispatch to the first route
-that takes a request. Knows no route itself; runs in the connection's thread.
+"""The node's port: syncbit's async HTTP server (`syncbit.httpd`: a coroutine and a socket
+per connection, never a thread) in a trio loop of its own thread, and the plumbing every
+route on it shares: answers (plain, JSON, the one error table), bodies read within a
+limit, TLS and credential checks, dispatch to the first route that takes a request.
+
+Its own loop keeps the peers' requests off the trio loop that serves FUSE; a route that
+needs that loop reaches it through `aio.OtherLoop` (a task there, no thread), and one that
+blocks (a file read) through a worker thread of this loop. Knows no route itself.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import json
 import logging
+import socket
 import ssl
+import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+import trio
 
 from syncbit import tls
-from syncbit.auth import drain_refused
+from syncbit.aio import run_in_thread
 from syncbit.credentials import Role, Verifier
 from syncbit.errors import (
     DaemonUnreachableError,
@@ -25,181 +36,189 @@ from syncbit.errors import (
     error_doc,
     http_status,
 )
-from syncbit.serving import BodyError, BoundedHandler, BoundedServer, body_length, loads_bounded
+from syncbit.httpd import Body, Listener, Request, Response, bind, connection_error
+from syncbit.serving import Limits, loads_bounded
 
 log = logging.getLogger("syncbit.peer")
 
+_METHODS = ("GET", "POST")
+
+
+def plain(status: int, text: str) -> Response:
+    return Response(status, text.encode(), "text/plain")
+
+
+def json_answer(status: int, doc: dict[str, Any]) -> Response:
+    return Response(status, json.dumps(doc).encode())
+
+
+def error_answer(exc: SyncbitError) -> Response:
+    """`exc` answered with its status from the one error table, in JSON."""
+    headers = {}
+    if isinstance(exc, MethodNotAllowedError) and exc.allow:
+        headers["Allow"] = ", ".join(exc.allow)
+    return Response(http_status(exc), json.dumps(error_doc(exc)).encode(), headers=headers)
+
 
 class Route(Protocol):
-    """One family of endpoints on the port. Runs in the connection's thread."""
+    """One family of endpoints on the port, run in the port's loop."""
 
-    def handle(self, request: PortHandler, method: str) -> bool:
-        """Answer the request and return True, or return False: not one of mine."""
+    async def handle(self, request: PortRequest) -> Response | None:
+        """The answer, or None: not one of mine. A SyncbitError raised is answered with
+        its status (`error_answer`)."""
         ...
 
 
-class PortServer(BoundedServer):
-    """The listening socket and what every route reads: TLS, credentials, routes."""
+@dataclass
+class PortRequest:
+    """A request as the routes see it: its head (header names in lower case), the body
+    on demand, and the port's checks."""
+
+    method: str
+    target: str  # as asked: path and query
+    path: str  # the target without its query
+    query: dict[str, str]
+    headers: dict[str, str]
+    client: str
+    tls: bool
+    body: Body
+    port: Port
+
+    @property
+    def loopback(self) -> bool:
+        return tls.is_loopback(self.client)
+
+    async def json_body(self, limit: int) -> dict[str, Any]:
+        """The request's JSON object, read only within `limit` bytes (BodyError: 411/413
+        unread); UserError when it is not a JSON object."""
+        raw = await self.body.read(limit)
+        try:
+            doc = loads_bounded(raw) if raw else {}
+        except ValueError as exc:
+            raise UserError(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise UserError("request body must be a JSON object")
+        return doc
+
+    def secure(self, plain_ok: bool = False) -> None:
+        """TLS, or no TLS needed: none configured, a client on this host, or `plain_ok`
+        (the route allows plain HTTP). ForbiddenError when not."""
+        if self.port.tls is None or self.tls or plain_ok or self.loopback:
+            return
+        raise ForbiddenError("this daemon requires TLS: use https://")
+
+    def authorize(self, *roles: Role) -> None:
+        """The request's credential has one of `roles` (admin has all); else 401, 403, or
+        503 while the daemon does not know the cluster's key. Open when the daemon has no
+        token_file."""
+        port = self.port
+        if not port.auth_required:
+            return
+        verifier = port.verifier
+        if verifier is None:  # registered with no scheduler yet: nothing to check with
+            raise DaemonUnreachableError("daemon starting: it does not know the cluster's key yet")
+        scheme, _, value = self.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise UnauthorizedError("missing or wrong cluster token (see token_file)")
+        principal = verifier.verify(value.strip())
+        if not principal.allows(*roles):
+            need = " or ".join(r.value for r in roles) or "admin"
+            raise ForbiddenError(
+                f"a {principal.role.value} credential may not do this (needs {need})"
+            )
+
+
+class Port:
+    """The port's application: each request to the first route that takes it. Who may
+    ask what is each route's call (`PortRequest.authorize`), checked with the cluster's
+    public key (`verifier`) the node learns when it registers. A refusal before the body
+    was read is the connection layer's to finish (a small body drained, else closed)."""
+
+    def __init__(self, auth_required: bool, tls_context: ssl.SSLContext | None) -> None:
+        self.auth_required = auth_required
+        self.tls = tls_context
+        self.verifier: Verifier | None = None
+        self.routes: list[Route] = []
+
+    async def __call__(self, request: Request, body: Body) -> Response:
+        path, _, query = request.target.partition("?")
+        asked = PortRequest(
+            method=request.method,
+            target=request.target,
+            path=path,
+            query={k: v[-1] for k, v in parse_qs(query).items()},
+            headers=request.headers,
+            client=request.client,
+            tls=request.tls,
+            body=body,
+            port=self,
+        )
+        try:
+            if request.method not in _METHODS:
+                raise MethodNotAllowedError("method not allowed", _METHODS)
+            for route in self.routes:
+                answer = await route.handle(asked)
+                if answer is not None:
+                    return answer
+            raise NotFoundError("no such endpoint")
+        except SyncbitError as exc:
+            return error_answer(exc)
+
+
+class PortServer:
+    """The listening socket of `address` and the loop that serves it (`start`, `stop`):
+    connections capped by `limits` (in all, per client, idle), TLS when a client opens
+    it (with `tls_context`), plain HTTP otherwise. OSError if the address cannot be had."""
 
     def __init__(
         self,
         address: tuple[str, int],
-        limits: Any,
+        limits: Limits,
         auth_required: bool,
         tls_context: ssl.SSLContext | None,
     ) -> None:
-        self.auth_required = auth_required
-        self.verifier: Verifier | None = None
-        self.tls = tls_context
-        self.routes: list[Route] = []
-        super().__init__(address, PortHandler, limits)
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.limits = limits
+        self.port = Port(auth_required, tls_context)
+        self._sock = bind(host, port, family)
+        self.server_address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._cancel: trio.CancelScope | None = None
+
+    def start(self, name: str = "syncbit-port") -> None:
+        """Serve in a thread of its own, from now until `stop`. What keeps it from
+        starting is raised here."""
+
+        async def main(ready: threading.Event) -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            listener = Listener(self._sock, self.port, self.limits, connection_error, self.port.tls)
+            with trio.CancelScope() as self._cancel:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(listener.serve)
+                    ready.set()
+
+        self._thread = run_in_thread(main, name, "the node's port")
+
+    def stop(self) -> None:
+        """Stop serving: every connection ends. Idempotent; from any thread or loop."""
+        thread, token, cancel = self._thread, self._token, self._cancel
+        if thread is not None:
+            if token is not None and cancel is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(cancel.cancel)
+            thread.join(timeout=30)
+        self._thread = self._token = self._cancel = None
+        self._sock.close()
 
 
-class PortHandler(BoundedHandler):
-    """One connection: parses requests and hands each to the server's routes in order.
-    Who may ask what is each route's call (`authorized(*roles)`), checked with the
-    cluster's public key (`PortServer.verifier`) the node learns when it registers. A
-    refusal before the body was read drains a small body or closes the connection, so
-    the client always gets the answer."""
-
-    protocol_version = "HTTP/1.1"
-    server: PortServer
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s " + format, self.client_address[0], *args)
-
-    def parse_request(self) -> bool:
-        self._body_done = False  # per request: whether its body was read
-        return super().parse_request()
-
-    def handle_expect_100(self) -> bool:
-        """`Expect: 100-continue` is answered once the body is accepted (`body`)."""
-        return True
-
-    @property
-    def loopback(self) -> bool:
-        return ipaddress.ip_address(self.client_address[0]).is_loopback
-
-    # -- answers ---------------------------------------------------------------------------
-
-    def _close_if_body_unread(self) -> None:
-        """A refusal leaves the request's body unread: it cannot be skipped safely, so the
-        connection ends with this answer."""
-        if self._body_done:
-            return
-        length = self.headers.get("Content-Length", "").strip()
-        if length not in ("", "0") or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-
-    def answer(self, status: int, body: bytes, content_type: str) -> None:
-        self._close_if_body_unread()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def plain(self, status: int, text: str) -> None:
-        self.answer(status, text.encode(), "text/plain")
-
-    def json(self, status: int, doc: dict[str, Any]) -> None:
-        self.answer(status, json.dumps(doc).encode(), "application/json")
-
-    def error(self, exc: SyncbitError) -> None:
-        """Answer `exc` with its status from the one error table, in JSON."""
-        self.json(http_status(exc), error_doc(exc))
-
-    def refuse(self, exc: SyncbitError) -> None:
-        """An error answer before the request's body was read: a small body is read and
-        dropped (closing on unread bytes resets the connection, and the client may lose
-        this answer); a larger one ends the connection instead."""
-        if drain_refused(self):
-            self._body_done = True
-        self.error(exc)
-
-    # -- requests --------------------------------------------------------------------------
-
-    def body(self, limit: int) -> dict[str, Any] | None:
-        """The JSON object of the request, read only within `limit` bytes; None once a
-        refusal (400/411/413) has been sent."""
-        try:
-            length = body_length(self.headers, limit)
-        except BodyError as exc:
-            self.error(exc)
-            return None
-        if length and self.headers.get("Expect", "").lower() == "100-continue":
-            self.send_response_only(100)
-            self.end_headers()
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) != length:
-            raise ConnectionError(f"client sent {len(raw)} of {length} body bytes")
-        self._body_done = True
-        try:
-            body = loads_bounded(raw) if raw else {}
-        except ValueError as exc:
-            self.error(UserError(f"request body is not valid JSON: {exc}"))
-            return None
-        if not isinstance(body, dict):
-            self.error(UserError("request body must be a JSON object"))
-            return None
-        return body
-
-    def secure(self, plain_ok: bool = False) -> bool:
-        """TLS, or no TLS needed: none configured, a client on this host, or `plain_ok`
-        (the route allows plain HTTP). Answers 403 itself when not."""
-        if self.server.tls is None or tls.is_tls(self.connection) or plain_ok or self.loopback:
-            return True
-        self.refuse(ForbiddenError("this daemon requires TLS: use https://"))
-        return False
-
-    def authorized(self, *roles: Role) -> bool:
-        """Whether the request's credential has one of `roles` (admin has all); answers
-        401, 403 or 503 itself when not. Open when the daemon has no token_file."""
-        server = self.server
-        if not server.auth_required:
-            return True
-        verifier = server.verifier
-        if verifier is None:  # registered with no scheduler yet: nothing to check with
-            self.refuse(
-                DaemonUnreachableError("daemon starting: it does not know the cluster's key yet")
-            )
-            return False
-        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
-        try:
-            if scheme.lower() != "bearer" or not value.strip():
-                raise UnauthorizedError("missing or wrong cluster token (see token_file)")
-            principal = verifier.verify(value.strip())
-        except UnauthorizedError as exc:
-            self.refuse(exc)
-            return False
-        if not principal.allows(*roles):
-            need = " or ".join(r.value for r in roles) or "admin"
-            self.refuse(
-                ForbiddenError(
-                    f"a {principal.role.value} credential may not do this (needs {need})"
-                )
-            )
-            return False
-        return True
-
-    # -- dispatch --------------------------------------------------------------------------
-
-    def _dispatch(self, method: str) -> None:
-        for route in self.server.routes:
-            if route.handle(self, method):
-                return
-        self.refuse(NotFoundError("no such endpoint"))
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self.refuse(MethodNotAllowedError("method not allowed"))
-
-    def do_DELETE(self) -> None:
-        self.refuse(MethodNotAllowedError("method not allowed"))
+__all__ = [
+    "Port",
+    "PortRequest",
+    "PortServer",
+    "Route",
+    "error_answer",
+    "json_answer",
+    "plain",
+]

@@ -1,22 +1,25 @@
 """The node's chunk server: `GET /v1/objects/<object>/data` + `Range` -> 206 and the bytes,
-by `sendfile` from the object file, in threads outside the trio loop. Never serves a byte
-that is not durable and indexed here, and nothing but chunk data (other routes plug in).
+by `sendfile` from the object file in a worker thread (the file may be read from disk),
+on the node's port (`peer.port`: async, its own loop). Never serves a byte that is not
+durable and indexed here, and nothing but chunk data (other routes plug in).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
 import ssl
-import threading
 
-from syncbit import tls
+import trio
+
 from syncbit.credentials import Role, Verifier
 from syncbit.errors import SyncbitError
-from syncbit.peer.port import PortHandler, PortServer, Route
+from syncbit.httpd import Response
+from syncbit.peer.port import PortRequest, PortServer, Route, plain
 from syncbit.serving import Limits
-from syncbit.store import ObjectStore
+from syncbit.store import ObjectReader, ObjectStore
 
 PRIORITY_HEADER = "X-Syncbit-Priority"
 _TLS_BLOCK = 1 << 20  # bytes per write of chunk data over TLS
@@ -31,28 +34,26 @@ LIMITS = Limits(max_connections=1024, max_per_client=256)
 
 
 class _Slots:
-    """Upload slots: prefetch transfers served at once (0: any number), and counters."""
+    """Upload slots: prefetch transfers served at once (0: any number), and counters.
+    Entered and left in the port's loop; read from the node's (`load`)."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.active = 0
         self.refused = 0  # prefetch transfers answered 503 (busy)
         self.bytes_served = 0
-        self._lock = threading.Lock()  # handler threads enter and leave concurrently
 
     def enter(self, prefetch: bool) -> bool:
         """Take an upload slot; a prefetch transfer gets none when all are taken."""
-        with self._lock:
-            if prefetch and self.slots and self.active >= self.slots:
-                self.refused += 1
-                return False
-            self.active += 1
-            return True
+        if prefetch and self.slots and self.active >= self.slots:
+            self.refused += 1
+            return False
+        self.active += 1
+        return True
 
     def leave(self, sent: int) -> None:
-        with self._lock:
-            self.active -= 1
-            self.bytes_served += sent
+        self.active -= 1
+        self.bytes_served += sent
 
 
 class ChunkRoute:
@@ -63,7 +64,7 @@ class ChunkRoute:
     holder, so uploads spread over the holders of a chunk instead of piling onto one. A
     reader's transfer is never refused. Needs a node (or admin) credential when the daemon
     has a token_file; with TLS, plain HTTP only if `peer_data_tls` is off (`plain_data`).
-    Connections are capped and dropped when idle (`syncbit.serving`); a Range names at
+    Connections are capped and dropped when idle (`syncbit.httpd`); a Range names at
     most 19-digit offsets.
     """
 
@@ -71,63 +72,107 @@ class ChunkRoute:
         self.store = store
         self.slots = slots
         self.plain_data = plain_data
+        # Sends running at once: each may hold a worker thread while the disk reads.
+        self.threads = trio.CapacityLimiter(64)
 
-    def handle(self, request: PortHandler, method: str) -> bool:
-        match = _DATA_PATH.match(request.path) if method == "GET" else None
+    async def handle(self, request: PortRequest) -> Response | None:
+        match = _DATA_PATH.match(request.path) if request.method == "GET" else None
         if match is None:
-            return False
-        if not request.secure(plain_ok=self.plain_data) or not request.authorized(Role.NODE):
-            return True
+            return None
+        request.secure(plain_ok=self.plain_data)
+        request.authorize(Role.NODE)
         obj = self.store.get(match.group(1))
-        span = _RANGE.fullmatch(request.headers.get("Range", "").strip())
+        span = _RANGE.fullmatch(request.headers.get("range", "").strip())
         if obj is None or not span:
-            request.plain(404 if obj is None else 416, "not held\n" if obj is None else "range\n")
-            return True
+            return plain(404, "not held\n") if obj is None else plain(416, "range\n")
         first, last = int(span.group(1)), int(span.group(2))
         length = last - first + 1
         # In use from the presence check to the last byte sent: the cache does not evict
         # the object meanwhile (a hole punched under sendfile would send zeros).
-        with self.store.reading(obj) as reader:
-            if last >= obj.size or length <= 0 or not obj.has_range(first, length):
-                request.plain(404, "not held\n")
-                return True
-            prefetch = request.headers.get(PRIORITY_HEADER, "") == "prefetch"
-            if not self.slots.enter(prefetch):
-                request.plain(503, "busy: every upload slot is taken\n")
-                return True
-            sent = 0
-            try:
-                _send(request, reader.fd(), first, last, obj.size)
-                sent = length
-            finally:
-                self.slots.leave(sent)
-        return True
+        held = contextlib.ExitStack()
+        reader = held.enter_context(self.store.reading(obj))
+        if last >= obj.size or length <= 0 or not obj.has_range(first, length):
+            held.close()
+            return plain(404, "not held\n")
+        prefetch = request.headers.get(PRIORITY_HEADER.lower(), "") == "prefetch"
+        if not self.slots.enter(prefetch):
+            held.close()
+            return plain(503, "busy: every upload slot is taken\n")
+        sender = _ChunkSender(reader, first, length, held, self.slots, self.threads)
+        headers = {"Content-Range": f"bytes {first}-{last}/{obj.size}"}
+        return Response(
+            206, content_type="application/octet-stream", headers=headers, sender=sender
+        )
 
 
-def _send(request: PortHandler, fd: int, first: int, last: int, size: int) -> None:
-    length = last - first + 1
-    request.send_response(206)
-    request.send_header("Content-Type", "application/octet-stream")
-    request.send_header("Content-Length", str(length))
-    request.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-    request.end_headers()
-    if tls.is_tls(request.connection):
-        _send_tls(request, fd, first, length)
-    else:
-        _sendfile(request, fd, first, last + 1)
+class _ChunkSender:
+    """The bytes of one range of an object file (`httpd.BodySender`): sendfile on a plain
+    connection, read and written through the TLS session otherwise. Holds the object in
+    use and its upload slot until `close`."""
+
+    def __init__(
+        self,
+        reader: ObjectReader,
+        offset: int,
+        length: int,
+        held: contextlib.ExitStack,
+        slots: _Slots,
+        threads: trio.CapacityLimiter,
+    ) -> None:
+        self.reader, self.offset, self.length = reader, offset, length
+        self._held, self._slots, self._threads = held, slots, threads
+        self._sent = 0
+
+    async def send(self, stream: trio.abc.Stream, idle: float) -> None:
+        if isinstance(stream, trio.SocketStream):
+            out = stream.socket.fileno()
+            end = self.offset + self.length
+            await trio.to_thread.run_sync(
+                _sendfile, out, self.reader, self.offset, end, idle, limiter=self._threads
+            )
+        else:
+            await self._send_tls(stream, idle)
+        self._sent = self.length
+
+    async def _send_tls(self, stream: trio.abc.Stream, idle: float) -> None:
+        """No sendfile through TLS (the kernel cannot encrypt for Python's ssl): read a
+        block in a worker thread (the disk may be read), write it through the session."""
+        buf = bytearray(min(self.length, _TLS_BLOCK))
+        view = memoryview(buf)
+        offset, end = self.offset, self.offset + self.length
+        while offset < end:
+            part = view[: min(len(buf), end - offset)]
+            n = await trio.to_thread.run_sync(
+                _pread, self.reader, part, offset, limiter=self._threads
+            )
+            if n <= 0:
+                raise ConnectionError("object file shorter than its index says")
+            with trio.fail_after(idle):  # TooSlowError: a peer that stopped reading
+                await stream.send_all(view[:n])
+            offset += n
+
+    def close(self) -> None:
+        self._slots.leave(self._sent)
+        self._held.close()
 
 
-def _sendfile(request: PortHandler, fd: int, offset: int, end: int) -> None:
-    out = request.connection.fileno()
+def _pread(reader: ObjectReader, into: memoryview, offset: int) -> int:
+    """Blocking (worker thread): bytes of the object file from `offset` into `into`."""
+    return os.preadv(reader.fd(), [into], offset)
+
+
+def _sendfile(out: int, reader: ObjectReader, offset: int, end: int, idle: float) -> None:
+    """Blocking (worker thread): bytes [offset, end) of the object file (opened here on
+    its first use) to the socket `out`, which the port's loop made non-blocking: wait for
+    room, at most `idle` for a peer that stopped reading."""
+    fd = reader.fd()
     writable = select.poll()
     writable.register(out, select.POLLOUT)
     while offset < end:
         try:
             sent = os.sendfile(out, fd, offset, end - offset)
         except BlockingIOError:
-            # The socket has a timeout (so it is non-blocking underneath): wait for room,
-            # at most the idle timeout for a peer that stopped reading.
-            if not writable.poll(request.server.limits.idle_timeout * 1000):
+            if not writable.poll(idle * 1000):
                 raise TimeoutError("peer stopped reading") from None
             continue
         if sent == 0:
@@ -135,24 +180,10 @@ def _sendfile(request: PortHandler, fd: int, offset: int, end: int) -> None:
         offset += sent
 
 
-def _send_tls(request: PortHandler, fd: int, offset: int, length: int) -> None:
-    """The bytes through the TLS session: no sendfile (the kernel cannot encrypt them for
-    Python's ssl), so pread into one reused buffer and write."""
-    request.wfile.flush()
-    buf = bytearray(min(length, _TLS_BLOCK))
-    view = memoryview(buf)
-    end = offset + length
-    while offset < end:
-        n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
-        if n <= 0:
-            raise ConnectionError("object file shorter than its index says")
-        request.connection.sendall(view[:n])
-        offset += n
-
-
 class PeerServer:
-    """The node's port on `listen` ("host:port"), running in its own threads: chunk data,
-    and whatever routes `add_routes` plugs in (the node's local API), tried after it.
+    """The node's port on `listen` ("host:port"), served by its own loop in a thread of
+    its own: chunk data, and whatever routes `add_routes` plugs in (the node's local API),
+    tried after it.
 
     Args:
         upload_slots: prefetch transfers served at once (0: any number).
@@ -184,16 +215,15 @@ class PeerServer:
                 f"the daemon cannot listen on {listen}: {exc.strerror or exc}"
             ) from exc
         self._slots = _Slots(upload_slots)
-        self._server.routes.append(ChunkRoute(store, self._slots, plain_data))
-        self._thread: threading.Thread | None = None
+        self._server.port.routes.append(ChunkRoute(store, self._slots, plain_data))
 
     def add_routes(self, route: Route) -> None:
         """Serve `route`'s endpoints on this port too (before `start`)."""
-        self._server.routes.append(route)
+        self._server.port.routes.append(route)
 
     def set_verifier(self, verifier: Verifier) -> None:
         """Check credentials with `verifier` (the cluster's public key) from now on."""
-        self._server.verifier = verifier
+        self._server.port.verifier = verifier
 
     @property
     def address(self) -> str:
@@ -215,11 +245,7 @@ class PeerServer:
         return self._slots.refused
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="syncbit-peer", daemon=True
-        )
-        self._thread.start()
+        self._server.start("syncbit-peer")
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

@@ -48,17 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("syncbit.scheduler")
 
 _PROBES = (["healthz"], ["readyz"])
-_PLAIN_KINDS = {503: "TooManyConnections", 500: "ServerError"}
-
-
-def error_json(message: str, kind: str) -> bytes:
-    return json.dumps({"error": message, "kind": kind}, separators=(",", ":")).encode()
-
-
-def connection_error(status: int, message: str) -> bytes:
-    """The body of an answer the connection layer gives by itself (malformed request,
-    too many connections)."""
-    return error_json(message, _PLAIN_KINDS.get(status, "BadRequest"))
 
 
 class App:
@@ -197,4 +186,4 @@ def _error_answer(exc: Exception, method: str, path: str) -> Response:
     return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
 
 
-__all__ = ["App", "connection_error", "error_json"]
+__all__ = ["App"]

@@ -31,16 +31,17 @@ from typing import Any, TypeVar
 import trio
 
 from syncbit import tls
+from syncbit.aio import run_in_thread
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import SchedulerConfig
 from syncbit.credentials import Issuer, is_credential
 from syncbit.errors import ConfigError, SchedulerError
-from syncbit.httpd import Listener, bind, raise_descriptor_limit
+from syncbit.httpd import Listener, bind, connection_error, raise_descriptor_limit
 from syncbit.manifest import Manifest
 from syncbit.protocol import RESOLVE_TIMEOUT
 from syncbit.scheduler.admission import Admission
 from syncbit.scheduler.api import Api
-from syncbit.scheduler.app import App, connection_error
+from syncbit.scheduler.app import App
 from syncbit.scheduler.etcd import EtcdClient, parse_endpoints
 from syncbit.scheduler.kv import DurableStore
 from syncbit.scheduler.policy import LeastLoaded, PeerPolicy
@@ -179,30 +180,15 @@ class SchedulerServer:
         bound, bound_port = self._sock.getsockname()[:2]
         self._address = f"[{bound}]:{bound_port}" if ":" in str(bound) else f"{bound}:{bound_port}"
         issuer = Issuer(secret, self._clock) if secret is not None else None
-        ready = threading.Event()
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                trio.run(self._main, issuer, context, ready)
-            except BaseException as exc:  # told to start(), or logged when it ended later
-                if not ready.is_set():
-                    failed.append(exc)
-                else:
-                    log.exception("the scheduler stopped on an error")
-            finally:
-                ready.set()
-
-        self._thread = threading.Thread(target=run, name="syncbit-scheduler", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failed:
-            self._thread.join()
-            self._thread = None
+        try:
+            self._thread = run_in_thread(
+                functools.partial(self._main, issuer, context), "syncbit-scheduler", "the scheduler"
+            )
+        except BaseException:
             self._sock.close()
             self._sock = None
             self._address = ""
-            raise failed[0]
+            raise
         return self.address
 
     async def _main(self, issuer: Issuer | None, context: Any, ready: threading.Event) -> None:
