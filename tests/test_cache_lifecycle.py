@@ -20,6 +20,7 @@ from syncbit.errors import CacheFullError, PeerBusyError, PeerError
 from syncbit.fetch import Fetcher
 from syncbit.manifest import FileEntry
 from syncbit.peer import PeerClient, PeerServer
+from syncbit.serving import Limits
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
 
@@ -492,4 +493,33 @@ def test_used_bytes_is_a_counter_not_a_walk(tmp_path: Path) -> None:
         assert store.used_bytes() == 452
         assert os.path.exists(tmp_path / "objects")
     finally:
+        store.close()
+
+
+async def test_a_peer_that_stops_reading_is_dropped_and_the_port_serves_on(
+    tmp_path: Path,
+) -> None:
+    """A client that asks for a range and takes nothing is dropped after the idle timeout
+    (its upload slot freed, the object no longer in use), and the port goes on serving."""
+    size = 64 << 20
+    store = ObjectStore.open(tmp_path / "big", 2 * size)
+    server = PeerServer(store, "127.0.0.1:0", limits=Limits(idle_timeout=1))
+    server.start()
+    client = PeerClient(timeout=5)
+    buf = bytearray(CS)
+    try:
+        a = await _fill(store, 1, size=size, cs=4 << 20)
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as stalled:
+            ask = f"GET /v1/objects/{a.id}/data HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size - 1}"
+            stalled.sendall(ask.encode() + b"\r\n\r\n")
+            await _until(lambda: server.load == 1)
+            await _until(lambda: server.load == 0)  # dropped: the slot is free again
+            assert server.bytes_served == 0  # the range was not sent whole
+        await trio.to_thread.run_sync(client.get_into, server.address, a.id, 0, memoryview(buf))
+        assert bytes(buf) == _bytes(1, size)[:CS]
+        assert server.bytes_served == CS
+    finally:
+        client.close()
+        server.stop()
         store.close()

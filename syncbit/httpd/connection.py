@@ -329,13 +329,12 @@ async def _one(conn: _Connection, request: Request, app: App, error_body: ErrorB
     try:
         keep = body.consumed or await conn.drain(request)
         await conn.respond(response, close=not keep, head=request.method == "HEAD")
-    except (
-        ConnectionError,
-        trio.BrokenResourceError,
-        trio.ClosedResourceError,
-        trio.TooSlowError,
-    ) as exc:
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+        # Gone, stalled past the idle timeout (a sender's own wait: TimeoutError), reset.
         log.debug("answer to %s dropped: %s", request.client, exc)
+        return False
+    except Exception:  # a sender's bug ends its connection, never the server
+        log.exception("answer to %s %s failed", request.method, request.target[:200])
         return False
     finally:
         if response.sender is not None:
