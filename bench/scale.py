@@ -221,6 +221,11 @@ _HB_BUCKET = re.compile(
     r'^syncbit_scheduler_request_seconds_bucket\{le="([^"]+)",route="heartbeat"\} (\S+)$', re.M
 )
 _LOOP_LAG = re.compile(r"^syncbit_scheduler_loop_lag_seconds (\S+)$", re.M)
+_GC = re.compile(
+    r"^syncbit_gc_(collections_total|pause_seconds_total|longest_pause_seconds)"
+    r'\{generation="2"\} (\S+)$',
+    re.M,
+)
 
 
 @dataclass
@@ -228,12 +233,14 @@ class MetricsSample:
     t: float
     buckets: dict[float, float]  # heartbeats answered within le seconds, cumulative
     lag: float | None
+    gc: dict[str, float] = field(default_factory=dict)  # full collections: count, seconds, longest
 
     @classmethod
     def parse(cls, t: float, text: str) -> MetricsSample:
         buckets = {float(le): float(n) for le, n in _HB_BUCKET.findall(text)}
         lag = _LOOP_LAG.search(text)
-        return cls(t, buckets, float(lag.group(1)) if lag else None)
+        gc = {name: float(value) for name, value in _GC.findall(text)}
+        return cls(t, buckets, float(lag.group(1)) if lag else None, gc)
 
 
 def histogram_pct(first: dict[float, float], last: dict[float, float], q: float) -> float | None:
@@ -763,6 +770,16 @@ def analyse(
         served_p50 = histogram_pct(served[0].buckets, served[-1].buckets, 0.50)
         served_p99 = histogram_pct(served[0].buckets, served[-1].buckets, 0.99)
     lags = [m.lag for m in scraped if m.lag is not None]
+    # Its full garbage collections in the window: a pause of the whole loop each.
+    collected = [m.gc for m in scraped if m.gc]
+    full_gc = None
+    if len(collected) > 1:
+        first, last = collected[0], collected[-1]
+        full_gc = {
+            "count": last.get("collections_total", 0.0) - first.get("collections_total", 0.0),
+            "seconds": last.get("pause_seconds_total", 0.0) - first.get("pause_seconds_total", 0.0),
+            "longest_ever": last.get("longest_pause_seconds", 0.0),
+        }
     held = sum(o["chunks_held"] for o in outputs)
     needed = sum(o["chunks_needed"] for o in outputs)
     return {
@@ -793,6 +810,7 @@ def analyse(
         "sched_hb_p50_le_s": served_p50,
         "sched_hb_p99_le_s": served_p99,
         "sched_loop_lag_max_s": max(lags) if lags else None,
+        "sched_full_gc": full_gc,
         "routes": {
             name: {
                 "sent": r["sent"],
@@ -923,6 +941,13 @@ def report(r: dict[str, Any]) -> None:
             f"   scheduler's own view (/metrics): heartbeats answered within "
             f"{_fmt_s(r['sched_hb_p50_le_s'])} (p50), {_fmt_s(r['sched_hb_p99_le_s'])} (p99) "
             f"of their head; loop lag max {_fmt_s(lag) if lag is not None else '-'}"
+        )
+    if r.get("sched_full_gc"):
+        gc = r["sched_full_gc"]
+        print(
+            f"   scheduler's full garbage collections in the window: {gc['count']:.0f}, "
+            f"{_fmt_s(gc['seconds'])} in all; the longest since its start "
+            f"{_fmt_s(gc['longest_ever'])}"
         )
     for name, rt in r["routes"].items():
         print(

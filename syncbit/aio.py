@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -92,7 +92,10 @@ class OtherLoop:
 
 
 def run_in_thread(
-    main: Callable[[threading.Event], Awaitable[None]], name: str, what: str
+    main: Callable[[threading.Event], Awaitable[None]],
+    name: str,
+    what: str,
+    instruments: Sequence[trio.abc.Instrument] = (),
 ) -> threading.Thread:
     """`trio.run(main, ready)` in a daemon thread named `name`: a server's own loop beside
     the node's. Returns the thread once `main` set `ready`; what ended `main` before that
@@ -103,7 +106,7 @@ def run_in_thread(
 
     def run() -> None:
         try:
-            trio.run(main, ready)
+            trio.run(main, ready, instruments=instruments)
         except BaseException as exc:  # told to the starter, or logged when it ended later
             if not ready.is_set():
                 failed.append(exc)

@@ -367,15 +367,16 @@ def _short(args: Sequence[Any]) -> str:
 
 
 def instruments(
-    env: Mapping[str, str] = os.environ, logger: logging.Logger = log
+    env: Mapping[str, str] = os.environ, logger: logging.Logger = log, audit: bool = True
 ) -> list[trio.abc.Instrument]:
-    """The instruments a long-running trio program (the daemon) runs with: the stall log
-    when `logger` logs debug, the auditor when `SYNCBIT_AUDIT_BLOCKING` names a file
-    (ConfigError when that file cannot be written)."""
+    """The instruments a long-running trio program (the daemon, the scheduler) runs with:
+    the stall log when `logger` logs debug, the auditor when `SYNCBIT_AUDIT_BLOCKING`
+    names a file and `audit` (the daemon's loop: one auditor per process; ConfigError
+    when that file cannot be written)."""
     found: list[trio.abc.Instrument] = []
     if logger.isEnabledFor(logging.DEBUG):
         found.append(StallLogger(logger=logger))
-    target = env.get(ENV)
+    target = env.get(ENV) if audit else None
     if target:
         try:
             found.append(BlockingAuditor(Path(target)))

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from syncbit import tls
+from syncbit import looptrace, tls
 from syncbit.aio import run_in_thread
 from syncbit.auth import check_exposure, read_token
 from syncbit.config import SchedulerConfig
@@ -181,8 +181,13 @@ class SchedulerServer:
         self._address = f"[{bound}]:{bound_port}" if ":" in str(bound) else f"{bound}:{bound_port}"
         issuer = Issuer(secret, self._clock) if secret is not None else None
         try:
+            # With --log-level debug, loop stretches over 100 ms are logged as the
+            # daemon's are (`looptrace.StallLogger`); the daemon's loop owns the auditor.
             self._thread = run_in_thread(
-                functools.partial(self._main, issuer, context), "syncbit-scheduler", "the scheduler"
+                functools.partial(self._main, issuer, context),
+                "syncbit-scheduler",
+                "the scheduler",
+                looptrace.instruments(audit=False),
             )
         except BaseException:
             self._sock.close()
