@@ -18,8 +18,10 @@ import pytest
 import trio
 
 from syncbit import looptrace
+from syncbit.config import SchedulerConfig
 from syncbit.errors import ConfigError
 from syncbit.looptrace import BlockingAuditor, Finding, StallLogger, read_findings
+from syncbit.scheduler import SchedulerServer
 
 
 class ManualClock:
@@ -196,3 +198,34 @@ def test_findings_read_back_as_written(tmp_path: Path) -> None:
     assert read_findings(path) == [
         Finding("open", "('/x', 'r', 0)", "t", ("syncbit/daemon.py:12 _load_plan",))
     ]
+
+
+def test_the_scheduler_logs_its_loop_stalls_at_debug_and_never_audits(
+    config: SchedulerConfig,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduler's own loop (a thread of the daemon when embedded) gets the stall log
+    with --log-level debug, as the daemon's does; the blocking-call auditor stays the
+    daemon loop's (one per process)."""
+    caplog.set_level(logging.DEBUG, logger="syncbit.looptrace")
+    target = tmp_path / "audit.jsonl"
+    monkeypatch.setenv(looptrace.ENV, str(target))
+    server = SchedulerServer(config)
+    server.start()
+    try:
+        token = server._token
+        assert token is not None
+
+        async def hog() -> None:
+            time.sleep(0.3)  # a step of the scheduler's loop with no checkpoint
+
+        token.run_sync_soon(trio.lowlevel.spawn_system_task, hog)
+        deadline = time.monotonic() + 10
+        while "stalled" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert "trio loop stalled: task " in caplog.text and "hog ran 3" in caplog.text
+    assert not target.exists()
