@@ -46,30 +46,37 @@ _os_get_blocking = os.get_blocking
 # trio 0.22 has no type information (its Instrument is Any to mypy); later ones do.
 class StallLogger(trio.abc.Instrument):  # type: ignore[misc, unused-ignore]
     """Logs (debug) every task step that ran longer than `threshold` seconds: the task's
-    name, how long, and where it waits now (just after the stretch). `clock` is
-    injectable for tests."""
+    name, how long, how much of it the thread ran on a CPU (a long step with little CPU
+    waited for one: the machine's load, not the task's work), and where it waits now
+    (just after the stretch). `clock` and `cpu_clock` are injectable for tests."""
 
     def __init__(
         self,
         threshold: float = STALL_THRESHOLD,
         logger: logging.Logger = log,
         clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.threshold = threshold
         self.logger = logger
         self.clock = clock
+        self.cpu_clock = cpu_clock
         self._began = 0.0
+        self._cpu_began = 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._began = self.clock()
+        self._cpu_began = self.cpu_clock()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = self.clock() - self._began
         if took > self.threshold:
             self.logger.debug(
-                "trio loop stalled: task %s ran %.0f ms without a checkpoint (now at %s)",
+                "trio loop stalled: task %s ran %.0f ms (%.0f ms of it on a CPU) without a "
+                "checkpoint (now at %s)",
                 task.name,
                 took * 1000,
+                (self.cpu_clock() - self._cpu_began) * 1000,
                 _await_point(task),
             )
 

@@ -37,12 +37,13 @@ class ManualClock:
 async def test_a_step_over_the_threshold_is_logged_with_its_task(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = ManualClock()
-    stalls = StallLogger(threshold=0.1, clock=clock)
+    clock, cpu = ManualClock(), ManualClock()
+    stalls = StallLogger(threshold=0.1, clock=clock, cpu_clock=cpu)
 
     async def hog() -> None:
         await trio.sleep(0)
         clock.now += 0.25  # one step of 250 ms
+        cpu.now += 0.04  # of which the thread ran 40 ms: it waited for a CPU
         await trio.sleep(0)
 
     async def busy_but_polite() -> None:
@@ -60,7 +61,7 @@ async def test_a_step_over_the_threshold_is_logged_with_its_task(
         trio.lowlevel.remove_instrument(stalls)
     stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
     assert len(stalled) == 1, stalled
-    assert "task hog ran 250 ms without a checkpoint" in stalled[0]
+    assert "task hog ran 250 ms (40 ms of it on a CPU) without a checkpoint" in stalled[0]
     assert "(now at hog:" in stalled[0]  # where it went on waiting
     assert all(r.levelno == logging.DEBUG for r in caplog.records if "stalled" in r.message)
 
@@ -228,4 +229,5 @@ def test_the_scheduler_logs_its_loop_stalls_at_debug_and_never_audits(
     finally:
         server.stop()
     assert "trio loop stalled: task " in caplog.text and "hog ran 3" in caplog.text
+    assert "ms of it on a CPU" in caplog.text
     assert not target.exists()
