@@ -9,6 +9,7 @@ diagnosis); it is no sandbox (a C extension's I/O raises no audit event and is n
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import ipaddress
 import json
@@ -42,6 +43,10 @@ _os_get_blocking = os.get_blocking
 
 # -- stalls ----------------------------------------------------------------------------------
 
+# What a task is doing, for the stall log: a server's connection task sets it to the
+# request it serves (and leaves it: a stretch may end just after the answer went out).
+DOING: contextvars.ContextVar[str | None] = contextvars.ContextVar("syncbit_doing", default=None)
+
 
 # trio 0.22 has no type information (its Instrument is Any to mypy); later ones do.
 class StallLogger(trio.abc.Instrument):  # type: ignore[misc, unused-ignore]
@@ -71,10 +76,12 @@ class StallLogger(trio.abc.Instrument):  # type: ignore[misc, unused-ignore]
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = self.clock() - self._began
         if took > self.threshold:
+            doing = task.context.get(DOING)
             self.logger.debug(
-                "trio loop stalled: task %s ran %.0f ms (%.0f ms of it on a CPU) without a "
+                "trio loop stalled: task %s%s ran %.0f ms (%.0f ms of it on a CPU) without a "
                 "checkpoint (now at %s)",
                 task.name,
+                f" ({doing})" if doing else "",
                 took * 1000,
                 (self.cpu_clock() - self._cpu_began) * 1000,
                 _await_point(task),

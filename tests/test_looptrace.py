@@ -41,6 +41,7 @@ async def test_a_step_over_the_threshold_is_logged_with_its_task(
     stalls = StallLogger(threshold=0.1, clock=clock, cpu_clock=cpu)
 
     async def hog() -> None:
+        looptrace.DOING.set("GET /v1/nodes")  # what a server's connection task says
         await trio.sleep(0)
         clock.now += 0.25  # one step of 250 ms
         cpu.now += 0.04  # of which the thread ran 40 ms: it waited for a CPU
@@ -61,7 +62,10 @@ async def test_a_step_over_the_threshold_is_logged_with_its_task(
         trio.lowlevel.remove_instrument(stalls)
     stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
     assert len(stalled) == 1, stalled
-    assert "task hog ran 250 ms (40 ms of it on a CPU) without a checkpoint" in stalled[0]
+    assert (
+        "task hog (GET /v1/nodes) ran 250 ms (40 ms of it on a CPU) without a checkpoint"
+        in stalled[0]
+    )
     assert "(now at hog:" in stalled[0]  # where it went on waiting
     assert all(r.levelno == logging.DEBUG for r in caplog.records if "stalled" in r.message)
 

@@ -25,6 +25,7 @@ from typing import Protocol
 import h11
 import trio
 
+from syncbit.looptrace import DOING
 from syncbit.serving import BodyError, body_length
 
 log = logging.getLogger("syncbit.httpd")
@@ -317,6 +318,7 @@ async def serve_connection(
 
 async def _one(conn: _Connection, request: Request, app: App, error_body: ErrorBody) -> bool:
     """Serve one request; whether the connection goes on."""
+    DOING.set(f"{request.method} {request.target[:120]}")  # named by the stall log
     body = Body(conn, request)
     try:
         response = await app(request, body)
