@@ -530,7 +530,7 @@ async def test_a_chunk_goes_out_without_trios_16_kib_cap_on_unsent_bytes() -> No
     """trio caps a socket's unsent bytes at 16 KiB (TCP_NOTSENT_LOWAT, for latency): a
     4 MiB chunk then went out in ~250 sends and wake-ups (15% more daemon CPU in
     bench/swarm.py). A chunk's connection gets the kernel's own limit back, TLS or not."""
-    from syncbit.peer.server import _bulk
+    from syncbit.httpd.connection import bulk as _bulk
 
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))

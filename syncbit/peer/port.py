@@ -18,7 +18,6 @@ import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import parse_qs
 
 import trio
 
@@ -77,7 +76,6 @@ class PortRequest:
     method: str
     target: str  # as asked: path and query
     path: str  # the target without its query
-    query: dict[str, str]
     headers: dict[str, str]
     client: str
     tls: bool
@@ -141,12 +139,11 @@ class Port:
         self.routes: list[Route] = []
 
     async def __call__(self, request: Request, body: Body) -> Response:
-        path, _, query = request.target.partition("?")
+        path = request.target.partition("?")[0]
         asked = PortRequest(
             method=request.method,
             target=request.target,
             path=path,
-            query={k: v[-1] for k, v in parse_qs(query).items()},
             headers=request.headers,
             client=request.client,
             tls=request.tls,

@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import select
-import socket
 import ssl
 
 import trio
@@ -24,7 +23,6 @@ from syncbit.store import ObjectReader, ObjectStore
 
 PRIORITY_HEADER = "X-Syncbit-Priority"
 _TLS_BLOCK = 1 << 20  # bytes per write of chunk data over TLS
-_KERNELS = 0  # TCP_NOTSENT_LOWAT 0: the kernel's own (net.ipv4.tcp_notsent_lowat, no limit)
 _DATA_PATH = re.compile(r"^/v1/objects/([0-9a-f]{64})/data$")
 # One range, offsets of at most 19 digits (a longer number is no file offset, and parsing
 # thousands of digits costs CPU and raises ValueError).
@@ -126,7 +124,6 @@ class _ChunkSender:
         self._sent = 0
 
     async def send(self, stream: trio.abc.Stream, idle: float) -> None:
-        _bulk(stream)
         if isinstance(stream, trio.SocketStream):
             out = stream.socket.fileno()
             end = self.offset + self.length
@@ -157,17 +154,6 @@ class _ChunkSender:
     def close(self) -> None:
         self._slots.leave(self._sent)
         self._held.close()
-
-
-def _bulk(stream: trio.abc.Stream) -> None:
-    """Let the socket under `stream` queue as much unsent data as the kernel allows, as a
-    plain socket does: trio caps it at 16 KiB (TCP_NOTSENT_LOWAT, for latency), which
-    made a 4 MiB chunk ~250 sends and wake-ups, and cost the daemons of bench/swarm.py
-    ~15% more CPU than the thread-per-connection server."""
-    sock = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(sock, trio.SocketStream):
-        with contextlib.suppress(OSError, AttributeError):  # not TCP, or not Linux
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _KERNELS)
 
 
 def _pread(reader: ObjectReader, into: memoryview, offset: int) -> int:
