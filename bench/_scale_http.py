@@ -56,6 +56,7 @@ class RouteStats:
     errors: Counter[str] = field(default_factory=Counter)
     errors_all: Counter[str] = field(default_factory=Counter)  # the whole run, ramp too
     latencies: list[float] = field(default_factory=list)  # answered ones, seconds
+    starts: list[float] = field(default_factory=list)  # when each of those was sent (epoch s)
     max_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class RouteStats:
             "errors": dict(self.errors),
             "errors_all": dict(self.errors_all),
             "latencies": [round(x, 5) for x in self.latencies],
+            "starts": [round(x, 3) for x in self.starts],
             "max_bytes": self.max_bytes,
         }
 
@@ -351,6 +353,7 @@ class Pool:
         if counted:
             stats.ok += 1
             stats.latencies.append(elapsed)
+            stats.starts.append(began)
         return answer
 
 

@@ -28,9 +28,10 @@ answered, their p50/p99 latency, nodes the scheduler ever showed down although t
 running (GET /v1/nodes every 5 s vs the nodes' own record), the scheduler's peak RSS
 (VmHWM), threads, open fds, CPU and the time its runnable threads waited for a CPU (on
 this 2-core machine the simulator competes with it: a scheduler that waits for a CPU
-answers late for want of one, not of work done), its own view from /metrics (the heartbeats' latency from
-head to answer, the worst loop lag), the largest answer per route, answered requests/s per
-route, errors by kind; and the simulator's own CPU and event-loop lag (a lagging loop
+answers late for want of one, not of work done), its own view from /metrics (the
+heartbeats' latency from head to answer, the worst loop lag), the heartbeats' p99 per 10 s
+of the window (when the slow ones were sent), the largest answer per route, answered
+requests/s per route, errors by kind; and the simulator's own CPU and event-loop lag (a lagging loop
 delays its nodes: the run says so), and the machine's load average.
 
     PYTHONPATH=$PWD python bench/scale.py --nodes 200,500,1000 [--mode mix|prefetch]
@@ -715,6 +716,7 @@ def analyse(
                     "errors": Counter(),
                     "errors_all": Counter(),
                     "latencies": [],
+                    "starts": [],
                     "max_bytes": 0,
                 },
             )
@@ -723,6 +725,7 @@ def analyse(
             agg["ok"] += r["ok"]
             agg["errors"].update(r["errors"])
             agg["latencies"] += r["latencies"]
+            agg["starts"] += r.get("starts", [])
             agg["max_bytes"] = max(agg["max_bytes"], r["max_bytes"])
         nodes.update(out["nodes"])
         counts.update(out["counts"])
@@ -794,6 +797,7 @@ def analyse(
         "hb_answered_pct": 100.0 * hb["ok"] / hb["sent"] if hb["sent"] else 0.0,
         "hb_p50_s": _pct(hb["latencies"], 0.50),
         "hb_p99_s": _pct(hb["latencies"], 0.99),
+        "hb_slices": hb_slices(hb.get("starts", []), hb["latencies"], w0, w1),
         "hb_errors": dict(hb["errors"]),
         "nodes_never_registered": never,
         "nodes_false_down": len(false_down),
@@ -837,6 +841,23 @@ def analyse(
         "ready_nodes": sum(o["ready_nodes"] for o in outputs),
         "error_samples": dict(sorted(samples.items())[:12]),
     }
+
+
+def hb_slices(
+    starts: list[float], latencies: list[float], w0: float, w1: float, width: float = 10.0
+) -> list[dict[str, Any]]:
+    """The window's heartbeats in slices of `width` s by when they were sent: each slice's
+    count, p99 and answers over 1 s, so a slow tail shows when it happened (one burst,
+    such as every node waking at the assignment, or spread over the run)."""
+    slices: list[list[float]] = [[] for _ in range(max(1, int((w1 - w0 + width - 1) // width)))]
+    for began, elapsed in zip(starts, latencies, strict=False):
+        at = int((began - w0) // width)
+        if 0 <= at < len(slices):
+            slices[at].append(elapsed)
+    return [
+        {"from_s": k * width, "n": len(v), "p99_s": _pct(v, 0.99), "over_1s": sum(x > 1 for x in v)}
+        for k, v in enumerate(slices)
+    ]
 
 
 def _verdict(cpu: list[float], lag_p99: float) -> str:
@@ -915,6 +936,13 @@ def report(r: dict[str, Any]) -> None:
         f"{r['hb_ok'] / r['hb_due'] * 100:.0f}% of one per node per 2 s), "
         f"p50 {_fmt_s(r['hb_p50_s'])}, p99 {_fmt_s(r['hb_p99_s'])}, errors {r['hb_errors']}"
     )
+    if r.get("hb_slices"):
+        parts = [
+            f"{s['from_s']:.0f}s {_fmt_s(s['p99_s'])}"
+            + (f" ({s['over_1s']} >1s)" if s["over_1s"] else "")
+            for s in r["hb_slices"]
+        ]
+        print(f"   heartbeat p99 by 10 s of the window: {', '.join(parts)}")
     if r.get("interval_p50_s") is not None:
         due = r.get("hb_due_in_force") or 0.0
         print(
