@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import time
 from pathlib import Path
 
 import httpx
@@ -20,16 +22,23 @@ from syncbit.config import SchedulerConfig
 from syncbit.errors import NotFoundError, SchedulerBusyError, SchedulerError
 from syncbit.scheduler import SchedulerClient, SchedulerServer
 from syncbit.scheduler.admission import (
+    BUSY_HIGH,
+    BUSY_TARGET,
     CONTROL,
     DECREASE,
+    FAST,
+    INCREASE,
     LAG_HIGH,
+    MAX_RETRY,
     MIN_RATE,
     MIN_STEP,
     REPORT_EVERY,
+    SPREAD,
     START_RATE,
     TICK,
     TURN_BYTES,
     Admission,
+    LoopMeter,
     Pacer,
     step_aside,
 )
@@ -48,7 +57,7 @@ async def _enter(
 async def test_while_the_loop_keeps_up_requests_go_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = Admission()  # its starting rate: what one process answers at best
+    admission = Admission(metered=False)  # its starting rate: what one process answers at best
     log: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:  # no `run`: nothing would admit a waiter
         for i in range(int(START_RATE * TICK)):  # a burst of one tick's worth
@@ -67,7 +76,7 @@ def _slow(admission: Admission, rate: float) -> Admission:
 async def test_beyond_them_requests_go_in_arrival_order_at_the_rate(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = _slow(Admission(max_wait=60), 10.0)
+    admission = _slow(Admission(max_wait=60, metered=False), 10.0)
     log: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(admission.run)
@@ -90,7 +99,7 @@ async def test_a_large_answer_costs_the_turns_of_its_size(
 ) -> None:
     """An answer of 40 KiB costs 10 turns: at 10/s (growing while the loop has room) the
     next request waits for the bucket to refill as after 10 small ones, not 0.1 s."""
-    admission = _slow(Admission(max_wait=60), 10.0)
+    admission = _slow(Admission(max_wait=60, metered=False), 10.0)
     admission.tokens = 1.0
     log: list[tuple[int, float]] = []
     await _enter(admission, 0, log, 0.0)  # admitted at once: the bucket's one token
@@ -108,8 +117,8 @@ async def test_a_large_answer_costs_the_turns_of_its_size(
 async def test_a_request_held_past_max_wait_is_told_when_to_come_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = _slow(Admission(max_wait=2.0), 1.0)
-    admission.control = lambda: None  # type: ignore[method-assign]  # stuck at its rate
+    admission = _slow(Admission(max_wait=2.0, metered=False), 1.0)
+    admission.control = lambda busy=None: None  # type: ignore[method-assign]  # stuck at its rate
     busy: list[SchedulerBusyError] = []
     log: list[tuple[int, float]] = []
 
@@ -133,7 +142,7 @@ async def test_a_request_held_past_max_wait_is_told_when_to_come_back(
 
 
 async def test_a_waiter_cancelled_leaves_no_trace(autojump_clock: trio.testing.MockClock) -> None:
-    admission = _slow(Admission(max_wait=60), 1.0)
+    admission = _slow(Admission(max_wait=60, metered=False), 1.0)
     log: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:
         for i in range(5):
@@ -147,9 +156,9 @@ async def test_a_waiter_cancelled_leaves_no_trace(autojump_clock: trio.testing.M
 async def test_a_long_poll_takes_its_turn_again_for_its_answer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    admission = _slow(Admission(max_wait=60), 1.0)
+    admission = _slow(Admission(max_wait=60, metered=False), 1.0)
     admission.tokens = 1.0  # for the poll
-    admission.control = lambda: None  # type: ignore[method-assign]  # stuck at its rate
+    admission.control = lambda busy=None: None  # type: ignore[method-assign]  # stuck at its rate
     log: list[tuple[str, float]] = []
     changed = trio.Event()
 
@@ -198,7 +207,7 @@ async def test_a_long_poll_cancelled_while_it_waits_leaves_no_trace() -> None:
 async def test_held_requests_are_told_in_the_log_now_and_then(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    admission = _slow(Admission(max_wait=60), 5.0)
+    admission = _slow(Admission(max_wait=60, metered=False), 5.0)
     log: list[tuple[int, float]] = []
     with caplog.at_level(logging.INFO, logger="syncbit.scheduler"):
         async with trio.open_nursery() as nursery:
@@ -242,6 +251,91 @@ def test_the_rate_shrinks_when_the_loop_is_behind_and_grows_back_while_wanted() 
     assert admission.rate == 1000.0
 
 
+def test_those_refused_together_are_told_to_come_back_apart() -> None:
+    """Told the time the line takes at the pace requests were admitted lately (not the
+    rate of turns, which large answers take several of), spread so that those refused
+    together do not come back together."""
+    admission = Admission(rng=random.Random(7))
+    admission.rate = 800.0  # turns: answers of ~32 KiB take 8 each
+    for _ in range(30):
+        admission._served(100, 1.0)
+    assert admission.served == pytest.approx(100.0, rel=0.01)
+    told = [admission.retry_after(4800) for _ in range(200)]
+    assert min(told) >= 48 and max(told) <= math.ceil(48 * (1 + SPREAD))
+    assert max(told) - min(told) >= 48 * SPREAD * 0.8  # spread over ~24 s, not one
+    assert admission.retry_after(0) == 1  # never "now"
+    assert admission.retry_after(10**6) == MAX_RETRY
+
+
+def test_a_busy_loop_stops_the_growth_and_a_full_one_shrinks_the_rate() -> None:
+    """Lag alone rises only once the loop is full: the share of the time it runs tasks
+    stops the rate's growth at BUSY_TARGET and shrinks it past BUSY_HIGH, however
+    punctual the loop still is; a loop well under the target grows back faster."""
+    admission = Admission()
+    admission.rate = 1000.0
+    admission._starved = True
+    admission.control(busy=(BUSY_TARGET + BUSY_HIGH) / 2)
+    assert admission.rate == 1000.0 and not admission.behind  # room left, but not much
+    admission._starved = True
+    admission.control(busy=BUSY_HIGH + 0.05)
+    assert admission.rate == pytest.approx(1000.0 * DECREASE) and admission.behind
+    admission.rate = 1000.0
+    admission._starved = True
+    admission.control(busy=BUSY_TARGET - 0.05)
+    assert admission.rate == pytest.approx(1000.0 * (1 + INCREASE))
+    admission.rate = 1000.0
+    admission._starved = True
+    admission.control(busy=BUSY_TARGET / 4)
+    assert admission.rate == pytest.approx(1000.0 * (1 + FAST))
+    assert admission.busy == BUSY_TARGET / 4
+    # Punctual and idle, but late at most looks: the lag still rules.
+    admission.rate = 1000.0
+    admission.note_lag(LAG_HIGH * 2)
+    admission.control(busy=0.1)
+    assert admission.rate == pytest.approx(1000.0 * DECREASE)
+
+
+def test_the_loop_meter_counts_the_time_outside_io_waits() -> None:
+    now = [0.0]
+    meter = LoopMeter(lambda: now[0])
+    assert meter.busy() is None  # no time has passed
+    now[0] = 1.0  # a second of running tasks
+    meter.before_io_wait(0.0)
+    now[0] = 1.5  # half a second in a wait
+    meter.after_io_wait(0.0)
+    now[0] = 2.0
+    assert meter.busy() == pytest.approx(0.75)
+    meter.before_io_wait(1.0)
+    now[0] = 3.0
+    meter.after_io_wait(1.0)
+    assert meter.busy() == pytest.approx(0.0)
+
+
+def test_a_real_loop_spinning_reads_busy_and_a_sleeping_one_idle() -> None:
+    """On trio's own clock, with the meter installed as `Admission.run` installs it."""
+
+    async def measure(spin: bool) -> float | None:
+        meter = LoopMeter()
+        trio.lowlevel.add_instrument(meter)
+        try:
+            meter.busy()
+            end = trio.current_time() + 0.3
+            while trio.current_time() < end:
+                if spin:
+                    time.sleep(0.01)  # a task holding the loop, as a long handler does
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.sleep(0.05)
+            return meter.busy()
+        finally:
+            trio.lowlevel.remove_instrument(meter)
+
+    busy = trio.run(measure, True)
+    idle = trio.run(measure, False)
+    assert busy is not None and busy > 0.8
+    assert idle is not None and idle < 0.2
+
+
 # -- on a real scheduler ----------------------------------------------------------------------
 
 
@@ -253,7 +347,7 @@ class Crawl(Admission):
         super().__init__(max_wait=max_wait)
         _slow(self, 0.25)
 
-    def control(self) -> None:
+    def control(self, busy: float | None = None) -> None:
         self._lag = 0.0
 
 
@@ -318,7 +412,7 @@ async def test_paced_wakes_wait_while_the_admissions_loop_is_behind(
     """The admission's loop hands out the wakes' turns (`Admission.pace`), none while it
     found the loop behind."""
     admission = Admission()
-    admission.control = lambda: None  # type: ignore[method-assign]  # as set below
+    admission.control = lambda busy=None: None  # type: ignore[method-assign]  # as set below
     pacer = Pacer(rate=1000.0)
     admission.pace(pacer)
     answered: list[float] = []

@@ -20,12 +20,21 @@ classes:
   costs a coroutine, not CPU. A request held longer than `max_wait` is answered 429 with
   `Retry-After` (`SchedulerBusyError`), before its client's own timeout would resend it.
 
-The rate follows the loop's lag, additive increase and multiplicative decrease: a task
-sleeps `TICK` seconds and measures how late it wakes (the time one turn of the loop takes
-through every runnable task). The median lag of a `CONTROL` period under `LAG_LOW` with
-requests waiting: the rate grows; over `LAG_HIGH`: it shrinks by `DECREASE`, never
-below `MIN_RATE`, a pace no small cluster reaches, so that one (or an embedded
-scheduler whose loop is late because the daemon beside it holds the GIL) is never held.
+The rate follows how busy the loop is and how late it runs, additive increase and
+multiplicative decrease. Two measures: the share of each `CONTROL` period the loop spent
+running tasks rather than waiting for sockets (`LoopMeter`), and the lag, how late a task
+that sleeps `TICK` seconds wakes (the time one turn of the loop takes through every
+runnable task). Busier than `BUSY_HIGH` or a median lag over `LAG_HIGH`: the rate shrinks
+by `DECREASE`, never below `MIN_RATE`, a pace no small cluster reaches, so that one (or
+an embedded scheduler whose loop is late because the daemon beside it holds the GIL) is
+never held. With requests waiting, a lag under `LAG_LOW` and the loop busy less than
+`BUSY_TARGET`: it grows, by a quarter while the loop is less than half that busy. Lag
+alone comes too late: it stays near zero until the loop has no time left, then grows by
+seconds, so a rate driven by it climbs until the loop is full and every heartbeat then
+waits behind the backlog (at 5,000 nodes, bench/scale.py: admitting 2,450/s, then the
+loop 0.9-6 s late, the rate cut to the floor, 4,800 requests waiting, a thousand a second
+answered busy, and again). Held under `BUSY_TARGET`, the loop keeps room for the
+heartbeats and the bursts no admission holds.
 A bucket of tokens at that rate admits requests (a burst of one `TICK`'s worth), in
 arrival order once any waits; an answer larger than `TURN_BYTES` costs a token per
 `TURN_BYTES` (`charge`): the rate is of work, not of requests. (Counting requests in
@@ -50,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -78,6 +88,9 @@ TICK = 0.02  # seconds between two looks at the loop's lag
 CONTROL = 0.25  # seconds between two changes of the rate
 LAG_LOW = 0.03  # a loop this late at most has room for more
 LAG_HIGH = 0.1  # a loop later than this is behind: admit less
+BUSY_TARGET = 0.7  # share of its time the loop may spend running before the rate stops growing
+BUSY_HIGH = 0.9  # a loop busier than this is about to fall behind: admit less
+FAST = 0.25  # the rate's growth per CONTROL while the loop is less than half BUSY_TARGET
 DECREASE = 0.7  # the rate's factor when the loop is behind
 INCREASE = 0.05  # the rate's growth per CONTROL while there is room (at least MIN_STEP)
 MIN_STEP = 10.0  # requests/s
@@ -86,6 +99,10 @@ START_RATE = 2000.0  # requests/s: what one process answers at best
 MAX_RATE = 1e6
 REPORT_EVERY = 10.0  # seconds between two log lines about held requests
 TURN_BYTES = 4096  # an admitted answer costs one turn per this many bytes (at least one)
+SPREAD = 0.5  # a refused request's Retry-After: its wait at the pace, times 1 to 1 + SPREAD
+MAX_RETRY = 120  # seconds: the longest Retry-After (a node asks again by then anyway)
+MIN_SERVED = 10.0  # requests/s: the slowest pace a Retry-After counts on
+SERVED_WEIGHT = 0.3  # the last second's weight in the moving average of the pace
 WAKE_RATE = 250.0  # generation long polls answered a second after a change (`Pacer`)
 
 log = logging.getLogger("syncbit.scheduler")
@@ -142,26 +159,68 @@ def _refilled(tokens: float, rate: float, elapsed: float) -> float:
     return min(max(1.0, rate * TICK), tokens + elapsed * rate)
 
 
+class LoopMeter(trio.abc.Instrument):  # type: ignore[misc, unused-ignore]  # untyped base
+    """How much of the time trio's loop runs tasks rather than waiting for I/O: trio
+    tells it before and after each wait (a zero-timeout poll while tasks are runnable)."""
+
+    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
+        self._clock = clock
+        self._idle = 0.0  # seconds spent in waits, in all
+        self._waiting_since: float | None = None
+        self._last = (clock(), 0.0)  # (when, idle) at the last `busy`
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._waiting_since = self._clock()
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self._waiting_since is not None:
+            self._idle += self._clock() - self._waiting_since
+            self._waiting_since = None
+
+    def busy(self) -> float | None:
+        """The share of the time since the last call the loop ran tasks (None: no time
+        has passed)."""
+        now, idle = self._clock(), self._idle
+        since, idle_then = self._last
+        self._last = (now, idle)
+        if now <= since:
+            return None
+        return min(1.0, max(0.0, 1.0 - (idle - idle_then) / (now - since)))
+
+
 class Admission:
     """Admits bulk requests at a rate the loop keeps up with (see the module docstring).
 
     Args:
         max_wait: seconds a bulk request may wait before it is answered busy.
         clock: trio's clock by default (tests use an autojump clock through trio).
+        metered: whether `run` measures how busy the loop is (`LoopMeter`); off, the lag
+            alone moves the rate (on an autojump clock time passes outside any wait, so
+            the loop would seem always busy).
+        rng: draws the spread of Retry-After (injectable for tests).
     """
 
     def __init__(
-        self, max_wait: float = 5.0, clock: Callable[[], float] = trio.current_time
+        self,
+        max_wait: float = 5.0,
+        clock: Callable[[], float] = trio.current_time,
+        *,
+        metered: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         self.max_wait = max_wait
         self._clock = clock
+        self.metered = metered
+        self._rng = rng or random.Random()
         self.rate = START_RATE
         self.tokens = max(1.0, self.rate * TICK)
         self._line = _Line()
         self._lags: list[float] = []  # how late the loop ran at each look since the last change
         self._starved = False  # a request waited for a token since the rate last changed
         self._refilled: float | None = None
-        self.behind = False  # the last control found the loop behind (median lag)
+        self.behind = False  # the last control found the loop behind (lag or busy)
+        self.busy: float | None = None  # the loop's busy share in the last control period
+        self.served = START_RATE  # requests admitted a second lately (moving average)
         self._pacers: weakref.WeakSet[Pacer] = weakref.WeakSet()
         # Counters for /metrics: admitted at once, after waiting, answered busy.
         self.admitted = 0
@@ -230,11 +289,27 @@ class Admission:
             return
         self.refused += 1
         waiting = self._line.waiting
-        retry = max(1, math.ceil(waiting / self.rate))
+        retry = self.retry_after(waiting)
         raise SchedulerBusyError(
             f"the scheduler is busy ({waiting} requests waiting); try again in {retry} s",
             retry_after=retry,
         )
+
+    def retry_after(self, waiting: int) -> int:
+        """Seconds a refused request is told to wait: the time those `waiting` take at the
+        pace requests were admitted lately (not the rate of turns: a large answer takes
+        several), spread by up to half as much again, at most MAX_RETRY. Told too little,
+        a node asks again while the line is as long and is refused again, each refusal
+        costing the loop a request's reading and answer (at 5,000 nodes, bench/scale.py:
+        up to 1,400 a second, more than the requests served); told the same, those
+        refused together come back together."""
+        base = waiting / max(self.served, MIN_SERVED)
+        return max(1, min(MAX_RETRY, math.ceil(base * self._rng.uniform(1.0, 1.0 + SPREAD))))
+
+    def _served(self, admitted: int, seconds: float) -> None:
+        """Requests admitted in the last `seconds`: the pace `retry_after` counts on."""
+        if seconds > 0:
+            self.served += SERVED_WEIGHT * (admitted / seconds - self.served)
 
     def _release(self) -> None:
         """Admit waiters in arrival order as the tokens allow."""
@@ -244,35 +319,68 @@ class Admission:
         """One look at how late the loop ran (`run`); every CONTROL seconds the rate moves."""
         self._lags.append(lag)
 
-    def control(self) -> None:
-        """Move the rate by the median lag seen since the last call (AIMD): a loop that is
-        behind is late at most looks, while one late turn (a large answer, a garbage
-        collection) is not a reason to hold every node's requests."""
+    def control(self, busy: float | None = None) -> None:
+        """Move the rate by the share of the period the loop was `busy` (None: not
+        measured) and the median lag seen since the last call (see the module docstring):
+        a loop that is behind is late at most looks, while one late turn (a large answer,
+        a garbage collection) is not a reason to hold every node's requests."""
         lags = sorted(self._lags)
         lag = lags[len(lags) // 2] if lags else 0.0
-        self.behind = lag > LAG_HIGH
-        if lag > LAG_HIGH:
+        self.busy = busy
+        full = busy is not None and busy > BUSY_HIGH
+        self.behind = lag > LAG_HIGH or full
+        if self.behind:
             self.rate = max(MIN_RATE, self.rate * DECREASE)
-        elif lag < LAG_LOW and self._starved:
-            self.rate = min(MAX_RATE, self.rate + max(MIN_STEP, self.rate * INCREASE))
+        elif lag < LAG_LOW and self._starved and (busy is None or busy < BUSY_TARGET):
+            grow = FAST if busy is not None and busy < BUSY_TARGET / 2 else INCREASE
+            self.rate = min(MAX_RATE, self.rate + max(MIN_STEP, self.rate * grow))
         self._lags = []
         self._starved = bool(self._line.waiting)
 
     async def run(self) -> None:
         """Measure the loop's lag, move the rate, admit waiting requests: forever; say
         in the log, at most every REPORT_EVERY seconds, when requests were held."""
+        if not self.metered:
+            await self._run(None)
+            return
+        meter = LoopMeter(self._clock)
+        trio.lowlevel.add_instrument(meter)
+        try:
+            await self._run(meter)
+        finally:
+            trio.lowlevel.remove_instrument(meter)
+
+    async def _run(self, meter: LoopMeter | None) -> None:
         next_control = trio.current_time() + CONTROL
         next_report = trio.current_time() + REPORT_EVERY
+        next_second = trio.current_time() + 1.0
         reported = (0, 0)
-        worst = 0.0
+        counted = (0, 0, 0)
+        worst = worst_second = 0.0
         while True:
             due = trio.current_time() + TICK
             await trio.sleep(TICK)
             now = trio.current_time()
             self.note_lag(now - due)
             worst = max(worst, now - due)
+            worst_second = max(worst_second, now - due)
+            if now >= next_second:
+                counts = (self.admitted, self.delayed, self.refused)
+                took = [c - t for c, t in zip(counts, counted, strict=True)]
+                self._served(took[0] + took[1], now - (next_second - 1.0))
+                log.debug(
+                    "admission: %.0f/s, %d waiting; in the last second %d admitted at once, "
+                    "%d after waiting, %d answered busy; the loop ran up to %.0f ms late, "
+                    "busy %.0f%%",
+                    self.rate,
+                    self._line.waiting,
+                    *took,
+                    worst_second * 1000,
+                    100 * (self.busy or 0.0),
+                )
+                counted, worst_second, next_second = counts, 0.0, now + 1.0
             if now >= next_control:
-                self.control()
+                self.control(meter.busy() if meter is not None else None)
                 next_control = now + CONTROL
             self._release()
             for pacer in list(self._pacers):
@@ -310,7 +418,7 @@ async def step_aside() -> AsyncIterator[None]:
         await admission._enter()
 
 
-__all__ = ["LIVE_ROUTES", "Admission", "Pacer", "step_aside"]
+__all__ = ["LIVE_ROUTES", "Admission", "LoopMeter", "Pacer", "step_aside"]
 
 
 class Pacer:

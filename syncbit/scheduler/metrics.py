@@ -59,10 +59,19 @@ def _admission(admission: Admission) -> Iterator[Metric]:
     )
     yield gauge(
         "syncbit_scheduler_admission_rate",
-        "Requests/s other than heartbeats admitted while the loop is behind (AIMD on its lag).",
+        "Turns/s of requests other than heartbeats admitted while the loop is behind (AIMD "
+        "on how busy and how late the loop is).",
         {(): admission.rate},
         [],
     )
+    if admission.busy is not None:
+        yield gauge(
+            "syncbit_scheduler_loop_busy_ratio",
+            "Share of the last admission period the scheduler's loop ran tasks rather than "
+            "waiting for I/O.",
+            {(): admission.busy},
+            [],
+        )
     yield gauge(
         "syncbit_scheduler_admission_waiting",
         "Requests waiting to be admitted now.",
