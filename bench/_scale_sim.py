@@ -448,13 +448,15 @@ class Node:
         listed = trio.current_time()
         while True:
             seen: int | None = None
+            doc: dict[str, Any] = {}
             if self.w.spec.get("stub"):
                 # The stub answers at once: waiting here stands for a poll that times out.
                 await trio.sleep(_GENERATION_WAIT)
             try:
                 doc = await self.call(
                     "GET",
-                    f"/v1/generation?after={self.generation}&timeout={_GENERATION_WAIT:g}",
+                    f"/v1/generation?after={self.generation}&timeout={_GENERATION_WAIT:g}"
+                    f"&node={quote(self.name, safe='')}",
                     "generation (long poll)",
                     timeout=_GENERATION_WAIT + self.timeout,
                     lane="poll",
@@ -468,22 +470,28 @@ class Node:
             if seen == before and trio.current_time() - listed < _RESYNC:
                 continue  # sync.py: nothing changed, no listing (one every 300 s)
             listed = trio.current_time()
-            await self.sync_datasets()
+            # sync.py: a poll that saw a change carries the listing and the plan.
+            carried = isinstance(doc.get("datasets"), list) and isinstance(doc.get("plan"), list)
+            await self.sync_datasets(listing=doc if carried else None)
             if self.generation != before:
                 failed_syncs = backoff_delays(base=1.0, cap=30.0)
                 try:
-                    doc = await self.call(
-                        "GET", f"/v1/nodes/{quote(self.name, safe='')}/plan", "plan"
-                    )
+                    if not (carried and self.generation == seen):
+                        doc = await self.call(
+                            "GET", f"/v1/nodes/{quote(self.name, safe='')}/plan", "plan"
+                        )
                     await self.apply_plan(list(doc["plan"]))
                 except RequestFailed:
                     pass
             elif seen is not None and seen != before:
                 await trio.sleep(max(1.0, next(failed_syncs)))
 
-    async def sync_datasets(self, quiet: bool = False, force: bool = False) -> None:
+    async def sync_datasets(
+        self, quiet: bool = False, force: bool = False, listing: dict[str, Any] | None = None
+    ) -> None:
         try:
-            listing = await self.call("GET", "/v1/datasets", "datasets")
+            if listing is None:
+                listing = await self.call("GET", "/v1/datasets", "datasets")
             if listing["generation"] == self.generation and not force:
                 return
             wanted: dict[str, dict[str, Any]] = {}

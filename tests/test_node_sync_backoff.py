@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import trio
@@ -16,7 +17,18 @@ from syncbit.node.logs import Throttled
 from syncbit.node.sync import Sync
 
 
-class BusyScheduler:
+class Polled:
+    """A fake scheduler's node poll (`wait_change`) from its `wait_generation`: an older
+    scheduler's answer, the generation alone."""
+
+    async def wait_generation(self, after: int, timeout: float) -> int:
+        raise NotImplementedError
+
+    async def wait_change(self, after: int, timeout: float, node: str) -> dict[str, Any]:
+        return {"generation": await self.wait_generation(after, timeout)}
+
+
+class BusyScheduler(Polled):
     """The generation moved (5), and every dataset listing is answered 429."""
 
     def __init__(self, retry_after: float | None) -> None:
@@ -84,7 +96,7 @@ async def test_failing_syncs_are_tried_less_and_less_often(
     assert max(gaps[-10:]) > 5.0
 
 
-class QuietScheduler:
+class QuietScheduler(Polled):
     """Nothing changes: every long poll runs its time (`wait`; 0: answers at once) and
     answers the generation the node has (7); the listing says so too."""
 
@@ -126,7 +138,7 @@ async def test_a_scheduler_answering_at_once_unchanged_is_not_asked_in_a_tight_l
     assert client.polls <= 60  # at least 0.5-5 s apart, not thousands
 
 
-class ChangingScheduler:
+class ChangingScheduler(Polled):
     """Each long poll waits 1 s, then says the generation moved (6); the listing names
     dataset "d" at revision "r2"."""
 
@@ -160,3 +172,59 @@ async def test_a_heartbeats_plan_leaves_the_sync_to_a_following_long_poll(
     assert not sync.needs_sync(plan, heard=True)
     assert sync.needs_sync(plan, heard=False)  # the poll's own plan refresh does sync
     assert not sync.needs_sync({}, heard=False)  # nothing assigned: nothing to list
+
+
+class CarryingScheduler:
+    """The first poll moves the generation to 9 and carries the listing and the node's
+    plan; later polls run their time unchanged. Counts what the node asks besides."""
+
+    def __init__(self) -> None:
+        self.polls: list[tuple[int, str]] = []
+        self.asked: list[str] = []
+        self.carried = [{"dataset": "d", "revision": "r1", "index": 0, "count": 1}]
+
+    async def wait_change(self, after: int, timeout: float, node: str) -> dict[str, Any]:
+        self.polls.append((after, node))
+        if after == 9:
+            await trio.sleep(timeout)
+            return {"generation": 9}
+        await trio.sleep(0.5)
+        listing = [{"name": "d", "revision": "r1"}]
+        return {"generation": 9, "datasets": listing, "plan": self.carried}
+
+    async def datasets(self) -> dict[str, Any]:
+        self.asked.append("datasets")
+        return {"generation": 9, "datasets": []}
+
+    async def plan(self, node: str) -> dict[str, Any]:
+        self.asked.append("plan")
+        return {"generation": 9, "plan": []}
+
+    async def manifest(self, name: str) -> Any:
+        self.asked.append(f"manifest {name}")
+        raise SchedulerBusyError("not now", retry_after=1)
+
+
+async def test_a_poll_that_carries_the_listing_and_plan_is_not_followed_by_either(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """At every change each node asked for the listing and its plan after its poll: two
+    requests per node that the scheduler now answers with the poll itself."""
+    client = CarryingScheduler()
+    sync = _sync(tmp_path, client)
+    applied: list[list[dict[str, Any]]] = []
+
+    async def apply_plan(plan: list[dict[str, Any]], heard: bool = False) -> None:
+        applied.append(plan)
+
+    sync.apply_plan = apply_plan  # type: ignore[method-assign]  # what it is given
+    sync._learn_broken = lambda *_: None  # type: ignore[method-assign]
+    manifest = SimpleNamespace(revision="r1", source="file:///data")
+    sync.manifests = {"d": cast(Any, manifest)}  # the manifest is here: nothing to fetch
+    sync._follow_jobs = lambda wanted: None  # type: ignore[method-assign]
+    with trio.move_on_after(30.0):
+        await sync.dataset_loop()
+    assert client.polls[0] == (-1, "n1") and client.polls[1] == (9, "n1")
+    assert client.asked == []  # neither the listing nor the plan asked for
+    assert applied == [client.carried]
+    assert sync._generation == 9

@@ -536,6 +536,31 @@ async def test_generation_long_poll_answers_on_change_or_timeout(
         assert resp.status_code == 400 and "after must be an integer" in resp.json()["error"]
 
 
+async def test_a_nodes_poll_that_saw_a_change_carries_the_listing_and_its_plan(
+    client: SchedulerClient, raw: httpx.AsyncClient
+) -> None:
+    """Each woken node asked next for the listing and its plan: the poll answers both, as
+    of its generation and equal to what those routes say; a poll that saw no change, or
+    one without a node, answers the generation alone."""
+    await heartbeat(client, "n1", 7001)
+    start = await client.wait_generation(-1, timeout=0)
+    quiet = await client.wait_change(start, 0.2, "n1")
+    assert quiet == {"generation": start}
+    await client.add_dataset("ds", "mem://one/")
+    await client.assign("ds", [{"node": "n1"}])
+    answer = await client.wait_change(start, 20, "n1")
+    listing = await client.datasets()
+    assert answer["generation"] == listing["generation"] > start
+    assert answer["datasets"] == listing["datasets"]
+    assert answer["plan"] == (await client.plan("n1"))["plan"]
+    assert [e["dataset"] for e in answer["plan"]] == ["ds"]
+    bare = (await raw.get(f"/v1/generation?after={start}&timeout=1")).json()
+    assert bare == {"generation": listing["generation"]}
+    for bad in ("a\x01b", "n" * 300):
+        resp = await raw.get("/v1/generation", params={"after": start, "node": bad})
+        assert resp.status_code == 400, resp.text
+
+
 async def test_a_change_answers_the_waiting_long_polls_at_the_wake_rate(
     tmp_path: Path,
 ) -> None:

@@ -110,9 +110,13 @@ class Sync:
         listed = trio.current_time()
         while True:
             seen: int | None = None
+            answer: dict[str, Any] = {}
             asked = trio.current_time()
             try:
-                seen = await self._client.wait_generation(self._generation, _GENERATION_WAIT)
+                answer = await self._client.wait_change(
+                    self._generation, _GENERATION_WAIT, self.node
+                )
+                seen = answer["generation"]
             except SyncbitError:
                 # Unreachable, or a scheduler without the long poll: ask less often the
                 # longer it stays so, never more than `cap` apart.
@@ -132,11 +136,17 @@ class Sync:
                 # for nothing are 200 requests a second), but one every few minutes.
                 continue
             listed = trio.current_time()
-            failure = await self.sync_datasets()
+            # A poll that saw a change carries the listing and this node's plan as of
+            # it (`SchedulerClient.wait_change`): no request for either then.
+            carried = "datasets" in answer
+            failure = await self.sync_datasets(listing=answer if carried else None)
             if self._generation != generation:  # datasets, assignments or labels changed
                 failed_syncs = backoff_delays(base=1.0, cap=_SYNC_RETRY_CAP)
                 try:
-                    await self.apply_plan((await self._client.plan(self.node))["plan"])
+                    if carried and self._generation == seen:
+                        await self.apply_plan(answer["plan"])
+                    else:
+                        await self.apply_plan((await self._client.plan(self.node))["plan"])
                 except SyncbitError as exc:
                     self._warnings.warn("plan refresh failed", exc)
             elif seen is not None and seen != generation:
@@ -146,11 +156,15 @@ class Sync:
                 told = getattr(failure, "retry_after", None) or 0.0
                 await trio.sleep(max(1.0, next(failed_syncs), told))
 
-    async def sync_datasets(self, quiet: bool = False, force: bool = False) -> SyncbitError | None:
+    async def sync_datasets(
+        self, quiet: bool = False, force: bool = False, listing: dict[str, Any] | None = None
+    ) -> SyncbitError | None:
         """Take the scheduler's dataset list (and the manifests of new versions); the
-        error when that failed."""
+        error when that failed. `listing`: one the scheduler already sent (a long poll's
+        answer), not asked for again."""
         try:
-            listing = await self._client.datasets()
+            if listing is None:
+                listing = await self._client.datasets()
             if listing["generation"] == self._generation and not force:
                 return None
             wanted: dict[str, Manifest] = {}

@@ -184,6 +184,24 @@ class SchedulerClient:
         )
         return int(result["generation"])
 
+    async def wait_change(self, after: int, timeout: float, node: str) -> dict[str, Any]:
+        """`node`'s own long poll: {"generation": G}, and when G is not `after` what the
+        node asks next, as of G, if the scheduler carries them (an older one does not):
+        "datasets" (the listing of `datasets()`) and "plan" (the entries of `plan()`)."""
+        result: dict[str, Any] = await self._request(
+            "GET",
+            "/v1/generation",
+            params={"after": str(after), "timeout": f"{timeout:g}", "node": node},
+            timeout=timeout + self.timeout,
+        )
+        with self._shape("GET /v1/generation"):
+            answer: dict[str, Any] = {"generation": int(result["generation"])}
+            datasets, plan = result.get("datasets"), result.get("plan")
+            if isinstance(datasets, list) and isinstance(plan, list):
+                answer["datasets"] = datasets
+                answer["plan"] = plan
+        return answer
+
     async def edit_labels(
         self, node: str, set_: dict[str, str], remove: list[str]
     ) -> dict[str, Any]:
