@@ -38,6 +38,14 @@ delays its nodes: the run says so), and the machine's load average.
     PYTHONPATH=$PWD python bench/scale.py --nodes 2000 --compare \\
         --old-pythonpath /work/main --new-pythonpath /work/wt/sched
 
+--pin runs the scheduler alone on the first CPU and the simulator (and the bench) on the
+others (`taskset`), as a scheduler on its own machine: sharing CPUs, every reply it sends
+wakes a simulator worker at a better nice, which then takes its CPU in the middle of the
+send (py-spy at 5,000 nodes: 23% of the loop's time inside `send`, a fifth of a core's
+time each second waiting for a CPU). On a 2-CPU machine the simulator of 5,000 nodes does
+not fit on one CPU (its own loop then lags seconds, which the latencies include), so it
+is for machines with more.
+
 Not a test: it prints (and --json PATH writes every figure). Needs nothing but loopback.
 """
 
@@ -499,6 +507,7 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
     cmd += [str(run_dir / "scheduler.json"), *args.scheduler_arg]
     if plan.stub:
         cmd = ["nginx", "-c", str(stub_config(run_dir, port))]
+    cmd = pinned(cmd, args.sched_cpus)
     env = {"PYTHONPATH": str(plan.tree), "PYTHONUNBUFFERED": "1"}
     conns = conns_per_node(args, plan.nodes)
     ramp = args.ramp if args.ramp is not None else max(10.0, plan.nodes / 100)
@@ -506,7 +515,12 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
         f"\n== {plan.mode}, {plan.nodes} nodes, scheduler from {plan.tree} ({plan.label}), "
         f"auth {'off' if args.no_auth else 'on'}, ramp {ramp:g}s, window {args.duration:g}s, "
         f"simulator: {args.workers} workers at autogroup nice {args.sim_nice}, scheduler at "
-        f"{args.sched_nice}",
+        f"{args.sched_nice}; "
+        + (
+            f"scheduler on CPU {_cpus(args.sched_cpus)}, the rest on {_cpus(args.other_cpus)}"
+            if args.sched_cpus
+            else "no CPU pinned"
+        ),
         flush=True,
     )
     result: dict[str, Any] = {
@@ -572,7 +586,7 @@ def run_one(plan: Plan, args: argparse.Namespace, work: Path, data: Path) -> dic
             "stub": plan.stub,
         }
         samplers = Samplers(sched.pid, admin)
-        workers = start_workers(spec, args.workers, run_dir, args.sim_nice)
+        workers = start_workers(spec, args.workers, run_dir, args.sim_nice, args.other_cpus)
         try:
             if plan.mode == "prefetch":
                 time.sleep(max(0.0, t_assign - time.time()))
@@ -628,8 +642,21 @@ def operator(
         return True
 
 
+def pinned(cmd: list[str], cpus: set[int]) -> list[str]:
+    """`cmd` to run on `cpus` only (all its threads; `taskset`), or as it is (none)."""
+    return ["taskset", "-c", _cpus(cpus), *cmd] if cpus else cmd
+
+
+def _cpus(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def start_workers(
-    spec: dict[str, Any], count: int, run_dir: Path, nice: int = 0
+    spec: dict[str, Any],
+    count: int,
+    run_dir: Path,
+    nice: int = 0,
+    other_cpus: set[int] | None = None,
 ) -> list[tuple[subprocess.Popen[bytes], Path]]:
     total = spec["total"]
     workers = []
@@ -641,7 +668,7 @@ def start_workers(
         spec_path.write_text(json.dumps(part))
         with err.open("wb") as stderr, spec_path.open("rb") as stdin:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "import _scale_sim; _scale_sim.main()"],
+                pinned([sys.executable, "-c", "import _scale_sim; _scale_sim.main()"], other_cpus),
                 stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -1069,6 +1096,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="autogroup nice of the scheduler (e.g. -5: less at the mercy of other load)",
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the scheduler alone on the first CPU, the simulator and the bench on the "
+        "others, as a scheduler on its own machine (needs 2 CPUs; see the docstring)",
+    )
     p.add_argument("--no-auth", action="store_true", help="no cluster secret, no credentials")
     p.add_argument("--pythonpath", type=Path, default=REPO, help="tree the scheduler runs")
     p.add_argument("--compare", action="store_true", help="old and new tree, same N")
@@ -1131,11 +1164,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--calibrate is for --mode mix (a stub cannot make a prefetch progress)")
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and (len(cpus) < 2 or shutil.which("taskset") is None):
+        p.error("--pin needs 2 CPUs or more and taskset")
+    pin = args.pin
+    args.sched_cpus = {cpus[0]} if pin else set()
+    args.other_cpus = set(cpus[1:]) if pin else set()
     return args
 
 
 def main() -> int:
     args = parse_args()
+    if args.other_cpus:
+        os.sched_setaffinity(0, args.other_cpus)  # the bench and its samplers too
     trees = [args.old_pythonpath, args.new_pythonpath] if args.compare else [args.pythonpath]
     for tree in trees:
         if not (tree / "syncbit" / "scheduler").is_dir():
