@@ -363,6 +363,51 @@ async def test_transport_answers_are_mapped() -> None:
             await client.manifest("x")
 
 
+async def test_a_malformed_plan_or_listing_is_the_schedulers_error_not_a_crash() -> None:
+    """The node keeps plan entries and listings as they come and indexes them later (a
+    missing key there ended its sync loop): every answer that brings one is checked in the
+    client, the long poll's carried ones too, and a bad one is a SchedulerError."""
+    share = {"index": 0, "count": 1}
+    good_plan = [{"dataset": "d", "revision": "r", "members": [], "share": share}]
+    bad_plans: list[Any] = [
+        "d",
+        [{"revision": "r"}],
+        [{"dataset": "d", "revision": "r", "members": 5}],
+        [{"dataset": "d", "revision": "r", "share": {"index": "x"}}],
+    ]
+    bad_listings: list[Any] = [
+        {"generation": 3, "datasets": "d"},
+        {"generation": "x", "datasets": []},
+        {"generation": 3, "datasets": [{"name": "d"}]},
+        {"generation": 3, "datasets": [{"name": 1, "revision": "r"}]},
+    ]
+    doc: list[Any] = [None]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=doc[0])
+
+    async with SchedulerClient("sched:7900", transport=httpx.MockTransport(answer)) as client:
+        doc[0] = {"generation": 3, "plan": good_plan}
+        assert (await client.plan("n1"))["plan"] == good_plan
+        doc[0] = {"generation": 3, "datasets": [{"name": "d", "revision": "r"}], "plan": good_plan}
+        assert (await client.wait_change(2, 1, "n1"))["plan"] == good_plan
+        for plan in bad_plans:
+            for doc[0], call in (
+                ({"generation": 3, "plan": plan}, client.plan("n1")),
+                ({"name": "n1", "plan": plan}, client.heartbeat("n1", address="127.0.0.1:1")),
+                ({"generation": 3, "datasets": [], "plan": plan}, client.wait_change(2, 1, "n1")),
+            ):
+                with pytest.raises(SchedulerError, match="malformed answer"):
+                    await call
+        for listing in bad_listings:
+            for doc[0], call in (
+                (listing, client.datasets()),
+                ({**listing, "plan": good_plan}, client.wait_change(2, 1, "n1")),
+            ):
+                with pytest.raises(SchedulerError, match="malformed answer"):
+                    await call
+
+
 async def test_the_client_reads_the_compact_chunk_map_and_the_full_one() -> None:
     """The client asks for peers by name (each address once); a scheduler from before that
     form answers the full one, read the same; a name without an address is malformed."""

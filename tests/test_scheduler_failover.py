@@ -50,7 +50,8 @@ class Replicas:
             return httpx.Response(503, json=doc)
         if request.url.path == "/v1/datasets/missing":
             return httpx.Response(404, json={"error": "unknown dataset", "kind": "NotFoundError"})
-        return httpx.Response(200, json={"datasets": [{"name": host}]})
+        listing = {"generation": 1, "datasets": [{"name": host, "revision": "r1"}]}
+        return httpx.Response(200, json=listing)
 
 
 async def names(c: SchedulerClient) -> list[str]:
@@ -177,7 +178,8 @@ class LoopbackReplica:
                     doc, status = {"error": "unknown dataset", "kind": "NotFoundError"}, 404
                 else:
                     doc = {
-                        "datasets": [{"name": replica.name}],
+                        "generation": 1,
+                        "datasets": [{"name": replica.name, "revision": "r1"}],
                         "auth": self.headers["Authorization"],
                     }
                     status = 200

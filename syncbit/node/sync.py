@@ -143,6 +143,8 @@ class Sync:
             if self._generation != generation:  # datasets, assignments or labels changed
                 failed_syncs = backoff_delays(base=1.0, cap=_SYNC_RETRY_CAP)
                 try:
+                    # The carried plan only while it is of the generation now held (a
+                    # heartbeat's sync may have taken a newer listing meanwhile).
                     if carried and self._generation == seen:
                         await self.apply_plan(answer["plan"])
                     else:

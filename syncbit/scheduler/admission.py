@@ -353,7 +353,7 @@ class Admission:
     async def _run(self, meter: LoopMeter | None) -> None:
         next_control = trio.current_time() + CONTROL
         next_report = trio.current_time() + REPORT_EVERY
-        next_second = trio.current_time() + 1.0
+        counted_at = trio.current_time()
         reported = (0, 0)
         counted = (0, 0, 0)
         worst = worst_second = 0.0
@@ -364,10 +364,10 @@ class Admission:
             self.note_lag(now - due)
             worst = max(worst, now - due)
             worst_second = max(worst_second, now - due)
-            if now >= next_second:
+            if now >= counted_at + 1.0:  # each second: the pace, and the debug log
                 counts = (self.admitted, self.delayed, self.refused)
                 took = [c - t for c, t in zip(counts, counted, strict=True)]
-                self._served(took[0] + took[1], now - (next_second - 1.0))
+                self._served(took[0] + took[1], now - counted_at)
                 log.debug(
                     "admission: %.0f/s, %d waiting; in the last second %d admitted at once, "
                     "%d after waiting, %d answered busy; the loop ran up to %.0f ms late, "
@@ -378,7 +378,7 @@ class Admission:
                     worst_second * 1000,
                     100 * (self.busy or 0.0),
                 )
-                counted, worst_second, next_second = counts, 0.0, now + 1.0
+                counted, worst_second, counted_at = counts, 0.0, now
             if now >= next_control:
                 self.control(meter.busy() if meter is not None else None)
                 next_control = now + CONTROL

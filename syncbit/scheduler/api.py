@@ -123,7 +123,7 @@ class Api(ChunkHandlers):
         return json_bytes(
             {
                 **info.to_json(),
-                "plan": [e.to_json() for e in self.state.plan(node)],
+                "plan": self._plan_of(node),
                 "rechecks": await self.state.trust.rechecks_for(node),
                 "discard": self.state.trust.take_notices(node),
                 # Another value than before: a new scheduler (a restart, another leader)
@@ -181,17 +181,17 @@ class Api(ChunkHandlers):
         if node is None or generation == after:
             return json_bytes({"generation": generation})
         # No await from here: the listing and the plan are of the same generation.
-        return json_bytes(
-            {
-                "generation": generation,
-                "datasets": self.state.catalog.datasets(),
-                "plan": [e.to_json() for e in self.state.plan(node)],
-            }
-        )
+        return json_bytes({**self._listing(), "plan": self._plan_of(node)})
 
     async def _plan(self, c: Call) -> bytes:
-        entries = [e.to_json() for e in self.state.plan(c.seg[2])]
-        return json_bytes({"generation": self.state.generation(), "plan": entries})
+        return json_bytes({"generation": self.state.generation(), "plan": self._plan_of(c.seg[2])})
+
+    def _plan_of(self, node: str) -> list[dict[str, Any]]:
+        return [e.to_json() for e in self.state.plan(node)]
+
+    def _listing(self) -> dict[str, Any]:
+        """The dataset listing and the generation it is of."""
+        return {"generation": self.state.generation(), "datasets": self.state.catalog.datasets()}
 
     # -- datasets and assignments ---------------------------------------------------------------
 
@@ -215,9 +215,7 @@ class Api(ChunkHandlers):
         return json_bytes({"dataset": c.seg[2], "targets": left})
 
     async def _datasets(self, c: Call) -> bytes:
-        # generation first: a change between the two reads makes a client look again
-        generation = self.state.generation()
-        return json_bytes({"generation": generation, "datasets": self.state.catalog.datasets()})
+        return json_bytes(self._listing())
 
     async def _manifest(self, c: Call) -> bytes:
         return self.state.catalog.get_dataset_json(c.seg[2])

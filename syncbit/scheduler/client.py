@@ -27,6 +27,7 @@ from syncbit.protocol import (  # the shared types, re-exported for the node's i
     ChunkUpdates,
     ClaimResult,
     Peer,
+    PlanEntry,
 )
 from syncbit.scheduler.endpoints import BlockingEndpoints, Endpoints
 
@@ -38,6 +39,31 @@ if TYPE_CHECKING:
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
+
+
+def _checked_plan(entries: Any) -> list[dict[str, Any]]:
+    """A plan as the scheduler sent it (the node keeps the entries as they came), each
+    entry readable as a `PlanEntry`; KeyError/TypeError/ValueError otherwise."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise TypeError("plan: not a list of entries")
+    for entry in entries:
+        PlanEntry.from_json(entry)
+        if not isinstance(entry.get("members", []), list):
+            raise TypeError("plan: members is not a list")
+    return entries
+
+
+def _checked_listing(doc: Any) -> dict[str, Any]:
+    """A dataset listing ({"generation", "datasets": [summary, ...]}) whose generation is
+    a number and each summary has a name and a revision; KeyError/TypeError otherwise."""
+    int(doc["generation"])
+    if not isinstance(doc["datasets"], list):
+        raise TypeError("datasets: not a list")
+    for summary in doc["datasets"]:
+        if not (isinstance(summary["name"], str) and isinstance(summary["revision"], str)):
+            raise TypeError("datasets: a name or revision is not a string")
+    result: dict[str, Any] = doc
+    return result
 
 
 def _batches(entries: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
@@ -165,12 +191,17 @@ class SchedulerClient:
             "disk_free": disk_free,
         }
         result: dict[str, Any] = await self._request("PUT", f"/v1/nodes/{_segment(node)}", body)
+        with self._shape("PUT /v1/nodes"):
+            if "plan" in result:
+                _checked_plan(result["plan"])
         return result
 
     async def plan(self, node: str) -> dict[str, Any]:
         """{"generation", "plan": [{"dataset", "revision", "members": [node, ...]}, ...]}:
         the datasets assigned to `node` and the up nodes that share each assignment."""
         result: dict[str, Any] = await self._request("GET", f"/v1/nodes/{_segment(node)}/plan")
+        with self._shape("GET /v1/nodes/NODE/plan"):
+            _checked_plan(result["plan"])
         return result
 
     async def wait_generation(self, after: int, timeout: float = 30.0) -> int:
@@ -196,10 +227,9 @@ class SchedulerClient:
         )
         with self._shape("GET /v1/generation"):
             answer: dict[str, Any] = {"generation": int(result["generation"])}
-            datasets, plan = result.get("datasets"), result.get("plan")
-            if isinstance(datasets, list) and isinstance(plan, list):
-                answer["datasets"] = datasets
-                answer["plan"] = plan
+            if "datasets" in result or "plan" in result:
+                answer["datasets"] = _checked_listing(result)["datasets"]
+                answer["plan"] = _checked_plan(result["plan"])
         return answer
 
     async def edit_labels(
@@ -297,8 +327,9 @@ class SchedulerClient:
 
     async def datasets(self) -> dict[str, Any]:
         """{"generation": int, "datasets": [summary, ...]}."""
-        result: dict[str, Any] = await self._request("GET", "/v1/datasets")
-        return result
+        result = await self._request("GET", "/v1/datasets")
+        with self._shape("GET /v1/datasets"):
+            return _checked_listing(result)
 
     async def manifest(self, name: str) -> Manifest:
         """The resolved manifest of dataset `name` (NotFoundError if unknown)."""
