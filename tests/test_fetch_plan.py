@@ -20,9 +20,9 @@ from fetchfixtures import (
 )
 
 from syncbit.chunks import digest
-from syncbit.errors import ReadDeadlineError, SchedulerError
+from syncbit.errors import ReadDeadlineError, SchedulerError, SyncbitError
 from syncbit.fetch import Fetcher, Jobs, Priority, RoundRobin
-from syncbit.manifest import Manifest
+from syncbit.manifest import FileEntry, Manifest
 from syncbit.protocol import ChunkMap, ClaimResult, Peer
 from syncbit.store import ObjectStore
 
@@ -425,3 +425,79 @@ async def test_prefetch_transfers_reuse_a_chunk_map_for_the_lookup_interval(
     directory.ages.clear()
     await fetcher.ensure(ENTRY, CS, source, Priority.PREFETCH)
     assert directory.ages and set(directory.ages) == {4.0}
+
+
+BIG = bytes((i * 13 + i // 509) % 256 for i in range(24 * CS))
+BIG_ENTRY = FileEntry(path="big.bin", size=len(BIG), object="cd" * 32, locator="big.bin")
+
+
+async def test_prefetch_claims_the_chunks_of_its_next_requests_ahead(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """A prefetch (or pull) claims with each source request the queued chunks of the next
+    two: fewer claims than requests, each chunk claimed once and read once."""
+    source, directory = MemSource(data=BIG), Directory()
+    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=2)
+    await started(fetcher, nursery)
+    with trio.fail_after(10):
+        await fetcher.ensure(BIG_ENTRY, CS, source, Priority.PREFETCH)
+    assert store.read(store.get(BIG_ENTRY.object), 0, len(BIG)) == BIG  # type: ignore[arg-type]
+    assert source.bytes == len(BIG)
+    assert len(directory.claims) < source.reads / 2, (directory.claims, source.reads)
+    assert sorted(i for claim in directory.claims for i in claim) == list(range(24))
+    assert directory.released == []
+
+
+async def test_abandoned_prefetch_releases_what_it_claimed_ahead(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """Chunks claimed ahead that will not be read now are released at once: other nodes
+    need not wait for the leases to run out."""
+    source, directory = MemSource(data=BIG), Directory()
+    source.gate = threading.Event()  # the first source request hangs
+    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=2)
+    await started(fetcher, nursery)
+    stopped: list[SyncbitError] = []
+
+    async def prefetch() -> None:
+        try:
+            await fetcher.ensure(BIG_ENTRY, CS, source, Priority.PREFETCH)
+        except SyncbitError as exc:
+            stopped.append(exc)
+
+    nursery.start_soon(prefetch)
+    with trio.fail_after(5):
+        while not directory.claims:
+            await trio.sleep(0.01)
+    first = directory.claims[0]
+    assert len(first) > 2  # the request's two chunks and the next requests' ahead
+    fetcher.abandon({BIG_ENTRY.object}, "dataset removed")
+    source.gate.set()
+    with trio.fail_after(5):
+        while not any(set(r) & set(first[2:]) for r in directory.released):
+            await trio.sleep(0.01)
+        while not stopped:
+            await trio.sleep(0.01)
+    assert "dataset removed" in str(stopped[0])
+    released = {i for r in directory.released for i in r}
+    assert set(first[2:]) <= released
+
+
+async def test_a_job_stopping_after_the_fetcher_leaves_its_claims_to_lapse(
+    store: ObjectStore,
+) -> None:
+    """At shutdown the fetcher's workers end before the jobs that abandon their transfers:
+    the grants claimed ahead are then left to their leases, and nothing fails."""
+    source, directory = MemSource(data=BIG), Directory()
+    source.gate = threading.Event()
+    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=2)
+    async with trio.open_nursery() as inner:
+        await started(fetcher, inner)
+        inner.start_soon(fetcher.ensure, BIG_ENTRY, CS, source, Priority.PREFETCH)
+        with trio.fail_after(5):
+            while not directory.claims:
+                await trio.sleep(0.01)
+        inner.cancel_scope.cancel()
+        source.gate.set()
+    assert len(directory.claims[0]) > 2  # chunks were claimed ahead
+    assert fetcher.abandon({BIG_ENTRY.object}, "prefetch of big stopped") > 0

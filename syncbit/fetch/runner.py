@@ -84,13 +84,16 @@ class Runner:
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for _ in range(self.workers):
-                self._add_worker()
-            if log.isEnabledFor(logging.DEBUG):
-                nursery.start_soon(self._log_queues)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for _ in range(self.workers):
+                    self._add_worker()
+                if log.isEnabledFor(logging.DEBUG):
+                    nursery.start_soon(self._log_queues)
+                task_status.started()
+        finally:
+            self._nursery = None  # closed: a job stopping after it spawns nothing here
 
     async def _log_queues(self) -> None:
         """Debug aid: once a second while anything is in flight, what each lane holds."""
@@ -129,6 +132,10 @@ class Runner:
             self._queue.unpark(flight)
             flight.error = SyncbitError(why)
             self.table.finish(flight)
+        if self._nursery is not None:
+            claims = self._transfers.claims
+            for object_id, indexes in claims.forget(object_ids).items():
+                self._nursery.start_soon(claims.release, object_id, indexes)
         if stopped:
             log.info("stopped %d prefetch transfers: %s", stopped, why)
         return stopped
