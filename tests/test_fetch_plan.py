@@ -501,3 +501,17 @@ async def test_a_job_stopping_after_the_fetcher_leaves_its_claims_to_lapse(
         source.gate.set()
     assert len(directory.claims[0]) > 2  # chunks were claimed ahead
     assert fetcher.abandon({BIG_ENTRY.object}, "prefetch of big stopped") > 0
+
+
+async def test_an_open_files_whole_fetch_claims_nothing_ahead(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """An open file's whole fetch keeps pace with its loader and ends at its close: each
+    of its source requests claims its own chunks only."""
+    source, directory = MemSource(data=BIG), Directory()
+    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=2)
+    await started(fetcher, nursery)
+    done = prefetch_in_background(fetcher, source, nursery, entry=BIG_ENTRY, prio=Priority.OPENED)
+    with trio.fail_after(10):
+        await done.wait()
+    assert len(directory.claims) == source.reads
