@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import stat
 import time
 from typing import Any
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from syncbit.chunks import DEFAULT_CHUNK_SIZE, identity_digest
 from syncbit.errors import UnsafePathError
+from syncbit.names import validate_dataset_name
 
 
 class FileEntry(BaseModel):
@@ -102,20 +102,6 @@ def safe_relpath(name: str) -> str:
             # that treat it as a separator; refuse it.
             raise UnsafePathError(f"unsafe file name {name!r}: backslash traversal")
     return "/".join(parts)
-
-
-# Dataset names: one path component under the mount, a URL path segment, a label value
-# and a shell word without quoting. Documented in the README ("Dataset names").
-DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-
-
-def validate_dataset_name(name: str) -> str:
-    """`name` if it is a valid dataset name (`DATASET_NAME`), else UnsafePathError."""
-    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
-        shown = repr(name) if len(name) <= 140 else repr(name[:137] + "...")
-        raise UnsafePathError(f"invalid dataset name {shown}: use {NAME_RULE}")
-    return name
 
 
 _SECRET_WORDS = ("token", "secret", "password", "credential", "access_key", "auth", "header")

@@ -1,5 +1,7 @@
 """CLI input errors: one clear line, exit code 2, no traceback (no daemon is started)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,31 @@ def test_negative_upload_slots_names_the_key() -> None:
     result = runner.invoke(app, ["daemon", "--upload-slots", "-1"])
     assert result.exit_code == 2
     assert "upload_slots" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pull", "s3://bucket/prefix/", "--name", "weights", "--option", "region=eu-west-1"],
+        ["prefetch", "weights", "--nodes", "n1"],
+        ["wait", "weights", "--timeout", "1s", "--daemon", "127.0.0.1:9"],
+    ],
+)
+def test_commands_that_name_a_dataset_start_without_the_manifest_models(argv: list[str]) -> None:
+    """A dataset name is checked by `syncbit.names`: `pull --name`, `prefetch` and `wait`
+    (every pod's gate) do not import pydantic, whose models cost ~80 ms of each start."""
+    code = (
+        "import runpy, sys\n"
+        "extra = [] if 'wait' in sys.argv else ['--scheduler', 'http://127.0.0.1:9']\n"
+        "sys.argv = ['syncbit', *sys.argv[1:], *extra]\n"
+        "try:\n"
+        "    runpy.run_module('syncbit.cli', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 1, done.code  # nobody answers there\n"
+        "loaded = sorted({'pydantic', 'syncbit.manifest'} & set(sys.modules))\n"
+        "print('loaded', loaded, file=sys.stderr)\n"
+        "sys.exit(3 if loaded else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "127.0.0.1:9" in out.stderr

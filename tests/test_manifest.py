@@ -6,7 +6,8 @@ import pytest
 
 from syncbit.chunks import identity_digest
 from syncbit.errors import UnsafePathError
-from syncbit.manifest import FileEntry, build_manifest, safe_relpath, validate_dataset_name
+from syncbit.manifest import FileEntry, build_manifest, safe_relpath
+from syncbit.names import validate_dataset_name
 
 
 def entry(path: str, size: int = 1, mode: int = 0o644, ident: str = "") -> FileEntry:

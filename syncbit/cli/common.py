@@ -88,7 +88,7 @@ def pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
 
 def dataset_name(name: str) -> str:
     """A dataset name as the scheduler accepts new ones (README, "Dataset names")."""
-    from syncbit.manifest import validate_dataset_name
+    from syncbit.names import validate_dataset_name
 
     return validate_dataset_name(name)
 

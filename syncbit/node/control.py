@@ -15,7 +15,7 @@ import trio
 
 from syncbit.errors import NotFoundError, UserError
 from syncbit.fetch import Jobs
-from syncbit.manifest import validate_dataset_name
+from syncbit.names import validate_dataset_name
 from syncbit.node.status import Status
 from syncbit.node.sync import Sync, share_of
 from syncbit.store import ObjectStore, VerifyRun

@@ -18,7 +18,8 @@ import trio
 
 from syncbit.credentials import PEER, Issuer, Role, public_key_text
 from syncbit.errors import ForbiddenError, UserError
-from syncbit.manifest import Manifest, validate_dataset_name
+from syncbit.manifest import Manifest
+from syncbit.names import validate_dataset_name
 from syncbit.protocol import LOOKUP_RATE
 from syncbit.scheduler import traces
 from syncbit.scheduler.admission import WAKE_RATE, Pacer
