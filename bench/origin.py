@@ -633,8 +633,17 @@ def report(bench: Bench, parts: list[Part]) -> None:
             s = median(row.seconds)
             ratio = f"{ref_s / s:.2f}x" if ref_s else "-"
             cpu = median(row.cpu) / (bench.size / 2**30)
-            print(f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7} {cpu:10.2f}")
+            line = f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7} {cpu:10.2f}"
+            print(line + _paired(ref, row))
         print()
+
+
+def _paired(ref: Row | None, row: Row) -> str:
+    """Each round's ratio against the reference's run of the same round: the machine's
+    pace drifts between rounds, and two runs seconds apart share more of it."""
+    if ref is None or ref is row or len(row.seconds) < 2 or len(ref.seconds) != len(row.seconds):
+        return ""
+    return "   rounds " + " ".join(f"{r / s:.2f}x" for r, s in zip(ref.seconds, row.seconds))
 
 
 def main() -> int:
