@@ -515,3 +515,26 @@ async def test_an_open_files_whole_fetch_claims_nothing_ahead(
     with trio.fail_after(10):
         await done.wait()
     assert len(directory.claims) == source.reads
+
+
+class SlowDirectory(Directory):
+    """A directory whose claims take a while to answer, as a scheduler's do."""
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        await trio.sleep(0.02)
+        return await super().claim(object_id, indexes, ttl)
+
+
+async def test_workers_wait_for_a_claim_asking_ahead_instead_of_asking_again(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """Several source streams start at once: a worker whose chunks another worker's claim
+    is asking for ahead waits for that answer. Every chunk is asked for once."""
+    source, directory = MemSource(data=BIG), SlowDirectory()
+    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=8)
+    await started(fetcher, nursery)
+    with trio.fail_after(10):
+        await fetcher.ensure(BIG_ENTRY, CS, source, Priority.PREFETCH)
+    assert store.read(store.get(BIG_ENTRY.object), 0, len(BIG)) == BIG  # type: ignore[arg-type]
+    claimed = sorted(i for claim in directory.claims for i in claim)
+    assert claimed == list(range(24)), directory.claims

@@ -45,6 +45,8 @@ class Claims:
         # Chunks granted ahead of their reads (see `claim`): (object, chunk) -> the trio
         # time until which this node counts on the grant (half the lease).
         self.ahead: dict[tuple[str, int], float] = {}
+        # Chunks a claim in flight asks for ahead, and the event set when it is answered.
+        self._asking: dict[tuple[str, int], trio.Event] = {}
 
     def followers(self, flight: Flight, info: ChunkMap, budget: int | None = None) -> list[Flight]:
         """Queued flights for the chunks right after `flight` that no peer can serve and no
@@ -95,6 +97,15 @@ class Claims:
         goes ahead (the source has the bytes); a prefetch parks until one answers."""
         obj = flight.obj
         wanted = [flight.index, *(f.index for f in followers)]
+        asking = {self._asking[k] for i in wanted if (k := (obj.id, i)) in self._asking}
+        if asking and all(
+            (obj.id, i) in self._asking or self.ahead.get((obj.id, i), -1.0) > trio.current_time()
+            for i in wanted
+        ):
+            # Another worker's claim is asking for these chunks ahead right now: its
+            # answer, not a second request for the same chunks.
+            for answered in asking:
+                await answered.wait()
         now = trio.current_time()
         held = {i for i in wanted if self.ahead.get((obj.id, i), -1.0) > now}
         if len(held) == len(wanted):
@@ -111,9 +122,13 @@ class Claims:
             for f in self.followers(last, info, AHEAD_REQUESTS * self.source_batch):
                 if f.state is not State.QUEUED or f.priority < AHEAD_FROM:
                     break  # a parked chunk waits for a peer, not for a worker
-                if (obj.id, f.index) not in self.ahead:
+                key = (obj.id, f.index)
+                if key not in self.ahead and key not in self._asking:
                     ahead.append(f.index)
         asked = [i for i in wanted if i not in held] + ahead
+        answered = trio.Event()
+        for i in ahead:
+            self._asking[(obj.id, i)] = answered
         try:
             claim = await self.directory.claim(obj.id, asked, self.ttl)
         except SyncbitError as exc:
@@ -124,10 +139,16 @@ class Claims:
                 self.unclaim(followers)
                 return Park("the scheduler (no answer to a claim)")
             return followers
+        finally:
+            # Waiters run at this task's next checkpoint: after the grants are noted below.
+            for i in ahead:
+                if self._asking.get((obj.id, i)) is answered:
+                    del self._asking[(obj.id, i)]
+            answered.set()
         granted = set(claim.granted) | held
         log.debug("claim on chunks %s of %s: granted %s", asked, obj.id[:12], sorted(granted))
         for i in held:
-            del self.ahead[(obj.id, i)]
+            self.ahead.pop((obj.id, i), None)  # abandoned meanwhile: gone already
         if flight.index in granted and flight.priority >= AHEAD_FROM:
             until = trio.current_time() + self.ttl / 2
             for i in ahead:
