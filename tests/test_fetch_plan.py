@@ -431,17 +431,29 @@ BIG = bytes((i * 13 + i // 509) % 256 for i in range(24 * CS))
 BIG_ENTRY = FileEntry(path="big.bin", size=len(BIG), object="cd" * 32, locator="big.bin")
 
 
+async def prefetch_big(
+    store: ObjectStore, nursery: trio.Nursery, directory: Directory, streams: int
+) -> MemSource:
+    """Prefetch BIG_ENTRY in source requests of 2 chunks, `streams` transfers at once;
+    its bytes checked. The source, to count its reads."""
+    source = MemSource(data=BIG)
+    fetcher = Fetcher(
+        store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=streams
+    )
+    await started(fetcher, nursery)
+    with trio.fail_after(10):
+        await fetcher.ensure(BIG_ENTRY, CS, source, Priority.PREFETCH)
+    assert store.read(store.get(BIG_ENTRY.object), 0, len(BIG)) == BIG  # type: ignore[arg-type]
+    return source
+
+
 async def test_prefetch_claims_the_chunks_of_its_next_requests_ahead(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:
     """A prefetch (or pull) claims with each source request the queued chunks of the next
     two: fewer claims than requests, each chunk claimed once and read once."""
-    source, directory = MemSource(data=BIG), Directory()
-    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=2)
-    await started(fetcher, nursery)
-    with trio.fail_after(10):
-        await fetcher.ensure(BIG_ENTRY, CS, source, Priority.PREFETCH)
-    assert store.read(store.get(BIG_ENTRY.object), 0, len(BIG)) == BIG  # type: ignore[arg-type]
+    directory = Directory()
+    source = await prefetch_big(store, nursery, directory, streams=2)
     assert source.bytes == len(BIG)
     assert len(directory.claims) < source.reads / 2, (directory.claims, source.reads)
     assert sorted(i for claim in directory.claims for i in claim) == list(range(24))
@@ -530,11 +542,7 @@ async def test_workers_wait_for_a_claim_asking_ahead_instead_of_asking_again(
 ) -> None:
     """Several source streams start at once: a worker whose chunks another worker's claim
     is asking for ahead waits for that answer. Every chunk is asked for once."""
-    source, directory = MemSource(data=BIG), SlowDirectory()
-    fetcher = Fetcher(store, directory, Peers(BIG), source_batch=2 * CS, prefetch_concurrency=8)
-    await started(fetcher, nursery)
-    with trio.fail_after(10):
-        await fetcher.ensure(BIG_ENTRY, CS, source, Priority.PREFETCH)
-    assert store.read(store.get(BIG_ENTRY.object), 0, len(BIG)) == BIG  # type: ignore[arg-type]
+    directory = SlowDirectory()
+    await prefetch_big(store, nursery, directory, streams=8)
     claimed = sorted(i for claim in directory.claims for i in claim)
     assert claimed == list(range(24)), directory.claims
