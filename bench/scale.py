@@ -1167,9 +1167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin and (len(cpus) < 2 or shutil.which("taskset") is None):
         p.error("--pin needs 2 CPUs or more and taskset")
-    pin = args.pin
-    args.sched_cpus = {cpus[0]} if pin else set()
-    args.other_cpus = set(cpus[1:]) if pin else set()
+    args.sched_cpus = {cpus[0]} if args.pin else set()
+    args.other_cpus = set(cpus[1:]) if args.pin else set()
     return args
 
 

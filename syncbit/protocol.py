@@ -211,14 +211,22 @@ class PlanEntry:
 
     @classmethod
     def from_json(cls, doc: Any) -> PlanEntry:
+        """An entry as `to_json` writes it; KeyError/TypeError/ValueError for any other
+        shape (a dataset or revision that is not a string, members not a list, a share not
+        an object): the node keys its plan by these values."""
         share = doc.get("share") or {}
-        members = tuple(str(m) for m in doc.get("members", []))
+        members = doc.get("members", [])
+        dataset, revision = doc["dataset"], doc["revision"]
+        if not (isinstance(dataset, str) and isinstance(revision, str)):
+            raise TypeError("plan entry: dataset and revision must be strings")
+        if not isinstance(members, list) or not isinstance(share, dict):
+            raise TypeError("plan entry: members must be a list, share an object")
         return cls(
-            dataset=str(doc["dataset"]),
-            revision=str(doc["revision"]),
+            dataset=dataset,
+            revision=revision,
             index=int(share.get("index", 0)),
             count=int(share.get("count", max(1, len(members)))),
-            members=members,
+            members=tuple(str(m) for m in members),
         )
 
     def may_source(self, position: int) -> bool:

@@ -374,6 +374,8 @@ async def test_a_malformed_plan_or_listing_is_the_schedulers_error_not_a_crash()
         [{"revision": "r"}],
         [{"dataset": "d", "revision": "r", "members": 5}],
         [{"dataset": "d", "revision": "r", "share": {"index": "x"}}],
+        [{"dataset": ["d"], "revision": "r"}],  # the node keys its plan by it
+        [{"dataset": "d", "revision": "r", "share": [0, 1]}],
     ]
     bad_listings: list[Any] = [
         {"generation": 3, "datasets": "d"},

@@ -44,7 +44,7 @@ class Claims:
         self.ttl = ttl
         # Chunks granted ahead of their reads (see `claim`): (object, chunk) -> the trio
         # time until which this node counts on the grant (half the lease).
-        self.ahead: dict[tuple[str, int], float] = {}
+        self._ahead: dict[tuple[str, int], float] = {}
         # Chunks a claim in flight asks for ahead, and the event set when it is answered.
         self._asking: dict[tuple[str, int], trio.Event] = {}
 
@@ -78,8 +78,8 @@ class Claims:
         """Drop the grants taken ahead for these objects (their transfers were abandoned):
         what to release, by object, so other nodes need not wait for the leases to end."""
         gone: dict[str, list[int]] = {}
-        for key in [k for k in self.ahead if k[0] in object_ids]:
-            del self.ahead[key]
+        for key in [k for k in self._ahead if k[0] in object_ids]:
+            del self._ahead[key]
             gone.setdefault(key[0], []).append(key[1])
         return gone
 
@@ -97,25 +97,25 @@ class Claims:
         goes ahead (the source has the bytes); a prefetch parks until one answers."""
         obj = flight.obj
         wanted = [flight.index, *(f.index for f in followers)]
+        now = trio.current_time()
         asking = {self._asking[k] for i in wanted if (k := (obj.id, i)) in self._asking}
         if asking and all(
-            (obj.id, i) in self._asking or self.ahead.get((obj.id, i), -1.0) > trio.current_time()
-            for i in wanted
+            (obj.id, i) in self._asking or self._ahead.get((obj.id, i), -1.0) > now for i in wanted
         ):
             # Another worker's claim is asking for these chunks ahead right now: its
             # answer, not a second request for the same chunks.
             for answered in asking:
                 await answered.wait()
-        now = trio.current_time()
-        held = {i for i in wanted if self.ahead.get((obj.id, i), -1.0) > now}
+            now = trio.current_time()
+        held = {i for i in wanted if self._ahead.get((obj.id, i), -1.0) > now}
         if len(held) == len(wanted):
             for i in wanted:
-                del self.ahead[(obj.id, i)]
+                del self._ahead[(obj.id, i)]
             return followers
         # The queued chunks the next source requests will bring are claimed with this
         # one: a pull of 1 GiB asked the scheduler ~70 times, now ~25. A grant taken
         # ahead is counted on for half its lease; one never used lapses with its lease.
-        self.ahead = {k: t for k, t in self.ahead.items() if t > now}
+        self._ahead = {k: t for k, t in self._ahead.items() if t > now}
         last = followers[-1] if followers else flight
         ahead = []
         if flight.priority >= AHEAD_FROM:
@@ -123,7 +123,7 @@ class Claims:
                 if f.state is not State.QUEUED or f.priority < AHEAD_FROM:
                     break  # a parked chunk waits for a peer, not for a worker
                 key = (obj.id, f.index)
-                if key not in self.ahead and key not in self._asking:
+                if key not in self._ahead and key not in self._asking:
                     ahead.append(f.index)
         asked = [i for i in wanted if i not in held] + ahead
         answered = trio.Event()
@@ -148,12 +148,12 @@ class Claims:
         granted = set(claim.granted) | held
         log.debug("claim on chunks %s of %s: granted %s", asked, obj.id[:12], sorted(granted))
         for i in held:
-            self.ahead.pop((obj.id, i), None)  # abandoned meanwhile: gone already
+            self._ahead.pop((obj.id, i), None)  # abandoned meanwhile: gone already
         if flight.index in granted and flight.priority >= AHEAD_FROM:
             until = trio.current_time() + self.ttl / 2
             for i in ahead:
                 if i in granted:
-                    self.ahead[(obj.id, i)] = until
+                    self._ahead[(obj.id, i)] = until
                     granted.discard(i)
         run: list[Flight] = []
         if flight.index in granted:
@@ -182,7 +182,7 @@ class Claims:
 
     async def release(self, object_id: str, indexes: list[int]) -> None:
         for i in indexes:
-            self.ahead.pop((object_id, i), None)
+            self._ahead.pop((object_id, i), None)
         try:
             await self.directory.release(object_id, indexes)
         except SyncbitError as exc:
