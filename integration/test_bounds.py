@@ -248,9 +248,11 @@ def test_pull_from_an_origin_without_range_fails_once_with_the_cause(
         assert "norange" in error and "ignores Range requests" in error, error
         # A request or two, then nothing: no retry in the daemon after the CLI is gone.
         # At most the listing's sample and one wave of reads: small.txt delivered first,
-        # so the source's first streams (4) may all have gone out together.
+        # so the source's first streams (4) may all have gone out together, and a read not
+        # at the file's start may have sent its head sample before the refusal came back
+        # (a full suite's run once counted 6).
         first, later = stable(lambda: plain.gets("/norange/big.bin"))
-        assert 1 <= first <= 5 and later == first, (first, later)
+        assert 1 <= first <= 6 and later == first, (first, later)
 
         # Assigned instead: n2 fails once and does not try again; n1 does not even try
         # (the refusal is known for this revision), however often the plan comes by.
