@@ -249,6 +249,19 @@ def unmount_lazy(path: Path | str) -> None:
             subprocess.run(["umount", "-l", os.path.abspath(path)], capture_output=True, timeout=30)
 
 
+def fuse_mount_answers(path: Path | str) -> bool:
+    """Whether a FUSE mount at `path` answers a listing. The mount table is read before
+    and after the listing: a daemon that starts where a killed one left its (dead) mount
+    detaches that mount before it mounts its own, and a listing between the two is the
+    bare directory's, which answers too (and has none of the datasets)."""
+
+    def fuse() -> bool:
+        entries = mount_entries(path)
+        return bool(entries) and entries[-1].fstype.startswith("fuse")
+
+    return fuse() and probe_errno(path, timeout=5) == 0 and fuse()
+
+
 def probe_errno(path: Path | str, timeout: float = 5.0) -> int:
     """0 if listing the directory `path` works, else its errno (ETIMEDOUT if it blocks).
 
@@ -627,10 +640,7 @@ class Node(ManagedProcess):
         def mounted() -> bool:
             if not self.alive:
                 raise HarnessError(f"{self.name} exited before mounting\n{self.log_tail()}")
-            entries = mount_entries(self.mount)
-            if not entries or not entries[-1].fstype.startswith("fuse"):
-                return False
-            return probe_errno(self.mount, timeout=5) == 0
+            return fuse_mount_answers(self.mount)
 
         wait_until(
             mounted,
