@@ -117,6 +117,7 @@ class Phase:
     cpu: dict[str, float] = field(default_factory=dict)  # see CpuMeter.report()
     timeline: list[Sample] = field(default_factory=list)
     switch: Switch | None = None
+    head_samples: tuple[int, int] = (0, 0)  # head-sample answers in `origin_bytes`: (n, bytes)
 
 
 @dataclass
@@ -331,9 +332,11 @@ def milestones(timeline: list[Sample], size: int, nodes: int) -> str:
 # -- the phases -----------------------------------------------------------------------------
 
 
-def origin_sent(origin: Host) -> int:
+def origin_sent(origin: Host) -> tuple[int, int, int]:
+    """Body bytes the origin served so far; of them, the head samples: (requests, bytes)."""
     stats = json.loads(origin.http_get(f"http://{origin.address}:{ORIGIN_PORT}/__stats"))
-    return int(stats["bytes_served"])
+    samples = stats["head_samples"]
+    return int(stats["bytes_served"]), int(samples["requests"]), int(samples["bytes"])
 
 
 def link_goodput(origin: Host, node: Host, url: str, size: int) -> float:
@@ -350,12 +353,12 @@ def link_goodput(origin: Host, node: Host, url: str, size: int) -> float:
 
 def plain_http(origin: Host, nodes: list[Host], url: str, logs: Path, timeout: float) -> Phase:
     """The reference: every node downloads the whole file from the origin at the same time."""
-    before = origin_sent(origin)
+    before = origin_sent(origin)[0]
     argv = ["curl", "-sSf", "-o", "/dev/null", url]
     seconds, per_node = run_all({f"curl-{n.name}": n.argv(argv) for n in nodes}, logs, timeout)
     return Phase(
         seconds,
-        origin_sent(origin) - before,
+        origin_sent(origin)[0] - before,
         {k.removeprefix("curl-"): v for k, v in per_node.items()},
     )
 
@@ -513,7 +516,9 @@ def run(args: argparse.Namespace, work: Path) -> Result:
             switch = Switch.between(ports, topo.ports())
             time.sleep(0.6)  # one more sample: the last reports reach the scheduler
         timeline = read_timeline(logs / "timeline.log", start)
-        syncbit = Phase(seconds, origin_sent(origin) - before, ready, cpu, timeline, switch)
+        after = origin_sent(origin)
+        sent, samples = after[0] - before[0], (after[1] - before[1], after[2] - before[2])
+        syncbit = Phase(seconds, sent, ready, cpu, timeline, switch, samples)
 
     rate = parse_rate(args.rate)
     cache = "tmpfs" if args.cache_tmpfs else f"disk ({work / 'nodes'})"
@@ -543,6 +548,14 @@ def report(r: Result) -> None:
     if r.plain is not None:
         print(row("plain HTTP (N x curl)", r.plain))
     print(f"{'target':24} {'':10} {TARGET_TIME:7.2f}x {'':14} {TARGET_EGRESS:6.2f}x")
+    count, sampled = r.syncbit.head_samples
+    data = r.syncbit.origin_bytes - sampled
+    print(
+        f"\nsyncbit's origin egress: {data / MiB:.1f} MiB of file data ({data / r.size:.3f}x D) "
+        f"+ {sampled / MiB:.1f} MiB in {count} head samples (the first 64 KiB of a file, "
+        "read beside each source read not at its start: the check that the content did not "
+        "change under an unchanged ETag)"
+    )
     phases = [("syncbit", r.syncbit)] + ([("plain", r.plain)] if r.plain else [])
     for label, p in phases:
         times = "  ".join(f"{k} {v:.1f}" for k, v in sorted(p.per_node.items(), key=_node_order))

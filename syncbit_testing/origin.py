@@ -47,6 +47,7 @@ from syncbit_testing._http import (
 Style = Literal["nginx", "apache"]
 STYLES: tuple[Style, ...] = ("nginx", "apache")
 
+_SAMPLE_RANGE = f"bytes=0-{HEAD_SAMPLE - 1}"  # what a head sample asks for
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # Apache's ap_escape_path leaves RFC 3986 sub-delims and ':' '@' unescaped in hrefs.
 _APACHE_SAFE = "!$&'()*+,;=:@~"
@@ -61,15 +62,25 @@ class _State(ServedCounts):
     control: bool
     fail_reads_with: int | None = None  # file GETs only
     gets: dict[str, int] = field(default_factory=dict)  # GETs of files, by path
+    # Answers to the head-sample range (`bytes=0-{HEAD_SAMPLE - 1}`): how many, and the
+    # body bytes they carried (also in `bytes_served`).
+    samples: int = 0
+    sample_bytes: int = 0
 
     def got(self, path: str) -> None:
         with self.lock:
             self.gets[path] = self.gets.get(path, 0) + 1
 
+    def sampled(self, n: int) -> None:
+        with self.lock:
+            self.samples += 1
+            self.sample_bytes += n
+
     def reset(self) -> None:
         with self.lock:
             super().reset()
             self.gets = {}
+            self.samples = self.sample_bytes = 0
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -77,6 +88,7 @@ class _State(ServedCounts):
                 "bytes_served": self.bytes_served,
                 "by_path": dict(self.by_path),
                 "gets": dict(self.gets),
+                "head_samples": {"requests": self.samples, "bytes": self.sample_bytes},
             }
 
 
@@ -154,7 +166,7 @@ class _Handler(TrackedHandler):
             if not head:
                 state.got(relpath)
                 # The GET of the head sample is also how a listing learns a file's size.
-                sample = self.headers.get("Range") == f"bytes=0-{HEAD_SAMPLE - 1}"
+                sample = self.headers.get("Range") == _SAMPLE_RANGE
                 if state.fail_reads_with is not None and not sample:
                     status = state.fail_reads_with
                     self._simple(status, f"injected read failure: HTTP {status}\n")
@@ -202,6 +214,8 @@ class _Handler(TrackedHandler):
                 self.send_header("Content-Range", f"bytes {start}-{start + length - 1}/{size}")
             self.end_headers()
             if not head and length:
+                if status == 206 and self.headers.get("Range") == _SAMPLE_RANGE:
+                    self.server.state.sampled(length)
                 self._send_body(f, start, length, relpath)
 
     def _preconditions_hold(self, etag: str, mtime: float) -> bool:

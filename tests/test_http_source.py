@@ -17,7 +17,7 @@ import pytest
 import trio
 from sourcehelp import by_path, read, write_tree
 
-from syncbit.chunks import digest
+from syncbit.chunks import HEAD_SAMPLE, digest
 from syncbit.errors import (
     InvalidSourceError,
     SourceChangedError,
@@ -586,7 +586,19 @@ async def test_origin_process_mode(tree: Path) -> None:
             assert "Parent Directory" in (await client.get("sub/")).text
             stats = (await client.get("__stats")).json()
             expected = {"sub/a b.txt": 5}
-            assert stats == {"bytes_served": 5, "by_path": expected, "gets": {"sub/a b.txt": 1}}
+            assert stats == {
+                "bytes_served": 5,
+                "by_path": expected,
+                "gets": {"sub/a b.txt": 1},
+                "head_samples": {"requests": 0, "bytes": 0},
+            }
+            # A head sample's answers are counted apart too (the swarm bench splits them).
+            sample = {"Range": f"bytes=0-{HEAD_SAMPLE - 1}"}
+            r = await client.get("sub/a%20b.txt", headers=sample)
+            assert r.status_code == 206 and r.content == b"hello world"
+            stats = (await client.get("__stats")).json()
+            assert stats["head_samples"] == {"requests": 1, "bytes": 11}
+            assert stats["bytes_served"] == 5 + 11
             # File reads can be made to fail (listings and HEADs still work), then served again.
             assert (await client.post("__fail_reads?status=503")).status_code == 200
             assert (await client.get("sub/a%20b.txt")).status_code == 503
