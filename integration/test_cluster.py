@@ -35,6 +35,7 @@ from integration.cluster import (
     snapshot_tree,
     wait_until,
 )
+from syncbit.node.app import STARTUP_WAIT
 
 READ_TIMEOUT = 120.0  # a whole-file read that takes longer than this is a hang
 
@@ -318,6 +319,44 @@ def test_restart_serves_the_cache_without_any_network(
         assert read_sha(n1, "ds", "odd.bin") == dataset.files["odd.bin"].sha256
     finally:
         up.ensure_up()
+
+
+def _last_logged_at(log: str, text: str) -> float:
+    """Seconds (of the day) of the last daemon log line holding `text`."""
+    line = next(ln for ln in reversed(log.splitlines()) if text in ln)
+    clock = line.split()[1]  # 2026-12-07 09:07:28,265 INFO ...
+    h, m, s = clock.replace(",", ".").split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+@pytest.mark.timeout(180)
+def test_restart_while_the_scheduler_hangs_mounts_the_cache_within_seconds(
+    up: Cluster, origin: Origin, dataset: Dataset, ds_added: float, origin_root: Path
+) -> None:
+    """A scheduler that takes connections and never answers (stopped with SIGSTOP: a wedged
+    process, or a path that drops its answers) does not keep a restarting node's cached
+    data from readers for a request's timeout: the node mounts what it knew after
+    STARTUP_WAIT seconds, and follows the scheduler once it answers again."""
+    n1 = up.node("n1")
+    read_all(n1, dataset, "ds")
+    up.wait_cached(n1, "ds", dataset.total_size)
+    n1.stop()
+    pid = up.scheduler.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        n1.start(timeout=60)
+        log = n1.log_text()
+        waited = _last_logged_at(log, "mounted at") - _last_logged_at(log, "peer service on")
+        assert waited < STARTUP_WAIT + 3, f"mounted {waited:.1f} s after its port was up"
+        assert "the scheduler did not answer within" in log.rsplit("peer service on", 1)[1]
+        read_all(n1, dataset, "ds")  # from the cache, the scheduler still hung
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Answering again: a dataset added now reaches n1 too (its loops caught up).
+    later = fresh_dataset(origin_root, "after_hang", {"a.bin": 3 * CHUNK_SIZE + 5})
+    up.add_dataset(later.name, f"{origin.url}{later.name}/")
+    read_all(n1, later, later.name)
 
 
 @pytest.mark.timeout(120)

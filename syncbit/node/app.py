@@ -49,6 +49,10 @@ from syncbit.store import ObjectStore
 
 log = logging.getLogger("syncbit.daemon")
 
+# Seconds a starting daemon waits for the scheduler (credentials, the dataset list) before
+# it mounts: a few round trips to an answering one, far less than a request's timeout.
+STARTUP_WAIT = 3.0
+
 
 class Node:
     """Every component of one node, wired from a `DaemonConfig`; `run` runs them.
@@ -237,8 +241,8 @@ class Node:
         raise_descriptor_limit()  # peers' connections, cache files: a descriptor each
         threading.Thread(target=warm_up, name="syncbit-warm-up", daemon=True).start()
         try:
-            await self.reporter.refresh_credentials(quiet=True)
             await self.sync.load()
+            await self._first_contact()
             mkdir = functools.partial(cfg.mount.mkdir, parents=True, exist_ok=True)
             await trio.to_thread.run_sync(mkdir)
             await trio.to_thread.run_sync(self.session.mount, MOUNT_OPTIONS)
@@ -260,6 +264,23 @@ class Node:
                     await self.client.aclose()
         finally:
             self.close()
+
+    async def _first_contact(self) -> None:
+        """Credentials and the scheduler's dataset list before the mount, so a node that
+        starts shows the current datasets at once; but for STARTUP_WAIT seconds at most: a
+        scheduler that hangs (each request would wait out its timeout) must not keep this
+        node's cached data from its readers. The heartbeat and dataset loops catch up."""
+        with trio.move_on_after(STARTUP_WAIT) as waited:
+            await self.reporter.refresh_credentials(quiet=True)
+            await self.sync.sync_datasets(quiet=True)
+        if waited.cancelled_caught:
+            known = ", ".join(sorted(self.sync.manifests)) or "none"
+            log.warning(
+                "the scheduler did not answer within %g s: mounting with the datasets this "
+                "node knew (%s); following the scheduler from now on",
+                STARTUP_WAIT,
+                known,
+            )
 
     def _serve_api(self, nursery: trio.Nursery) -> None:
         """Hand the port's local API requests to this loop from now on: each runs as a

@@ -75,8 +75,8 @@ class Sync:
         self._manifests_unsaved = False
 
     async def load(self) -> None:
-        """What this node knew before a restart (readable, and pinned, even with no
-        scheduler), then the scheduler's current list if it answers."""
+        """What this node knew before a restart: readable, and pinned, with no scheduler
+        (`sync_datasets` then takes the scheduler's current list)."""
         docs, plan = await trio.to_thread.run_sync(self._read_local)
         for name, doc in docs.items():
             try:
@@ -88,7 +88,6 @@ class Sync:
         self.plan = plan
         self._status.set_assigned(self.plan)
         self._pin()  # before any write can make room: the last plan's data stays
-        await self.sync_datasets(quiet=True)
 
     def _read_local(self) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         """Blocking: the stored manifests and plan.json (an unreadable plan is none)."""
