@@ -359,6 +359,32 @@ def test_restart_while_the_scheduler_hangs_mounts_the_cache_within_seconds(
     read_all(n1, later, later.name)
 
 
+@pytest.mark.timeout(180)
+def test_a_cold_read_while_the_scheduler_hangs_comes_from_the_source(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    """The scheduler only makes a read better (a peer, one source reader for the cluster);
+    one that takes requests and never answers must not fail it: the read goes to the
+    source after a fraction of its deadline (it failed with EIO at the deadline: each map
+    and claim waited out a request's timeout). Those bytes had no claim, so the scheduler
+    does not take their digests from n1 (digest provenance); once it answers again, n2
+    reads the file with a claim and holds it as the scheduler knows."""
+    ds = fresh_dataset(origin_root, "hung_read", {"a.bin": 6 * CHUNK_SIZE + 5})
+    up.add_dataset(ds.name, f"{origin.url}{ds.name}/")
+    n1, n2 = up.node("n1"), up.node("n2")
+    want = ds.files["a.bin"]
+    pid = up.scheduler.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert read_sha(n1, ds.name, "a.bin") == want.sha256
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "reads go to the source without it until it answers again" in n1.log_text()
+    assert read_sha(n2, ds.name, "a.bin") == want.sha256
+    up.wait_cached(n2, ds.name, want.size)
+
+
 @pytest.mark.timeout(120)
 def test_restart_after_an_object_file_was_lost_refetches_instead_of_reading_zeros(
     up: Cluster, dataset: Dataset, ds_added: float

@@ -14,6 +14,7 @@ from fetchfixtures import (
     CS,
     DATA,
     ENTRY,
+    prefetch_in_background,
     started,
 )
 
@@ -21,7 +22,7 @@ from syncbit.chunks import digest
 from syncbit.errors import ReadDeadlineError, SourceChangedError
 from syncbit.fetch import Fetcher, Priority
 from syncbit.manifest import FileEntry
-from syncbit.protocol import ChunkMap, Peer
+from syncbit.protocol import ChunkMap, ClaimResult, Peer
 from syncbit.store import ObjectStore
 from syncbit.store.files import ObjectFile
 from syncbit.wire import Abort
@@ -366,3 +367,77 @@ async def test_readahead_chunks_are_read_from_ram_not_back_from_disk(
         fetcher.release(handle)
     finally:
         store.close()
+
+
+class HungDirectory(Directory):
+    """A scheduler that takes requests and answers none while `hung` (a wedged process):
+    each map and claim asked is counted, then waits until it answers again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung = True
+        self.answering = trio.Event()
+        self.asked = 0
+
+    async def _wait(self) -> None:
+        self.asked += 1
+        if self.hung:
+            await self.answering.wait()
+
+    def answer(self) -> None:
+        self.hung = False
+        self.answering.set()
+
+    async def chunk_info(self, object_id: str, max_age: float = 1.0) -> ChunkMap:
+        await self._wait()
+        return await super().chunk_info(object_id, max_age)
+
+    async def claim(self, object_id: str, indexes: list[int], ttl: float) -> ClaimResult:
+        await self._wait()
+        return await super().claim(object_id, indexes, ttl)
+
+
+async def _hung(
+    store: ObjectStore, nursery: trio.Nursery
+) -> tuple[HungDirectory, MemSource, Fetcher]:
+    """A running fetcher (3 s read deadline, 0.3 s patience) whose scheduler hangs."""
+    directory = HungDirectory()
+    fetcher = Fetcher(
+        store, directory, Peers(), read_deadline=3.0, readahead_chunks=0, reader_patience=0.3
+    )
+    return directory, MemSource(data=DATA), await started(fetcher, nursery)
+
+
+async def test_a_scheduler_that_never_answers_costs_a_read_its_patience_not_its_deadline(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    directory, source, fetcher = await _hung(store, nursery)
+    handle = fetcher.open(ENTRY, CS, source)
+    # Without a bound, the chunk waited for its map until its deadline: ReadDeadlineError.
+    assert bytes(await fetcher.read(handle, 0, CS)) == DATA[:CS]
+    assert directory.asked == 1
+    began = trio.current_time()
+    assert bytes(await fetcher.read(handle, CS, len(DATA) - CS)) == DATA[CS:]
+    assert trio.current_time() - began < 0.3  # not even its patience: it did not ask
+    assert directory.asked == 1
+    assert source.reads == 2  # chunk 0, then 1-5 in one request: no map, no claim
+
+
+async def test_background_chunks_wait_for_a_hung_scheduler_and_readers_ask_again_after_it(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    directory, source, fetcher = await _hung(store, nursery)
+    done = prefetch_in_background(fetcher, source, nursery)
+    await trio.sleep(1.0)
+    # A prefetch does not read what another node may be reading: it waits for its claim.
+    assert source.reads == 0 and not done.is_set()
+    handle = fetcher.open(ENTRY, CS, source)
+    assert bytes(await fetcher.read(handle, 0, CS)) == DATA[:CS]  # a reader does not wait
+    directory.answer()
+    with trio.fail_after(5):
+        await done.wait()
+    # Answered again: a reader's chunk asks for its map and claim as before.
+    before = directory.asked
+    other = ENTRY.model_copy(update={"object": "ef" * 32})
+    assert bytes(await fetcher.read(fetcher.open(other, CS, source), CS, 10)) == DATA[CS : CS + 10]
+    assert directory.asked > before

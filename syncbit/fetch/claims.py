@@ -13,7 +13,8 @@ import trio
 
 from syncbit.errors import SyncbitError
 from syncbit.fetch.directory import ChunkDirectory
-from syncbit.fetch.flight import BACKGROUND, Flight, FlightTable, Park, Priority, State
+from syncbit.fetch.flight import Flight, FlightTable, Park, Priority, State
+from syncbit.fetch.patience import ReaderPatience
 from syncbit.protocol import ChunkMap
 
 log = logging.getLogger("syncbit.fetch")
@@ -36,12 +37,15 @@ class Claims:
         requeue: Callable[[Flight], None],
         source_batch: int,
         ttl: float,
+        patience: ReaderPatience | None = None,
     ) -> None:
         self.directory = directory
         self.table = table
         self.requeue = requeue  # back to the queue, on its own
         self.source_batch = source_batch  # bytes one source request may bring at most
         self.ttl = ttl
+        # A reader's chunk waits for the scheduler only so long (its map, its claim).
+        self.patience = patience or ReaderPatience()
         # Chunks granted ahead of their reads (see `claim`): (object, chunk) -> the trio
         # time until which this node counts on the grant (half the lease).
         self._ahead: dict[tuple[str, int], float] = {}
@@ -130,10 +134,12 @@ class Claims:
         for i in ahead:
             self._asking[(obj.id, i)] = answered
         try:
-            claim = await self.directory.claim(obj.id, asked, self.ttl)
+            claim = await self.patience.ask(
+                flight, lambda: self.directory.claim(obj.id, asked, self.ttl)
+            )
         except SyncbitError as exc:
             log.debug("no claim on %s: %s", obj.id[:12], exc)
-            if flight.priority >= BACKGROUND:
+            if not flight.for_reader:
                 # Background reads wait for the scheduler (a failover takes seconds) rather
                 # than read what another node may be reading too: the origin's bytes twice.
                 self.unclaim(followers)

@@ -24,6 +24,7 @@ from syncbit.fetch.directory import ChunkDirectory, ChunkPeers
 from syncbit.fetch.flight import Flight, FlightTable, Priority, raise_for
 from syncbit.fetch.handle import OpenFile
 from syncbit.fetch.limiter import Bandwidth
+from syncbit.fetch.patience import ReaderPatience
 from syncbit.fetch.plan import Plans, source_limit
 from syncbit.fetch.queue import FlightQueue
 from syncbit.fetch.runner import Runner
@@ -62,6 +63,7 @@ class Fetcher:
         source_concurrency: int = 64,
         claim_ttl: float = 30.0,
         park_poll: float = 0.1,
+        reader_patience: float = 2.0,
     ) -> None:
         self._store = store
         self.read_deadline = read_deadline
@@ -97,6 +99,7 @@ class Fetcher:
             lambda flight: self._runner.push(flight),  # chunks a claim did not grant
             source_batch,
             max(claim_ttl, read_deadline),
+            ReaderPatience(reader_patience),
         )
         transfers = self._transfers = Transfers(
             store,

@@ -109,6 +109,15 @@ class Flight:
     ran: bool = False  # a worker started it at least once
     scope: trio.CancelScope | None = None  # its transfer, while a worker runs it
     abandoned: str = ""  # why `Fetcher.abandon` stopped it
+    # A reader joined it while a worker ran it as a background flight (its priority stays:
+    # the lanes count it by that): the rest of its run serves a reader all the same.
+    reader_joined: bool = False
+    on_reader: Callable[[], None] | None = None  # told then (see `patience`)
+
+    @property
+    def for_reader(self) -> bool:
+        """Whether a reader waits for it: foreground or readahead, or joined by a reader."""
+        return self.priority < BACKGROUND or self.reader_joined
 
     @property
     def running(self) -> bool:
@@ -210,6 +219,13 @@ class FlightTable:
             # (An open file's fetch goes ahead of the queued prefetch but still leaves a
             # chunk the plan gives another node to that node: the origin's bytes once.)
             return flight, Joined.RAISED
+        if prio < BACKGROUND and not flight.for_reader:
+            # A running background flight: a reader needs it now, so no waiting for a plan
+            # or an unanswered scheduler from here on.
+            flight.reader_joined = True
+            flight.may_source = None
+            if flight.on_reader is not None:
+                flight.on_reader()
         return flight, Joined.JOINED
 
     def finish(self, flight: Flight) -> None:

@@ -139,9 +139,16 @@ class Transfers:
             return max(MAP_AGE, self.lookup_interval)
         return MAP_AGE
 
-    async def chunk_info(self, object_id: str, max_age: float = MAP_AGE) -> ChunkMap:
+    async def chunk_info(
+        self, object_id: str, max_age: float = MAP_AGE, flight: Flight | None = None
+    ) -> ChunkMap:
+        """The object's chunk map, or an empty one when the scheduler cannot say (within a
+        reader's patience, when `flight` is a chunk a reader waits for)."""
         try:
-            return await self.directory.chunk_info(object_id, max_age)
+            ask = functools.partial(self.directory.chunk_info, object_id, max_age)
+            if flight is None:
+                return await ask()
+            return await self.claims.patience.ask(flight, ask)
         except SyncbitError as exc:
             # No scheduler is no reason to fail a read: the source still has the bytes.
             log.debug("no chunk info for %s: %s", object_id[:12], exc)
@@ -151,7 +158,7 @@ class Transfers:
         obj, index = flight.obj, flight.index
         if obj.has(index):
             return []
-        info = await self.chunk_info(obj.id, self.map_age(flight))
+        info = await self.chunk_info(obj.id, self.map_age(flight), flight)
         if info.broken is not None:
             self.broken.mark(obj.id, info.broken)
             self.broken.refuse(flight.entry)
