@@ -31,6 +31,7 @@ from integration.cluster import (
     is_mounted,
     mount_entries,
     probe_errno,
+    scrape,
     sha256_file,
     snapshot_tree,
     wait_until,
@@ -381,6 +382,9 @@ def test_a_cold_read_while_the_scheduler_hangs_comes_from_the_source(
     finally:
         os.kill(pid, signal.SIGCONT)
     assert "reads go to the source without it until it answers again" in n1.log_text()
+    waits = scrape(n1.address)
+    assert waits['syncbit_scheduler_reader_waits_total{outcome="abandoned"}'] >= 1
+    assert waits['syncbit_scheduler_reader_waits_total{outcome="skipped"}'] >= 1
     assert read_sha(n2, ds.name, "a.bin") == want.sha256
     up.wait_cached(n2, ds.name, want.size)
 

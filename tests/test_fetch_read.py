@@ -421,6 +421,9 @@ async def test_a_scheduler_that_never_answers_costs_a_read_its_patience_not_its_
     assert trio.current_time() - began < 0.3  # not even its patience: it did not ask
     assert directory.asked == 1
     assert source.reads == 2  # chunk 0, then 1-5 in one request: no map, no claim
+    # Counted for /metrics: the map request given up on, the claims and maps not asked.
+    assert fetcher.stats["scheduler_abandoned"] == 1
+    assert fetcher.stats["scheduler_skipped"] >= 2
 
 
 async def test_background_chunks_wait_for_a_hung_scheduler_and_readers_ask_again_after_it(

@@ -99,7 +99,7 @@ class Fetcher:
             lambda flight: self._runner.push(flight),  # chunks a claim did not grant
             source_batch,
             max(claim_ttl, read_deadline),
-            ReaderPatience(reader_patience),
+            ReaderPatience(reader_patience, stats=self.stats),
         )
         transfers = self._transfers = Transfers(
             store,

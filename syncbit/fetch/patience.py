@@ -37,11 +37,17 @@ class ReaderPatience:
             would wait its patience out again); any answer ends that at once.
     """
 
-    def __init__(self, limit: float = 2.0, memory: float = 5.0) -> None:
+    def __init__(
+        self, limit: float = 2.0, memory: float = 5.0, stats: dict[str, int] | None = None
+    ) -> None:
         self.limit = limit
         self.memory = memory
         self._gave_up = -math.inf  # trio time a reader last stopped waiting, unanswered since
-        self.abandoned = 0  # requests a reader stopped waiting for (for tests and metrics)
+        # The fetcher's counters: "scheduler_abandoned", requests a reader stopped waiting
+        # for, and "scheduler_skipped", those not made because one did lately.
+        self.stats = stats if stats is not None else {}
+        for key in ("scheduler_abandoned", "scheduler_skipped"):
+            self.stats.setdefault(key, 0)
         self._waiting_out = False  # a reader gave up, and nothing was answered since
 
     def of(self, flight: Flight) -> float:
@@ -56,6 +62,7 @@ class ReaderPatience:
         lately and nothing was answered since)."""
         patience = self.of(flight)
         if math.isfinite(patience) and trio.current_time() - self._gave_up < self.memory:
+            self.stats["scheduler_skipped"] += 1
             raise SchedulerError("the scheduler did not answer a reader in time lately")
         with trio.CancelScope(deadline=trio.current_time() + patience) as scope:
 
@@ -74,7 +81,7 @@ class ReaderPatience:
             )
         self._waiting_out = True
         self._gave_up = trio.current_time()
-        self.abandoned += 1
+        self.stats["scheduler_abandoned"] += 1
         raise SchedulerError("the scheduler did not answer in time for a reader")
 
     async def _answered(self, call: Callable[[], Awaitable[T]]) -> T:

@@ -85,6 +85,17 @@ class NodeMetrics:
         yield from _cache_metrics(usage)
         yield from _disk_metrics(usage)
         yield counter(
+            "syncbit_scheduler_reader_waits",
+            "Chunk-map and claim requests of reads that the scheduler did not answer in time "
+            "(abandoned: the read stopped waiting; skipped: not asked, as one was lately): "
+            "those reads went to the source without it.",
+            {
+                ("abandoned",): f.stats["scheduler_abandoned"],
+                ("skipped",): f.stats["scheduler_skipped"],
+            },
+            ["outcome"],
+        )
+        yield counter(
             "syncbit_verify_failures",
             "Chunks from peers and whole files that failed verification.",
             {(): f.stats["verify_failures"]},
