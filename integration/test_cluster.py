@@ -389,6 +389,36 @@ def test_a_cold_read_while_the_scheduler_hangs_comes_from_the_source(
     up.wait_cached(n2, ds.name, want.size)
 
 
+@pytest.mark.timeout(180)
+def test_a_read_whose_only_holder_is_stopped_comes_from_the_source(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    """n2 holds the file and is stopped (SIGSTOP: its port takes connections and answers
+    nothing; the scheduler still names it). n1's read gives up on it after the straggler
+    delay and reads the source, then leaves n2 out: well within the read deadline, no
+    EIO (it waited out the peer timeout, 10 s, failing the first read at the deadline)."""
+    ds = fresh_dataset(origin_root, "stopped_holder", {"a.bin": 16 * CHUNK_SIZE + 5})
+    up.add_dataset(ds.name, f"{origin.url}{ds.name}/")
+    n1, n2 = up.node("n1"), up.node("n2")
+    want = ds.files["a.bin"]
+    assert read_sha(n2, ds.name, "a.bin") == want.sha256
+    up.wait_cached(n2, ds.name, want.size)
+    pid = n2.pid
+    assert pid is not None
+    logged = len(n1.log_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        assert read_sha(n1, ds.name, "a.bin") == want.sha256
+        elapsed = time.monotonic() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    log = n1.log_text()[logged:]
+    assert elapsed < n1.read_deadline / 2, f"read took {elapsed:.1f}s"
+    assert "EIO" not in log, log
+    assert "nothing from n2 in" in log and "reading the source instead" in log
+
+
 @pytest.mark.timeout(120)
 def test_restart_after_an_object_file_was_lost_refetches_instead_of_reading_zeros(
     up: Cluster, dataset: Dataset, ds_added: float

@@ -5,6 +5,7 @@ stalled read, asked again on a second connection."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import threading
@@ -34,16 +35,23 @@ DEADLINE = 30.0
 
 class ChunkServer(ThreadingHTTPServer):
     """A peer's chunk service on loopback serving DATA's ranges; with `stall`, its first
-    answer sends half the chunk and then waits for the client to give up (`aborted`); with
+    answer sends half the chunk (`silent`: nothing at all, as a stopped process's port)
+    and then waits for the client to give up (`aborted`); with
     `pace`, every answer trickles in `pieces` even pieces over that many seconds."""
 
     daemon_threads = True
 
     def __init__(
-        self, stall: bool, pace: float = 0.0, size: int = len(DATA), pieces: int = 20
+        self,
+        stall: bool,
+        pace: float = 0.0,
+        size: int = len(DATA),
+        pieces: int = 20,
+        silent: bool = False,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.stall = stall
+        self.silent = silent  # a stall that sends nothing, not even the headers
         self.pace = pace
         self.pieces = pieces
         self.data = DATA[:size]  # the file it serves: DATA or its first `size` bytes
@@ -70,6 +78,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests += 1
             stall = self.server.stall and self.server.requests == 1
+        if stall and self.server.silent:
+            self._wait_for_the_client()
+            return
         data = self.server.data
         body = data[first : last + 1]
         self.send_response(206)
@@ -88,7 +99,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
-        # Stalled mid-chunk until the client shuts the connection (or a minute passes).
+        self._wait_for_the_client()
+
+    def _wait_for_the_client(self) -> None:
+        """Stalled until the client shuts the connection (or a minute passes)."""
         readable, _, _ = select.select([self.connection], [], [], 60)
         if readable and not self.connection.recv(1):
             self.server.aborted.set()
@@ -109,15 +123,13 @@ def servers() -> Iterator[tuple[ChunkServer, ChunkServer]]:
             s.server_close()
 
 
-@pytest.fixture
-async def fetcher(
-    store: ObjectStore, servers: tuple[ChunkServer, ChunkServer]
-) -> AsyncIterator[Fetcher]:
-    slow, fast = servers
+@contextlib.asynccontextmanager
+async def running_fetcher(store: ObjectStore, holders: list[Peer]) -> AsyncIterator[Fetcher]:
+    """A running fetcher whose chunk map names `holders` for every chunk of DATA."""
     directory = Directory()
     for i in range(CHUNKS):
         directory.info.digests[i] = digest(DATA[i * CS : (i + 1) * CS])
-        directory.info.peers[i] = [Peer("slow", slow.address), Peer("fast", fast.address)]
+        directory.info.peers[i] = list(holders)
     # A peer timeout beyond the read deadline: without hedging the stall would fail it.
     peers = PeerClient(timeout=2 * DEADLINE)
     f = Fetcher(store, directory, peers, readahead_chunks=0, read_deadline=DEADLINE)
@@ -128,6 +140,16 @@ async def fetcher(
             nursery.cancel_scope.cancel()
     finally:
         peers.close()
+
+
+@pytest.fixture
+async def fetcher(
+    store: ObjectStore, servers: tuple[ChunkServer, ChunkServer]
+) -> AsyncIterator[Fetcher]:
+    slow, fast = servers
+    holders = [Peer("slow", slow.address), Peer("fast", fast.address)]
+    async with running_fetcher(store, holders) as f:
+        yield f
 
 
 async def test_a_holder_stalling_mid_chunk_is_overtaken_and_aborted(
@@ -289,3 +311,75 @@ def test_a_transfer_counts_its_body_bytes_as_they_arrive(
             assert abort.received == length
     finally:
         pool.close()
+
+
+@pytest.fixture
+def stalling(request: pytest.FixtureRequest) -> Iterator[ChunkServer]:
+    """The only holder, whose first answer stalls: half-way, or (param "silent") before
+    it sends anything."""
+    server = ChunkServer(stall=True, silent=getattr(request, "param", "") == "silent")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+async def lone_holder(store: ObjectStore, stalling: ChunkServer) -> AsyncIterator[Fetcher]:
+    """A fetcher whose chunk map names `stalling` as every chunk's only holder."""
+    async with running_fetcher(store, [Peer("stuck", stalling.address)]) as f:
+        yield f
+
+
+@pytest.mark.parametrize("stalling", ["silent", "half-way"], indirect=True)
+async def test_a_readers_chunk_whose_only_holder_stalls_comes_from_the_source(
+    lone_holder: Fetcher, stalling: ChunkServer
+) -> None:
+    """No other holder to hedge with: past the straggler delay (1 s while nothing is
+    known) the source serves it and the stalled transfer is aborted. A holder that sent
+    nothing at all is left out for a while (a stopped node stalls each of its transfers);
+    one that sent part of it is asked again."""
+    source = MemSource(data=DATA)
+    handle = lone_holder.open(ENTRY, CS, source)
+    with trio.fail_after(DEADLINE / 10):  # it waited out the peer's timeout (60 s) before
+        assert bytes(await lone_holder.read(handle, 0, CS)) == DATA[:CS]
+    with trio.fail_after(DEADLINE):
+        await trio.to_thread.run_sync(stalling.aborted.wait, DEADLINE)
+    assert lone_holder.stats["hedged"] == 1 and lone_holder.stats["aborted"] == 1
+    assert lone_holder.stats["source"] == CS and lone_holder.stats["peer"] == 0
+    with trio.fail_after(1.0):
+        assert bytes(await lone_holder.read(handle, CS, CS)) == DATA[CS : 2 * CS]
+    if stalling.silent:  # straight from the source
+        assert stalling.requests == 1 and lone_holder.stats["source"] == 2 * CS
+    else:  # from the holder, whose second answer does not stall
+        assert stalling.requests == 2 and lone_holder.stats["peer"] == CS
+
+
+async def test_a_prefetch_waits_for_its_stalled_holder_until_a_reader_joins(
+    lone_holder: Fetcher, stalling: ChunkServer, nursery: trio.Nursery
+) -> None:
+    """A prefetch's chunk does not go to the source because its holder straggles (the
+    origin's bytes once); a reader that joins that very transfer does not wait for it."""
+    source = MemSource(data=DATA)
+    done = trio.Event()
+
+    async def prefetch() -> None:
+        await lone_holder.ensure(ENTRY, CS, source, Priority.PREFETCH)
+        done.set()
+
+    nursery.start_soon(prefetch)
+    await trio.sleep(2.5)  # past the straggler delay
+    assert source.reads == 0 and not stalling.aborted.is_set()
+    obj = lone_holder.open(ENTRY, CS, source).obj
+    (stuck,) = [i for i in range(CHUNKS) if not obj.has(i)]  # the rest came from the peer
+    handle = lone_holder.open(ENTRY, CS, source)
+    with trio.fail_after(DEADLINE / 10):
+        got = await lone_holder.read(handle, stuck * CS, CS)
+    assert bytes(got) == DATA[stuck * CS : (stuck + 1) * CS]
+    assert source.reads == 1
+    with trio.fail_after(DEADLINE):
+        await trio.to_thread.run_sync(stalling.aborted.wait, DEADLINE)
+        await done.wait()

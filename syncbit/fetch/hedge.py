@@ -60,11 +60,21 @@ class PeerRace:
     """Runs the attempts of one chunk against its holders, hedging stragglers."""
 
     def __init__(
-        self, attempt: Attempt, buffers: BufferPool, hedging: Hedging, stats: dict[str, int]
+        self,
+        attempt: Attempt,
+        buffers: BufferPool,
+        hedging: Hedging,
+        stats: dict[str, int],
+        left_out: Callable[[str], bool] = lambda node: False,
+        leave_out: Callable[[str], None] = lambda node: None,
     ) -> None:
         self.attempt = attempt
         self.buffers = buffers
         self.hedging = hedging
+        # Whether a peer node is left out now (unreachable, or it stalled a reader), and
+        # leaving one out: a holder given up on for a reader is not asked for a while.
+        self.left_out = left_out
+        self.leave_out = leave_out
         # "hedged": second requests sent; "aborted": losers aborted mid-transfer.
         self.stats = stats
 
@@ -72,53 +82,113 @@ class PeerRace:
         self, flight: Flight, holders: list[Peer], length: int, expected: str
     ) -> Won | PeerResult:
         """The chunk from the first holder that sends the right bytes, or BUSY when every
-        holder that could was busy, FAILED when every one failed."""
+        holder that could was busy, FAILED when every one failed. A straggler is hedged
+        with the next holder; the last holder's, for a chunk a reader waits for, is given
+        up on (FAILED, the holder in `flight.bad_peers`): the source serves it then."""
         pending = list(holders)
         running: set[_Running] = set()
         done_send, done_recv = trio.open_memory_channel[_Running](len(holders))
         busy = False
         won: _Running | None = None
-        async with trio.open_nursery() as nursery:
+        waiting: list[trio.CancelScope] = []  # the current wait, cut short when a reader joins
 
-            def launch() -> float:
-                """The next holder's attempt; when to hedge it (inf: never)."""
-                r = self._start(pending.pop(0), length)
-                running.add(r)
-                nursery.start_soon(self._one, flight, r, expected, done_send)
-                if len(running) > 1 or not pending:
-                    return math.inf
-                return r.began + self.hedging.delay(KIND, length)
+        def reader_joined() -> None:
+            for scope in waiting:
+                scope.deadline = trio.current_time()
 
-            hedge_at = launch() if pending else math.inf
-            while running:
-                with trio.move_on_at(hedge_at):
-                    r = await done_recv.receive()
-                    running.discard(r)
-                    if r.result is PeerResult.OK:
-                        won = r
-                        break
-                    busy = busy or r.result is PeerResult.BUSY
-                    self.buffers.give(r.buf)  # its thread has ended
-                    if pending and not running:
-                        hedge_at = launch()
-                    continue
-                hedge_at = math.inf
-                if pending and self._should_hedge(flight, running, length):
-                    hedge_at = launch()
-            for r in running:  # losers: their threads end as their sockets shut
-                r.abort.fire()
-                self.stats["aborted"] += 1
-            nursery.cancel_scope.cancel()
+        flight.on_reader = reader_joined
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def launch() -> float:
+                    """The next holder's attempt; when to look whether it straggles."""
+                    r = self._start(pending.pop(0), length)
+                    running.add(r)
+                    nursery.start_soon(self._one, flight, r, expected, done_send)
+                    return self._due(running, length)
+
+                hedge_at = launch() if pending else math.inf
+                while running:
+                    with trio.move_on_at(hedge_at) as scope:
+                        waiting[:] = [scope]
+                        r = await done_recv.receive()
+                        running.discard(r)
+                        if r.result is PeerResult.OK:
+                            won = r
+                            break
+                        busy = busy or r.result is PeerResult.BUSY
+                        self.buffers.give(r.buf)  # its thread has ended
+                        hedge_at = launch() if pending and not running else hedge_at
+                        continue
+                    hedge_at = self._due(running, length)
+                    if trio.current_time() < hedge_at:
+                        continue  # a reader joined early: look again when it is due
+                    hedge_at = math.inf
+                    if pending:
+                        if self._should_hedge(flight, running, length, "another holder too"):
+                            hedge_at = launch()
+                    elif flight.for_reader:
+                        (slow,) = running
+                        if self._to_source(flight, slow, length):
+                            break
+                        hedge_at = trio.current_time() + self.hedging.delay(KIND, length)
+                for r in running:  # losers: their threads end as their sockets shut
+                    r.abort.fire()
+                    self.stats["aborted"] += 1
+                nursery.cancel_scope.cancel()
+        finally:
+            flight.on_reader = None
         if won is not None:
             self.hedging.record(KIND, length, trio.current_time() - won.began)
             return Won(won.buf, won.view, won.peer)
         return PeerResult.BUSY if busy else PeerResult.FAILED
 
+    def _due(self, running: set[_Running], length: int) -> float:
+        """When the one attempt running turns into a straggler (inf while two run: a
+        hedge is out already)."""
+        if len(running) != 1:
+            return math.inf
+        (r,) = running
+        return r.began + self.hedging.delay(KIND, length)
+
     def _start(self, peer: Peer, length: int) -> _Running:
         buf = self.buffers.take(length)
         return _Running(peer, buf, memoryview(buf)[:length], trio.current_time())
 
-    def _should_hedge(self, flight: Flight, running: set[_Running], length: int) -> bool:
+    def _to_source(self, flight: Flight, slow: _Running, length: int) -> bool:
+        """The last holder's transfer straggles and a reader waits: whether to read the
+        source instead (the holder then in `flight.bad_peers`). Yes when no byte came in
+        the straggler delay (a stalled node: left out a while, as each of its transfers
+        stalls), when another transfer found the node stalled already, or, within the
+        hedging budget, when at its pace it would take longer than a fresh transfer (one
+        slow but about to finish is waited for: the origin's bytes are not for nothing)."""
+        node = slow.peer.node
+        elapsed = trio.current_time() - slow.began
+        received = slow.abort.received
+        stalled = received == 0 and elapsed >= self.hedging.delay(KIND, length)
+        if self.left_out(node) or stalled:
+            self.stats["hedged"] += 1
+            log.info(
+                "chunk %d of %s: nothing from %s in %.2fs; reading the source instead and "
+                "leaving it out a while",
+                flight.index,
+                flight.entry.path,
+                node,
+                elapsed,
+            )
+            self.leave_out(node)
+        elif not self.hedging.outlasts_fresh(
+            KIND, length, length - received, received / max(elapsed, 1e-6)
+        ) or not self._should_hedge(flight, {slow}, length, "the source instead"):
+            return False
+        flight.bad_peers.add(node)
+        return True
+
+    def _should_hedge(
+        self, flight: Flight, running: set[_Running], length: int, instead: str
+    ) -> bool:
+        """Whether to ask `instead` for the one straggling attempt's chunk (within the
+        hedging budget); counted and logged when so."""
         (slow,) = running
         elapsed = trio.current_time() - slow.began
         if not self.hedging.should_hedge(KIND, length, elapsed):
@@ -126,11 +196,12 @@ class PeerRace:
         self.hedging.hedged(KIND)
         self.stats["hedged"] += 1
         log.info(
-            "chunk %d of %s: %s has taken %.2fs; asking another holder too",
+            "chunk %d of %s: %s has taken %.2fs; asking %s",
             flight.index,
             flight.entry.path,
             slow.peer.node,
             elapsed,
+            instead,
         )
         return True
 

@@ -102,8 +102,24 @@ class Transfers:
         # answer in time came back as busy (429) 6,776 times in a 40 s window. A reader's
         # transfer still refreshes after MAP_AGE.
         self.lookup_interval = 0.0
-        self.race = PeerRace(self._from_peer, store.buffers, Hedging(), stats)
+        self.race = PeerRace(
+            self._from_peer, store.buffers, Hedging(), stats, self._left_out, self._leave_out
+        )
         self.source_race = SourceRace(streams, store.buffers, Hedging(SOURCE_HEDGING), stats)
+
+    def _left_out(self, node: str) -> bool:
+        """Whether no transfer asks `node` now (unreachable, or it stalled a reader)."""
+        now: float = trio.current_time()
+        return self.unreachable.get(node, -1.0) > now
+
+    def _leave_out(self, node: str) -> None:
+        """No transfer asks `node` for UNREACHABLE_FOR seconds (the scheduler may offer it
+        for a while yet)."""
+        now = trio.current_time()
+        if len(self.unreachable) >= 1024:  # one entry per peer node: forget the expired
+            self.unreachable = {n: t for n, t in self.unreachable.items() if t > now}
+        self.unreachable[node] = now + UNREACHABLE_FOR
+        self.stats["unreachable"] += 1
 
     async def run(self, flight: Flight) -> list[Staged] | Park:
         """Retry temporary failures with backoff until the flight's deadline; a permanent
@@ -189,12 +205,17 @@ class Transfers:
         every one that could was busy."""
         obj, index = flight.obj, flight.index
         length = chunk_length(obj.size, obj.chunk_size, index)
-        now = trio.current_time()
-        usable = [
-            p
-            for p in _spread(holders)
-            if p.node not in flight.bad_peers and self.unreachable.get(p.node, -1.0) <= now
-        ]
+        usable = []
+        for p in _spread(holders):
+            if p.node in flight.bad_peers:
+                continue
+            if self._left_out(p.node):
+                if flight.for_reader:
+                    # For a reader the source, not a wait for that node (a prefetch waits
+                    # for it, or for the scheduler to find it down).
+                    flight.bad_peers.add(p.node)
+                continue
+            usable.append(p)
         got = await self.race.run(flight, usable, length, expected)
         if isinstance(got, Won):
             self.stats["peer"] += length
@@ -232,11 +253,7 @@ class Transfers:
             # node asks it again until UNREACHABLE_FOR has passed.
             flight.bad_peers.add(peer.node)
             flight.last_error = str(exc)
-            now = trio.current_time()
-            if len(self.unreachable) >= 1024:  # one entry per peer node: forget the expired
-                self.unreachable = {n: t for n, t in self.unreachable.items() if t > now}
-            self.unreachable[peer.node] = now + UNREACHABLE_FOR
-            self.stats["unreachable"] += 1
+            self._leave_out(peer.node)
             log.info(
                 "chunk %d of %s: %s; avoiding it for %.0fs",
                 flight.index,
