@@ -383,3 +383,20 @@ async def test_a_prefetch_waits_for_its_stalled_holder_until_a_reader_joins(
     with trio.fail_after(DEADLINE):
         await trio.to_thread.run_sync(stalling.aborted.wait, DEADLINE)
         await done.wait()
+
+
+@pytest.mark.parametrize("stalling", ["silent"], indirect=True)
+async def test_a_silent_holder_is_judged_by_its_first_byte_not_by_slow_transfers(
+    lone_holder: Fetcher, stalling: ChunkServer
+) -> None:
+    """On a busy node whole transfers took seconds lately (the straggler delay, their p95,
+    is 6 s here), yet a holder that has sent nothing for a second is stalled: the read
+    does not wait for the delay (in a full test run it waited 8 s and failed)."""
+    hedging = lone_holder._transfers.race.hedging  # what recent transfers took
+    for _ in range(16):
+        hedging.record("peer", CS, 6.0)
+    source = MemSource(data=DATA)
+    handle = lone_holder.open(ENTRY, CS, source)
+    with trio.fail_after(3.0):
+        assert bytes(await lone_holder.read(handle, 0, CS)) == DATA[:CS]
+    assert lone_holder.stats["source"] == CS

@@ -25,6 +25,11 @@ from syncbit.wire import Abort
 log = logging.getLogger("syncbit.fetch")
 
 KIND = "peer"  # the transfers `Hedging` keeps times of here
+# Seconds without a single byte after which a holder's transfer is stalled (a stopped
+# node's port takes connections and answers nothing). Not the straggler delay: that is
+# how long whole transfers took lately, seconds on a busy node, while a live holder sends
+# its first bytes within milliseconds.
+FIRST_BYTE = 1.0
 
 
 class PeerResult(Enum):
@@ -105,7 +110,7 @@ class PeerRace:
                     r = self._start(pending.pop(0), length)
                     running.add(r)
                     nursery.start_soon(self._one, flight, r, expected, done_send)
-                    return self._due(running, length)
+                    return self._due(flight, running, pending, length)
 
                 hedge_at = launch() if pending else math.inf
                 while running:
@@ -120,12 +125,21 @@ class PeerRace:
                         self.buffers.give(r.buf)  # its thread has ended
                         hedge_at = launch() if pending and not running else hedge_at
                         continue
-                    hedge_at = self._due(running, length)
+                    hedge_at = self._due(flight, running, pending, length)
                     if trio.current_time() < hedge_at:
                         continue  # a reader joined early: look again when it is due
                     hedge_at = math.inf
                     if pending:
-                        if self._should_hedge(flight, running, length, "another holder too"):
+                        (slow,) = running
+                        if flight.for_reader and self._stalled(slow, length):
+                            log.info(
+                                "chunk %d of %s: nothing from %s yet; asking another holder too",
+                                flight.index,
+                                flight.entry.path,
+                                slow.peer.node,
+                            )
+                            hedge_at = launch()
+                        elif self._should_hedge(flight, running, length, "another holder too"):
                             hedge_at = launch()
                     elif flight.for_reader:
                         (slow,) = running
@@ -143,13 +157,26 @@ class PeerRace:
             return Won(won.buf, won.view, won.peer)
         return PeerResult.BUSY if busy else PeerResult.FAILED
 
-    def _due(self, running: set[_Running], length: int) -> float:
-        """When the one attempt running turns into a straggler (inf while two run: a
-        hedge is out already)."""
+    def _due(
+        self, flight: Flight, running: set[_Running], pending: list[Peer], length: int
+    ) -> float:
+        """When to look whether the one attempt running straggles: at the straggler delay,
+        or, for a reader's chunk with nothing received yet, when it would count as stalled
+        (inf while two run: a hedge is out already)."""
         if len(running) != 1:
             return math.inf
         (r,) = running
-        return r.began + self.hedging.delay(KIND, length)
+        due = r.began + self.hedging.delay(KIND, length)
+        if flight.for_reader and r.abort.received == 0:
+            due = min(due, r.began + FIRST_BYTE)
+        return due
+
+    def _stalled(self, r: _Running, length: int) -> bool:
+        """Not a byte from the holder in FIRST_BYTE (or the straggler delay, if shorter)."""
+        elapsed = trio.current_time() - r.began
+        return r.abort.received == 0 and elapsed >= min(
+            FIRST_BYTE, self.hedging.delay(KIND, length)
+        )
 
     def _start(self, peer: Peer, length: int) -> _Running:
         buf = self.buffers.take(length)
@@ -158,15 +185,14 @@ class PeerRace:
     def _to_source(self, flight: Flight, slow: _Running, length: int) -> bool:
         """The last holder's transfer straggles and a reader waits: whether to read the
         source instead (the holder then in `flight.bad_peers`). Yes when no byte came in
-        the straggler delay (a stalled node: left out a while, as each of its transfers
+        FIRST_BYTE (a stalled node: left out a while, as each of its transfers
         stalls), when another transfer found the node stalled already, or, within the
         hedging budget, when at its pace it would take longer than a fresh transfer (one
         slow but about to finish is waited for: the origin's bytes are not for nothing)."""
         node = slow.peer.node
         elapsed = trio.current_time() - slow.began
         received = slow.abort.received
-        stalled = received == 0 and elapsed >= self.hedging.delay(KIND, length)
-        if self.left_out(node) or stalled:
+        if self.left_out(node) or self._stalled(slow, length):
             self.stats["hedged"] += 1
             log.info(
                 "chunk %d of %s: nothing from %s in %.2fs; reading the source instead and "
