@@ -28,8 +28,9 @@ KIND = "peer"  # the transfers `Hedging` keeps times of here
 # Seconds without a single byte after which a holder's transfer is stalled (a stopped
 # node's port takes connections and answers nothing). Not the straggler delay: that is
 # how long whole transfers took lately, seconds on a busy node, while a live holder sends
-# its first bytes within milliseconds.
-FIRST_BYTE = 1.0
+# its first bytes within milliseconds. Above the 1 s a lost SYN costs: a live holder is
+# never left out for one dropped packet.
+FIRST_BYTE = 2.0
 
 
 class PeerResult(Enum):
@@ -131,7 +132,7 @@ class PeerRace:
                     hedge_at = math.inf
                     if pending:
                         (slow,) = running
-                        if flight.for_reader and self._stalled(slow, length):
+                        if flight.for_reader and self._stalled(slow):
                             log.info(
                                 "chunk %d of %s: nothing from %s yet; asking another holder too",
                                 flight.index,
@@ -171,12 +172,9 @@ class PeerRace:
             due = min(due, r.began + FIRST_BYTE)
         return due
 
-    def _stalled(self, r: _Running, length: int) -> bool:
-        """Not a byte from the holder in FIRST_BYTE (or the straggler delay, if shorter)."""
-        elapsed = trio.current_time() - r.began
-        return r.abort.received == 0 and elapsed >= min(
-            FIRST_BYTE, self.hedging.delay(KIND, length)
-        )
+    def _stalled(self, r: _Running) -> bool:
+        """Not a byte from the holder in FIRST_BYTE."""
+        return r.abort.received == 0 and trio.current_time() - r.began >= FIRST_BYTE
 
     def _start(self, peer: Peer, length: int) -> _Running:
         buf = self.buffers.take(length)
@@ -192,7 +190,7 @@ class PeerRace:
         node = slow.peer.node
         elapsed = trio.current_time() - slow.began
         received = slow.abort.received
-        if self.left_out(node) or self._stalled(slow, length):
+        if self.left_out(node) or self._stalled(slow):
             self.stats["hedged"] += 1
             log.info(
                 "chunk %d of %s: nothing from %s in %.2fs; reading the source instead and "
