@@ -17,10 +17,13 @@ NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or d
 
 def validate_dataset_name(name: str) -> str:
     """`name` if it is a valid dataset name (`DATASET_NAME`), else UnsafePathError."""
-    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+    if isinstance(name, str) and DATASET_NAME.fullmatch(name):
+        return name
+    if not isinstance(name, str):  # a JSON number or list from an API client
+        shown = f"of type {type(name).__name__}"
+    else:
         shown = repr(name) if len(name) <= 140 else repr(name[:137] + "...")
-        raise UnsafePathError(f"invalid dataset name {shown}: use {NAME_RULE}")
-    return name
+    raise UnsafePathError(f"invalid dataset name {shown}: use {NAME_RULE}")
 
 
 __all__ = ["DATASET_NAME", "NAME_RULE", "validate_dataset_name"]

@@ -54,6 +54,9 @@ def test_dataset_name_is_one_component() -> None:
     for bad in ("", "a/b", "..", ".hidden", "x\x00"):
         with pytest.raises(UnsafePathError):
             validate_dataset_name(bad)
+    # Not a string at all (a JSON number from an API client): the same one clear error.
+    with pytest.raises(UnsafePathError, match="invalid dataset name of type int"):
+        validate_dataset_name(5)  # type: ignore[arg-type]
 
 
 def test_directories_derived_from_nested_paths_and_empty_dirs_kept() -> None:

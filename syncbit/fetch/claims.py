@@ -37,7 +37,7 @@ class Claims:
         requeue: Callable[[Flight], None],
         source_batch: int,
         ttl: float,
-        patience: ReaderPatience | None = None,
+        patience: ReaderPatience,
     ) -> None:
         self.directory = directory
         self.table = table
@@ -45,7 +45,7 @@ class Claims:
         self.source_batch = source_batch  # bytes one source request may bring at most
         self.ttl = ttl
         # A reader's chunk waits for the scheduler only so long (its map, its claim).
-        self.patience = patience or ReaderPatience()
+        self.patience = patience
         # Chunks granted ahead of their reads (see `claim`): (object, chunk) -> the trio
         # time until which this node counts on the grant (half the lease).
         self._ahead: dict[tuple[str, int], float] = {}

@@ -93,13 +93,14 @@ class Fetcher:
         self._broken = Broken()
         self._whole = WholeFile(store, self.stats)
         self._served = Served()
+        patience = ReaderPatience(reader_patience, stats=self.stats)
         claims = Claims(
             directory,
             self._table,
             lambda flight: self._runner.push(flight),  # chunks a claim did not grant
             source_batch,
             max(claim_ttl, read_deadline),
-            ReaderPatience(reader_patience, stats=self.stats),
+            patience,
         )
         transfers = self._transfers = Transfers(
             store,

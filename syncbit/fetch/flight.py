@@ -5,6 +5,7 @@ I/O, never chooses where bytes come from (transfer) nor what runs next (queue).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,6 +119,15 @@ class Flight:
     def for_reader(self) -> bool:
         """Whether a reader waits for it: foreground or readahead, or joined by a reader."""
         return self.priority < BACKGROUND or self.reader_joined
+
+    @contextlib.contextmanager
+    def telling_readers(self, callback: Callable[[], None]) -> Iterator[None]:
+        """`callback` is `on_reader` for the block (what it replaced, after it)."""
+        before, self.on_reader = self.on_reader, callback
+        try:
+            yield
+        finally:
+            self.on_reader = before
 
     @property
     def running(self) -> bool:

@@ -102,8 +102,7 @@ class PeerRace:
             for scope in waiting:
                 scope.deadline = trio.current_time()
 
-        flight.on_reader = reader_joined
-        try:
+        with flight.telling_readers(reader_joined):
             async with trio.open_nursery() as nursery:
 
                 def launch() -> float:
@@ -151,8 +150,6 @@ class PeerRace:
                     r.abort.fire()
                     self.stats["aborted"] += 1
                 nursery.cancel_scope.cancel()
-        finally:
-            flight.on_reader = None
         if won is not None:
             self.hedging.record(KIND, length, trio.current_time() - won.began)
             return Won(won.buf, won.view, won.peer)

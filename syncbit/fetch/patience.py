@@ -42,13 +42,13 @@ class ReaderPatience:
     ) -> None:
         self.limit = limit
         self.memory = memory
-        self._gave_up = -math.inf  # trio time a reader last stopped waiting, unanswered since
+        # Trio time a reader last stopped waiting, unanswered since (-inf: answered).
+        self._gave_up = -math.inf
         # The fetcher's counters: "scheduler_abandoned", requests a reader stopped waiting
         # for, and "scheduler_skipped", those not made because one did lately.
         self.stats = stats if stats is not None else {}
         for key in ("scheduler_abandoned", "scheduler_skipped"):
             self.stats.setdefault(key, 0)
-        self._waiting_out = False  # a reader gave up, and nothing was answered since
 
     def of(self, flight: Flight) -> float:
         """Seconds `flight` may wait for an answer: unbounded unless a reader waits."""
@@ -69,25 +69,20 @@ class ReaderPatience:
             def reader_joined() -> None:  # a background flight's wait gets a reader's bound
                 scope.deadline = min(scope.deadline, trio.current_time() + self.of(flight))
 
-            flight.on_reader = reader_joined
-            try:
+            with flight.telling_readers(reader_joined):
                 return await self._answered(call)
-            finally:
-                flight.on_reader = None
-        if not self._waiting_out:
+        if self._gave_up == -math.inf:
             log.warning(
                 "the scheduler did not answer a read in time: reads go to the source without "
                 "it until it answers again"
             )
-        self._waiting_out = True
         self._gave_up = trio.current_time()
         self.stats["scheduler_abandoned"] += 1
         raise SchedulerError("the scheduler did not answer in time for a reader")
 
     async def _answered(self, call: Callable[[], Awaitable[T]]) -> T:
         result = await call()
-        self._gave_up = -math.inf
-        if self._waiting_out:
-            self._waiting_out = False
+        if self._gave_up != -math.inf:
+            self._gave_up = -math.inf
             log.info("the scheduler answers again")
         return result
