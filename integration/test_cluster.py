@@ -7,6 +7,7 @@ and reads what it needs itself, so each also runs alone (`-k`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -14,7 +15,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from integration.cluster import (
     Cluster,
     CorruptPeer,
     Dataset,
+    FileFacts,
     Node,
     Origin,
     fresh_dataset,
@@ -390,34 +392,76 @@ def test_a_cold_read_while_the_scheduler_hangs_comes_from_the_source(
     up.wait_cached(n2, ds.name, want.size)
 
 
+@contextlib.contextmanager
+def _held_by_a_stopped_node(
+    up: Cluster, origin: Origin, origin_root: Path, name: str, holder: Node
+) -> Iterator[FileFacts]:
+    """A fresh dataset `name` whose file a.bin (16 chunks and a bit) only `holder` holds;
+    `holder` stopped with SIGSTOP for the block (its port takes connections and answers
+    nothing; the scheduler still names it until its node timeout). Yields a.bin's facts."""
+    ds = fresh_dataset(origin_root, name, {"a.bin": 16 * CHUNK_SIZE + 5})
+    up.add_dataset(ds.name, f"{origin.url}{ds.name}/")
+    want = ds.files["a.bin"]
+    assert read_sha(holder, ds.name, "a.bin") == want.sha256
+    up.wait_cached(holder, ds.name, want.size)
+    pid = holder.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield want
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(180)
 def test_a_read_whose_only_holder_is_stopped_comes_from_the_source(
     up: Cluster, origin: Origin, origin_root: Path
 ) -> None:
-    """n2 holds the file and is stopped (SIGSTOP: its port takes connections and answers
-    nothing; the scheduler still names it). n1's read gives up on it after the straggler
-    delay and reads the source, then leaves n2 out: well within the read deadline, no
-    EIO (it waited out the peer timeout, 10 s, failing the first read at the deadline)."""
-    ds = fresh_dataset(origin_root, "stopped_holder", {"a.bin": 16 * CHUNK_SIZE + 5})
-    up.add_dataset(ds.name, f"{origin.url}{ds.name}/")
+    """n2 holds the file and is stopped. n1's read gives up on it after 2 s of silence and
+    reads the source, then leaves n2 out: well within the read deadline, no EIO (it waited
+    out the peer timeout, 10 s, failing the first read at the deadline)."""
     n1, n2 = up.node("n1"), up.node("n2")
-    want = ds.files["a.bin"]
-    assert read_sha(n2, ds.name, "a.bin") == want.sha256
-    up.wait_cached(n2, ds.name, want.size)
-    pid = n2.pid
-    assert pid is not None
     logged = len(n1.log_text())
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with _held_by_a_stopped_node(up, origin, origin_root, "stopped_holder", n2) as want:
         began = time.monotonic()
-        assert read_sha(n1, ds.name, "a.bin") == want.sha256
+        assert read_sha(n1, "stopped_holder", "a.bin") == want.sha256
         elapsed = time.monotonic() - began
-    finally:
-        os.kill(pid, signal.SIGCONT)
     log = n1.log_text()[logged:]
     assert elapsed < n1.read_deadline / 2, f"read took {elapsed:.1f}s"
     assert "EIO" not in log, log
-    assert re.search(r"(nothing from n2 in|n2 has taken) .*the source instead", log), log
+    assert re.search(r"(nothing from n2 for|n2 has taken) .*the source instead", log), log
+
+
+@pytest.mark.timeout(180)
+def test_a_prefetch_whose_only_holder_is_stopped_reads_the_source(
+    up: Cluster, origin: Origin, origin_root: Path
+) -> None:
+    """n3 holds the file and is stopped. n1's prefetch of it gives n3 up once it has sent
+    nothing for 2 s, leaves it out and reads the source: the prefetch completes with every
+    byte right. It used to wait for the stopped holder: the peer timeout (10 s) per
+    transfer, or the scheduler's node timeout, whichever ended first."""
+    # n3, not n2: n1 leaves a stalled holder out for 10 s, and the test before stops n2.
+    n1, n3 = up.node("n1"), up.node("n3")
+    logged = len(n1.log_text())
+    with _held_by_a_stopped_node(up, origin, origin_root, "stopped_prefetch", n3) as want:
+        try:
+            done = up.cli("prefetch", "stopped_prefetch", "--nodes", "n1")
+            assert done.returncode == 0, done.stderr
+            waited = up.cli(
+                "wait",
+                "stopped_prefetch",
+                "--timeout",
+                "60s",
+                "--daemon",
+                n1.address,
+                scheduler=False,
+            )
+            assert waited.returncode == 0, waited.stdout + waited.stderr
+        finally:
+            up.cli("prefetch", "stopped_prefetch", "--remove")
+    log = n1.log_text()[logged:]
+    assert re.search(r"nothing from n3 for [\d.]+s .*the source instead", log), log
+    assert read_sha(n1, "stopped_prefetch", "a.bin") == want.sha256
 
 
 @pytest.mark.timeout(120)

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -52,18 +53,26 @@ class Abort:
     use (now, or as soon as they have one), so a blocking receive returns at once and each
     transfer fails with WireError. A connection is never pooled after a fire. One Abort may
     cover several transfers at once, each in its own thread (a read and its head sample).
-    `received` counts the body bytes its transfers have received so far (their progress,
-    for whoever judges whether they straggle)."""
+    `received` counts the body bytes its transfers have received so far, and `quiet_for`
+    how long they have received none (their progress, for whoever judges whether they
+    straggle or stalled)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._socks: dict[int, socket.socket] = {}  # by the thread that transfers on it
         self.fired = False
         self.received = 0
+        self._last = time.monotonic()  # made, or the last body bytes received
 
     def got(self, nbytes: int) -> None:
         with self._lock:
             self.received += nbytes
+            self._last = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since its transfers last received body bytes (since it was made, before
+        the first)."""
+        return time.monotonic() - self._last
 
     def fire(self) -> None:
         with self._lock:

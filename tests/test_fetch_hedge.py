@@ -6,6 +6,7 @@ stalled read, asked again on a second connection."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import select
 import threading
@@ -355,31 +356,63 @@ async def test_a_readers_chunk_whose_only_holder_stalls_comes_from_the_source(
     assert stalling.requests == 2 and lone_holder.stats["peer"] == CS
 
 
-async def test_a_prefetch_waits_for_its_stalled_holder_until_a_reader_joins(
-    lone_holder: Fetcher, stalling: ChunkServer, nursery: trio.Nursery
+@pytest.mark.parametrize("stalling", ["silent", "half-way"], indirect=True)
+async def test_a_prefetch_gives_up_its_stalled_only_holder_and_reads_the_source(
+    lone_holder: Fetcher, stalling: ChunkServer
 ) -> None:
-    """A prefetch's chunk does not go to the source because its holder straggles (the
-    origin's bytes once); a reader that joins that very transfer does not wait for it."""
+    """A prefetch planned to leave every source read to other nodes (a peer serves the
+    chunks) meets the only holder stalled (a stopped node: nothing at all, or nothing more
+    half-way): after QUIET without a byte it gives the holder up, leaves it out, and reads
+    the source itself (no node would before the scheduler finds the holder down). Before,
+    it waited out the peer's timeout (60 s here; 10 s by default) or the node timeout."""
     source = MemSource(data=DATA)
-    done = trio.Event()
-
-    async def prefetch() -> None:
-        await lone_holder.ensure(ENTRY, CS, source, Priority.PREFETCH)
-        done.set()
-
-    nursery.start_soon(prefetch)
-    await trio.sleep(2.5)  # past the straggler delay
-    assert source.reads == 0 and not stalling.aborted.is_set()
-    obj = lone_holder.open(ENTRY, CS, source).obj
-    (stuck,) = [i for i in range(CHUNKS) if not obj.has(i)]  # the rest came from the peer
-    handle = lone_holder.open(ENTRY, CS, source)
-    with trio.fail_after(DEADLINE / 10):
-        got = await lone_holder.read(handle, stuck * CS, CS)
-    assert bytes(got) == DATA[stuck * CS : (stuck + 1) * CS]
-    assert source.reads == 1
+    with trio.fail_after(DEADLINE / 3):
+        await lone_holder.ensure(ENTRY, CS, source, Priority.PREFETCH, may_source=lambda i: False)
     with trio.fail_after(DEADLINE):
         await trio.to_thread.run_sync(stalling.aborted.wait, DEADLINE)
-        await done.wait()
+    handle = lone_holder.open(ENTRY, CS, source)
+    assert bytes(await lone_holder.read(handle, 0, len(DATA))) == DATA
+    # It served the other chunks; the stalled one, and any asked for after it was left
+    # out, came from the source.
+    assert lone_holder.stats["unreachable"] == 1 and lone_holder.stats["aborted"] == 1
+    assert source.reads >= 1 and lone_holder.stats["source"] >= CS
+    assert lone_holder.stats["source"] + lone_holder.stats["peer"] == len(DATA)
+
+
+async def test_a_prefetch_waits_for_its_slow_only_holder_until_a_reader_joins(
+    store: ObjectStore,
+) -> None:
+    """A slow holder that keeps sending is no stall: past the straggler delay (1 s) and
+    QUIET a prefetch's chunk still waits for it and does not go to the source (the
+    origin's bytes once); a reader that joins that very transfer does not wait for it."""
+    slow = ChunkServer(stall=False, pace=6.0, pieces=40)  # a piece every 0.15 s
+    thread = threading.Thread(target=slow.serve_forever, daemon=True)
+    thread.start()
+    source = MemSource(data=DATA)
+    try:
+        async with (
+            running_fetcher(store, [Peer("slow", slow.address)]) as f,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(
+                functools.partial(f.ensure, may_source=lambda i: False),
+                ENTRY,
+                CS,
+                source,
+                Priority.PREFETCH,
+            )
+            await trio.sleep(2.5)  # past the straggler delay and QUIET
+            assert source.reads == 0 and f.stats["unreachable"] == 0
+            handle = f.open(ENTRY, CS, source)
+            (running, *_) = [i for i in range(CHUNKS) if not handle.obj.has(i)]
+            with trio.fail_after(DEADLINE / 10):
+                got = await f.read(handle, running * CS, CS)
+            assert bytes(got) == DATA[running * CS : (running + 1) * CS]
+            assert source.reads == 1 and f.stats["hedged"] == 1
+            nursery.cancel_scope.cancel()  # the rest of the prefetch: not waited for
+    finally:
+        slow.shutdown()
+        slow.server_close()
 
 
 @pytest.mark.parametrize("stalling", ["silent"], indirect=True)
@@ -387,7 +420,7 @@ async def test_a_silent_holder_is_judged_by_its_first_byte_not_by_slow_transfers
     lone_holder: Fetcher, stalling: ChunkServer
 ) -> None:
     """On a busy node whole transfers took seconds lately (the straggler delay, their p95,
-    is 6 s here), yet a holder that has sent nothing for FIRST_BYTE (2 s) is stalled: the
+    is 6 s here), yet a holder that has sent nothing for QUIET (2 s) is stalled: the
     read does not wait for the delay (in a full test run it waited 8 s and failed), and
     the holder is left out: the next chunk comes from the source at once."""
     hedging = lone_holder._transfers.race.hedging  # what recent transfers took

@@ -26,11 +26,12 @@ log = logging.getLogger("syncbit.fetch")
 
 KIND = "peer"  # the transfers `Hedging` keeps times of here
 # Seconds without a single byte after which a holder's transfer is stalled (a stopped
-# node's port takes connections and answers nothing). Not the straggler delay: that is
-# how long whole transfers took lately, seconds on a busy node, while a live holder sends
-# its first bytes within milliseconds. Above the 1 s a lost SYN costs: a live holder is
-# never left out for one dropped packet.
-FIRST_BYTE = 2.0
+# node's port takes connections and answers nothing; a node stopped mid-transfer sends no
+# more). Not the straggler delay: that is how long whole transfers took lately, seconds on
+# a busy node, while a live holder sends bytes every few milliseconds, its first within
+# milliseconds. Above the 1 s a lost SYN costs: a live holder is never left out for one
+# dropped packet.
+QUIET = 2.0
 
 
 class PeerResult(Enum):
@@ -89,8 +90,10 @@ class PeerRace:
     ) -> Won | PeerResult:
         """The chunk from the first holder that sends the right bytes, or BUSY when every
         holder that could was busy, FAILED when every one failed. A straggler is hedged
-        with the next holder; the last holder's, for a chunk a reader waits for, is given
-        up on (FAILED, the holder in `flight.bad_peers`): the source serves it then."""
+        with the next holder, a stalled one (silent for QUIET) at once. The last holder
+        is given up on (FAILED, the holder in `flight.bad_peers`: the source serves it
+        then) when it stalls, and, for a chunk a reader waits for, when it straggles; a
+        prefetch's waits for a slow one (the origin's bytes once)."""
         pending = list(holders)
         running: set[_Running] = set()
         done_send, done_recv = trio.open_memory_channel[_Running](len(holders))
@@ -129,23 +132,24 @@ class PeerRace:
                     if trio.current_time() < hedge_at:
                         continue  # a reader joined early: look again when it is due
                     hedge_at = math.inf
+                    (slow,) = running
                     if pending:
-                        (slow,) = running
-                        if flight.for_reader and self._stalled(slow):
+                        if self._stalled(slow):
                             log.info(
-                                "chunk %d of %s: nothing from %s yet; asking another holder too",
+                                "chunk %d of %s: nothing from %s for %.2fs; asking another "
+                                "holder too",
                                 flight.index,
                                 flight.entry.path,
                                 slow.peer.node,
+                                slow.abort.quiet_for(),
                             )
                             hedge_at = launch()
                         elif self._should_hedge(flight, running, length, "another holder too"):
                             hedge_at = launch()
-                    elif flight.for_reader:
-                        (slow,) = running
-                        if self._to_source(flight, slow, length):
-                            break
-                        hedge_at = trio.current_time() + self.hedging.delay(KIND, length)
+                    elif self._to_source(flight, slow, length):
+                        break
+                    else:
+                        hedge_at = self._next_look(flight, slow, length)
                 for r in running:  # losers: their threads end as their sockets shut
                     r.abort.fire()
                     self.stats["aborted"] += 1
@@ -158,49 +162,66 @@ class PeerRace:
     def _due(
         self, flight: Flight, running: set[_Running], pending: list[Peer], length: int
     ) -> float:
-        """When to look whether the one attempt running straggles: at the straggler delay,
-        or, for a reader's chunk with nothing received yet, when it would count as stalled
-        (inf while two run: a hedge is out already)."""
+        """When to look whether the one attempt running straggles or stalled: at the
+        straggler delay (but for a prefetch's last holder, which only a stall gives up
+        on), or when it would count as stalled if nothing comes meanwhile (inf while two
+        run: a hedge is out already)."""
         if len(running) != 1:
             return math.inf
         (r,) = running
-        due = r.began + self.hedging.delay(KIND, length)
-        if flight.for_reader and r.abort.received == 0:
-            due = min(due, r.began + FIRST_BYTE)
-        return due
+        stall: float = trio.current_time() + QUIET - r.abort.quiet_for()
+        if not pending and not flight.for_reader:
+            return stall
+        return min(stall, r.began + self.hedging.delay(KIND, length))
+
+    def _next_look(self, flight: Flight, r: _Running, length: int) -> float:
+        """After a look that kept waiting for the last holder: the next one, a straggler
+        delay on for a reader's chunk, or when the holder would count as stalled."""
+        now: float = trio.current_time()
+        stall = now + QUIET - r.abort.quiet_for()
+        return min(stall, now + self.hedging.delay(KIND, length)) if flight.for_reader else stall
 
     def _stalled(self, r: _Running) -> bool:
-        """Not a byte from the holder in FIRST_BYTE."""
-        return r.abort.received == 0 and trio.current_time() - r.began >= FIRST_BYTE
+        """Not a byte from the holder for QUIET (from the start, or since the last)."""
+        return r.abort.quiet_for() >= QUIET
 
     def _start(self, peer: Peer, length: int) -> _Running:
         buf = self.buffers.take(length)
         return _Running(peer, buf, memoryview(buf)[:length], trio.current_time())
 
     def _to_source(self, flight: Flight, slow: _Running, length: int) -> bool:
-        """The last holder's transfer straggles and a reader waits: whether to read the
-        source instead (the holder then in `flight.bad_peers`). Yes when no byte came in
-        FIRST_BYTE (a stalled node: left out a while, as each of its transfers
-        stalls), when another transfer found the node stalled already, or, within the
-        hedging budget, when at its pace it would take longer than a fresh transfer (one
-        slow but about to finish is waited for: the origin's bytes are not for nothing)."""
+        """The last holder's transfer is due a look: whether to read the source instead
+        (the holder then in `flight.bad_peers`). Yes when no byte came for QUIET (a
+        stalled node: left out a while, as each of its transfers stalls) or another
+        transfer found the node stalled already; for a chunk a reader waits for also,
+        within the hedging budget, when at its pace it would take longer than a fresh
+        transfer (one slow but about to finish is waited for: the origin's bytes are not
+        for nothing). A prefetch waits for a slow holder: its chunk is nobody's wait yet,
+        and a second source read of it is the origin's bytes twice."""
         node = slow.peer.node
         elapsed = trio.current_time() - slow.began
         received = slow.abort.received
         if self.left_out(node) or self._stalled(slow):
             self.stats["hedged"] += 1
             log.info(
-                "chunk %d of %s: nothing from %s in %.2fs; reading the source instead and "
-                "leaving it out a while",
+                "chunk %d of %s: nothing from %s for %.2fs (%d of %d bytes in %.2fs); "
+                "reading the source instead and leaving it out a while",
                 flight.index,
                 flight.entry.path,
                 node,
+                slow.abort.quiet_for(),
+                received,
+                length,
                 elapsed,
             )
             self.leave_out(node)
-        elif not self.hedging.outlasts_fresh(
-            KIND, length, length - received, received / max(elapsed, 1e-6)
-        ) or not self._should_hedge(flight, {slow}, length, "the source instead"):
+        elif (
+            not flight.for_reader
+            or not self.hedging.outlasts_fresh(
+                KIND, length, length - received, received / max(elapsed, 1e-6)
+            )
+            or not self._should_hedge(flight, {slow}, length, "the source instead")
+        ):
             return False
         flight.bad_peers.add(node)
         return True

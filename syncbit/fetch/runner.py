@@ -202,7 +202,7 @@ class Runner:
                     index = flight.index
                     if flight.state is not State.PARKED:
                         self._queue.unpark(flight)  # taken along by a source read, or queued
-                    elif info.peers.get(index):
+                    elif self._transfers.holders(flight, info):
                         self.push(flight, peer_ready=True)
                     elif index not in info.fetching and (
                         flight.may_source is None or flight.may_source()

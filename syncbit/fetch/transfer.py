@@ -179,12 +179,14 @@ class Transfers:
             self.broken.mark(obj.id, info.broken)
             self.broken.refuse(flight.entry)
         expected = info.digests.get(index)
-        if expected is not None and info.peers.get(index):
+        holders = self.holders(flight, info)
+        if expected is not None and holders:
             if flight.lane is Lane.SOURCE:
                 return Park(peer_lane=True)  # a slow peer must not hold up source reads
-            got = await self._from_peers(flight, info.peers[index], expected)
+            got = await self._from_peers(flight, holders, expected)
             if got is not None:
                 return got
+            self.holders(flight, info)  # every one failed it: the source may serve it
         if flight.may_source is not None and not flight.may_source():
             return Park("the node planned to read it")
         holder = info.fetching.get(index)
@@ -197,26 +199,40 @@ class Transfers:
 
     # -- from peers --------------------------------------------------------------------------
 
+    def holders(self, flight: Flight, info: ChunkMap) -> list[Peer]:
+        """The holders the chunk map names for `flight`'s chunk that it may ask: none it
+        failed with (`bad_peers`: bad bytes, stalled, unreachable), and none left out now
+        (then in `bad_peers` too: the claim's answer goes by them).
+        When the map names holders and none of them may be asked, the flight may read the
+        source from now on: its plan left the chunk's source read to other nodes because
+        a peer would serve it, and until the scheduler finds a stopped holder down (its
+        node timeout) nobody else would read it (its claim still gives it one reader)."""
+        named = info.peers.get(flight.index)
+        if not named:
+            return []
+        for p in named:
+            if p.node not in flight.bad_peers and self._left_out(p.node):
+                flight.bad_peers.add(p.node)  # as good as failed: not asked for this chunk
+        usable = [p for p in named if p.node not in flight.bad_peers]
+        if not usable and flight.may_source is not None:
+            log.info(
+                "chunk %d of %s: no holder left to ask (%s); this node may read the source",
+                flight.index,
+                flight.entry.path,
+                ", ".join(sorted({p.node for p in named})),
+            )
+            flight.may_source = None
+        return usable
+
     async def _from_peers(
         self, flight: Flight, holders: list[Peer], expected: str
     ) -> list[Staged] | Park | None:
-        """The chunk from the first holder that sends the right bytes (a straggler hedged
-        with the next holder); None when every holder failed (then the source), Park when
-        every one that could was busy."""
+        """The chunk from the first of `holders` (those it may ask) that sends the right
+        bytes (a straggler hedged with the next holder); None when every holder failed
+        (then the source), Park when every one that could was busy."""
         obj, index = flight.obj, flight.index
         length = chunk_length(obj.size, obj.chunk_size, index)
-        usable = []
-        for p in _spread(holders):
-            if p.node in flight.bad_peers:
-                continue
-            if self._left_out(p.node):
-                if flight.for_reader:
-                    # For a reader the source, not a wait for that node (a prefetch waits
-                    # for it, or for the scheduler to find it down).
-                    flight.bad_peers.add(p.node)
-                continue
-            usable.append(p)
-        got = await self.race.run(flight, usable, length, expected)
+        got = await self.race.run(flight, _spread(holders), length, expected)
         if isinstance(got, Won):
             self.stats["peer"] += length
             flight.origin = Origin.PEER
