@@ -69,6 +69,39 @@ async def test_lapsed_claim_lets_this_node_read_the_source(
     assert directory.claims[-1][0] == 0
 
 
+async def test_prefetch_chunks_back_from_parking_each_get_a_deadline_to_run(
+    store: ObjectStore, nursery: trio.Nursery
+) -> None:
+    """Two prefetch chunks parked past the read deadline (n2 was reading them, then gave
+    up) come back at once to a source that takes one read at a time: the second waits its
+    turn. Before, both ran with their deadlines gone, and the second failed at once ("no
+    source read admitted in time"), failing the prefetch."""
+    source, directory = MemSource(data=DATA), Directory()
+    directory.info = ChunkMap(fetching={0: "n2", 1: "n2"})
+    fetcher = Fetcher(
+        store,
+        directory,
+        Peers(DATA),
+        readahead_chunks=0,
+        park_poll=0.01,
+        read_deadline=1.0,
+        source_batch=CS,
+        source_concurrency=1,
+    )
+    await started(fetcher, nursery)
+
+    async def n2_gives_up() -> None:
+        await trio.sleep(1.5)  # past the read deadline
+        directory.info.fetching.clear()
+
+    nursery.start_soon(n2_gives_up)
+    two = FileEntry(path="two.bin", size=2 * CS, object="cd" * 32, locator="two.bin")
+    with trio.fail_after(10):
+        await fetcher.ensure(two, CS, source, Priority.PREFETCH)
+    assert source.reads == 2
+    assert store.read(store.get(two.object), 0, 2 * CS) == DATA[: 2 * CS]  # type: ignore[arg-type]
+
+
 async def test_waiting_reader_fails_at_its_deadline_naming_the_node(
     store: ObjectStore, nursery: trio.Nursery
 ) -> None:

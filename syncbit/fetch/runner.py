@@ -276,10 +276,13 @@ class Runner:
                 # their limits allow and a reader still finds a free worker. Grown on
                 # demand, never shrunk.
                 self._add_worker()
-            if not flight.one_shot and not flight.ran:
-                # A queued prefetch must not spend its deadline waiting in the queue; a
-                # flight back from parking keeps the deadline it had (a reader's wait
-                # must not outlast its own deadline by a retry of the kernel's).
+            if not flight.one_shot and (not flight.ran or not flight.for_reader):
+                # A queued prefetch must not spend its deadline waiting in the queue, nor
+                # one back from parking (it waited for a peer or a plan: with its deadline
+                # gone, its first wait for a source stream failed at once, and the whole
+                # prefetch with it); a reader's flight back from parking keeps the
+                # deadline it had (its wait must not outlast its own deadline by a retry
+                # of the kernel's).
                 flight.deadline = max(flight.deadline, trio.current_time() + self.read_deadline)
             flight.ran = True
             result: list[Staged] | Park | None = None
