@@ -382,9 +382,10 @@ async def test_a_prefetch_gives_up_its_stalled_only_holder_and_reads_the_source(
 async def test_a_prefetch_waits_for_its_slow_only_holder_until_a_reader_joins(
     store: ObjectStore,
 ) -> None:
-    """A slow holder that keeps sending is no stall: past the straggler delay (1 s) and
-    QUIET a prefetch's chunk still waits for it and does not go to the source (the
-    origin's bytes once); a reader that joins that very transfer does not wait for it."""
+    """A slow holder that keeps sending, about to finish within TRICKLE (5 s) more, is no
+    stall and no trickle: past the straggler delay (1 s) and QUIET a prefetch's
+    chunk still waits for it and does not go to the source (the origin's bytes once); a
+    reader that joins that very transfer does not wait for it."""
     slow = ChunkServer(stall=False, pace=6.0, pieces=40)  # a piece every 0.15 s
     thread = threading.Thread(target=slow.serve_forever, daemon=True)
     thread.start()
@@ -413,6 +414,29 @@ async def test_a_prefetch_waits_for_its_slow_only_holder_until_a_reader_joins(
     finally:
         slow.shutdown()
         slow.server_close()
+
+
+async def test_a_prefetch_gives_up_its_trickling_only_holder(store: ObjectStore) -> None:
+    """A sick holder that sends a piece every 1.5 s (never quiet for QUIET) would take a
+    minute for the chunk: after TRICKLE (5 s), its pace leaving more than that to go, the
+    prefetch reads the source instead, though its plan left the chunk to another node.
+    The holder is not left out: it is slow, not stopped. Before, the prefetch waited the
+    minute out."""
+    sick = ChunkServer(stall=False, pace=60.0, pieces=40)
+    thread = threading.Thread(target=sick.serve_forever, daemon=True)
+    thread.start()
+    source = MemSource(data=DATA)
+    one = FileEntry(path="one.bin", size=CS, object="cd" * 32, locator="one.bin")
+    try:
+        async with running_fetcher(store, [Peer("sick", sick.address)]) as f:
+            with trio.fail_after(DEADLINE / 3):
+                await f.ensure(one, CS, source, Priority.PREFETCH, may_source=lambda i: False)
+            assert bytes(await f.read(f.open(one, CS, source), 0, CS)) == DATA[:CS]
+            assert source.reads == 1 and f.stats["source"] == CS and f.stats["peer"] == 0
+            assert f.stats["hedged"] == 1 and f.stats["unreachable"] == 0
+    finally:
+        sick.shutdown()
+        sick.server_close()
 
 
 @pytest.mark.parametrize("stalling", ["silent"], indirect=True)

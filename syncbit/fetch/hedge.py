@@ -32,6 +32,13 @@ KIND = "peer"  # the transfers `Hedging` keeps times of here
 # milliseconds. Above the 1 s a lost SYN costs: a live holder is never left out for one
 # dropped packet.
 QUIET = 2.0
+# Seconds a prefetch waits for its last holder, and that holder may still need at its pace
+# after that, before the source reads the chunk instead (only while it is slower than a
+# fresh transfer): a prefetch waits for a holder that is slow but about to finish (the
+# origin's bytes once), not for one that trickles (a sick node's bytes at a few KB/s would
+# hold it for minutes). Not sooner: at N=8 on shared 400 Mbit/s links, a transfer's pace
+# after its first second promised over 5 s more a few times a run; none lasted 2 s.
+TRICKLE = 5.0
 
 
 class PeerResult(Enum):
@@ -92,8 +99,8 @@ class PeerRace:
         holder that could was busy, FAILED when every one failed. A straggler is hedged
         with the next holder, a stalled one (silent for QUIET) at once. The last holder
         is given up on (FAILED, the holder in `flight.bad_peers`: the source serves it
-        then) when it stalls, and, for a chunk a reader waits for, when it straggles; a
-        prefetch's waits for a slow one (the origin's bytes once)."""
+        then) when it stalls, and when it straggles: for a chunk a reader waits for, when
+        it would outlast a fresh transfer; a prefetch's only when it trickles (TRICKLE)."""
         pending = list(holders)
         running: set[_Running] = set()
         done_send, done_recv = trio.open_memory_channel[_Running](len(holders))
@@ -149,7 +156,7 @@ class PeerRace:
                     elif self._to_source(flight, slow, length):
                         break
                     else:
-                        hedge_at = self._next_look(flight, slow, length)
+                        hedge_at = self._next_look(slow, length)
                 for r in running:  # losers: their threads end as their sockets shut
                     r.abort.fire()
                     self.stats["aborted"] += 1
@@ -163,23 +170,19 @@ class PeerRace:
         self, flight: Flight, running: set[_Running], pending: list[Peer], length: int
     ) -> float:
         """When to look whether the one attempt running straggles or stalled: at the
-        straggler delay (but for a prefetch's last holder, which only a stall gives up
-        on), or when it would count as stalled if nothing comes meanwhile (inf while two
-        run: a hedge is out already)."""
+        straggler delay, or when it would count as stalled if nothing comes meanwhile
+        (inf while two run: a hedge is out already)."""
         if len(running) != 1:
             return math.inf
         (r,) = running
         stall: float = trio.current_time() + QUIET - r.abort.quiet_for()
-        if not pending and not flight.for_reader:
-            return stall
         return min(stall, r.began + self.hedging.delay(KIND, length))
 
-    def _next_look(self, flight: Flight, r: _Running, length: int) -> float:
+    def _next_look(self, r: _Running, length: int) -> float:
         """After a look that kept waiting for the last holder: the next one, a straggler
-        delay on for a reader's chunk, or when the holder would count as stalled."""
+        delay on, or when the holder would count as stalled if that is sooner."""
         now: float = trio.current_time()
-        stall = now + QUIET - r.abort.quiet_for()
-        return min(stall, now + self.hedging.delay(KIND, length)) if flight.for_reader else stall
+        return min(now + QUIET - r.abort.quiet_for(), now + self.hedging.delay(KIND, length))
 
     def _stalled(self, r: _Running) -> bool:
         """Not a byte from the holder for QUIET (from the start, or since the last)."""
@@ -193,11 +196,11 @@ class PeerRace:
         """The last holder's transfer is due a look: whether to read the source instead
         (the holder then in `flight.bad_peers`). Yes when no byte came for QUIET (a
         stalled node: left out a while, as each of its transfers stalls) or another
-        transfer found the node stalled already; for a chunk a reader waits for also,
-        within the hedging budget, when at its pace it would take longer than a fresh
-        transfer (one slow but about to finish is waited for: the origin's bytes are not
-        for nothing). A prefetch waits for a slow holder: its chunk is nobody's wait yet,
-        and a second source read of it is the origin's bytes twice."""
+        transfer found the node stalled already. Else, within the hedging budget, when at
+        its pace it would take longer than a fresh transfer (one slow but about to finish
+        is waited for: the origin's bytes are not for nothing), and for a prefetch's chunk
+        (nobody's wait yet; a second source read of it is the origin's bytes twice) only
+        after TRICKLE seconds if its pace leaves it more than TRICKLE more."""
         node = slow.peer.node
         elapsed = trio.current_time() - slow.began
         received = slow.abort.received
@@ -216,10 +219,10 @@ class PeerRace:
             )
             self.leave_out(node)
         elif (
-            not flight.for_reader
-            or not self.hedging.outlasts_fresh(
+            not self.hedging.outlasts_fresh(
                 KIND, length, length - received, received / max(elapsed, 1e-6)
             )
+            or not (flight.for_reader or _trickles(slow, length))
             or not self._should_hedge(flight, {slow}, length, "the source instead")
         ):
             return False
@@ -262,3 +265,13 @@ class PeerRace:
             r.abort.fire()
             raise
         done.send_nowait(r)
+
+
+def _trickles(r: _Running, length: int) -> bool:
+    """The transfer has run TRICKLE seconds and at its average pace would need more than
+    TRICKLE more (no pace before its first bytes: the stall rule judges those)."""
+    received: int = r.abort.received
+    elapsed: float = trio.current_time() - r.began
+    return (
+        received > 0 and elapsed >= TRICKLE and (length - received) * elapsed / received > TRICKLE
+    )
