@@ -162,18 +162,23 @@ def test_reader_survives_its_peer_killed_mid_transfer(
     origin.reset()
 
     at_kill: dict[str, int] = {}
+    logged = len(n3.log_text())
 
     def progress(done: int) -> None:
         if not at_kill and done >= 0.3 * facts.size:
             # Count first: transfers cut by the kill go to the source within milliseconds.
             at_kill["origin"] = origin.served("ds4/big.bin")
             at_kill["read"] = done
+            at_kill["log"] = len(n3.log_text())
             n1.kill(signal.SIGKILL)
 
     assert read_sha(n3, "ds4", "big.bin", progress=progress) == facts.sha256
     assert at_kill, "the reader never reached 30%"
-    # Until the kill, n3 was fed by its peer, not by the origin...
-    assert at_kill["origin"] <= 2 * CHUNK_SIZE, at_kill
+    # Until the kill, n3 was fed by its peer, not by the origin: but for a chunk or two,
+    # only the transfers it found straggling (loopback ones take 20-70 ms, and one past
+    # 0.1 s then is asked of the source: one to three times in one run of ten).
+    hedged = n3.log_text()[logged : at_kill["log"]].count("asking the source instead")
+    assert at_kill["origin"] <= (2 + hedged) * CHUNK_SIZE, (at_kill, hedged)
     # ...and afterwards the source delivered what n1 could no longer send.
     after = origin.served("ds4/big.bin")
     assert 0 < after <= 1.05 * facts.size, after
