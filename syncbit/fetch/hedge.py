@@ -120,7 +120,7 @@ class PeerRace:
                     r = self._start(pending.pop(0), length)
                     running.add(r)
                     nursery.start_soon(self._one, flight, r, expected, done_send)
-                    return self._due(flight, running, pending, length)
+                    return self._due(running, length)
 
                 hedge_at = launch() if pending else math.inf
                 while running:
@@ -135,7 +135,7 @@ class PeerRace:
                         self.buffers.give(r.buf)  # its thread has ended
                         hedge_at = launch() if pending and not running else hedge_at
                         continue
-                    hedge_at = self._due(flight, running, pending, length)
+                    hedge_at = self._due(running, length)
                     if trio.current_time() < hedge_at:
                         continue  # a reader joined early: look again when it is due
                     hedge_at = math.inf
@@ -166,9 +166,7 @@ class PeerRace:
             return Won(won.buf, won.view, won.peer)
         return PeerResult.BUSY if busy else PeerResult.FAILED
 
-    def _due(
-        self, flight: Flight, running: set[_Running], pending: list[Peer], length: int
-    ) -> float:
+    def _due(self, running: set[_Running], length: int) -> float:
         """When to look whether the one attempt running straggles or stalled: at the
         straggler delay, or when it would count as stalled if nothing comes meanwhile
         (inf while two run: a hedge is out already)."""

@@ -186,7 +186,7 @@ class Transfers:
             got = await self._from_peers(flight, holders, expected)
             if got is not None:
                 return got
-            self.holders(flight, info)  # every one failed it: the source may serve it
+            self._unplanned(flight, info.peers[index])  # every one failed it
         if flight.may_source is not None and not flight.may_source():
             return Park("the node planned to read it")
         holder = info.fetching.get(index)
@@ -202,11 +202,8 @@ class Transfers:
     def holders(self, flight: Flight, info: ChunkMap) -> list[Peer]:
         """The holders the chunk map names for `flight`'s chunk that it may ask: none it
         failed with (`bad_peers`: bad bytes, stalled, unreachable), and none left out now
-        (then in `bad_peers` too: the claim's answer goes by them).
-        When the map names holders and none of them may be asked, the flight may read the
-        source from now on: its plan left the chunk's source read to other nodes because
-        a peer would serve it, and until the scheduler finds a stopped holder down (its
-        node timeout) nobody else would read it (its claim still gives it one reader)."""
+        (then in `bad_peers` too: the claim's answer goes by them). When it names holders
+        and none may be asked, the flight is freed from its plan (`_unplanned`)."""
         named = info.peers.get(flight.index)
         if not named:
             return []
@@ -214,15 +211,24 @@ class Transfers:
             if p.node not in flight.bad_peers and self._left_out(p.node):
                 flight.bad_peers.add(p.node)  # as good as failed: not asked for this chunk
         usable = [p for p in named if p.node not in flight.bad_peers]
-        if not usable and flight.may_source is not None:
-            log.info(
-                "chunk %d of %s: no holder left to ask (%s); this node may read the source",
-                flight.index,
-                flight.entry.path,
-                ", ".join(sorted({p.node for p in named})),
-            )
-            flight.may_source = None
+        if not usable:
+            self._unplanned(flight, named)
         return usable
+
+    def _unplanned(self, flight: Flight, named: list[Peer]) -> None:
+        """Every holder `named` failed the flight or is left out: it may read the source
+        from now on. Its plan left the chunk's source read to other nodes because a peer
+        would serve it, and until the scheduler finds a stopped holder down (its node
+        timeout) nobody else would read it; its claim still gives the chunk one reader."""
+        if flight.may_source is None:
+            return
+        log.info(
+            "chunk %d of %s: no holder left to ask (%s); this node may read the source",
+            flight.index,
+            flight.entry.path,
+            ", ".join(sorted({p.node for p in named})),
+        )
+        flight.may_source = None
 
     async def _from_peers(
         self, flight: Flight, holders: list[Peer], expected: str
