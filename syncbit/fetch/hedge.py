@@ -79,8 +79,8 @@ class PeerRace:
         buffers: BufferPool,
         hedging: Hedging,
         stats: dict[str, int],
-        left_out: Callable[[str], bool] = lambda node: False,
-        leave_out: Callable[[str], None] = lambda node: None,
+        left_out: Callable[[str], bool],
+        leave_out: Callable[[str], None],
     ) -> None:
         self.attempt = attempt
         self.buffers = buffers
@@ -173,14 +173,18 @@ class PeerRace:
         if len(running) != 1:
             return math.inf
         (r,) = running
-        stall: float = trio.current_time() + QUIET - r.abort.quiet_for()
-        return min(stall, r.began + self.hedging.delay(KIND, length))
+        return min(self._stall_at(r), r.began + self.hedging.delay(KIND, length))
 
     def _next_look(self, r: _Running, length: int) -> float:
         """After a look that kept waiting for the last holder: the next one, a straggler
         delay on, or when the holder would count as stalled if that is sooner."""
         now: float = trio.current_time()
-        return min(now + QUIET - r.abort.quiet_for(), now + self.hedging.delay(KIND, length))
+        return min(self._stall_at(r), now + self.hedging.delay(KIND, length))
+
+    def _stall_at(self, r: _Running) -> float:
+        """When `r` counts as stalled if nothing comes meanwhile (trio time)."""
+        now: float = trio.current_time()
+        return now + QUIET - r.abort.quiet_for()
 
     def _stalled(self, r: _Running) -> bool:
         """Not a byte from the holder for QUIET (from the start, or since the last)."""

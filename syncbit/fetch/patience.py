@@ -37,16 +37,14 @@ class ReaderPatience:
             would wait its patience out again); any answer ends that at once.
     """
 
-    def __init__(
-        self, limit: float = 2.0, memory: float = 5.0, stats: dict[str, int] | None = None
-    ) -> None:
+    def __init__(self, limit: float, stats: dict[str, int], memory: float = 5.0) -> None:
         self.limit = limit
         self.memory = memory
         # Trio time a reader last stopped waiting, unanswered since (-inf: answered).
         self._gave_up = -math.inf
         # The fetcher's counters: "scheduler_abandoned", requests a reader stopped waiting
         # for, and "scheduler_skipped", those not made because one did lately.
-        self.stats = stats if stats is not None else {}
+        self.stats = stats
         for key in ("scheduler_abandoned", "scheduler_skipped"):
             self.stats.setdefault(key, 0)
 

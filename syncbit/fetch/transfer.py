@@ -222,7 +222,9 @@ class Transfers:
         timeout) nobody else would read it; its claim still gives the chunk one reader."""
         if flight.may_source is None:
             return
-        log.info(
+        # Debug: a stopped node's every chunk comes here once (thousands for a large
+        # file); the node left out is logged once, where it was left out.
+        log.debug(
             "chunk %d of %s: no holder left to ask (%s); this node may read the source",
             flight.index,
             flight.entry.path,
