@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import trio
@@ -38,7 +39,8 @@ class ChunkServer(ThreadingHTTPServer):
     """A peer's chunk service on loopback serving DATA's ranges; with `stall`, its first
     answer sends half the chunk (`silent`: nothing at all, as a stopped process's port)
     and then waits for the client to give up (`aborted`); with
-    `pace`, every answer trickles in `pieces` even pieces over that many seconds."""
+    `pace`, every answer trickles in `pieces` even pieces over that many seconds (with
+    `pace_first`, only the first answer: the others come at once)."""
 
     daemon_threads = True
 
@@ -49,11 +51,13 @@ class ChunkServer(ThreadingHTTPServer):
         size: int = len(DATA),
         pieces: int = 20,
         silent: bool = False,
+        pace_first: bool = False,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.stall = stall
         self.silent = silent  # a stall that sends nothing, not even the headers
         self.pace = pace
+        self.pace_first = pace_first
         self.pieces = pieces
         self.data = DATA[:size]  # the file it serves: DATA or its first `size` bytes
         self.requests = 0
@@ -79,6 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests += 1
             stall = self.server.stall and self.server.requests == 1
+            paced = self.server.pace and (self.server.requests == 1 or not self.server.pace_first)
         if stall and self.server.silent:
             self._wait_for_the_client()
             return
@@ -88,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.server.pace:
+        if paced:
             step = -(-len(body) // self.server.pieces)
             for at in range(0, len(body), step):
                 time.sleep(self.server.pace / self.server.pieces)
@@ -272,6 +277,84 @@ async def test_source_reads_as_slow_as_those_beside_them_are_not_asked_again(
     assert f.stats["source_hedged"] == 0 and origin.requests == 3
     obj = store.get(entry.object)
     assert obj is not None and store.read(obj, 0, 3 * CS) == DATA[: 3 * CS]
+
+
+@contextlib.contextmanager
+def one_chunk_origin(**options: Any) -> Iterator[tuple[ChunkServer, HttpSource, FileEntry]]:
+    """An HTTP origin (a ChunkServer with `options`) of one chunk, its source and entry
+    (an object of its own): the chunk is the file's start, so no read takes a head sample
+    beside it."""
+    origin = ChunkServer(size=CS, **options)
+    thread = threading.Thread(target=origin.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://{origin.address}/one.bin"
+    source = HttpSource(url)
+    try:
+        obj = f"{origin.server_address[1]:064x}"
+        yield origin, source, FileEntry(path="one.bin", size=CS, object=obj, locator=url)
+    finally:
+        source.close()
+        origin.shutdown()
+        origin.server_close()
+
+
+async def test_a_prefetchs_slow_source_read_is_waited_for_until_a_reader_joins(
+    store: ObjectStore,
+) -> None:
+    """Nothing known of the origin, one read alone, its answer paced over 8 s (a piece
+    every 0.2 s, as on a link the whole cluster's first reads share): past the straggler
+    delay (2 s) it still has ~6 s to go, more than twice the guess of a fresh read, yet a
+    prefetch (nobody waits; a second read is the origin's bytes twice) waits for it, as it
+    neither stalls nor trickles (TRICKLE: at 5 s it has 3 s to go). A reader that joins
+    that read is not made to wait: the source is asked again, and the second answer, at
+    once, serves it. Before, the prefetch asked again at 2 s."""
+    paced = {"stall": False, "pace": 8.0, "pieces": 40, "pace_first": True}
+    with one_chunk_origin(**paced) as (origin, source, entry):
+        f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            nursery.start_soon(f.ensure, entry, CS, source, Priority.PREFETCH)
+            await trio.sleep(2.6)  # past the straggler delay and QUIET
+            assert origin.requests == 1 and f.stats["source_hedged"] == 0
+            with trio.fail_after(4.0):  # not the 5.4 s the first answer still takes
+                got = await f.read(f.open(entry, CS, source), 0, CS)
+            nursery.cancel_scope.cancel()
+    assert bytes(got) == DATA[:CS]
+    assert origin.requests == 2 and f.stats["source_hedged"] == 1
+
+
+async def test_a_prefetchs_source_read_that_stalls_or_trickles_is_asked_again(
+    store: ObjectStore,
+) -> None:
+    """A prefetch does not wait out an origin connection that stops sending half-way (after
+    QUIET, 2 s, without a byte) nor one that trickles (a piece every 1.5 s, never quiet
+    for QUIET: at TRICKLE, 5 s, its pace leaves a minute to go): the source is asked
+    again, the stalled or trickling read shut, the chunk stored once."""
+    with one_chunk_origin(stall=True) as (stalling, source, entry):
+        f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            with trio.fail_after(DEADLINE / 3):
+                await f.ensure(entry, CS, source, Priority.PREFETCH)
+            with trio.fail_after(DEADLINE):
+                await trio.to_thread.run_sync(stalling.aborted.wait, DEADLINE)
+            nursery.cancel_scope.cancel()
+    assert stalling.requests == 2 and f.stats["source_hedged"] == 1
+    assert f.stats["source_aborted"] == 1 and f.stats["source"] == CS
+    trickle = {"stall": False, "pace": 60.0, "pieces": 40, "pace_first": True}
+    with one_chunk_origin(**trickle) as (sick, source, entry):
+        g = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(g.run)
+            start = trio.current_time()
+            with trio.fail_after(DEADLINE / 3):
+                await g.ensure(entry, CS, source, Priority.PREFETCH)
+            took = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+    assert sick.requests == 2 and g.stats["source_hedged"] == 1 and g.stats["source"] == CS
+    assert took >= 5.0  # not asked again before TRICKLE
+    obj = store.get(entry.object)
+    assert obj is not None and store.read(obj, 0, CS) == DATA[:CS]
 
 
 async def test_a_source_whose_reads_cannot_be_ended_is_not_hedged(store: ObjectStore) -> None:

@@ -25,20 +25,37 @@ from syncbit.wire import Abort
 log = logging.getLogger("syncbit.fetch")
 
 KIND = "peer"  # the transfers `Hedging` keeps times of here
-# Seconds without a single byte after which a holder's transfer is stalled (a stopped
-# node's port takes connections and answers nothing; a node stopped mid-transfer sends no
-# more). Not the straggler delay: that is how long whole transfers took lately, seconds on
-# a busy node, while a live holder sends bytes every few milliseconds, its first within
-# milliseconds. Above the 1 s a lost SYN costs: a live holder is never left out for one
+# Seconds without a single byte after which a transfer is stalled (a stopped node's port
+# takes connections and answers nothing; a node stopped mid-transfer sends no more; an
+# origin connection that hangs). Not the straggler delay: that is how long whole transfers
+# took lately, seconds on a busy node, while a live sender sends bytes every few
+# milliseconds, its first within milliseconds. Above the 1 s a lost SYN costs and the
+# retransmission timeouts of a congested link: a live sender is never given up on for one
 # dropped packet.
 QUIET = 2.0
-# Seconds a prefetch waits for its last holder, and that holder may still need at its pace
-# after that, before the source reads the chunk instead (only while it is slower than a
-# fresh transfer): a prefetch waits for a holder that is slow but about to finish (the
-# origin's bytes once), not for one that trickles (a sick node's bytes at a few KB/s would
-# hold it for minutes). Not sooner: at N=8 on shared 400 Mbit/s links, a transfer's pace
-# after its first second promised over 5 s more a few times a run; none lasted 2 s.
+# Seconds a prefetch waits for its last holder or its source read, and that transfer may
+# still need at its pace after that, before the chunk is asked again (of the source; only
+# while it is slower than a fresh transfer): a prefetch waits for a transfer that is slow
+# but about to finish (the origin's bytes once), not for one that trickles (a sick node's
+# or origin connection's bytes at a few KB/s would hold it for minutes). Not sooner: at
+# N=8 on shared 400 Mbit/s links, a transfer's pace after its first second promised over
+# 5 s more a few times a run; none lasted 2 s.
 TRICKLE = 5.0
+
+
+def stalled(abort: Abort, running: float) -> bool:
+    """Not a byte for QUIET seconds (from the start, or since the last) of the transfers
+    of `abort`, running for `running` seconds."""
+    return min(abort.quiet_for(), running) >= QUIET
+
+
+def trickles(abort: Abort, running: float, length: int) -> bool:
+    """The transfer of `length` bytes has run TRICKLE seconds and at its average pace would
+    need more than TRICKLE more (no pace before its first bytes: `stalled` judges those)."""
+    received = abort.received
+    return (
+        received > 0 and running >= TRICKLE and (length - received) * running / received > TRICKLE
+    )
 
 
 class PeerResult(Enum):
@@ -188,7 +205,7 @@ class PeerRace:
 
     def _stalled(self, r: _Running) -> bool:
         """Not a byte from the holder for QUIET (from the start, or since the last)."""
-        return r.abort.quiet_for() >= QUIET
+        return stalled(r.abort, trio.current_time() - r.began)
 
     def _start(self, peer: Peer, length: int) -> _Running:
         buf = self.buffers.take(length)
@@ -224,7 +241,9 @@ class PeerRace:
             not self.hedging.outlasts_fresh(
                 KIND, length, length - received, received / max(elapsed, 1e-6)
             )
-            or not (flight.for_reader or _trickles(slow, length))
+            or not (
+                flight.for_reader or trickles(slow.abort, trio.current_time() - slow.began, length)
+            )
             or not self._should_hedge(flight, {slow}, length, "the source instead")
         ):
             return False
@@ -267,13 +286,3 @@ class PeerRace:
             r.abort.fire()
             raise
         done.send_nowait(r)
-
-
-def _trickles(r: _Running, length: int) -> bool:
-    """The transfer has run TRICKLE seconds and at its average pace would need more than
-    TRICKLE more (no pace before its first bytes: the stall rule judges those)."""
-    received: int = r.abort.received
-    elapsed: float = trio.current_time() - r.began
-    return (
-        received > 0 and elapsed >= TRICKLE and (length - received) * elapsed / received > TRICKLE
-    )

@@ -37,9 +37,9 @@ class Streams:
 
     `read(source, priority, deadline, nbytes)` is entered around one range read: it waits
     until the source's limit has a free slot for this caller (waiters of a lower priority
-    value go first, then in arrival order; but for readers, one read at a time until the
-    source delivered one) and no Retry-After holds (nor, but for a reader's own read, the
-    backoff after failures), and on exit tells the controller
+    value go first, then in arrival order; one read at a time until the source delivered
+    one, but for readers and `second` reads) and no Retry-After holds (nor, but for a
+    reader's own read, the backoff after failures), and on exit tells the controller
     whether the read delivered, was throttled or failed. A read that cannot be admitted by
     `deadline` fails with SourceThrottledError (temporary: the flight's retry decides).
     `threads`: the worker threads source reads run in (a read and its head sample each),
@@ -78,12 +78,13 @@ class Streams:
 
     @asynccontextmanager
     async def read(
-        self, source: Source, priority: int, deadline: float, nbytes: int
+        self, source: Source, priority: int, deadline: float, nbytes: int, second: bool = False
     ) -> AsyncIterator[None]:
+        """`second`: the same bytes asked again beside a read that straggles (a hedge)."""
         key = key_of(source)
         self._active[key] = self._active.get(key, 0) + 1
         try:
-            await self._admit(key, priority, deadline)
+            await self._admit(key, priority, deadline, second)
             async with self._reporting(key, nbytes):
                 yield
         finally:
@@ -120,14 +121,14 @@ class Streams:
         while len(self._last_error) > self.control.policy.max_keys:
             del self._last_error[next(iter(self._last_error))]
 
-    async def _admit(self, key: str, priority: int, deadline: float) -> None:
+    async def _admit(self, key: str, priority: int, deadline: float, second: bool) -> None:
         control = self.control
         waiting = self._waiting.setdefault(key, [])
         me = _Waiter(priority, next(self._seq))
         heapq.heappush(waiting, me)
         try:
             with trio.move_on_at(deadline):
-                while not (waiting[0] is me and self._may_start(key, priority)):
+                while not (waiting[0] is me and self._may_start(key, priority, second)):
                     me.turn = trio.Event()
                     if waiting[0] is not me:
                         await me.turn.wait()  # only the head is woken: see `_wake`
@@ -157,15 +158,16 @@ class Streams:
             f"{stats.limit}, asked to wait {stats.blocked_for:.1f}s more)"
         )
 
-    def _may_start(self, key: str, priority: int) -> bool:
+    def _may_start(self, key: str, priority: int, second: bool) -> bool:
         """A slot is free and no Retry-After holds; for a source that has not delivered a
-        read yet, only while nothing else is asked of it, but for a reader's own read: a
-        refusal that holds for every read (no Range support, access denied) then costs a
-        prefetch one request, not a burst, and a reader never waits on a stalled one."""
+        read yet, only while nothing else is asked of it, but for a reader's own read and
+        a second read: a refusal that holds for every read (no Range support, access
+        denied) then costs a prefetch one request, not a burst, and neither a reader nor a
+        prefetch waits on a stalled one."""
         control = self.control
         if not control.may_start(key, backoff=priority > Priority.FOREGROUND):
             return False
-        if priority <= Priority.FOREGROUND or control.in_flight(key) == 0:
+        if priority <= Priority.FOREGROUND or second or control.in_flight(key) == 0:
             return True
         return control.stats(key).stream_rate > 0
 
