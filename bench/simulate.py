@@ -38,11 +38,11 @@ bound (target <= 1.3), bytes uploaded per node (min, median, p99, max, max/mean)
 the real planning cost; with `--trace S`, every S simulated seconds: nodes ready, pieces
 read from the source, transfers running, nodes uploading and at their upload limit, nodes
 waiting with room in their peer lane, nodes offered for some piece. `--swarm` runs
-bench/swarm.py's N=8 set-up (8 nodes, 512 MiB, every link 400 Mbit/s) for comparison with
-its measured ratio (`--measured 1.37`).
+bench/swarm.py's N=8 set-up (8 nodes, 512 MiB, every link 200 Mbit/s, its default) for
+comparison with its measured ratio (`--measured 1.27`).
 
     PYTHONPATH=$PWD python bench/simulate.py --nodes 1000,10000
-    PYTHONPATH=$PWD python bench/simulate.py --swarm --rate 200mbit --measured 1.37
+    PYTHONPATH=$PWD python bench/simulate.py --swarm [--rate 400mbit] --measured 1.27
 """
 
 from __future__ import annotations
@@ -726,7 +726,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.size == parse_size("100GiB"):
             args.size = parse_size("512MiB")
         args.files = 1  # swarm.py's dataset is one file
-        rate = args.rate or parse_rate("400mbit")
+        rate = args.rate or parse_rate("200mbit")  # bench/swarm.py's default
         args.origin_rate = args.link_rate = rate
     elif args.rate:
         args.origin_rate = args.link_rate = args.rate

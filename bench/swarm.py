@@ -12,11 +12,19 @@ measures in one run:
 
 For each: time until the last node has every byte and origin egress, as ratios to the lower
 bound T_min = max(D/u_origin, D/d_node, N*D/(u_origin + N*u_node)) (each rate = --rate) and
-to D. Targets at the defaults: time <= 1.5x T_min, origin egress <= 1.1x D. Also CPU use
-while syncbit runs, since 2 cores host every daemon. Needs root, /dev/fuse, iproute2, curl.
-Not a test: it prints (or --json).
+to D. Targets at the defaults: time <= 1.40x T_min, origin egress 1.00x D (the file's
+bytes; the head samples, the check that content did not change under an unchanged ETag,
+are printed apart). Also CPU use while syncbit runs, since 2 cores host every daemon.
+Needs root, /dev/fuse, iproute2, curl. Not a test: it prints (or --json).
 
-    python bench/swarm.py [--nodes 8] [--size 512MiB] [--rate 400mbit] [--mode prefetch|pull]
+The default rate, 200 Mbit/s, is the one the design notes' and the issues' swarm figures
+were measured at. At 400 Mbit/s the project's 2-core machine is 88-92% busy hosting eight
+daemons, their network stacks and `tc`, and the ratio tracks that CPU more than the
+protocol (bench/simulate.py --swarm, which drives the real planning over simulated links,
+agrees with this bench within 1% at 200 Mbit/s and is 9% under it at 400): keep
+`--rate 400mbit` as the stress setting.
+
+    python bench/swarm.py [--nodes 8] [--size 512MiB] [--rate 200mbit] [--mode prefetch|pull]
 """
 
 from __future__ import annotations
@@ -591,7 +599,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--size", type=parse_size, default="512MiB", help="dataset size D")
-    ap.add_argument("--rate", default="400mbit", help="every link, each way (tc units: mbit)")
+    ap.add_argument("--rate", default="200mbit", help="every link, each way (tc units: mbit)")
     ap.add_argument("--mode", choices=("prefetch", "pull"), default="prefetch")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per phase")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="parent of the workdir")
