@@ -204,3 +204,33 @@ async def test_commit_loop_keeps_committing_after_a_flush_elsewhere(
     finally:
         nursery.cancel_scope.cancel()
         store.close()
+
+
+async def test_hashing_an_object_file_reads_ahead_and_hashes_every_byte_once(
+    tmp_path: Path,
+) -> None:
+    """The whole-file hash reads the object back in blocks, the next ones read while one
+    is hashed: what it feeds is the file's bytes in order, from any chunk on, through a
+    short last block; a read that fails fails the hash (nothing is fed past it)."""
+    import hashlib
+
+    from storefixtures import content, fill
+
+    size, cs = 19 * (1 << 20) + 1000, 1 << 20  # five 4 MiB blocks and a short one
+    store = ObjectStore.open(tmp_path, 1 << 30)
+    try:
+        obj = await fill(store, 7, size, cs)
+        data = content(7, size)
+        assert await store.sha256(obj) == hashlib.sha256(data).hexdigest()
+        h = hashlib.sha256()
+        with store.reading(obj) as reader:
+            await trio.to_thread.run_sync(reader.hash_into, h, 3 * cs, size - 3 * cs)
+        assert h.hexdigest() == hashlib.sha256(data[3 * cs :]).hexdigest()
+        os.truncate(obj.path, 9 * cs)  # the disk loses the file's end under the hash
+        fed = hashlib.sha256()
+        with pytest.raises(OSError, match="short read"), store.reading(obj) as reader:
+            await trio.to_thread.run_sync(reader.hash_into, fed, 0, size)
+        # Blocks are fed in order: everything before the first failed read, nothing after.
+        assert fed.hexdigest() == hashlib.sha256(data[: 8 * cs]).hexdigest()
+    finally:
+        store.close()

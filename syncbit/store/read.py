@@ -9,6 +9,8 @@ import errno
 import hashlib
 import mmap
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import trio
@@ -42,15 +44,24 @@ class ReadBuffer:
 
 
 _local = threading.local()
+# Reads the next block of a file being hashed while the caller hashes the last one: the
+# disk and SHA-256 overlap instead of taking turns. A pull's whole-file hash reads back
+# what left RAM before its turn came (chunks are written with O_DIRECT, so from the disk,
+# which the pull's own writes keep busy): taking turns, it ran at half its CPU speed and
+# finished up to 0.5 s after a 1 GiB download's last byte.
+_READ_AHEAD = ThreadPoolExecutor(max_workers=4, thread_name_prefix="syncbit-hash-read")
+_HASH_BLOCK = 4 << 20
+_HASH_DEPTH = 4  # blocks: one hashed, the others read meanwhile (the disk serves several at once)
 
 
-def _hash_buffer() -> mmap.mmap:
-    """This thread's page-aligned 8 MiB buffer for `hash_into` (O_DIRECT reads need one;
-    a fresh one per call costs more in page faults than a chunk's hash)."""
-    buf: mmap.mmap | None = getattr(_local, "hash_buffer", None)
-    if buf is None:
-        buf = _local.hash_buffer = page_buffer(8 << 20)
-    return buf
+def _hash_buffers() -> list[mmap.mmap]:
+    """This thread's page-aligned buffers for `hash_into` (O_DIRECT reads need them;
+    fresh ones per call cost more in page faults than a chunk's hash): the rest are read
+    into while one is hashed."""
+    bufs: list[mmap.mmap] | None = getattr(_local, "hash_buffers", None)
+    if bufs is None:
+        bufs = _local.hash_buffers = [page_buffer(_HASH_BLOCK) for _ in range(_HASH_DEPTH)]
+    return bufs
 
 
 class ObjectReader(Reading):
@@ -79,16 +90,32 @@ class ObjectReader(Reading):
 
     def hash_into(self, h: Hasher, offset: int, length: int) -> None:
         """Blocking (worker thread): feed bytes [offset, offset+length) of the object file
-        to `h` (hashlib releases the GIL), read as the disk holds them."""
-        buf = _hash_buffer()
-        view = memoryview(buf)
+        to `h` (hashlib releases the GIL), read as the disk holds them, the next blocks
+        read while one is hashed. A file shorter than the range fails it (OSError)."""
         end = offset + length
-        while offset < end:
-            n = self.obj.file.readinto(buf, offset, min(len(buf), end - offset))
-            if n <= 0:
+        file = self.obj.file
+
+        def fill(buf: mmap.mmap, at: int) -> int:
+            # Whole blocks or none: the next block is already asked for past this one.
+            want = min(len(buf), end - at)
+            if file.readinto(buf, at, want) != want:
                 raise OSError(errno.EIO, f"short read of object {self.obj.id[:12]}")
-            h.update(view[:n])
-            offset += n
+            return want
+
+        bufs = _hash_buffers()
+        reads: deque[tuple[Future[int], mmap.mmap]] = deque()
+        at = offset
+        try:
+            while reads or at < end:
+                while at < end and len(reads) < len(bufs):
+                    buf = bufs[(at - offset) // _HASH_BLOCK % len(bufs)]
+                    reads.append((_READ_AHEAD.submit(fill, buf, at), buf))
+                    at += min(_HASH_BLOCK, end - at)
+                future, buf = reads.popleft()
+                h.update(memoryview(buf)[: future.result()])
+        finally:
+            for future, _ in reads:  # this thread's buffers: not reused while read into
+                future.exception()
 
     def sha256(self) -> str:
         """Blocking (worker thread): SHA-256 of the whole object file."""
