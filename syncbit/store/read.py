@@ -44,8 +44,8 @@ class ReadBuffer:
 
 
 _local = threading.local()
-# Reads the next block of a file being hashed while the caller hashes the last one: the
-# disk and SHA-256 overlap instead of taking turns. A pull's whole-file hash reads back
+# Reads the next blocks of a file being hashed while the caller hashes one: the disk and
+# SHA-256 overlap instead of taking turns. A pull's whole-file hash reads back
 # what left RAM before its turn came (chunks are written with O_DIRECT, so from the disk,
 # which the pull's own writes keep busy): taking turns, it ran at half its CPU speed and
 # finished up to 0.5 s after a 1 GiB download's last byte.
