@@ -172,7 +172,7 @@ def test_peers_are_chosen_among_holders_with_a_free_upload_slot() -> None:
 def test_swarm_mode_is_swarm_py_set_up() -> None:
     args = sim.parse_args(["--swarm"])
     assert args.counts == [8] and args.files == 1 and args.size == 512 * MiB
-    assert args.origin_rate == args.link_rate == 400e6 / 8
+    assert args.origin_rate == args.link_rate == 200e6 / 8  # bench/swarm.py's default rate
 
 
 @pytest.mark.parametrize("text", ["", "0", "10,-1", "ten"])
