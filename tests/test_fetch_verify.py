@@ -352,9 +352,9 @@ class _Hashed:
         self.from_file = 0  # of those, read back from the object file (not from RAM)
         real_file_hash = ObjectReader.hash_into
 
-        async def counting_hash_chunks(obj: Any, h: Any, first: int, end: int, held: Any) -> None:
+        async def counting_hash_chunks(obj: Any, h: Any, first: int, end: int) -> None:
             self.bytes += min(obj.size, end * obj.chunk_size) - first * obj.chunk_size
-            await hash_chunks(obj, h, first, end, held)
+            await hash_chunks(obj, h, first, end)
 
         def counting_file_hash(reader: ObjectReader, h: Any, offset: int, length: int) -> None:
             self.from_file += length
@@ -452,104 +452,3 @@ async def test_a_verified_file_evicted_and_fetched_again_is_verified_again(
     await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
     assert fetcher.is_verified(ENTRY.object)
     assert hashed.bytes >= 2 * len(DATA)
-
-
-class _SlowChunk(MemSource):
-    """A source whose read of chunk `slow` waits for `go` (up to 10 s)."""
-
-    def __init__(self, slow: int) -> None:
-        super().__init__(data=DATA)
-        self.slow = slow
-        self.go = threading.Event()
-
-    def read_into(self, entry: FileEntry, offset: int, buf: Any, abort: Any = None) -> None:
-        if offset == self.slow * CS:
-            self.go.wait(10)
-        super().read_into(entry, offset, buf, abort)
-
-
-@pytest.fixture
-def lru_less(tmp_path: Any) -> Any:
-    """A store that keeps no written chunk in RAM beyond what is pinned or wanted."""
-    store = ObjectStore.open(tmp_path / "lru-less", 1 << 30, staged_chunks=0)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-async def _until_written(obj: Any, indexes: set[int]) -> None:
-    with trio.fail_after(10):
-        while not indexes <= obj.written:
-            await trio.sleep(0.005)
-
-
-async def test_a_pulls_chunks_ahead_of_its_hash_wait_for_it_in_ram(
-    lru_less: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pull whose chunk 1 is slow writes chunks 2-5 before the whole-file hash can take
-    them; they stay in RAM for it though the staging LRU keeps nothing, and the hash reads
-    nothing back from the disk. Before, those chunks were read back from the object file
-    (written with O_DIRECT: from the disk). Nothing stays held once the pull is done."""
-    hashed = _Hashed(lru_less, monkeypatch)
-    source = _SlowChunk(slow=1)
-    fetcher = Fetcher(lru_less, Directory(), Peers(DATA), readahead_chunks=0, source_batch=CS)
-    await started(fetcher, nursery)
-    entry = ENTRY.model_copy(update={"version": {"sha256": hashlib.sha256(DATA).hexdigest()}})
-    done = trio.Event()
-
-    async def pull() -> None:
-        await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
-        done.set()
-
-    # Chunk 0 first: a source that has delivered nothing yet gets one read at a time.
-    await fetcher.fetch_chunks(entry, CS, source, range(1), Priority.PREFETCH)
-    nursery.start_soon(pull)
-    obj = lru_less.object(ENTRY.object, len(DATA), CS)
-    await _until_written(obj, {0, 2, 3, 4, 5})
-    assert fetcher.held_for_hashes() == len(DATA) - 2 * CS  # chunks 2-5, waiting for 1
-    source.go.set()
-    with trio.fail_after(10):
-        await done.wait()
-    assert fetcher.is_verified(ENTRY.object) and hashed.bytes == len(DATA)
-    assert hashed.from_file == 0 and hashed.whole == 0
-    assert fetcher.held_for_hashes() == 0
-
-
-async def test_a_cancelled_pull_and_a_full_hold_let_go(
-    lru_less: ObjectStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What a pull held for its hash goes when the pull is cancelled; at most HOLD_BYTES
-    is ever held (the rest is read back for the hash, as before); and what another
-    object held long ago (HOLD_STALE) makes room when the RAM is wanted."""
-    from syncbit.fetch import verify
-
-    hashed = _Hashed(lru_less, monkeypatch)
-    source = _SlowChunk(slow=1)
-    fetcher = Fetcher(lru_less, Directory(), Peers(DATA), readahead_chunks=0, source_batch=CS)
-    await started(fetcher, nursery)
-    entry = ENTRY.model_copy(update={"version": {"sha256": hashlib.sha256(DATA).hexdigest()}})
-    obj = lru_less.object(ENTRY.object, len(DATA), CS)
-    scope = trio.CancelScope()
-
-    async def pull() -> None:
-        with scope:
-            await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
-
-    await fetcher.fetch_chunks(entry, CS, source, range(1), Priority.PREFETCH)
-    nursery.start_soon(pull)
-    await _until_written(obj, {0, 2, 3, 4, 5})
-    assert fetcher.held_for_hashes() > 0
-    scope.cancel()
-    await wait_all_tasks_blocked()
-    assert fetcher.held_for_hashes() == 0  # the cancelled pull let go
-    # At most two chunks held; stale holdings of another object give way.
-    monkeypatch.setattr(verify, "HOLD_BYTES", 2 * CS)
-    monkeypatch.setattr(verify, "HOLD_STALE", 0.0)
-    other = entry.model_copy(update={"object": "ef" * 32})
-    await fetcher.fetch_chunks(other, CS, source, range(2, 4), Priority.PREFETCH)
-    assert fetcher.held_for_hashes() == 2 * CS  # chunks 2-3 of `other`, no `ensure` after
-    source.go.set()
-    await fetcher.ensure(entry, CS, source, Priority.PREFETCH)
-    assert fetcher.is_verified(ENTRY.object) and hashed.whole == 0
-    assert fetcher.held_for_hashes() <= 2 * CS

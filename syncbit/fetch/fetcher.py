@@ -189,10 +189,6 @@ class Fetcher:
         """The object's whole-file digest (where the source publishes one) checked out."""
         return self._whole.verified(object_id)
 
-    def held_for_hashes(self) -> int:
-        """Bytes of chunks kept in RAM for whole-file hashes that have not reached them."""
-        return self._whole.held_bytes
-
     async def recheck(self, entry: FileEntry, chunk_size: int, source: Source, index: int) -> str:
         """Read chunk `index` of a file from the source, as the scheduler asked (to settle a
         dispute), and return its digest; nothing is stored. SourceChangedError when the
@@ -332,14 +328,8 @@ class Fetcher:
         obj = handle.obj
         with self._store.keeping(obj):
             missing = [i for i in indexes if not obj.has(i)]
-            try:
-                if missing:
-                    await self._wait_chunks(
-                        handle, missing, prio, bounded=False, may_source=may_source
-                    )
-            except BaseException:
-                self._whole.let_go(obj.id)  # no `ensure` follows to take what it held
-                raise
+            if missing:
+                await self._wait_chunks(handle, missing, prio, bounded=False, may_source=may_source)
 
     async def ensure(
         self,
@@ -355,19 +345,6 @@ class Fetcher:
         `may_source(i)`: whether this node should read chunk i from the source itself now
         (a prefetch plan gives each chunk one reader); the others wait for a peer."""
         handle = self.open(entry, chunk_size, source)  # refuses a broken file
-        obj = handle.obj
-        try:
-            await self._ensure(handle, entry, prio, may_source)
-        finally:
-            self._whole.let_go(obj.id)  # what its flights left held for a hash (cancelled)
-
-    async def _ensure(
-        self,
-        handle: OpenFile,
-        entry: FileEntry,
-        prio: Priority,
-        may_source: Callable[[int], bool] | None,
-    ) -> None:
         obj = handle.obj
         with self._store.keeping(obj):  # not evicted between its chunks, nor under the hash
             discards = obj.discards

@@ -338,9 +338,6 @@ class Runner:
         readers that had it from RAM are served, a later read fetches it again."""
         flight = done.flight
         obj, index = flight.obj, flight.index
-        expected = flight.entry.version.get("sha256")
-        if expected and flight.priority >= Priority.PREFETCH and not flight.for_reader:
-            self._whole.hold(obj, index)  # until the file's hash reaches it
         try:
             await self._store.store_chunk(obj, index, done.view, done.digest)
         except (CacheFullError, OSError) as exc:
@@ -349,5 +346,6 @@ class Runner:
             return
         finally:
             self._write_slots.release()
+        expected = flight.entry.version.get("sha256")
         if expected:  # hashed as the file's chunks arrive in order; decided with the last
             await self._whole.verify(obj, flight.entry.path, expected)

@@ -21,7 +21,6 @@ from syncbit.manifest import FileEntry
 from syncbit.protocol import ChunkMap
 from syncbit.sources.base import Source
 from syncbit.store import ObjectStore, StoredObject
-from syncbit.store.staging import StagedChunk
 from syncbit.wire import Abort
 
 if TYPE_CHECKING:
@@ -279,24 +278,6 @@ class _Hashing:
         self.again = False  # chunks were written while it hashed: look again
 
 
-# RAM of chunks kept for whole-file hashes that have not reached them yet, all objects
-# together (`WholeFile.hold`); beyond it chunks are read back from the disk as before. A
-# 1 GiB Hub pull on 2 busy cores had the hash up to 520-620 MiB behind the download
-# (the hash thread gets a share of a CPU the streams keep busy): at 256 MiB the pull
-# read back a fair part and gained nothing measurable, at 512 MiB it was 3% faster in 4
-# of 4 alternating pairs.
-HOLD_BYTES = 512 << 20
-# Seconds after an object's last chunk held for its hash from which, when the RAM is
-# wanted for another's, what it holds is let go (a fetch that ended without its `ensure`).
-HOLD_STALE = 10.0
-
-
-@dataclass(eq=False)
-class _Held:
-    chunks: dict[int, StagedChunk] = field(default_factory=dict)
-    last: float = 0.0  # trio time of the latest chunk held
-
-
 class WholeFile:
     """The whole-file SHA-256 a source publishes (HF LFS, a registry blob's digest),
     computed as the object's chunks are written, in file order, so the check ends with the
@@ -315,10 +296,6 @@ class WholeFile:
         self._verified: dict[str, tuple[StoredObject, int]] = {}
         self._verifying: set[str] = set()
         self._hashing: dict[str, _Hashing] = {}  # insertion order: oldest first
-        # Chunks of prefetches and pulls written before the hash of their file reached
-        # them, pinned in RAM for it (`hold`), by object id.
-        self._held: dict[str, _Held] = {}
-        self.held_bytes = 0
 
     def verified(self, object_id: str) -> bool:
         mark = self._verified.get(object_id)
@@ -332,56 +309,6 @@ class WholeFile:
 
     def verifying(self, object_id: str) -> bool:
         return object_id in self._verifying
-
-    def hold(self, obj: StoredObject, index: int) -> None:
-        """Keep chunk `index` of `obj` (staged, its write about to start) in RAM until the
-        object's whole-file hash reaches it, within HOLD_BYTES for all objects. Chunks are
-        written with O_DIRECT and the staging LRU lets go of a pull's as fast as they
-        come: those that arrived ahead of one still in flight were read back for the hash
-        from the disk the pull's own writes keep busy, and the hash ended a few tenths of
-        a second after the download. For prefetches and pulls: `ensure` lets go of what is
-        left when it ends, `fetch_chunks` when it fails (a reader's chunks stay in RAM for
-        the reader), and what an object held HOLD_STALE seconds ago goes when the RAM is
-        wanted for another."""
-        if self.verified(obj.id):
-            return
-        state = self._hashing.get(obj.id)
-        if state is not None and state.obj is obj and index < state.next:
-            return
-        chunk = self.store.pin_staged(obj, index)
-        if chunk is None:
-            return
-        size = chunk.view.nbytes
-        if self.held_bytes + size > HOLD_BYTES:
-            self._let_go_stale(obj.id)
-        held = self._held.get(obj.id)
-        if self.held_bytes + size > HOLD_BYTES or (held is not None and index in held.chunks):
-            self.store.unpin_staged(chunk)
-            return
-        if held is None:
-            held = self._held[obj.id] = _Held()
-        held.chunks[index] = chunk
-        held.last = trio.current_time()
-        self.held_bytes += size
-
-    def let_go(self, object_id: str, below: int | None = None) -> None:
-        """Unpin the chunks held for the object's hash (those under `below` only)."""
-        held = self._held.get(object_id)
-        if held is None:
-            return
-        for index in [i for i in held.chunks if below is None or i < below]:
-            chunk = held.chunks.pop(index)
-            self.held_bytes -= chunk.view.nbytes
-            self.store.unpin_staged(chunk)
-        if not held.chunks:
-            del self._held[object_id]
-
-    def _let_go_stale(self, keep: str) -> None:
-        """Let go of what objects other than `keep` held HOLD_STALE seconds ago or more."""
-        now = trio.current_time()
-        for object_id in [k for k, h in self._held.items() if now - h.last >= HOLD_STALE]:
-            if object_id != keep:
-                self.let_go(object_id)
 
     async def verify(self, obj: StoredObject, path: str, expected: str) -> None:
         """Hash what is written of the object from where the last call stopped (a call
@@ -434,11 +361,7 @@ class WholeFile:
                 # The digests the chunks have as they are hashed: `_complete` compares them
                 # with the ones the file has at the end.
                 state.digests.extend(obj.digests.get(i) for i in range(state.next, end))
-                held = self._held.get(obj.id)
-                await self.store.hash_chunks(
-                    obj, state.h, state.next, end, held.chunks if held else {}
-                )
-                self.let_go(obj.id, below=end)
+                await self.store.hash_chunks(obj, state.h, state.next, end)
                 state.next = end
             if state.next >= obj.chunks and state.discards == obj.discards:
                 await self._complete(state, path, expected)
@@ -477,4 +400,3 @@ class WholeFile:
         finally:
             if self._hashing.get(obj.id) is state:
                 del self._hashing[obj.id]
-            self.let_go(obj.id)

@@ -194,38 +194,16 @@ class ObjectStore:
             digest: str = await trio.to_thread.run_sync(reader.sha256)
             return digest
 
-    def pin_staged(self, obj: StoredObject, index: int) -> StagedChunk | None:
-        """The staged chunk, its buffer kept (also once it leaves RAM) until
-        `unpin_staged`, or None if it is not staged."""
-        return self._staging.pin(obj, index)
-
-    def unpin_staged(self, chunk: StagedChunk) -> None:
-        self._staging.unpin(chunk)
-
-    async def hash_chunks(
-        self,
-        obj: StoredObject,
-        h: Hasher,
-        first: int,
-        end: int,
-        held: Mapping[int, StagedChunk],
-    ) -> None:
+    async def hash_chunks(self, obj: StoredObject, h: Hasher, first: int, end: int) -> None:
         """Feed written chunks [first, end) to `h` in order, in a worker thread: from RAM
-        where a chunk is still staged, or `held` (pinned by the caller) with the digest the
-        object records for it (the very bytes that digest was checked on and that were
-        written; kept while hashed), else from the object file. A pull's whole-file
+        where a chunk is still staged (the very bytes its digest was checked on and that
+        were written; kept while hashed), else from the object file. A pull's whole-file
         SHA-256 then reads back from disk only what left RAM before its turn came."""
         cs = obj.chunk_size
         pinned: list[StagedChunk] = []
         parts: list[memoryview | range] = []
         try:
             for index in range(first, end):
-                mine = held.get(index)
-                if mine is not None and not mine.stale and mine.digest == obj.digests.get(index):
-                    self._staging.repin(mine)  # not given back while the thread reads it
-                    pinned.append(mine)
-                    parts.append(mine.view)
-                    continue
                 chunk = self._staging.pin(obj, index)
                 if chunk is not None:
                     pinned.append(chunk)

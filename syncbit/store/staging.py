@@ -147,11 +147,6 @@ class Staging:
         chunk.pins += 1
         return chunk
 
-    def repin(self, chunk: StagedChunk) -> None:
-        """One more pin on a chunk the caller holds pinned (it may have left RAM)."""
-        assert chunk.pins > 0, "repin needs a pin held"
-        chunk.pins += 1
-
     def unpin(self, chunk: StagedChunk) -> None:
         chunk.pins -= 1
         if chunk.pins == 0 and chunk.gone:
