@@ -40,7 +40,8 @@ class ChunkServer(ThreadingHTTPServer):
     answer sends half the chunk (`silent`: nothing at all, as a stopped process's port)
     and then waits for the client to give up (`aborted`); with
     `pace`, every answer trickles in `pieces` even pieces over that many seconds (with
-    `pace_first`, only the first answer: the others come at once)."""
+    `pace_first`, only the first answer: the others come at once). `stall_at` makes
+    another answer than the first the stalling one, `fail_at` answers one with a 500."""
 
     daemon_threads = True
 
@@ -52,9 +53,13 @@ class ChunkServer(ThreadingHTTPServer):
         pieces: int = 20,
         silent: bool = False,
         pace_first: bool = False,
+        stall_at: int = 1,
+        fail_at: int = 0,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.stall = stall
+        self.stall_at = stall_at  # which request stalls (with `stall`)
+        self.fail_at = fail_at  # which request is answered 500 (0: none)
         self.silent = silent  # a stall that sends nothing, not even the headers
         self.pace = pace
         self.pace_first = pace_first
@@ -82,8 +87,12 @@ class _Handler(BaseHTTPRequestHandler):
         first, last = int(m[1]), int(m[2])
         with self.server.lock:
             self.server.requests += 1
-            stall = self.server.stall and self.server.requests == 1
+            stall = self.server.stall and self.server.requests == self.server.stall_at
             paced = self.server.pace and (self.server.requests == 1 or not self.server.pace_first)
+            fail = self.server.requests == self.server.fail_at
+        if fail:
+            self.send_error(500)
+            return
         if stall and self.server.silent:
             self._wait_for_the_client()
             return
@@ -353,6 +362,30 @@ async def test_a_prefetchs_source_read_that_stalls_or_trickles_is_asked_again(
             nursery.cancel_scope.cancel()
     assert sick.requests == 2 and g.stats["source_hedged"] == 1 and g.stats["source"] == CS
     assert took >= 5.0  # not asked again before TRICKLE
+    obj = store.get(entry.object)
+    assert obj is not None and store.read(obj, 0, CS) == DATA[:CS]
+
+
+async def test_a_stalled_source_read_whose_second_read_failed_is_asked_once_more(
+    store: ObjectStore,
+) -> None:
+    """A prefetch's source read stalls half-way; the second read sent beside it is
+    answered 500: the race keeps looking at the stalled read and asks once more (the
+    budget allows it after one transfer of the origin went well), and that answer brings
+    the chunk while the stalled read is shut. Before, the race stopped looking once the
+    second read failed, and the prefetch waited for the stalled connection to time out."""
+    with one_chunk_origin(stall=True, stall_at=2, fail_at=3) as (origin, source, entry):
+        first = entry.model_copy(update={"object": "ab" * 32})
+        f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            with trio.fail_after(DEADLINE / 3):
+                await f.ensure(first, CS, source, Priority.PREFETCH)  # request 1: well
+                await f.ensure(entry, CS, source, Priority.PREFETCH)  # 2 stalls, 3 fails
+            with trio.fail_after(DEADLINE):
+                await trio.to_thread.run_sync(origin.aborted.wait, DEADLINE)
+            nursery.cancel_scope.cancel()
+    assert origin.requests == 4 and f.stats["source_hedged"] == 2
     obj = store.get(entry.object)
     assert obj is not None and store.read(obj, 0, CS) == DATA[:CS]
 

@@ -43,10 +43,15 @@ QUIET = 2.0
 TRICKLE = 5.0
 
 
+def silent_for(abort: Abort, running: float) -> float:
+    """Seconds the transfers of `abort`, running for `running` seconds, have received no
+    byte: since the last, or since they started (an Abort may be made before that)."""
+    return min(abort.quiet_for(), running)
+
+
 def stalled(abort: Abort, running: float) -> bool:
-    """Not a byte for QUIET seconds (from the start, or since the last) of the transfers
-    of `abort`, running for `running` seconds."""
-    return min(abort.quiet_for(), running) >= QUIET
+    """Not a byte for QUIET seconds (from the start, or since the last)."""
+    return silent_for(abort, running) >= QUIET
 
 
 def trickles(abort: Abort, running: float, length: int) -> bool:
@@ -201,7 +206,7 @@ class PeerRace:
     def _stall_at(self, r: _Running) -> float:
         """When `r` counts as stalled if nothing comes meanwhile (trio time)."""
         now: float = trio.current_time()
-        return now + QUIET - r.abort.quiet_for()
+        return now + QUIET - silent_for(r.abort, now - r.began)
 
     def _stalled(self, r: _Running) -> bool:
         """Not a byte from the holder for QUIET (from the start, or since the last)."""
@@ -231,7 +236,7 @@ class PeerRace:
                 flight.index,
                 flight.entry.path,
                 node,
-                slow.abort.quiet_for(),
+                silent_for(slow.abort, elapsed),
                 received,
                 length,
                 elapsed,
@@ -241,9 +246,7 @@ class PeerRace:
             not self.hedging.outlasts_fresh(
                 KIND, length, length - received, received / max(elapsed, 1e-6)
             )
-            or not (
-                flight.for_reader or trickles(slow.abort, trio.current_time() - slow.began, length)
-            )
+            or not (flight.for_reader or trickles(slow.abort, elapsed, length))
             or not self._should_hedge(flight, {slow}, length, "the source instead")
         ):
             return False

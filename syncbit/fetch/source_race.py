@@ -22,7 +22,7 @@ import trio
 
 from syncbit.errors import SourceUnavailableError, SyncbitError, TransferAbortedError
 from syncbit.fetch.flight import Flight
-from syncbit.fetch.hedge import stalled, trickles
+from syncbit.fetch.hedge import silent_for, stalled, trickles
 from syncbit.fetch.streams import Streams, key_of
 from syncbit.fetch.verify import HeadChecks, read_checked
 from syncbit.hedging import HedgePolicy, Hedging
@@ -196,7 +196,7 @@ class SourceRace:
             elapsed,
             span - left,
             span,
-            min(slow.abort.quiet_for(), elapsed),
+            silent_for(slow.abort, elapsed),
         )
         return True
 
@@ -212,8 +212,7 @@ class SourceRace:
     ) -> None:
         try:
             # The buffer is taken once admitted: waiting reads hold no RAM.
-            source = flight.source
-            async with self.streams.read(source, flight.priority, deadline, span, second):
+            async with self.streams.read(flight.source, flight.priority, deadline, span, second):
                 a.began = trio.current_time()
                 a.admitted.set()
                 a.buf = self.buffers.take(span)

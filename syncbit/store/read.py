@@ -102,17 +102,18 @@ class ObjectReader(Reading):
                 raise OSError(errno.EIO, f"short read of object {self.obj.id[:12]}")
             return want
 
-        bufs = _hash_buffers()
+        free = list(_hash_buffers())
         reads: deque[tuple[Future[int], mmap.mmap]] = deque()
         at = offset
         try:
             while reads or at < end:
-                while at < end and len(reads) < len(bufs):
-                    buf = bufs[(at - offset) // _HASH_BLOCK % len(bufs)]
+                while at < end and free:
+                    buf = free.pop()
                     reads.append((_READ_AHEAD.submit(fill, buf, at), buf))
-                    at += min(_HASH_BLOCK, end - at)
+                    at += min(len(buf), end - at)
                 future, buf = reads.popleft()
                 h.update(memoryview(buf)[: future.result()])
+                free.append(buf)
         finally:
             for future, _ in reads:  # this thread's buffers: not reused while read into
                 future.exception()
