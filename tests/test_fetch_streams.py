@@ -11,6 +11,7 @@ from fakes import MemSource
 
 from syncbit.errors import SourceChangedError, SourceThrottledError, SourceUnavailableError
 from syncbit.fetch.streams import Streams, key_of
+from syncbit.wire import Abort
 
 MiB = 1 << 20
 
@@ -61,6 +62,34 @@ async def test_a_source_gets_one_read_at_a_time_until_one_delivered(
     assert await admitted_of_three(0) == 3  # a reader's read never waits for a first one
     await proven(streams, source)
     assert await admitted_of_three(2) == 3
+
+
+async def test_a_first_read_answered_with_its_body_opens_the_sources_limit(
+    autojump_clock: trio.testing.MockClock, streams: Streams, source: MemSource
+) -> None:
+    """Background reads behind a source's first read start once its body arrives, not
+    only at its end: waiting for the end held a pull of a 1 GiB object to one stream for
+    its first 16 MiB. Until bytes arrive they still wait (a refusal costs one request)."""
+    first = Abort()
+    release = trio.Event()
+
+    async def first_read() -> None:
+        async with streams.read(source, 2, trio.current_time() + 1000, MiB, progress=first):
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_read)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            nursery.start_soon(hold, streams, source, 2, release)
+        await trio.sleep(5)
+        assert streams.stats(source).in_flight == 1  # answered with no body yet
+        first.got(64 << 10)
+        await trio.sleep(0.1)
+        assert streams.stats(source).in_flight == 4
+        release.set()
+    # Proven now: a new burst needs no first read.
+    assert streams.stats(source).stream_rate > 0
 
 
 async def ended_by(streams: Streams, source: MemSource, exc: Exception) -> None:

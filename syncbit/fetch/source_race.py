@@ -212,7 +212,9 @@ class SourceRace:
     ) -> None:
         try:
             # The buffer is taken once admitted: waiting reads hold no RAM.
-            async with self.streams.read(flight.source, flight.priority, deadline, span, second):
+            async with self.streams.read(
+                flight.source, flight.priority, deadline, span, second, a.abort
+            ):
                 a.began = trio.current_time()
                 a.admitted.set()
                 a.buf = self.buffers.take(span)
