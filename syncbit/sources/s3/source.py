@@ -256,37 +256,54 @@ class S3Source(Source):
     # -- listing ---------------------------------------------------------------------------
 
     async def list(self) -> Listing:
-        versioned = await self._versioned()
         prefix = self.prefix
-        if prefix and not prefix.endswith("/"):
+        single = bool(prefix) and not prefix.endswith("/")
+        # The bucket's versioning is asked beside the first listing request, not before
+        # it: one round trip fewer before a pull can start (a versioned bucket's first
+        # page is then asked again, as versions).
+        found: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def versioning() -> None:
+                try:
+                    found["versioned"] = await self._versioned()
+                except Exception as exc:  # raised below: one error, never a group of two
+                    found["error"] = exc
+
+            nursery.start_soon(versioning)
             # Keys sort bytewise and a key sorts before every longer key it prefixes, so
             # the first key under `prefix` is `prefix` itself when that object exists.
-            page = await self._call(
-                self._where(), list_page, Bucket=self.bucket, Prefix=prefix, MaxKeys=1
+            more = {"MaxKeys": 1} if single else {}
+            page: dict[str, Any] | None = await self._call(
+                self._where(), list_page, Bucket=self.bucket, Prefix=prefix, **more
             )
+        if "error" in found:
+            raise found["error"]
+        versioned: bool = found["versioned"]
+        if single:
+            assert page is not None
             first = page.get("Contents") or []
             if first and first[0]["Key"] == prefix:
                 return await self._single(prefix, first[0], versioned)
             prefix += "/"
+            page = None
+        if versioned:
+            page = None  # asked again as versions
         files: list[FileEntry] = []
         dirs: set[str] = set()
         where = self._where(prefix)
         token: dict[str, str] = {}
         while True:
-            if versioned:
-                page = await self._call(
-                    where, list_versions_page, Bucket=self.bucket, Prefix=prefix, **token
-                )
-            else:
-                page = await self._call(
-                    where, list_page, Bucket=self.bucket, Prefix=prefix, **token
-                )
+            if page is None:
+                lister = list_versions_page if versioned else list_page
+                page = await self._call(where, lister, Bucket=self.bucket, Prefix=prefix, **token)
             page_files, page_dirs = page_entries(page, self.bucket, prefix, versioned)
             files += page_files
             dirs |= page_dirs
             token = next_token(page, versioned)
             if not token:
                 break
+            page = None
         if not files and not dirs:
             raise InvalidSourceError(f"nothing under s3://{self.bucket}/{prefix}")
         return Listing(files=sorted(files, key=lambda e: e.path), dirs=sorted(dirs))
