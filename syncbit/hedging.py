@@ -166,6 +166,13 @@ class Hedging:
         """A second request was sent for a straggler of `kind`."""
         self._times(self._hedges, kind).append(self._clock())
 
+    def unhedged(self, kind: str) -> None:
+        """The latest second request for a straggler of `kind` brought nothing (refused,
+        or no stream was free for it): it leaves the budget again."""
+        hedges = self._hedges.get(kind)
+        if hedges:
+            hedges.pop()
+
     def _times(self, table: dict[str, deque[float]], kind: str) -> deque[float]:
         return table.setdefault(kind, deque(maxlen=4 * self.policy.window))
 

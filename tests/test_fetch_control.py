@@ -383,6 +383,10 @@ def test_should_hedge_a_straggler_within_the_budget() -> None:
         sent += 1
         assert sent < 100
     assert sent == 4  # 10% of 30 recent transfers, plus one
+    hedging.unhedged("peer")  # the last one brought nothing: it leaves the budget
+    assert hedging.should_hedge("peer", CHUNK, 5.0)
+    hedging.hedged("peer")
+    assert not hedging.should_hedge("peer", CHUNK, 5.0)
     clock.now += hedging.policy.max_age + 1  # budget and samples age out together
     assert hedging.delay("peer", CHUNK) == hedging.policy.default
     assert hedging.should_hedge("peer", CHUNK, hedging.policy.default)

@@ -390,6 +390,27 @@ async def test_a_stalled_source_read_whose_second_read_failed_is_asked_once_more
     assert obj is not None and store.read(obj, 0, CS) == DATA[:CS]
 
 
+async def test_a_fresh_origins_stalled_read_whose_second_read_failed_is_asked_once_more(
+    store: ObjectStore,
+) -> None:
+    """Nothing known of the origin: a reader's source read stalls half-way, the second
+    read sent at the straggler delay is answered 500. It brought nothing, so it leaves the
+    hedging budget (one hedge until a read of the origin completes) and the source is
+    asked a third time, which serves the reader while the stalled read is shut. Before,
+    the budget was spent and the read waited for the stalled connection's timeout."""
+    with one_chunk_origin(stall=True, stall_at=1, fail_at=2) as (origin, source, entry):
+        f = Fetcher(store, Directory(), PeerClient(), readahead_chunks=0, read_deadline=DEADLINE)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(f.run)
+            with trio.fail_after(DEADLINE / 3):  # not the connection's timeout
+                got = await f.read(f.open(entry, CS, source), 0, CS)
+            with trio.fail_after(DEADLINE):
+                await trio.to_thread.run_sync(origin.aborted.wait, DEADLINE)
+            nursery.cancel_scope.cancel()
+    assert bytes(got) == DATA[:CS]
+    assert origin.requests == 3 and f.stats["source_hedged"] == 2
+
+
 async def test_a_source_whose_reads_cannot_be_ended_is_not_hedged(store: ObjectStore) -> None:
     """A slow read from a source `Abort` cannot end (a local file, boto3) is waited for: a
     second read would leave two running."""

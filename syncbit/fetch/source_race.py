@@ -121,6 +121,7 @@ class SourceRace:
                     check_at = first.began + probe
                 seen = (first.began, 0)  # (when, bytes received then)
                 running = 1
+                refunded = False
                 while running:
                     with trio.move_on_at(check_at):
                         a = await done_recv.receive()
@@ -132,6 +133,13 @@ class SourceRace:
                             # The second read found no stream free or failed: the first
                             # is looked at again (the hedging budget bounds the asking).
                             check_at = trio.current_time() + probe
+                            if not refunded and not a.abort.received:
+                                # It cost the origin no transfer: once a race, it leaves
+                                # the budget, which on a fresh origin (one hedge until a
+                                # read completes) would leave the stalled read to time
+                                # out.
+                                self.hedging.unhedged(kind)
+                                refunded = True
                         continue
                     now, got = trio.current_time(), first.abort.received
                     rate = (got - seen[1]) / max(1e-6, now - seen[0])
