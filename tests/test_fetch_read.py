@@ -132,21 +132,24 @@ async def test_deadline_gives_read_error_with_cause_then_recovers(
 ) -> None:
     source = MemSource(data=DATA)
     source.down = True
-    fetcher = Fetcher(store, Directory(), Peers(DATA), read_deadline=0.5, readahead_chunks=0)
+    deadline = 2.0
+    fetcher = Fetcher(store, Directory(), Peers(DATA), read_deadline=deadline, readahead_chunks=0)
     await started(fetcher, nursery)
     handle = fetcher.open(ENTRY, CS, source)
     began = time.monotonic()
     with pytest.raises(ReadDeadlineError, match="connection refused"):
         await fetcher.read(handle, 0, 10)
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 2 * deadline + 3
     assert source.reads >= 2  # retried with backoff before giving up
     # The kernel retries a failed page at once: that read makes one attempt and fails
-    # fast, without a new deadline's worth of waiting.
+    # fast, without a new deadline's worth of waiting (half of one: slack for a loaded
+    # machine, which a 0.2 s bound against a 0.5 s deadline did not leave).
     reads = source.reads
     began = time.monotonic()
     with pytest.raises(ReadDeadlineError):
         await fetcher.read(handle, 0, 10)
-    assert time.monotonic() - began < 0.2 and source.reads == reads + 1
+    assert source.reads == reads + 1
+    assert time.monotonic() - began < deadline / 2
     source.down = False  # the source is back: the very next read succeeds
     assert await fetcher.read(handle, 0, 10) == DATA[:10]
 
@@ -416,10 +419,8 @@ async def test_a_scheduler_that_never_answers_costs_a_read_its_patience_not_its_
     # Without a bound, the chunk waited for its map until its deadline: ReadDeadlineError.
     assert bytes(await fetcher.read(handle, 0, CS)) == DATA[:CS]
     assert directory.asked == 1
-    began = trio.current_time()
     assert bytes(await fetcher.read(handle, CS, len(DATA) - CS)) == DATA[CS:]
-    assert trio.current_time() - began < 0.3  # not even its patience: it did not ask
-    assert directory.asked == 1
+    assert directory.asked == 1  # not even its patience: it did not ask
     assert source.reads == 2  # chunk 0, then 1-5 in one request: no map, no claim
     # Counted for /metrics: the map request given up on, the claims and maps not asked.
     assert fetcher.stats["scheduler_abandoned"] == 1
