@@ -107,8 +107,8 @@ class Streams:
             async with self._reporting(key, nbytes):
                 yield
         finally:
-            if watched is not None:
-                watched.remove(progress)  # type: ignore[arg-type]  # set with `watched`
+            if watched is not None and progress is not None:
+                watched.remove(progress)
                 if not watched and self._first.get(key) is watched:
                     del self._first[key]
             self._active[key] -= 1

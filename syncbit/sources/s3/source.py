@@ -274,21 +274,20 @@ class S3Source(Source):
             # Keys sort bytewise and a key sorts before every longer key it prefixes, so
             # the first key under `prefix` is `prefix` itself when that object exists.
             more = {"MaxKeys": 1} if single else {}
-            page: dict[str, Any] | None = await self._call(
+            first_page = await self._call(
                 self._where(), list_page, Bucket=self.bucket, Prefix=prefix, **more
             )
         if "error" in found:
             raise found["error"]
         versioned: bool = found["versioned"]
+        # A versioned bucket's pages are asked again as versions.
+        page: dict[str, Any] | None = None if versioned else first_page
         if single:
-            assert page is not None
-            first = page.get("Contents") or []
+            first = first_page.get("Contents") or []
             if first and first[0]["Key"] == prefix:
                 return await self._single(prefix, first[0], versioned)
             prefix += "/"
             page = None
-        if versioned:
-            page = None  # asked again as versions
         files: list[FileEntry] = []
         dirs: set[str] = set()
         where = self._where(prefix)
