@@ -4,26 +4,10 @@ reports where a pull's time went, not only its total."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
+from benchload import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load() -> Any:
-    sys.path.insert(0, str(BENCH))  # images imports its neighbours (swarm, netns, _common)
-    spec = importlib.util.spec_from_file_location("images", BENCH / "images.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-images = _load()
+images = load_bench("images")
 
 # What ctr 1.6 prints (progress frames with colour codes, then the unpack), shortened.
 PULL = (

@@ -5,27 +5,12 @@ without their start and listing, are compared on."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from benchload import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load() -> Any:
-    sys.path.insert(0, str(BENCH))  # origin imports its neighbour _common
-    spec = importlib.util.spec_from_file_location("bench_origin", BENCH / "origin.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_origin"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-origin = _load()
+origin = load_bench("origin", "bench_origin")
 
 LOG = (
     "2026-12-07 16:14:26,087 INFO syncbit.sources: S3 and Hub clients warmed up in 0.35s\n"

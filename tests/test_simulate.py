@@ -4,30 +4,17 @@ bound, the origin sends each piece once)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from benchload import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 GiB = 2**30
 MiB = 2**20
 
 
-def _load() -> Any:
-    sys.path.insert(0, str(BENCH))  # simulate imports its neighbours (scale, _common)
-    spec = importlib.util.spec_from_file_location("simulate", BENCH / "simulate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["simulate"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sim = _load()
+sim = load_bench("simulate")
 
 
 # -- the Kumar-Ross bound ------------------------------------------------------------------------
