@@ -333,9 +333,10 @@ class Bench:
         complete, by the daemon's log (one process, one clock). What a reader timed
         without its own start, listing and exit (boto3's call, hf_transfer's) compares
         with; the pull's row stays the measure."""
-        if self.transfer is None:
+        seconds, self.transfer = self.transfer, None  # never a span of an earlier pull
+        if seconds is None:
             raise RuntimeError("no transfer span in the daemon's log")
-        return self.transfer
+        return seconds
 
     # http -------------------------------------------------------------------------------------
 

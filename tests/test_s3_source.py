@@ -382,6 +382,31 @@ async def test_versioning_is_asked_beside_the_first_listing_request(
     assert all(bool(e.version.get("version_id")) is versioned for e in files.values())
 
 
+async def test_a_listing_entry_without_a_key_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, make_source: Callable[..., S3Source]
+) -> None:
+    """A store (or something between) that answers a listing with an entry lacking its
+    Key gets one clear SourceError, for a single-key prefix's probe as for a page; before,
+    the probe indexed the entry and raised KeyError (a traceback)."""
+    import syncbit.sources.s3.source as s3source
+
+    pages: list[dict[str, Any]] = []
+
+    def broken(client: Any, **kwargs: Any) -> dict[str, Any]:
+        pages.append(kwargs)
+        return {"Contents": [{"ETag": '"e"', "Size": 1}]}
+
+    async def unversioned() -> bool:
+        return False
+
+    monkeypatch.setattr(s3source, "list_page", broken)
+    source = make_source("s3://any-bucket/weights")
+    monkeypatch.setattr(source, "_versioned", unversioned)
+    with pytest.raises(SourceError, match="entry without a key"):
+        await source.list()
+    assert [p.get("Prefix") for p in pages] == ["weights", "weights/"]
+
+
 async def test_same_bytes_under_two_keys_have_one_identity(
     admin: Any, new_bucket: Callable[..., str], make_source: Callable[..., S3Source]
 ) -> None:

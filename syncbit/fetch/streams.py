@@ -156,9 +156,12 @@ class Streams:
                     if waiting[0] is not me:
                         await me.turn.wait()  # only the head is woken: see `_wake`
                         continue
-                    delay = control.delay(key, priority > Priority.FOREGROUND)
-                    if not delay and self._first.get(key):
-                        delay = _ANSWER_POLL  # behind a first read: is it answered yet?
+                    background = priority > Priority.FOREGROUND
+                    delay = control.delay(key, background)
+                    if not delay and self._first.get(key) and control.may_start(key, background):
+                        # A slot is free, held only for a first read's answer: is it here
+                        # yet? (A full limit waits for a read's end, which wakes it.)
+                        delay = _ANSWER_POLL
                     with trio.move_on_after(delay or math.inf):
                         await me.turn.wait()
                 return

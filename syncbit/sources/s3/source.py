@@ -284,7 +284,7 @@ class S3Source(Source):
         page: dict[str, Any] | None = None if versioned else first_page
         if single:
             first = first_page.get("Contents") or []
-            if first and first[0]["Key"] == prefix:
+            if first and isinstance(first[0], dict) and first[0].get("Key") == prefix:
                 return await self._single(prefix, first[0], versioned)
             prefix += "/"
             page = None
