@@ -142,3 +142,45 @@ async def test_a_lazy_sequential_reader_grows_its_readahead_with_the_streams(
         assert fetcher.streams.stats(source).limit >= 8
         assert fetcher.readahead_window(handle) >= 2 * first_window
         assert origin.peak_streams >= 8
+
+
+@asynccontextmanager
+async def batching(store: ObjectStore, chunks: int) -> AsyncIterator[Fetcher]:
+    """A fetcher whose source requests may bring `chunks` chunks each."""
+    f = Fetcher(store, Directory(), Peers(), source_batch=chunks * CS, source_concurrency=CAP)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(f.run)
+        yield f
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_to_an_origin_slow_per_connection_ask_for_less(
+    store: ObjectStore, www: Path, data: bytes, origins: list[CappedOrigin]
+) -> None:
+    """At 2 MB/s a connection, a 4 MiB request would take 2 s: each measurement of the
+    concurrency search (a request per stream) and each of the file's last requests that
+    long. Requests ask for about half a second of a stream's bytes instead: 3 chunks."""
+    batch = 16
+    async with (
+        batching(store, batch) as fetcher,
+        serving(origins, www, per_connection=2 * MB) as (origin, source, entry),
+    ):
+        await pull(fetcher, source, entry, data)
+        gets = sum(origin.state.stats()["gets"].values())
+        assert gets >= 3 * (SIZE // (batch * CS)), gets  # 10 requests of 16 chunks would do
+        assert fetcher.streams.request_bytes(source, CS, batch * CS) <= 4 * CS
+        assert fetcher.streams.stats(source).limit >= 8
+
+
+async def test_requests_to_a_fast_origin_bring_whole_batches(
+    store: ObjectStore, www: Path, data: bytes, origins: list[CappedOrigin]
+) -> None:
+    """Uncapped (loopback): every request brings a whole batch."""
+    batch = 16
+    async with batching(store, batch) as fetcher, serving(origins, www) as (origin, source, entry):
+        await pull(fetcher, source, entry, data)
+        gets = sum(origin.state.stats()["gets"].values())
+        # 10 requests of 16 chunks, a straggler's second one now and then (160 if every
+        # request brought a chunk).
+        assert gets <= 2 * (SIZE // (batch * CS)), gets
+        assert fetcher.streams.request_bytes(source, CS, batch * CS) == batch * CS

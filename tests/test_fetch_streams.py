@@ -247,3 +247,22 @@ async def test_after_failures_background_reads_wait_and_a_readers_read_does_not(
         pass  # a reader's read is sent at once, and delivering ends the backoff
     async with streams.read(source, 2, trio.current_time() + 0.1, MiB):
         pass
+
+
+async def test_a_request_asks_for_half_a_second_of_what_a_stream_delivers(
+    autojump_clock: trio.testing.MockClock, streams: Streams
+) -> None:
+    """Whole chunks, at least one, at most the batch; the batch while nothing is known."""
+    chunk, batch = 4 * MiB, 16 * MiB
+
+    async def delivered(source: MemSource, nbytes: int, seconds: float) -> int:
+        async with streams.read(source, 0, trio.current_time() + 1000, nbytes):
+            await trio.sleep(seconds)
+        return streams.request_bytes(source, chunk, batch)
+
+    fast, mid, slow = (MemSource(uri=f"http://{n}/x") for n in ("fast", "mid", "slow"))
+    assert streams.request_bytes(fast, chunk, batch) == batch
+    assert await delivered(fast, 16 * MiB, 0.1) == batch  # 160 MiB/s: 80 MiB a half second
+    assert await delivered(mid, 8 * MiB, 0.4) == 2 * chunk  # 20 MiB/s: 10 MiB
+    assert await delivered(slow, 4 * MiB, 0.8) == chunk  # 5 MiB/s: 2.5 MiB, still a chunk
+    assert streams.request_bytes(slow, chunk, chunk // 2) == chunk  # a batch under a chunk

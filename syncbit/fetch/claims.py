@@ -19,7 +19,7 @@ from syncbit.protocol import ChunkMap
 
 log = logging.getLogger("syncbit.fetch")
 
-AHEAD_REQUESTS = 2  # source requests' worth of chunks claimed ahead with each claim
+AHEAD_REQUESTS = 2  # whole source batches' worth of chunks claimed ahead with each claim
 # Only a pull's or prefetch's chunks are claimed ahead. A reader's window may be dropped at
 # any moment (and another node's reader would wait on the lease); an open file's whole
 # fetch keeps pace with its loader, and with claims ahead bench/checkpoint.py's load with

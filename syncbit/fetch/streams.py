@@ -28,6 +28,15 @@ _ENDPOINT_OPTIONS = ("endpoint_url", "endpoint")
 # How often a read waiting behind a source's first read looks whether that one is being
 # answered (its body arriving): the first read's progress wakes nobody.
 _ANSWER_POLL = 0.005
+# Seconds of one stream's bytes a source request asks for (whole chunks, at most a batch):
+# long enough that a request's wait for its first byte stays a small share of it, short
+# enough that the concurrency search (a measurement waits for a request per stream) and a
+# file's last requests do not take seconds each. Against an origin giving each connection
+# 5 MiB/s, 16 MiB requests took 3.4 s each: a 1 GiB pull ran at 66 MiB/s and was still at
+# 16 streams when it ended; sized to half a second (a chunk each), 200 MiB/s at 64 streams.
+# A stream delivering 32 MiB/s or more asks for whole 16 MiB batches (S3, the Hub and
+# loopback in bench/origin.py: 62 of a 1 GiB S3 pull's 67 requests).
+REQUEST_SECONDS = 0.5
 
 
 def key_of(source: Source) -> str:
@@ -71,6 +80,16 @@ class Streams:
 
     def stats(self, source: Source) -> SourceStats:
         return self.control.stats(key_of(source))
+
+    def request_bytes(self, source: Source, chunk_size: int, most: int) -> int:
+        """Bytes one request to `source` should bring, in whole chunks: what one of its
+        streams delivered in REQUEST_SECONDS lately, at least a chunk, at most `most` (all
+        of it while nothing is known: a fast origin's first requests stay whole)."""
+        rate = self.control.stats(key_of(source)).stream_rate
+        whole = max(1, most // chunk_size)
+        if rate <= 0:
+            return whole * chunk_size
+        return max(1, min(whole, int(rate * REQUEST_SECONDS) // chunk_size)) * chunk_size
 
     def busy(self) -> int:
         """Source reads running or waiting for a stream, across every source."""

@@ -192,7 +192,8 @@ class Transfers:
         holder = info.fetching.get(index)
         if holder is not None:
             return Park(holder)
-        followers = self.claims.followers(flight, info)
+        size = self.streams.request_bytes(flight.source, obj.chunk_size, self.claims.source_batch)
+        followers = self.claims.followers(flight, info, size - obj.chunk_size)
         for f in followers:  # taken now, before any checkpoint: no other worker starts them
             f.move(State.RUNNING)
         return await self._from_source(flight, info, followers)
