@@ -207,6 +207,10 @@ class SourceConcurrency:
         s = self._get(key)
         return s.in_flight < s.level and self.delay(key, backoff) == 0
 
+    def stream_rate(self, key: str) -> float:
+        """Bytes/s one request to `key` delivered lately (0: none has yet)."""
+        return self._get(key).stream_rate
+
     def stats(self, key: str) -> SourceStats:
         s = self._get(key)
         return SourceStats(

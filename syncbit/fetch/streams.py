@@ -85,7 +85,7 @@ class Streams:
         """Bytes one request to `source` should bring, in whole chunks: what one of its
         streams delivered in REQUEST_SECONDS lately, at least a chunk, at most `most` (all
         of it while nothing is known: a fast origin's first requests stay whole)."""
-        rate = self.control.stats(key_of(source)).stream_rate
+        rate = self.control.stream_rate(key_of(source))
         whole = max(1, most // chunk_size)
         if rate <= 0:
             return whole * chunk_size
@@ -120,7 +120,7 @@ class Streams:
         watched: list[Abort] | None = None
         try:
             await self._admit(key, priority, deadline, second)
-            if progress is not None and not self.control.stats(key).stream_rate:
+            if progress is not None and not self.control.stream_rate(key):
                 watched = self._first.setdefault(key, [])
                 watched.append(progress)
             async with self._reporting(key, nbytes):
@@ -218,7 +218,7 @@ class Streams:
             return False
         if priority <= Priority.FOREGROUND or second or control.in_flight(key) == 0:
             return True
-        if control.stats(key).stream_rate > 0:
+        if control.stream_rate(key) > 0:
             return True
         return any(p.received for p in self._first.get(key, ()))
 

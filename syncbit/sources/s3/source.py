@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import boto3
@@ -262,24 +262,26 @@ class S3Source(Source):
         # it: one round trip fewer before a pull can start (a versioned bucket's first
         # page is then asked again, as versions).
         found: dict[str, Any] = {}
+
+        async def outcome(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+            try:
+                found[name] = await call()
+            except Exception as exc:  # raised below, alone: never a group of two
+                found.setdefault("error", exc)
+
+        # Keys sort bytewise and a key sorts before every longer key it prefixes, so the
+        # first key under `prefix` is `prefix` itself when that object exists.
+        more = {"MaxKeys": 1} if single else {}
+        first_request = functools.partial(
+            self._call, self._where(), list_page, Bucket=self.bucket, Prefix=prefix, **more
+        )
         async with trio.open_nursery() as nursery:
-
-            async def versioning() -> None:
-                try:
-                    found["versioned"] = await self._versioned()
-                except Exception as exc:  # raised below: one error, never a group of two
-                    found["error"] = exc
-
-            nursery.start_soon(versioning)
-            # Keys sort bytewise and a key sorts before every longer key it prefixes, so
-            # the first key under `prefix` is `prefix` itself when that object exists.
-            more = {"MaxKeys": 1} if single else {}
-            first_page = await self._call(
-                self._where(), list_page, Bucket=self.bucket, Prefix=prefix, **more
-            )
+            nursery.start_soon(outcome, "versioned", self._versioned)
+            nursery.start_soon(outcome, "page", first_request)
         if "error" in found:
             raise found["error"]
         versioned: bool = found["versioned"]
+        first_page: dict[str, Any] = found["page"]
         # A versioned bucket's pages are asked again as versions.
         page: dict[str, Any] | None = None if versioned else first_page
         if single:
